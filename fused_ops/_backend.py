@@ -1,0 +1,63 @@
+"""Backend selection: which implementation an op runs ("triton" kernels or the "reference" torch code)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def interpreter_enabled() -> bool:
+    """True when the Triton interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton imports."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def default_backend() -> str:
+    """The backend named by ``FUSED_OPS_BACKEND`` (default ``auto``)."""
+    value = os.environ.get("FUSED_OPS_BACKEND", "auto")
+    if value not in BACKENDS:
+        raise ValueError(f"FUSED_OPS_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def check_backend(backend: str | None) -> str:
+    """Validate a ``backend=`` argument (None means the environment's default)."""
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return "triton" or "reference" for tensors on ``device``.
+
+    ``auto`` picks the Triton kernels on CUDA tensors and plain torch elsewhere. ``triton`` on CPU tensors
+    needs the Triton interpreter (``TRITON_INTERPRET=1``, tests only) and fails clearly without it.
+    """
+    backend = check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs triton, which failed to import")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise RuntimeError(
+                f"backend='triton' got tensors on {device}: the Triton kernels run on CUDA tensors, or on CPU "
+                "tensors only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton). "
+                "Use backend='auto' or 'reference' for CPU tensors."
+            )
+    return backend

@@ -1,0 +1,281 @@
+"""FusedAdam and FusedAdamW: drop-in ``torch.optim.Adam`` / ``AdamW`` over the fused multi-tensor step.
+
+Same constructor, defaults, validation messages and ``state_dict`` layout as torch.optim, so code,
+lr schedulers, ``torch.amp.GradScaler`` and checkpoints move between them. Differences, by design:
+states are fp32 whatever the param dtype (bf16 params keep fp32 moments), per-param ``step`` counts are
+fp32 tensors on the param's device (as in torch's fused/capturable modes), and a whole step is one kernel
+launch per (device, dtype) group with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from . import functional
+from ._backend import check_backend
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _to_float(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class FusedAdam(torch.optim.Optimizer):
+    """Adam (L2 weight decay) or, with ``decoupled_weight_decay=True``, AdamW, fused.
+
+    Args:
+        params: iterable of parameters or of param-group dicts, as for torch.optim.Adam.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.Adam (``lr`` may be a 1-element
+            tensor; keep it on the params' device to avoid a host read each step).
+        foreach, fused: accepted for drop-in compatibility and ignored (the step is always fused).
+        capturable: accepted; the step never synchronises with the host, so it can always be captured
+            in a CUDA graph once the state exists (after one warm-up step).
+        differentiable: must be False (not supported).
+        decoupled_weight_decay: AdamW's decoupled decay (``FusedAdamW`` sets it).
+        backend: "auto" (Triton kernels on CUDA, plain torch on CPU), "triton" or "reference"; default
+            from the ``FUSED_OPS_BACKEND`` environment variable.
+
+    Works with ``torch.amp.GradScaler`` without host sync: the scaler hands its scale and inf flag to the
+    step, grads are unscaled inside the kernel and an overflowing step changes nothing.
+    """
+
+    _step_supports_amp_scaling = True
+    _default_decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if differentiable:
+            raise ValueError(
+                f"{type(self).__name__} does not support differentiable=True (the fused step is not "
+                "differentiable); use torch.optim.Adam(differentiable=True)"
+            )
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair, got {betas}")
+        for i, b in enumerate(betas):
+            if isinstance(b, Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        betas = (_to_float(betas[0]), _to_float(betas[1]))
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._default_decoupled
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay, backend=check_backend(backend),
+        )  # fmt: skip
+        self._check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    # -- validation -------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any]) -> None:
+        """torch.optim.Adam's checks and messages, plus: every value must be finite."""
+        lr = _to_float(group["lr"])
+        if not 0.0 <= lr or not math.isfinite(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        eps = group["eps"]
+        if not 0.0 <= eps or not math.isfinite(eps):
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        beta1, beta2 = group["betas"]
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        wd = group["weight_decay"]
+        if not 0.0 <= wd or not math.isfinite(wd):
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        check_backend(group.get("backend", "auto"))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as torch.optim), validating its hyper-parameters first."""
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        if "betas" in param_group:
+            merged["betas"] = tuple(_to_float(b) for b in param_group["betas"])
+            param_group = {**param_group, "betas": merged["betas"]}
+        self._check_hyperparameters(merged)
+        super().add_param_group(param_group)
+
+    def _check_params(self, group_index: int, params: list[Tensor]) -> None:
+        """Raise a clear error for any param the fused step cannot update. Touches no state."""
+        name = type(self).__name__
+        for i, p in enumerate(params):
+            where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
+            g = p.grad
+            if g.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients ({where}), please consider SparseAdam instead")
+            if torch.is_complex(p):
+                raise TypeError(f"{name} does not support complex parameters ({where} is {p.dtype})")
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"{name} supports float32, bfloat16 and float16 params; {where} is {p.dtype}")
+            if g.device != p.device:
+                raise ValueError(f"{name}: the grad of {where} is on {g.device} but the param is on {p.device}")
+            if g.dtype != p.dtype:
+                raise TypeError(f"{name}: the grad of {where} is {g.dtype} but the param is {p.dtype}")
+            if g.shape != p.shape:
+                raise ValueError(f"{name}: the grad of {where} has shape {tuple(g.shape)}")
+            if not p.is_contiguous():
+                raise ValueError(f"{name} needs contiguous params; {where} is not contiguous")
+
+    # -- state ------------------------------------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "params":
+                    group.setdefault(key, value)
+            group.setdefault("decoupled_weight_decay", self._default_decoupled)
+            group["betas"] = tuple(_to_float(b) for b in group["betas"])
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:
+                    st["step"] = self._as_step(st["step"], p)
+
+    @staticmethod
+    def _as_step(step: Any, p: Tensor) -> Tensor:
+        if isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device and step.dim() == 0:
+            return step
+        return torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32).reshape(()).clone()
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of FusedAdam(W) or torch.optim.Adam(W).
+
+        torch.optim would cast the moments to the param dtype; here they stay (or become) fp32, and step
+        counts become fp32 tensors on the param's device. The source dict is never aliased.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, sg in zip(self.param_groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))  # fmt: skip
+        for k, src in state_dict["state"].items():
+            p = id_map.get(k)
+            if p is None:
+                continue
+            for key in _STATE_KEYS:
+                if key in src and src[key].numel() != p.numel():
+                    raise ValueError(
+                        f"loaded state dict: state {key!r} of param {k} has {src[key].numel()} elements but the "
+                        f"param has {p.numel()} (shape {tuple(p.shape)})"
+                    )
+        super().load_state_dict(state_dict)
+        for k, src in state_dict["state"].items():
+            p = id_map.get(k)
+            if p is None:
+                continue
+            st = self.state[p]
+            for key in _STATE_KEYS:
+                if key in src:
+                    st[key] = src[key].detach().to(device=p.device, dtype=torch.float32, copy=True).view(p.shape)
+            if "step" in src:
+                st["step"] = torch.as_tensor(src["step"]).detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+
+    # -- step -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step. Params without a grad are skipped (their step does not move)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        # Check everything first, so that bad input raises before any state is created or changed.
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            self._check_params(gi, params)
+            lr = group["lr"]
+            if not isinstance(lr, Tensor) and not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
+            work.append((group, params))
+
+        for group, params in work:
+            if not params:
+                continue
+            states = [self._init_state(group, p) for p in params]
+            device = params[0].device
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.device != device:
+                lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(device)
+            beta1, beta2 = group["betas"]
+            functional.adam_(
+                params,
+                [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+                [s["step"] for s in states],
+                lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"], maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                grad_scale=None if grad_scale is None else grad_scale.to(device),
+                found_inf=None if found_inf is None else found_inf.to(device),
+                backend=group["backend"],
+            )  # fmt: skip
+        return loss
+
+
+class FusedAdamW(FusedAdam):
+    """AdamW (decoupled weight decay, default ``weight_decay=1e-2``), fused; drop-in torch.optim.AdamW."""
+
+    _default_decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            backend=backend,
+        )  # fmt: skip

@@ -1,0 +1,107 @@
+"""Chunk tables: many tensors -> one launch.
+
+A multi-tensor launch covers ``n_tensors`` tensors, each seen through ``n_roles`` same-sized tensors (for
+Adam: param, grad, exp_avg, exp_avg_sq, ...). The launcher packs, into ONE int64 device tensor:
+
+    [ addr[role 0][0..T) | addr[role 1][0..T) | ... | numel[0..T) | chunk_tensor[0..C) | chunk_start[0..C) ]
+
+``addr`` are ``data_ptr()`` values (the kernel casts them to typed pointers), ``numel`` the element counts,
+and for each of the ``C`` programs the tensor it works on and the element where its chunk starts. One
+program handles at most ``chunk_size`` elements of one tensor, so a 10-element tensor costs one small
+program and a 10^9-element tensor ``10^9 / chunk_size`` programs. All entries are int64, so tensors and
+offsets past 2^31 elements are addressed correctly.
+
+Building the table is host work proportional to the number of tensors; it is cached by the tuple of
+addresses and sizes, so a training loop pays it once (and a CUDA graph can replay the launch, because
+the cached table stays alive in the cache the caller owns).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, MutableMapping, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """A packed chunk table on the tensors' device, with the offsets of its sections."""
+
+    table: torch.Tensor  # int64, on the tensors' device
+    n_tensors: int
+    n_chunks: int
+    numel_offset: int  # index of numel[0] in ``table``
+    chunk_tensor_offset: int  # index of chunk_tensor[0]
+    chunk_start_offset: int  # index of chunk_start[0]
+
+
+class _LRU(OrderedDict):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+# Used when the caller does not pass a cache of its own. Optimizers pass their own dict, so that the
+# tables a captured CUDA graph reads stay alive as long as the optimizer does.
+_DEFAULT_CACHE: MutableMapping = _LRU(capacity=32)
+
+
+def build_chunk_table(
+    roles: Sequence[Sequence[torch.Tensor]],
+    chunk_size: int,
+    cache: MutableMapping | None = None,
+    check: Callable[[], None] | None = None,
+) -> ChunkTable:
+    """Return the chunk table of ``roles`` (a list of same-length tensor lists), cached by address.
+
+    Every tensor of tensor index ``t`` must have the same number of elements in every role and be
+    contiguous; all tensors must be on one device. Tensors with no elements get no chunk. ``check`` is
+    called before a table is built (not on a cache hit), so launchers validate inputs once per layout.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    first = roles[0]
+    n_tensors = len(first)
+    numels = [t.numel() for t in first]
+    addrs = [t.data_ptr() for role in roles for t in role]
+    key = (tuple(addrs), tuple(numels), chunk_size, first[0].device if n_tensors else None)
+    if cache is None:
+        cache = _DEFAULT_CACHE
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    if check is not None:
+        check()
+
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    for t, n in enumerate(numels):
+        starts = range(0, n, chunk_size)
+        chunk_tensor.extend([t] * len(starts))
+        chunk_start.extend(starts)
+    n_chunks = len(chunk_tensor)
+    host = torch.tensor(addrs + numels + chunk_tensor + chunk_start, dtype=torch.int64)
+    device = first[0].device if n_tensors else torch.device("cpu")
+    if device.type == "cuda":
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host.to(device)
+    numel_offset = len(addrs)
+    result = ChunkTable(
+        table=table,
+        n_tensors=n_tensors,
+        n_chunks=n_chunks,
+        numel_offset=numel_offset,
+        chunk_tensor_offset=numel_offset + n_tensors,
+        chunk_start_offset=numel_offset + n_tensors + n_chunks,
+    )
+    cache[key] = result
+    return result

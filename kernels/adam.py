@@ -1,0 +1,265 @@
+"""Fused multi-tensor Adam / AdamW step: one launch for any number of tensors of one (device, dtype).
+
+The launcher takes lists of same-shaped contiguous tensors (params, grads, fp32 states, fp32 step counts)
+and runs the update of ``torch.optim.Adam`` / ``AdamW`` (single-tensor path, same order of operations)
+over all of them in one launch through a chunk table (``_multi_tensor.py``). Step counts are read, not
+written: the caller increments them (``fused_ops._ops``), as torch's fused path does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import MutableMapping, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._multi_tensor import build_chunk_table
+from ._numerics import round_to_dtype
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _neg_expm1(y):
+    """-(exp(y) - 1) for scalar fp32 ``y <= 0``, accurate for tiny ``y`` (Kahan's trick).
+
+    1 - beta2**step cancels catastrophically at small steps; this keeps the bias corrections within a
+    few ulp of torch's float64 host arithmetic.
+    """
+    u = tl.exp(y)
+    um1 = u - 1.0
+    safe_log = tl.where(um1 == 0.0, 1.0, tl.log(u))
+    return -tl.where(um1 == 0.0, y, tl.where(um1 == -1.0, -1.0, um1 * y / safe_log))
+
+
+@triton.jit
+def _adam_kernel(
+    table_ptr,  # int64 chunk table: addresses per role, numels, per-program tensor index and chunk start
+    n_tensors,
+    numel_offset,
+    chunk_tensor_offset,
+    chunk_start_offset,
+    lr,  # learning rate (runtime float), unless LR_IS_TENSOR
+    lr_ptr,  # 1-element device tensor holding the learning rate, read when LR_IS_TENSOR
+    one_minus_beta1,  # 1 - beta1, computed in float64 on the host
+    beta2,
+    one_minus_beta2,
+    log_beta1,  # ln(beta1) in float64 on the host, for the bias corrections
+    log_beta2,
+    eps,
+    weight_decay,
+    step,  # step number (>= 1) when STEP_IS_TENSOR is False
+    grad_scale_ptr,  # 1-element fp32 tensor: grads are divided by it when HAS_GRAD_SCALE
+    found_inf_ptr,  # 1-element fp32 tensor: when non-zero the whole step is a no-op (HAS_FOUND_INF)
+    PARAM_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    STEP_IS_TENSOR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One Adam(W) step on one chunk of one tensor (torch.optim.adam._single_tensor_adam order):
+
+        g = grad / grad_scale;  g = -g if maximize
+        AdamW: p = p * (1 - lr * wd)          Adam: g = g + wd * p
+        m = m + (1 - beta1) * (g - m)         (torch's lerp_)
+        v = v * beta2 + (1 - beta2) * g * g
+        v_max = max(v_max, v)                 (amsgrad; v_max replaces v below)
+        denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+        p = p - lr / (1 - beta1^t) * (m / denom)
+
+    Roles in the table: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, then max_exp_avg_sq (AMSGRAD), then
+    the fp32 step count (STEP_IS_TENSOR). States are fp32; the param is stored rounded to nearest even.
+    """
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(table_ptr + chunk_tensor_offset + pid)
+    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
+
+    param_ptr = tl.load(table_ptr + t).to(tl.pointer_type(PARAM_DTYPE)) + chunk_start
+    grad_ptr = tl.load(table_ptr + n_tensors + t).to(tl.pointer_type(PARAM_DTYPE)) + chunk_start
+    exp_avg_ptr = tl.load(table_ptr + 2 * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
+    exp_avg_sq_ptr = tl.load(table_ptr + 3 * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
+    next_role = 4
+    if AMSGRAD:
+        max_exp_avg_sq_ptr = tl.load(table_ptr + 4 * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
+        next_role = 5
+
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = tl.cast(lr, tl.float32)
+    if STEP_IS_TENSOR:
+        step_ptr = tl.load(table_ptr + next_role * n_tensors + t).to(tl.pointer_type(tl.float32))
+        step_f = tl.load(step_ptr)
+    else:
+        step_f = tl.cast(step, tl.float32)
+    bias_correction1 = _neg_expm1(step_f * tl.cast(log_beta1, tl.float32))
+    bias_correction2_sqrt = tl.sqrt_rn(_neg_expm1(step_f * tl.cast(log_beta2, tl.float32)))
+    step_size = lr / bias_correction1
+    one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
+    beta2 = tl.cast(beta2, tl.float32)
+    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    weight_decay = tl.cast(weight_decay, tl.float32)
+    decay = 1.0 - lr * weight_decay
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+
+    for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
+        # Chunks are at most CHUNK_SIZE long; skipping empty blocks keeps small tensors cheap.
+        if block_start < n_here:
+            offsets = block_start + tl.arange(0, BLOCK_SIZE)
+            mask = offsets < n_here
+            g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
+            v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+            if HAS_GRAD_SCALE:
+                g = tl.div_rn(g, grad_scale)
+            if MAXIMIZE:
+                g = -g
+            if weight_decay != 0.0:
+                if DECOUPLED:
+                    p = p * decay
+                else:
+                    g = g + weight_decay * p
+            m = m + one_minus_beta1 * (g - m)
+            v = v * beta2 + one_minus_beta2 * g * g
+            if AMSGRAD:
+                v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask, other=0.0), v)
+                tl.store(max_exp_avg_sq_ptr + offsets, v_max, mask=mask)
+                denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
+            else:
+                denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+            p = p - step_size * tl.div_rn(m, denom)
+            tl.store(exp_avg_ptr + offsets, m, mask=mask)
+            tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+            tl.store(param_ptr + offsets, round_to_dtype(p, PARAM_DTYPE), mask=mask)
+
+
+def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad) -> None:
+    n = len(params)
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    if state_steps:
+        lists["state_steps"] = state_steps
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"adam_launch: {name} has {len(lst)} tensors, params has {n}")
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"adam_launch: params must be float32, bfloat16 or float16, got {dtype}")
+    for i in range(n):
+        p = params[i]
+        if p.device != device or p.dtype != dtype:
+            raise ValueError(f"adam_launch: params[{i}] is {p.dtype} on {p.device}, expected {dtype} on {device}")
+        if grads[i].dtype != dtype:
+            raise TypeError(f"adam_launch: grads[{i}] is {grads[i].dtype}, params[{i}] is {dtype}")
+        for name, lst in lists.items():
+            t = lst[i]
+            if t.device != device:
+                raise ValueError(f"adam_launch: {name}[{i}] is on {t.device}, params[{i}] on {device}")
+            if name == "state_steps":
+                if t.dtype != torch.float32 or t.numel() != 1:
+                    raise TypeError(f"adam_launch: state_steps[{i}] must be a 1-element float32 tensor")
+                continue
+            if name != "grads" and t.dtype != torch.float32:
+                raise TypeError(f"adam_launch: {name}[{i}] must be float32, got {t.dtype}")
+            if t.numel() != p.numel():
+                raise ValueError(f"adam_launch: {name}[{i}] has {t.numel()} elements, params[{i}] {p.numel()}")
+            if not t.is_contiguous():
+                raise ValueError(f"adam_launch: {name}[{i}] must be contiguous")
+        if not p.is_contiguous():
+            raise ValueError(f"adam_launch: params[{i}] must be contiguous")
+
+
+def adam_launch(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    step: float | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    chunk_size: int = 65536,
+    block_size: int = 1024,
+    cache: MutableMapping | None = None,
+) -> None:
+    """Launch one fused Adam(W) step over all tensors (one launch; no host synchronisation).
+
+    ``state_steps`` are fp32 step counts already incremented for this step; pass an empty list and a
+    float ``step`` to use one step number for every tensor. ``lr`` may be a 1-element device tensor.
+    Inputs are checked when their chunk table is first built (then cached by address).
+    """
+    if len(params) == 0:
+        return
+    if not state_steps and step is None:
+        raise ValueError("adam_launch: pass state_steps or a float step")
+    roles = [params, grads, exp_avgs, exp_avg_sqs]
+    if amsgrad:
+        roles.append(max_exp_avg_sqs)
+    if state_steps:
+        roles.append(state_steps)
+    table = build_chunk_table(
+        roles,
+        chunk_size,
+        cache,
+        check=lambda: _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad),
+    )
+    if table.n_chunks == 0:
+        return
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    dummy = table.table  # any device pointer for arguments a flag switches off
+    with torch.cuda.device(params[0].device) if params[0].is_cuda else contextlib.nullcontext():
+        _adam_kernel[(table.n_chunks,)](
+            table.table,
+            table.n_tensors,
+            table.numel_offset,
+            table.chunk_tensor_offset,
+            table.chunk_start_offset,
+            0.0 if lr_is_tensor else float(lr),
+            lr if lr_is_tensor else dummy,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            math.log(beta1) if beta1 > 0 else -math.inf,
+            math.log(beta2) if beta2 > 0 else -math.inf,
+            eps,
+            weight_decay,
+            1.0 if step is None else float(step),
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
+            AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
+            DECOUPLED=decoupled,
+            LR_IS_TENSOR=lr_is_tensor,
+            STEP_IS_TENSOR=bool(state_steps),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            CHUNK_SIZE=chunk_size,
+            BLOCK_SIZE=block_size,
+        )

@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="fused_ops",
+    version="0.1.0",
+    description="Triton kernels for the optimizer hot path: fused multi-tensor Adam/AdamW, drop-in for torch.optim",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is installed as fused_ops.kernels: a different PyPI project owns the top-level name "kernels".
+    packages=["fused_ops", "fused_ops.kernels"],
+    package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
+    # triton is not pinned: torch's CUDA wheels pin their own.
+    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "tqdm", "matplotlib"],
+        "bench": ["tqdm", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fused-ops=fused_ops.__main__:main"]},
+)
