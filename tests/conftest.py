@@ -1,0 +1,33 @@
+"""Shared test set-up.
+
+Without CUDA, the Triton kernels run under the interpreter on CPU tensors: TRITON_INTERPRET=1 must be set
+before triton is imported, so it is set here, before anything imports fused_ops. On a GPU machine it is
+left alone, and the `gpu` tests run the compiled kernels (the interpret tests skip themselves there).
+"""
+
+import os
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fresh, reproducible seed per test (derived from its name), so inputs differ between tests."""
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (set automatically without CUDA)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "interpret" in item.keywords and not INTERPRET:
+            item.add_marker(skip_interp)
