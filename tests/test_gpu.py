@@ -1,0 +1,153 @@
+"""GPU tier: the compiled Triton kernels on CUDA (skipped without a GPU; run by benchmarks/gpu_check.sh)."""
+
+import copy
+
+import pytest
+import torch
+
+from fused_ops import FusedAdamW, functional, reference
+from tests.utils import DTYPES, assert_close_list
+
+pytestmark = pytest.mark.gpu
+
+
+def _state(sizes, dtype, device="cuda"):
+    return dict(
+        params=[torch.randn(n, device=device).to(dtype) for n in sizes],
+        grads=[torch.randn(n, device=device).to(dtype) for n in sizes],
+        exp_avgs=[0.1 * torch.randn(n, device=device) for n in sizes],
+        exp_avg_sqs=[0.01 * torch.rand(n, device=device) for n in sizes],
+        max_exp_avg_sqs=[0.02 * torch.rand(n, device=device) for n in sizes],
+        state_steps=[torch.tensor(2.0, device=device) for _ in sizes],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_kernel_matches_float64_on_cuda(dtype, amsgrad, decoupled):
+    sizes = [0, 1, 1023, 1025, 65535, 65537, 200_003] + [7 * i + 1 for i in range(20)]
+    t = _state(sizes, dtype)
+    ref = {k: [x.cpu().double() if k != "state_steps" else x.cpu().clone() for x in v] for k, v in t.items()}
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
+    reference.adam_(**ref, decoupled=decoupled, **kw)
+    functional.adam_(**t, decoupled_weight_decay=decoupled, backend="triton", **kw)
+    assert_close_list([p.cpu() for p in t["params"]], ref["params"], dtype, "params")
+    assert_close_list([m.cpu() for m in t["exp_avgs"]], ref["exp_avgs"], torch.float32, "exp_avgs")
+    assert [s.item() for s in t["state_steps"]] == [3.0] * len(sizes)
+
+
+def test_found_inf_skips_on_cuda():
+    t = _state([5, 70000], torch.float32)
+    before = {k: [x.clone() for x in v] for k, v in t.items()}
+    functional.adam_(**t, lr=1e-2, amsgrad=True, grad_scale=torch.tensor(8.0, device="cuda"),
+                     found_inf=torch.tensor(1.0, device="cuda"), backend="triton")  # fmt: skip
+    for k in before:
+        for a, b in zip(t[k], before[k]):
+            assert torch.equal(a, b), k
+
+
+def _model():
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).cuda()
+
+
+def test_fused_adamw_matches_torch_fused_on_cuda():
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-3, fused=True)
+    o2 = FusedAdamW(m2.parameters(), lr=1e-3)
+    for _ in range(50):
+        x = torch.randn(32, 64, device="cuda")
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    diff = max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+    assert diff < 1e-6
+
+
+def test_cuda_graph_capture_of_step():
+    """capturable=True: warm up, capture step() in a CUDA graph, replay; equals eager steps."""
+    m_eager = _model()
+    m_graph = copy.deepcopy(m_eager)
+    o_eager = FusedAdamW(m_eager.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    o_graph = FusedAdamW(m_graph.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    grads = [[torch.randn_like(p) for p in m_eager.parameters()] for _ in range(6)]
+    for p, g in zip(m_graph.parameters(), grads[0]):
+        p.grad = g.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        o_graph.step()  # warm-up: creates the state and the cached chunk table
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph.step()
+    for p, g in zip(m_eager.parameters(), grads[0]):
+        p.grad = g.clone()
+    o_eager.step()
+    for gs in grads[1:]:
+        for p, q, g in zip(m_eager.parameters(), m_graph.parameters(), gs):
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        o_eager.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(m_eager.parameters(), m_graph.parameters()):
+        assert torch.equal(a, b)
+    assert all(st["step"].item() == 6 for st in o_graph.state.values())
+
+
+def test_compile_on_cuda():
+    t = _state([33, 4097], torch.float32)
+    t2 = {k: [x.clone() for x in v] for k, v in t.items()}
+
+    def step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        functional.adam_(params, grads, exp_avgs, exp_avg_sqs, None, state_steps, lr=1e-2)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        step(**t)
+        compiled(**t2)
+    for a, b in zip(t["params"], t2["params"]):
+        assert torch.equal(a, b)
+
+
+def test_grad_scaler_on_cuda():
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-3, fused=True)
+    o2 = FusedAdamW(m2.parameters(), lr=1e-3)
+    s1, s2 = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda")
+    for i in range(10):
+        x = torch.randn(32, 64, device="cuda")
+        for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if i == 4:
+                next(m.parameters()).grad[0, 0] = float("nan")
+            s.step(o)
+            s.update()
+    diff = max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+    assert diff < 1e-6
+    assert all(st["step"].item() == 9 for st in o2.state.values())
+
+
+def test_offsets_past_2_31_elements():
+    """One bf16 tensor of 2^31 + 4099 elements: the tail (past the int32 range) is updated correctly."""
+    n = 2**31 + 4099
+    need = n * (2 + 2 + 4 + 4) + (1 << 30)
+    if torch.cuda.get_device_properties(0).total_memory < need:
+        pytest.skip("not enough GPU memory")
+    p = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    m = torch.zeros(n, device="cuda")
+    v = torch.zeros(n, device="cuda")
+    functional.adam_([p], [g], [m], [v], lr=0.5, step=1.0, eps=0.0, backend="triton")
+    # First step from zero state with eps=0: update = -lr * sign(g).
+    tail = p[-5000:].float()
+    assert torch.equal(tail, torch.full_like(tail, -0.5))
+    assert torch.equal(p[:5000].float(), torch.full((5000,), -0.5, device="cuda"))
+    assert m[-1].item() == pytest.approx(0.1)
+    del p, g, m, v
+    torch.cuda.empty_cache()

@@ -1,0 +1,41 @@
+"""The install story: README quickstart, .ci/run and setup.py agree."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _quickstart_lines():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart\s+```bash\n(.*?)```", readme, re.S)
+    assert block, "README.md has no Quickstart bash block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_quickstart_has_two_commands_main_job_and_tests():
+    lines = _quickstart_lines()
+    assert len(lines) == 2
+    assert "python -m fused_ops bench --quick" in lines[0]
+    assert "pytest" in lines[1]
+    for line in lines:
+        assert "torch==2.13.0" in line, "an unpinned torch would pull a multi-GB CUDA build"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert _quickstart_lines()[1] in ci
+
+
+def test_setup_installs_kernels_as_fused_ops_kernels_and_does_not_pin_triton():
+    setup = (ROOT / "setup.py").read_text()
+    assert '"fused_ops.kernels": "kernels"' in setup
+    assert not re.search(r"triton\s*[=<>~]=", setup)
+
+
+def test_kernels_import_as_fused_ops_kernels():
+    import fused_ops
+    from fused_ops.kernels import adam
+
+    assert adam.__name__ == "fused_ops.kernels.adam"
+    assert hasattr(fused_ops, "FusedAdamW")
