@@ -29,7 +29,7 @@ def _table_cache() -> dict:
 
 @torch.library.custom_op(
     "fused_ops::adam_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"),
 )
 def adam_(
     params: list[Tensor],
@@ -37,6 +37,7 @@ def adam_(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor],
     state_steps: list[Tensor],
     lr: float,
     lr_tensor: Optional[Tensor],
@@ -54,7 +55,7 @@ def adam_(
 ) -> None:
     """One Adam/AdamW step over tensors of one (device, dtype); see ``fused_ops.functional.adam_``."""
     kwargs = _adam_kwargs(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step,
-                          grad_scale, found_inf)  # fmt: skip
+                          grad_scale, found_inf, master_params)  # fmt: skip
     if backend == "triton":
         _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
     else:
@@ -62,10 +63,11 @@ def adam_(
 
 
 @adam_.register_kernel("cuda")
-def _adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor, beta1, beta2,
-               eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf, backend) -> None:  # fmt: skip
+def _adam_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
+               backend) -> None:  # fmt: skip
     kwargs = _adam_kwargs(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step,
-                          grad_scale, found_inf)  # fmt: skip
+                          grad_scale, found_inf, master_params)  # fmt: skip
     if backend == "reference":
         reference.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
     else:
@@ -78,11 +80,11 @@ def _adam_fake(*args, **kwargs) -> None:
 
 
 def _adam_kwargs(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale,
-                 found_inf) -> dict:  # fmt: skip
+                 found_inf, master_params) -> dict:  # fmt: skip
     return dict(
         lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, step=step, grad_scale=grad_scale,
-        found_inf=found_inf,
+        found_inf=found_inf, master_params=master_params,
     )  # fmt: skip
 
 

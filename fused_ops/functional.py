@@ -41,6 +41,7 @@ def adam_(
     step: float | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] | None = None,
     backend: str | None = None,
 ) -> None:
     """Apply one Adam (``decoupled_weight_decay=False``) or AdamW step to every tensor, in place.
@@ -56,6 +57,8 @@ def adam_(
         grad_scale: optional 1-element tensor; grads are divided by it inside the kernel.
         found_inf: optional 1-element tensor; when non-zero the step is a no-op on the device: params,
             states and step counts are unchanged (no host sync).
+        master_params: optional fp32 master weights, one per (bf16/fp16) param: the update runs on them in
+            fp32 and the params receive the result rounded to nearest even, in the same single pass.
         backend: "auto" (Triton on CUDA, plain torch on CPU), "triton" or "reference"; default from
             ``FUSED_OPS_BACKEND``.
 
@@ -64,6 +67,9 @@ def adam_(
     n = len(params)
     max_exp_avg_sqs = list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else []
     state_steps = list(state_steps) if state_steps is not None else []
+    master_params = list(master_params) if master_params is not None else []
+    if master_params and len(master_params) != n:
+        raise ValueError(f"adam_: master_params has {len(master_params)} tensors but params has {n}")
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         if len(lst) != n:
             raise ValueError(f"adam_: {name} has {len(lst)} tensors but params has {n}")
@@ -91,7 +97,8 @@ def adam_(
         pick = (lambda lst: [lst[i] for i in idx]) if len(groups) > 1 else list
         _ops.adam_(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps) if state_steps else [],
+            pick(max_exp_avg_sqs) if amsgrad else [], pick(master_params) if master_params else [],
+            pick(state_steps) if state_steps else [],
             0.0 if lr_tensor is not None else float(lr), lr_tensor, float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay),
             None if step is None else float(step), grad_scale, found_inf, backend_name,

@@ -19,7 +19,8 @@ from torch import Tensor
 from . import functional
 from ._backend import check_backend
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MASTER_KEY = "master_param"
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -39,6 +40,12 @@ class FusedAdam(torch.optim.Optimizer):
             in a CUDA graph once the state exists (after one warm-up step).
         differentiable: must be False (not supported).
         decoupled_weight_decay: AdamW's decoupled decay (``FusedAdamW`` sets it).
+        master_weights: keep an fp32 master copy of every bf16/fp16 param (state key ``"master_param"``,
+            ignored by torch.optim). The whole update is one pass: read the low-precision grad, update
+            master and moments in fp32, write the param rounded to nearest even. Without it, bf16 params
+            lose updates smaller than half an ulp. fp32 params need no master and get none. The master is
+            the source of truth: write new weights into the params through ``load_state_dict`` or
+            reset the optimizer, or they are overwritten at the next step.
         backend: "auto" (Triton kernels on CUDA, plain torch on CPU), "triton" or "reference"; default
             from the ``FUSED_OPS_BACKEND`` environment variable.
 
@@ -64,6 +71,7 @@ class FusedAdam(torch.optim.Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool | None = None,
+        master_weights: bool = False,
         backend: str | None = None,
     ) -> None:
         if differentiable:
@@ -85,7 +93,8 @@ class FusedAdam(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay, backend=check_backend(backend),
+            decoupled_weight_decay=decoupled_weight_decay, master_weights=bool(master_weights),
+            backend=check_backend(backend),
         )  # fmt: skip
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -168,6 +177,9 @@ class FusedAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY not in state:
+            # New state, or a state dict without masters (e.g. torch.optim.AdamW's): start from the param.
+            state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -236,20 +248,28 @@ class FusedAdam(torch.optim.Optimizer):
             if isinstance(lr, Tensor) and lr.device != device:
                 lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(device)
             beta1, beta2 = group["betas"]
-            functional.adam_(
-                params,
-                [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-                [s["step"] for s in states],
-                lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                grad_scale=None if grad_scale is None else grad_scale.to(device),
-                found_inf=None if found_inf is None else found_inf.to(device),
-                backend=group["backend"],
-            )  # fmt: skip
+            with_master = [i for i, s in enumerate(states) if MASTER_KEY in s and group["master_weights"]]
+            without = [i for i, s in enumerate(states) if not (MASTER_KEY in s and group["master_weights"])]
+            for idx, master in ((without, False), (with_master, True)):
+                if not idx:
+                    continue
+                ps = [params[i] for i in idx]
+                ss = [states[i] for i in idx]
+                functional.adam_(
+                    ps,
+                    [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in ps],
+                    [s["exp_avg"] for s in ss],
+                    [s["exp_avg_sq"] for s in ss],
+                    [s["max_exp_avg_sq"] for s in ss] if group["amsgrad"] else None,
+                    [s["step"] for s in ss],
+                    lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    grad_scale=None if grad_scale is None else grad_scale.to(device),
+                    found_inf=None if found_inf is None else found_inf.to(device),
+                    master_params=[s[MASTER_KEY] for s in ss] if master else None,
+                    backend=group["backend"],
+                )  # fmt: skip
         return loss
 
 
@@ -272,10 +292,11 @@ class FusedAdamW(FusedAdam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
         backend: str | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            backend=backend,
+            master_weights=master_weights, backend=backend,
         )  # fmt: skip

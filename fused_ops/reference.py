@@ -36,6 +36,7 @@ def adam_(
     step: float | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
 ) -> None:
     """One Adam / AdamW step in plain torch, with torch.optim.adam's order of operations.
 
@@ -43,7 +44,8 @@ def adam_(
     which case nothing at all changes), or, when it is empty, ``step`` is the step number to use.
     ``grad_scale`` divides the grads (the grads themselves are not modified). Low-precision params are
     updated in the dtype of the states (fp32 in fused_ops) and rounded to nearest even on store; when
-    every tensor is float64 the whole computation is float64 (the test oracle).
+    every tensor is float64 the whole computation is float64 (the test oracle). With ``master_params``
+    the update runs on those (fp32) and ``params`` receive the rounded result.
 
     This reads ``found_inf``, ``lr`` and step counts on the host: cheap on CPU; on a GPU it syncs, which is
     why the GPU path is the Triton kernel.
@@ -60,7 +62,10 @@ def adam_(
         steps = [float(step)] * len(params)
 
     compute_dtype = exp_avgs[0].dtype
-    params_c = [p if p.dtype == compute_dtype else p.to(compute_dtype) for p in params]
+    if master_params:
+        params_c = list(master_params)
+    else:
+        params_c = [p if p.dtype == compute_dtype else p.to(compute_dtype) for p in params]
     g = [x if x.dtype == compute_dtype else x.to(compute_dtype) for x in grads]
     if grad_scale is not None:
         g = torch._foreach_div(g, _scalar(grad_scale))
@@ -106,6 +111,7 @@ def adam_cpu_(
     step: float | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
 ) -> None:
     """The CPU path of the Adam op: :func:`adam_`'s contract, as fast as torch allows on CPU.
 
@@ -118,6 +124,7 @@ def adam_cpu_(
         return
     fast = (
         grad_scale is None
+        and not master_params
         and bool(state_steps)
         and params[0].dtype == torch.float32
         and all(p.device.type == "cpu" for p in params[:1])
@@ -126,7 +133,7 @@ def adam_cpu_(
         adam_(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            decoupled=decoupled, step=step, grad_scale=grad_scale, found_inf=found_inf,
+            decoupled=decoupled, step=step, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
         )  # fmt: skip
         return
     if found_inf is not None and _scalar(found_inf) != 0:

@@ -56,6 +56,7 @@ def _adam_kernel(
     found_inf_ptr,  # 1-element fp32 tensor: when non-zero the whole step is a no-op (HAS_FOUND_INF)
     PARAM_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
+    MASTER: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECOUPLED: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr,
@@ -75,8 +76,11 @@ def _adam_kernel(
         denom = sqrt(v) / sqrt(1 - beta2^t) + eps
         p = p - lr / (1 - beta1^t) * (m / denom)
 
-    Roles in the table: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, then max_exp_avg_sq (AMSGRAD), then
-    the fp32 step count (STEP_IS_TENSOR). States are fp32; the param is stored rounded to nearest even.
+    Roles in the table: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, then max_exp_avg_sq (AMSGRAD), then the
+    fp32 master weights (MASTER), then the fp32 step count (STEP_IS_TENSOR). States are fp32. With MASTER,
+    p is read from and written to the fp32 master and the (bf16/fp16) param only receives the rounded
+    result: one pass reads the low-precision grad and writes the low-precision param (28 B/param).
+    The param is stored rounded to nearest even.
     """
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
@@ -94,6 +98,9 @@ def _adam_kernel(
     if AMSGRAD:
         max_exp_avg_sq_ptr = tl.load(table_ptr + 4 * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
         next_role = 5
+    if MASTER:
+        master_ptr = tl.load(table_ptr + next_role * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
+        next_role += 1
 
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
@@ -122,7 +129,10 @@ def _adam_kernel(
             offsets = block_start + tl.arange(0, BLOCK_SIZE)
             mask = offsets < n_here
             g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if MASTER:
+                p = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+            else:
+                p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
             v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
             if HAS_GRAD_SCALE:
@@ -145,14 +155,18 @@ def _adam_kernel(
             p = p - step_size * tl.div_rn(m, denom)
             tl.store(exp_avg_ptr + offsets, m, mask=mask)
             tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+            if MASTER:
+                tl.store(master_ptr + offsets, p, mask=mask)
             tl.store(param_ptr + offsets, round_to_dtype(p, PARAM_DTYPE), mask=mask)
 
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad) -> None:
+def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad) -> None:
     n = len(params)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    if master_params:
+        lists["master_params"] = master_params
     if state_steps:
         lists["state_steps"] = state_steps
     for name, lst in lists.items():
@@ -204,6 +218,7 @@ def adam_launch(
     step: float | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    master_params: Sequence[torch.Tensor] = (),
     chunk_size: int = 65536,
     block_size: int = 1024,
     cache: MutableMapping | None = None,
@@ -212,6 +227,7 @@ def adam_launch(
 
     ``state_steps`` are fp32 step counts already incremented for this step; pass an empty list and a
     float ``step`` to use one step number for every tensor. ``lr`` may be a 1-element device tensor.
+    ``master_params`` (optional, fp32): the update runs on them and ``params`` receive the rounded values.
     Inputs are checked when their chunk table is first built (then cached by address).
     """
     if len(params) == 0:
@@ -221,13 +237,15 @@ def adam_launch(
     roles = [params, grads, exp_avgs, exp_avg_sqs]
     if amsgrad:
         roles.append(max_exp_avg_sqs)
+    if master_params:
+        roles.append(master_params)
     if state_steps:
         roles.append(state_steps)
     table = build_chunk_table(
         roles,
         chunk_size,
         cache,
-        check=lambda: _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad),
+        check=lambda: _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad),
     )
     if table.n_chunks == 0:
         return
@@ -254,6 +272,7 @@ def adam_launch(
             found_inf if found_inf is not None else dummy,
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
             AMSGRAD=amsgrad,
+            MASTER=bool(master_params),
             MAXIMIZE=maximize,
             DECOUPLED=decoupled,
             LR_IS_TENSOR=lr_is_tensor,

@@ -21,7 +21,7 @@ def _tensors(sizes=(3, 17, 40), amsgrad=True):
 
 
 def _op_args(t, backend):
-    return (t["params"], t["grads"], t["exp_avgs"], t["exp_avg_sqs"], t["max_exp_avg_sqs"], t["state_steps"],
+    return (t["params"], t["grads"], t["exp_avgs"], t["exp_avg_sqs"], t["max_exp_avg_sqs"], [], t["state_steps"],
             1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False, True, None, None, torch.tensor(0.0), backend)  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def test_compile_fullgraph_runs_the_op():
     t_comp = {k: [x.clone() for x in v] for k, v in t_eager.items()}
 
     def step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr):
-        torch.ops.fused_ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, None,
+        torch.ops.fused_ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [], state_steps, lr, None,
                                   0.9, 0.999, 1e-8, 0.01, True, False, True, None, None, None, "reference")  # fmt: skip
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
@@ -93,3 +93,14 @@ def test_functional_rejects_bad_arguments():
         functional.adam_(t["params"], t["grads"], t["exp_avgs"], t["exp_avg_sqs"], lr=float("nan"), step=1)
     with pytest.raises(ValueError, match="backend"):
         functional.adam_(t["params"], t["grads"], t["exp_avgs"], t["exp_avg_sqs"], lr=1e-3, step=1, backend="x")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_opcheck_with_master_weights_and_scaling(backend):
+    t = _tensors(amsgrad=False)
+    params = [p.bfloat16() for p in t["params"]]
+    grads = [g.bfloat16() for g in t["grads"]]
+    masters = [p.float() for p in params]
+    args = (params, grads, t["exp_avgs"], t["exp_avg_sqs"], [], masters, t["state_steps"], 0.0, torch.tensor([1e-3]),
+            0.9, 0.999, 1e-8, 0.01, False, True, True, None, torch.tensor(2.0), torch.tensor(0.0), backend)  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_ops.adam_.default, args)
