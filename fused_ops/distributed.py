@@ -1,0 +1,1059 @@
+"""ZeroAdamW: ZeRO stage 1/2 partitioned AdamW on ``torch.distributed`` collectives.
+
+Layout. Params are grouped by (param group, dtype) and packed, in reverse registration order (the order in
+which backward produces their grads), into flat buckets of at most ``bucket_cap_mb``. Each param starts at a
+multiple of ``align`` elements and each bucket is padded to a multiple of ``world_size * align``, so it splits
+into ``world_size`` equal, aligned shards. The model's params become views into their bucket's flat buffer,
+so the all-gather after the step writes straight into them. Rank ``r`` owns shard ``r`` of every bucket and
+keeps, for that shard only: the fp32 master copy (low-precision params with ``master_weights``), the fp32
+Adam moments and an fp32 gradient accumulator.
+
+Per step::
+
+    backward  --(stage 2: per bucket, as soon as its grads exist)-->  reduce-scatter (sum) into fp32 grad shard
+    step()    --(stage 1: all buckets now)--------------------------->  reduce-scatter (sum) into fp32 grad shard
+              all-reduce(sum) of the shard's squared norm  -> global grad norm, found_inf (no host sync)
+              fused Adam (fused_ops.functional.adam_) on the shard; 1/world, 1/loss_scale and the clip
+              coefficient are one device-side grad_scale
+              cast master -> param dtype; all-gather of every bucket into the params
+
+Collectives are launched in bucket order on every rank (a bucket whose grads are ready waits for the buckets
+before it), so ranks whose backward produces grads in different orders, or not at all for some params, still
+issue the same sequence of collectives. At the end of each backward pass every bucket not yet reduced is
+reduced, with zeros for params that got no grad.
+
+Checkpoints: ``state_dict()`` is this rank's shard, ``consolidated_state_dict(to=0)`` is torch.optim.AdamW's
+layout; ``load_state_dict`` takes either (or the list of all ranks' shards) with any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional
+from ._backend import check_backend
+from .optim import FusedAdam, _to_float
+
+__all__ = ["ZeroAdamW", "benchmark_zero"]
+
+_FORMAT = "fused_ops.zero/1"
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_MASTER_KEY = "master_param"
+
+
+def _reduce_scatter(output: Tensor, input: Tensor, group: Any, async_op: bool) -> Any:
+    # torch 2.13 renames reduce_scatter_tensor to reduce_scatter_single (the old name warns); 2.11 has only
+    # the old one. gloo implements both on CPU tensors, NCCL on CUDA tensors.
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def _all_gather(output: Tensor, input: Tensor, group: Any, async_op: bool) -> Any:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# -- layout -------------------------------------------------------------------------------------------------
+@dataclass
+class BucketSpec:
+    """Where params go in one flat bucket. Depends only on shapes, dtypes, world size and the options."""
+
+    group: int  # param group index
+    dtype: torch.dtype
+    slots: list[tuple[int, int, int]]  # (global param index, offset in the bucket, numel)
+    numel: int  # padded: a multiple of world_size * align
+
+
+def build_layout(
+    params: Sequence[tuple[int, int, torch.dtype]], world_size: int, bucket_cap_bytes: int, align: int
+) -> list[BucketSpec]:
+    """Pack params into buckets.
+
+    Args:
+        params: one ``(group index, numel, dtype)`` per param, in registration order.
+        world_size: number of shards each bucket splits into.
+        bucket_cap_bytes: a bucket closes once it holds this many bytes (a larger param gets its own bucket).
+        align: every param starts at a multiple of ``align`` elements; every shard is a multiple of it too.
+
+    Returns buckets in the order backward is expected to complete them: params are walked in reverse
+    registration order and a bucket is placed where its last param (in that walk) is seen.
+    """
+    open_buckets: dict[tuple[int, torch.dtype], BucketSpec] = {}
+    sizes: dict[int, int] = {}
+    done: list[tuple[int, BucketSpec]] = []  # (position of the bucket's last param in the reverse walk, spec)
+    last_seen: dict[int, int] = {}
+    for pos, index in enumerate(reversed(range(len(params)))):
+        group, numel, dtype = params[index]
+        key = (group, dtype)
+        spec = open_buckets.get(key)
+        if spec is None:
+            spec = open_buckets[key] = BucketSpec(group, dtype, [], 0)
+            sizes[id(spec)] = 0
+        offset = _round_up(sizes[id(spec)], align)
+        spec.slots.append((index, offset, numel))
+        sizes[id(spec)] = offset + numel
+        last_seen[id(spec)] = pos
+        if sizes[id(spec)] * dtype.itemsize >= bucket_cap_bytes:
+            done.append((pos, spec))
+            del open_buckets[key]
+    done.extend((last_seen[id(s)], s) for s in open_buckets.values())
+    done.sort(key=lambda item: item[0])
+    out = []
+    for _, spec in done:
+        spec.numel = max(_round_up(sizes[id(spec)], world_size * align), world_size * align)
+        out.append(spec)
+    return out
+
+
+# -- runtime structures ---------------------------------------------------------------------------------------
+@dataclass
+class _Slot:
+    index: int  # global param index
+    param: Tensor
+    offset: int  # in the bucket
+    numel: int
+
+
+@dataclass
+class _Segment:
+    """The part of one param that this rank owns: elements [lo, hi) of the flattened param."""
+
+    index: int
+    lo: int
+    hi: int
+    start: int  # in the shard
+    bucket: _Bucket
+
+
+@dataclass
+class _Bucket:
+    index: int
+    group: int
+    dtype: torch.dtype
+    slots: list[_Slot]
+    numel: int
+    shard_numel: int
+    param_flat: Tensor
+    param_shard: Tensor
+    master: Tensor | None
+    grad: Tensor  # fp32 reduced-grad accumulator for the shard
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
+    gaps: list[tuple[int, int]]  # padding ranges in the flat bucket
+    n_hooked: int = 0
+    ready: set = field(default_factory=set)
+    grad_valid: bool = False
+    inflight: int = 0
+
+
+class _StagingPool:
+    """Flat buffers the reduce-scatters read from (and shard-sized outputs), reused bucket after bucket."""
+
+    def __init__(self, count: int, numel: int, shard_numel: int, dtype: torch.dtype, device: torch.device):
+        self.flat = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+        self.out = [torch.empty(shard_numel, dtype=dtype, device=device) for _ in range(count)]
+        self.free = list(range(count))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in chain(self.flat, self.out))
+
+
+# -- the optimizer --------------------------------------------------------------------------------------------
+class ZeroAdamW(torch.optim.Optimizer):
+    """AdamW with ZeRO stage 1 or 2 partitioning over a ``torch.distributed`` process group.
+
+    Args:
+        params: iterable of params or param-group dicts (as torch.optim.AdamW). All on one device; fp32,
+            bf16 or fp16; identical in number, shape, dtype and order on every rank (checked, collectively).
+        process_group: the data-parallel group (default: the world group). Must be initialised.
+        stage: 1 (shard optimizer states; grads reduce-scattered in ``step()``) or 2 (also shard grads: each
+            bucket is reduce-scattered during backward as soon as its grads exist, and the full grads are freed).
+        bucket_cap_mb: bucket size in MiB of param-dtype elements.
+        overlap_comm: launch collectives asynchronously (two staging buffers), overlapping them with backward
+            and with each other; ``False`` waits for each one.
+        master_weights: keep an fp32 master shard for bf16/fp16 params (no effect on fp32 params).
+        lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW.
+        max_grad_norm: clip the global grad norm (over all ranks and param groups) to this, as
+            ``torch.nn.utils.clip_grad_norm_`` would; ``None`` disables clipping.
+        reduce_dtype: dtype of the reduce-scatter (default: the param dtype).
+        align: params start, and shards split, at multiples of this many elements.
+        backend: fused-op backend ("auto", "triton", "reference"), as in FusedAdamW.
+
+    Differences from torch.optim.AdamW: params that get no grad in a step are stepped with a zero grad
+    (weight decay and momentum apply), on every rank alike; in stage 2 ``p.grad`` is freed during backward
+    (use ``last_grad_norm`` for logging); the model's params become views into flat buffers owned here.
+    Use ``step(loss_scale=...)`` for loss scaling (``torch.amp.GradScaler`` checks overflow per rank, which
+    cannot work with sharded grads, so it is refused).
+    """
+
+    _step_supports_amp_scaling = True  # so that GradScaler always calls step(), where it is refused clearly
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        process_group: Any = None,
+        stage: int = 2,
+        bucket_cap_mb: float = 25,
+        overlap_comm: bool = True,
+        master_weights: bool = True,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        reduce_dtype: torch.dtype | None = None,
+        align: int = 64,
+        backend: str | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "ZeroAdamW needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group(backend='nccl' or 'gloo', ...) on every rank first"
+            )
+        if stage not in (1, 2):
+            raise ValueError(f"ZeroAdamW: stage must be 1 or 2, got {stage!r}")
+        if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
+            raise ValueError(f"ZeroAdamW: bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+        if not (isinstance(align, int) and align >= 1):
+            raise ValueError(f"ZeroAdamW: align must be a positive int, got {align!r}")
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"ZeroAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if reduce_dtype is not None and reduce_dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"ZeroAdamW: reduce_dtype must be one of {_SUPPORTED_DTYPES}, got {reduce_dtype}")
+        if differentiable:
+            raise ValueError("ZeroAdamW does not support differentiable=True")
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        betas = (_to_float(betas[0]), _to_float(betas[1]))
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=False, fused=fused, decoupled_weight_decay=True,
+            backend=check_backend(backend),
+        )  # fmt: skip
+        FusedAdam._check_hyperparameters(defaults)
+        self._built = False
+        super().__init__(params, defaults)
+
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.process_group)
+        self.rank = dist.get_rank(self.process_group)
+        if self.rank < 0:
+            raise ValueError("ZeroAdamW: this process is not a member of process_group")
+        self.stage = stage
+        self.bucket_cap_mb = bucket_cap_mb
+        self.overlap_comm = bool(overlap_comm)
+        self.master_weights = bool(master_weights)
+        self.max_grad_norm = max_grad_norm
+        self.reduce_dtype = reduce_dtype
+        self.align = align
+
+        self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        config = (stage, float(bucket_cap_mb), align, self.master_weights, str(reduce_dtype), self.world_size)
+        self._check_same_on_all_ranks(config, self._local_param_error())
+
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+        self._build()
+        self._built = True
+
+        # Step counts: one per param, kept (identically) on every rank, like torch's per-param 'step'.
+        self._steps = [torch.zeros((), dtype=torch.float32, device=self._device) for _ in self._params]
+        self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
+        self.last_found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
+        self.skipped_steps = torch.zeros((), dtype=torch.float32, device=self._device)
+
+        self._sync_grads = True
+        self._round_open = False
+        self._next_bucket = 0
+        self._rounds_since_step = 0
+        self._unsynced_grads = False
+        self._inflight: deque = deque()
+        self._hook_handles: list[Any] = []
+        if stage == 2:
+            self._register_hooks()
+
+    # -- construction ---------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group while constructing; afterwards the flat layout is fixed and this raises."""
+        if getattr(self, "_built", False):
+            raise NotImplementedError("ZeroAdamW: param groups cannot be added after construction")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        if "betas" in param_group:
+            param_group = {**param_group, "betas": tuple(_to_float(b) for b in param_group["betas"])}
+            merged["betas"] = param_group["betas"]
+        FusedAdam._check_hyperparameters(merged)
+        super().add_param_group(param_group)
+
+    def _local_param_error(self) -> str | None:
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            return f"all params must be on one device, got {sorted(str(d) for d in devices)}"
+        for i, p in enumerate(self._params):
+            if p.dtype not in _SUPPORTED_DTYPES:
+                return f"param {i} (shape {tuple(p.shape)}) is {p.dtype}; supported: fp32, bf16, fp16"
+            if p.is_sparse:
+                return f"param {i} is sparse"
+        return None
+
+    def _check_same_on_all_ranks(self, config: tuple, local_error: str | None) -> None:
+        """One all_gather_object of every rank's param signature; every rank raises the same ValueError."""
+        sig = [(g, tuple(p.shape), str(p.dtype)) for g, p in zip(self._group_of, self._params, strict=True)]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (config, sig, local_error), group=self.process_group)
+        for r, (_, _, err) in enumerate(gathered):
+            if err is not None:
+                raise ValueError(f"ZeroAdamW: bad params on rank {r}: {err}")
+        cfg0, sig0, _ = gathered[0]
+        for r, (cfg, s, _) in enumerate(gathered[1:], start=1):
+            if cfg != cfg0:
+                names = ("stage", "bucket_cap_mb", "align", "master_weights", "reduce_dtype", "world_size")
+                pairs = zip(names, cfg0, cfg, strict=True)
+                diff = [f"{n}={a!r} on rank 0 but {b!r} on rank {r}" for n, a, b in pairs if a != b]
+                raise ValueError("ZeroAdamW: constructor arguments differ between ranks: " + "; ".join(diff))
+            if len(s) != len(sig0):
+                raise ValueError(
+                    f"ZeroAdamW: params differ between ranks: rank 0 has {len(sig0)} params, rank {r} has {len(s)}"
+                )
+            for i, (a, b) in enumerate(zip(sig0, s, strict=True)):
+                if a != b:
+                    raise ValueError(
+                        f"ZeroAdamW: params differ between ranks: param {i} is (group {a[0]}, shape {a[1]}, "
+                        f"{a[2]}) on rank 0 but (group {b[0]}, shape {b[1]}, {b[2]}) on rank {r}; every rank "
+                        "must pass the same params in the same order"
+                    )
+
+    def _build(self) -> None:
+        specs = build_layout(
+            [(g, p.numel(), p.dtype) for g, p in zip(self._group_of, self._params, strict=True)],
+            self.world_size,
+            int(self.bucket_cap_mb * 2**20),
+            self.align,
+        )
+        dev, rank, world = self._device, self.rank, self.world_size
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: list[int] = [0] * len(self._params)
+        self._segments: list[list[_Segment]] = [[] for _ in self.param_groups]
+        self._segment_of: dict[int, _Segment] = {}
+        for bi, spec in enumerate(specs):
+            shard = spec.numel // world
+            flat = torch.zeros(spec.numel, dtype=spec.dtype, device=dev)
+            slots, gaps, end = [], [], 0
+            for index, offset, numel in sorted(spec.slots, key=lambda s: s[1]):
+                p = self._params[index]
+                view = flat.narrow(0, offset, numel)
+                with torch.no_grad():
+                    view.copy_(p.detach().reshape(-1))
+                p.data = view.view(p.shape)  # the model's param now lives in the bucket
+                slots.append(_Slot(index, p, offset, numel))
+                self._bucket_of[index] = bi
+                if offset > end:
+                    gaps.append((end, offset))
+                end = offset + numel
+            if spec.numel > end:
+                gaps.append((end, spec.numel))
+            param_shard = flat.narrow(0, rank * shard, shard)
+            lowp = spec.dtype != torch.float32
+            group = self.param_groups[spec.group]
+            b = _Bucket(
+                index=bi, group=spec.group, dtype=spec.dtype, slots=slots, numel=spec.numel, shard_numel=shard,
+                param_flat=flat, param_shard=param_shard,
+                master=param_shard.float() if lowp and self.master_weights else None,
+                grad=torch.zeros(shard, dtype=torch.float32, device=dev),
+                exp_avg=torch.zeros(shard, dtype=torch.float32, device=dev),
+                exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev),
+                max_exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev) if group["amsgrad"] else None,
+                gaps=gaps,
+            )  # fmt: skip
+            self._buckets.append(b)
+            lo_s, hi_s = rank * shard, (rank + 1) * shard
+            for s in slots:
+                lo, hi = max(s.offset, lo_s), min(s.offset + s.numel, hi_s)
+                if lo < hi:
+                    seg = _Segment(s.index, lo - s.offset, hi - s.offset, lo - lo_s, b)
+                    self._segments[spec.group].append(seg)
+                    self._segment_of[s.index] = seg
+        sizes: dict[tuple, int] = {}
+        for b in self._buckets:
+            key = (self._reduce_dtype(b), dev)
+            sizes[key] = max(sizes.get(key, 0), b.numel)
+        count = 2 if self.overlap_comm else 1
+        self._pools: dict[tuple, _StagingPool] = {
+            key: _StagingPool(count, numel, numel // world, key[0], key[1]) for key, numel in sizes.items()
+        }
+
+    def _reduce_dtype(self, b: _Bucket) -> torch.dtype:
+        return self.reduce_dtype if self.reduce_dtype is not None else b.dtype
+
+    def _register_hooks(self) -> None:
+        ref = weakref.ref(self)
+        for b in self._buckets:
+            for s in b.slots:
+                if not s.param.requires_grad:
+                    continue
+
+                def hook(_p: Tensor, index: int = s.index) -> None:
+                    opt = ref()
+                    if opt is not None:
+                        opt._on_grad_ready(index)
+
+                self._hook_handles.append(s.param.register_post_accumulate_grad_hook(hook))
+                b.n_hooked += 1
+
+    # -- gradient reduction ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate grads locally (in ``p.grad``) in backward passes run inside; no communication.
+
+        The next backward outside the context (or ``step()``) reduces the accumulated grads. In stage 1 grads
+        are reduced in ``step()`` anyway, so this changes nothing there. Same as setting ``sync_grads``.
+        """
+        previous = self._sync_grads
+        self._sync_grads = False
+        try:
+            yield
+        finally:
+            self._sync_grads = previous
+
+    @property
+    def sync_grads(self) -> bool:
+        """False while grads are accumulated locally without communication (see :meth:`no_sync`)."""
+        return self._sync_grads
+
+    @sync_grads.setter
+    def sync_grads(self, value: bool) -> None:
+        self._sync_grads = bool(value)
+
+    def _on_grad_ready(self, index: int) -> None:
+        if not self._sync_grads:
+            self._unsynced_grads = True
+            return
+        if not self._round_open:
+            self._round_open = True
+            self._unsynced_grads = False
+            self._next_bucket = 0
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_round)
+        self._buckets[self._bucket_of[index]].ready.add(index)
+        with torch.no_grad():
+            while self._next_bucket < len(self._buckets):
+                b = self._buckets[self._next_bucket]
+                if len(b.ready) < b.n_hooked:
+                    break
+                self._launch(b)
+                self._next_bucket += 1
+
+    def _end_round(self) -> None:
+        """End of a backward pass: reduce every bucket not reduced yet (zeros for params without grads)."""
+        with torch.no_grad():
+            while self._next_bucket < len(self._buckets):
+                self._launch(self._buckets[self._next_bucket])
+                self._next_bucket += 1
+        self._round_open = False
+        self._next_bucket = 0
+        self._rounds_since_step += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        """Copy the bucket's grads into a staging buffer and start its reduce-scatter."""
+        b.ready.clear()
+        key = (self._reduce_dtype(b), self._device)
+        pool = self._pools[key]
+        while not pool.free:
+            self._finish_oldest()
+        si = pool.free.pop()
+        flat = pool.flat[si].narrow(0, 0, b.numel)
+        dst, src, zero = [], [], [flat.narrow(0, lo, hi - lo) for lo, hi in b.gaps]
+        for s in b.slots:
+            g = s.param.grad
+            view = flat.narrow(0, s.offset, s.numel)
+            if g is None:
+                zero.append(view)
+            else:
+                if g.shape != s.param.shape or g.is_sparse:
+                    raise RuntimeError(f"ZeroAdamW: the grad of param {s.index} has shape {tuple(g.shape)}")
+                dst.append(view.view(g.shape))
+                src.append(g)
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if zero:
+            torch._foreach_zero_(zero)
+        if self.stage == 2:
+            for s in b.slots:
+                s.param.grad = None
+        direct = key[0] == torch.float32 and not b.grad_valid and b.inflight == 0
+        out = b.grad if direct else pool.out[si].narrow(0, 0, b.shard_numel)
+        work = _reduce_scatter(out, flat, self.process_group, async_op=True)
+        b.inflight += 1
+        self._inflight.append((b, pool, si, out, direct, work))
+        if not self.overlap_comm:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        b, pool, si, out, direct, work = self._inflight.popleft()
+        work.wait()
+        if not direct:
+            if b.grad_valid:
+                b.grad.add_(out)
+            else:
+                b.grad.copy_(out)
+        b.grad_valid = True
+        b.inflight -= 1
+        pool.free.append(si)
+
+    def _drain(self) -> None:
+        if self._round_open:  # a backward pass that failed half-way: finish its round so ranks stay in step
+            self._end_round()
+        while self._inflight:
+            self._finish_oldest()
+
+    def _reduce_all(self) -> None:
+        """Make every bucket's grad shard final for this step."""
+        self._drain()
+        if self.stage == 1 or self._rounds_since_step == 0 or self._unsynced_grads:
+            # Stage 1, or stage 2 without a synced backward since the last step (grads set by hand, or
+            # accumulated under no_sync after the last synced backward): reduce what p.grad holds now. Stage 1's
+            # p.grad holds the whole accumulation, so its shards are replaced, not added to.
+            if self.stage == 1:
+                for b in self._buckets:
+                    b.grad_valid = False
+            with torch.no_grad():
+                for b in self._buckets:
+                    self._launch(b)
+            self._drain()
+        for b in self._buckets:
+            if not b.grad_valid:
+                b.grad.zero_()
+                b.grad_valid = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset grads: ``p.grad`` (as torch) and this rank's reduced-grad shards."""
+        self._drain()
+        for p in self._params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+        for b in self._buckets:
+            b.grad_valid = False
+        self._rounds_since_step = 0
+        self._unsynced_grads = False
+
+    # -- step -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | None = None) -> Any:
+        """Reduce grads, clip, unscale, update this rank's shard with the fused Adam op, all-gather the params.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as torch.optim).
+            loss_scale: the factor the loss was multiplied by before backward (float or 1-element device
+                tensor). Grads are divided by it inside the fused step, and a step whose grads hold an inf or
+                NaN on any rank is skipped on every rank (params, moments and step counts unchanged), with
+                no host synchronisation; ``last_found_inf`` then holds 1 (feed it to your loss scaler).
+
+        After the step, ``last_grad_norm`` holds the global L2 norm of the averaged, unscaled grads before
+        clipping, and ``skipped_steps`` counts skipped steps (both device tensors).
+        """
+        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            raise RuntimeError(
+                "ZeroAdamW does not work with torch.amp.GradScaler (its overflow check reads the full local "
+                "grads of one rank, which ZeRO does not keep): call optimizer.step(loss_scale=scale) and update "
+                "the scale from optimizer.last_found_inf"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._reduce_all()
+        self._rounds_since_step = 0
+        self._unsynced_grads = False
+        if not self._buckets:
+            return loss
+        dev = self._device
+
+        # One all-reduce gives both the global norm and the overflow flag (inf/NaN propagate through the sum).
+        norms = torch._foreach_norm([b.grad for b in self._buckets])
+        sumsq = torch.stack(norms).double().square().sum()
+        dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.process_group)
+        divisor: float | Tensor = float(self.world_size)
+        if loss_scale is not None:
+            if isinstance(loss_scale, Tensor):
+                divisor = loss_scale.detach().to(dev, torch.float64).reshape(()) * self.world_size
+            else:
+                divisor = float(loss_scale) * self.world_size
+        total_norm = sumsq.sqrt() / divisor
+        self.last_grad_norm = total_norm.float()
+        if self.max_grad_norm is not None:
+            # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; folded into the divisor.
+            clip_coef = (self.max_grad_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+            grad_scale = (divisor / clip_coef.double()).float().reshape(1)
+        elif isinstance(divisor, Tensor):
+            grad_scale = divisor.float().reshape(1)
+        else:
+            grad_scale = torch.full((1,), divisor, dtype=torch.float32, device=dev)
+        if loss_scale is not None:
+            found_inf = (~torch.isfinite(sumsq)).float().reshape(1)
+            self.last_found_inf = found_inf.reshape(())
+            self.skipped_steps += self.last_found_inf
+        else:
+            found_inf = None
+            self.last_found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+
+        self._ensure_amsgrad_buffers()
+        for gi, group in enumerate(self.param_groups):
+            segs = self._segments[gi]
+            if not segs:
+                continue
+            params, grads, ms, vs, maxvs, steps = [], [], [], [], [], []
+            for s in segs:
+                n, b = s.hi - s.lo, s.bucket
+                target = b.master if b.master is not None else b.param_shard
+                params.append(target.narrow(0, s.start, n))
+                grads.append(b.grad.narrow(0, s.start, n))
+                ms.append(b.exp_avg.narrow(0, s.start, n))
+                vs.append(b.exp_avg_sq.narrow(0, s.start, n))
+                if group["amsgrad"]:
+                    maxvs.append(b.max_exp_avg_sq.narrow(0, s.start, n))
+                steps.append(self._steps[s.index])
+            gs = grad_scale
+            if dev.type == "cpu":
+                # The CPU path's one-pass kernel (torch._fused_adamw_) takes no grad scale: divide first.
+                torch._foreach_div_(grads, grad_scale.reshape(()))
+                gs = None
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.device != dev:
+                lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(dev)
+            beta1, beta2 = group["betas"]
+            functional.adam_(
+                params, grads, ms, vs, maxvs if group["amsgrad"] else None, steps,
+                lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"], maximize=group["maximize"], decoupled_weight_decay=True,
+                grad_scale=gs, found_inf=found_inf, backend=group["backend"],
+            )  # fmt: skip
+        # Params with no element on this rank still count the step, as their owners do.
+        others = [t for i, t in enumerate(self._steps) if i not in self._segment_of]
+        if others:
+            torch._foreach_add_(others, 1)
+            if found_inf is not None:
+                torch._foreach_sub_(others, found_inf.reshape(()))
+
+        works = []
+        for b in self._buckets:
+            if b.master is not None:
+                b.param_shard.copy_(b.master)
+            works.append(_all_gather(b.param_flat, b.param_shard, self.process_group, async_op=self.overlap_comm))
+        for w in works:
+            if w is not None:
+                w.wait()
+        return loss
+
+    def _ensure_amsgrad_buffers(self) -> None:
+        for b in self._buckets:
+            if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None:
+                b.max_exp_avg_sq = torch.zeros_like(b.exp_avg)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _groups_for_save(self) -> list[dict[str, Any]]:
+        groups, start = [], 0
+        for g in self.param_groups:
+            saved = {k: v for k, v in g.items() if k != "params"}
+            saved["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(saved)
+        return groups
+
+    def _state_names(self, b: _Bucket) -> list[str]:
+        names = ["exp_avg", "exp_avg_sq"]
+        if b.max_exp_avg_sq is not None:
+            names.append("max_exp_avg_sq")
+        if b.master is not None:
+            names.append(_MASTER_KEY)
+        return names
+
+    @staticmethod
+    def _bucket_tensor(b: _Bucket, name: str) -> Tensor:
+        return b.master if name == _MASTER_KEY else getattr(b, name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the state (tensors are copies; save one file per rank).
+
+        ``state[i]`` holds param ``i``'s ``step`` and, for the elements ``ranges[i] = (lo, hi)`` of the
+        flattened param that this rank owns, 1-D ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``,
+        ``master_param``). ``load_state_dict`` accepts the list of all ranks' dicts, with any world size.
+        """
+        self._drain()
+        state: dict[int, dict[str, Tensor]] = {i: {"step": t.clone()} for i, t in enumerate(self._steps)}
+        ranges: dict[int, tuple[int, int]] = {}
+        for seg in self._segment_of.values():
+            b, n = seg.bucket, seg.hi - seg.lo
+            for name in self._state_names(b):
+                state[seg.index][name] = self._bucket_tensor(b, name).narrow(0, seg.start, n).clone()
+            ranges[seg.index] = (seg.lo, seg.hi)
+        meta = {
+            "format": _FORMAT, "rank": self.rank, "world_size": self.world_size, "stage": self.stage,
+            "numels": [p.numel() for p in self._params], "shapes": [tuple(p.shape) for p in self._params],
+            "ranges": ranges,
+        }  # fmt: skip
+        return {"state": state, "param_groups": self._groups_for_save(), "zero": meta}
+
+    def consolidated_state_dict(self, to: int | None = 0, device: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The whole state in torch.optim.AdamW's layout, assembled on rank ``to`` (every rank if None).
+
+        Collective: call it on every rank. Other ranks get None. Tensors are put on ``device`` (CPU by default,
+        so the full state never has to fit on one GPU); the transient cost on each rank is one bucket.
+        Master weights, when kept, are under the extra key ``master_param`` (torch.optim ignores it).
+        """
+        self._drain()
+        keep = to is None or to == self.rank
+        state: dict[int, dict[str, Tensor]] = {}
+        if keep:
+            for i, t in enumerate(self._steps):
+                state[i] = {"step": t.detach().to(device, copy=True)}
+        for b in self._buckets:
+            for name in self._state_names(b):
+                full = torch.empty(b.numel, dtype=torch.float32, device=self._device)
+                _all_gather(full, self._bucket_tensor(b, name), self.process_group, async_op=False)
+                if keep:
+                    for s in b.slots:
+                        part = full.narrow(0, s.offset, s.numel).view(s.param.shape)
+                        state[s.index][name] = part.to(device, copy=True)
+        if not keep:
+            return None
+        return {"state": state, "param_groups": self._groups_for_save()}
+
+    def _raise_if_any_rank_failed(self, error: str | None, what: str) -> None:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, error, group=self.process_group)
+        for r, err in enumerate(gathered):
+            if err is not None:
+                raise ValueError(f"ZeroAdamW.{what} failed on rank {r}: {err}")
+
+    def load_state_dict(self, state_dict: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Load a checkpoint saved with any world size. Collective: call it on every rank.
+
+        Accepts a torch.optim.AdamW / FusedAdamW / ``consolidated_state_dict`` dict, one rank's
+        ``state_dict()`` (enough when the world size and rank are the same), or the list of every rank's
+        ``state_dict()`` (resharded here). Each rank copies out only the elements it owns. A checkpoint that
+        does not fit these params raises the same ValueError on every rank. Load the model's params first:
+        master weights that do not round to the current params are replaced by the params (with a warning).
+        """
+        self._drain()
+        error, plan = None, None
+        try:
+            plan = self._plan_load(state_dict)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            error = f"{type(e).__name__}: {e}"
+        self._raise_if_any_rank_failed(error, "load_state_dict")
+        groups, steps, fetch = plan
+        for g, sg in zip(self.param_groups, groups, strict=True):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = tuple(_to_float(b) for b in v) if k == "betas" else v
+        self._ensure_amsgrad_buffers()
+        for i, s in enumerate(steps):
+            self._steps[i].fill_(0.0 if s is None else _to_float(s))
+        stale_master = False
+        with torch.no_grad():
+            for seg in self._segment_of.values():
+                b, n = seg.bucket, seg.hi - seg.lo
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    dst = getattr(b, name)
+                    if dst is None:
+                        continue
+                    src = fetch(seg.index, name, seg.lo, seg.hi)
+                    view = dst.narrow(0, seg.start, n)
+                    view.zero_() if src is None else view.copy_(src)
+                if b.master is not None:
+                    current = b.param_shard.narrow(0, seg.start, n)
+                    src = fetch(seg.index, _MASTER_KEY, seg.lo, seg.hi)
+                    if src is not None and not torch.equal(src.to(device=current.device, dtype=b.dtype), current):
+                        stale_master, src = True, None
+                    b.master.narrow(0, seg.start, n).copy_(current if src is None else src)
+        if stale_master:
+            warnings.warn(
+                "ZeroAdamW.load_state_dict: the checkpoint's master weights do not round to the current params; "
+                "using the params instead (load the model's state before the optimizer's)",
+                stacklevel=2,
+            )
+
+    def _plan_load(self, state_dict: Any) -> tuple[list[dict], list[Any], Callable]:
+        numels = [p.numel() for p in self._params]
+        n = len(numels)
+        if isinstance(state_dict, (list, tuple)):
+            shards = list(state_dict)
+            if not shards:
+                raise ValueError("got an empty list of state dicts")
+        elif isinstance(state_dict, dict) and "zero" in state_dict:
+            shards = [state_dict]
+        elif isinstance(state_dict, dict):
+            shards = None
+        else:
+            raise TypeError(f"expected a state dict or a list of them, got {type(state_dict).__name__}")
+
+        base = shards[0] if shards else state_dict
+        if "param_groups" not in base or "state" not in base:
+            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        groups = base["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the checkpoint has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        saved_ids = [pid for g in groups for pid in g["params"]]
+        for gi, (g, sg) in enumerate(zip(self.param_groups, groups, strict=True)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"param group {gi} of the checkpoint has {len(sg['params'])} params, this optimizer's has "
+                    f"{len(g['params'])}"
+                )
+        index_of = {pid: i for i, pid in enumerate(saved_ids)}
+
+        if shards is None:
+            state = state_dict["state"]
+            for pid, st in state.items():
+                if pid not in index_of:
+                    raise ValueError(f"the checkpoint has state for param id {pid!r}, which no param group lists")
+                i = index_of[pid]
+                for key in (*_MOMENT_KEYS, _MASTER_KEY):
+                    if key in st and st[key].numel() != numels[i]:
+                        raise ValueError(
+                            f"state {key!r} of param {i} has {st[key].numel()} elements but the param has "
+                            f"{numels[i]} (shape {tuple(self._params[i].shape)})"
+                        )
+            by_index = {index_of[pid]: st for pid, st in state.items()}
+            steps = [by_index.get(i, {}).get("step") for i in range(n)]
+
+            def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | None:
+                st = by_index.get(i)
+                if st is None or name not in st:
+                    return None
+                return st[name].detach().reshape(-1)[lo:hi].to(self._device, torch.float32)
+
+            return groups, steps, fetch
+
+        # Sharded: collect every shard's pieces per param, then check they cover what this rank owns.
+        pieces: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
+        steps: list[Any] = [None] * n
+        for k, sd in enumerate(shards):
+            meta = sd.get("zero") if isinstance(sd, dict) else None
+            if not meta or meta.get("format") != _FORMAT:
+                raise ValueError(f"state dict {k} of the list is not a ZeroAdamW.state_dict() shard")
+            if list(meta["numels"]) != numels:
+                if len(meta["numels"]) != n:
+                    raise ValueError(f"the checkpoint has {len(meta['numels'])} params, this optimizer has {n}")
+                bad = next(i for i in range(n) if meta["numels"][i] != numels[i])
+                raise ValueError(
+                    f"param {bad} has {meta['numels'][bad]} elements in the checkpoint but {numels[bad]} here "
+                    f"(shape {tuple(self._params[bad].shape)})"
+                )
+            for i, st in sd["state"].items():
+                if steps[i] is None and "step" in st:
+                    steps[i] = st["step"]
+            for i, (lo, hi) in meta["ranges"].items():
+                pieces[i].append((lo, hi, sd["state"][i]))
+        for seg in self._segment_of.values():
+            covered = seg.lo
+            for lo, hi, _ in sorted(pieces[seg.index], key=lambda x: x[0]):
+                if lo <= covered < hi:
+                    covered = hi
+            if covered < seg.hi:
+                world = shards[0]["zero"]["world_size"]
+                raise ValueError(
+                    f"the shards given cover elements up to {covered} of param {seg.index} but this rank needs "
+                    f"[{seg.lo}, {seg.hi}); pass the list of all {world} ranks' state dicts"
+                )
+
+        def fetch_sharded(i: int, name: str, lo: int, hi: int) -> Tensor | None:
+            out = torch.empty(hi - lo, dtype=torch.float32, device=self._device)
+            for plo, phi, st in pieces[i]:
+                a, z = max(lo, plo), min(hi, phi)
+                if a >= z:
+                    continue
+                if name not in st:
+                    return None
+                out[a - lo : z - lo].copy_(st[name][a - plo : z - plo])
+            return out
+
+        return groups, steps, fetch_sharded
+
+    # -- introspection --------------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds, per category (padding counted once, under ``padding`` only).
+
+        - ``master``: fp32 master shard (0 for fp32 params, whose shard of the param buffer is the master);
+        - ``states``: Adam moments of the shard and the step counts;
+        - ``grad_buckets``: fp32 reduced-grad shards and the staging buffers of the reduce-scatters;
+        - ``padding``: padded elements in the master, moment and grad shards and in the flat param buffers;
+        - ``total``: the sum.
+        """
+        report = {"master": 0, "states": 4 * len(self._steps), "grad_buckets": 0, "padding": 0}
+        for b in self._buckets:
+            pad = self._bucket_pad(b)
+            useful = b.shard_numel - pad
+            n_shards = 3 + (b.max_exp_avg_sq is not None) + (b.master is not None)  # grad, moments, master
+            report["master"] += 4 * useful if b.master is not None else 0
+            report["states"] += 4 * useful * (2 + (b.max_exp_avg_sq is not None))
+            report["grad_buckets"] += 4 * useful
+            report["padding"] += 4 * pad * n_shards
+            report["padding"] += (b.numel - sum(s.numel for s in b.slots)) * b.param_flat.element_size()
+        report["grad_buckets"] += sum(pool.nbytes() for pool in self._pools.values())
+        report["total"] = sum(report.values())
+        return report
+
+    def _bucket_pad(self, b: _Bucket) -> int:
+        """Padded elements in this rank's shard of bucket ``b``."""
+        lo_s, hi_s = self.rank * b.shard_numel, (self.rank + 1) * b.shard_numel
+        used = sum(max(0, min(s.offset + s.numel, hi_s) - max(s.offset, lo_s)) for s in b.slots)
+        return b.shard_numel - used
+
+
+# -- benchmark ------------------------------------------------------------------------------------------------
+def _bench_worker(rank: int, nproc: int, port: int, cfg: dict, out_dir: str) -> None:
+    import datetime
+    import json
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    try:
+        results = {}
+        torch.manual_seed(0)
+        hidden, layers, batch = cfg["hidden"], cfg["layers"], cfg["batch"]
+
+        def make_model() -> torch.nn.Module:
+            torch.manual_seed(0)
+            mods: list[torch.nn.Module] = []
+            for _ in range(layers):
+                mods += [torch.nn.Linear(hidden, hidden), torch.nn.GELU()]
+            return torch.nn.Sequential(*mods)
+
+        x = torch.randn(batch, hidden)
+
+        def timed(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+            times = []
+            for it in range(cfg["warmup"] + cfg["steps"]):
+                dist.barrier()
+                t0 = time.perf_counter()
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                t1 = time.perf_counter()
+                if it >= cfg["warmup"]:
+                    times.append(t1 - t0)
+            return statistics.median(times) * 1e3
+
+        model = make_model()
+        n_params = sum(p.numel() for p in model.parameters())
+        for stage in cfg["stages"]:
+            model = make_model()
+            opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=cfg["bucket_cap_mb"], lr=1e-4)
+            ms = timed(model, opt)
+            results[f"zero{stage}"] = {"step_ms": ms, "memory": opt.memory_report()}
+            del opt, model
+
+        model = make_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg["bucket_cap_mb"])
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+        ms = timed(ddp, opt)
+        states = sum(
+            t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if isinstance(t, Tensor)
+        )
+        grads = sum(p.numel() * p.element_size() for p in model.parameters())
+        results["ddp_adamw"] = {
+            "step_ms": ms,
+            "memory": {"master": 0, "states": states, "grad_buckets": grads, "padding": 0, "total": states + grads},
+        }
+        results["params"] = n_params
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def benchmark_zero(
+    nproc: int = 2,
+    hidden: int = 512,
+    layers: int = 4,
+    batch: int = 32,
+    steps: int = 10,
+    warmup: int = 2,
+    stages: Sequence[int] = (1, 2),
+    bucket_cap_mb: float = 25,
+    timeout_s: float = 600,
+) -> dict[str, Any]:
+    """Time ZeroAdamW against DDP + torch.optim.AdamW on CPU, ``nproc`` gloo processes on this machine.
+
+    Each process trains an MLP (``layers`` x Linear(hidden, hidden)) on its own batch. Returns::
+
+        {"nproc": 2, "params": P, "device": "cpu (gloo)",
+         "zero1" / "zero2" / "ddp_adamw": {"step_ms": median ms per iteration (fwd+bwd+step, rank 0),
+                                           "memory": per-rank optimizer bytes by category (rank 0),
+                                           "memory_per_rank": [total bytes of each rank]}}
+
+    For DDP + AdamW, ``memory`` counts AdamW's states and the gradients (DDP keeps full grads on every rank).
+    """
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = dict(hidden=hidden, layers=layers, batch=batch, steps=steps, warmup=warmup, stages=list(stages),
+               bucket_cap_mb=bucket_cap_mb)  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            ctx = mp.start_processes(_bench_worker, args=(nproc, port, cfg, out_dir), nprocs=nproc, join=False,
+                                     start_method="spawn")  # fmt: skip
+            deadline = time.monotonic() + timeout_s
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.terminate()
+                    raise TimeoutError(f"benchmark_zero did not finish within {timeout_s} s")
+            per_rank = []
+            for r in range(nproc):
+                with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                    per_rank.append(json.load(f))
+    finally:
+        if env["OMP_NUM_THREADS"] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
+    out: dict[str, Any] = {"nproc": nproc, "params": per_rank[0]["params"], "device": "cpu (gloo)"}
+    for key in [f"zero{s}" for s in stages] + ["ddp_adamw"]:
+        out[key] = dict(per_rank[0][key])
+        out[key]["memory_per_rank"] = [rr[key]["memory"]["total"] for rr in per_rank]
+    return out

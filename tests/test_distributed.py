@@ -1,0 +1,513 @@
+"""Distributed tier: ZeroAdamW on 2 and 4 gloo processes (CPU) against single-process FusedAdamW.
+
+Spawning costs seconds per process, so each world size is one spawn that runs every scenario in sequence and
+saves what it measured; the tests below assert on those results. Every spawn runs under a deadline in the
+parent (and the process group has a timeout), so a hang fails the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_ops
+from fused_ops.distributed import ZeroAdamW, build_layout
+
+pytestmark = pytest.mark.distributed
+
+N_ROWS = 16  # global batch rows per micro-batch (split evenly across ranks)
+EXTRA_ROWS = 2  # the first rows use the `extra` param: only rank 0 holds them, so other ranks get no grad for it
+LR = 1e-2
+STEPS = 20
+OVERFLOW_STEP = 5
+CKPT_STEPS, CONTINUE_STEPS = 10, 5
+TINY_BUCKET_MB = 200 / 2**20  # 200 bytes: several buckets even for this small model
+SPAWN_TIMEOUT_S = 240
+TOL = 1e-5
+
+SCENARIOS = {
+    "plain": dict(align=4),
+    "plain_align64_blocking": dict(align=64, overlap_comm=False),
+    "clip_scale": dict(align=4, max_grad_norm=0.05, loss_scale=1024.0),
+    "overflow": dict(align=4, loss_scale=2.0**10, overflow_step=OVERFLOW_STEP),
+    "accum_no_sync": dict(align=4, micros=2, mode="no_sync"),
+    "accum_sync": dict(align=4, micros=2, mode="sync"),
+}
+
+
+# -- model, data, reference ---------------------------------------------------------------------------------
+class Net(torch.nn.Module):
+    """Params of uneven sizes (91, 13, 65, 5, 17, 9 elements), one used by some rows only, one never used."""
+
+    def __init__(self, out: int = 5, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = torch.nn.Linear(7, 13)
+        self.l2 = torch.nn.Linear(13, out)
+        self.extra = torch.nn.Parameter(torch.randn(17) * 0.1)
+        self.unused = torch.nn.Parameter(torch.randn(3, 3))
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor, row0: int) -> torch.Tensor:
+        out = self.l2(torch.tanh(self.l1(x)))
+        n_extra = min(max(EXTRA_ROWS - row0, 0), len(x))
+        if n_extra:
+            mask = torch.zeros(len(x), 1, dtype=x.dtype)
+            mask[:n_extra] = 1
+            out = out + mask * self.extra[:5]
+        return out
+
+
+def batch(step: int, micro: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + 100 * micro + step)
+    return torch.randn(N_ROWS, 7, generator=g).to(dtype), torch.randn(N_ROWS, 5, generator=g).to(dtype)
+
+
+def local_loss(model: Net, step: int, micro: int, rank: int, world: int) -> torch.Tensor:
+    x, y = batch(step, micro, next(model.parameters()).dtype)
+    rows = N_ROWS // world
+    lo = rank * rows
+    return (model(x[lo : lo + rows], lo) - y[lo : lo + rows]).float().square().mean()
+
+
+def global_loss(model: Net, step: int, micro: int) -> torch.Tensor:
+    x, y = batch(step, micro)
+    return (model(x, 0) - y).square().mean()
+
+
+def ref_step(model: Net, opt: torch.optim.Optimizer, step: int, micros: int = 1, max_grad_norm=None, skip=False):
+    """Single process on the concatenated batch. Returns the grad norm (before clipping)."""
+    for k in range(micros):
+        (global_loss(model, step, k) / micros).backward()
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # ZeroAdamW steps params without grads with zero grads
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    if not skip:
+        opt.step()
+    opt.zero_grad()
+    return float(norm)
+
+
+def zero_step(model: Net, opt: ZeroAdamW, rank: int, world: int, step: int, micros: int = 1, mode: str = "sync",
+              loss_scale=None, inject_inf: bool = False) -> bool:  # fmt: skip
+    """One ZeroAdamW step on this rank's rows. Returns whether every p.grad was None right after backward."""
+    for k in range(micros):
+        ctx = opt.no_sync() if mode == "no_sync" and k < micros - 1 else contextlib.nullcontext()
+        with ctx:
+            loss = local_loss(model, step, k, rank, world) / micros
+            if inject_inf:
+                loss = loss * math.inf
+            (loss * (loss_scale or 1.0)).backward()
+    grads_freed = all(p.grad is None for p in model.parameters())
+    opt.step(loss_scale=loss_scale)
+    opt.zero_grad()
+    return grads_freed
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def max_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return (flat_params(a) - flat_params(b)).abs().max().item()
+
+
+def tensors_equal(a, b) -> bool:
+    """Bit-exact structural equality of nested state dicts."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+# -- the work each spawned rank does --------------------------------------------------------------------------
+def run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
+    model, ref = Net(), Net()
+    opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=cfg["align"],
+                    overlap_comm=cfg.get("overlap_comm", True), max_grad_norm=cfg.get("max_grad_norm"))  # fmt: skip
+    ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=LR)
+    out = {"err": [], "norm_rel": [], "found_inf": [], "grads_freed": [], "n_buckets": len(opt._buckets)}
+    for step in range(STEPS):
+        overflow = step == cfg.get("overflow_step")
+        freed = zero_step(model, opt, rank, world, step, cfg.get("micros", 1), cfg.get("mode", "sync"),
+                          cfg.get("loss_scale"), inject_inf=overflow and rank == world - 1)  # fmt: skip
+        norm = ref_step(ref, ref_opt, step, cfg.get("micros", 1), cfg.get("max_grad_norm"), skip=overflow)
+        out["err"].append(max_err(model, ref))
+        out["found_inf"].append(float(opt.last_found_inf))
+        out["grads_freed"].append(freed)
+        if not overflow:
+            out["norm_rel"].append(abs(float(opt.last_grad_norm) - norm) / norm)
+    out["skipped_steps"] = float(opt.skipped_steps)
+    out["steps"] = sorted({float(st["step"]) for st in opt.state_dict()["state"].values()})
+    out["params"] = flat_params(model)
+    return out
+
+
+def run_checkpoint_save(rank: int, world: int, out_dir: str) -> dict:
+    """Train CKPT_STEPS, save (sharded + consolidated), check round trips, continue CONTINUE_STEPS."""
+    model = Net()
+    opt = ZeroAdamW(model.parameters(), stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
+    for step in range(CKPT_STEPS):
+        zero_step(model, opt, rank, world, step)
+    sd = opt.state_dict()
+    torch.save(sd, os.path.join(out_dir, f"shard{rank}.pt"))
+    cons = opt.consolidated_state_dict(to=0)
+    if rank == 0:
+        torch.save(cons, os.path.join(out_dir, "consolidated.pt"))
+        torch.save(model.state_dict(), os.path.join(out_dir, "model.pt"))
+    else:
+        assert cons is None
+    dist.barrier()
+    out = {}
+    opt.load_state_dict(sd)
+    out["sharded_roundtrip"] = tensors_equal(opt.state_dict(), sd)
+    c1 = opt.consolidated_state_dict(to=None)
+    opt.load_state_dict(c1)
+    out["consolidated_roundtrip"] = tensors_equal(opt.consolidated_state_dict(to=None), c1)
+    out["consolidated_matches_saved"] = rank != 0 or tensors_equal(c1, cons)
+    shards = [torch.load(os.path.join(out_dir, f"shard{r}.pt")) for r in range(world)]
+    opt.load_state_dict(shards)
+    out["shard_list_roundtrip"] = tensors_equal(opt.state_dict(), sd)
+    for step in range(CKPT_STEPS, CKPT_STEPS + CONTINUE_STEPS):
+        zero_step(model, opt, rank, world, step)
+    if rank == 0:
+        torch.save(flat_params(model), os.path.join(out_dir, f"final{world}.pt"))
+    return out
+
+
+def run_checkpoint_load(rank: int, world: int, out_dir: str) -> dict:
+    """Load the 4-rank checkpoint with this world size (from the shards and from the consolidated dict)."""
+    saved = torch.load(os.path.join(out_dir, "consolidated.pt"))
+    final4 = torch.load(os.path.join(out_dir, "final4.pt"))
+    out = {}
+    sources = {
+        "shards": [torch.load(os.path.join(out_dir, f"shard{r}.pt")) for r in range(4)],
+        "consolidated": saved,
+    }
+    for name, src in sources.items():
+        model = Net()
+        model.load_state_dict(torch.load(os.path.join(out_dir, "model.pt")))
+        # A different layout from the saving run: stage 1, default align and bucket size.
+        opt = ZeroAdamW(model.parameters(), stage=1, lr=LR)
+        opt.load_state_dict(src)
+        out[f"{name}_bit_exact"] = tensors_equal(opt.consolidated_state_dict(to=None), saved)
+        for step in range(CKPT_STEPS, CKPT_STEPS + CONTINUE_STEPS):
+            zero_step(model, opt, rank, world, step)
+        out[f"{name}_continue_err"] = (flat_params(model) - final4).abs().max().item()
+    return out
+
+
+def run_memory(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(3)])
+    opt = ZeroAdamW(mlp.parameters(), stage=2)
+    out = {"fp32": opt.memory_report(), "n_params": sum(p.numel() for p in mlp.parameters()),
+           "n_tensors": len(list(mlp.parameters()))}  # fmt: skip
+    mlp16 = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(3)]).to(torch.bfloat16)
+    opt16 = ZeroAdamW(mlp16.parameters(), stage=2, master_weights=True)
+    out["bf16"] = opt16.memory_report()
+    return out
+
+
+def run_bf16(rank: int, world: int) -> dict:
+    out = {}
+    for master in (True, False):
+        model = Net(dtype=torch.bfloat16)
+        before = flat_params(model)
+        opt = ZeroAdamW(model.parameters(), stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4,
+                        master_weights=master)  # fmt: skip
+        for step in range(5):
+            zero_step(model, opt, rank, world, step)
+        cons = opt.consolidated_state_dict(to=None)
+        params = list(model.parameters())
+        if master:
+            masters = [cons["state"][i]["master_param"].to(torch.bfloat16) for i in range(len(params))]
+            pairs = zip(masters, params, strict=True)
+            out["master_rounds_to_params"] = all(torch.equal(m, p.detach()) for m, p in pairs)
+        out[f"moved_{master}"] = bool((flat_params(model) - before).abs().max() > 0)
+        out[f"finite_{master}"] = bool(torch.isfinite(flat_params(model)).all())
+        out[f"params_{master}"] = flat_params(model)
+    return out
+
+
+def expect_error(fn) -> dict:
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - recorded for the parent to assert on
+        return {"type": type(e).__name__, "msg": str(e), "elapsed": time.monotonic() - t0}
+    return {"type": None, "msg": "", "elapsed": time.monotonic() - t0}
+
+
+def run_errors(rank: int, world: int, out_dir: str) -> dict:
+    out = {}
+    # Different shape on the last rank.
+    model = Net(out=6 if rank == world - 1 else 5)
+    out["shape"] = expect_error(lambda: ZeroAdamW(model.parameters()))
+    # Different number of params on the last rank.
+    params = list(Net().parameters())
+    if rank == world - 1:
+        params.append(torch.nn.Parameter(torch.zeros(4)))
+    out["count"] = expect_error(lambda: ZeroAdamW(params))
+    # A checkpoint with the wrong number of params, on every rank.
+    saved = torch.load(os.path.join(out_dir, "consolidated.pt"))
+    opt = ZeroAdamW(list(Net().parameters())[:3])
+    out["ckpt_count"] = expect_error(lambda: opt.load_state_dict(saved))
+    # A checkpoint whose element counts do not fit, on the last rank only: every rank must raise.
+    opt = ZeroAdamW(Net().parameters())
+    bad = torch.load(os.path.join(out_dir, "consolidated.pt"))
+    if rank == world - 1:
+        bad["state"][0]["exp_avg"] = torch.zeros(5)
+    out["ckpt_one_rank"] = expect_error(lambda: opt.load_state_dict(bad))
+    # GradScaler is refused on every rank rather than letting ranks disagree about skipping.
+    model = Net()
+    opt = ZeroAdamW(model.parameters(), stage=1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(local_loss(model, 0, 0, rank, world)).backward()
+    out["grad_scaler"] = expect_error(lambda: scaler.step(opt))
+    opt.zero_grad()
+    # The process group still works after all of the above.
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out["pg_alive"] = float(t) == world
+    return out
+
+
+def task_world4(rank: int, world: int, out_dir: str) -> dict:
+    res = {"scenarios": {}}
+    for stage in (1, 2):
+        for name, cfg in SCENARIOS.items():
+            res["scenarios"][(stage, name)] = run_scenario(rank, world, stage, cfg)
+    res["ckpt"] = run_checkpoint_save(rank, world, out_dir)
+    res["memory"] = run_memory(rank, world)
+    return res
+
+
+def task_world2(rank: int, world: int, out_dir: str) -> dict:
+    res = {"scenarios": {}}
+    res["errors"] = run_errors(rank, world, out_dir)
+    for stage in (1, 2):
+        for name, cfg in SCENARIOS.items():
+            res["scenarios"][(stage, name)] = run_scenario(rank, world, stage, cfg)
+    res["ckpt"] = run_checkpoint_load(rank, world, out_dir)
+    res["memory"] = run_memory(rank, world)
+    res["bf16"] = run_bf16(rank, world)
+    return res
+
+
+TASKS = {"world4": task_world4, "world2": task_world2}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, task: str) -> None:
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"{task}_rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))  # fmt: skip
+        result = TASKS[task](rank, world, out_dir)
+        torch.save({"ok": True, "result": result}, path)
+        dist.destroy_process_group()
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        os._exit(1)  # closes this rank's connections, so the other ranks fail fast instead of waiting
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(task: str, world: int, out_dir: str, timeout: float = SPAWN_TIMEOUT_S) -> list[dict]:
+    """Run ``task`` on ``world`` gloo ranks under a deadline; return each rank's result."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    failure = None
+    try:
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, task), nprocs=world, join=False,
+                                 start_method="spawn")  # fmt: skip
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    failure = f"{task}: did not finish within {timeout} s"
+                    break
+        except Exception as e:  # a rank failed
+            failure = f"{task}: {type(e).__name__}: {e}"
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    results, errors = [], []
+    for r in range(world):
+        path = os.path.join(out_dir, f"{task}_rank{r}.pt")
+        res = torch.load(path, weights_only=False) if os.path.exists(path) else {"ok": False, "error": "no result"}
+        if not res["ok"]:
+            errors.append(f"--- rank {r} ---\n{res['error']}")
+        results.append(res.get("result"))
+    if failure or errors:
+        pytest.fail("\n".join([failure or ""] + errors))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("zero"))
+
+
+@pytest.fixture(scope="module")
+def world4(ckpt_dir) -> list[dict]:
+    return spawn("world4", 4, ckpt_dir)
+
+
+@pytest.fixture(scope="module")
+def world2(ckpt_dir, world4) -> list[dict]:  # loads the checkpoint world4 saved
+    return spawn("world2", 2, ckpt_dir)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+def results(request, world2, world4) -> list[dict]:
+    return world2 if request.param == 2 else world4
+
+
+# -- tests ----------------------------------------------------------------------------------------------------
+def test_layout_pads_buckets_to_shards():
+    params = [(0, 91, torch.float32), (0, 13, torch.float32), (0, 65, torch.float32), (1, 5, torch.bfloat16),
+              (0, 17, torch.float32), (0, 0, torch.float32), (0, 9, torch.float32)]  # fmt: skip
+    for world in (1, 2, 3, 4):
+        for align in (1, 4, 64):
+            specs = build_layout(params, world, 200, align)
+            seen = sorted(i for s in specs for i, _, _ in s.slots)
+            assert seen == list(range(len(params)))
+            for s in specs:
+                assert s.numel % (world * align) == 0 and s.numel > 0
+                assert all(params[i][0] == s.group and params[i][2] == s.dtype for i, _, _ in s.slots)
+                spans = sorted((off, off + n) for _, off, n in s.slots)
+                assert all(off % align == 0 for off, _ in spans)
+                assert all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True))  # no overlap
+                assert spans[-1][1] <= s.numel
+    # Reverse registration order (backward's): the last param's bucket comes before the first param's.
+    specs = build_layout(params, 2, 200, 4)
+    where = {i: b for b, s in enumerate(specs) for i, _, _ in s.slots}
+    assert where[len(params) - 1] < where[0] and len(specs) >= 3
+
+
+def test_needs_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ZeroAdamW([torch.nn.Parameter(torch.zeros(3))])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_matches_single_process_fused_adamw(results, stage, scenario):
+    """20 steps match FusedAdamW on the concatenated batch (fp32, 1e-5), identically on every rank."""
+    per_rank = [r["scenarios"][(stage, scenario)] for r in results]
+    for rank, res in enumerate(per_rank):
+        assert max(res["err"]) < TOL, f"rank {rank}: max error per step {res['err']}"
+        assert torch.equal(res["params"], per_rank[0]["params"]), f"rank {rank} params differ from rank 0"
+        assert max(res["norm_rel"]) < 1e-4, "global grad norm differs from the single-process one"
+    if scenario in ("plain", "clip_scale"):
+        assert per_rank[0]["n_buckets"] >= 3, "the test should exercise several buckets"
+    if stage == 2 and SCENARIOS[scenario].get("mode", "sync") == "sync":
+        assert all(all(r["grads_freed"]) for r in per_rank), "stage 2 must reduce (and free) grads during backward"
+
+
+def test_overflow_step_is_skipped_on_every_rank(results):
+    for stage in (1, 2):
+        for rank, r in enumerate(results):
+            res = r["scenarios"][(stage, "overflow")]
+            expected = [1.0 if s == OVERFLOW_STEP else 0.0 for s in range(STEPS)]
+            assert res["found_inf"] == expected, f"stage {stage} rank {rank}"
+            assert res["skipped_steps"] == 1.0
+            assert res["steps"] == [STEPS - 1.0], "the skipped step must not count"
+
+
+def test_checkpoint_round_trips_are_bit_exact(world4):
+    for rank, r in enumerate(world4):
+        assert r["ckpt"] == {
+            "sharded_roundtrip": True, "consolidated_roundtrip": True, "consolidated_matches_saved": True,
+            "shard_list_roundtrip": True,
+        }, f"rank {rank}: {r['ckpt']}"  # fmt: skip
+
+
+def test_checkpoint_4_ranks_loads_with_2(world2):
+    for rank, r in enumerate(world2):
+        ck = r["ckpt"]
+        for src in ("shards", "consolidated"):
+            assert ck[f"{src}_bit_exact"], f"rank {rank}: resharded state from {src} differs from the saved one"
+            assert ck[f"{src}_continue_err"] < TOL, f"rank {rank}: {src}: {ck[f'{src}_continue_err']}"
+
+
+def test_checkpoint_4_ranks_loads_into_torch_adamw(world2, ckpt_dir):
+    model = Net()
+    model.load_state_dict(torch.load(os.path.join(ckpt_dir, "model.pt")))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)  # the checkpoint's lr must win
+    opt.load_state_dict(torch.load(os.path.join(ckpt_dir, "consolidated.pt")))
+    assert opt.param_groups[0]["lr"] == LR
+    for step in range(CKPT_STEPS, CKPT_STEPS + CONTINUE_STEPS):
+        ref_step(model, opt, step)
+    final4 = torch.load(os.path.join(ckpt_dir, "final4.pt"))
+    assert (flat_params(model) - final4).abs().max().item() < TOL
+
+
+def test_memory_report_states_shrink_as_one_over_n(world2, world4):
+    n_params, n_tensors = world4[0]["memory"]["n_params"], world4[0]["memory"]["n_tensors"]
+    for results in (world2, world4):
+        world = len(results)
+        moments = [r["memory"]["fp32"]["states"] - 4 * n_tensors for r in results]
+        assert sum(moments) == 8 * n_params  # exp_avg + exp_avg_sq, each element on exactly one rank
+        for m in moments:
+            assert abs(m - 8 * n_params / world) <= 8 * 64 * 3, (world, moments)
+        for r in results:
+            rep = r["memory"]["fp32"]
+            assert rep["master"] == 0  # fp32 params are their own master
+            assert rep["total"] == rep["master"] + rep["states"] + rep["grad_buckets"] + rep["padding"]
+        masters = [r["memory"]["bf16"]["master"] for r in results]
+        assert sum(masters) == 4 * n_params
+    per_rank2 = world2[0]["memory"]["fp32"]["states"] - 4 * n_tensors
+    per_rank4 = world4[0]["memory"]["fp32"]["states"] - 4 * n_tensors
+    assert 0.4 < per_rank4 / per_rank2 < 0.6
+
+
+def test_mismatched_model_raises_on_every_rank(world2):
+    for rank, r in enumerate(world2):
+        errs = r["errors"]
+        for case, pattern in (("shape", "shape"), ("count", "params"), ("ckpt_count", "param"),
+                              ("ckpt_one_rank", "rank 1")):  # fmt: skip
+            e = errs[case]
+            assert e["type"] == "ValueError", f"rank {rank} {case}: {e}"
+            assert pattern in e["msg"], f"rank {rank} {case}: {e['msg']}"
+            assert e["elapsed"] < 30, f"rank {rank} {case} took {e['elapsed']:.1f} s"
+        assert errs["grad_scaler"]["type"] == "RuntimeError" and "loss_scale" in errs["grad_scaler"]["msg"]
+        assert errs["pg_alive"]
+    assert "rank 0" in world2[0]["errors"]["shape"]["msg"] and "(6, 13)" in world2[0]["errors"]["shape"]["msg"]
+
+
+def test_bf16_master_weights(world2):
+    for r in world2:
+        b = r["bf16"]
+        assert b["master_rounds_to_params"]
+        assert b["moved_True"] and b["moved_False"] and b["finite_True"] and b["finite_False"]
+    assert torch.equal(world2[0]["bf16"]["params_True"], world2[1]["bf16"]["params_True"])
