@@ -1,0 +1,172 @@
+"""The command line: ``python -m fused_ops info|bench|report`` (fast: tiny sets, short timings, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_ops
+from fused_ops import bench
+from fused_ops.__main__ import main
+
+RESULT_FIELDS = {
+    "op", "params", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "frac_of_copy",
+    "speedup_vs_torch_fused", "host_ms", "launches",
+}  # fmt: skip
+FAST = ["--quick", "--params", "tiny", "--rep-ms", "5", "--copy-mb", "4", "--no-progress", "--device", "cpu"]
+
+
+def test_info_prints_device_versions_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "device:" in out and ("no GPU found" in out or torch.cuda.is_available())
+    assert f"torch:   {torch.__version__}" in out
+    assert "triton:" in out and (bench.triton_version() or "not installed") in out
+    expected = fused_ops.resolve_backend(None, bench.pick_device())
+    assert f"-> {expected}" in out
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "fused_ops", "info", "--slug"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == bench.device_slug()
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One quick CPU run of every op on the tiny set, with JSON and plot (shared by the checks below)."""
+    out = tmp_path_factory.mktemp("bench")
+    js, png = out / "bench.json", out / "bench.png"
+    code = main(["bench", *FAST, "--json", str(js), "--plot", str(png)])
+    return code, json.loads(js.read_text()), png
+
+
+def test_bench_cpu_writes_json(cpu_run):
+    code, doc, _ = cpu_run
+    assert code == 0
+    assert doc["device_kind"] == "cpu" and doc["device"].startswith("CPU") and doc["label"] == "CPU"
+    assert doc["torch"] == torch.__version__ and doc["triton"] == bench.triton_version()
+    assert doc["date"][:4].isdigit() and "T" in doc["date"]
+    assert doc["copy_bandwidth_gbps"] > 0
+    assert doc["results"], doc["skipped"]
+    for r in doc["results"]:
+        assert RESULT_FIELDS <= set(r), r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["bytes"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / r["median_ms"] / 1e6)
+        assert r["frac_of_copy"] == pytest.approx(r["gbps"] / doc["copy_bandwidth_gbps"])
+        assert r["host_ms"] is None and r["launches"] is None  # n/a on CPU
+    providers = {(r["op"], r["dtype"], r["provider"]) for r in doc["results"]}
+    for dtype in ("fp32", "bf16"):
+        for provider in bench.PROVIDERS:
+            assert ("adam", dtype, provider) in providers
+    fused = next(r for r in doc["results"] if (r["op"], r["dtype"], r["provider"]) == ("adam", "fp32", "torch-fused"))
+    assert fused["speedup_vs_torch_fused"] == pytest.approx(1.0)
+    adam_fp32 = next(r for r in doc["results"] if (r["op"], r["dtype"], r["provider"]) == ("adam", "fp32", "fused_ops"))
+    assert adam_fp32["bytes"] == 28 * adam_fp32["n_params"]
+    adam_bf16 = next(r for r in doc["results"] if (r["op"], r["dtype"], r["provider"]) == ("adam", "bf16", "fused_ops"))
+    assert adam_bf16["bytes"] == 22 * adam_bf16["n_params"]  # fp32 states
+
+
+def test_bench_skips_are_explained(cpu_run):
+    _, doc, _ = cpu_run
+    assert all(s.get("why") for s in doc["skipped"])
+    for name, op in bench.OPS.items():
+        if op.unavailable() is not None:
+            assert any(s.get("op") == name and "not in this version" in s["why"] for s in doc["skipped"])
+    for peer, why in bench.peer_status("cpu").items():
+        assert {"provider": peer, "why": why} in doc["skipped"]
+
+
+def test_bench_writes_png(cpu_run):
+    _, _, png = cpu_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_table_on_terminal(capsys, tmp_path):
+    assert main(["bench", *FAST, "--ops", "adam", "--dtype", "fp32", "--providers", "fused_ops,torch-fused"]) == 0
+    out = capsys.readouterr().out
+    assert "No GPU found" in out and "[CPU]" in out
+    assert "copy bandwidth (CPU" in out
+    assert "fused_ops" in out and "torch-fused" in out and "GB/s" in out
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert main(["bench", "--ops", "adam,nope"]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+
+
+def test_bench_budget_stops_cleanly():
+    doc = bench.run(bench.BenchConfig(ops=["adam"], params=["tiny"], dtypes=["fp32"], device="cpu", quick=True,
+                                      rep_ms=1, copy_mb=1, budget_s=0.0, progress=False))  # fmt: skip
+    assert doc["stopped"].startswith("time budget")
+    assert not doc["results"]
+    assert {s["provider"] for s in doc["skipped"] if "budget" in s["why"]} == set(bench.PROVIDERS)
+
+
+def test_bytes_table_matches_definitions():
+    table = bench.BYTES_PER_ELEMENT
+    assert table[("adam", "fp32")] == 28 and table[("adam", "bf16/fp32-states")] == 22
+    assert table[("adam", "bf16/bf16-states")] == 14 and table[("adamw_master", "bf16")] == 28
+    assert table[("cast", "bf16")] == 6 and table[("flatten", "fp32")] == 8 and table[("grad_norm", "bf16")] == 2
+    assert bench.gpt2_shapes() and sum(map(_numel, bench.gpt2_shapes())) == 124_439_808
+    assert len(bench.small_shapes()) == 10_000
+    assert 1.0e9 < sum(map(_numel, bench.llama_shapes())) < 1.2e9
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+
+def _fake_gpu_result(date: str, device: str = "NVIDIA H100 80GB HBM3") -> dict:
+    row = {"op": "adam", "params": "gpt2-124m", "dtype": "fp32", "provider": "fused_ops", "median_ms": 1.2,
+           "p20_ms": 1.1, "p80_ms": 1.3, "bytes": 28 * 124_439_808, "gbps": 2903.6, "frac_of_copy": 0.9,
+           "speedup_vs_torch_fused": 1.5, "speedup_baseline": "torch-fused", "host_ms": 0.05, "launches": 2,
+           "n_params": 124_439_808, "n_tensors": 148}  # fmt: skip
+    return {"device": device, "device_kind": "cuda", "torch": "2.11.0", "triton": "3.6.0", "date": date,
+            "copy_bandwidth_gbps": 3226.0, "param_sets": {"gpt2-124m": {"n_params": 124_439_808, "n_tensors": 148,
+            "note": ""}}, "results": [row], "skipped": []}  # fmt: skip
+
+
+def test_report_without_gpu_result(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# proj\n\nintro\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_cpu.json").write_text(json.dumps({**_fake_gpu_result("2030-01-01"), "device_kind": "cpu"}))
+    assert main(["report", "--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# proj\n\nintro\n")
+    assert "## Performance" in text and bench.PERF_BEGIN in text and bench.PERF_END in text
+    assert "No GPU measurement has been committed yet" in text
+
+
+def test_report_renders_newest_gpu_result(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# proj\n\n## Performance\n\n{bench.PERF_BEGIN}\nstale\n{bench.PERF_END}\n\n## After\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_old.json").write_text(json.dumps(_fake_gpu_result("2026-01-01T00:00:00+00:00", "Old GPU")))
+    (results / "bench_new.json").write_text(json.dumps(_fake_gpu_result("2026-03-01T00:00:00+00:00")))
+    (results / "bench_new.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    args = ["report", "--results", str(results), "--readme", str(readme)]
+    assert main(args) == 0
+    text = readme.read_text()
+    assert "stale" not in text and "Old GPU" not in text
+    assert "NVIDIA H100 80GB HBM3" in text and "2026-03-01" in text
+    assert "results/bench_new.json" in text and "results/bench_new.png" in text
+    assert "| adam | gpt2-124m | fp32 | **fused_ops** |" in text and "2904" in text
+    assert text.count("## Performance") == 1 and text.rstrip().endswith("## After")
+    assert main([*args, "--check"]) == 0  # idempotent: a second run changes nothing
+    assert readme.read_text() == text
