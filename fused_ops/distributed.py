@@ -70,6 +70,14 @@ def _all_gather(output: Tensor, input: Tensor, group: Any, async_op: bool) -> An
     return fn(output, input, group=group, async_op=async_op)
 
 
+def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
+    """Sum of squares of all elements, as a float64 0-d tensor on the tensors' device (no host sync)."""
+    grad_norm = getattr(functional, "grad_norm", None)
+    if grad_norm is not None:  # one launch, accumulated in float64
+        return grad_norm(tensors).to(torch.float64).square()
+    return torch.stack(torch._foreach_norm(tensors)).to(torch.float64).square().sum()
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -568,15 +576,17 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     # -- step -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | Any = None) -> Any:
         """Reduce grads, clip, unscale, update this rank's shard with the fused Adam op, all-gather the params.
 
         Args:
             closure: re-evaluates the model and returns the loss (as torch.optim).
-            loss_scale: the factor the loss was multiplied by before backward (float or 1-element device
-                tensor). Grads are divided by it inside the fused step, and a step whose grads hold an inf or
-                NaN on any rank is skipped on every rank (params, moments and step counts unchanged), with
-                no host synchronisation; ``last_found_inf`` then holds 1 (feed it to your loss scaler).
+            loss_scale: the factor the loss was multiplied by before backward: a float, a 1-element device
+                tensor, or a loss scaler with ``scale`` and ``found_inf`` tensors (``fused_ops.DynamicLossScaler``).
+                Grads are divided by it inside the fused step, and a step whose grads hold an inf or NaN on
+                any rank is skipped on every rank (params, moments and step counts unchanged), with no host
+                synchronisation; ``last_found_inf`` then holds 1, and a scaler's ``found_inf`` is set too, so
+                that ``scaler.update()`` follows the global decision on every rank.
 
         After the step, ``last_grad_norm`` holds the global L2 norm of the averaged, unscaled grads before
         clipping, and ``skipped_steps`` counts skipped steps (both device tensors).
@@ -598,9 +608,11 @@ class ZeroAdamW(torch.optim.Optimizer):
             return loss
         dev = self._device
 
+        scaler = None
+        if loss_scale is not None and isinstance(getattr(loss_scale, "scale", None), Tensor):
+            scaler, loss_scale = loss_scale, loss_scale.scale
         # One all-reduce gives both the global norm and the overflow flag (inf/NaN propagate through the sum).
-        norms = torch._foreach_norm([b.grad for b in self._buckets])
-        sumsq = torch.stack(norms).double().square().sum()
+        sumsq = _sum_of_squares([b.grad for b in self._buckets])
         dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.process_group)
         divisor: float | Tensor = float(self.world_size)
         if loss_scale is not None:
@@ -622,41 +634,24 @@ class ZeroAdamW(torch.optim.Optimizer):
             found_inf = (~torch.isfinite(sumsq)).float().reshape(1)
             self.last_found_inf = found_inf.reshape(())
             self.skipped_steps += self.last_found_inf
+            scaler_flag = getattr(scaler, "found_inf", None)
+            if isinstance(scaler_flag, Tensor):
+                scaler_flag.copy_(torch.maximum(scaler_flag, found_inf.to(scaler_flag).reshape(scaler_flag.shape)))
         else:
             found_inf = None
             self.last_found_inf = torch.zeros((), dtype=torch.float32, device=dev)
 
         self._ensure_amsgrad_buffers()
         for gi, group in enumerate(self.param_groups):
-            segs = self._segments[gi]
-            if not segs:
-                continue
-            params, grads, ms, vs, maxvs, steps = [], [], [], [], [], []
-            for s in segs:
-                n, b = s.hi - s.lo, s.bucket
-                target = b.master if b.master is not None else b.param_shard
-                params.append(target.narrow(0, s.start, n))
-                grads.append(b.grad.narrow(0, s.start, n))
-                ms.append(b.exp_avg.narrow(0, s.start, n))
-                vs.append(b.exp_avg_sq.narrow(0, s.start, n))
-                if group["amsgrad"]:
-                    maxvs.append(b.max_exp_avg_sq.narrow(0, s.start, n))
-                steps.append(self._steps[s.index])
-            gs = grad_scale
-            if dev.type == "cpu":
-                # The CPU path's one-pass kernel (torch._fused_adamw_) takes no grad scale: divide first.
-                torch._foreach_div_(grads, grad_scale.reshape(()))
-                gs = None
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != dev:
                 lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(dev)
-            beta1, beta2 = group["betas"]
-            functional.adam_(
-                params, grads, ms, vs, maxvs if group["amsgrad"] else None, steps,
-                lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"], decoupled_weight_decay=True,
-                grad_scale=gs, found_inf=found_inf, backend=group["backend"],
-            )  # fmt: skip
+            # Segments with an fp32 master (bf16/fp16 buckets) and without (fp32, or master_weights=False) are
+            # two calls: with masters, one pass updates them in fp32 and writes the rounded params.
+            for with_master in (False, True):
+                segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
+                if segs:
+                    self._adam(group, segs, lr, grad_scale, found_inf)
         # Params with no element on this rank still count the step, as their owners do.
         others = [t for i, t in enumerate(self._steps) if i not in self._segment_of]
         if others:
@@ -666,13 +661,40 @@ class ZeroAdamW(torch.optim.Optimizer):
 
         works = []
         for b in self._buckets:
-            if b.master is not None:
-                b.param_shard.copy_(b.master)
             works.append(_all_gather(b.param_flat, b.param_shard, self.process_group, async_op=self.overlap_comm))
         for w in works:
             if w is not None:
                 w.wait()
         return loss
+
+    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor, grad_scale: Tensor,
+              found_inf: Tensor | None) -> None:  # fmt: skip
+        """The fused Adam op over the given segments of this rank's shards (one launch per dtype)."""
+        params, masters, grads, ms, vs, maxvs, steps = [], [], [], [], [], [], []
+        for s in segs:
+            n, b = s.hi - s.lo, s.bucket
+            params.append(b.param_shard.narrow(0, s.start, n))
+            if b.master is not None:
+                masters.append(b.master.narrow(0, s.start, n))
+            grads.append(b.grad.narrow(0, s.start, n))
+            ms.append(b.exp_avg.narrow(0, s.start, n))
+            vs.append(b.exp_avg_sq.narrow(0, s.start, n))
+            if group["amsgrad"]:
+                maxvs.append(b.max_exp_avg_sq.narrow(0, s.start, n))
+            steps.append(self._steps[s.index])
+        gs: Tensor | None = grad_scale
+        if self._device.type == "cpu":
+            # The CPU path's one-pass kernel (torch._fused_adamw_) takes no grad scale: divide first (into
+            # new tensors: the grad shards stay as reduced, as p.grad would in torch.optim).
+            grads = list(torch._foreach_div(grads, grad_scale.reshape(())))
+            gs = None
+        beta1, beta2 = group["betas"]
+        functional.adam_(
+            params, grads, ms, vs, maxvs if group["amsgrad"] else None, steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"], decoupled_weight_decay=True,
+            grad_scale=gs, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
+        )  # fmt: skip
 
     def _ensure_amsgrad_buffers(self) -> None:
         for b in self._buckets:

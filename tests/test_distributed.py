@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import traceback
+import types
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ SCENARIOS = {
     "plain": dict(align=4),
     "plain_align64_blocking": dict(align=64, overlap_comm=False),
     "clip_scale": dict(align=4, max_grad_norm=0.05, loss_scale=1024.0),
-    "overflow": dict(align=4, loss_scale=2.0**10, overflow_step=OVERFLOW_STEP),
+    "overflow": dict(align=4, loss_scale=torch.tensor([2.0**10]), overflow_step=OVERFLOW_STEP),
+    "overflow_scaler": dict(align=4, loss_scale="scaler", overflow_step=OVERFLOW_STEP),
     "accum_no_sync": dict(align=4, micros=2, mode="no_sync"),
     "accum_sync": dict(align=4, micros=2, mode="sync"),
 }
@@ -74,7 +76,7 @@ def batch(step: int, micro: int, dtype: torch.dtype = torch.float32) -> tuple[to
 
 
 def local_loss(model: Net, step: int, micro: int, rank: int, world: int) -> torch.Tensor:
-    x, y = batch(step, micro, next(model.parameters()).dtype)
+    x, y = batch(step, micro, model.l1.weight.dtype)
     rows = N_ROWS // world
     lo = rank * rows
     return (model(x[lo : lo + rows], lo) - y[lo : lo + rows]).float().square().mean()
@@ -101,7 +103,7 @@ def ref_step(model: Net, opt: torch.optim.Optimizer, step: int, micros: int = 1,
 
 
 def zero_step(model: Net, opt: ZeroAdamW, rank: int, world: int, step: int, micros: int = 1, mode: str = "sync",
-              loss_scale=None, inject_inf: bool = False) -> bool:  # fmt: skip
+              loss_scale=None, inject_inf: bool = False, scaler=None) -> bool:  # fmt: skip
     """One ZeroAdamW step on this rank's rows. Returns whether every p.grad was None right after backward."""
     for k in range(micros):
         ctx = opt.no_sync() if mode == "no_sync" and k < micros - 1 else contextlib.nullcontext()
@@ -109,9 +111,9 @@ def zero_step(model: Net, opt: ZeroAdamW, rank: int, world: int, step: int, micr
             loss = local_loss(model, step, k, rank, world) / micros
             if inject_inf:
                 loss = loss * math.inf
-            (loss * (loss_scale or 1.0)).backward()
+            (loss * (1.0 if loss_scale is None else loss_scale)).backward()
     grads_freed = all(p.grad is None for p in model.parameters())
-    opt.step(loss_scale=loss_scale)
+    opt.step(loss_scale=scaler if scaler is not None else loss_scale)
     opt.zero_grad()
     return grads_freed
 
@@ -141,11 +143,19 @@ def run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
     opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=cfg["align"],
                     overlap_comm=cfg.get("overlap_comm", True), max_grad_norm=cfg.get("max_grad_norm"))  # fmt: skip
     ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=LR)
-    out = {"err": [], "norm_rel": [], "found_inf": [], "grads_freed": [], "n_buckets": len(opt._buckets)}
+    out = {"err": [], "norm_rel": [], "found_inf": [], "grads_freed": [], "n_buckets": len(opt._buckets),
+           "scaler_found_inf": []}  # fmt: skip
+    loss_scale, scaler = cfg.get("loss_scale"), None
+    if isinstance(loss_scale, str):  # a loss scaler object: ZeroAdamW reads .scale and sets .found_inf
+        scaler = types.SimpleNamespace(scale=torch.full((1,), 256.0), found_inf=torch.zeros(1))
+        loss_scale = scaler.scale
     for step in range(STEPS):
         overflow = step == cfg.get("overflow_step")
         freed = zero_step(model, opt, rank, world, step, cfg.get("micros", 1), cfg.get("mode", "sync"),
-                          cfg.get("loss_scale"), inject_inf=overflow and rank == world - 1)  # fmt: skip
+                          loss_scale, inject_inf=overflow and rank == world - 1, scaler=scaler)  # fmt: skip
+        if scaler is not None:
+            out["scaler_found_inf"].append(float(scaler.found_inf))
+            scaler.found_inf.zero_()
         norm = ref_step(ref, ref_opt, step, cfg.get("micros", 1), cfg.get("max_grad_norm"), skip=overflow)
         out["err"].append(max_err(model, ref))
         out["found_inf"].append(float(opt.last_found_inf))
@@ -225,23 +235,27 @@ def run_memory(rank: int, world: int) -> dict:
 
 
 def run_bf16(rank: int, world: int) -> dict:
+    """bf16 params with and without fp32 masters, and a bf16 model with one fp32 param (two kinds of bucket)."""
     out = {}
-    for master in (True, False):
+    for name in ("master", "no_master", "mixed"):
         model = Net(dtype=torch.bfloat16)
+        if name == "mixed":
+            model.extra = torch.nn.Parameter(model.extra.detach().float())
         before = flat_params(model)
         opt = ZeroAdamW(model.parameters(), stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4,
-                        master_weights=master)  # fmt: skip
+                        master_weights=name != "no_master")  # fmt: skip
         for step in range(5):
             zero_step(model, opt, rank, world, step)
         cons = opt.consolidated_state_dict(to=None)
         params = list(model.parameters())
-        if master:
-            masters = [cons["state"][i]["master_param"].to(torch.bfloat16) for i in range(len(params))]
-            pairs = zip(masters, params, strict=True)
-            out["master_rounds_to_params"] = all(torch.equal(m, p.detach()) for m, p in pairs)
-        out[f"moved_{master}"] = bool((flat_params(model) - before).abs().max() > 0)
-        out[f"finite_{master}"] = bool(torch.isfinite(flat_params(model)).all())
-        out[f"params_{master}"] = flat_params(model)
+        with_master = [i for i in range(len(params)) if "master_param" in cons["state"][i]]
+        out[f"{name}_n_masters"] = len(with_master)
+        out[f"{name}_master_rounds_to_params"] = all(
+            torch.equal(cons["state"][i]["master_param"].to(params[i].dtype), params[i].detach()) for i in with_master
+        )
+        out[f"{name}_moved"] = bool((flat_params(model) - before).abs().max() > 0)
+        out[f"{name}_finite"] = bool(torch.isfinite(flat_params(model)).all())
+        out[f"{name}_params"] = flat_params(model)
     return out
 
 
@@ -434,14 +448,17 @@ def test_matches_single_process_fused_adamw(results, stage, scenario):
         assert all(all(r["grads_freed"]) for r in per_rank), "stage 2 must reduce (and free) grads during backward"
 
 
-def test_overflow_step_is_skipped_on_every_rank(results):
+@pytest.mark.parametrize("scenario", ["overflow", "overflow_scaler"])
+def test_overflow_step_is_skipped_on_every_rank(results, scenario):
+    expected = [1.0 if s == OVERFLOW_STEP else 0.0 for s in range(STEPS)]
     for stage in (1, 2):
         for rank, r in enumerate(results):
-            res = r["scenarios"][(stage, "overflow")]
-            expected = [1.0 if s == OVERFLOW_STEP else 0.0 for s in range(STEPS)]
+            res = r["scenarios"][(stage, scenario)]
             assert res["found_inf"] == expected, f"stage {stage} rank {rank}"
             assert res["skipped_steps"] == 1.0
             assert res["steps"] == [STEPS - 1.0], "the skipped step must not count"
+            if scenario == "overflow_scaler":
+                assert res["scaler_found_inf"] == expected, "the scaler's found_inf must follow the global flag"
 
 
 def test_checkpoint_round_trips_are_bit_exact(world4):
@@ -508,6 +525,7 @@ def test_mismatched_model_raises_on_every_rank(world2):
 def test_bf16_master_weights(world2):
     for r in world2:
         b = r["bf16"]
-        assert b["master_rounds_to_params"]
-        assert b["moved_True"] and b["moved_False"] and b["finite_True"] and b["finite_False"]
-    assert torch.equal(world2[0]["bf16"]["params_True"], world2[1]["bf16"]["params_True"])
+        assert b["master_n_masters"] == 6 and b["no_master_n_masters"] == 0 and b["mixed_n_masters"] == 5
+        for name in ("master", "no_master", "mixed"):
+            assert b[f"{name}_master_rounds_to_params"] and b[f"{name}_moved"] and b[f"{name}_finite"], name
+            assert torch.equal(b[f"{name}_params"], world2[1]["bf16"][f"{name}_params"]), name
