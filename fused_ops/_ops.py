@@ -99,3 +99,159 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
                 cache=_table_cache(), **kwargs)  # fmt: skip
     if state_steps and found_inf is not None:
         torch._foreach_sub_(state_steps, found_inf.to(state_steps[0].device, torch.float32).reshape(()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flatten / cast / unscale / norm (issue 3). ``backend`` arrives resolved ("triton" or "reference"), so the
+# default (CPU) and the "cuda" registrations share one body each.
+
+
+def _flatten_into(flat: Tensor, tensors, offsets, spans, backend: str, scatter: bool = False) -> None:
+    if backend == "triton":
+        from .kernels.flatten import flatten_launch
+
+        flatten_launch(flat, tensors, offsets, spans, scatter=scatter, cache=_table_cache())
+    elif scatter:
+        reference.unflatten_copy_(tensors, flat, offsets)
+    else:
+        reference.flatten_into_(flat, tensors, offsets, spans)
+
+
+def _flatten(tensors, align: int, backend: str) -> Tensor:
+    offsets, spans, total = reference.flatten_layout([x.numel() for x in tensors], align)
+    flat = tensors[0].new_empty((total,))
+    _flatten_into(flat, tensors, offsets, spans, backend)
+    return flat
+
+
+@torch.library.custom_op("fused_ops::flatten", mutates_args=())
+def flatten(tensors: list[Tensor], align: int, backend: str) -> Tensor:
+    """One new buffer holding every tensor at an ``align``-aligned offset, zero padded; see ``functional.flatten``."""
+    return _flatten(tensors, align, backend)
+
+
+@flatten.register_kernel("cuda")
+def _flatten_cuda(tensors, align, backend) -> Tensor:
+    return _flatten(tensors, align, "reference" if backend == "reference" else "triton")
+
+
+@flatten.register_fake
+def _flatten_fake(tensors, align, backend) -> Tensor:
+    return tensors[0].new_empty((reference.flatten_layout([x.numel() for x in tensors], align)[2],))
+
+
+@torch.library.custom_op("fused_ops::flatten_into_", mutates_args=("flat",))
+def flatten_into_(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
+    """Gather ``tensors`` into ``flat[offsets[i] : offsets[i] + spans[i]]`` (zero padded), one launch."""
+    _flatten_into(flat, tensors, offsets, spans, backend)
+
+
+@flatten_into_.register_kernel("cuda")
+def _flatten_into_cuda(flat, tensors, offsets, spans, backend) -> None:
+    _flatten_into(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton")
+
+
+@flatten_into_.register_fake
+def _flatten_into_fake(flat, tensors, offsets, spans, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("fused_ops::unflatten_copy_", mutates_args=("tensors",))
+def unflatten_copy_(tensors: list[Tensor], flat: Tensor, offsets: list[int], backend: str) -> None:
+    """Scatter ``flat[offsets[i] : offsets[i] + numel]`` back into ``tensors[i]``, one launch."""
+    spans = [x.numel() for x in tensors]
+    _flatten_into(flat, tensors, offsets, spans, backend, scatter=True)
+
+
+@unflatten_copy_.register_kernel("cuda")
+def _unflatten_copy_cuda(tensors, flat, offsets, backend) -> None:
+    spans = [x.numel() for x in tensors]
+    _flatten_into(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton", scatter=True)
+
+
+@unflatten_copy_.register_fake
+def _unflatten_copy_fake(tensors, flat, offsets, backend) -> None:
+    return None
+
+
+def _cast(dst, src, stochastic, seed, backend) -> None:
+    if backend == "triton":
+        from .kernels.cast import cast_launch
+
+        cast_launch(dst, src, stochastic=stochastic, seed=seed, cache=_table_cache())
+    else:
+        reference.cast_(dst, src, stochastic=stochastic, seed=seed)
+
+
+@torch.library.custom_op("fused_ops::cast_", mutates_args=("dst",))
+def cast_(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: int, backend: str) -> None:
+    """``dst[i] = src[i]`` in ``dst``'s dtype (nearest even or stochastic rounding), one launch."""
+    _cast(dst, src, stochastic, seed, backend)
+
+
+@cast_.register_kernel("cuda")
+def _cast_cuda(dst, src, stochastic, seed, backend) -> None:
+    _cast(dst, src, stochastic, seed, "reference" if backend == "reference" else "triton")
+
+
+@cast_.register_fake
+def _cast_fake(dst, src, stochastic, seed, backend) -> None:
+    return None
+
+
+def _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
+    scale = inv_scale if inv_scale is not None else inv_scale_value
+    if backend == "triton":
+        from .kernels.scale import unscale_launch
+
+        unscale_launch(grads, scale, found_inf, out, cache=_table_cache())
+    else:
+        reference.unscale_(grads, scale, found_inf, out)
+
+
+@torch.library.custom_op("fused_ops::unscale_", mutates_args=("grads", "found_inf", "out"))
+def unscale_(
+    grads: list[Tensor],
+    inv_scale: Tensor | None,
+    inv_scale_value: float,
+    found_inf: Tensor | None,
+    out: list[Tensor],
+    backend: str,
+) -> None:
+    """``grads`` (or ``out``) ``= grads * inv_scale``; ``found_inf = 1`` on inf/nan; one launch, no sync."""
+    _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
+
+
+@unscale_.register_kernel("cuda")
+def _unscale_cuda(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
+    _unscale(grads, inv_scale, inv_scale_value, found_inf, out, "reference" if backend == "reference" else "triton")
+
+
+@unscale_.register_fake
+def _unscale_fake(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
+    return None
+
+
+def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
+    if backend == "triton":
+        from .kernels.scale import norm_launch
+
+        return norm_launch(tensors, norm_type, cache=_table_cache())
+    return reference.grad_norm(tensors, norm_type)
+
+
+@torch.library.custom_op("fused_ops::grad_norm", mutates_args=())
+def grad_norm(tensors: list[Tensor], norm_type: float, backend: str) -> Tensor:
+    """The ``norm_type``-norm of all of ``tensors`` (one dtype and device) as a new 0-d float32 tensor."""
+    return _grad_norm(tensors, norm_type, backend)
+
+
+@grad_norm.register_kernel("cuda")
+def _grad_norm_cuda(tensors, norm_type, backend) -> Tensor:
+    return _grad_norm(tensors, norm_type, "reference" if backend == "reference" else "triton")
+
+
+@grad_norm.register_fake
+def _grad_norm_fake(tensors, norm_type, backend) -> Tensor:
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return tensors[0].new_empty((), dtype=dtype)

@@ -103,3 +103,312 @@ def adam_(
             float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay),
             None if step is None else float(step), grad_scale, found_inf, backend_name,
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flatten / cast / unscale / grad norm (issue 3). Arguments are checked before anything is modified; tensors
+# are grouped by (device, dtype) and each group is one custom op (one launch on the Triton backend).
+
+from collections.abc import Iterable  # noqa: E402
+
+from . import reference  # noqa: E402
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _float_tensors(fn: str, name: str, tensors) -> list[Tensor]:
+    if isinstance(tensors, Tensor):
+        raise TypeError(f"{fn}: {name} must be a sequence of tensors, got a Tensor")
+    tensors = list(tensors)
+    for i, x in enumerate(tensors):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{fn}: {name}[{i}] must be a floating-point tensor, got {x.dtype}")
+    return tensors
+
+
+def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supported=_KERNEL_DTYPES) -> str:
+    """The resolved backend for one group; ``auto`` falls back to plain torch for dtypes the kernels lack."""
+    name = resolve_backend(backend, device)
+    unsupported = sorted({str(d) for d in dtypes if d not in supported})
+    if name == "triton" and unsupported:
+        if backend == "triton":
+            raise TypeError(f"{fn}: backend='triton' does not support {', '.join(unsupported)} tensors")
+        return "reference"
+    return name
+
+
+def _check_align(fn: str, align: int) -> None:
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"{fn}: align must be a positive int, got {align!r}")
+
+
+def _check_norm_type(fn: str, norm_type: float) -> float:
+    norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"{fn}: norm_type must be inf or a number > 0, got {norm_type}")
+    return norm_type
+
+
+def _one_group(fn: str, name: str, tensors: list[Tensor]) -> tuple[torch.dtype, torch.device]:
+    dtype, device = tensors[0].dtype, tensors[0].device
+    for i, x in enumerate(tensors):
+        if x.dtype != dtype or x.device != device:
+            raise ValueError(
+                f"{fn}: {name}[{i}] is {x.dtype} on {x.device} but {name}[0] is {dtype} on {device}: "
+                f"{name} must share one dtype and device"
+            )
+    return dtype, device
+
+
+def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None = None) -> Tensor:
+    """Gather ``tensors`` (one dtype and device, any shapes) into one new contiguous 1-d buffer, in one launch.
+
+    Tensor ``i`` starts at an offset that is a multiple of ``align`` elements and is followed by zeros up to
+    the next multiple (so the buffer's length divides by ``align`` too); ``unflatten(flat, tensors, align)``
+    returns the views. The buffer is written once, padding included (no zero-fill pass). Not
+    differentiable: see ``fused_ops.autograd.flatten``. An empty list gives an empty float32 tensor.
+    """
+    _check_align("flatten", align)
+    tensors = _float_tensors("flatten", "tensors", tensors)
+    if not tensors:
+        return torch.empty(0)
+    dtype, device = _one_group("flatten", "tensors", tensors)
+    backend_name = _op_backend("flatten", backend, device, [dtype], _KERNEL_DTYPES + (torch.float64,))
+    return _ops.flatten([x.detach().contiguous() for x in tensors], align, backend_name)
+
+
+def _layout_of(fn: str, flat: Tensor, like, align: int) -> tuple[list[torch.Size], list[int]]:
+    _check_align(fn, align)
+    if not isinstance(flat, Tensor) or flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError(f"{fn}: flat must be a contiguous 1-d tensor")
+    shapes = [x.shape if isinstance(x, Tensor) else torch.Size(x) for x in like]
+    offsets, _, total = reference.flatten_layout([math.prod(s) for s in shapes], align)
+    if flat.numel() < total:
+        raise ValueError(f"{fn}: flat has {flat.numel()} elements but the layout of like (align={align}) needs {total}")
+    return shapes, offsets
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int = 64) -> list[Tensor]:
+    """Views of ``flat`` shaped like each entry of ``like`` (tensors or shapes), in ``flatten``'s layout.
+
+    No copy: writing to a view writes to ``flat``. ``align`` must be the one ``flat`` was built with.
+    """
+    shapes, offsets = _layout_of("unflatten", flat, like, align)
+    return [flat.narrow(0, off, math.prod(s)).view(s) for s, off in zip(shapes, offsets, strict=True)]
+
+
+def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *, backend: str | None = None) -> None:
+    """Copy each segment of ``flat`` (``flatten``'s layout) back into ``tensors[i]``, in one launch.
+
+    ``tensors`` share ``flat``'s dtype and device and are contiguous (they are written in place).
+    """
+    tensors = _float_tensors("unflatten_copy_", "tensors", tensors)
+    _, offsets = _layout_of("unflatten_copy_", flat, tensors, align)
+    for i, x in enumerate(tensors):
+        if x.dtype != flat.dtype or x.device != flat.device:
+            raise ValueError(f"unflatten_copy_: tensors[{i}] is {x.dtype} on {x.device}, flat is {flat.dtype} on "
+                             f"{flat.device}")  # fmt: skip
+        if not x.is_contiguous():
+            raise ValueError(f"unflatten_copy_: tensors[{i}] must be contiguous (it is written in place)")
+    if not tensors:
+        return
+    backend_name = _op_backend("unflatten_copy_", backend, flat.device, [flat.dtype],
+                               _KERNEL_DTYPES + (torch.float64,))  # fmt: skip
+    _ops.unflatten_copy_([x.detach() for x in tensors], flat.detach(), offsets, backend_name)
+
+
+def cast_(
+    dst: Sequence[Tensor],
+    src: Sequence[Tensor],
+    stochastic: bool = False,
+    *,
+    seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """Copy ``src[i]`` into ``dst[i]`` converting the dtype (fp32 <-> bf16/fp16, any mix), one launch per
+    (device, dst dtype, src dtype) group.
+
+    Rounding is to nearest even, bit-exact with ``dst.copy_(src)`` / ``src.to(dtype)`` (inf, nan, subnormals,
+    fp16 overflow to inf). With ``stochastic=True`` narrowing conversions round up or down with probability
+    proportional to the distance (unbiased); ``seed`` (an int in [0, 2^31)) makes them reproducible; None
+    draws one from torch's CPU generator (seeded by ``torch.manual_seed``; no device sync). ``dst[i]`` must
+    be contiguous and have ``src[i]``'s shape and device. float64 tensors go through plain torch.
+    """
+    dst = _float_tensors("cast_", "dst", dst)
+    src = _float_tensors("cast_", "src", src)
+    if len(dst) != len(src):
+        raise ValueError(f"cast_: dst has {len(dst)} tensors but src has {len(src)}")
+    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+        if d.shape != s.shape:
+            raise ValueError(f"cast_: dst[{i}] has shape {tuple(d.shape)} but src[{i}] has {tuple(s.shape)}")
+        if d.device != s.device:
+            raise ValueError(f"cast_: dst[{i}] is on {d.device} but src[{i}] is on {s.device}")
+        if not d.is_contiguous():
+            raise ValueError(f"cast_: dst[{i}] must be contiguous (it is written in place)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
+    if not dst:
+        return
+    if stochastic and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())  # torch's CPU generator: no device sync
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+        groups[(d.device, d.dtype, s.dtype)].append(i)
+    for k, ((device, d_dtype, s_dtype), idx) in enumerate(groups.items()):
+        backend_name = _op_backend("cast_", backend, device, [d_dtype, s_dtype])
+        group_seed = (int(seed or 0) + 0x9E3779B9 * k) % 2**31  # distinct random streams per group
+        _ops.cast_([dst[i].detach() for i in idx], [src[i].detach().contiguous() for i in idx], bool(stochastic),
+                   group_seed, backend_name)  # fmt: skip
+
+
+def _scalar_tensor(fn: str, name: str, x) -> None:
+    if not isinstance(x, Tensor) or x.numel() != 1 or not x.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a 1-element floating-point tensor")
+
+
+def unscale_(
+    grads: Sequence[Tensor],
+    inv_scale: float | Tensor,
+    found_inf: Tensor | None = None,
+    *,
+    out: Sequence[Tensor] | None = None,
+    backend: str | None = None,
+) -> None:
+    """Multiply every grad by ``inv_scale`` and set ``found_inf`` to 1 if any result is inf or nan: one launch
+    per (device, dtype) group, no host sync.
+
+    Args:
+        grads: fp32/bf16/fp16 tensors; updated in place (contiguous) unless ``out`` is given.
+        inv_scale: a float, or a 1-element float tensor (e.g. ``1 / loss_scale``; read on the device).
+        found_inf: None, or a 1-element float tensor that is set to 1 (never cleared, like torch's
+            ``GradScaler``) when any result is inf or nan. The check is on the stored result, so it also
+            catches a finite grad that overflows after the multiplication.
+        out: optional tensors, one per grad, same shapes, one float dtype (e.g. fp32 copies of bf16 grads):
+            receive the results; ``grads`` are then left unchanged.
+
+    The product is computed in fp32 and rounded to nearest even into the destination (torch's
+    ``_amp_foreach_non_finite_check_and_unscale_``).
+    """
+    grads = _float_tensors("unscale_", "grads", grads)
+    if isinstance(inv_scale, Tensor):
+        _scalar_tensor("unscale_", "inv_scale", inv_scale)
+    else:
+        _check_finite("unscale_: inv_scale", float(inv_scale))
+    if found_inf is not None:
+        _scalar_tensor("unscale_", "found_inf", found_inf)
+    outs = _float_tensors("unscale_", "out", out) if out is not None else []
+    if out is not None and len(outs) != len(grads):
+        raise ValueError(f"unscale_: out has {len(outs)} tensors but grads has {len(grads)}")
+    for i, g in enumerate(grads):
+        if outs:
+            o = outs[i]
+            if o.shape != g.shape or o.device != g.device:
+                raise ValueError(f"unscale_: out[{i}] is {tuple(o.shape)} on {o.device} but grads[{i}] is "
+                                 f"{tuple(g.shape)} on {g.device}")  # fmt: skip
+            if not o.is_contiguous():
+                raise ValueError(f"unscale_: out[{i}] must be contiguous (it is written in place)")
+        elif not g.is_contiguous():
+            raise ValueError(f"unscale_: grads[{i}] must be contiguous (it is updated in place)")
+    if not grads:
+        return
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, g in enumerate(grads):
+        groups[(g.device, g.dtype, outs[i].dtype if outs else g.dtype)].append(i)
+    for (device, g_dtype, o_dtype), idx in groups.items():
+        backend_name = _op_backend("unscale_", backend, device, [g_dtype, o_dtype])
+        scale_t = None
+        if isinstance(inv_scale, Tensor):
+            scale_t = inv_scale.detach().reshape(1)
+            scale_t = scale_t if scale_t.device == device else scale_t.to(device, non_blocking=True)
+        flag = found_inf
+        if found_inf is not None and found_inf.device != device:
+            flag = torch.zeros(1, dtype=torch.float32, device=device)
+        _ops.unscale_(
+            [grads[i].detach() for i in idx],
+            scale_t,
+            0.0 if scale_t is not None else float(inv_scale),
+            flag,
+            [outs[i].detach() for i in idx] if outs else [],
+            backend_name,
+        )
+        if flag is not found_inf:
+            flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
+            found_inf.copy_(torch.maximum(found_inf, flag))
+
+
+def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str | None = None) -> Tensor:
+    """The ``norm_type``-norm of all elements of all ``tensors`` together, as a 0-d tensor on the first
+    tensor's device: one launch per (device, dtype) group plus a tiny reduction, no host sync.
+
+    Same value as ``torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors]), norm_type)`` computed in
+    float64, returned as float32 (float64 if a tensor is float64), whatever the tensors' dtype. Deterministic:
+    the same inputs give the same bits. ``norm_type`` is ``inf`` or any p > 0. An empty list gives 0.
+    """
+    norm_type = _check_norm_type("grad_norm", norm_type)
+    tensors = _float_tensors("grad_norm", "tensors", tensors)
+    if not tensors:
+        return torch.zeros(())
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, x in enumerate(tensors):
+        groups[(x.device, x.dtype)].append(i)
+    norms = []
+    for (device, dtype), idx in groups.items():
+        backend_name = _op_backend("grad_norm", backend, device, [dtype])
+        norms.append(_ops.grad_norm([tensors[i].detach().contiguous() for i in idx], norm_type, backend_name))
+    if len(norms) == 1:
+        return norms[0]
+    first = tensors[0].device
+    out_dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    stacked = torch.stack([n.to(first, torch.float64) for n in norms])
+    return torch.linalg.vector_norm(stacked, norm_type).to(out_dtype)
+
+
+def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))`` on the device (``torch.nn.utils.clip_grad_norm_``'s factor).
+
+    Multiply grads by it to clip; or fold it into the optimizer's ``grad_scale`` (grads are divided by
+    ``grad_scale``): ``grad_scale = loss_scale / clip_coef(norm, max_norm)``, with no extra pass over grads.
+    """
+    _check_finite("clip_coef: max_norm", float(max_norm))
+    return torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+
+
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` in two passes and no host sync: the grads' total norm
+    (:func:`grad_norm`), then one multiply by ``clip_coef`` per (device, dtype) group, on the device.
+
+    Returns the total norm (0-d float32 on the first grad's device, also for bf16/fp16 grads, where torch
+    returns the grads' dtype). ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch
+    does. ``foreach`` is accepted and ignored. Params without a grad are skipped; none gives ``tensor(0.)``.
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    max_norm = float(max_norm)
+    _check_finite("clip_grad_norm_: max_norm", max_norm)
+    norm_type = _check_norm_type("clip_grad_norm_", norm_type)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = grad_norm(grads, norm_type, backend=backend)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+    coef = clip_coef(total, max_norm)
+    strided = [g for g in grads if not g.is_contiguous()]
+    if strided:
+        torch._foreach_mul_(strided, coef.to(strided[0].device))
+    unscale_([g for g in grads if g.is_contiguous()], coef.reshape(1), None, backend=backend)
+    return total

@@ -145,3 +145,114 @@ def adam_cpu_(
         list(state_steps), lr=_scalar(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
         amsgrad=amsgrad, maximize=maximize,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flatten / cast / unscale / norm (issue 3). Same contracts as the kernels in kernels/flatten.py, cast.py and
+# scale.py; none of these reads a device value on the host.
+
+
+def flatten_layout(numels: Sequence[int], align: int) -> tuple[list[int], list[int], int]:
+    """Offsets, spans and total length of ``fused_ops.flatten``'s buffer: tensor ``i`` starts at
+    ``offsets[i]`` (a multiple of ``align``) and owns ``spans[i]`` elements (its size rounded up to
+    ``align``; the tail is zero padding)."""
+    offsets, spans, total = [], [], 0
+    for n in numels:
+        span = -(-int(n) // align) * align
+        offsets.append(total)
+        spans.append(span)
+        total += span
+    return offsets, spans, total
+
+
+def flatten_into_(flat: Tensor, tensors: Sequence[Tensor], offsets: Sequence[int], spans: Sequence[int]) -> None:
+    """``flat[offsets[i] : offsets[i] + spans[i]]`` = tensor i's elements, then zeros (the padding)."""
+    dst, src, gaps = [], [], []
+    for x, off, span in zip(tensors, offsets, spans, strict=True):
+        n = x.numel()
+        if n:
+            dst.append(flat.narrow(0, off, n))
+            src.append(x.reshape(-1))
+        if span > n:
+            gaps.append(flat.narrow(0, off + n, span - n))
+    if dst:
+        torch._foreach_copy_(dst, src)
+    if gaps:
+        torch._foreach_zero_(gaps)
+
+
+def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, offsets: Sequence[int]) -> None:
+    """``tensors[i]`` = ``flat[offsets[i] : offsets[i] + numel]``, reshaped (the scatter back)."""
+    dst = [x for x in tensors if x.numel()]
+    src = [flat.narrow(0, off, x.numel()).view(x.shape) for x, off in zip(tensors, offsets, strict=True) if x.numel()]
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """fp32 ``x`` rounded to bf16/fp16 stochastically (unbiased), as ``kernels/cast.py`` documents: bf16 adds 16
+    random bits to the fp32 pattern and truncates; fp16 rounds in fixed point on the fp16 grid of x's binade."""
+    bits = x.view(torch.int32)
+    rnd = torch.randint(0, 2**24, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    if dtype == torch.bfloat16:
+        rounded = ((bits + (rnd & 0xFFFF)) & -65536).view(torch.float32)
+        return torch.where(torch.isnan(x), x, rounded).to(dtype)
+    e = (((bits >> 23) & 0xFF) - 127).clamp_min(-14)
+    ulp = torch.ldexp(torch.ones_like(x), (e - 10).to(torch.float32))
+    q = x.abs() * torch.ldexp(torch.ones_like(x), (10 - e).to(torch.float32))
+    low = q.floor()
+    up = (rnd.to(torch.float32) * 2.0**-24) < (q - low)
+    rounded = torch.copysign((low + up.to(torch.float32)) * ulp, x)
+    return torch.where(torch.isfinite(x), rounded, x).to(dtype)
+
+
+def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False, seed: int = 0) -> None:
+    """``dst[i] = src[i]`` converted to ``dst[i]``'s dtype: torch's ``.to()`` (round to nearest even) or, with
+    ``stochastic`` and a bf16/fp16 destination, unbiased stochastic rounding seeded by ``seed`` (the random
+    stream differs from the kernel's; the distribution is the same). Any float dtypes."""
+    generator = None
+    for d, s in zip(dst, src, strict=True):
+        if stochastic and d.dtype in (torch.bfloat16, torch.float16) and s.dtype != d.dtype and d.numel():
+            if generator is None or generator.device != d.device:
+                generator = torch.Generator(device=d.device)
+                generator.manual_seed(seed)
+            d.copy_(_stochastic_round(s.to(torch.float32).reshape(d.shape), d.dtype, generator))
+        else:
+            d.copy_(s.reshape(d.shape))
+
+
+def unscale_(
+    grads: Sequence[Tensor],
+    inv_scale: float | Tensor,
+    found_inf: Tensor | None,
+    out: Sequence[Tensor] = (),
+) -> None:
+    """``y = grad * inv_scale`` computed in fp32 (float64 when a grad or output is float64), stored in the grad
+    or in ``out[i]``; ``found_inf`` is set to 1 if any stored ``y`` is inf or nan (never cleared). All device
+    ops: no host sync."""
+    outs = list(out) if out else list(grads)
+    bad = []
+    for g, o in zip(grads, outs, strict=True):
+        compute = torch.float64 if torch.float64 in (g.dtype, o.dtype) else torch.float32
+        inv = inv_scale.to(o.device, compute).reshape(()) if isinstance(inv_scale, Tensor) else float(inv_scale)
+        o.copy_(g.to(compute) * inv)
+        if found_inf is not None and o.numel():
+            bad.append(~torch.isfinite(o).all())
+    if found_inf is not None and bad:
+        flag = torch.stack([b.to(found_inf.device) for b in bad]).any()
+        found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.dtype).expand_as(found_inf)))
+
+
+def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of all elements of ``tensors`` together (as if concatenated), accumulated in
+    float64; a 0-d float32 tensor (float64 when a tensor is float64) on the first tensor's device."""
+    if len(tensors) == 0:
+        return torch.zeros(())
+    device = tensors[0].device
+    out_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+    nonempty = [x for x in tensors if x.numel()]  # the inf norm of an empty tensor is undefined in torch
+    if not nonempty:
+        return torch.zeros((), dtype=out_dtype, device=device)
+    norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float64)
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    return total.to(out_dtype)

@@ -1,0 +1,337 @@
+"""FlatBuffer: one contiguous storage holding many tensors, handed out as per-tensor views, split into buckets.
+
+Params and/or grads can live inside a FlatBuffer: ``param.data`` and ``param.grad`` become views of it, so
+backward accumulates straight into flat storage (as DeepSpeed's contiguous gradients and DDP's
+``gradient_as_bucket_view``) and a whole-model op (a norm, a cast, a reduce-scatter of a bucket) runs over
+one or a few large tensors.
+
+Layout: tensor ``i`` starts at an element offset that is a multiple of ``align``; tensors are packed, in the
+order given, into buckets of at most ``bucket_cap_mb`` (a tensor larger than the cap gets a bucket of its own),
+and each bucket is padded so that its length is a multiple of ``lcm(align, world_size)``: every bucket
+starts aligned and splits into ``world_size`` equal shards (ZeRO). All padding is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _ops, functional
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A slice ``[offset, offset + numel)`` of a FlatBuffer's storage holding tensors ``indices``."""
+
+    index: int
+    offset: int  # first element in ``FlatBuffer.data``
+    numel: int  # padded length: a multiple of lcm(align, world_size)
+    indices: tuple[int, ...]  # the tensors in this bucket, in order
+    data: Tensor  # view of FlatBuffer.data[offset : offset + numel]
+    world_size: int
+
+    def shard(self, rank: int) -> Tensor:
+        """The ``rank``-th of ``world_size`` equal slices of this bucket (a view)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"Bucket.shard: rank must be in [0, {self.world_size}), got {rank}")
+        size = self.numel // self.world_size
+        return self.data.narrow(0, rank * size, size)
+
+
+def _layout(numels: Sequence[int], align: int, cap: int | None, pad_to: int):
+    """Offsets, spans (up to the next tensor or the bucket's end), bucket (start, length, indices), total."""
+    offsets: list[int] = []
+    buckets: list[tuple[int, int, tuple[int, ...]]] = []
+    start = pos = 0
+    members: list[int] = []
+
+    def close() -> None:
+        nonlocal start, pos, members
+        end = start + -(-(pos - start) // pad_to) * pad_to
+        buckets.append((start, end - start, tuple(members)))
+        start = pos = end
+        members = []
+
+    for i, n in enumerate(numels):
+        span = -(-n // align) * align
+        if cap is not None and members and pos + span - start > cap:
+            close()
+        offsets.append(pos)
+        members.append(i)
+        pos += span
+    if members:
+        close()
+    spans = [0] * len(numels)
+    for b_start, b_len, idx in buckets:
+        ends = [offsets[j] for j in idx[1:]] + [b_start + b_len]
+        for j, end in zip(idx, ends, strict=True):
+            spans[j] = end - offsets[j]
+    return offsets, spans, buckets, start
+
+
+class FlatBuffer:
+    """One contiguous storage (``data``) with a view per tensor (``views``) and aligned ``buckets``.
+
+    Args:
+        tensors: the tensors to lay out (any shapes). Their values are copied in (one launch) when ``copy``;
+            meta tensors (shapes only) are allowed with ``copy=False``.
+        dtype: the storage's dtype; default the tensors' (which must then share one). Copying into another
+            dtype rounds to nearest even (``fused_ops.cast_``), e.g. fp32 master copies of bf16 params.
+        align: every tensor starts at a multiple of ``align`` elements (64: 128-byte lines for bf16).
+        bucket_cap_mb: at most this many MiB per bucket (None: one bucket).
+        world_size: each bucket's length divides by it (and by ``align``), so it shards evenly.
+        device: default the tensors' device.
+        copy: copy the tensors' values in; otherwise the storage is zero.
+        backend: as everywhere in fused_ops ("auto", "triton", "reference").
+
+    Use :meth:`from_params` to move params into flat storage (``param.data`` becomes a view) without holding
+    two full copies on the device, and :meth:`for_grads` to make ``param.grad`` views. Storage is allocated
+    once with ``torch.empty`` and written once (the copy zero-fills the padding in the same launch).
+    """
+
+    def __init__(
+        self,
+        tensors: Iterable[Tensor],
+        dtype: torch.dtype | None = None,
+        align: int = 64,
+        bucket_cap_mb: float | None = None,
+        world_size: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        copy: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        tensors = self._plan(tensors, dtype, align, bucket_cap_mb, world_size, device, backend)
+        self._allocate()
+        if copy:
+            self.copy_from_(tensors)
+        else:
+            self.data.zero_()
+
+    def _plan(self, tensors, dtype, align, bucket_cap_mb, world_size, device, backend) -> list[Tensor]:
+        if isinstance(tensors, Tensor):
+            raise TypeError("FlatBuffer: tensors must be a sequence of tensors, got a Tensor")
+        tensors = list(tensors)
+        for i, x in enumerate(tensors):
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise TypeError(f"FlatBuffer: tensors[{i}] must be a floating-point tensor")
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise ValueError(f"FlatBuffer: align must be a positive int, got {align!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"FlatBuffer: world_size must be a positive int, got {world_size!r}")
+        if bucket_cap_mb is not None and not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0):
+            raise ValueError(f"FlatBuffer: bucket_cap_mb must be a positive number or None, got {bucket_cap_mb}")
+        if dtype is None:
+            if not tensors:
+                raise ValueError("FlatBuffer: pass dtype when tensors is empty")
+            dtype = tensors[0].dtype
+            for i, x in enumerate(tensors):
+                if x.dtype != dtype:
+                    raise ValueError(f"FlatBuffer: tensors[{i}] is {x.dtype} but tensors[0] is {dtype}: pass dtype")
+        elif not dtype.is_floating_point:
+            raise TypeError(f"FlatBuffer: dtype must be a floating-point dtype, got {dtype}")
+        if device is None:
+            devices = {x.device for x in tensors}
+            if len(devices) > 1:
+                raise ValueError(f"FlatBuffer: tensors are on several devices {sorted(map(str, devices))}: pass device")
+            device = devices.pop() if devices else torch.device("cpu")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.align = align
+        self.world_size = world_size
+        self.backend = backend
+        self.shapes = [x.shape for x in tensors]
+        self.numels = [x.numel() for x in tensors]
+        cap = None
+        if bucket_cap_mb is not None:
+            cap = max(1, int(bucket_cap_mb * 2**20) // dtype.itemsize)
+        pad_to = math.lcm(align, world_size)
+        self.offsets, self._spans, self._bucket_layout, self.numel = _layout(self.numels, align, cap, pad_to)
+        return tensors
+
+    def _allocate(self) -> None:
+        self._set_storage(torch.empty(self.numel, dtype=self.dtype, device=self.device))
+
+    def _set_storage(self, data: Tensor) -> None:
+        self.data = data
+        self.views = [
+            data.narrow(0, off, n).view(shape)
+            for off, n, shape in zip(self.offsets, self.numels, self.shapes, strict=True)
+        ]
+        self.buckets = [
+            Bucket(k, start, length, idx, data.narrow(0, start, length), self.world_size)
+            for k, (start, length, idx) in enumerate(self._bucket_layout)
+        ]
+
+    # -- construction helpers ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Iterable[Tensor],
+        align: int = 64,
+        bucket_cap_mb: float | None = None,
+        world_size: int = 1,
+        *,
+        stage_on_host: bool | None = None,
+        backend: str | None = None,
+    ) -> FlatBuffer:
+        """Move ``params`` into one flat storage: afterwards each ``param.data`` is a view of ``buffer.data``.
+
+        Memory: the device never holds two full copies of the params. With ``stage_on_host`` (default: when
+        the params are on a GPU) each param is first copied to (pinned) host memory and rebound there, which
+        frees its device memory as it goes; then the storage is allocated and filled with one host-to-device
+        copy per bucket. Peak device memory is about one copy of the params (plus padding), at the cost of a
+        round trip over PCIe, once. Without staging the copy is one gather launch, with the originals and the
+        storage alive together. Memory is only freed if nothing else holds a reference to the old tensors.
+        Params must share one dtype and device (group them and make one buffer per group otherwise).
+        """
+        params = list(params)
+        self = cls.__new__(cls)
+        self._plan(params, None, align, bucket_cap_mb, world_size, None, backend)
+        if stage_on_host is None:
+            stage_on_host = self.device.type == "cuda"
+        if not stage_on_host:
+            self._allocate()
+            self.copy_from_(params)
+            self.bind_data_(params)
+            return self
+        pin = torch.cuda.is_available()
+        hosts = []
+        for start, length, idx in self._bucket_layout:
+            host = torch.zeros(length, dtype=self.dtype, device="cpu", pin_memory=pin)
+            for i in idx:
+                view = host.narrow(0, self.offsets[i] - start, self.numels[i]).view(self.shapes[i])
+                view.copy_(params[i].data, non_blocking=pin)
+                params[i].data = view  # the device copy is released here (if nothing else holds it)
+            hosts.append(host)
+        self._allocate()
+        for bucket, host in zip(self.buckets, hosts, strict=True):
+            bucket.data.copy_(host, non_blocking=pin)
+        self.bind_data_(params)
+        return self
+
+    @classmethod
+    def for_grads(
+        cls,
+        params: Iterable[Tensor],
+        align: int = 64,
+        bucket_cap_mb: float | None = None,
+        world_size: int = 1,
+        *,
+        backend: str | None = None,
+    ) -> FlatBuffer:
+        """A buffer shaped like ``params`` whose views become the params' ``.grad`` (existing grads copied in,
+        the rest zero), so that backward accumulates straight into it.
+
+        Keep the views: zero the grads with :meth:`zero_` or ``optimizer.zero_grad(set_to_none=False)``;
+        ``set_to_none=True`` (torch's default) detaches the grads from the buffer.
+        """
+        params = list(params)
+        self = cls.__new__(cls)
+        self._plan(params, None, align, bucket_cap_mb, world_size, None, backend)
+        self._allocate()
+        self.data.zero_()
+        have = [i for i, p in enumerate(params) if p.grad is not None]
+        if have:
+            functional.cast_([self.views[i] for i in have], [params[i].grad for i in have], backend=backend)
+        self.bind_grads_(params)
+        return self
+
+    # -- views and copies ---------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.views[i]
+
+    def __iter__(self):
+        return iter(self.views)
+
+    def __repr__(self) -> str:
+        return (f"FlatBuffer({len(self)} tensors, {self.numel} elements of {self.dtype} on {self.device}, "
+                f"{len(self.buckets)} buckets, align={self.align}, world_size={self.world_size})")  # fmt: skip
+
+    def _check_like(self, fn: str, tensors: Sequence[Tensor]) -> None:
+        if len(tensors) != len(self.views):
+            raise ValueError(f"FlatBuffer.{fn}: got {len(tensors)} tensors, the buffer holds {len(self.views)}")
+        for i, x in enumerate(tensors):
+            if x.shape != self.shapes[i]:
+                raise ValueError(f"FlatBuffer.{fn}: tensors[{i}] has shape {tuple(x.shape)}, "
+                                 f"expected {tuple(self.shapes[i])}")  # fmt: skip
+
+    def copy_from_(self, tensors: Sequence[Tensor]) -> FlatBuffer:
+        """Copy ``tensors`` into the buffer (one launch; padding written as zeros). Other dtypes are rounded to
+        nearest even."""
+        tensors = list(tensors)
+        self._check_like("copy_from_", tensors)
+        if not tensors:
+            self.data.zero_()
+            return self
+        for i, x in enumerate(tensors):
+            if x.device != self.device:
+                raise ValueError(f"FlatBuffer.copy_from_: tensors[{i}] is on {x.device}, the buffer on {self.device}")
+        if all(x.dtype == self.dtype for x in tensors):
+            self._gather(tensors)
+        else:
+            functional.cast_(self.views, [x.detach() for x in tensors], backend=self.backend)
+            layout = zip(self.offsets, self.numels, self._spans, strict=True)
+            gaps = [self.data.narrow(0, off + n, span - n) for off, n, span in layout if span > n]
+            if gaps:
+                torch._foreach_zero_(gaps)
+        return self
+
+    def _backend(self) -> str:
+        from .functional import _op_backend
+
+        return _op_backend("FlatBuffer", self.backend, self.device, [self.dtype],
+                           (torch.float32, torch.bfloat16, torch.float16, torch.float64))  # fmt: skip
+
+    def _gather(self, tensors: Sequence[Tensor]) -> None:
+        srcs = [x.detach().contiguous() for x in tensors]
+        _ops.flatten_into_(self.data, srcs, self.offsets, self._spans, self._backend())
+
+    def copy_to_(self, tensors: Sequence[Tensor]) -> None:
+        """Copy each view back into ``tensors[i]`` (one launch; other dtypes rounded to nearest even)."""
+        tensors = list(tensors)
+        self._check_like("copy_to_", tensors)
+        if not tensors:
+            return
+        for i, x in enumerate(tensors):
+            if not x.is_contiguous():
+                raise ValueError(f"FlatBuffer.copy_to_: tensors[{i}] must be contiguous (it is written in place)")
+        if all(x.dtype == self.dtype and x.device == self.device for x in tensors):
+            _ops.unflatten_copy_([x.detach() for x in tensors], self.data, self.offsets, self._backend())
+        else:
+            functional.cast_([x.detach() for x in tensors], self.views, backend=self.backend)
+
+    def zero_(self) -> FlatBuffer:
+        """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""
+        self.data.zero_()
+        return self
+
+    def bind_data_(self, tensors: Sequence[Tensor]) -> None:
+        """Make each ``tensors[i].data`` the buffer's view ``i`` (same shape and dtype required)."""
+        tensors = list(tensors)
+        self._check_like("bind_data_", tensors)
+        for i, x in enumerate(tensors):
+            if x.dtype != self.dtype:
+                raise ValueError(f"FlatBuffer.bind_data_: tensors[{i}] is {x.dtype}, the buffer {self.dtype}")
+        for x, view in zip(tensors, self.views, strict=True):
+            x.data = view
+
+    def bind_grads_(self, params: Sequence[Tensor]) -> None:
+        """Make each ``params[i].grad`` the buffer's view ``i`` (same shape and dtype required)."""
+        params = list(params)
+        self._check_like("bind_grads_", params)
+        for i, p in enumerate(params):
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(f"FlatBuffer.bind_grads_: params[{i}] is {p.dtype} on {p.device}, the buffer is "
+                                 f"{self.dtype} on {self.device}")  # fmt: skip
+        for p, view in zip(params, self.views, strict=True):
+            p.grad = view

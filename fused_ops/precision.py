@@ -1,0 +1,313 @@
+"""Mixed precision: DynamicLossScaler, a loss scaler whose state lives on the device.
+
+The scaler follows torch's ``GradScaler`` growth rule and DeepSpeed's / Megatron's hysteresis
+(``delayed_shift``), keeps every counter in device tensors so that ``update`` never synchronises with the
+host, and counts skipped steps loudly: the count can be read at any time, and a warning is raised when steps
+keep being skipped (checked lazily, see :class:`DynamicLossScaler`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import functional
+
+
+class LossScalerWarning(RuntimeWarning):
+    """Steps keep being skipped because of inf/nan gradients (filter it with ``warnings`` if intended)."""
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"DynamicLossScaler: {name} must be a positive int, got {value!r}")
+
+
+class DynamicLossScaler:
+    """Dynamic loss scaling with hysteresis; all state on the device, no host sync in :meth:`update`.
+
+    Each step: ``scaler.scale_loss(loss).backward()``; then either :meth:`unscale_` the grads (one launch,
+    sets :attr:`found_inf`), or let the optimizer divide by the scale itself with :meth:`grad_scale_and_norm`
+    (one norm pass, no unscale pass); pass :attr:`found_inf` to the optimizer (``found_inf`` makes
+    ``fused_ops.functional.adam_`` a no-op on the device); then :meth:`update`.
+
+    Update rule (torch's GradScaler, with DeepSpeed's ``delayed_shift`` / Megatron's ``hysteresis``):
+
+    - a step with inf/nan grads is skipped, resets the growth counter and decrements the hysteresis counter;
+      the scale backs off (``scale * backoff_factor``, at least ``min_scale``) once the hysteresis counter
+      reaches 0, i.e. on the ``hysteresis``-th overflow, and on every overflow after that until it is reset;
+    - after ``growth_interval`` consecutive good steps the scale grows by ``growth_factor`` (at most
+      ``max_scale``) and the hysteresis counter is reset to ``hysteresis`` (with ``consecutive_hysteresis``
+      it is reset after every good step instead, as DeepSpeed's option of that name does).
+
+    Skipped steps are counted on the device (:attr:`skipped_steps` reads the count). Warnings are checked
+    lazily, never blocking: every ``check_interval`` updates the counters are copied to the host
+    asynchronously, and the copy is inspected at a later update once it has landed (so a warning comes at
+    most about two intervals late); reading :attr:`skipped_steps` checks at once (that read syncs). A
+    :class:`LossScalerWarning` is raised when at least ``warn_after`` consecutive steps were skipped (again
+    at each check while the skipping goes on) and when grads overflow with the scale already at
+    ``min_scale``. ``warn_after=None`` or ``check_interval=None`` turn the checks off.
+
+    Args:
+        init_scale: initial scale (2^16, as torch; Megatron uses 2^32).
+        growth_factor, backoff_factor, growth_interval: as ``torch.amp.GradScaler``.
+        hysteresis: overflows tolerated before the scale backs off (DeepSpeed ``delayed_shift``; 1 = back off
+            at once, as torch).
+        min_scale, max_scale: bounds on the scale (``max_scale=None``: unbounded).
+        device: where the state lives (default: CUDA if available, else CPU).
+        backend: for the unscale / norm ops.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        hysteresis: int = 1,
+        min_scale: float = 1.0,
+        max_scale: float | None = None,
+        *,
+        consecutive_hysteresis: bool = False,
+        warn_after: int | None = 10,
+        check_interval: int | None = 100,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        for name, value in (("init_scale", init_scale), ("min_scale", min_scale)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"DynamicLossScaler: {name} must be a finite number > 0, got {value}")
+        if not (math.isfinite(growth_factor) and growth_factor > 1):
+            raise ValueError(f"DynamicLossScaler: growth_factor must be a finite number > 1, got {growth_factor}")
+        if not 0 < backoff_factor < 1:
+            raise ValueError(f"DynamicLossScaler: backoff_factor must be in (0, 1), got {backoff_factor}")
+        if max_scale is not None and not (math.isfinite(max_scale) and max_scale >= min_scale):
+            raise ValueError(f"DynamicLossScaler: max_scale must be finite and >= min_scale, got {max_scale}")
+        if init_scale < min_scale or (max_scale is not None and init_scale > max_scale):
+            raise ValueError(f"DynamicLossScaler: init_scale {init_scale} is outside [min_scale, max_scale]")
+        _positive_int("growth_interval", growth_interval)
+        _positive_int("hysteresis", hysteresis)
+        _positive_int("warn_after", warn_after, allow_none=True)
+        _positive_int("check_interval", check_interval, allow_none=True)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = growth_interval
+        self.hysteresis = hysteresis
+        self.min_scale = float(min_scale)
+        self.max_scale = None if max_scale is None else float(max_scale)
+        self.consecutive_hysteresis = bool(consecutive_hysteresis)
+        self.warn_after = warn_after
+        self.check_interval = check_interval
+        self.backend = backend
+
+        def full(value, dtype):
+            return torch.full((1,), value, dtype=dtype, device=self.device)
+
+        self._scale = full(float(init_scale), torch.float32)
+        self._found_inf = full(0.0, torch.float32)
+        self._growth_tracker = full(0, torch.int32)
+        self._hysteresis_tracker = full(hysteresis, torch.int32)
+        self._skipped = full(0, torch.int64)
+        self._consecutive = full(0, torch.int64)
+        self._min_scale_overflows = full(0, torch.int64)
+        self._n_updates = 0
+        self._pending = None  # (host snapshot, event or None) of the last asynchronous check
+        self._warned_skipped = 0  # total skipped count at the last skip warning
+        self._warned_min_scale = 0
+
+    # -- device tensors (reading them does not sync) ------------------------------------------------------------
+
+    @property
+    def scale(self) -> Tensor:
+        """The current scale: a 1-element fp32 device tensor (updated in place)."""
+        return self._scale
+
+    @property
+    def found_inf(self) -> Tensor:
+        """1-element fp32 device flag: 1 when inf/nan grads were seen since the last :meth:`update`."""
+        return self._found_inf
+
+    @property
+    def inv_scale(self) -> Tensor:
+        """1 / scale, computed in float64 and rounded to fp32 (as GradScaler), on the device."""
+        return self._scale.double().reciprocal().float()
+
+    @property
+    def skipped_steps_tensor(self) -> Tensor:
+        """Number of skipped steps so far, as a 1-element int64 device tensor (no sync)."""
+        return self._skipped
+
+    # -- one step -----------------------------------------------------------------------------------------------
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss * scale`` (differentiable; call ``.backward()`` on the result)."""
+        return loss * self._scale.reshape(()).to(loss.device)
+
+    def unscale_(self, grads: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> Tensor:
+        """Divide ``grads`` by the scale in place (or write to ``out``, e.g. fp32 copies of bf16 grads) and set
+        :attr:`found_inf` on inf/nan: one launch per (device, dtype) group, no sync. Returns :attr:`found_inf`."""
+        functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
+        return self._found_inf
+
+    def grad_scale_and_norm(
+        self, grads: Sequence[Tensor], max_norm: float | None = None, norm_type: float = 2.0
+    ) -> tuple[Tensor, Tensor]:
+        """For an optimizer that unscales inside its kernel: one read of the (scaled) grads, no write.
+
+        Computes the norm of the scaled grads (one launch), sets :attr:`found_inf` if it is not finite (an inf
+        or nan grad, or a sum of squares that overflows fp32, which also calls for a smaller scale), and
+        returns ``(grad_scale, norm)``: ``norm`` is the unscaled grads' norm (0-d fp32), and ``grad_scale``
+        (1-element fp32) the number to divide the grads by: the loss scale, divided by the clip coefficient
+        ``min(1, max_norm / (norm + 1e-6))`` when ``max_norm`` is given. Pass it as ``grad_scale`` and
+        :attr:`found_inf` as ``found_inf`` to ``fused_ops.functional.adam_``: unscale, clip and update are
+        then one pass over the grads. No host sync.
+        """
+        scaled = functional.grad_norm(grads, norm_type, backend=self.backend).to(self.device)
+        bad = (~torch.isfinite(scaled)).to(torch.float32).reshape(1)
+        self._found_inf.copy_(torch.maximum(self._found_inf, bad))
+        norm = (scaled.double() / self._scale.double().reshape(())).float()
+        grad_scale = self._scale.clone()
+        if max_norm is not None:
+            grad_scale = grad_scale / functional.clip_coef(norm, max_norm)
+        return grad_scale, norm
+
+    def update(self, found_inf: Tensor | None = None) -> None:
+        """Advance the scale after a step; ``found_inf`` (default: :attr:`found_inf`) says the step was
+        skipped. All on the device: no host sync. Clears :attr:`found_inf`."""
+        flag = self._found_inf if found_inf is None else found_inf
+        f = (flag.reshape(1).to(self.device) > 0).reshape(1)
+        ok = ~f
+        scale = self._scale
+        self._min_scale_overflows.add_((f & (scale <= self.min_scale)).long())
+        hyst = torch.where(f, self._hysteresis_tracker - 1, self._hysteresis_tracker).clamp_min_(0)
+        back_off = f & (hyst <= 0)
+        growth = torch.where(f, torch.zeros_like(self._growth_tracker), self._growth_tracker + 1)
+        grow = ok & (growth >= self.growth_interval)
+        grown = scale * self.growth_factor
+        if self.max_scale is not None:
+            grown = grown.clamp_max(self.max_scale)
+        backed_off = (scale * self.backoff_factor).clamp_min(self.min_scale)
+        new_scale = torch.where(back_off, backed_off, torch.where(grow, grown, scale))
+        reset = (grow | ok) if self.consecutive_hysteresis else grow
+        self._hysteresis_tracker.copy_(torch.where(reset, torch.full_like(hyst, self.hysteresis), hyst))
+        self._growth_tracker.copy_(torch.where(grow, torch.zeros_like(growth), growth))
+        self._scale.copy_(new_scale)
+        self._skipped.add_(f.long())
+        self._consecutive.copy_(torch.where(f, self._consecutive + 1, torch.zeros_like(self._consecutive)))
+        self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
+        self._n_updates += 1
+        if self.check_interval is not None and self.warn_after is not None:
+            if self._n_updates % self.check_interval == 0:
+                self._poll()
+
+    # -- skip accounting ----------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> Tensor:
+        return torch.cat([
+            self._skipped.double(), self._consecutive.double(), self._min_scale_overflows.double(),
+            self._scale.double(),
+        ])  # fmt: skip
+
+    def _poll(self) -> None:
+        """Inspect the last asynchronous snapshot if it has landed, then take a new one (never blocks)."""
+        if self._pending is not None:
+            host, event = self._pending
+            if event is not None and not event.query():
+                return  # still in flight: look again at the next check
+            self._check(host)
+            self._pending = None
+        snapshot = self._snapshot()
+        if snapshot.is_cuda:
+            host = torch.empty(snapshot.shape, dtype=snapshot.dtype, pin_memory=True)
+            host.copy_(snapshot, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._check(snapshot)
+
+    def _check(self, host: Tensor) -> None:
+        skipped, consecutive, min_overflows, scale = host.tolist()
+        if self.warn_after is not None and consecutive >= self.warn_after and skipped > self._warned_skipped:
+            self._warned_skipped = skipped
+            warnings.warn(
+                f"DynamicLossScaler: the last {int(consecutive)} optimizer steps were skipped because of inf/nan "
+                f"gradients ({int(skipped)} skipped in total); the loss scale is now {scale:g}. The model may be "
+                "diverging, or the data may hold inf/nan.",
+                LossScalerWarning,
+                stacklevel=3,
+            )
+        if min_overflows > self._warned_min_scale:
+            self._warned_min_scale = min_overflows
+            warnings.warn(
+                f"DynamicLossScaler: gradients overflowed with the loss scale already at min_scale "
+                f"({self.min_scale:g}) {int(min_overflows)} time(s): those steps were skipped.",
+                LossScalerWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def skipped_steps(self) -> int:
+        """The number of steps skipped so far. Reads a device counter (a host sync) and checks for warnings."""
+        host = self._snapshot().cpu()
+        if self.warn_after is not None:
+            self._check(host)
+        return int(host[0].item())
+
+    def get_scale(self) -> float:
+        """The current scale as a Python float (a host sync)."""
+        return float(self._scale.item())
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Scale, counters and hyper-parameters, as Python numbers (reading them syncs once)."""
+        skipped, consecutive, min_overflows, scale = self._snapshot().tolist()
+        return {
+            "scale": scale,
+            "growth_tracker": int(self._growth_tracker.item()),
+            "hysteresis_tracker": int(self._hysteresis_tracker.item()),
+            "skipped_steps": int(skipped),
+            "consecutive_skipped": int(consecutive),
+            "min_scale_overflows": int(min_overflows),
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "hysteresis": self.hysteresis,
+            "min_scale": self.min_scale,
+            "max_scale": self.max_scale,
+            "consecutive_hysteresis": self.consecutive_hysteresis,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict`'s output (device tensors are filled in place)."""
+        missing = {"scale", "growth_tracker", "hysteresis_tracker"} - set(state_dict)
+        if missing:
+            raise KeyError(f"DynamicLossScaler.load_state_dict: missing keys {sorted(missing)}")
+        for key in ("growth_factor", "backoff_factor", "min_scale", "max_scale"):
+            if key in state_dict:
+                setattr(self, key, None if state_dict[key] is None else float(state_dict[key]))
+        for key in ("growth_interval", "hysteresis"):
+            if key in state_dict:
+                setattr(self, key, int(state_dict[key]))
+        if "consecutive_hysteresis" in state_dict:
+            self.consecutive_hysteresis = bool(state_dict["consecutive_hysteresis"])
+        self._scale.fill_(float(state_dict["scale"]))
+        self._growth_tracker.fill_(int(state_dict["growth_tracker"]))
+        self._hysteresis_tracker.fill_(int(state_dict["hysteresis_tracker"]))
+        self._skipped.fill_(int(state_dict.get("skipped_steps", 0)))
+        self._consecutive.fill_(int(state_dict.get("consecutive_skipped", 0)))
+        self._min_scale_overflows.fill_(int(state_dict.get("min_scale_overflows", 0)))
+        self._warned_skipped = int(state_dict.get("skipped_steps", 0))
+        self._warned_min_scale = int(state_dict.get("min_scale_overflows", 0))
+        self._found_inf.zero_()
+        self._pending = None

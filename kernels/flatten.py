@@ -1,0 +1,147 @@
+"""Gather many tensors into one flat buffer, or scatter it back: one launch for any number of tensors.
+
+Tensor ``i`` owns the segment ``flat[offsets[i] : offsets[i] + spans[i]]`` of the flat buffer, with
+``spans[i] >= numel(tensor i)``. Gathering writes the tensor's elements at the start of its segment and
+zeros over the rest (the alignment padding), so every element of the flat buffer is written exactly once
+and the buffer can be allocated with ``torch.empty`` (no separate zero-fill pass). Scattering copies the
+first ``numel`` elements of each segment back into the tensor.
+
+The chunk table (``_multi_tensor.py``) is built over the flat segments (one role); the tensors' own
+addresses and element counts travel in a second small int64 table, cached next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import MutableMapping, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._multi_tensor import _DEFAULT_CACHE, build_chunk_table
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _flatten_kernel(
+    table_ptr,  # int64 chunk table over the flat segments: addresses, spans, per-program segment and start
+    n_tensors,
+    numel_offset,
+    chunk_tensor_offset,
+    chunk_start_offset,
+    tensors_ptr,  # int64 [addr[0..T) | numel[0..T)] of the tensors (numel[t] <= span[t])
+    DTYPE: tl.constexpr,
+    SCATTER: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Copy one chunk between a tensor and its segment of the flat buffer (a bit copy, no arithmetic):
+
+    gather  (SCATTER=False): segment[i] = tensor[i] if i < numel else 0,   for i < span
+    scatter (SCATTER=True):  tensor[i]  = segment[i],                      for i < numel
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(table_ptr + chunk_tensor_offset + pid)
+    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    span_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
+    n_valid = tl.minimum(tl.load(tensors_ptr + n_tensors + t) - chunk_start, CHUNK_SIZE)
+    segment_ptr = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE)) + chunk_start
+    tensor_ptr = tl.load(tensors_ptr + t).to(tl.pointer_type(DTYPE)) + chunk_start
+    if SCATTER:
+        n_here = n_valid
+    else:
+        n_here = span_here
+
+    for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
+        if block_start < n_here:
+            offsets = block_start + tl.arange(0, BLOCK_SIZE)
+            if SCATTER:
+                mask = offsets < n_valid
+                tl.store(tensor_ptr + offsets, tl.load(segment_ptr + offsets, mask=mask), mask=mask)
+            else:
+                # Padding past the tensor's end is written as zeros, so the buffer never holds garbage.
+                x = tl.load(tensor_ptr + offsets, mask=offsets < n_valid, other=0.0)
+                tl.store(segment_ptr + offsets, x, mask=offsets < span_here)
+
+
+def _check_flat(flat) -> None:
+    if flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError("flatten_launch: flat must be a contiguous 1-d tensor")
+    if flat.dtype not in _TL_DTYPES:
+        raise TypeError(f"flatten_launch: flat must be float32, bfloat16, float16 or float64, got {flat.dtype}")
+
+
+def _check(flat, tensors, offsets, spans) -> None:
+    for i, (x, span) in enumerate(zip(tensors, spans, strict=True)):
+        if span < x.numel():
+            raise ValueError(f"flatten_launch: tensors[{i}] has {x.numel()} elements, its segment only {span}")
+        if x.dtype != flat.dtype or x.device != flat.device:
+            raise ValueError(
+                f"flatten_launch: tensors[{i}] is {x.dtype} on {x.device}, flat is {flat.dtype} on {flat.device}"
+            )
+        if not x.is_contiguous():
+            raise ValueError(f"flatten_launch: tensors[{i}] must be contiguous")
+
+
+def flatten_launch(
+    flat: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    spans: Sequence[int],
+    *,
+    scatter: bool = False,
+    chunk_size: int = 65536,
+    block_size: int = 1024,
+    cache: MutableMapping | None = None,
+) -> None:
+    """Gather ``tensors`` into ``flat`` (``scatter=False``) or scatter ``flat`` back into them, in one launch.
+
+    ``flat[offsets[i] : offsets[i] + spans[i]]`` is tensor ``i``'s segment; a gather zero-fills the part of
+    each segment past the tensor's end. Segments must not overlap (not checked: the layout comes from
+    ``fused_ops``). Inputs are checked when their tables are first built, then cached by address.
+    """
+    if len(tensors) == 0:
+        return
+    if cache is None:
+        cache = _DEFAULT_CACHE
+    _check_flat(flat)
+    if len(offsets) != len(tensors) or len(spans) != len(tensors):
+        raise ValueError(f"flatten_launch: {len(tensors)} tensors but {len(offsets)} offsets and {len(spans)} spans")
+    n_flat = flat.numel()
+    for i, (off, span) in enumerate(zip(offsets, spans, strict=True)):
+        if off < 0 or span < 0 or off + span > n_flat:
+            raise ValueError(f"flatten_launch: segment {i} [{off}, {off + span}) is outside flat ({n_flat} elements)")
+    base = flat.storage_offset()
+    segments = [flat.as_strided((int(span),), (1,), base + int(off)) for off, span in zip(offsets, spans, strict=True)]
+    table = build_chunk_table([segments], chunk_size, cache, check=lambda: _check(flat, tensors, offsets, spans))
+    # The chunk table's cache key covers the segments only; the tensors' addresses get their own entry.
+    key = ("flatten_tensors", tuple(x.data_ptr() for x in tensors), tuple(x.numel() for x in tensors), flat.dtype,
+           flat.device)  # fmt: skip
+    info = cache.get(key)
+    if info is None:
+        _check(flat, tensors, offsets, spans)
+        host = torch.tensor([x.data_ptr() for x in tensors] + [x.numel() for x in tensors], dtype=torch.int64)
+        info = host.to(flat.device)
+        cache[key] = info
+    if table.n_chunks == 0:
+        return
+    with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
+        _flatten_kernel[(table.n_chunks,)](
+            table.table,
+            table.n_tensors,
+            table.numel_offset,
+            table.chunk_tensor_offset,
+            table.chunk_start_offset,
+            info,
+            DTYPE=_TL_DTYPES[flat.dtype],
+            SCATTER=scatter,
+            CHUNK_SIZE=chunk_size,
+            BLOCK_SIZE=block_size,
+        )

@@ -1,0 +1,251 @@
+"""Gradient scaling kernels: fused unscale + non-finite check, and multi-tensor norm partials.
+
+Both run one launch for any number of tensors of one (device, dtype) through a chunk table
+(``_multi_tensor.py``) and never synchronise with the host: the scale is read from a device tensor, the
+"found inf" flag is written to one, and the norm stays on the device.
+
+The norm is deterministic: each program writes the partial sum (or max) of its chunk to its own slot of a
+partials buffer, with no atomics, and the launcher reduces the partials with one torch reduction in float64
+in a fixed order. Same inputs and layout, same bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import MutableMapping, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._multi_tensor import build_chunk_table
+from .cast import load_fp32, rounded_fp32, store_fp32
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _unscale_kernel(
+    table_ptr,  # int64 chunk table: addresses of grads (role 0) and, with HAS_OUT, outputs (role 1)
+    n_tensors,
+    numel_offset,
+    chunk_tensor_offset,
+    chunk_start_offset,
+    inv_scale,  # runtime float, unless INV_SCALE_IS_TENSOR
+    inv_scale_ptr,  # 1-element device tensor holding the multiplier, read when INV_SCALE_IS_TENSOR
+    found_inf_ptr,  # 1-element device tensor, set to 1 when a result is inf or nan (HAS_FOUND_INF)
+    GRAD_DTYPE: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    INV_SCALE_IS_TENSOR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """y = grad * inv_scale in fp32 (torch's ``_amp_foreach_non_finite_check_and_unscale_``), stored rounded
+    to nearest even into the grad itself or, with HAS_OUT, into ``out``; found_inf = 1 if any stored y is
+    inf or nan. found_inf is only ever set, never cleared, so every program that sees a non-finite value may
+    store the same 1 without atomics (as torch's kernel does). Checking the stored result rather than the
+    input also catches a finite grad that overflows once multiplied or narrowed.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(table_ptr + chunk_tensor_offset + pid)
+    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
+    grad_ptr = tl.load(table_ptr + t).to(tl.pointer_type(GRAD_DTYPE)) + chunk_start
+    if HAS_OUT:
+        out_ptr = tl.load(table_ptr + n_tensors + t).to(tl.pointer_type(OUT_DTYPE)) + chunk_start
+    else:
+        out_ptr = tl.load(table_ptr + t).to(tl.pointer_type(OUT_DTYPE)) + chunk_start
+    if INV_SCALE_IS_TENSOR:
+        inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
+    else:
+        inv_scale = tl.cast(inv_scale, tl.float32)
+
+    n_bad = tl.zeros((BLOCK_SIZE,), dtype=tl.int32)
+    for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
+        if block_start < n_here:
+            offsets = block_start + tl.arange(0, BLOCK_SIZE)
+            mask = offsets < n_here
+            y = load_fp32(grad_ptr + offsets, mask, GRAD_DTYPE) * inv_scale
+            if HAS_FOUND_INF:
+                r = rounded_fp32(y, OUT_DTYPE)  # the value stored: narrowing may overflow
+                n_bad += tl.where(mask & (r - r != 0.0), 1, 0)  # r - r is nan exactly for inf and nan
+            store_fp32(out_ptr + offsets, y, mask, OUT_DTYPE)
+    if HAS_FOUND_INF:
+        if tl.sum(n_bad, axis=0) > 0:
+            tl.store(found_inf_ptr, 1.0)
+
+
+@triton.jit
+def _norm_partials_kernel(
+    table_ptr,  # int64 chunk table over the tensors (one role)
+    n_tensors,
+    numel_offset,
+    chunk_tensor_offset,
+    chunk_start_offset,
+    partials_ptr,  # fp32 [n_chunks]: one partial per program, no atomics
+    p,  # runtime float: the norm's order, read when NORM == 3
+    DTYPE: tl.constexpr,
+    NORM: tl.constexpr,  # 0: inf (max |x|), 1: sum |x|, 2: sum x^2, 3: sum |x|^p
+    CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """partials[pid] = sum over the program's chunk of |x|^p (p = 1, 2 or any p > 0), or max |x| for
+    p = inf, accumulated in fp32 in a fixed order (elementwise over blocks, then a tree sum). The inf norm
+    counts nans separately, because the hardware max drops them: a chunk with a nan yields nan, as
+    ``torch.linalg.vector_norm`` does.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(table_ptr + chunk_tensor_offset + pid)
+    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
+    x_ptr = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE)) + chunk_start
+    p = tl.cast(p, tl.float32)
+
+    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    nan_probe = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)  # stays 0 unless a nan is added in
+    for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
+        if block_start < n_here:
+            offsets = block_start + tl.arange(0, BLOCK_SIZE)
+            x = load_fp32(x_ptr + offsets, offsets < n_here, DTYPE)
+            a = tl.abs(x)
+            if NORM == 0:
+                acc = tl.maximum(acc, a)
+                nan_probe += tl.where(x != x, x, 0.0)
+            elif NORM == 1:
+                acc += a
+            elif NORM == 2:
+                acc += x * x
+            else:
+                acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(a)))
+    if NORM == 0:
+        partial = tl.max(acc, axis=0) + tl.sum(nan_probe, axis=0)
+    else:
+        partial = tl.sum(acc, axis=0)
+    tl.store(partials_ptr + pid, partial)
+
+
+def _check(tensors, name, dtypes=None) -> None:
+    device, dtype = tensors[0].device, tensors[0].dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"{name}: tensors must be float32, bfloat16 or float16, got {dtype}")
+    for i, x in enumerate(tensors):
+        if x.device != device or x.dtype != dtype:
+            raise ValueError(f"{name}: tensors[{i}] is {x.dtype} on {x.device}, expected {dtype} on {device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name}: tensors[{i}] must be contiguous")
+
+
+def _check_unscale(grads, out) -> None:
+    _check(grads, "unscale_launch")
+    if out:
+        if len(out) != len(grads):
+            raise ValueError(f"unscale_launch: out has {len(out)} tensors, grads has {len(grads)}")
+        _check(out, "unscale_launch (out)")
+        if out[0].device != grads[0].device:
+            raise ValueError(f"unscale_launch: out is on {out[0].device}, grads on {grads[0].device}")
+        for i, (o, g) in enumerate(zip(out, grads, strict=True)):
+            if o.numel() != g.numel():
+                raise ValueError(f"unscale_launch: out[{i}] has {o.numel()} elements, grads[{i}] has {g.numel()}")
+
+
+def unscale_launch(
+    grads: Sequence[torch.Tensor],
+    inv_scale: float | torch.Tensor,
+    found_inf: torch.Tensor | None,
+    out: Sequence[torch.Tensor] | None = None,
+    *,
+    chunk_size: int = 65536,
+    block_size: int = 1024,
+    cache: MutableMapping | None = None,
+) -> None:
+    """Multiply every grad by ``inv_scale`` and set ``found_inf`` to 1 if any result is inf or nan: one launch.
+
+    ``inv_scale`` is a float or a 1-element device tensor (read on the device: no sync); ``found_inf`` a
+    1-element float device tensor that is set, never cleared (None: no check). With ``out`` (same sizes,
+    one dtype), results go there and the grads are left unchanged, e.g. fp32 copies of bf16 grads.
+    Inputs are checked when their chunk table is first built.
+    """
+    if len(grads) == 0:
+        return
+    out = list(out) if out else []
+    if out and len(out) != len(grads):
+        _check_unscale(grads, out)
+    roles = [grads, out] if out else [grads]
+    table = build_chunk_table(roles, chunk_size, cache, check=lambda: _check_unscale(grads, out))
+    if table.n_chunks == 0:
+        return
+    scale_is_tensor = isinstance(inv_scale, torch.Tensor)
+    for name, x in (("inv_scale", inv_scale if scale_is_tensor else None), ("found_inf", found_inf)):
+        if x is not None and (x.numel() != 1 or x.device != grads[0].device or not x.is_floating_point()):
+            raise ValueError(f"unscale_launch: {name} must be a 1-element float tensor on {grads[0].device}")
+    dummy = table.table
+    with torch.cuda.device(grads[0].device) if grads[0].is_cuda else contextlib.nullcontext():
+        _unscale_kernel[(table.n_chunks,)](
+            table.table,
+            table.n_tensors,
+            table.numel_offset,
+            table.chunk_tensor_offset,
+            table.chunk_start_offset,
+            0.0 if scale_is_tensor else float(inv_scale),
+            inv_scale if scale_is_tensor else dummy,
+            found_inf if found_inf is not None else dummy,
+            GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
+            OUT_DTYPE=_TL_DTYPES[(out or grads)[0].dtype],
+            HAS_OUT=bool(out),
+            INV_SCALE_IS_TENSOR=scale_is_tensor,
+            HAS_FOUND_INF=found_inf is not None,
+            CHUNK_SIZE=chunk_size,
+            BLOCK_SIZE=block_size,
+        )
+
+
+def norm_launch(
+    tensors: Sequence[torch.Tensor],
+    norm_type: float = 2.0,
+    *,
+    chunk_size: int = 65536,
+    block_size: int = 1024,
+    cache: MutableMapping | None = None,
+) -> torch.Tensor:
+    """The ``norm_type``-norm of all elements of all ``tensors`` together, as a 0-d fp32 device tensor.
+
+    One launch writes one fp32 partial per chunk; the partials are then reduced by torch in float64 (a
+    sum, or a max for ``inf``) and the root taken in float64. No host sync; deterministic. ``norm_type`` is
+    ``inf`` or any p > 0.
+    """
+    norm_type = float(norm_type)
+    if not (norm_type > 0):
+        raise ValueError(f"norm_launch: norm_type must be inf or > 0, got {norm_type}")
+    if len(tensors) == 0:
+        return torch.zeros((), dtype=torch.float32)
+    table = build_chunk_table([tensors], chunk_size, cache, check=lambda: _check(tensors, "norm_launch"))
+    device = tensors[0].device
+    if table.n_chunks == 0:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norm = 0 if math.isinf(norm_type) else 1 if norm_type == 1.0 else 2 if norm_type == 2.0 else 3
+    partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
+    with torch.cuda.device(device) if tensors[0].is_cuda else contextlib.nullcontext():
+        _norm_partials_kernel[(table.n_chunks,)](
+            table.table,
+            table.n_tensors,
+            table.numel_offset,
+            table.chunk_tensor_offset,
+            table.chunk_start_offset,
+            partials,
+            norm_type if norm == 3 else 1.0,
+            DTYPE=_TL_DTYPES[tensors[0].dtype],
+            NORM=norm,
+            CHUNK_SIZE=chunk_size,
+            BLOCK_SIZE=block_size,
+        )
+    if norm == 0:
+        return partials.max().to(torch.float32)
+    total = partials.to(torch.float64).sum()
+    if norm == 2:
+        total = total.sqrt()
+    elif norm == 3:
+        total = total.pow(1.0 / norm_type)
+    return total.to(torch.float32)

@@ -1,0 +1,369 @@
+"""unscale_ (fused unscale + inf/nan check), grad_norm and clip_grad_norm_: the kernels in the interpret tier (and
+on CUDA with the `gpu` mark) against float64 math and torch, the public functions on both backends."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+from fused_ops.kernels import scale as scale_kernels
+
+import fused_ops
+from fused_ops import functional, reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, in the interpreter
+
+CHUNK, BLOCK = 64, 32
+SIZES = [0, 1, 2, 13, 31, 32, 33, 64, 65, 97, 130]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.interpret, id="interpret"),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+]
+BACKENDS = [pytest.param("triton", marks=pytest.mark.interpret), "reference", "auto"]
+GUARD = 5
+
+
+def _guarded(n, dtype, device, fill=None):
+    buf = torch.full((n + 2 * GUARD,), float("nan"), dtype=dtype, device=device)
+    view = buf[GUARD : GUARD + n]
+    if fill is not None:
+        view.copy_(fill)
+    return buf, view
+
+
+def _check_guards(bufs):
+    for b in bufs:
+        assert torch.isnan(b[:GUARD]).all() and torch.isnan(b[-GUARD:]).all(), "kernel wrote outside a tensor"
+
+
+def _same_bits(a, b):
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+# -- unscale --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_kind", ["tensor", "float"])
+def test_kernel_unscale_matches_torch_and_float64(device, dtype, scale_kind):
+    bufs, grads = [], []
+    for n in SIZES:
+        buf, g = _guarded(n, dtype, device, 100 * torch.randn(n))
+        bufs.append(buf)
+        grads.append(g)
+    inv = 1.0 / 1024.0 * 3.0  # not a power of two: the product rounds
+    inv_arg = torch.tensor([inv], device=device) if scale_kind == "tensor" else inv
+    expected_torch = [g.clone() for g in grads]
+    torch._amp_foreach_non_finite_check_and_unscale_(expected_torch, torch.zeros(1, device=device),
+                                                     torch.tensor([inv], device=device))  # fmt: skip
+    expected64 = [g.double() * torch.tensor(inv, dtype=torch.float32).double() for g in grads]
+    found_inf = torch.zeros(1, device=device)
+    scale_kernels.unscale_launch(grads, inv_arg, found_inf, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    _check_guards(bufs)
+    assert found_inf.item() == 0.0
+    ulp = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
+    for g, e, e64 in zip(grads, expected_torch, expected64, strict=True):
+        assert torch.equal(g, e), "bit-exact with torch's _amp_foreach_non_finite_check_and_unscale_"
+        torch.testing.assert_close(g.double(), e64, rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_unscale_out_writes_fp32_copies(device, dtype):
+    """With ``out``: fp32 results in poisoned outputs, grads untouched."""
+    grads = [torch.randn(n, device=device).to(dtype) for n in SIZES]
+    before = [g.clone() for g in grads]
+    bufs, outs = zip(*(_guarded(n, torch.float32, device) for n in SIZES), strict=True)
+    found_inf = torch.zeros(1, device=device)
+    scale_kernels.unscale_launch(grads, 0.125, found_inf, outs, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    _check_guards(bufs)
+    for g, b, o in zip(grads, before, outs, strict=True):
+        assert torch.equal(g, b)
+        assert torch.equal(o, b.float() * 0.125)
+    assert found_inf.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", [(1, 0), (9, 0), (10, 129), (10, 64)])
+def test_kernel_unscale_sets_found_inf(device, dtype, bad, where):
+    grads = [torch.randn(n, device=device).to(dtype) for n in SIZES]
+    t, i = where
+    grads[t][i] = float(bad)
+    found_inf = torch.zeros(1, device=device)
+    scale_kernels.unscale_launch(grads, torch.tensor([0.5], device=device), found_inf, chunk_size=CHUNK,
+                                 block_size=BLOCK, cache={})  # fmt: skip
+    assert found_inf.item() == 1.0
+    # never cleared: a clean launch leaves a set flag set
+    scale_kernels.unscale_launch([torch.ones(3, device=device)], 1.0, found_inf, cache={})
+    assert found_inf.item() == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_unscale_flags_overflow_on_narrowing(device):
+    g = [torch.tensor([1.0, 6e4, -2.0], device=device)]
+    out = [torch.empty(3, dtype=torch.float16, device=device)]
+    found_inf = torch.zeros(1, device=device)
+    scale_kernels.unscale_launch(g, 2.0, found_inf, out, cache={})  # 1.2e5 does not fit fp16
+    assert found_inf.item() == 1.0 and torch.isinf(out[0][1])
+    found_inf.zero_()
+    scale_kernels.unscale_launch([torch.full((5,), 3e38, device=device)], 2.0, found_inf, cache={})
+    assert found_inf.item() == 1.0
+
+
+def test_kernel_unscale_rejects_bad_input():
+    with pytest.raises(ValueError, match="tensors\\[1\\]"):
+        scale_kernels.unscale_launch([torch.zeros(3), torch.zeros(3, dtype=torch.float16)], 1.0, None, cache={})
+    with pytest.raises(ValueError, match="out\\[0\\] has 4 elements"):
+        scale_kernels.unscale_launch([torch.zeros(3)], 1.0, None, [torch.zeros(4)], cache={})
+    with pytest.raises(ValueError, match="found_inf must be a 1-element"):
+        scale_kernels.unscale_launch([torch.zeros(3)], 1.0, torch.zeros(2), cache={})
+
+
+# -- norm -------------------------------------------------------------------------------------------------------
+
+
+def _norm64(tensors, p):
+    if not tensors:
+        return torch.tensor(0.0, dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors]), p)
+
+
+NORMS = [2.0, 1.0, 3.5, math.inf]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+def test_kernel_norm_matches_float64(device, dtype, p, monkeypatch):
+    tensors = [(torch.randn(n, device=device) * 10 ** torch.randint(-3, 3, ()).item()).to(dtype) for n in SIZES]
+    launches = []
+    real = scale_kernels._norm_partials_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(scale_kernels, "_norm_partials_kernel", Counting())
+    got = scale_kernels.norm_launch(tensors, p, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    assert launches == [(sum(math.ceil(n / CHUNK) for n in SIZES),)]
+    assert got.dtype == torch.float32 and got.shape == () and got.device.type == device
+    rtol = 4e-6 if p in (1.0, 2.0, math.inf) else 2e-5  # general p uses exp2/log2
+    torch.testing.assert_close(got.double().cpu(), _norm64(tensors, p).cpu(), rtol=rtol, atol=0)
+    again = scale_kernels.norm_launch(tensors, p, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    assert torch.equal(got, again), "deterministic: same inputs, same bits"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", NORMS)
+def test_kernel_norm_propagates_inf_and_nan(device, p):
+    tensors = [torch.randn(n, device=device) for n in (5, 70, 3)]
+    tensors[1][66] = float("inf")
+    got = scale_kernels.norm_launch(tensors, p, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    assert torch.isinf(got)
+    tensors[2][1] = float("nan")
+    got = scale_kernels.norm_launch(tensors, p, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    assert torch.isnan(got), "nan wins over inf, as in torch.linalg.vector_norm"
+    empty = scale_kernels.norm_launch([torch.zeros(0, device=device)], p, cache={})
+    assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", NORMS)
+def test_grad_norm_matches_vector_norm(backend, p):
+    tensors = [torch.randn(s).to(dt) for s, dt in zip([(3, 4), (0,), (97,), (), (2, 5, 7)], DTYPES * 2, strict=False)]
+    got = fused_ops.grad_norm(tensors, p, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got.double(), _norm64(tensors, p), rtol=2e-5, atol=0)
+    expected = torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in tensors]), p)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=0)
+    assert torch.equal(got, fused_ops.grad_norm(tensors, p, backend=backend))
+
+
+def test_grad_norm_float64_and_empty():
+    x = [torch.randn(9, dtype=torch.float64), torch.randn(4)]
+    got = fused_ops.grad_norm(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _norm64(x, 2.0))
+    assert fused_ops.grad_norm([]).item() == 0.0
+    for p in (0, -1, float("nan"), -math.inf):
+        with pytest.raises(ValueError, match="norm_type"):
+            fused_ops.grad_norm(x, p)
+    with pytest.raises(TypeError, match="tensors\\[1\\] must be a floating-point"):
+        fused_ops.grad_norm([x[0], torch.zeros(3, dtype=torch.int64)])
+
+
+# -- clip -------------------------------------------------------------------------------------------------------
+
+
+def _params(shapes, dtype=torch.float32, scale=1.0):
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s).to(dtype))
+        p.grad = (scale * torch.randn(s)).to(dtype)
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(backend, p, max_norm):
+    shapes = [(5, 3), (1,), (67,), (0,), (4, 4, 2)]
+    ours = _params(shapes)
+    theirs = [torch.nn.Parameter(q.detach().clone()) for q in ours]
+    for q, t in zip(ours, theirs, strict=True):
+        t.grad = q.grad.clone()
+    ours.append(torch.nn.Parameter(torch.randn(3)))  # no grad: skipped
+    norm = fused_ops.clip_grad_norm_(ours, max_norm, p, backend=backend)
+    # torch refuses the inf norm of an empty grad; ours treats it as 0 (the empty grad changes nothing)
+    expected = torch.nn.utils.clip_grad_norm_([t for t in theirs if t.numel()], max_norm, p)
+    torch.testing.assert_close(norm, expected, rtol=2e-6, atol=0)
+    for q, t in zip(ours, theirs, strict=False):
+        torch.testing.assert_close(q.grad, t.grad, rtol=4e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_clip_grad_norm_low_precision(backend, dtype):
+    """bf16/fp16 grads: the norm is fp32 (torch's is in the grads' dtype); grads scaled within half an ulp."""
+    params = _params([(33,), (7, 5)], dtype, scale=3.0)
+    grads64 = [q.grad.double() for q in params]
+    total64 = _norm64(grads64, 2.0)
+    norm = fused_ops.clip_grad_norm_(params, 1.0, backend=backend)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), total64, rtol=1e-6, atol=0)
+    coef = min(1.0, 1.0 / (total64.item() + 1e-6))
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    for q, g64 in zip(params, grads64, strict=True):
+        torch.testing.assert_close(q.grad.double(), g64 * coef, rtol=ulp, atol=1e-6)
+
+
+def test_clip_grad_norm_errors_and_edge_cases():
+    params = _params([(4,), (3,)])
+    before = [q.grad.clone() for q in params]
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="max_norm must be finite"):
+            fused_ops.clip_grad_norm_(params, bad)
+    with pytest.raises(ValueError, match="norm_type"):
+        fused_ops.clip_grad_norm_(params, 1.0, 0.0)
+    assert all(torch.equal(q.grad, b) for q, b in zip(params, before, strict=True)), "nothing modified"
+    params[1].grad[0] = float("inf")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fused_ops.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert torch.isinf(fused_ops.clip_grad_norm_(params, 1.0))
+    assert fused_ops.clip_grad_norm_([torch.nn.Parameter(torch.zeros(2))], 1.0).item() == 0.0
+    single = torch.nn.Parameter(torch.ones(4))
+    single.grad = torch.full((4,), 2.0)
+    torch.testing.assert_close(fused_ops.clip_grad_norm_(single, 1.0), torch.tensor(4.0))
+    torch.testing.assert_close(single.grad, torch.full((4,), 0.5), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unscale_public_groups_and_validation(backend):
+    grads = [torch.randn(n).to(dt) for n, dt in zip(SIZES, DTYPES * 4, strict=False)]
+    expected = [(g.float() * 0.25).to(g.dtype) for g in grads]
+    found_inf = torch.zeros(1)
+    fused_ops.unscale_(grads, torch.tensor(0.25), found_inf, backend=backend)
+    assert found_inf.item() == 0.0
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(g, e)
+    outs = [torch.full(g.shape, float("nan")) for g in grads]
+    grads[3][0] = float("nan")
+    fused_ops.unscale_(grads, 2.0, found_inf, out=outs, backend=backend)
+    assert found_inf.item() == 1.0
+    for g, o in zip(grads, outs, strict=True):
+        assert _same_bits(o, g.float() * 2.0)
+
+    g = [torch.ones(3)]
+    with pytest.raises(TypeError, match="inv_scale must be a 1-element"):
+        fused_ops.unscale_(g, torch.ones(2), found_inf)
+    with pytest.raises(ValueError, match="inv_scale must be finite"):
+        fused_ops.unscale_(g, math.inf, found_inf)
+    with pytest.raises(TypeError, match="found_inf must be a 1-element"):
+        fused_ops.unscale_(g, 1.0, torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out has 2 tensors"):
+        fused_ops.unscale_(g, 1.0, None, out=[torch.ones(3), torch.ones(3)])
+    with pytest.raises(ValueError, match="out\\[0\\] is \\(4,\\)"):
+        fused_ops.unscale_(g, 1.0, None, out=[torch.ones(4)])
+    with pytest.raises(ValueError, match="grads\\[0\\] must be contiguous"):
+        fused_ops.unscale_([torch.ones(3, 3).t()], 1.0, None)
+    assert torch.equal(g[0], torch.ones(3))
+
+
+@contextlib.contextmanager
+def _no_host_reads(monkeypatch):
+    """Fail on any read of a tensor's value by the host (.item(), bool(), float(), .tolist(), .cpu(), numpy)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a device value")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, forbidden)
+        yield
+
+
+def test_no_host_reads_reference(monkeypatch):
+    """unscale_, grad_norm and clip_grad_norm_ never read a device value on the host (a sync on a GPU). The
+    CPU path is checked here; the Triton path under the interpreter reads tensors through numpy by design,
+    so it is checked on CUDA with torch's sync debug mode (test_no_host_sync_cuda)."""
+    params = _params([(5,), (40,)])
+    grads = [q.grad for q in params]
+    found_inf = torch.zeros(1)
+    with _no_host_reads(monkeypatch):
+        fused_ops.unscale_(grads, torch.tensor(0.5), found_inf, backend="reference")
+        fused_ops.grad_norm(grads, backend="reference")
+        fused_ops.grad_norm(grads, math.inf, backend="reference")
+        fused_ops.clip_grad_norm_(params, 0.1, backend="reference")
+
+
+@pytest.mark.gpu
+def test_no_host_sync_cuda():
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (5, 4000, 70000)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    found_inf = torch.zeros(1, device="cuda")
+    scale = torch.tensor([0.5], device="cuda")
+    fused_ops.clip_grad_norm_(params, 1.0)  # compile and build the tables first
+    fused_ops.unscale_([q.grad for q in params], scale, found_inf)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_ops.unscale_([q.grad for q in params], scale, found_inf)
+        fused_ops.grad_norm([q.grad for q in params])
+        fused_ops.clip_grad_norm_(params, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    grads = [torch.randn(n, device=device) for n in (3, 0, 70)]
+    outs = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in (3, 0, 70)]
+    found_inf = torch.zeros(1, device=device)
+    inv = torch.tensor([0.5], device=device)
+    op = torch.ops.fused_ops
+    torch.library.opcheck(op.unscale_.default, ([g.clone() for g in grads], inv, 0.0, found_inf, [], "triton"))
+    torch.library.opcheck(op.unscale_.default, (grads, None, 0.25, found_inf, outs, "triton"))
+    torch.library.opcheck(op.grad_norm.default, (grads, 2.0, "triton"))
+    torch.library.opcheck(op.grad_norm.default, (grads, math.inf, "triton"))
+
+
+def test_opcheck_reference():
+    grads = [torch.randn(n) for n in (3, 0, 70)]
+    op = torch.ops.fused_ops
+    torch.library.opcheck(op.unscale_.default, (grads, torch.tensor([0.5]), 0.0, torch.zeros(1), [], "reference"))
+    torch.library.opcheck(op.grad_norm.default, (grads, 2.0, "reference"))
+
+
+def test_reference_unscale_is_float64_capable():
+    g = [torch.randn(5, dtype=torch.float64)]
+    expected = g[0] * 0.1
+    reference.unscale_(g, 0.1, None)
+    assert torch.equal(g[0], expected)
+    assert functional.clip_coef(torch.tensor(4.0), 1.0).item() == pytest.approx(1.0 / (4.0 + 1e-6))
