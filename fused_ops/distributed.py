@@ -39,7 +39,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import torch
@@ -177,15 +176,14 @@ class _Bucket:
 
 
 class _StagingPool:
-    """Flat buffers the reduce-scatters read from (and shard-sized outputs), reused bucket after bucket."""
+    """Flat buffers the reduce-scatters run in, reused bucket after bucket (two to overlap, else one)."""
 
-    def __init__(self, count: int, numel: int, shard_numel: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device):
         self.flat = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
-        self.out = [torch.empty(shard_numel, dtype=dtype, device=device) for _ in range(count)]
         self.free = list(range(count))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in chain(self.flat, self.out))
+        return sum(t.numel() * t.element_size() for t in self.flat)
 
 
 # -- the optimizer --------------------------------------------------------------------------------------------
@@ -413,9 +411,9 @@ class ZeroAdamW(torch.optim.Optimizer):
         for b in self._buckets:
             key = (self._reduce_dtype(b), dev)
             sizes[key] = max(sizes.get(key, 0), b.numel)
-        count = 2 if self.overlap_comm else 1
+        count = 2 if self.overlap_comm and len(self._buckets) > 1 else 1
         self._pools: dict[tuple, _StagingPool] = {
-            key: _StagingPool(count, numel, numel // world, key[0], key[1]) for key, numel in sizes.items()
+            key: _StagingPool(count, numel, key[0], key[1]) for key, numel in sizes.items()
         }
 
     def _reduce_dtype(self, b: _Bucket) -> torch.dtype:
@@ -515,8 +513,10 @@ class ZeroAdamW(torch.optim.Optimizer):
         if self.stage == 2:
             for s in b.slots:
                 s.param.grad = None
+        # Straight into the fp32 grad shard when nothing is there yet; otherwise in place (into this rank's
+        # slice of the staging buffer: NCCL and gloo support it), to be added to the shard when it lands.
         direct = key[0] == torch.float32 and not b.grad_valid and b.inflight == 0
-        out = b.grad if direct else pool.out[si].narrow(0, 0, b.shard_numel)
+        out = b.grad if direct else flat.narrow(0, self.rank * b.shard_numel, b.shard_numel)
         work = _reduce_scatter(out, flat, self.process_group, async_op=True)
         b.inflight += 1
         self._inflight.append((b, pool, si, out, direct, work))
@@ -979,41 +979,46 @@ def _bench_worker(rank: int, nproc: int, port: int, cfg: dict, out_dir: str) -> 
 
         x = torch.randn(batch, hidden)
 
-        def timed(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
-            times = []
+        def timed(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[float, int]:
+            """Median ms per iteration, and the bytes of p.grad still held after backward (last iteration)."""
+            times, grad_bytes = [], 0
             for it in range(cfg["warmup"] + cfg["steps"]):
                 dist.barrier()
                 t0 = time.perf_counter()
                 loss = model(x).square().mean()
                 loss.backward()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_bytes = sum(g.numel() * g.element_size() for g in grads)
                 opt.step()
                 opt.zero_grad()
                 t1 = time.perf_counter()
                 if it >= cfg["warmup"]:
                     times.append(t1 - t0)
-            return statistics.median(times) * 1e3
+            return statistics.median(times) * 1e3, grad_bytes
 
-        model = make_model()
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in make_model().parameters())
         for stage in cfg["stages"]:
             model = make_model()
             opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=cfg["bucket_cap_mb"], lr=1e-4)
-            ms = timed(model, opt)
-            results[f"zero{stage}"] = {"step_ms": ms, "memory": opt.memory_report()}
+            ms, grad_bytes = timed(model, opt)
+            memory = opt.memory_report()
+            memory["param_grads"] = grad_bytes  # stage 1: the full local grads; stage 2: freed during backward
+            memory["total"] += grad_bytes
+            results[f"zero{stage}"] = {"step_ms": ms, "memory": memory}
             del opt, model
 
         model = make_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg["bucket_cap_mb"])
+        # gradient_as_bucket_view: grads are views of DDP's buckets (its lowest-memory setting), counted once.
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg["bucket_cap_mb"],
+                                                        gradient_as_bucket_view=True)  # fmt: skip
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
-        ms = timed(ddp, opt)
+        ms, grad_bytes = timed(ddp, opt)
         states = sum(
             t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if isinstance(t, Tensor)
         )
-        grads = sum(p.numel() * p.element_size() for p in model.parameters())
-        results["ddp_adamw"] = {
-            "step_ms": ms,
-            "memory": {"master": 0, "states": states, "grad_buckets": grads, "padding": 0, "total": states + grads},
-        }
+        memory = {"master": 0, "states": states, "grad_buckets": 0, "padding": 0, "param_grads": grad_bytes}
+        memory["total"] = sum(memory.values())
+        results["ddp_adamw"] = {"step_ms": ms, "memory": memory}
         results["params"] = n_params
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -1038,10 +1043,13 @@ def benchmark_zero(
 
         {"nproc": 2, "params": P, "device": "cpu (gloo)",
          "zero1" / "zero2" / "ddp_adamw": {"step_ms": median ms per iteration (fwd+bwd+step, rank 0),
-                                           "memory": per-rank optimizer bytes by category (rank 0),
+                                           "memory": bytes by category on rank 0 (see below),
                                            "memory_per_rank": [total bytes of each rank]}}
 
-    For DDP + AdamW, ``memory`` counts AdamW's states and the gradients (DDP keeps full grads on every rank).
+    ``memory`` has ZeroAdamW.memory_report()'s categories plus ``param_grads``, the bytes of ``p.grad`` still
+    held after backward (ZeRO-1 and DDP: the full grads, which for DDP with ``gradient_as_bucket_view=True``
+    are its buckets; ZeRO-2: none). For DDP + AdamW, ``states`` are AdamW's. CPU timings show the overheads of
+    the collectives and of the CPU Adam path, not GPU performance.
     """
     import json
     import socket

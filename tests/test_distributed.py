@@ -145,6 +145,23 @@ def run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
     ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=LR)
     out = {"err": [], "norm_rel": [], "found_inf": [], "grads_freed": [], "n_buckets": len(opt._buckets),
            "scaler_found_inf": []}  # fmt: skip
+    launches = {"hook": 0, "other": 0}
+    if stage == 2:  # count the reduce-scatters launched from grad hooks, i.e. overlapping the rest of backward
+        end_round, launch, flushing = opt._end_round, opt._launch, []
+
+        def counted_end_round():
+            flushing.append(True)
+            try:
+                end_round()
+            finally:
+                flushing.pop()
+
+        def counted_launch(b):
+            launches["hook" if opt._round_open and not flushing else "other"] += 1
+            launch(b)
+
+        opt._end_round, opt._launch = counted_end_round, counted_launch
+    out["launches"] = launches
     loss_scale, scaler = cfg.get("loss_scale"), None
     if isinstance(loss_scale, str):  # a loss scaler object: ZeroAdamW reads .scale and sets .found_inf
         scaler = types.SimpleNamespace(scale=torch.full((1,), 256.0), found_inf=torch.zeros(1))
@@ -205,9 +222,13 @@ def run_checkpoint_load(rank: int, world: int, out_dir: str) -> dict:
     saved = torch.load(os.path.join(out_dir, "consolidated.pt"))
     final4 = torch.load(os.path.join(out_dir, "final4.pt"))
     out = {}
+    # torch.optim.AdamW's own state dict, after loading the consolidated one (same content, torch's making).
+    torch_opt = torch.optim.AdamW(Net().parameters(), lr=LR)
+    torch_opt.load_state_dict(torch.load(os.path.join(out_dir, "consolidated.pt")))
     sources = {
         "shards": [torch.load(os.path.join(out_dir, f"shard{r}.pt")) for r in range(4)],
         "consolidated": saved,
+        "torch_adamw": torch_opt.state_dict(),
     }
     for name, src in sources.items():
         model = Net()
@@ -446,6 +467,9 @@ def test_matches_single_process_fused_adamw(results, stage, scenario):
         assert per_rank[0]["n_buckets"] >= 3, "the test should exercise several buckets"
     if stage == 2 and SCENARIOS[scenario].get("mode", "sync") == "sync":
         assert all(all(r["grads_freed"]) for r in per_rank), "stage 2 must reduce (and free) grads during backward"
+        micros = SCENARIOS[scenario].get("micros", 1)
+        for r in per_rank:  # the first two buckets are complete before backward ends, every micro-batch
+            assert r["launches"]["hook"] >= 2 * STEPS * micros, r["launches"]
 
 
 @pytest.mark.parametrize("scenario", ["overflow", "overflow_scaler"])
@@ -472,7 +496,7 @@ def test_checkpoint_round_trips_are_bit_exact(world4):
 def test_checkpoint_4_ranks_loads_with_2(world2):
     for rank, r in enumerate(world2):
         ck = r["ckpt"]
-        for src in ("shards", "consolidated"):
+        for src in ("shards", "consolidated", "torch_adamw"):
             assert ck[f"{src}_bit_exact"], f"rank {rank}: resharded state from {src} differs from the saved one"
             assert ck[f"{src}_continue_err"] < TOL, f"rank {rank}: {src}: {ck[f'{src}_continue_err']}"
 
