@@ -235,7 +235,7 @@ class DynamicLossScaler:
         else:
             self._check(snapshot)
 
-    def _check(self, host: Tensor) -> None:
+    def _check(self, host: Tensor, stacklevel: int = 4) -> None:
         skipped, consecutive, min_overflows, scale = host.tolist()
         if self.warn_after is not None and consecutive >= self.warn_after and skipped > self._warned_skipped:
             self._warned_skipped = skipped
@@ -244,7 +244,7 @@ class DynamicLossScaler:
                 f"gradients ({int(skipped)} skipped in total); the loss scale is now {scale:g}. The model may be "
                 "diverging, or the data may hold inf/nan.",
                 LossScalerWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         if min_overflows > self._warned_min_scale:
             self._warned_min_scale = min_overflows
@@ -252,7 +252,7 @@ class DynamicLossScaler:
                 f"DynamicLossScaler: gradients overflowed with the loss scale already at min_scale "
                 f"({self.min_scale:g}) {int(min_overflows)} time(s): those steps were skipped.",
                 LossScalerWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     @property
@@ -260,7 +260,7 @@ class DynamicLossScaler:
         """The number of steps skipped so far. Reads a device counter (a host sync) and checks for warnings."""
         host = self._snapshot().cpu()
         if self.warn_after is not None:
-            self._check(host)
+            self._check(host, stacklevel=3)
         return int(host[0].item())
 
     def get_scale(self) -> float:

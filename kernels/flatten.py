@@ -128,7 +128,8 @@ def flatten_launch(
     if info is None:
         _check(flat, tensors, offsets, spans)
         host = torch.tensor([x.data_ptr() for x in tensors] + [x.numel() for x in tensors], dtype=torch.int64)
-        info = host.to(flat.device)
+        # Pinned and asynchronous on a GPU, as the chunk table: building a layout never blocks the host.
+        info = host.pin_memory().to(flat.device, non_blocking=True) if flat.is_cuda else host
         cache[key] = info
     if table.n_chunks == 0:
         return

@@ -1,0 +1,278 @@
+"""DynamicLossScaler: growth, backoff and hysteresis sequences against torch's GradScaler rule and DeepSpeed's
+``delayed_shift`` rule, skip accounting and its warnings, state_dict, no host reads, and the folded
+unscale + clip path (``grad_scale_and_norm``) feeding the fused Adam step."""
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+import fused_ops
+from fused_ops import DynamicLossScaler, functional
+from fused_ops.precision import LossScalerWarning
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, in the interpreter
+
+
+def _flag(bad: bool) -> torch.Tensor:
+    return torch.tensor([1.0 if bad else 0.0])
+
+
+def _deepspeed_oracle(seq, init_scale, factor, window, delayed_shift, min_scale, consecutive_hysteresis):
+    """DeepSpeed's DynamicLossScaler.update_scale (runtime/fp16/loss_scaler.py), restated in plain Python."""
+    cur_scale, cur_iter, last_overflow_iter, cur_hysteresis = init_scale, 0, -1, delayed_shift
+    scales = []
+    for overflow in seq:
+        if overflow:
+            if delayed_shift == 1 or cur_hysteresis == 1:
+                cur_scale = max(cur_scale / factor, min_scale)
+            else:
+                cur_hysteresis -= 1
+            last_overflow_iter = cur_iter
+        else:
+            if consecutive_hysteresis:
+                cur_hysteresis = delayed_shift
+            if (cur_iter - last_overflow_iter) % window == 0:
+                if not consecutive_hysteresis:
+                    cur_hysteresis = delayed_shift
+                cur_scale *= factor
+        cur_iter += 1
+        scales.append(cur_scale)
+    return scales
+
+
+@pytest.mark.parametrize("hysteresis", [1, 2, 3])
+@pytest.mark.parametrize("consecutive_hysteresis", [False, True])
+@pytest.mark.parametrize("window", [1, 3])
+def test_matches_deepspeed_delayed_shift(hysteresis, consecutive_hysteresis, window):
+    seq = (torch.rand(80) < 0.35).tolist() + [True] * 8 + [False] * 7
+    scaler = DynamicLossScaler(init_scale=2.0**10, growth_factor=2.0, backoff_factor=0.5, growth_interval=window,
+                               hysteresis=hysteresis, min_scale=4.0, consecutive_hysteresis=consecutive_hysteresis,
+                               warn_after=None)  # fmt: skip
+    got = []
+    for bad in seq:
+        scaler.update(_flag(bad))
+        got.append(scaler.get_scale())
+    expected = _deepspeed_oracle(seq, 2.0**10, 2.0, window, hysteresis, 4.0, consecutive_hysteresis)
+    assert got == expected
+    assert scaler.skipped_steps == sum(seq)
+
+
+def test_matches_torch_grad_scaler_rule():
+    """hysteresis=1: the same scale and growth tracker as torch's _amp_update_scale_ (GradScaler.update)."""
+    seq = (torch.rand(60) < 0.2).tolist()
+    scaler = DynamicLossScaler(init_scale=2.0**16, growth_factor=3.0, backoff_factor=0.25, growth_interval=4,
+                               min_scale=2.0**-30, warn_after=None)  # fmt: skip
+    t_scale, t_tracker = torch.tensor([2.0**16]), torch.tensor([0], dtype=torch.int32)
+    for bad in seq:
+        scaler.found_inf.fill_(float(bad))
+        scaler.update()
+        torch._amp_update_scale_(t_scale, t_tracker, _flag(bad), 3.0, 0.25, 4)
+        assert torch.equal(scaler.scale, t_scale)
+        assert torch.equal(scaler._growth_tracker, t_tracker)
+        assert scaler.found_inf.item() == 0.0, "update clears its own flag"
+
+
+def test_hand_sequence_growth_backoff_hysteresis():
+    s = DynamicLossScaler(init_scale=8.0, growth_interval=3, hysteresis=2, min_scale=2.0, max_scale=32.0,
+                          warn_after=None)  # fmt: skip
+    trace = []
+    for bad in [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]:
+        s.update(_flag(bad))
+        trace.append(s.get_scale())
+    # grow after 3 good steps; 1st overflow absorbed by the hysteresis; 2nd backs off, and every one after it,
+    # down to min_scale; growth resets the hysteresis; absorbed again; growth capped at max_scale
+    assert trace == [8, 8, 16, 16, 8, 4, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 16, 16, 16, 32]
+    s.update(_flag(False))
+    s.update(_flag(False))
+    s.update(_flag(False))
+    assert s.get_scale() == 32.0
+    assert s.skipped_steps == 5
+
+
+def test_skip_count_and_warnings():
+    s = DynamicLossScaler(init_scale=4.0, hysteresis=1, min_scale=1.0, warn_after=3, check_interval=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossScalerWarning)
+        s.update(_flag(True))
+        s.update(_flag(True))  # scale 1 = min_scale now
+        s.update(_flag(False))
+    with pytest.warns(LossScalerWarning, match="min_scale"):
+        s.update(_flag(True))  # overflow at min_scale
+    with pytest.warns(LossScalerWarning) as record:
+        s.update(_flag(True))
+        s.update(_flag(True))
+    messages = [str(w.message) for w in record]
+    assert any("last 3 optimizer steps were skipped" in m for m in messages), messages
+    assert any("min_scale" in m for m in messages), "each new overflow at min_scale is reported"
+    assert s.skipped_steps == 5
+    assert s.skipped_steps_tensor.item() == 5
+
+
+def test_warning_checked_lazily_every_check_interval():
+    s = DynamicLossScaler(init_scale=2.0**20, warn_after=2, check_interval=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossScalerWarning)
+        for _ in range(3):
+            s.update(_flag(True))  # no check before the 4th update
+    with pytest.warns(LossScalerWarning, match="last 4 optimizer steps"):
+        s.update(_flag(True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossScalerWarning)
+        for _ in range(4):
+            s.update(_flag(False))  # the streak ended: no warning
+    with pytest.warns(LossScalerWarning, match="last 2 optimizer steps"):
+        s.update(_flag(True))
+        s.update(_flag(True))
+        assert s.skipped_steps == 6  # reading the count checks at once
+
+
+def test_state_dict_round_trip():
+    a = DynamicLossScaler(init_scale=64.0, growth_interval=2, hysteresis=2, warn_after=None)
+    for bad in [0, 1, 1, 0, 0, 1]:
+        a.update(_flag(bad))
+    sd = a.state_dict()
+    assert sd["scale"] == a.get_scale() and sd["skipped_steps"] == 3 and sd["hysteresis"] == 2
+    b = DynamicLossScaler(warn_after=None)
+    b.load_state_dict(sd)
+    assert b.state_dict() == sd
+    for bad in [1, 1, 0, 0, 0, 1]:
+        a.update(_flag(bad))
+        b.update(_flag(bad))
+        assert a.get_scale() == b.get_scale()
+    with pytest.raises(KeyError, match="scale"):
+        b.load_state_dict({"growth_tracker": 0})
+
+
+def test_rejects_bad_arguments():
+    for kwargs, match in [
+        (dict(init_scale=0.0), "init_scale"),
+        (dict(init_scale=math.inf), "init_scale"),
+        (dict(growth_factor=1.0), "growth_factor"),
+        (dict(backoff_factor=1.0), "backoff_factor"),
+        (dict(growth_interval=0), "growth_interval"),
+        (dict(hysteresis=0), "hysteresis"),
+        (dict(hysteresis=1.5), "hysteresis"),
+        (dict(min_scale=-1.0), "min_scale"),
+        (dict(init_scale=0.5, min_scale=1.0), "init_scale"),
+        (dict(max_scale=0.5), "max_scale"),
+        (dict(warn_after=0), "warn_after"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DynamicLossScaler(**kwargs)
+
+
+@contextlib.contextmanager
+def _no_host_reads(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a device value")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, forbidden)
+        yield
+
+
+def test_no_host_reads(monkeypatch):
+    """update / unscale_ / grad_scale_and_norm read nothing on the host (checks disabled: on CPU the lazy check
+    reads its snapshot at once; on CUDA it is asynchronous, see test_no_host_sync_cuda)."""
+    s = DynamicLossScaler(init_scale=1024.0, growth_interval=2, hysteresis=2, check_interval=None, backend="reference")
+    grads = [torch.randn(7), torch.randn(30)]
+    with _no_host_reads(monkeypatch):
+        for _ in range(3):
+            s.unscale_([g.clone() for g in grads])
+            s.grad_scale_and_norm(grads, max_norm=1.0)
+            s.update()
+            s.update(_flag(True))
+
+
+@pytest.mark.gpu
+def test_no_host_sync_cuda():
+    s = DynamicLossScaler(init_scale=1024.0, warn_after=2, check_interval=1, device="cuda")
+    grads = [torch.randn(n, device="cuda") for n in (7, 3000)]
+    s.unscale_([g.clone() for g in grads])
+    s.grad_scale_and_norm(grads, max_norm=1.0)
+    s.update()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            s.unscale_(grads)
+            s.grad_scale_and_norm(grads, max_norm=1.0)
+            s.update(torch.ones(1, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert s.skipped_steps == 5
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpret), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unscale_and_found_inf(backend, dtype):
+    s = DynamicLossScaler(init_scale=256.0, backend=backend, warn_after=None)
+    true = [torch.randn(n) for n in (5, 70)]
+    scaled = [(g * 256.0).to(dtype) for g in true]
+    out = [torch.empty(g.shape) for g in scaled]
+    found = s.unscale_(scaled, out=out)  # fp32 copies of the (bf16) grads
+    assert found.item() == 0.0
+    for o, sc in zip(out, scaled, strict=True):
+        assert torch.equal(o, sc.float() / 256.0)
+    scaled[1][3] = float("inf")
+    s.unscale_(scaled)
+    assert s.found_inf.item() == 1.0
+    s.update()
+    assert s.get_scale() == 128.0 and s.found_inf.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpret), "reference"])
+def test_grad_scale_and_norm_folds_unscale_and_clip_into_adam(backend):
+    """One norm pass over the scaled grads gives the grad_scale that makes the fused Adam step unscale and clip
+    in its own pass; the result matches unscale -> torch clip -> Adam. An inf grad skips the step on device."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (40,)]
+    params = [torch.randn(s) for s in shapes]
+    true = [torch.randn(s) * 3 for s in shapes]
+    s = DynamicLossScaler(init_scale=1024.0, backend=backend, warn_after=None)
+    scaled = [g * 1024.0 for g in true]
+    grad_scale, norm = s.grad_scale_and_norm(scaled, max_norm=1.0)
+    expected_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in true]))
+    torch.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+    ref_params = [torch.nn.Parameter(p.clone()) for p in params]
+    for rp, g in zip(ref_params, true, strict=True):
+        rp.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    for g, rp in zip(scaled, ref_params, strict=True):
+        torch.testing.assert_close(g / grad_scale, rp.grad, rtol=1e-6, atol=1e-7)
+
+    def adam(ps, gs, gscale, found_inf):
+        ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        fused_ops.functional.adam_(ps, gs, ms, vs, lr=0.1, step=1.0, grad_scale=gscale, found_inf=found_inf,
+                                   decoupled_weight_decay=True, backend=backend)  # fmt: skip
+
+    ours = [p.clone() for p in params]
+    adam(ours, scaled, grad_scale, s.found_inf)
+    theirs = [p.clone() for p in params]
+    adam(theirs, [rp.grad for rp in ref_params], None, None)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    s.update()
+
+    scaled[0][1, 2] = float("nan")
+    before = [p.clone() for p in ours]
+    grad_scale, norm = s.grad_scale_and_norm(scaled, max_norm=1.0)
+    assert s.found_inf.item() == 1.0 and torch.isnan(norm)
+    adam(ours, scaled, grad_scale, s.found_inf)
+    for a, b in zip(ours, before, strict=True):
+        assert torch.equal(a, b), "a step with found_inf set is a no-op"
+    s.update()
+    assert s.get_scale() == 512.0 and s.skipped_steps == 1
+
+
+def test_scale_loss_backward():
+    s = DynamicLossScaler(init_scale=8.0, warn_after=None)
+    w = torch.nn.Parameter(torch.randn(3))
+    s.scale_loss((w * 2).sum()).backward()
+    assert torch.equal(w.grad, torch.full((3,), 16.0))
+    assert torch.equal(s.inv_scale, torch.tensor([0.125]))
+    assert isinstance(functional.clip_coef(torch.tensor(0.5), 1.0), torch.Tensor)
