@@ -326,7 +326,7 @@ def unscale_(
         if found_inf is not None and found_inf.device != device:
             flag = torch.zeros(1, dtype=torch.float32, device=device)
         _ops.unscale_(
-            [grads[i].detach() for i in idx],
+            [grads[i].detach().contiguous() if outs else grads[i].detach() for i in idx],
             scale_t,
             0.0 if scale_t is not None else float(inv_scale),
             flag,

@@ -279,6 +279,11 @@ def test_unscale_public_groups_and_validation(backend):
     for g, o in zip(grads, outs, strict=True):
         assert _same_bits(o, g.float() * 2.0)
 
+    strided = torch.randn(4, 3).t()  # a non-contiguous grad is fine when the results go to out
+    o = torch.empty(3, 4)
+    fused_ops.unscale_([strided], 0.5, None, out=[o], backend=backend)
+    assert torch.equal(o, strided * 0.5)
+
     g = [torch.ones(3)]
     with pytest.raises(TypeError, match="inv_scale must be a 1-element"):
         fused_ops.unscale_(g, torch.ones(2), found_inf)
