@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional
 from ._backend import check_backend
@@ -55,6 +56,9 @@ _FORMAT = "fused_ops.zero/1"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _MASTER_KEY = "master_param"
+
+# The grad hook each param carries (at most one ZeroAdamW drives a param: the newest one built over it).
+_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _reduce_scatter(output: Tensor, input: Tensor, group: Any, async_op: bool) -> Any:
@@ -431,7 +435,12 @@ class ZeroAdamW(torch.optim.Optimizer):
                     if opt is not None:
                         opt._on_grad_ready(index)
 
-                self._hook_handles.append(s.param.register_post_accumulate_grad_hook(hook))
+                old = _HOOKS.pop(s.param, None)
+                if old is not None:  # an earlier ZeroAdamW over this param must not launch collectives any more
+                    old.remove()
+                handle = s.param.register_post_accumulate_grad_hook(hook)
+                _HOOKS[s.param] = handle
+                self._hook_handles.append(handle)
                 b.n_hooked += 1
 
     # -- gradient reduction ---------------------------------------------------------------------------------
@@ -752,6 +761,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         so the full state never has to fit on one GPU); the transient cost on each rank is one bucket.
         Master weights, when kept, are under the extra key ``master_param`` (torch.optim ignores it).
         """
+        if to is not None and not 0 <= to < self.world_size:
+            raise ValueError(f"consolidated_state_dict: to must be a rank in [0, {self.world_size}) or None, got {to}")
         self._drain()
         keep = to is None or to == self.rank
         state: dict[int, dict[str, Tensor]] = {}

@@ -553,3 +553,73 @@ def test_bf16_master_weights(world2):
         for name in ("master", "no_master", "mixed"):
             assert b[f"{name}_master_rounds_to_params"] and b[f"{name}_moved"] and b[f"{name}_finite"], name
             assert torch.equal(b[f"{name}_params"], world2[1]["bf16"][f"{name}_params"]), name
+
+
+# -- one rank, in this process (no spawn): the optimizer's own semantics against FusedAdamW --------------------
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo group in this process (in-memory store), destroyed after the test."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _groups(model: Net) -> list[dict]:
+    return [
+        {"params": [model.l1.weight, model.l1.bias, model.extra], "lr": 3e-3, "weight_decay": 0.1},
+        {"params": [model.l2.weight, model.l2.bias, model.unused, model.empty], "lr": 1e-2, "weight_decay": 0.0},
+    ]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_rank_param_groups_amsgrad_scheduler(one_rank_group, stage):
+    """Param groups, amsgrad, maximize, an lr scheduler, a 0-element param and params without grads."""
+    models = []
+    for _ in range(2):
+        m = Net()
+        m.empty = torch.nn.Parameter(torch.zeros(0, 3))
+        models.append(m)
+    model, ref = models
+    kwargs = dict(amsgrad=True, maximize=True, betas=(0.8, 0.99))
+    opt = ZeroAdamW(_groups(model), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, align=4, **kwargs)
+    ref_opt = fused_ops.FusedAdamW(_groups(ref), **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
+    for step in range(10):
+        if step != 4:  # step 4: no backward at all, every param steps with a zero grad
+            local_loss(model, step, 0, 0, 1).backward()
+            global_loss(ref, step, 0).backward()
+        for p in ref.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        sched.step()
+        ref_sched.step()
+        assert max_err(model, ref) < 1e-6, step
+    cons = opt.consolidated_state_dict()
+    ref_sd = ref_opt.state_dict()
+    assert [g["lr"] for g in cons["param_groups"]] == [g["lr"] for g in ref_sd["param_groups"]]
+    for i in range(len(ref_sd["state"])):  # both optimizers list their params in _groups' order
+        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(cons["state"][i][key], ref_sd["state"][i][key], atol=1e-6, rtol=1e-5)
+
+
+def test_one_rank_newest_optimizer_owns_the_hooks(one_rank_group):
+    """A second ZeroAdamW over the same params replaces the first one's grad hooks."""
+    model = Net()
+    first = ZeroAdamW(model.parameters(), stage=2)
+    second = ZeroAdamW(model.parameters(), stage=2)
+    local_loss(model, 0, 0, 0, 1).backward()
+    assert first._rounds_since_step == 0 and not first._inflight
+    assert second._rounds_since_step == 1
+    before = flat_params(model)
+    second.step()
+    assert (flat_params(model) - before).abs().max() > 0
+    with pytest.raises(ValueError, match="to must be a rank"):
+        second.consolidated_state_dict(to=1)
