@@ -112,6 +112,7 @@ def adam_(
 from collections.abc import Iterable  # noqa: E402
 
 from . import reference  # noqa: E402
+from ._backend import check_backend  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -133,7 +134,7 @@ def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supp
     name = resolve_backend(backend, device)
     unsupported = sorted({str(d) for d in dtypes if d not in supported})
     if name == "triton" and unsupported:
-        if backend == "triton":
+        if check_backend(backend) == "triton":  # asked for by name (or by FUSED_OPS_BACKEND): no fallback
             raise TypeError(f"{fn}: backend='triton' does not support {', '.join(unsupported)} tensors")
         return "reference"
     return name

@@ -94,8 +94,8 @@ def _norm_partials_kernel(
 ):
     """partials[pid] = sum over the program's chunk of |x|^p (p = 1, 2 or any p > 0), or max |x| for
     p = inf, accumulated in fp32 in a fixed order (elementwise over blocks, then a tree sum). The inf norm
-    counts nans separately, because the hardware max drops them: a chunk with a nan yields nan, as
-    ``torch.linalg.vector_norm`` does.
+    adds the sum of the chunk's nans (0 when there are none) to the max, because the hardware max drops
+    nans: a chunk with a nan yields nan, as ``torch.linalg.vector_norm`` does.
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + chunk_tensor_offset + pid)
