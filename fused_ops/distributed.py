@@ -15,7 +15,8 @@ Per step::
               all-reduce(sum) of the shard's squared norm  -> global grad norm, found_inf (no host sync)
               fused Adam (fused_ops.functional.adam_) on the shard; 1/world, 1/loss_scale and the clip
               coefficient are one device-side grad_scale
-              cast master -> param dtype; all-gather of every bucket into the params
+              (with fp32 masters, the same pass writes the rounded low-precision params)
+              all-gather of every bucket into the params
 
 Collectives are launched in bucket order on every rank (a bucket whose grads are ready waits for the buckets
 before it), so ranks whose backward produces grads in different orders, or not at all for some params, still
@@ -61,16 +62,65 @@ _MASTER_KEY = "master_param"
 _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+# Set when the process group's backend lacks the single-tensor collective (older gloo builds): then gloo runs
+# an all-reduce and keeps this rank's slice / an all-gather into a list of views. NCCL always has them.
+_FALLBACK = {"reduce_scatter": False, "all_gather": False}
+
+
+class _Deferred:
+    """A collective's work handle plus what to do once it has completed."""
+
+    def __init__(self, work: Any, after: Callable[[], None] | None = None) -> None:
+        self.work, self.after = work, after
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.after is not None:
+            self.after()
+            self.after = None
+
+
+def _unsupported(err: Exception, group: Any) -> bool:
+    return dist.get_backend(group) == "gloo" and "support" in str(err).lower()
+
+
 def _reduce_scatter(output: Tensor, input: Tensor, group: Any, async_op: bool) -> Any:
-    # torch 2.13 renames reduce_scatter_tensor to reduce_scatter_single (the old name warns); 2.11 has only
-    # the old one. gloo implements both on CPU tensors, NCCL on CUDA tensors.
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(output, input, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+    """Sum ``input`` over ranks, this rank's slice into ``output`` (which may be that slice: in place)."""
+    if not _FALLBACK["reduce_scatter"]:
+        # torch 2.13 renames reduce_scatter_tensor to reduce_scatter_single (the old name warns); 2.11 has
+        # only the old one.
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        try:
+            return fn(output, input, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+        except (RuntimeError, NotImplementedError) as e:
+            if not _unsupported(e, group):
+                raise
+            _FALLBACK["reduce_scatter"] = True
+            warnings.warn(f"gloo lacks reduce_scatter_tensor ({e}); ZeroAdamW uses all_reduce instead", stacklevel=2)
+    n = output.numel()
+    mine = input.narrow(0, dist.get_rank(group) * n, n)
+    work = dist.all_reduce(input, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    done = _Deferred(work, None if mine.data_ptr() == output.data_ptr() else lambda: output.copy_(mine))
+    if not async_op:
+        done.wait()
+    return done
 
 
 def _all_gather(output: Tensor, input: Tensor, group: Any, async_op: bool) -> Any:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, input, group=group, async_op=async_op)
+    """Concatenate every rank's ``input`` into ``output`` (``input`` may be this rank's slice of it)."""
+    if not _FALLBACK["all_gather"]:
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        try:
+            return fn(output, input, group=group, async_op=async_op)
+        except (RuntimeError, NotImplementedError) as e:
+            if not _unsupported(e, group):
+                raise
+            _FALLBACK["all_gather"] = True
+            warnings.warn(f"gloo lacks all_gather_into_tensor ({e}); ZeroAdamW uses all_gather", stacklevel=2)
+    views = list(output.chunk(dist.get_world_size(group)))
+    return dist.all_gather(views, input, group=group, async_op=async_op)
 
 
 def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
@@ -411,6 +461,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                     seg = _Segment(s.index, lo - s.offset, hi - s.offset, lo - lo_s, b)
                     self._segments[spec.group].append(seg)
                     self._segment_of[s.index] = seg
+        self._unowned = [i for i in range(len(self._params)) if i not in self._segment_of]
         sizes: dict[tuple, int] = {}
         for b in self._buckets:
             key = (self._reduce_dtype(b), dev)
@@ -598,7 +649,8 @@ class ZeroAdamW(torch.optim.Optimizer):
                 that ``scaler.update()`` follows the global decision on every rank.
 
         After the step, ``last_grad_norm`` holds the global L2 norm of the averaged, unscaled grads before
-        clipping, and ``skipped_steps`` counts skipped steps (both device tensors).
+        clipping, and ``skipped_steps`` counts skipped steps (both device tensors). Without ``loss_scale``
+        nothing is skipped: inf/NaN grads go into the update, as with torch.optim.
         """
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
             raise RuntimeError(
@@ -662,7 +714,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                 if segs:
                     self._adam(group, segs, lr, grad_scale, found_inf)
         # Params with no element on this rank still count the step, as their owners do.
-        others = [t for i, t in enumerate(self._steps) if i not in self._segment_of]
+        others = [self._steps[i] for i in self._unowned]
         if others:
             torch._foreach_add_(others, 1)
             if found_inf is not None:

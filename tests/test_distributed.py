@@ -12,6 +12,7 @@ import datetime
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 import types
@@ -44,6 +45,7 @@ SCENARIOS = {
     "overflow_scaler": dict(align=4, loss_scale="scaler", overflow_step=OVERFLOW_STEP),
     "accum_no_sync": dict(align=4, micros=2, mode="no_sync"),
     "accum_sync": dict(align=4, micros=2, mode="sync"),
+    "gloo_fallback": dict(align=4, fallback=True),  # all_reduce / all_gather instead of the single-tensor ops
 }
 
 
@@ -139,6 +141,15 @@ def tensors_equal(a, b) -> bool:
 
 # -- the work each spawned rank does --------------------------------------------------------------------------
 def run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
+    zero_module = sys.modules[ZeroAdamW.__module__]
+    zero_module._FALLBACK.update(reduce_scatter=cfg.get("fallback", False), all_gather=cfg.get("fallback", False))
+    try:
+        return _run_scenario(rank, world, stage, cfg)
+    finally:
+        zero_module._FALLBACK.update(reduce_scatter=False, all_gather=False)
+
+
+def _run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
     model, ref = Net(), Net()
     opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=cfg["align"],
                     overlap_comm=cfg.get("overlap_comm", True), max_grad_norm=cfg.get("max_grad_norm"))  # fmt: skip
