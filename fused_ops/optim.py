@@ -10,8 +10,9 @@ launch per (device, dtype) group with no host synchronisation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -135,7 +136,9 @@ class FusedAdam(torch.optim.Optimizer):
             where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
             g = p.grad
             if g.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients ({where}), please consider SparseAdam instead")
+                raise RuntimeError(
+                    f"{name} does not support sparse gradients ({where}), please consider SparseAdam instead"
+                )
             if torch.is_complex(p):
                 raise TypeError(f"{name} does not support complex parameters ({where} is {p.dtype})")
             if p.dtype not in _SUPPORTED_DTYPES:
@@ -193,7 +196,9 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for g, sg in zip(self.param_groups, saved_groups):
             if len(g["params"]) != len(sg["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))  # fmt: skip
         for k, src in state_dict["state"].items():
@@ -216,7 +221,8 @@ class FusedAdam(torch.optim.Optimizer):
                 if key in src:
                     st[key] = src[key].detach().to(device=p.device, dtype=torch.float32, copy=True).view(p.shape)
             if "step" in src:
-                st["step"] = torch.as_tensor(src["step"]).detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+                step = torch.as_tensor(src["step"]).detach()
+                st["step"] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
 
     # -- step -------------------------------------------------------------------------------------------
     @torch.no_grad()

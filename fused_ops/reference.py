@@ -6,7 +6,7 @@ in float64). Nothing here imports triton.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

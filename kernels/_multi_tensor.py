@@ -19,8 +19,8 @@ the cached table stays alive in the cache the caller owns).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, MutableMapping, Sequence
 
 import torch
 

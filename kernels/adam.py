@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 import triton
@@ -245,7 +245,9 @@ def adam_launch(
         roles,
         chunk_size,
         cache,
-        check=lambda: _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad),
+        check=lambda: _check(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad
+        ),
     )
     if table.n_chunks == 0:
         return

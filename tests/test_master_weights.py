@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
+from fused_ops.kernels import adam as adam_kernels
 
 from fused_ops import FusedAdamW
-from fused_ops.kernels import adam as adam_kernels
 from fused_ops.reference import adam_ as reference_adam_
 from tests.utils import assert_close_list, f64
 

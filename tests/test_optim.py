@@ -26,7 +26,8 @@ def _loss(m, x):
 
 
 def _max_diff(m1, m2):
-    return max((a.detach().double() - b.detach().double()).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+    pairs = zip(m1.parameters(), m2.parameters())
+    return max((a.detach().double() - b.detach().double()).abs().max().item() for a, b in pairs)
 
 
 def _train(pairs, steps, batch=8, schedulers=()):
@@ -228,7 +229,7 @@ def test_param_groups_add_param_group_closure_zero_grad():
         x = torch.randn(8, 9)
         for m, o in ((m1, o1), (m2, o2)):
 
-            def closure(m=m, o=o):
+            def closure(m=m, o=o, x=x):
                 o.zero_grad()
                 loss = _loss(m, x)
                 loss.backward()

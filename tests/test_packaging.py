@@ -34,8 +34,9 @@ def test_setup_installs_kernels_as_fused_ops_kernels_and_does_not_pin_triton():
 
 
 def test_kernels_import_as_fused_ops_kernels():
-    import fused_ops
     from fused_ops.kernels import adam
+
+    import fused_ops
 
     assert adam.__name__ == "fused_ops.kernels.adam"
     assert hasattr(fused_ops, "FusedAdamW")

@@ -24,9 +24,11 @@ def poison_(tensors):
 
 
 def assert_close_list(actual, expected, dtype, msg=""):
+    assert len(actual) == len(expected), f"{msg}: {len(actual)} tensors vs {len(expected)}"
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert a.shape == e.shape, f"{msg}[{i}] shape {a.shape} vs {e.shape}"
         assert not torch.isnan(a).any() or torch.isnan(e).any(), f"{msg}[{i}] has NaN (unwritten?)"
+        where = f"{msg}[{i}]"
         torch.testing.assert_close(
-            a.to(torch.float64), e.to(torch.float64), atol=ATOL[dtype], rtol=RTOL[dtype], msg=lambda m: f"{msg}[{i}]: {m}"
+            a.to(torch.float64), e.to(torch.float64), atol=ATOL[dtype], rtol=RTOL[dtype], msg=lambda m, w=where: f"{w}: {m}"
         )
