@@ -227,6 +227,7 @@ class _Bucket:
     ready: set = field(default_factory=set)
     grad_valid: bool = False
     inflight: int = 0
+    staging_views: dict = field(default_factory=dict)  # staging buffer index -> (gap views, per-slot views)
 
 
 class _StagingPool:
@@ -462,6 +463,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                     self._segments[spec.group].append(seg)
                     self._segment_of[s.index] = seg
         self._unowned = [i for i in range(len(self._params)) if i not in self._segment_of]
+        self._adam_view_cache: dict[tuple[int, bool], tuple[list[Tensor], ...]] = {}
         sizes: dict[tuple, int] = {}
         for b in self._buckets:
             key = (self._reduce_dtype(b), dev)
@@ -555,16 +557,21 @@ class ZeroAdamW(torch.optim.Optimizer):
             self._finish_oldest()
         si = pool.free.pop()
         flat = pool.flat[si].narrow(0, 0, b.numel)
-        dst, src, zero = [], [], [flat.narrow(0, lo, hi - lo) for lo, hi in b.gaps]
-        for s in b.slots:
+        views = b.staging_views.get(si)
+        if views is None:  # built once per (bucket, staging buffer): the launch path stays cheap on the host
+            views = b.staging_views[si] = (
+                [flat.narrow(0, lo, hi - lo) for lo, hi in b.gaps],
+                [flat.narrow(0, s.offset, s.numel).view(s.param.shape) for s in b.slots],
+            )
+        dst, src, zero = [], [], list(views[0])
+        for s, view in zip(b.slots, views[1], strict=True):
             g = s.param.grad
-            view = flat.narrow(0, s.offset, s.numel)
             if g is None:
                 zero.append(view)
             else:
-                if g.shape != s.param.shape or g.is_sparse:
+                if g.shape != view.shape or g.is_sparse:
                     raise RuntimeError(f"ZeroAdamW: the grad of param {s.index} has shape {tuple(g.shape)}")
-                dst.append(view.view(g.shape))
+                dst.append(view)
                 src.append(g)
         if dst:
             torch._foreach_copy_(dst, src)
@@ -712,7 +719,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             for with_master in (False, True):
                 segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
                 if segs:
-                    self._adam(group, segs, lr, grad_scale, found_inf)
+                    self._adam(group, segs, lr, grad_scale, found_inf, (gi, with_master))
         # Params with no element on this rank still count the step, as their owners do.
         others = [self._steps[i] for i in self._unowned]
         if others:
@@ -728,10 +735,13 @@ class ZeroAdamW(torch.optim.Optimizer):
                 w.wait()
         return loss
 
-    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor, grad_scale: Tensor,
-              found_inf: Tensor | None) -> None:  # fmt: skip
-        """The fused Adam op over the given segments of this rank's shards (one launch per dtype)."""
-        params, masters, grads, ms, vs, maxvs, steps = [], [], [], [], [], [], []
+    def _adam_views(self, key: tuple[int, bool], segs: list[_Segment]) -> tuple[list[Tensor], ...]:
+        """Per-segment views of the shards (cached: same addresses every step, so the kernel's table is too)."""
+        cached = self._adam_view_cache.get(key)
+        if cached is not None:
+            return cached
+        views: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [])
+        params, masters, grads, ms, vs, maxvs, steps = views
         for s in segs:
             n, b = s.hi - s.lo, s.bucket
             params.append(b.param_shard.narrow(0, s.start, n))
@@ -740,9 +750,16 @@ class ZeroAdamW(torch.optim.Optimizer):
             grads.append(b.grad.narrow(0, s.start, n))
             ms.append(b.exp_avg.narrow(0, s.start, n))
             vs.append(b.exp_avg_sq.narrow(0, s.start, n))
-            if group["amsgrad"]:
+            if b.max_exp_avg_sq is not None:
                 maxvs.append(b.max_exp_avg_sq.narrow(0, s.start, n))
             steps.append(self._steps[s.index])
+        self._adam_view_cache[key] = views
+        return views
+
+    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor, grad_scale: Tensor,
+              found_inf: Tensor | None, key: tuple[int, bool]) -> None:  # fmt: skip
+        """The fused Adam op over the given segments of this rank's shards (one launch per dtype)."""
+        params, masters, grads, ms, vs, maxvs, steps = self._adam_views(key, segs)
         gs: Tensor | None = grad_scale
         if self._device.type == "cpu":
             # The CPU path's one-pass kernel (torch._fused_adamw_) takes no grad scale: divide first (into
@@ -761,6 +778,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         for b in self._buckets:
             if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None:
                 b.max_exp_avg_sq = torch.zeros_like(b.exp_avg)
+                self._adam_view_cache.clear()
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _groups_for_save(self) -> list[dict[str, Any]]:
