@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._multi_tensor import build_chunk_table
-from ._numerics import round_to_dtype
+from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -128,11 +128,11 @@ def _adam_kernel(
         if block_start < n_here:
             offsets = block_start + tl.arange(0, BLOCK_SIZE)
             mask = offsets < n_here
-            g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = load_fp32(grad_ptr + offsets, mask, PARAM_DTYPE)
             if MASTER:
                 p = tl.load(master_ptr + offsets, mask=mask, other=0.0)
             else:
-                p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                p = load_fp32(param_ptr + offsets, mask, PARAM_DTYPE)
             m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
             v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
             if HAS_GRAD_SCALE:
@@ -157,7 +157,7 @@ def _adam_kernel(
             tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
             if MASTER:
                 tl.store(master_ptr + offsets, p, mask=mask)
-            tl.store(param_ptr + offsets, round_to_dtype(p, PARAM_DTYPE), mask=mask)
+            store_fp32(param_ptr + offsets, p, mask, PARAM_DTYPE)
 
 
 def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad) -> None:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._multi_tensor import build_chunk_table
-from .cast import load_fp32, rounded_fp32, store_fp32
+from ._numerics import load_fp32, rounded_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
