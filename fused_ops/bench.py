@@ -261,7 +261,7 @@ def _adam_layout(opt: Any, params: Sequence[Tensor]) -> tuple[str, int]:
     Table entry when the layout is in ``BYTES_PER_ELEMENT``; otherwise the same rule, generalised: read + write
     p and every per-element state, read g.
     """
-    p = params[0]
+    p = max(params, key=lambda t: t.numel())  # per-element states have its numel; 0-d step counts do not
     state = getattr(opt, "state", {}).get(p) or {}
     states = [t for t in state.values() if isinstance(t, Tensor) and t.numel() == p.numel() and t.numel() > 1]
     pname = _dtype_name(p.dtype) if p.dtype in DTYPES.values() else str(p.dtype)
@@ -948,7 +948,7 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     else:
         rep_ms = config.rep_ms or (50.0 if config.quick else 400.0)
         warmup_ms = 0.0
-        copy_mb = config.copy_mb or (64 if config.quick else 256)
+        copy_mb = config.copy_mb or (256 if config.quick else 512)  # well past the last-level cache
 
     doc = environment(device)
     doc.update(
@@ -959,6 +959,7 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         command=config.command,
         bytes_per_element={f"{op}:{layout}": v for (op, layout), v in BYTES_PER_ELEMENT.items()},
         copy_bandwidth_gbps=None,
+        notes=[],
         param_sets={},
         results=[],
         skipped=[],
@@ -983,12 +984,10 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         providers = [*op.providers, *(p for p, w in peers.items() if w is None and op.peers)]
         if config.providers is not None:
             providers = [p for p in providers if p in config.providers]
-        for params in config.params:
-            for dtype in config.dtypes:
-                if dtype not in op.dtypes:
-                    skipped.append({"op": op_name, "dtype": dtype, "why": f"{op_name} runs on {', '.join(op.dtypes)}"})
-                    continue
-                plan.append((op_name, params, dtype, providers))
+        for dtype in config.dtypes:
+            if dtype not in op.dtypes:
+                skipped.append({"op": op_name, "dtype": dtype, "why": f"{op_name} runs on {', '.join(op.dtypes)}"})
+        plan += [(op_name, p, d, providers) for p in config.params for d in config.dtypes if d in op.dtypes]
 
     begin = time.perf_counter()
     progress = _Progress(sum(len(p[3]) for p in plan), config.progress, log)
@@ -1021,8 +1020,10 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
                         runner = build_runner(op_name, provider, shapes, DTYPES[dtype], device)
                         row = measure(runner, device, rep_ms, warmup_ms)
                         row["wall_s"] = round(time.perf_counter() - t_case, 3)  # build + warm-up + timing
-                    except Skip as e:
-                        skipped.append({"op": op_name, "dtype": dtype, "provider": provider, "why": str(e)})
+                    except Skip as e:  # a provider that does not exist for this op: one note, not one per case
+                        note = {"op": op_name, "provider": provider, "why": str(e)}
+                        if note not in skipped:
+                            skipped.append(note)
                     except KeyboardInterrupt:
                         raise
                     except Exception as e:  # one broken provider must not lose the rest of the run
@@ -1055,6 +1056,10 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         release_process_group()
     doc["stopped"] = stopped
     doc["wall_s"] = round(time.perf_counter() - begin, 2)
+    if kind == "cpu":
+        doc["notes"].append("CPU run: no GPU was used; the CPU path is timed against torch's CPU implementations.")
+        if any((r.get("frac_of_copy") or 0) > 1 for r in results):
+            doc["notes"].append("Some sets fit in the CPU caches, so their GB/s can exceed the (DRAM) copy bandwidth.")
     return doc
 
 
@@ -1110,6 +1115,8 @@ def format_table(doc: dict[str, Any]) -> str:
     lines += ["", fmt_row(header), fmt_row(tuple("-" * w for w in widths)), *map(fmt_row, rows)]
     if not rows:
         lines.append("(no results)")
+    if doc.get("notes"):
+        lines += ["", *(f"note: {n}" for n in doc["notes"])]
     if doc.get("skipped"):
         lines.append("")
         lines.append("skipped:")
