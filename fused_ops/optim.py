@@ -226,14 +226,28 @@ class FusedAdam(torch.optim.Optimizer):
 
     # -- step -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step. Params without a grad are skipped (their step does not move)."""
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> Any:
+        """Perform one optimisation step. Params without a grad are skipped (their step does not move).
+
+        ``grad_scale`` (1-element tensor) divides every grad inside the kernel and ``found_inf`` (1-element
+        tensor) makes the step a no-op on the device when non-zero; both default to the attributes that
+        ``torch.amp.GradScaler`` sets. With ``fused_ops.DynamicLossScaler.grad_scale_and_norm`` the grad
+        scale also carries the clip coefficient, so unscale + clip + update is one pass over the grads.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
 
         # Check everything first, so that bad input raises before any state is created or changed.
         work = []

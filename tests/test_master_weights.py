@@ -144,3 +144,48 @@ def test_fp32_params_get_no_master():
     p.grad = torch.randn(4)
     o.step()
     assert "master_param" not in o.state[p]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_pass_mixed_precision_step_matches_unfused_torch_sequence(backend):
+    """bf16 model, fp32 masters, loss scaling and clipping: fused_ops reads the grads twice (norm, then the
+    Adam pass with unscale and clip folded into grad_scale); torch's sequence upcasts, unscales, clips,
+    steps AdamW on fp32 masters and copies back. Same result; the overflow step is skipped by both."""
+    from fused_ops import DynamicLossScaler
+
+    model = _mlp(torch.bfloat16)
+    masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+    torch_opt = torch.optim.AdamW(masters, lr=1e-3)
+    ours = _mlp(torch.bfloat16)
+    ours.load_state_dict(model.state_dict())
+    opt = FusedAdamW(ours.parameters(), lr=1e-3, master_weights=True, backend=backend)
+    scaler = DynamicLossScaler(init_scale=2.0**8, growth_interval=4, backend=backend, device="cpu")
+    x = torch.randn(32, 16).bfloat16()
+    for i in range(12):
+        scale = scaler.get_scale()  # the same scale on both sides (a host read, fine in a test)
+        # torch: unfused master-weight sequence with a host-side scale
+        model.zero_grad()
+        (model(x).float().pow(2).mean() * scale).backward()
+        grads32 = [p.grad.float() / scale for p in model.parameters()]
+        if i == 5:
+            grads32[0][0, 0] = float("inf")
+        if all(torch.isfinite(g).all() for g in grads32):
+            for m, g in zip(masters, grads32):
+                m.grad = g
+            torch.nn.utils.clip_grad_norm_(masters, max_norm=0.05)
+            torch_opt.step()
+            with torch.no_grad():
+                for p, m in zip(model.parameters(), masters):
+                    p.copy_(m)
+        # fused_ops: two passes over the bf16 grads, no host sync
+        opt.zero_grad()
+        scaler.scale_loss(ours(x).float().pow(2).mean()).backward()
+        if i == 5:
+            next(ours.parameters()).grad[0, 0] = float("inf")
+        grads = [p.grad for p in ours.parameters()]
+        grad_scale, _ = scaler.grad_scale_and_norm(grads, max_norm=0.05)
+        opt.step(grad_scale=grad_scale, found_inf=scaler.found_inf)
+        scaler.update()
+    for m, p in zip(masters, ours.parameters()):
+        torch.testing.assert_close(opt.state[p]["master_param"], m.detach(), atol=2e-6, rtol=1e-5)
+        assert opt.state[p]["step"].item() == 11
