@@ -66,26 +66,27 @@ class Net(torch.nn.Module):
         out = self.l2(torch.tanh(self.l1(x)))
         n_extra = min(max(EXTRA_ROWS - row0, 0), len(x))
         if n_extra:
-            mask = torch.zeros(len(x), 1, dtype=x.dtype)
+            mask = torch.zeros(len(x), 1, dtype=x.dtype, device=x.device)
             mask[:n_extra] = 1
             out = out + mask * self.extra[:5]
         return out
 
 
-def batch(step: int, micro: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, micro: int, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + 100 * micro + step)
-    return torch.randn(N_ROWS, 7, generator=g).to(dtype), torch.randn(N_ROWS, 5, generator=g).to(dtype)
+    x, y = torch.randn(N_ROWS, 7, generator=g), torch.randn(N_ROWS, 5, generator=g)
+    return x.to(device, dtype), y.to(device, dtype)
 
 
 def local_loss(model: Net, step: int, micro: int, rank: int, world: int) -> torch.Tensor:
-    x, y = batch(step, micro, model.l1.weight.dtype)
+    x, y = batch(step, micro, model.l1.weight.dtype, model.l1.weight.device)
     rows = N_ROWS // world
     lo = rank * rows
     return (model(x[lo : lo + rows], lo) - y[lo : lo + rows]).float().square().mean()
 
 
 def global_loss(model: Net, step: int, micro: int) -> torch.Tensor:
-    x, y = batch(step, micro)
+    x, y = batch(step, micro, device=model.l1.weight.device)
     return (model(x, 0) - y).square().mean()
 
 
@@ -634,3 +635,34 @@ def test_one_rank_newest_optimizer_owns_the_hooks(one_rank_group):
     assert (flat_params(model) - before).abs().max() > 0
     with pytest.raises(ValueError, match="to must be a rank"):
         second.consolidated_state_dict(to=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gpu_one_rank_nccl(stage):
+    """On a GPU: NCCL collectives, the Triton Adam kernel (with fp32 masters for bf16), stage 1 and 2."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dev = torch.device("cuda", 0)
+        model, ref = Net().to(dev), Net().to(dev)
+        opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, max_grad_norm=0.05)
+        ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=LR)
+        for step in range(10):
+            zero_step(model, opt, 0, 1, step, loss_scale=256.0)
+            ref_step(ref, ref_opt, step, max_grad_norm=0.05)
+        assert max_err(model, ref) < TOL
+        cons = opt.consolidated_state_dict()
+        assert cons["state"][0]["exp_avg"].device.type == "cpu"
+
+        model16 = Net(dtype=torch.bfloat16).to(dev)
+        opt16 = ZeroAdamW(model16.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR)
+        before = flat_params(model16)
+        for step in range(5):
+            zero_step(model16, opt16, 0, 1, step)
+        cons16 = opt16.consolidated_state_dict()
+        for i, p in enumerate(model16.parameters()):
+            assert torch.equal(cons16["state"][i]["master_param"].to(dev, torch.bfloat16), p.detach())
+        assert (flat_params(model16) - before).abs().max() > 0
+    finally:
+        dist.destroy_process_group()
