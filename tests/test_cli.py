@@ -170,3 +170,31 @@ def test_report_renders_newest_gpu_result(tmp_path):
     assert text.count("## Performance") == 1 and text.rstrip().endswith("## After")
     assert main([*args, "--check"]) == 0  # idempotent: a second run changes nothing
     assert readme.read_text() == text
+
+
+def test_report_check_flags_stale_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# proj\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_gpu.json").write_text(json.dumps(_fake_gpu_result("2026-03-01T00:00:00+00:00")))
+    args = ["report", "--results", str(results), "--readme", str(readme)]
+    assert main([*args, "--check"]) == 1 and readme.read_text() == "# proj\n"
+    assert main(args) == 0 and main([*args, "--check"]) == 0
+
+
+def test_gpu_document_renders_table_and_plot(tmp_path):
+    doc = {**_fake_gpu_result("2026-03-01T00:00:00+00:00"), "label": "CUDA"}
+    table = bench.format_table(doc)
+    assert "[CUDA]" in table and "NVIDIA H100" in table and "0.050" in table and " 2" in table
+    bench.write_plot(doc, str(tmp_path / "gpu.png"))
+    assert (tmp_path / "gpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    progress = bench._Progress(2, True, sys.stdout)
+    progress.step("a")
+    progress.step("b")
+    progress.close()
+    assert capsys.readouterr().out.splitlines() == ["[1/2] a", "[2/2] b"]
