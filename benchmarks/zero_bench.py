@@ -36,8 +36,10 @@ def format_report(result: dict) -> str:
             f"{key:<12}{r['step_ms']:9.2f}  {_mib(m['master']):>21}{_mib(m['states']):>9}{_mib(m['grad_buckets']):>9}"
             f"{_mib(m['param_grads']):>9}{_mib(m['padding']):>9}{_mib(m['total']):>9}  [{per_rank}]"
         )
-    lines.append("buckets: ZeRO's fp32 grad shards + reduce-scatter staging; p.grad: grads still held after backward "
-                 "(ZeRO-1 and DDP keep full grads; ZeRO-2 frees them as their buckets are reduced)")
+    lines.append(
+        "buckets: ZeRO's fp32 grad shards + reduce-scatter staging; p.grad: grads still held after backward "
+        "(ZeRO-1 and DDP keep full grads; ZeRO-2 frees them as their buckets are reduced)"
+    )
     return "\n".join(lines)
 
 
