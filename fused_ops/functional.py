@@ -48,7 +48,8 @@ def adam_(
 
     Args:
         params: fp32, bf16 or fp16 tensors, contiguous. Updated in place.
-        grads: one per param, same dtype and shape.
+        grads: one per param, same shape; the param's dtype, or fp32 (e.g. fp32-accumulated grads of bf16
+            params).
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs: fp32 states, one per param (``max_exp_avg_sqs`` only with
             ``amsgrad``). Updated in place.
         state_steps: fp32 0-d step counts, one per param, on the params' device; incremented here (as in
@@ -91,8 +92,8 @@ def adam_(
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
-        groups[(p.device, p.dtype)].append(i)
-    for (device, _), idx in groups.items():
+        groups[(p.device, p.dtype, grads[i].dtype)].append(i)
+    for (device, _, _), idx in groups.items():
         backend_name = resolve_backend(backend, device)
         pick = (lambda lst: [lst[i] for i in idx]) if len(groups) > 1 else list
         _ops.adam_(

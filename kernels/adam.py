@@ -55,6 +55,7 @@ def _adam_kernel(
     grad_scale_ptr,  # 1-element fp32 tensor: grads are divided by it when HAS_GRAD_SCALE
     found_inf_ptr,  # 1-element fp32 tensor: when non-zero the whole step is a no-op (HAS_FOUND_INF)
     PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MASTER: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -91,7 +92,7 @@ def _adam_kernel(
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
 
     param_ptr = tl.load(table_ptr + t).to(tl.pointer_type(PARAM_DTYPE)) + chunk_start
-    grad_ptr = tl.load(table_ptr + n_tensors + t).to(tl.pointer_type(PARAM_DTYPE)) + chunk_start
+    grad_ptr = tl.load(table_ptr + n_tensors + t).to(tl.pointer_type(GRAD_DTYPE)) + chunk_start
     exp_avg_ptr = tl.load(table_ptr + 2 * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
     exp_avg_sq_ptr = tl.load(table_ptr + 3 * n_tensors + t).to(tl.pointer_type(tl.float32)) + chunk_start
     next_role = 4
@@ -128,7 +129,7 @@ def _adam_kernel(
         if block_start < n_here:
             offsets = block_start + tl.arange(0, BLOCK_SIZE)
             mask = offsets < n_here
-            g = load_fp32(grad_ptr + offsets, mask, PARAM_DTYPE)
+            g = load_fp32(grad_ptr + offsets, mask, GRAD_DTYPE)
             if MASTER:
                 p = tl.load(master_ptr + offsets, mask=mask, other=0.0)
             else:
@@ -172,15 +173,17 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     for name, lst in lists.items():
         if len(lst) != n:
             raise ValueError(f"adam_launch: {name} has {len(lst)} tensors, params has {n}")
-    device, dtype = params[0].device, params[0].dtype
+    device, dtype, grad_dtype = params[0].device, params[0].dtype, grads[0].dtype
     if dtype not in _TL_DTYPES:
         raise TypeError(f"adam_launch: params must be float32, bfloat16 or float16, got {dtype}")
+    if grad_dtype != dtype and grad_dtype != torch.float32:
+        raise TypeError(f"adam_launch: grads must be {dtype} (the params' dtype) or float32, got {grad_dtype}")
     for i in range(n):
         p = params[i]
         if p.device != device or p.dtype != dtype:
             raise ValueError(f"adam_launch: params[{i}] is {p.dtype} on {p.device}, expected {dtype} on {device}")
-        if grads[i].dtype != dtype:
-            raise TypeError(f"adam_launch: grads[{i}] is {grads[i].dtype}, params[{i}] is {dtype}")
+        if grads[i].dtype != grad_dtype:
+            raise TypeError(f"adam_launch: grads[{i}] is {grads[i].dtype}, grads[0] is {grad_dtype}")
         for name, lst in lists.items():
             t = lst[i]
             if t.device != device:
@@ -228,6 +231,7 @@ def adam_launch(
     ``state_steps`` are fp32 step counts already incremented for this step; pass an empty list and a
     float ``step`` to use one step number for every tensor. ``lr`` may be a 1-element device tensor.
     ``master_params`` (optional, fp32): the update runs on them and ``params`` receive the rounded values.
+    Grads have the params' dtype, or are all fp32 (fp32 gradient accumulation, e.g. reduced ZeRO shards).
     Inputs are checked when their chunk table is first built (then cached by address).
     """
     if len(params) == 0:
@@ -273,6 +277,7 @@ def adam_launch(
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
+            GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
             AMSGRAD=amsgrad,
             MASTER=bool(master_params),
             MAXIMIZE=maximize,

@@ -171,3 +171,21 @@ def test_launcher_rejects_mismatched_inputs():
     bad = dict(t, exp_avg_sqs=[t["exp_avg_sqs"][0], torch.zeros(5, dtype=torch.bfloat16)])
     with pytest.raises(TypeError, match="exp_avg_sqs\\[1\\]"):
         adam_kernels.adam_launch(**bad, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_grads_with_low_precision_params_and_masters(dtype):
+    """fp32-accumulated grads (e.g. reduced ZeRO shards) with bf16/fp16 params and fp32 masters."""
+    t, bufs = _make([3, 65, 97], dtype, amsgrad=False)
+    t["grads"] = [torch.randn(g.numel()) for g in t["grads"]]
+    masters = [p.float() for p in t["params"]]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
+              decoupled=True)  # fmt: skip
+    ref = {k: f64(v) if k != "state_steps" else [s.clone() for s in v] for k, v in t.items()}
+    ref_masters = f64(masters)
+    reference.adam_(**ref, master_params=ref_masters, **kw)
+    _launch(t, master_params=masters, **kw)
+    _check_guards(bufs)
+    assert_close_list(masters, ref_masters, torch.float32, "masters")
+    for p, m in zip(t["params"], masters):
+        assert torch.equal(p, m.to(dtype))
