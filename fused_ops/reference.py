@@ -115,21 +115,14 @@ def adam_cpu_(
 ) -> None:
     """The CPU path of the Adam op: :func:`adam_`'s contract, as fast as torch allows on CPU.
 
-    fp32 params with fp32 states and per-tensor step counts go through torch's one-pass vectorised CPU
-    kernel (``torch._fused_adam(w)_``, the kernel behind ``torch.optim.AdamW(fused=True)`` on CPU);
-    everything else (low-precision params with fp32 states, a float step, grad scaling) goes through
-    :func:`adam_`.
+    The update runs in torch's one-pass vectorised CPU kernel (``torch._fused_adam(w)_``, the kernel behind
+    ``torch.optim.AdamW(fused=True)``) on fp32 work tensors: the params themselves when they are fp32, the
+    fp32 masters when given, else fp32 copies of bf16/fp16 params, which are then copied back rounded to
+    nearest even. Other devices or state dtypes go through :func:`adam_`.
     """
     if len(params) == 0:
         return
-    fast = (
-        grad_scale is None
-        and not master_params
-        and bool(state_steps)
-        and params[0].dtype == torch.float32
-        and all(p.device.type == "cpu" for p in params[:1])
-    )
-    if not fast:
+    if params[0].device.type != "cpu" or exp_avgs[0].dtype != torch.float32:
         adam_(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -138,13 +131,32 @@ def adam_cpu_(
         return
     if found_inf is not None and _scalar(found_inf) != 0:
         return
-    torch._foreach_add_(list(state_steps), 1)
+    if state_steps:
+        torch._foreach_add_(list(state_steps), 1)
+        steps = list(state_steps)
+    else:
+        steps = [torch.tensor(float(step))] * len(params)
+    if master_params:
+        work = list(master_params)
+    elif params[0].dtype != torch.float32:
+        work = [p.float() for p in params]
+    else:
+        work = list(params)
+    # Grads are divided here, not by torch's kernel, which would write unscaled grads back into the caller's.
+    if grads[0].dtype == torch.float32:
+        g = list(grads) if grad_scale is None else torch._foreach_div(list(grads), _scalar(grad_scale))
+    else:
+        g = [x.float() for x in grads]
+        if grad_scale is not None:
+            torch._foreach_div_(g, _scalar(grad_scale))
     fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
     fused(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
-        list(state_steps), lr=_scalar(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-        amsgrad=amsgrad, maximize=maximize,
+        work, g, list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [], steps,
+        lr=_scalar(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+        maximize=maximize,
     )  # fmt: skip
+    if work[0] is not params[0]:
+        torch._foreach_copy_(list(params), work)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,14 +223,18 @@ def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False
     ``stochastic`` and a bf16/fp16 destination, unbiased stochastic rounding seeded by ``seed`` (the random
     stream differs from the kernel's; the distribution is the same). Any float dtypes."""
     generator = None
+    plain_dst, plain_src = [], []
     for d, s in zip(dst, src, strict=True):
         if stochastic and d.dtype in (torch.bfloat16, torch.float16) and s.dtype != d.dtype and d.numel():
             if generator is None or generator.device != d.device:
                 generator = torch.Generator(device=d.device)
                 generator.manual_seed(seed)
             d.copy_(_stochastic_round(s.to(torch.float32).reshape(d.shape), d.dtype, generator))
-        else:
-            d.copy_(s.reshape(d.shape))
+        elif d.numel():
+            plain_dst.append(d)
+            plain_src.append(s.reshape(d.shape))
+    if plain_dst:
+        torch._foreach_copy_(plain_dst, plain_src)  # one multi-tensor copy: torch's .to() rounding
 
 
 def unscale_(
@@ -230,6 +246,24 @@ def unscale_(
     """``y = grad * inv_scale`` computed in fp32 (float64 when a grad or output is float64), stored in the grad
     or in ``out[i]``; ``found_inf`` is set to 1 if any stored ``y`` is inf or nan (never cleared). All device
     ops: no host sync."""
+    if not out and grads and all(g.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in grads):
+        # In place, torch's own one-pass kernel (what GradScaler.unscale_ runs): it flags non-finite inputs.
+        # A finite grad can only become inf when inv_scale > 1: then the stored values are checked as well.
+        nonempty = [g for g in grads if g.numel()]
+        if not nonempty:
+            return
+        device = nonempty[0].device
+        inv = inv_scale.to(device, torch.float32).reshape(1) if isinstance(inv_scale, Tensor) else None
+        inv = inv if inv is not None else torch.full((1,), float(inv_scale), device=device)
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, inv)
+        if isinstance(inv_scale, Tensor) or float(inv_scale) > 1.0:
+            # The same kernel with a scale of 1 checks the stored values (x * 1 is exact).
+            torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, torch.ones(1, device=device))
+        if found_inf is not None:
+            flag = flag.to(found_inf.device, found_inf.dtype)
+            found_inf.copy_(torch.maximum(found_inf, flag.expand_as(found_inf)))
+        return
     outs = list(out) if out else list(grads)
     bad = []
     for g, o in zip(grads, outs, strict=True):
