@@ -39,10 +39,10 @@ __version__ = "0.1.0"
 
 __all__ = ["FusedAdam", "FusedAdamW", "functional", "reference", "resolve_backend", "__version__"]
 
-from . import autograd, buffers, precision  # noqa: E402
+from . import autograd, buffers, distributed, precision  # noqa: E402
 from .buffers import FlatBuffer  # noqa: E402
 from .functional import cast_, clip_grad_norm_, flatten, grad_norm, unflatten, unscale_  # noqa: E402
 from .precision import DynamicLossScaler  # noqa: E402
 
 __all__ += ["flatten", "unflatten", "FlatBuffer", "cast_", "unscale_", "grad_norm", "clip_grad_norm_",
-            "DynamicLossScaler", "autograd", "buffers", "precision"]  # fmt: skip
+            "DynamicLossScaler", "autograd", "buffers", "distributed", "precision"]  # fmt: skip

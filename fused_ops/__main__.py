@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--budget-s", type=float, default=None, help="start no new provider after this many seconds")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--zero",
+        action="store_true",
+        help="instead: ZeroAdamW (stages 1, 2) vs DDP + torch.optim.AdamW on --nproc gloo processes (CPU)",
+    )
+    b.add_argument("--nproc", type=int, default=2, help="processes for --zero (default 2)")
 
     i = sub.add_parser("info", help="device, torch/triton versions, the backend auto picks")
     i.add_argument("--slug", action="store_true", help="print only the device as a file-name slug")
@@ -96,8 +102,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_zero(args: argparse.Namespace) -> int:
+    from .bench import format_zero_report
+    from .distributed import benchmark_zero
+
+    if args.nproc < 1:
+        print("error: --nproc must be at least 1", file=sys.stderr)
+        return 2
+    print(f"ZeRO on CPU: {args.nproc} gloo processes on this machine (for GPUs launch with torchrun + NCCL)")
+    result = benchmark_zero(nproc=args.nproc, steps=5 if args.quick else 10)
+    print(format_zero_report(result))
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import bench
+
+    if args.zero:
+        return _bench_zero(args)
 
     for name, values, known in (("--ops", args.ops, bench.OPS), ("--params", args.params, bench.PARAM_SETS),
                                 ("--dtype", args.dtype, bench.DTYPES)):  # fmt: skip

@@ -1309,3 +1309,32 @@ def update_readme(readme: str, results_dir: str) -> tuple[str, str, bool]:
         new = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
     source = found[0] if found else "no GPU result"
     return new, source, new != text
+
+
+# -- ZeRO (python -m fused_ops bench --zero) ------------------------------------------------------------------
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.2f}"
+
+
+def format_zero_report(result: dict) -> str:
+    """A table of ``benchmark_zero``'s result."""
+    lines = [
+        f"ZeRO benchmark: {result['nproc']} ranks, {result['device']}, {result['params']:,} params",
+        f"{'optimizer':<12}{'step ms':>9}  {'per-rank MiB: master':>21}{'states':>9}{'buckets':>9}{'p.grad':>9}"
+        f"{'padding':>9}{'total':>9}  totals of all ranks (MiB)",
+    ]
+    for key in [k for k in result if k.startswith("zero")] + ["ddp_adamw"]:
+        r = result[key]
+        m = r["memory"]
+        per_rank = ", ".join(f"{t / 2**20:.2f}" for t in r["memory_per_rank"])
+        lines.append(
+            f"{key:<12}{r['step_ms']:9.2f}  {_mib(m['master']):>21}{_mib(m['states']):>9}{_mib(m['grad_buckets']):>9}"
+            f"{_mib(m['param_grads']):>9}{_mib(m['padding']):>9}{_mib(m['total']):>9}  [{per_rank}]"
+        )
+    lines.append(
+        "buckets: ZeRO's reduced-grad shards + reduce-scatter staging; p.grad: grads still held after backward "
+        "(ZeRO-1 and DDP keep full grads; ZeRO-2 frees them as their buckets are reduced)"
+    )
+    return "\n".join(lines)

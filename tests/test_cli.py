@@ -198,3 +198,17 @@ def test_progress_without_tqdm(monkeypatch, capsys):
     progress.step("b")
     progress.close()
     assert capsys.readouterr().out.splitlines() == ["[1/2] a", "[2/2] b"]
+
+
+@pytest.mark.distributed
+def test_bench_zero_runs_gloo_processes(capsys, tmp_path):
+    out = tmp_path / "zero.json"
+    assert main(["bench", "--zero", "--nproc", "2", "--quick", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ZeRO benchmark: 2 ranks" in text and "ddp_adamw" in text
+    doc = json.loads(out.read_text())
+    assert doc["nproc"] == 2
+    for key in ("zero1", "zero2", "ddp_adamw"):
+        assert doc[key]["step_ms"] > 0
+    # stage 2 frees the full grads that stage 1 and DDP keep
+    assert doc["zero2"]["memory"]["param_grads"] == 0 < doc["zero1"]["memory"]["param_grads"]
