@@ -40,3 +40,11 @@ def test_kernels_import_as_fused_ops_kernels():
 
     assert adam.__name__ == "fused_ops.kernels.adam"
     assert hasattr(fused_ops, "FusedAdamW")
+
+
+def test_readme_performance_section_is_generated(monkeypatch):
+    """The Performance section is what `python -m fused_ops report` makes from benchmarks/results/."""
+    from fused_ops.__main__ import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["report", "--check"]) == 0
