@@ -98,7 +98,9 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
     adam_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, found_inf=found_inf,
                 cache=_table_cache(), **kwargs)  # fmt: skip
     if state_steps and found_inf is not None:
-        torch._foreach_sub_(state_steps, found_inf.to(state_steps[0].device, torch.float32).reshape(()))
+        # The list overload (one tensor per step count) exists in every torch we support (2.4+).
+        flag = found_inf.to(state_steps[0].device, torch.float32).reshape(())
+        torch._foreach_sub_(state_steps, [flag] * len(state_steps))
 
 
 # ---------------------------------------------------------------------------------------------------------
