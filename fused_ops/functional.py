@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -96,7 +96,7 @@ def adam_(
     for (device, _, _), idx in groups.items():
         backend_name = resolve_backend(backend, device)
         pick = (lambda lst: [lst[i] for i in idx]) if len(groups) > 1 else list
-        _ops.adam_(
+        _ops.adam_eager(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
             pick(max_exp_avg_sqs) if amsgrad else [], pick(master_params) if master_params else [],
             pick(state_steps) if state_steps else [],

@@ -400,3 +400,14 @@ def test_backend_environment_variable(monkeypatch):
     with pytest.raises(ValueError, match="FUSED_OPS_BACKEND"):
         FusedAdamW([torch.nn.Parameter(torch.randn(2))])
     assert fused_ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+
+
+@pytest.mark.interpret
+def test_triton_step_bumps_param_versions():
+    """The eager path skips the custom op's wrapper; autograd must still see that the params changed."""
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    o = FusedAdamW([p], backend="triton")
+    before = p._version
+    o.step()
+    assert p._version > before
