@@ -95,7 +95,7 @@ def adam_(
         groups[(p.device, p.dtype, grads[i].dtype)].append(i)
     for (device, _, _), idx in groups.items():
         backend_name = resolve_backend(backend, device)
-        pick = (lambda lst: [lst[i] for i in idx]) if len(groups) > 1 else list
+        pick = (lambda lst, idx=idx: [lst[i] for i in idx]) if len(groups) > 1 else list
         _ops.adam_eager(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
             pick(max_exp_avg_sqs) if amsgrad else [], pick(master_params) if master_params else [],
