@@ -30,5 +30,9 @@ def assert_close_list(actual, expected, dtype, msg=""):
         assert not torch.isnan(a).any() or torch.isnan(e).any(), f"{msg}[{i}] has NaN (unwritten?)"
         where = f"{msg}[{i}]"
         torch.testing.assert_close(
-            a.to(torch.float64), e.to(torch.float64), atol=ATOL[dtype], rtol=RTOL[dtype], msg=lambda m, w=where: f"{w}: {m}"
+            a.to(torch.float64),
+            e.to(torch.float64),
+            atol=ATOL[dtype],
+            rtol=RTOL[dtype],
+            msg=lambda m, w=where: f"{w}: {m}",
         )
