@@ -2,7 +2,6 @@
 ``delayed_shift`` rule, skip accounting and its warnings, state_dict, no host reads, and the folded
 unscale + clip path (``grad_scale_and_norm``) feeding the fused Adam step."""
 
-import contextlib
 import math
 import warnings
 
@@ -12,6 +11,7 @@ import torch
 import fused_ops
 from fused_ops import DynamicLossScaler, functional
 from fused_ops.precision import LossScalerWarning
+from tests.utils import no_host_reads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, in the interpreter
 
@@ -164,23 +164,12 @@ def test_rejects_bad_arguments():
             DynamicLossScaler(**kwargs)
 
 
-@contextlib.contextmanager
-def _no_host_reads(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host read of a device value")
-
-    with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-            m.setattr(torch.Tensor, name, forbidden)
-        yield
-
-
 def test_no_host_reads(monkeypatch):
     """update / unscale_ / grad_scale_and_norm read nothing on the host (checks disabled: on CPU the lazy check
     reads its snapshot at once; on CUDA it is asynchronous, see test_no_host_sync_cuda)."""
     s = DynamicLossScaler(init_scale=1024.0, growth_interval=2, hysteresis=2, check_interval=None, backend="reference")
     grads = [torch.randn(7), torch.randn(30)]
-    with _no_host_reads(monkeypatch):
+    with no_host_reads(monkeypatch):
         for _ in range(3):
             s.unscale_([g.clone() for g in grads])
             s.grad_scale_and_norm(grads, max_norm=1.0)

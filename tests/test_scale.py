@@ -1,7 +1,6 @@
 """unscale_ (fused unscale + inf/nan check), grad_norm and clip_grad_norm_: the kernels in the interpret tier (and
 on CUDA with the `gpu` mark) against float64 math and torch, the public functions on both backends."""
 
-import contextlib
 import math
 
 import pytest
@@ -10,6 +9,7 @@ from fused_ops.kernels import scale as scale_kernels
 
 import fused_ops
 from fused_ops import functional, reference
+from tests.utils import no_host_reads
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, in the interpreter
 
@@ -300,19 +300,6 @@ def test_unscale_public_groups_and_validation(backend):
     assert torch.equal(g[0], torch.ones(3))
 
 
-@contextlib.contextmanager
-def _no_host_reads(monkeypatch):
-    """Fail on any read of a tensor's value by the host (.item(), bool(), float(), .tolist(), .cpu(), numpy)."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host read of a device value")
-
-    with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-            m.setattr(torch.Tensor, name, forbidden)
-        yield
-
-
 def test_no_host_reads_reference(monkeypatch):
     """unscale_, grad_norm and clip_grad_norm_ never read a device value on the host (a sync on a GPU). The
     CPU path is checked here; the Triton path under the interpreter reads tensors through numpy by design,
@@ -320,7 +307,7 @@ def test_no_host_reads_reference(monkeypatch):
     params = _params([(5,), (40,)])
     grads = [q.grad for q in params]
     found_inf = torch.zeros(1)
-    with _no_host_reads(monkeypatch):
+    with no_host_reads(monkeypatch):
         fused_ops.unscale_(grads, torch.tensor(0.5), found_inf, backend="reference")
         fused_ops.grad_norm(grads, backend="reference")
         fused_ops.grad_norm(grads, math.inf, backend="reference")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Max abs error allowed between a kernel's result and the float64 reference, for values of magnitude ~1
@@ -36,3 +38,16 @@ def assert_close_list(actual, expected, dtype, msg=""):
             rtol=RTOL[dtype],
             msg=lambda m, w=where: f"{w}: {m}",
         )
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Fail on any read of a tensor's value by the host (.item(), bool(), float(), .tolist(), .cpu(), numpy)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a device value")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, forbidden)
+        yield
