@@ -136,27 +136,48 @@ def adam_cpu_(
         steps = list(state_steps)
     else:
         steps = [torch.tensor(float(step))] * len(params)
-    if master_params:
-        work = list(master_params)
-    elif params[0].dtype != torch.float32:
-        work = [p.float() for p in params]
-    else:
-        work = list(params)
-    # Grads are divided here, not by torch's kernel, which would write unscaled grads back into the caller's.
-    if grads[0].dtype == torch.float32:
-        g = list(grads) if grad_scale is None else torch._foreach_div(list(grads), _scalar(grad_scale))
-    else:
-        g = [x.float() for x in grads]
-        if grad_scale is not None:
-            torch._foreach_div_(g, _scalar(grad_scale))
     fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    fused(
-        work, g, list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [], steps,
-        lr=_scalar(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
-        maximize=maximize,
-    )  # fmt: skip
-    if work[0] is not params[0]:
-        torch._foreach_copy_(list(params), work)
+    hyper = dict(lr=_scalar(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+                 maximize=maximize)  # fmt: skip
+    scale = None if grad_scale is None else _scalar(grad_scale)
+    lowp = params[0].dtype != torch.float32
+    # fp32 copies (of bf16/fp16 params without masters, of low-precision grads) are made a cache-sized batch
+    # at a time: they are still in cache when the fused kernel reads them, and are never all alive at once.
+    batch_elems = 1 << 18 if lowp or grads[0].dtype != torch.float32 else None
+    for lo, hi in _batches([p.numel() for p in params], batch_elems):
+        ps = list(params[lo:hi])
+        if master_params:
+            work = list(master_params[lo:hi])
+        elif lowp:
+            work = [p.float() for p in ps]
+        else:
+            work = ps
+        # Grads are divided here, not by torch's kernel, which would write unscaled grads into the caller's.
+        if grads[0].dtype == torch.float32:
+            g = list(grads[lo:hi]) if scale is None else torch._foreach_div(list(grads[lo:hi]), scale)
+        else:
+            g = [x.float() for x in grads[lo:hi]]
+            if scale is not None:
+                torch._foreach_div_(g, scale)
+        maxvs = list(max_exp_avg_sqs[lo:hi]) if amsgrad else []
+        fused(work, g, list(exp_avgs[lo:hi]), list(exp_avg_sqs[lo:hi]), maxvs, steps[lo:hi], **hyper)
+        if work[0] is not ps[0]:
+            torch._foreach_copy_(ps, work)
+
+
+def _batches(numels: Sequence[int], limit: int | None):
+    """(lo, hi) index ranges covering ``numels`` in order, each of about ``limit`` elements (one if None)."""
+    if limit is None:
+        yield 0, len(numels)
+        return
+    lo, total = 0, 0
+    for i, n in enumerate(numels):
+        total += n
+        if total >= limit:
+            yield lo, i + 1
+            lo, total = i + 1, 0
+    if lo < len(numels):
+        yield lo, len(numels)
 
 
 # ---------------------------------------------------------------------------------------------------------

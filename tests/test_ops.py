@@ -104,3 +104,25 @@ def test_opcheck_with_master_weights_and_scaling(backend):
     args = (params, grads, t["exp_avgs"], t["exp_avg_sqs"], [], masters, t["state_steps"], 0.0, torch.tensor([1e-3]),
             0.9, 0.999, 1e-8, 0.01, False, True, True, None, torch.tensor(2.0), torch.tensor(0.0), backend)  # fmt: skip
     torch.library.opcheck(torch.ops.fused_ops.adam_.default, args)
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["", "master"])
+def test_cpu_path_batches_low_precision_work(master):
+    """The CPU path upcasts bf16 params/grads a cache-sized batch (2^18 elements) at a time: several batches,
+    grad scaling and masters must all match the float64 oracle."""
+    sizes = [150_001, 3, 200_000, 70_000]
+    t = _tensors(sizes, amsgrad=True)
+    t["params"] = [p.bfloat16() for p in t["params"]]
+    t["grads"] = [(g * 64).bfloat16() for g in t["grads"]]
+    masters = [p.float() for p in t["params"]] if master else None
+    ref = {k: f64(v) if k != "state_steps" else [s.clone() for s in v] for k, v in t.items()}
+    ref_masters = f64(masters) if master else ()
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
+    scale = torch.tensor(64.0)
+    fused_ops.reference.adam_(**ref, decoupled=True, grad_scale=scale.double(), master_params=ref_masters, **kw)
+    functional.adam_(**t, decoupled_weight_decay=True, grad_scale=scale, master_params=masters, backend="auto", **kw)
+    for p, r in zip(masters if master else t["params"], ref_masters if master else ref["params"]):
+        tol = 2e-6 if master else 2**-7
+        torch.testing.assert_close(p.double(), r, atol=tol, rtol=tol)
+    for m, r in zip(t["exp_avg_sqs"], ref["exp_avg_sqs"]):
+        torch.testing.assert_close(m.double(), r, atol=1e-8, rtol=1e-5)
