@@ -6,13 +6,16 @@ multiple of ``align`` elements and each bucket is padded to a multiple of ``worl
 into ``world_size`` equal, aligned shards. The model's params become views into their bucket's flat buffer,
 so the all-gather after the step writes straight into them. Rank ``r`` owns shard ``r`` of every bucket and
 keeps, for that shard only: the fp32 master copy (low-precision params with ``master_weights``), the fp32
-Adam moments and an fp32 gradient accumulator.
+Adam moments and the reduced-gradient shard, in the reduce dtype (by default the param dtype: bf16 for bf16
+params, so a bf16 model with fp32 masters holds 2 + 14/N bytes per param in stage 2; ``reduce_dtype=
+torch.float32`` reduces and accumulates in fp32, 2 + 16/N). The fused Adam op reads either directly.
 
 Per step::
 
-    backward  --(stage 2: per bucket, as soon as its grads exist)-->  reduce-scatter (sum) into fp32 grad shard
-    step()    --(stage 1: all buckets now)--------------------------->  reduce-scatter (sum) into fp32 grad shard
-              all-reduce(sum) of the shard's squared norm  -> global grad norm, found_inf (no host sync)
+    backward  --(stage 2: per bucket, as soon as its grads exist)-->  reduce-scatter (sum) into the grad shard
+    step()    --(stage 1: all buckets now)--------------------------->  reduce-scatter (sum) into the grad shard
+              all-reduce(sum) of the shard's squared norm (accumulated in float64, whatever the shard's dtype)
+                                                          -> global grad norm, found_inf (no host sync)
               fused Adam (fused_ops.functional.adam_) on the shard; 1/world, 1/loss_scale and the clip
               coefficient are one device-side grad_scale
               (with fp32 masters, the same pass writes the rounded low-precision params)
@@ -124,11 +127,14 @@ def _all_gather(output: Tensor, input: Tensor, group: Any, async_op: bool) -> An
 
 
 def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
-    """Sum of squares of all elements, as a float64 0-d tensor on the tensors' device (no host sync)."""
+    """Sum of squares of all elements, as a float64 0-d tensor on the tensors' device (no host sync).
+
+    Accumulated in float64 whatever the tensors' dtype (bf16/fp16 grad shards too): never in low precision.
+    """
     grad_norm = getattr(functional, "grad_norm", None)
-    if grad_norm is not None:  # one launch, accumulated in float64
+    if grad_norm is not None:  # one launch per dtype, accumulated in float64
         return grad_norm(tensors).to(torch.float64).square()
-    return torch.stack(torch._foreach_norm(tensors)).to(torch.float64).square().sum()
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 
 def _round_up(n: int, m: int) -> int:
@@ -218,7 +224,7 @@ class _Bucket:
     param_flat: Tensor
     param_shard: Tensor
     master: Tensor | None
-    grad: Tensor  # fp32 reduced-grad accumulator for the shard
+    grad: Tensor  # the shard's reduced grads (accumulated across synced backward passes): _grad_dtype()
     exp_avg: Tensor
     exp_avg_sq: Tensor
     max_exp_avg_sq: Tensor | None
@@ -258,9 +264,31 @@ class ZeroAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW.
         max_grad_norm: clip the global grad norm (over all ranks and param groups) to this, as
             ``torch.nn.utils.clip_grad_norm_`` would; ``None`` disables clipping.
-        reduce_dtype: dtype of the reduce-scatter (default: the param dtype).
+        reduce_dtype: dtype of the reduce-scatter and of this rank's reduced-grad shard, which accumulates the
+            grads of several synced backward passes (default: each bucket's param dtype). With bf16/fp16 params,
+            ``torch.float32`` costs 2 more bytes per param / N and sums in fp32: more accurate over many ranks or
+            micro-batches accumulated without ``no_sync``. (A low-precision reduce dtype other than the params'
+            reduces in that dtype into an fp32 shard.) The grad norm is accumulated in float64 either way.
         align: params start, and shards split, at multiples of this many elements.
         backend: fused-op backend ("auto", "triton", "reference"), as in FusedAdamW.
+
+    Memory, bytes per param on each of N ranks (``memory_report()`` lists what this object holds; ``p.grad``
+    is autograd's)::
+
+        params            stage  param  p.grad  shard: master + m + v + grad   total
+        fp32                1      4      4        (0 + 4 + 4 + 4) / N         8 + 12/N
+        fp32                2      4      0        (0 + 4 + 4 + 4) / N         4 + 12/N
+        bf16 + fp32 master  1      2      2        (4 + 4 + 4 + 2) / N         4 + 14/N
+        bf16 + fp32 master  2      2      0        (4 + 4 + 4 + 2) / N         2 + 14/N
+          reduce_dtype=fp32 1      2      2        (4 + 4 + 4 + 4) / N         4 + 16/N
+          reduce_dtype=fp32 2      2      0        (4 + 4 + 4 + 4) / N         2 + 16/N
+
+    fp16 is as bf16; bf16 without master weights saves the 4/N of the master; amsgrad adds 4/N. On top: the
+    staging buffers of the reduce-scatters (two with ``overlap_comm`` and several buckets, else one; each holds
+    the largest bucket, about ``bucket_cap_mb`` of param-dtype elements, in the reduce dtype: twice those bytes
+    for bf16 params reduced in fp32), the padding of buckets to ``world_size * align``, 4 bytes per param
+    tensor for step counts, and in stage 2 the grads of the buckets not yet launched during backward (stage 2
+    frees ``p.grad`` as each bucket is launched).
 
     Differences from torch.optim.AdamW: params that get no grad in a step are stepped with a zero grad
     (weight decay and momentum apply), on every rank alike; in stage 2 ``p.grad`` is freed during backward
@@ -448,7 +476,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                 index=bi, group=spec.group, dtype=spec.dtype, slots=slots, numel=spec.numel, shard_numel=shard,
                 param_flat=flat, param_shard=param_shard,
                 master=param_shard.float() if lowp and self.master_weights else None,
-                grad=torch.zeros(shard, dtype=torch.float32, device=dev),
+                grad=torch.zeros(shard, dtype=self._grad_dtype(spec.dtype), device=dev),
                 exp_avg=torch.zeros(shard, dtype=torch.float32, device=dev),
                 exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev),
                 max_exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev) if group["amsgrad"] else None,
@@ -475,6 +503,12 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     def _reduce_dtype(self, b: _Bucket) -> torch.dtype:
         return self.reduce_dtype if self.reduce_dtype is not None else b.dtype
+
+    def _grad_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """The reduced-grad shard's dtype: the reduce dtype when the fused Adam op takes it with these params
+        (the params' dtype, or fp32), else fp32 (e.g. fp16 params reduced in bf16)."""
+        reduce_dtype = self.reduce_dtype if self.reduce_dtype is not None else param_dtype
+        return reduce_dtype if reduce_dtype in (param_dtype, torch.float32) else torch.float32
 
     def _register_hooks(self) -> None:
         ref = weakref.ref(self)
@@ -580,9 +614,9 @@ class ZeroAdamW(torch.optim.Optimizer):
         if self.stage == 2:
             for s in b.slots:
                 s.param.grad = None
-        # Straight into the fp32 grad shard when nothing is there yet; otherwise in place (into this rank's
-        # slice of the staging buffer: NCCL and gloo support it), to be added to the shard when it lands.
-        direct = key[0] == torch.float32 and not b.grad_valid and b.inflight == 0
+        # Straight into the grad shard when nothing is there yet (and the dtypes agree); otherwise in place (into
+        # this rank's slice of the staging buffer: NCCL and gloo support it), added to the shard when it lands.
+        direct = key[0] == b.grad.dtype and not b.grad_valid and b.inflight == 0
         out = b.grad if direct else flat.narrow(0, self.rank * b.shard_numel, b.shard_numel)
         work = _reduce_scatter(out, flat, self.process_group, async_op=True)
         b.inflight += 1
@@ -759,19 +793,15 @@ class ZeroAdamW(torch.optim.Optimizer):
     def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor, grad_scale: Tensor,
               found_inf: Tensor | None, key: tuple[int, bool]) -> None:  # fmt: skip
         """The fused Adam op over the given segments of this rank's shards (one launch per dtype)."""
+        # Grad shards are the params' dtype or fp32; the op takes both as they are, divides by grad_scale in fp32
+        # (in the Triton kernel, or into fp32 copies on the CPU path) and leaves the shards as reduced.
         params, masters, grads, ms, vs, maxvs, steps = self._adam_views(key, segs)
-        gs: Tensor | None = grad_scale
-        if self._device.type == "cpu":
-            # The CPU path's one-pass kernel (torch._fused_adamw_) takes no grad scale: divide first (into
-            # new tensors: the grad shards stay as reduced, as p.grad would in torch.optim).
-            grads = list(torch._foreach_div(grads, grad_scale.reshape(())))
-            gs = None
         beta1, beta2 = group["betas"]
         functional.adam_(
             params, grads, ms, vs, maxvs if group["amsgrad"] else None, steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"], decoupled_weight_decay=True,
-            grad_scale=gs, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
+            grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
         )  # fmt: skip
 
     def _ensure_amsgrad_buffers(self) -> None:
@@ -1010,23 +1040,29 @@ class ZeroAdamW(torch.optim.Optimizer):
         """Bytes this rank holds, per category (padding counted once, under ``padding`` only).
 
         - ``master``: fp32 master shard (0 for fp32 params, whose shard of the param buffer is the master);
-        - ``states``: Adam moments of the shard and the step counts;
-        - ``grad_buckets``: fp32 reduced-grad shards and the staging buffers of the reduce-scatters;
+        - ``states``: Adam moments of the shard (fp32) and the step counts;
+        - ``grad_shards``: the reduced-grad shards, in the reduce dtype (see the class docstring);
+        - ``staging``: the staging buffers of the reduce-scatters (the buckets in flight);
+        - ``grad_buckets``: ``grad_shards + staging``;
         - ``padding``: padded elements in the master, moment and grad shards and in the flat param buffers;
-        - ``total``: the sum.
+        - ``total``: ``master + states + grad_buckets + padding``.
+
+        Not counted: the params' own elements (the flat buffers the model's params are views of; their padding
+        is counted) and ``p.grad``.
         """
-        report = {"master": 0, "states": 4 * len(self._steps), "grad_buckets": 0, "padding": 0}
+        report = {"master": 0, "states": 4 * len(self._steps), "grad_shards": 0, "staging": 0, "padding": 0}
         for b in self._buckets:
             pad = self._bucket_pad(b)
             useful = b.shard_numel - pad
-            n_shards = 3 + (b.max_exp_avg_sq is not None) + (b.master is not None)  # grad, moments, master
+            fp32_shards = 2 + (b.max_exp_avg_sq is not None) + (b.master is not None)  # moments, master
             report["master"] += 4 * useful if b.master is not None else 0
             report["states"] += 4 * useful * (2 + (b.max_exp_avg_sq is not None))
-            report["grad_buckets"] += 4 * useful
-            report["padding"] += 4 * pad * n_shards
+            report["grad_shards"] += b.grad.element_size() * useful
+            report["padding"] += pad * (4 * fp32_shards + b.grad.element_size())
             report["padding"] += (b.numel - sum(s.numel for s in b.slots)) * b.param_flat.element_size()
-        report["grad_buckets"] += sum(pool.nbytes() for pool in self._pools.values())
-        report["total"] = sum(report.values())
+        report["staging"] = sum(pool.nbytes() for pool in self._pools.values())
+        report["grad_buckets"] = report["grad_shards"] + report["staging"]
+        report["total"] = report["master"] + report["states"] + report["grad_buckets"] + report["padding"]
         return report
 
     def _bucket_pad(self, b: _Bucket) -> int:

@@ -264,6 +264,16 @@ def run_memory(rank: int, world: int) -> dict:
     mlp16 = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(3)]).to(torch.bfloat16)
     opt16 = ZeroAdamW(mlp16.parameters(), stage=2, master_weights=True)
     out["bf16"] = opt16.memory_report()
+    # bf16 + fp32 masters, by stage and reduce dtype: the grad shard follows the reduce dtype. 3 x 64 x 64
+    # elements, no bias: one bucket that splits into 2 or 4 aligned shards with no padding at all.
+    mlp16 = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False) for _ in range(3)]).to(torch.bfloat16)
+    for stage in (1, 2):
+        for reduce_dtype in (None, torch.float32):
+            opt16 = ZeroAdamW(mlp16.parameters(), stage=stage, master_weights=True, reduce_dtype=reduce_dtype)
+            out[("bf16_exact", stage, reduce_dtype)] = {
+                "report": opt16.memory_report(), "grad_dtypes": {b.grad.dtype for b in opt16._buckets},
+                "staging_numel": sum(t.numel() for pool in opt16._pools.values() for t in pool.flat),
+            }  # fmt: skip
     return out
 
 
@@ -289,6 +299,64 @@ def run_bf16(rank: int, world: int) -> dict:
         out[f"{name}_moved"] = bool((flat_params(model) - before).abs().max() > 0)
         out[f"{name}_finite"] = bool(torch.isfinite(flat_params(model)).all())
         out[f"{name}_params"] = flat_params(model)
+    return out
+
+
+BF16_STEPS, BF16_MICROS = 5, 2
+BF16_REDUCE = {  # name: (stage, reduce_dtype)
+    "stage1": (1, None), "stage2": (2, None), "stage1_fp32_reduce": (1, torch.float32),
+    "stage2_fp32_reduce": (2, torch.float32),
+}  # fmt: skip
+
+
+def bf16_reference(world: int) -> tuple[list[torch.Tensor], list[float]]:
+    """What ZeroAdamW with bf16 params and fp32 masters approximates: fp32 masters (torch.optim.AdamW) stepped
+    with the float64 mean of exactly the bf16 grads its ranks compute (each rank's rows, each micro-batch,
+    in a bf16 forward through the masters rounded to nearest). Returns the masters and each step's grad norm."""
+    model = Net(dtype=torch.bfloat16)
+    params = list(model.parameters())
+    masters = [p.detach().float().clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(masters, lr=LR)
+    norms = []
+    for step in range(BF16_STEPS):
+        total = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+        for k in range(BF16_MICROS):
+            for r in range(world):
+                model.zero_grad(set_to_none=True)
+                (local_loss(model, step, k, r, world) / BF16_MICROS).backward()
+                for t, p in zip(total, params, strict=True):
+                    if p.grad is not None:
+                        t += p.grad.double()
+        mean = [t / world for t in total]
+        norms.append(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in mean]))))
+        for m, g in zip(masters, mean, strict=True):
+            m.grad = g.float()
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, masters, strict=True):
+                p.copy_(m)
+    return [m.detach() for m in masters], norms
+
+
+def run_bf16_reduce_dtype(rank: int, world: int) -> dict:
+    """bf16 params + fp32 masters, 2 synced micro-batches per step, stage 1 and 2, bf16 and fp32 reduce."""
+    ref_masters, ref_norms = bf16_reference(world)
+    out = {"ref_max_abs": max(m.abs().max().item() for m in ref_masters)}
+    for name, (stage, reduce_dtype) in BF16_REDUCE.items():
+        model = Net(dtype=torch.bfloat16)
+        opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4,
+                        reduce_dtype=reduce_dtype)  # fmt: skip
+        norm_rel = []
+        for step in range(BF16_STEPS):
+            zero_step(model, opt, rank, world, step, BF16_MICROS, "sync")
+            norm_rel.append(abs(float(opt.last_grad_norm) - ref_norms[step]) / ref_norms[step])
+        cons = opt.consolidated_state_dict(to=None)
+        out[name] = {
+            "master_err": max((cons["state"][i]["master_param"] - m).abs().max().item()
+                              for i, m in enumerate(ref_masters)),
+            "norm_rel": max(norm_rel), "grad_dtypes": {b.grad.dtype for b in opt._buckets},
+            "params": flat_params(model),
+        }  # fmt: skip
     return out
 
 
@@ -342,6 +410,7 @@ def task_world4(rank: int, world: int, out_dir: str) -> dict:
             res["scenarios"][(stage, name)] = run_scenario(rank, world, stage, cfg)
     res["ckpt"] = run_checkpoint_save(rank, world, out_dir)
     res["memory"] = run_memory(rank, world)
+    res["bf16_reduce"] = run_bf16_reduce_dtype(rank, world)
     return res
 
 
@@ -354,6 +423,7 @@ def task_world2(rank: int, world: int, out_dir: str) -> dict:
     res["ckpt"] = run_checkpoint_load(rank, world, out_dir)
     res["memory"] = run_memory(rank, world)
     res["bf16"] = run_bf16(rank, world)
+    res["bf16_reduce"] = run_bf16_reduce_dtype(rank, world)
     return res
 
 
@@ -536,12 +606,71 @@ def test_memory_report_states_shrink_as_one_over_n(world2, world4):
         for r in results:
             rep = r["memory"]["fp32"]
             assert rep["master"] == 0  # fp32 params are their own master
-            assert rep["total"] == rep["master"] + rep["states"] + rep["grad_buckets"] + rep["padding"]
+            for rep in (r["memory"]["fp32"], r["memory"]["bf16"]):
+                assert rep["grad_buckets"] == rep["grad_shards"] + rep["staging"]
+                assert rep["total"] == rep["master"] + rep["states"] + rep["grad_buckets"] + rep["padding"]
         masters = [r["memory"]["bf16"]["master"] for r in results]
         assert sum(masters) == 4 * n_params
+        # master + moments + grad shard: each element on exactly one rank (the rest is padding), 12 bytes for
+        # fp32 params (fp32 grad shard, no master), 14 for bf16 params (bf16 grad shard: the default reduce).
+        for name, per_param in (("fp32", 12), ("bf16", 14)):
+            held = [r["memory"][name]["master"] + r["memory"][name]["states"] - 4 * n_tensors
+                    + r["memory"][name]["grad_shards"] for r in results]  # fmt: skip
+            assert sum(held) == per_param * n_params, (name, world, held)
     per_rank2 = world2[0]["memory"]["fp32"]["states"] - 4 * n_tensors
     per_rank4 = world4[0]["memory"]["fp32"]["states"] - 4 * n_tensors
     assert 0.4 < per_rank4 / per_rank2 < 0.6
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_memory_report_grad_shard_follows_reduce_dtype(results, stage):
+    """bf16 params + fp32 masters: master + moments + grad shard hold (12 + 2) / N bytes per param with the
+    default reduce dtype (the params': a bf16 grad shard), (12 + 4) / N with reduce_dtype=torch.float32.
+    Exactly: this model (3 x 64 x 64, one bucket) splits into 2 or 4 shards with no padding, which the report
+    would list separately. The staging buffer is one bucket in the reduce dtype."""
+    world = len(results)
+    n_params, n_tensors = 3 * 64 * 64, 3
+    for reduce_dtype, grad_dtype in ((None, torch.bfloat16), (torch.float32, torch.float32)):
+        per_param = 12 + grad_dtype.itemsize
+        for rank, r in enumerate(results):
+            m = r["memory"][("bf16_exact", stage, reduce_dtype)]
+            rep, where = m["report"], (reduce_dtype, rank)
+            assert m["grad_dtypes"] == {grad_dtype}, where
+            assert rep["padding"] == 0, where
+            assert rep["master"] == 4 * n_params // world, where
+            assert rep["states"] - 4 * n_tensors == 8 * n_params // world, where
+            assert rep["grad_shards"] == grad_dtype.itemsize * n_params // world, where
+            assert rep["master"] + rep["states"] - 4 * n_tensors + rep["grad_shards"] == per_param * n_params // world
+            assert m["staging_numel"] == n_params and rep["staging"] == grad_dtype.itemsize * n_params, where
+            assert rep["grad_buckets"] == rep["grad_shards"] + rep["staging"], where
+            assert rep["total"] == rep["master"] + rep["states"] + rep["grad_buckets"] + rep["padding"], where
+
+
+def test_bf16_reduce_dtype_accuracy(results):
+    """bf16 params + fp32 masters, 2 synced micro-batches, 5 steps, against fp32 masters stepped with the float64
+    mean of the same bf16 grads (``bf16_reference``).
+
+    fp32 reduce in stage 2 sums the bf16 grads exactly enough for the fp32 tolerances (TOL on the masters,
+    1e-4 on the norm). The bf16 reduce (default), and stage 1 whichever the reduce dtype (autograd accumulates
+    the micro-batches in bf16 ``p.grad``), round the grads to bf16 a few times (each <= 2^-9 of a partial sum),
+    which perturbs each Adam step's direction by about that much: the masters must stay within
+    ``STEPS * LR * 2^-5`` (a 3% error per step of size lr; measured about 5x below that), and the norm within
+    2^-7 (measured 4x below). The existing bf16 rule (``tests/test_optim.py``: one half-ulp of the params per
+    step, 5 * 2^-8 * max|p| ~ 0.05 here) would allow five whole steps of error, too loose to tell anything:
+    these masters are fp32, only the grads are rounded."""
+    loose = BF16_STEPS * LR * 2**-5
+    for name in BF16_REDUCE:
+        per_rank = [r["bf16_reduce"][name] for r in results]
+        for rank, res in enumerate(per_rank):
+            assert torch.equal(res["params"], per_rank[0]["params"]), f"{name}: rank {rank} params differ from rank 0"
+            if name == "stage2_fp32_reduce":
+                assert res["master_err"] < TOL and res["norm_rel"] < 1e-4, (name, res)
+            else:
+                assert res["master_err"] < loose and res["norm_rel"] < 2**-7, (name, res)
+            reduce_dtype = BF16_REDUCE[name][1]
+            assert res["grad_dtypes"] == {reduce_dtype or torch.bfloat16}, (name, res["grad_dtypes"])
+    ours = results[0]["bf16_reduce"]
+    assert ours["stage2_fp32_reduce"]["master_err"] < 0.1 * ours["stage2"]["master_err"], ours
 
 
 def test_mismatched_model_raises_on_every_rank(world2):
@@ -655,14 +784,19 @@ def test_gpu_one_rank_nccl(stage):
         cons = opt.consolidated_state_dict()
         assert cons["state"][0]["exp_avg"].device.type == "cpu"
 
-        model16 = Net(dtype=torch.bfloat16).to(dev)
-        opt16 = ZeroAdamW(model16.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR)
-        before = flat_params(model16)
-        for step in range(5):
-            zero_step(model16, opt16, 0, 1, step)
-        cons16 = opt16.consolidated_state_dict()
-        for i, p in enumerate(model16.parameters()):
-            assert torch.equal(cons16["state"][i]["master_param"].to(dev, torch.bfloat16), p.detach())
-        assert (flat_params(model16) - before).abs().max() > 0
+        # bf16 grad shards (default reduce dtype) and fp32 ones: the kernel reads either with bf16 params.
+        for reduce_dtype, grad_dtype in ((None, torch.bfloat16), (torch.float32, torch.float32)):
+            model16 = Net(dtype=torch.bfloat16).to(dev)
+            opt16 = ZeroAdamW(model16.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR,
+                              reduce_dtype=reduce_dtype)  # fmt: skip
+            assert {b.grad.dtype for b in opt16._buckets} == {grad_dtype}
+            before = flat_params(model16)
+            for step in range(5):
+                zero_step(model16, opt16, 0, 1, step)
+            cons16 = opt16.consolidated_state_dict()
+            for i, p in enumerate(model16.parameters()):
+                assert torch.equal(cons16["state"][i]["master_param"].to(dev, torch.bfloat16), p.detach())
+            assert (flat_params(model16) - before).abs().max() > 0
+            assert torch.isfinite(opt16.last_grad_norm) and opt16.last_grad_norm > 0
     finally:
         dist.destroy_process_group()
