@@ -759,7 +759,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         if others:
             torch._foreach_add_(others, 1)
             if found_inf is not None:
-                torch._foreach_sub_(others, found_inf.reshape(()))
+                torch._foreach_sub_(others, [found_inf.reshape(())] * len(others))
 
         works = []
         for b in self._buckets:
