@@ -1141,6 +1141,8 @@ def _bench_worker(rank: int, nproc: int, port: int, cfg: dict, out_dir: str) -> 
             json.dump(results, f)
     finally:
         dist.destroy_process_group()
+    # Results are written: skip the interpreter's teardown, where gloo's threads can abort the process.
+    os._exit(0)
 
 
 def benchmark_zero(

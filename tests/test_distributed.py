@@ -442,6 +442,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, task: str) -> None:
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
         os._exit(1)  # closes this rank's connections, so the other ranks fail fast instead of waiting
+    # Skip the interpreter's teardown: gloo's threads are sometimes still being destroyed there, which aborts
+    # the process ("terminate called without an active exception") after the result was written.
+    os._exit(0)
 
 
 def _free_port() -> int:
