@@ -23,6 +23,8 @@ from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ChunkTable:
     numel_offset: int  # index of numel[0] in ``table``
     chunk_tensor_offset: int  # index of chunk_tensor[0]
     chunk_start_offset: int  # index of chunk_start[0]
+    aligned: bool  # every address is a multiple of 16 bytes (the kernels may then use 128-bit accesses)
 
 
 class _LRU(OrderedDict):
@@ -102,6 +105,20 @@ def build_chunk_table(
         numel_offset=numel_offset,
         chunk_tensor_offset=numel_offset + n_tensors,
         chunk_start_offset=numel_offset + n_tensors + n_chunks,
+        aligned=all(a % 16 == 0 for a in addrs),
     )
     cache[key] = result
     return result
+
+
+@triton.jit
+def tensor_pointer(table_ptr, role, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The typed base pointer of tensor ``t`` in ``role`` of a chunk table.
+
+    With ALIGNED (the launcher checked that every address is a multiple of 16 bytes) the compiler is told so:
+    with chunk starts that are multiples of 16 elements, full blocks then load and store 128 bits at a time.
+    """
+    ptr = tl.load(table_ptr + role * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)  # on the pointer: a hint on the integer does not survive the cast
+    return ptr

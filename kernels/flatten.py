@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import _DEFAULT_CACHE, build_chunk_table
+from ._multi_tensor import _DEFAULT_CACHE, build_chunk_table, tensor_pointer
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -39,6 +39,7 @@ def _flatten_kernel(
     tensors_ptr,  # int64 [addr[0..T) | numel[0..T)] of the tensors (numel[t] <= span[t])
     DTYPE: tl.constexpr,
     SCATTER: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor and segment starts on a 16-byte boundary: lets the compiler vectorise
     CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -49,26 +50,34 @@ def _flatten_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + chunk_tensor_offset + pid)
-    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    chunk_start = tl.multiple_of(tl.load(table_ptr + chunk_start_offset + pid), 16)  # CHUNK_SIZE % 16 == 0
     span_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
     n_valid = tl.minimum(tl.load(tensors_ptr + n_tensors + t) - chunk_start, CHUNK_SIZE)
-    segment_ptr = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE)) + chunk_start
-    tensor_ptr = tl.load(tensors_ptr + t).to(tl.pointer_type(DTYPE)) + chunk_start
+    segment_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
+    tensor_ptr = tensor_pointer(tensors_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
     if SCATTER:
         n_here = n_valid
     else:
         n_here = span_here
 
     for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
-        if block_start < n_here:
-            offsets = block_start + tl.arange(0, BLOCK_SIZE)
-            if SCATTER:
-                mask = offsets < n_valid
-                tl.store(tensor_ptr + offsets, tl.load(segment_ptr + offsets, mask=mask), mask=mask)
-            else:
-                # Padding past the tensor's end is written as zeros, so the buffer never holds garbage.
-                x = tl.load(tensor_ptr + offsets, mask=offsets < n_valid, other=0.0)
-                tl.store(segment_ptr + offsets, x, mask=offsets < span_here)
+        offsets = block_start + tl.arange(0, BLOCK_SIZE)
+        # Blocks inside the tensor: a mask provably uniform per 16 lanes, so accesses are vectorised.
+        if block_start + BLOCK_SIZE <= n_valid:
+            full = offsets < block_start + BLOCK_SIZE
+            _copy_block(segment_ptr, tensor_ptr, offsets, full, full, SCATTER)
+        elif block_start < n_here:
+            # Padding past the tensor's end is written as zeros, so the buffer never holds garbage.
+            _copy_block(segment_ptr, tensor_ptr, offsets, offsets < n_valid, offsets < span_here, SCATTER)
+
+
+@triton.jit
+def _copy_block(segment_ptr, tensor_ptr, offsets, valid, in_span, SCATTER: tl.constexpr):
+    if SCATTER:
+        tl.store(tensor_ptr + offsets, tl.load(segment_ptr + offsets, mask=valid), mask=valid)
+    else:
+        x = tl.load(tensor_ptr + offsets, mask=valid, other=0.0)
+        tl.store(segment_ptr + offsets, x, mask=in_span)
 
 
 def _check_flat(flat) -> None:
@@ -124,13 +133,15 @@ def flatten_launch(
     # The chunk table's cache key covers the segments only; the tensors' addresses get their own entry.
     key = ("flatten_tensors", tuple(x.data_ptr() for x in tensors), tuple(x.numel() for x in tensors), flat.dtype,
            flat.device)  # fmt: skip
-    info = cache.get(key)
-    if info is None:
+    cached = cache.get(key)
+    if cached is None:
         _check(flat, tensors, offsets, spans)
-        host = torch.tensor([x.data_ptr() for x in tensors] + [x.numel() for x in tensors], dtype=torch.int64)
+        addrs = [x.data_ptr() for x in tensors]
+        host = torch.tensor(addrs + [x.numel() for x in tensors], dtype=torch.int64)
         # Pinned and asynchronous on a GPU, as the chunk table: building a layout never blocks the host.
         info = host.pin_memory().to(flat.device, non_blocking=True) if flat.is_cuda else host
-        cache[key] = info
+        cached = cache[key] = (info, all(a % 16 == 0 for a in addrs))
+    info, tensors_aligned = cached
     if table.n_chunks == 0:
         return
     with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
@@ -143,6 +154,7 @@ def flatten_launch(
             info,
             DTYPE=_TL_DTYPES[flat.dtype],
             SCATTER=scatter,
+            ALIGNED=table.aligned and tensors_aligned,
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import build_chunk_table
+from ._multi_tensor import build_chunk_table, tensor_pointer
 from ._numerics import load_fp32, rounded_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -40,6 +40,7 @@ def _unscale_kernel(
     HAS_OUT: tl.constexpr,
     INV_SCALE_IS_TENSOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor starts on a 16-byte boundary: lets the compiler vectorise
     CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -51,13 +52,13 @@ def _unscale_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + chunk_tensor_offset + pid)
-    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    chunk_start = tl.multiple_of(tl.load(table_ptr + chunk_start_offset + pid), 16)  # CHUNK_SIZE % 16 == 0
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
-    grad_ptr = tl.load(table_ptr + t).to(tl.pointer_type(GRAD_DTYPE)) + chunk_start
+    grad_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, GRAD_DTYPE, ALIGNED) + chunk_start
     if HAS_OUT:
-        out_ptr = tl.load(table_ptr + n_tensors + t).to(tl.pointer_type(OUT_DTYPE)) + chunk_start
+        out_ptr = tensor_pointer(table_ptr, 1, n_tensors, t, OUT_DTYPE, ALIGNED) + chunk_start
     else:
-        out_ptr = tl.load(table_ptr + t).to(tl.pointer_type(OUT_DTYPE)) + chunk_start
+        out_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, OUT_DTYPE, ALIGNED) + chunk_start
     if INV_SCALE_IS_TENSOR:
         inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
     else:
@@ -65,17 +66,30 @@ def _unscale_kernel(
 
     n_bad = tl.zeros((BLOCK_SIZE,), dtype=tl.int32)
     for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
-        if block_start < n_here:
-            offsets = block_start + tl.arange(0, BLOCK_SIZE)
-            mask = offsets < n_here
-            y = load_fp32(grad_ptr + offsets, mask, GRAD_DTYPE) * inv_scale
-            if HAS_FOUND_INF:
-                r = rounded_fp32(y, OUT_DTYPE)  # the value stored: narrowing may overflow
-                n_bad += tl.where(mask & (r - r != 0.0), 1, 0)  # r - r is nan exactly for inf and nan
-            store_fp32(out_ptr + offsets, y, mask, OUT_DTYPE)
+        offsets = block_start + tl.arange(0, BLOCK_SIZE)
+        # Full blocks: a mask provably uniform per 16 lanes, so accesses are vectorised; the tail is masked.
+        if block_start + BLOCK_SIZE <= n_here:
+            n_bad += _unscale_block(grad_ptr, out_ptr, offsets, offsets < block_start + BLOCK_SIZE, inv_scale,
+                                    GRAD_DTYPE, OUT_DTYPE, HAS_FOUND_INF)  # fmt: skip
+        elif block_start < n_here:
+            n_bad += _unscale_block(grad_ptr, out_ptr, offsets, offsets < n_here, inv_scale, GRAD_DTYPE, OUT_DTYPE,
+                                    HAS_FOUND_INF)  # fmt: skip
     if HAS_FOUND_INF:
         if tl.sum(n_bad, axis=0) > 0:
             tl.store(found_inf_ptr, 1.0)
+
+
+@triton.jit
+def _unscale_block(grad_ptr, out_ptr, offsets, mask, inv_scale, GRAD_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr):  # fmt: skip
+    """Store one block of grad * inv_scale; returns 1 where the stored value is inf or nan (if checked)."""
+    y = load_fp32(grad_ptr + offsets, mask, GRAD_DTYPE) * inv_scale
+    bad = tl.zeros(offsets.shape, dtype=tl.int32)
+    if HAS_FOUND_INF:
+        r = rounded_fp32(y, OUT_DTYPE)  # the value stored: narrowing may overflow
+        bad = tl.where(mask & (r - r != 0.0), 1, 0)  # r - r is nan exactly for inf and nan
+    store_fp32(out_ptr + offsets, y, mask, OUT_DTYPE)
+    return bad
 
 
 @triton.jit
@@ -89,6 +103,7 @@ def _norm_partials_kernel(
     p,  # runtime float: the norm's order, read when NORM == 3
     DTYPE: tl.constexpr,
     NORM: tl.constexpr,  # 0: inf (max |x|), 1: sum |x|, 2: sum x^2, 3: sum |x|^p
+    ALIGNED: tl.constexpr,  # every tensor starts on a 16-byte boundary: lets the compiler vectorise
     CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -99,32 +114,43 @@ def _norm_partials_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + chunk_tensor_offset + pid)
-    chunk_start = tl.load(table_ptr + chunk_start_offset + pid)
+    chunk_start = tl.multiple_of(tl.load(table_ptr + chunk_start_offset + pid), 16)  # CHUNK_SIZE % 16 == 0
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
-    x_ptr = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE)) + chunk_start
+    x_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
     p = tl.cast(p, tl.float32)
 
     acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     nan_probe = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)  # stays 0 unless a nan is added in
     for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
-        if block_start < n_here:
-            offsets = block_start + tl.arange(0, BLOCK_SIZE)
-            x = load_fp32(x_ptr + offsets, offsets < n_here, DTYPE)
-            a = tl.abs(x)
-            if NORM == 0:
-                acc = tl.maximum(acc, a)
-                nan_probe += tl.where(x != x, x, 0.0)
-            elif NORM == 1:
-                acc += a
-            elif NORM == 2:
-                acc += x * x
-            else:
-                acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(a)))
+        offsets = block_start + tl.arange(0, BLOCK_SIZE)
+        # Full blocks: a mask provably uniform per 16 lanes, so loads are vectorised; the tail is masked.
+        if block_start + BLOCK_SIZE <= n_here:
+            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < block_start + BLOCK_SIZE, p, acc, nan_probe,
+                                         DTYPE, NORM)  # fmt: skip
+        elif block_start < n_here:
+            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < n_here, p, acc, nan_probe, DTYPE, NORM)
     if NORM == 0:
         partial = tl.max(acc, axis=0) + tl.sum(nan_probe, axis=0)
     else:
         partial = tl.sum(acc, axis=0)
     tl.store(partials_ptr + pid, partial)
+
+
+@triton.jit
+def _norm_block(x_ptr, offsets, mask, p, acc, nan_probe, DTYPE: tl.constexpr, NORM: tl.constexpr):
+    """Fold one block into the running elementwise accumulators (see ``_norm_partials_kernel``)."""
+    x = load_fp32(x_ptr + offsets, mask, DTYPE)
+    a = tl.abs(x)
+    if NORM == 0:
+        acc = tl.maximum(acc, a)
+        nan_probe += tl.where(x != x, x, 0.0)
+    elif NORM == 1:
+        acc += a
+    elif NORM == 2:
+        acc += x * x
+    else:
+        acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(a)))
+    return acc, nan_probe
 
 
 def _check(tensors, name, dtypes=None) -> None:
@@ -197,6 +223,7 @@ def unscale_launch(
             HAS_OUT=bool(out),
             INV_SCALE_IS_TENSOR=scale_is_tensor,
             HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=table.aligned,
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )
@@ -238,6 +265,7 @@ def norm_launch(
             norm_type if norm == 3 else 1.0,
             DTYPE=_TL_DTYPES[tensors[0].dtype],
             NORM=norm,
+            ALIGNED=table.aligned,
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )
