@@ -69,8 +69,9 @@ def build_chunk_table(
     contiguous; all tensors must be on one device. Tensors with no elements get no chunk. ``check`` is
     called before a table is built (not on a cache hit), so launchers validate inputs once per layout.
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if chunk_size <= 0 or chunk_size % 16:
+        # Kernels tell the compiler that chunk starts are multiples of 16 elements (vectorised accesses).
+        raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size}")
     first = roles[0]
     n_tensors = len(first)
     numels = [t.numel() for t in first]

@@ -189,3 +189,13 @@ def test_fp32_grads_with_low_precision_params_and_masters(dtype):
     assert_close_list(masters, ref_masters, torch.float32, "masters")
     for p, m in zip(t["params"], masters):
         assert torch.equal(p, m.to(dtype))
+
+
+def test_table_alignment_and_chunk_size_checks():
+    from fused_ops.kernels._multi_tensor import build_chunk_table
+
+    base = torch.zeros(100)
+    assert build_chunk_table([[base[:40], base[8:40]]], 64, cache={}).aligned  # 32-byte offset: aligned
+    assert not build_chunk_table([[base[:40], base[5:40]]], 64, cache={}).aligned  # 20-byte offset
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_chunk_table([[base]], 40, cache={})
