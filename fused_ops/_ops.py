@@ -109,16 +109,9 @@ def _adam_kwargs(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximi
 def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, found_inf, **kwargs) -> None:
     from .kernels.adam import adam_launch
 
-    if state_steps:
-        # Step counts move with the step, and back when the step is skipped (torch's fused path does the
-        # same): two tiny multi-tensor launches, no host sync.
-        torch._foreach_add_(state_steps, 1)
+    # One launch: the kernel also moves the step counts (not when found_inf is set).
     adam_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, found_inf=found_inf,
                 cache=_table_cache(), **kwargs)  # fmt: skip
-    if state_steps and found_inf is not None:
-        # The list overload (one tensor per step count) exists in every torch we support (2.4+).
-        flag = found_inf.to(state_steps[0].device, torch.float32).reshape(())
-        torch._foreach_sub_(state_steps, [flag] * len(state_steps))
 
 
 # ---------------------------------------------------------------------------------------------------------

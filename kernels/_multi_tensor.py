@@ -38,6 +38,7 @@ class ChunkTable:
     chunk_tensor_offset: int  # index of chunk_tensor[0]
     chunk_start_offset: int  # index of chunk_start[0]
     aligned: bool  # every address is a multiple of 16 bytes (the kernels may then use 128-bit accesses)
+    counters: torch.Tensor | None = None  # int32 zeros, one per tensor (``with_counters``): see below
 
 
 class _LRU(OrderedDict):
@@ -62,11 +63,15 @@ def build_chunk_table(
     chunk_size: int,
     cache: MutableMapping | None = None,
     check: Callable[[], None] | None = None,
+    with_counters: bool = False,
 ) -> ChunkTable:
     """Return the chunk table of ``roles`` (a list of same-length tensor lists), cached by address.
 
     Every tensor of tensor index ``t`` must have the same number of elements in every role and be
-    contiguous; all tensors must be on one device. Tensors with no elements get no chunk. ``check`` is
+    contiguous; all tensors must be on one device. Tensors with no elements get no chunk, unless
+    ``with_counters``: then every tensor gets at least one program, and the table carries one int32 arrival
+    counter per tensor (zeros) with which the last program of a tensor can tell it is last (kernels that do
+    per-tensor work once per launch, such as incrementing a step count, and reset the counter). ``check`` is
     called before a table is built (not on a cache hit), so launchers validate inputs once per layout.
     """
     if chunk_size <= 0 or chunk_size % 16:
@@ -76,7 +81,7 @@ def build_chunk_table(
     n_tensors = len(first)
     numels = [t.numel() for t in first]
     addrs = [t.data_ptr() for role in roles for t in role]
-    key = (tuple(addrs), tuple(numels), chunk_size, first[0].device if n_tensors else None)
+    key = (tuple(addrs), tuple(numels), chunk_size, first[0].device if n_tensors else None, with_counters)
     if cache is None:
         cache = _DEFAULT_CACHE
     hit = cache.get(key)
@@ -88,7 +93,7 @@ def build_chunk_table(
     chunk_tensor: list[int] = []
     chunk_start: list[int] = []
     for t, n in enumerate(numels):
-        starts = range(0, n, chunk_size)
+        starts = range(0, max(n, 1) if with_counters else n, chunk_size)
         chunk_tensor.extend([t] * len(starts))
         chunk_start.extend(starts)
     n_chunks = len(chunk_tensor)
@@ -107,6 +112,7 @@ def build_chunk_table(
         chunk_tensor_offset=numel_offset + n_tensors,
         chunk_start_offset=numel_offset + n_tensors + n_chunks,
         aligned=all(a % 16 == 0 for a in addrs),
+        counters=torch.zeros(n_tensors, dtype=torch.int32, device=device) if with_counters else None,
     )
     cache[key] = result
     return result

@@ -2,8 +2,8 @@
 
 The launcher takes lists of same-shaped contiguous tensors (params, grads, fp32 states, fp32 step counts)
 and runs the update of ``torch.optim.Adam`` / ``AdamW`` (single-tensor path, same order of operations)
-over all of them in one launch through a chunk table (``_multi_tensor.py``). Step counts are read, not
-written: the caller increments them (``fused_ops._ops``), as torch's fused path does.
+over all of them in one launch through a chunk table (``_multi_tensor.py``). The per-tensor step counts move
+in the same launch (torch's fused path needs two more multi-tensor launches for them).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def _adam_kernel(
     step,  # step number (>= 1) when STEP_IS_TENSOR is False
     grad_scale_ptr,  # 1-element fp32 tensor: grads are divided by it when HAS_GRAD_SCALE
     found_inf_ptr,  # 1-element fp32 tensor: when non-zero the whole step is a no-op (HAS_FOUND_INF)
+    counters_ptr,  # int32 per tensor, zeros between launches: programs arriving (STEP_IS_TENSOR)
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -90,7 +91,8 @@ def _adam_kernel(
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + chunk_tensor_offset + pid)
     chunk_start = tl.multiple_of(tl.load(table_ptr + chunk_start_offset + pid), 16)  # CHUNK_SIZE % 16 == 0
-    n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
+    numel_t = tl.load(table_ptr + numel_offset + t)
+    n_here = tl.minimum(numel_t - chunk_start, CHUNK_SIZE)
 
     param_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, PARAM_DTYPE, ALIGNED) + chunk_start
     grad_ptr = tensor_pointer(table_ptr, 1, n_tensors, t, GRAD_DTYPE, ALIGNED) + chunk_start
@@ -112,7 +114,7 @@ def _adam_kernel(
         lr = tl.cast(lr, tl.float32)
     if STEP_IS_TENSOR:
         step_ptr = tl.load(table_ptr + next_role * n_tensors + t).to(tl.pointer_type(tl.float32))
-        step_f = tl.load(step_ptr)
+        step_f = tl.load(step_ptr) + 1.0  # this step's number; written back once the tensor is done (below)
     else:
         step_f = tl.cast(step, tl.float32)
     bias_correction1 = _neg_expm1(step_f * tl.cast(log_beta1, tl.float32))
@@ -143,6 +145,16 @@ def _adam_kernel(
                         offsets < n_here, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
                         step_size, bias_correction2_sqrt, grad_scale, PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MASTER,
                         MAXIMIZE, DECOUPLED, HAS_GRAD_SCALE)  # fmt: skip
+
+    if STEP_IS_TENSOR:
+        # The step count moves in this launch too, without a race: every program of tensor t read the count
+        # above, before its arrival below (acq_rel atomic); the last of the tensor's programs to arrive writes
+        # the new count and resets the counter for the next launch.
+        n_chunks_t = tl.maximum(tl.cdiv(numel_t, CHUNK_SIZE), 1)
+        arrived = tl.atomic_add(counters_ptr + t, 1)
+        if arrived == n_chunks_t - 1:
+            tl.store(step_ptr, step_f)
+            tl.store(counters_ptr + t, 0)
 
 
 @triton.jit
@@ -252,8 +264,9 @@ def adam_launch(
 ) -> None:
     """Launch one fused Adam(W) step over all tensors (one launch; no host synchronisation).
 
-    ``state_steps`` are fp32 step counts already incremented for this step; pass an empty list and a
-    float ``step`` to use one step number for every tensor. ``lr`` may be a 1-element device tensor.
+    ``state_steps`` are fp32 step counts (steps taken so far): the kernel uses count + 1 and stores it, in the
+    same launch, unless ``found_inf`` is set; or pass an empty list and a float ``step`` (>= 1) to use one
+    step number for every tensor. ``lr`` may be a 1-element device tensor.
     ``master_params`` (optional, fp32): the update runs on them and ``params`` receive the rounded values.
     Grads have the params' dtype, or are all fp32 (fp32 gradient accumulation, e.g. reduced ZeRO shards).
     Inputs are checked when their chunk table is first built (then cached by address).
@@ -276,6 +289,7 @@ def adam_launch(
         check=lambda: _check(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad
         ),
+        with_counters=bool(state_steps),
     )
     if table.n_chunks == 0:
         return
@@ -300,6 +314,7 @@ def adam_launch(
             1.0 if step is None else float(step),
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
+            table.counters if table.counters is not None else dummy,
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
             GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
             AMSGRAD=amsgrad,

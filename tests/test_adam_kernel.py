@@ -59,8 +59,7 @@ def _check_guards(bufs):
 
 
 def _launch(t, **kw):
-    torch._foreach_add_(t["state_steps"], 1)  # the op layer increments steps before the launch
-    adam_kernels.adam_launch(**t, chunk_size=CHUNK, block_size=BLOCK, **kw)
+    adam_kernels.adam_launch(**t, chunk_size=CHUNK, block_size=BLOCK, **kw)  # moves the step counts too
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,10 +128,16 @@ def test_many_tensors_one_launch(monkeypatch):
               decoupled=True)  # fmt: skip
     ref = _reference(t, **kw)
     _launch(t, **kw)
-    assert len(launches) == 1
-    assert launches[0] == (sum(math.ceil(n / CHUNK) for n in sizes),)
+    assert len(launches) == 1  # step counts included: no other launch
+    assert launches[0] == (sum(max(1, math.ceil(n / CHUNK)) for n in sizes),)  # empty tensors: one program
     _check_guards(bufs)
     assert_close_list(t["params"], ref["params"], torch.float32, "params")
+    assert [s.item() for s in t["state_steps"]] == [4.0] * len(sizes)  # every tensor's count moved once
+    # the arrival counters are back at zero, so the next launch counts again: run it
+    ref2 = _reference(t, **kw)
+    _launch(t, **kw)
+    assert_close_list(t["params"], ref2["params"], torch.float32, "params (second step)")
+    assert [s.item() for s in t["state_steps"]] == [5.0] * len(sizes)
 
 
 def test_tensor_lr_and_float_step():

@@ -35,6 +35,7 @@ _SCALAR_TYPES = {
     "step": "fp32",
     "grad_scale_ptr": "*fp32",
     "found_inf_ptr": "*fp32",
+    "counters_ptr": "*i32",
     "seed": "i32",
     "inv_scale": "fp32",
     "inv_scale_ptr": "*fp32",
