@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -159,15 +161,30 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress=not args.no_progress,
         threads=args.threads,
         command="python -m fused_ops " + " ".join(shlex.quote(a) for a in argv),
+        checkpoint=(lambda doc: bench.write_json(doc, args.json)) if args.json else None,
     )
     doc = bench.run(config)
-    print(bench.format_table(doc))
-    if args.json:
-        bench.write_json(doc, args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        bench.write_plot(doc, args.plot)
-        print(f"wrote {args.plot}")
+    # run() has put SIGTERM back: ignore a late one (`timeout` sends one, then SIGKILL after -k) while the results
+    # are written, the JSON first
+    old = None
+    with contextlib.suppress(ValueError):  # not the main thread
+        old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if args.json:
+            bench.write_json(doc, args.json)
+        print(bench.format_table(doc))
+        if args.json:
+            print(f"wrote {args.json}")
+        if args.plot:
+            try:
+                bench.write_plot(doc, args.plot)
+            except Exception as e:  # the JSON is written; a plotting failure must not hide it
+                print(f"error: --plot {args.plot}: {type(e).__name__}: {e}", file=sys.stderr)
+                return 1
+            print(f"wrote {args.plot}")
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     print(f"bench took {doc['wall_s']:.1f} s" + (f" ({doc['stopped']})" if doc.get("stopped") else ""))
     return 130 if doc.get("stopped") == "interrupted" else 0
 

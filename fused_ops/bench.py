@@ -13,6 +13,12 @@ event); next to it the host time of one call without synchronising (the CPU time
 of device activities in one call, counted with ``torch.profiler``. On CPU, ``time.perf_counter`` medians and
 20/80 quantiles over repeats; launches and host time are n/a there. The device's copy bandwidth is measured in
 the same run (a large tensor copy, bytes read + written) and every GB/s figure is also given as a fraction of it.
+
+Robustness (the GPU run has a hard time limit): each case is built, timed and freed on its own (a CUDA OOM or a
+broken peer becomes a ``skipped`` note and the run goes on); peers run after every op's own cases; SIGTERM ends
+the run like Ctrl-C with the finished cases kept; ``BenchConfig.checkpoint`` (the CLI: the JSON file) receives
+the document after every case, so even a killed run leaves its figures on disk. On CUDA each row also has
+``peak_mem_gb`` (peak allocated memory of the case) and the header the device's memory and compute capability.
 """
 
 from __future__ import annotations
@@ -606,6 +612,13 @@ def _apex_adamw(params):
 
 
 def _deepspeed_adamw(params):
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except Exception:  # older/newer layout: let FusedAdam decide
+        installed_ops = None
+    if isinstance(installed_ops, dict) and not installed_ops.get("fused_adam", False):
+        # FusedAdam would JIT-build its CUDA extension with ninja here: minutes, and the run has a time budget
+        raise Skip("deepspeed is installed without its prebuilt fused_adam op (DS_BUILD_FUSED_ADAM=1); not JIT-built")
     from deepspeed.ops.adam import FusedAdam
 
     return FusedAdam(params, lr=LR, weight_decay=WEIGHT_DECAY, adam_w_mode=True)
@@ -684,7 +697,12 @@ def time_cuda(fn: Callable[[], Any], reset: Callable[[], None] | None, warmup_ms
     import triton.testing
 
     if reset is None:
-        return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
+        # triton 3.x: with ``quantiles`` the list of those quantiles (one float when only one is asked for)
+        out = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+        values = [float(v) for v in (out if isinstance(out, (list, tuple)) else [out])]
+        if len(values) != len(QUANTILES):
+            raise RuntimeError(f"triton.testing.do_bench returned {out!r}, expected {len(QUANTILES)} quantiles")
+        return tuple(values)  # type: ignore[return-value]
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     est = []
@@ -728,28 +746,69 @@ def host_time_cuda(fn: Callable[[], Any], reset: Callable[[], None] | None, budg
     return statistics.median(times)
 
 
+_DEVICE_ACTIVITIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+_SYNC_NAME = re.compile(r"^(Context|Stream|Event|Device) (Sync|Wait)")
+
+
+def _event_attr(event: Any, name: str) -> Any:
+    """``event.name()`` for a ``_KinetoEvent`` method, ``event.name`` for a ``FunctionEvent`` attribute; None when
+    this torch has neither or it fails."""
+    try:
+        value = getattr(event, name)
+        return value() if callable(value) else value
+    except Exception:
+        return None
+
+
+def is_device_activity(event: Any) -> bool:
+    """Whether a profiler event is work on the GPU: a kernel, memcpy or memset.
+
+    ``activity_type`` (kineto's "kernel", "gpu_memcpy", ...) where this torch reports it in that form; otherwise
+    the device type, minus GPU user annotations (``record_function`` ranges projected onto the GPU) and sync
+    events, which are not launches.
+    """
+    kind = _event_attr(event, "activity_type")
+    if isinstance(kind, str) and kind in _DEVICE_ACTIVITIES:
+        return True
+    if isinstance(kind, str) and re.fullmatch(r"[a-z0-9_]+", kind):  # another kineto category ("cuda_runtime", ...)
+        return False
+    if _event_attr(event, "is_user_annotation") is True:
+        return False
+    if _SYNC_NAME.match(str(_event_attr(event, "name") or "")):
+        return False
+    return str(_event_attr(event, "device_type")).endswith("CUDA")
+
+
+def count_device_activities(prof: Any) -> int | None:
+    """Kernels, memcpys and memsets in a finished ``torch.profiler.profile``: the raw Kineto events (cheap even
+    for the ~100k kernels of a for-loop step over 10k tensors), else ``prof.events()``; None if neither reads."""
+    for read in (lambda: prof.profiler.kineto_results.events(), lambda: prof.events()):
+        try:
+            events = read()
+            return sum(1 for e in events if is_device_activity(e))
+        except Exception:  # attribute renamed or missing in this torch: try the next source
+            continue
+    return None
+
+
 def count_launches_cuda(fn: Callable[[], Any], reset: Callable[[], None] | None) -> int | None:
     """Device activities (kernels, memcpys, memsets) one call puts on the GPU, counted with torch.profiler (CUPTI).
 
-    Reads the raw Kineto events (cheap even for the ~100k kernels of a for-loop step over 10k tensors), falling
-    back to ``prof.events()``. None when nothing could be counted (no CUPTI access in a container, for example):
-    every call here launches at least one kernel, so zero means the profiler saw nothing.
+    None when nothing could be counted (no CUPTI access in a container, for example): every call here launches at
+    least one kernel, so zero means the profiler saw nothing. Never raises (except KeyboardInterrupt): a profiler
+    failure must not lose the timing.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    if reset is not None:
-        reset()
-    torch.cuda.synchronize()
     try:
+        from torch.profiler import ProfilerActivity, profile
+
+        if reset is not None:
+            reset()
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        try:
-            events = prof.profiler.kineto_results.events()
-            n = sum(1 for e in events if str(e.device_type()).endswith("CUDA"))
-        except AttributeError:  # pragma: no cover - other torch versions
-            n = sum(1 for e in prof.events() if str(e.device_type).endswith("CUDA"))
-    except Exception:  # pragma: no cover - a profiler failure must not lose the timing
+        n = count_device_activities(prof)
+    except Exception:
         return None
     return n or None
 
@@ -827,7 +886,18 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": fused_ops.resolve_backend(None, device),
+        **(_cuda_properties(device) if device.type == "cuda" else {}),
     }
+
+
+def _cuda_properties(device: torch.device) -> dict[str, Any]:
+    """Memory, compute capability and SM count of a CUDA device (for the JSON header)."""
+    try:
+        props = torch.cuda.get_device_properties(device)
+        return {"device_memory_gb": round(props.total_memory / 1e9, 1), "device_capability": f"{props.major}."
+                f"{props.minor}", "device_sms": props.multi_processor_count}  # fmt: skip
+    except Exception:  # pragma: no cover - a header field must not stop the run
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -850,6 +920,9 @@ class BenchConfig:
     progress: bool = True
     command: str | None = None
     threads: int | None = None  # CPU threads for torch (default: torch's)
+    # called with the document so far after the copy bandwidth and after every case (the CLI writes the JSON
+    # there, so a run killed outright, e.g. SIGKILL after `timeout -k`, still leaves every finished case on disk)
+    checkpoint: Callable[[dict[str, Any]], None] | None = None
 
 
 class _Progress:
@@ -926,8 +999,11 @@ def measure(runner: Runner, device: torch.device, rep_ms: float, warmup_ms: floa
         median, p20, p80 = time_cpu(runner.fn, runner.reset, rep_ms=rep_ms)
         host, launches = None, None
     gbps = runner.bytes / (median * 1e-3) / 1e9 if median > 0 else None
-    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "bytes": runner.bytes, "gbps": gbps,
-            "host_ms": host, "launches": launches, "layout": runner.layout}  # fmt: skip
+    row = {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "bytes": runner.bytes, "gbps": gbps,
+           "host_ms": host, "launches": launches, "layout": runner.layout}  # fmt: skip
+    if device.type == "cuda":  # peak since the case's build (run() resets the peak before building)
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    return row
 
 
 def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
@@ -974,36 +1050,60 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
             if why is not None and (config.providers is None or name in config.providers):
                 skipped.append({"provider": name, "why": why})
 
+    # The peers go last, after every op's own cases: importing one (and torchao's torch.compile on its first step)
+    # can take long, and the fused_ops-vs-torch figures matter most when the time budget runs out.
     plan: list[tuple[str, str, str, list[str]]] = []
+    peer_plan: list[tuple[str, str, str, list[str]]] = []
     for op_name in config.ops:
         op = OPS[op_name]
         why = op.unavailable()
         if why is not None:
             skipped.append({"op": op_name, "why": why})
             continue
-        providers = [*op.providers, *(p for p, w in peers.items() if w is None and op.peers)]
+        own = list(op.providers)
+        extra = [p for p, w in peers.items() if w is None and op.peers]
         if config.providers is not None:
-            providers = [p for p in providers if p in config.providers]
+            own = [p for p in own if p in config.providers]
+            extra = [p for p in extra if p in config.providers]
         for dtype in config.dtypes:
             if dtype not in op.dtypes:
                 skipped.append({"op": op_name, "dtype": dtype, "why": f"{op_name} runs on {', '.join(op.dtypes)}"})
-        plan += [(op_name, p, d, providers) for p in config.params for d in config.dtypes if d in op.dtypes]
+        cases = [(p, d) for p in config.params for d in config.dtypes if d in op.dtypes]
+        plan += [(op_name, p, d, own) for p, d in cases if own]
+        peer_plan += [(op_name, p, d, extra) for p, d in cases if extra]
+    plan += peer_plan
 
     begin = time.perf_counter()
     progress = _Progress(sum(len(p[3]) for p in plan), config.progress, log)
     shapes_cache: dict[str, tuple[list[tuple[int, ...]], str]] = {}
+    handled: set[tuple[str, str, str, str]] = set()  # cases with a result or a skip note
     stopped: str | None = None
+
+    def checkpoint() -> None:
+        if config.checkpoint is None:
+            return
+        _add_all_ratios(doc)
+        doc["stopped"] = stopped or "killed before the end of the run (JSON written after each case)"
+        doc["wall_s"] = round(time.perf_counter() - begin, 2)
+        try:
+            config.checkpoint(doc)
+        except Exception as e:  # pragma: no cover - a full disk must not stop the measurements
+            print(f"bench: checkpoint failed: {type(e).__name__}: {e}", file=log)
+
     try:
         with _sigterm_as_interrupt():
-            doc["copy_bandwidth_gbps"] = copy_bandwidth(device, copy_mb * 2**20, rep_ms=max(rep_ms, 20.0))
+            try:
+                doc["copy_bandwidth_gbps"] = copy_bandwidth(device, copy_mb * 2**20, rep_ms=max(rep_ms, 20.0))
+            except Exception as e:  # e.g. out of memory on a busy GPU: the op figures are still worth having
+                doc["notes"].append(f"copy bandwidth not measured: {type(e).__name__}: {_first_line(e)}")
             _free(device, big=True)
+            checkpoint()
             for op_name, params, dtype, providers in plan:
                 if params not in shapes_cache:
                     shapes_cache[params] = PARAM_SETS[params].shapes(config.quick, kind)
                     shapes, note = shapes_cache[params]
                     doc["param_sets"][params] = {"n_params": _numel(shapes), "n_tensors": len(shapes), "note": note}
                 shapes, note = shapes_cache[params]
-                case_rows = []
                 for provider in providers:
                     label = f"{op_name} {params} {dtype} {provider}"
                     over = config.budget_s is not None and time.perf_counter() - begin > config.budget_s
@@ -1012,11 +1112,14 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
                     if stopped is not None:
                         skipped.append({"op": op_name, "params": params, "dtype": dtype, "provider": provider,
                                         "why": stopped})  # fmt: skip
+                        handled.add((op_name, params, dtype, provider))
                         progress.step(label)
                         continue
                     runner = None
                     t_case = time.perf_counter()
                     try:
+                        if kind == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
                         runner = build_runner(op_name, provider, shapes, DTYPES[dtype], device)
                         row = measure(runner, device, rep_ms, warmup_ms)
                         row["wall_s"] = round(time.perf_counter() - t_case, 3)  # build + warm-up + timing
@@ -1024,36 +1127,39 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
                         note = {"op": op_name, "provider": provider, "why": str(e)}
                         if note not in skipped:
                             skipped.append(note)
+                        handled.add((op_name, params, dtype, provider))
                     except KeyboardInterrupt:
                         raise
-                    except Exception as e:  # one broken provider must not lose the rest of the run
-                        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                    except Exception as e:  # one broken provider (or a CUDA OOM) must not lose the rest of the run
+                        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
                         skipped.append({"op": op_name, "params": params, "dtype": dtype, "provider": provider,
-                                        "why": f"failed: {type(e).__name__}: {msg}"})  # fmt: skip
+                                        "why": f"{'out of memory' if oom else 'failed'}: {type(e).__name__}: "
+                                               f"{_first_line(e)}"})  # fmt: skip
+                        handled.add((op_name, params, dtype, provider))
+                        print(f"bench: {label}: {skipped[-1]['why']}", file=log, flush=True)
                     else:
                         row = {"op": op_name, "params": params, "dtype": dtype, "provider": provider,
                                "n_params": _numel(shapes), "n_tensors": len(shapes), **row}  # fmt: skip
-                        case_rows.append(row)
                         results.append(row)
+                        handled.add((op_name, params, dtype, provider))
                     finally:
+                        # the exception (and its traceback, which holds the builder's tensors) is gone here
                         del runner
                         _free(device, big=_numel(shapes) > 20_000_000)
                         progress.step(label)
-                _add_ratios(case_rows, doc["copy_bandwidth_gbps"])
+                    checkpoint()
     except KeyboardInterrupt:
         stopped = "interrupted"
-        done = {(r["op"], r["params"], r["dtype"], r["provider"]) for r in results}
         for op_name, params, dtype, providers in plan:
             for provider in providers:
-                if (op_name, params, dtype, provider) not in done:
+                if (op_name, params, dtype, provider) not in handled:
                     skipped.append({"op": op_name, "params": params, "dtype": dtype, "provider": provider,
                                     "why": "interrupted"})  # fmt: skip
-        # rows of the case in flight get their ratios too
-        for key in {(r["op"], r["params"], r["dtype"]) for r in results if "frac_of_copy" not in r}:
-            _add_ratios([r for r in results if (r["op"], r["params"], r["dtype"]) == key], doc["copy_bandwidth_gbps"])
     finally:
         progress.close()
-        release_process_group()
+        with contextlib.suppress(Exception):
+            release_process_group()
+    _add_all_ratios(doc)
     doc["stopped"] = stopped
     doc["wall_s"] = round(time.perf_counter() - begin, 2)
     if kind == "cpu":
@@ -1061,6 +1167,20 @@ def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         if any((r.get("frac_of_copy") or 0) > 1 for r in results):
             doc["notes"].append("Some sets fit in the CPU caches, so their GB/s can exceed the (DRAM) copy bandwidth.")
     return doc
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _add_all_ratios(doc: dict[str, Any]) -> None:
+    """``_add_ratios`` for every (op, params, dtype) group of the results so far."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in doc["results"]:
+        groups.setdefault((r["op"], r["params"], r["dtype"]), []).append(r)
+    for rows in groups.values():
+        _add_ratios(rows, doc.get("copy_bandwidth_gbps"))
 
 
 def _add_ratios(rows: list[dict[str, Any]], copy_gbps: float | None) -> None:
@@ -1138,10 +1258,13 @@ def write_json(doc: dict[str, Any], path: str) -> None:
             return [clean(v) for v in x]
         return x
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:  # then renamed: a run killed mid-write never leaves half a JSON
         json.dump(clean(doc), f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def _count(n: int) -> str:

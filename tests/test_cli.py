@@ -212,3 +212,167 @@ def test_bench_zero_runs_gloo_processes(capsys, tmp_path):
         assert doc[key]["step_ms"] > 0
     # stage 2 frees the full grads that stage 1 and DDP keep
     assert doc["zero2"]["memory"]["param_grads"] == 0 < doc["zero1"]["memory"]["param_grads"]
+
+
+# --- CUDA-only logic, exercised on CPU with fakes --------------------------------------------------------------------
+
+
+def _tiny_config(**kw) -> bench.BenchConfig:
+    base = dict(ops=["adam"], params=["tiny"], dtypes=["fp32"], device="cpu", quick=True, rep_ms=1, copy_mb=1,
+                progress=False)  # fmt: skip
+    return bench.BenchConfig(**{**base, **kw})
+
+
+class _KinetoLike:  # methods, as torch's _KinetoEvent
+    def __init__(self, name, device_type, activity_type=None, annotation=False):
+        self._v = dict(name=name, device_type=device_type, activity_type=activity_type, is_user_annotation=annotation)
+
+    def __getattr__(self, key):
+        if key not in self._v or self._v[key] is None:
+            raise AttributeError(key)
+        return lambda: self._v[key]
+
+
+def test_launch_count_reads_kineto_and_function_events():
+    kineto = [
+        _KinetoLike("void adam_kernel<float>", "DeviceType.CUDA", "kernel"),
+        _KinetoLike("Memset (Device)", "DeviceType.CUDA", "gpu_memset"),
+        _KinetoLike("Optimizer.step#AdamW.step", "DeviceType.CUDA", "gpu_user_annotation", annotation=True),
+        _KinetoLike("cudaLaunchKernel", "DeviceType.CPU", "cuda_runtime"),
+        # a torch without activity_type: the device type decides, minus annotations and syncs
+        _KinetoLike("triton_adam", "DeviceType.CUDA"),
+        _KinetoLike("Optimizer.step", "DeviceType.CUDA", annotation=True),
+        _KinetoLike("Context Sync", "DeviceType.CUDA"),
+        _KinetoLike("Event Sync", "DeviceType.CUDA", "cuda_sync"),
+        # an activity_type in a form this code does not know: the device type decides
+        _KinetoLike("gemv", "DeviceType.CUDA", "ActivityType.CONCURRENT_KERNEL"),
+    ]
+
+    class Prof:
+        profiler = type("P", (), {"kineto_results": type("R", (), {"events": staticmethod(lambda: kineto)})()})()
+
+    assert bench.count_device_activities(Prof()) == 4
+
+    class FunctionEvent:  # attributes, as torch's FunctionEvent; no profiler.kineto_results on this torch
+        def __init__(self, name, device_type):
+            self.name, self.device_type = name, device_type
+
+    class OldProf:
+        profiler = None
+
+        def events(self):
+            return [FunctionEvent("k", "DeviceType.CUDA"), FunctionEvent("aten::add_", "DeviceType.CPU")]
+
+    assert bench.count_device_activities(OldProf()) == 1
+
+    class Broken:
+        profiler = None
+
+        def events(self):
+            raise RuntimeError("no CUPTI")
+
+    assert bench.count_device_activities(Broken()) is None
+
+
+def test_launch_count_never_raises(monkeypatch):
+    def fail():
+        raise RuntimeError("CUDA driver error")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fail)
+    assert bench.count_launches_cuda(lambda: None, None) is None
+
+
+def test_time_cuda_uses_do_bench_quantiles(monkeypatch):
+    import triton.testing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        fn()
+        return [2.0, 1.0, 3.0]  # triton 3.x: a list of the asked quantiles
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    calls = []
+    assert bench.time_cuda(lambda: calls.append(1), None, warmup_ms=5, rep_ms=20) == (2.0, 1.0, 3.0)
+    assert seen == {"warmup": 5, "rep": 20, "quantiles": [0.5, 0.2, 0.8]} and calls == [1]
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1.5)  # one float back: refused, not mis-read
+    with pytest.raises(RuntimeError, match="quantiles"):
+        bench.time_cuda(lambda: None, None, warmup_ms=5, rep_ms=20)
+
+
+def test_out_of_memory_is_skipped_and_tensors_are_freed(monkeypatch):
+    import weakref
+
+    real = bench.build_runner
+    refs = []
+
+    def build(op, provider, shapes, dtype, device):
+        if provider == "torch-forloop":
+            big = torch.empty(1000)  # held by the traceback until the except block ends
+            refs.append(weakref.ref(big))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        runner = real(op, provider, shapes, dtype, device)
+        refs.append(weakref.ref(runner.fn.__self__.param_groups[0]["params"][0]))  # the optimizer's first param
+        return runner
+
+    monkeypatch.setattr(bench, "build_runner", build)
+    doc = bench.run(_tiny_config())
+    assert {r["provider"] for r in doc["results"]} == set(bench.PROVIDERS) - {"torch-forloop"}
+    (oom,) = [s for s in doc["skipped"] if s.get("provider") == "torch-forloop"]
+    assert oom["why"].startswith("out of memory: OutOfMemoryError: CUDA out of memory")
+    assert len(refs) == 4 and all(r() is None for r in refs)  # every provider's tensors freed
+
+
+def test_peers_run_last_and_a_broken_peer_is_skipped(monkeypatch):
+    def broken(params):
+        raise ImportError("libcudart.so.12: cannot open shared object file")
+
+    peers = (bench.Peer("goodpeer", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+             bench.Peer("badpeer", "torch", broken))  # fmt: skip
+    monkeypatch.setattr(bench, "PEERS", peers)
+    monkeypatch.setattr(bench, "peer_status", lambda kind: {"goodpeer": None, "badpeer": None})
+    doc = bench.run(_tiny_config(ops=["adam", "flatten"]))
+    order = [(r["op"], r["provider"]) for r in doc["results"]]
+    assert order[-1] == ("adam", "goodpeer") and ("flatten", "fused_ops") in order[:-1]
+    assert doc["results"][-1]["speedup_baseline"] == "torch-fused"  # ratios over the whole case, peers included
+    bad = [s for s in doc["skipped"] if s.get("provider") == "badpeer"]
+    assert len(bad) == 1 and bad[0]["why"].startswith("failed: ImportError")
+
+
+def test_json_checkpoint_after_each_case(tmp_path):
+    seen = []
+    doc = bench.run(_tiny_config(checkpoint=lambda d: seen.append((len(d["results"]), d["stopped"]))))
+    assert [n for n, _ in seen] == [0, 1, 2, 3, 4]  # after the copy bandwidth, then after every case
+    assert all(s.startswith("killed before the end") for _, s in seen) and doc["stopped"] is None
+
+
+def test_sigterm_writes_partial_json(tmp_path):
+    """`timeout` sends SIGTERM: the run stops, the JSON (and its partial results) is written, exit 130."""
+    import signal
+    import time
+
+    js = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "fused_ops", "bench", "--device", "cpu", "--quick", "--params", "tiny,gpt2-124m",
+           "--dtype", "fp32", "--ops", "adam,flatten,cast", "--rep-ms", "400", "--copy-mb", "1", "--no-progress",
+           "--json", str(js)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:  # wait for the first finished case
+            if js.exists() and json.loads(js.read_text())["results"]:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    doc = json.loads(js.read_text())
+    assert doc["stopped"] == "interrupted" and doc["results"] and doc["copy_bandwidth_gbps"] > 0
+    assert any(s["why"] == "interrupted" for s in doc["skipped"])
+    keys = [(s.get("op"), s.get("params"), s.get("dtype"), s.get("provider")) for s in doc["skipped"]]
+    assert len(keys) == len(set(keys))  # no case noted twice
