@@ -550,7 +550,9 @@ def release_process_group() -> None:
 
 @register_op("zero", "fused_ops.distributed.ZeroAdamW", _zero_available)
 def _zero_providers() -> dict[str, Builder]:
-    """ZeRO-2 AdamW on a one-rank group against torch's ZeroRedundancyOptimizer(AdamW)."""
+    """ZeroAdamW on a one-rank group (reduce-scatter, fused Adam on the shard, all-gather) against torch's
+    ZeroRedundancyOptimizer(AdamW). Stage 1: the benchmark sets grads directly, with no backward for stage 2's
+    hooks to reduce them during."""
 
     def fused(shapes, dtype, device) -> Runner:
         from fused_ops.distributed import ZeroAdamW
