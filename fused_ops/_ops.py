@@ -88,8 +88,17 @@ def adam_eager(*args) -> None:
         return
     _adam_body(*args)
     if args[-1] == "triton":
-        for p in args[0]:
-            torch._C._increment_version(p)
+        _bump_versions(args[0])
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    """Bump the autograd version counter of every tensor, in one C++ call.
+
+    ``torch._C._increment_version`` takes a list of tensors: passed a single tensor it iterates it, one ``unbind``
+    view per row (half a millisecond for a 1,000-element vector). Never call it on a bare tensor.
+    """
+    if tensors:
+        torch._C._increment_version(list(tensors))
 
 
 @adam_.register_fake
