@@ -88,10 +88,10 @@ def adam_eager(*args) -> None:
         return
     _adam_body(*args)
     if args[-1] == "triton":
-        _bump_versions(args[0])
+        bump_versions(args[0])
 
 
-def _bump_versions(tensors: list[Tensor]) -> None:
+def bump_versions(tensors: list[Tensor]) -> None:
     """Bump the autograd version counter of every tensor, in one C++ call.
 
     ``torch._C._increment_version`` takes a list of tensors: passed a single tensor it iterates it, one ``unbind``

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import functional
-from ._backend import check_backend
+from . import _ops, functional
+from ._backend import check_backend, resolve_backend
 
 MASTER_KEY = "master_param"
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)
@@ -98,6 +98,7 @@ class FusedAdam(torch.optim.Optimizer):
             backend=check_backend(backend),
         )  # fmt: skip
         self._check_hyperparameters(defaults)
+        self._plans: dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
 
     # -- validation -------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class FusedAdam(torch.optim.Optimizer):
             param_group = {**param_group, "betas": merged["betas"]}
         self._check_hyperparameters(merged)
         super().add_param_group(param_group)
+        self._plans.clear()
 
     def _check_params(self, group_index: int, params: list[Tensor]) -> None:
         """Raise a clear error for any param the fused step cannot update. Touches no state."""
@@ -155,6 +157,7 @@ class FusedAdam(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------------------------
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._plans = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key != "params":
@@ -212,6 +215,7 @@ class FusedAdam(torch.optim.Optimizer):
                         f"param has {p.numel()} (shape {tuple(p.shape)})"
                     )
         super().load_state_dict(state_dict)
+        self._plans.clear()
         for k, src in state_dict["state"].items():
             p = id_map.get(k)
             if p is None:
@@ -249,28 +253,66 @@ class FusedAdam(torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        # Check everything first, so that bad input raises before any state is created or changed.
+        if torch.compiler.is_compiling():
+            self._step_traced(grad_scale, found_inf)
+            return loss
+
+        # Check everything first, so that bad input raises before any state is created or changed. A group whose
+        # plan still fits (same params, same places, grads that fit) skips the per-param checks and list building.
         work = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_step_values(gi, group)
+            plan = self._plans.get(gi)
+            current = plan.current_grads(group, self.state) if plan is not None else None
+            if current is None:
+                params = [p for p in group["params"] if p.grad is not None]
+                self._check_params(gi, params)
+                work.append((gi, group, params, None))
+            else:
+                work.append((gi, group, plan, current))
+
+        for gi, group, params_or_plan, current in work:
+            if current is None:
+                params = params_or_plan
+                if not params:
+                    self._plans.pop(gi, None)
+                    continue
+                plan = _GroupPlan(group, params, [self._init_state(group, p) for p in params], self.state)
+                self._plans[gi] = plan
+                current = plan.first_grads
+            else:
+                plan = params_or_plan
+            plan.run(group, *current, grad_scale=grad_scale, found_inf=found_inf)
+        return loss
+
+    @staticmethod
+    def _check_step_values(gi: int, group: dict[str, Any]) -> None:
+        """Values a user or scheduler may have changed since the constructor checked them."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) and not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
+        beta1, beta2 = group["betas"]
+        for name, value in (("beta1", beta1), ("beta2", beta2), ("eps", group["eps"]),
+                            ("weight_decay", group["weight_decay"])):  # fmt: skip
+            if isinstance(value, Tensor) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite float, got {value} (param group {gi})")
+
+    def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op."""
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             self._check_params(gi, params)
-            lr = group["lr"]
-            if not isinstance(lr, Tensor) and not (math.isfinite(lr) and lr >= 0):
-                raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
-            work.append((group, params))
-
-        for group, params in work:
+            self._check_step_values(gi, group)
             if not params:
                 continue
             states = [self._init_state(group, p) for p in params]
             device = params[0].device
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
-                lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(device)
+                lr = lr.to(device)
             beta1, beta2 = group["betas"]
-            with_master = [i for i, s in enumerate(states) if MASTER_KEY in s and group["master_weights"]]
-            without = [i for i, s in enumerate(states) if not (MASTER_KEY in s and group["master_weights"])]
-            for idx, master in ((without, False), (with_master, True)):
+            for master in (False, True):
+                idx = [i for i, s in enumerate(states) if (MASTER_KEY in s and group["master_weights"]) == master]
                 if not idx:
                     continue
                 ps = [params[i] for i in idx]
@@ -290,7 +332,144 @@ class FusedAdam(torch.optim.Optimizer):
                     master_params=[s[MASTER_KEY] for s in ss] if master else None,
                     backend=group["backend"],
                 )  # fmt: skip
-        return loss
+
+
+def _structure(group: dict[str, Any]) -> tuple:
+    """The group settings a plan is built for (the other values are read at every step)."""
+    return (group["amsgrad"], group["master_weights"], group["backend"])
+
+
+class _Part:
+    """The tensors of one launch: params with grads of one (device, dtype, grad dtype, master or not)."""
+
+    __slots__ = ("idx", "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "masters", "device",
+                 "backend", "launcher")  # fmt: skip
+
+    def __init__(self, group: dict[str, Any], idx: list[int] | None, params: list[Tensor], grads: list[Tensor],
+                 states: list[dict[str, Tensor]], master: bool) -> None:  # fmt: skip
+        self.idx = idx  # positions in the plan's params; None: all of them
+        self.params = params
+        self.exp_avgs = [s["exp_avg"] for s in states]
+        self.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        self.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
+        self.steps = [s["step"] for s in states]
+        self.masters = [s[MASTER_KEY] for s in states] if master else []
+        self.device = params[0].device
+        self.backend = resolve_backend(group["backend"], self.device)
+        self.launcher = None
+        if self.backend == "triton":
+            from .kernels.adam import AdamStep
+
+            self.launcher = AdamStep(params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+                                     self.steps, self.masters, amsgrad=group["amsgrad"])  # fmt: skip
+
+
+class _GroupPlan:
+    """One param group's step, prepared: which params have grads, their states, and one launch per part.
+
+    Built by a checked step (every param validated, states created); later steps reuse it while it fits, i.e.
+    while the group holds the same params (same list, same addresses), the same params have grads, and the
+    grads fit (dtype, device, shape, contiguous and dense: checked again only when a grad moved). Then a step
+    costs a few list comprehensions over the group instead of per-param checks, dict look-ups and a chunk
+    table look-up by every tensor's address. Replacing a state tensor by hand (not through ``load_state_dict``)
+    is not seen: states are the optimizer's own.
+    """
+
+    def __init__(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
+                 state: Any) -> None:  # fmt: skip
+        all_params = group["params"]
+        self.params_list = all_params
+        self.n_all = len(all_params)
+        self.structure = _structure(group)
+        self.state = state
+        self.n_state = len(state)
+        self.keep = None if len(params) == len(all_params) else [p.grad is not None for p in all_params]
+        self.params = params
+        self.param_addrs = [p.data_ptr() for p in params]
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        self.grad_addrs = [g.data_ptr() for g in grads]
+        self.grad_dtypes = [g.dtype for g in grads]
+        self.devices = [p.device for p in params]
+        self.numels = [p.numel() for p in params]
+        # With equal element counts, equal strides of contiguous tensors mean equal shapes (strides are 10x cheaper
+        # to read than shapes); a grad with other strides (size-1 dims) just takes the checked step.
+        self.strides = [p.stride() for p in params]
+        self.first_grads = (grads, self.grad_addrs)
+        master_on = group["master_weights"]
+        keys: dict[tuple, list[int]] = {}
+        for i, (p, s) in enumerate(zip(params, states)):
+            keys.setdefault((p.device, p.dtype, grads[i].dtype, master_on and MASTER_KEY in s), []).append(i)
+        self.parts = [
+            _Part(group, None if len(keys) == 1 else idx, [params[i] for i in idx], [grads[i] for i in idx],
+                  [states[i] for i in idx], key[3])
+            for key, idx in keys.items()
+        ]  # fmt: skip
+
+    def current_grads(self, group: dict[str, Any], state: Any) -> tuple[list[Tensor], list[int]] | None:
+        """``(grads, addresses)`` of this step when the plan still fits the group, else None (rebuild)."""
+        params = group["params"]
+        if (params is not self.params_list or len(params) != self.n_all or state is not self.state
+                or len(state) != self.n_state or _structure(group) != self.structure):  # fmt: skip
+            return None
+        grads = [p.grad for p in params]
+        if self.keep is not None:
+            if [g is not None for g in grads] != self.keep:
+                return None
+            grads = [g for g in grads if g is not None]
+        try:
+            addrs = [g.data_ptr() for g in grads]
+        except (AttributeError, RuntimeError):  # a param lost its grad (rebuild: skip it), or a sparse grad (raise)
+            return None
+        if [p.data_ptr() for p in self.params] != self.param_addrs:
+            return None  # a param moved (``p.data = ...``): rebuild
+        if addrs != self.grad_addrs:
+            # New grads (backward after zero_grad(set_to_none=True)): check what the launch relies on.
+            if (
+                [g.dtype for g in grads] != self.grad_dtypes
+                or [g.device for g in grads] != self.devices
+                or [g.numel() for g in grads] != self.numels
+                or [g.stride() for g in grads] != self.strides
+                or not all(g.is_contiguous() for g in grads)
+                or any(g.is_sparse for g in grads)
+            ):
+                return None  # the checked step raises the error, or copies non-contiguous grads
+            for part in self.parts:
+                if part.launcher is not None:
+                    if part.idx is None:
+                        part.launcher.set_grads(grads, addrs, checked=True)
+                    else:
+                        part.launcher.set_grads([grads[i] for i in part.idx], [addrs[i] for i in part.idx],
+                                                checked=True)  # fmt: skip
+            self.grad_addrs = addrs
+        return grads, addrs
+
+    def run(self, group: dict[str, Any], grads: list[Tensor], addrs: list[int], *, grad_scale: Tensor | None,
+            found_inf: Tensor | None) -> None:  # fmt: skip
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        for part in self.parts:
+            device = part.device
+            part_lr = lr
+            if isinstance(lr, Tensor) and lr.device != device:
+                part_lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(device)
+            scale = None if grad_scale is None else grad_scale.to(device)
+            inf = None if found_inf is None else found_inf.to(device)
+            if part.launcher is not None:
+                part.launcher(
+                    lr=part_lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    maximize=group["maximize"], decoupled=group["decoupled_weight_decay"], grad_scale=scale,
+                    found_inf=inf,
+                )  # fmt: skip
+                _ops.bump_versions(part.params)
+            else:
+                g = grads if part.idx is None else [grads[i] for i in part.idx]
+                lr_tensor = part_lr if isinstance(part_lr, Tensor) else None
+                _ops.adam_eager(
+                    part.params, g, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.masters, part.steps,
+                    0.0 if lr_tensor is not None else float(part_lr), lr_tensor, float(beta1), float(beta2),
+                    float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+                    bool(group["decoupled_weight_decay"]), None, scale, inf, part.backend,
+                )  # fmt: skip
 
 
 class FusedAdamW(FusedAdam):

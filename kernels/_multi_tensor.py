@@ -18,6 +18,7 @@ the cached table stays alive in the cache the caller owns).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class ChunkTable:
     chunk_start_offset: int  # index of chunk_start[0]
     aligned: bool  # every address is a multiple of 16 bytes (the kernels may then use 128-bit accesses)
     counters: torch.Tensor | None = None  # int32 zeros, one per tensor (``with_counters``): see below
+    role_aligned: tuple[bool, ...] = ()  # ``aligned`` per role (``aligned`` is their conjunction)
 
 
 class _LRU(OrderedDict):
@@ -113,9 +115,38 @@ def build_chunk_table(
         chunk_start_offset=numel_offset + n_tensors + n_chunks,
         aligned=all(a % 16 == 0 for a in addrs),
         counters=torch.zeros(n_tensors, dtype=torch.int32, device=device) if with_counters else None,
-    )
+        role_aligned=tuple(all(a % 16 == 0 for a in addrs[r * n_tensors : (r + 1) * n_tensors])
+                           for r in range(len(roles))),
+    )  # fmt: skip
     cache[key] = result
     return result
+
+
+def repoint_role(table: ChunkTable, role: int, addrs: list[int], keep_alive: list | None = None) -> ChunkTable:
+    """Write new addresses for every tensor of ``role`` into ``table`` (in place); return the updated table.
+
+    For a table that a caller owns (built with a private ``cache``, never shared: a shared table is found by
+    its old addresses) whose tensors of one role moved, e.g. gradients that backward allocates afresh every
+    step, with the same sizes (the caller checks). Costs one small host-to-device copy instead of a rebuild;
+    the copy is ordered on the current stream after the launches that read the old addresses. During CUDA
+    graph capture the copy is captured too: its pinned source is appended to ``keep_alive`` (which the caller
+    keeps as long as the graph), so a replay never reads freed host memory.
+    """
+    n = table.n_tensors
+    if len(addrs) != n:
+        raise ValueError(f"repoint_role: {len(addrs)} addresses for a table of {n} tensors")
+    host = torch.tensor(addrs, dtype=torch.int64)
+    dst = table.table[role * n : (role + 1) * n]
+    if dst.device.type == "cuda":
+        host = host.pin_memory()
+        dst.copy_(host, non_blocking=True)
+        if keep_alive is not None and torch.cuda.is_current_stream_capturing():
+            keep_alive.append(host)
+    else:
+        dst.copy_(host)
+    role_aligned = list(table.role_aligned)
+    role_aligned[role] = all(a % 16 == 0 for a in addrs)
+    return dataclasses.replace(table, aligned=all(role_aligned), role_aligned=tuple(role_aligned))
 
 
 @triton.jit

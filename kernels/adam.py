@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import build_chunk_table, tensor_pointer
+from ._multi_tensor import ChunkTable, build_chunk_table, repoint_role, tensor_pointer
 from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -275,15 +275,8 @@ def adam_launch(
         return
     if not state_steps and step is None:
         raise ValueError("adam_launch: pass state_steps or a float step")
-    roles = [params, grads, exp_avgs, exp_avg_sqs]
-    if amsgrad:
-        roles.append(max_exp_avg_sqs)
-    if master_params:
-        roles.append(master_params)
-    if state_steps:
-        roles.append(state_steps)
     table = build_chunk_table(
-        roles,
+        _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad),
         chunk_size,
         cache,
         check=lambda: _check(
@@ -291,11 +284,53 @@ def adam_launch(
         ),
         with_counters=bool(state_steps),
     )
+    _launch(table, params[0], grads[0].dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, step=step, grad_scale=grad_scale,
+            found_inf=found_inf, master=bool(master_params), step_is_tensor=bool(state_steps),
+            chunk_size=chunk_size, block_size=block_size)  # fmt: skip
+
+
+def _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad) -> list:
+    """The chunk table's roles, in the order the kernel reads them (grads are role ``_GRAD_ROLE``)."""
+    roles = [params, grads, exp_avgs, exp_avg_sqs]
+    if amsgrad:
+        roles.append(max_exp_avg_sqs)
+    if master_params:
+        roles.append(master_params)
+    if state_steps:
+        roles.append(state_steps)
+    return roles
+
+
+_GRAD_ROLE = 1
+
+
+def _launch(
+    table: ChunkTable,
+    param0: torch.Tensor,
+    grad_dtype: torch.dtype,
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    step: float | None,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    master: bool,
+    step_is_tensor: bool,
+    chunk_size: int,
+    block_size: int,
+) -> None:
     if table.n_chunks == 0:
         return
     lr_is_tensor = isinstance(lr, torch.Tensor)
     dummy = table.table  # any device pointer for arguments a flag switches off
-    with torch.cuda.device(params[0].device) if params[0].is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(param0.device) if param0.is_cuda else contextlib.nullcontext():
         _adam_kernel[(table.n_chunks,)](
             table.table,
             table.n_tensors,
@@ -315,17 +350,113 @@ def adam_launch(
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
             table.counters if table.counters is not None else dummy,
-            PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
-            GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
+            PARAM_DTYPE=_TL_DTYPES[param0.dtype],
+            GRAD_DTYPE=_TL_DTYPES[grad_dtype],
             AMSGRAD=amsgrad,
-            MASTER=bool(master_params),
+            MASTER=master,
             MAXIMIZE=maximize,
             DECOUPLED=decoupled,
             LR_IS_TENSOR=lr_is_tensor,
-            STEP_IS_TENSOR=bool(state_steps),
+            STEP_IS_TENSOR=step_is_tensor,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
             ALIGNED=table.aligned,
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )
+
+
+class AdamStep:
+    """A prepared Adam(W) launch over one fixed set of tensors, for optimizers that step the same tensors often.
+
+    ``adam_launch`` finds its chunk table by the addresses of every tensor of every role: 5 to 7 ``data_ptr()``
+    calls and a hash per tensor and step, milliseconds on 10,000 tensors. This object builds its table once
+    (checking every input once) and owns it; between steps only the grads may change (backward allocates them
+    afresh after ``zero_grad(set_to_none=True)``): :meth:`set_grads` checks the new grads and, when they moved,
+    rewrites their addresses in the table with one small copy. Params and states must stay where they were
+    (the caller checks the params' addresses; states are its own).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        exp_avg_sqs: Sequence[torch.Tensor],
+        max_exp_avg_sqs: Sequence[torch.Tensor],
+        state_steps: Sequence[torch.Tensor],
+        master_params: Sequence[torch.Tensor] = (),
+        *,
+        amsgrad: bool,
+        chunk_size: int = 65536,
+        block_size: int = 1024,
+    ) -> None:
+        if len(params) == 0:
+            raise ValueError("AdamStep: no tensors")
+        if not state_steps:
+            raise ValueError("AdamStep: needs state_steps (one fp32 step count per tensor)")
+        _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
+        roles = _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
+        self.table = build_chunk_table(roles, chunk_size, cache={}, with_counters=True)
+        self.param0 = params[0]
+        self.device = params[0].device
+        self.grad_dtype = grads[0].dtype
+        self.numels = [p.numel() for p in params]
+        self.grad_addrs = [g.data_ptr() for g in grads]
+        self.amsgrad = amsgrad
+        self.master = bool(master_params)
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self._keep_alive: list = []  # pinned sources of grad-address copies captured in CUDA graphs
+
+    def set_grads(
+        self, grads: Sequence[torch.Tensor], addrs: list[int] | None = None, *, checked: bool = False
+    ) -> None:
+        """Point the launch at ``grads`` (same dtype, device and sizes as the first ones; contiguous, dense).
+
+        ``addrs``: their ``data_ptr()`` values, when the caller has them already. Raises before changing anything
+        if a grad does not fit, unless ``checked`` (the caller has just checked exactly that). Cheap when nothing
+        moved (one list comparison).
+        """
+        if addrs is None:
+            addrs = [g.data_ptr() for g in grads]
+        if addrs == self.grad_addrs:
+            return
+        if len(grads) != len(self.numels) or len(addrs) != len(self.numels):
+            raise ValueError(f"AdamStep.set_grads: {len(grads)} grads for {len(self.numels)} params")
+        dtype, device = self.grad_dtype, self.device
+        if not checked and (
+            not all(g.dtype == dtype for g in grads)
+            or not all(g.device == device for g in grads)
+            or [g.numel() for g in grads] != self.numels
+            or not all(g.is_contiguous() for g in grads)
+            or any(g.is_sparse for g in grads)
+        ):
+            for i, (g, n) in enumerate(zip(grads, self.numels)):
+                if g.is_sparse or g.dtype != dtype or g.device != device or g.numel() != n or not g.is_contiguous():
+                    raise ValueError(
+                        f"AdamStep.set_grads: grads[{i}] ({g.dtype}, {g.numel()} elements on {g.device}, "
+                        f"{'sparse' if g.is_sparse else 'contiguous' if g.is_contiguous() else 'not contiguous'}) "
+                        f"does not fit: expected a contiguous dense {dtype} tensor of {n} elements on {device}"
+                    )
+        self.table = repoint_role(self.table, _GRAD_ROLE, addrs, self._keep_alive)
+        self.grad_addrs = addrs
+
+    def __call__(
+        self,
+        *,
+        lr: float | torch.Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        maximize: bool,
+        decoupled: bool,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
+        """One step (one launch); the step counts move in the kernel (not when ``found_inf`` is set)."""
+        _launch(self.table, self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, amsgrad=self.amsgrad, maximize=maximize, decoupled=decoupled, step=None,
+                grad_scale=grad_scale, found_inf=found_inf, master=self.master, step_is_tensor=True,
+                chunk_size=self.chunk_size, block_size=self.block_size)  # fmt: skip

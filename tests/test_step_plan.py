@@ -1,0 +1,175 @@
+"""The optimizer's prepared step (``_GroupPlan``): reused while it fits, rebuilt when it does not.
+
+A plan is built by a checked step and reused by later ones; these tests change, between steps, everything a
+plan depends on (grads that move, params that lose or regain a grad, a param that moves, non-contiguous grads,
+a state reset, a loaded state dict, a mixed-dtype group) and compare every step with torch.optim.AdamW.
+"""
+
+import copy
+
+import pytest
+import torch
+from fused_ops.kernels import adam as kernels_adam
+
+from fused_ops import FusedAdamW
+
+BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def _pair(backend, **kw):
+    m1 = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    m2 = copy.deepcopy(m1)
+    kw = dict(lr=1e-2, weight_decay=0.05, **kw)
+    return (m1, torch.optim.AdamW(m1.parameters(), **kw)), (m2, FusedAdamW(m2.parameters(), backend=backend, **kw))
+
+
+def _backward(m, x):
+    (m(x) - 0.5).pow(2).mean().backward()
+
+
+def _assert_same(m1, m2, atol=1e-6):
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, atol=atol, rtol=0)
+
+
+def _step_both(pairs, before_step=None):
+    x = torch.randn(4, 6)
+    for m, o in pairs:
+        o.zero_grad(set_to_none=True)
+        _backward(m, x)
+        if before_step is not None:
+            before_step(m)
+        o.step()
+
+
+@pytest.mark.interpret
+def test_plan_is_reused_and_moved_grads_are_repointed(monkeypatch):
+    built = []
+    real = kernels_adam.AdamStep
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kernels_adam, "AdamStep", Counting)
+    (m1, o1), (m2, o2) = _pair("triton")
+    _step_both([(m1, o1), (m2, o2)])
+    plan = o2._plans[0]
+    launcher = plan.parts[0].launcher
+    table_storage = launcher.table.table.data_ptr()
+    keep = []  # hold the old grads, so that the new ones cannot reuse their memory: every step moves them
+    for _ in range(4):
+        keep += [p.grad for p in m2.parameters()]
+        _step_both([(m1, o1), (m2, o2)])
+        assert o2._plans[0] is plan and built == [1]
+        assert launcher.grad_addrs == [p.grad.data_ptr() for p in m2.parameters()]
+        assert launcher.table.table.data_ptr() == table_storage  # repointed in place, not rebuilt
+    _assert_same(m1, m2)
+    assert all(s["step"].item() == 5 for s in o2.state.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_losing_and_regaining_grads(backend):
+    (m1, o1), (m2, o2) = _pair(backend)
+    first = lambda m: setattr(m[0].weight, "grad", None)  # noqa: E731
+    for step in range(6):
+        _step_both([(m1, o1), (m2, o2)], first if step in (2, 3) else None)
+        _assert_same(m1, m2)
+    assert o2.state[m2[0].weight]["step"].item() == 4 and o2.state[m2[0].bias]["step"].item() == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_moved_by_data_assignment(backend):
+    (m1, o1), (m2, o2) = _pair(backend)
+    _step_both([(m1, o1), (m2, o2)])
+    for m in (m1, m2):
+        m[2].weight.data = m[2].weight.data.clone()  # same values at a new address
+    _step_both([(m1, o1), (m2, o2)])
+    _step_both([(m1, o1), (m2, o2)])
+    _assert_same(m1, m2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_grads_after_a_plan(backend):
+    (m1, o1), (m2, o2) = _pair(backend)
+    _step_both([(m1, o1), (m2, o2)])
+
+    def transpose_grad(m):
+        g = m[0].weight.grad
+        m[0].weight.grad = g.t().contiguous().t()  # same values, column-major
+        assert not m[0].weight.grad.is_contiguous()
+
+    _step_both([(m1, o1), (m2, o2)], transpose_grad)
+    _step_both([(m1, o1), (m2, o2)])
+    _assert_same(m1, m2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_reset_and_load_state_dict_rebuild_the_plan(backend):
+    (m1, o1), (m2, o2) = _pair(backend)
+    _step_both([(m1, o1), (m2, o2)])
+    saved = copy.deepcopy(o1.state_dict())
+    _step_both([(m1, o1), (m2, o2)])
+    o1.state.clear()
+    o2.state.clear()
+    _step_both([(m1, o1), (m2, o2)])
+    _assert_same(m1, m2)
+    assert all(s["step"].item() == 1 for s in o2.state.values())
+    o1.load_state_dict(saved)
+    o2.load_state_dict(saved)
+    _step_both([(m1, o1), (m2, o2)])
+    _assert_same(m1, m2)
+    assert all(s["step"].item() == 2 for s in o2.state.values())
+
+
+@pytest.mark.interpret
+def test_mixed_dtype_group_matches_reference_backend_with_moving_grads():
+    """One group, fp32 and bf16 params, master weights: two launches (parts) per step, grads new every step."""
+    shapes = [(7, 3), (5,), (33,), (2, 9)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+    base = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+    runs = []
+    for backend in ("reference", "triton"):
+        ps = [torch.nn.Parameter(b.clone()) for b in base]
+        o = FusedAdamW(ps, lr=1e-2, master_weights=True, backend=backend)
+        runs.append((ps, o))
+    for _ in range(4):
+        grads = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+        for ps, o in runs:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+    (ref, _), (tri, o) = runs
+    assert len(o._plans[0].parts) == 2
+    for a, b in zip(ref, tri):
+        torch.testing.assert_close(b.float(), a.float(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.interpret
+def test_adam_step_set_grads_checks_before_repointing():
+    ps = [torch.randn(5), torch.randn(3, 4)]
+    gs = [torch.randn_like(p) for p in ps]
+    states = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in ps]
+    launch = kernels_adam.AdamStep(ps, gs, *states, [], steps, amsgrad=False)
+    before = launch.table.table.clone()
+    bad = [
+        [gs[0], torch.randn(3, 4, dtype=torch.float64)],
+        [gs[0], torch.randn(13)],
+        [gs[0], torch.randn(4, 3).t()],
+        [gs[0]],
+    ]
+    for grads in bad:
+        with pytest.raises(ValueError, match="grads"):
+            launch.set_grads(grads)
+        assert torch.equal(launch.table.table, before)
+    new = [torch.randn_like(p) for p in ps]
+    launch.set_grads(new)
+    assert launch.grad_addrs == [g.data_ptr() for g in new]
+    ref = [p.clone() for p in ps]
+    launch(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    expected = [r - 0.1 * torch.sign(g) for r, g in zip(ref, new)]  # Adam's first step: lr * g / |g| (eps aside)
+    for p, e in zip(ps, expected):
+        torch.testing.assert_close(p, e, atol=1e-5, rtol=0)
+    assert [s.item() for s in steps] == [1.0, 1.0]
