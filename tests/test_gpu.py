@@ -66,6 +66,29 @@ def test_fused_adamw_matches_torch_fused_on_cuda():
     assert diff < 1e-6
 
 
+def test_moved_grads_are_repointed_on_cuda():
+    """Grads at new addresses every step (the old ones kept alive): one plan, its table repointed in place."""
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-3, fused=True)
+    o2 = FusedAdamW(m2.parameters(), lr=1e-3)
+    keep = []
+    for i in range(6):
+        grads = [torch.randn_like(p) for p in m1.parameters()]
+        for m in (m1, m2):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        keep += [p.grad for p in m2.parameters()]
+        o1.step()
+        o2.step()
+        if i == 0:
+            plan, table = o2._plans[0], o2._plans[0].parts[0].launcher.table.table
+        assert o2._plans[0] is plan and o2._plans[0].parts[0].launcher.table.table is table
+    torch.cuda.synchronize()
+    diff = max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+    assert diff < 1e-6
+
+
 def test_cuda_graph_capture_of_step():
     """capturable=True: warm up, capture step() in a CUDA graph, replay; equals eager steps."""
     m_eager = _model()
