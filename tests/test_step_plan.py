@@ -173,3 +173,18 @@ def test_adam_step_set_grads_checks_before_repointing():
     for p, e in zip(ps, expected):
         torch.testing.assert_close(p, e, atol=1e-5, rtol=0)
     assert [s.item() for s in steps] == [1.0, 1.0]
+
+
+def test_compiled_step_takes_the_traced_path():
+    """torch.compile(opt.step): the functional path with the custom op is traced (no plan); matches torch."""
+    (m1, o1), (m2, o2) = _pair("auto")
+    step = torch.compile(o2.step)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for m, o, s in ((m1, o1, o1.step), (m2, o2, step)):
+            o.zero_grad()
+            _backward(m, x)
+            s()
+    _assert_same(m1, m2)
+    assert o2._plans == {}
+    assert all(s["step"].item() == 3 for s in o2.state.values())
