@@ -430,8 +430,7 @@ class _GroupPlan:
                 or [g.numel() for g in grads] != self.numels
                 or [g.stride() for g in grads] != self.strides
                 or not all(g.is_contiguous() for g in grads)
-                or any(g.is_sparse for g in grads)
-            ):
+            ):  # (sparse grads have no data_ptr: they were sent to the checked step above)
                 return None  # the checked step raises the error, or copies non-contiguous grads
             for part in self.parts:
                 if part.launcher is not None:

@@ -1,0 +1,89 @@
+"""Host time of one optimizer step on many small tensors, with the GPU work taken out (runs on a CPU).
+
+    python benchmarks/host_overhead.py                 # 10,000 tensors (the bench's small-10k set)
+    python benchmarks/host_overhead.py --n 2000 --steps 50
+
+On 10,000 small tensors a step is bound by Python on the host, not by the GPU: this script measures that part
+alone, on any machine. ``FusedAdamW(backend="triton").step()`` runs as on a GPU (checks, plan, chunk table,
+launch arguments) except that the Triton kernel launch itself is replaced by a no-op, so CPU tensors work and
+no interpreter runs. Two cases: the grads stay where they are between steps (persistent grads, or a caching
+allocator that hands back the same blocks), and the grads move every step (new tensors each step: the plan
+checks them and rewrites their addresses in its table). The reference line is torch.optim.AdamW's
+``_init_group``, the per-param Python that both its foreach and its fused CUDA steps run before any kernel
+(their launches come on top of it). On a GPU, ``python -m fused_ops bench`` reports the real host time
+(``host ms``) next to the device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors; no kernel runs here
+
+import torch  # noqa: E402
+
+
+def _stub_adam_kernel() -> None:
+    from fused_ops.kernels import adam
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    adam._adam_kernel = _NoLaunch()
+
+
+def measure(n: int = 10_000, steps: int = 20) -> dict[str, float]:
+    """Host ms per step: fused_ops with still and with moving grads, and torch's ``_init_group``."""
+    import fused_ops
+    from fused_ops.bench import small_shapes
+
+    _stub_adam_kernel()
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in small_shapes(n)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = fused_ops.FusedAdamW(params, lr=1e-3, backend="triton")
+    opt.step()  # the checked step: states and the plan
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    still = (time.perf_counter() - t0) / steps
+    spare = [[torch.empty_like(p) for p in params] for _ in range(2)]
+    moving = 0.0
+    for i in range(steps):
+        for p, g in zip(params, spare[i % 2]):
+            p.grad = g
+        t0 = time.perf_counter()
+        opt.step()
+        moving += time.perf_counter() - t0
+    moving /= steps
+
+    ref = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    ref.step()
+    group = ref.param_groups[0]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ref._init_group(group, [], [], [], [], [], [])
+    init_group = (time.perf_counter() - t0) / steps
+    return {"fused_ops, grads still": 1e3 * still, "fused_ops, grads moved": 1e3 * moving,
+            "torch AdamW _init_group": 1e3 * init_group}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="number of tensors (default 10,000)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
+    args = parser.parse_args(argv)
+    rows = measure(args.n, args.steps)
+    print(f"host ms per step, {args.n} tensors, kernel launch stubbed (torch {torch.__version__}, this CPU):")
+    for name, ms in rows.items():
+        print(f"  {name:28s} {ms:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
