@@ -162,6 +162,15 @@ def _flatten_fake(tensors, align, backend) -> Tensor:
     return tensors[0].new_empty((reference.flatten_layout([x.numel() for x in tensors], align)[2],))
 
 
+def flatten_eager(tensors: list[Tensor], align: int, backend: str) -> Tensor:
+    """``flatten``'s arguments (contiguous tensors, which may require grad), run without the dispatcher when not
+    tracing (see ``adam_eager``). Under ``torch.compile`` the op is traced, on detached tensors."""
+    if torch.compiler.is_compiling():
+        return flatten([x.detach() for x in tensors], align, backend)
+    with torch.no_grad():
+        return _flatten(tensors, align, backend)
+
+
 @torch.library.custom_op("fused_ops::flatten_into_", mutates_args=("flat",))
 def flatten_into_(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
     """Gather ``tensors`` into ``flat[offsets[i] : offsets[i] + spans[i]]`` (zero padded), one launch."""
@@ -176,6 +185,17 @@ def _flatten_into_cuda(flat, tensors, offsets, spans, backend) -> None:
 @flatten_into_.register_fake
 def _flatten_into_fake(flat, tensors, offsets, spans, backend) -> None:
     return None
+
+
+def flatten_into_eager(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
+    """``flatten_into_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``)."""
+    if torch.compiler.is_compiling():
+        flatten_into_(flat, [x.detach() for x in tensors], offsets, spans, backend)
+        return
+    with torch.no_grad():
+        _flatten_into(flat, tensors, offsets, spans, backend)
+    if backend == "triton":
+        bump_versions([flat])
 
 
 @torch.library.custom_op("fused_ops::unflatten_copy_", mutates_args=("tensors",))
@@ -194,6 +214,17 @@ def _unflatten_copy_cuda(tensors, flat, offsets, backend) -> None:
 @unflatten_copy_.register_fake
 def _unflatten_copy_fake(tensors, flat, offsets, backend) -> None:
     return None
+
+
+def unflatten_copy_eager(tensors: list[Tensor], flat: Tensor, offsets: list[int], backend: str) -> None:
+    """``unflatten_copy_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``)."""
+    if torch.compiler.is_compiling():
+        unflatten_copy_([x.detach() for x in tensors], flat.detach(), offsets, backend)
+        return
+    with torch.no_grad():
+        _flatten_into(flat, tensors, offsets, [x.numel() for x in tensors], backend, scatter=True)
+    if backend == "triton":
+        bump_versions(tensors)
 
 
 def _cast(dst, src, stochastic, seed, backend) -> None:
@@ -219,6 +250,17 @@ def _cast_cuda(dst, src, stochastic, seed, backend) -> None:
 @cast_.register_fake
 def _cast_fake(dst, src, stochastic, seed, backend) -> None:
     return None
+
+
+def cast_eager(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: int, backend: str) -> None:
+    """``cast_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``)."""
+    if torch.compiler.is_compiling():
+        cast_([x.detach() for x in dst], [x.detach() for x in src], stochastic, seed, backend)
+        return
+    with torch.no_grad():
+        _cast(dst, src, stochastic, seed, backend)
+    if backend == "triton":
+        bump_versions(dst)
 
 
 def _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
@@ -254,6 +296,20 @@ def _unscale_fake(grads, inv_scale, inv_scale_value, found_inf, out, backend) ->
     return None
 
 
+def unscale_eager(grads: list[Tensor], inv_scale: Optional[Tensor], inv_scale_value: float, found_inf: Optional[Tensor],
+                  out: list[Tensor], backend: str) -> None:  # fmt: skip
+    """``unscale_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``). The Triton path
+    bumps the versions of what it writes: ``out`` (else ``grads``) and ``found_inf``."""
+    if torch.compiler.is_compiling():
+        unscale_([x.detach() for x in grads], inv_scale, inv_scale_value, found_inf, [x.detach() for x in out],
+                 backend)  # fmt: skip
+        return
+    with torch.no_grad():
+        _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
+    if backend == "triton":
+        bump_versions([*(out or grads), *([found_inf] if found_inf is not None else [])])
+
+
 def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
     if backend == "triton":
         from .kernels.scale import norm_launch
@@ -271,6 +327,15 @@ def grad_norm(tensors: list[Tensor], norm_type: float, backend: str) -> Tensor:
 @grad_norm.register_kernel("cuda")
 def _grad_norm_cuda(tensors, norm_type, backend) -> Tensor:
     return _grad_norm(tensors, norm_type, "reference" if backend == "reference" else "triton")
+
+
+def grad_norm_eager(tensors: list[Tensor], norm_type: float, backend: str) -> Tensor:
+    """``grad_norm``'s arguments (contiguous tensors), run without the dispatcher when not tracing (see
+    ``adam_eager``)."""
+    if torch.compiler.is_compiling():
+        return grad_norm([x.detach() for x in tensors], norm_type, backend)
+    with torch.no_grad():
+        return _grad_norm(tensors, norm_type, backend)
 
 
 @grad_norm.register_fake

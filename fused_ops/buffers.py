@@ -260,6 +260,8 @@ class FlatBuffer:
     def _check_like(self, fn: str, tensors: Sequence[Tensor]) -> None:
         if len(tensors) != len(self.views):
             raise ValueError(f"FlatBuffer.{fn}: got {len(tensors)} tensors, the buffer holds {len(self.views)}")
+        if all(x.shape == shape for x, shape in zip(tensors, self.shapes)):  # the loop below names the offender
+            return
         for i, x in enumerate(tensors):
             if x.shape != self.shapes[i]:
                 raise ValueError(f"FlatBuffer.{fn}: tensors[{i}] has shape {tuple(x.shape)}, "
@@ -273,13 +275,16 @@ class FlatBuffer:
         if not tensors:
             self.data.zero_()
             return self
-        for i, x in enumerate(tensors):
-            if x.device != self.device:
-                raise ValueError(f"FlatBuffer.copy_from_: tensors[{i}] is on {x.device}, the buffer on {self.device}")
-        if all(x.dtype == self.dtype for x in tensors):
+        if {x.device for x in tensors} != {self.device}:
+            for i, x in enumerate(tensors):
+                if x.device != self.device:
+                    raise ValueError(
+                        f"FlatBuffer.copy_from_: tensors[{i}] is on {x.device}, the buffer on {self.device}"
+                    )
+        if {x.dtype for x in tensors} == {self.dtype}:
             self._gather(tensors)
         else:
-            functional.cast_(self.views, [x.detach() for x in tensors], backend=self.backend)
+            functional.cast_(self.views, tensors, backend=self.backend)
             layout = zip(self.offsets, self.numels, self._spans, strict=True)
             gaps = [self.data.narrow(0, off + n, span - n) for off, n, span in layout if span > n]
             if gaps:
@@ -292,9 +297,9 @@ class FlatBuffer:
         return _op_backend("FlatBuffer", self.backend, self.device, [self.dtype],
                            (torch.float32, torch.bfloat16, torch.float16, torch.float64))  # fmt: skip
 
-    def _gather(self, tensors: Sequence[Tensor]) -> None:
-        srcs = [x.detach().contiguous() for x in tensors]
-        _ops.flatten_into_(self.data, srcs, self.offsets, self._spans, self._backend())
+    def _gather(self, tensors: list[Tensor]) -> None:
+        srcs = functional._contiguous(tensors)
+        _ops.flatten_into_eager(self.data, srcs, self.offsets, self._spans, self._backend())
 
     def copy_to_(self, tensors: Sequence[Tensor]) -> None:
         """Copy each view back into ``tensors[i]`` (one launch; other dtypes rounded to nearest even)."""
@@ -302,13 +307,14 @@ class FlatBuffer:
         self._check_like("copy_to_", tensors)
         if not tensors:
             return
-        for i, x in enumerate(tensors):
-            if not x.is_contiguous():
-                raise ValueError(f"FlatBuffer.copy_to_: tensors[{i}] must be contiguous (it is written in place)")
-        if all(x.dtype == self.dtype and x.device == self.device for x in tensors):
-            _ops.unflatten_copy_([x.detach() for x in tensors], self.data, self.offsets, self._backend())
+        if not functional._all_contiguous(tensors):
+            for i, x in enumerate(tensors):
+                if not x.is_contiguous():
+                    raise ValueError(f"FlatBuffer.copy_to_: tensors[{i}] must be contiguous (it is written in place)")
+        if {x.dtype for x in tensors} == {self.dtype} and {x.device for x in tensors} == {self.device}:
+            _ops.unflatten_copy_eager(tensors, self.data, self.offsets, self._backend())
         else:
-            functional.cast_([x.detach() for x in tensors], self.views, backend=self.backend)
+            functional.cast_(tensors, self.views, backend=self.backend)
 
     def zero_(self) -> FlatBuffer:
         """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""
@@ -319,9 +325,10 @@ class FlatBuffer:
         """Make each ``tensors[i].data`` the buffer's view ``i`` (same shape and dtype required)."""
         tensors = list(tensors)
         self._check_like("bind_data_", tensors)
-        for i, x in enumerate(tensors):
-            if x.dtype != self.dtype:
-                raise ValueError(f"FlatBuffer.bind_data_: tensors[{i}] is {x.dtype}, the buffer {self.dtype}")
+        if {x.dtype for x in tensors} - {self.dtype}:
+            for i, x in enumerate(tensors):
+                if x.dtype != self.dtype:
+                    raise ValueError(f"FlatBuffer.bind_data_: tensors[{i}] is {x.dtype}, the buffer {self.dtype}")
         for x, view in zip(tensors, self.views, strict=True):
             x.data = view
 
@@ -329,9 +336,10 @@ class FlatBuffer:
         """Make each ``params[i].grad`` the buffer's view ``i`` (same shape and dtype required)."""
         params = list(params)
         self._check_like("bind_grads_", params)
-        for i, p in enumerate(params):
-            if p.dtype != self.dtype or p.device != self.device:
-                raise ValueError(f"FlatBuffer.bind_grads_: params[{i}] is {p.dtype} on {p.device}, the buffer is "
-                                 f"{self.dtype} on {self.device}")  # fmt: skip
+        if {p.dtype for p in params} - {self.dtype} or {p.device for p in params} - {self.device}:
+            for i, p in enumerate(params):
+                if p.dtype != self.dtype or p.device != self.device:
+                    raise ValueError(f"FlatBuffer.bind_grads_: params[{i}] is {p.dtype} on {p.device}, the buffer "
+                                     f"is {self.dtype} on {self.device}")  # fmt: skip
         for p, view in zip(params, self.views, strict=True):
             p.grad = view

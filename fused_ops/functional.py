@@ -108,7 +108,14 @@ def adam_(
 
 # ---------------------------------------------------------------------------------------------------------
 # Flatten / cast / unscale / grad norm (issue 3). Arguments are checked before anything is modified; tensors
-# are grouped by (device, dtype) and each group is one custom op (one launch on the Triton backend).
+# are grouped by (device, dtype) and each group is one op (one launch on the Triton backend).
+#
+# Host time matters here: on a GPU, an op over 10,000 small tensors is bound by Python. The checks therefore
+# run as a few passes in C (``map`` over attribute getters, sets of dtypes and devices) and fall back to the
+# per-tensor loops, which name the first offending tensor, only when a fast check fails. Nothing is detached
+# per tensor: the ``_ops.*_eager`` entry points run under ``torch.no_grad()`` (the custom op is still what
+# ``torch.compile`` traces). Lists of new Python objects (shapes, views) are avoided: keeping thousands of them
+# alive at once costs as much again in garbage-collector passes.
 
 from collections.abc import Iterable  # noqa: E402
 
@@ -118,16 +125,43 @@ from ._backend import check_backend  # noqa: E402
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _float_tensors(fn: str, name: str, tensors) -> list[Tensor]:
+def _all_tensors(xs: list) -> bool:
+    return all(issubclass(cls, Tensor) for cls in {type(x) for x in xs})
+
+
+def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor], set[torch.dtype]]:
+    """``tensors`` as a list of floating-point tensors (else the error names the first offender), and the set of
+    their dtypes."""
     if isinstance(tensors, Tensor):
         raise TypeError(f"{fn}: {name} must be a sequence of tensors, got a Tensor")
     tensors = list(tensors)
+    if _all_tensors(tensors):
+        dtypes = {x.dtype for x in tensors}
+        if all(d.is_floating_point for d in dtypes):
+            return tensors, dtypes
     for i, x in enumerate(tensors):
         if not isinstance(x, Tensor):
             raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{fn}: {name}[{i}] must be a floating-point tensor, got {x.dtype}")
-    return tensors
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _float_tensors(fn: str, name: str, tensors) -> list[Tensor]:
+    return _float_tensors_and_dtypes(fn, name, tensors)[0]
+
+
+def _all_contiguous(tensors: list[Tensor]) -> bool:
+    return all(x.is_contiguous() for x in tensors)
+
+
+def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:
+    return all(x.shape == y.shape for x, y in zip(a, b))
+
+
+def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` made contiguous: the list itself when they already are (one cheap pass)."""
+    return tensors if _all_contiguous(tensors) else [x.contiguous() for x in tensors]
 
 
 def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supported=_KERNEL_DTYPES) -> str:
@@ -153,8 +187,10 @@ def _check_norm_type(fn: str, norm_type: float) -> float:
     return norm_type
 
 
-def _one_group(fn: str, name: str, tensors: list[Tensor]) -> tuple[torch.dtype, torch.device]:
+def _one_group(fn: str, name: str, tensors: list[Tensor], dtypes: set) -> tuple[torch.dtype, torch.device]:
     dtype, device = tensors[0].dtype, tensors[0].device
+    if len(dtypes) == 1 and len({x.device for x in tensors}) == 1:
+        return dtype, device
     for i, x in enumerate(tensors):
         if x.dtype != dtype or x.device != device:
             raise ValueError(
@@ -162,6 +198,15 @@ def _one_group(fn: str, name: str, tensors: list[Tensor]) -> tuple[torch.dtype, 
                 f"{name} must share one dtype and device"
             )
     return dtype, device
+
+
+def _groups(key, n: int) -> list[tuple[tuple, list[int]]]:
+    """Indices ``0..n-1`` grouped by ``key(i)``, groups in order of first appearance (the slow path of grouping:
+    callers check first whether everything is one group)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(n):
+        groups[key(i)].append(i)
+    return list(groups.items())
 
 
 def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None = None) -> Tensor:
@@ -173,23 +218,42 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
     differentiable: see ``fused_ops.autograd.flatten``. An empty list gives an empty float32 tensor.
     """
     _check_align("flatten", align)
-    tensors = _float_tensors("flatten", "tensors", tensors)
+    tensors, dtypes = _float_tensors_and_dtypes("flatten", "tensors", tensors)
     if not tensors:
         return torch.empty(0)
-    dtype, device = _one_group("flatten", "tensors", tensors)
+    dtype, device = _one_group("flatten", "tensors", tensors, dtypes)
     backend_name = _op_backend("flatten", backend, device, [dtype], _KERNEL_DTYPES + (torch.float64,))
-    return _ops.flatten([x.detach().contiguous() for x in tensors], align, backend_name)
+    return _ops.flatten_eager(_contiguous(tensors), align, backend_name)
 
 
-def _layout_of(fn: str, flat: Tensor, like, align: int) -> tuple[list[torch.Size], list[int]]:
+def _check_flat(fn: str, flat: Tensor, align: int) -> None:
     _check_align(fn, align)
     if not isinstance(flat, Tensor) or flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError(f"{fn}: flat must be a contiguous 1-d tensor")
-    shapes = [x.shape if isinstance(x, Tensor) else torch.Size(x) for x in like]
-    offsets, _, total = reference.flatten_layout([math.prod(s) for s in shapes], align)
+
+
+def _offsets(fn: str, flat: Tensor, numels: list[int], align: int) -> list[int]:
+    offsets, _, total = reference.flatten_layout(numels, align)
     if flat.numel() < total:
         raise ValueError(f"{fn}: flat has {flat.numel()} elements but the layout of like (align={align}) needs {total}")
-    return shapes, offsets
+    return offsets
+
+
+# Contiguous strides by shape, for unflatten's views (models have few distinct shapes; bounded all the same).
+_STRIDES: dict[torch.Size, tuple[int, ...]] = {}
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides = _STRIDES.get(shape)
+    if strides is None:
+        rev, step = [], 1
+        for n in reversed(shape):
+            rev.append(step)
+            step *= max(n, 1)
+        strides = tuple(reversed(rev))
+        if len(_STRIDES) < 4096:
+            _STRIDES[shape] = strides
+    return strides
 
 
 def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int = 64) -> list[Tensor]:
@@ -197,8 +261,29 @@ def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int =
 
     No copy: writing to a view writes to ``flat``. ``align`` must be the one ``flat`` was built with.
     """
-    shapes, offsets = _layout_of("unflatten", flat, like, align)
-    return [flat.narrow(0, off, math.prod(s)).view(s) for s, off in zip(shapes, offsets, strict=True)]
+    _check_flat("unflatten", flat, align)
+    like = list(like)
+    if _all_tensors(like):
+        shapes = None  # read one at a time below: no list of 10^4 shapes kept alive for the garbage collector
+        numels = [x.numel() for x in like]
+    else:
+        shapes = [x.shape if isinstance(x, Tensor) else torch.Size(x) for x in like]
+        numels = [math.prod(s) for s in shapes]
+    offsets = _offsets("unflatten", flat, numels, align)
+    if (
+        type(flat) is Tensor
+        and not (flat.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    ):
+        # One as_strided per view instead of narrow + view: the same sizes, strides and storage offsets (the
+        # views record no autograd history either way), in half the host time.
+        base = flat.storage_offset()
+        view = flat.as_strided
+        shaped = (x.shape for x in like) if shapes is None else shapes
+        return [view(s, _contiguous_strides(s), base + off) for s, off in zip(shaped, offsets, strict=True)]
+    if shapes is None:
+        shapes = [x.shape for x in like]
+    return [flat.narrow(0, off, n).view(s) for s, off, n in zip(shapes, offsets, numels, strict=True)]
 
 
 def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *, backend: str | None = None) -> None:
@@ -206,19 +291,21 @@ def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *,
 
     ``tensors`` share ``flat``'s dtype and device and are contiguous (they are written in place).
     """
-    tensors = _float_tensors("unflatten_copy_", "tensors", tensors)
-    _, offsets = _layout_of("unflatten_copy_", flat, tensors, align)
-    for i, x in enumerate(tensors):
-        if x.dtype != flat.dtype or x.device != flat.device:
-            raise ValueError(f"unflatten_copy_: tensors[{i}] is {x.dtype} on {x.device}, flat is {flat.dtype} on "
-                             f"{flat.device}")  # fmt: skip
-        if not x.is_contiguous():
-            raise ValueError(f"unflatten_copy_: tensors[{i}] must be contiguous (it is written in place)")
+    tensors, dtypes = _float_tensors_and_dtypes("unflatten_copy_", "tensors", tensors)
+    _check_flat("unflatten_copy_", flat, align)
+    offsets = _offsets("unflatten_copy_", flat, [x.numel() for x in tensors], align)
+    if not (dtypes <= {flat.dtype} and {x.device for x in tensors} <= {flat.device} and _all_contiguous(tensors)):
+        for i, x in enumerate(tensors):
+            if x.dtype != flat.dtype or x.device != flat.device:
+                raise ValueError(f"unflatten_copy_: tensors[{i}] is {x.dtype} on {x.device}, flat is {flat.dtype} "
+                                 f"on {flat.device}")  # fmt: skip
+            if not x.is_contiguous():
+                raise ValueError(f"unflatten_copy_: tensors[{i}] must be contiguous (it is written in place)")
     if not tensors:
         return
     backend_name = _op_backend("unflatten_copy_", backend, flat.device, [flat.dtype],
                                _KERNEL_DTYPES + (torch.float64,))  # fmt: skip
-    _ops.unflatten_copy_([x.detach() for x in tensors], flat.detach(), offsets, backend_name)
+    _ops.unflatten_copy_eager(tensors, flat, offsets, backend_name)
 
 
 def cast_(
@@ -238,31 +325,36 @@ def cast_(
     draws one from torch's CPU generator (seeded by ``torch.manual_seed``; no device sync). ``dst[i]`` must
     be contiguous and have ``src[i]``'s shape and device. float64 tensors go through plain torch.
     """
-    dst = _float_tensors("cast_", "dst", dst)
-    src = _float_tensors("cast_", "src", src)
+    dst, dst_dtypes = _float_tensors_and_dtypes("cast_", "dst", dst)
+    src, src_dtypes = _float_tensors_and_dtypes("cast_", "src", src)
     if len(dst) != len(src):
         raise ValueError(f"cast_: dst has {len(dst)} tensors but src has {len(src)}")
-    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
-        if d.shape != s.shape:
-            raise ValueError(f"cast_: dst[{i}] has shape {tuple(d.shape)} but src[{i}] has {tuple(s.shape)}")
-        if d.device != s.device:
-            raise ValueError(f"cast_: dst[{i}] is on {d.device} but src[{i}] is on {s.device}")
-        if not d.is_contiguous():
-            raise ValueError(f"cast_: dst[{i}] must be contiguous (it is written in place)")
+    devices = {x.device for x in dst} | {x.device for x in src}
+    if not (len(devices) <= 1 and _same_shapes(dst, src) and _all_contiguous(dst)):
+        for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+            if d.shape != s.shape:
+                raise ValueError(f"cast_: dst[{i}] has shape {tuple(d.shape)} but src[{i}] has {tuple(s.shape)}")
+            if d.device != s.device:
+                raise ValueError(f"cast_: dst[{i}] is on {d.device} but src[{i}] is on {s.device}")
+            if not d.is_contiguous():
+                raise ValueError(f"cast_: dst[{i}] must be contiguous (it is written in place)")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
     if not dst:
         return
     if stochastic and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())  # torch's CPU generator: no device sync
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
-        groups[(d.device, d.dtype, s.dtype)].append(i)
-    for k, ((device, d_dtype, s_dtype), idx) in enumerate(groups.items()):
+    if len(devices) == 1 and len(dst_dtypes) == 1 and len(src_dtypes) == 1:
+        groups = [((dst[0].device, dst[0].dtype, src[0].dtype), dst, src)]
+    else:
+        groups = [
+            (key, [dst[i] for i in idx], [src[i] for i in idx])
+            for key, idx in _groups(lambda i: (dst[i].device, dst[i].dtype, src[i].dtype), len(dst))
+        ]
+    for k, ((device, d_dtype, s_dtype), d_group, s_group) in enumerate(groups):
         backend_name = _op_backend("cast_", backend, device, [d_dtype, s_dtype])
         group_seed = (int(seed or 0) + 0x9E3779B9 * k) % 2**31  # distinct random streams per group
-        _ops.cast_([dst[i].detach() for i in idx], [src[i].detach().contiguous() for i in idx], bool(stochastic),
-                   group_seed, backend_name)  # fmt: skip
+        _ops.cast_eager(d_group, _contiguous(s_group), bool(stochastic), group_seed, backend_name)
 
 
 def _scalar_tensor(fn: str, name: str, x) -> None:
@@ -293,32 +385,43 @@ def unscale_(
     The product is computed in fp32 and rounded to nearest even into the destination (torch's
     ``_amp_foreach_non_finite_check_and_unscale_``).
     """
-    grads = _float_tensors("unscale_", "grads", grads)
+    grads, g_dtypes = _float_tensors_and_dtypes("unscale_", "grads", grads)
     if isinstance(inv_scale, Tensor):
         _scalar_tensor("unscale_", "inv_scale", inv_scale)
     else:
         _check_finite("unscale_: inv_scale", float(inv_scale))
     if found_inf is not None:
         _scalar_tensor("unscale_", "found_inf", found_inf)
-    outs = _float_tensors("unscale_", "out", out) if out is not None else []
+    outs, o_dtypes = _float_tensors_and_dtypes("unscale_", "out", out) if out is not None else ([], set())
     if out is not None and len(outs) != len(grads):
         raise ValueError(f"unscale_: out has {len(outs)} tensors but grads has {len(grads)}")
-    for i, g in enumerate(grads):
-        if outs:
-            o = outs[i]
-            if o.shape != g.shape or o.device != g.device:
-                raise ValueError(f"unscale_: out[{i}] is {tuple(o.shape)} on {o.device} but grads[{i}] is "
-                                 f"{tuple(g.shape)} on {g.device}")  # fmt: skip
-            if not o.is_contiguous():
-                raise ValueError(f"unscale_: out[{i}] must be contiguous (it is written in place)")
-        elif not g.is_contiguous():
-            raise ValueError(f"unscale_: grads[{i}] must be contiguous (it is updated in place)")
+    devices = {x.device for x in grads}
+    if outs:
+        devices |= {x.device for x in outs}
+        ok = len(devices) <= 1 and _same_shapes(outs, grads) and _all_contiguous(outs)
+    else:
+        ok = _all_contiguous(grads)
+    if not ok:
+        for i, g in enumerate(grads):
+            if outs:
+                o = outs[i]
+                if o.shape != g.shape or o.device != g.device:
+                    raise ValueError(f"unscale_: out[{i}] is {tuple(o.shape)} on {o.device} but grads[{i}] is "
+                                     f"{tuple(g.shape)} on {g.device}")  # fmt: skip
+                if not o.is_contiguous():
+                    raise ValueError(f"unscale_: out[{i}] must be contiguous (it is written in place)")
+            elif not g.is_contiguous():
+                raise ValueError(f"unscale_: grads[{i}] must be contiguous (it is updated in place)")
     if not grads:
         return
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
-        groups[(g.device, g.dtype, outs[i].dtype if outs else g.dtype)].append(i)
-    for (device, g_dtype, o_dtype), idx in groups.items():
+    if len(devices) == 1 and len(g_dtypes) == 1 and len(o_dtypes) <= 1:
+        groups = [((grads[0].device, grads[0].dtype, outs[0].dtype if outs else grads[0].dtype), grads, outs)]
+    else:
+        groups = [
+            (key, [grads[i] for i in idx], [outs[i] for i in idx] if outs else [])
+            for key, idx in _groups(lambda i: (grads[i].device, grads[i].dtype, (outs or grads)[i].dtype), len(grads))
+        ]
+    for (device, g_dtype, o_dtype), g_group, o_group in groups:
         backend_name = _op_backend("unscale_", backend, device, [g_dtype, o_dtype])
         scale_t = None
         if isinstance(inv_scale, Tensor):
@@ -327,12 +430,12 @@ def unscale_(
         flag = found_inf
         if found_inf is not None and found_inf.device != device:
             flag = torch.zeros(1, dtype=torch.float32, device=device)
-        _ops.unscale_(
-            [grads[i].detach().contiguous() if outs else grads[i].detach() for i in idx],
+        _ops.unscale_eager(
+            _contiguous(g_group) if o_group else g_group,
             scale_t,
             0.0 if scale_t is not None else float(inv_scale),
             flag,
-            [outs[i].detach() for i in idx] if outs else [],
+            o_group,
             backend_name,
         )
         if flag is not found_inf:
@@ -349,16 +452,20 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     the same inputs give the same bits. ``norm_type`` is ``inf`` or any p > 0. An empty list gives 0.
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
-    tensors = _float_tensors("grad_norm", "tensors", tensors)
+    tensors, dtypes = _float_tensors_and_dtypes("grad_norm", "tensors", tensors)
     if not tensors:
         return torch.zeros(())
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, x in enumerate(tensors):
-        groups[(x.device, x.dtype)].append(i)
+    if len(dtypes) == 1 and len({x.device for x in tensors}) == 1:
+        groups = [((tensors[0].device, tensors[0].dtype), tensors)]
+    else:
+        groups = [
+            (key, [tensors[i] for i in idx])
+            for key, idx in _groups(lambda i: (tensors[i].device, tensors[i].dtype), len(tensors))
+        ]
     norms = []
-    for (device, dtype), idx in groups.items():
+    for (device, dtype), group in groups:
         backend_name = _op_backend("grad_norm", backend, device, [dtype])
-        norms.append(_ops.grad_norm([tensors[i].detach().contiguous() for i in idx], norm_type, backend_name))
+        norms.append(_ops.grad_norm_eager(_contiguous(group), norm_type, backend_name))
     if len(norms) == 1:
         return norms[0]
     first = tensors[0].device

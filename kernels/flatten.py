@@ -13,6 +13,7 @@ addresses and element counts travel in a second small int64 table, cached next t
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import MutableMapping, Sequence
 
 import torch
@@ -99,6 +100,15 @@ def _check(flat, tensors, offsets, spans) -> None:
             raise ValueError(f"flatten_launch: tensors[{i}] must be contiguous")
 
 
+def _segments(flat: torch.Tensor, offsets: Sequence[int], spans: Sequence[int]) -> list[torch.Tensor]:
+    """1-d views ``flat[offsets[i] : offsets[i] + spans[i]]``."""
+    if list(offsets) == list(itertools.accumulate(spans[:-1], initial=offsets[0])):
+        # Adjacent segments (the layouts of fused_ops.flatten and FlatBuffer): one split, views made in C++.
+        return list(flat.narrow(0, offsets[0], offsets[-1] + spans[-1] - offsets[0]).split_with_sizes(list(spans)))
+    base = flat.storage_offset()
+    return [flat.as_strided((int(span),), (1,), base + int(off)) for off, span in zip(offsets, spans, strict=True)]
+
+
 def flatten_launch(
     flat: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -124,15 +134,22 @@ def flatten_launch(
     if len(offsets) != len(tensors) or len(spans) != len(tensors):
         raise ValueError(f"flatten_launch: {len(tensors)} tensors but {len(offsets)} offsets and {len(spans)} spans")
     n_flat = flat.numel()
-    for i, (off, span) in enumerate(zip(offsets, spans, strict=True)):
-        if off < 0 or span < 0 or off + span > n_flat:
-            raise ValueError(f"flatten_launch: segment {i} [{off}, {off + span}) is outside flat ({n_flat} elements)")
-    base = flat.storage_offset()
-    segments = [flat.as_strided((int(span),), (1,), base + int(off)) for off, span in zip(offsets, spans, strict=True)]
-    table = build_chunk_table([segments], chunk_size, cache, check=lambda: _check(flat, tensors, offsets, spans))
+    # The segments' chunk table, by flat's address and the layout: no view per segment on the next call.
+    segments_key = ("flatten_segments", flat.data_ptr(), n_flat, flat.dtype, flat.device, tuple(offsets),
+                    tuple(spans), chunk_size)  # fmt: skip
+    table = cache.get(segments_key)
+    if table is None:
+        for i, (off, span) in enumerate(zip(offsets, spans, strict=True)):
+            if off < 0 or span < 0 or off + span > n_flat:
+                raise ValueError(
+                    f"flatten_launch: segment {i} [{off}, {off + span}) is outside flat ({n_flat} elements)"
+                )
+        segments = _segments(flat, offsets, spans)
+        table = build_chunk_table([segments], chunk_size, cache, check=lambda: _check(flat, tensors, offsets, spans))
+        cache[segments_key] = table
     # The chunk table's cache key covers the segments only; the tensors' addresses get their own entry.
-    key = ("flatten_tensors", tuple(x.data_ptr() for x in tensors), tuple(x.numel() for x in tensors), flat.dtype,
-           flat.device)  # fmt: skip
+    key = ("flatten_tensors", tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),
+           flat.dtype, flat.device)  # fmt: skip
     cached = cache.get(key)
     if cached is None:
         _check(flat, tensors, offsets, spans)
