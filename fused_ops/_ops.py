@@ -126,6 +126,12 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
 # ---------------------------------------------------------------------------------------------------------
 # Flatten / cast / unscale / norm (issue 3). ``backend`` arrives resolved ("triton" or "reference"), so the
 # default (CPU) and the "cuda" registrations share one body each.
+#
+# Each op also has an ``*_eager`` entry point with the op's arguments, for the functional layer (see
+# ``adam_eager``): under ``torch.compile`` it calls the op (on detached tensors); otherwise it runs the body under
+# ``torch.no_grad()`` (no per-tensor detach, no wrapper) and bumps the versions of the tensors it writes, on both
+# backends, as the op's wrapper does: the Triton launches write behind autograd's back, and not every torch op of
+# the plain path bumps (``_amp_foreach_non_finite_check_and_unscale_`` does not).
 
 
 def _flatten_into(flat: Tensor, tensors, offsets, spans, backend: str, scatter: bool = False) -> None:
@@ -194,8 +200,7 @@ def flatten_into_eager(flat: Tensor, tensors: list[Tensor], offsets: list[int], 
         return
     with torch.no_grad():
         _flatten_into(flat, tensors, offsets, spans, backend)
-    if backend == "triton":
-        bump_versions([flat])
+    bump_versions([flat])
 
 
 @torch.library.custom_op("fused_ops::unflatten_copy_", mutates_args=("tensors",))
@@ -223,8 +228,7 @@ def unflatten_copy_eager(tensors: list[Tensor], flat: Tensor, offsets: list[int]
         return
     with torch.no_grad():
         _flatten_into(flat, tensors, offsets, [x.numel() for x in tensors], backend, scatter=True)
-    if backend == "triton":
-        bump_versions(tensors)
+    bump_versions(tensors)
 
 
 def _cast(dst, src, stochastic, seed, backend) -> None:
@@ -259,8 +263,7 @@ def cast_eager(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: int
         return
     with torch.no_grad():
         _cast(dst, src, stochastic, seed, backend)
-    if backend == "triton":
-        bump_versions(dst)
+    bump_versions(dst)
 
 
 def _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
@@ -298,16 +301,15 @@ def _unscale_fake(grads, inv_scale, inv_scale_value, found_inf, out, backend) ->
 
 def unscale_eager(grads: list[Tensor], inv_scale: Optional[Tensor], inv_scale_value: float, found_inf: Optional[Tensor],
                   out: list[Tensor], backend: str) -> None:  # fmt: skip
-    """``unscale_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``). The Triton path
-    bumps the versions of what it writes: ``out`` (else ``grads``) and ``found_inf``."""
+    """``unscale_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``). Bumps the versions
+    of what it writes: ``out`` (else ``grads``) and ``found_inf``."""
     if torch.compiler.is_compiling():
         unscale_([x.detach() for x in grads], inv_scale, inv_scale_value, found_inf, [x.detach() for x in out],
                  backend)  # fmt: skip
         return
     with torch.no_grad():
         _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
-    if backend == "triton":
-        bump_versions([*(out or grads), *([found_inf] if found_inf is not None else [])])
+    bump_versions([*(out or grads), *([found_inf] if found_inf is not None else [])])
 
 
 def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
