@@ -111,11 +111,13 @@ def adam_(
 # are grouped by (device, dtype) and each group is one op (one launch on the Triton backend).
 #
 # Host time matters here: on a GPU, an op over 10,000 small tensors is bound by Python. The checks therefore
-# run as a few passes in C (``map`` over attribute getters, sets of dtypes and devices) and fall back to the
-# per-tensor loops, which name the first offending tensor, only when a fast check fails. Nothing is detached
-# per tensor: the ``_ops.*_eager`` entry points run under ``torch.no_grad()`` (the custom op is still what
-# ``torch.compile`` traces). Lists of new Python objects (shapes, views) are avoided: keeping thousands of them
-# alive at once costs as much again in garbage-collector passes.
+# run as a few tight passes (the sets of types, dtypes and devices; one pass comparing shapes, one reading
+# contiguity) and fall back to the per-tensor loops, which name the first offending tensor, only when a fast
+# check fails; one (device, dtype) group skips the grouping. Nothing is detached per tensor: the
+# ``_ops.*_eager`` entry points run under ``torch.no_grad()`` (under ``torch.compile`` they call the custom
+# op, which is what gets traced). Lists of new Python objects (shapes, views) are avoided: thousands of them
+# alive at once cost as much again in garbage-collector passes. Comprehensions, not ``map`` over module-level
+# ``attrgetter``s: as fast, and Dynamo traces them.
 
 from collections.abc import Iterable  # noqa: E402
 
