@@ -80,15 +80,15 @@ def adam_eager(*args) -> None:
 
     The custom op's Python wrapper costs a few microseconds per tensor (alias checks, a version bump for every
     mutated tensor): 50 ms per step on 10,000 tensors, more than the kernel. Eager calls skip it; under
-    ``torch.compile`` the op is what gets traced. On the Triton path the params' version counters are bumped
-    (torch ops bump their own), so autograd still sees that the optimizer changed them.
+    ``torch.compile`` the op is what gets traced. The params' version counters are bumped here (on both
+    backends: the CPU path's ``torch._fused_adamw_`` bumps none), so autograd still sees that the optimizer
+    changed them.
     """
     if torch.compiler.is_compiling():
         adam_(*args)
         return
     _adam_body(*args)
-    if args[-1] == "triton":
-        bump_versions(args[0])
+    bump_versions(args[0])  # torch._fused_adam(w)_, the CPU path's kernel, bumps no version either
 
 
 def bump_versions(tensors: list[Tensor]) -> None:

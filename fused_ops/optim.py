@@ -460,7 +460,7 @@ class _GroupPlan:
                     found_inf=inf,
                 )  # fmt: skip
                 _ops.bump_versions(part.params)
-            else:
+            else:  # (bumps the params' versions itself)
                 g = grads if part.idx is None else [grads[i] for i in part.idx]
                 lr_tensor = part_lr if isinstance(part_lr, Tensor) else None
                 _ops.adam_eager(
