@@ -391,8 +391,11 @@ class _GroupPlan:
         self.grad_dtypes = [g.dtype for g in grads]
         self.devices = [p.device for p in params]
         self.numels = [p.numel() for p in params]
-        # With equal element counts, equal strides of contiguous tensors mean equal shapes (strides are 10x cheaper
-        # to read than shapes); a grad with other strides (size-1 dims) just takes the checked step.
+        # Moved grads are compared by strides, 10x cheaper to read than shapes. With equal element counts, equal
+        # strides of contiguous tensors mean equal shapes, except where size-1 dims carry unusual strides (a (1, 2)
+        # tensor with strides (1, 1) against a (2, 1) param). torch's grad setter refuses another shape, so only a
+        # ``grad.data = ...`` assignment gets there; such a grad is read as the flat sequence of its elements (the
+        # update is elementwise and stays within both tensors). Other strides take the checked step.
         self.strides = [p.stride() for p in params]
         self.first_grads = (grads, self.grad_addrs)
         master_on = group["master_weights"]

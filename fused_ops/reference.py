@@ -309,5 +309,7 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     if not nonempty:
         return torch.zeros((), dtype=out_dtype, device=device)
     norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float64)
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if len({x.device for x in nonempty}) > 1:
+        norms = [n.to(device) for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total.to(out_dtype)
