@@ -291,11 +291,15 @@ class FusedAdam(torch.optim.Optimizer):
         lr = group["lr"]
         if not isinstance(lr, Tensor) and not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
-        beta1, beta2 = group["betas"]
-        for name, value in (("beta1", beta1), ("beta2", beta2), ("eps", group["eps"]),
-                            ("weight_decay", group["weight_decay"])):  # fmt: skip
-            if isinstance(value, Tensor) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite float, got {value} (param group {gi})")
+        for i, beta in enumerate(group["betas"]):
+            beta = _to_float(beta)
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (param group {gi})")
+        eps, wd = _to_float(group["eps"]), _to_float(group["weight_decay"])
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"Invalid weight_decay value: {wd} (param group {gi})")
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op."""
@@ -448,7 +452,8 @@ class _GroupPlan:
     def run(self, group: dict[str, Any], grads: list[Tensor], addrs: list[int], *, grad_scale: Tensor | None,
             found_inf: Tensor | None) -> None:  # fmt: skip
         lr = group["lr"]
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (_to_float(b) for b in group["betas"])  # (a scheduler may have set tensors)
+        eps, weight_decay = _to_float(group["eps"]), _to_float(group["weight_decay"])
         for part in self.parts:
             device = part.device
             part_lr = lr
@@ -458,7 +463,7 @@ class _GroupPlan:
             inf = None if found_inf is None else found_inf.to(device)
             if part.launcher is not None:
                 part.launcher(
-                    lr=part_lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    lr=part_lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     maximize=group["maximize"], decoupled=group["decoupled_weight_decay"], grad_scale=scale,
                     found_inf=inf,
                 )  # fmt: skip
@@ -468,8 +473,8 @@ class _GroupPlan:
                 lr_tensor = part_lr if isinstance(part_lr, Tensor) else None
                 _ops.adam_eager(
                     part.params, g, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.masters, part.steps,
-                    0.0 if lr_tensor is not None else float(part_lr), lr_tensor, float(beta1), float(beta2),
-                    float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+                    0.0 if lr_tensor is not None else float(part_lr), lr_tensor, beta1, beta2, eps, weight_decay,
+                    bool(group["amsgrad"]), bool(group["maximize"]),
                     bool(group["decoupled_weight_decay"]), None, scale, inf, part.backend,
                 )  # fmt: skip
 

@@ -205,3 +205,28 @@ def test_host_overhead_script_runs():
     for name in ("fused_ops, grads still", "fused_ops, grads moved", "torch AdamW _init_group"):
         line = next(x for x in out.splitlines() if name in x)
         assert float(line.split()[-1]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_changed_between_steps(backend):
+    """Betas, eps and weight decay set after construction (tensor betas too) are read at every step and checked."""
+    (_, _), (m1, o1) = _pair(backend)
+    (_, _), (m2, o2) = _pair(backend)
+    m2.load_state_dict(m1.state_dict())
+    _step_both([(m1, o1), (m2, o2)])
+    o1.param_groups[0].update(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2)
+    f64 = dict(dtype=torch.float64)  # the same values as the floats
+    o2.param_groups[0].update(betas=(torch.tensor(0.8, **f64), torch.tensor(0.95, **f64)), eps=1e-6, weight_decay=0.2)
+    for _ in range(2):
+        _step_both([(m1, o1), (m2, o2)])
+    _assert_same(m1, m2, atol=0)
+    before = [p.detach().clone() for p in m2.parameters()]
+    for key, bad, match in (("betas", (0.9, 1.0), "beta parameter at index 1"), ("eps", float("nan"), "epsilon"),
+                            ("weight_decay", -0.1, "weight_decay")):  # fmt: skip
+        good = o2.param_groups[0][key]
+        o2.param_groups[0][key] = bad
+        with pytest.raises(ValueError, match=match):
+            o2.step()
+        o2.param_groups[0][key] = good
+    for a, b in zip(m2.parameters(), before):
+        assert torch.equal(a, b)
