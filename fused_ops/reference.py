@@ -270,6 +270,12 @@ def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False
     """``dst[i] = src[i]`` converted to ``dst[i]``'s dtype: torch's ``.to()`` (round to nearest even) or, with
     ``stochastic`` and a bf16/fp16 destination, unbiased stochastic rounding seeded by ``seed`` (the random
     stream differs from the kernel's; the distribution is the same). Any float dtypes."""
+    if not stochastic:  # one multi-tensor copy: torch's .to() rounding (shapes were checked by the caller)
+        pairs = [(d, s) for d, s in zip(dst, src, strict=True) if d.numel()]
+        if pairs:
+            torch._foreach_copy_([d for d, _ in pairs], [s if s.shape == d.shape else s.reshape(d.shape)
+                                                         for d, s in pairs])  # fmt: skip
+        return
     generator = None
     plain_dst, plain_src = [], []
     for d, s in zip(dst, src, strict=True):
