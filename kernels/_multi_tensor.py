@@ -122,26 +122,29 @@ def build_chunk_table(
     return result
 
 
-def repoint_role(table: ChunkTable, role: int, addrs: list[int], keep_alive: list | None = None) -> ChunkTable:
+def repoint_role(table: ChunkTable, role: int, addrs: list[int], staging: torch.Tensor | None = None) -> ChunkTable:
     """Write new addresses for every tensor of ``role`` into ``table`` (in place); return the updated table.
 
     For a table that a caller owns (built with a private ``cache``, never shared: a shared table is found by
     its old addresses) whose tensors of one role moved, e.g. gradients that backward allocates afresh every
     step, with the same sizes (the caller checks). Costs one small host-to-device copy instead of a rebuild;
-    the copy is ordered on the current stream after the launches that read the old addresses. During CUDA
-    graph capture the copy is captured too: its pinned source is appended to ``keep_alive`` (which the caller
-    keeps as long as the graph), so a replay never reads freed host memory.
+    the copy is ordered on the current stream after the launches that read the old addresses.
+
+    CUDA tables: the copy's source is pinned host memory, a new block each call, or ``staging`` (int64 pinned,
+    ``n_tensors`` long) when given. During CUDA graph capture pass a staging buffer allocated before the
+    capture began (pinning memory during capture is not safe on every torch version) and keep it alive, never
+    writing it again, as long as the graph: every replay copies from it.
     """
     n = table.n_tensors
     if len(addrs) != n:
         raise ValueError(f"repoint_role: {len(addrs)} addresses for a table of {n} tensors")
     host = torch.tensor(addrs, dtype=torch.int64)
     dst = table.table[role * n : (role + 1) * n]
+    if staging is not None:
+        staging.copy_(host)
+        host = staging
     if dst.device.type == "cuda":
-        host = host.pin_memory()
-        dst.copy_(host, non_blocking=True)
-        if keep_alive is not None and torch.cuda.is_current_stream_capturing():
-            keep_alive.append(host)
+        dst.copy_(host if staging is not None else host.pin_memory(), non_blocking=True)
     else:
         dst.copy_(host)
     role_aligned = list(table.role_aligned)

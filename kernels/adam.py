@@ -407,7 +407,10 @@ class AdamStep:
         self.master = bool(master_params)
         self.chunk_size = chunk_size
         self.block_size = block_size
-        self._keep_alive: list = []  # pinned sources of grad-address copies captured in CUDA graphs
+        # CUDA graphs: a pinned buffer allocated before any capture, for grads that move during one (whole-network
+        # capture: backward allocates them in the graph's pool); once captured it is kept, never written again.
+        self._staging = self._new_staging()
+        self._captured_staging: list[torch.Tensor] = []
 
     def set_grads(
         self, grads: Sequence[torch.Tensor], addrs: list[int] | None = None, *, checked: bool = False
@@ -439,8 +442,22 @@ class AdamStep:
                         f"{'sparse' if g.is_sparse else 'contiguous' if g.is_contiguous() else 'not contiguous'}) "
                         f"does not fit: expected a contiguous dense {dtype} tensor of {n} elements on {device}"
                     )
-        self.table = repoint_role(self.table, _GRAD_ROLE, addrs, self._keep_alive)
+        staging = None
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if self._staging is None:
+                raise RuntimeError(
+                    "AdamStep: the grads moved twice during CUDA graph captures with no eager step in between; "
+                    "run one eager step before each capture"
+                )
+            staging, self._staging = self._staging, None
+            self._captured_staging.append(staging)  # read by every replay: kept, never written again
+        self.table = repoint_role(self.table, _GRAD_ROLE, addrs, staging)
         self.grad_addrs = addrs
+
+    def _new_staging(self) -> torch.Tensor | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.empty(len(self.numels), dtype=torch.int64, pin_memory=True)
 
     def __call__(
         self,
@@ -456,6 +473,8 @@ class AdamStep:
         found_inf: torch.Tensor | None = None,
     ) -> None:
         """One step (one launch); the step counts move in the kernel (not when ``found_inf`` is set)."""
+        if self._staging is None and self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            self._staging = self._new_staging()  # the last one went into a captured graph
         _launch(self.table, self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, amsgrad=self.amsgrad, maximize=maximize, decoupled=decoupled, step=None,
                 grad_scale=grad_scale, found_inf=found_inf, master=self.master, step_is_tensor=True,

@@ -121,6 +121,42 @@ def test_cuda_graph_capture_of_step():
     assert all(st["step"].item() == 6 for st in o_graph.state.values())
 
 
+def test_cuda_graph_capture_with_grads_moved_since_warm_up():
+    """Grads at new addresses when capture starts: the table is repointed inside the capture (its pinned source
+    kept alive), so replays read the captured grads."""
+    m_eager = _model()
+    m_graph = copy.deepcopy(m_eager)
+    o_eager = FusedAdamW(m_eager.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    o_graph = FusedAdamW(m_graph.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    grads = [[torch.randn_like(p) for p in m_eager.parameters()] for _ in range(5)]
+    warm = [torch.zeros_like(p) for p in m_graph.parameters()]  # the warm-up's grads: zeros (no update of m, v)
+    for p, g in zip(m_graph.parameters(), warm):
+        p.grad = g
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        o_graph.step()
+    torch.cuda.current_stream().wait_stream(s)
+    for p in m_eager.parameters():
+        p.grad = torch.zeros_like(p)
+    o_eager.step()
+    static = [g.clone() for g in grads[0]]  # new addresses
+    for p, g in zip(m_graph.parameters(), static):
+        p.grad = g
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph.step()
+    for gs in grads:
+        for p, g, st in zip(m_eager.parameters(), gs, static):
+            p.grad = g.clone()
+            st.copy_(g)
+        o_eager.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(m_eager.parameters(), m_graph.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_compile_on_cuda():
     t = _state([33, 4097], torch.float32)
     t2 = {k: [x.clone() for x in v] for k, v in t.items()}

@@ -230,3 +230,21 @@ def test_values_changed_between_steps(backend):
         o2.param_groups[0][key] = good
     for a, b in zip(m2.parameters(), before):
         assert torch.equal(a, b)
+
+
+def test_repoint_role_through_a_staging_buffer():
+    """The CUDA-graph path of repoint_role (a caller-owned staging buffer), run on CPU tensors."""
+    from fused_ops.kernels._multi_tensor import build_chunk_table, repoint_role
+
+    base = torch.zeros(64)
+    a, b = [base[:5], base[16:21]], [torch.zeros(5), torch.zeros(5)]
+    table = build_chunk_table([a, b], 16, cache={})
+    assert table.aligned
+    moved = [base[1:6], base[32:37]]  # the first is 4 bytes off a 16-byte boundary
+    staging = torch.full((2,), -1, dtype=torch.int64)
+    new = repoint_role(table, 0, [t.data_ptr() for t in moved], staging)
+    assert new.table is table.table and staging.tolist() == [t.data_ptr() for t in moved]
+    assert table.table[:2].tolist() == staging.tolist() and table.table[2:4].tolist() == [t.data_ptr() for t in b]
+    assert not new.aligned and new.role_aligned == (False, True)
+    with pytest.raises(ValueError, match="3 addresses"):
+        repoint_role(new, 0, [1, 2, 3])
