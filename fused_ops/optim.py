@@ -279,7 +279,7 @@ class FusedAdam(torch.optim.Optimizer):
                     continue
                 plan = _GroupPlan(group, params, [self._init_state(group, p) for p in params], self.state)
                 self._plans[gi] = plan
-                current = plan.first_grads
+                current, plan.first_grads = plan.first_grads, None  # (the plan must not keep old grads alive)
             else:
                 plan = params_or_plan
             plan.run(group, *current, grad_scale=grad_scale, found_inf=found_inf)

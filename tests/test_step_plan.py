@@ -248,3 +248,16 @@ def test_repoint_role_through_a_staging_buffer():
     assert not new.aligned and new.role_aligned == (False, True)
     with pytest.raises(ValueError, match="3 addresses"):
         repoint_role(new, 0, [1, 2, 3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_keeps_no_grad_alive(backend):
+    """After zero_grad(set_to_none=True) nothing of the optimizer's holds the old grads (memory)."""
+    import weakref
+
+    (m1, o1), (m2, o2) = _pair(backend)
+    for _ in range(2):
+        _step_both([(m1, o1), (m2, o2)])
+        refs = [weakref.ref(p.grad) for p in m2.parameters()]
+        o2.zero_grad(set_to_none=True)
+        assert all(r() is None for r in refs)
