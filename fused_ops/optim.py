@@ -261,17 +261,17 @@ class FusedAdam(torch.optim.Optimizer):
         # plan still fits (same params, same places, grads that fit) skips the per-param checks and list building.
         work = []
         for gi, group in enumerate(self.param_groups):
-            self._check_step_values(gi, group)
+            values = self._check_step_values(gi, group)
             plan = self._plans.get(gi)
             current = plan.current_grads(group, self.state) if plan is not None else None
             if current is None:
                 params = [p for p in group["params"] if p.grad is not None]
                 self._check_params(gi, params)
-                work.append((gi, group, params, None))
+                work.append((gi, group, values, params, None))
             else:
-                work.append((gi, group, plan, current))
+                work.append((gi, group, values, plan, current))
 
-        for gi, group, params_or_plan, current in work:
+        for gi, group, values, params_or_plan, current in work:
             if current is None:
                 params = params_or_plan
                 if not params:
@@ -282,17 +282,18 @@ class FusedAdam(torch.optim.Optimizer):
                 current, plan.first_grads = plan.first_grads, None  # (the plan must not keep old grads alive)
             else:
                 plan = params_or_plan
-            plan.run(group, *current, grad_scale=grad_scale, found_inf=found_inf)
+            plan.run(group, current, values, grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
     @staticmethod
-    def _check_step_values(gi: int, group: dict[str, Any]) -> None:
-        """Values a user or scheduler may have changed since the constructor checked them."""
+    def _check_step_values(gi: int, group: dict[str, Any]) -> tuple[float, float, float, float]:
+        """Check the values a user or scheduler may have changed since the constructor checked them (tensor betas,
+        eps or weight decay included); return ``(beta1, beta2, eps, weight_decay)`` as floats."""
         lr = group["lr"]
         if not isinstance(lr, Tensor) and not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
-        for i, beta in enumerate(group["betas"]):
-            beta = _to_float(beta)
+        betas = [_to_float(b) for b in group["betas"]]
+        for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta} (param group {gi})")
         eps, wd = _to_float(group["eps"]), _to_float(group["weight_decay"])
@@ -300,13 +301,14 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
         if not (math.isfinite(wd) and wd >= 0):
             raise ValueError(f"Invalid weight_decay value: {wd} (param group {gi})")
+        return betas[0], betas[1], eps, wd
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op."""
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             self._check_params(gi, params)
-            self._check_step_values(gi, group)
+            beta1, beta2, eps, weight_decay = self._check_step_values(gi, group)
             if not params:
                 continue
             states = [self._init_state(group, p) for p in params]
@@ -314,7 +316,6 @@ class FusedAdam(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
                 lr = lr.to(device)
-            beta1, beta2 = group["betas"]
             for master in (False, True):
                 idx = [i for i, s in enumerate(states) if (MASTER_KEY in s and group["master_weights"]) == master]
                 if not idx:
@@ -328,7 +329,7 @@ class FusedAdam(torch.optim.Optimizer):
                     [s["exp_avg_sq"] for s in ss],
                     [s["max_exp_avg_sq"] for s in ss] if group["amsgrad"] else None,
                     [s["step"] for s in ss],
-                    lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     amsgrad=group["amsgrad"], maximize=group["maximize"],
                     decoupled_weight_decay=group["decoupled_weight_decay"],
                     grad_scale=None if grad_scale is None else grad_scale.to(device),
@@ -401,7 +402,7 @@ class _GroupPlan:
         # ``grad.data = ...`` assignment gets there; such a grad is read as the flat sequence of its elements (the
         # update is elementwise and stays within both tensors). Other strides take the checked step.
         self.strides = [p.stride() for p in params]
-        self.first_grads = (grads, self.grad_addrs)
+        self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
         master_on = group["master_weights"]
         keys: dict[tuple, list[int]] = {}
         for i, (p, s) in enumerate(zip(params, states)):
@@ -412,8 +413,8 @@ class _GroupPlan:
             for key, idx in keys.items()
         ]  # fmt: skip
 
-    def current_grads(self, group: dict[str, Any], state: Any) -> tuple[list[Tensor], list[int]] | None:
-        """``(grads, addresses)`` of this step when the plan still fits the group, else None (rebuild)."""
+    def current_grads(self, group: dict[str, Any], state: Any) -> list[Tensor] | None:
+        """The grads of this step (of the params with grads) when the plan still fits the group, else None."""
         params = group["params"]
         if (params is not self.params_list or len(params) != self.n_all or state is not self.state
                 or len(state) != self.n_state or _structure(group) != self.structure):  # fmt: skip
@@ -447,13 +448,13 @@ class _GroupPlan:
                         part.launcher.set_grads([grads[i] for i in part.idx], [addrs[i] for i in part.idx],
                                                 checked=True)  # fmt: skip
             self.grad_addrs = addrs
-        return grads, addrs
+        return grads
 
-    def run(self, group: dict[str, Any], grads: list[Tensor], addrs: list[int], *, grad_scale: Tensor | None,
-            found_inf: Tensor | None) -> None:  # fmt: skip
+    def run(self, group: dict[str, Any], grads: list[Tensor], values: tuple[float, float, float, float], *,
+            grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        """One launch per part. ``values``: the group's (beta1, beta2, eps, weight_decay), checked, as floats."""
         lr = group["lr"]
-        beta1, beta2 = (_to_float(b) for b in group["betas"])  # (a scheduler may have set tensors)
-        eps, weight_decay = _to_float(group["eps"]), _to_float(group["weight_decay"])
+        beta1, beta2, eps, weight_decay = values
         for part in self.parts:
             device = part.device
             part_lr = lr
