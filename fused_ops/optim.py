@@ -10,7 +10,10 @@ launch per (device, dtype) group with no host synchronisation.
 from __future__ import annotations
 
 import math
+import operator
+from collections import defaultdict
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from itertools import chain
 from typing import Any
 
@@ -27,6 +30,148 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _to_float(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _to_scalar(x: Any) -> Any:
+    """torch.optim's rule for tensor hyper-parameters: a 1-element tensor is kept, as a 0-d tensor."""
+    return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
+
+
+def _check_betas(betas: Any) -> tuple:
+    """torch.optim.Adam's checks of ``betas`` (a pair of floats, or of 1-element tensors; ints count as floats);
+    returns them as torch keeps them (tensors as 0-d tensors)."""
+    betas = tuple(betas)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair, got {betas}")
+    is_float = [isinstance(b, float | int) and not isinstance(b, bool) for b in betas]
+    is_tensor = [isinstance(b, Tensor) for b in betas]
+    if not (all(is_float) or all(is_tensor)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    return tuple(_to_scalar(b) if isinstance(b, Tensor) else float(b) for b in betas)
+
+
+# -- state with a version ----------------------------------------------------------------------------------------
+# A step plan (below) is reused while nothing it was built from changed. For the state, "nothing changed" must be
+# cheap to tell for 10^4 params: the optimizer's state and every param's state dict are dicts that count their own
+# mutations in one shared counter, so a plan compares one integer instead of looking up every state tensor. They
+# pickle, copy and save as plain dicts (``state_dict()`` hands out plain dicts), so checkpoints need no fused_ops.
+
+
+class _Version:
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+def _counting(base: type) -> type:
+    """A subclass of ``base`` (dict or defaultdict) whose every mutation bumps ``self._version.n``."""
+
+    def mutator(name: str) -> Callable:
+        method = getattr(base, name)
+
+        def wrapped(self, *args, **kwargs):
+            self._version.n += 1
+            return method(self, *args, **kwargs)
+
+        wrapped.__name__ = name
+        return wrapped
+
+    names = ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update", "__ior__")
+    return type(f"_Counting{base.__name__.capitalize()}", (base,), {name: mutator(name) for name in names})
+
+
+class _ParamState(_counting(dict)):  # type: ignore[misc]
+    """One param's state: a dict that counts its mutations (see above)."""
+
+    __slots__ = ("_version",)
+
+    def __init__(self, version: _Version, *args, **kwargs) -> None:
+        self._version = version
+        dict.__init__(self, *args, **kwargs)
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+    def __copy__(self) -> dict:
+        return dict(self)
+
+    def __deepcopy__(self, memo) -> dict:
+        return deepcopy(dict(self), memo)
+
+
+class _OptimizerState(_counting(defaultdict)):  # type: ignore[misc]
+    """``optimizer.state``: a defaultdict of :class:`_ParamState` that counts its own and their mutations."""
+
+    def __init__(self, items: Any = ()) -> None:
+        version = _Version()
+        self._version = version
+        defaultdict.__init__(self, lambda: _ParamState(version))
+        for k, v in dict(items).items():
+            defaultdict.__setitem__(self, k, v if type(v) is not dict else _ParamState(version, v))
+
+    def tracked(self, st: Any) -> bool:
+        """Whether ``st`` (a param's state) counts its mutations in this state's counter."""
+        return type(st) is _ParamState and st._version is self._version
+
+    def __reduce__(self):
+        return (defaultdict, (dict,), None, None, iter((k, dict(v)) for k, v in self.items()))
+
+    def __copy__(self) -> defaultdict:
+        return defaultdict(dict, self)
+
+    def __deepcopy__(self, memo) -> defaultdict:
+        return deepcopy(defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in self.items()}), memo)
+
+
+try:  # torch's C++ check of tensor metadata, the one torch.compile's guards use: ~100 ns a tensor
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover (every torch this package supports has it)
+    _TensorGuards = None
+
+
+class _MetaGuard:
+    """Tells whether tensors still have the type, dtype, device, requires_grad, sizes and strides they had.
+
+    One C++ call (torch.compile's ``TensorGuards``) for a list of tensors; the plain-Python comparison when that
+    is missing or refuses the tensors. Addresses are compared separately (the guard does not read them).
+    """
+
+    __slots__ = ("guard", "meta")
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.guard = None
+        if _TensorGuards is not None:
+            try:
+                guard = _TensorGuards(
+                    *tensors,
+                    dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                    dynamic_dims_strides=[list(t.stride()) for t in tensors],
+                )
+                if guard.check(*tensors):
+                    self.guard = guard
+            except Exception:  # noqa: BLE001 (an API that moved: fall back)
+                self.guard = None
+        self.meta = None if self.guard is not None else _python_meta(tensors)
+
+    def check(self, tensors: list[Tensor]) -> bool:
+        if self.guard is not None:
+            return self.guard.check(*tensors)
+        return _python_meta(tensors) == self.meta
+
+
+def _python_meta(tensors: list[Tensor]) -> tuple:
+    return (
+        [type(t) for t in tensors],
+        [t.dtype for t in tensors],
+        [t.device for t in tensors],
+        [t.requires_grad for t in tensors],
+        [t.shape for t in tensors],
+        [t.stride() for t in tensors],
+    )
 
 
 class FusedAdam(torch.optim.Optimizer):
@@ -82,13 +227,7 @@ class FusedAdam(torch.optim.Optimizer):
             )
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        betas = tuple(betas)
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair, got {betas}")
-        for i, b in enumerate(betas):
-            if isinstance(b, Tensor) and b.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        betas = (_to_float(betas[0]), _to_float(betas[1]))
+        betas = _check_betas(betas)
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
         defaults = dict(
@@ -100,23 +239,27 @@ class FusedAdam(torch.optim.Optimizer):
         self._check_hyperparameters(defaults)
         self._plans: dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
+        self.state = _OptimizerState(self.state)
 
     # -- validation -------------------------------------------------------------------------------------
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any]) -> None:
         """torch.optim.Adam's checks and messages, plus: every value must be finite."""
-        lr = _to_float(group["lr"])
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = _to_float(lr)
         if not 0.0 <= lr or not math.isfinite(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
-        eps = group["eps"]
+        eps = _to_float(group["eps"])
         if not 0.0 <= eps or not math.isfinite(eps):
             raise ValueError(f"Invalid epsilon value: {eps}")
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (_to_float(b) for b in _check_betas(group["betas"]))
         if not 0.0 <= beta1 < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
         if not 0.0 <= beta2 < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        wd = group["weight_decay"]
+        wd = _to_float(group["weight_decay"])
         if not 0.0 <= wd or not math.isfinite(wd):
             raise ValueError(f"Invalid weight_decay value: {wd}")
         check_backend(group.get("backend", "auto"))
@@ -125,14 +268,15 @@ class FusedAdam(torch.optim.Optimizer):
         """Add a param group (as torch.optim), validating its hyper-parameters first."""
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         if "betas" in param_group:
-            merged["betas"] = tuple(_to_float(b) for b in param_group["betas"])
+            merged["betas"] = _check_betas(param_group["betas"])
             param_group = {**param_group, "betas": merged["betas"]}
         self._check_hyperparameters(merged)
         super().add_param_group(param_group)
         self._plans.clear()
 
-    def _check_params(self, group_index: int, params: list[Tensor]) -> None:
-        """Raise a clear error for any param the fused step cannot update. Touches no state."""
+    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
+        """Raise a clear error for any param (or its state, when ``group`` is given) the fused step cannot update.
+        Touches no state."""
         name = type(self).__name__
         for i, p in enumerate(params):
             where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
@@ -145,29 +289,88 @@ class FusedAdam(torch.optim.Optimizer):
                 raise TypeError(f"{name} does not support complex parameters ({where} is {p.dtype})")
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise TypeError(f"{name} supports float32, bfloat16 and float16 params; {where} is {p.dtype}")
+            if p.is_sparse or p.layout != torch.strided:
+                raise TypeError(f"{name} needs dense (strided) params; {where} is {p.layout}")
             if g.device != p.device:
                 raise ValueError(f"{name}: the grad of {where} is on {g.device} but the param is on {p.device}")
             if g.dtype != p.dtype:
                 raise TypeError(f"{name}: the grad of {where} is {g.dtype} but the param is {p.dtype}")
             if g.shape != p.shape:
                 raise ValueError(f"{name}: the grad of {where} has shape {tuple(g.shape)}")
+            if g.layout != torch.strided:
+                raise TypeError(f"{name}: the grad of {where} is {g.layout}, not a dense tensor")
             if not p.is_contiguous():
                 raise ValueError(f"{name} needs contiguous params; {where} is not contiguous")
+            if group is not None:
+                self._check_state(where, p, self.state.get(p), group)
+
+    def _check_state(self, where: str, p: Tensor, st: Any, group: dict[str, Any]) -> None:
+        """The state of ``p`` (None or empty: created at this step) is one the step can use: every tensor it will
+        read is fp32, on the param's device, contiguous, with the param's number of elements."""
+        name = type(self).__name__
+        if not st:
+            return
+        if not isinstance(st, dict):
+            raise TypeError(f"{name}: the state of {where} must be a dict, got {type(st).__name__}")
+        needed = ["exp_avg", "exp_avg_sq"]
+        if group["amsgrad"] and "max_exp_avg_sq" in st:
+            needed.append("max_exp_avg_sq")
+        if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY in st:
+            needed.append(MASTER_KEY)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if key not in st:
+                raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
+        for key in needed:
+            t = st[key]
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}: state {key!r} of {where} must be a tensor, got {type(t).__name__}")
+            if t.dtype != torch.float32 or t.layout != torch.strided:
+                raise TypeError(f"{name}: state {key!r} of {where} must be a dense float32 tensor, got {t.dtype}")
+            if t.device != p.device:
+                raise ValueError(f"{name}: state {key!r} of {where} is on {t.device} but the param is on {p.device}")
+            if t.numel() != p.numel():
+                raise ValueError(
+                    f"{name}: state {key!r} of {where} has {t.numel()} elements but the param has {p.numel()}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
+            if any(t is x for x in (p, p.grad)) or t.data_ptr() == p.data_ptr() and t.numel():
+                raise ValueError(f"{name}: state {key!r} of {where} shares memory with the param")
+        step = st["step"]
+        if isinstance(step, Tensor):
+            if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+                raise ValueError(f"{name}: state 'step' of {where} must be a real 1-element tensor or a number")
+        elif isinstance(step, bool) or not isinstance(step, int | float) or not (math.isfinite(step) and step >= 0):
+            raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {step!r}")
 
     # -- state ------------------------------------------------------------------------------------------
+    # torch.optim.Adam's defaults for keys that older state dicts lack (its __setstate__); the constructor's
+    # values for this package's own keys.
+    _LEGACY_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+                            fused=None)  # fmt: skip
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key != "params":
-                    group.setdefault(key, value)
+            for key, value in self._LEGACY_DEFAULTS.items():
+                group.setdefault(key, value)
             group.setdefault("decoupled_weight_decay", self._default_decoupled)
-            group["betas"] = tuple(_to_float(b) for b in group["betas"])
+            if self._default_decoupled:
+                group["decoupled_weight_decay"] = True  # (torch.optim.AdamW does the same)
+            for key in ("master_weights", "backend"):
+                group.setdefault(key, self.defaults[key])
+            group["betas"] = _check_betas(group["betas"])
+        if not isinstance(self.state, _OptimizerState):
+            self.state = _OptimizerState(self.state)
+        for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st:
-                    st["step"] = self._as_step(st["step"], p)
+                    step = st["step"]
+                    if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                            and step.dim() == 0):  # fmt: skip
+                        st["step"] = self._as_step(step, p)
 
     @staticmethod
     def _as_step(step: Any, p: Tensor) -> Tensor:
@@ -181,6 +384,10 @@ class FusedAdam(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        step = state["step"]
+        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                and step.dim() == 0):  # fmt: skip
+            state["step"] = self._as_step(step, p)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY not in state:
@@ -188,45 +395,104 @@ class FusedAdam(torch.optim.Optimizer):
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of FusedAdam(W) or torch.optim.Adam(W).
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict`` (hooks included), with plain dicts: a checkpoint needs no fused_ops."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        return sd
 
-        torch.optim would cast the moments to the param dtype; here they stay (or become) fp32, and step
-        counts become fp32 tensors on the param's device. The source dict is never aliased.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of FusedAdam(W) or torch.optim.Adam(W): torch.optim's ``load_state_dict`` (pre-hooks,
+        then the load, then post-hooks), with everything validated before anything changes.
+
+        torch.optim would cast the moments to the param dtype; here they stay (or become) fp32, and step counts
+        become fp32 tensors on the param's device. The source dict is never aliased. A state dict without the keys
+        that newer versions added takes torch's historical defaults for them (``amsgrad``/``maximize`` False).
         """
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        for g, sg in zip(self.param_groups, saved_groups):
+        for g, sg in zip(groups, saved_groups):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
                 )
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))  # fmt: skip
-        for k, src in state_dict["state"].items():
+                          chain.from_iterable(g["params"] for g in groups)))  # fmt: skip
+        # The groups as they will be, checked like the constructor's.
+        new_groups = []
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            ng = dict(sg)
+            ng["params"] = g["params"]
+            if "param_names" in g and "param_names" not in ng:
+                ng["param_names"] = g["param_names"]
+            for key, value in self._LEGACY_DEFAULTS.items():
+                ng.setdefault(key, value)
+            ng.setdefault("decoupled_weight_decay", self._default_decoupled)
+            for key in ("master_weights", "backend"):
+                ng.setdefault(key, self.defaults[key])
+            for key in ("lr", "betas", "eps", "weight_decay"):
+                if key not in ng:
+                    raise ValueError(f"loaded state dict: param group {gi} has no {key!r}")
+            try:
+                ng["betas"] = _check_betas(ng["betas"])
+                self._check_hyperparameters(ng)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"loaded state dict: param group {gi}: {e}") from e
+            new_groups.append(ng)
+        # The states, converted (copies: the source is never aliased) and checked.
+        new_state = _OptimizerState()
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, dict):
+            raise ValueError("loaded state dict: 'state' must be a dict")
+        for k, src in saved_state.items():
             p = id_map.get(k)
             if p is None:
+                new_state[k] = src
                 continue
-            for key in _STATE_KEYS:
-                if key in src and src[key].numel() != p.numel():
-                    raise ValueError(
-                        f"loaded state dict: state {key!r} of param {k} has {src[key].numel()} elements but the "
-                        f"param has {p.numel()} (shape {tuple(p.shape)})"
-                    )
-        super().load_state_dict(state_dict)
+            where = f"param {k} (shape {tuple(p.shape)})"
+            if not isinstance(src, dict):
+                raise ValueError(f"loaded state dict: the state of {where} must be a dict")
+            st = {}
+            for key, value in src.items():
+                if key in _STATE_KEYS:
+                    if not isinstance(value, Tensor) or not (value.is_floating_point()):
+                        raise ValueError(f"loaded state dict: state {key!r} of {where} must be a floating-point "
+                                         f"tensor")  # fmt: skip
+                    if value.numel() != p.numel():
+                        raise ValueError(
+                            f"loaded state dict: state {key!r} of {where} has {value.numel()} elements but the "
+                            f"param has {p.numel()} (shape {tuple(p.shape)})"
+                        )
+                    st[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(p.shape)
+                elif key == "step":
+                    if isinstance(value, Tensor):
+                        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                            raise ValueError(f"loaded state dict: state 'step' of {where} must be a real number")
+                    elif isinstance(value, bool) or not isinstance(value, int | float):
+                        raise ValueError(f"loaded state dict: state 'step' of {where} must be a number")
+                    step = self._as_step(value, p)
+                    st[key] = step.clone() if step is value else step
+                else:
+                    st[key] = deepcopy(value)
+            if st:
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    if key not in st:
+                        raise ValueError(f"loaded state dict: the state of {where} has no {key!r}")
+            new_state[p] = st
+        # Everything is valid: now change.
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._plans.clear()
-        for k, src in state_dict["state"].items():
-            p = id_map.get(k)
-            if p is None:
-                continue
-            st = self.state[p]
-            for key in _STATE_KEYS:
-                if key in src:
-                    st[key] = src[key].detach().to(device=p.device, dtype=torch.float32, copy=True).view(p.shape)
-            if "step" in src:
-                step = torch.as_tensor(src["step"]).detach()
-                st["step"] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # -- step -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -252,6 +518,7 @@ class FusedAdam(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        grad_scale, found_inf = self._check_scaling(grad_scale, found_inf)
 
         if torch.compiler.is_compiling():
             self._step_traced(grad_scale, found_inf)
@@ -259,6 +526,9 @@ class FusedAdam(torch.optim.Optimizer):
 
         # Check everything first, so that bad input raises before any state is created or changed. A group whose
         # plan still fits (same params, same places, grads that fit) skips the per-param checks and list building.
+        # Every group is checked before any group is stepped, so bad input raises with nothing changed. A group whose
+        # plan still fits (see _GroupPlan.current_grads: same params, same state, and every param and grad checked
+        # against what the plan's launch was built for) skips the per-param checks and the list building.
         work = []
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
@@ -266,11 +536,14 @@ class FusedAdam(torch.optim.Optimizer):
             current = plan.current_grads(group, self.state) if plan is not None else None
             if current is None:
                 params = [p for p in group["params"] if p.grad is not None]
-                self._check_params(gi, params)
+                self._check_params(gi, params, group)
+                for device in {p.device for p in params}:
+                    resolve_backend(group["backend"], device)  # (raises for "triton" on CPU without the interpreter)
                 work.append((gi, group, values, params, None))
             else:
                 work.append((gi, group, values, plan, current))
 
+        runs = []
         for gi, group, values, params_or_plan, current in work:
             if current is None:
                 params = params_or_plan
@@ -282,16 +555,48 @@ class FusedAdam(torch.optim.Optimizer):
                 current, plan.first_grads = plan.first_grads, None  # (the plan must not keep old grads alive)
             else:
                 plan = params_or_plan
+            runs.append((plan, group, current, values))
+        version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
+        for plan, group, current, values in runs:
+            plan.state_version = version  # (after every plan's states exist: building one changes the state)
             plan.run(group, current, values, grad_scale=grad_scale, found_inf=found_inf)
         return loss
+
+    @staticmethod
+    def _check_scaling(grad_scale: Any, found_inf: Any) -> tuple[Tensor | float | None, Tensor | None]:
+        """``grad_scale``: None, a finite number > 0, or a 1-element floating-point tensor; ``found_inf``: None or a
+        1-element floating-point tensor. (The kernel reads element 0 of a tensor: more elements are refused.)"""
+        if grad_scale is not None:
+            if isinstance(grad_scale, Tensor):
+                if grad_scale.numel() != 1 or not grad_scale.is_floating_point() or grad_scale.layout != torch.strided:
+                    raise ValueError(f"grad_scale must be a 1-element floating-point tensor, got shape "
+                                     f"{tuple(grad_scale.shape)} and dtype {grad_scale.dtype}")  # fmt: skip
+            elif isinstance(grad_scale, int | float) and not isinstance(grad_scale, bool):
+                grad_scale = float(grad_scale)
+                if not (math.isfinite(grad_scale) and grad_scale > 0):
+                    raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
+            else:
+                raise TypeError(f"grad_scale must be a 1-element tensor or a number, got {type(grad_scale).__name__}")
+        if found_inf is not None:
+            if not isinstance(found_inf, Tensor):
+                raise TypeError(f"found_inf must be a 1-element tensor, got {type(found_inf).__name__}")
+            if found_inf.numel() != 1 or not found_inf.is_floating_point() or found_inf.layout != torch.strided:
+                raise ValueError(f"found_inf must be a 1-element floating-point tensor, got shape "
+                                 f"{tuple(found_inf.shape)} and dtype {found_inf.dtype}")  # fmt: skip
+        return grad_scale, found_inf
 
     @staticmethod
     def _check_step_values(gi: int, group: dict[str, Any]) -> tuple[float, float, float, float]:
         """Check the values a user or scheduler may have changed since the constructor checked them (tensor betas,
         eps or weight decay included); return ``(beta1, beta2, eps, weight_decay)`` as floats."""
         lr = group["lr"]
-        if not isinstance(lr, Tensor) and not (math.isfinite(lr) and lr >= 0):
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
+                raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
+        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
+        if len(group["betas"]) != 2:
+            raise ValueError(f"betas must be a pair (param group {gi})")
         betas = [_to_float(b) for b in group["betas"]]
         for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:
@@ -307,7 +612,7 @@ class FusedAdam(torch.optim.Optimizer):
         """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op."""
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            self._check_params(gi, params)
+            self._check_params(gi, params, group)
             beta1, beta2, eps, weight_decay = self._check_step_values(gi, group)
             if not params:
                 continue
@@ -332,7 +637,8 @@ class FusedAdam(torch.optim.Optimizer):
                     lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     amsgrad=group["amsgrad"], maximize=group["maximize"],
                     decoupled_weight_decay=group["decoupled_weight_decay"],
-                    grad_scale=None if grad_scale is None else grad_scale.to(device),
+                    grad_scale=None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
+                                                                               device=device).reshape(1),
                     found_inf=None if found_inf is None else found_inf.to(device),
                     master_params=[s[MASTER_KEY] for s in ss] if master else None,
                     backend=group["backend"],
@@ -372,36 +678,47 @@ class _Part:
 class _GroupPlan:
     """One param group's step, prepared: which params have grads, their states, and one launch per part.
 
-    Built by a checked step (every param validated, states created); later steps reuse it while it fits, i.e.
-    while the group holds the same params (same list, same addresses), the same params have grads, and the
-    grads fit (dtype, device, shape, contiguous and dense: checked again only when a grad moved). Then a step
-    costs a few list comprehensions over the group instead of per-param checks, dict look-ups and a chunk
-    table look-up by every tensor's address. Replacing a state tensor by hand (not through ``load_state_dict``)
-    is not seen: states are the optimizer's own.
+    Built by a checked step (every param and state validated, states created); later steps reuse it while it still
+    fits, which every step checks again before any launch (``current_grads``):
+
+    - the group holds the same param objects (identity, not addresses) and the same settings (amsgrad, masters,
+      backend), and the same params have grads;
+    - the optimizer's state is the same object and has not changed since the plan was built (a counter that every
+      mutation of ``optimizer.state`` or of a param's state dict moves: ``state[p] = {}``, a replaced state tensor,
+      ``load_state_dict``);
+    - every param has the address it had and the same type, dtype, device, sizes and strides (one C++ check of
+      torch.compile's ``TensorGuards`` for the whole list): ``p.data = ...`` of any kind is seen;
+    - every grad has the dtype, device, sizes and strides the launch was built for (the same C++ check); a grad at
+      a new address (backward after ``zero_grad(set_to_none=True)``) is repointed in the launch's table.
+
+    Anything else sends the group through the checked step again, which raises a clear error or builds a new plan.
+    The plan keeps no grad alive. The one thing it does not re-read at every step is the metadata of the state
+    tensors it created: they are the optimizer's own, and replacing one (``state[p]["exp_avg"] = t``) is seen by
+    the counter; resizing one in place or assigning its ``.data`` is not supported.
     """
 
     def __init__(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
                  state: Any) -> None:  # fmt: skip
         all_params = group["params"]
         self.params_list = all_params
+        self.all_params = list(all_params)  # (identities; the optimizer holds these params anyway)
         self.n_all = len(all_params)
         self.structure = _structure(group)
         self.state = state
-        self.n_state = len(state)
+        self.state_version: int | None = None  # set by the step once every group's states exist
+        # A param state that does not count its mutations (a plain dict put there by hand) cannot be watched:
+        # such a group takes the checked step every time.
+        self.reusable = isinstance(state, _OptimizerState) and all(state.tracked(st) for st in states)
         self.keep = None if len(params) == len(all_params) else [p.grad is not None for p in all_params]
         self.params = params
         self.param_addrs = [p.data_ptr() for p in params]
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        self.param_meta = _MetaGuard(params)
+        originals = [p.grad for p in params]
+        if not all(g.is_contiguous() for g in originals):
+            self.reusable = False  # (the launch reads contiguous copies of this step's grads)
+        grads = [g if g.is_contiguous() else g.contiguous() for g in originals]
         self.grad_addrs = [g.data_ptr() for g in grads]
-        self.grad_dtypes = [g.dtype for g in grads]
-        self.devices = [p.device for p in params]
-        self.numels = [p.numel() for p in params]
-        # Moved grads are compared by strides, 10x cheaper to read than shapes. With equal element counts, equal
-        # strides of contiguous tensors mean equal shapes, except where size-1 dims carry unusual strides (a (1, 2)
-        # tensor with strides (1, 1) against a (2, 1) param). torch's grad setter refuses another shape, so only a
-        # ``grad.data = ...`` assignment gets there; such a grad is read as the flat sequence of its elements (the
-        # update is elementwise and stays within both tensors). Other strides take the checked step.
-        self.strides = [p.stride() for p in params]
+        self.grad_meta = _MetaGuard(originals)
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
         master_on = group["master_weights"]
         keys: dict[tuple, list[int]] = {}
@@ -416,8 +733,15 @@ class _GroupPlan:
     def current_grads(self, group: dict[str, Any], state: Any) -> list[Tensor] | None:
         """The grads of this step (of the params with grads) when the plan still fits the group, else None."""
         params = group["params"]
-        if (params is not self.params_list or len(params) != self.n_all or state is not self.state
-                or len(state) != self.n_state or _structure(group) != self.structure):  # fmt: skip
+        if (
+            not self.reusable
+            or params is not self.params_list
+            or len(params) != self.n_all
+            or state is not self.state
+            or state._version.n != self.state_version
+            or _structure(group) != self.structure
+            or not all(map(operator.is_, params, self.all_params))
+        ):
             return None
         grads = [p.grad for p in params]
         if self.keep is not None:
@@ -428,18 +752,13 @@ class _GroupPlan:
             addrs = [g.data_ptr() for g in grads]
         except (AttributeError, RuntimeError):  # a param lost its grad (rebuild: skip it), or a sparse grad (raise)
             return None
-        if [p.data_ptr() for p in self.params] != self.param_addrs:
-            return None  # a param moved (``p.data = ...``): rebuild
+        ps = self.params
+        if [p.data_ptr() for p in ps] != self.param_addrs or not self.param_meta.check(ps):
+            return None  # a param moved or changed (``p.data = ...``): the checked step
+        if not self.grad_meta.check(grads):
+            return None  # the checked step raises the error, or copies non-contiguous grads
         if addrs != self.grad_addrs:
-            # New grads (backward after zero_grad(set_to_none=True)): check what the launch relies on.
-            if (
-                [g.dtype for g in grads] != self.grad_dtypes
-                or [g.device for g in grads] != self.devices
-                or [g.numel() for g in grads] != self.numels
-                or [g.stride() for g in grads] != self.strides
-                or not all(g.is_contiguous() for g in grads)
-            ):  # (sparse grads have no data_ptr: they were sent to the checked step above)
-                return None  # the checked step raises the error, or copies non-contiguous grads
+            # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
             for part in self.parts:
                 if part.launcher is not None:
                     if part.idx is None:
@@ -460,7 +779,10 @@ class _GroupPlan:
             part_lr = lr
             if isinstance(lr, Tensor) and lr.device != device:
                 part_lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(device)
-            scale = None if grad_scale is None else grad_scale.to(device)
+            if isinstance(grad_scale, float):
+                scale = torch.full((1,), grad_scale, dtype=torch.float32, device=device)
+            else:
+                scale = None if grad_scale is None else grad_scale.to(device)
             inf = None if found_inf is None else found_inf.to(device)
             if part.launcher is not None:
                 part.launcher(

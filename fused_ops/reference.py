@@ -314,9 +314,9 @@ def unscale_(
         if isinstance(inv_scale, Tensor) or float(inv_scale) > 1.0:
             # The same kernel with a scale of 1 checks the stored values (x * 1 is exact).
             torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, torch.ones(1, device=device))
-        if found_inf is not None:
-            flag = flag.to(found_inf.device, found_inf.dtype)
-            found_inf.copy_(torch.maximum(found_inf, flag.expand_as(found_inf)))
+        if found_inf is not None:  # (a 0-d found_inf is a 1-element tensor too, as torch's GradScaler takes it)
+            flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
+            found_inf.copy_(torch.maximum(found_inf, flag))
         return
     outs = list(out) if out else list(grads)
     bad = []

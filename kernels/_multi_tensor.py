@@ -12,8 +12,21 @@ program and a 10^9-element tensor ``10^9 / chunk_size`` programs. All entries ar
 offsets past 2^31 elements are addressed correctly.
 
 Building the table is host work proportional to the number of tensors; it is cached by the tuple of
-addresses and sizes, so a training loop pays it once (and a CUDA graph can replay the launch, because
-the cached table stays alive in the cache the caller owns).
+addresses and sizes, so a training loop pays it once. What the cache never saves is the check: the caller's
+``check`` runs on every call, hit or miss, because a tensor at a cached address may be another tensor now
+(another dtype, fewer elements, other strides) and the table only says where to write, not what is there.
+
+Lifetimes and streams (CUDA):
+
+- a table that a CUDA graph captures is read by every replay, so it must never be freed nor rewritten. A cache
+  hit during a capture moves the table into ``_CAPTURED`` (module lifetime, never evicted); a miss during a
+  capture raises (building a table pins host memory and copies it to the device: not capturable), so the first
+  call on a set of tensors must be eager (the warm-up every capturable optimizer needs). Tables owned by a
+  prepared launcher (``AdamStep``) give each capture a table of its own, which nothing rewrites.
+- a table carries the stream it was last used on. A launch on another stream first makes the current stream
+  wait for that one (the table's upload and earlier launches that use its arrival counters are then ordered
+  before it) and records the new stream on the table's memory, so the allocator does not hand the memory out
+  while a kernel on that stream may still read it.
 """
 
 from __future__ import annotations
@@ -41,6 +54,43 @@ class ChunkTable:
     aligned: bool  # every address is a multiple of 16 bytes (the kernels may then use 128-bit accesses)
     counters: torch.Tensor | None = None  # int32 zeros, one per tensor (``with_counters``): see below
     role_aligned: tuple[bool, ...] = ()  # ``aligned`` per role (``aligned`` is their conjunction)
+    # The stream the table was last used on (CUDA), in a 1-element list shared by the table's copies
+    # (``dataclasses.replace``), so ``use_on_current_stream`` can order a launch on another stream after it.
+    last_stream: list = dataclasses.field(default_factory=lambda: [None], compare=False)
+    host: torch.Tensor | None = None  # the table's contents on the host (int64, CPU), for copies of the table
+
+
+# Tables read by captured CUDA graphs: kept for the life of the process (graphs replay them; nothing may free
+# or rewrite them). Keyed by id of the table tensor, so a table captured twice is kept once.
+_CAPTURED: dict[int, ChunkTable] = {}
+
+
+def is_capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream of ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def keep_for_capture(table: ChunkTable) -> ChunkTable:
+    """Keep ``table`` alive for the life of the process (a captured graph reads it); return it."""
+    _CAPTURED.setdefault(id(table.table), table)
+    return table
+
+
+def use_on_current_stream(table: ChunkTable) -> None:
+    """Order a launch on the current stream after every earlier use of ``table`` on another stream (its upload,
+    launches that read it or move its counters), and tell the allocator the current stream uses its memory.
+    Call right before each launch; no-op on CPU tensors and during capture (a capture's tables are its own)."""
+    t = table.table
+    if t.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    current = torch.cuda.current_stream(t.device)
+    last = table.last_stream[0]
+    if last is not None and last != current:
+        current.wait_stream(last)
+        t.record_stream(current)
+        if table.counters is not None:
+            table.counters.record_stream(current)
+    table.last_stream[0] = current
 
 
 class _LRU(OrderedDict):
@@ -74,23 +124,31 @@ def build_chunk_table(
     ``with_counters``: then every tensor gets at least one program, and the table carries one int32 arrival
     counter per tensor (zeros) with which the last program of a tensor can tell it is last (kernels that do
     per-tensor work once per launch, such as incrementing a step count, and reset the counter). ``check`` is
-    called before a table is built (not on a cache hit), so launchers validate inputs once per layout.
+    called on every call, before the look-up: the table is cached, the validation never is (a cached address
+    may hold another tensor now). See the module docstring for CUDA-graph capture and streams.
     """
     if chunk_size <= 0 or chunk_size % 16:
         # Kernels tell the compiler that chunk starts are multiples of 16 elements (vectorised accesses).
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size}")
+    if check is not None:
+        check()
     first = roles[0]
     n_tensors = len(first)
     numels = [t.numel() for t in first]
     addrs = [t.data_ptr() for role in roles for t in role]
-    key = (tuple(addrs), tuple(numels), chunk_size, first[0].device if n_tensors else None, with_counters)
+    device = first[0].device if n_tensors else torch.device("cpu")
+    key = (tuple(addrs), tuple(numels), chunk_size, device, with_counters)
     if cache is None:
         cache = _DEFAULT_CACHE
     hit = cache.get(key)
+    capturing = is_capturing(device)
     if hit is not None:
-        return hit
-    if check is not None:
-        check()
+        return keep_for_capture(hit) if capturing else hit
+    if capturing:
+        raise RuntimeError(
+            "fused_ops: these tensors have no chunk table yet and one cannot be built during CUDA graph capture "
+            "(it pins host memory and uploads it); run the same call once eagerly (a warm-up) before capturing"
+        )
 
     chunk_tensor: list[int] = []
     chunk_start: list[int] = []
@@ -100,7 +158,6 @@ def build_chunk_table(
         chunk_start.extend(starts)
     n_chunks = len(chunk_tensor)
     host = torch.tensor(addrs + numels + chunk_tensor + chunk_start, dtype=torch.int64)
-    device = first[0].device if n_tensors else torch.device("cpu")
     if device.type == "cuda":
         table = host.pin_memory().to(device, non_blocking=True)
     else:
@@ -117,39 +174,55 @@ def build_chunk_table(
         counters=torch.zeros(n_tensors, dtype=torch.int32, device=device) if with_counters else None,
         role_aligned=tuple(all(a % 16 == 0 for a in addrs[r * n_tensors : (r + 1) * n_tensors])
                            for r in range(len(roles))),
+        host=host,
     )  # fmt: skip
     cache[key] = result
     return result
 
 
-def repoint_role(table: ChunkTable, role: int, addrs: list[int], staging: torch.Tensor | None = None) -> ChunkTable:
+def repoint_role(table: ChunkTable, role: int, addrs: list[int]) -> ChunkTable:
     """Write new addresses for every tensor of ``role`` into ``table`` (in place); return the updated table.
 
     For a table that a caller owns (built with a private ``cache``, never shared: a shared table is found by
     its old addresses) whose tensors of one role moved, e.g. gradients that backward allocates afresh every
-    step, with the same sizes (the caller checks). Costs one small host-to-device copy instead of a rebuild;
-    the copy is ordered on the current stream after the launches that read the old addresses.
-
-    CUDA tables: the copy's source is pinned host memory, a new block each call, or ``staging`` (int64 pinned,
-    ``n_tensors`` long) when given. During CUDA graph capture pass a staging buffer allocated before the
-    capture began (pinning memory during capture is not safe on every torch version) and keep it alive, never
-    writing it again, as long as the graph: every replay copies from it.
+    step, with the same sizes (the caller checks). Costs one small host-to-device copy (from pinned memory,
+    asynchronous) instead of a rebuild; the copy is ordered on the current stream after the launches that read
+    the old addresses. Not during CUDA graph capture: a captured graph must read a table nothing rewrites
+    (see :func:`capture_copy`).
     """
     n = table.n_tensors
     if len(addrs) != n:
         raise ValueError(f"repoint_role: {len(addrs)} addresses for a table of {n} tensors")
+    if is_capturing(table.table.device):
+        raise RuntimeError("repoint_role: a table is never rewritten during CUDA graph capture (use capture_copy)")
     host = torch.tensor(addrs, dtype=torch.int64)
     dst = table.table[role * n : (role + 1) * n]
-    if staging is not None:
-        staging.copy_(host)
-        host = staging
+    use_on_current_stream(table)
     if dst.device.type == "cuda":
-        dst.copy_(host if staging is not None else host.pin_memory(), non_blocking=True)
+        dst.copy_(host.pin_memory(), non_blocking=True)
     else:
         dst.copy_(host)
+    if table.host is not None and table.host is not table.table:
+        table.host[role * n : (role + 1) * n] = host
     role_aligned = list(table.role_aligned)
     role_aligned[role] = all(a % 16 == 0 for a in addrs)
     return dataclasses.replace(table, aligned=all(role_aligned), role_aligned=tuple(role_aligned))
+
+
+def capture_copy(table: ChunkTable, staging: torch.Tensor) -> ChunkTable:
+    """A copy of ``table`` for a CUDA graph being captured: its own device table and arrival counters, allocated
+    in the graph's pool, filled from ``staging`` (pinned int64 host memory of the table's length, allocated
+    before the capture: pinning during a capture is not allowed). Every replay copies ``staging`` again, so the
+    caller keeps ``staging`` and the returned table alive as long as the graph and never writes ``staging``
+    again; the original table may then be rewritten (``repoint_role``) for eager launches without the graph
+    seeing it."""
+    if table.host is None or staging.numel() != table.host.numel():
+        raise ValueError("capture_copy: staging must have the table's length")
+    staging.copy_(table.host)
+    device_table = torch.empty_like(table.table)
+    device_table.copy_(staging, non_blocking=True)
+    counters = None if table.counters is None else torch.zeros_like(table.counters)
+    return keep_for_capture(dataclasses.replace(table, table=device_table, counters=counters, last_stream=[None]))
 
 
 @triton.jit

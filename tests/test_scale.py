@@ -246,9 +246,8 @@ def test_clip_grad_norm_low_precision(backend, dtype):
 def test_clip_grad_norm_errors_and_edge_cases():
     params = _params([(4,), (3,)])
     before = [q.grad.clone() for q in params]
-    for bad in (math.inf, math.nan):
-        with pytest.raises(ValueError, match="max_norm must be finite"):
-            fused_ops.clip_grad_norm_(params, bad)
+    with pytest.raises(ValueError, match="max_norm must be a number"):
+        fused_ops.clip_grad_norm_(params, math.nan)
     with pytest.raises(ValueError, match="norm_type"):
         fused_ops.clip_grad_norm_(params, 1.0, 0.0)
     assert all(torch.equal(q.grad, b) for q, b in zip(params, before, strict=True)), "nothing modified"
@@ -359,3 +358,94 @@ def test_reference_unscale_is_float64_capable():
     reference.unscale_(g, 0.1, None)
     assert torch.equal(g[0], expected)
     assert functional.clip_coef(torch.tensor(4.0), 1.0).item() == pytest.approx(1.0 / (4.0 + 1e-6))
+
+
+# -- issue 9, part 4/5: scalar tensors and max_norm=inf ----------------------------------------------------------
+
+TWO_BACKENDS = [pytest.param("triton", marks=pytest.mark.interpret), "reference"]
+
+
+@pytest.mark.parametrize("backend", TWO_BACKENDS)
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("bad", [False, True])
+def test_unscale_0d_found_inf_as_torch(backend, with_out, bad):
+    """A 0-d float found_inf is a 1-element tensor, as torch's GradScaler takes it: unscaled and flagged like a
+    (1,) one (the reference path used to unscale, then raise on the 0-d flag)."""
+    grads = [torch.randn(5), torch.randn(33)]
+    if bad:
+        grads[1][3] = float("inf")
+    expected = [g * 0.5 for g in grads]
+    outs = [torch.empty_like(g) for g in grads] if with_out else None
+    found_inf = torch.zeros(())
+    fused_ops.unscale_(grads, torch.tensor(0.5), found_inf, out=outs, backend=backend)
+    assert found_inf.shape == () and found_inf.item() == float(bad)
+    for r, e in zip(outs or grads, expected, strict=True):
+        assert _same_bits(r, e)
+    # torch's own kernel agrees on the 0-d flag
+    ref_grads, ref_found = [e / 0.5 for e in expected], torch.zeros(())
+    torch._amp_foreach_non_finite_check_and_unscale_(ref_grads, ref_found, torch.tensor(0.5))
+    assert ref_found.item() == found_inf.item()
+
+
+@pytest.mark.parametrize("backend", TWO_BACKENDS)
+@pytest.mark.parametrize("name", ["inv_scale", "found_inf"])
+@pytest.mark.parametrize("bad", ["2-element", "0-element", "int", "bool"])
+def test_unscale_refuses_bad_scalar_tensors(backend, name, bad):
+    """2-element scalars used to be read at element 0 by the kernel: refused before anything changes, on both
+    backends, naming the argument."""
+    from tests.safety import expect_error_unchanged
+
+    make = {"2-element": lambda: torch.tensor([0.5, 0.5]), "0-element": lambda: torch.zeros(0),
+            "int": lambda: torch.ones(1, dtype=torch.int32), "bool": lambda: torch.zeros(1, dtype=torch.bool)}
+    grads = [torch.randn(5), torch.randn(40)]
+    inv_scale, found_inf = torch.tensor([0.5]), torch.zeros(1)
+    if name == "inv_scale":
+        inv_scale = make[bad]()
+    else:
+        found_inf = make[bad]()
+    expect_error_unchanged(lambda: fused_ops.unscale_(grads, inv_scale, found_inf, backend=backend), TypeError,
+                           f"^unscale_: {name} must be a 1-element floating-point tensor", grads, inv_scale,
+                           found_inf)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", TWO_BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_clip_grad_norm_max_norm_inf_is_norm_only_as_torch(backend, norm_type):
+    """max_norm=inf is torch's "norm only" idiom: the norm is returned and the grads multiplied by 1."""
+    ours, theirs = _params([(5,), (3, 7), (40,)]), _params([(5,), (3, 7), (40,)])
+    for a, b in zip(ours, theirs, strict=True):
+        b.grad.copy_(a.grad)
+    norm = fused_ops.clip_grad_norm_(ours, math.inf, norm_type, backend=backend)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, math.inf, norm_type)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", TWO_BACKENDS)
+def test_clip_grad_norm_max_norm_inf_with_an_inf_grad_as_torch(backend):
+    """With an inf grad, torch's coefficient is inf / inf = nan: every grad becomes nan. Same here."""
+    ours, theirs = _params([(5,), (4,)]), _params([(5,), (4,)])
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad[0] = b.grad[0] = float("inf")
+    norm = fused_ops.clip_grad_norm_(ours, math.inf, backend=backend)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, math.inf)
+    assert torch.equal(norm, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        assert _same_bits(a.grad, b.grad)
+
+
+def test_clip_coef_and_max_norm_values():
+    """clip_coef takes what torch's clip takes (inf, negative), refuses nan; the total norm is one element."""
+    norm = torch.tensor(4.0)
+    assert functional.clip_coef(norm, math.inf).item() == 1.0
+    assert functional.clip_coef(norm, -2.0).item() == pytest.approx(-2.0 / (4.0 + 1e-6))
+    with pytest.raises(ValueError, match="^clip_coef: max_norm must be a number, got nan"):
+        functional.clip_coef(norm, math.nan)
+    with pytest.raises(TypeError, match="^clip_coef: total_norm must be a 1-element floating-point tensor"):
+        functional.clip_coef(torch.tensor([4.0, 1.0]), 1.0)
+    params = _params([(4,)])
+    before = params[0].grad.clone()
+    with pytest.raises(ValueError, match="^clip_grad_norm_: max_norm must be a number, got nan"):
+        fused_ops.clip_grad_norm_(params, math.nan)
+    assert torch.equal(params[0].grad, before)

@@ -232,22 +232,30 @@ def test_values_changed_between_steps(backend):
         assert torch.equal(a, b)
 
 
-def test_repoint_role_through_a_staging_buffer():
-    """The CUDA-graph path of repoint_role (a caller-owned staging buffer), run on CPU tensors."""
-    from fused_ops.kernels._multi_tensor import build_chunk_table, repoint_role
+def test_repoint_role_and_capture_copy():
+    """repoint_role rewrites one role in place (and the host copy); capture_copy gives a table of its own, filled
+    from the staging buffer, that later repoints do not reach (the CUDA-graph path, run on CPU tensors)."""
+    from fused_ops.kernels._multi_tensor import build_chunk_table, capture_copy, repoint_role
 
     base = torch.zeros(64)
     a, b = [base[:5], base[16:21]], [torch.zeros(5), torch.zeros(5)]
-    table = build_chunk_table([a, b], 16, cache={})
+    table = build_chunk_table([a, b], 16, cache={}, with_counters=True)
     assert table.aligned
+    staging = torch.full((table.table.numel(),), -1, dtype=torch.int64)
+    captured = capture_copy(table, staging)
+    assert captured.table is not table.table and captured.counters is not table.counters
+    assert torch.equal(captured.table, table.table) and torch.equal(staging, table.table)
     moved = [base[1:6], base[32:37]]  # the first is 4 bytes off a 16-byte boundary
-    staging = torch.full((2,), -1, dtype=torch.int64)
-    new = repoint_role(table, 0, [t.data_ptr() for t in moved], staging)
-    assert new.table is table.table and staging.tolist() == [t.data_ptr() for t in moved]
-    assert table.table[:2].tolist() == staging.tolist() and table.table[2:4].tolist() == [t.data_ptr() for t in b]
+    new = repoint_role(table, 0, [t.data_ptr() for t in moved])
+    assert new.table is table.table
+    assert table.table[:2].tolist() == [t.data_ptr() for t in moved]
+    assert table.table[2:4].tolist() == [t.data_ptr() for t in b]
+    assert captured.table[:2].tolist() == [t.data_ptr() for t in a]  # the capture's table is untouched
     assert not new.aligned and new.role_aligned == (False, True)
     with pytest.raises(ValueError, match="3 addresses"):
         repoint_role(new, 0, [1, 2, 3])
+    with pytest.raises(ValueError, match="length"):
+        capture_copy(table, torch.empty(3, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
