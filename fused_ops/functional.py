@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _ops
 from ._backend import resolve_backend
+from ._validate import check_scalar, first_overlap
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -65,6 +66,7 @@ def adam_(
 
     One kernel launch per (device, dtype) group on the Triton backend, whatever the number of tensors.
     """
+    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     n = len(params)
     max_exp_avg_sqs = list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else []
     state_steps = list(state_steps) if state_steps is not None else []
@@ -87,23 +89,92 @@ def adam_(
     lr_tensor = lr if isinstance(lr, Tensor) else None
     if lr_tensor is None:
         _check_finite("lr", lr)
+    for name, x in (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        check_scalar("adam_", name, x)
     if n == 0:
         return
+    _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
+                        master_params)  # fmt: skip
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         groups[(p.device, p.dtype, grads[i].dtype)].append(i)
+    work = []
     for (device, _, _), idx in groups.items():
-        backend_name = resolve_backend(backend, device)
+        work.append((device, idx, resolve_backend(backend, device)))  # (raises before any group runs)
+    for device, idx, backend_name in work:
         pick = (lambda lst, idx=idx: [lst[i] for i in idx]) if len(groups) > 1 else list
         _ops.adam_eager(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
             pick(max_exp_avg_sqs) if amsgrad else [], pick(master_params) if master_params else [],
             pick(state_steps) if state_steps else [],
-            0.0 if lr_tensor is not None else float(lr), lr_tensor, float(beta1), float(beta2), float(eps),
-            float(weight_decay), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay),
-            None if step is None else float(step), grad_scale, found_inf, backend_name,
+            0.0 if lr_tensor is not None else float(lr), check_scalar("adam_", "lr", lr_tensor, device),
+            float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
+            bool(decoupled_weight_decay), None if step is None else float(step),
+            check_scalar("adam_", "grad_scale", grad_scale, device), check_scalar("adam_", "found_inf", found_inf, device),
+            backend_name,
         )  # fmt: skip
+
+
+_ADAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params) -> None:
+    """What both backends rely on, for every tensor (the kernel reads raw addresses; the CPU path's
+    ``torch._fused_adam(w)_`` checks nothing): dense tensors; params fp32/bf16/fp16; grads of the param's dtype or
+    fp32; fp32 states and masters; 1-element fp32 step counts; each on its param's device, with its param's number
+    of elements, contiguous; no two written tensors sharing memory. Raises naming the argument and the index."""
+    lists = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
+    if max_exp_avg_sqs:
+        lists.append(("max_exp_avg_sqs", max_exp_avg_sqs))
+    if master_params:
+        lists.append(("master_params", master_params))
+    every = [("params", params), *lists] + ([("state_steps", state_steps)] if state_steps else [])
+    for name, lst in every:
+        if not _all_tensors(lst):
+            i = next(i for i, x in enumerate(lst) if not isinstance(x, Tensor))
+            raise TypeError(f"adam_: {name}[{i}] must be a Tensor, got {type(lst[i]).__name__}")
+    for i, p in enumerate(params):
+        if p.layout != torch.strided or p.dtype not in _ADAM_DTYPES:
+            raise TypeError(f"adam_: params[{i}] must be a dense float32, bfloat16 or float16 tensor, got {p.dtype} "
+                            f"({p.layout})")  # fmt: skip
+        if not p.is_contiguous():
+            raise ValueError(f"adam_: params[{i}] must be contiguous (it is updated in place)")
+        device, numel = p.device, p.numel()
+        for name, lst in lists:
+            t = lst[i]
+            if t.layout != torch.strided:
+                raise TypeError(f"adam_: {name}[{i}] must be a dense tensor, got {t.layout}")
+            if name == "grads":
+                if t.dtype != p.dtype and t.dtype != torch.float32:
+                    raise TypeError(f"adam_: grads[{i}] is {t.dtype}; it must have the param's dtype ({p.dtype}) or "
+                                    "be float32")  # fmt: skip
+            elif t.dtype != torch.float32:
+                raise TypeError(f"adam_: {name}[{i}] must be float32, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"adam_: {name}[{i}] is on {t.device} but params[{i}] is on {device}")
+            if t.numel() != numel:
+                raise ValueError(f"adam_: {name}[{i}] has {t.numel()} elements but params[{i}] has {numel}")
+            if not t.is_contiguous():
+                raise ValueError(f"adam_: {name}[{i}] must be contiguous")
+        if state_steps:
+            s = state_steps[i]
+            if s.dtype != torch.float32 or s.numel() != 1 or s.layout != torch.strided:
+                raise TypeError(f"adam_: state_steps[{i}] must be a 1-element float32 tensor, got {s.dtype} with "
+                                f"{s.numel()} elements")  # fmt: skip
+            if s.device != device:
+                raise ValueError(f"adam_: state_steps[{i}] is on {s.device} but params[{i}] is on {device}")
+    written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
+    if max_exp_avg_sqs:
+        written.append(("max_exp_avg_sqs", max_exp_avg_sqs))
+    if master_params:
+        written.append(("master_params", master_params))
+    if state_steps:
+        written.append(("state_steps", state_steps))
+    clash = first_overlap([*written, ("grads", grads)], read_only=("grads",))
+    if clash is not None:
+        raise ValueError(f"adam_: {clash}: every tensor the step writes needs memory of its own, and the grads "
+                         "(read while the others are written) may share memory only with each other")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,6 +190,7 @@ def adam_(
 # alive at once cost as much again in garbage-collector passes. Comprehensions, not ``map`` over module-level
 # ``attrgetter``s: as fast, and Dynamo traces them.
 
+import numbers  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 
 from . import reference  # noqa: E402
@@ -476,14 +548,24 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     return torch.linalg.vector_norm(stacked, norm_type).to(out_dtype)
 
 
+def _check_max_norm(fn: str, max_norm) -> float:
+    """``max_norm`` as a float: any number torch's clip takes (``inf``: "norm only", the coefficient is 1), not
+    nan (every grad would become nan)."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or math.isnan(max_norm):
+        raise ValueError(f"{fn}: max_norm must be a number, got {max_norm!r}")
+    return float(max_norm)
+
+
 def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
     """``min(1, max_norm / (total_norm + 1e-6))`` on the device (``torch.nn.utils.clip_grad_norm_``'s factor).
 
     Multiply grads by it to clip; or fold it into the optimizer's ``grad_scale`` (grads are divided by
     ``grad_scale``): ``grad_scale = loss_scale / clip_coef(norm, max_norm)``, with no extra pass over grads.
+    ``max_norm=inf`` gives 1 (torch's "norm only" idiom), or nan when the norm is inf, as in torch.
     """
-    _check_finite("clip_coef: max_norm", float(max_norm))
-    return torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+    max_norm = _check_max_norm("clip_coef", max_norm)
+    _scalar_tensor("clip_coef", "total_norm", total_norm)
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def clip_grad_norm_(
@@ -504,8 +586,7 @@ def clip_grad_norm_(
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]
-    max_norm = float(max_norm)
-    _check_finite("clip_grad_norm_: max_norm", max_norm)
+    max_norm = _check_max_norm("clip_grad_norm_", max_norm)
     norm_type = _check_norm_type("clip_grad_norm_", norm_type)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:

@@ -9,6 +9,7 @@ in the same launch (torch's fused path needs two more multi-tensor launches for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import MutableMapping, Sequence
 
@@ -16,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import ChunkTable, build_chunk_table, repoint_role, tensor_pointer
+from ._multi_tensor import (
+    ChunkTable,
+    build_chunk_table,
+    capture_copy,
+    is_capturing,
+    repoint_role,
+    tensor_pointer,
+    use_on_current_stream,
+)
 from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -32,7 +41,26 @@ def _neg_expm1(y):
     u = tl.exp(y)
     um1 = u - 1.0
     safe_log = tl.where(um1 == 0.0, 1.0, tl.log(u))
-    return -tl.where(um1 == 0.0, y, tl.where(um1 == -1.0, -1.0, um1 * y / safe_log))
+    return -tl.where(um1 == 0.0, y, tl.where(um1 == -1.0, -1.0, tl.div_rn(um1 * y, safe_log)))
+
+
+@triton.jit
+def _chunk_pointer(table_ptr, role, n_tensors, t, chunk_start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s pointer (``role`` of the chunk table) at ``chunk_start``, promising 4-element accesses.
+
+    With ALIGNED a 16-bit tensor is promised 8 bytes, not the 16 it has: 4 elements per access, as the fp32
+    tensors' 16 bytes. Promised 16, the compiler gives 16-bit loads and stores 8 elements per thread and fp32
+    stores 4 (the widest store), two layouts in one block, and converts every block between them through
+    shared memory (bar.sync after bar.sync). One layout keeps a block in registers; a warp's 16-bit access
+    still covers 256 contiguous bytes.
+    """
+    if DTYPE == tl.float32:
+        ptr = tensor_pointer(table_ptr, role, n_tensors, t, DTYPE, ALIGNED) + chunk_start
+    else:
+        ptr = tensor_pointer(table_ptr, role, n_tensors, t, DTYPE, False) + chunk_start
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 8)  # bytes; chunk starts are multiples of 16 elements
+    return ptr
 
 
 @triton.jit
@@ -94,8 +122,8 @@ def _adam_kernel(
     numel_t = tl.load(table_ptr + numel_offset + t)
     n_here = tl.minimum(numel_t - chunk_start, CHUNK_SIZE)
 
-    param_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, PARAM_DTYPE, ALIGNED) + chunk_start
-    grad_ptr = tensor_pointer(table_ptr, 1, n_tensors, t, GRAD_DTYPE, ALIGNED) + chunk_start
+    param_ptr = _chunk_pointer(table_ptr, 0, n_tensors, t, chunk_start, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _chunk_pointer(table_ptr, 1, n_tensors, t, chunk_start, GRAD_DTYPE, ALIGNED)
     exp_avg_ptr = tensor_pointer(table_ptr, 2, n_tensors, t, tl.float32, ALIGNED) + chunk_start
     exp_avg_sq_ptr = tensor_pointer(table_ptr, 3, n_tensors, t, tl.float32, ALIGNED) + chunk_start
     next_role = 4
@@ -119,7 +147,7 @@ def _adam_kernel(
         step_f = tl.cast(step, tl.float32)
     bias_correction1 = _neg_expm1(step_f * tl.cast(log_beta1, tl.float32))
     bias_correction2_sqrt = tl.sqrt_rn(_neg_expm1(step_f * tl.cast(log_beta2, tl.float32)))
-    step_size = lr / bias_correction1
+    step_size = tl.div_rn(lr, bias_correction1)  # `/` is div.full.f32 on the GPU (2 ulp), torch's is rounded
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
@@ -151,7 +179,10 @@ def _adam_kernel(
         # above, before its arrival below (acq_rel atomic); the last of the tensor's programs to arrive writes
         # the new count and resets the counter for the next launch.
         n_chunks_t = tl.maximum(tl.cdiv(numel_t, CHUNK_SIZE), 1)
-        arrived = tl.atomic_add(counters_ptr + t, 1)
+        # One thread issues the atomic: the barrier orders every warp's read of the count (and its stores)
+        # before this program's arrival, so the last arriver cannot overwrite a count another warp still reads.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
         if arrived == n_chunks_t - 1:
             tl.store(step_ptr, step_f)
             tl.store(counters_ptr + t, 0)
@@ -184,7 +215,9 @@ def _adam_block(
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
-        v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask, other=0.0), v)
+        # torch.maximum propagates NaN; the default tl.maximum (max.f32 on the GPU) would return the other operand.
+        v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask, other=0.0), v,
+                           propagate_nan=tl.PropagateNan.ALL)  # fmt: skip
         tl.store(max_exp_avg_sq_ptr + offsets, v_max, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
     else:
@@ -236,6 +269,19 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
                 raise ValueError(f"adam_launch: {name}[{i}] must be contiguous")
         if not p.is_contiguous():
             raise ValueError(f"adam_launch: params[{i}] must be contiguous")
+
+
+def _check_scalars(device: torch.device, lr, grad_scale, found_inf) -> None:
+    """The kernel reads element 0 of these through a raw pointer on ``device``: each must be exactly one float
+    element there (a tensor on another device would be read at a foreign address)."""
+    for name, x in (("lr", lr), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.numel() != 1 or not x.is_floating_point() or x.is_sparse:
+            raise ValueError(f"adam_launch: {name} must be a 1-element floating-point tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
+        if x.device != device:
+            raise ValueError(f"adam_launch: {name} is on {x.device} but the params are on {device}")
 
 
 def adam_launch(
@@ -326,9 +372,11 @@ def _launch(
     chunk_size: int,
     block_size: int,
 ) -> None:
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    _check_scalars(param0.device, lr if lr_is_tensor else None, grad_scale, found_inf)
     if table.n_chunks == 0:
         return
-    lr_is_tensor = isinstance(lr, torch.Tensor)
+    use_on_current_stream(table)
     dummy = table.table  # any device pointer for arguments a flag switches off
     with torch.cuda.device(param0.device) if param0.is_cuda else contextlib.nullcontext():
         _adam_kernel[(table.n_chunks,)](
@@ -407,10 +455,12 @@ class AdamStep:
         self.master = bool(master_params)
         self.chunk_size = chunk_size
         self.block_size = block_size
-        # CUDA graphs: a pinned buffer allocated before any capture, for grads that move during one (whole-network
-        # capture: backward allocates them in the graph's pool); once captured it is kept, never written again.
+        # CUDA graphs: each capture launches on a copy of the table of its own (``capture_copy``), which nothing
+        # rewrites, filled from a pinned staging buffer allocated before the capture (here, or at the first eager
+        # launch after a capture) and kept, with the copy, for the life of this object (the graph replays both).
         self._staging = self._new_staging()
-        self._captured_staging: list[torch.Tensor] = []
+        self._captured: list = []
+        self._pending_grad_addrs: list[int] | None = None  # grads that moved during a capture
 
     def set_grads(
         self, grads: Sequence[torch.Tensor], addrs: list[int] | None = None, *, checked: bool = False
@@ -419,12 +469,11 @@ class AdamStep:
 
         ``addrs``: their ``data_ptr()`` values, when the caller has them already. Raises before changing anything
         if a grad does not fit, unless ``checked`` (the caller has just checked exactly that). Cheap when nothing
-        moved (one list comparison).
+        moved (one list comparison). During CUDA graph capture the eager table is not rewritten: the capture
+        copies the table with the new addresses (see ``__call__``).
         """
         if addrs is None:
             addrs = [g.data_ptr() for g in grads]
-        if addrs == self.grad_addrs:
-            return
         if len(grads) != len(self.numels) or len(addrs) != len(self.numels):
             raise ValueError(f"AdamStep.set_grads: {len(grads)} grads for {len(self.numels)} params")
         dtype, device = self.grad_dtype, self.device
@@ -442,22 +491,41 @@ class AdamStep:
                         f"{'sparse' if g.is_sparse else 'contiguous' if g.is_contiguous() else 'not contiguous'}) "
                         f"does not fit: expected a contiguous dense {dtype} tensor of {n} elements on {device}"
                     )
-        staging = None
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            if self._staging is None:
-                raise RuntimeError(
-                    "AdamStep: the grads moved twice during CUDA graph captures with no eager step in between; "
-                    "run one eager step before each capture"
-                )
-            staging, self._staging = self._staging, None
-            self._captured_staging.append(staging)  # read by every replay: kept, never written again
-        self.table = repoint_role(self.table, _GRAD_ROLE, addrs, staging)
+        if is_capturing(self.device):  # for the capture's own table; the eager table stays as it is
+            self._pending_grad_addrs = None if addrs == self.grad_addrs else addrs
+            return
+        self._pending_grad_addrs = None
+        if addrs == self.grad_addrs:
+            return
+        self.table = repoint_role(self.table, _GRAD_ROLE, addrs)
         self.grad_addrs = addrs
 
     def _new_staging(self) -> torch.Tensor | None:
         if self.device.type != "cuda":
             return None
-        return torch.empty(len(self.numels), dtype=torch.int64, pin_memory=True)
+        return torch.empty(self.table.table.numel(), dtype=torch.int64, pin_memory=True)
+
+    def _capture_table(self) -> ChunkTable:
+        """The table a capture launches on: a copy of its own (current grads included), never rewritten."""
+        if self._staging is None:
+            raise RuntimeError(
+                "AdamStep: two CUDA graph captures with no eager step in between; run one eager step before each "
+                "capture (it prepares the pinned buffer the capture's table is copied from)"
+            )
+        table = self.table
+        pending = self._pending_grad_addrs
+        if pending is not None:
+            n = table.n_tensors
+            host = table.host.clone()
+            host[_GRAD_ROLE * n : (_GRAD_ROLE + 1) * n] = torch.tensor(pending, dtype=torch.int64)
+            aligned = list(table.role_aligned)
+            aligned[_GRAD_ROLE] = all(a % 16 == 0 for a in pending)
+            table = dataclasses.replace(table, host=host, aligned=all(aligned), role_aligned=tuple(aligned))
+            self._pending_grad_addrs = None
+        staging, self._staging = self._staging, None
+        captured = capture_copy(table, staging)
+        self._captured.append((captured, staging))
+        return captured
 
     def __call__(
         self,
@@ -473,9 +541,13 @@ class AdamStep:
         found_inf: torch.Tensor | None = None,
     ) -> None:
         """One step (one launch); the step counts move in the kernel (not when ``found_inf`` is set)."""
-        if self._staging is None and self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            self._staging = self._new_staging()  # the last one went into a captured graph
-        _launch(self.table, self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        if is_capturing(self.device):
+            table = self._capture_table()
+        else:
+            if self._staging is None and self.device.type == "cuda":
+                self._staging = self._new_staging()  # the last one went into a captured graph
+            table = self.table
+        _launch(table, self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, amsgrad=self.amsgrad, maximize=maximize, decoupled=decoupled, step=None,
                 grad_scale=grad_scale, found_inf=found_inf, master=self.master, step_is_tensor=True,
                 chunk_size=self.chunk_size, block_size=self.block_size)  # fmt: skip
