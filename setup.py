@@ -13,7 +13,7 @@ setup(
     # triton is not pinned: torch's CUDA wheels pin their own.
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib"],
         "bench": ["tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["fused-ops=fused_ops.__main__:main"]},
