@@ -9,6 +9,7 @@ keep being skipped (checked lazily, see :class:`DynamicLossScaler`).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -18,15 +19,61 @@ from torch import Tensor
 from . import functional
 
 
+def _check_hyper(fn: str, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale) -> None:
+    """The constructor's hyper-parameters (also what ``load_state_dict`` restores)."""
+    growth_factor = _number(fn, "growth_factor", growth_factor)
+    if not (math.isfinite(growth_factor) and growth_factor > 1):
+        raise ValueError(f"{fn}: growth_factor must be a finite number > 1, got {growth_factor}")
+    backoff_factor = _number(fn, "backoff_factor", backoff_factor)
+    if not 0 < backoff_factor < 1:
+        raise ValueError(f"{fn}: backoff_factor must be in (0, 1), got {backoff_factor}")
+    _positive_int("growth_interval", growth_interval, fn=fn)
+    _positive_int("hysteresis", hysteresis, fn=fn)
+    min_scale = _number(fn, "min_scale", min_scale)
+    if not (math.isfinite(min_scale) and min_scale > 0):
+        raise ValueError(f"{fn}: min_scale must be a finite number > 0, got {min_scale}")
+    if max_scale is not None:
+        max_scale = _number(fn, "max_scale", max_scale)
+        if not (math.isfinite(max_scale) and max_scale >= min_scale):
+            raise ValueError(f"{fn}: max_scale must be None or a finite number >= min_scale, got {max_scale}")
+
+
 class LossScalerWarning(RuntimeWarning):
     """Steps keep being skipped because of inf/nan gradients (filter it with ``warnings`` if intended)."""
 
 
-def _positive_int(name: str, value, allow_none: bool = False) -> None:
+def _positive_int(name: str, value, allow_none: bool = False, fn: str = "DynamicLossScaler") -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"DynamicLossScaler: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (never without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_STATE_KEYS = ("scale", "growth_tracker", "hysteresis_tracker")
+_OPTIONAL_KEYS = ("skipped_steps", "consecutive_skipped", "min_scale_overflows", "growth_factor", "backoff_factor",
+                  "growth_interval", "hysteresis", "min_scale", "max_scale", "consecutive_hysteresis")  # fmt: skip
+
+
+def _number(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _count(fn: str, name: str, value, high: int | None = None) -> int:
+    """A non-negative int (at most ``high``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int, got {value!r}")
+    if high is not None and not 0 <= value <= high:
+        raise ValueError(f"{fn}: {name} must be an int in [0, {high}], got {value!r}")
+    if value < 0:
+        raise ValueError(f"{fn}: {name} must be an int >= 0, got {value!r}")
+    return int(value)
 
 
 class DynamicLossScaler:
@@ -80,19 +127,13 @@ class DynamicLossScaler:
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
-        for name, value in (("init_scale", init_scale), ("min_scale", min_scale)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"DynamicLossScaler: {name} must be a finite number > 0, got {value}")
-        if not (math.isfinite(growth_factor) and growth_factor > 1):
-            raise ValueError(f"DynamicLossScaler: growth_factor must be a finite number > 1, got {growth_factor}")
-        if not 0 < backoff_factor < 1:
-            raise ValueError(f"DynamicLossScaler: backoff_factor must be in (0, 1), got {backoff_factor}")
-        if max_scale is not None and not (math.isfinite(max_scale) and max_scale >= min_scale):
-            raise ValueError(f"DynamicLossScaler: max_scale must be finite and >= min_scale, got {max_scale}")
+        fn = "DynamicLossScaler"
+        init_scale = _number(fn, "init_scale", init_scale)
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"{fn}: init_scale must be a finite number > 0, got {init_scale}")
+        _check_hyper(fn, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale)
         if init_scale < min_scale or (max_scale is not None and init_scale > max_scale):
-            raise ValueError(f"DynamicLossScaler: init_scale {init_scale} is outside [min_scale, max_scale]")
-        _positive_int("growth_interval", growth_interval)
-        _positive_int("hysteresis", hysteresis)
+            raise ValueError(f"{fn}: init_scale {init_scale} is outside [min_scale, max_scale]")
         _positive_int("warn_after", warn_after, allow_none=True)
         _positive_int("check_interval", check_interval, allow_none=True)
         if device is None:
@@ -171,6 +212,10 @@ class DynamicLossScaler:
         :attr:`found_inf` as ``found_inf`` to ``fused_ops.functional.adam_``: unscale, clip and update are
         then one pass over the grads. No host sync.
         """
+        fn = "DynamicLossScaler.grad_scale_and_norm"
+        if max_norm is not None:
+            max_norm = functional._check_max_norm(fn, max_norm)
+        norm_type = functional._check_norm_type(fn, norm_type)
         scaled = functional.grad_norm(grads, norm_type, backend=self.backend).to(self.device)
         bad = (~torch.isfinite(scaled)).to(torch.float32).reshape(1)
         self._found_inf.copy_(torch.maximum(self._found_inf, bad))
@@ -183,6 +228,8 @@ class DynamicLossScaler:
     def update(self, found_inf: Tensor | None = None) -> None:
         """Advance the scale after a step; ``found_inf`` (default: :attr:`found_inf`) says the step was
         skipped. All on the device: no host sync. Clears :attr:`found_inf`."""
+        if found_inf is not None:
+            functional._scalar_tensor("DynamicLossScaler.update", "found_inf", found_inf)
         flag = self._found_inf if found_inf is None else found_inf
         f = (flag.reshape(1).to(self.device) > 0).reshape(1)
         ok = ~f
@@ -206,7 +253,9 @@ class DynamicLossScaler:
         self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
         self._n_updates += 1
         if self.check_interval is not None and self.warn_after is not None:
-            if self._n_updates % self.check_interval == 0:
+            # (not while a CUDA graph is captured: the check pins memory and queries an event; the next eager
+            # update checks)
+            if self._n_updates % self.check_interval == 0 and not _capturing():
                 self._poll()
 
     # -- skip accounting ----------------------------------------------------------------------------------------
@@ -289,25 +338,49 @@ class DynamicLossScaler:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict`'s output (device tensors are filled in place)."""
-        missing = {"scale", "growth_tracker", "hysteresis_tracker"} - set(state_dict)
+        """Restore :meth:`state_dict`'s output (device tensors are filled in place). Every field is checked first
+        (types, a finite scale > 0, counters >= 0, the hysteresis counter within ``[0, hysteresis]``, the
+        hyper-parameters as the constructor checks them); on an error nothing has changed."""
+        fn = "DynamicLossScaler.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{fn}: state_dict must be a dict, got {type(state_dict).__name__}")
+        missing = set(_STATE_KEYS) - set(state_dict)
         if missing:
-            raise KeyError(f"DynamicLossScaler.load_state_dict: missing keys {sorted(missing)}")
-        for key in ("growth_factor", "backoff_factor", "min_scale", "max_scale"):
-            if key in state_dict:
-                setattr(self, key, None if state_dict[key] is None else float(state_dict[key]))
-        for key in ("growth_interval", "hysteresis"):
-            if key in state_dict:
-                setattr(self, key, int(state_dict[key]))
-        if "consecutive_hysteresis" in state_dict:
-            self.consecutive_hysteresis = bool(state_dict["consecutive_hysteresis"])
-        self._scale.fill_(float(state_dict["scale"]))
-        self._growth_tracker.fill_(int(state_dict["growth_tracker"]))
-        self._hysteresis_tracker.fill_(int(state_dict["hysteresis_tracker"]))
-        self._skipped.fill_(int(state_dict.get("skipped_steps", 0)))
-        self._consecutive.fill_(int(state_dict.get("consecutive_skipped", 0)))
-        self._min_scale_overflows.fill_(int(state_dict.get("min_scale_overflows", 0)))
-        self._warned_skipped = int(state_dict.get("skipped_steps", 0))
-        self._warned_min_scale = int(state_dict.get("min_scale_overflows", 0))
+            raise KeyError(f"{fn}: missing keys {sorted(missing)}")
+        unexpected = set(state_dict) - set(_STATE_KEYS) - set(_OPTIONAL_KEYS)
+        if unexpected:
+            raise KeyError(f"{fn}: unexpected keys {sorted(map(str, unexpected))}")
+        hyper = {key: state_dict.get(key, getattr(self, key)) for key in (
+            "growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale")}  # fmt: skip
+        _check_hyper(fn, **hyper)
+        consecutive_hysteresis = state_dict.get("consecutive_hysteresis", self.consecutive_hysteresis)
+        if not isinstance(consecutive_hysteresis, bool):
+            raise TypeError(f"{fn}: consecutive_hysteresis must be a bool, got {consecutive_hysteresis!r}")
+        scale = _number(fn, "scale", state_dict["scale"])
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{fn}: scale must be a finite number > 0, got {scale}")
+        growth_tracker = _count(fn, "growth_tracker", state_dict["growth_tracker"])
+        hysteresis_tracker = _count(fn, "hysteresis_tracker", state_dict["hysteresis_tracker"], hyper["hysteresis"])
+        skipped = _count(fn, "skipped_steps", state_dict.get("skipped_steps", 0))
+        consecutive = _count(fn, "consecutive_skipped", state_dict.get("consecutive_skipped", 0))
+        if consecutive > skipped:
+            raise ValueError(f"{fn}: consecutive_skipped ({consecutive}) exceeds skipped_steps ({skipped})")
+        min_overflows = _count(fn, "min_scale_overflows", state_dict.get("min_scale_overflows", 0))
+
+        self.growth_factor = float(hyper["growth_factor"])
+        self.backoff_factor = float(hyper["backoff_factor"])
+        self.growth_interval = int(hyper["growth_interval"])
+        self.hysteresis = int(hyper["hysteresis"])
+        self.min_scale = float(hyper["min_scale"])
+        self.max_scale = None if hyper["max_scale"] is None else float(hyper["max_scale"])
+        self.consecutive_hysteresis = consecutive_hysteresis
+        self._scale.fill_(scale)
+        self._growth_tracker.fill_(growth_tracker)
+        self._hysteresis_tracker.fill_(hysteresis_tracker)
+        self._skipped.fill_(skipped)
+        self._consecutive.fill_(consecutive)
+        self._min_scale_overflows.fill_(min_overflows)
+        self._warned_skipped = skipped
+        self._warned_min_scale = min_overflows
         self._found_inf.zero_()
         self._pending = None

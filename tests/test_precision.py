@@ -265,3 +265,138 @@ def test_scale_loss_backward():
     assert torch.equal(w.grad, torch.full((3,), 16.0))
     assert torch.equal(s.inv_scale, torch.tensor([0.125]))
     assert isinstance(functional.clip_coef(torch.tensor(0.5), 1.0), torch.Tensor)
+
+
+# -- issue 9, part 4: validate everything, then change anything ---------------------------------------------------
+
+
+def _scaler_after_some_steps():
+    s = DynamicLossScaler(init_scale=64.0, growth_interval=3, hysteresis=3, warn_after=None)
+    for bad in [0, 1, 0, 1]:
+        s.update(_flag(bad))
+    return s
+
+
+BAD_STATE = [
+    ("scale", 0.0, ValueError, "scale must be a finite number > 0"),
+    ("scale", -2.0, ValueError, "scale must be a finite number > 0"),
+    ("scale", math.nan, ValueError, "scale must be a finite number > 0"),
+    ("scale", math.inf, ValueError, "scale must be a finite number > 0"),
+    ("scale", "64", TypeError, "scale must be a number"),
+    ("scale", True, TypeError, "scale must be a number"),
+    ("growth_tracker", -1, ValueError, "growth_tracker must be an int >= 0"),
+    ("growth_tracker", 1.5, TypeError, "growth_tracker must be an int"),
+    ("growth_tracker", True, TypeError, "growth_tracker must be an int"),
+    ("hysteresis_tracker", -1, ValueError, "hysteresis_tracker must be an int in \\[0, 3\\]"),
+    ("hysteresis_tracker", 4, ValueError, "hysteresis_tracker must be an int in \\[0, 3\\]"),
+    ("skipped_steps", -3, ValueError, "skipped_steps must be an int >= 0"),
+    ("consecutive_skipped", None, TypeError, "consecutive_skipped must be an int"),
+    ("consecutive_skipped", 5, ValueError, "consecutive_skipped \\(5\\) exceeds skipped_steps \\(2\\)"),
+    ("min_scale_overflows", -1, ValueError, "min_scale_overflows must be an int >= 0"),
+    ("growth_factor", 1.0, ValueError, "growth_factor must be a finite number > 1"),
+    ("growth_factor", math.inf, ValueError, "growth_factor must be a finite number > 1"),
+    ("backoff_factor", 0.0, ValueError, "backoff_factor must be in \\(0, 1\\)"),
+    ("backoff_factor", math.nan, ValueError, "backoff_factor must be in \\(0, 1\\)"),
+    ("growth_interval", 0, ValueError, "growth_interval must be a positive int"),
+    ("growth_interval", 2.0, ValueError, "growth_interval must be a positive int"),
+    ("hysteresis", 0, ValueError, "hysteresis must be a positive int"),
+    ("hysteresis", 2, ValueError, "hysteresis_tracker must be an int in \\[0, 2\\]"),  # the tracker is 3
+    ("min_scale", 0.0, ValueError, "min_scale must be a finite number > 0"),
+    ("max_scale", 0.5, ValueError, "max_scale must be None or a finite number >= min_scale"),
+    ("max_scale", math.inf, ValueError, "max_scale must be None or a finite number >= min_scale"),
+    ("consecutive_hysteresis", 1, TypeError, "consecutive_hysteresis must be a bool"),
+    ("unknown_key", 1, KeyError, "unexpected keys \\['unknown_key'\\]"),
+]
+
+
+@pytest.mark.parametrize("key, value, exc, match", BAD_STATE, ids=[f"{k}={v!r}" for k, v, _, _ in BAD_STATE])
+def test_load_state_dict_validates_everything_first(key, value, exc, match):
+    """A bad field (scale 0 used to load, then give nan params) raises naming it, with every tensor and number of
+    the scaler unchanged."""
+    from tests.safety import expect_error_unchanged
+
+    src = _scaler_after_some_steps()
+    sd = src.state_dict()
+    sd["hysteresis_tracker"] = 3
+    sd[key] = value
+    dst = DynamicLossScaler(init_scale=8.0, growth_interval=5, hysteresis=1, warn_after=None)
+    dst.update(_flag(True))
+    expect_error_unchanged(lambda: dst.load_state_dict(sd), exc, f"DynamicLossScaler.load_state_dict: {match}", dst)
+
+
+def test_load_state_dict_refuses_a_non_dict_and_missing_keys():
+    from tests.safety import expect_error_unchanged
+
+    s = _scaler_after_some_steps()
+    expect_error_unchanged(lambda: s.load_state_dict([1, 2]), TypeError, "state_dict must be a dict", s)
+    sd = s.state_dict()
+    del sd["growth_tracker"]
+    expect_error_unchanged(lambda: s.load_state_dict(sd), KeyError, "missing keys \\['growth_tracker'\\]", s)
+
+
+def test_load_state_dict_accepts_what_state_dict_gives_and_older_dicts():
+    s = _scaler_after_some_steps()
+    sd = s.state_dict()
+    t = DynamicLossScaler(warn_after=None)
+    t.load_state_dict(sd)
+    assert t.state_dict() == sd
+    old = {k: sd[k] for k in ("scale", "growth_tracker", "hysteresis_tracker")}  # counters default to 0
+    u = DynamicLossScaler(hysteresis=3, warn_after=None)
+    u.load_state_dict({**old, "scale": 32})  # an int scale is a number
+    assert u.get_scale() == 32.0 and u.skipped_steps == 0
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.zeros(2), TypeError, "found_inf must be a 1-element floating-point tensor"),
+    (torch.zeros(1, dtype=torch.int32), TypeError, "found_inf must be a 1-element floating-point tensor"),
+    (1.0, TypeError, "found_inf must be a 1-element floating-point tensor"),
+])  # fmt: skip
+def test_update_refuses_a_bad_found_inf(bad, exc, match):
+    from tests.safety import expect_error_unchanged
+
+    s = _scaler_after_some_steps()
+    expect_error_unchanged(lambda: s.update(bad), exc, f"^DynamicLossScaler.update: {match}", s)
+
+
+def test_update_takes_a_0d_found_inf():
+    s = DynamicLossScaler(init_scale=8.0, warn_after=None)
+    s.update(torch.ones(()))
+    assert s.get_scale() == 4.0
+
+
+@pytest.mark.parametrize("max_norm, norm_type, match", [
+    (math.nan, 2.0, "max_norm must be a number"),
+    ("1", 2.0, "max_norm must be a number"),
+    (1.0, 0.0, "norm_type must be inf or a number > 0"),
+])  # fmt: skip
+def test_grad_scale_and_norm_checks_before_setting_found_inf(max_norm, norm_type, match):
+    """found_inf used to be set (from the norm) before max_norm was checked: now nothing changes."""
+    from tests.safety import expect_error_unchanged
+
+    s = _scaler_after_some_steps()
+    grads = [torch.randn(5), torch.randn(3)]
+    grads[1][0] = float("inf")  # the norm is inf: found_inf would be set
+    expect_error_unchanged(lambda: s.grad_scale_and_norm(grads, max_norm, norm_type), ValueError,
+                           f"^DynamicLossScaler.grad_scale_and_norm: {match}", s, grads)  # fmt: skip
+
+
+def test_grad_scale_and_norm_max_norm_inf_is_norm_only():
+    s = DynamicLossScaler(init_scale=4.0, warn_after=None)
+    grads = [torch.full((4,), 8.0)]
+    grad_scale, norm = s.grad_scale_and_norm(grads, math.inf)
+    assert grad_scale.item() == 4.0 and norm.item() == pytest.approx(4.0)
+
+
+def test_update_skips_the_host_poll_during_cuda_graph_capture(monkeypatch):
+    """In a capture the lazy warning check would pin memory and query an event (neither capturable): skipped
+    while the current stream captures, the state update itself still recorded (all device ops)."""
+    s = DynamicLossScaler(init_scale=8.0, warn_after=1, check_interval=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with no_host_reads(monkeypatch):
+        s.update(_flag(True))
+        s.update(_flag(True))
+    monkeypatch.undo()
+    assert s.get_scale() == 2.0
+    with pytest.warns(LossScalerWarning, match="last 3 optimizer steps"):
+        s.update(_flag(True))  # the next eager update checks
