@@ -235,14 +235,20 @@ def _cast(dst, src, stochastic, seed, backend) -> None:
     if backend == "triton":
         from .kernels.cast import cast_launch
 
-        cast_launch(dst, src, stochastic=stochastic, seed=seed, cache=_table_cache())
+        if stochastic and seed is None:
+            # The key is drawn on the device by torch's generator and read by the kernel when it runs: a device
+            # op, so a captured CUDA graph draws a new key at every replay (a host int would be baked into the
+            # launch), and torch.manual_seed makes it reproducible.
+            seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dst[0].device) if dst else 0
+        cast_launch(dst, src, stochastic=stochastic, seed=0 if seed is None else seed, cache=_table_cache())
     else:
         reference.cast_(dst, src, stochastic=stochastic, seed=seed)
 
 
 @torch.library.custom_op("fused_ops::cast_", mutates_args=("dst",))
-def cast_(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: int, backend: str) -> None:
-    """``dst[i] = src[i]`` in ``dst``'s dtype (nearest even or stochastic rounding), one launch."""
+def cast_(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: Optional[int], backend: str) -> None:
+    """``dst[i] = src[i]`` in ``dst``'s dtype (nearest even or stochastic rounding), one launch. ``seed=None``:
+    stochastic rounding draws its key on the device (see ``_cast``)."""
     _cast(dst, src, stochastic, seed, backend)
 
 
@@ -256,7 +262,7 @@ def _cast_fake(dst, src, stochastic, seed, backend) -> None:
     return None
 
 
-def cast_eager(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: int, backend: str) -> None:
+def cast_eager(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: Optional[int], backend: str) -> None:
     """``cast_``'s arguments, run without the dispatcher when not tracing (see ``adam_eager``)."""
     if torch.compiler.is_compiling():
         cast_([x.detach() for x in dst], [x.detach() for x in src], stochastic, seed, backend)

@@ -396,7 +396,8 @@ def cast_(
     Rounding is to nearest even, bit-exact with ``dst.copy_(src)`` / ``src.to(dtype)`` (inf, nan, subnormals,
     fp16 overflow to inf). With ``stochastic=True`` narrowing conversions round up or down with probability
     proportional to the distance (unbiased); ``seed`` (an int in [0, 2^31)) makes them reproducible; None
-    draws one from torch's CPU generator (seeded by ``torch.manual_seed``; no device sync). ``dst[i]`` must
+    draws a key on each group's device from torch's generator (reproducible with ``torch.manual_seed``; no host
+    sync; a captured CUDA graph draws a new key at every replay). ``dst[i]`` must
     be contiguous and have ``src[i]``'s shape and device. float64 tensors go through plain torch.
     """
     dst, dst_dtypes = _float_tensors_and_dtypes("cast_", "dst", dst)
@@ -416,8 +417,6 @@ def cast_(
         raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
     if not dst:
         return
-    if stochastic and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())  # torch's CPU generator: no device sync
     if len(devices) == 1 and len(dst_dtypes) == 1 and len(src_dtypes) == 1:
         groups = [((dst[0].device, dst[0].dtype, src[0].dtype), dst, src)]
     else:
@@ -427,7 +426,9 @@ def cast_(
         ]
     for k, ((device, d_dtype, s_dtype), d_group, s_group) in enumerate(groups):
         backend_name = _op_backend("cast_", backend, device, [d_dtype, s_dtype])
-        group_seed = (int(seed or 0) + 0x9E3779B9 * k) % 2**31  # distinct random streams per group
+        # Distinct random streams per group: derived from an explicit seed, else each group draws its key on its
+        # device (graph-safe; see _ops._cast).
+        group_seed = None if seed is None else (seed + 0x9E3779B9 * k) % 2**31
         _ops.cast_eager(d_group, _contiguous(s_group), bool(stochastic), group_seed, backend_name)
 
 

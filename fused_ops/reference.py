@@ -266,10 +266,11 @@ def _stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator)
     return torch.where(torch.isfinite(x), rounded, x).to(dtype)
 
 
-def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False, seed: int = 0) -> None:
+def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False, seed: int | None = 0) -> None:
     """``dst[i] = src[i]`` converted to ``dst[i]``'s dtype: torch's ``.to()`` (round to nearest even) or, with
     ``stochastic`` and a bf16/fp16 destination, unbiased stochastic rounding seeded by ``seed`` (the random
-    stream differs from the kernel's; the distribution is the same). Any float dtypes."""
+    stream differs from the kernel's; the distribution is the same), or drawn from torch's default generator of
+    the device when ``seed`` is None (graph-safe, nothing read on the host). Any float dtypes."""
     if not stochastic:  # one multi-tensor copy: torch's .to() rounding (shapes were checked by the caller)
         pairs = [(d, s) for d, s in zip(dst, src, strict=True) if d.numel()]
         if pairs:
@@ -280,7 +281,7 @@ def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False
     plain_dst, plain_src = [], []
     for d, s in zip(dst, src, strict=True):
         if stochastic and d.dtype in (torch.bfloat16, torch.float16) and s.dtype != d.dtype and d.numel():
-            if generator is None or generator.device != d.device:
+            if seed is not None and (generator is None or generator.device != d.device):
                 generator = torch.Generator(device=d.device)
                 generator.manual_seed(seed)
             d.copy_(_stochastic_round(s.to(torch.float32).reshape(d.shape), d.dtype, generator))

@@ -5,6 +5,11 @@ torch's ``.to()``, inf, nan, subnormals and fp16 overflow included) or rounded s
 to one of the two neighbouring representable values, with the probability of each proportional to the
 distance to the other, so the rounding is unbiased (E[round(x)] = x). Stochastic rounding draws its random
 bits from Triton's Philox generator, keyed by ``seed`` and by each element's (tensor, index) position.
+
+The key is a host int (reproducible: the same seed gives the same bits, also at every replay of a captured CUDA
+graph) or a 1-element int64 device tensor read by the kernel when it runs: a key drawn on the device right before
+the launch (``torch.randint``, graph-safe) makes every replay of a captured launch draw new bits, where a host int
+would be baked into the launch.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import build_chunk_table, tensor_pointer
+from ._checks import check_numels, check_role, check_scalar
+from ._multi_tensor import build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -29,10 +35,12 @@ def _cast_kernel(
     numel_offset,
     chunk_tensor_offset,
     chunk_start_offset,
-    seed,  # runtime int: the Philox key for stochastic rounding
+    seed,  # runtime int: the Philox key for stochastic rounding, unless SEED_FROM_PTR
+    seed_ptr,  # 1-element int64 device tensor holding the key, read when SEED_FROM_PTR
     SRC_DTYPE: tl.constexpr,
     DST_DTYPE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
     ALIGNED: tl.constexpr,  # every tensor starts on a 16-byte boundary: lets the compiler vectorise
     CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -47,6 +55,8 @@ def _cast_kernel(
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
     dst_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DST_DTYPE, ALIGNED) + chunk_start
     src_ptr = tensor_pointer(table_ptr, 1, n_tensors, t, SRC_DTYPE, ALIGNED) + chunk_start
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)  # read when the kernel runs: a graph replay sees the key drawn for it
 
     for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
         offsets = block_start + tl.arange(0, BLOCK_SIZE)
@@ -72,21 +82,9 @@ def _cast_block(dst_ptr, src_ptr, offsets, mask, seed, t, chunk_start, SRC_DTYPE
 
 
 def _check(dst, src) -> None:
-    if len(dst) != len(src):
-        raise ValueError(f"cast_launch: dst has {len(dst)} tensors, src has {len(src)}")
-    device = dst[0].device
-    for name, lst in (("dst", dst), ("src", src)):
-        dtype = lst[0].dtype
-        if dtype not in _TL_DTYPES:
-            raise TypeError(f"cast_launch: {name} must be float32, bfloat16 or float16, got {dtype}")
-        for i, x in enumerate(lst):
-            if x.dtype != dtype or x.device != device:
-                raise ValueError(f"cast_launch: {name}[{i}] is {x.dtype} on {x.device}, expected {dtype} on {device}")
-            if not x.is_contiguous():
-                raise ValueError(f"cast_launch: {name}[{i}] must be contiguous")
-    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
-        if d.numel() != s.numel():
-            raise ValueError(f"cast_launch: dst[{i}] has {d.numel()} elements, src[{i}] has {s.numel()}")
+    check_role("cast_launch", "dst", dst, _TL_DTYPES)
+    check_role("cast_launch", "src", src, _TL_DTYPES, dst[0].device)
+    check_numels("cast_launch", "dst", dst, "src", src)
 
 
 def cast_launch(
@@ -94,27 +92,36 @@ def cast_launch(
     src: Sequence[torch.Tensor],
     *,
     stochastic: bool = False,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     chunk_size: int = 65536,
     block_size: int = 1024,
     cache: MutableMapping | None = None,
 ) -> None:
     """Copy ``src[i]`` into ``dst[i]`` converting the dtype, for every i, in one launch (no host sync).
 
-    All ``dst`` share one dtype and all ``src`` one dtype, each fp32, bf16 or fp16; tensors are contiguous
-    and pairwise equally sized. ``stochastic`` rounds narrowing conversions stochastically with Philox key
-    ``seed`` (same seed and layout, same bits). Inputs are checked when their chunk table is first built.
+    All ``dst`` share one dtype and all ``src`` one dtype, each fp32, bf16 or fp16; tensors are contiguous,
+    on one device and pairwise equally sized (checked on every call). ``stochastic`` rounds narrowing conversions
+    stochastically with Philox key ``seed``: an int in [0, 2^31) (same seed and layout, same bits), or a
+    1-element int64 tensor on the tensors' device, read by the kernel (see the module docstring).
     """
     if len(dst) == 0 and len(src) == 0:
         return
     if len(dst) != len(src) or len(dst) == 0:
-        _check(dst, src)
-    if not 0 <= seed < 2**31:
+        raise ValueError(f"cast_launch: dst has {len(dst)} tensors, src has {len(src)}")
+    seed_is_tensor = isinstance(seed, torch.Tensor)
+    if seed_is_tensor:
+        try:
+            check_scalar("cast_launch", "seed", seed, dst[0].device, (torch.int64,))
+        except ValueError as e:
+            raise ValueError(f"cast_launch: seed must be an int in [0, 2^31) or a 1-element int64 tensor on the "
+                             f"tensors' device ({e})") from None  # fmt: skip
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         # One integer type for every seed: a new seed never recompiles.
-        raise ValueError(f"cast_launch: seed must be in [0, 2^31), got {seed}")
+        raise ValueError(f"cast_launch: seed must be an int in [0, 2^31) or a 1-element int64 tensor, got {seed!r}")
     table = build_chunk_table([dst, src], chunk_size, cache, check=lambda: _check(dst, src))
     if table.n_chunks == 0:
         return
+    use_on_current_stream(table)
     with torch.cuda.device(dst[0].device) if dst[0].is_cuda else contextlib.nullcontext():
         _cast_kernel[(table.n_chunks,)](
             table.table,
@@ -122,10 +129,12 @@ def cast_launch(
             table.numel_offset,
             table.chunk_tensor_offset,
             table.chunk_start_offset,
-            seed,
+            0 if seed_is_tensor else seed,
+            seed if seed_is_tensor else table.table,  # (not read without SEED_FROM_PTR)
             SRC_DTYPE=_TL_DTYPES[src[0].dtype],
             DST_DTYPE=_TL_DTYPES[dst[0].dtype],
-            STOCHASTIC=stochastic,
+            STOCHASTIC=bool(stochastic),
+            SEED_FROM_PTR=seed_is_tensor and bool(stochastic),
             ALIGNED=table.aligned,
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,

@@ -220,3 +220,82 @@ def test_reference_stochastic_round_matches_documented_rule():
     reference.cast_([y], [x], stochastic=True, seed=1)
     lo, hi = _neighbours(x, torch.bfloat16)
     assert ((y.float() == lo) | (y.float() == hi)).all()
+
+
+# -- issue 9, part 6: stochastic rounding inside a CUDA graph capture -----------------------------------------------
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_reads_its_key_from_a_device_tensor(dtype):
+    """A captured launch replays its arguments, so a host-int seed would draw the same bits at every replay. With
+    ``seed`` a 1-element int64 device tensor the key is read on the device when the kernel runs: the same launch
+    arguments draw new bits once the tensor changes (as a graph replay's fresh key does), the old ones again
+    when it is restored."""
+    x = torch.rand(97) + 1.0
+    key = torch.tensor([1234], dtype=torch.int64)
+    outs = []
+    for value in (1234, 99, 1234):
+        key.fill_(value)
+        o = torch.empty(97, dtype=dtype)
+        cast_kernels.cast_launch([o], [x], stochastic=True, seed=key, chunk_size=CHUNK, block_size=BLOCK, cache={})
+        outs.append(o)
+    assert torch.equal(outs[0], outs[2]), "same key, same bits"
+    assert not torch.equal(outs[0], outs[1]), "another key (as a replay draws), other bits"
+    lo, hi = _neighbours(x, dtype)
+    assert all(((o.float() == lo) | (o.float() == hi)).all() for o in outs)
+
+
+@pytest.mark.interpret
+def test_kernel_rejects_a_bad_seed_tensor():
+    x, o = torch.rand(9), torch.empty(9, dtype=torch.bfloat16)
+    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(1), torch.zeros(1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="^cast_launch: seed must be an int in \\[0, 2\\^31\\) or a 1-element int64"):
+            cast_kernels.cast_launch([o], [x], stochastic=True, seed=bad, cache={})
+
+
+@pytest.mark.interpret
+def test_stochastic_without_seed_passes_a_device_key(monkeypatch):
+    """seed=None: the key is drawn on the tensors' device by torch's generator (a device op: graph-safe, new at
+    every replay, reproducible with torch.manual_seed) and handed to the kernel as a tensor, never a host int."""
+    seen = []
+    real = cast_kernels.cast_launch
+
+    def spy(dst, src, *, stochastic=False, seed=0, **kwargs):
+        seen.append(seed)
+        return real(dst, src, stochastic=stochastic, seed=seed, **kwargs)
+
+    monkeypatch.setattr(cast_kernels, "cast_launch", spy)
+    x = torch.rand(40) + 1.0
+    o = torch.empty(40, dtype=torch.bfloat16)
+    fused_ops.cast_([o], [x], stochastic=True, backend="triton")
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
+    assert seen[0].dtype == torch.int64 and seen[0].numel() == 1 and seen[0].device == x.device
+    fused_ops.cast_([o], [x], stochastic=True, seed=5, backend="triton")
+    assert seen[1] == 5, "an explicit seed stays a host int: reproducible, the same at every replay"
+
+
+def test_stochastic_without_seed_reads_nothing_on_the_host(monkeypatch):
+    """The plain-torch path draws from torch's default generator of the device too (no host value, no
+    per-call Generator seeded from the host)."""
+    from tests.utils import no_host_reads
+
+    x = torch.rand(40) + 1.0
+    o = torch.empty(40, dtype=torch.bfloat16)
+    with no_host_reads(monkeypatch):
+        fused_ops.cast_([o], [x], stochastic=True, backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_without_seed_draws_new_bits_each_call(backend):
+    x = torch.rand(256) + 1.0
+    a, b = torch.empty(256, dtype=torch.bfloat16), torch.empty(256, dtype=torch.bfloat16)
+    fused_ops.cast_([a], [x], stochastic=True, backend=backend)
+    fused_ops.cast_([b], [x], stochastic=True, backend=backend)
+    assert not torch.equal(a, b)
+    c, d = torch.empty(256, dtype=torch.bfloat16), torch.empty(256, dtype=torch.bfloat16)
+    torch.manual_seed(7)
+    fused_ops.cast_([c], [x], stochastic=True, backend=backend)
+    torch.manual_seed(7)
+    fused_ops.cast_([d], [x], stochastic=True, backend=backend)
+    assert torch.equal(c, d), "reproducible with torch.manual_seed"

@@ -1,0 +1,74 @@
+"""Launch checks shared by the multi-tensor launchers of cast.py, scale.py and flatten.py.
+
+A multi-tensor kernel reads (and writes) ``numel`` elements of its compiled dtype from each address of its chunk
+table: every tensor must be dense (strided), contiguous, of its role's dtype, on the launch device, with the element
+count of its table entry; a scalar argument (a scale, a flag, a key) must be one element of the expected kind on
+the launch device, because the kernel reads it through a raw pointer. The table is cached by address, so these run
+on every call, not once per layout: a cached address may hold another tensor now.
+
+Host time counts (10,000 tensors per launch): each check is a few passes over the list (sets of dtypes, devices
+and layouts; one contiguity pass) and falls back to a loop that names the first offending tensor only when a pass
+fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+
+
+def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.dtype],
+               device: torch.device | None = None) -> None:  # fmt: skip
+    """Every tensor of ``tensors`` dense, contiguous, of one dtype (one of ``dtypes``) and on one device
+    (``device`` when given, else the first tensor's)."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{fn}: {name}[0] must be a Tensor, got {type(first).__name__}")
+    dtype = first.dtype
+    device = first.device if device is None else device
+    try:
+        if (
+            dtype in dtypes
+            and {x.dtype for x in tensors} == {dtype}
+            and {x.device for x in tensors} == {device}
+            and {x.layout for x in tensors} == {torch.strided}
+            and all(x.is_contiguous() for x in tensors)
+        ):
+            return
+    except AttributeError:  # not a tensor: named below
+        pass
+    for i, x in enumerate(tensors):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
+        if x.dtype not in dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise TypeError(f"{fn}: {name}[{i}] must be {allowed}, got {x.dtype}")
+        if x.dtype != dtype or x.device != device:
+            raise ValueError(f"{fn}: {name}[{i}] is {x.dtype} on {x.device}, expected {dtype} on {device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{fn}: {name}[{i}] must be contiguous")
+
+
+def check_numels(fn: str, name: str, tensors: Sequence[torch.Tensor], like_name: str,
+                 like: Sequence[torch.Tensor]) -> None:  # fmt: skip
+    """``tensors[i]`` has as many elements as ``like[i]``, for every i (same lengths)."""
+    if len(tensors) != len(like):
+        raise ValueError(f"{fn}: {name} has {len(tensors)} tensors, {like_name} has {len(like)}")
+    if [x.numel() for x in tensors] == [x.numel() for x in like]:
+        return
+    for i, (x, y) in enumerate(zip(tensors, like, strict=True)):
+        if x.numel() != y.numel():
+            raise ValueError(f"{fn}: {name}[{i}] has {x.numel()} elements, {like_name}[{i}] has {y.numel()}")
+
+
+def check_scalar(fn: str, name: str, x, device: torch.device, dtypes: Collection[torch.dtype] | None = None) -> None:
+    """``x`` is a dense 1-element tensor on ``device``, floating point (or of one of ``dtypes``)."""
+    ok_dtype = isinstance(x, torch.Tensor) and (x.dtype in dtypes if dtypes is not None else x.is_floating_point())
+    if not ok_dtype or x.layout != torch.strided or x.numel() != 1 or x.device != device:
+        kind = "floating-point" if dtypes is None else "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        got = (f"{x.numel()} elements of {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
+               else type(x).__name__)  # fmt: skip
+        raise ValueError(f"{fn}: {name} must be a 1-element {kind} tensor on {device}, got {got}")
