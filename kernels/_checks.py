@@ -19,13 +19,13 @@ import torch
 
 
 def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.dtype],
-               device: torch.device | None = None) -> None:  # fmt: skip
-    """Every tensor of ``tensors`` dense, contiguous, of one dtype (one of ``dtypes``) and on one device
-    (``device`` when given, else the first tensor's)."""
+               device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+    """Every tensor of ``tensors`` dense, contiguous, of one dtype (one of ``dtypes``: ``dtype`` when given, else
+    the first tensor's) and on one device (``device`` when given, else the first tensor's)."""
     first = tensors[0]
     if not isinstance(first, torch.Tensor):
         raise TypeError(f"{fn}: {name}[0] must be a Tensor, got {type(first).__name__}")
-    dtype = first.dtype
+    dtype = first.dtype if dtype is None else dtype
     device = first.device if device is None else device
     try:
         if (
@@ -45,6 +45,7 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
             raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
         if x.dtype not in dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            allowed = allowed.rsplit(", ", 1)[0] + " or " + allowed.rsplit(", ", 1)[1] if len(dtypes) > 1 else allowed
             raise TypeError(f"{fn}: {name}[{i}] must be {allowed}, got {x.dtype}")
         if x.dtype != dtype or x.device != device:
             raise ValueError(f"{fn}: {name}[{i}] is {x.dtype} on {x.device}, expected {dtype} on {device}")

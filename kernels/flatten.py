@@ -7,7 +7,8 @@ and the buffer can be allocated with ``torch.empty`` (no separate zero-fill pass
 first ``numel`` elements of each segment back into the tensor.
 
 The chunk table (``_multi_tensor.py``) is built over the flat segments (one role); the tensors' own
-addresses and element counts travel in a second small int64 table, cached next to it.
+addresses and element counts travel in a second chunk table (only its address and size sections are read),
+built over the tensors. Both are cached by address; the checks run on every call.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import _DEFAULT_CACHE, build_chunk_table, tensor_pointer
+from ._checks import check_role
+from ._multi_tensor import _DEFAULT_CACHE, build_chunk_table, is_capturing, keep_for_capture, tensor_pointer
+from ._multi_tensor import use_on_current_stream
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -37,7 +40,7 @@ def _flatten_kernel(
     numel_offset,
     chunk_tensor_offset,
     chunk_start_offset,
-    tensors_ptr,  # int64 [addr[0..T) | numel[0..T)] of the tensors (numel[t] <= span[t])
+    tensors_ptr,  # int64 chunk table over the tensors: [addr[0..T) | numel[0..T) | ...] (numel[t] <= span[t])
     DTYPE: tl.constexpr,
     SCATTER: tl.constexpr,
     ALIGNED: tl.constexpr,  # every tensor and segment starts on a 16-byte boundary: lets the compiler vectorise
@@ -82,22 +85,22 @@ def _copy_block(segment_ptr, tensor_ptr, offsets, valid, in_span, SCATTER: tl.co
 
 
 def _check_flat(flat) -> None:
-    if flat.dim() != 1 or not flat.is_contiguous():
-        raise ValueError("flatten_launch: flat must be a contiguous 1-d tensor")
+    if not isinstance(flat, torch.Tensor) or flat.layout != torch.strided:
+        raise TypeError("flatten_launch: flat must be a dense tensor")
     if flat.dtype not in _TL_DTYPES:
         raise TypeError(f"flatten_launch: flat must be float32, bfloat16, float16 or float64, got {flat.dtype}")
+    if flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError("flatten_launch: flat must be a contiguous 1-d tensor")
 
 
-def _check(flat, tensors, offsets, spans) -> None:
-    for i, (x, span) in enumerate(zip(tensors, spans, strict=True)):
-        if span < x.numel():
-            raise ValueError(f"flatten_launch: tensors[{i}] has {x.numel()} elements, its segment only {span}")
-        if x.dtype != flat.dtype or x.device != flat.device:
-            raise ValueError(
-                f"flatten_launch: tensors[{i}] is {x.dtype} on {x.device}, flat is {flat.dtype} on {flat.device}"
-            )
-        if not x.is_contiguous():
-            raise ValueError(f"flatten_launch: tensors[{i}] must be contiguous")
+def _check(flat, tensors, spans) -> None:
+    """Every tensor of flat's dtype, on flat's device, contiguous, and no longer than its segment."""
+    check_role("flatten_launch", "tensors", tensors, _TL_DTYPES, flat.device, flat.dtype)
+    numels = [x.numel() for x in tensors]
+    if all(n <= span for n, span in zip(numels, spans, strict=True)):
+        return
+    i = next(i for i, (n, span) in enumerate(zip(numels, spans, strict=True)) if n > span)
+    raise ValueError(f"flatten_launch: tensors[{i}] has {numels[i]} elements, its segment only {spans[i]}")
 
 
 def _segments(flat: torch.Tensor, offsets: Sequence[int], spans: Sequence[int]) -> list[torch.Tensor]:
@@ -124,7 +127,7 @@ def flatten_launch(
 
     ``flat[offsets[i] : offsets[i] + spans[i]]`` is tensor ``i``'s segment; a gather zero-fills the part of
     each segment past the tensor's end. Segments must not overlap (not checked: the layout comes from
-    ``fused_ops``). Inputs are checked when their tables are first built, then cached by address.
+    ``fused_ops``). Inputs are checked on every call; the tables are cached by address.
     """
     if len(tensors) == 0:
         return
@@ -133,8 +136,10 @@ def flatten_launch(
     _check_flat(flat)
     if len(offsets) != len(tensors) or len(spans) != len(tensors):
         raise ValueError(f"flatten_launch: {len(tensors)} tensors but {len(offsets)} offsets and {len(spans)} spans")
+    _check(flat, tensors, spans)
     n_flat = flat.numel()
-    # The segments' chunk table, by flat's address and the layout: no view per segment on the next call.
+    # The segments' chunk table, by flat's address and the layout (which is all it depends on, so the bounds are
+    # checked once per key): no view per segment on the next call.
     segments_key = ("flatten_segments", flat.data_ptr(), n_flat, flat.dtype, flat.device, tuple(offsets),
                     tuple(spans), chunk_size)  # fmt: skip
     table = cache.get(segments_key)
@@ -144,23 +149,17 @@ def flatten_launch(
                 raise ValueError(
                     f"flatten_launch: segment {i} [{off}, {off + span}) is outside flat ({n_flat} elements)"
                 )
-        segments = _segments(flat, offsets, spans)
-        table = build_chunk_table([segments], chunk_size, cache, check=lambda: _check(flat, tensors, offsets, spans))
+        table = build_chunk_table([_segments(flat, offsets, spans)], chunk_size, cache)
         cache[segments_key] = table
-    # The chunk table's cache key covers the segments only; the tensors' addresses get their own entry.
-    key = ("flatten_tensors", tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),
-           flat.dtype, flat.device)  # fmt: skip
-    cached = cache.get(key)
-    if cached is None:
-        _check(flat, tensors, offsets, spans)
-        addrs = [x.data_ptr() for x in tensors]
-        host = torch.tensor(addrs + [x.numel() for x in tensors], dtype=torch.int64)
-        # Pinned and asynchronous on a GPU, as the chunk table: building a layout never blocks the host.
-        info = host.pin_memory().to(flat.device, non_blocking=True) if flat.is_cuda else host
-        cached = cache[key] = (info, all(a % 16 == 0 for a in addrs))
-    info, tensors_aligned = cached
+    elif is_capturing(flat.device):
+        keep_for_capture(table)  # a captured graph reads it: never freed, whatever the cache evicts
+    # The tensors' addresses and sizes: a chunk table of their own (cached by address, kept for a capture), of
+    # which the kernel reads the first two sections.
+    info = build_chunk_table([tensors], chunk_size, cache)
     if table.n_chunks == 0:
         return
+    use_on_current_stream(table)
+    use_on_current_stream(info)
     with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
         _flatten_kernel[(table.n_chunks,)](
             table.table,
@@ -168,10 +167,10 @@ def flatten_launch(
             table.numel_offset,
             table.chunk_tensor_offset,
             table.chunk_start_offset,
-            info,
+            info.table,
             DTYPE=_TL_DTYPES[flat.dtype],
             SCATTER=scatter,
-            ALIGNED=table.aligned and tensors_aligned,
+            ALIGNED=table.aligned and info.aligned,
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import build_chunk_table, tensor_pointer
+from ._checks import check_numels, check_role, check_scalar
+from ._multi_tensor import build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, rounded_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -153,28 +154,11 @@ def _norm_block(x_ptr, offsets, mask, p, acc, nan_probe, DTYPE: tl.constexpr, NO
     return acc, nan_probe
 
 
-def _check(tensors, name, dtypes=None) -> None:
-    device, dtype = tensors[0].device, tensors[0].dtype
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"{name}: tensors must be float32, bfloat16 or float16, got {dtype}")
-    for i, x in enumerate(tensors):
-        if x.device != device or x.dtype != dtype:
-            raise ValueError(f"{name}: tensors[{i}] is {x.dtype} on {x.device}, expected {dtype} on {device}")
-        if not x.is_contiguous():
-            raise ValueError(f"{name}: tensors[{i}] must be contiguous")
-
-
 def _check_unscale(grads, out) -> None:
-    _check(grads, "unscale_launch")
+    check_role("unscale_launch", "grads", grads, _TL_DTYPES)
     if out:
-        if len(out) != len(grads):
-            raise ValueError(f"unscale_launch: out has {len(out)} tensors, grads has {len(grads)}")
-        _check(out, "unscale_launch (out)")
-        if out[0].device != grads[0].device:
-            raise ValueError(f"unscale_launch: out is on {out[0].device}, grads on {grads[0].device}")
-        for i, (o, g) in enumerate(zip(out, grads, strict=True)):
-            if o.numel() != g.numel():
-                raise ValueError(f"unscale_launch: out[{i}] has {o.numel()} elements, grads[{i}] has {g.numel()}")
+        check_role("unscale_launch", "out", out, _TL_DTYPES, grads[0].device)
+        check_numels("unscale_launch", "out", out, "grads", grads)
 
 
 def unscale_launch(
@@ -189,26 +173,29 @@ def unscale_launch(
 ) -> None:
     """Multiply every grad by ``inv_scale`` and set ``found_inf`` to 1 if any result is inf or nan: one launch.
 
-    ``inv_scale`` is a float or a 1-element device tensor (read on the device: no sync); ``found_inf`` a
-    1-element float device tensor that is set, never cleared (None: no check). With ``out`` (same sizes,
-    one dtype), results go there and the grads are left unchanged, e.g. fp32 copies of bf16 grads.
-    Inputs are checked when their chunk table is first built.
+    ``inv_scale`` is a float or a 1-element float tensor on the grads' device (read on the device: no sync);
+    ``found_inf`` a 1-element float tensor on that device that is set, never cleared (None: no check). With
+    ``out`` (same sizes, one dtype), results go there and the grads are left unchanged, e.g. fp32 copies of bf16
+    grads. Every tensor and scalar is checked on every call (the table is cached by address).
     """
     if len(grads) == 0:
         return
     out = list(out) if out else []
-    if out and len(out) != len(grads):
-        _check_unscale(grads, out)
+    if not isinstance(grads[0], torch.Tensor):
+        _check_unscale(grads, out)  # (names it)
+    device = grads[0].device
+    scale_is_tensor = isinstance(inv_scale, torch.Tensor)
+    if scale_is_tensor:
+        check_scalar("unscale_launch", "inv_scale", inv_scale, device)
+    if found_inf is not None:
+        check_scalar("unscale_launch", "found_inf", found_inf, device)
     roles = [grads, out] if out else [grads]
     table = build_chunk_table(roles, chunk_size, cache, check=lambda: _check_unscale(grads, out))
     if table.n_chunks == 0:
         return
-    scale_is_tensor = isinstance(inv_scale, torch.Tensor)
-    for name, x in (("inv_scale", inv_scale if scale_is_tensor else None), ("found_inf", found_inf)):
-        if x is not None and (x.numel() != 1 or x.device != grads[0].device or not x.is_floating_point()):
-            raise ValueError(f"unscale_launch: {name} must be a 1-element float tensor on {grads[0].device}")
+    use_on_current_stream(table)
     dummy = table.table
-    with torch.cuda.device(grads[0].device) if grads[0].is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _unscale_kernel[(table.n_chunks,)](
             table.table,
             table.n_tensors,
@@ -248,12 +235,14 @@ def norm_launch(
         raise ValueError(f"norm_launch: norm_type must be inf or > 0, got {norm_type}")
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float32)
-    table = build_chunk_table([tensors], chunk_size, cache, check=lambda: _check(tensors, "norm_launch"))
+    table = build_chunk_table([tensors], chunk_size, cache,
+                              check=lambda: check_role("norm_launch", "tensors", tensors, _TL_DTYPES))  # fmt: skip
     device = tensors[0].device
     if table.n_chunks == 0:
         return torch.zeros((), dtype=torch.float32, device=device)
     norm = 0 if math.isinf(norm_type) else 1 if norm_type == 1.0 else 2 if norm_type == 2.0 else 3
     partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
+    use_on_current_stream(table)
     with torch.cuda.device(device) if tensors[0].is_cuda else contextlib.nullcontext():
         _norm_partials_kernel[(table.n_chunks,)](
             table.table,

@@ -313,3 +313,54 @@ def test_opcheck_reference():
     flat = torch.empty(total)
     torch.library.opcheck(torch.ops.fused_ops.flatten_into_.default, (flat, ts, offsets, spans, "reference"))
     torch.library.opcheck(torch.ops.fused_ops.unflatten_copy_.default, (ts, flat, offsets, "reference"))
+
+
+# -- issue 9, part 3: the launcher's own caches never skip a check ---------------------------------------------------
+
+
+def _stale_cases():
+    """(first tensor, tensor at the same address with the same element count but something else) pairs."""
+    base = torch.randn(256)
+    return [
+        ("other dtype", base[:64], base[:32].view(torch.bfloat16), ValueError,
+         "is torch.bfloat16 on cpu, expected torch.float32 on cpu"),
+        ("non-contiguous", base[:64], base[::2][:64], ValueError, "must be contiguous"),
+        ("other dtype, same size", base[:64], base[:64].view(torch.int32), TypeError,
+         "must be float32, bfloat16, float16 or float64, got torch.int32"),
+    ]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("scatter", [False, True])
+@pytest.mark.parametrize("case", range(3))
+def test_kernel_checks_every_call_after_a_cached_one(scatter, case):
+    """flatten_launch caches the segments' table by flat's address and the tensors' addresses by address and size:
+    a tensor of another dtype or with other strides at a cached address used to run with the old layout (read
+    as float32, or as contiguous). Every call checks; nothing is written on an error."""
+    from tests.safety import expect_error_unchanged
+
+    name, good, bad, exc, match = _stale_cases()[case]
+    assert good.data_ptr() == bad.data_ptr() and good.numel() == bad.numel()
+    cache = {}
+    flat = torch.randn(128)
+    flatten_kernels.flatten_launch(flat, [good], [0], [64], scatter=scatter, cache=cache, chunk_size=CHUNK,
+                                   block_size=BLOCK)  # fmt: skip
+    keep = good.clone()
+    expect_error_unchanged(
+        lambda: flatten_kernels.flatten_launch(flat, [bad], [0], [64], scatter=scatter, cache=cache,
+                                               chunk_size=CHUNK, block_size=BLOCK),  # fmt: skip
+        exc, f"^flatten_launch: tensors\\[0\\] {match}", flat, good, bad,
+    )
+    assert torch.equal(good, keep)
+
+
+@pytest.mark.interpret
+def test_kernel_checks_a_shorter_segment_after_a_cached_call():
+    """The tensors' entry is keyed by their sizes, the segments' by the layout: a tensor larger than its segment
+    with a cached layout is refused (the gather would write past the segment)."""
+    cache = {}
+    flat = torch.zeros(128)
+    x = torch.randn(64)
+    flatten_kernels.flatten_launch(flat, [x], [0], [64], cache=cache, chunk_size=CHUNK, block_size=BLOCK)
+    with pytest.raises(ValueError, match="tensors\\[0\\] has 64 elements, its segment only 32"):
+        flatten_kernels.flatten_launch(flat, [x], [0], [32], cache=cache, chunk_size=CHUNK, block_size=BLOCK)

@@ -115,7 +115,7 @@ def test_kernel_unscale_flags_overflow_on_narrowing(device):
 
 
 def test_kernel_unscale_rejects_bad_input():
-    with pytest.raises(ValueError, match="tensors\\[1\\]"):
+    with pytest.raises(ValueError, match="grads\\[1\\]"):
         scale_kernels.unscale_launch([torch.zeros(3), torch.zeros(3, dtype=torch.float16)], 1.0, None, cache={})
     with pytest.raises(ValueError, match="out\\[0\\] has 4 elements"):
         scale_kernels.unscale_launch([torch.zeros(3)], 1.0, None, [torch.zeros(4)], cache={})
@@ -449,3 +449,42 @@ def test_clip_coef_and_max_norm_values():
     with pytest.raises(ValueError, match="^clip_grad_norm_: max_norm must be a number, got nan"):
         fused_ops.clip_grad_norm_(params, math.nan)
     assert torch.equal(params[0].grad, before)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("with_out", [False, True])
+def test_kernel_unscale_checks_every_call_after_a_cached_one(with_out):
+    """After a valid call, a tensor at a cached address that is shorter, strided or of another dtype raises (or is
+    handled) and nothing is written; the scalars are checked at every launch."""
+    from tests.safety import expect_error_unchanged
+
+    base = torch.randn(256)
+    out = [torch.empty(64)] if with_out else None
+    cache = {}
+    scale_kernels.unscale_launch([base[:64]], 0.5, torch.zeros(1), out, cache=cache)
+    name = "grads"
+    for bad, exc, match in [
+        (base[::2][:64], ValueError, f"{name}\\[0\\] must be contiguous"),
+        (base[:64].view(torch.int32), TypeError, f"{name}\\[0\\] must be float32, bfloat16 or float16"),
+    ]:
+        expect_error_unchanged(lambda bad=bad: scale_kernels.unscale_launch([bad], 0.5, torch.zeros(1), out,
+                                                                            cache=cache),  # fmt: skip
+                               exc, f"^unscale_launch: {match}", base, out)
+    for scalar, bad in [("inv_scale", torch.ones(2)), ("inv_scale", torch.ones(1, device="meta")),
+                        ("found_inf", torch.zeros(1, dtype=torch.int32)), ("found_inf", torch.zeros(1, 1, 2))]:
+        args = (torch.ones(1), torch.zeros(1))
+        args = (bad, args[1]) if scalar == "inv_scale" else (args[0], bad)
+        expect_error_unchanged(lambda args=args: scale_kernels.unscale_launch([base[:64]], *args, out, cache=cache),
+                               ValueError, f"^unscale_launch: {scalar} must be a 1-element floating-point tensor on cpu",
+                               base, out)  # fmt: skip
+
+
+@pytest.mark.interpret
+def test_kernel_norm_checks_every_call_after_a_cached_one():
+    base = torch.randn(256)
+    cache = {}
+    scale_kernels.norm_launch([base[:64]], cache=cache)
+    with pytest.raises(ValueError, match="^norm_launch: tensors\\[0\\] must be contiguous"):
+        scale_kernels.norm_launch([base[::2][:64]], cache=cache)
+    with pytest.raises(TypeError, match="^norm_launch: tensors\\[0\\] must be float32, bfloat16 or float16"):
+        scale_kernels.norm_launch([base[:64].view(torch.int32)], cache=cache)
