@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import statistics
 import tempfile
@@ -141,6 +142,136 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+# -- validation -----------------------------------------------------------------------------------------------
+# Rule: validate everything, on every rank, then change anything. A rank never raises alone where the other ranks
+# would go on into a collective: local errors are agreed on first (in the constructor and load_state_dict with one
+# all_gather_object, in step() inside the all-reduce the step runs anyway), and every rank raises the same error.
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    t.__name__: t for t in (ValueError, TypeError, RuntimeError, KeyError, IndexError, NotImplementedError)
+}
+
+
+def _real(name: str, value: Any) -> float:
+    """A real number or a 1-element real tensor as a float; TypeError / ValueError naming ``name`` otherwise."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got a tensor of {value.numel()} elements")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of {value.numel()} elements"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_lr_tensor(lr: Tensor, where: str) -> None:
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element (lr of {where} has {lr.numel()} elements)")
+    if not lr.is_floating_point():
+        raise TypeError(f"a tensor lr must be floating point (lr of {where} is a {lr.dtype} tensor)")
+
+
+def _check_lr_value(lr: float, where: str) -> None:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"Invalid learning rate: {lr} (lr of {where})")
+
+
+def _check_group(gi: int, group: dict[str, Any], read_lr: bool) -> tuple[float | Tensor, float, float, float, float]:
+    """Check param group ``gi``'s step values, with torch.optim's messages plus the value's name and the group.
+
+    Returns ``(lr, beta1, beta2, eps, weight_decay)``: the rest as floats, ``lr`` as a float or, when it is a
+    tensor, as given (1-element, floating point; its value is read and checked here with ``read_lr``, else on the
+    device by ``step()``, which would otherwise need a host sync).
+    """
+    where = f"param group {gi}"
+    for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
+        if key not in group:
+            raise ValueError(f"{where} has no {key!r}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        _check_lr_tensor(lr, where)
+        if read_lr:
+            _check_lr_value(float(lr.item()), where)
+    else:
+        lr = _real(f"lr of {where}", lr)
+        _check_lr_value(lr, where)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas of {where} must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (_real(f"betas[{i}] of {where}", b) for i, b in enumerate(betas))
+    for i, beta in enumerate((beta1, beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (betas of {where})")
+    eps = _real(f"eps of {where}", group["eps"])
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"Invalid epsilon value: {eps} (eps of {where})")
+    weight_decay = _real(f"weight_decay of {where}", group["weight_decay"])
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay of {where})")
+    check_backend(group.get("backend"))
+    return lr, beta1, beta2, eps, weight_decay
+
+
+def _check_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    norm = _real("max_grad_norm", value)
+    if not (norm > 0 and math.isfinite(norm)):
+        raise ValueError(f"max_grad_norm must be a positive finite number or None, got {norm}")
+    return norm
+
+
+# Step values compared between ranks, per param group (then max_grad_norm, the loss scale's kind and value).
+_GROUP_VALUES = ("lr", "betas[0]", "betas[1]", "eps", "weight_decay", "amsgrad", "maximize")
+_LOSS_SCALE_KINDS = ("None", "a number", "a tensor", "a loss scaler")
+_NONE = -1.0  # max_grad_norm / loss scale None in the compared values (valid ones are > 0)
+
+
+@dataclass
+class _StepInputs:
+    """A step's values, checked on this rank (tensor values are checked on the device, in the all-reduce)."""
+
+    lrs: list[float | Tensor]  # per group: a float, or a 1-element tensor on the params' device
+    floats: list[tuple[float, float, float, float]]  # per group: beta1, beta2, eps, weight_decay
+    max_grad_norm: float | None
+    loss_scale: float | Tensor | None  # a float, or a 0-d float64 tensor on the params' device
+    scaler_found_inf: Tensor | None  # the loss scaler's flag, set when a step is skipped
+    values: list[float]  # compared between ranks (0.0 where the value is a tensor: see ``tensors``)
+    tensors: list[tuple[int, Tensor, str]]  # (index in values, 0-d float64 tensor on the device, its name)
+
+
+def _bit_pieces(values: Tensor, shifts: Tensor) -> Tensor:
+    """float64 values -> the four 16-bit pieces of each one's bits, then their squares (float64, exact).
+
+    Summed over W ranks by an all-reduce, the values were bit-identical on every rank iff ``W * sum(p^2) ==
+    sum(p)^2`` for each piece (equality in Cauchy-Schwarz); the sums are integers below 2^53 for W < 2^21.
+    """
+    bits = values.contiguous().view(torch.int64).unsqueeze(-1)
+    pieces = ((bits >> shifts) & 0xFFFF).to(torch.float64).reshape(-1)
+    return torch.cat([pieces, pieces * pieces])
+
+
+def _differing(sums: list[float], world: int) -> list[int]:
+    """Indices of the values that were not bit-identical on every rank, from the all-reduced ``_bit_pieces``."""
+    n = len(sums) // 2
+    return sorted({k // 4 for k in range(n) if int(sums[k]) ** 2 != world * int(sums[n + k])})
+
+
+def _by_rank(values: list[str]) -> str:
+    """'0.001 on ranks 0, 1, 3 but 0.003 on rank 2'."""
+    groups: dict[str, list[int]] = {}
+    for r, v in enumerate(values):
+        groups.setdefault(v, []).append(r)
+    parts = [f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" for v, rs in groups.items()]
+    return " but ".join(parts)
+
+
 # -- layout -------------------------------------------------------------------------------------------------
 @dataclass
 class BucketSpec:
@@ -200,6 +331,7 @@ class _Slot:
     param: Tensor
     offset: int  # in the bucket
     numel: int
+    ptr: int = 0  # the param's address: a view of the bucket (a param whose .data was replaced is refused)
 
 
 @dataclass
@@ -381,6 +513,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.skipped_steps = torch.zeros((), dtype=torch.float32, device=self._device)
 
         self._sync_grads = True
+        self._grad_errors: dict[int, tuple[str, str]] = {}  # param index -> (type, message), raised by step()
         self._round_open = False
         self._next_bucket = 0
         self._rounds_since_step = 0
@@ -462,7 +595,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                 with torch.no_grad():
                     view.copy_(p.detach().reshape(-1))
                 p.data = view.view(p.shape)  # the model's param now lives in the bucket
-                slots.append(_Slot(index, p, offset, numel))
+                slots.append(_Slot(index, p, offset, numel, p.data_ptr()))
                 self._bucket_of[index] = bi
                 if offset > end:
                     gaps.append((end, offset))
@@ -582,8 +715,24 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._next_bucket = 0
         self._rounds_since_step += 1
 
-    def _launch(self, b: _Bucket) -> None:
-        """Copy the bucket's grads into a staging buffer and start its reduce-scatter."""
+    def _grad_error(self, s: _Slot, view: Tensor) -> tuple[str, str]:
+        p, g = s.param, s.param.grad
+        where = f"param {s.index} (shape {tuple(view.shape)})"
+        if p.data_ptr() != s.ptr or p.dtype != self._buckets[self._bucket_of[s.index]].dtype or p.shape != view.shape:
+            return "RuntimeError", (
+                f"{where} is no longer a view of ZeroAdamW's flat buffer (its .data was replaced, or the model was "
+                "moved or cast after the optimizer was built), so its updates would not reach it: build ZeroAdamW "
+                "after the model has its final device and dtype"
+            )
+        if g.is_sparse:
+            return "RuntimeError", f"ZeroAdamW does not support sparse gradients; the grad of {where} is sparse"
+        if not g.is_floating_point():
+            return "RuntimeError", f"the grad of {where} is {g.dtype}"
+        return "RuntimeError", f"the grad of {where} has shape {tuple(g.shape)}"
+
+    def _launch(self, b: _Bucket, free_grads: bool = True) -> None:
+        """Copy the bucket's grads into a staging buffer and start its reduce-scatter (stage 2 frees the grads
+        unless ``free_grads`` is False: step() frees them once it has succeeded)."""
         b.ready.clear()
         key = (self._reduce_dtype(b), self._device)
         pool = self._pools[key]
@@ -597,23 +746,31 @@ class ZeroAdamW(torch.optim.Optimizer):
                 [flat.narrow(0, lo, hi - lo) for lo, hi in b.gaps],
                 [flat.narrow(0, s.offset, s.numel).view(s.param.shape) for s in b.slots],
             )
-        dst, src, zero = [], [], list(views[0])
+        dst, src, zero, bad = [], [], list(views[0]), False
         for s, view in zip(b.slots, views[1], strict=True):
-            g = s.param.grad
-            if g is None:
+            p = s.param
+            g = p.grad
+            if p.data_ptr() != s.ptr or p.dtype != b.dtype or p.shape != view.shape or (
+                g is not None and (g.shape != view.shape or g.is_sparse or not g.is_floating_point())
+            ):
+                # Never raised here (only this rank would, mid-sequence of collectives): reduced as zeros, and
+                # step() raises the error on every rank.
+                self._grad_errors.setdefault(s.index, self._grad_error(s, view))
+                zero.append(view)
+                bad = True
+            elif g is None:
                 zero.append(view)
             else:
-                if g.shape != view.shape or g.is_sparse:
-                    raise RuntimeError(f"ZeroAdamW: the grad of param {s.index} has shape {tuple(g.shape)}")
                 dst.append(view)
                 src.append(g)
         if dst:
             torch._foreach_copy_(dst, src)
         if zero:
             torch._foreach_zero_(zero)
-        if self.stage == 2:
+        if self.stage == 2 and free_grads:
             for s in b.slots:
-                s.param.grad = None
+                if not bad or s.index not in self._grad_errors:
+                    s.param.grad = None
         # Straight into the grad shard when nothing is there yet (and the dtypes agree); otherwise in place (into
         # this rank's slice of the staging buffer: NCCL and gloo support it), added to the shard when it lands.
         direct = key[0] == b.grad.dtype and not b.grad_valid and b.inflight == 0
@@ -642,24 +799,55 @@ class ZeroAdamW(torch.optim.Optimizer):
         while self._inflight:
             self._finish_oldest()
 
-    def _reduce_all(self) -> None:
-        """Make every bucket's grad shard final for this step."""
+    def _reduce_all(self) -> tuple | None:
+        """Make every bucket's grad shard final for this step.
+
+        Returns what a failed step puts back (see ``_undo_reduce``), None when there is nothing to put back: stage
+        1 recomputes its shards from ``p.grad`` at every step, and in stage 2 after a synced backward they are
+        final already.
+        """
         self._drain()
+        undo = None
         if self.stage == 1 or self._rounds_since_step == 0 or self._unsynced_grads:
             # Stage 1, or stage 2 without a synced backward since the last step (grads set by hand, or
             # accumulated under no_sync after the last synced backward): reduce what p.grad holds now. Stage 1's
             # p.grad holds the whole accumulation, so its shards are replaced, not added to.
             if self.stage == 1:
+                self._grad_errors.clear()
                 for b in self._buckets:
                     b.grad_valid = False
+            else:
+                # Into new shards, and p.grad is kept until the step succeeds: a failed step puts the old shards
+                # back and leaves p.grad as it was, so that nothing is reduced twice.
+                undo = ([(b, b.grad, b.grad_valid) for b in self._buckets], dict(self._grad_errors))
+                for b in self._buckets:
+                    b.grad = b.grad.clone() if b.grad_valid else torch.empty_like(b.grad)
+                self._adam_view_cache.clear()
             with torch.no_grad():
                 for b in self._buckets:
-                    self._launch(b)
+                    self._launch(b, free_grads=False)
             self._drain()
         for b in self._buckets:
             if not b.grad_valid:
                 b.grad.zero_()
                 b.grad_valid = True
+        return undo
+
+    def _undo_reduce(self, undo: tuple | None) -> None:
+        if undo is None:
+            return
+        shards, errors = undo
+        for b, grad, valid in shards:
+            b.grad, b.grad_valid = grad, valid
+        self._grad_errors = errors
+        self._adam_view_cache.clear()
+
+    def _commit_reduce(self, undo: tuple | None) -> None:
+        self._rounds_since_step = 0
+        self._unsynced_grads = False
+        if undo is not None:  # stage 2 reduced p.grad in step(): free it now, as backward would have
+            for p in self._params:
+                p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset grads: ``p.grad`` (as torch) and this rank's reduced-grad shards."""
@@ -674,10 +862,13 @@ class ZeroAdamW(torch.optim.Optimizer):
             b.grad_valid = False
         self._rounds_since_step = 0
         self._unsynced_grads = False
+        self._grad_errors.clear()
 
     # -- step -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | Any = None) -> Any:
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | Any = None, **unexpected: Any
+    ) -> Any:
         """Reduce grads, clip, unscale, update this rank's shard with the fused Adam op, all-gather the params.
 
         Args:
@@ -685,75 +876,86 @@ class ZeroAdamW(torch.optim.Optimizer):
             loss_scale: the factor the loss was multiplied by before backward: a float, a 1-element device
                 tensor, or a loss scaler with ``scale`` and ``found_inf`` tensors (``fused_ops.DynamicLossScaler``).
                 Grads are divided by it inside the fused step, and a step whose grads hold an inf or NaN on
-                any rank is skipped on every rank (params, moments and step counts unchanged), with no host
-                synchronisation; ``last_found_inf`` then holds 1, and a scaler's ``found_inf`` is set too, so
-                that ``scaler.update()`` follows the global decision on every rank.
+                any rank is skipped on every rank (params, moments and step counts unchanged); ``last_found_inf``
+                then holds 1, and a scaler's ``found_inf`` is set too, so that ``scaler.update()`` follows the
+                global decision on every rank.
 
         After the step, ``last_grad_norm`` holds the global L2 norm of the averaged, unscaled grads before
         clipping, and ``skipped_steps`` counts skipped steps (both device tensors). Without ``loss_scale``
         nothing is skipped: inf/NaN grads go into the update, as with torch.optim.
+
+        Checked before anything changes, on every rank: the step values of every param group (lr, betas, eps,
+        weight_decay; a tensor lr must be 1-element and floating point, its value is checked on the device),
+        ``max_grad_norm``, ``loss_scale`` (finite and > 0; a tensor or a scaler's ``scale`` and ``found_inf``
+        1-element and floating point), the grads (dense, the param's shape) and that every param is still a view
+        of its bucket; and that every rank steps with bit-identical values (lr, betas, eps, weight_decay, amsgrad,
+        maximize, max_grad_norm, loss_scale). A problem on any rank raises the same exception on every rank, and
+        leaves params, grads, moments, master weights, step counts, the scaler and the logged values as they were.
+        The check rides on the all-reduce of the grad norm (no extra collective); reading its outcome is the
+        step's one host synchronisation (torch's GradScaler syncs once per step too).
         """
-        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
-            raise RuntimeError(
-                "ZeroAdamW does not work with torch.amp.GradScaler (its overflow check reads the full local "
-                "grads of one rank, which ZeRO does not keep): call optimizer.step(loss_scale=scale) and update "
-                "the scale from optimizer.last_found_inf"
-            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._reduce_all()
-        self._rounds_since_step = 0
-        self._unsynced_grads = False
-        if not self._buckets:
+        error: Exception | None = None
+        inputs: _StepInputs | None = None
+        try:
+            inputs = self._step_inputs(loss_scale, unexpected)
+        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+            error = e
+        if not self._buckets:  # no params on any rank (checked at construction): no collective, nothing to change
+            if error is not None:
+                raise error
             return loss
+        undo = self._reduce_all()
+        if error is None and self._grad_errors:
+            index = min(self._grad_errors)
+            kind, msg = self._grad_errors[index]
+            error = _ERROR_TYPES[kind](msg)
+        try:
+            sumsq = self._agree_on_step(_sum_of_squares([b.grad for b in self._buckets]), inputs, error)
+        except BaseException:
+            self._undo_reduce(undo)
+            raise
+        assert inputs is not None
+        self._commit_reduce(undo)
         dev = self._device
 
-        scaler = None
-        if loss_scale is not None and isinstance(getattr(loss_scale, "scale", None), Tensor):
-            scaler, loss_scale = loss_scale, loss_scale.scale
-        # One all-reduce gives both the global norm and the overflow flag (inf/NaN propagate through the sum).
-        sumsq = _sum_of_squares([b.grad for b in self._buckets])
-        dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.process_group)
+        # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
         divisor: float | Tensor = float(self.world_size)
-        if loss_scale is not None:
-            if isinstance(loss_scale, Tensor):
-                divisor = loss_scale.detach().to(dev, torch.float64).reshape(()) * self.world_size
-            else:
-                divisor = float(loss_scale) * self.world_size
+        if inputs.loss_scale is not None:
+            divisor = inputs.loss_scale * self.world_size
         total_norm = sumsq.sqrt() / divisor
         self.last_grad_norm = total_norm.float()
-        if self.max_grad_norm is not None:
+        if inputs.max_grad_norm is not None:
             # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; folded into the divisor.
-            clip_coef = (self.max_grad_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+            clip_coef = (inputs.max_grad_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
             grad_scale = (divisor / clip_coef.double()).float().reshape(1)
         elif isinstance(divisor, Tensor):
             grad_scale = divisor.float().reshape(1)
         else:
             grad_scale = torch.full((1,), divisor, dtype=torch.float32, device=dev)
-        if loss_scale is not None:
+        if inputs.loss_scale is not None:
             found_inf = (~torch.isfinite(sumsq)).float().reshape(1)
             self.last_found_inf = found_inf.reshape(())
             self.skipped_steps += self.last_found_inf
-            scaler_flag = getattr(scaler, "found_inf", None)
-            if isinstance(scaler_flag, Tensor):
-                scaler_flag.copy_(torch.maximum(scaler_flag, found_inf.to(scaler_flag).reshape(scaler_flag.shape)))
+            flag = inputs.scaler_found_inf
+            if flag is not None:
+                flag.copy_(torch.maximum(flag, found_inf.to(flag).reshape(flag.shape)))
         else:
             found_inf = None
             self.last_found_inf = torch.zeros((), dtype=torch.float32, device=dev)
 
         self._ensure_amsgrad_buffers()
         for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.device != dev:
-                lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(dev)
             # Segments with an fp32 master (bf16/fp16 buckets) and without (fp32, or master_weights=False) are
             # two calls: with masters, one pass updates them in fp32 and writes the rounded params.
             for with_master in (False, True):
                 segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
                 if segs:
-                    self._adam(group, segs, lr, grad_scale, found_inf, (gi, with_master))
+                    lr, floats = inputs.lrs[gi], inputs.floats[gi]
+                    self._adam(group, segs, lr, floats, grad_scale, found_inf, (gi, with_master))
         # Params with no element on this rank still count the step, as their owners do.
         others = [self._steps[i] for i in self._unowned]
         if others:
@@ -769,6 +971,173 @@ class ZeroAdamW(torch.optim.Optimizer):
                 w.wait()
         return loss
 
+    def _step_inputs(self, loss_scale: Any, unexpected: dict[str, Any]) -> _StepInputs:
+        """Check this rank's step values (raising the first problem) and collect what the ranks compare."""
+        if unexpected:
+            key = sorted(unexpected)[0]
+            hint = ""
+            if key in ("grad_scale", "found_inf"):
+                hint = (
+                    ": ZeroAdamW unscales and skips steps itself, from the global grad norm; pass the loss scale as "
+                    "step(loss_scale=...) (a float, a 1-element tensor or a loss scaler such as "
+                    "fused_ops.DynamicLossScaler)"
+                )
+            raise TypeError(f"got an unexpected keyword argument {key!r}{hint}")
+        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            raise RuntimeError(
+                "ZeroAdamW does not work with torch.amp.GradScaler (its overflow check reads the full local "
+                "grads of one rank, which ZeRO does not keep): call optimizer.step(loss_scale=scale) and update "
+                "the scale from optimizer.last_found_inf"
+            )
+        dev = self._device
+        values: list[float] = []
+        tensors: list[tuple[int, Tensor, str]] = []
+        lrs: list[float | Tensor] = []
+        floats: list[tuple[float, float, float, float]] = []
+        for gi, group in enumerate(self.param_groups):
+            lr, beta1, beta2, eps, weight_decay = _check_group(gi, group, read_lr=False)
+            if isinstance(lr, Tensor) and lr.device != dev:
+                if lr.device.type == "cpu":  # read on the host (no sync); a tensor elsewhere is copied over
+                    lr = float(lr.item())
+                    _check_lr_value(lr, f"param group {gi}")
+                else:
+                    lr = lr.to(dev)
+            if isinstance(lr, Tensor):
+                tensors.append((len(values), lr.detach().to(torch.float64).reshape(()), f"lr of param group {gi}"))
+                values.append(0.0)
+            else:
+                values.append(lr)
+            values += [beta1, beta2, eps, weight_decay, float(bool(group["amsgrad"])), float(bool(group["maximize"]))]
+            lrs.append(lr)
+            floats.append((beta1, beta2, eps, weight_decay))
+        max_grad_norm = _check_max_grad_norm(self.max_grad_norm)
+        values.append(_NONE if max_grad_norm is None else max_grad_norm)
+
+        scale: Any = loss_scale
+        scaler_found_inf = None
+        if loss_scale is None:
+            kind = 0
+        elif isinstance(loss_scale, Tensor):
+            kind = 2
+        elif isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool):
+            kind = 1
+        elif isinstance(getattr(loss_scale, "scale", None), Tensor):
+            kind, scale = 3, loss_scale.scale
+            scaler_found_inf = getattr(loss_scale, "found_inf", None)
+            if scaler_found_inf is not None and not (
+                isinstance(scaler_found_inf, Tensor) and scaler_found_inf.numel() == 1
+                and scaler_found_inf.is_floating_point()
+            ):  # fmt: skip
+                raise ValueError(
+                    "loss_scale.found_inf (the loss scaler's overflow flag) must be a 1-element floating-point "
+                    f"tensor, got {_describe(scaler_found_inf)}"
+                )
+        else:
+            raise TypeError(
+                "loss_scale must be None, a number, a 1-element tensor or a loss scaler with a `scale` tensor, got "
+                f"{type(loss_scale).__name__}"
+            )
+        values.append(float(kind))
+        if isinstance(scale, Tensor):
+            name = "loss_scale" if kind == 2 else "loss_scale.scale"
+            if scale.numel() != 1:
+                raise ValueError(f"{name} must be a number or a 1-element tensor, got {scale.numel()} elements")
+            if not scale.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
+            scale = scale.detach().to(dev, torch.float64).reshape(())
+            tensors.append((len(values), scale, "loss_scale"))
+            values.append(0.0)
+        elif scale is not None:
+            scale = float(scale)
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"loss_scale must be a finite number > 0, got {scale}")
+            values.append(scale)
+        else:
+            values.append(_NONE)
+        return _StepInputs(lrs, floats, max_grad_norm, scale, scaler_found_inf, values, tensors)
+
+    def _step_value_names(self) -> list[str]:
+        names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
+        return names + ["max_grad_norm", "loss_scale", "loss_scale"]
+
+    def _format_step_value(self, k: int, value: float) -> str:
+        n = len(_GROUP_VALUES) * len(self.param_groups)
+        if k < n and _GROUP_VALUES[k % len(_GROUP_VALUES)] in ("amsgrad", "maximize"):
+            return str(bool(value))
+        if k == n + 1:  # the loss scale's kind
+            return _LOSS_SCALE_KINDS[int(value)] if value in range(len(_LOSS_SCALE_KINDS)) else repr(value)
+        if k >= n and value == _NONE:
+            return "None"
+        return repr(value)
+
+    def _agree_on_step(self, sumsq: Tensor, inputs: _StepInputs | None, error: Exception | None) -> Tensor:
+        """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
+        host, or in a tensor value checked on the device), and the bits of every compared value (``_bit_pieces``).
+        Raises on every rank alike (they all read the same sums) if a rank had a problem or the values differ;
+        returns the global sum of squares (a 0-d float64 device tensor)."""
+        dev = self._device
+        n_values = len(_GROUP_VALUES) * len(self.param_groups) + 3
+        host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
+        flat = torch.tensor(host, dtype=torch.float64, device=dev)
+        flag, values = flat[:1], flat[1:]
+        if error is None and inputs is not None and inputs.tensors:
+            where = torch.tensor([k for k, _, _ in inputs.tensors], dtype=torch.int64, device=dev)
+            given = torch.stack([t for _, t, _ in inputs.tensors])
+            values = values.index_copy(0, where, given)
+            positive = torch.tensor([name == "loss_scale" for _, _, name in inputs.tensors], device=dev)
+            ok = torch.isfinite(given) & ((given > 0) | ((given == 0) & ~positive))
+            flag = flag + (~ok).sum(dtype=torch.float64)
+        if not hasattr(self, "_shifts"):
+            self._shifts = torch.arange(0, 64, 16, dtype=torch.int64, device=dev)
+        vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, _bit_pieces(values, self._shifts)])
+        dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
+        sums = vec[1:].tolist()  # the step's one host read
+        if sums[0] > 0:
+            self._raise_step_error(inputs, error)
+        differ = _differing(sums[1:], self.world_size)
+        if differ:
+            self._raise_step_values_differ(inputs, differ)
+        return vec[0]
+
+    def _raise_step_error(self, inputs: _StepInputs | None, error: Exception | None) -> None:
+        """Some rank had a problem: every rank gets every rank's description (the error path's own collective,
+        which every rank reaches) and raises the first one."""
+        local = None if error is None else (type(error).__name__, str(error))
+        if local is None and inputs is not None:
+            for _, t, name in inputs.tensors:
+                v = float(t.item())
+                if name == "loss_scale" and not (math.isfinite(v) and v > 0):
+                    local = ("ValueError", f"loss_scale must be a finite number > 0, got {v}")
+                elif name != "loss_scale" and not (math.isfinite(v) and v >= 0):
+                    local = ("ValueError", f"Invalid learning rate: {v} ({name})")
+                if local is not None:
+                    break
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local, group=self.process_group)
+        for r, err in enumerate(gathered):
+            if err is not None:
+                kind, msg = err
+                raise _ERROR_TYPES.get(kind, RuntimeError)(
+                    f"ZeroAdamW.step: {msg} (on rank {r}; the step changed nothing on any rank)"
+                )
+        raise RuntimeError("ZeroAdamW.step: a rank found an invalid step value but could not describe it")
+
+    def _raise_step_values_differ(self, inputs: _StepInputs | None, differ: list[int]) -> None:
+        mine = list(inputs.values) if inputs is not None else []
+        if inputs is not None:
+            for k, t, _ in inputs.tensors:
+                mine[k] = float(t.item())
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine, group=self.process_group)
+        names = self._step_value_names()
+        k = differ[0]
+        desc = _by_rank([self._format_step_value(k, v[k]) if v else "?" for v in gathered])
+        also = sorted({names[j] for j in differ[1:]} - {names[k]})
+        raise ValueError(
+            f"ZeroAdamW.step: {names[k]} differs between ranks ({desc})"
+            + (f"; so do {', '.join(also)}" if also else "")
+            + ": every rank must step with the same values (the step changed nothing on any rank)"
+        )
     def _adam_views(self, key: tuple[int, bool], segs: list[_Segment]) -> tuple[list[Tensor], ...]:
         """Per-segment views of the shards (cached: same addresses every step, so the kernel's table is too)."""
         cached = self._adam_view_cache.get(key)
@@ -790,17 +1159,20 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._adam_view_cache[key] = views
         return views
 
-    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor, grad_scale: Tensor,
-              found_inf: Tensor | None, key: tuple[int, bool]) -> None:  # fmt: skip
-        """The fused Adam op over the given segments of this rank's shards (one launch per dtype)."""
+    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
+              floats: tuple[float, float, float, float], grad_scale: Tensor, found_inf: Tensor | None,
+              key: tuple[int, bool]) -> None:  # fmt: skip
+        """The fused Adam op over the given segments of this rank's shards (one launch per dtype), with the step
+        values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay)."""
         # Grad shards are the params' dtype or fp32; the op takes both as they are, divides by grad_scale in fp32
         # (in the Triton kernel, or into fp32 copies on the CPU path) and leaves the shards as reduced.
         params, masters, grads, ms, vs, maxvs, steps = self._adam_views(key, segs)
-        beta1, beta2 = group["betas"]
+        beta1, beta2, eps, weight_decay = floats
+        amsgrad = bool(group["amsgrad"])
         functional.adam_(
-            params, grads, ms, vs, maxvs if group["amsgrad"] else None, steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], decoupled_weight_decay=True,
+            params, grads, ms, vs, maxvs if amsgrad else None, steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=bool(group["maximize"]), decoupled_weight_decay=True,
             grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
         )  # fmt: skip
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import math
 import os
 import socket
@@ -430,13 +431,25 @@ def task_world2(rank: int, world: int, out_dir: str) -> dict:
 TASKS = {"world4": task_world4, "world2": task_world2}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, task: str) -> None:
+def _task(task: str):
+    """A task name of ``TASKS``, or ``"module:function"`` (another test file's task, imported in the child)."""
+    if ":" not in task:
+        return TASKS[task]
+    module, name = task.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _result_path(out_dir: str, task: str, rank: int) -> str:
+    return os.path.join(out_dir, f"{task.replace(':', '.')}_rank{rank}.pt")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, task: str, pg_timeout_s: float = 60) -> None:
     torch.set_num_threads(1)
-    path = os.path.join(out_dir, f"{task}_rank{rank}.pt")
+    path = _result_path(out_dir, task, rank)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))  # fmt: skip
-        result = TASKS[task](rank, world, out_dir)
+                                timeout=datetime.timedelta(seconds=pg_timeout_s))  # fmt: skip
+        result = _task(task)(rank, world, out_dir)
         torch.save({"ok": True, "result": result}, path)
         dist.destroy_process_group()
     except BaseException:
@@ -453,14 +466,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(task: str, world: int, out_dir: str, timeout: float = SPAWN_TIMEOUT_S) -> list[dict]:
-    """Run ``task`` on ``world`` gloo ranks under a deadline; return each rank's result."""
+def spawn(
+    task: str, world: int, out_dir: str, timeout: float = SPAWN_TIMEOUT_S, pg_timeout_s: float = 60
+) -> list[dict]:
+    """Run ``task`` (a name of ``TASKS`` or ``"module:function"``) on ``world`` gloo ranks under a deadline; return
+    each rank's result. ``pg_timeout_s`` is the process group's timeout: a collective that only some ranks reach
+    raises there after that long."""
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     failure = None
     try:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, task), nprocs=world, join=False,
-                                 start_method="spawn")  # fmt: skip
+        args = (world, _free_port(), out_dir, task, pg_timeout_s)
+        ctx = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.5):
@@ -481,7 +498,7 @@ def spawn(task: str, world: int, out_dir: str, timeout: float = SPAWN_TIMEOUT_S)
             os.environ["OMP_NUM_THREADS"] = old
     results, errors = [], []
     for r in range(world):
-        path = os.path.join(out_dir, f"{task}_rank{r}.pt")
+        path = _result_path(out_dir, task, r)
         res = torch.load(path, weights_only=False) if os.path.exists(path) else {"ok": False, "error": "no result"}
         if not res["ok"]:
             errors.append(f"--- rank {r} ---\n{res['error']}")

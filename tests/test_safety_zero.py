@@ -1,0 +1,390 @@
+"""Safety tier for ZeroAdamW (issue 9, parts 4 and 5): input that is bad on any rank, or that differs between
+ranks, raises the same clear error on every rank, and params, grads, step counts, shards (master weights,
+moments, reduced grads), scaler and flags stay bit-identical to before, with no rank left waiting in a collective.
+
+One spawn per world size (2 and 4 gloo ranks, tests/test_distributed.py's harness) runs every case in sequence.
+Each attempt records, on every rank, the exception (type and message), the time it took, and whether everything
+it could have changed is bit-identical (tests/safety.py's ``snapshot`` / ``assert_unchanged``, called directly in
+the worker: no fork inside a gloo process). The process group times out after ``PG_TIMEOUT_S``, so a collective
+that only some ranks reach fails the attempt (its type and elapsed time show it), and the spawn's deadline bounds
+the whole file. ``ZERO_SAFETY_CASES=name,name`` runs only those cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import time
+import traceback
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fused_ops.distributed import ZeroAdamW
+from tests.safety import assert_unchanged, snapshot
+from tests.test_distributed import LR, TINY_BUCKET_MB, Net, flat_params, local_loss, spawn, tensors_equal
+
+pytestmark = [pytest.mark.safety, pytest.mark.distributed]
+
+PG_TIMEOUT_S = 15  # a rank left waiting in a collective gets gloo's timeout error after this long
+ATTEMPT_LIMIT_S = 8  # an attempt that takes longer waited for another rank
+SPAWN_DEADLINE_S = 240
+
+
+# -- worker side ------------------------------------------------------------------------------------------------
+def two_groups(model: Net) -> list[dict]:
+    """Params 0-2 in group 0, params 3-5 in group 1 (l1.weight, l1.bias, extra | l2.weight, l2.bias, unused)."""
+    return [
+        {"params": [model.l1.weight, model.l1.bias, model.extra]},
+        {"params": [model.l2.weight, model.l2.bias, model.unused], "lr": 2 * LR},
+    ]
+
+
+def make(stage: int, **kw: Any) -> tuple[Net, ZeroAdamW]:
+    model = Net()
+    opt = ZeroAdamW(two_groups(model), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4, **kw)
+    return model, opt
+
+
+def trained(stage: int, rank: int, world: int, backward: bool = True, **kw: Any) -> tuple[Net, ZeroAdamW]:
+    """A model and its ZeroAdamW after one step (moments and step counts non-zero), with the grads of the next
+    backward in place (in stage 2 already reduced, as after any backward)."""
+    model, opt = make(stage, **kw)
+    local_loss(model, 0, 0, rank, world).backward()
+    opt.step()
+    opt.zero_grad()
+    if backward:
+        local_loss(model, 1, 0, rank, world).backward()
+    opt._drain()  # nothing in flight while the snapshot reads the shards
+    return model, opt
+
+
+def zero_objects(opt: ZeroAdamW, *extra: Any) -> tuple:
+    """Everything a ZeroAdamW call may change on this rank, for ``snapshot``: the optimizer (groups, params and
+    their grads), step counts, the flat params and this rank's shards (masters, moments), the logged values, the
+    flags, and in stage 2 the reduced-grad shards (they carry the grads from backward to step; stage 1 recomputes
+    them from ``p.grad`` at every step, so there they are scratch)."""
+    shards = []
+    for b in opt._buckets:
+        d = {"flat": b.param_flat, "master": b.master, "exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq,
+             "max_exp_avg_sq": b.max_exp_avg_sq}  # fmt: skip
+        if opt.stage == 2:
+            d["grad"], d["grad_valid"] = b.grad, b.grad_valid
+        shards.append(d)
+    inner = {
+        "steps": opt._steps, "last_grad_norm": opt.last_grad_norm, "last_found_inf": opt.last_found_inf,
+        "skipped_steps": opt.skipped_steps, "shards": shards, "rounds": opt._rounds_since_step,
+        "unsynced": opt._unsynced_grads, "max_grad_norm": opt.max_grad_norm,
+    }  # fmt: skip
+    return (opt, inner, *extra)
+
+
+def attempt(label: str, call: Callable[[], Any], objs: tuple, exc: str, *patterns: str) -> dict:
+    """Run ``call``; record its exception, the time it took and whether ``objs`` stayed bit-identical."""
+    before = snapshot(*objs)
+    t0 = time.monotonic()
+    error = None
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - recorded for the parent to assert on
+        error = (type(e).__name__, str(e))
+    elapsed = time.monotonic() - t0
+    try:
+        assert_unchanged(before, snapshot(*objs))
+        changed = None
+    except AssertionError as e:
+        changed = str(e)
+    return {"label": label, "error": error, "changed": changed, "elapsed": elapsed, "expect": (exc, patterns)}
+
+
+def check(label: str, ok: bool, detail: Any = "") -> dict:
+    return {"label": label, "ok": bool(ok), "detail": str(detail)}
+
+
+def same_on_all_ranks(t: torch.Tensor) -> bool:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, t)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def recovers(model: Net, opt: ZeroAdamW, rank: int, world: int, label: str) -> dict:
+    """After the errors: a valid step works on every rank and leaves the same params everywhere."""
+    opt.zero_grad()
+    local_loss(model, 2, 0, rank, world).backward()
+    before = flat_params(model)
+    opt.step()
+    after = flat_params(model)
+    return check(label, same_on_all_ranks(after) and not torch.equal(before, after), "params differ or unchanged")
+
+
+def restore_groups(opt: ZeroAdamW, saved: list[dict], max_grad_norm: Any) -> None:
+    for g, s in zip(opt.param_groups, saved, strict=True):
+        g.clear()
+        g.update(s)
+    opt.max_grad_norm = max_grad_norm
+
+
+def set_group(gi: int, key: str, value: Any) -> Callable[[ZeroAdamW], None]:
+    return lambda opt: opt.param_groups[gi].__setitem__(key, value)
+
+
+def set_max_grad_norm(value: Any) -> Callable[[ZeroAdamW], None]:
+    return lambda opt: setattr(opt, "max_grad_norm", value)
+
+
+BAD_STEP_VALUES = [  # (label, change, exception, patterns)
+    ("lr nan", set_group(1, "lr", math.nan), "ValueError", r"learning rate", r"param group 1"),
+    ("lr negative", set_group(1, "lr", -1.0), "ValueError", r"learning rate", r"param group 1"),
+    ("eps nan", set_group(1, "eps", math.nan), "ValueError", r"eps", r"param group 1"),
+    ("beta1 = 1", set_group(1, "betas", (1.0, 0.999)), "ValueError", r"beta parameter at index 0", r"param group 1"),
+    ("beta2 < 0", set_group(0, "betas", (0.9, -0.5)), "ValueError", r"beta parameter at index 1", r"param group 0"),
+    ("weight_decay -1", set_group(1, "weight_decay", -1.0), "ValueError", r"weight_decay", r"param group 1"),
+    ("weight_decay inf", set_group(1, "weight_decay", math.inf), "ValueError", r"weight_decay", r"param group 1"),
+    ("max_grad_norm -1", set_max_grad_norm(-1.0), "ValueError", r"max_grad_norm"),
+    ("max_grad_norm nan", set_max_grad_norm(math.nan), "ValueError", r"max_grad_norm"),
+    ("lr 2-element tensor", set_group(1, "lr", torch.tensor([LR, LR])), "ValueError", r"1-element", r"lr",
+     r"param group 1"),  # fmt: skip
+    ("lr tensor nan", set_group(1, "lr", torch.tensor(math.nan)), "ValueError", r"learning rate", r"param group 1"),
+    ("lr int tensor", set_group(0, "lr", torch.tensor(1)), "TypeError", r"lr", r"param group 0"),
+]
+
+
+def case_step_values(rank: int, world: int) -> list[dict]:
+    """Invalid step values (set after construction, as a scheduler or a user might), on the last rank only and on
+    every rank: the same ValueError everywhere, before any shard is updated (group 0's included)."""
+    bad = world - 1
+    out = []
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world)
+        for label, change, exc, *patterns in BAD_STEP_VALUES:
+            for where in ("one rank", "every rank"):
+                saved, mgn = [dict(g) for g in opt.param_groups], opt.max_grad_norm
+                if where == "every rank" or rank == bad:
+                    change(opt)
+                extra = [f"rank {bad}"] if where == "one rank" else []
+                out.append(attempt(f"stage {stage}: {label} on {where}", opt.step, zero_objects(opt), exc,
+                                   *patterns, *extra))  # fmt: skip
+                restore_groups(opt, saved, mgn)
+        out.append(recovers(model, opt, rank, world, f"stage {stage}: a valid step afterwards"))
+    return out
+
+
+def scaler(scale: Any, found_inf: Any = None) -> types.SimpleNamespace:
+    return types.SimpleNamespace(scale=scale, found_inf=torch.zeros(1) if found_inf is None else found_inf)
+
+
+BAD_LOSS_SCALES = [  # (label, value, exception, patterns)
+    ("0.0", 0.0, "ValueError", r"loss_scale"),
+    ("nan", math.nan, "ValueError", r"loss_scale"),
+    ("-1.0", -1.0, "ValueError", r"loss_scale"),
+    ("inf", math.inf, "ValueError", r"loss_scale"),
+    ("tensor 0", torch.zeros(1), "ValueError", r"loss_scale"),
+    ("tensor nan", torch.tensor(math.nan), "ValueError", r"loss_scale"),
+    ("tensor -inf", torch.tensor([-math.inf]), "ValueError", r"loss_scale"),
+    ("2-element tensor", torch.tensor([2.0, 2.0]), "ValueError", r"loss_scale", r"1-element"),
+    ("int tensor", torch.tensor([2]), "TypeError", r"loss_scale"),
+    ("a string", "2.0", "TypeError", r"loss_scale"),
+    ("scaler with scale 0", scaler(torch.zeros(1)), "ValueError", r"loss_scale"),
+    ("scaler with 2-element scale", scaler(torch.ones(2)), "ValueError", r"loss_scale", r"1-element"),
+    ("scaler with 2-element found_inf", scaler(torch.ones(1), torch.zeros(2)), "ValueError", r"found_inf",
+     r"1-element"),  # fmt: skip
+]
+
+
+def case_loss_scale(rank: int, world: int) -> list[dict]:
+    """loss_scale 0, NaN, negative, inf, a 2-element or int tensor, a bad scaler: on one rank (the others pass
+    a valid 1.0) and on every rank."""
+    bad = world - 1
+    out = []
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world)
+        for label, value, exc, *patterns in BAD_LOSS_SCALES:
+            for where in ("one rank", "every rank"):
+                mine = value if where == "every rank" or rank == bad else 1.0
+                extra = [f"rank {bad}"] if where == "one rank" else []
+                call = lambda v=mine: opt.step(loss_scale=v)  # noqa: E731
+                out.append(attempt(f"stage {stage}: loss_scale {label} on {where}", call, zero_objects(opt, value),
+                                   exc, *patterns, *extra))  # fmt: skip
+        out.append(recovers(model, opt, rank, world, f"stage {stage}: a valid step afterwards"))
+    return out
+
+
+def case_grad_scale_keyword(rank: int, world: int) -> list[dict]:
+    """step(grad_scale=2.0): a clear TypeError (pointing to loss_scale) on every rank, also when only one rank
+    passes it; step(loss_scale=2.0), a float, gives the same params as a 1-element tensor 2.0."""
+    bad = world - 1
+    out = []
+    model, opt = trained(2, rank, world)
+    for where in ("one rank", "every rank"):
+        kwargs = {"grad_scale": 2.0} if where == "every rank" or rank == bad else {"loss_scale": 2.0}
+        out.append(attempt(f"grad_scale=2.0 on {where}", lambda kw=kwargs: opt.step(**kw), zero_objects(opt),
+                           "TypeError", r"grad_scale", r"loss_scale"))  # fmt: skip
+    out.append(recovers(model, opt, rank, world, "a valid step afterwards"))
+    results = []
+    for scale in (2.0, torch.tensor([2.0])):
+        model, opt = trained(2, rank, world)
+        opt.step(loss_scale=scale)
+        results.append(flat_params(model))
+    out.append(check("float loss_scale = tensor loss_scale", torch.equal(*results)))
+    return out
+
+
+def case_step_values_differ(rank: int, world: int) -> list[dict]:
+    """Valid step values that differ between ranks (one rank in the middle): the same ValueError on every rank,
+    naming the value and the ranks, before anything changes."""
+    odd = world // 2
+    out = []
+    changes = [  # (label, change on rank `odd`, step kwargs there, patterns)
+        ("lr", set_group(0, "lr", 3 * LR), {}, [r"\blr\b", r"param group 0"]),
+        ("tensor lr", set_group(1, "lr", torch.tensor(3 * LR if rank == odd else 2 * LR)), {}, [r"\blr\b", "group 1"]),
+        ("betas", set_group(1, "betas", (0.8, 0.999)), {}, [r"betas", r"param group 1"]),
+        ("eps", set_group(0, "eps", 1e-6), {}, [r"eps", r"param group 0"]),
+        ("weight_decay", set_group(1, "weight_decay", 0.5), {}, [r"weight_decay", r"param group 1"]),
+        ("amsgrad", set_group(0, "amsgrad", True), {}, [r"amsgrad", r"param group 0"]),
+        ("maximize", set_group(1, "maximize", True), {}, [r"maximize", r"param group 1"]),
+        ("max_grad_norm", set_max_grad_norm(0.5), {}, [r"max_grad_norm"]),
+        ("loss_scale", None, {"loss_scale": 4.0}, [r"loss_scale"]),
+        ("tensor loss_scale", None, {"loss_scale": torch.tensor([4.0])}, [r"loss_scale"]),
+        ("loss_scale None on one rank", None, {"loss_scale": None}, [r"loss_scale"]),
+    ]
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world, max_grad_norm=1.0)
+        for label, change, kwargs, patterns in changes:
+            saved, mgn = [dict(g) for g in opt.param_groups], opt.max_grad_norm
+            if label == "tensor lr":
+                change(opt)  # a tensor lr on every rank, its value differs on rank `odd`
+            elif change is not None and rank == odd:
+                change(opt)
+            kw = {"loss_scale": torch.tensor([2.0]) if label == "tensor loss_scale" else 2.0}
+            if rank == odd:
+                kw.update(kwargs)
+            out.append(attempt(f"stage {stage}: {label} differs", lambda kw=kw: opt.step(**kw), zero_objects(opt),
+                               "ValueError", r"differ", rf"rank {odd}", *patterns))  # fmt: skip
+            restore_groups(opt, saved, mgn)
+        out.append(recovers(model, opt, rank, world, f"stage {stage}: a valid step afterwards"))
+    return out
+
+
+def case_retry_is_exact(rank: int, world: int) -> list[dict]:
+    """A failed step (bad loss_scale on one rank) then a valid one gives bit for bit what the valid one alone
+    gives: stage 1, stage 2 after a backward, and stage 2 with grads set by hand (reduced in step())."""
+    bad = world - 1
+    out = []
+    for stage, by_hand in ((1, False), (2, False), (2, True)):
+        twins = []
+        for _ in range(2):
+            model, opt = trained(stage, rank, world, backward=not by_hand)
+            if by_hand:
+                for i, p in enumerate(model.parameters()):
+                    p.grad = torch.full_like(p, 0.01 * (rank + 1) * (i + 1))
+            twins.append((model, opt))
+        (model, opt), (twin, twin_opt) = twins
+        where = f"stage {stage}" + (", grads set by hand" if by_hand else "")
+        out.append(attempt(f"{where}: failed step", lambda: opt.step(loss_scale=0.0 if rank == bad else 1.0),
+                           zero_objects(opt), "ValueError", r"loss_scale", rf"rank {bad}"))  # fmt: skip
+        opt.step(loss_scale=1.0)
+        twin_opt.step(loss_scale=1.0)
+        same = torch.equal(flat_params(model), flat_params(twin)) and tensors_equal(
+            opt.consolidated_state_dict(to=None), twin_opt.consolidated_state_dict(to=None))
+        out.append(check(f"{where}: the retry matches a step without the failed one", same))
+        grads_freed = stage == 1 or all(p.grad is None for p in model.parameters())
+        out.append(check(f"{where}: stage 2 frees p.grad once the step succeeds", grads_freed))
+    return out
+
+
+CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
+    "step_values": (case_step_values, (2,)),
+    "loss_scale": (case_loss_scale, (2,)),
+    "grad_scale_keyword": (case_grad_scale_keyword, (2,)),
+    "step_values_differ": (case_step_values_differ, (2, 4)),
+    "retry_is_exact": (case_retry_is_exact, (2,)),
+}
+
+
+def task(rank: int, world: int, out_dir: str) -> dict:
+    only = [c for c in os.environ.get("ZERO_SAFETY_CASES", "").split(",") if c]
+    out: dict[str, Any] = {}
+    for name, (fn, worlds) in CASES.items():
+        if world not in worlds or (only and name not in only):
+            continue
+        t0 = time.monotonic()
+        try:
+            out[name] = fn(rank, world)
+        except Exception:  # noqa: BLE001 - the parent reports it; the next cases still run
+            out[name] = [{"label": "the case itself", "crashed": traceback.format_exc()}]
+        out[name].append({"label": "time", "seconds": time.monotonic() - t0})
+    return out
+
+
+# -- parent side ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zero_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("zero_safety"))
+
+
+@pytest.fixture(scope="module")
+def ranks2(zero_dir) -> list[dict]:
+    return spawn("tests.test_safety_zero:task", 2, zero_dir, timeout=SPAWN_DEADLINE_S, pg_timeout_s=PG_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def ranks4(zero_dir) -> list[dict]:
+    return spawn("tests.test_safety_zero:task", 4, zero_dir, timeout=SPAWN_DEADLINE_S, pg_timeout_s=PG_TIMEOUT_S)
+
+
+def assert_case(results: list[dict], name: str) -> None:
+    """Every attempt of the case: on every rank the expected exception (type, and a message naming the
+    argument, index and rank), the same message on every rank, everything bit-identical, no waiting."""
+    only = [c for c in os.environ.get("ZERO_SAFETY_CASES", "").split(",") if c]
+    if only and name not in only:
+        pytest.skip("not in ZERO_SAFETY_CASES")
+    per_rank = [r[name] for r in results]
+    failures = []
+    for rank, records in enumerate(per_rank):
+        for rec in records:
+            where = f"rank {rank}, {rec['label']}"
+            if "crashed" in rec:
+                failures.append(f"{where}: the case raised\n{rec['crashed']}")
+            elif "ok" in rec and not rec["ok"]:
+                failures.append(f"{where}: {rec['detail']}")
+            elif "error" in rec:
+                exc, patterns = rec["expect"]
+                if rec["error"] is None:
+                    failures.append(f"{where}: no exception (expected {exc})")
+                else:
+                    typ, msg = rec["error"]
+                    if typ != exc:
+                        failures.append(f"{where}: {typ} instead of {exc}: {msg}")
+                    missing = [p for p in patterns if not re.search(p, msg)]
+                    if missing:
+                        failures.append(f"{where}: the message does not name {missing}: {msg!r}")
+                if rec["changed"] is not None:
+                    failures.append(f"{where}: changed something: {rec['changed']}")
+                if rec["elapsed"] > ATTEMPT_LIMIT_S:
+                    failures.append(f"{where}: took {rec['elapsed']:.1f} s (a rank waited for another)")
+    labels = [[rec["label"] for rec in records] for records in per_rank]
+    if any(lab != labels[0] for lab in labels):
+        failures.append(f"the ranks ran different attempts: {labels}")
+    else:
+        for i, rec in enumerate(per_rank[0]):
+            if "error" in rec:
+                errors = [records[i]["error"] for records in per_rank]
+                if any(e != errors[0] for e in errors):
+                    failures.append(f"{rec['label']}: the ranks raised different errors: {errors}")
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:40])
+
+
+@pytest.mark.parametrize("name", [n for n, (_, worlds) in CASES.items() if 2 in worlds])
+def test_two_ranks(ranks2, name):
+    assert_case(ranks2, name)
+
+
+@pytest.mark.parametrize("name", [n for n, (_, worlds) in CASES.items() if 4 in worlds])
+def test_four_ranks(ranks4, name):
+    assert_case(ranks4, name)
