@@ -218,6 +218,39 @@ def _check_group(gi: int, group: dict[str, Any], read_lr: bool) -> tuple[float |
     return lr, beta1, beta2, eps, weight_decay
 
 
+def _check_state_tensor(st: dict, i: int, key: str, numel: int, expected: str) -> None:
+    """``st[key]`` must be a dense floating-point tensor of ``numel`` elements (``expected`` says whence)."""
+    where = f"state {key!r} of param {i}"
+    if key not in st:
+        raise ValueError(f"{where} is missing (the param has state: {sorted(map(str, st))})")
+    t = st[key]
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{where} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{where} must be a dense tensor with data, got {t.layout} on {t.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{where} must be a floating-point tensor, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{where} has {t.numel()} elements but {expected}")
+
+
+def _check_state_step(st: dict, i: int) -> float:
+    """``st["step"]`` as a float: a finite count >= 0 (a number or a 1-element real tensor)."""
+    where = f"state 'step' of param {i}"
+    if "step" not in st:
+        raise ValueError(f"{where} is missing (the param has state: {sorted(map(str, st))})")
+    value = st["step"]
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        step = float(value.item())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        step = float(value)
+    else:
+        raise ValueError(f"{where} must be a number or a 1-element real tensor, got {_describe(value)}")
+    if not (math.isfinite(step) and step >= 0):
+        raise ValueError(f"{where} must be a finite count >= 0, got {step}")
+    return step
+
+
 def _check_max_grad_norm(value: Any) -> float | None:
     if value is None:
         return None
@@ -1265,25 +1298,39 @@ class ZeroAdamW(torch.optim.Optimizer):
 
         Accepts a torch.optim.AdamW / FusedAdamW / ``consolidated_state_dict`` dict, one rank's
         ``state_dict()`` (enough when the world size and rank are the same), or the list of every rank's
-        ``state_dict()`` (resharded here). Each rank copies out only the elements it owns. A checkpoint that
-        does not fit these params raises the same ValueError on every rank. Load the model's params first:
-        master weights that do not round to the current params are replaced by the params (with a warning).
+        ``state_dict()`` (resharded here). Each rank copies out only the elements it owns. Load the model's
+        params first: master weights that do not round to the current params are replaced by the params (with a
+        warning).
+
+        Every rank checks the whole checkpoint before changing anything: group count and sizes, each group's
+        hyper-parameters, every param's state (none at all: a param never stepped, zeros; else ``step``, a
+        finite count >= 0, and ``exp_avg``, ``exp_avg_sq``, with amsgrad ``max_exp_avg_sq``, floating-point
+        tensors of the param's size, or of the shard range's size in a shard list) and, for a shard list, each
+        shard's ranges, step counts agreeing between shards, and that the elements this rank owns are covered.
+        The ranks then agree (one collective) that every rank's checkpoint is valid and gives the same
+        hyper-parameters and step counts; otherwise every rank raises the same ValueError (naming the rank, the
+        param index and the key) and nothing is loaded on any rank. Keys missing from a legacy checkpoint's groups
+        take torch.optim's defaults (``amsgrad``, ``maximize``: False), as torch.optim loads them.
         """
         self._drain()
         error, plan = None, None
         try:
             plan = self._plan_load(state_dict)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except Exception as e:  # noqa: BLE001 - any problem is agreed on with the other ranks, then raised
             error = f"{type(e).__name__}: {e}"
-        self._raise_if_any_rank_failed(error, "load_state_dict")
-        groups, steps, fetch = plan
-        for g, sg in zip(self.param_groups, groups, strict=True):
-            for k, v in sg.items():
-                if k != "params":
-                    g[k] = tuple(_to_float(b) for b in v) if k == "betas" else v
+        self._agree_on_load(error, None if plan is None else plan[-1])
+        assert plan is not None
+        groups, steps, fetch, _ = plan
+        for g, ng in zip(self.param_groups, groups, strict=True):
+            for k, v in ng.items():
+                g[k] = v
+        for b in self._buckets:  # no amsgrad any more: no max_exp_avg_sq (as torch.optim's state)
+            if b.max_exp_avg_sq is not None and not self.param_groups[b.group]["amsgrad"]:
+                b.max_exp_avg_sq = None
+                self._adam_view_cache.clear()
         self._ensure_amsgrad_buffers()
         for i, s in enumerate(steps):
-            self._steps[i].fill_(0.0 if s is None else _to_float(s))
+            self._steps[i].fill_(s)
         stale_master = False
         with torch.no_grad():
             for seg in self._segment_of.values():
@@ -1292,7 +1339,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                     dst = getattr(b, name)
                     if dst is None:
                         continue
-                    src = fetch(seg.index, name, seg.lo, seg.hi)
+                    src = fetch(seg.index, name, seg.lo, seg.hi)  # None: a param without state (never stepped)
                     view = dst.narrow(0, seg.start, n)
                     view.zero_() if src is None else view.copy_(src)
                 if b.master is not None:
@@ -1308,13 +1355,46 @@ class ZeroAdamW(torch.optim.Optimizer):
                 stacklevel=2,
             )
 
-    def _plan_load(self, state_dict: Any) -> tuple[list[dict], list[Any], Callable]:
+    def _agree_on_load(self, error: str | None, summary: tuple | None) -> None:
+        """One all_gather_object: any rank's error, else any difference between the ranks' hyper-parameters and
+        step counts, raises the same ValueError on every rank."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (error, summary), group=self.process_group)
+        for r, (err, _) in enumerate(gathered):
+            if err is not None:
+                raise ValueError(
+                    f"ZeroAdamW.load_state_dict failed on rank {r} (nothing was loaded on any rank): {err}"
+                )
+        groups0, steps0 = gathered[0][1]
+        for r, (_, (groups, steps)) in enumerate(gathered[1:], start=1):
+            diff = None
+            for gi, (a, b) in enumerate(zip(groups0, groups, strict=True)):
+                for name, x, y in zip(_GROUP_VALUES, a, b, strict=True):
+                    if x != y and diff is None:
+                        diff = f"{name} of param group {gi} is {x!r} on rank 0 but {y!r} on rank {r}"
+            for i, (x, y) in enumerate(zip(steps0, steps, strict=True)):
+                if x != y and diff is None:
+                    diff = f"state 'step' of param {i} is {x!r} on rank 0 but {y!r} on rank {r}"
+            if diff is not None:
+                raise ValueError(
+                    f"ZeroAdamW.load_state_dict: the checkpoints given to the ranks differ: {diff}; every rank must "
+                    "load the same hyper-parameters and step counts (nothing was loaded on any rank)"
+                )
+
+    def _plan_load(self, state_dict: Any) -> tuple[list[dict], list[float], Callable, tuple]:
+        """Check the whole checkpoint (raising the first problem) and return what loading it sets: each group's
+        values (without ``params``), each param's step count, ``fetch(param, key, lo, hi)`` (elements [lo, hi)
+        of a param's flattened state as fp32 on this device, None when the param has no such state), and the
+        summary the ranks compare. Changes nothing."""
         numels = [p.numel() for p in self._params]
         n = len(numels)
         if isinstance(state_dict, (list, tuple)):
             shards = list(state_dict)
             if not shards:
                 raise ValueError("got an empty list of state dicts")
+            for k, sd in enumerate(shards):
+                if not isinstance(sd, dict):
+                    raise TypeError(f"state dict {k} of the list is a {type(sd).__name__}, not a dict")
         elif isinstance(state_dict, dict) and "zero" in state_dict:
             shards = [state_dict]
         elif isinstance(state_dict, dict):
@@ -1323,36 +1403,60 @@ class ZeroAdamW(torch.optim.Optimizer):
             raise TypeError(f"expected a state dict or a list of them, got {type(state_dict).__name__}")
 
         base = shards[0] if shards else state_dict
-        if "param_groups" not in base or "state" not in base:
-            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        if not isinstance(base.get("state"), dict) or not isinstance(base.get("param_groups"), (list, tuple)):
+            raise ValueError("not an optimizer state dict (needs a 'state' dict and a 'param_groups' list)")
         groups = base["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"the checkpoint has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
-        saved_ids = [pid for g in groups for pid in g["params"]]
+        new_groups, summary_groups = [], []
         for gi, (g, sg) in enumerate(zip(self.param_groups, groups, strict=True)):
+            if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+                raise ValueError(f"param group {gi} of the checkpoint is not a dict with a 'params' list")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     f"param group {gi} of the checkpoint has {len(sg['params'])} params, this optimizer's has "
                     f"{len(g['params'])}"
                 )
-        index_of = {pid: i for i, pid in enumerate(saved_ids)}
+            merged = {k: v for k, v in g.items() if k != "params"}
+            merged.update(amsgrad=False, maximize=False)  # torch.optim's defaults for legacy checkpoints
+            merged.update({k: v for k, v in sg.items() if k != "params"})
+            if merged.get("differentiable"):
+                raise ValueError(f"param group {gi} of the checkpoint has differentiable=True (not supported)")
+            lr, beta1, beta2, eps, weight_decay = _check_group(gi, merged, read_lr=True)
+            merged["betas"] = (beta1, beta2)
+            merged["amsgrad"], merged["maximize"] = bool(merged["amsgrad"]), bool(merged["maximize"])
+            new_groups.append(merged)
+            lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
+            summary_groups.append((lr_value, beta1, beta2, eps, weight_decay, merged["amsgrad"], merged["maximize"]))
+        amsgrad = [new_groups[gi]["amsgrad"] for gi in self._group_of]
+
+        def required(i: int) -> tuple[str, ...]:
+            return _MOMENT_KEYS if amsgrad[i] else _MOMENT_KEYS[:2]
 
         if shards is None:
-            state = state_dict["state"]
-            for pid, st in state.items():
+            saved_ids = [pid for g in groups for pid in g["params"]]
+            index_of = {pid: i for i, pid in enumerate(saved_ids)}
+            if len(index_of) != len(saved_ids):
+                raise ValueError("the checkpoint's param groups list a param id more than once")
+            by_index: dict[int, dict] = {}
+            for pid, st in base["state"].items():
                 if pid not in index_of:
                     raise ValueError(f"the checkpoint has state for param id {pid!r}, which no param group lists")
                 i = index_of[pid]
-                for key in (*_MOMENT_KEYS, _MASTER_KEY):
-                    if key in st and st[key].numel() != numels[i]:
-                        raise ValueError(
-                            f"state {key!r} of param {i} has {st[key].numel()} elements but the param has "
-                            f"{numels[i]} (shape {tuple(self._params[i].shape)})"
-                        )
-            by_index = {index_of[pid]: st for pid, st in state.items()}
-            steps = [by_index.get(i, {}).get("step") for i in range(n)]
+                if not isinstance(st, dict):
+                    raise ValueError(f"the state of param {i} is a {type(st).__name__}, not a dict")
+                if not st:  # no state: a param never stepped
+                    continue
+                shape = f"the param has {numels[i]} (shape {tuple(self._params[i].shape)})"
+                for key in required(i):
+                    _check_state_tensor(st, i, key, numels[i], shape)
+                for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
+                    if key in st:
+                        _check_state_tensor(st, i, key, numels[i], shape)
+                by_index[i] = st
+            steps = [_check_state_step(by_index[i], i) if i in by_index else 0.0 for i in range(n)]
 
             def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | None:
                 st = by_index.get(i)
@@ -1360,39 +1464,68 @@ class ZeroAdamW(torch.optim.Optimizer):
                     return None
                 return st[name].detach().reshape(-1)[lo:hi].to(self._device, torch.float32)
 
-            return groups, steps, fetch
+            return new_groups, steps, fetch, (summary_groups, steps)
 
         # Sharded: collect every shard's pieces per param, then check they cover what this rank owns.
         pieces: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
-        steps: list[Any] = [None] * n
+        shard_steps: list[float | None] = [None] * n
         for k, sd in enumerate(shards):
-            meta = sd.get("zero") if isinstance(sd, dict) else None
-            if not meta or meta.get("format") != _FORMAT:
+            meta = sd.get("zero")
+            if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
                 raise ValueError(f"state dict {k} of the list is not a ZeroAdamW.state_dict() shard")
-            if list(meta["numels"]) != numels:
-                if len(meta["numels"]) != n:
-                    raise ValueError(f"the checkpoint has {len(meta['numels'])} params, this optimizer has {n}")
-                bad = next(i for i in range(n) if meta["numels"][i] != numels[i])
+            state, ranges = sd.get("state"), meta.get("ranges")
+            if not isinstance(state, dict) or not isinstance(ranges, dict):
+                raise ValueError(f"shard {k} of the list has no 'state' or no 'ranges' dict")
+            saved_numels = list(meta.get("numels", ()))
+            if saved_numels != numels:
+                if len(saved_numels) != n:
+                    raise ValueError(f"the checkpoint has {len(saved_numels)} params, this optimizer has {n}")
+                bad = next(i for i in range(n) if saved_numels[i] != numels[i])
                 raise ValueError(
-                    f"param {bad} has {meta['numels'][bad]} elements in the checkpoint but {numels[bad]} here "
+                    f"param {bad} has {saved_numels[bad]} elements in the checkpoint but {numels[bad]} here "
                     f"(shape {tuple(self._params[bad].shape)})"
                 )
-            for i, st in sd["state"].items():
-                if steps[i] is None and "step" in st:
-                    steps[i] = st["step"]
-            for i, (lo, hi) in meta["ranges"].items():
-                pieces[i].append((lo, hi, sd["state"][i]))
+            for i in range(n):
+                st = state.get(i)
+                if not isinstance(st, dict) or "step" not in st:
+                    raise ValueError(f"shard {k} of the list has no state 'step' for param {i}")
+                step = _check_state_step(st, i)
+                if shard_steps[i] is None:
+                    shard_steps[i] = step
+                elif step != shard_steps[i]:
+                    raise ValueError(
+                        f"state 'step' of param {i} is {shard_steps[i]} in shard 0 but {step} in shard {k} of the list"
+                    )
+            for i, rng in ranges.items():
+                if not (isinstance(i, int) and 0 <= i < n):
+                    raise ValueError(f"shard {k} of the list has a range for param {i!r}, which does not exist")
+                if not (
+                    isinstance(rng, (tuple, list)) and len(rng) == 2 and all(isinstance(x, int) for x in rng)
+                    and 0 <= rng[0] <= rng[1] <= numels[i]
+                ):  # fmt: skip
+                    raise ValueError(
+                        f"shard {k} of the list has the range {rng!r} for param {i}, which has {numels[i]} elements"
+                    )
+                lo, hi = rng
+                size = f"its range [{lo}, {hi}) in shard {k} of the list has {hi - lo}"
+                for key in required(i):
+                    _check_state_tensor(state[i], i, key, hi - lo, size)
+                for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
+                    if key in state[i]:
+                        _check_state_tensor(state[i], i, key, hi - lo, size)
+                pieces[i].append((lo, hi, state[i]))
         for seg in self._segment_of.values():
             covered = seg.lo
             for lo, hi, _ in sorted(pieces[seg.index], key=lambda x: x[0]):
                 if lo <= covered < hi:
                     covered = hi
             if covered < seg.hi:
-                world = shards[0]["zero"]["world_size"]
+                world = shards[0]["zero"].get("world_size", "?")
                 raise ValueError(
                     f"the shards given cover elements up to {covered} of param {seg.index} but this rank needs "
                     f"[{seg.lo}, {seg.hi}); pass the list of all {world} ranks' state dicts"
                 )
+        steps = [float(s) for s in shard_steps]  # every shard has every param's step (checked)
 
         def fetch_sharded(i: int, name: str, lo: int, hi: int) -> Tensor | None:
             out = torch.empty(hi - lo, dtype=torch.float32, device=self._device)
@@ -1400,12 +1533,12 @@ class ZeroAdamW(torch.optim.Optimizer):
                 a, z = max(lo, plo), min(hi, phi)
                 if a >= z:
                     continue
-                if name not in st:
+                if name not in st:  # an optional key (master weights) some shard lacks: none for this param
                     return None
-                out[a - lo : z - lo].copy_(st[name][a - plo : z - plo])
+                out[a - lo : z - lo].copy_(st[name].detach().reshape(-1)[a - plo : z - plo])
             return out
 
-        return groups, steps, fetch_sharded
+        return new_groups, steps, fetch_sharded, (summary_groups, steps)
 
     # -- introspection --------------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, int]:

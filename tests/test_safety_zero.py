@@ -298,12 +298,120 @@ def case_retry_is_exact(rank: int, world: int) -> list[dict]:
     return out
 
 
+def _set(d: dict, key: Any, value: Any) -> None:
+    d[key] = value
+
+
+def _move_first_param(sd: dict) -> None:
+    """Param group sizes 4 and 2 instead of 3 and 3 (same ids)."""
+    sd["param_groups"][0]["params"].append(sd["param_groups"][1]["params"].pop(0))
+
+
+def _owned(shards: list[dict]) -> int:
+    """The first param of shard 0 with at least 2 elements there (the same on every rank: shards are gathered)."""
+    return next(i for i, (lo, hi) in sorted(shards[0]["zero"]["ranges"].items()) if hi - lo >= 2)
+
+
+def case_load_state_dict(rank: int, world: int) -> list[dict]:
+    """Checkpoints with a truncated, missing, int or non-tensor moment, a bad step count, bad hyper-parameters,
+    wrong group count or sizes, a bad shard range: on one rank and on every rank, as a torch.optim-layout dict and
+    as the list of every rank's shards. The same ValueError everywhere, naming the param index and the key, and
+    nothing loaded on any rank; a dict whose groups or steps differ between ranks too. Valid loads then work."""
+    bad = world - 1
+    model = Net()
+    groups = two_groups(model)
+    groups[1]["amsgrad"] = True
+    opt = ZeroAdamW(groups, stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
+    for step in range(2):
+        local_loss(model, step, 0, rank, world).backward()
+        opt.step()
+        opt.zero_grad()
+    full = opt.consolidated_state_dict(to=None)
+    shards: list[Any] = [None] * world
+    dist.all_gather_object(shards, opt.state_dict())
+    local_loss(model, 2, 0, rank, world).backward()  # another state to load over: a half-done load would show
+    opt.step()
+    opt.zero_grad()
+    i = _owned(shards)
+    n_i = shards[0]["zero"]["ranges"][i][1] - shards[0]["zero"]["ranges"][i][0]
+    corruptions = [  # (label, which dict, change, patterns)
+        ("exp_avg truncated", "full", lambda sd: _set(sd["state"][2], "exp_avg", sd["state"][2]["exp_avg"][:-1]),
+         [r"param 2\b", r"'exp_avg'"]),
+        ("exp_avg_sq missing", "full", lambda sd: sd["state"][3].pop("exp_avg_sq"), [r"param 3\b", r"'exp_avg_sq'"]),
+        ("max_exp_avg_sq missing (amsgrad group)", "full", lambda sd: sd["state"][4].pop("max_exp_avg_sq"),
+         [r"param 4\b", r"'max_exp_avg_sq'"]),
+        ("exp_avg int64", "full", lambda sd: _set(sd["state"][1], "exp_avg", sd["state"][1]["exp_avg"].long()),
+         [r"param 1\b", r"'exp_avg'", r"int64"]),
+        ("exp_avg a list", "full", lambda sd: _set(sd["state"][0], "exp_avg", sd["state"][0]["exp_avg"].tolist()),
+         [r"param 0\b", r"'exp_avg'"]),
+        ("step nan", "full", lambda sd: _set(sd["state"][4], "step", torch.tensor(math.nan)), [r"param 4\b", "'step'"]),
+        ("step negative", "full", lambda sd: _set(sd["state"][4], "step", torch.tensor(-1.0)), [r"param 4\b", "step"]),
+        ("step 2 elements", "full", lambda sd: _set(sd["state"][1], "step", torch.ones(2)), [r"param 1\b", "'step'"]),
+        ("step missing", "full", lambda sd: sd["state"][5].pop("step"), [r"param 5\b", r"'step'"]),
+        ("state not a dict", "full", lambda sd: _set(sd["state"], 0, 5), [r"param 0\b"]),
+        ("lr -1", "full", lambda sd: _set(sd["param_groups"][1], "lr", -1.0), [r"learning rate", r"param group 1"]),
+        ("betas 1.5", "full", lambda sd: _set(sd["param_groups"][0], "betas", (1.5, 0.9)), [r"beta", r"group 0"]),
+        ("lr 2-element tensor", "full", lambda sd: _set(sd["param_groups"][0], "lr", torch.tensor([LR, LR])),
+         [r"1-element", r"param group 0"]),
+        ("backend 'nope'", "full", lambda sd: _set(sd["param_groups"][0], "backend", "nope"), [r"backend"]),
+        ("one param group", "full", lambda sd: sd["param_groups"].pop(), [r"param groups"]),
+        ("group sizes", "full", _move_first_param, [r"param group 0"]),
+        ("shard: exp_avg of 1 element", "shards", lambda sd: _set(sd[0]["state"][i], "exp_avg", torch.ones(1)),
+         [rf"param {i}\b", "'exp_avg'"]),
+        ("shard: exp_avg truncated", "shards", lambda sd: _set(sd[0]["state"][i], "exp_avg", torch.ones(n_i - 1)),
+         [rf"param {i}\b", "'exp_avg'"]),
+        ("shard: exp_avg_sq missing", "shards", lambda sd: sd[0]["state"][i].pop("exp_avg_sq"),
+         [rf"param {i}\b", r"'exp_avg_sq'"]),
+        ("shard: exp_avg float64 list", "shards", lambda sd: _set(sd[0]["state"][i], "exp_avg", [0.0] * n_i),
+         [rf"param {i}\b", r"'exp_avg'"]),
+        ("shard: step missing", "shards", lambda sd: sd[0]["state"][i].pop("step"), [rf"param {i}\b", r"'step'"]),
+        ("shard: range past the end", "shards",
+         lambda sd: _set(sd[0]["zero"]["ranges"], i, (0, 10**6)), [rf"param {i}\b", r"range"]),
+    ]  # fmt: skip
+    out = []
+    for label, which, change, patterns in corruptions:
+        for where in ("one rank", "every rank"):
+            sd = copy.deepcopy(full if which == "full" else shards)
+            if where == "every rank" or rank == bad:
+                change(sd)
+            extra = [rf"rank {bad}\b"] if where == "one rank" else []
+            out.append(attempt(f"{label} on {where}", lambda sd=sd: opt.load_state_dict(sd), zero_objects(opt),
+                               "ValueError", *patterns, *extra))  # fmt: skip
+    differ = [  # valid dicts, but not the same on every rank
+        ("lr", lambda sd: _set(sd["param_groups"][0], "lr", 3 * LR), [r"\blr\b", r"param group 0", r"differ"]),
+        ("step", lambda sd: _set(sd["state"][2], "step", sd["state"][2]["step"] + 1), ["step", r"param 2\b", "differ"]),
+    ]  # fmt: skip
+    for label, change, patterns in differ:
+        sd = copy.deepcopy(full)
+        if rank == bad:
+            change(sd)
+        out.append(attempt(f"{label} differs between ranks", lambda sd=sd: opt.load_state_dict(sd), zero_objects(opt),
+                           "ValueError", *patterns))  # fmt: skip
+    opt.load_state_dict(copy.deepcopy(full))
+    out.append(check("the full dict loads afterwards", tensors_equal(opt.consolidated_state_dict(to=None), full)))
+    opt.load_state_dict(copy.deepcopy(shards))
+    out.append(check("the shards load afterwards", tensors_equal(opt.state_dict(), shards[rank])))
+    # A legacy dict without 'maximize' / 'amsgrad': torch.optim's defaults (False), not the constructor's values.
+    legacy = copy.deepcopy(full)
+    for g in legacy["param_groups"]:
+        del g["maximize"], g["amsgrad"]
+    for st in legacy["state"].values():
+        st.pop("max_exp_avg_sq", None)
+    model2 = Net()
+    opt2 = ZeroAdamW(two_groups(model2), stage=1, lr=LR, maximize=True, amsgrad=True)
+    opt2.load_state_dict(legacy)
+    flags = [(g["maximize"], g["amsgrad"]) for g in opt2.param_groups]
+    out.append(check("a legacy dict takes torch's defaults", flags == [(False, False)] * 2, flags))
+    return out
+
+
 CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "step_values": (case_step_values, (2,)),
     "loss_scale": (case_loss_scale, (2,)),
     "grad_scale_keyword": (case_grad_scale_keyword, (2,)),
     "step_values_differ": (case_step_values_differ, (2, 4)),
     "retry_is_exact": (case_retry_is_exact, (2,)),
+    "load_state_dict": (case_load_state_dict, (2, 4)),
 }
 
 
