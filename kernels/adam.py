@@ -178,12 +178,17 @@ def _adam_kernel(
         # The step count moves in this launch too, without a race: every program of tensor t read the count
         # above, before its arrival below (acq_rel atomic); the last of the tensor's programs to arrive writes
         # the new count and resets the counter for the next launch.
-        n_chunks_t = tl.maximum(tl.cdiv(numel_t, CHUNK_SIZE), 1)
+        # t, the tensor's size and its count's address are read again from the table rather than kept from the
+        # top: kept live across the block loop (whose correctly rounded divisions call a slow-path subroutine),
+        # they spill to local memory. Only step_f must be kept: it is the count read before the arrival.
+        t = tl.load(table_ptr + chunk_tensor_offset + tl.program_id(0).to(tl.int64))
+        n_chunks_t = tl.maximum(tl.cdiv(tl.load(table_ptr + numel_offset + t), CHUNK_SIZE), 1)
         # One thread issues the atomic: the barrier orders every warp's read of the count (and its stores)
         # before this program's arrival, so the last arriver cannot overwrite a count another warp still reads.
         tl.debug_barrier()
         arrived = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
         if arrived == n_chunks_t - 1:
+            step_ptr = tl.load(table_ptr + next_role * n_tensors + t).to(tl.pointer_type(tl.float32))
             tl.store(step_ptr, step_f)
             tl.store(counters_ptr + t, 0)
 

@@ -1,11 +1,16 @@
 """Compile tier: every Triton kernel, compiled ahead of time to a cubin for real GPUs (sm_80, sm_90), with the
 ptxas that ships in the triton wheel. No GPU is needed, so CI catches what the interpreter accepts but the
-compiler rejects, and register spills, without a GPU.
+compiler rejects, register spills (from ``ptxas -v``), and what only the compiled code shows: the interpreter
+runs programs one after another with numpy's arithmetic, so it cannot show a race between warps, a hardware
+max that drops NaN, an approximate division or a block moved through shared memory. Those are asserted here
+on the PTX (and, for a few variants, the SASS).
 
 The interpreter must be off while compiling (conftest turns it on without CUDA), so each case runs in a child
-process. One child compiles every variant, the variants of one kernel per test.
+process: one child per architecture (run side by side) compiles every variant of one kernel per test.
 """
 
+import functools
+import itertools
 import json
 import os
 import subprocess
@@ -37,6 +42,7 @@ _SCALAR_TYPES = {
     "found_inf_ptr": "*fp32",
     "counters_ptr": "*i32",
     "seed": "i32",
+    "seed_ptr": "*i64",
     "inv_scale": "fp32",
     "inv_scale_ptr": "*fp32",
     "partials_ptr": "*fp32",
@@ -46,40 +52,31 @@ _SCALAR_TYPES = {
 _DT = ["tl.float32", "tl.bfloat16", "tl.float16"]
 _BLOCKS = {"CHUNK_SIZE": 65536, "BLOCK_SIZE": 1024}
 
+
+
+def _adam_cases():
+    """Every combination of what decides the Adam kernel's memory accesses and their layouts (param and grad
+    dtypes, master weights, amsgrad, alignment, step counts moved in the kernel): 80 variants. The five flags
+    that only add a scalar or a sign alternate, so each takes both values with every dtype pair."""
+    cases = []
+    for pd in _DT:
+        for gd in dict.fromkeys([pd, _DT[0]]):  # grads have the params' dtype, or are fp32
+            for m, a, al, st in itertools.product((False, True), repeat=4):
+                alt = len(cases) % 3 == 0
+                cases.append(dict(PARAM_DTYPE=pd, GRAD_DTYPE=gd, AMSGRAD=a, MASTER=m, MAXIMIZE=alt, DECOUPLED=not alt,
+                                  LR_IS_TENSOR=alt, STEP_IS_TENSOR=st, HAS_GRAD_SCALE=not alt, HAS_FOUND_INF=alt,
+                                  ALIGNED=al))  # fmt: skip
+    return cases
+
+
 # kernel -> list of constexpr settings (strings are evaluated with `tl` in scope in the child)
 CASES = {
-    "adam._adam_kernel": [
-        dict(
-            PARAM_DTYPE=pd,
-            GRAD_DTYPE=gd,
-            AMSGRAD=a,
-            MASTER=m,
-            MAXIMIZE=mx,
-            DECOUPLED=d,
-            LR_IS_TENSOR=lt,
-            STEP_IS_TENSOR=st,
-            HAS_GRAD_SCALE=gs,
-            HAS_FOUND_INF=fi,
-            ALIGNED=al,
-        )  # fmt: skip
-        for pd, gd, m in [
-            (_DT[0], _DT[0], False),
-            (_DT[1], _DT[1], False),
-            (_DT[2], _DT[2], False),
-            (_DT[1], _DT[1], True),
-            (_DT[1], _DT[0], True),
-            (_DT[2], _DT[2], True),
-        ]  # fmt: skip
-        for a, mx, d, lt, st, gs, fi, al in [
-            (False, False, True, False, True, False, False, True),
-            (True, True, False, True, False, True, True, False),
-        ]
-    ],
+    "adam._adam_kernel": _adam_cases(),
     "cast._cast_kernel": [
-        dict(SRC_DTYPE=s, DST_DTYPE=d, STOCHASTIC=sr, ALIGNED=al)
+        dict(SRC_DTYPE=s, DST_DTYPE=d, STOCHASTIC=sr, SEED_FROM_PTR=sp, ALIGNED=al)
         for s in _DT
         for d in _DT
-        for sr, al in ((False, True), (True, False))
+        for sr, sp, al in ((False, False, True), (True, False, False), (True, True, True))
         if s != d
     ],
     "flatten._flatten_kernel": [
@@ -99,44 +96,106 @@ CASES = {
 
 _CHILD = textwrap.dedent(
     """
-    import importlib, json, re, sys
+    import hashlib, importlib, json, os, re, subprocess, sys, tempfile
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
     sys.path.insert(0, {root!r})
     import fused_ops  # binds fused_ops.kernels in a source checkout
-    name, cases, scalars, blocks, archs = {args}
+    name, cases, scalars, blocks, arch, sass_for = {args}
     module, kernel = name.split(".")
     fn = getattr(importlib.import_module("fused_ops.kernels." + module), kernel)
+    ptxas = get_ptxas(arch).path
+    cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+    tmp = tempfile.mkdtemp()
+    facts_dir = os.path.join(os.environ["TRITON_CACHE_DIR"], "fused_ops_machine_facts")
+    os.makedirs(facts_dir, exist_ok=True)
+    BAR = r"\\b(?:bar|barrier)\\.sync\\b"
+    SHARED = r"\\b(?:st\\.shared|ld\\.shared|cp\\.async|ldmatrix|stmatrix)\\b"
+
+    def count(pattern, text):
+        return len(re.findall(pattern, text))
+
+    def machine_facts(ptx, cubin, arch, want_sass):
+        # Registers and spills from `ptxas -v` on the PTX (CompiledKernel only learns them from a GPU driver)
+        # and, if wanted, barrier and shared-memory instructions counted in the SASS; cached by PTX.
+        key = hashlib.sha256(repr((ptx, arch, want_sass, ptxas)).encode()).hexdigest()
+        path = os.path.join(facts_dir, key + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-v", "--gpu-name=" + sm_arch_from_capability(arch), f.name, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+        spills = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log)
+        regs = re.search(r"Used (\\d+) registers", log)
+        facts = dict(n_regs=int(regs.group(1)) if regs else None,
+                     spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else None, sass=None)
+        if want_sass and os.path.exists(cuobjdump):
+            with open(os.path.join(tmp, "k.cubin"), "wb") as f:
+                f.write(cubin)
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+            facts["sass"] = dict(bar_sync=count(r"\\bBAR\\.SYNC", sass), sts=count(r"\\bSTS\\b", sass),
+                                 lds=count(r"\\bLDS\\b", sass))
+        with open(path + "." + str(os.getpid()), "w") as f:
+            json.dump(facts, f)
+        os.replace(f.name, path)
+        return facts
+
     out = []
-    for case in cases:
+    for i, case in enumerate(cases):
         consts = {{k: eval(v, {{"tl": tl}}) if isinstance(v, str) else v for k, v in {{**case, **blocks}}.items()}}
         names = fn.arg_names
         sig = {{n: scalars[n] if n in scalars else "constexpr" for n in names}}
         for n in names:
             if sig[n] == "constexpr" and n not in consts:
                 raise KeyError("no value for " + n)
-        for arch in archs:
-            src = ASTSource(fn=fn, signature=sig, constexprs={{(names.index(k),): v for k, v in consts.items()}})
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-            meta = k.metadata
-            ptx = k.asm["ptx"]
-            v4 = len(re.findall(r"ld\\.global[.a-zA-Z0-9:_]*\\.(?:v4\\.b32|v2\\.b64)", ptx))  # 128-bit
-            out.append(dict(case=case, arch=arch, cubin=len(k.asm["cubin"]), v4_loads=v4,
-                            n_regs=getattr(k, "n_regs", None), n_spills=getattr(k, "n_spills", None),
-                            shared=getattr(meta, "shared", None)))
+        src = ASTSource(fn=fn, signature=sig, constexprs={{(names.index(k),): v for k, v in consts.items()}})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        ptx = k.asm["ptx"]
+        facts = machine_facts(ptx, k.asm["cubin"], arch, i in sass_for)
+        atom = re.search(r"\\batom\\.", ptx)
+        head = ptx[: atom.start()] if atom else ptx  # everything before the first atomic (the block loop)
+        r = dict(case=case, arch=arch, cubin=len(k.asm["cubin"]), shared=getattr(k.metadata, "shared", None),
+                 **facts,
+                 v4_loads=count(r"ld\\.global[.a-zA-Z0-9:_]*\\.(?:v4\\.b32|v2\\.b64)", ptx),  # 128-bit
+                 v2_loads=count(r"ld\\.global[.a-zA-Z0-9:_]*\\.v2\\.b32", ptx),  # 64-bit
+                 v2_stores=count(r"st\\.global[.a-zA-Z0-9:_]*\\.v2\\.b32", ptx),
+                 barriers=count(BAR, ptx), shared_ops=count(SHARED, ptx), atoms=count(r"\\batom\\.", ptx),
+                 acq_rel_atoms=count(r"\\batom\\.[a-z0-9_.]*\\bacq_rel\\b", ptx),
+                 barriers_before_atom=count(BAR, head), shared_ops_before_atom=count(SHARED, head),
+                 approx_div=count(r"\\b(?:div\\.full|div\\.approx|rcp\\.approx)", ptx),
+                 approx_sqrt=count(r"\\bsqrt\\.approx", ptx),
+                 nan_max=count(r"\\bmax\\.NaN\\.f32", ptx), plain_max=count(r"\\bmax(?:\\.ftz)?\\.f32", ptx))
+        out.append(r)
     print(json.dumps(out))
     """
 )
 
 
-def _compile(name, cases, archs=(90, 80)):
-    code = _CHILD.format(root=ROOT, args=repr((name, cases, _SCALAR_TYPES, _BLOCKS, list(archs))))
+def _compile(name, cases, archs=(90, 80), sass_for=()):
+    """Compile ``cases`` of kernel ``name`` for each arch, one child process per arch run side by side; the
+    facts each child reports per (case, arch). ``sass_for``: indices of the cases whose SASS is read too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "fused_ops_compile_tier_cache")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = []
+    for arch in archs:
+        code = _CHILD.format(root=ROOT, args=repr((name, cases, _SCALAR_TYPES, _BLOCKS, arch, list(sass_for))))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))  # fmt: skip
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        assert proc.returncode == 0, stderr[-4000:]
+        results += json.loads(stdout.strip().splitlines()[-1])
+    return results
 
 
 def _ptxas_available():
@@ -147,16 +206,98 @@ def _ptxas_available():
     return True
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available")
+def _cuobjdump_available():
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return os.path.exists(os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump"))
+
+
+needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available")
+
+
+def _is_16bit(dtype):
+    return dtype != "tl.float32"
+
+
+@functools.cache
+def _results(name):
+    sass_for = ()
+    if name == "adam._adam_kernel":
+        # The SASS of the variants the shared-memory round trip was found in (aligned 16-bit params with fp32
+        # master weights): cuobjdump costs ~0.4 s a variant, so only these.
+        sass_for = [i for i, c in enumerate(CASES[name]) if c["MASTER"] and c["ALIGNED"] and
+                    _is_16bit(c["PARAM_DTYPE"]) and c["AMSGRAD"] == c["STEP_IS_TENSOR"]]  # fmt: skip
+    results = _compile(name, CASES[name], sass_for=sass_for)
+    assert len(results) == 2 * len(CASES[name])
+    return results
+
+
+@needs_ptxas
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_compiles_for_gpus(name):
-    results = _compile(name, CASES[name])
-    assert len(results) == 2 * len(CASES[name])
-    for r in results:
+    for r in _results(name):
         assert r["cubin"] > 0, r
         # Spilled registers would make a memory-bound kernel slower than the bandwidth it is built for.
-        if r["n_spills"] is not None:
-            assert r["n_spills"] == 0, r
+        assert r["spill_bytes"] == 0, r
         if r["case"].get("ALIGNED"):
-            # Full blocks of 16-byte-aligned tensors must use 128-bit loads (the bandwidth depends on it).
+            # Full blocks of 16-byte-aligned tensors must use 128-bit loads (the bandwidth depends on it); every
+            # kernel has fp32 tensors or reads 16-bit ones 128 bits at a time.
             assert r["v4_loads"] > 0, r
+        # `/` on fp32 compiles to div.full.f32 (about 2 ulp); results compared with torch use tl.div_rn.
+        assert r["approx_div"] == 0, r
+
+
+_ADAM = "adam._adam_kernel"
+
+
+@needs_ptxas
+def test_adam_step_count_arrival_follows_a_barrier():
+    """The step-count arrival (an atomic one thread issues) must come after a barrier: without it, another
+    warp of the program may still be about to read the old count when the last arriver stores the new one."""
+    for r in _results(_ADAM):
+        if r["case"]["STEP_IS_TENSOR"]:
+            assert r["atoms"] == 1 and r["acq_rel_atoms"] == 1, r
+            assert r["barriers_before_atom"] == 1, r
+        else:
+            assert r["atoms"] == 0 and r["barriers"] == 0, r
+
+
+@needs_ptxas
+def test_adam_amsgrad_max_propagates_nan():
+    """max(v_max, v) propagates NaN as torch.maximum does (max.NaN.f32); a plain max.f32 returns the other operand."""
+    for r in _results(_ADAM):
+        if r["case"]["AMSGRAD"]:
+            assert r["nan_max"] > 0 and r["plain_max"] == 0, r
+
+
+@needs_ptxas
+def test_adam_divisions_and_roots_are_correctly_rounded():
+    for r in _results(_ADAM):
+        assert r["approx_div"] == 0 and r["approx_sqrt"] == 0, r
+
+
+@needs_ptxas
+def test_adam_blocks_stay_in_registers():
+    """No variant moves its blocks through shared memory (a layout conversion between accesses of different
+    vector widths: a bar.sync and a shared store and load per tensor and block). The only shared memory is the
+    atomic's result, which one thread receives and every thread needs (4 bytes, one store, one load, one
+    barrier), after the arrival barrier: both after the block loop."""
+    for r in _results(_ADAM):
+        c = r["case"]
+        assert r["shared_ops_before_atom"] == 0, r
+        if c["STEP_IS_TENSOR"]:
+            assert r["barriers"] == 2 and r["shared_ops"] == 2 and r["shared"] <= 16, r
+        else:
+            assert r["barriers"] == 0 and r["shared_ops"] == 0 and r["shared"] == 0, r
+        if r["sass"] is not None:
+            n = 1 if c["STEP_IS_TENSOR"] else 0
+            assert r["sass"] == dict(bar_sync=2 * n, sts=n, lds=n), r
+        if c["ALIGNED"]:
+            # One layout of 4 elements per thread: 16-bit tensors are read and written 64 bits at a time (fp32
+            # ones 128 bits), a warp's access still 256 contiguous bytes.
+            if _is_16bit(c["GRAD_DTYPE"]) or (_is_16bit(c["PARAM_DTYPE"]) and not c["MASTER"]):
+                assert r["v2_loads"] > 0, r
+            if _is_16bit(c["PARAM_DTYPE"]):
+                assert r["v2_stores"] > 0, r
+    if _cuobjdump_available():
+        assert any(r["sass"] is not None for r in _results(_ADAM))
