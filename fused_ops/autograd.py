@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional
+from ._backend import check_backend
 
 
 class CastFunction(torch.autograd.Function):
@@ -48,17 +49,28 @@ class FlattenFunction(torch.autograd.Function):
 
 def cast(x: Tensor, dtype: torch.dtype, *, stochastic: bool = False, backend: str | None = None) -> Tensor:
     """``x`` converted to ``dtype`` (nearest even, or stochastic rounding), differentiably: the backward pass
-    casts the grad back to ``x.dtype``. Returns a new contiguous tensor."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("cast: x must be a floating-point tensor")
+    casts the grad back to ``x.dtype``. Returns a new contiguous tensor. Everything is checked before the
+    forward runs."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"cast: x must be a floating-point tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"cast: x must be a dense floating-point tensor, got {x.layout}")
+    if not x.is_floating_point():
+        raise TypeError(f"cast: x must be a floating-point tensor, got {x.dtype}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"cast: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    functional._check_stochastic("cast", stochastic)
+    check_backend(backend)
     return CastFunction.apply(x, dtype, stochastic, backend)
 
 
 def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None = None) -> Tensor:
-    """``fused_ops.flatten(tensors, align)``, differentiably: the backward pass unflattens the grad."""
-    tensors = list(tensors)
+    """``fused_ops.flatten(tensors, align)``, differentiably: the backward pass unflattens the grad. Everything
+    is checked before the forward runs."""
+    tensors, dtypes = functional._float_tensors_and_dtypes("flatten", "tensors", tensors)
     if not tensors:
         raise ValueError("flatten: tensors must not be empty")
+    functional._check_align("flatten", align)
+    functional._one_group("flatten", "tensors", tensors, dtypes)
+    check_backend(backend)
     return FlattenFunction.apply(align, backend, *tensors)

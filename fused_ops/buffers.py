@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 from torch import Tensor
 
 from . import _ops, functional
+from ._backend import check_backend
 
 
 @dataclass(frozen=True)
@@ -105,40 +107,43 @@ class FlatBuffer:
         copy: bool = True,
         backend: str | None = None,
     ) -> None:
+        if copy not in (True, False):
+            raise TypeError(f"FlatBuffer: copy must be a bool, got {copy!r}")
         tensors = self._plan(tensors, dtype, align, bucket_cap_mb, world_size, device, backend)
+        if copy:
+            self._check_sources("FlatBuffer", tensors)
         self._allocate()
         if copy:
-            self.copy_from_(tensors)
+            self._copy_from(tensors)
         else:
             self.data.zero_()
 
-    def _plan(self, tensors, dtype, align, bucket_cap_mb, world_size, device, backend) -> list[Tensor]:
-        if isinstance(tensors, Tensor):
-            raise TypeError("FlatBuffer: tensors must be a sequence of tensors, got a Tensor")
-        tensors = list(tensors)
-        for i, x in enumerate(tensors):
-            if not isinstance(x, Tensor) or not x.is_floating_point():
-                raise TypeError(f"FlatBuffer: tensors[{i}] must be a floating-point tensor")
+    def _plan(self, tensors, dtype, align, bucket_cap_mb, world_size, device, backend, fn="FlatBuffer",
+              name="tensors") -> list[Tensor]:  # fmt: skip
+        tensors = functional._float_tensors(fn, name, tensors)
         if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-            raise ValueError(f"FlatBuffer: align must be a positive int, got {align!r}")
+            raise ValueError(f"{fn}: align must be a positive int, got {align!r}")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"FlatBuffer: world_size must be a positive int, got {world_size!r}")
-        if bucket_cap_mb is not None and not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0):
-            raise ValueError(f"FlatBuffer: bucket_cap_mb must be a positive number or None, got {bucket_cap_mb}")
+            raise ValueError(f"{fn}: world_size must be a positive int, got {world_size!r}")
+        if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, Real)
+                                          or not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0)):  # fmt: skip
+            raise ValueError(f"{fn}: bucket_cap_mb must be a positive number or None, got {bucket_cap_mb!r}")
         if dtype is None:
             if not tensors:
-                raise ValueError("FlatBuffer: pass dtype when tensors is empty")
+                raise ValueError(f"{fn}: pass dtype when {name} is empty")
             dtype = tensors[0].dtype
             for i, x in enumerate(tensors):
                 if x.dtype != dtype:
-                    raise ValueError(f"FlatBuffer: tensors[{i}] is {x.dtype} but tensors[0] is {dtype}: pass dtype")
-        elif not dtype.is_floating_point:
-            raise TypeError(f"FlatBuffer: dtype must be a floating-point dtype, got {dtype}")
+                    raise ValueError(f"{fn}: {name}[{i}] is {x.dtype} but {name}[0] is {dtype}: pass dtype")
+        elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"{fn}: dtype must be a floating-point torch.dtype, got {dtype!r}")
         if device is None:
             devices = {x.device for x in tensors}
             if len(devices) > 1:
-                raise ValueError(f"FlatBuffer: tensors are on several devices {sorted(map(str, devices))}: pass device")
+                raise ValueError(f"{fn}: {name} are on several devices {sorted(map(str, devices))}: pass device")
             device = devices.pop() if devices else torch.device("cpu")
+        if backend is not None:
+            check_backend(backend)
         self.dtype = dtype
         self.device = torch.device(device)
         self.align = align
@@ -190,14 +195,19 @@ class FlatBuffer:
         storage alive together. Memory is only freed if nothing else holds a reference to the old tensors.
         Params must share one dtype and device (group them and make one buffer per group otherwise).
         """
-        params = list(params)
+        fn = "FlatBuffer.from_params"
         self = cls.__new__(cls)
-        self._plan(params, None, align, bucket_cap_mb, world_size, None, backend)
+        params = self._plan(params, None, align, bucket_cap_mb, world_size, None, backend, fn, "params")
+        if stage_on_host not in (None, True, False):
+            raise TypeError(f"{fn}: stage_on_host must be a bool or None, got {stage_on_host!r}")
+        # Each param gets memory of its own in the buffer: params sharing memory (tied weights, one tensor listed
+        # twice) would be untied without a word.
+        functional._check_memory(fn, [("params", params, True, True, functional._all_contiguous(params))])
         if stage_on_host is None:
             stage_on_host = self.device.type == "cuda"
         if not stage_on_host:
             self._allocate()
-            self.copy_from_(params)
+            self._copy_from(params)
             self.bind_data_(params)
             return self
         pin = torch.cuda.is_available()
@@ -231,12 +241,19 @@ class FlatBuffer:
         Keep the views: zero the grads with :meth:`zero_` or ``optimizer.zero_grad(set_to_none=False)``;
         ``set_to_none=True`` (torch's default) detaches the grads from the buffer.
         """
-        params = list(params)
+        fn = "FlatBuffer.for_grads"
         self = cls.__new__(cls)
-        self._plan(params, None, align, bucket_cap_mb, world_size, None, backend)
+        params = self._plan(params, None, align, bucket_cap_mb, world_size, None, backend, fn, "params")
+        _check_distinct(fn, "params", params)
+        have = [i for i, p in enumerate(params) if p.grad is not None]
+        for i in have:
+            g = params[i].grad
+            if g.layout != torch.strided:
+                raise TypeError(f"{fn}: params[{i}].grad must be a dense tensor, got {g.layout}")
+            if g.device != self.device:
+                raise ValueError(f"{fn}: params[{i}].grad is on {g.device}, the params on {self.device}")
         self._allocate()
         self.data.zero_()
-        have = [i for i, p in enumerate(params) if p.grad is not None]
         if have:
             functional.cast_([self.views[i] for i in have], [params[i].grad for i in have], backend=backend)
         self.bind_grads_(params)
@@ -257,30 +274,49 @@ class FlatBuffer:
         return (f"FlatBuffer({len(self)} tensors, {self.numel} elements of {self.dtype} on {self.device}, "
                 f"{len(self.buckets)} buckets, align={self.align}, world_size={self.world_size})")  # fmt: skip
 
-    def _check_like(self, fn: str, tensors: Sequence[Tensor]) -> None:
+    def _check_like(self, fn: str, tensors, name: str = "tensors", floating: bool = True) -> list:
+        """``tensors`` as a list of one dense tensor per view, each with its view's shape."""
+        if floating:
+            tensors = functional._float_tensors(fn, name, tensors)
+        else:
+            if isinstance(tensors, Tensor) or not isinstance(tensors, Iterable):
+                raise TypeError(f"{fn}: {name} must be a sequence of tensors, got {type(tensors).__name__}")
+            tensors = list(tensors)
+            if not functional._all_tensors(tensors):
+                i = next(i for i, x in enumerate(tensors) if not isinstance(x, Tensor))
+                raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(tensors[i]).__name__}")
         if len(tensors) != len(self.views):
-            raise ValueError(f"FlatBuffer.{fn}: got {len(tensors)} tensors, the buffer holds {len(self.views)}")
+            raise ValueError(f"{fn}: got {len(tensors)} tensors, the buffer holds {len(self.views)}")
         if all(x.shape == shape for x, shape in zip(tensors, self.shapes)):  # the loop below names the offender
-            return
+            return tensors
         for i, x in enumerate(tensors):
             if x.shape != self.shapes[i]:
-                raise ValueError(f"FlatBuffer.{fn}: tensors[{i}] has shape {tuple(x.shape)}, "
-                                 f"expected {tuple(self.shapes[i])}")  # fmt: skip
+                raise ValueError(f"{fn}: {name}[{i}] has shape {tuple(x.shape)}, expected {tuple(self.shapes[i])}")
+        return tensors
+
+    def _check_sources(self, fn: str, tensors: list[Tensor]) -> None:
+        """What :meth:`copy_from_` reads is on the buffer's device."""
+        if {x.device for x in tensors} - {self.device}:
+            for i, x in enumerate(tensors):
+                if x.device != self.device:
+                    raise ValueError(f"{fn}: tensors[{i}] is on {x.device}, the buffer on {self.device}")
 
     def copy_from_(self, tensors: Sequence[Tensor]) -> FlatBuffer:
         """Copy ``tensors`` into the buffer (one launch; padding written as zeros). Other dtypes are rounded to
-        nearest even."""
-        tensors = list(tensors)
-        self._check_like("copy_from_", tensors)
+        nearest even. The tensors must share no memory with the buffer."""
+        fn = "FlatBuffer.copy_from_"
+        tensors = self._check_like(fn, tensors)
+        self._check_sources(fn, tensors)
+        functional._check_memory(fn, [("tensors", tensors, False, True, functional._all_contiguous(tensors)),
+                                      ("the buffer", [self.data], True, False, True)])  # fmt: skip
+        self._copy_from(tensors)
+        return self
+
+    def _copy_from(self, tensors: list[Tensor]) -> None:
+        """:meth:`copy_from_` once checked."""
         if not tensors:
             self.data.zero_()
-            return self
-        if {x.device for x in tensors} != {self.device}:
-            for i, x in enumerate(tensors):
-                if x.device != self.device:
-                    raise ValueError(
-                        f"FlatBuffer.copy_from_: tensors[{i}] is on {x.device}, the buffer on {self.device}"
-                    )
+            return
         if {x.dtype for x in tensors} == {self.dtype}:
             self._gather(tensors)
         else:
@@ -289,7 +325,6 @@ class FlatBuffer:
             gaps = [self.data.narrow(0, off + n, span - n) for off, n, span in layout if span > n]
             if gaps:
                 torch._foreach_zero_(gaps)
-        return self
 
     def _backend(self) -> str:
         from .functional import _op_backend
@@ -302,16 +337,22 @@ class FlatBuffer:
         _ops.flatten_into_eager(self.data, srcs, self.offsets, self._spans, self._backend())
 
     def copy_to_(self, tensors: Sequence[Tensor]) -> None:
-        """Copy each view back into ``tensors[i]`` (one launch; other dtypes rounded to nearest even)."""
-        tensors = list(tensors)
-        self._check_like("copy_to_", tensors)
+        """Copy each view back into ``tensors[i]`` (one launch; other dtypes rounded to nearest even). The tensors
+        are written in place: contiguous, on the buffer's device, sharing no memory with each other or with the
+        buffer (``tensors[i]`` may be view ``i`` itself)."""
+        fn = "FlatBuffer.copy_to_"
+        tensors = self._check_like(fn, tensors)
         if not tensors:
             return
-        if not functional._all_contiguous(tensors):
+        if not functional._all_contiguous(tensors) or {x.device for x in tensors} - {self.device}:
             for i, x in enumerate(tensors):
                 if not x.is_contiguous():
-                    raise ValueError(f"FlatBuffer.copy_to_: tensors[{i}] must be contiguous (it is written in place)")
-        if {x.dtype for x in tensors} == {self.dtype} and {x.device for x in tensors} == {self.device}:
+                    raise ValueError(f"{fn}: tensors[{i}] must be contiguous (it is written in place)")
+                if x.device != self.device:
+                    raise ValueError(f"{fn}: tensors[{i}] is on {x.device}, the buffer on {self.device}")
+        functional._check_memory(fn, [("tensors", tensors, True, True, True), ("view", self.views, False, True, True)],
+                                 same=(0, 1))  # fmt: skip
+        if {x.dtype for x in tensors} == {self.dtype}:
             _ops.unflatten_copy_eager(tensors, self.data, self.offsets, self._backend())
         else:
             functional.cast_(tensors, self.views, backend=self.backend)
@@ -322,24 +363,37 @@ class FlatBuffer:
         return self
 
     def bind_data_(self, tensors: Sequence[Tensor]) -> None:
-        """Make each ``tensors[i].data`` the buffer's view ``i`` (same shape and dtype required)."""
-        tensors = list(tensors)
-        self._check_like("bind_data_", tensors)
+        """Make each ``tensors[i].data`` the buffer's view ``i`` (same shape and dtype required; each tensor once)."""
+        fn = "FlatBuffer.bind_data_"
+        tensors = self._check_like(fn, tensors, floating=False)
         if {x.dtype for x in tensors} - {self.dtype}:
             for i, x in enumerate(tensors):
                 if x.dtype != self.dtype:
-                    raise ValueError(f"FlatBuffer.bind_data_: tensors[{i}] is {x.dtype}, the buffer {self.dtype}")
+                    raise ValueError(f"{fn}: tensors[{i}] is {x.dtype}, the buffer {self.dtype}")
+        _check_distinct(fn, "tensors", tensors)
         for x, view in zip(tensors, self.views, strict=True):
             x.data = view
 
     def bind_grads_(self, params: Sequence[Tensor]) -> None:
-        """Make each ``params[i].grad`` the buffer's view ``i`` (same shape and dtype required)."""
-        params = list(params)
-        self._check_like("bind_grads_", params)
+        """Make each ``params[i].grad`` the buffer's view ``i`` (same shape, dtype and device; each param once)."""
+        fn = "FlatBuffer.bind_grads_"
+        params = self._check_like(fn, params, "params", floating=False)
         if {p.dtype for p in params} - {self.dtype} or {p.device for p in params} - {self.device}:
             for i, p in enumerate(params):
                 if p.dtype != self.dtype or p.device != self.device:
-                    raise ValueError(f"FlatBuffer.bind_grads_: params[{i}] is {p.dtype} on {p.device}, the buffer "
-                                     f"is {self.dtype} on {self.device}")  # fmt: skip
+                    raise ValueError(f"{fn}: params[{i}] is {p.dtype} on {p.device}, the buffer is {self.dtype} on "
+                                     f"{self.device}")  # fmt: skip
+        _check_distinct(fn, "params", params)
         for p, view in zip(params, self.views, strict=True):
             p.grad = view
+
+
+def _check_distinct(fn: str, name: str, tensors: list[Tensor]) -> None:
+    """Each tensor object once (binding one twice would leave it on the last view, the first one orphaned)."""
+    if len({id(x) for x in tensors}) == len(tensors):
+        return
+    first: dict[int, int] = {}
+    for i, x in enumerate(tensors):
+        if id(x) in first:
+            raise ValueError(f"{fn}: {name}[{i}] is {name}[{first[id(x)]}] (each tensor may be listed once)")
+        first[id(x)] = i

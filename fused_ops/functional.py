@@ -178,25 +178,34 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Flatten / cast / unscale / grad norm (issue 3). Arguments are checked before anything is modified; tensors
-# are grouped by (device, dtype) and each group is one op (one launch on the Triton backend).
+# Flatten / cast / unscale / grad norm (issue 3). Arguments are checked before anything is modified, the same on
+# both backends (the plain-torch path hands tensors to torch's private kernels, which check little or nothing):
+# types, dense floating-point tensors, counts, shapes, devices, contiguity of what is written, 1-element scalars,
+# and no memory shared between a tensor that is written and any other argument (the kernel runs programs in
+# parallel where torch's loops run one tensor after another: only a tensor that is exactly its own source, as in
+# ``copy_``, is allowed). Then tensors are grouped by (device, dtype) and each group is one op (one launch on the
+# Triton backend); every group's backend is resolved before the first one runs.
 #
 # Host time matters here: on a GPU, an op over 10,000 small tensors is bound by Python. The checks therefore
-# run as a few tight passes (the sets of types, dtypes and devices; one pass comparing shapes, one reading
-# contiguity) and fall back to the per-tensor loops, which name the first offending tensor, only when a fast
-# check fails; one (device, dtype) group skips the grouping. Nothing is detached per tensor: the
-# ``_ops.*_eager`` entry points run under ``torch.no_grad()`` (under ``torch.compile`` they call the custom
-# op, which is what gets traced). Lists of new Python objects (shapes, views) are avoided: thousands of them
-# alive at once cost as much again in garbage-collector passes. Comprehensions, not ``map`` over module-level
-# ``attrgetter``s: as fast, and Dynamo traces them.
+# run as a few tight passes (the sets of types, dtypes, layouts and devices; one pass comparing shapes, one reading
+# contiguity; the memory check sorts start and end addresses once) and fall back to the per-tensor loops, which
+# name the first offending tensor, only when a fast check fails; one (device, dtype) group skips the grouping.
+# Nothing is detached per tensor: the ``_ops.*_eager`` entry points run under ``torch.no_grad()`` (under
+# ``torch.compile`` they call the custom op, which is what gets traced). Lists of new Python objects (shapes,
+# views) are avoided: thousands of them alive at once cost as much again in garbage-collector passes.
+# Comprehensions, not ``map`` over module-level ``attrgetter``s: as fast, and Dynamo traces them.
 
 import numbers  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
+from itertools import islice  # noqa: E402
+from operator import add as _add  # noqa: E402
+from operator import le as _le  # noqa: E402
 
 from . import reference  # noqa: E402
 from ._backend import check_backend  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STRIDED = {torch.strided}
 
 
 def _all_tensors(xs: list) -> bool:
@@ -204,18 +213,21 @@ def _all_tensors(xs: list) -> bool:
 
 
 def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor], set[torch.dtype]]:
-    """``tensors`` as a list of floating-point tensors (else the error names the first offender), and the set of
-    their dtypes."""
-    if isinstance(tensors, Tensor):
-        raise TypeError(f"{fn}: {name} must be a sequence of tensors, got a Tensor")
+    """``tensors`` as a list of dense floating-point tensors (else a TypeError naming the first offender), and the
+    set of their dtypes."""
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Iterable):
+        got = "a Tensor" if isinstance(tensors, Tensor) else type(tensors).__name__
+        raise TypeError(f"{fn}: {name} must be a sequence of tensors, got {got}")
     tensors = list(tensors)
     if _all_tensors(tensors):
         dtypes = {x.dtype for x in tensors}
-        if all(d.is_floating_point for d in dtypes):
+        if all(d.is_floating_point for d in dtypes) and {x.layout for x in tensors} <= _STRIDED:
             return tensors, dtypes
     for i, x in enumerate(tensors):
         if not isinstance(x, Tensor):
             raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
         if not x.is_floating_point():
             raise TypeError(f"{fn}: {name}[{i}] must be a floating-point tensor, got {x.dtype}")
     raise AssertionError("unreachable")  # pragma: no cover
@@ -238,6 +250,93 @@ def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     return tensors if _all_contiguous(tensors) else [x.contiguous() for x in tensors]
 
 
+def _reach(x: Tensor) -> int:
+    """Bytes from ``x``'s first element to just past the last one it can address (its strides included)."""
+    if x.numel() == 0:
+        return 0
+    if x.is_contiguous():
+        return x.nbytes
+    return (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
+
+
+def _check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = None) -> None:
+    """Raise a ValueError naming the first pair when a written tensor shares memory with any other argument.
+
+    ``groups``: ``(name, tensors, written, indexed, contiguous)`` in the order the message names them (``indexed``:
+    name them ``name[i]``; ``contiguous``: every tensor is, so its bytes are ``nbytes`` from ``data_ptr``; else
+    each tensor's reach through its strides is taken, conservatively). Read-only tensors may share memory with each
+    other. ``same = (w, r)``: tensor ``i`` of written group ``w`` may be exactly tensor ``i`` of read group ``r``
+    (same first byte and size, both contiguous: element ``k`` is read and written by the same program, as torch's
+    ``copy_`` allows a full overlap).
+
+    Fast path: intervals are disjoint iff, after sorting starts and ends separately, every end is at most the next
+    start (empty tensors take no memory). A shared byte only then falls back to a sweep that names the pair and
+    lets read-only tensors overlap.
+    """
+    if torch.compiler.is_compiling():  # fake tensors have no addresses; the eager call checked the same layout
+        return
+    starts, sizes = [], []
+    for _, tensors, _, _, contiguous in groups:
+        starts.append([x.data_ptr() for x in tensors])
+        sizes.append([x.nbytes for x in tensors] if contiguous else [_reach(x) for x in tensors])
+    skip: set = set()
+    if same is not None:
+        w, r = same
+        if any(map(int.__eq__, starts[w], starts[r])):
+            r_tensors = groups[r][1]
+            skip = {i for i, (a, b, m, n) in enumerate(zip(starts[w], starts[r], sizes[w], sizes[r]))
+                    if a == b and m == n and r_tensors[i].is_contiguous()}  # fmt: skip
+    all_starts, all_ends = [], []
+    for g, (s, n) in enumerate(zip(starts, sizes)):
+        if skip and g == same[1]:
+            s = [a for i, a in enumerate(s) if i not in skip]
+            n = [m for i, m in enumerate(n) if i not in skip]
+        all_starts += s
+        all_ends += map(_add, s, n)
+    if any(0 in n for n in sizes):  # empty tensors take no memory
+        pairs = [(a, e) for a, e in zip(all_starts, all_ends) if e > a]
+        all_starts, all_ends = [a for a, _ in pairs], [e for _, e in pairs]
+    if len(all_starts) < 2:
+        return
+    ss, es = sorted(all_starts), sorted(all_ends)
+    if all(map(_le, es, islice(ss, 1, None))):
+        return
+    _name_shared_memory(fn, groups, starts, sizes, same, skip)
+
+
+def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
+    """The slow path of :func:`_check_memory`: one sweep per device over the intervals sorted by start."""
+    entries = []
+    for g, (name, tensors, written, indexed, _) in enumerate(groups):
+        is_read_pair = same is not None and g == same[1]
+        for i, (x, a, n) in enumerate(zip(tensors, starts[g], sizes[g])):
+            if n == 0 or x.device.type == "meta" or (is_read_pair and i in skip):
+                continue
+            entries.append(((x.device.type, x.device.index or 0), a, a + n, written, g, i))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    device = None
+    for e in entries:
+        if e[0] != device:
+            device, all_end, all_owner, w_end, w_owner = e[0], -1, None, -1, None
+        other = all_owner if e[3] and e[1] < all_end else w_owner if e[1] < w_end else None
+        if other is not None:
+            first, second = sorted((other, e), key=lambda x: (x[4], x[5]))
+            raise ValueError(
+                f"{fn}: {_label(groups, first)} and {_label(groups, second)} share memory: a tensor that is written "
+                "may share no memory with another argument (except when it is exactly its own source, e.g. "
+                "dst[i] is src[i]); pass separate tensors or clone() one"
+            )
+        if e[2] > all_end:
+            all_end, all_owner = e[2], e
+        if e[3] and e[2] > w_end:
+            w_end, w_owner = e[2], e
+
+
+def _label(groups, entry) -> str:
+    name, _, _, indexed, _ = groups[entry[4]]
+    return f"{name}[{entry[5]}]" if indexed else name
+
+
 def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supported=_KERNEL_DTYPES) -> str:
     """The resolved backend for one group; ``auto`` falls back to plain torch for dtypes the kernels lack."""
     name = resolve_backend(backend, device)
@@ -254,11 +353,15 @@ def _check_align(fn: str, align: int) -> None:
         raise ValueError(f"{fn}: align must be a positive int, got {align!r}")
 
 
-def _check_norm_type(fn: str, norm_type: float) -> float:
-    norm_type = float(norm_type)
-    if not norm_type > 0:
-        raise ValueError(f"{fn}: norm_type must be inf or a number > 0, got {norm_type}")
-    return norm_type
+def _check_norm_type(fn: str, norm_type: float | str) -> float:
+    """``norm_type`` as a float: inf (also the string ``"inf"``, as torch takes it) or any number > 0."""
+    try:
+        value = float(norm_type) if not isinstance(norm_type, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value > 0:
+        raise ValueError(f"{fn}: norm_type must be inf or a number > 0, got {norm_type!r}")
+    return value
 
 
 def _one_group(fn: str, name: str, tensors: list[Tensor], dtypes: set) -> tuple[torch.dtype, torch.device]:
@@ -302,7 +405,7 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
 
 def _check_flat(fn: str, flat: Tensor, align: int) -> None:
     _check_align(fn, align)
-    if not isinstance(flat, Tensor) or flat.dim() != 1 or not flat.is_contiguous():
+    if not isinstance(flat, Tensor) or flat.layout != torch.strided or flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError(f"{fn}: flat must be a contiguous 1-d tensor")
 
 
@@ -311,6 +414,19 @@ def _offsets(fn: str, flat: Tensor, numels: list[int], align: int) -> list[int]:
     if flat.numel() < total:
         raise ValueError(f"{fn}: flat has {flat.numel()} elements but the layout of like (align={align}) needs {total}")
     return offsets
+
+
+def _shape(fn: str, i: int, x) -> torch.Size:
+    """Entry ``i`` of unflatten's ``like``: a tensor's shape, or a shape of ints >= 0."""
+    if isinstance(x, Tensor):
+        return x.shape
+    try:
+        shape = torch.Size(x)
+    except (TypeError, ValueError, RuntimeError):
+        shape = None
+    if shape is None or any(n < 0 for n in shape):
+        raise TypeError(f"{fn}: like[{i}] must be a tensor or a shape of ints >= 0, got {x!r}")
+    return shape
 
 
 # Contiguous strides by shape, for unflatten's views (models have few distinct shapes; bounded all the same).
@@ -336,12 +452,14 @@ def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int =
     No copy: writing to a view writes to ``flat``. ``align`` must be the one ``flat`` was built with.
     """
     _check_flat("unflatten", flat, align)
+    if isinstance(like, Tensor) or not isinstance(like, Iterable):
+        raise TypeError(f"unflatten: like must be a sequence of tensors or shapes, got {type(like).__name__}")
     like = list(like)
     if _all_tensors(like):
         shapes = None  # read one at a time below: no list of 10^4 shapes kept alive for the garbage collector
         numels = [x.numel() for x in like]
     else:
-        shapes = [x.shape if isinstance(x, Tensor) else torch.Size(x) for x in like]
+        shapes = [_shape("unflatten", i, x) for i, x in enumerate(like)]
         numels = [math.prod(s) for s in shapes]
     offsets = _offsets("unflatten", flat, numels, align)
     if (
@@ -363,11 +481,13 @@ def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int =
 def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *, backend: str | None = None) -> None:
     """Copy each segment of ``flat`` (``flatten``'s layout) back into ``tensors[i]``, in one launch.
 
-    ``tensors`` share ``flat``'s dtype and device and are contiguous (they are written in place).
+    ``tensors`` share ``flat``'s dtype and device, are contiguous (they are written in place) and share no memory
+    with each other or with ``flat``.
     """
     tensors, dtypes = _float_tensors_and_dtypes("unflatten_copy_", "tensors", tensors)
     _check_flat("unflatten_copy_", flat, align)
-    offsets = _offsets("unflatten_copy_", flat, [x.numel() for x in tensors], align)
+    numels = [x.numel() for x in tensors]
+    offsets = _offsets("unflatten_copy_", flat, numels, align)
     if not (dtypes <= {flat.dtype} and {x.device for x in tensors} <= {flat.device} and _all_contiguous(tensors)):
         for i, x in enumerate(tensors):
             if x.dtype != flat.dtype or x.device != flat.device:
@@ -377,9 +497,17 @@ def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *,
                 raise ValueError(f"unflatten_copy_: tensors[{i}] must be contiguous (it is written in place)")
     if not tensors:
         return
+    total = offsets[-1] + numels[-1]
+    _check_memory("unflatten_copy_", [("tensors", tensors, True, True, True),
+                                      ("flat", [flat.narrow(0, 0, total)], False, False, True)])  # fmt: skip
     backend_name = _op_backend("unflatten_copy_", backend, flat.device, [flat.dtype],
                                _KERNEL_DTYPES + (torch.float64,))  # fmt: skip
     _ops.unflatten_copy_eager(tensors, flat, offsets, backend_name)
+
+
+def _check_stochastic(fn: str, stochastic) -> None:
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"{fn}: stochastic must be a bool, got {stochastic!r}")
 
 
 def cast_(
@@ -397,13 +525,15 @@ def cast_(
     fp16 overflow to inf). With ``stochastic=True`` narrowing conversions round up or down with probability
     proportional to the distance (unbiased); ``seed`` (an int in [0, 2^31)) makes them reproducible; None
     draws a key on each group's device from torch's generator (reproducible with ``torch.manual_seed``; no host
-    sync; a captured CUDA graph draws a new key at every replay). ``dst[i]`` must
-    be contiguous and have ``src[i]``'s shape and device. float64 tensors go through plain torch.
+    sync; a captured CUDA graph draws a new key at every replay). ``dst[i]`` must be contiguous and have
+    ``src[i]``'s shape and device; it may be ``src[i]`` itself (the same memory) but share no memory with any other
+    tensor of either list. float64 tensors go through plain torch.
     """
     dst, dst_dtypes = _float_tensors_and_dtypes("cast_", "dst", dst)
     src, src_dtypes = _float_tensors_and_dtypes("cast_", "src", src)
     if len(dst) != len(src):
         raise ValueError(f"cast_: dst has {len(dst)} tensors but src has {len(src)}")
+    _check_stochastic("cast_", stochastic)
     devices = {x.device for x in dst} | {x.device for x in src}
     if not (len(devices) <= 1 and _same_shapes(dst, src) and _all_contiguous(dst)):
         for i, (d, s) in enumerate(zip(dst, src, strict=True)):
@@ -417,6 +547,10 @@ def cast_(
         raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
     if not dst:
         return
+    src_dense = _all_contiguous(src)
+    _check_memory("cast_", [("dst", dst, True, True, True), ("src", src, False, True, src_dense)], same=(0, 1))
+    if not src_dense:
+        src = [x.contiguous() for x in src]
     if len(devices) == 1 and len(dst_dtypes) == 1 and len(src_dtypes) == 1:
         groups = [((dst[0].device, dst[0].dtype, src[0].dtype), dst, src)]
     else:
@@ -424,17 +558,28 @@ def cast_(
             (key, [dst[i] for i in idx], [src[i] for i in idx])
             for key, idx in _groups(lambda i: (dst[i].device, dst[i].dtype, src[i].dtype), len(dst))
         ]
-    for k, ((device, d_dtype, s_dtype), d_group, s_group) in enumerate(groups):
-        backend_name = _op_backend("cast_", backend, device, [d_dtype, s_dtype])
+    backends = [_op_backend("cast_", backend, device, [d, s]) for (device, d, s), _, _ in groups]
+    for k, ((_, _, _), d_group, s_group) in enumerate(groups):
         # Distinct random streams per group: derived from an explicit seed, else each group draws its key on its
         # device (graph-safe; see _ops._cast).
         group_seed = None if seed is None else (seed + 0x9E3779B9 * k) % 2**31
-        _ops.cast_eager(d_group, _contiguous(s_group), bool(stochastic), group_seed, backend_name)
+        _ops.cast_eager(d_group, s_group, stochastic, group_seed, backends[k])
 
 
 def _scalar_tensor(fn: str, name: str, x) -> None:
-    if not isinstance(x, Tensor) or x.numel() != 1 or not x.is_floating_point():
-        raise TypeError(f"{fn}: {name} must be a 1-element floating-point tensor")
+    if not isinstance(x, Tensor) or x.numel() != 1 or not x.is_floating_point() or x.layout != torch.strided:
+        got = (f"{x.numel()} elements of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
+        raise TypeError(f"{fn}: {name} must be a 1-element floating-point tensor, got {got}")
+
+
+def _check_inv_scale(fn: str, inv_scale) -> None:
+    if isinstance(inv_scale, Tensor):
+        _scalar_tensor(fn, "inv_scale", inv_scale)
+    elif isinstance(inv_scale, bool) or not isinstance(inv_scale, numbers.Real):
+        raise TypeError(f"{fn}: inv_scale must be a number or a 1-element floating-point tensor, got "
+                        f"{type(inv_scale).__name__}")  # fmt: skip
+    else:
+        _check_finite(f"{fn}: inv_scale", float(inv_scale))
 
 
 def unscale_(
@@ -449,22 +594,20 @@ def unscale_(
     per (device, dtype) group, no host sync.
 
     Args:
-        grads: fp32/bf16/fp16 tensors; updated in place (contiguous) unless ``out`` is given.
-        inv_scale: a float, or a 1-element float tensor (e.g. ``1 / loss_scale``; read on the device).
-        found_inf: None, or a 1-element float tensor that is set to 1 (never cleared, like torch's
-            ``GradScaler``) when any result is inf or nan. The check is on the stored result, so it also
-            catches a finite grad that overflows after the multiplication.
+        grads: fp32/bf16/fp16 tensors; updated in place (contiguous, no memory shared) unless ``out`` is given.
+        inv_scale: a finite number, or a 1-element float tensor (e.g. ``1 / loss_scale``; read on the device,
+            moved to each group's device).
+        found_inf: None, or a 1-element float tensor (0-d too, as torch's ``GradScaler`` takes it) that is set to 1
+            (never cleared) when any result is inf or nan. The check is on the stored result, so it also catches a
+            finite grad that overflows after the multiplication.
         out: optional tensors, one per grad, same shapes, one float dtype (e.g. fp32 copies of bf16 grads):
-            receive the results; ``grads`` are then left unchanged.
+            receive the results; ``grads`` are then left unchanged. ``out[i]`` may be ``grads[i]`` itself.
 
     The product is computed in fp32 and rounded to nearest even into the destination (torch's
     ``_amp_foreach_non_finite_check_and_unscale_``).
     """
     grads, g_dtypes = _float_tensors_and_dtypes("unscale_", "grads", grads)
-    if isinstance(inv_scale, Tensor):
-        _scalar_tensor("unscale_", "inv_scale", inv_scale)
-    else:
-        _check_finite("unscale_: inv_scale", float(inv_scale))
+    _check_inv_scale("unscale_", inv_scale)
     if found_inf is not None:
         _scalar_tensor("unscale_", "found_inf", found_inf)
     outs, o_dtypes = _float_tensors_and_dtypes("unscale_", "out", out) if out is not None else ([], set())
@@ -489,6 +632,22 @@ def unscale_(
                 raise ValueError(f"unscale_: grads[{i}] must be contiguous (it is updated in place)")
     if not grads:
         return
+    scalars = [(name, [x], written, False, True) for name, x, written in
+               (("found_inf", found_inf, True), ("inv_scale", inv_scale, False)) if isinstance(x, Tensor)]  # fmt: skip
+    if outs:
+        grads_dense = _all_contiguous(grads)
+        _check_memory("unscale_", [("grads", grads, False, True, grads_dense), ("out", outs, True, True, True),
+                                   *scalars], same=(1, 0))  # fmt: skip
+        if not grads_dense:
+            grads = [x.contiguous() for x in grads]
+    else:
+        _check_memory("unscale_", [("grads", grads, True, True, True), *scalars])
+    _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes)
+
+
+def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes) -> None:
+    """The launches of a checked :func:`unscale_` (contiguous grads): one op per (device, grad dtype, out dtype)
+    group, the scalars moved to each group's device."""
     if len(devices) == 1 and len(g_dtypes) == 1 and len(o_dtypes) <= 1:
         groups = [((grads[0].device, grads[0].dtype, outs[0].dtype if outs else grads[0].dtype), grads, outs)]
     else:
@@ -496,23 +655,18 @@ def unscale_(
             (key, [grads[i] for i in idx], [outs[i] for i in idx] if outs else [])
             for key, idx in _groups(lambda i: (grads[i].device, grads[i].dtype, (outs or grads)[i].dtype), len(grads))
         ]
-    for (device, g_dtype, o_dtype), g_group, o_group in groups:
-        backend_name = _op_backend("unscale_", backend, device, [g_dtype, o_dtype])
+    backends = [_op_backend(fn, backend, device, [g, o]) for (device, g, o), _, _ in groups]
+    for ((device, _, _), g_group, o_group), backend_name in zip(groups, backends, strict=True):
         scale_t = None
         if isinstance(inv_scale, Tensor):
+            # (moved, not read through a raw pointer on another device)
             scale_t = inv_scale.detach().reshape(1)
             scale_t = scale_t if scale_t.device == device else scale_t.to(device, non_blocking=True)
         flag = found_inf
         if found_inf is not None and found_inf.device != device:
             flag = torch.zeros(1, dtype=torch.float32, device=device)
-        _ops.unscale_eager(
-            _contiguous(g_group) if o_group else g_group,
-            scale_t,
-            0.0 if scale_t is not None else float(inv_scale),
-            flag,
-            o_group,
-            backend_name,
-        )
+        _ops.unscale_eager(g_group, scale_t, 0.0 if scale_t is not None else float(inv_scale), flag, o_group,
+                           backend_name)  # fmt: skip
         if flag is not found_inf:
             flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
             found_inf.copy_(torch.maximum(found_inf, flag))
@@ -524,10 +678,15 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
 
     Same value as ``torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors]), norm_type)`` computed in
     float64, returned as float32 (float64 if a tensor is float64), whatever the tensors' dtype. Deterministic:
-    the same inputs give the same bits. ``norm_type`` is ``inf`` or any p > 0. An empty list gives 0.
+    the same inputs give the same bits. ``norm_type`` is ``inf`` (or ``"inf"``) or any p > 0. An empty list
+    gives 0.
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
     tensors, dtypes = _float_tensors_and_dtypes("grad_norm", "tensors", tensors)
+    return _grad_norm("grad_norm", tensors, dtypes, norm_type, backend)
+
+
+def _grad_norm(fn, tensors, dtypes, norm_type, backend) -> Tensor:
     if not tensors:
         return torch.zeros(())
     if len(dtypes) == 1 and len({x.device for x in tensors}) == 1:
@@ -537,10 +696,8 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
             (key, [tensors[i] for i in idx])
             for key, idx in _groups(lambda i: (tensors[i].device, tensors[i].dtype), len(tensors))
         ]
-    norms = []
-    for (device, dtype), group in groups:
-        backend_name = _op_backend("grad_norm", backend, device, [dtype])
-        norms.append(_ops.grad_norm_eager(_contiguous(group), norm_type, backend_name))
+    backends = [_op_backend(fn, backend, device, [dtype]) for (device, dtype), _ in groups]
+    norms = [_ops.grad_norm_eager(_contiguous(group), norm_type, b) for (_, group), b in zip(groups, backends)]
     if len(norms) == 1:
         return norms[0]
     first = tensors[0].device
@@ -569,6 +726,25 @@ def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
+def _param_grads(fn: str, parameters) -> list[Tensor]:
+    """The grads of ``parameters`` (a tensor or an iterable of tensors) that have one, checked by the parameter's
+    index: dense floating-point tensors."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    elif not isinstance(parameters, Iterable):
+        raise TypeError(f"{fn}: parameters must be a tensor or an iterable of tensors, got "
+                        f"{type(parameters).__name__}")  # fmt: skip
+    parameters = list(parameters)
+    if not _all_tensors(parameters):
+        i = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
+        raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if {g.layout for g in grads} <= _STRIDED:  # (grads are floating point: torch checks the param's dtype)
+        return grads
+    i = next(i for i, p in enumerate(parameters) if p.grad is not None and p.grad.layout != torch.strided)
+    raise TypeError(f"{fn}: parameters[{i}].grad must be a dense tensor, got {parameters[i].grad.layout}")
+
+
 def clip_grad_norm_(
     parameters: Tensor | Iterable[Tensor],
     max_norm: float,
@@ -582,17 +758,30 @@ def clip_grad_norm_(
     (:func:`grad_norm`), then one multiply by ``clip_coef`` per (device, dtype) group, on the device.
 
     Returns the total norm (0-d float32 on the first grad's device, also for bf16/fp16 grads, where torch
-    returns the grads' dtype). ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch
-    does. ``foreach`` is accepted and ignored. Params without a grad are skipped; none gives ``tensor(0.)``.
+    returns the grads' dtype). ``max_norm=inf`` returns the norm and leaves the grads as they are (multiplied by
+    1, as torch does). ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does.
+    ``foreach`` is accepted and ignored. Params without a grad are skipped; none gives ``tensor(0.)``. A grad
+    listed twice counts twice and is multiplied twice, as in torch; grads that partly share memory are refused.
     """
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
     max_norm = _check_max_norm("clip_grad_norm_", max_norm)
     norm_type = _check_norm_type("clip_grad_norm_", norm_type)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = _param_grads("clip_grad_norm_", parameters)
     if not grads:
         return torch.tensor(0.0)
-    total = grad_norm(grads, norm_type, backend=backend)
+    # A grad listed more than once (a param listed twice) is multiplied once per listing, as torch's loop does:
+    # in rounds, each a set of distinct grads.
+    rounds = [grads]
+    if len({id(g) for g in grads}) != len(grads):
+        seen: dict[int, int] = {}
+        rounds = []
+        for g in grads:
+            k = seen[id(g)] = seen.get(id(g), -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(g)
+    dense = _all_contiguous(rounds[0])
+    _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
+    total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
@@ -600,8 +789,12 @@ def clip_grad_norm_(
             "`error_if_nonfinite=False`"
         )
     coef = clip_coef(total, max_norm)
-    strided = [g for g in grads if not g.is_contiguous()]
-    if strided:
-        torch._foreach_mul_(strided, coef.to(strided[0].device))
-    unscale_([g for g in grads if g.is_contiguous()], coef.reshape(1), None, backend=backend)
+    for part in rounds:
+        strided = [g for g in part if not g.is_contiguous()] if not dense else []
+        if strided:
+            torch._foreach_mul_(strided, coef.to(strided[0].device))
+        flat = [g for g in part if g.is_contiguous()] if strided else part
+        if flat:
+            _unscale_groups("clip_grad_norm_", flat, [], coef.reshape(1), None, backend, {g.device for g in flat},
+                            {g.dtype for g in flat}, set())  # fmt: skip
     return total
