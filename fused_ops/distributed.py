@@ -53,7 +53,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional
 from ._backend import check_backend
-from .optim import FusedAdam, _to_float
 
 __all__ = ["ZeroAdamW", "benchmark_zero"]
 
@@ -418,7 +417,8 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     Args:
         params: iterable of params or param-group dicts (as torch.optim.AdamW). All on one device; fp32,
-            bf16 or fp16; identical in number, shape, dtype and order on every rank (checked, collectively).
+            bf16 or fp16; identical in number, shape, dtype, group and order on every rank (checked,
+            collectively). Their values may differ: every rank takes rank 0's at construction, as DDP does.
         process_group: the data-parallel group (default: the world group). Must be initialised.
         stage: 1 (shard optimizer states; grads reduce-scattered in ``step()``) or 2 (also shard grads: each
             bucket is reduce-scattered during backward as soon as its grads exist, and the full grads are freed).
@@ -460,6 +460,18 @@ class ZeroAdamW(torch.optim.Optimizer):
     (use ``last_grad_norm`` for logging); the model's params become views into flat buffers owned here.
     Use ``step(loss_scale=...)`` for loss scaling (``torch.amp.GradScaler`` checks overflow per rank, which
     cannot work with sharded grads, so it is refused).
+
+    Ranks agree before anything changes. The constructor checks its arguments and params on each rank, then one
+    all_gather_object compares every rank's arguments, hyper-parameters and param signatures: an error on any
+    rank, or a difference, raises the same exception on every rank (never one rank alone, which would leave the
+    others waiting in a collective), before any param is touched. Then, like DDP at construction, rank 0's params
+    are broadcast into every rank's buckets (ranks may have initialised the model with different seeds; the
+    user's param tensors hold rank 0's values afterwards, and fp32 master weights are made from them): ranks
+    start from bit-identical params. ``step()`` checks its values and grads on every rank and agrees inside the
+    all-reduce it runs anyway, including that the step values (lr, betas, eps, weight_decay, amsgrad, maximize,
+    max_grad_norm, loss_scale) are bit-identical on every rank; ``load_state_dict`` checks the whole checkpoint and
+    agrees in one all_gather_object. A failed call raises the same exception on every rank and leaves params,
+    grads, states, step counts and the loss scaler as they were.
     """
 
     _step_supports_amp_scaling = True  # so that GradScaler always calls step(), where it is refused clearly
@@ -493,35 +505,53 @@ class ZeroAdamW(torch.optim.Optimizer):
                 "ZeroAdamW needs an initialised torch.distributed process group: call "
                 "torch.distributed.init_process_group(backend='nccl' or 'gloo', ...) on every rank first"
             )
-        if stage not in (1, 2):
-            raise ValueError(f"ZeroAdamW: stage must be 1 or 2, got {stage!r}")
-        if not (bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
-            raise ValueError(f"ZeroAdamW: bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-        if not (isinstance(align, int) and align >= 1):
-            raise ValueError(f"ZeroAdamW: align must be a positive int, got {align!r}")
-        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise ValueError(f"ZeroAdamW: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if reduce_dtype is not None and reduce_dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"ZeroAdamW: reduce_dtype must be one of {_SUPPORTED_DTYPES}, got {reduce_dtype}")
-        if differentiable:
-            raise ValueError("ZeroAdamW does not support differentiable=True")
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        betas = (_to_float(betas[0]), _to_float(betas[1]))
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            foreach=foreach, capturable=capturable, differentiable=False, fused=fused, decoupled_weight_decay=True,
-            backend=check_backend(backend),
-        )  # fmt: skip
-        FusedAdam._check_hyperparameters(defaults)
-        self._built = False
-        super().__init__(params, defaults)
-
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
         if self.rank < 0:
             raise ValueError("ZeroAdamW: this process is not a member of process_group")
+        # Every argument is checked on this rank first, then the ranks agree (one all_gather_object) before
+        # anything changes: a rank raising alone would leave the others waiting in that collective.
+        self._built = False
+        error: Exception | None = None
+        config, group_values = None, None
+        try:
+            if stage not in (1, 2):
+                raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+            if not (isinstance(bucket_cap_mb, numbers.Real) and bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
+                raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+            if not (isinstance(align, int) and align >= 1):
+                raise ValueError(f"align must be a positive int, got {align!r}")
+            max_grad_norm = _check_max_grad_norm(max_grad_norm)
+            if reduce_dtype is not None and reduce_dtype not in _SUPPORTED_DTYPES:
+                raise ValueError(f"reduce_dtype must be one of {_SUPPORTED_DTYPES}, got {reduce_dtype}")
+            if differentiable:
+                raise ValueError("differentiable=True is not supported")
+            if isinstance(betas, (tuple, list)) and len(betas) == 2:
+                betas = (_real("betas[0]", betas[0]), _real("betas[1]", betas[1]))
+            defaults = dict(
+                lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
+                decoupled_weight_decay=True, backend=check_backend(backend),
+            )  # fmt: skip
+            _check_group(0, defaults, read_lr=True)
+            super().__init__(params, defaults)
+            self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
+            self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            bad_params = self._local_param_error()
+            if bad_params is not None:
+                raise ValueError(f"bad params: {bad_params}")
+            config = (stage, float(bucket_cap_mb), align, bool(master_weights), str(reduce_dtype), self.world_size,
+                      max_grad_norm)  # fmt: skip
+            group_values = []
+            for gi, g in enumerate(self.param_groups):
+                lr_, beta1, beta2, eps_, weight_decay_ = _check_group(gi, g, read_lr=True)
+                lr_ = float(lr_.item()) if isinstance(lr_, Tensor) else lr_
+                group_values.append((lr_, beta1, beta2, eps_, weight_decay_, bool(g["amsgrad"]), bool(g["maximize"])))
+        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+            error = e
+        self._check_same_on_all_ranks(config, group_values, error)
+
         self.stage = stage
         self.bucket_cap_mb = bucket_cap_mb
         self.overlap_comm = bool(overlap_comm)
@@ -529,11 +559,6 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.reduce_dtype = reduce_dtype
         self.align = align
-
-        self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-        config = (stage, float(bucket_cap_mb), align, self.master_weights, str(reduce_dtype), self.world_size)
-        self._check_same_on_all_ranks(config, self._local_param_error())
 
         self._device = self._params[0].device if self._params else torch.device("cpu")
         self._build()
@@ -562,10 +587,9 @@ class ZeroAdamW(torch.optim.Optimizer):
         if getattr(self, "_built", False):
             raise NotImplementedError("ZeroAdamW: param groups cannot be added after construction")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _, beta1, beta2, _, _ = _check_group(len(self.param_groups), merged, read_lr=True)
         if "betas" in param_group:
-            param_group = {**param_group, "betas": tuple(_to_float(b) for b in param_group["betas"])}
-            merged["betas"] = param_group["betas"]
-        FusedAdam._check_hyperparameters(merged)
+            param_group = {**param_group, "betas": (beta1, beta2)}
         super().add_param_group(param_group)
 
     def _local_param_error(self) -> str | None:
@@ -579,18 +603,25 @@ class ZeroAdamW(torch.optim.Optimizer):
                 return f"param {i} is sparse"
         return None
 
-    def _check_same_on_all_ranks(self, config: tuple, local_error: str | None) -> None:
-        """One all_gather_object of every rank's param signature; every rank raises the same ValueError."""
-        sig = [(g, tuple(p.shape), str(p.dtype)) for g, p in zip(self._group_of, self._params, strict=True)]
+    def _check_same_on_all_ranks(
+        self, config: tuple | None, group_values: list[tuple] | None, local_error: Exception | None
+    ) -> None:
+        """One all_gather_object of every rank's arguments, hyper-parameters, param signature and error: every
+        rank raises the same exception if any rank had an error or anything differs between ranks."""
+        err = None if local_error is None else (type(local_error).__name__, str(local_error))
+        sig = None
+        if err is None:
+            sig = [(g, tuple(p.shape), str(p.dtype)) for g, p in zip(self._group_of, self._params, strict=True)]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (config, sig, local_error), group=self.process_group)
-        for r, (_, _, err) in enumerate(gathered):
-            if err is not None:
-                raise ValueError(f"ZeroAdamW: bad params on rank {r}: {err}")
-        cfg0, sig0, _ = gathered[0]
-        for r, (cfg, s, _) in enumerate(gathered[1:], start=1):
+        dist.all_gather_object(gathered, (config, group_values, sig, err), group=self.process_group)
+        for r, (_, _, _, e) in enumerate(gathered):
+            if e is not None:
+                raise _ERROR_TYPES.get(e[0], RuntimeError)(f"ZeroAdamW: {e[1]} (on rank {r}; every rank raises this)")
+        cfg0, values0, sig0, _ = gathered[0]
+        for r, (cfg, values, s, _) in enumerate(gathered[1:], start=1):
             if cfg != cfg0:
-                names = ("stage", "bucket_cap_mb", "align", "master_weights", "reduce_dtype", "world_size")
+                names = ("stage", "bucket_cap_mb", "align", "master_weights", "reduce_dtype", "world_size",
+                         "max_grad_norm")  # fmt: skip
                 pairs = zip(names, cfg0, cfg, strict=True)
                 diff = [f"{n}={a!r} on rank 0 but {b!r} on rank {r}" for n, a, b in pairs if a != b]
                 raise ValueError("ZeroAdamW: constructor arguments differ between ranks: " + "; ".join(diff))
@@ -605,6 +636,13 @@ class ZeroAdamW(torch.optim.Optimizer):
                         f"{a[2]}) on rank 0 but (group {b[0]}, shape {b[1]}, {b[2]}) on rank {r}; every rank "
                         "must pass the same params in the same order"
                     )
+            for gi, (a, b) in enumerate(zip(values0, values, strict=True)):
+                for name, x, y in zip(_GROUP_VALUES, a, b, strict=True):
+                    if x != y:
+                        raise ValueError(
+                            f"ZeroAdamW: {name} of param group {gi} differs between ranks ({x!r} on rank 0 but "
+                            f"{y!r} on rank {r}): every rank must pass the same hyper-parameters"
+                        )
 
     def _build(self) -> None:
         specs = build_layout(
@@ -635,6 +673,8 @@ class ZeroAdamW(torch.optim.Optimizer):
                 end = offset + numel
             if spec.numel > end:
                 gaps.append((end, spec.numel))
+            if world > 1:  # every rank starts from rank 0's params, as DDP does (before masters are made of them)
+                dist.broadcast(flat, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
             param_shard = flat.narrow(0, rank * shard, shard)
             lowp = spec.dtype != torch.float32
             group = self.param_groups[spec.group]

@@ -405,6 +405,82 @@ def case_load_state_dict(rank: int, world: int) -> list[dict]:
     return out
 
 
+BAD_CONSTRUCTOR_ARGS = [  # (label, kwargs, exception, patterns)
+    ("lr -1", dict(lr=-1.0), "ValueError", [r"learning rate"]),
+    ("weight_decay nan", dict(weight_decay=math.nan), "ValueError", [r"weight_decay"]),
+    ("betas (1, 0.9)", dict(betas=(1.0, 0.9)), "ValueError", [r"beta parameter at index 0"]),
+    ("eps -1", dict(eps=-1.0), "ValueError", [r"epsilon"]),
+    ("lr 2-element tensor", dict(lr=torch.tensor([LR, LR])), "ValueError", [r"1-element"]),
+    ("stage 3", dict(stage=3), "ValueError", [r"stage"]),
+    ("bucket_cap_mb 0", dict(bucket_cap_mb=0), "ValueError", [r"bucket_cap_mb"]),
+    ("align 0", dict(align=0), "ValueError", [r"align"]),
+    ("max_grad_norm -1", dict(max_grad_norm=-1.0), "ValueError", [r"max_grad_norm"]),
+    ("reduce_dtype int32", dict(reduce_dtype=torch.int32), "ValueError", [r"reduce_dtype"]),
+    ("differentiable", dict(differentiable=True), "ValueError", [r"differentiable"]),
+    ("backend 'nope'", dict(backend="nope"), "ValueError", [r"backend"]),
+    ("no params", dict(params=[]), "ValueError", [r"empty parameter list"]),
+    ("an int64 param", dict(params="int64"), "ValueError", [r"param 6\b", r"int64"]),
+]
+DIFFERENT_CONSTRUCTOR_ARGS = [  # (label, kwargs on the odd rank, patterns)
+    ("lr", dict(lr=2 * LR), [r"\blr\b", r"param group 0"]),
+    ("betas", dict(betas=(0.8, 0.999)), [r"betas", r"param group 0"]),
+    ("weight_decay", dict(weight_decay=0.5), [r"weight_decay"]),
+    ("amsgrad", dict(amsgrad=True), [r"amsgrad"]),
+    ("max_grad_norm", dict(max_grad_norm=1.0), [r"max_grad_norm"]),
+    ("stage", dict(stage=1), [r"stage"]),
+]
+
+
+def case_constructor(rank: int, world: int) -> list[dict]:
+    """Constructor arguments bad on one rank, or valid but different between ranks: the same error on every rank
+    (no rank waits in the constructor's collective), and the model's params untouched (still the tensors they
+    were: the optimizer did not move them into its buffers)."""
+    bad, odd = world - 1, world // 2
+    out = []
+    for label, kwargs, exc, patterns in BAD_CONSTRUCTOR_ARGS:
+        for where in ("one rank", "every rank"):
+            model = Net()
+            params: Any = list(model.parameters())
+            kw = dict(stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
+            if where == "every rank" or rank == bad:
+                kw.update(kwargs)
+            if kw.get("params") == "int64":
+                kw["params"] = params + [torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)]
+            params = kw.pop("params", params)
+            extra = [rf"rank {bad}\b"] if where == "one rank" else []
+            out.append(attempt(f"{label} on {where}", lambda p=params, kw=kw: ZeroAdamW(p, **kw),
+                               (list(model.parameters()),), exc, *patterns, *extra))  # fmt: skip
+    for label, kwargs, patterns in DIFFERENT_CONSTRUCTOR_ARGS:
+        model = Net()
+        kw = dict(stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
+        if rank == odd:
+            kw.update(kwargs)
+        out.append(attempt(f"{label} differs between ranks", lambda kw=kw: ZeroAdamW(model.parameters(), **kw),
+                           (list(model.parameters()),), "ValueError", r"differ", rf"rank {odd}\b",
+                           *patterns))  # fmt: skip
+    return out
+
+
+def case_params_differ(rank: int, world: int) -> list[dict]:
+    """Ranks that start from different params (another seed per rank): ZeroAdamW does what DDP does, every rank
+    takes rank 0's params at construction (bit for bit, fp32 and bf16 with fp32 masters made from them)."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = Net(dtype=dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(rank)
+        opt = ZeroAdamW(model.parameters(), stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
+        rank0 = flat_params(Net(dtype=dtype))
+        out.append(check(f"{dtype}: every rank holds rank 0's params", torch.equal(flat_params(model), rank0)))
+        if dtype != torch.float32:
+            cons = opt.consolidated_state_dict(to=None)
+            masters = torch.cat([cons["state"][i]["master_param"].reshape(-1) for i in range(len(cons["state"]))])
+            out.append(check(f"{dtype}: the masters are rank 0's params", torch.equal(masters, rank0)))
+        out.append(recovers(model, opt, rank, world, f"{dtype}: a step leaves the same params on every rank"))
+    return out
+
+
 CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "step_values": (case_step_values, (2,)),
     "loss_scale": (case_loss_scale, (2,)),
@@ -412,6 +488,8 @@ CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "step_values_differ": (case_step_values_differ, (2, 4)),
     "retry_is_exact": (case_retry_is_exact, (2,)),
     "load_state_dict": (case_load_state_dict, (2, 4)),
+    "constructor": (case_constructor, (2, 4)),
+    "params_differ": (case_params_differ, (2, 4)),
 }
 
 
