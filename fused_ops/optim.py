@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _ops, functional
 from ._backend import check_backend, resolve_backend
+from ._validate import first_overlap
 
 MASTER_KEY = "master_param"
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)
@@ -542,6 +543,8 @@ class FusedAdam(torch.optim.Optimizer):
                 work.append((gi, group, values, params, None))
             else:
                 work.append((gi, group, values, plan, current))
+        if any(current is None for *_, current in work):
+            self._check_no_shared_memory()
 
         runs = []
         for gi, group, values, params_or_plan, current in work:
@@ -561,6 +564,22 @@ class FusedAdam(torch.optim.Optimizer):
             plan.state_version = version  # (after every plan's states exist: building one changes the state)
             plan.run(group, current, values, grad_scale=grad_scale, found_inf=found_inf)
         return loss
+
+    def _check_no_shared_memory(self) -> None:
+        """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
+        launch: overlapping tensors would race). Run when a plan is (re)built, not at every step."""
+        params, states = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    st = self.state.get(p)
+                    if st:
+                        states.extend(v for k, v in st.items() if k in _STATE_KEYS and isinstance(v, Tensor))
+        clash = first_overlap([("params", params), ("states", states)])
+        if clash is not None:
+            raise ValueError(f"{type(self).__name__}: {clash} (counting the params with grads of every group, in "
+                             "order): the step writes them all at once, so each needs memory of its own")  # fmt: skip
 
     @staticmethod
     def _check_scaling(grad_scale: Any, found_inf: Any) -> tuple[Tensor | float | None, Tensor | None]:

@@ -91,8 +91,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     x = t.detach()
     if x.is_sparse:
         x = x.to_dense()
-    x = x.contiguous().reshape(-1)
-    return x.cpu().view(torch.uint8).clone() if x.numel() else torch.empty(0, dtype=torch.uint8)
+    if not x.numel():
+        return torch.empty(0, dtype=torch.uint8)
+    flat = torch.empty(x.numel(), dtype=x.dtype).copy_(x.reshape(-1))  # (a fresh, truly contiguous copy)
+    return flat.view(torch.uint8)
 
 
 def _meta(t: torch.Tensor) -> tuple:
