@@ -15,7 +15,10 @@ Per step::
     backward  --(stage 2: per bucket, as soon as its grads exist)-->  reduce-scatter (sum) into the grad shard
     step()    --(stage 1: all buckets now)--------------------------->  reduce-scatter (sum) into the grad shard
               all-reduce(sum) of the shard's squared norm (accumulated in float64, whatever the shard's dtype)
-                                                          -> global grad norm, found_inf (no host sync)
+                                                          -> global grad norm, found_inf (on the device)
+                 ... and, in the same all-reduce, the ranks' agreement: how many ranks found a bad value or grad,
+                 and the bits of every step value (each rank's must be identical): read on the host, the step's
+                 one sync; on a problem every rank raises the same error, before anything has changed
               fused Adam (fused_ops.functional.adam_) on the shard; 1/world, 1/loss_scale and the clip
               coefficient are one device-side grad_scale
               (with fp32 masters, the same pass writes the rounded low-precision params)
@@ -1306,8 +1309,14 @@ class ZeroAdamW(torch.optim.Optimizer):
         so the full state never has to fit on one GPU); the transient cost on each rank is one bucket.
         Master weights, when kept, are under the extra key ``master_param`` (torch.optim ignores it).
         """
-        if to is not None and not 0 <= to < self.world_size:
-            raise ValueError(f"consolidated_state_dict: to must be a rank in [0, {self.world_size}) or None, got {to}")
+        error = None
+        try:  # checked on every rank and agreed on before the first gather: no rank fails alone half-way
+            if to is not None and not (isinstance(to, int) and 0 <= to < self.world_size):
+                raise ValueError(f"to must be a rank in [0, {self.world_size}) or None, got {to!r}")
+            torch.empty(0, device=device)  # a device that does not exist (or a bad name) fails here
+        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+            error = f"{type(e).__name__}: {e}"
+        self._raise_if_any_rank_failed(error, "consolidated_state_dict", same=("to", to))
         self._drain()
         keep = to is None or to == self.rank
         state: dict[int, dict[str, Tensor]] = {}
@@ -1326,12 +1335,17 @@ class ZeroAdamW(torch.optim.Optimizer):
             return None
         return {"state": state, "param_groups": self._groups_for_save()}
 
-    def _raise_if_any_rank_failed(self, error: str | None, what: str) -> None:
+    def _raise_if_any_rank_failed(self, error: str | None, what: str, same: tuple[str, Any] | None = None) -> None:
+        """One all_gather_object: every rank raises the same ValueError if any rank had an error, or if the
+        argument ``same = (name, value)`` differs between ranks."""
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, error, group=self.process_group)
-        for r, err in enumerate(gathered):
+        dist.all_gather_object(gathered, (error, same), group=self.process_group)
+        for r, (err, _) in enumerate(gathered):
             if err is not None:
                 raise ValueError(f"ZeroAdamW.{what} failed on rank {r}: {err}")
+        values = [repr(v[1]) for _, v in gathered] if same is not None else []
+        if any(v != values[0] for v in values):
+            raise ValueError(f"ZeroAdamW.{what}: {same[0]} differs between ranks ({_by_rank(values)})")
 
     def load_state_dict(self, state_dict: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         """Load a checkpoint saved with any world size. Collective: call it on every rank.

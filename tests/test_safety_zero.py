@@ -481,6 +481,54 @@ def case_params_differ(rank: int, world: int) -> list[dict]:
     return out
 
 
+def case_bad_grads(rank: int, world: int) -> list[dict]:
+    """On one rank, a sparse grad, or a param whose .data was replaced (the step could not reach it): the same
+    RuntimeError on every rank, naming the param, from step() (never from the reduce-scatter of that rank alone,
+    which would leave the other ranks in the collective); nothing changed, p.grad included."""
+    bad = world - 1
+    out = []
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world, backward=False)
+        for i, p in enumerate(model.parameters()):  # set by hand: stage 2 reduces them in step()
+            p.grad = torch.full_like(p, 0.01 * (i + 1))
+        if rank == bad:
+            model.l1.weight.grad = torch.zeros_like(model.l1.weight).to_sparse()
+        out.append(attempt(f"stage {stage}: a sparse grad on one rank", opt.step, zero_objects(opt), "RuntimeError",
+                           r"param 0\b", r"sparse", rf"rank {bad}\b"))  # fmt: skip
+        out.append(recovers(model, opt, rank, world, f"stage {stage}: zero_grad, then a valid step"))
+
+        model, opt = trained(stage, rank, world, backward=False)
+        if rank == bad:
+            model.l1.bias.data = model.l1.bias.data.clone()
+        local_loss(model, 1, 0, rank, world).backward()  # stage 2: reduced here, the replaced param noticed here
+        opt._drain()
+        out.append(attempt(f"stage {stage}: a param's .data replaced on one rank", opt.step, zero_objects(opt),
+                           "RuntimeError", r"param 1\b", r"\.data", rf"rank {bad}\b"))  # fmt: skip
+    return out
+
+
+def case_consolidated_state_dict(rank: int, world: int) -> list[dict]:
+    """consolidated_state_dict with a bad `to` or device on one rank, or `to` differing between ranks: the same
+    ValueError on every rank before any collective of the gather (no rank waits)."""
+    bad, odd = world - 1, world // 2
+    out = []
+    model, opt = trained(2, rank, world)
+    for label, kwargs, patterns in [
+        ("to = world size", dict(to=world), [r"\bto\b"]),
+        ("to = -1", dict(to=-1), [r"\bto\b"]),
+        ("device 'nonsense'", dict(device="nonsense"), [r"device", r"nonsense"]),
+    ]:
+        kw = kwargs if rank == bad else {}
+        out.append(attempt(f"{label} on one rank", lambda kw=kw: opt.consolidated_state_dict(**kw), zero_objects(opt),
+                           "ValueError", *patterns, rf"rank {bad}\b"))  # fmt: skip
+    to = 1 if rank == odd else 0
+    out.append(attempt("to differs between ranks", lambda: opt.consolidated_state_dict(to=to), zero_objects(opt),
+                       "ValueError", r"\bto\b", r"differ", rf"rank {odd}\b"))  # fmt: skip
+    cons = opt.consolidated_state_dict(to=None)
+    out.append(check("a valid call afterwards", cons is not None and len(cons["state"]) == 6))
+    return out
+
+
 CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "step_values": (case_step_values, (2,)),
     "loss_scale": (case_loss_scale, (2,)),
@@ -490,6 +538,8 @@ CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "load_state_dict": (case_load_state_dict, (2, 4)),
     "constructor": (case_constructor, (2, 4)),
     "params_differ": (case_params_differ, (2, 4)),
+    "bad_grads": (case_bad_grads, (2,)),
+    "consolidated_state_dict": (case_consolidated_state_dict, (2,)),
 }
 
 
