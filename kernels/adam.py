@@ -505,10 +505,10 @@ class AdamStep:
         self.table = repoint_role(self.table, _GRAD_ROLE, addrs)
         self.grad_addrs = addrs
 
-    def _new_staging(self) -> torch.Tensor | None:
-        if self.device.type != "cuda":
-            return None
-        return torch.empty(self.table.table.numel(), dtype=torch.int64, pin_memory=True)
+    def _new_staging(self) -> torch.Tensor:
+        # pinned on CUDA (a capture copies from it at every replay); plain memory on the CPU (tests of this path)
+        cuda = self.device.type == "cuda"
+        return torch.empty(self.table.table.numel(), dtype=torch.int64, pin_memory=cuda)
 
     def _capture_table(self) -> ChunkTable:
         """The table a capture launches on: a copy of its own (current grads included), never rewritten."""
@@ -549,7 +549,7 @@ class AdamStep:
         if is_capturing(self.device):
             table = self._capture_table()
         else:
-            if self._staging is None and self.device.type == "cuda":
+            if self._staging is None:
                 self._staging = self._new_staging()  # the last one went into a captured graph
             table = self.table
         _launch(table, self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

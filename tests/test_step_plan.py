@@ -6,6 +6,7 @@ a state reset, a loaded state dict, a mixed-dtype group) and compare every step 
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -269,3 +270,58 @@ def test_plan_keeps_no_grad_alive(backend):
         refs = [weakref.ref(p.grad) for p in m2.parameters()]
         o2.zero_grad(set_to_none=True)
         assert all(r() is None for r in refs)
+
+
+def test_capture_launches_on_a_table_of_its_own(monkeypatch):
+    """The CUDA-graph logic of AdamStep, on CPU tensors with "capturing" simulated: a capture whose grads moved
+    launches on a copy of the table (with the capture's grads), which later eager repoints never reach; a second
+    capture without an eager launch in between raises; the eager table keeps the eager grads."""
+    from fused_ops.kernels import _multi_tensor, adam
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernel on CPU tensors")
+    params = [torch.randn(5), torch.randn(17)]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in params]
+    grads = [torch.randn_like(p) for p in params]
+    launcher = adam.AdamStep(params, grads, states[0], states[1], [], steps, amsgrad=False)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    launcher(**hyper)
+    eager_table = launcher.table.table.clone()
+
+    capturing = [True]
+    monkeypatch.setattr(adam, "is_capturing", lambda device: capturing[0])
+    moved = [torch.randn_like(p) for p in params]
+    launcher.set_grads(moved)
+    assert torch.equal(launcher.table.table, eager_table), "the eager table was rewritten during a capture"
+    launcher(**hyper)
+    captured = launcher._captured[-1][0]
+    assert captured.table is not launcher.table.table
+    assert captured.table[2:4].tolist() == [g.data_ptr() for g in moved]
+    assert id(captured.table) in _multi_tensor._CAPTURED
+    with pytest.raises(RuntimeError, match="eager step"):
+        launcher(**hyper)  # a second capture with no eager launch in between
+
+    capturing[0] = False
+    again = [torch.randn_like(p) for p in params]
+    launcher.set_grads(again)
+    launcher(**hyper)
+    assert launcher.table.table[2:4].tolist() == [g.data_ptr() for g in again]
+    assert captured.table[2:4].tolist() == [g.data_ptr() for g in moved], "the captured table was rewritten"
+
+
+def test_chunk_tables_during_capture(monkeypatch):
+    """A table seen first during a capture cannot be built there (clear error); a cached one is kept for life."""
+    from fused_ops.kernels import _multi_tensor
+
+    xs = [torch.zeros(5), torch.zeros(7)]
+    cache: dict = {}
+    table = _multi_tensor.build_chunk_table([xs], 16, cache)
+    monkeypatch.setattr(_multi_tensor, "is_capturing", lambda device: True)
+    assert _multi_tensor.build_chunk_table([xs], 16, cache) is table
+    assert _multi_tensor._CAPTURED[id(table.table)] is table
+    with pytest.raises(RuntimeError, match="warm-up"):
+        _multi_tensor.build_chunk_table([[torch.zeros(3)]], 16, cache)
+    calls = []
+    _multi_tensor.build_chunk_table([xs], 16, cache, check=lambda: calls.append(1))
+    assert calls == [1], "the check must run on a cache hit too"
