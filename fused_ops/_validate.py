@@ -73,3 +73,20 @@ def check_scalar(fn: str, name: str, x, device: torch.device | None = None) -> T
     if device is not None and x.device != device:
         x = x.to(device)
     return x
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def first_without_storage(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor whose ``data_ptr()`` is not the address of its elements: a tensor subclass with a
+    dispatch of its own (DTensor, wrapper subclasses, fake tensors) or a meta tensor; None when there is none.
+    A kernel given such an address reads or writes memory that is not the tensor's."""
+    types = {type(t) for t in tensors}
+    if all(getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH for cls in types):
+        if not any(t.is_meta for t in tensors):
+            return None
+    for i, t in enumerate(tensors):
+        if getattr(type(t), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH or t.is_meta:
+            return i
+    return None  # pragma: no cover

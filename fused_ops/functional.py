@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _ops
 from ._backend import resolve_backend
-from ._validate import check_scalar, first_overlap
+from ._validate import check_scalar, first_overlap, first_without_storage
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -134,6 +134,13 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         if not _all_tensors(lst):
             i = next(i for i, x in enumerate(lst) if not isinstance(x, Tensor))
             raise TypeError(f"adam_: {name}[{i}] must be a Tensor, got {type(lst[i]).__name__}")
+    compiling = torch.compiler.is_compiling()  # (traced: fake tensors have no memory; eager calls check it)
+    for name, lst in every if not compiling else ():
+        i = first_without_storage(lst)
+        if i is not None:
+            t = lst[i]
+            raise TypeError(f"adam_: {name}[{i}] is a {type(t).__name__} on {t.device}, not a plain tensor with "
+                            "memory of its own; pass the local shard of a DTensor (to_local())")  # fmt: skip
     for i, p in enumerate(params):
         if p.layout != torch.strided or p.dtype not in _ADAM_DTYPES:
             raise TypeError(f"adam_: params[{i}] must be a dense float32, bfloat16 or float16 tensor, got {p.dtype} "
@@ -164,6 +171,8 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
                                 f"{s.numel()} elements")  # fmt: skip
             if s.device != device:
                 raise ValueError(f"adam_: state_steps[{i}] is on {s.device} but params[{i}] is on {device}")
+    if compiling:
+        return
     written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
     if max_exp_avg_sqs:
         written.append(("max_exp_avg_sqs", max_exp_avg_sqs))
@@ -199,6 +208,7 @@ import numbers  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from itertools import islice  # noqa: E402
 from operator import add as _add  # noqa: E402
+from operator import attrgetter  # noqa: E402
 from operator import le as _le  # noqa: E402
 
 from . import reference  # noqa: E402
@@ -206,6 +216,8 @@ from ._backend import check_backend  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STRIDED = {torch.strided}
+_data_ptr = Tensor.data_ptr
+_nbytes = attrgetter("nbytes")
 
 
 def _all_tensors(xs: list) -> bool:
@@ -276,9 +288,9 @@ def _check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = N
     if torch.compiler.is_compiling():  # fake tensors have no addresses; the eager call checked the same layout
         return
     starts, sizes = [], []
-    for _, tensors, _, _, contiguous in groups:
-        starts.append([x.data_ptr() for x in tensors])
-        sizes.append([x.nbytes for x in tensors] if contiguous else [_reach(x) for x in tensors])
+    for _, tensors, _, _, contiguous in groups:  # (``map`` over the C methods: never traced, see above)
+        starts.append(list(map(_data_ptr, tensors)))
+        sizes.append(list(map(_nbytes, tensors)) if contiguous else [_reach(x) for x in tensors])
     skip: set = set()
     if same is not None:
         w, r = same
@@ -337,13 +349,18 @@ def _label(groups, entry) -> str:
     return f"{name}[{entry[5]}]" if indexed else name
 
 
-def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supported=_KERNEL_DTYPES) -> str:
-    """The resolved backend for one group; ``auto`` falls back to plain torch for dtypes the kernels lack."""
+def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supported=_KERNEL_DTYPES,
+                named=()) -> str:  # fmt: skip
+    """The resolved backend for one group; ``auto`` falls back to plain torch for dtypes the kernels lack.
+    ``named``: the (name, tensors) lists of the call, to name the first tensor of a dtype the kernels lack."""
     name = resolve_backend(backend, device)
     unsupported = sorted({str(d) for d in dtypes if d not in supported})
     if name == "triton" and unsupported:
         if check_backend(backend) == "triton":  # asked for by name (or by FUSED_OPS_BACKEND): no fallback
-            raise TypeError(f"{fn}: backend='triton' does not support {', '.join(unsupported)} tensors")
+            first = next((f"{arg}[{i}] is {x.dtype}" for arg, xs in named for i, x in enumerate(xs)
+                          if x.dtype not in supported), None)  # fmt: skip
+            raise TypeError(f"{fn}: backend='triton' does not support {', '.join(unsupported)} tensors"
+                            + (f" ({first}); use backend='auto' or 'reference'" if first else ""))  # fmt: skip
         return "reference"
     return name
 
@@ -558,7 +575,8 @@ def cast_(
             (key, [dst[i] for i in idx], [src[i] for i in idx])
             for key, idx in _groups(lambda i: (dst[i].device, dst[i].dtype, src[i].dtype), len(dst))
         ]
-    backends = [_op_backend("cast_", backend, device, [d, s]) for (device, d, s), _, _ in groups]
+    named = (("dst", dst), ("src", src))
+    backends = [_op_backend("cast_", backend, device, [d, s], named=named) for (device, d, s), _, _ in groups]
     for k, ((_, _, _), d_group, s_group) in enumerate(groups):
         # Distinct random streams per group: derived from an explicit seed, else each group draws its key on its
         # device (graph-safe; see _ops._cast).
@@ -642,10 +660,11 @@ def unscale_(
             grads = [x.contiguous() for x in grads]
     else:
         _check_memory("unscale_", [("grads", grads, True, True, True), *scalars])
-    _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes)
+    _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
+                    (("grads", grads), ("out", outs)))  # fmt: skip
 
 
-def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes) -> None:
+def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes, named=()) -> None:
     """The launches of a checked :func:`unscale_` (contiguous grads): one op per (device, grad dtype, out dtype)
     group, the scalars moved to each group's device."""
     if len(devices) == 1 and len(g_dtypes) == 1 and len(o_dtypes) <= 1:
@@ -655,7 +674,7 @@ def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_d
             (key, [grads[i] for i in idx], [outs[i] for i in idx] if outs else [])
             for key, idx in _groups(lambda i: (grads[i].device, grads[i].dtype, (outs or grads)[i].dtype), len(grads))
         ]
-    backends = [_op_backend(fn, backend, device, [g, o]) for (device, g, o), _, _ in groups]
+    backends = [_op_backend(fn, backend, device, [g, o], named=named) for (device, g, o), _, _ in groups]
     for ((device, _, _), g_group, o_group), backend_name in zip(groups, backends, strict=True):
         scale_t = None
         if isinstance(inv_scale, Tensor):
@@ -686,7 +705,7 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     return _grad_norm("grad_norm", tensors, dtypes, norm_type, backend)
 
 
-def _grad_norm(fn, tensors, dtypes, norm_type, backend) -> Tensor:
+def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tensor:
     if not tensors:
         return torch.zeros(())
     if len(dtypes) == 1 and len({x.device for x in tensors}) == 1:
@@ -696,7 +715,7 @@ def _grad_norm(fn, tensors, dtypes, norm_type, backend) -> Tensor:
             (key, [tensors[i] for i in idx])
             for key, idx in _groups(lambda i: (tensors[i].device, tensors[i].dtype), len(tensors))
         ]
-    backends = [_op_backend(fn, backend, device, [dtype]) for (device, dtype), _ in groups]
+    backends = [_op_backend(fn, backend, device, [dtype], named=((name, tensors),)) for (device, dtype), _ in groups]
     norms = [_ops.grad_norm_eager(_contiguous(group), norm_type, b) for (_, group), b in zip(groups, backends)]
     if len(norms) == 1:
         return norms[0]
@@ -781,7 +800,7 @@ def clip_grad_norm_(
             rounds[k].append(g)
     dense = _all_contiguous(rounds[0])
     _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
-    total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend)
+    total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads")
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
@@ -796,5 +815,5 @@ def clip_grad_norm_(
         flat = [g for g in part if g.is_contiguous()] if strided else part
         if flat:
             _unscale_groups("clip_grad_norm_", flat, [], coef.reshape(1), None, backend, {g.device for g in flat},
-                            {g.dtype for g in flat}, set())  # fmt: skip
+                            {g.dtype for g in flat}, set(), (("grads", flat),))  # fmt: skip
     return total

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _ops, functional
 from ._backend import check_backend, resolve_backend
-from ._validate import first_overlap
+from ._validate import first_overlap, first_without_storage
 
 MASTER_KEY = "master_param"
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)
@@ -126,6 +126,26 @@ class _OptimizerState(_counting(defaultdict)):  # type: ignore[misc]
 
     def __deepcopy__(self, memo) -> defaultdict:
         return deepcopy(defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in self.items()}), memo)
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover (torch without distributed)
+    _DTensor = None
+
+
+def _is_dtensor(t: Any) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (its ``_local_tensor``: no DTensor dispatch), or the tensor itself."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _spec(t: Tensor) -> tuple:
+    """What must agree between a DTensor param and its grads and states: the mesh and the placements."""
+    return (t.device_mesh, tuple(t.placements)) if _is_dtensor(t) else ()
 
 
 try:  # torch's C++ check of tensor metadata, the one torch.compile's guards use: ~100 ns a tensor
@@ -282,6 +302,14 @@ class FusedAdam(torch.optim.Optimizer):
         for i, p in enumerate(params):
             where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
             g = p.grad
+            if _is_dtensor(p) or _is_dtensor(g):
+                self._check_dtensor(where, p, g)
+                p, g = _local(p), _local(g)
+                where += " (its local shard)"
+            if first_without_storage([p, g]) is not None:
+                raise TypeError(f"{name}: {where} or its grad is a {type(p).__name__}/{type(g).__name__} on "
+                                f"{p.device}, not a tensor with memory of its own (a DTensor, a plain tensor "
+                                "or a Parameter is needed)")  # fmt: skip
             if g.is_sparse:
                 raise RuntimeError(
                     f"{name} does not support sparse gradients ({where}), please consider SparseAdam instead"
@@ -303,20 +331,39 @@ class FusedAdam(torch.optim.Optimizer):
             if not p.is_contiguous():
                 raise ValueError(f"{name} needs contiguous params; {where} is not contiguous")
             if group is not None:
-                self._check_state(where, p, self.state.get(p), group)
+                self._check_state(where, params[i], self.state.get(params[i]), group)
+
+    def _check_dtensor(self, where: str, p: Tensor, g: Tensor) -> None:
+        """A DTensor param needs a DTensor grad on the same mesh with the same placements (a ``Partial`` grad must be
+        reduced first): the step then runs on the local shards, which hold matching elements."""
+        name = type(self).__name__
+        if not (_is_dtensor(p) and _is_dtensor(g)):
+            raise TypeError(f"{name}: {where} is a {type(p).__name__} but its grad is a {type(g).__name__}: both must "
+                            "be DTensors, or neither")  # fmt: skip
+        if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+            raise ValueError(
+                f"{name}: the grad of {where} has placements {tuple(g.placements)} on {g.device_mesh} but the param "
+                f"has {tuple(p.placements)} on {p.device_mesh}; redistribute the grad to the param's placements "
+                "(a Partial grad must be reduced) before the step"
+            )
+        if p._local_tensor.shape != g._local_tensor.shape:
+            raise ValueError(f"{name}: the local shard of the grad of {where} has shape "
+                             f"{tuple(g._local_tensor.shape)}, the param's {tuple(p._local_tensor.shape)}")  # fmt: skip
 
     def _check_state(self, where: str, p: Tensor, st: Any, group: dict[str, Any]) -> None:
         """The state of ``p`` (None or empty: created at this step) is one the step can use: every tensor it will
-        read is fp32, on the param's device, contiguous, with the param's number of elements."""
+        read is fp32, on the param's device, contiguous, with the param's number of elements (DTensors: distributed
+        like the param; their local shards are what is checked)."""
         name = type(self).__name__
         if not st:
             return
+        p_wrapper, p = p, _local(p)
         if not isinstance(st, dict):
             raise TypeError(f"{name}: the state of {where} must be a dict, got {type(st).__name__}")
         needed = ["exp_avg", "exp_avg_sq"]
         if group["amsgrad"] and "max_exp_avg_sq" in st:
             needed.append("max_exp_avg_sq")
-        if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY in st:
+        if group["master_weights"] and p_wrapper.dtype != torch.float32 and MASTER_KEY in st:
             needed.append(MASTER_KEY)
         for key in ("step", "exp_avg", "exp_avg_sq"):
             if key not in st:
@@ -325,6 +372,12 @@ class FusedAdam(torch.optim.Optimizer):
             t = st[key]
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name}: state {key!r} of {where} must be a tensor, got {type(t).__name__}")
+            if _spec(t) != _spec(p_wrapper):
+                raise ValueError(f"{name}: state {key!r} of {where} must be distributed like its param (placements "
+                                 f"{_spec(p_wrapper)[1:] or 'none'}), got {_spec(t)[1:] or 'a plain tensor'}")  # fmt: skip
+            t = _local(t)
+            if first_without_storage([t]) is not None:
+                raise TypeError(f"{name}: state {key!r} of {where} is a {type(t).__name__}, not a tensor with memory")
             if t.dtype != torch.float32 or t.layout != torch.strided:
                 raise TypeError(f"{name}: state {key!r} of {where} must be a dense float32 tensor, got {t.dtype}")
             if t.device != p.device:
@@ -402,6 +455,26 @@ class FusedAdam(torch.optim.Optimizer):
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
         return sd
 
+    @staticmethod
+    def _load_state_tensor(value: Tensor, p: Tensor) -> Tensor:
+        """A loaded moment or master as this optimizer keeps it: an fp32 copy on the param's device, shaped like
+        the param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is sharded,
+        the same on every rank; a DTensor of other placements is redistributed)."""
+        value = value.detach()
+        if _is_dtensor(p):
+            if not _is_dtensor(value):
+                from torch.distributed.tensor import distribute_tensor
+
+                full = value.to(device=p.device, dtype=torch.float32).reshape(p.shape)
+                return distribute_tensor(full, p.device_mesh, p.placements)
+            if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+                value = value.redistribute(p.device_mesh, p.placements)
+            out = value.to(dtype=torch.float32, copy=True)
+            return out if out.shape == p.shape else out.reshape(p.shape)
+        if _is_dtensor(value):
+            value = value.full_tensor()
+        return value.to(device=p.device, dtype=torch.float32, copy=True).reshape(p.shape)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of FusedAdam(W) or torch.optim.Adam(W): torch.optim's ``load_state_dict`` (pre-hooks,
         then the load, then post-hooks), with everything validated before anything changes.
@@ -473,7 +546,7 @@ class FusedAdam(torch.optim.Optimizer):
                             f"loaded state dict: state {key!r} of {where} has {value.numel()} elements but the "
                             f"param has {p.numel()} (shape {tuple(p.shape)})"
                         )
-                    st[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(p.shape)
+                    st[key] = self._load_state_tensor(value, p)
                 elif key == "step":
                     if isinstance(value, Tensor):
                         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
@@ -572,10 +645,10 @@ class FusedAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    params.append(p)
+                    params.append(_local(p))
                     st = self.state.get(p)
                     if st:
-                        states.extend(v for k, v in st.items() if k in _STATE_KEYS and isinstance(v, Tensor))
+                        states.extend(_local(v) for k, v in st.items() if k in _STATE_KEYS and isinstance(v, Tensor))
         clash = first_overlap([("params", params), ("states", states)])
         if clash is not None:
             raise ValueError(f"{type(self).__name__}: {clash} (counting the params with grads of every group, in "
@@ -734,9 +807,18 @@ class _GroupPlan:
         self.reusable = isinstance(state, _OptimizerState) and all(state.tracked(st) for st in states)
         self.keep = None if len(params) == len(all_params) else [p.grad is not None for p in all_params]
         self.params = params
+        # DTensor params (FSDP2, tensor parallel): the launches run on the local shards, and every step also checks
+        # the wrappers' grads' placements and reads the shards afresh (no DTensor dispatch on the way).
+        self.dtensor = any(_is_dtensor(p) for p in params)
+        self.wrapper_meta = _MetaGuard(params) if self.dtensor else None
+        self.grad_specs = [_spec(p.grad) for p in params] if self.dtensor else None
+        if self.dtensor:
+            self.params_wrapped, params = params, [_local(p) for p in params]
+            states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in st.items()} for st in states]
+        self.local_params = params
         self.param_addrs = [p.data_ptr() for p in params]
         self.param_meta = _MetaGuard(params)
-        originals = [p.grad for p in params]
+        originals = [_local(p.grad) for p in self.params]
         if not all(g.is_contiguous() for g in originals):
             self.reusable = False  # (the launch reads contiguous copies of this step's grads)
         grads = [g if g.is_contiguous() else g.contiguous() for g in originals]
@@ -773,11 +855,20 @@ class _GroupPlan:
             if [g is not None for g in grads] != self.keep:
                 return None
             grads = [g for g in grads if g is not None]
-        try:
-            addrs = list(map(_DATA_PTR, grads))
-        except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad (raise)
-            return None
+        if self.dtensor:
+            addrs = None  # (read from the local shards below)
+        else:
+            try:
+                addrs = list(map(_DATA_PTR, grads))
+            except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad
+                return None
         ps = self.params
+        if self.dtensor:
+            if not self.wrapper_meta.check(ps) or [_spec(g) for g in grads] != self.grad_specs:
+                return None
+            ps = [_local(p) for p in ps]
+            grads = [_local(g) for g in grads]
+            addrs = list(map(_DATA_PTR, grads))
         if list(map(_DATA_PTR, ps)) != self.param_addrs or not self.param_meta.check(ps):
             return None  # a param moved or changed (``p.data = ...``): the checked step
         if not self.grad_meta.check(grads):
@@ -825,6 +916,8 @@ class _GroupPlan:
                     bool(group["amsgrad"]), bool(group["maximize"]),
                     bool(group["decoupled_weight_decay"]), None, scale, inf, part.backend,
                 )  # fmt: skip
+        if self.dtensor:
+            _ops.bump_versions(self.params_wrapped)  # (the shards' versions moved above; the wrappers have their own)
 
 
 class FusedAdamW(FusedAdam):
