@@ -299,12 +299,12 @@ def _differing(sums: list[float], world: int) -> list[int]:
 
 
 def _by_rank(values: list[str]) -> str:
-    """'0.001 on ranks 0, 1, 3 but 0.003 on rank 2'."""
+    """'0.001 on ranks 0, 1, 3 but 0.003 on rank 2' (more than two values: separated by '; ')."""
     groups: dict[str, list[int]] = {}
     for r, v in enumerate(values):
         groups.setdefault(v, []).append(r)
     parts = [f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" for v, rs in groups.items()]
-    return " but ".join(parts)
+    return " but ".join(parts) if len(parts) <= 2 else "; ".join(parts)
 
 
 # -- layout -------------------------------------------------------------------------------------------------
@@ -572,6 +572,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
         self.last_found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
         self.skipped_steps = torch.zeros((), dtype=torch.float32, device=self._device)
+        self._shifts = torch.arange(0, 64, 16, dtype=torch.int64, device=self._device)  # see _bit_pieces
 
         self._sync_grads = True
         self._grad_errors: dict[int, tuple[str, str]] = {}  # param index -> (type, message), raised by step()
@@ -1151,20 +1152,19 @@ class ZeroAdamW(torch.optim.Optimizer):
         host, or in a tensor value checked on the device), and the bits of every compared value (``_bit_pieces``).
         Raises on every rank alike (they all read the same sums) if a rank had a problem or the values differ;
         returns the global sum of squares (a 0-d float64 device tensor)."""
-        dev = self._device
         n_values = len(_GROUP_VALUES) * len(self.param_groups) + 3
+        tensors = inputs.tensors if error is None and inputs is not None else []
         host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
-        flat = torch.tensor(host, dtype=torch.float64, device=dev)
-        flag, values = flat[:1], flat[1:]
-        if error is None and inputs is not None and inputs.tensors:
-            where = torch.tensor([k for k, _, _ in inputs.tensors], dtype=torch.int64, device=dev)
-            given = torch.stack([t for _, t, _ in inputs.tensors])
-            values = values.index_copy(0, where, given)
-            positive = torch.tensor([name == "loss_scale" for _, _, name in inputs.tensors], device=dev)
-            ok = torch.isfinite(given) & ((given > 0) | ((given == 0) & ~positive))
+        # Where the tensor values go, and which must be > 0 (a loss scale) rather than >= 0 (an lr): one copy.
+        host += [float(k) for k, _, _ in tensors] + [float(name == "loss_scale") for _, _, name in tensors]
+        flat = torch.tensor(host, dtype=torch.float64, device=self._device)
+        flag, values = flat[:1], flat[1 : 1 + n_values]
+        if tensors:
+            where, positive = flat[1 + n_values :].view(2, -1)
+            given = torch.stack([t for _, t, _ in tensors])
+            values = values.index_copy(0, where.long(), given)
+            ok = torch.isfinite(given) & ((given > 0) | ((given == 0) & (positive == 0)))
             flag = flag + (~ok).sum(dtype=torch.float64)
-        if not hasattr(self, "_shifts"):
-            self._shifts = torch.arange(0, 64, 16, dtype=torch.int64, device=dev)
         vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, _bit_pieces(values, self._shifts)])
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read

@@ -169,9 +169,9 @@ def _run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
             finally:
                 flushing.pop()
 
-        def counted_launch(b):
+        def counted_launch(b, **kwargs):
             launches["hook" if opt._round_open and not flushing else "other"] += 1
-            launch(b)
+            launch(b, **kwargs)
 
         opt._end_round, opt._launch = counted_end_round, counted_launch
     out["launches"] = launches

@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import re
+import struct
 import time
 import traceback
 import types
@@ -85,8 +87,9 @@ def zero_objects(opt: ZeroAdamW, *extra: Any) -> tuple:
     return (opt, inner, *extra)
 
 
-def attempt(label: str, call: Callable[[], Any], objs: tuple, exc: str, *patterns: str) -> dict:
-    """Run ``call``; record its exception, the time it took and whether ``objs`` stayed bit-identical."""
+def attempt(label: str, call: Callable[[], Any], objs: tuple, exc: str | None, *patterns: str) -> dict:
+    """Run ``call``; record its exception, the time it took and whether ``objs`` stayed bit-identical (``exc``:
+    the exception expected, None for none)."""
     before = snapshot(*objs)
     t0 = time.monotonic()
     error = None
@@ -529,6 +532,98 @@ def case_consolidated_state_dict(rank: int, world: int) -> list[dict]:
     return out
 
 
+# Value pools for the generated cases: (value, the exception it raises or None when valid).
+NAN, INF = math.nan, math.inf
+POOLS: dict[str, list[tuple[Any, str | None]]] = {
+    "lr": [(1e-3, None), (0.0, None), (2e-3, None), (torch.tensor(1e-3), None), (-1.0, "ValueError"),
+           (NAN, "ValueError"), (INF, "ValueError"), (torch.tensor([1e-3, 1e-3]), "ValueError"),
+           (torch.tensor(1), "TypeError"), (torch.tensor(NAN), "ValueError")],
+    "betas": [((0.9, 0.999), None), ((0.0, 0.5), None), ((1.0, 0.9), "ValueError"), ((0.9, -0.1), "ValueError"),
+              ((0.9,), "TypeError")],
+    "eps": [(1e-8, None), (0.0, None), (-1.0, "ValueError"), (NAN, "ValueError")],
+    "weight_decay": [(1e-2, None), (0.0, None), (-0.1, "ValueError"), (INF, "ValueError")],
+    "max_grad_norm": [(None, None), (1.0, None), (0.0, "ValueError"), (-1.0, "ValueError"), (NAN, "ValueError")],
+    "loss_scale": [(None, None), (1.0, None), (8.0, None), (torch.tensor([4.0]), None), (0.0, "ValueError"),
+                   (NAN, "ValueError"), (-2.0, "ValueError"), (torch.tensor([2.0, 2.0]), "ValueError"),
+                   ("x", "TypeError")],
+}  # fmt: skip
+DEFAULTS = {"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "max_grad_norm": None,
+            "loss_scale": None}  # fmt: skip
+NAMES = {"lr": r"learning rate|\blr\b", "betas": r"beta", "eps": r"eps", "weight_decay": r"weight_decay",
+         "max_grad_norm": r"max_grad_norm", "loss_scale": r"loss_scale"}  # fmt: skip
+
+
+def _bits(value: Any) -> Any:
+    """What the ranks compare: float64 bits (a tensor's value as float64), the loss scale's kind apart."""
+    if isinstance(value, tuple):
+        return tuple(_bits(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", struct.pack("<d", float(value.item())))
+    return (type(value).__name__ if value is None else "number", struct.pack("<d", float(value or 0)))
+
+
+def case_generated_step_values(rank: int, world: int) -> list[dict]:
+    """Generated (seeded, identical on every rank): one to three ranks each get a random value, valid or not, for
+    a random step value (lr, betas, eps, weight_decay of group 0 or 1, max_grad_norm, loss_scale). Expected, from
+    an oracle independent of the implementation: the first rank with an invalid value raises its error on every
+    rank; else values that differ raise 'differs' on every rank; else the step succeeds with the same params
+    everywhere. Failed steps change nothing."""
+    rng = random.Random(1234 + world)
+    out = []
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world)
+        for example in range(20):
+            chosen: dict[int, dict[tuple, tuple[Any, str | None]]] = {r: {} for r in range(world)}
+            for _ in range(rng.randint(1, 3)):
+                r, key = rng.randrange(world), rng.choice(sorted(POOLS))
+                gi = rng.randrange(2) if key in ("lr", "betas", "eps", "weight_decay") else None
+                chosen[r][(key, gi)] = rng.choice(POOLS[key])
+            order = [(k, gi) for gi in (0, 1) for k in ("lr", "betas", "eps", "weight_decay")]
+            order += [("max_grad_norm", None), ("loss_scale", None)]
+
+            def value(r: int, slot: tuple, chosen=chosen) -> Any:
+                if slot in chosen[r]:
+                    return chosen[r][slot][0]
+                return 2 * LR if slot == ("lr", 1) else DEFAULTS[slot[0]]
+
+            def first_bad(r: int, chosen=chosen) -> tuple | None:
+                """The check that fails first on rank r: those on the host in order, then the tensor values
+                checked on the device (a 1-element float tensor's value)."""
+                bad = [slot for slot in order if slot in chosen[r] and chosen[r][slot][1] is not None]
+                on_device = [s for s in bad if isinstance(v := chosen[r][s][0], torch.Tensor) and v.numel() == 1
+                             and v.is_floating_point()]  # fmt: skip
+                return next((s for s in bad if s not in on_device), None) or next(iter(on_device), None)
+
+            failing = next((r for r in range(world) if first_bad(r) is not None), None)
+            if failing is not None:
+                slot = first_bad(failing)
+                exc, patterns = chosen[failing][slot][1], [NAMES[slot[0]], rf"rank {failing}\b"]
+            else:
+                differ = next((slot for slot in order if len({_bits(value(q, slot)) for q in range(world)}) > 1), None)
+                exc, patterns = ("ValueError", [r"differ", NAMES[differ[0]]]) if differ else (None, [])
+            saved, mgn = [dict(g) for g in opt.param_groups], opt.max_grad_norm
+            for (key, gi), (v, _) in chosen[rank].items():
+                if key == "max_grad_norm":
+                    opt.max_grad_norm = v
+                elif key != "loss_scale":
+                    opt.param_groups[gi][key] = v
+            loss_scale = value(rank, ("loss_scale", None))
+            label = f"stage {stage}, example {example}: " + ", ".join(
+                f"rank {r} {key}{'' if gi is None else f'[group {gi}]'}={v!r}"
+                for r in chosen for (key, gi), (v, _) in chosen[r].items()
+            )
+            rec = attempt(label, lambda ls=loss_scale: opt.step(loss_scale=ls), zero_objects(opt), exc, *patterns)
+            restore_groups(opt, saved, mgn)
+            if exc is None:
+                rec["changed"] = None  # a step that succeeds changes the params, on every rank alike:
+                out.append(check(f"{label}: same params everywhere", same_on_all_ranks(flat_params(model))))
+            out.append(rec)
+            opt.zero_grad()
+            local_loss(model, 3 + example, 0, rank, world).backward()
+            opt._drain()
+    return out
+
+
 CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "step_values": (case_step_values, (2,)),
     "loss_scale": (case_loss_scale, (2,)),
@@ -540,6 +635,7 @@ CASES: dict[str, tuple[Callable[[int, int], list[dict]], tuple[int, ...]]] = {
     "params_differ": (case_params_differ, (2, 4)),
     "bad_grads": (case_bad_grads, (2,)),
     "consolidated_state_dict": (case_consolidated_state_dict, (2,)),
+    "generated_step_values": (case_generated_step_values, (2, 4)),
 }
 
 
@@ -591,7 +687,10 @@ def assert_case(results: list[dict], name: str) -> None:
                 failures.append(f"{where}: {rec['detail']}")
             elif "error" in rec:
                 exc, patterns = rec["expect"]
-                if rec["error"] is None:
+                if exc is None:
+                    if rec["error"] is not None:
+                        failures.append(f"{where}: raised {rec['error']} (expected no exception)")
+                elif rec["error"] is None:
                     failures.append(f"{where}: no exception (expected {exc})")
                 else:
                     typ, msg = rec["error"]
