@@ -5,18 +5,26 @@
 #                                           # else to <repository>/bench-out
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #   SKIP_INSTALL=1 OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh   # dry run on a CPU machine (CPU bench)
+#   GPU_CHECK_BUDGET_S=300 ...              # a shorter whole-script budget (default 450 s)
 #
+# 0. preflight ($OUT/preflight.txt, also appended to info.txt): pytest imports; a C compiler as Triton looks for
+#    one ($CC, else gcc, else clang) that builds a shared object including Python.h from sysconfig's include dir
+#    (Triton compiles its launcher on first use: without them every kernel launch fails); torch, triton, devices.
+#    TRITON_CACHE_DIR is set under /tmp (/tmp/triton-cache-<pid>) unless already set.
 # 1. installs this checkout without touching the image's torch/triton (--no-deps, --no-build-isolation, --no-index);
 #    if that fails, it goes on with the checkout on PYTHONPATH (fused_ops finds kernels/ itself);
 # 2. prints `python -m fused_ops info` (to $OUT/info.txt);
-# 3. runs the GPU test tier (`pytest -m gpu`), output to $OUT/pytest_gpu.txt; the bench runs even if it fails;
-# 4. runs the quick benchmark, writing $OUT/bench_<device>_<date>.json and .png (commit both under
+# 3. runs the GPU test tier (`pytest -m gpu`), output to $OUT/pytest_gpu.txt (+ .xml); no -x: every failure is
+#    reported, not only the first;
+# 4. runs the safety tier (`pytest -m safety`), output to $OUT/pytest_safety.txt (+ .xml), on a budget of its own;
+# 5. runs the quick benchmark, writing $OUT/bench_<device>_<date>.json and .png (commit both under
 #    benchmarks/results/, then `python -m fused_ops report`). The JSON is rewritten after every case, so even a
 #    killed bench leaves every finished case on disk.
-# Whole script: under 6 minutes on an H100. The tests get at most 240 s (less when install/info were slow), the bench
-# what is left of a 345 s budget (at most 200 s, at least 60 s); it stops starting new cases 45 s before its
-# timeout, so the JSON and PNG are written, and a SIGTERM from `timeout` also ends it with both written.
-# Exit status: non-zero when the tests or the bench failed; both codes are in $OUT/status.txt.
+# Whole script: under 7.5 minutes (GPU_CHECK_BUDGET_S). The GPU tests get at most 200 s and the safety tier at
+# most 90 s (less when the steps before were slow), the bench what is left (at most 200 s, at least 60 s); the
+# bench stops starting new cases 45 s before its timeout, so the JSON and PNG are written, and a SIGTERM from
+# `timeout` also ends it with both written.
+# Exit status: non-zero when the preflight, a test tier or the bench failed; every code is in $OUT/status.txt.
 # No step may abort the script before the bench: every command that can fail is guarded (set -e stays on for
 # the script's own logic).
 set -euo pipefail
@@ -40,6 +48,69 @@ else
     PY=python3
 fi
 echo "repository: $REPO; output: $OUT; python: $(command -v "$PY" || echo "$PY")"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+# Triton's kernel and launcher cache: somewhere writable and fresh, not a home directory the image may lack.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache-$$}"
+mkdir -p "$TRITON_CACHE_DIR" || true
+echo "TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
+
+echo "== preflight"
+set +e
+timeout -k 5 120 "$PY" - > "$OUT/preflight.txt" 2>&1 <<'PREFLIGHT'
+import os, shutil, subprocess, sys, sysconfig, tempfile
+
+failed = []
+
+
+def report(name, ok, detail):
+    print(f"{name}: {'ok' if ok else 'MISSING'} ({detail})", flush=True)
+    if not ok:
+        failed.append(name)
+
+
+print(f"python: {sys.executable} {sys.version.split()[0]}")
+print(f"TRITON_CACHE_DIR: {os.environ.get('TRITON_CACHE_DIR')}")
+try:
+    import pytest
+
+    report("pytest", True, f"pytest {pytest.__version__}")
+except Exception as e:  # the test tiers cannot run
+    report("pytest", False, repr(e))
+# Triton builds its launcher with $CC, else gcc, else clang, against Python.h (triton/runtime/build.py).
+cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+report("c_compiler", cc is not None, cc or "no $CC, gcc or clang on PATH")
+scheme = sysconfig.get_default_scheme() if hasattr(sysconfig, "get_default_scheme") else None
+scheme = "posix_prefix" if scheme == "posix_local" else scheme
+include = (sysconfig.get_paths(scheme=scheme) if scheme else sysconfig.get_paths())["include"]
+header = os.path.join(include, "Python.h")
+report("python_headers", os.path.exists(header), header)
+if cc is not None and os.path.exists(header):
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <Python.h>\nint fused_ops_probe(void) { return Py_IsInitialized(); }\n")
+        try:
+            r = subprocess.run([cc, src, "-O0", "-shared", "-fPIC", "-o", os.path.join(d, "probe.so"), "-I" + include],
+                               capture_output=True, text=True, timeout=60)
+            report("c_build", r.returncode == 0, "a shared object including Python.h" if r.returncode == 0
+                   else r.stderr.strip()[-400:])
+        except Exception as e:
+            report("c_build", False, repr(e))
+for mod in ("torch", "triton"):
+    try:
+        m = __import__(mod)
+        extra = f", CUDA {m.version.cuda}, {m.cuda.device_count()} device(s)" if mod == "torch" else ""
+        report(mod, True, f"{mod} {m.__version__}{extra}")
+    except Exception as e:
+        report(mod, False, repr(e))
+print("preflight=" + ("ok" if not failed else "FAILED: " + ",".join(failed)))
+sys.exit(1 if failed else 0)
+PREFLIGHT
+PREFLIGHT_RC=$?
+set -e
+cat "$OUT/preflight.txt" || true
+PYTEST_OK=1
+grep -q '^pytest: ok' "$OUT/preflight.txt" 2>/dev/null || PYTEST_OK=0
 
 echo "== install"
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then  # SKIP_INSTALL=1: dry runs in an environment that must not change
@@ -62,28 +133,55 @@ timeout -k 5 60 "$PY" -m fused_ops info 2>&1 | tee "$OUT/info.txt"
 INFO_RC=${PIPESTATUS[0]}
 set -e
 [ "$INFO_RC" -eq 0 ] || echo "fused_ops info failed (exit $INFO_RC)"
+{ echo "== preflight (exit $PREFLIGHT_RC)"; cat "$OUT/preflight.txt"; } >> "$OUT/info.txt" 2>/dev/null || true
 if command -v nvidia-smi >/dev/null 2>&1; then
     timeout 30 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 fi
 
-# The tests get at most 240 s, and less when the steps above were slow: the bench keeps at least ~100 s.
-PYTEST_TIMEOUT=$((345 - 100 - SECONDS))
-PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT > 240 ? 240 : PYTEST_TIMEOUT ))
+# run_tier NAME MARKER TIMEOUT: one pytest tier, every failure reported (no -x); its exit code in TIER_RC.
+run_tier() {
+    local name="$1" marker="$2" limit="$3"
+    echo "== pytest -m $marker (after ${SECONDS}s; timeout ${limit}s)"
+    if [ "$PYTEST_OK" -ne 1 ]; then
+        echo "pytest does not import (see preflight.txt): the $name tier cannot run" | tee "$OUT/pytest_$name.txt"
+        TIER_RC=127
+        return
+    fi
+    set +e
+    # SIGINT at the limit: pytest stops as on Ctrl-C and still prints its summary and writes the XML. Output goes
+    # to a file, not a pipe: a forked test body that outlives an interrupted run would hold a pipe open.
+    timeout -s INT -k 20 "$limit" "$PY" -m pytest -m "$marker" -q -ra -p no:cacheprovider --durations=10 \
+        --junitxml="$OUT/pytest_$name.xml" tests/ > "$OUT/pytest_$name.txt" 2>&1 &
+    local pid=$!
+    wait "$pid"
+    TIER_RC=$?
+    # timeout runs pytest in a process group of its own (led by timeout, id $pid): end what is left in it.
+    kill -KILL -- "-$pid" 2>/dev/null
+    set -e
+    cat "$OUT/pytest_$name.txt" || true
+    echo "pytest -m $marker exit code: $TIER_RC"
+}
+
+# The GPU tests get at most 200 s and the safety tier at most 90 s, less when the steps before were slow: the
+# bench keeps at least ~100 s of the budget.
+PYTEST_TIMEOUT=$((BUDGET_S - 100 - 60 - SECONDS))
+PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT > 200 ? 200 : PYTEST_TIMEOUT ))
 PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT < 60 ? 60 : PYTEST_TIMEOUT ))
-echo "== pytest -m gpu (after ${SECONDS}s; timeout ${PYTEST_TIMEOUT}s)"
-set +e
-timeout -k 10 "$PYTEST_TIMEOUT" "$PY" -m pytest -m gpu -q -x -ra -p no:cacheprovider --durations=10 tests/ 2>&1 \
-    | tee "$OUT/pytest_gpu.txt"
-TESTS_RC=${PIPESTATUS[0]}
-set -e
-echo "pytest -m gpu exit code: $TESTS_RC"
+run_tier gpu gpu "$PYTEST_TIMEOUT"
+TESTS_RC=$TIER_RC
+
+SAFETY_TIMEOUT=$((BUDGET_S - 100 - SECONDS))
+SAFETY_TIMEOUT=$(( SAFETY_TIMEOUT > 90 ? 90 : SAFETY_TIMEOUT ))
+SAFETY_TIMEOUT=$(( SAFETY_TIMEOUT < 30 ? 30 : SAFETY_TIMEOUT ))
+run_tier safety safety "$SAFETY_TIMEOUT"
+SAFETY_RC=$TIER_RC
 
 DEVICE="$(timeout -k 5 60 "$PY" -m fused_ops info --slug 2>/dev/null)" || DEVICE=""
 DEVICE="$(printf '%s\n' "$DEVICE" | tail -n 1 | tr -cd 'a-z0-9-')" || DEVICE=""
 DEVICE="${DEVICE:-unknown-device}"
 STAMP="$(date -u +%Y%m%d)"
 BASE="$OUT/bench_${DEVICE}_${STAMP}"
-LEFT=$((345 - SECONDS))
+LEFT=$((BUDGET_S - SECONDS))
 BENCH_TIMEOUT=$(( LEFT < 200 ? LEFT : 200 ))
 BENCH_TIMEOUT=$(( BENCH_TIMEOUT < 60 ? 60 : BENCH_TIMEOUT ))
 BUDGET=$((BENCH_TIMEOUT - 45))
@@ -102,8 +200,9 @@ set -e
 echo "bench exit code: $BENCH_RC"
 [ -s "$BASE.json" ] || echo "no $BASE.json was written"
 
-printf 'pytest_gpu=%s\nbench=%s\nseconds=%s\n' "$TESTS_RC" "$BENCH_RC" "$SECONDS" | tee "$OUT/status.txt"
+printf 'preflight=%s\npytest_gpu=%s\npytest_safety=%s\nbench=%s\nseconds=%s\n' "$PREFLIGHT_RC" "$TESTS_RC" \
+    "$SAFETY_RC" "$BENCH_RC" "$SECONDS" | tee "$OUT/status.txt"
 ls -l "$OUT" || true
-if [ "$TESTS_RC" -ne 0 ] || [ "$BENCH_RC" -ne 0 ]; then
+if [ "$PREFLIGHT_RC" -ne 0 ] || [ "$TESTS_RC" -ne 0 ] || [ "$SAFETY_RC" -ne 0 ] || [ "$BENCH_RC" -ne 0 ]; then
     exit 1
 fi
