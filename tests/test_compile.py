@@ -53,7 +53,6 @@ _DT = ["tl.float32", "tl.bfloat16", "tl.float16"]
 _BLOCKS = {"CHUNK_SIZE": 65536, "BLOCK_SIZE": 1024}
 
 
-
 def _adam_cases():
     """Every combination of what decides the Adam kernel's memory accesses and their layouts (param and grad
     dtypes, master weights, amsgrad, alignment, step counts moved in the kernel): 80 variants. The five flags

@@ -47,8 +47,18 @@ def test_found_inf_skips_on_cuda():
             assert torch.equal(a, b), k
 
 
-def _model():
-    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).cuda()
+def _model(device="cuda"):
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).to(device)
+
+
+def _set_grads(model, grads):
+    """Give every param a copy of its grad in ``grads``: new tensors, so the grads move at every call."""
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+
+
+def _max_diff(m1, m2):
+    return max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
 
 
 def test_fused_adamw_matches_torch_fused_on_cuda():
@@ -210,3 +220,162 @@ def test_offsets_past_2_31_elements():
     assert m[-1].item() == pytest.approx(0.1)
     del p, g, m, v
     torch.cuda.empty_cache()
+
+
+def test_cuda_graph_replays_interleaved_with_eager_steps_whose_grads_move():
+    """A captured step() and eager steps in turn, the eager steps on grads at new addresses every time: replays
+    must use the grads the graph captured (refilled in place), eager steps their own. (The capture launches on a
+    table of its own; repointing the eager table for moved grads must not touch it, nor may a replay rewrite the
+    eager one.) The result equals torch's fused AdamW given the same grads in the same order."""
+    m_ref = _model()
+    m = copy.deepcopy(m_ref)
+    o_ref = torch.optim.AdamW(m_ref.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    o = FusedAdamW(m.parameters(), lr=torch.tensor(1e-3, device="cuda"), weight_decay=0.05, capturable=True)
+
+    def new_grads():
+        return [torch.randn_like(p) for p in m.parameters()]
+
+    g = new_grads()
+    _set_grads(m_ref, g)
+    _set_grads(m, g)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        o.step()  # warm-up: state, plan, compiled kernel
+    torch.cuda.current_stream().wait_stream(s)
+    o_ref.step()
+
+    _set_grads(m, new_grads())  # the capture's grads, at new addresses; refilled in place before each replay
+    static = [p.grad for p in m.parameters()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o.step()
+    for k in range(8):
+        g = new_grads()
+        _set_grads(m_ref, g)
+        if k % 2:
+            _set_grads(m, g)  # eager, on new grad tensors (the static ones stay alive, holding older values)
+            o.step()
+        else:
+            for st, x in zip(static, g):
+                st.copy_(x)
+            graph.replay()
+        o_ref.step()
+    torch.cuda.synchronize()
+    assert _max_diff(m_ref, m) < 1e-6
+    for p_ref, p in zip(m_ref.parameters(), m.parameters()):
+        assert o.state[p]["step"].item() == o_ref.state[p_ref]["step"].item() == 9
+
+
+def test_replay_after_300_calls_on_other_layouts():
+    """Chunk tables are cached by layout, and a captured graph keeps reading the ones it captured. 300 calls of
+    the functional ops on other layouts (fresh tensors of other sizes, at addresses the allocator recycles)
+    between two replays must neither free nor rewrite them: the second replay still unscales, updates and casts
+    the captured tensors right (against torch's math in float64)."""
+    sizes = [1000, 70_003, 33]
+    t = _state(sizes, torch.float32)
+    del t["max_exp_avg_sqs"]
+    t["state_steps"] = [torch.tensor(0.0, device="cuda") for _ in sizes]
+    low = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
+    inv_scale = torch.tensor(1 / 1024, device="cuda")
+    found_inf = torch.zeros(1, device="cuda")
+    lr = torch.tensor(1e-3, device="cuda")
+    ref = {k: [x.cpu().double() if k != "state_steps" else x.cpu().clone() for x in v] for k, v in t.items()}
+
+    def ops():
+        functional.unscale_(t["grads"], inv_scale, found_inf, backend="triton")
+        functional.adam_(**t, lr=lr, weight_decay=0.01, decoupled_weight_decay=True, backend="triton")
+        functional.cast_(low, t["params"], backend="triton")
+
+    def fill_grads():
+        scaled = [1024 * torch.randn(n, device="cuda") for n in sizes]
+        for g, x in zip(t["grads"], scaled):
+            g.copy_(x)
+        return scaled
+
+    def ref_step(scaled):
+        grads = [x.cpu().double() / 1024 for x in scaled]  # exact: a power of two
+        reference.adam_(ref["params"], grads, ref["exp_avgs"], ref["exp_avg_sqs"], [], ref["state_steps"], lr=1e-3,
+                        beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
+                        decoupled=True)  # fmt: skip
+
+    scaled = fill_grads()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops()  # warm-up: compiled kernels, cached tables
+    torch.cuda.current_stream().wait_stream(s)
+    ref_step(scaled)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops()
+    scaled = fill_grads()
+    graph.replay()
+    ref_step(scaled)
+
+    for i in range(300):
+        n = 1 + (i * 7919) % 20_000
+        xs = [torch.randn(n + j, device="cuda") for j in range(1 + i % 3)]
+        functional.adam_(xs, [torch.randn_like(x) for x in xs], [torch.zeros_like(x) for x in xs],
+                         [torch.zeros_like(x) for x in xs], lr=1e-3, step=1.0, backend="triton")  # fmt: skip
+        if i % 3 == 0:
+            functional.unscale_(xs, 0.5, backend="triton")
+            functional.cast_([torch.empty_like(x, dtype=torch.bfloat16) for x in xs], xs, backend="triton")
+
+    scaled = fill_grads()
+    graph.replay()
+    ref_step(scaled)
+    torch.cuda.synchronize()
+    assert_close_list([p.cpu() for p in t["params"]], ref["params"], torch.float32, "params")
+    assert_close_list([m.cpu() for m in t["exp_avgs"]], ref["exp_avgs"], torch.float32, "exp_avgs")
+    assert_close_list([v.cpu() for v in t["exp_avg_sqs"]], ref["exp_avg_sqs"], torch.float32, "exp_avg_sqs")
+    assert [x.item() for x in t["state_steps"]] == [3.0] * len(sizes)
+    for lo, p in zip(low, t["params"]):
+        assert torch.equal(lo, p.to(torch.bfloat16))
+    assert found_inf.item() == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_params_on_second_gpu_with_scaler_on_first():
+    """Params on cuda:1, grad_scale / found_inf (and lr) on cuda:0, e.g. a scaler made on the default device.
+    Expected: the values are moved to the params' device, as torch's fused AdamW does, so the result equals
+    torch's, the skipped step included; never a cuda:0 address read from cuda:1 (a crash or garbage)."""
+    dev = torch.device("cuda:1")
+    m_ref = _model(dev)
+    m = copy.deepcopy(m_ref)
+    o_ref = torch.optim.AdamW(m_ref.parameters(), lr=1e-3, fused=True)
+    o = FusedAdamW(m.parameters(), lr=1e-3)
+    for i in range(5):
+        scale = torch.tensor(512.0, device="cuda:0")
+        found_inf = torch.tensor(1.0 if i == 2 else 0.0, device="cuda:0")
+        grads = [512 * torch.randn_like(p) for p in m.parameters()]
+        _set_grads(m_ref, grads)
+        _set_grads(m, grads)
+        o_ref.grad_scale, o_ref.found_inf = scale, found_inf
+        o_ref.step()
+        o.step(grad_scale=scale, found_inf=found_inf)
+    torch.cuda.synchronize(dev)
+    assert _max_diff(m_ref, m) < 1e-6
+    for p_ref, p in zip(m_ref.parameters(), m.parameters()):
+        assert p.device == dev and o.state[p]["step"].device == dev
+        assert o.state[p]["step"].item() == o_ref.state[p_ref]["step"].item() == 4
+
+    # functional.adam_: the same contract for lr, grad_scale and found_inf tensors on another device.
+    t = _state([1000, 70_001], torch.float32, device=dev)
+    ref = {k: [x.cpu().double() if k != "state_steps" else x.cpu().clone() for x in v] for k, v in t.items()}
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
+    reference.adam_(**ref, lr=1e-2, decoupled=True, grad_scale=torch.tensor(4.0, dtype=torch.float64), **kw)
+    zero, four = torch.tensor(0.0, device="cuda:0"), torch.tensor(4.0, device="cuda:0")
+    functional.adam_(**t, lr=torch.tensor(1e-2, device="cuda:0"), grad_scale=four, found_inf=zero,
+                     decoupled_weight_decay=True, backend="triton", **kw)  # fmt: skip
+    torch.cuda.synchronize(dev)
+    assert_close_list([p.cpu() for p in t["params"]], ref["params"], torch.float32, "params")
+    assert [s.item() for s in t["state_steps"]] == [3.0, 3.0]
+    before = {k: [x.clone() for x in v] for k, v in t.items()}
+    functional.adam_(**t, lr=torch.tensor(1e-2, device="cuda:0"), grad_scale=four,
+                     found_inf=torch.tensor(1.0, device="cuda:0"), decoupled_weight_decay=True, backend="triton",
+                     **kw)  # fmt: skip
+    torch.cuda.synchronize(dev)
+    for k in before:
+        for a, b in zip(t[k], before[k]):
+            assert torch.equal(a, b), k
