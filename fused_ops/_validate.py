@@ -23,14 +23,31 @@ def first_overlap(named: Sequence[tuple[str, Sequence[Tensor]]], read_only: Sequ
             if n == 0:
                 continue
             start = t.data_ptr()
-            # the last byte the tensor can reach, from its strides (non-contiguous tensors included)
-            span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+            if t.is_contiguous():
+                span = n
+            else:  # the last element the tensor can reach, from its strides
+                span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
             names.append(name)
             index.append(i)
             starts.append(start)
             ends.append(start + span * t.element_size())
             devices.append(t.device)
     if len(starts) < 2:
+        return None
+    if len(starts) <= 512 and len(set(devices)) == 1:  # few ranges: a plain sort and sweep beats torch's overheads
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        end_all = end_written = -1
+        who_all = who_written = -1
+        for k in order:
+            ro = names[k] in read_only
+            if starts[k] < (end_written if ro else end_all):
+                other = who_written if ro else who_all
+                a, b = sorted((other, k))
+                return f"{names[a]}[{index[a]}] and {names[b]}[{index[b]}] share memory"
+            if ends[k] > end_all:
+                end_all, who_all = ends[k], k
+            if not ro and ends[k] > end_written:
+                end_written, who_written = ends[k], k
         return None
     device_ids = {d: k for k, d in enumerate(dict.fromkeys(devices))}
     # (CUDA's unified addressing keeps devices apart already; the device key makes it hold everywhere)

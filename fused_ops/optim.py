@@ -306,10 +306,6 @@ class FusedAdam(torch.optim.Optimizer):
                 self._check_dtensor(where, p, g)
                 p, g = _local(p), _local(g)
                 where += " (its local shard)"
-            if first_without_storage([p, g]) is not None:
-                raise TypeError(f"{name}: {where} or its grad is a {type(p).__name__}/{type(g).__name__} on "
-                                f"{p.device}, not a tensor with memory of its own (a DTensor, a plain tensor "
-                                "or a Parameter is needed)")  # fmt: skip
             if g.is_sparse:
                 raise RuntimeError(
                     f"{name} does not support sparse gradients ({where}), please consider SparseAdam instead"
@@ -322,6 +318,10 @@ class FusedAdam(torch.optim.Optimizer):
                 raise TypeError(f"{name} needs dense (strided) params; {where} is {p.layout}")
             if g.device != p.device:
                 raise ValueError(f"{name}: the grad of {where} is on {g.device} but the param is on {p.device}")
+            if first_without_storage([p, g]) is not None:
+                raise TypeError(f"{name}: {where} or its grad is a {type(p).__name__}/{type(g).__name__} on "
+                                f"{p.device}, not a tensor with memory of its own (a DTensor, a plain tensor "
+                                "or a Parameter is needed)")  # fmt: skip
             if g.dtype != p.dtype:
                 raise TypeError(f"{name}: the grad of {where} is {g.dtype} but the param is {p.dtype}")
             if g.shape != p.shape:
