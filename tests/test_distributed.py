@@ -13,7 +13,6 @@ import importlib
 import math
 import os
 import socket
-import sys
 import time
 import traceback
 import types
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fused_ops
-from fused_ops.distributed import ZeroAdamW, build_layout
+from fused_ops.distributed import ZeroAdamW, _comm, build_layout
 
 pytestmark = pytest.mark.distributed
 
@@ -143,12 +142,11 @@ def tensors_equal(a, b) -> bool:
 
 # -- the work each spawned rank does --------------------------------------------------------------------------
 def run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:
-    zero_module = sys.modules[ZeroAdamW.__module__]
-    zero_module._FALLBACK.update(reduce_scatter=cfg.get("fallback", False), all_gather=cfg.get("fallback", False))
+    _comm._FALLBACK.update(reduce_scatter=cfg.get("fallback", False), all_gather=cfg.get("fallback", False))
     try:
         return _run_scenario(rank, world, stage, cfg)
     finally:
-        zero_module._FALLBACK.update(reduce_scatter=False, all_gather=False)
+        _comm._FALLBACK.update(reduce_scatter=False, all_gather=False)
 
 
 def _run_scenario(rank: int, world: int, stage: int, cfg: dict) -> dict:

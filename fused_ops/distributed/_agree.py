@@ -1,0 +1,428 @@
+"""Validation and agreement between ranks.
+
+Rule: validate everything, on every rank, then change anything. A rank never raises alone where the other ranks
+would go on into a collective: local errors are agreed on first (in the constructor and load_state_dict with one
+all_gather_object, in step() inside the all-reduce the step runs anyway), and every rank raises the same error.
+The module-level functions check one value on this rank; ``_AgreementMixin`` runs the collectives that agree.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._backend import check_backend
+
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    t.__name__: t for t in (ValueError, TypeError, RuntimeError, KeyError, IndexError, NotImplementedError)
+}
+
+
+def _real(name: str, value: Any) -> float:
+    """A real number or a 1-element real tensor as a float; TypeError / ValueError naming ``name`` otherwise."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got a tensor of {value.numel()} elements")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of {value.numel()} elements"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_lr_tensor(lr: Tensor, where: str) -> None:
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element (lr of {where} has {lr.numel()} elements)")
+    if not lr.is_floating_point():
+        raise TypeError(f"a tensor lr must be floating point (lr of {where} is a {lr.dtype} tensor)")
+
+
+def _check_lr_value(lr: float, where: str) -> None:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"Invalid learning rate: {lr} (lr of {where})")
+
+
+def _check_group(gi: int, group: dict[str, Any], read_lr: bool) -> tuple[float | Tensor, float, float, float, float]:
+    """Check param group ``gi``'s step values, with torch.optim's messages plus the value's name and the group.
+
+    Returns ``(lr, beta1, beta2, eps, weight_decay)``: the rest as floats, ``lr`` as a float or, when it is a
+    tensor, as given (1-element, floating point; its value is read and checked here with ``read_lr``, else on the
+    device by ``step()``, which would otherwise need a host sync).
+    """
+    where = f"param group {gi}"
+    for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
+        if key not in group:
+            raise ValueError(f"{where} has no {key!r}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        _check_lr_tensor(lr, where)
+        if read_lr:
+            _check_lr_value(float(lr.item()), where)
+    else:
+        lr = _real(f"lr of {where}", lr)
+        _check_lr_value(lr, where)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas of {where} must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (_real(f"betas[{i}] of {where}", b) for i, b in enumerate(betas))
+    for i, beta in enumerate((beta1, beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (betas of {where})")
+    eps = _real(f"eps of {where}", group["eps"])
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"Invalid epsilon value: {eps} (eps of {where})")
+    weight_decay = _real(f"weight_decay of {where}", group["weight_decay"])
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay of {where})")
+    check_backend(group.get("backend"))
+    return lr, beta1, beta2, eps, weight_decay
+
+
+def _check_state_tensor(st: dict, i: int, key: str, numel: int, expected: str) -> None:
+    """``st[key]`` must be a dense floating-point tensor of ``numel`` elements (``expected`` says whence)."""
+    where = f"state {key!r} of param {i}"
+    if key not in st:
+        raise ValueError(f"{where} is missing (the param has state: {sorted(map(str, st))})")
+    t = st[key]
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{where} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{where} must be a dense tensor with data, got {t.layout} on {t.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{where} must be a floating-point tensor, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{where} has {t.numel()} elements but {expected}")
+
+
+def _check_state_step(st: dict, i: int) -> float:
+    """``st["step"]`` as a float: a finite count >= 0 (a number or a 1-element real tensor)."""
+    where = f"state 'step' of param {i}"
+    if "step" not in st:
+        raise ValueError(f"{where} is missing (the param has state: {sorted(map(str, st))})")
+    value = st["step"]
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        step = float(value.item())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        step = float(value)
+    else:
+        raise ValueError(f"{where} must be a number or a 1-element real tensor, got {_describe(value)}")
+    if not (math.isfinite(step) and step >= 0):
+        raise ValueError(f"{where} must be a finite count >= 0, got {step}")
+    return step
+
+
+def _check_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    norm = _real("max_grad_norm", value)
+    if not (norm > 0 and math.isfinite(norm)):
+        raise ValueError(f"max_grad_norm must be a positive finite number or None, got {norm}")
+    return norm
+
+
+# Step values compared between ranks, per param group (then max_grad_norm, the loss scale's kind and value).
+_GROUP_VALUES = ("lr", "betas[0]", "betas[1]", "eps", "weight_decay", "amsgrad", "maximize")
+_LOSS_SCALE_KINDS = ("None", "a number", "a tensor", "a loss scaler")
+_NONE = -1.0  # max_grad_norm / loss scale None in the compared values (valid ones are > 0)
+
+
+@dataclass
+class _StepInputs:
+    """A step's values, checked on this rank (tensor values are checked on the device, in the all-reduce)."""
+
+    lrs: list[float | Tensor]  # per group: a float, or a 1-element tensor on the params' device
+    floats: list[tuple[float, float, float, float]]  # per group: beta1, beta2, eps, weight_decay
+    max_grad_norm: float | None
+    loss_scale: float | Tensor | None  # a float, or a 0-d float64 tensor on the params' device
+    scaler_found_inf: Tensor | None  # the loss scaler's flag, set when a step is skipped
+    values: list[float]  # compared between ranks (0.0 where the value is a tensor: see ``tensors``)
+    tensors: list[tuple[int, Tensor, str]]  # (index in values, 0-d float64 tensor on the device, its name)
+
+
+def _bit_pieces(values: Tensor, shifts: Tensor) -> Tensor:
+    """float64 values -> the four 16-bit pieces of each one's bits, then their squares (float64, exact).
+
+    Summed over W ranks by an all-reduce, the values were bit-identical on every rank iff ``W * sum(p^2) ==
+    sum(p)^2`` for each piece (equality in Cauchy-Schwarz); the sums are integers below 2^53 for W < 2^21.
+    """
+    bits = values.contiguous().view(torch.int64).unsqueeze(-1)
+    pieces = ((bits >> shifts) & 0xFFFF).to(torch.float64).reshape(-1)
+    return torch.cat([pieces, pieces * pieces])
+
+
+def _differing(sums: list[float], world: int) -> list[int]:
+    """Indices of the values that were not bit-identical on every rank, from the all-reduced ``_bit_pieces``."""
+    n = len(sums) // 2
+    return sorted({k // 4 for k in range(n) if int(sums[k]) ** 2 != world * int(sums[n + k])})
+
+
+def _by_rank(values: list[str]) -> str:
+    """'0.001 on ranks 0, 1, 3 but 0.003 on rank 2' (more than two values: separated by '; ')."""
+    groups: dict[str, list[int]] = {}
+    for r, v in enumerate(values):
+        groups.setdefault(v, []).append(r)
+    parts = [f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" for v, rs in groups.items()]
+    return " but ".join(parts) if len(parts) <= 2 else "; ".join(parts)
+
+
+class _AgreementMixin:
+    """The ranks' agreement: on the constructor's arguments, on each step's values and on checkpoints."""
+
+    def _check_same_on_all_ranks(
+        self, config: tuple | None, group_values: list[tuple] | None, local_error: Exception | None
+    ) -> None:
+        """One all_gather_object of every rank's arguments, hyper-parameters, param signature and error: every
+        rank raises the same exception if any rank had an error or anything differs between ranks."""
+        err = None if local_error is None else (type(local_error).__name__, str(local_error))
+        sig = None
+        if err is None:
+            sig = [(g, tuple(p.shape), str(p.dtype)) for g, p in zip(self._group_of, self._params, strict=True)]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (config, group_values, sig, err), group=self.process_group)
+        for r, (_, _, _, e) in enumerate(gathered):
+            if e is not None:
+                raise _ERROR_TYPES.get(e[0], RuntimeError)(f"ZeroAdamW: {e[1]} (on rank {r}; every rank raises this)")
+        cfg0, values0, sig0, _ = gathered[0]
+        for r, (cfg, values, s, _) in enumerate(gathered[1:], start=1):
+            if cfg != cfg0:
+                names = ("stage", "bucket_cap_mb", "align", "master_weights", "reduce_dtype", "world_size",
+                         "max_grad_norm")  # fmt: skip
+                pairs = zip(names, cfg0, cfg, strict=True)
+                diff = [f"{n}={a!r} on rank 0 but {b!r} on rank {r}" for n, a, b in pairs if a != b]
+                raise ValueError("ZeroAdamW: constructor arguments differ between ranks: " + "; ".join(diff))
+            if len(s) != len(sig0):
+                raise ValueError(
+                    f"ZeroAdamW: params differ between ranks: rank 0 has {len(sig0)} params, rank {r} has {len(s)}"
+                )
+            for i, (a, b) in enumerate(zip(sig0, s, strict=True)):
+                if a != b:
+                    raise ValueError(
+                        f"ZeroAdamW: params differ between ranks: param {i} is (group {a[0]}, shape {a[1]}, "
+                        f"{a[2]}) on rank 0 but (group {b[0]}, shape {b[1]}, {b[2]}) on rank {r}; every rank "
+                        "must pass the same params in the same order"
+                    )
+            for gi, (a, b) in enumerate(zip(values0, values, strict=True)):
+                for name, x, y in zip(_GROUP_VALUES, a, b, strict=True):
+                    if x != y:
+                        raise ValueError(
+                            f"ZeroAdamW: {name} of param group {gi} differs between ranks ({x!r} on rank 0 but "
+                            f"{y!r} on rank {r}): every rank must pass the same hyper-parameters"
+                        )
+
+    def _step_inputs(self, loss_scale: Any, unexpected: dict[str, Any]) -> _StepInputs:
+        """Check this rank's step values (raising the first problem) and collect what the ranks compare."""
+        if unexpected:
+            key = sorted(unexpected)[0]
+            hint = ""
+            if key in ("grad_scale", "found_inf"):
+                hint = (
+                    ": ZeroAdamW unscales and skips steps itself, from the global grad norm; pass the loss scale as "
+                    "step(loss_scale=...) (a float, a 1-element tensor or a loss scaler such as "
+                    "fused_ops.DynamicLossScaler)"
+                )
+            raise TypeError(f"got an unexpected keyword argument {key!r}{hint}")
+        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            raise RuntimeError(
+                "ZeroAdamW does not work with torch.amp.GradScaler (its overflow check reads the full local "
+                "grads of one rank, which ZeRO does not keep): call optimizer.step(loss_scale=scale) and update "
+                "the scale from optimizer.last_found_inf"
+            )
+        dev = self._device
+        values: list[float] = []
+        tensors: list[tuple[int, Tensor, str]] = []
+        lrs: list[float | Tensor] = []
+        floats: list[tuple[float, float, float, float]] = []
+        for gi, group in enumerate(self.param_groups):
+            lr, beta1, beta2, eps, weight_decay = _check_group(gi, group, read_lr=False)
+            if isinstance(lr, Tensor) and lr.device != dev:
+                if lr.device.type == "cpu":  # read on the host (no sync); a tensor elsewhere is copied over
+                    lr = float(lr.item())
+                    _check_lr_value(lr, f"param group {gi}")
+                else:
+                    lr = lr.to(dev)
+            if isinstance(lr, Tensor):
+                tensors.append((len(values), lr.detach().to(torch.float64).reshape(()), f"lr of param group {gi}"))
+                values.append(0.0)
+            else:
+                values.append(lr)
+            values += [beta1, beta2, eps, weight_decay, float(bool(group["amsgrad"])), float(bool(group["maximize"]))]
+            lrs.append(lr)
+            floats.append((beta1, beta2, eps, weight_decay))
+        max_grad_norm = _check_max_grad_norm(self.max_grad_norm)
+        values.append(_NONE if max_grad_norm is None else max_grad_norm)
+
+        scale: Any = loss_scale
+        scaler_found_inf = None
+        if loss_scale is None:
+            kind = 0
+        elif isinstance(loss_scale, Tensor):
+            kind = 2
+        elif isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool):
+            kind = 1
+        elif isinstance(getattr(loss_scale, "scale", None), Tensor):
+            kind, scale = 3, loss_scale.scale
+            scaler_found_inf = getattr(loss_scale, "found_inf", None)
+            if scaler_found_inf is not None and not (
+                isinstance(scaler_found_inf, Tensor) and scaler_found_inf.numel() == 1
+                and scaler_found_inf.is_floating_point()
+            ):  # fmt: skip
+                raise ValueError(
+                    "loss_scale.found_inf (the loss scaler's overflow flag) must be a 1-element floating-point "
+                    f"tensor, got {_describe(scaler_found_inf)}"
+                )
+        else:
+            raise TypeError(
+                "loss_scale must be None, a number, a 1-element tensor or a loss scaler with a `scale` tensor, got "
+                f"{type(loss_scale).__name__}"
+            )
+        values.append(float(kind))
+        if isinstance(scale, Tensor):
+            name = "loss_scale" if kind == 2 else "loss_scale.scale"
+            if scale.numel() != 1:
+                raise ValueError(f"{name} must be a number or a 1-element tensor, got {scale.numel()} elements")
+            if not scale.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
+            scale = scale.detach().to(dev, torch.float64).reshape(())
+            tensors.append((len(values), scale, "loss_scale"))
+            values.append(0.0)
+        elif scale is not None:
+            scale = float(scale)
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"loss_scale must be a finite number > 0, got {scale}")
+            values.append(scale)
+        else:
+            values.append(_NONE)
+        return _StepInputs(lrs, floats, max_grad_norm, scale, scaler_found_inf, values, tensors)
+
+    def _step_value_names(self) -> list[str]:
+        names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
+        return names + ["max_grad_norm", "loss_scale", "loss_scale"]
+
+    def _format_step_value(self, k: int, value: float) -> str:
+        n = len(_GROUP_VALUES) * len(self.param_groups)
+        if k < n and _GROUP_VALUES[k % len(_GROUP_VALUES)] in ("amsgrad", "maximize"):
+            return str(bool(value))
+        if k == n + 1:  # the loss scale's kind
+            return _LOSS_SCALE_KINDS[int(value)] if value in range(len(_LOSS_SCALE_KINDS)) else repr(value)
+        if k >= n and value == _NONE:
+            return "None"
+        return repr(value)
+
+    def _agree_on_step(self, sumsq: Tensor, inputs: _StepInputs | None, error: Exception | None) -> Tensor:
+        """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
+        host, or in a tensor value checked on the device), and the bits of every compared value (``_bit_pieces``).
+        Raises on every rank alike (they all read the same sums) if a rank had a problem or the values differ;
+        returns the global sum of squares (a 0-d float64 device tensor)."""
+        n_values = len(_GROUP_VALUES) * len(self.param_groups) + 3
+        tensors = inputs.tensors if error is None and inputs is not None else []
+        host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
+        # Where the tensor values go, and which must be > 0 (a loss scale) rather than >= 0 (an lr): one copy.
+        host += [float(k) for k, _, _ in tensors] + [float(name == "loss_scale") for _, _, name in tensors]
+        flat = torch.tensor(host, dtype=torch.float64, device=self._device)
+        flag, values = flat[:1], flat[1 : 1 + n_values]
+        if tensors:
+            where, positive = flat[1 + n_values :].view(2, -1)
+            given = torch.stack([t for _, t, _ in tensors])
+            values = values.index_copy(0, where.long(), given)
+            ok = torch.isfinite(given) & ((given > 0) | ((given == 0) & (positive == 0)))
+            flag = flag + (~ok).sum(dtype=torch.float64)
+        vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, _bit_pieces(values, self._shifts)])
+        dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
+        sums = vec[1:].tolist()  # the step's one host read
+        if sums[0] > 0:
+            self._raise_step_error(inputs, error)
+        differ = _differing(sums[1:], self.world_size)
+        if differ:
+            self._raise_step_values_differ(inputs, differ)
+        return vec[0]
+
+    def _raise_step_error(self, inputs: _StepInputs | None, error: Exception | None) -> None:
+        """Some rank had a problem: every rank gets every rank's description (the error path's own collective,
+        which every rank reaches) and raises the first one."""
+        local = None if error is None else (type(error).__name__, str(error))
+        if local is None and inputs is not None:
+            for _, t, name in inputs.tensors:
+                v = float(t.item())
+                if name == "loss_scale" and not (math.isfinite(v) and v > 0):
+                    local = ("ValueError", f"loss_scale must be a finite number > 0, got {v}")
+                elif name != "loss_scale" and not (math.isfinite(v) and v >= 0):
+                    local = ("ValueError", f"Invalid learning rate: {v} ({name})")
+                if local is not None:
+                    break
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local, group=self.process_group)
+        for r, err in enumerate(gathered):
+            if err is not None:
+                kind, msg = err
+                raise _ERROR_TYPES.get(kind, RuntimeError)(
+                    f"ZeroAdamW.step: {msg} (on rank {r}; the step changed nothing on any rank)"
+                )
+        raise RuntimeError("ZeroAdamW.step: a rank found an invalid step value but could not describe it")
+
+    def _raise_step_values_differ(self, inputs: _StepInputs | None, differ: list[int]) -> None:
+        mine = list(inputs.values) if inputs is not None else []
+        if inputs is not None:
+            for k, t, _ in inputs.tensors:
+                mine[k] = float(t.item())
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine, group=self.process_group)
+        names = self._step_value_names()
+        k = differ[0]
+        desc = _by_rank([self._format_step_value(k, v[k]) if v else "?" for v in gathered])
+        also = sorted({names[j] for j in differ[1:]} - {names[k]})
+        raise ValueError(
+            f"ZeroAdamW.step: {names[k]} differs between ranks ({desc})"
+            + (f"; so do {', '.join(also)}" if also else "")
+            + ": every rank must step with the same values (the step changed nothing on any rank)"
+        )
+
+    def _raise_if_any_rank_failed(self, error: str | None, what: str, same: tuple[str, Any] | None = None) -> None:
+        """One all_gather_object: every rank raises the same ValueError if any rank had an error, or if the
+        argument ``same = (name, value)`` differs between ranks."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (error, same), group=self.process_group)
+        for r, (err, _) in enumerate(gathered):
+            if err is not None:
+                raise ValueError(f"ZeroAdamW.{what} failed on rank {r}: {err}")
+        values = [repr(v[1]) for _, v in gathered] if same is not None else []
+        if any(v != values[0] for v in values):
+            raise ValueError(f"ZeroAdamW.{what}: {same[0]} differs between ranks ({_by_rank(values)})")
+
+    def _agree_on_load(self, error: str | None, summary: tuple | None) -> None:
+        """One all_gather_object: any rank's error, else any difference between the ranks' hyper-parameters and
+        step counts, raises the same ValueError on every rank."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (error, summary), group=self.process_group)
+        for r, (err, _) in enumerate(gathered):
+            if err is not None:
+                raise ValueError(
+                    f"ZeroAdamW.load_state_dict failed on rank {r} (nothing was loaded on any rank): {err}"
+                )
+        groups0, steps0 = gathered[0][1]
+        for r, (_, (groups, steps)) in enumerate(gathered[1:], start=1):
+            diff = None
+            for gi, (a, b) in enumerate(zip(groups0, groups, strict=True)):
+                for name, x, y in zip(_GROUP_VALUES, a, b, strict=True):
+                    if x != y and diff is None:
+                        diff = f"{name} of param group {gi} is {x!r} on rank 0 but {y!r} on rank {r}"
+            for i, (x, y) in enumerate(zip(steps0, steps, strict=True)):
+                if x != y and diff is None:
+                    diff = f"state 'step' of param {i} is {x!r} on rank 0 but {y!r} on rank {r}"
+            if diff is not None:
+                raise ValueError(
+                    f"ZeroAdamW.load_state_dict: the checkpoints given to the ranks differ: {diff}; every rank must "
+                    "load the same hyper-parameters and step counts (nothing was loaded on any rank)"
+                )

@@ -1,0 +1,320 @@
+"""Checkpoints in ZeroAdamW's own formats: this rank's shard (``state_dict``), torch.optim.AdamW's layout
+(``consolidated_state_dict``), and loading either (or the list of all ranks' shards) with any world size."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._agree import _check_group, _check_state_step, _check_state_tensor
+from ._comm import _all_gather
+from ._layout import _Bucket
+
+_FORMAT = "fused_ops.zero/1"
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_MASTER_KEY = "master_param"
+
+
+class _CheckpointMixin:
+    """``state_dict``, ``consolidated_state_dict`` and ``load_state_dict``."""
+
+    def _groups_for_save(self) -> list[dict[str, Any]]:
+        groups, start = [], 0
+        for g in self.param_groups:
+            saved = {k: v for k, v in g.items() if k != "params"}
+            saved["params"] = list(range(start, start + len(g["params"])))
+            start += len(g["params"])
+            groups.append(saved)
+        return groups
+
+    def _state_names(self, b: _Bucket) -> list[str]:
+        names = ["exp_avg", "exp_avg_sq"]
+        if b.max_exp_avg_sq is not None:
+            names.append("max_exp_avg_sq")
+        if b.master is not None:
+            names.append(_MASTER_KEY)
+        return names
+
+    @staticmethod
+    def _bucket_tensor(b: _Bucket, name: str) -> Tensor:
+        return b.master if name == _MASTER_KEY else getattr(b, name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the state (tensors are copies; save one file per rank).
+
+        ``state[i]`` holds param ``i``'s ``step`` and, for the elements ``ranges[i] = (lo, hi)`` of the
+        flattened param that this rank owns, 1-D ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``,
+        ``master_param``). ``load_state_dict`` accepts the list of all ranks' dicts, with any world size.
+        """
+        self._drain()
+        state: dict[int, dict[str, Tensor]] = {i: {"step": t.clone()} for i, t in enumerate(self._steps)}
+        ranges: dict[int, tuple[int, int]] = {}
+        for seg in self._segment_of.values():
+            b, n = seg.bucket, seg.hi - seg.lo
+            for name in self._state_names(b):
+                state[seg.index][name] = self._bucket_tensor(b, name).narrow(0, seg.start, n).clone()
+            ranges[seg.index] = (seg.lo, seg.hi)
+        meta = {
+            "format": _FORMAT, "rank": self.rank, "world_size": self.world_size, "stage": self.stage,
+            "numels": [p.numel() for p in self._params], "shapes": [tuple(p.shape) for p in self._params],
+            "ranges": ranges,
+        }  # fmt: skip
+        return {"state": state, "param_groups": self._groups_for_save(), "zero": meta}
+
+    def consolidated_state_dict(self, to: int | None = 0, device: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The whole state in torch.optim.AdamW's layout, assembled on rank ``to`` (every rank if None).
+
+        Collective: call it on every rank. Other ranks get None. Tensors are put on ``device`` (CPU by default,
+        so the full state never has to fit on one GPU); the transient cost on each rank is one bucket.
+        Master weights, when kept, are under the extra key ``master_param`` (torch.optim ignores it).
+        """
+        error = None
+        try:  # checked on every rank and agreed on before the first gather: no rank fails alone half-way
+            if to is not None and not (isinstance(to, int) and 0 <= to < self.world_size):
+                raise ValueError(f"to must be a rank in [0, {self.world_size}) or None, got {to!r}")
+            torch.empty(0, device=device)  # a device that does not exist (or a bad name) fails here
+        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+            error = f"{type(e).__name__}: {e}"
+        self._raise_if_any_rank_failed(error, "consolidated_state_dict", same=("to", to))
+        self._drain()
+        keep = to is None or to == self.rank
+        state: dict[int, dict[str, Tensor]] = {}
+        if keep:
+            for i, t in enumerate(self._steps):
+                state[i] = {"step": t.detach().to(device, copy=True)}
+        for b in self._buckets:
+            for name in self._state_names(b):
+                full = torch.empty(b.numel, dtype=torch.float32, device=self._device)
+                _all_gather(full, self._bucket_tensor(b, name), self.process_group, async_op=False)
+                if keep:
+                    for s in b.slots:
+                        part = full.narrow(0, s.offset, s.numel).view(s.param.shape)
+                        state[s.index][name] = part.to(device, copy=True)
+        if not keep:
+            return None
+        return {"state": state, "param_groups": self._groups_for_save()}
+
+    def load_state_dict(self, state_dict: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Load a checkpoint saved with any world size. Collective: call it on every rank.
+
+        Accepts a torch.optim.AdamW / FusedAdamW / ``consolidated_state_dict`` dict, one rank's
+        ``state_dict()`` (enough when the world size and rank are the same), or the list of every rank's
+        ``state_dict()`` (resharded here). Each rank copies out only the elements it owns. Load the model's
+        params first: master weights that do not round to the current params are replaced by the params (with a
+        warning).
+
+        Every rank checks the whole checkpoint before changing anything: group count and sizes, each group's
+        hyper-parameters, every param's state (none at all: a param never stepped, zeros; else ``step``, a
+        finite count >= 0, and ``exp_avg``, ``exp_avg_sq``, with amsgrad ``max_exp_avg_sq``, floating-point
+        tensors of the param's size, or of the shard range's size in a shard list) and, for a shard list, each
+        shard's ranges, step counts agreeing between shards, and that the elements this rank owns are covered.
+        The ranks then agree (one collective) that every rank's checkpoint is valid and gives the same
+        hyper-parameters and step counts; otherwise every rank raises the same ValueError (naming the rank, the
+        param index and the key) and nothing is loaded on any rank. Keys missing from a legacy checkpoint's groups
+        take torch.optim's defaults (``amsgrad``, ``maximize``: False), as torch.optim loads them.
+        """
+        self._drain()
+        error, plan = None, None
+        try:
+            plan = self._plan_load(state_dict)
+        except Exception as e:  # noqa: BLE001 - any problem is agreed on with the other ranks, then raised
+            error = f"{type(e).__name__}: {e}"
+        self._agree_on_load(error, None if plan is None else plan[-1])
+        assert plan is not None
+        groups, steps, fetch, _ = plan
+        for g, ng in zip(self.param_groups, groups, strict=True):
+            for k, v in ng.items():
+                g[k] = v
+        for b in self._buckets:  # no amsgrad any more: no max_exp_avg_sq (as torch.optim's state)
+            if b.max_exp_avg_sq is not None and not self.param_groups[b.group]["amsgrad"]:
+                b.max_exp_avg_sq = None
+                self._adam_view_cache.clear()
+        self._ensure_amsgrad_buffers()
+        for i, s in enumerate(steps):
+            self._steps[i].fill_(s)
+        stale_master = False
+        with torch.no_grad():
+            for seg in self._segment_of.values():
+                b, n = seg.bucket, seg.hi - seg.lo
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    dst = getattr(b, name)
+                    if dst is None:
+                        continue
+                    src = fetch(seg.index, name, seg.lo, seg.hi)  # None: a param without state (never stepped)
+                    view = dst.narrow(0, seg.start, n)
+                    view.zero_() if src is None else view.copy_(src)
+                if b.master is not None:
+                    current = b.param_shard.narrow(0, seg.start, n)
+                    src = fetch(seg.index, _MASTER_KEY, seg.lo, seg.hi)
+                    if src is not None and not torch.equal(src.to(device=current.device, dtype=b.dtype), current):
+                        stale_master, src = True, None
+                    b.master.narrow(0, seg.start, n).copy_(current if src is None else src)
+        if stale_master:
+            warnings.warn(
+                "ZeroAdamW.load_state_dict: the checkpoint's master weights do not round to the current params; "
+                "using the params instead (load the model's state before the optimizer's)",
+                stacklevel=2,
+            )
+
+    def _plan_load(self, state_dict: Any) -> tuple[list[dict], list[float], Callable, tuple]:
+        """Check the whole checkpoint (raising the first problem) and return what loading it sets: each group's
+        values (without ``params``), each param's step count, ``fetch(param, key, lo, hi)`` (elements [lo, hi)
+        of a param's flattened state as fp32 on this device, None when the param has no such state), and the
+        summary the ranks compare. Changes nothing."""
+        numels = [p.numel() for p in self._params]
+        n = len(numels)
+        if isinstance(state_dict, (list, tuple)):
+            shards = list(state_dict)
+            if not shards:
+                raise ValueError("got an empty list of state dicts")
+            for k, sd in enumerate(shards):
+                if not isinstance(sd, dict):
+                    raise TypeError(f"state dict {k} of the list is a {type(sd).__name__}, not a dict")
+        elif isinstance(state_dict, dict) and "zero" in state_dict:
+            shards = [state_dict]
+        elif isinstance(state_dict, dict):
+            shards = None
+        else:
+            raise TypeError(f"expected a state dict or a list of them, got {type(state_dict).__name__}")
+
+        base = shards[0] if shards else state_dict
+        if not isinstance(base.get("state"), dict) or not isinstance(base.get("param_groups"), (list, tuple)):
+            raise ValueError("not an optimizer state dict (needs a 'state' dict and a 'param_groups' list)")
+        groups = base["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the checkpoint has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        new_groups, summary_groups = [], []
+        for gi, (g, sg) in enumerate(zip(self.param_groups, groups, strict=True)):
+            if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+                raise ValueError(f"param group {gi} of the checkpoint is not a dict with a 'params' list")
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"param group {gi} of the checkpoint has {len(sg['params'])} params, this optimizer's has "
+                    f"{len(g['params'])}"
+                )
+            merged = {k: v for k, v in g.items() if k != "params"}
+            merged.update(amsgrad=False, maximize=False)  # torch.optim's defaults for legacy checkpoints
+            merged.update({k: v for k, v in sg.items() if k != "params"})
+            if merged.get("differentiable"):
+                raise ValueError(f"param group {gi} of the checkpoint has differentiable=True (not supported)")
+            lr, beta1, beta2, eps, weight_decay = _check_group(gi, merged, read_lr=True)
+            merged["betas"] = (beta1, beta2)
+            merged["amsgrad"], merged["maximize"] = bool(merged["amsgrad"]), bool(merged["maximize"])
+            new_groups.append(merged)
+            lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
+            summary_groups.append((lr_value, beta1, beta2, eps, weight_decay, merged["amsgrad"], merged["maximize"]))
+        amsgrad = [new_groups[gi]["amsgrad"] for gi in self._group_of]
+
+        def required(i: int) -> tuple[str, ...]:
+            return _MOMENT_KEYS if amsgrad[i] else _MOMENT_KEYS[:2]
+
+        if shards is None:
+            saved_ids = [pid for g in groups for pid in g["params"]]
+            index_of = {pid: i for i, pid in enumerate(saved_ids)}
+            if len(index_of) != len(saved_ids):
+                raise ValueError("the checkpoint's param groups list a param id more than once")
+            by_index: dict[int, dict] = {}
+            for pid, st in base["state"].items():
+                if pid not in index_of:
+                    raise ValueError(f"the checkpoint has state for param id {pid!r}, which no param group lists")
+                i = index_of[pid]
+                if not isinstance(st, dict):
+                    raise ValueError(f"the state of param {i} is a {type(st).__name__}, not a dict")
+                if not st:  # no state: a param never stepped
+                    continue
+                shape = f"the param has {numels[i]} (shape {tuple(self._params[i].shape)})"
+                for key in required(i):
+                    _check_state_tensor(st, i, key, numels[i], shape)
+                for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
+                    if key in st:
+                        _check_state_tensor(st, i, key, numels[i], shape)
+                by_index[i] = st
+            steps = [_check_state_step(by_index[i], i) if i in by_index else 0.0 for i in range(n)]
+
+            def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | None:
+                st = by_index.get(i)
+                if st is None or name not in st:
+                    return None
+                return st[name].detach().reshape(-1)[lo:hi].to(self._device, torch.float32)
+
+            return new_groups, steps, fetch, (summary_groups, steps)
+
+        # Sharded: collect every shard's pieces per param, then check they cover what this rank owns.
+        pieces: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
+        shard_steps: list[float | None] = [None] * n
+        for k, sd in enumerate(shards):
+            meta = sd.get("zero")
+            if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+                raise ValueError(f"state dict {k} of the list is not a ZeroAdamW.state_dict() shard")
+            state, ranges = sd.get("state"), meta.get("ranges")
+            if not isinstance(state, dict) or not isinstance(ranges, dict):
+                raise ValueError(f"shard {k} of the list has no 'state' or no 'ranges' dict")
+            saved_numels = list(meta.get("numels", ()))
+            if saved_numels != numels:
+                if len(saved_numels) != n:
+                    raise ValueError(f"the checkpoint has {len(saved_numels)} params, this optimizer has {n}")
+                bad = next(i for i in range(n) if saved_numels[i] != numels[i])
+                raise ValueError(
+                    f"param {bad} has {saved_numels[bad]} elements in the checkpoint but {numels[bad]} here "
+                    f"(shape {tuple(self._params[bad].shape)})"
+                )
+            for i in range(n):
+                st = state.get(i)
+                if not isinstance(st, dict) or "step" not in st:
+                    raise ValueError(f"shard {k} of the list has no state 'step' for param {i}")
+                step = _check_state_step(st, i)
+                if shard_steps[i] is None:
+                    shard_steps[i] = step
+                elif step != shard_steps[i]:
+                    raise ValueError(
+                        f"state 'step' of param {i} is {shard_steps[i]} in shard 0 but {step} in shard {k} of the list"
+                    )
+            for i, rng in ranges.items():
+                if not (isinstance(i, int) and 0 <= i < n):
+                    raise ValueError(f"shard {k} of the list has a range for param {i!r}, which does not exist")
+                if not (
+                    isinstance(rng, (tuple, list)) and len(rng) == 2 and all(isinstance(x, int) for x in rng)
+                    and 0 <= rng[0] <= rng[1] <= numels[i]
+                ):  # fmt: skip
+                    raise ValueError(
+                        f"shard {k} of the list has the range {rng!r} for param {i}, which has {numels[i]} elements"
+                    )
+                lo, hi = rng
+                size = f"its range [{lo}, {hi}) in shard {k} of the list has {hi - lo}"
+                for key in required(i):
+                    _check_state_tensor(state[i], i, key, hi - lo, size)
+                for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
+                    if key in state[i]:
+                        _check_state_tensor(state[i], i, key, hi - lo, size)
+                pieces[i].append((lo, hi, state[i]))
+        for seg in self._segment_of.values():
+            covered = seg.lo
+            for lo, hi, _ in sorted(pieces[seg.index], key=lambda x: x[0]):
+                if lo <= covered < hi:
+                    covered = hi
+            if covered < seg.hi:
+                world = shards[0]["zero"].get("world_size", "?")
+                raise ValueError(
+                    f"the shards given cover elements up to {covered} of param {seg.index} but this rank needs "
+                    f"[{seg.lo}, {seg.hi}); pass the list of all {world} ranks' state dicts"
+                )
+        steps = [float(s) for s in shard_steps]  # every shard has every param's step (checked)
+
+        def fetch_sharded(i: int, name: str, lo: int, hi: int) -> Tensor | None:
+            out = torch.empty(hi - lo, dtype=torch.float32, device=self._device)
+            for plo, phi, st in pieces[i]:
+                a, z = max(lo, plo), min(hi, phi)
+                if a >= z:
+                    continue
+                if name not in st:  # an optional key (master weights) some shard lacks: none for this param
+                    return None
+                out[a - lo : z - lo].copy_(st[name].detach().reshape(-1)[a - plo : z - plo])
+            return out
+
+        return new_groups, steps, fetch_sharded, (summary_groups, steps)

@@ -1,0 +1,238 @@
+"""Layout: params packed into flat buckets, each split into ``world_size`` equal, aligned shards.
+
+``build_layout`` decides where each param goes (from shapes, dtypes, world size and options only); ``_LayoutMixin``
+builds the buckets (the model's params become views of them), this rank's shards of the master weights, moments
+and reduced grads, and the staging buffers of the reduce-scatters, and reports their memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# -- layout -------------------------------------------------------------------------------------------------
+@dataclass
+class BucketSpec:
+    """Where params go in one flat bucket. Depends only on shapes, dtypes, world size and the options."""
+
+    group: int  # param group index
+    dtype: torch.dtype
+    slots: list[tuple[int, int, int]]  # (global param index, offset in the bucket, numel)
+    numel: int  # padded: a multiple of world_size * align
+
+
+def build_layout(
+    params: Sequence[tuple[int, int, torch.dtype]], world_size: int, bucket_cap_bytes: int, align: int
+) -> list[BucketSpec]:
+    """Pack params into buckets.
+
+    Args:
+        params: one ``(group index, numel, dtype)`` per param, in registration order.
+        world_size: number of shards each bucket splits into.
+        bucket_cap_bytes: a bucket closes once it holds this many bytes (a larger param gets its own bucket).
+        align: every param starts at a multiple of ``align`` elements; every shard is a multiple of it too.
+
+    Returns buckets in the order backward is expected to complete them: params are walked in reverse
+    registration order and a bucket is placed where its last param (in that walk) is seen.
+    """
+    open_buckets: dict[tuple[int, torch.dtype], BucketSpec] = {}
+    sizes: dict[int, int] = {}
+    done: list[tuple[int, BucketSpec]] = []  # (position of the bucket's last param in the reverse walk, spec)
+    last_seen: dict[int, int] = {}
+    for pos, index in enumerate(reversed(range(len(params)))):
+        group, numel, dtype = params[index]
+        key = (group, dtype)
+        spec = open_buckets.get(key)
+        if spec is None:
+            spec = open_buckets[key] = BucketSpec(group, dtype, [], 0)
+            sizes[id(spec)] = 0
+        offset = _round_up(sizes[id(spec)], align)
+        spec.slots.append((index, offset, numel))
+        sizes[id(spec)] = offset + numel
+        last_seen[id(spec)] = pos
+        if sizes[id(spec)] * dtype.itemsize >= bucket_cap_bytes:
+            done.append((pos, spec))
+            del open_buckets[key]
+    done.extend((last_seen[id(s)], s) for s in open_buckets.values())
+    done.sort(key=lambda item: item[0])
+    out = []
+    for _, spec in done:
+        spec.numel = max(_round_up(sizes[id(spec)], world_size * align), world_size * align)
+        out.append(spec)
+    return out
+
+
+# -- runtime structures ---------------------------------------------------------------------------------------
+@dataclass
+class _Slot:
+    index: int  # global param index
+    param: Tensor
+    offset: int  # in the bucket
+    numel: int
+    ptr: int = 0  # the param's address: a view of the bucket (a param whose .data was replaced is refused)
+
+
+@dataclass
+class _Segment:
+    """The part of one param that this rank owns: elements [lo, hi) of the flattened param."""
+
+    index: int
+    lo: int
+    hi: int
+    start: int  # in the shard
+    bucket: _Bucket
+
+
+@dataclass
+class _Bucket:
+    index: int
+    group: int
+    dtype: torch.dtype
+    slots: list[_Slot]
+    numel: int
+    shard_numel: int
+    param_flat: Tensor
+    param_shard: Tensor
+    master: Tensor | None
+    grad: Tensor  # the shard's reduced grads (accumulated across synced backward passes): _grad_dtype()
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
+    gaps: list[tuple[int, int]]  # padding ranges in the flat bucket
+    n_hooked: int = 0
+    ready: set = field(default_factory=set)
+    grad_valid: bool = False
+    inflight: int = 0
+    staging_views: dict = field(default_factory=dict)  # staging buffer index -> (gap views, per-slot views)
+
+
+class _StagingPool:
+    """Flat buffers the reduce-scatters run in, reused bucket after bucket (two to overlap, else one)."""
+
+    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device):
+        self.flat = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+        self.free = list(range(count))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.flat)
+
+
+class _LayoutMixin:
+    """Builds and describes ZeroAdamW's buckets and shards (see the module docstring)."""
+
+    def _build(self) -> None:
+        specs = build_layout(
+            [(g, p.numel(), p.dtype) for g, p in zip(self._group_of, self._params, strict=True)],
+            self.world_size,
+            int(self.bucket_cap_mb * 2**20),
+            self.align,
+        )
+        dev, rank, world = self._device, self.rank, self.world_size
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: list[int] = [0] * len(self._params)
+        self._segments: list[list[_Segment]] = [[] for _ in self.param_groups]
+        self._segment_of: dict[int, _Segment] = {}
+        for bi, spec in enumerate(specs):
+            shard = spec.numel // world
+            flat = torch.zeros(spec.numel, dtype=spec.dtype, device=dev)
+            slots, gaps, end = [], [], 0
+            for index, offset, numel in sorted(spec.slots, key=lambda s: s[1]):
+                p = self._params[index]
+                view = flat.narrow(0, offset, numel)
+                with torch.no_grad():
+                    view.copy_(p.detach().reshape(-1))
+                p.data = view.view(p.shape)  # the model's param now lives in the bucket
+                slots.append(_Slot(index, p, offset, numel, p.data_ptr()))
+                self._bucket_of[index] = bi
+                if offset > end:
+                    gaps.append((end, offset))
+                end = offset + numel
+            if spec.numel > end:
+                gaps.append((end, spec.numel))
+            if world > 1:  # every rank starts from rank 0's params, as DDP does (before masters are made of them)
+                dist.broadcast(flat, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
+            param_shard = flat.narrow(0, rank * shard, shard)
+            lowp = spec.dtype != torch.float32
+            group = self.param_groups[spec.group]
+            b = _Bucket(
+                index=bi, group=spec.group, dtype=spec.dtype, slots=slots, numel=spec.numel, shard_numel=shard,
+                param_flat=flat, param_shard=param_shard,
+                master=param_shard.float() if lowp and self.master_weights else None,
+                grad=torch.zeros(shard, dtype=self._grad_dtype(spec.dtype), device=dev),
+                exp_avg=torch.zeros(shard, dtype=torch.float32, device=dev),
+                exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev),
+                max_exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev) if group["amsgrad"] else None,
+                gaps=gaps,
+            )  # fmt: skip
+            self._buckets.append(b)
+            lo_s, hi_s = rank * shard, (rank + 1) * shard
+            for s in slots:
+                lo, hi = max(s.offset, lo_s), min(s.offset + s.numel, hi_s)
+                if lo < hi:
+                    seg = _Segment(s.index, lo - s.offset, hi - s.offset, lo - lo_s, b)
+                    self._segments[spec.group].append(seg)
+                    self._segment_of[s.index] = seg
+        self._unowned = [i for i in range(len(self._params)) if i not in self._segment_of]
+        self._adam_view_cache: dict[tuple[int, bool], tuple[list[Tensor], ...]] = {}
+        sizes: dict[tuple, int] = {}
+        for b in self._buckets:
+            key = (self._reduce_dtype(b), dev)
+            sizes[key] = max(sizes.get(key, 0), b.numel)
+        count = 2 if self.overlap_comm and len(self._buckets) > 1 else 1
+        self._pools: dict[tuple, _StagingPool] = {
+            key: _StagingPool(count, numel, key[0], key[1]) for key, numel in sizes.items()
+        }
+
+    def _reduce_dtype(self, b: _Bucket) -> torch.dtype:
+        return self.reduce_dtype if self.reduce_dtype is not None else b.dtype
+
+    def _grad_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """The reduced-grad shard's dtype: the reduce dtype when the fused Adam op takes it with these params
+        (the params' dtype, or fp32), else fp32 (e.g. fp16 params reduced in bf16)."""
+        reduce_dtype = self.reduce_dtype if self.reduce_dtype is not None else param_dtype
+        return reduce_dtype if reduce_dtype in (param_dtype, torch.float32) else torch.float32
+
+    # -- introspection --------------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds, per category (padding counted once, under ``padding`` only).
+
+        - ``master``: fp32 master shard (0 for fp32 params, whose shard of the param buffer is the master);
+        - ``states``: Adam moments of the shard (fp32) and the step counts;
+        - ``grad_shards``: the reduced-grad shards, in the reduce dtype (see the class docstring);
+        - ``staging``: the staging buffers of the reduce-scatters (the buckets in flight);
+        - ``grad_buckets``: ``grad_shards + staging``;
+        - ``padding``: padded elements in the master, moment and grad shards and in the flat param buffers;
+        - ``total``: ``master + states + grad_buckets + padding``.
+
+        Not counted: the params' own elements (the flat buffers the model's params are views of; their padding
+        is counted) and ``p.grad``.
+        """
+        report = {"master": 0, "states": 4 * len(self._steps), "grad_shards": 0, "staging": 0, "padding": 0}
+        for b in self._buckets:
+            pad = self._bucket_pad(b)
+            useful = b.shard_numel - pad
+            fp32_shards = 2 + (b.max_exp_avg_sq is not None) + (b.master is not None)  # moments, master
+            report["master"] += 4 * useful if b.master is not None else 0
+            report["states"] += 4 * useful * (2 + (b.max_exp_avg_sq is not None))
+            report["grad_shards"] += b.grad.element_size() * useful
+            report["padding"] += pad * (4 * fp32_shards + b.grad.element_size())
+            report["padding"] += (b.numel - sum(s.numel for s in b.slots)) * b.param_flat.element_size()
+        report["staging"] = sum(pool.nbytes() for pool in self._pools.values())
+        report["grad_buckets"] = report["grad_shards"] + report["staging"]
+        report["total"] = report["master"] + report["states"] + report["grad_buckets"] + report["padding"]
+        return report
+
+    def _bucket_pad(self, b: _Bucket) -> int:
+        """Padded elements in this rank's shard of bucket ``b``."""
+        lo_s, hi_s = self.rank * b.shard_numel, (self.rank + 1) * b.shard_numel
+        used = sum(max(0, min(s.offset + s.numel, hi_s) - max(s.offset, lo_s)) for s in b.slots)
+        return b.shard_numel - used

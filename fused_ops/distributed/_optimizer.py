@@ -1,0 +1,215 @@
+"""ZeroAdamW: the class, its constructor and its arguments; the rest comes from the mixins of this package."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._backend import check_backend
+from ._agree import _AgreementMixin, _check_group, _check_max_grad_norm, _real
+from ._checkpoint import _CheckpointMixin
+from ._layout import _LayoutMixin
+from ._reduce import _ReduceMixin
+from ._step import _StepMixin
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ZeroAdamW(_LayoutMixin, _ReduceMixin, _StepMixin, _CheckpointMixin, _AgreementMixin, torch.optim.Optimizer):
+    """AdamW with ZeRO stage 1 or 2 partitioning over a ``torch.distributed`` process group.
+
+    Args:
+        params: iterable of params or param-group dicts (as torch.optim.AdamW). All on one device; fp32,
+            bf16 or fp16; identical in number, shape, dtype, group and order on every rank (checked,
+            collectively). Their values may differ: every rank takes rank 0's at construction, as DDP does.
+        process_group: the data-parallel group (default: the world group). Must be initialised.
+        stage: 1 (shard optimizer states; grads reduce-scattered in ``step()``) or 2 (also shard grads: each
+            bucket is reduce-scattered during backward as soon as its grads exist, and the full grads are freed).
+        bucket_cap_mb: bucket size in MiB of param-dtype elements.
+        overlap_comm: launch collectives asynchronously (two staging buffers), overlapping them with backward
+            and with each other; ``False`` waits for each one.
+        master_weights: keep an fp32 master shard for bf16/fp16 params (no effect on fp32 params).
+        lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW.
+        max_grad_norm: clip the global grad norm (over all ranks and param groups) to this, as
+            ``torch.nn.utils.clip_grad_norm_`` would; ``None`` disables clipping.
+        reduce_dtype: dtype of the reduce-scatter and of this rank's reduced-grad shard, which accumulates the
+            grads of several synced backward passes (default: each bucket's param dtype). With bf16/fp16 params,
+            ``torch.float32`` costs 2 more bytes per param / N and sums in fp32: more accurate over many ranks or
+            micro-batches accumulated without ``no_sync``. (A low-precision reduce dtype other than the params'
+            reduces in that dtype into an fp32 shard.) The grad norm is accumulated in float64 either way.
+        align: params start, and shards split, at multiples of this many elements.
+        backend: fused-op backend ("auto", "triton", "reference"), as in FusedAdamW.
+
+    Memory, bytes per param on each of N ranks (``memory_report()`` lists what this object holds; ``p.grad``
+    is autograd's)::
+
+        params            stage  param  p.grad  shard: master + m + v + grad   total
+        fp32                1      4      4        (0 + 4 + 4 + 4) / N         8 + 12/N
+        fp32                2      4      0        (0 + 4 + 4 + 4) / N         4 + 12/N
+        bf16 + fp32 master  1      2      2        (4 + 4 + 4 + 2) / N         4 + 14/N
+        bf16 + fp32 master  2      2      0        (4 + 4 + 4 + 2) / N         2 + 14/N
+          reduce_dtype=fp32 1      2      2        (4 + 4 + 4 + 4) / N         4 + 16/N
+          reduce_dtype=fp32 2      2      0        (4 + 4 + 4 + 4) / N         2 + 16/N
+
+    fp16 is as bf16; bf16 without master weights saves the 4/N of the master; amsgrad adds 4/N. On top: the
+    staging buffers of the reduce-scatters (two with ``overlap_comm`` and several buckets, else one; each holds
+    the largest bucket, about ``bucket_cap_mb`` of param-dtype elements, in the reduce dtype: twice those bytes
+    for bf16 params reduced in fp32), the padding of buckets to ``world_size * align``, 4 bytes per param
+    tensor for step counts, and in stage 2 the grads of the buckets not yet launched during backward (stage 2
+    frees ``p.grad`` as each bucket is launched).
+
+    Differences from torch.optim.AdamW: params that get no grad in a step are stepped with a zero grad
+    (weight decay and momentum apply), on every rank alike; in stage 2 ``p.grad`` is freed during backward
+    (use ``last_grad_norm`` for logging); the model's params become views into flat buffers owned here.
+    Use ``step(loss_scale=...)`` for loss scaling (``torch.amp.GradScaler`` checks overflow per rank, which
+    cannot work with sharded grads, so it is refused).
+
+    Ranks agree before anything changes. The constructor checks its arguments and params on each rank, then one
+    all_gather_object compares every rank's arguments, hyper-parameters and param signatures: an error on any
+    rank, or a difference, raises the same exception on every rank (never one rank alone, which would leave the
+    others waiting in a collective), before any param is touched. Then, like DDP at construction, rank 0's params
+    are broadcast into every rank's buckets (ranks may have initialised the model with different seeds; the
+    user's param tensors hold rank 0's values afterwards, and fp32 master weights are made from them): ranks
+    start from bit-identical params. ``step()`` checks its values and grads on every rank and agrees inside the
+    all-reduce it runs anyway, including that the step values (lr, betas, eps, weight_decay, amsgrad, maximize,
+    max_grad_norm, loss_scale) are bit-identical on every rank; ``load_state_dict`` checks the whole checkpoint and
+    agrees in one all_gather_object. A failed call raises the same exception on every rank and leaves params,
+    grads, states, step counts and the loss scaler as they were.
+    """
+
+    _step_supports_amp_scaling = True  # so that GradScaler always calls step(), where it is refused clearly
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        process_group: Any = None,
+        stage: int = 2,
+        bucket_cap_mb: float = 25,
+        overlap_comm: bool = True,
+        master_weights: bool = True,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        reduce_dtype: torch.dtype | None = None,
+        align: int = 64,
+        backend: str | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "ZeroAdamW needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group(backend='nccl' or 'gloo', ...) on every rank first"
+            )
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.process_group)
+        self.rank = dist.get_rank(self.process_group)
+        if self.rank < 0:
+            raise ValueError("ZeroAdamW: this process is not a member of process_group")
+        # Every argument is checked on this rank first, then the ranks agree (one all_gather_object) before
+        # anything changes: a rank raising alone would leave the others waiting in that collective.
+        self._built = False
+        error: Exception | None = None
+        config, group_values = None, None
+        try:
+            if stage not in (1, 2):
+                raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+            if not (isinstance(bucket_cap_mb, numbers.Real) and bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
+                raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+            if not (isinstance(align, int) and align >= 1):
+                raise ValueError(f"align must be a positive int, got {align!r}")
+            max_grad_norm = _check_max_grad_norm(max_grad_norm)
+            if reduce_dtype is not None and reduce_dtype not in _SUPPORTED_DTYPES:
+                raise ValueError(f"reduce_dtype must be one of {_SUPPORTED_DTYPES}, got {reduce_dtype}")
+            if differentiable:
+                raise ValueError("differentiable=True is not supported")
+            if isinstance(betas, (tuple, list)) and len(betas) == 2:
+                betas = (_real("betas[0]", betas[0]), _real("betas[1]", betas[1]))
+            defaults = dict(
+                lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
+                decoupled_weight_decay=True, backend=check_backend(backend),
+            )  # fmt: skip
+            _check_group(0, defaults, read_lr=True)
+            super().__init__(params, defaults)
+            self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
+            self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            bad_params = self._local_param_error()
+            if bad_params is not None:
+                raise ValueError(f"bad params: {bad_params}")
+            config = (stage, float(bucket_cap_mb), align, bool(master_weights), str(reduce_dtype), self.world_size,
+                      max_grad_norm)  # fmt: skip
+            group_values = []
+            for gi, g in enumerate(self.param_groups):
+                lr_, beta1, beta2, eps_, weight_decay_ = _check_group(gi, g, read_lr=True)
+                lr_ = float(lr_.item()) if isinstance(lr_, Tensor) else lr_
+                group_values.append((lr_, beta1, beta2, eps_, weight_decay_, bool(g["amsgrad"]), bool(g["maximize"])))
+        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+            error = e
+        self._check_same_on_all_ranks(config, group_values, error)
+
+        self.stage = stage
+        self.bucket_cap_mb = bucket_cap_mb
+        self.overlap_comm = bool(overlap_comm)
+        self.master_weights = bool(master_weights)
+        self.max_grad_norm = max_grad_norm
+        self.reduce_dtype = reduce_dtype
+        self.align = align
+
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+        self._build()
+        self._built = True
+
+        # Step counts: one per param, kept (identically) on every rank, like torch's per-param 'step'.
+        self._steps = [torch.zeros((), dtype=torch.float32, device=self._device) for _ in self._params]
+        self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
+        self.last_found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
+        self.skipped_steps = torch.zeros((), dtype=torch.float32, device=self._device)
+        self._shifts = torch.arange(0, 64, 16, dtype=torch.int64, device=self._device)  # see _bit_pieces
+
+        self._sync_grads = True
+        self._grad_errors: dict[int, tuple[str, str]] = {}  # param index -> (type, message), raised by step()
+        self._round_open = False
+        self._next_bucket = 0
+        self._rounds_since_step = 0
+        self._unsynced_grads = False
+        self._inflight: deque = deque()
+        self._hook_handles: list[Any] = []
+        if stage == 2:
+            self._register_hooks()
+
+    # -- construction ---------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group while constructing; afterwards the flat layout is fixed and this raises."""
+        if getattr(self, "_built", False):
+            raise NotImplementedError("ZeroAdamW: param groups cannot be added after construction")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _, beta1, beta2, _, _ = _check_group(len(self.param_groups), merged, read_lr=True)
+        if "betas" in param_group:
+            param_group = {**param_group, "betas": (beta1, beta2)}
+        super().add_param_group(param_group)
+
+    def _local_param_error(self) -> str | None:
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            return f"all params must be on one device, got {sorted(str(d) for d in devices)}"
+        for i, p in enumerate(self._params):
+            if p.dtype not in _SUPPORTED_DTYPES:
+                return f"param {i} (shape {tuple(p.shape)}) is {p.dtype}; supported: fp32, bf16, fp16"
+            if p.is_sparse:
+                return f"param {i} is sparse"
+        return None

@@ -1,0 +1,169 @@
+"""The step: make the grad shards final, agree and take the global grad norm in one all-reduce, unscale and clip
+in one device-side factor, the fused Adam op on this rank's shards, and the all-gather of the params."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional
+from ._agree import _ERROR_TYPES, _StepInputs
+from ._comm import _all_gather, _sum_of_squares
+from ._layout import _Segment
+
+
+class _StepMixin:
+    """``step()`` and the fused Adam update of this rank's shards."""
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | Any = None, **unexpected: Any
+    ) -> Any:
+        """Reduce grads, clip, unscale, update this rank's shard with the fused Adam op, all-gather the params.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as torch.optim).
+            loss_scale: the factor the loss was multiplied by before backward: a float, a 1-element device
+                tensor, or a loss scaler with ``scale`` and ``found_inf`` tensors (``fused_ops.DynamicLossScaler``).
+                Grads are divided by it inside the fused step, and a step whose grads hold an inf or NaN on
+                any rank is skipped on every rank (params, moments and step counts unchanged); ``last_found_inf``
+                then holds 1, and a scaler's ``found_inf`` is set too, so that ``scaler.update()`` follows the
+                global decision on every rank.
+
+        After the step, ``last_grad_norm`` holds the global L2 norm of the averaged, unscaled grads before
+        clipping, and ``skipped_steps`` counts skipped steps (both device tensors). Without ``loss_scale``
+        nothing is skipped: inf/NaN grads go into the update, as with torch.optim.
+
+        Checked before anything changes, on every rank: the step values of every param group (lr, betas, eps,
+        weight_decay; a tensor lr must be 1-element and floating point, its value is checked on the device),
+        ``max_grad_norm``, ``loss_scale`` (finite and > 0; a tensor or a scaler's ``scale`` and ``found_inf``
+        1-element and floating point), the grads (dense, the param's shape) and that every param is still a view
+        of its bucket; and that every rank steps with bit-identical values (lr, betas, eps, weight_decay, amsgrad,
+        maximize, max_grad_norm, loss_scale). A problem on any rank raises the same exception on every rank, and
+        leaves params, grads, moments, master weights, step counts, the scaler and the logged values as they were.
+        The check rides on the all-reduce of the grad norm (no extra collective); reading its outcome is the
+        step's one host synchronisation (torch's GradScaler syncs once per step too).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        error: Exception | None = None
+        inputs: _StepInputs | None = None
+        try:
+            inputs = self._step_inputs(loss_scale, unexpected)
+        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+            error = e
+        if not self._buckets:  # no params on any rank (checked at construction): no collective, nothing to change
+            if error is not None:
+                raise error
+            return loss
+        undo = self._reduce_all()
+        if error is None and self._grad_errors:
+            index = min(self._grad_errors)
+            kind, msg = self._grad_errors[index]
+            error = _ERROR_TYPES[kind](msg)
+        try:
+            sumsq = self._agree_on_step(_sum_of_squares([b.grad for b in self._buckets]), inputs, error)
+        except BaseException:
+            self._undo_reduce(undo)
+            raise
+        assert inputs is not None
+        self._commit_reduce(undo)
+        dev = self._device
+
+        # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
+        divisor: float | Tensor = float(self.world_size)
+        if inputs.loss_scale is not None:
+            divisor = inputs.loss_scale * self.world_size
+        total_norm = sumsq.sqrt() / divisor
+        self.last_grad_norm = total_norm.float()
+        if inputs.max_grad_norm is not None:
+            # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; folded into the divisor.
+            clip_coef = (inputs.max_grad_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+            grad_scale = (divisor / clip_coef.double()).float().reshape(1)
+        elif isinstance(divisor, Tensor):
+            grad_scale = divisor.float().reshape(1)
+        else:
+            grad_scale = torch.full((1,), divisor, dtype=torch.float32, device=dev)
+        if inputs.loss_scale is not None:
+            found_inf = (~torch.isfinite(sumsq)).float().reshape(1)
+            self.last_found_inf = found_inf.reshape(())
+            self.skipped_steps += self.last_found_inf
+            flag = inputs.scaler_found_inf
+            if flag is not None:
+                flag.copy_(torch.maximum(flag, found_inf.to(flag).reshape(flag.shape)))
+        else:
+            found_inf = None
+            self.last_found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+
+        self._ensure_amsgrad_buffers()
+        for gi, group in enumerate(self.param_groups):
+            # Segments with an fp32 master (bf16/fp16 buckets) and without (fp32, or master_weights=False) are
+            # two calls: with masters, one pass updates them in fp32 and writes the rounded params.
+            for with_master in (False, True):
+                segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
+                if segs:
+                    lr, floats = inputs.lrs[gi], inputs.floats[gi]
+                    self._adam(group, segs, lr, floats, grad_scale, found_inf, (gi, with_master))
+        # Params with no element on this rank still count the step, as their owners do.
+        others = [self._steps[i] for i in self._unowned]
+        if others:
+            torch._foreach_add_(others, 1)
+            if found_inf is not None:
+                torch._foreach_sub_(others, [found_inf.reshape(())] * len(others))
+
+        works = []
+        for b in self._buckets:
+            works.append(_all_gather(b.param_flat, b.param_shard, self.process_group, async_op=self.overlap_comm))
+        for w in works:
+            if w is not None:
+                w.wait()
+        return loss
+
+    def _adam_views(self, key: tuple[int, bool], segs: list[_Segment]) -> tuple[list[Tensor], ...]:
+        """Per-segment views of the shards (cached: same addresses every step, so the kernel's table is too)."""
+        cached = self._adam_view_cache.get(key)
+        if cached is not None:
+            return cached
+        views: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [])
+        params, masters, grads, ms, vs, maxvs, steps = views
+        for s in segs:
+            n, b = s.hi - s.lo, s.bucket
+            params.append(b.param_shard.narrow(0, s.start, n))
+            if b.master is not None:
+                masters.append(b.master.narrow(0, s.start, n))
+            grads.append(b.grad.narrow(0, s.start, n))
+            ms.append(b.exp_avg.narrow(0, s.start, n))
+            vs.append(b.exp_avg_sq.narrow(0, s.start, n))
+            if b.max_exp_avg_sq is not None:
+                maxvs.append(b.max_exp_avg_sq.narrow(0, s.start, n))
+            steps.append(self._steps[s.index])
+        self._adam_view_cache[key] = views
+        return views
+
+    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
+              floats: tuple[float, float, float, float], grad_scale: Tensor, found_inf: Tensor | None,
+              key: tuple[int, bool]) -> None:  # fmt: skip
+        """The fused Adam op over the given segments of this rank's shards (one launch per dtype), with the step
+        values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay)."""
+        # Grad shards are the params' dtype or fp32; the op takes both as they are, divides by grad_scale in fp32
+        # (in the Triton kernel, or into fp32 copies on the CPU path) and leaves the shards as reduced.
+        params, masters, grads, ms, vs, maxvs, steps = self._adam_views(key, segs)
+        beta1, beta2, eps, weight_decay = floats
+        amsgrad = bool(group["amsgrad"])
+        functional.adam_(
+            params, grads, ms, vs, maxvs if amsgrad else None, steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=bool(group["maximize"]), decoupled_weight_decay=True,
+            grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
+        )  # fmt: skip
+
+    def _ensure_amsgrad_buffers(self) -> None:
+        for b in self._buckets:
+            if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None:
+                b.max_exp_avg_sq = torch.zeros_like(b.exp_avg)
+                self._adam_view_cache.clear()
