@@ -453,6 +453,14 @@ class FusedAdam(torch.optim.Optimizer):
         """torch.optim's ``state_dict`` (hooks included), with plain dicts: a checkpoint needs no fused_ops."""
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        # This package's own group keys are left out where they hold the constructor's value, so the dict has
+        # torch.optim.AdamW's keys: torch.distributed.checkpoint loads a checkpoint only into a dict whose keys it
+        # has, so a torch checkpoint then loads into this optimizer and back (a missing key takes the constructor's
+        # value here).
+        for g in sd["param_groups"]:
+            for key in ("master_weights", "backend"):
+                if key in g and g[key] == self.defaults[key]:
+                    del g[key]
         return sd
 
     @staticmethod

@@ -184,3 +184,198 @@ def _fsdp2_results(out_dir):
     if "r" not in _FSDP2:
         _FSDP2["r"] = spawn("tests.test_dtensor:run_fsdp2", 2, out_dir, timeout=400)
     return _FSDP2["r"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4 ranks: FSDP2 + tensor parallel on a 2-D mesh; DCP checkpoints saved with 4 ranks and loaded with 2, ours and
+# torch.optim.AdamW's both ways.
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3))  # fmt: skip
+
+
+def _fsdp(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    m = _mlp()
+    for layer in (m[0], m[2], m[4]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+
+def _train(model, opt, steps, first=0):
+    for k in range(first, first + steps):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(k))  # the same batch on every rank
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _full(model):
+    return [p.full_tensor().clone() for p in model.parameters()]
+
+
+def run_world4(rank: int, world: int, out_dir: str) -> dict:
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    out = {}
+    # FSDP2 over dp + tensor parallel over tp, on a 2 x 2 mesh
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    errs = {}
+    for backend in BACKENDS:
+        models = []
+        for _ in range(2):
+            m = _mlp()
+            parallelize_module(m, mesh2d["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+            for layer in (m[0], m[2], m[4]):
+                fully_shard(layer, mesh=mesh2d["dp"])
+            models.append(fully_shard(m, mesh=mesh2d["dp"]))
+        ours, theirs = models
+        o = fused_ops.FusedAdamW(ours.parameters(), lr=1e-2, backend=backend)
+        t = torch.optim.AdamW(theirs.parameters(), lr=1e-2, foreach=False)
+        _train(ours, o, 20)
+        _train(theirs, t, 20)
+        errs[backend] = max((a - b).abs().max().item() for a, b in zip(_full(ours), _full(theirs)))
+        out["placements_2d"] = sorted({str(tuple(p.placements)) for p in ours.parameters()})
+    out["err_2d"] = errs
+
+    # DCP: save ours and torch's after 3 steps (4 ranks); record where 3 more steps lead
+    mesh = init_device_mesh("cpu", (world,))
+    for name, make in (("ours", lambda ps: fused_ops.FusedAdamW(ps, lr=1e-2)),
+                       ("torch", lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False))):  # fmt: skip
+        model = _fsdp(mesh)
+        opt = make(model.parameters())
+        _train(model, opt, 3)
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=os.path.join(out_dir, f"ckpt_{name}"))  # fmt: skip
+        _train(model, opt, 3, first=3)
+        full = _full(model)  # (collectives: on every rank)
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, f"after_{name}.pt"))
+    dist.barrier()
+    return out
+
+
+def run_world2_load(rank: int, world: int, out_dir: str) -> dict:
+    """Load the 4-rank checkpoints with 2 ranks: ours into FusedAdamW, torch's into FusedAdamW (and ours into torch's
+    AdamW); every continuation must reach what the 4-rank run reached."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for saved, load_into in (("ours", "ours"), ("torch", "ours"), ("ours", "torch")):
+        model = _fsdp(mesh)
+        opt = (fused_ops.FusedAdamW(model.parameters(), lr=1e-2) if load_into == "ours"
+               else torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False))  # fmt: skip
+        if load_into == "ours":
+            _train(model, opt, 1, first=100)  # (a step, so that loading must replace existing state)
+        sd = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=os.path.join(out_dir, f"ckpt_{saved}"))
+        model.load_state_dict(sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        _train(model, opt, 3, first=3)
+        expected = torch.load(os.path.join(out_dir, f"after_{saved}.pt"))
+        out[f"{saved}->{load_into}"] = max((a - b).abs().max().item() for a, b in zip(_full(model), expected))
+    dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world4_results(out_dir):
+    return spawn("tests.test_dtensor:run_world4", 4, out_dir, timeout=500)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_with_tensor_parallel_2d_mesh_matches_torch(world4_results, backend):
+    for rank, res in enumerate(world4_results):
+        assert res["err_2d"][backend] < 1e-6, f"rank {rank}: {res['err_2d'][backend]}"
+    assert any("Shard(dim=0), Shard(dim=1)" in p or "Shard(dim=1)" in p for p in world4_results[0]["placements_2d"])
+
+
+def test_dcp_checkpoint_saved_with_4_ranks_loads_with_2(world4_results, out_dir):
+    results = spawn("tests.test_dtensor:run_world2_load", 2, out_dir, timeout=400)
+    for rank, res in enumerate(results):
+        for case, err in res.items():
+            assert err < 1e-6, f"rank {rank}, {case}: {err}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# master weights on bf16 DTensor shards; host memory over 1,000 steps
+
+
+def run_master_and_memory(rank: int, world: int, out_dir: str) -> dict:
+    import gc
+    import tracemalloc
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    # bf16 params with fp32 masters: the masters follow torch's fp32 AdamW driven by the same (bf16) grads, and the
+    # params are the masters rounded to nearest even.
+    for backend in BACKENDS:
+        ours = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _dtensor_params(mesh, 0)]
+        ref = [torch.nn.Parameter(p.detach().float()) for p in ours]
+        o = fused_ops.FusedAdamW(ours, lr=1e-2, master_weights=True, backend=backend)
+        t = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+        for k in range(10):
+            g = torch.Generator().manual_seed(500 + k)
+            for a, b in zip(ours, ref):
+                full = torch.randn(a.shape, generator=g).to(torch.bfloat16)
+                a.grad = distribute_tensor(full, mesh, a.placements)
+                b.grad = distribute_tensor(full.float(), mesh, b.placements)
+            o.step()
+            t.step()
+        master_err = max((o.state[a]["master_param"].full_tensor() - b.full_tensor()).abs().max().item()
+                         for a, b in zip(ours, ref))  # fmt: skip
+        rounded = all(torch.equal(a.full_tensor(), o.state[a]["master_param"].full_tensor().to(torch.bfloat16))
+                      for a in ours)  # fmt: skip
+        out[backend] = dict(master_err=master_err, rounded=rounded)
+    # host memory: no Python allocation left behind per step (pytorch #188174 leaked DTensor specs per param)
+    ps = _dtensor_params(mesh, 1)
+    o = fused_ops.FusedAdamW(ps, lr=1e-3, backend="reference")
+    grads = [distribute_tensor(torch.randn(p.shape), mesh, p.placements) for p in ps]
+
+    def steps(n):
+        for _ in range(n):
+            for p, g in zip(ps, grads):
+                p.grad = g
+            o.step()
+
+    steps(50)
+    gc.collect()
+    tracemalloc.start()
+    steps(100)
+    gc.collect()
+    first = tracemalloc.get_traced_memory()[0]
+    steps(1000)
+    gc.collect()
+    out["growth_bytes"] = tracemalloc.get_traced_memory()[0] - first
+    tracemalloc.stop()
+    dist.barrier()
+    return out
+
+
+def test_master_weights_on_bf16_dtensor_shards_and_no_host_memory_growth(out_dir):
+    """Rule for master weights: the fp32 masters match torch's fp32 AdamW driven by the same bf16 grads (1e-6), and
+    every bf16 param is exactly its master rounded to nearest even."""
+    results = spawn("tests.test_dtensor:run_master_and_memory", 2, out_dir, timeout=400)
+    for rank, res in enumerate(results):
+        for backend in BACKENDS:
+            assert res[backend]["master_err"] < 1e-6, (rank, backend, res[backend])
+            assert res[backend]["rounded"], (rank, backend)
+        assert res["growth_bytes"] < 64 * 1024, f"rank {rank}: {res['growth_bytes']} bytes more after 1,000 steps"
