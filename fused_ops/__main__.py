@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: ZeroAdamW (stages 1, 2) vs DDP + torch.optim.AdamW on --nproc gloo processes (CPU)",
     )
     b.add_argument("--nproc", type=int, default=2, help="processes for --zero (default 2)")
+    b.add_argument(
+        "--dtensor",
+        action="store_true",
+        help="instead: ms per optimizer step on DTensor params (FSDP2 shards): FusedAdamW vs torch AdamW fused/foreach",
+    )
+    b.add_argument("--dtensor-params", type=_csv, default=["1000", "10000"], help="param counts for --dtensor")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per case for --dtensor (default 10)")
 
     i = sub.add_parser("info", help="device, torch/triton versions, the backend auto picks")
     i.add_argument("--slug", action="store_true", help="print only the device as a file-name slug")
@@ -123,11 +130,32 @@ def _bench_zero(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_dtensor(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .bench_dtensor import benchmark_dtensor_host, format_dtensor_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = None if args.device == "auto" else args.device
+    result = benchmark_dtensor_host([int(n) for n in args.dtensor_params], steps=args.steps, device=device)
+    print(format_dtensor_report(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import bench
 
     if args.zero:
         return _bench_zero(args)
+    if args.dtensor:
+        return _bench_dtensor(args)
 
     for name, values, known in (("--ops", args.ops, bench.OPS), ("--params", args.params, bench.PARAM_SETS),
                                 ("--dtype", args.dtype, bench.DTYPES)):  # fmt: skip
