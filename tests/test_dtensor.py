@@ -379,3 +379,20 @@ def test_master_weights_on_bf16_dtensor_shards_and_no_host_memory_growth(out_dir
             assert res[backend]["master_err"] < 1e-6, (rank, backend, res[backend])
             assert res[backend]["rounded"], (rank, backend)
         assert res["growth_bytes"] < 64 * 1024, f"rank {rank}: {res['growth_bytes']} bytes more after 1,000 steps"
+
+
+def test_bench_dtensor_runs(tmp_path):
+    """``python -m fused_ops bench --dtensor`` (tiny): every provider timed, the ratios written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "d.json"
+    proc = subprocess.run([sys.executable, "-m", "fused_ops", "bench", "--dtensor", "--dtensor-params", "20",
+                           "--steps", "2", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    case = json.loads(out.read_text())["cases"][0]
+    for name in ("fused_ops", "fused_ops host only", "torch-fused", "torch-foreach"):
+        assert case[name]["median_ms"] > 0, name
+    assert case["fused_ops / torch-fused"] > 0 and "fused_ops" in proc.stdout
