@@ -608,6 +608,8 @@ class FusedAdam(torch.optim.Optimizer):
 
         # Check everything first, so that bad input raises before any state is created or changed. A group whose
         # plan still fits (same params, same places, grads that fit) skips the per-param checks and list building.
+        if type(self.state) is not _OptimizerState:  # (``opt.state = ...`` by hand: watch it again)
+            self.state = _OptimizerState(self.state)
         # Every group is checked before any group is stepped, so bad input raises with nothing changed. A group whose
         # plan still fits (see _GroupPlan.current_grads: same params, same state, and every param and grad checked
         # against what the plan's launch was built for) skips the per-param checks and the list building.

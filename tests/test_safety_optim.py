@@ -594,3 +594,20 @@ def test_plan_survives_no_change_and_state_counter_moves(backend):
     ours[1].data = ours[1].data.clone()
     o.step()
     assert o._plans[0] is not plan
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_replaced_wholesale_like_torch(backend):
+    """``opt.state = defaultdict(dict)`` (a reset some training loops do) starts every param afresh, as torch."""
+    from collections import defaultdict
+
+    ours, o, theirs, t = _pair(backend)
+    for k in range(4):
+        if k == 2:
+            o.state = defaultdict(dict)
+            t.state = defaultdict(dict)
+        o.step()
+        t.step()
+        _regrad(ours, theirs)
+    _assert_match(ours, theirs)
+    assert o._plans[0].reusable
