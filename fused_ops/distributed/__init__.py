@@ -31,11 +31,14 @@ reduced, with zeros for params that got no grad.
 
 Checkpoints: ``state_dict()`` is this rank's shard, ``consolidated_state_dict(to=0)`` is torch.optim.AdamW's
 layout; ``load_state_dict`` takes either (or the list of all ranks' shards) with any world size.
+``dcp_state_dict()`` is for ``torch.distributed.checkpoint``: each param's states as DTensors of the param's
+shape, ``Shard(0)`` over the process group (FSDP2's layout), which DCP saves sharded and reshards on load;
+``load_dcp_state_dict`` loads the dict DCP filled, saved with any world size.
 
 Files: ``_layout.py`` (buckets, shards, padding, memory), ``_reduce.py`` (grad hooks and reduce-scatters),
 ``_step.py`` (the step), ``_agree.py`` (validation and agreement between ranks), ``_checkpoint.py`` (state dicts
-and loading), ``_comm.py`` (the collectives, with gloo fallbacks), ``_optimizer.py`` (the class and its
-constructor), ``_bench.py`` (``benchmark_zero``).
+and loading), ``_dcp.py`` (DCP: DTensor state dicts), ``_comm.py`` (the collectives, with gloo fallbacks),
+``_optimizer.py`` (the class and its constructor), ``_bench.py`` (``benchmark_zero``).
 """
 
 from ._bench import benchmark_zero

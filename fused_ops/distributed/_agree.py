@@ -401,18 +401,19 @@ class _AgreementMixin:
         if any(v != values[0] for v in values):
             raise ValueError(f"ZeroAdamW.{what}: {same[0]} differs between ranks ({_by_rank(values)})")
 
-    def _agree_on_load(self, error: str | None, summary: tuple | None) -> None:
-        """One all_gather_object: any rank's error, else any difference between the ranks' hyper-parameters and
-        step counts, raises the same ValueError on every rank."""
+    def _agree_on_load(self, error: str | None, summary: tuple | None, what: str = "load_state_dict") -> None:
+        """One all_gather_object: any rank's error, else any difference between the ranks' hyper-parameters, step
+        counts and checkpoint descriptions, raises the same ValueError on every rank.
+
+        ``summary`` is ``(groups, steps, described)``: ``described`` lists ``(what, description)`` pairs that must
+        be the same on every rank (the checkpoint's kind; for a DCP state dict, each param's key and pieces)."""
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, (error, summary), group=self.process_group)
         for r, (err, _) in enumerate(gathered):
             if err is not None:
-                raise ValueError(
-                    f"ZeroAdamW.load_state_dict failed on rank {r} (nothing was loaded on any rank): {err}"
-                )
-        groups0, steps0 = gathered[0][1]
-        for r, (_, (groups, steps)) in enumerate(gathered[1:], start=1):
+                raise ValueError(f"ZeroAdamW.{what} failed on rank {r} (nothing was loaded on any rank): {err}")
+        groups0, steps0, described0 = gathered[0][1]
+        for r, (_, (groups, steps, described)) in enumerate(gathered[1:], start=1):
             diff = None
             for gi, (a, b) in enumerate(zip(groups0, groups, strict=True)):
                 for name, x, y in zip(_GROUP_VALUES, a, b, strict=True):
@@ -421,8 +422,13 @@ class _AgreementMixin:
             for i, (x, y) in enumerate(zip(steps0, steps, strict=True)):
                 if x != y and diff is None:
                     diff = f"state 'step' of param {i} is {x!r} on rank 0 but {y!r} on rank {r}"
+            for (label, x), (_, y) in zip(described0, described):
+                if x != y and diff is None:
+                    diff = f"{label} is {x} on rank 0 but {y} on rank {r}"
+            if diff is None and len(described0) != len(described):
+                diff = f"the checkpoint on rank 0 is not of the same kind as on rank {r}"
             if diff is not None:
                 raise ValueError(
-                    f"ZeroAdamW.load_state_dict: the checkpoints given to the ranks differ: {diff}; every rank must "
+                    f"ZeroAdamW.{what}: the checkpoints given to the ranks differ: {diff}; every rank must "
                     "load the same hyper-parameters and step counts (nothing was loaded on any rank)"
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,19 @@ from ._layout import _Bucket
 _FORMAT = "fused_ops.zero/1"
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _MASTER_KEY = "master_param"
+
+
+@dataclass
+class _LoadPlan:
+    """What loading a checked checkpoint sets (made by ``_plan_load`` or ``_plan_dcp_load``; changes nothing)."""
+
+    groups: list[dict]  # each group's values, without "params"
+    steps: list[float]  # each param's step count
+    # fetch(param, key, lo, hi): elements [lo, hi) of the param's flattened state as fp32 on this device (lo, hi:
+    # the range this rank owns), None when the param has no such state.
+    fetch: Callable[[int, str, int, int], Tensor | None]
+    summary: tuple  # (groups, steps, [(what, description), ...]): compared between ranks (see _agree_on_load)
+    prepare: Callable[[_Bucket], None] | None = None  # per bucket, on every rank, before its fetches (collectives)
 
 
 class _CheckpointMixin:
@@ -116,17 +130,31 @@ class _CheckpointMixin:
         hyper-parameters and step counts; otherwise every rank raises the same ValueError (naming the rank, the
         param index and the key) and nothing is loaded on any rank. Keys missing from a legacy checkpoint's groups
         take torch.optim's defaults (``amsgrad``, ``maximize``: False), as torch.optim loads them.
+
+        A ``dcp_state_dict()`` that ``torch.distributed.checkpoint.load`` filled is loaded as
+        ``load_dcp_state_dict`` does (with the param indices as keys).
         """
+        self._load(state_dict, "load_state_dict")
+
+    def _load(self, state_dict: Any, what: str, dcp: bool = False, names: Any = None) -> None:
+        """Check (``_plan_load``, or ``_plan_dcp_load`` for a state dict of DTensors), agree, then load."""
         self._drain()
         error, plan = None, None
         try:
-            plan = self._plan_load(state_dict)
+            if dcp or self._is_dcp_state_dict(state_dict):
+                plan = self._plan_dcp_load(state_dict, names)
+            else:
+                plan = self._plan_load(state_dict)
         except Exception as e:  # noqa: BLE001 - any problem is agreed on with the other ranks, then raised
             error = f"{type(e).__name__}: {e}"
-        self._agree_on_load(error, None if plan is None else plan[-1])
+        self._agree_on_load(error, None if plan is None else plan.summary, what)
         assert plan is not None
-        groups, steps, fetch, _ = plan
-        for g, ng in zip(self.param_groups, groups, strict=True):
+        self._apply_load(plan, what)
+
+    def _apply_load(self, plan: _LoadPlan, what: str) -> None:
+        """Set what a checked, agreed plan says: groups, step counts, then bucket by bucket the moments and
+        master weights of the segments this rank owns (``plan.prepare`` first, on every rank: its collectives)."""
+        for g, ng in zip(self.param_groups, plan.groups, strict=True):
             for k, v in ng.items():
                 g[k] = v
         for b in self._buckets:  # no amsgrad any more: no max_exp_avg_sq (as torch.optim's state)
@@ -134,57 +162,44 @@ class _CheckpointMixin:
                 b.max_exp_avg_sq = None
                 self._adam_view_cache.clear()
         self._ensure_amsgrad_buffers()
-        for i, s in enumerate(steps):
+        for i, s in enumerate(plan.steps):
             self._steps[i].fill_(s)
+        fetch = plan.fetch
+        segments: dict[int, list] = {}
+        for seg in self._segment_of.values():
+            segments.setdefault(seg.bucket.index, []).append(seg)
         stale_master = False
         with torch.no_grad():
-            for seg in self._segment_of.values():
-                b, n = seg.bucket, seg.hi - seg.lo
-                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    dst = getattr(b, name)
-                    if dst is None:
-                        continue
-                    src = fetch(seg.index, name, seg.lo, seg.hi)  # None: a param without state (never stepped)
-                    view = dst.narrow(0, seg.start, n)
-                    view.zero_() if src is None else view.copy_(src)
-                if b.master is not None:
-                    current = b.param_shard.narrow(0, seg.start, n)
-                    src = fetch(seg.index, _MASTER_KEY, seg.lo, seg.hi)
-                    if src is not None and not torch.equal(src.to(device=current.device, dtype=b.dtype), current):
-                        stale_master, src = True, None
-                    b.master.narrow(0, seg.start, n).copy_(current if src is None else src)
+            for bucket in self._buckets:
+                if plan.prepare is not None:
+                    plan.prepare(bucket)
+                for seg in segments.get(bucket.index, ()):
+                    b, n = seg.bucket, seg.hi - seg.lo
+                    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        dst = getattr(b, name)
+                        if dst is None:
+                            continue
+                        src = fetch(seg.index, name, seg.lo, seg.hi)  # None: a param without state (never stepped)
+                        view = dst.narrow(0, seg.start, n)
+                        view.zero_() if src is None else view.copy_(src)
+                    if b.master is not None:
+                        current = b.param_shard.narrow(0, seg.start, n)
+                        src = fetch(seg.index, _MASTER_KEY, seg.lo, seg.hi)
+                        if src is not None and not torch.equal(src.to(device=current.device, dtype=b.dtype), current):
+                            stale_master, src = True, None
+                        b.master.narrow(0, seg.start, n).copy_(current if src is None else src)
         if stale_master:
             warnings.warn(
-                "ZeroAdamW.load_state_dict: the checkpoint's master weights do not round to the current params; "
+                f"ZeroAdamW.{what}: the checkpoint's master weights do not round to the current params; "
                 "using the params instead (load the model's state before the optimizer's)",
-                stacklevel=2,
+                stacklevel=4,
             )
 
-    def _plan_load(self, state_dict: Any) -> tuple[list[dict], list[float], Callable, tuple]:
-        """Check the whole checkpoint (raising the first problem) and return what loading it sets: each group's
-        values (without ``params``), each param's step count, ``fetch(param, key, lo, hi)`` (elements [lo, hi)
-        of a param's flattened state as fp32 on this device, None when the param has no such state), and the
-        summary the ranks compare. Changes nothing."""
-        numels = [p.numel() for p in self._params]
-        n = len(numels)
-        if isinstance(state_dict, (list, tuple)):
-            shards = list(state_dict)
-            if not shards:
-                raise ValueError("got an empty list of state dicts")
-            for k, sd in enumerate(shards):
-                if not isinstance(sd, dict):
-                    raise TypeError(f"state dict {k} of the list is a {type(sd).__name__}, not a dict")
-        elif isinstance(state_dict, dict) and "zero" in state_dict:
-            shards = [state_dict]
-        elif isinstance(state_dict, dict):
-            shards = None
-        else:
-            raise TypeError(f"expected a state dict or a list of them, got {type(state_dict).__name__}")
-
-        base = shards[0] if shards else state_dict
-        if not isinstance(base.get("state"), dict) or not isinstance(base.get("param_groups"), (list, tuple)):
-            raise ValueError("not an optimizer state dict (needs a 'state' dict and a 'param_groups' list)")
-        groups = base["param_groups"]
+    def _check_groups(self, groups: Any) -> tuple[list[dict], list[tuple]]:
+        """The checkpoint's param groups, checked against this optimizer's: each group's values to set (without
+        ``params``) and the values the ranks compare."""
+        if not isinstance(groups, (list, tuple)):
+            raise ValueError(f"the checkpoint's param_groups is a {type(groups).__name__}, not a list")
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"the checkpoint has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
@@ -209,6 +224,32 @@ class _CheckpointMixin:
             new_groups.append(merged)
             lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
             summary_groups.append((lr_value, beta1, beta2, eps, weight_decay, merged["amsgrad"], merged["maximize"]))
+        return new_groups, summary_groups
+
+    def _plan_load(self, state_dict: Any) -> _LoadPlan:
+        """Check the whole checkpoint (raising the first problem) and return what loading it sets (see
+        ``_LoadPlan``). Changes nothing."""
+        numels = [p.numel() for p in self._params]
+        n = len(numels)
+        if isinstance(state_dict, (list, tuple)):
+            shards = list(state_dict)
+            if not shards:
+                raise ValueError("got an empty list of state dicts")
+            for k, sd in enumerate(shards):
+                if not isinstance(sd, dict):
+                    raise TypeError(f"state dict {k} of the list is a {type(sd).__name__}, not a dict")
+        elif isinstance(state_dict, dict) and "zero" in state_dict:
+            shards = [state_dict]
+        elif isinstance(state_dict, dict):
+            shards = None
+        else:
+            raise TypeError(f"expected a state dict or a list of them, got {type(state_dict).__name__}")
+
+        base = shards[0] if shards else state_dict
+        if not isinstance(base.get("state"), dict) or not isinstance(base.get("param_groups"), (list, tuple)):
+            raise ValueError("not an optimizer state dict (needs a 'state' dict and a 'param_groups' list)")
+        groups = base["param_groups"]
+        new_groups, summary_groups = self._check_groups(groups)
         amsgrad = [new_groups[gi]["amsgrad"] for gi in self._group_of]
 
         def required(i: int) -> tuple[str, ...]:
@@ -243,7 +284,7 @@ class _CheckpointMixin:
                     return None
                 return st[name].detach().reshape(-1)[lo:hi].to(self._device, torch.float32)
 
-            return new_groups, steps, fetch, (summary_groups, steps)
+            return _LoadPlan(new_groups, steps, fetch, (summary_groups, steps, [("the checkpoint", "a state dict")]))
 
         # Sharded: collect every shard's pieces per param, then check they cover what this rank owns.
         pieces: list[list[tuple[int, int, dict]]] = [[] for _ in range(n)]
@@ -317,4 +358,6 @@ class _CheckpointMixin:
                 out[a - lo : z - lo].copy_(st[name].detach().reshape(-1)[a - plo : z - plo])
             return out
 
-        return new_groups, steps, fetch_sharded, (summary_groups, steps)
+        return _LoadPlan(
+            new_groups, steps, fetch_sharded, (summary_groups, steps, [("the checkpoint", "a state dict")])
+        )

@@ -15,6 +15,7 @@ from torch import Tensor
 from .._backend import check_backend
 from ._agree import _AgreementMixin, _check_group, _check_max_grad_norm, _real
 from ._checkpoint import _CheckpointMixin
+from ._dcp import _DCPMixin
 from ._layout import _LayoutMixin
 from ._reduce import _ReduceMixin
 from ._step import _StepMixin
@@ -22,7 +23,9 @@ from ._step import _StepMixin
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class ZeroAdamW(_LayoutMixin, _ReduceMixin, _StepMixin, _CheckpointMixin, _AgreementMixin, torch.optim.Optimizer):
+class ZeroAdamW(
+    _LayoutMixin, _ReduceMixin, _StepMixin, _CheckpointMixin, _DCPMixin, _AgreementMixin, torch.optim.Optimizer
+):
     """AdamW with ZeRO stage 1 or 2 partitioning over a ``torch.distributed`` process group.
 
     Args:
@@ -79,9 +82,13 @@ class ZeroAdamW(_LayoutMixin, _ReduceMixin, _StepMixin, _CheckpointMixin, _Agree
     user's param tensors hold rank 0's values afterwards, and fp32 master weights are made from them): ranks
     start from bit-identical params. ``step()`` checks its values and grads on every rank and agrees inside the
     all-reduce it runs anyway, including that the step values (lr, betas, eps, weight_decay, amsgrad, maximize,
-    max_grad_norm, loss_scale) are bit-identical on every rank; ``load_state_dict`` checks the whole checkpoint and
-    agrees in one all_gather_object. A failed call raises the same exception on every rank and leaves params,
-    grads, states, step counts and the loss scaler as they were.
+    max_grad_norm, loss_scale) are bit-identical on every rank; ``load_state_dict`` (and ``load_dcp_state_dict``)
+    checks the whole checkpoint and agrees in one all_gather_object. A failed call raises the same exception on
+    every rank and leaves params, grads, states, step counts and the loss scaler as they were.
+
+    Checkpoints: ``state_dict()`` (this rank's shard), ``consolidated_state_dict()`` (torch.optim.AdamW's layout,
+    on one rank) and ``dcp_state_dict()`` (DTensors for ``torch.distributed.checkpoint``, resharded by DCP on
+    load), each loaded with any world size by ``load_state_dict`` / ``load_dcp_state_dict``.
     """
 
     _step_supports_amp_scaling = True  # so that GradScaler always calls step(), where it is refused clearly
