@@ -250,6 +250,9 @@ class FlatBuffer:
             g = params[i].grad
             if g.layout != torch.strided:
                 raise TypeError(f"{fn}: params[{i}].grad must be a dense tensor, got {g.layout}")
+            if not functional._has_memory(type(g)):
+                raise TypeError(f"{fn}: params[{i}].grad is a {type(g).__name__}, not a plain tensor with memory of "
+                                "its own")  # fmt: skip
             if g.device != self.device:
                 raise ValueError(f"{fn}: params[{i}].grad is on {g.device}, the params on {self.device}")
         self._allocate()

@@ -224,20 +224,33 @@ def _all_tensors(xs: list) -> bool:
     return all(issubclass(cls, Tensor) for cls in {type(x) for x in xs})
 
 
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
+
+
+def _has_memory(cls) -> bool:
+    """Whether tensors of class ``cls`` hold their elements at ``data_ptr()``: not a subclass with a dispatch of its
+    own (DTensor, wrapper subclasses, fake tensors), whose address a kernel would read as the elements'."""
+    return issubclass(cls, Tensor) and getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH
+
+
 def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor], set[torch.dtype]]:
-    """``tensors`` as a list of dense floating-point tensors (else a TypeError naming the first offender), and the
-    set of their dtypes."""
+    """``tensors`` as a list of dense floating-point tensors with memory of their own (else a TypeError naming the
+    first offender), and the set of their dtypes."""
     if isinstance(tensors, Tensor) or not isinstance(tensors, Iterable):
         got = "a Tensor" if isinstance(tensors, Tensor) else type(tensors).__name__
         raise TypeError(f"{fn}: {name} must be a sequence of tensors, got {got}")
     tensors = list(tensors)
-    if _all_tensors(tensors):
+    compiling = torch.compiler.is_compiling()  # (traced: fake tensors; the eager call checks the classes)
+    if all(_has_memory(cls) or compiling and issubclass(cls, Tensor) for cls in {type(x) for x in tensors}):
         dtypes = {x.dtype for x in tensors}
         if all(d.is_floating_point for d in dtypes) and {x.layout for x in tensors} <= _STRIDED:
             return tensors, dtypes
     for i, x in enumerate(tensors):
         if not isinstance(x, Tensor):
             raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+        if not (compiling or _has_memory(type(x))):
+            raise TypeError(f"{fn}: {name}[{i}] is a {type(x).__name__}, not a plain tensor with memory of its own; "
+                            "pass its local tensor (a DTensor's to_local())")  # fmt: skip
         if x.layout != torch.strided:
             raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
         if not x.is_floating_point():
@@ -585,7 +598,8 @@ def cast_(
 
 
 def _scalar_tensor(fn: str, name: str, x) -> None:
-    if not isinstance(x, Tensor) or x.numel() != 1 or not x.is_floating_point() or x.layout != torch.strided:
+    if (not isinstance(x, Tensor) or x.numel() != 1 or not x.is_floating_point() or x.layout != torch.strided
+            or not _has_memory(type(x)) and not torch.compiler.is_compiling()):  # fmt: skip
         got = (f"{x.numel()} elements of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
         raise TypeError(f"{fn}: {name} must be a 1-element floating-point tensor, got {got}")
 
@@ -758,10 +772,15 @@ def _param_grads(fn: str, parameters) -> list[Tensor]:
         i = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
         raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
     grads = [p.grad for p in parameters if p.grad is not None]
-    if {g.layout for g in grads} <= _STRIDED:  # (grads are floating point: torch checks the param's dtype)
-        return grads
-    i = next(i for i, p in enumerate(parameters) if p.grad is not None and p.grad.layout != torch.strided)
-    raise TypeError(f"{fn}: parameters[{i}].grad must be a dense tensor, got {parameters[i].grad.layout}")
+    if {g.layout for g in grads} <= _STRIDED and all(map(_has_memory, {type(g) for g in grads})):
+        return grads  # (grads are floating point: torch checks the param's dtype)
+    for i, p in enumerate(parameters):
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise TypeError(f"{fn}: parameters[{i}].grad must be a dense tensor, got {p.grad.layout}")
+        if p.grad is not None and not _has_memory(type(p.grad)):
+            raise TypeError(f"{fn}: parameters[{i}].grad is a {type(p.grad).__name__}, not a plain tensor with "
+                            "memory of its own")  # fmt: skip
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def clip_grad_norm_(

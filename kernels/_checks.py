@@ -17,6 +17,9 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+# A kernel reads a tensor's elements at ``data_ptr()``: not so for a subclass with a dispatch of its own (DTensor,
+# wrapper subclasses), whose address may be null or another tensor's.
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.dtype],
                device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
@@ -29,11 +32,12 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
     device = first.device if device is None else device
     try:
         if (
-            dtype in dtypes
+            all(getattr(cls, "__torch_dispatch__", None) is _PLAIN_DISPATCH for cls in {type(x) for x in tensors})
+            and dtype in dtypes
             and {x.dtype for x in tensors} == {dtype}
             and {x.device for x in tensors} == {device}
             and {x.layout for x in tensors} == {torch.strided}
-            and all(x.is_contiguous() for x in tensors)
+            and all(map(torch.Tensor.is_contiguous, tensors))
         ):
             return
     except AttributeError:  # not a tensor: named below
@@ -41,6 +45,8 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
     for i, x in enumerate(tensors):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+        if getattr(type(x), "__torch_dispatch__", None) is not _PLAIN_DISPATCH:  # DTensor, wrapper subclasses
+            raise TypeError(f"{fn}: {name}[{i}] is a {type(x).__name__}, not a plain tensor with memory of its own")
         if x.layout != torch.strided:
             raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
         if x.dtype not in dtypes:
@@ -58,7 +64,7 @@ def check_numels(fn: str, name: str, tensors: Sequence[torch.Tensor], like_name:
     """``tensors[i]`` has as many elements as ``like[i]``, for every i (same lengths)."""
     if len(tensors) != len(like):
         raise ValueError(f"{fn}: {name} has {len(tensors)} tensors, {like_name} has {len(like)}")
-    if [x.numel() for x in tensors] == [x.numel() for x in like]:
+    if list(map(torch.Tensor.numel, tensors)) == list(map(torch.Tensor.numel, like)):
         return
     for i, (x, y) in enumerate(zip(tensors, like, strict=True)):
         if x.numel() != y.numel():
@@ -67,7 +73,8 @@ def check_numels(fn: str, name: str, tensors: Sequence[torch.Tensor], like_name:
 
 def check_scalar(fn: str, name: str, x, device: torch.device, dtypes: Collection[torch.dtype] | None = None) -> None:
     """``x`` is a dense 1-element tensor on ``device``, floating point (or of one of ``dtypes``)."""
-    ok_dtype = isinstance(x, torch.Tensor) and (x.dtype in dtypes if dtypes is not None else x.is_floating_point())
+    ok_dtype = (isinstance(x, torch.Tensor) and getattr(type(x), "__torch_dispatch__", None) is _PLAIN_DISPATCH
+                and (x.dtype in dtypes if dtypes is not None else x.is_floating_point()))  # fmt: skip
     if not ok_dtype or x.layout != torch.strided or x.numel() != 1 or x.device != device:
         kind = "floating-point" if dtypes is None else "/".join(str(d).removeprefix("torch.") for d in dtypes)
         got = (f"{x.numel()} elements of {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
