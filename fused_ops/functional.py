@@ -332,7 +332,7 @@ def _check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = N
 def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
     """The slow path of :func:`_check_memory`: one sweep per device over the intervals sorted by start."""
     entries = []
-    for g, (name, tensors, written, indexed, _) in enumerate(groups):
+    for g, (_, tensors, written, _, _) in enumerate(groups):
         is_read_pair = same is not None and g == same[1]
         for i, (x, a, n) in enumerate(zip(tensors, starts[g], sizes[g])):
             if n == 0 or x.device.type == "meta" or (is_read_pair and i in skip):
@@ -600,7 +600,7 @@ def cast_(
 def _scalar_tensor(fn: str, name: str, x) -> None:
     if (not isinstance(x, Tensor) or x.numel() != 1 or not x.is_floating_point() or x.layout != torch.strided
             or not _has_memory(type(x)) and not torch.compiler.is_compiling()):  # fmt: skip
-        got = (f"{x.numel()} elements of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
+        got = f"{x.numel()} elements of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"{fn}: {name} must be a 1-element floating-point tensor, got {got}")
 
 

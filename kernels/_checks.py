@@ -21,6 +21,7 @@ import torch
 # wrapper subclasses), whose address may be null or another tensor's.
 _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
+
 def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.dtype],
                device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
     """Every tensor of ``tensors`` dense, contiguous, of one dtype (one of ``dtypes``: ``dtype`` when given, else

@@ -22,8 +22,14 @@ import triton
 import triton.language as tl
 
 from ._checks import check_role
-from ._multi_tensor import _DEFAULT_CACHE, build_chunk_table, is_capturing, keep_for_capture, tensor_pointer
-from ._multi_tensor import use_on_current_stream
+from ._multi_tensor import (
+    _DEFAULT_CACHE,
+    build_chunk_table,
+    is_capturing,
+    keep_for_capture,
+    tensor_pointer,
+    use_on_current_stream,
+)
 
 _TL_DTYPES = {
     torch.float32: tl.float32,

@@ -322,11 +322,21 @@ def _stale_cases():
     """(first tensor, tensor at the same address with the same element count but something else) pairs."""
     base = torch.randn(256)
     return [
-        ("other dtype", base[:64], base[:32].view(torch.bfloat16), ValueError,
-         "is torch.bfloat16 on cpu, expected torch.float32 on cpu"),
+        (
+            "other dtype",
+            base[:64],
+            base[:32].view(torch.bfloat16),
+            ValueError,
+            "is torch.bfloat16 on cpu, expected torch.float32 on cpu",
+        ),
         ("non-contiguous", base[:64], base[::2][:64], ValueError, "must be contiguous"),
-        ("other dtype, same size", base[:64], base[:64].view(torch.int32), TypeError,
-         "must be float32, bfloat16, float16 or float64, got torch.int32"),
+        (
+            "other dtype, same size",
+            base[:64],
+            base[:64].view(torch.int32),
+            TypeError,
+            "must be float32, bfloat16, float16 or float64, got torch.int32",
+        ),
     ]
 
 
@@ -347,9 +357,14 @@ def test_kernel_checks_every_call_after_a_cached_one(scatter, case):
                                    block_size=BLOCK)  # fmt: skip
     keep = good.clone()
     expect_error_unchanged(
-        lambda: flatten_kernels.flatten_launch(flat, [bad], [0], [64], scatter=scatter, cache=cache,
-                                               chunk_size=CHUNK, block_size=BLOCK),  # fmt: skip
-        exc, f"^flatten_launch: tensors\\[0\\] {match}", flat, good, bad,
+        lambda: flatten_kernels.flatten_launch(
+            flat, [bad], [0], [64], scatter=scatter, cache=cache, chunk_size=CHUNK, block_size=BLOCK
+        ),  # fmt: skip
+        exc,
+        f"^flatten_launch: tensors\\[0\\] {match}",
+        flat,
+        good,
+        bad,
     )
     assert torch.equal(good, keep)
 

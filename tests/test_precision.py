@@ -400,3 +400,56 @@ def test_update_skips_the_host_poll_during_cuda_graph_capture(monkeypatch):
     assert s.get_scale() == 2.0
     with pytest.warns(LossScalerWarning, match="last 3 optimizer steps"):
         s.update(_flag(True))  # the next eager update checks
+
+
+@pytest.mark.gpu
+def test_update_captured_in_a_cuda_graph():
+    """update() records only device work during a capture (the lazy check would pin memory and query an event):
+    each replay advances the scale; the next eager update checks and warns."""
+    s = DynamicLossScaler(init_scale=2.0**10, warn_after=2, check_interval=1, device="cuda")
+    flag = torch.ones(1, device="cuda")
+    s.update(flag)  # warm-up (eager)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s.update(flag)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert s.get_scale() == 2.0**6  # 2^10 halved by the warm-up and three replays (a capture runs nothing)
+    with pytest.warns(LossScalerWarning):
+        for _ in range(3):
+            s.update(flag)
+        s.skipped_steps  # noqa: B018 (reading it checks at once)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_scaler_on_first_gpu_grads_on_second():
+    """A scaler made on cuda:0 and grads on cuda:1: scale, found_inf and the clip coefficient are moved to the
+    grads' device (never a cuda:0 address read from cuda:1), with torch's numbers."""
+    s = DynamicLossScaler(init_scale=512.0, device="cuda:0")
+    grads = [torch.randn(n, device="cuda:1") * 512 for n in (7, 70_000)]
+    expected = [g.cpu() / 512 for g in grads]
+    s.unscale_(grads)
+    assert s.found_inf.device == torch.device("cuda:0") and s.found_inf.item() == 0.0
+    for g, e in zip(grads, expected, strict=True):
+        assert g.device == torch.device("cuda:1")
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-6, atol=0)
+    grads[1][5] = float("inf")
+    s.unscale_(grads)
+    assert s.found_inf.item() == 1.0
+    s.update()
+    grads = [torch.randn(n, device="cuda:1") for n in (7, 70_000)]
+    grad_scale, norm = s.grad_scale_and_norm(grads, max_norm=1.0)
+    ref = torch.linalg.vector_norm(torch.cat([g.cpu().double() for g in grads])) / s.get_scale()
+    assert grad_scale.device == torch.device("cuda:0")
+    torch.testing.assert_close(norm.cpu().double(), ref, rtol=1e-5, atol=0)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    twins = [torch.nn.Parameter(torch.zeros_like(g.cpu())) for g in grads]
+    for p, q, g in zip(params, twins, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.cpu().clone()
+    total = fused_ops.clip_grad_norm_(params, 0.5)
+    torch.testing.assert_close(total.cpu(), torch.nn.utils.clip_grad_norm_(twins, 0.5), rtol=1e-5, atol=0)
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-5, atol=1e-7)

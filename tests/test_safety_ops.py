@@ -133,8 +133,13 @@ def test_flatbuffer_copies_refuse_tensors_inside_the_buffer(backend):
                            "^FlatBuffer.copy_to_: tensors\\[0\\] and view\\[0\\] share memory", buf)  # fmt: skip
     two = FlatBuffer([torch.randn(4), torch.randn(4)], align=8, backend=backend)
     dup = torch.empty(4)
-    expect_error_unchanged(lambda: two.copy_to_([dup, dup]), ValueError,
-                           "^FlatBuffer.copy_to_: tensors\\[0\\] and tensors\\[1\\] share memory", two, dup)
+    expect_error_unchanged(
+        lambda: two.copy_to_([dup, dup]),
+        ValueError,
+        "^FlatBuffer.copy_to_: tensors\\[0\\] and tensors\\[1\\] share memory",
+        two,
+        dup,
+    )
     buf.copy_to_(buf.views)  # every view onto itself: nothing moves
     assert all(torch.equal(v, x) for v, x in zip(buf.views, xs, strict=True))
 
@@ -143,21 +148,39 @@ def test_flatbuffer_errors_name_the_method():
     """Errors from the ops FlatBuffer calls used to name those ops (cast_: src[0], dst[0]); each method names
     itself and checks everything first."""
     buf = FlatBuffer([torch.randn(4)], align=8)
-    expect_error_unchanged(lambda: buf.copy_from_([torch.zeros(4, dtype=torch.int32)]), TypeError,
-                           "^FlatBuffer.copy_from_: tensors\\[0\\] must be a floating-point tensor", buf)
-    expect_error_unchanged(lambda: buf.copy_to_([torch.zeros(4, device="meta")]), ValueError,
-                           "^FlatBuffer.copy_to_: tensors\\[0\\] is on meta, the buffer on cpu", buf)
-    expect_error_unchanged(lambda: buf.copy_to_([torch.zeros(4, dtype=torch.int64)]), TypeError,
-                           "^FlatBuffer.copy_to_: tensors\\[0\\] must be a floating-point tensor", buf)
-    expect_error_unchanged(lambda: buf.copy_from_([1.0]), TypeError,
-                           "^FlatBuffer.copy_from_: tensors\\[0\\] must be a Tensor", buf)
+    expect_error_unchanged(
+        lambda: buf.copy_from_([torch.zeros(4, dtype=torch.int32)]),
+        TypeError,
+        "^FlatBuffer.copy_from_: tensors\\[0\\] must be a floating-point tensor",
+        buf,
+    )
+    expect_error_unchanged(
+        lambda: buf.copy_to_([torch.zeros(4, device="meta")]),
+        ValueError,
+        "^FlatBuffer.copy_to_: tensors\\[0\\] is on meta, the buffer on cpu",
+        buf,
+    )
+    expect_error_unchanged(
+        lambda: buf.copy_to_([torch.zeros(4, dtype=torch.int64)]),
+        TypeError,
+        "^FlatBuffer.copy_to_: tensors\\[0\\] must be a floating-point tensor",
+        buf,
+    )
+    expect_error_unchanged(
+        lambda: buf.copy_from_([1.0]), TypeError, "^FlatBuffer.copy_from_: tensors\\[0\\] must be a Tensor", buf
+    )
     p = torch.nn.Parameter(torch.randn(4))
-    expect_error_unchanged(lambda: buf.bind_data_([p, p]), ValueError,
-                           "^FlatBuffer.bind_data_: got 2 tensors, the buffer holds 1", buf, p)
-    expect_error_unchanged(lambda: buf.bind_grads_(["x"]), TypeError,
-                           "^FlatBuffer.bind_grads_: params\\[0\\] must be a Tensor", buf)
-    expect_error_unchanged(lambda: FlatBuffer([torch.randn(3)], dtype="float32"), TypeError,
-                           "^FlatBuffer: dtype must be a floating-point torch.dtype")
+    expect_error_unchanged(
+        lambda: buf.bind_data_([p, p]), ValueError, "^FlatBuffer.bind_data_: got 2 tensors, the buffer holds 1", buf, p
+    )
+    expect_error_unchanged(
+        lambda: buf.bind_grads_(["x"]), TypeError, "^FlatBuffer.bind_grads_: params\\[0\\] must be a Tensor", buf
+    )
+    expect_error_unchanged(
+        lambda: FlatBuffer([torch.randn(3)], dtype="float32"),
+        TypeError,
+        "^FlatBuffer: dtype must be a floating-point torch.dtype",
+    )
 
 
 def test_flatbuffer_from_params_refuses_shared_params():
@@ -165,8 +188,10 @@ def test_flatbuffer_from_params_refuses_shared_params():
     param still bound to its own memory."""
     a = torch.nn.Parameter(torch.randn(8))
     b = torch.nn.Parameter(torch.randn(3))
-    for params, match in [([a, b, a], "params\\[0\\] and params\\[2\\] share memory"),
-                          ([a, torch.nn.Parameter(a.data[2:5])], "params\\[0\\] and params\\[1\\] share memory")]:
+    for params, match in [
+        ([a, b, a], "params\\[0\\] and params\\[2\\] share memory"),
+        ([a, torch.nn.Parameter(a.data[2:5])], "params\\[0\\] and params\\[1\\] share memory"),
+    ]:
         expect_error_unchanged(lambda params=params: FlatBuffer.from_params(params, align=8), ValueError,
                                f"^FlatBuffer.from_params: {match}", params)  # fmt: skip
     expect_error_unchanged(lambda: FlatBuffer.for_grads([a, b, a], align=8), ValueError,
@@ -193,9 +218,11 @@ def test_sparse_tensors_are_refused_by_name(backend):
 
 def test_unflatten_refuses_bad_shapes_by_name():
     flat = torch.zeros(64)
-    for like, match in [([(2,), (-1, 2)], "like\\[1\\] must be a tensor or a shape of ints >= 0"),
-                        ([(2.5,)], "like\\[0\\] must be a tensor or a shape of ints >= 0"),
-                        ([None], "like\\[0\\] must be a tensor or a shape of ints >= 0")]:
+    for like, match in [
+        ([(2,), (-1, 2)], "like\\[1\\] must be a tensor or a shape of ints >= 0"),
+        ([(2.5,)], "like\\[0\\] must be a tensor or a shape of ints >= 0"),
+        ([None], "like\\[0\\] must be a tensor or a shape of ints >= 0"),
+    ]:
         with pytest.raises((ValueError, TypeError), match=f"^unflatten: {match}"):
             functional.unflatten(flat, like, align=8)
 
@@ -203,10 +230,18 @@ def test_unflatten_refuses_bad_shapes_by_name():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_norm_type_and_parameters_are_checked_by_name(backend):
     params = _params([(4,)])
-    expect_error_unchanged(lambda: fused_ops.grad_norm([params[0].grad], "two", backend=backend), ValueError,
-                           "^grad_norm: norm_type must be inf or a number > 0, got 'two'", params)
-    expect_error_unchanged(lambda: fused_ops.clip_grad_norm_([params[0], "x"], 1.0, backend=backend), TypeError,
-                           "^clip_grad_norm_: parameters\\[1\\] must be a Tensor", params)
+    expect_error_unchanged(
+        lambda: fused_ops.grad_norm([params[0].grad], "two", backend=backend),
+        ValueError,
+        "^grad_norm: norm_type must be inf or a number > 0, got 'two'",
+        params,
+    )
+    expect_error_unchanged(
+        lambda: fused_ops.clip_grad_norm_([params[0], "x"], 1.0, backend=backend),
+        TypeError,
+        "^clip_grad_norm_: parameters\\[1\\] must be a Tensor",
+        params,
+    )
     assert fused_ops.grad_norm([params[0].grad], "inf", backend=backend) == params[0].grad.abs().max()  # as torch
 
 
@@ -227,8 +262,11 @@ def test_clip_grad_norm_with_a_param_listed_twice_matches_torch(backend):
 def test_autograd_ops_check_their_arguments():
     x = torch.randn(4, requires_grad=True)
     for call, exc, match in [
-        (lambda: fused_ops.autograd.cast(x, torch.bfloat16, stochastic="yes"), TypeError,
-         "^cast: stochastic must be a bool"),
+        (
+            lambda: fused_ops.autograd.cast(x, torch.bfloat16, stochastic="yes"),
+            TypeError,
+            "^cast: stochastic must be a bool",
+        ),
         (lambda: fused_ops.autograd.cast(x, torch.bfloat16, backend="cuda"), ValueError, "backend must be one of"),
         (lambda: fused_ops.autograd.flatten(x), TypeError, "^flatten: tensors must be a sequence of tensors"),
         (lambda: fused_ops.autograd.flatten([x, 3]), TypeError, "^flatten: tensors\\[1\\] must be a Tensor"),
@@ -240,6 +278,7 @@ def test_autograd_ops_check_their_arguments():
 # Property tests: tensors drawn as views of one byte pool (so that they may share memory), any layout
 # =====================================================================================================================
 
+import os  # noqa: E402
 import re  # noqa: E402
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -247,7 +286,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tests.safety import assert_unchanged, snapshot  # noqa: E402
 
-PROPERTY = settings(max_examples=int(__import__("os").environ.get("SAFETY_EXAMPLES", 14)), deadline=None, derandomize=__import__("os").environ.get("SAFETY_EXAMPLES") is None, database=None,
+# SAFETY_EXAMPLES=N draws N examples per property test, randomly (a deeper search than the tier's fixed ones)
+_EXAMPLES = os.environ.get("SAFETY_EXAMPLES")
+PROPERTY = settings(max_examples=int(_EXAMPLES or 14), deadline=None, derandomize=_EXAMPLES is None, database=None,
                     suppress_health_check=list(HealthCheck))  # fmt: skip
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-9}
@@ -414,8 +455,11 @@ def test_cast_property(backend, drawn):
     pool, lists = drawn
     dst, src = lists["dst"], lists["src"]
     fp64 = any(x.dtype == torch.float64 for x in dst + src)
-    valid = (all(d.is_contiguous() for d in dst) and _memory_ok(dst, src, same=(dst, src))
-             and not (fp64 and backend == "triton"))  # (asked for by name: no plain-torch fallback)
+    valid = (
+        all(d.is_contiguous() for d in dst)
+        and _memory_ok(dst, src, same=(dst, src))
+        and not (fp64 and backend == "triton")
+    )  # (asked for by name: no plain-torch fallback)
     data, expected = _clone_pool(pool, lists)
     for d, s in zip(expected["dst"], expected["src"], strict=True) if valid else ():
         d.copy_(s)
@@ -451,13 +495,17 @@ def test_unscale_property(backend, drawn, data):
     # found_inf placed after inv_scale: if they share memory, both read 0 / 0.25 as drawn
     written = (outs if with_out else grads) + [found_inf]
     read = (grads if with_out else []) + ([inv] if isinstance(inv, torch.Tensor) else [])
-    valid = not grads or all(x.is_contiguous() for x in (outs if with_out else grads)) and _memory_ok(
-        written, read, same=(outs, grads) if with_out else None)  # (no grads: nothing is written)
+    valid = (
+        not grads
+        or all(x.is_contiguous() for x in (outs if with_out else grads))
+        and _memory_ok(written, read, same=(outs, grads) if with_out else None)
+    )  # (no grads: nothing is written)
     _, expected = _clone_pool(pool, {"grads": grads, "out": outs, "found_inf": [found_inf],
                                      "inv": [inv] if isinstance(inv, torch.Tensor) else []})  # fmt: skip
     factor = float(inv) if not isinstance(inv, torch.Tensor) else expected["inv"][0].item()
     bad = False
-    for g, o in zip(expected["grads"], expected["out"] if with_out else expected["grads"], strict=True) if valid else ():
+    results = expected["out"] if with_out else expected["grads"]
+    for g, o in zip(expected["grads"], results, strict=True) if valid else ():
         o.copy_((g.float() * torch.tensor(factor, dtype=torch.float32)).to(o.dtype))
         bad |= bool((~torch.isfinite(o)).any())
     call = lambda: fused_ops.unscale_(grads, inv, found_inf, out=outs if with_out else None, backend=backend)  # noqa: E731
@@ -676,8 +724,19 @@ def _case(op, x, backend):
     raise AssertionError(op)
 
 
-STALE_OPS = ["cast_ dst", "cast_ src", "unscale_ grads", "unscale_ out", "grad_norm", "flatten", "unflatten_copy_",
-             "clip_grad_norm_", "FlatBuffer.copy_from_", "FlatBuffer.copy_to_", "DynamicLossScaler.unscale_"]
+STALE_OPS = [
+    "cast_ dst",
+    "cast_ src",
+    "unscale_ grads",
+    "unscale_ out",
+    "grad_norm",
+    "flatten",
+    "unflatten_copy_",
+    "clip_grad_norm_",
+    "FlatBuffer.copy_from_",
+    "FlatBuffer.copy_to_",
+    "DynamicLossScaler.unscale_",
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -787,7 +846,8 @@ def test_scaler_methods_refuse_bad_arguments(backend):
     grads = [torch.randn(5), torch.randn(7)]
     for call, exc, match in [
         (lambda: scaler.unscale_([grads[0], grads[0]]), ValueError, "^unscale_: grads\\[0\\] and grads\\[1\\] share"),
-        (lambda: scaler.unscale_([grads[0], torch.eye(2).to_sparse()]), TypeError, "^unscale_: grads\\[1\\] must be a dense"),
+        (lambda: scaler.unscale_([grads[0], torch.eye(2).to_sparse()]), TypeError,
+         "^unscale_: grads\\[1\\] must be a dense"),
         (lambda: scaler.unscale_(grads, out=[torch.empty(5)]), ValueError, "^unscale_: out has 1 tensors"),
         (lambda: scaler.unscale_([scaler.found_inf]), ValueError, "^unscale_: grads\\[0\\] and found_inf share memory"),
         (lambda: scaler.grad_scale_and_norm(grads, max_norm=math.nan), ValueError, "max_norm must be a number"),

@@ -395,8 +395,12 @@ def test_unscale_refuses_bad_scalar_tensors(backend, name, bad):
     backends, naming the argument."""
     from tests.safety import expect_error_unchanged
 
-    make = {"2-element": lambda: torch.tensor([0.5, 0.5]), "0-element": lambda: torch.zeros(0),
-            "int": lambda: torch.ones(1, dtype=torch.int32), "bool": lambda: torch.zeros(1, dtype=torch.bool)}
+    make = {
+        "2-element": lambda: torch.tensor([0.5, 0.5]),
+        "0-element": lambda: torch.zeros(0),
+        "int": lambda: torch.ones(1, dtype=torch.int32),
+        "bool": lambda: torch.zeros(1, dtype=torch.bool),
+    }
     grads = [torch.randn(5), torch.randn(40)]
     inv_scale, found_inf = torch.tensor([0.5]), torch.zeros(1)
     if name == "inv_scale":
@@ -467,15 +471,23 @@ def test_kernel_unscale_checks_every_call_after_a_cached_one(with_out):
         (base[::2][:64], ValueError, f"{name}\\[0\\] must be contiguous"),
         (base[:64].view(torch.int32), TypeError, f"{name}\\[0\\] must be float32, bfloat16 or float16"),
     ]:
-        expect_error_unchanged(lambda bad=bad: scale_kernels.unscale_launch([bad], 0.5, torch.zeros(1), out,
-                                                                            cache=cache),  # fmt: skip
-                               exc, f"^unscale_launch: {match}", base, out)
-    for scalar, bad in [("inv_scale", torch.ones(2)), ("inv_scale", torch.ones(1, device="meta")),
-                        ("found_inf", torch.zeros(1, dtype=torch.int32)), ("found_inf", torch.zeros(1, 1, 2))]:
+        expect_error_unchanged(
+            lambda bad=bad: scale_kernels.unscale_launch([bad], 0.5, torch.zeros(1), out, cache=cache),  # fmt: skip
+            exc,
+            f"^unscale_launch: {match}",
+            base,
+            out,
+        )
+    for scalar, bad in [
+        ("inv_scale", torch.ones(2)),
+        ("inv_scale", torch.ones(1, device="meta")),
+        ("found_inf", torch.zeros(1, dtype=torch.int32)),
+        ("found_inf", torch.zeros(1, 1, 2)),
+    ]:
         args = (torch.ones(1), torch.zeros(1))
         args = (bad, args[1]) if scalar == "inv_scale" else (args[0], bad)
         expect_error_unchanged(lambda args=args: scale_kernels.unscale_launch([base[:64]], *args, out, cache=cache),
-                               ValueError, f"^unscale_launch: {scalar} must be a 1-element floating-point tensor on cpu",
+                               ValueError, f"^unscale_launch: {scalar} must be a 1-element floating-point tensor",
                                base, out)  # fmt: skip
 
 
@@ -488,3 +500,28 @@ def test_kernel_norm_checks_every_call_after_a_cached_one():
         scale_kernels.norm_launch([base[::2][:64]], cache=cache)
     with pytest.raises(TypeError, match="^norm_launch: tensors\\[0\\] must be float32, bfloat16 or float16"):
         scale_kernels.norm_launch([base[:64].view(torch.int32)], cache=cache)
+
+
+@pytest.mark.gpu
+def test_unscale_graph_replays_survive_300_other_layouts_between_replays():
+    """A captured unscale_ reads its own chunk table at every replay: 300 eager calls on other layouts between
+    replays (which churn the shared table cache) never free or rewrite it."""
+    grads = [torch.randn(n, device="cuda") for n in (7, 4097, 70_000)]
+    found_inf = torch.zeros(1, device="cuda")
+    inv = torch.tensor([0.5], device="cuda")
+    fused_ops.unscale_(grads, inv, found_inf)  # warm-up: the table is built eagerly
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_ops.unscale_(grads, inv, found_inf)
+    for _ in range(2):
+        start = [g.clone() for g in grads]
+        for k in range(300):
+            others = [torch.randn(k % 13 + n, device="cuda") for n in (1, 31)]
+            fused_ops.unscale_(others, 2.0, None)
+            fused_ops.grad_norm(others)
+        graph.replay()
+        torch.cuda.synchronize()
+        for g, s in zip(grads, start, strict=True):
+            assert torch.equal(g, s * 0.5)
+    assert found_inf.item() == 0.0
