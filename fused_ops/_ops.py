@@ -241,7 +241,8 @@ def _cast(dst, src, stochastic, seed, backend) -> None:
             # The key is drawn on the device by torch's generator and read by the kernel when it runs: a device
             # op, so a captured CUDA graph draws a new key at every replay (a host int would be baked into the
             # launch), and torch.manual_seed makes it reproducible.
-            seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dst[0].device) if dst else 0
+            narrowing = dst and dst[0].dtype != torch.float32  # (to fp32 nothing is rounded: no key needed)
+            seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dst[0].device) if narrowing else 0
         cast_launch(dst, src, stochastic=stochastic, seed=0 if seed is None else seed, cache=_table_cache())
     else:
         reference.cast_(dst, src, stochastic=stochastic, seed=seed)
