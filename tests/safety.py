@@ -16,7 +16,9 @@ import functools
 import os
 import pickle
 import re
+import select
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -41,22 +43,41 @@ def _run_child(fn: Callable, args, kwargs, write_fd: int) -> None:
         f.write(data)
 
 
-def run_isolated(fn: Callable, *args, **kwargs) -> None:
+CHILD_TIMEOUT_S = 300
+
+
+def run_isolated(fn: Callable, *args, timeout: float = CHILD_TIMEOUT_S, **kwargs) -> None:
     """Run ``fn(*args, **kwargs)`` in a forked child; re-raise its failure here (as ``AssertionError`` with the
-    child's traceback), and fail with the signal's name if the child died of one (segfault, abort)."""
+    child's traceback), and fail with the signal's name if the child died of one (segfault, abort), or after
+    ``timeout`` seconds (the child is killed) if it hangs.
+
+    The child runs torch on one thread: GNU OpenMP is not fork-safe (a parallel region in a forked child waits
+    forever for the parent's pool threads), so an intra-op parallel kernel would hang it."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_fd)
         code = 0
         try:
+            torch.set_num_threads(1)
             _run_child(fn, args, kwargs, write_fd)
         except BaseException:  # noqa: BLE001
             code = 3
         os._exit(code)  # no atexit handlers, no pytest teardown in the child
     os.close(write_fd)
+    chunks, deadline = [], time.monotonic() + timeout
     with os.fdopen(read_fd, "rb") as f:
-        data = f.read()
+        while True:
+            ready, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the isolated child hung: killed after {timeout} s")
+            chunk = os.read(f.fileno(), 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    data = b"".join(chunks)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
