@@ -4,77 +4,13 @@ check nothing) rely on, verified before anything is modified, with errors that n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
+from operator import add as _add
+from operator import attrgetter
+from operator import le as _le
 
 import torch
 from torch import Tensor
-
-
-def first_overlap(named: Sequence[tuple[str, Sequence[Tensor]]], read_only: Sequence[str] = ()) -> str | None:
-    """``None`` when no two of the tensors share a byte of memory, else a sentence naming the first pair found.
-
-    ``named``: (argument name, tensors) pairs; the tensors must be dense. Tensors of the names in ``read_only`` may
-    share memory with each other (they are only read), not with the others. One sort of the byte ranges (in C++);
-    empty tensors take no memory and never overlap.
-    """
-    names, index, starts, ends, devices = [], [], [], [], []
-    for name, tensors in named:
-        for i, t in enumerate(tensors):
-            n = t.numel()
-            if n == 0:
-                continue
-            start = t.data_ptr()
-            if t.is_contiguous():
-                span = n
-            else:  # the last element the tensor can reach, from its strides
-                span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
-            names.append(name)
-            index.append(i)
-            starts.append(start)
-            ends.append(start + span * t.element_size())
-            devices.append(t.device)
-    if len(starts) < 2:
-        return None
-    if len(starts) <= 512 and len(set(devices)) == 1:  # few ranges: a plain sort and sweep beats torch's overheads
-        order = sorted(range(len(starts)), key=starts.__getitem__)
-        end_all = end_written = -1
-        who_all = who_written = -1
-        for k in order:
-            ro = names[k] in read_only
-            if starts[k] < (end_written if ro else end_all):
-                other = who_written if ro else who_all
-                a, b = sorted((other, k))
-                return f"{names[a]}[{index[a]}] and {names[b]}[{index[b]}] share memory"
-            if ends[k] > end_all:
-                end_all, who_all = ends[k], k
-            if not ro and ends[k] > end_written:
-                end_written, who_written = ends[k], k
-        return None
-    device_ids = {d: k for k, d in enumerate(dict.fromkeys(devices))}
-    # (CUDA's unified addressing keeps devices apart already; the device key makes it hold everywhere)
-    key = torch.tensor([device_ids[d] for d in devices], dtype=torch.int64)
-    ro = torch.tensor([n in read_only for n in names], dtype=torch.bool)
-    s = torch.tensor(starts, dtype=torch.int64)
-    e = torch.tensor(ends, dtype=torch.int64)
-    # Devices apart (a large offset per device: addresses are below 2^56), then by start.
-    s_key = s + (key << 56) if len(device_ids) > 1 else s
-    e_key = e + (key << 56) if len(device_ids) > 1 else e
-    order = torch.argsort(s_key, stable=True)
-    s_key, e_key, ro_o = s_key[order], e_key[order], ro[order]
-    # Running maxima of the earlier ends: of every interval, and of the written ones. A written interval overlaps
-    # an earlier one iff it starts before the first maximum; a read-only one iff before the second.
-    floor = torch.iinfo(torch.int64).min
-    all_max = torch.cummax(e_key, 0).values
-    written_max = torch.cummax(torch.where(ro_o, torch.full_like(e_key, floor), e_key), 0).values
-    limit = torch.where(ro_o[1:], written_max[:-1], all_max[:-1])
-    bad = s_key[1:] < limit
-    if not bool(bad.any()):
-        return None
-    k = int(torch.nonzero(bad)[0]) + 1
-    later = int(order[k])
-    candidates = (e_key[:k] > s_key[k]) & (~ro_o[:k] if bool(ro_o[k]) else torch.ones(k, dtype=torch.bool))
-    earlier = int(order[:k][candidates][0])
-    a, b = sorted((earlier, later))
-    return f"{names[a]}[{index[a]}] and {names[b]}[{index[b]}] share memory"
 
 
 def check_scalar(fn: str, name: str, x, device: torch.device | None = None) -> Tensor | None:
@@ -92,18 +28,116 @@ def check_scalar(fn: str, name: str, x, device: torch.device | None = None) -> T
     return x
 
 
-_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__
+
+
+def has_memory(cls) -> bool:
+    """Whether tensors of class ``cls`` hold their elements at ``data_ptr()``: not a subclass with a dispatch of its
+    own (DTensor, wrapper subclasses, fake tensors), whose address a kernel would read as the elements'."""
+    return issubclass(cls, Tensor) and getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH
+
 
 
 def first_without_storage(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor whose ``data_ptr()`` is not the address of its elements: a tensor subclass with a
     dispatch of its own (DTensor, wrapper subclasses, fake tensors) or a meta tensor; None when there is none.
     A kernel given such an address reads or writes memory that is not the tensor's."""
-    types = {type(t) for t in tensors}
-    if all(getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH for cls in types):
-        if not any(t.is_meta for t in tensors):
-            return None
-    for i, t in enumerate(tensors):
-        if getattr(type(t), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH or t.is_meta:
-            return i
-    return None  # pragma: no cover
+    if all(map(has_memory, {type(t) for t in tensors})) and not any(t.is_meta for t in tensors):
+        return None
+    return next(i for i, t in enumerate(tensors) if not has_memory(type(t)) or t.is_meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared memory between arguments (every entry point that writes through addresses checks it)
+
+_data_ptr = Tensor.data_ptr
+_nbytes = attrgetter("nbytes")
+
+
+def _reach(x: Tensor) -> int:
+    """Bytes from ``x``'s first element to just past the last one it can address (its strides included)."""
+    if x.numel() == 0:
+        return 0
+    if x.is_contiguous():
+        return x.nbytes
+    return (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
+
+
+def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = None) -> None:
+    """Raise a ValueError naming the first pair when a written tensor shares memory with any other argument.
+
+    ``groups``: ``(name, tensors, written, indexed, contiguous)`` in the order the message names them (``indexed``:
+    name them ``name[i]``; ``contiguous``: every tensor is, so its bytes are ``nbytes`` from ``data_ptr``; else
+    each tensor's reach through its strides is taken, conservatively). Read-only tensors may share memory with each
+    other. ``same = (w, r)``: tensor ``i`` of written group ``w`` may be exactly tensor ``i`` of read group ``r``
+    (same first byte and size, both contiguous: element ``k`` is read and written by the same program, as torch's
+    ``copy_`` allows a full overlap).
+
+    Fast path: intervals are disjoint iff, after sorting starts and ends separately, every end is at most the next
+    start (empty tensors take no memory). A shared byte only then falls back to a sweep that names the pair and
+    lets read-only tensors overlap.
+    """
+    if torch.compiler.is_compiling():  # fake tensors have no addresses; the eager call checked the same layout
+        return
+    starts, sizes = [], []
+    for _, tensors, _, _, contiguous in groups:  # (``map`` over the C methods: never traced, see above)
+        starts.append(list(map(_data_ptr, tensors)))
+        sizes.append(list(map(_nbytes, tensors)) if contiguous else [_reach(x) for x in tensors])
+    skip: set = set()
+    if same is not None:
+        w, r = same
+        if any(map(int.__eq__, starts[w], starts[r])):
+            r_tensors = groups[r][1]
+            skip = {i for i, (a, b, m, n) in enumerate(zip(starts[w], starts[r], sizes[w], sizes[r]))
+                    if a == b and m == n and r_tensors[i].is_contiguous()}  # fmt: skip
+    all_starts, all_ends = [], []
+    for g, (s, n) in enumerate(zip(starts, sizes)):
+        if skip and g == same[1]:
+            s = [a for i, a in enumerate(s) if i not in skip]
+            n = [m for i, m in enumerate(n) if i not in skip]
+        all_starts += s
+        all_ends += map(_add, s, n)
+    if any(0 in n for n in sizes):  # empty tensors take no memory
+        pairs = [(a, e) for a, e in zip(all_starts, all_ends) if e > a]
+        all_starts, all_ends = [a for a, _ in pairs], [e for _, e in pairs]
+    if len(all_starts) < 2:
+        return
+    ss, es = sorted(all_starts), sorted(all_ends)
+    if all(map(_le, es, islice(ss, 1, None))):
+        return
+    _name_shared_memory(fn, groups, starts, sizes, same, skip)
+
+
+def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
+    """The slow path of :func:`check_memory`: one sweep per device over the intervals sorted by start."""
+    entries = []
+    for g, (_, tensors, written, _, _) in enumerate(groups):
+        is_read_pair = same is not None and g == same[1]
+        for i, (x, a, n) in enumerate(zip(tensors, starts[g], sizes[g])):
+            if n == 0 or x.device.type == "meta" or (is_read_pair and i in skip):
+                continue
+            entries.append(((x.device.type, x.device.index or 0), a, a + n, written, g, i))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    device = None
+    for e in entries:
+        if e[0] != device:
+            device, all_end, all_owner, w_end, w_owner = e[0], -1, None, -1, None
+        other = all_owner if e[3] and e[1] < all_end else w_owner if e[1] < w_end else None
+        if other is not None:
+            first, second = sorted((other, e), key=lambda x: (x[4], x[5]))
+            raise ValueError(
+                f"{fn}: {_label(groups, first)} and {_label(groups, second)} share memory: a tensor that is written "
+                "may share no memory with another argument (except when it is exactly its own source, e.g. "
+                "dst[i] is src[i]); pass separate tensors or clone() one"
+            )
+        if e[2] > all_end:
+            all_end, all_owner = e[2], e
+        if e[3] and e[2] > w_end:
+            w_end, w_owner = e[2], e
+
+
+def _label(groups, entry) -> str:
+    name, _, _, indexed, _ = groups[entry[4]]
+    return f"{name}[{entry[5]}]" if indexed else name
+
+

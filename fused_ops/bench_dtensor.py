@@ -83,7 +83,7 @@ def benchmark_dtensor_host(n_params: list[int] | None = None, steps: int = 10,
             torch.manual_seed(0)
             shapes = _small_shapes(n)
 
-            def make():
+            def make(shapes=shapes):
                 ps = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=device), mesh, [Shard(0)]))
                       for s in shapes]  # fmt: skip
                 gs = [distribute_tensor(torch.randn(s, device=device), mesh, [Shard(0)]) for s in shapes]

@@ -15,7 +15,9 @@ from torch import Tensor
 
 from . import _ops
 from ._backend import resolve_backend
-from ._validate import check_scalar, first_overlap, first_without_storage
+from ._validate import check_memory as _check_memory
+from ._validate import check_scalar, first_without_storage
+from ._validate import has_memory as _has_memory
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -111,7 +113,8 @@ def adam_(
             0.0 if lr_tensor is not None else float(lr), check_scalar("adam_", "lr", lr_tensor, device),
             float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
             bool(decoupled_weight_decay), None if step is None else float(step),
-            check_scalar("adam_", "grad_scale", grad_scale, device), check_scalar("adam_", "found_inf", found_inf, device),
+            check_scalar("adam_", "grad_scale", grad_scale, device),
+            check_scalar("adam_", "found_inf", found_inf, device),
             backend_name,
         )  # fmt: skip
 
@@ -180,10 +183,9 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         written.append(("master_params", master_params))
     if state_steps:
         written.append(("state_steps", state_steps))
-    clash = first_overlap([*written, ("grads", grads)], read_only=("grads",))
-    if clash is not None:
-        raise ValueError(f"adam_: {clash}: every tensor the step writes needs memory of its own, and the grads "
-                         "(read while the others are written) may share memory only with each other")  # fmt: skip
+    # (every tensor is contiguous here: checked above)
+    groups = [(name, ts, True, True, True) for name, ts in written] + [("grads", grads, False, True, True)]
+    _check_memory("adam_", groups)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,10 +208,7 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
 
 import numbers  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
-from itertools import islice  # noqa: E402
-from operator import add as _add  # noqa: E402
 from operator import attrgetter  # noqa: E402
-from operator import le as _le  # noqa: E402
 
 from . import reference  # noqa: E402
 from ._backend import check_backend  # noqa: E402
@@ -222,15 +221,6 @@ _nbytes = attrgetter("nbytes")
 
 def _all_tensors(xs: list) -> bool:
     return all(issubclass(cls, Tensor) for cls in {type(x) for x in xs})
-
-
-_PLAIN_DISPATCH = Tensor.__torch_dispatch__
-
-
-def _has_memory(cls) -> bool:
-    """Whether tensors of class ``cls`` hold their elements at ``data_ptr()``: not a subclass with a dispatch of its
-    own (DTensor, wrapper subclasses, fake tensors), whose address a kernel would read as the elements'."""
-    return issubclass(cls, Tensor) and getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH
 
 
 def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor], set[torch.dtype]]:
@@ -273,93 +263,6 @@ def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:
 def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` made contiguous: the list itself when they already are (one cheap pass)."""
     return tensors if _all_contiguous(tensors) else [x.contiguous() for x in tensors]
-
-
-def _reach(x: Tensor) -> int:
-    """Bytes from ``x``'s first element to just past the last one it can address (its strides included)."""
-    if x.numel() == 0:
-        return 0
-    if x.is_contiguous():
-        return x.nbytes
-    return (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
-
-
-def _check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = None) -> None:
-    """Raise a ValueError naming the first pair when a written tensor shares memory with any other argument.
-
-    ``groups``: ``(name, tensors, written, indexed, contiguous)`` in the order the message names them (``indexed``:
-    name them ``name[i]``; ``contiguous``: every tensor is, so its bytes are ``nbytes`` from ``data_ptr``; else
-    each tensor's reach through its strides is taken, conservatively). Read-only tensors may share memory with each
-    other. ``same = (w, r)``: tensor ``i`` of written group ``w`` may be exactly tensor ``i`` of read group ``r``
-    (same first byte and size, both contiguous: element ``k`` is read and written by the same program, as torch's
-    ``copy_`` allows a full overlap).
-
-    Fast path: intervals are disjoint iff, after sorting starts and ends separately, every end is at most the next
-    start (empty tensors take no memory). A shared byte only then falls back to a sweep that names the pair and
-    lets read-only tensors overlap.
-    """
-    if torch.compiler.is_compiling():  # fake tensors have no addresses; the eager call checked the same layout
-        return
-    starts, sizes = [], []
-    for _, tensors, _, _, contiguous in groups:  # (``map`` over the C methods: never traced, see above)
-        starts.append(list(map(_data_ptr, tensors)))
-        sizes.append(list(map(_nbytes, tensors)) if contiguous else [_reach(x) for x in tensors])
-    skip: set = set()
-    if same is not None:
-        w, r = same
-        if any(map(int.__eq__, starts[w], starts[r])):
-            r_tensors = groups[r][1]
-            skip = {i for i, (a, b, m, n) in enumerate(zip(starts[w], starts[r], sizes[w], sizes[r]))
-                    if a == b and m == n and r_tensors[i].is_contiguous()}  # fmt: skip
-    all_starts, all_ends = [], []
-    for g, (s, n) in enumerate(zip(starts, sizes)):
-        if skip and g == same[1]:
-            s = [a for i, a in enumerate(s) if i not in skip]
-            n = [m for i, m in enumerate(n) if i not in skip]
-        all_starts += s
-        all_ends += map(_add, s, n)
-    if any(0 in n for n in sizes):  # empty tensors take no memory
-        pairs = [(a, e) for a, e in zip(all_starts, all_ends) if e > a]
-        all_starts, all_ends = [a for a, _ in pairs], [e for _, e in pairs]
-    if len(all_starts) < 2:
-        return
-    ss, es = sorted(all_starts), sorted(all_ends)
-    if all(map(_le, es, islice(ss, 1, None))):
-        return
-    _name_shared_memory(fn, groups, starts, sizes, same, skip)
-
-
-def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
-    """The slow path of :func:`_check_memory`: one sweep per device over the intervals sorted by start."""
-    entries = []
-    for g, (_, tensors, written, _, _) in enumerate(groups):
-        is_read_pair = same is not None and g == same[1]
-        for i, (x, a, n) in enumerate(zip(tensors, starts[g], sizes[g])):
-            if n == 0 or x.device.type == "meta" or (is_read_pair and i in skip):
-                continue
-            entries.append(((x.device.type, x.device.index or 0), a, a + n, written, g, i))
-    entries.sort(key=lambda e: (e[0], e[1]))
-    device = None
-    for e in entries:
-        if e[0] != device:
-            device, all_end, all_owner, w_end, w_owner = e[0], -1, None, -1, None
-        other = all_owner if e[3] and e[1] < all_end else w_owner if e[1] < w_end else None
-        if other is not None:
-            first, second = sorted((other, e), key=lambda x: (x[4], x[5]))
-            raise ValueError(
-                f"{fn}: {_label(groups, first)} and {_label(groups, second)} share memory: a tensor that is written "
-                "may share no memory with another argument (except when it is exactly its own source, e.g. "
-                "dst[i] is src[i]); pass separate tensors or clone() one"
-            )
-        if e[2] > all_end:
-            all_end, all_owner = e[2], e
-        if e[3] and e[2] > w_end:
-            w_end, w_owner = e[2], e
-
-
-def _label(groups, entry) -> str:
-    name, _, _, indexed, _ = groups[entry[4]]
-    return f"{name}[{entry[5]}]" if indexed else name
 
 
 def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supported=_KERNEL_DTYPES,

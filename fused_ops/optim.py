@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _ops, functional
 from ._backend import check_backend, resolve_backend
-from ._validate import first_overlap, first_without_storage
+from ._validate import check_memory, first_without_storage
 
 MASTER_KEY = "master_param"
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)
@@ -373,8 +373,9 @@ class FusedAdam(torch.optim.Optimizer):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name}: state {key!r} of {where} must be a tensor, got {type(t).__name__}")
             if _spec(t) != _spec(p_wrapper):
+                want, got = _spec(p_wrapper)[1:] or "none", _spec(t)[1:] or "a plain tensor"
                 raise ValueError(f"{name}: state {key!r} of {where} must be distributed like its param (placements "
-                                 f"{_spec(p_wrapper)[1:] or 'none'}), got {_spec(t)[1:] or 'a plain tensor'}")  # fmt: skip
+                                 f"{want}), got {got}")  # fmt: skip
             t = _local(t)
             if first_without_storage([t]) is not None:
                 raise TypeError(f"{name}: state {key!r} of {where} is a {type(t).__name__}, not a tensor with memory")
@@ -659,10 +660,9 @@ class FusedAdam(torch.optim.Optimizer):
                     st = self.state.get(p)
                     if st:
                         states.extend(_local(v) for k, v in st.items() if k in _STATE_KEYS and isinstance(v, Tensor))
-        clash = first_overlap([("params", params), ("states", states)])
-        if clash is not None:
-            raise ValueError(f"{type(self).__name__}: {clash} (counting the params with grads of every group, in "
-                             "order): the step writes them all at once, so each needs memory of its own")  # fmt: skip
+        # (params and states are contiguous: the checked step verified it before this runs)
+        check_memory(f"{type(self).__name__} (params with grads of every group, in order, and their states)",
+                     [("params", params, True, True, True), ("states", states, True, True, True)])  # fmt: skip
 
     @staticmethod
     def _check_scaling(grad_scale: Any, found_inf: Any) -> tuple[Tensor | float | None, Tensor | None]:

@@ -100,7 +100,8 @@ def _bad_cases():
         ("not a tensor", set_("grads", 1, lambda a: [1.0] * 17), TypeError, ["grads[1]"]),
         ("state aliases state", set_("exp_avg_sqs", 1, lambda a: a["exp_avgs"][1]), ValueError,
          ["exp_avgs[1]", "exp_avg_sqs[1]"]),
-        ("state aliases param", set_("exp_avgs", 0, lambda a: a["params"][0]), ValueError, ["params[0]", "exp_avgs[0]"]),
+        ("state aliases param", set_("exp_avgs", 0, lambda a: a["params"][0]), ValueError,
+         ["params[0]", "exp_avgs[0]"]),
         ("grad aliases a state", set_("grads", 1, lambda a: a["exp_avg_sqs"][1]), ValueError, ["grads[1]"]),
         ("overlapping states", set_("exp_avgs", 2, lambda a: a["exp_avgs"][1][3:4]), ValueError, ["exp_avgs[1]"]),
         ("step aliases state", set_("state_steps", 0, lambda a: a["exp_avgs"][0][0]), ValueError, ["state_steps[0]"]),
@@ -469,7 +470,8 @@ def test_load_state_dict_hooks_like_torch(backend):
     sd = o.state_dict()
 
     def pre(opt, state_dict):
-        new = {"state": {k: dict(v) for k, v in state_dict["state"].items()}, "param_groups": state_dict["param_groups"]}
+        new = {"state": {k: dict(v) for k, v in state_dict["state"].items()},
+               "param_groups": state_dict["param_groups"]}
         new["state"][0]["exp_avg"] = torch.full_like(new["state"][0]["exp_avg"], 3.0)
         return new
 
@@ -547,7 +549,7 @@ def test_tensor_betas_kept_and_mixed_betas_refused():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_with_a_float_grad_scale(backend):
     ours, o, theirs, t = _pair(backend)
-    for a, b in zip(ours, theirs):
+    for a in ours:
         a.grad.mul_(2.0)
     o.step(grad_scale=2.0)
     t.step()
