@@ -8,7 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ is installed as fused_ops.kernels: a different PyPI project owns the top-level name "kernels".
-    packages=["fused_ops", "fused_ops.distributed", "fused_ops.kernels"],
+    packages=[
+        "fused_ops",
+        "fused_ops.bench",
+        "fused_ops.bench.cases",
+        "fused_ops.distributed",
+        "fused_ops.kernels",
+    ],
     package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
     # triton is not pinned: torch's CUDA wheels pin their own.
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],

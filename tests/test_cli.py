@@ -316,7 +316,7 @@ def test_out_of_memory_is_skipped_and_tensors_are_freed(monkeypatch):
         refs.append(weakref.ref(runner.fn.__self__.param_groups[0]["params"][0]))  # the optimizer's first param
         return runner
 
-    monkeypatch.setattr(bench, "build_runner", build)
+    monkeypatch.setattr(bench.suite, "build_runner", build)  # where run() looks it up
     doc = bench.run(_tiny_config())
     assert {r["provider"] for r in doc["results"]} == set(bench.PROVIDERS) - {"torch-forloop"}
     (oom,) = [s for s in doc["skipped"] if s.get("provider") == "torch-forloop"]
@@ -330,8 +330,8 @@ def test_peers_run_last_and_a_broken_peer_is_skipped(monkeypatch):
 
     peers = (bench.Peer("goodpeer", "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
              bench.Peer("badpeer", "torch", broken))  # fmt: skip
-    monkeypatch.setattr(bench, "PEERS", peers)
-    monkeypatch.setattr(bench, "peer_status", lambda kind: {"goodpeer": None, "badpeer": None})
+    monkeypatch.setattr(bench.suite, "PEERS", peers)  # where run() and build_runner look them up
+    monkeypatch.setattr(bench.suite, "peer_status", lambda kind: {"goodpeer": None, "badpeer": None})
     doc = bench.run(_tiny_config(ops=["adam", "flatten"]))
     order = [(r["op"], r["provider"]) for r in doc["results"]]
     assert order[-1] == ("adam", "goodpeer") and ("flatten", "fused_ops") in order[:-1]
@@ -376,3 +376,31 @@ def test_sigterm_writes_partial_json(tmp_path):
     assert any(s["why"] == "interrupted" for s in doc["skipped"])
     keys = [(s.get("op"), s.get("params"), s.get("dtype"), s.get("provider")) for s in doc["skipped"]]
     assert len(keys) == len(set(keys))  # no case noted twice
+
+
+def test_a_new_op_is_one_registration():
+    """What a new cases file does ("Adding an op" in fused_ops.bench): ``register_op`` with its bytes and providers,
+    and the run selects it by name. torch.optim.SGD stands in for a fused_ops optimizer."""
+    from fused_ops.bench.cases._common import torch_optimizer_builders
+
+    sgd = lambda ps: torch.optim.SGD(ps, lr=bench.LR, momentum=0.9)  # one per-element state: momentum_buffer
+
+    @bench.register_op("sgd_example", "torch.optim.SGD", lambda: True, dtypes=("fp32",),
+                       bytes_per_element={"fp32": 20})  # fmt: skip
+    def _providers():
+        return {
+            "fused_ops": bench.optimizer_builder("sgd_example", sgd, n_states=1),
+            **torch_optimizer_builders("sgd_example", torch.optim.SGD, n_states=1, lr=bench.LR, momentum=0.9),
+        }
+
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            bench.register_op("sgd_example", "torch.optim.SGD", lambda: True)(dict)
+        doc = bench.run(_tiny_config(ops=["sgd_example"]))
+        assert doc["bytes_per_element"]["sgd_example:fp32"] == 20
+        rows = {r["provider"]: r for r in doc["results"]}
+        assert set(rows) == set(bench.PROVIDERS), doc["skipped"]
+        assert all(r["layout"] == "fp32" and r["bytes"] == 20 * r["n_params"] for r in rows.values())
+    finally:
+        bench.OPS.pop("sgd_example", None)
+        bench.BYTES_PER_ELEMENT.pop(("sgd_example", "fp32"), None)

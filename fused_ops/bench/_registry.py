@@ -1,0 +1,107 @@
+"""The registry every benchmark case goes through: :class:`Op`, :class:`Runner`, :class:`Skip`, ``register_op``
+and the bytes table (``BYTES_PER_ELEMENT``) that each op fills in when it registers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+import fused_ops
+
+PROVIDERS = ("fused_ops", "torch-forloop", "torch-foreach", "torch-fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPES = ("fp32", "bf16")
+LR, WEIGHT_DECAY = 1e-3, 1e-2
+
+# Bytes each op moves per element (per parameter), counted from its definition: every tensor it must read, once,
+# plus every tensor it must write, once. GB/s = these bytes x elements / median time, so it compares directly
+# with the copy bandwidth, which counts bytes read + written the same way. Keys: (op, layout). Each op adds its own
+# entries, with the count explained, through ``register_op(..., bytes_per_element=...)`` in its cases file.
+BYTES_PER_ELEMENT: dict[tuple[str, str], int] = {}
+
+
+class Skip(Exception):
+    """A provider or case that cannot run here; the message says why (it lands in the JSON's ``skipped``)."""
+
+
+@dataclasses.dataclass
+class Runner:
+    """One provider's prepared call.
+
+    Attributes:
+        fn: the call that is timed (one optimizer step, one op call).
+        reset: restores in-place inputs; run before each timed call, outside the timed region. None when no
+            input drifts in a way that changes the timing.
+        bytes: bytes one call moves, counted from the op's definition (``BYTES_PER_ELEMENT``).
+        layout: the ``BYTES_PER_ELEMENT`` key used (e.g. ``bf16/fp32-states``).
+    """
+
+    fn: Callable[[], Any]
+    reset: Callable[[], None] | None
+    bytes: int
+    layout: str
+
+
+Builder = Callable[[list[tuple[int, ...]], torch.dtype, torch.device], Runner]
+
+
+@dataclasses.dataclass
+class Op:
+    """A registered benchmark case: an op of fused_ops and its providers."""
+
+    name: str
+    requires: str  # what must exist in fused_ops for the case to run, for the skip note
+    available: Callable[[], bool]
+    dtypes: tuple[str, ...]
+    providers: dict[str, Builder]
+    peers: bool = False  # the Adam peers (torchao, bitsandbytes, apex, DeepSpeed) are providers too
+
+    def unavailable(self) -> str | None:
+        """None when the op exists in this fused_ops, else the note for ``skipped``."""
+        try:
+            ok = self.available()
+        except Exception as e:  # an op half-written by someone else must not break the suite
+            return f"{self.requires} failed to load: {type(e).__name__}: {e}"
+        return None if ok else f"{self.requires} is not in this version of fused_ops"
+
+
+OPS: dict[str, Op] = {}
+
+
+def register_op(
+    name: str,
+    requires: str,
+    available: Callable[[], bool],
+    dtypes: Sequence[str] = DEFAULT_DTYPES,
+    peers: bool = False,
+    bytes_per_element: Mapping[str, int] | None = None,
+) -> Callable[[Callable[[], dict[str, Builder]]], Callable[[], dict[str, Builder]]]:
+    """Register an op: the decorated function returns its ``{provider: builder}`` table.
+
+    ``bytes_per_element`` maps each layout of the op (``fp32``, ``bf16/fp32-states``, ...) to the bytes one element
+    moves; it lands in ``BYTES_PER_ELEMENT`` under ``(name, layout)``. Registering a name twice is an error: two
+    cases files would otherwise silently replace each other.
+    """
+
+    def deco(make: Callable[[], dict[str, Builder]]) -> Callable[[], dict[str, Builder]]:
+        if name in OPS:
+            raise ValueError(f"bench op {name!r} is registered twice")
+        OPS[name] = Op(name, requires, available, tuple(dtypes), make(), peers)
+        for layout, nbytes in (bytes_per_element or {}).items():
+            BYTES_PER_ELEMENT[(name, layout)] = nbytes
+        return make
+
+    return deco
+
+
+def has(name: str) -> Callable[[], bool]:
+    """The ``available`` check of an op that is a top-level name of fused_ops (``has("FusedAdamW")``)."""
+    return lambda: hasattr(fused_ops, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bf16`` (the names of ``DTYPES``)."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
