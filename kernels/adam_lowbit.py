@@ -368,7 +368,7 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, ex
     check_role(fn, "params", params, _TL_DTYPES)
     device, dtype = params[0].device, params[0].dtype
     check_numels(fn, "grads", grads, "params", params)
-    check_role(fn, "grads", grads, (dtype, torch.float32), device)
+    check_role(fn, "grads", grads, tuple(dict.fromkeys((dtype, torch.float32))), device)
     for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         check_numels(fn, name, lst, "params", params)
         check_role(fn, name, lst, (_STATE_DTYPES[state],), device)
