@@ -59,7 +59,7 @@ def _lion_kernel(
         p = p - lr * sign(m * beta1 + (1 - beta1) * g)
         m = m * beta2 + (1 - beta2) * g
 
-    sign is torch.sign's: (c > 0) - (c < 0), so sign(0) = +0 and sign(NaN) = 0 (a NaN grad makes m NaN and the
+    sign is torch.sign's: (c > 0) - (c < 0), so sign(0) = 0 and sign(NaN) = 0 (a NaN grad makes m NaN and the
     update 0, exactly as the plain-torch reference). Roles in the table: 0 param, 1 grad, 2 exp_avg, then the fp32
     master weights (MASTER). Computed in fp32; an exp_avg of the params' dtype is stored rounded to nearest even.
     With MASTER, p is read from and written to the fp32 master and the (bf16/fp16) param only receives the
@@ -129,8 +129,8 @@ def _lion_block(
     if weight_decay != 0.0:
         p = p * decay
     c = m * beta1 + one_minus_beta1 * g
-    update = tl.where(c > 0.0, 1.0, 0.0) - tl.where(c < 0.0, 1.0, 0.0)  # torch.sign: 0 for 0 and NaN
-    p = p - lr * update
+    # lr * sign(c), with torch.sign's sign: 0 for 0 and NaN (p - 0 keeps p bit for bit, -0 included, as torch's)
+    p = p - tl.where(c > 0.0, lr, tl.where(c < 0.0, -lr, 0.0))
     m = m * beta2 + one_minus_beta2 * g
     store_fp32(exp_avg_ptr + offsets, m, mask, STATE_DTYPE)
     if MASTER:
