@@ -14,6 +14,7 @@ setup(
         "fused_ops.bench.cases",
         "fused_ops.distributed",
         "fused_ops.kernels",
+        "fused_ops.optim",
     ],
     package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
     # triton is not pinned: torch's CUDA wheels pin their own.

@@ -1,10 +1,19 @@
-"""FusedAdam and FusedAdamW: drop-in ``torch.optim.Adam`` / ``AdamW`` over the fused multi-tensor step.
+"""The machinery every fused optimizer shares: :class:`FusedOptimizer`, its step plans and its checks.
 
-Same constructor, defaults, validation messages and ``state_dict`` layout as torch.optim, so code,
-lr schedulers, ``torch.amp.GradScaler`` and checkpoints move between them. Differences, by design:
-states are fp32 whatever the param dtype (bf16 params keep fp32 moments), per-param ``step`` counts are
-fp32 tensors on the param's device (as in torch's fused/capturable modes), and a whole step is one kernel
-launch per (device, dtype) group with no host synchronisation.
+An optimizer of the family (``adam.py``, ``sgd.py``, ``lion.py``) is one kernel file in ``kernels/`` with a
+prepared launcher (``AdamStep``, ``SGDStep``, ...), one plain-torch reference, and a small subclass here that
+declares its hyper-parameters (``_check_hyperparameters``, ``_check_step_values``), its state layout
+(``_state_keys``, ``_required_state_keys``, ``_has_step``) and its update (``_make_launcher``, ``_launch``,
+``_run_reference``). Everything else is here, once, for every optimizer:
+
+- torch.optim's interface: constructor checks, ``add_param_group``, ``state_dict``/``load_state_dict`` (hooks
+  included, everything validated before anything changes, torch's legacy defaults), ``__setstate__``;
+- the checked step: every param, grad and state validated on every group before any group changes; params or
+  states sharing memory refused; DTensor params (FSDP2, tensor parallel) stepped on their local shards;
+- the per-group plan reused while it fits (identity, state version, addresses and metadata of every param and
+  grad, checked at every step) and the moved-grad repointing of the prepared launchers;
+- ``torch.amp.GradScaler`` (``grad_scale``/``found_inf`` on the device), fp32 master weights for bf16/fp16
+  params (state key ``"master_param"``).
 """
 
 from __future__ import annotations
@@ -20,12 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _ops, functional
-from ._backend import check_backend, resolve_backend
-from ._validate import check_memory, first_without_storage
+from .. import _ops
+from .._backend import check_backend, resolve_backend
+from .._validate import check_memory, first_without_storage
 
 MASTER_KEY = "master_param"
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -195,102 +203,101 @@ def _python_meta(tensors: list[Tensor]) -> tuple:
     )
 
 
-class FusedAdam(torch.optim.Optimizer):
-    """Adam (L2 weight decay) or, with ``decoupled_weight_decay=True``, AdamW, fused.
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of the fused optimizers: torch.optim's interface over one prepared multi-tensor launch per part.
 
-    Args:
-        params: iterable of parameters or of param-group dicts, as for torch.optim.Adam.
-        lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.Adam (``lr`` may be a 1-element
-            tensor; keep it on the params' device to avoid a host read each step).
-        foreach, fused: accepted for drop-in compatibility and ignored (the step is always fused).
-        capturable: accepted; the step never synchronises with the host, so it can always be captured
-            in a CUDA graph once the state exists (after one warm-up step).
-        differentiable: must be False (not supported).
-        decoupled_weight_decay: AdamW's decoupled decay (``FusedAdamW`` sets it).
-        master_weights: keep an fp32 master copy of every bf16/fp16 param (state key ``"master_param"``,
-            ignored by torch.optim). The whole update is one pass: read the low-precision grad, update
-            master and moments in fp32, write the param rounded to nearest even. Without it, bf16 params
-            lose updates smaller than half an ulp. fp32 params need no master and get none. The master is
-            the source of truth: write new weights into the params through ``load_state_dict`` or
-            reset the optimizer, or they are overwritten at the next step.
-        backend: "auto" (Triton kernels on CUDA, plain torch on CPU), "triton" or "reference"; default
-            from the ``FUSED_OPS_BACKEND`` environment variable.
+    Not used directly. A subclass declares (see the module docstring):
 
-    Works with ``torch.amp.GradScaler`` without host sync: the scaler hands its scale and inf flag to the
-    step, grads are unscaled inside the kernel and an overflowing step changes nothing.
+    - ``_state_keys(group)``: the fp32, param-shaped state tensors its update reads and writes, in launch order;
+      ``_required_state_keys``: those a non-empty state must hold (the others are created when missing);
+      ``_has_step``: whether every param keeps an fp32 ``step`` count (moved by the kernel);
+    - ``_check_hyperparameters(group)`` (constructor, ``add_param_group``, ``load_state_dict``) and
+      ``_check_step_values(gi, group)`` (every step: returns the values the launch needs, as floats);
+    - ``_normalize_group(group)``: torch's conversions of loaded or added groups (betas as a tuple, ...);
+    - ``_make_launcher(group, part, grads)``: the prepared Triton launch of a part (``part.roles`` holds the state
+      lists by key); ``_launch(part, group, lr, values, grad_scale, found_inf)`` calls it;
+      ``_run_reference(part, grads, group, lr, values, grad_scale, found_inf)``: the CPU path;
+    - ``_step_traced``: the step under ``torch.compile`` (a functional op, or plain torch).
+
+    Extra group keys of this package (``master_weights``, ``backend``) are left out of ``state_dict()`` where they
+    hold the constructor's value, so a dict has torch.optim's keys (DCP loads a checkpoint only into a dict whose
+    keys it has).
     """
 
     _step_supports_amp_scaling = True
-    _default_decoupled = False
+    _has_step = True
+    _required_state_keys: tuple[str, ...] = ()
+    _own_group_keys = ("master_weights", "backend")
+    # torch.optim's defaults for keys that older state dicts lack (its __setstate__)
+    _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        decoupled_weight_decay: bool | None = None,
-        master_weights: bool = False,
-        backend: str | None = None,
-    ) -> None:
-        if differentiable:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable"):
             raise ValueError(
-                f"{type(self).__name__} does not support differentiable=True (the fused step is not "
-                "differentiable); use torch.optim.Adam(differentiable=True)"
+                f"{type(self).__name__} does not support differentiable=True (the fused step is not differentiable)"
             )
+        lr = defaults["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        betas = _check_betas(betas)
-        if decoupled_weight_decay is None:
-            decoupled_weight_decay = self._default_decoupled
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay, master_weights=bool(master_weights),
-            backend=check_backend(backend),
-        )  # fmt: skip
+        defaults = {**defaults, "master_weights": bool(defaults.get("master_weights", False)),
+                    "backend": check_backend(defaults.get("backend"))}  # fmt: skip
+        self._normalize_group(defaults)
         self._check_hyperparameters(defaults)
         self._plans: dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
         self.state = _OptimizerState(self.state)
 
-    # -- validation -------------------------------------------------------------------------------------
+    # -- what a subclass declares ----------------------------------------------------------------------------
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        """The fp32 state tensors (param-shaped) the update of ``group`` reads and writes, in launch order."""
+        raise NotImplementedError
+
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any]) -> None:
-        """torch.optim.Adam's checks and messages, plus: every value must be finite."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr = _to_float(lr)
-        if not 0.0 <= lr or not math.isfinite(lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        eps = _to_float(group["eps"])
-        if not 0.0 <= eps or not math.isfinite(eps):
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        beta1, beta2 = (_to_float(b) for b in _check_betas(group["betas"]))
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        wd = _to_float(group["weight_decay"])
-        if not 0.0 <= wd or not math.isfinite(wd):
-            raise ValueError(f"Invalid weight_decay value: {wd}")
-        check_backend(group.get("backend", "auto"))
+        raise NotImplementedError
 
+    @staticmethod
+    def _check_step_values(gi: int, group: dict[str, Any]) -> tuple:
+        raise NotImplementedError
+
+    @staticmethod
+    def _normalize_group(group: dict[str, Any]) -> None:
+        """Convert a group's values in place as torch.optim keeps them (e.g. betas as a tuple)."""
+
+    def _plan_structure(self, group: dict[str, Any]) -> tuple:
+        """The group settings a plan is built for (the other values are read at every step)."""
+        return (tuple(self._state_keys(group)), group["master_weights"], group["backend"])
+
+    def _part_key(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> tuple:
+        """More than (device, dtype, grad dtype, master) that splits a group's launches (e.g. new buffers)."""
+        return ()
+
+    def _make_launcher(self, group: dict[str, Any], part: _Part, grads: list[Tensor]) -> Any:
+        raise NotImplementedError
+
+    def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                       grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def _after_run(self, plan: _GroupPlan) -> None:
+        """Called after each plan's launches (e.g. new buffers are not new any more)."""
+
+    # -- validation -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as torch.optim), validating its hyper-parameters first."""
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        if "betas" in param_group:
-            merged["betas"] = _check_betas(param_group["betas"])
-            param_group = {**param_group, "betas": merged["betas"]}
+        param_group = dict(param_group)
+        self._normalize_group(merged)
+        for key in param_group:
+            if key != "params" and key in merged:
+                param_group[key] = merged[key]
         self._check_hyperparameters(merged)
         super().add_param_group(param_group)
         self._plans.clear()
@@ -307,9 +314,7 @@ class FusedAdam(torch.optim.Optimizer):
                 p, g = _local(p), _local(g)
                 where += " (its local shard)"
             if g.is_sparse:
-                raise RuntimeError(
-                    f"{name} does not support sparse gradients ({where}), please consider SparseAdam instead"
-                )
+                raise RuntimeError(f"{name} does not support sparse gradients ({where})")
             if torch.is_complex(p):
                 raise TypeError(f"{name} does not support complex parameters ({where} is {p.dtype})")
             if p.dtype not in _SUPPORTED_DTYPES:
@@ -350,6 +355,9 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"{name}: the local shard of the grad of {where} has shape "
                              f"{tuple(g._local_tensor.shape)}, the param's {tuple(p._local_tensor.shape)}")  # fmt: skip
 
+    def _uses_master(self, group: dict[str, Any], p: Tensor) -> bool:
+        return bool(group["master_weights"]) and p.dtype != torch.float32
+
     def _check_state(self, where: str, p: Tensor, st: Any, group: dict[str, Any]) -> None:
         """The state of ``p`` (None or empty: created at this step) is one the step can use: every tensor it will
         read is fp32, on the param's device, contiguous, with the param's number of elements (DTensors: distributed
@@ -360,14 +368,12 @@ class FusedAdam(torch.optim.Optimizer):
         p_wrapper, p = p, _local(p)
         if not isinstance(st, dict):
             raise TypeError(f"{name}: the state of {where} must be a dict, got {type(st).__name__}")
-        needed = ["exp_avg", "exp_avg_sq"]
-        if group["amsgrad"] and "max_exp_avg_sq" in st:
-            needed.append("max_exp_avg_sq")
-        if group["master_weights"] and p_wrapper.dtype != torch.float32 and MASTER_KEY in st:
-            needed.append(MASTER_KEY)
-        for key in ("step", "exp_avg", "exp_avg_sq"):
+        for key in (("step",) if self._has_step else ()) + tuple(self._required_state_keys):
             if key not in st:
                 raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
+        needed = [k for k in self._state_keys(group) if k in st]
+        if self._uses_master(group, p_wrapper) and MASTER_KEY in st:
+            needed.append(MASTER_KEY)
         for key in needed:
             t = st[key]
             if not isinstance(t, Tensor):
@@ -391,41 +397,39 @@ class FusedAdam(torch.optim.Optimizer):
                 raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
             if any(t is x for x in (p, p.grad)) or t.data_ptr() == p.data_ptr() and t.numel():
                 raise ValueError(f"{name}: state {key!r} of {where} shares memory with the param")
-        step = st["step"]
-        if isinstance(step, Tensor):
-            if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
-                raise ValueError(f"{name}: state 'step' of {where} must be a real 1-element tensor or a number")
-        elif isinstance(step, bool) or not isinstance(step, int | float) or not (math.isfinite(step) and step >= 0):
-            raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {step!r}")
+        if self._has_step:
+            step = st["step"]
+            if isinstance(step, Tensor):
+                if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+                    raise ValueError(f"{name}: state 'step' of {where} must be a real 1-element tensor or a number")
+            elif isinstance(step, bool) or not isinstance(step, int | float) or not (math.isfinite(step) and step >= 0):
+                raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {step!r}")
 
     # -- state ------------------------------------------------------------------------------------------
-    # torch.optim.Adam's defaults for keys that older state dicts lack (its __setstate__); the constructor's
-    # values for this package's own keys.
-    _LEGACY_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
-                            fused=None)  # fmt: skip
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        """Keys an older or foreign state dict lacks: torch's historical defaults, this package's constructor's."""
+        for key, value in self._LEGACY_DEFAULTS.items():
+            group.setdefault(key, value)
+        for key in self._own_group_keys:
+            group.setdefault(key, self.defaults[key])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
         for group in self.param_groups:
-            for key, value in self._LEGACY_DEFAULTS.items():
-                group.setdefault(key, value)
-            group.setdefault("decoupled_weight_decay", self._default_decoupled)
-            if self._default_decoupled:
-                group["decoupled_weight_decay"] = True  # (torch.optim.AdamW does the same)
-            for key in ("master_weights", "backend"):
-                group.setdefault(key, self.defaults[key])
-            group["betas"] = _check_betas(group["betas"])
+            self._fill_group_defaults(group)
+            self._normalize_group(group)
         if not isinstance(self.state, _OptimizerState):
             self.state = _OptimizerState(self.state)
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and "step" in st:
-                    step = st["step"]
-                    if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
-                            and step.dim() == 0):  # fmt: skip
-                        st["step"] = self._as_step(step, p)
+        if self._has_step:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and "step" in st:
+                        step = st["step"]
+                        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                                and step.dim() == 0):  # fmt: skip
+                            st["step"] = self._as_step(step, p)
 
     @staticmethod
     def _as_step(step: Any, p: Tensor) -> Tensor:
@@ -433,42 +437,49 @@ class FusedAdam(torch.optim.Optimizer):
             return step
         return torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32).reshape(()).clone()
 
+    def _new_state_tensor(self, key: str, p: Tensor) -> Tensor:
+        """A new state tensor ``key`` of ``p`` (fp32 zeros shaped like the param; DTensors like the param)."""
+        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-        step = state["step"]
-        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
-                and step.dim() == 0):  # fmt: skip
-            state["step"] = self._as_step(step, p)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-        if group["master_weights"] and p.dtype != torch.float32 and MASTER_KEY not in state:
-            # New state, or a state dict without masters (e.g. torch.optim.AdamW's): start from the param.
+        if self._has_step:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            step = state["step"]
+            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                    and step.dim() == 0):  # fmt: skip
+                state["step"] = self._as_step(step, p)
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = self._new_state_tensor(key, p)
+        if self._uses_master(group, p) and MASTER_KEY not in state:
+            # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         return state
+
+    def _tensor_state_keys(self) -> set[str]:
+        """Every state key that holds a param-shaped tensor (loaded as fp32 copies shaped like the param)."""
+        keys = {MASTER_KEY, *self._required_state_keys}
+        for group in self.param_groups:
+            keys.update(self._state_keys(group))
+        return keys
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's ``state_dict`` (hooks included), with plain dicts: a checkpoint needs no fused_ops."""
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
-        # This package's own group keys are left out where they hold the constructor's value, so the dict has
-        # torch.optim.AdamW's keys: torch.distributed.checkpoint loads a checkpoint only into a dict whose keys it
-        # has, so a torch checkpoint then loads into this optimizer and back (a missing key takes the constructor's
-        # value here).
         for g in sd["param_groups"]:
-            for key in ("master_weights", "backend"):
+            for key in self._own_group_keys:
                 if key in g and g[key] == self.defaults[key]:
                     del g[key]
         return sd
 
     @staticmethod
     def _load_state_tensor(value: Tensor, p: Tensor) -> Tensor:
-        """A loaded moment or master as this optimizer keeps it: an fp32 copy on the param's device, shaped like
-        the param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is sharded,
-        the same on every rank; a DTensor of other placements is redistributed)."""
+        """A loaded state tensor as this optimizer keeps it: an fp32 copy on the param's device, shaped like the
+        param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is sharded, the
+        same on every rank; a DTensor of other placements is redistributed)."""
         value = value.detach()
         if _is_dtensor(p):
             if not _is_dtensor(value):
@@ -485,12 +496,12 @@ class FusedAdam(torch.optim.Optimizer):
         return value.to(device=p.device, dtype=torch.float32, copy=True).reshape(p.shape)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of FusedAdam(W) or torch.optim.Adam(W): torch.optim's ``load_state_dict`` (pre-hooks,
-        then the load, then post-hooks), with everything validated before anything changes.
+        """Load a state dict of this optimizer or of its torch.optim counterpart: torch.optim's ``load_state_dict``
+        (pre-hooks, then the load, then post-hooks), with everything validated before anything changes.
 
-        torch.optim would cast the moments to the param dtype; here they stay (or become) fp32, and step counts
+        torch.optim would cast the states to the param dtype; here they stay (or become) fp32, and step counts
         become fp32 tensors on the param's device. The source dict is never aliased. A state dict without the keys
-        that newer versions added takes torch's historical defaults for them (``amsgrad``/``maximize`` False).
+        that newer versions added takes torch's historical defaults for them.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -517,20 +528,19 @@ class FusedAdam(torch.optim.Optimizer):
             ng["params"] = g["params"]
             if "param_names" in g and "param_names" not in ng:
                 ng["param_names"] = g["param_names"]
-            for key, value in self._LEGACY_DEFAULTS.items():
-                ng.setdefault(key, value)
-            ng.setdefault("decoupled_weight_decay", self._default_decoupled)
-            for key in ("master_weights", "backend"):
-                ng.setdefault(key, self.defaults[key])
-            for key in ("lr", "betas", "eps", "weight_decay"):
-                if key not in ng:
+            self._fill_group_defaults(ng)
+            for key in self.defaults:
+                if key not in ng and key not in self._LEGACY_DEFAULTS and key not in self._own_group_keys:
                     raise ValueError(f"loaded state dict: param group {gi} has no {key!r}")
             try:
-                ng["betas"] = _check_betas(ng["betas"])
+                self._normalize_group(ng)
                 self._check_hyperparameters(ng)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"loaded state dict: param group {gi}: {e}") from e
             new_groups.append(ng)
+        tensor_keys = self._tensor_state_keys()
+        for ng in new_groups:
+            tensor_keys.update(self._state_keys(ng))
         # The states, converted (copies: the source is never aliased) and checked.
         new_state = _OptimizerState()
         saved_state = state_dict["state"]
@@ -546,7 +556,7 @@ class FusedAdam(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict: the state of {where} must be a dict")
             st = {}
             for key, value in src.items():
-                if key in _STATE_KEYS:
+                if key in tensor_keys:
                     if not isinstance(value, Tensor) or not (value.is_floating_point()):
                         raise ValueError(f"loaded state dict: state {key!r} of {where} must be a floating-point "
                                          f"tensor")  # fmt: skip
@@ -556,7 +566,7 @@ class FusedAdam(torch.optim.Optimizer):
                             f"param has {p.numel()} (shape {tuple(p.shape)})"
                         )
                     st[key] = self._load_state_tensor(value, p)
-                elif key == "step":
+                elif key == "step" and self._has_step:
                     if isinstance(value, Tensor):
                         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
                             raise ValueError(f"loaded state dict: state 'step' of {where} must be a real number")
@@ -567,7 +577,7 @@ class FusedAdam(torch.optim.Optimizer):
                 else:
                     st[key] = deepcopy(value)
             if st:
-                for key in ("step", "exp_avg", "exp_avg_sq"):
+                for key in (("step",) if self._has_step else ()) + tuple(self._required_state_keys):
                     if key not in st:
                         raise ValueError(f"loaded state dict: the state of {where} has no {key!r}")
             new_state[p] = st
@@ -592,6 +602,7 @@ class FusedAdam(torch.optim.Optimizer):
         tensor) makes the step a no-op on the device when non-zero; both default to the attributes that
         ``torch.amp.GradScaler`` sets. With ``fused_ops.DynamicLossScaler.grad_scale_and_norm`` the grad
         scale also carries the clip coefficient, so unscale + clip + update is one pass over the grads.
+        A number ``grad_scale`` (> 0, finite) works as a tensor holding it.
         """
         loss = None
         if closure is not None:
@@ -618,7 +629,7 @@ class FusedAdam(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
             plan = self._plans.get(gi)
-            current = plan.current_grads(group, self.state) if plan is not None else None
+            current = plan.current_grads(self, group, self.state) if plan is not None else None
             if current is None:
                 params = [p for p in group["params"] if p.grad is not None]
                 self._check_params(gi, params, group)
@@ -637,7 +648,7 @@ class FusedAdam(torch.optim.Optimizer):
                 if not params:
                     self._plans.pop(gi, None)
                     continue
-                plan = _GroupPlan(group, params, [self._init_state(group, p) for p in params], self.state)
+                plan = _GroupPlan(self, group, params, [self._init_state(group, p) for p in params], self.state)
                 self._plans[gi] = plan
                 current, plan.first_grads = plan.first_grads, None  # (the plan must not keep old grads alive)
             else:
@@ -646,20 +657,22 @@ class FusedAdam(torch.optim.Optimizer):
         version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
         for plan, group, current, values in runs:
             plan.state_version = version  # (after every plan's states exist: building one changes the state)
-            plan.run(group, current, values, grad_scale=grad_scale, found_inf=found_inf)
+            plan.run(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf)
+            self._after_run(plan)
         return loss
 
     def _check_no_shared_memory(self) -> None:
         """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
         launch: overlapping tensors would race). Run when a plan is (re)built, not at every step."""
         params, states = [], []
+        keys = self._tensor_state_keys()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     params.append(_local(p))
                     st = self.state.get(p)
                     if st:
-                        states.extend(_local(v) for k, v in st.items() if k in _STATE_KEYS and isinstance(v, Tensor))
+                        states.extend(_local(v) for k, v in st.items() if k in keys and isinstance(v, Tensor))
         # (params and states are contiguous: the checked step verified it before this runs)
         check_memory(f"{type(self).__name__} (params with grads of every group, in order, and their states)",
                      [("params", params, True, True, True), ("states", states, True, True, True)])  # fmt: skip
@@ -687,94 +700,24 @@ class FusedAdam(torch.optim.Optimizer):
                                  f"{tuple(found_inf.shape)} and dtype {found_inf.dtype}")  # fmt: skip
         return grad_scale, found_inf
 
-    @staticmethod
-    def _check_step_values(gi: int, group: dict[str, Any]) -> tuple[float, float, float, float]:
-        """Check the values a user or scheduler may have changed since the constructor checked them (tensor betas,
-        eps or weight decay included); return ``(beta1, beta2, eps, weight_decay)`` as floats."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
-                raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
-        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
-        if len(group["betas"]) != 2:
-            raise ValueError(f"betas must be a pair (param group {gi})")
-        betas = [_to_float(b) for b in group["betas"]]
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (param group {gi})")
-        eps, wd = _to_float(group["eps"]), _to_float(group["weight_decay"])
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
-        if not (math.isfinite(wd) and wd >= 0):
-            raise ValueError(f"Invalid weight_decay value: {wd} (param group {gi})")
-        return betas[0], betas[1], eps, wd
-
-    def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op."""
-        for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            self._check_params(gi, params, group)
-            beta1, beta2, eps, weight_decay = self._check_step_values(gi, group)
-            if not params:
-                continue
-            states = [self._init_state(group, p) for p in params]
-            device = params[0].device
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.device != device:
-                lr = lr.to(device)
-            for master in (False, True):
-                idx = [i for i, s in enumerate(states) if (MASTER_KEY in s and group["master_weights"]) == master]
-                if not idx:
-                    continue
-                ps = [params[i] for i in idx]
-                ss = [states[i] for i in idx]
-                functional.adam_(
-                    ps,
-                    [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in ps],
-                    [s["exp_avg"] for s in ss],
-                    [s["exp_avg_sq"] for s in ss],
-                    [s["max_exp_avg_sq"] for s in ss] if group["amsgrad"] else None,
-                    [s["step"] for s in ss],
-                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    grad_scale=None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
-                                                                               device=device).reshape(1),
-                    found_inf=None if found_inf is None else found_inf.to(device),
-                    master_params=[s[MASTER_KEY] for s in ss] if master else None,
-                    backend=group["backend"],
-                )  # fmt: skip
-
-
-def _structure(group: dict[str, Any]) -> tuple:
-    """The group settings a plan is built for (the other values are read at every step)."""
-    return (group["amsgrad"], group["master_weights"], group["backend"])
-
 
 class _Part:
-    """The tensors of one launch: params with grads of one (device, dtype, grad dtype, master or not)."""
+    """The tensors of one launch: params with grads of one (device, dtype, grad dtype, master or not, and the
+    optimizer's own part key). ``roles`` holds the state lists by key, in the optimizer's launch order."""
 
-    __slots__ = ("idx", "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "masters", "device",
-                 "backend", "launcher")  # fmt: skip
+    __slots__ = ("idx", "params", "roles", "steps", "masters", "device", "backend", "launcher", "key")
 
-    def __init__(self, group: dict[str, Any], idx: list[int] | None, params: list[Tensor], grads: list[Tensor],
-                 states: list[dict[str, Tensor]], master: bool) -> None:  # fmt: skip
+    def __init__(self, opt: FusedOptimizer, group: dict[str, Any], idx: list[int] | None, params: list[Tensor],
+                 grads: list[Tensor], states: list[dict[str, Tensor]], master: bool, key: tuple) -> None:  # fmt: skip
         self.idx = idx  # positions in the plan's params; None: all of them
         self.params = params
-        self.exp_avgs = [s["exp_avg"] for s in states]
-        self.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        self.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
-        self.steps = [s["step"] for s in states]
+        self.key = key  # the optimizer's own part key (``_part_key``)
+        self.roles = {k: [s[k] for s in states] for k in opt._state_keys(group)}
+        self.steps = [s["step"] for s in states] if opt._has_step else []
         self.masters = [s[MASTER_KEY] for s in states] if master else []
         self.device = params[0].device
         self.backend = resolve_backend(group["backend"], self.device)
-        self.launcher = None
-        if self.backend == "triton":
-            from .kernels.adam import AdamStep
-
-            self.launcher = AdamStep(params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
-                                     self.steps, self.masters, amsgrad=group["amsgrad"])  # fmt: skip
+        self.launcher = opt._make_launcher(group, self, grads) if self.backend == "triton" else None
 
 
 _GRAD = operator.attrgetter("grad")
@@ -803,13 +746,13 @@ class _GroupPlan:
     the counter; resizing one in place or assigning its ``.data`` is not supported.
     """
 
-    def __init__(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]],
-                 state: Any) -> None:  # fmt: skip
+    def __init__(self, opt: FusedOptimizer, group: dict[str, Any], params: list[Tensor],
+                 states: list[dict[str, Tensor]], state: Any) -> None:  # fmt: skip
         all_params = group["params"]
         self.params_list = all_params
         self.all_params = list(all_params)  # (identities; the optimizer holds these params anyway)
         self.n_all = len(all_params)
-        self.structure = _structure(group)
+        self.structure = opt._plan_structure(group)
         self.state = state
         self.state_version: int | None = None  # set by the step once every group's states exist
         # A param state that does not count its mutations (a plain dict put there by hand) cannot be watched:
@@ -837,15 +780,18 @@ class _GroupPlan:
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
         master_on = group["master_weights"]
         keys: dict[tuple, list[int]] = {}
+        wrapped = self.params
         for i, (p, s) in enumerate(zip(params, states)):
-            keys.setdefault((p.device, p.dtype, grads[i].dtype, master_on and MASTER_KEY in s), []).append(i)
+            master = master_on and MASTER_KEY in s
+            key = (p.device, p.dtype, grads[i].dtype, master, opt._part_key(group, wrapped[i], s))
+            keys.setdefault(key, []).append(i)
         self.parts = [
-            _Part(group, None if len(keys) == 1 else idx, [params[i] for i in idx], [grads[i] for i in idx],
-                  [states[i] for i in idx], key[3])
+            _Part(opt, group, None if len(keys) == 1 else idx, [params[i] for i in idx], [grads[i] for i in idx],
+                  [states[i] for i in idx], key[3], key[4])
             for key, idx in keys.items()
         ]  # fmt: skip
 
-    def current_grads(self, group: dict[str, Any], state: Any) -> list[Tensor] | None:
+    def current_grads(self, opt: FusedOptimizer, group: dict[str, Any], state: Any) -> list[Tensor] | None:
         """The grads of this step (of the params with grads) when the plan still fits the group, else None."""
         params = group["params"]
         if (
@@ -854,7 +800,7 @@ class _GroupPlan:
             or len(params) != self.n_all
             or state is not self.state
             or state._version.n != self.state_version
-            or _structure(group) != self.structure
+            or opt._plan_structure(group) != self.structure
             or not all(map(operator.is_, params, self.all_params))
         ):
             return None
@@ -894,11 +840,10 @@ class _GroupPlan:
             self.grad_addrs = addrs
         return grads
 
-    def run(self, group: dict[str, Any], grads: list[Tensor], values: tuple[float, float, float, float], *,
-            grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
-        """One launch per part. ``values``: the group's (beta1, beta2, eps, weight_decay), checked, as floats."""
+    def run(self, opt: FusedOptimizer, group: dict[str, Any], grads: list[Tensor], values: tuple, *,
+            grad_scale: Tensor | float | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        """One launch per part. ``values``: what the optimizer's ``_check_step_values`` returned for the group."""
         lr = group["lr"]
-        beta1, beta2, eps, weight_decay = values
         for part in self.parts:
             device = part.device
             part_lr = lr
@@ -910,49 +855,10 @@ class _GroupPlan:
                 scale = None if grad_scale is None else grad_scale.to(device)
             inf = None if found_inf is None else found_inf.to(device)
             if part.launcher is not None:
-                part.launcher(
-                    lr=part_lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    maximize=group["maximize"], decoupled=group["decoupled_weight_decay"], grad_scale=scale,
-                    found_inf=inf,
-                )  # fmt: skip
+                opt._launch(part, group, part_lr, values, scale, inf)
                 _ops.bump_versions(part.params)
             else:  # (bumps the params' versions itself)
                 g = grads if part.idx is None else [grads[i] for i in part.idx]
-                lr_tensor = part_lr if isinstance(part_lr, Tensor) else None
-                _ops.adam_eager(
-                    part.params, g, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.masters, part.steps,
-                    0.0 if lr_tensor is not None else float(part_lr), lr_tensor, beta1, beta2, eps, weight_decay,
-                    bool(group["amsgrad"]), bool(group["maximize"]),
-                    bool(group["decoupled_weight_decay"]), None, scale, inf, part.backend,
-                )  # fmt: skip
+                opt._run_reference(part, g, group, part_lr, values, scale, inf)
         if self.dtensor:
             _ops.bump_versions(self.params_wrapped)  # (the shards' versions moved above; the wrappers have their own)
-
-
-class FusedAdamW(FusedAdam):
-    """AdamW (decoupled weight decay, default ``weight_decay=1e-2``), fused; drop-in torch.optim.AdamW."""
-
-    _default_decoupled = True
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        master_weights: bool = False,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            master_weights=master_weights, backend=backend,
-        )  # fmt: skip

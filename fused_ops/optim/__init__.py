@@ -1,0 +1,6 @@
+"""The fused optimizers: one machinery (``_base.FusedOptimizer``), one small file per optimizer."""
+
+from ._base import MASTER_KEY, FusedOptimizer
+from .adam import FusedAdam, FusedAdamW
+
+__all__ = ["MASTER_KEY", "FusedAdam", "FusedAdamW", "FusedOptimizer"]
