@@ -10,6 +10,7 @@ elements; the quantiser itself is checked bit for bit (zero states with beta1 = 
 exactly g and g * g).
 """
 
+import functools
 import math
 
 import pytest
@@ -20,7 +21,8 @@ from fused_ops import _ref_lowbit as ref
 from tests.utils import assert_close_list
 
 # numpy's warnings from the interpreter: log(0) in the bias correction of beta = 0, NaN/inf arithmetic (on purpose)
-pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+interpret = pytest.mark.interpret  # the kernel tests; the plain-torch quantisation tests run in every tier
 
 GUARD = 5
 CHUNK, BLOCK = 512, 256  # the smallest allowed: a chunk covers two tiles, a tile one scale block
@@ -29,10 +31,10 @@ KW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=
 STATE_DTYPES = {"int8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _guarded(n, dtype, fill, bufs):
+def _guarded_on(n, dtype, fill, bufs, device="cpu"):
     """A length-n tensor of ``fill`` inside a guard-filled buffer with GUARD elements on each side."""
     guard = 0xA5 if dtype == torch.uint8 else float("nan")
-    buf = torch.full((n + 2 * GUARD,), guard, dtype=dtype)
+    buf = torch.full((n + 2 * GUARD,), guard, dtype=dtype, device=device)
     view = buf[GUARD : GUARD + n]
     view.copy_(fill)
     bufs.append(buf)
@@ -45,9 +47,11 @@ def _check_guards(bufs):
             assert (g == 0xA5).all() if b.dtype == torch.uint8 else torch.isnan(g).all(), "wrote outside a tensor"
 
 
-def _make(sizes, dtype, state, *, grad_dtype=None, step0=3.0, zero_states=False, master=False, kahan=False):
+def _make(sizes, dtype, state, *, grad_dtype=None, step0=3.0, zero_states=False, master=False, kahan=False,
+          device="cpu"):  # fmt: skip
     """Inputs of one launch: random params, grads and moments (quantised for int8), guarded; and the guards."""
     bufs = []
+    _guarded = functools.partial(_guarded_on, device=device)
     t = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps")}
     if state == "int8":
         t["exp_avg_scales"], t["exp_avg_sq_scales"] = [], []
@@ -74,7 +78,7 @@ def _make(sizes, dtype, state, *, grad_dtype=None, step0=3.0, zero_states=False,
             t["master_params"].append(_guarded(n, torch.float32, p, bufs))
         if kahan:
             t["kahan_comps"].append(_guarded(n, dtype, (1e-3 * torch.randn(n)).to(dtype), bufs))
-        t["state_steps"].append(torch.tensor(step0))
+        t["state_steps"].append(torch.tensor(step0, device=device))
     return t, bufs
 
 
@@ -219,6 +223,7 @@ def test_philox_known_answers():
         assert tuple(int(x) for x in ref.philox(seed, *map(torch.tensor, counter))) == expected
 
 
+@interpret
 def test_philox_matches_triton():
     """The oracle's bits are those ``triton.language.random.philox`` draws (in the interpreter)."""
     import triton
@@ -244,15 +249,18 @@ def test_philox_matches_triton():
 # --- the kernel against the oracle -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["int8", "bf16", "fp32"])
-@pytest.mark.parametrize(
-    "dtype,param_sr",
-    [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)],
-    ids=["fp32", "bf16", "bf16-sr", "fp16-sr"],
-)
+ORACLE_CASES = [
+    (s, d, sr)
+    for s in ("int8", "bf16", "fp32")
+    for d, sr in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True))
+]
+ORACLE_CASES.append(("int8", torch.float16, True))  # fp16 stochastic rounding: one state is enough
+
+
+@interpret
+@pytest.mark.parametrize("state,dtype,param_sr", ORACLE_CASES,
+                         ids=[f"{s}-{str(d)[6:]}{'-sr' if sr else ''}" for s, d, sr in ORACLE_CASES])  # fmt: skip
 def test_kernel_matches_oracle(state, dtype, param_sr):
-    if dtype == torch.float16 and state != "int8":
-        pytest.skip("fp16 stochastic rounding: one state is enough")
     t, bufs = _make(SIZES, dtype, state)
     kw = dict(KW, state=state, param_sr=param_sr, seed=1234)
     r = _oracle(t, **kw)
@@ -269,6 +277,7 @@ def test_kernel_matches_oracle(state, dtype, param_sr):
     assert [s.item() for s in t["state_steps"]] == [5.0] * len(SIZES)
 
 
+@interpret
 @pytest.mark.parametrize("decoupled,maximize,weight_decay", [(False, False, 0.1), (False, True, 0.0),
                                                              (True, True, 0.05)])  # fmt: skip
 def test_int8_adam_variants(decoupled, maximize, weight_decay):
@@ -281,6 +290,7 @@ def test_int8_adam_variants(decoupled, maximize, weight_decay):
     _assert_matches(t, r, "int8", 2**-7, 0.02)
 
 
+@interpret
 def test_int8_quantiser_is_exact_and_writes_every_code():
     """Zero moments read through poisoned codes (random garbage, scale 0: they read as 0), beta1 = beta2 = 0: the
     new moments are exactly g and g * g, and every code and scale must be those of the plain-torch quantiser."""
@@ -299,6 +309,7 @@ def test_int8_quantiser_is_exact_and_writes_every_code():
             assert torch.equal(codes, c) and torch.equal(scales, s), f"tensor {i} ({'m' if signed else 'v'})"
 
 
+@interpret
 def test_int8_zero_blocks_stay_zero():
     """All-zero grads and moments: scales stay 0 (no NaN from 0/0), codes are the code of 0.0."""
     t, bufs = _make([1, 300], torch.float32, "int8", zero_states=True)
@@ -314,6 +325,7 @@ def test_int8_zero_blocks_stay_zero():
     assert all(torch.isfinite(p).all() for p in t["params"])
 
 
+@interpret
 @pytest.mark.parametrize("state", ["int8", "bf16"])
 def test_nonfinite_grads(state):
     """A NaN and an inf grad: the oracle's result, NaN where it has NaN (int8: the whole 256-block of the moments,
@@ -335,6 +347,7 @@ def test_nonfinite_grads(state):
         assert torch.isnan(p[:512]).all() and torch.isfinite(p[512:]).all()
 
 
+@interpret
 def test_many_tensors_one_launch(monkeypatch):
     """23 tensors of mixed sizes (0 included), int8 states: one launch, every tensor right, counters reset."""
     sizes = [0, 1, 2, 3, 5, 7, 11, 13, 31, 33, 63, 64, 65, 100, 127, 129, 1, 0, 257, 8, 9, 40, 513]
@@ -357,6 +370,7 @@ def test_many_tensors_one_launch(monkeypatch):
     assert launches == [(sum(max(1, math.ceil(n / CHUNK)) for n in sizes),)] * 2
 
 
+@interpret
 def test_master_params():
     """bf16 params with fp32 masters and int8 states: the masters follow the oracle, the params are their rounding."""
     t, bufs = _make([3, 257, 600], torch.bfloat16, "int8", master=True)
@@ -369,6 +383,7 @@ def test_master_params():
         assert torch.equal(p, m.to(torch.bfloat16))
 
 
+@interpret
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kahan_compensation(dtype):
     """Kahan-compensated bf16/fp16 params follow the oracle; over steps far below one ulp of the param, the param
@@ -402,6 +417,7 @@ def test_kahan_compensation(dtype):
         assert (plain["params"][0] == 1.0).all()  # rounding to nearest alone never moves
 
 
+@interpret
 def test_grad_scale_and_found_inf():
     t, bufs = _make([1, 300], torch.bfloat16, "int8")
     scaled = [(g.float() * 1024.0).to(torch.bfloat16) for g in t["grads"]]
@@ -422,6 +438,7 @@ def test_grad_scale_and_found_inf():
             assert _same_bits(a, b), k
 
 
+@interpret
 def test_tensor_lr():
     t, _ = _make([5, 300], torch.float32, "int8")
     r = _oracle(t, **dict(KW, lr=2e-3))
@@ -446,6 +463,7 @@ SR_KW = dict(lr=0.3 * 2**-8, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0, 
              state="int8", param_sr=True)  # fmt: skip
 
 
+@interpret
 def test_param_stochastic_rounding_is_unbiased():
     n = 4096
     t = _sr_setup(n)
@@ -458,6 +476,7 @@ def test_param_stochastic_rounding_is_unbiased():
     assert abs(p.mean().item() - y) < 4 * standard_error
 
 
+@interpret
 def test_bf16_state_stochastic_rounding_is_unbiased():
     """bf16 moments: m = (1 - beta1) * g with g = 1/3: the mean of the stored bf16 values is m."""
     n = 4096
@@ -474,6 +493,7 @@ def test_bf16_state_stochastic_rounding_is_unbiased():
     assert abs(stored.mean().item() - m.item()) < 4 * ulp * math.sqrt(max(frac * (1 - frac), 1e-3) / n)
 
 
+@interpret
 def test_random_bits_differ_by_step_tensor_and_seed():
     """The same inputs give the same roundings at the same (seed, step) (reproducible), different roundings at the
     next step (the step count is part of the counter), in another tensor of the launch, and with another seed."""
@@ -496,6 +516,7 @@ def test_random_bits_differ_by_step_tensor_and_seed():
 # --- the prepared step ---------------------------------------------------------------------------------------------
 
 
+@interpret
 def test_prepared_step_matches_launch_and_follows_moved_grads():
     t, _ = _make([1, 300, 513], torch.bfloat16, "int8")
     u = _clone(t)
@@ -546,6 +567,7 @@ def _bad_cases(t):
     yield t, dict(found_inf=torch.tensor(0, dtype=torch.int32)), ValueError, "found_inf"
 
 
+@interpret
 def test_bad_inputs_raise_with_nothing_changed():
     t, _ = _make([4, 300], torch.float32, "int8")
     before = _clone(t)
@@ -561,3 +583,58 @@ def test_bad_inputs_raise_with_nothing_changed():
         lowbit.adam_lowbit_launch(**t, **dict(KW, param_sr=True))
     with pytest.raises(ValueError, match="amsgrad"):
         lowbit.AdamLowbitStep(**t, amsgrad=True)
+
+
+# --- GPU: compiled kernels, default sizes, CUDA graph capture (run by benchmarks/gpu_check.sh on a lent GPU) ---------
+
+
+def _to_cpu(t):
+    return {k: [x.cpu() for x in v] for k, v in t.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state", ["int8", "bf16"])
+def test_gpu_matches_oracle_at_default_sizes(state):
+    """The compiled kernel (chunk 65536, block 1024; tensors over a chunk) against the oracle, SR params included."""
+    t, bufs = _make([1, 255, 257, 4099, 70001, 140000], torch.bfloat16, state, device="cuda")
+    kw = dict(KW, state=state, param_sr=True, seed=77)
+    r = _oracle(_to_cpu(t), **kw)
+    lowbit.adam_lowbit_launch(**t, **kw)
+    torch.cuda.synchronize()
+    _check_guards([b.cpu() for b in bufs])
+    _assert_matches(_to_cpu(t), r, state, 2**-7, 0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state", ["int8", "bf16"])
+def test_gpu_graph_replays_draw_fresh_bits(state):
+    """AdamLowbitStep captured in a CUDA graph: each replay equals an eager launch at the next step count (the bits
+    move with the count on the device, no host input), with grads that moved after the warm-up."""
+    t, _ = _make([3, 300, 70001], torch.bfloat16, state, device="cuda")
+    kw = dict(KW, state=state, param_sr=True, seed=5)
+    step = lowbit.AdamLowbitStep(**t, state=state, param_sr=True, seed=5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(**KW)  # warm-up: compiles, and prepares the staging buffer of the capture's table
+    torch.cuda.current_stream().wait_stream(side)
+    t["grads"] = [g.clone() for g in t["grads"]]  # moved since the warm-up
+    step.set_grads(t["grads"])
+    eager = _clone(t)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(**KW)
+    snapshots = []
+    for _ in range(3):
+        for g, h in zip(t["grads"], eager["grads"]):
+            new = torch.randn(g.shape, device="cuda").to(g.dtype)
+            g.copy_(new)
+            h.copy_(new)
+        graph.replay()
+        lowbit.adam_lowbit_launch(**eager, **kw)
+        torch.cuda.synchronize()
+        for k in t:
+            for a, b in zip(t[k], eager[k]):
+                assert _same_bits(a, b), k
+        snapshots.append([s.item() for s in t["state_steps"]])
+    assert snapshots == [[5.0] * 3, [6.0] * 3, [7.0] * 3]
