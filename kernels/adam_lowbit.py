@@ -534,6 +534,10 @@ def _launch(
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
             QBLOCK=QUANT_BLOCK,
+            # 4 elements per thread (one 128-bit fp32 access). At 8 (Triton's default 4 warps for block 1024) the
+            # int8 path holds two binary searches per element live: ptxas (sm_90a) gives 168-197 registers and
+            # spills; at 4, 118-119 registers, no spills (bf16 states: 64).
+            num_warps=max(1, min(8, block_size // 128)),
         )
 
 
