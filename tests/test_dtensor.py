@@ -1,4 +1,4 @@
-"""DTensor params in FusedAdam/FusedAdamW (tensor-parallel placements, FSDP2), on 2 gloo ranks, both backends.
+"""DTensor params in FusedAdam/FusedAdamW (tensor-parallel placements, FSDP2), on 2 and 4 gloo ranks, both backends.
 
 The step unwraps every param, grad and state to its local shard and launches on the shards (no DTensor dispatch);
 states are DTensors with the param's mesh and placements, as torch.optim makes them. Each rank's result is
@@ -131,6 +131,20 @@ def run_fsdp2(rank: int, world: int, out_dir: str) -> dict:
         err = max((a.full_tensor() - b.full_tensor()).abs().max().item()
                   for a, b in zip(ours.parameters(), theirs.parameters()))  # fmt: skip
         out[backend] = dict(err=err)
+    # FSDP2's CPUOffloadPolicy: the shards, their grads and the optimizer states live on the host. Its default pins
+    # that memory, which needs an accelerator; pin_memory=False runs on CPU ranks with gloo (the GPU case, with
+    # pinned memory and CUDA compute, is test_cpu_offload_policy_on_cuda_matches_torch).
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    for backend in BACKENDS:
+        ours, theirs = (_fsdp(mesh, offload_policy=CPUOffloadPolicy(pin_memory=False)) for _ in range(2))
+        o = fused_ops.FusedAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+        t = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        _train(ours, o, STEPS)
+        _train(theirs, t, STEPS)
+        on_cpu = all(p.to_local().device.type == "cpu" and o.state[p]["exp_avg"].to_local().device.type == "cpu"
+                     for p in ours.parameters())  # fmt: skip
+        out[f"offload {backend}"] = dict(err=_max_err(ours, theirs), on_cpu=on_cpu)
     dist.barrier()
     return out
 
@@ -177,6 +191,16 @@ def test_fsdp2_matches_torch(out_dir, backend):
         assert res[backend]["err"] < 1e-6, f"rank {rank}: {res[backend]['err']}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_cpu_offload_policy_matches_torch_fused(out_dir, backend):
+    """FSDP2 with CPUOffloadPolicy(pin_memory=False) on 2 gloo ranks: FusedAdamW steps the host shards; 20 steps
+    match torch.optim.AdamW(fused=True) within 1e-6, and the shards and states stay on the host."""
+    for rank, res in enumerate(_fsdp2_results(out_dir)):
+        r = res[f"offload {backend}"]
+        assert r["err"] < 1e-6, f"rank {rank}: {r['err']}"
+        assert r["on_cpu"], f"rank {rank}: a shard or a state left the host"
+
+
 _FSDP2: dict = {}
 
 
@@ -184,6 +208,49 @@ def _fsdp2_results(out_dir):
     if "r" not in _FSDP2:
         _FSDP2["r"] = spawn("tests.test_dtensor:run_fsdp2", 2, out_dir, timeout=400)
     return _FSDP2["r"]
+
+
+def run_offload_cuda(rank: int, world: int, out_dir: str) -> dict:
+    """FSDP2 with the default CPUOffloadPolicy() (pinned host shards) and CUDA compute, on one GPU."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    # spawn() made a gloo group; FSDP2's collectives on CUDA tensors need NCCL
+    dist.destroy_process_group()
+    store = os.path.join(out_dir, f"pg_offload_cuda_{os.getpid()}")
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    mesh = init_device_mesh("cuda", (world,))
+    out = {}
+    models = [_fsdp(mesh, offload_policy=CPUOffloadPolicy()) for _ in range(2)]
+    ours, theirs = models
+    o = fused_ops.FusedAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1)  # backend "auto": the CPU path
+    t = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    for k in range(STEPS):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(k)).cuda()
+        for m, opt in ((ours, o), (theirs, t)):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    out["err"] = max((a.full_tensor().cpu() - b.full_tensor().cpu()).abs().max().item()
+                     for a, b in zip(ours.parameters(), theirs.parameters()))  # fmt: skip
+    shards = [p.to_local() for p in ours.parameters()]
+    out["pinned_on_cpu"] = all(s.device.type == "cpu" and s.is_pinned() for s in shards)
+    out["states_on_cpu"] = all(o.state[p]["exp_avg"].to_local().device.type == "cpu" for p in ours.parameters())
+    dist.barrier()
+    return out
+
+
+@pytest.mark.gpu
+def test_cpu_offload_policy_on_cuda_matches_torch(out_dir):
+    """FSDP2 with the default CPUOffloadPolicy() (pinned memory needs an accelerator, so this runs on the GPU tier):
+    forward and backward on CUDA, shards and grads on the host; FusedAdamW (backend "auto" takes the CPU path)
+    steps the host shards: 20 steps match torch.optim.AdamW(fused=True) within 1e-6."""
+    (res,) = spawn("tests.test_dtensor:run_offload_cuda", 1, out_dir, timeout=300)
+    assert res["err"] < 1e-6, res
+    assert res["pinned_on_cpu"] and res["states_on_cpu"], res
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,13 +264,13 @@ def _mlp():
                                torch.nn.Linear(8, 3))  # fmt: skip
 
 
-def _fsdp(mesh):
+def _fsdp(mesh, **kwargs):
     from torch.distributed.fsdp import fully_shard
 
     m = _mlp()
     for layer in (m[0], m[2], m[4]):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(m, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    return fully_shard(m, mesh=mesh, **kwargs)
 
 
 def _train(model, opt, steps, first=0):
@@ -216,6 +283,10 @@ def _train(model, opt, steps, first=0):
 
 def _full(model):
     return [p.full_tensor().clone() for p in model.parameters()]
+
+
+def _max_err(ours, theirs) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(_full(ours), _full(theirs)))
 
 
 def run_world4(rank: int, world: int, out_dir: str) -> dict:
@@ -248,8 +319,18 @@ def run_world4(rank: int, world: int, out_dir: str) -> dict:
         out["placements_2d"] = sorted({str(tuple(p.placements)) for p in ours.parameters()})
     out["err_2d"] = errs
 
-    # DCP: save ours and torch's after 3 steps (4 ranks); record where 3 more steps lead
+    # FSDP2 only, on a 1-D mesh of 4 ranks (the bias of 3 leaves rank 3 an empty shard), against torch's fused AdamW
     mesh = init_device_mesh("cpu", (world,))
+    out["err_fsdp"] = {}
+    for backend in BACKENDS:
+        ours, theirs = _fsdp(mesh), _fsdp(mesh)
+        o = fused_ops.FusedAdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+        t = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        _train(ours, o, STEPS)
+        _train(theirs, t, STEPS)
+        out["err_fsdp"][backend] = _max_err(ours, theirs)
+
+    # DCP: save ours and torch's after 3 steps (4 ranks); record where 3 more steps lead
     for name, make in (("ours", lambda ps: fused_ops.FusedAdamW(ps, lr=1e-2)),
                        ("torch", lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False))):  # fmt: skip
         model = _fsdp(mesh)
@@ -303,6 +384,13 @@ def test_fsdp2_with_tensor_parallel_2d_mesh_matches_torch(world4_results, backen
     for rank, res in enumerate(world4_results):
         assert res["err_2d"][backend] < 1e-6, f"rank {rank}: {res['err_2d'][backend]}"
     assert any("Shard(dim=0), Shard(dim=1)" in p or "Shard(dim=1)" in p for p in world4_results[0]["placements_2d"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_only_4_ranks_matches_torch_fused(world4_results, backend):
+    """FSDP2 alone on a 1-D mesh of 4 gloo ranks: 20 steps match torch.optim.AdamW(fused=True) within 1e-6 (fp32)."""
+    for rank, res in enumerate(world4_results):
+        assert res["err_fsdp"][backend] < 1e-6, f"rank {rank}: {res['err_fsdp'][backend]}"
 
 
 def test_dcp_checkpoint_saved_with_4_ranks_loads_with_2(world4_results, out_dir):
@@ -394,5 +482,7 @@ def test_bench_dtensor_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     case = json.loads(out.read_text())["cases"][0]
     for name in ("fused_ops", "fused_ops host only", "torch-fused", "torch-foreach"):
-        assert case[name]["median_ms"] > 0, name
+        assert case[name]["median_ms"] > 0 and case[name]["first_step_s"] > 0, name
+        assert len(case[name]["times_ms"]) == 2, name
+    assert case["n_params"] == 20 and case["param_groups"] == 1 and case["build"]["fully_shard_s"] > 0
     assert case["fused_ops / torch-fused"] > 0 and "fused_ops" in proc.stdout

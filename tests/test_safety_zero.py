@@ -151,8 +151,14 @@ BAD_STEP_VALUES = [  # (label, change, exception, patterns)
     ("weight_decay inf", set_group(1, "weight_decay", math.inf), "ValueError", r"weight_decay", r"param group 1"),
     ("max_grad_norm -1", set_max_grad_norm(-1.0), "ValueError", r"max_grad_norm"),
     ("max_grad_norm nan", set_max_grad_norm(math.nan), "ValueError", r"max_grad_norm"),
-    ("lr 2-element tensor", set_group(1, "lr", torch.tensor([LR, LR])), "ValueError", r"1-element", r"lr",
-     r"param group 1"),  # fmt: skip
+    (
+        "lr 2-element tensor",
+        set_group(1, "lr", torch.tensor([LR, LR])),
+        "ValueError",
+        r"1-element",
+        r"lr",
+        r"param group 1",
+    ),
     ("lr tensor nan", set_group(1, "lr", torch.tensor(math.nan)), "ValueError", r"learning rate", r"param group 1"),
     ("lr int tensor", set_group(0, "lr", torch.tensor(1)), "TypeError", r"lr", r"param group 0"),
 ]
@@ -195,8 +201,13 @@ BAD_LOSS_SCALES = [  # (label, value, exception, patterns)
     ("a string", "2.0", "TypeError", r"loss_scale"),
     ("scaler with scale 0", scaler(torch.zeros(1)), "ValueError", r"loss_scale"),
     ("scaler with 2-element scale", scaler(torch.ones(2)), "ValueError", r"loss_scale", r"1-element"),
-    ("scaler with 2-element found_inf", scaler(torch.ones(1), torch.zeros(2)), "ValueError", r"found_inf",
-     r"1-element"),  # fmt: skip
+    (
+        "scaler with 2-element found_inf",
+        scaler(torch.ones(1), torch.zeros(2)),
+        "ValueError",
+        r"found_inf",
+        r"1-element",
+    ),
 ]
 
 
@@ -211,7 +222,7 @@ def case_loss_scale(rank: int, world: int) -> list[dict]:
             for where in ("one rank", "every rank"):
                 mine = value if where == "every rank" or rank == bad else 1.0
                 extra = [f"rank {bad}"] if where == "one rank" else []
-                call = lambda v=mine: opt.step(loss_scale=v)  # noqa: E731
+                call = lambda v=mine, opt=opt: opt.step(loss_scale=v)  # noqa: E731
                 out.append(attempt(f"stage {stage}: loss_scale {label} on {where}", call, zero_objects(opt, value),
                                    exc, *patterns, *extra))  # fmt: skip
         out.append(recovers(model, opt, rank, world, f"stage {stage}: a valid step afterwards"))
@@ -267,8 +278,8 @@ def case_step_values_differ(rank: int, world: int) -> list[dict]:
             kw = {"loss_scale": torch.tensor([2.0]) if label == "tensor loss_scale" else 2.0}
             if rank == odd:
                 kw.update(kwargs)
-            out.append(attempt(f"stage {stage}: {label} differs", lambda kw=kw: opt.step(**kw), zero_objects(opt),
-                               "ValueError", r"differ", rf"rank {odd}", *patterns))  # fmt: skip
+            out.append(attempt(f"stage {stage}: {label} differs", lambda kw=kw, opt=opt: opt.step(**kw),
+                               zero_objects(opt), "ValueError", r"differ", rf"rank {odd}", *patterns))  # fmt: skip
             restore_groups(opt, saved, mgn)
         out.append(recovers(model, opt, rank, world, f"stage {stage}: a valid step afterwards"))
     return out
@@ -289,12 +300,13 @@ def case_retry_is_exact(rank: int, world: int) -> list[dict]:
             twins.append((model, opt))
         (model, opt), (twin, twin_opt) = twins
         where = f"stage {stage}" + (", grads set by hand" if by_hand else "")
-        out.append(attempt(f"{where}: failed step", lambda: opt.step(loss_scale=0.0 if rank == bad else 1.0),
+        out.append(attempt(f"{where}: failed step", lambda opt=opt: opt.step(loss_scale=0.0 if rank == bad else 1.0),
                            zero_objects(opt), "ValueError", r"loss_scale", rf"rank {bad}"))  # fmt: skip
         opt.step(loss_scale=1.0)
         twin_opt.step(loss_scale=1.0)
         same = torch.equal(flat_params(model), flat_params(twin)) and tensors_equal(
-            opt.consolidated_state_dict(to=None), twin_opt.consolidated_state_dict(to=None))
+            opt.consolidated_state_dict(to=None), twin_opt.consolidated_state_dict(to=None)
+        )
         out.append(check(f"{where}: the retry matches a step without the failed one", same))
         grads_freed = stage == 1 or all(p.grad is None for p in model.parameters())
         out.append(check(f"{where}: stage 2 frees p.grad once the step succeeds", grads_freed))
@@ -458,9 +470,9 @@ def case_constructor(rank: int, world: int) -> list[dict]:
         kw = dict(stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
         if rank == odd:
             kw.update(kwargs)
-        out.append(attempt(f"{label} differs between ranks", lambda kw=kw: ZeroAdamW(model.parameters(), **kw),
-                           (list(model.parameters()),), "ValueError", r"differ", rf"rank {odd}\b",
-                           *patterns))  # fmt: skip
+        make = lambda kw=kw, model=model: ZeroAdamW(model.parameters(), **kw)
+        out.append(attempt(f"{label} differs between ranks", make, (list(model.parameters()),), "ValueError",
+                           r"differ", rf"rank {odd}\b", *patterns))  # fmt: skip
     return out
 
 
@@ -586,7 +598,7 @@ def case_generated_step_values(rank: int, world: int) -> list[dict]:
                     return chosen[r][slot][0]
                 return 2 * LR if slot == ("lr", 1) else DEFAULTS[slot[0]]
 
-            def first_bad(r: int, chosen=chosen) -> tuple | None:
+            def first_bad(r: int, chosen=chosen, order=order) -> tuple | None:
                 """The check that fails first on rank r: those on the host in order, then the tensor values
                 checked on the device (a 1-element float tensor's value)."""
                 bad = [slot for slot in order if slot in chosen[r] and chosen[r][slot][1] is not None]
@@ -610,9 +622,11 @@ def case_generated_step_values(rank: int, world: int) -> list[dict]:
             loss_scale = value(rank, ("loss_scale", None))
             label = f"stage {stage}, example {example}: " + ", ".join(
                 f"rank {r} {key}{'' if gi is None else f'[group {gi}]'}={v!r}"
-                for r in chosen for (key, gi), (v, _) in chosen[r].items()
+                for r in chosen
+                for (key, gi), (v, _) in chosen[r].items()
             )
-            rec = attempt(label, lambda ls=loss_scale: opt.step(loss_scale=ls), zero_objects(opt), exc, *patterns)
+            call = lambda ls=loss_scale, opt=opt: opt.step(loss_scale=ls)
+            rec = attempt(label, call, zero_objects(opt), exc, *patterns)
             restore_groups(opt, saved, mgn)
             if exc is None:
                 rec["changed"] = None  # a step that succeeds changes the params, on every rank alike:
