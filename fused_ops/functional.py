@@ -210,7 +210,7 @@ import numbers  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from operator import attrgetter  # noqa: E402
 
-from . import reference  # noqa: E402
+from . import _dtensor, reference  # noqa: E402
 from ._backend import check_backend  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,6 +250,38 @@ def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor]
 
 def _float_tensors(fn: str, name: str, tensors) -> list[Tensor]:
     return _float_tensors_and_dtypes(fn, name, tensors)[0]
+
+
+def _as_list(fn: str, name: str, tensors) -> list:
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Iterable):
+        got = "a Tensor" if isinstance(tensors, Tensor) else type(tensors).__name__
+        raise TypeError(f"{fn}: {name} must be a sequence of tensors, got {got}")
+    return list(tensors)
+
+
+def _float_locals(fn: str, name: str, tensors: list) -> tuple[list[Tensor], set[torch.dtype], list | None]:
+    """:func:`_float_tensors_and_dtypes` with each DTensor taken as its local shard (a ``Partial`` one refused), and
+    each entry's ``(mesh, placements)`` (None for a plain tensor; the list is None when there is no DTensor)."""
+    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]")
+    local, dtypes = _float_tensors_and_dtypes(fn, name, local)
+    return local, dtypes, specs
+
+
+def _check_dtensor_pairs(fn: str, a: tuple[str, list, list | None], b: tuple[str, list, list | None]) -> None:
+    """Entry ``i`` of lists ``a`` and ``b`` (``(name, tensors as passed, specs)``) are both DTensors with the same
+    mesh, placements and (global) shape, or both plain tensors: then their local shards match on every rank. Reads
+    only what is the same on every rank, so the error is too."""
+    (a_name, a_xs, a_specs), (b_name, b_xs, b_specs) = a, b
+    a_specs = a_specs or [None] * len(a_xs)
+    b_specs = b_specs or [None] * len(b_xs)
+    for i, (sa, sb) in enumerate(zip(a_specs, b_specs)):
+        if sa != sb:
+            raise ValueError(f"{fn}: {a_name}[{i}] is {_dtensor.describe(sa)} but {b_name}[{i}] is "
+                             f"{_dtensor.describe(sb)}: both must be DTensors with the same mesh and placements, or "
+                             "both plain tensors")  # fmt: skip
+        if sa is not None and a_xs[i].shape != b_xs[i].shape:
+            raise ValueError(f"{fn}: {a_name}[{i}] has shape {tuple(a_xs[i].shape)} but {b_name}[{i}] has "
+                             f"{tuple(b_xs[i].shape)}")  # fmt: skip
 
 
 def _all_contiguous(tensors: list[Tensor]) -> bool:
@@ -461,12 +493,21 @@ def cast_(
     sync; a captured CUDA graph draws a new key at every replay). ``dst[i]`` must be contiguous and have
     ``src[i]``'s shape and device; it may be ``src[i]`` itself (the same memory) but share no memory with any other
     tensor of either list. float64 tensors go through plain torch.
+
+    DTensors: ``dst[i]`` and ``src[i]`` are both DTensors with the same mesh, placements and shape (or both plain
+    tensors); the cast runs on the local shards, no communication (a mismatch, or a ``Partial`` DTensor, raises the
+    same ValueError on every rank, naming the argument). With ``stochastic=True`` a DTensor replicated over some mesh
+    dim needs ``seed`` (the same on every rank: its replicas then round alike); each shard's random stream is the
+    seed mixed with the shard's coordinates on the sharded mesh dims, so shards round independently.
     """
-    dst, dst_dtypes = _float_tensors_and_dtypes("cast_", "dst", dst)
-    src, src_dtypes = _float_tensors_and_dtypes("cast_", "src", src)
+    dst_in, src_in = _as_list("cast_", "dst", dst), _as_list("cast_", "src", src)
+    dst, dst_dtypes, d_specs = _float_locals("cast_", "dst", dst_in)
+    src, src_dtypes, s_specs = _float_locals("cast_", "src", src_in)
     if len(dst) != len(src):
         raise ValueError(f"cast_: dst has {len(dst)} tensors but src has {len(src)}")
     _check_stochastic("cast_", stochastic)
+    if d_specs is not None or s_specs is not None:
+        _check_dtensor_pairs("cast_", ("src", src_in, s_specs), ("dst", dst_in, d_specs))
     devices = {x.device for x in dst} | {x.device for x in src}
     if not (len(devices) <= 1 and _same_shapes(dst, src) and _all_contiguous(dst)):
         for i, (d, s) in enumerate(zip(dst, src, strict=True)):
@@ -478,25 +519,36 @@ def cast_(
                 raise ValueError(f"cast_: dst[{i}] must be contiguous (it is written in place)")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
+    if stochastic and seed is None and d_specs is not None:
+        i = next((i for i, sp in enumerate(d_specs) if sp is not None and any(p.is_replicate() for p in sp[1])), None)
+        if i is not None:
+            raise ValueError(f"cast_: dst[{i}] is {_dtensor.describe(d_specs[i])}: stochastic rounding of a "
+                             "replicated DTensor needs seed= (the same int on every rank), so that its replicas round "
+                             "alike")  # fmt: skip
     if not dst:
         return
     src_dense = _all_contiguous(src)
     _check_memory("cast_", [("dst", dst, True, True, True), ("src", src, False, True, src_dense)], same=(0, 1))
     if not src_dense:
         src = [x.contiguous() for x in src]
-    if len(devices) == 1 and len(dst_dtypes) == 1 and len(src_dtypes) == 1:
+    shards = d_specs is not None and stochastic and seed is not None  # (streams per shard: see the docstring)
+    if len(devices) == 1 and len(dst_dtypes) == 1 and len(src_dtypes) == 1 and not shards:
         groups = [((dst[0].device, dst[0].dtype, src[0].dtype), dst, src)]
     else:
+        keys = [_dtensor.norm_key(sp) for sp in d_specs] if shards else None
         groups = [
             (key, [dst[i] for i in idx], [src[i] for i in idx])
-            for key, idx in _groups(lambda i: (dst[i].device, dst[i].dtype, src[i].dtype), len(dst))
-        ]
+            for key, idx in _groups(lambda i: (dst[i].device, dst[i].dtype, src[i].dtype, keys[i] if shards else None),
+                                    len(dst))
+        ]  # fmt: skip
     named = (("dst", dst), ("src", src))
-    backends = [_op_backend("cast_", backend, device, [d, s], named=named) for (device, d, s), _, _ in groups]
-    for k, ((_, _, _), d_group, s_group) in enumerate(groups):
+    backends = [_op_backend("cast_", backend, key[0], key[1:3], named=named) for key, _, _ in groups]
+    for k, (key, d_group, s_group) in enumerate(groups):
         # Distinct random streams per group: derived from an explicit seed, else each group draws its key on its
         # device (graph-safe; see _ops._cast).
         group_seed = None if seed is None else (seed + 0x9E3779B9 * k) % 2**31
+        if shards and key[3] is not None:
+            group_seed = (group_seed + 0x85EBCA6B * _dtensor.shard_index(key[3])) % 2**31
         _ops.cast_eager(d_group, s_group, stochastic, group_seed, backends[k])
 
 
@@ -540,14 +592,24 @@ def unscale_(
 
     The product is computed in fp32 and rounded to nearest even into the destination (torch's
     ``_amp_foreach_non_finite_check_and_unscale_``).
+
+    DTensors (FSDP2, tensor parallel): the grads' local shards are unscaled, then ``found_inf`` is all-reduced (MAX)
+    over every mesh the grads live on, so that it agrees on every rank (no host sync; one all-reduce per mesh when
+    it is 1-D or spans every rank, else one per mesh dim). ``out[i]`` is then a DTensor with ``grads[i]``'s mesh,
+    placements and shape. A ``Partial`` grad, or a mismatched ``out``, raises the same ValueError on every rank
+    before anything changes. A list without DTensors never communicates.
     """
-    grads, g_dtypes = _float_tensors_and_dtypes("unscale_", "grads", grads)
+    grads_in = _as_list("unscale_", "grads", grads)
+    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in)
     _check_inv_scale("unscale_", inv_scale)
     if found_inf is not None:
         _scalar_tensor("unscale_", "found_inf", found_inf)
-    outs, o_dtypes = _float_tensors_and_dtypes("unscale_", "out", out) if out is not None else ([], set())
+    out_in = _as_list("unscale_", "out", out) if out is not None else []
+    outs, o_dtypes, o_specs = _float_locals("unscale_", "out", out_in) if out is not None else ([], set(), None)
     if out is not None and len(outs) != len(grads):
         raise ValueError(f"unscale_: out has {len(outs)} tensors but grads has {len(grads)}")
+    if outs and (g_specs is not None or o_specs is not None):
+        _check_dtensor_pairs("unscale_", ("out", out_in, o_specs), ("grads", grads_in, g_specs))
     devices = {x.device for x in grads}
     if outs:
         devices |= {x.device for x in outs}
@@ -579,6 +641,8 @@ def unscale_(
         _check_memory("unscale_", [("grads", grads, True, True, True), *scalars])
     _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
                     (("grads", grads), ("out", outs)))  # fmt: skip
+    if g_specs is not None and found_inf is not None:
+        _dtensor.agree_flag(found_inf, _dtensor.meshes_of(g_specs, grads))
 
 
 def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes, named=()) -> None:
@@ -616,9 +680,21 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     float64, returned as float32 (float64 if a tensor is float64), whatever the tensors' dtype. Deterministic:
     the same inputs give the same bits. ``norm_type`` is ``inf`` (or ``"inf"``) or any p > 0. An empty list
     gives 0.
+
+    DTensors (FSDP2, tensor parallel, 2-D meshes): the GLOBAL norm over the mesh, as
+    ``torch.nn.utils.get_total_norm`` gives it, as a plain 0-d tensor with the same value on every rank (torch
+    returns a DTensor: ``Replicate()``, or ``Partial(max)`` for inf; its ``full_tensor()`` is this value). Each rank
+    computes its local shards' partial norm with the kernels above, then one all-reduce per mesh (SUM of p-th
+    powers, MAX for inf; over the mesh dims where some tensor is sharded, replicas counted once) adds the other
+    ranks' partials; no host sync. DTensors on several meshes and plain tensors may be mixed: each mesh is reduced
+    on its own, plain tensors count as they are on this rank, and the parts combine. A ``Partial`` DTensor (not yet
+    reduced) raises the same ValueError on every rank, before any collective. For a large p the p-th powers are
+    summed in float64 and may overflow where the norm does not (as in torch).
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
-    tensors, dtypes = _float_tensors_and_dtypes("grad_norm", "tensors", tensors)
+    tensors, dtypes, specs = _float_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors))
+    if specs is not None:
+        return _global_grad_norm("grad_norm", tensors, dtypes, norm_type, backend, "tensors", specs)[0]
     return _grad_norm("grad_norm", tensors, dtypes, norm_type, backend)
 
 
@@ -642,6 +718,18 @@ def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tenso
     return torch.linalg.vector_norm(stacked, norm_type).to(out_dtype)
 
 
+def _global_grad_norm(fn, tensors, dtypes, norm_type, backend, name, specs, flag=None) -> tuple[Tensor, Tensor | None]:
+    """The norm over every rank of local shards ``tensors`` (DTensors' ``specs``; see :func:`grad_norm`), and,
+    with ``flag`` (a 1-element found-inf flag), that flag agreed over the meshes (see ``_dtensor.global_norm``)."""
+    for device, dtype in {(x.device, x.dtype) for x in tensors}:  # (all resolved before anything runs)
+        _op_backend(fn, backend, device, [dtype], named=((name, tensors),))
+    keys = [_dtensor.norm_key(s) for s in specs]
+    local = [(key, _grad_norm(fn, [tensors[i] for i in idx], {tensors[i].dtype for i in idx}, norm_type, backend, name))
+             for key, idx in _groups(keys.__getitem__, len(tensors))]  # fmt: skip
+    out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    return _dtensor.global_norm(local, norm_type, tensors[0].device, out_dtype, flag)
+
+
 def _check_max_norm(fn: str, max_norm) -> float:
     """``max_norm`` as a float: any number torch's clip takes (``inf``: "norm only", the coefficient is 1), not
     nan (every grad would become nan)."""
@@ -662,9 +750,10 @@ def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def _param_grads(fn: str, parameters) -> list[Tensor]:
+def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None]:
     """The grads of ``parameters`` (a tensor or an iterable of tensors) that have one, checked by the parameter's
-    index: dense floating-point tensors."""
+    index: dense floating-point tensors; DTensor grads as their local shards, with each grad's ``(mesh, placements)``
+    (None for a plain grad; the list is None when there is no DTensor grad)."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     elif not isinstance(parameters, Iterable):
@@ -675,13 +764,18 @@ def _param_grads(fn: str, parameters) -> list[Tensor]:
         i = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
         raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
     grads = [p.grad for p in parameters if p.grad is not None]
+    specs = None
+    if _dtensor.has_dtensor(grads):
+        where = [i for i, p in enumerate(parameters) if p.grad is not None]
+        grads, specs = _dtensor.unwrap(fn, grads, lambda k: f"parameters[{where[k]}].grad")
     if {g.layout for g in grads} <= _STRIDED and all(map(_has_memory, {type(g) for g in grads})):
-        return grads  # (grads are floating point: torch checks the param's dtype)
-    for i, p in enumerate(parameters):
-        if p.grad is not None and p.grad.layout != torch.strided:
-            raise TypeError(f"{fn}: parameters[{i}].grad must be a dense tensor, got {p.grad.layout}")
-        if p.grad is not None and not _has_memory(type(p.grad)):
-            raise TypeError(f"{fn}: parameters[{i}].grad is a {type(p.grad).__name__}, not a plain tensor with "
+        return grads, specs  # (grads are floating point: torch checks the param's dtype)
+    where = [i for i, p in enumerate(parameters) if p.grad is not None]
+    for i, g in zip(where, grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"{fn}: parameters[{i}].grad must be a dense tensor, got {g.layout}")
+        if not _has_memory(type(g)):
+            raise TypeError(f"{fn}: parameters[{i}].grad is a {type(g).__name__}, not a plain tensor with "
                             "memory of its own")  # fmt: skip
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -703,10 +797,16 @@ def clip_grad_norm_(
     1, as torch does). ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does.
     ``foreach`` is accepted and ignored. Params without a grad are skipped; none gives ``tensor(0.)``. A grad
     listed twice counts twice and is multiplied twice, as in torch; grads that partly share memory are refused.
+
+    DTensor grads (FSDP2, tensor parallel, 2-D meshes, several meshes, mixed with plain grads): the total is the
+    global norm across the mesh (:func:`grad_norm`: one all-reduce per mesh, no host sync), a plain 0-d tensor equal
+    on every rank where torch returns a DTensor (``Replicate()``; ``Partial(max)`` for inf) whose ``full_tensor()``
+    is this value; the local shards are scaled in place. A ``Partial`` grad raises the same ValueError on every rank
+    before any collective, and nothing changes.
     """
     max_norm = _check_max_norm("clip_grad_norm_", max_norm)
     norm_type = _check_norm_type("clip_grad_norm_", norm_type)
-    grads = _param_grads("clip_grad_norm_", parameters)
+    grads, specs = _param_grads("clip_grad_norm_", parameters)
     if not grads:
         return torch.tensor(0.0)
     # A grad listed more than once (a param listed twice) is multiplied once per listing, as torch's loop does:
@@ -722,7 +822,11 @@ def clip_grad_norm_(
             rounds[k].append(g)
     dense = _all_contiguous(rounds[0])
     _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
-    total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads")
+    if specs is not None:
+        total = _global_grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads",
+                                  specs)[0]  # fmt: skip
+    else:
+        total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads")
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "

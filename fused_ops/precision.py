@@ -195,7 +195,9 @@ class DynamicLossScaler:
 
     def unscale_(self, grads: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> Tensor:
         """Divide ``grads`` by the scale in place (or write to ``out``, e.g. fp32 copies of bf16 grads) and set
-        :attr:`found_inf` on inf/nan: one launch per (device, dtype) group, no sync. Returns :attr:`found_inf`."""
+        :attr:`found_inf` on inf/nan: one launch per (device, dtype) group, no sync. Returns :attr:`found_inf`.
+        DTensor grads: their local shards are unscaled and :attr:`found_inf` is all-reduced (MAX) over their meshes,
+        so every rank skips the same steps (see ``fused_ops.unscale_``)."""
         functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
         return self._found_inf
 
@@ -211,13 +213,28 @@ class DynamicLossScaler:
         ``min(1, max_norm / (norm + 1e-6))`` when ``max_norm`` is given. Pass it as ``grad_scale`` and
         :attr:`found_inf` as ``found_inf`` to ``fused_ops.functional.adam_``: unscale, clip and update are
         then one pass over the grads. No host sync.
+
+        DTensor grads (FSDP2, tensor parallel): ``norm`` is the global norm across the mesh (see
+        ``fused_ops.grad_norm``), the same on every rank, and :attr:`found_inf` is agreed across the grads' meshes in
+        the same all-reduce (a flag already set on one rank, e.g. by an earlier :meth:`unscale_` of plain grads, is
+        set on all): one collective per mesh, no host sync.
         """
         fn = "DynamicLossScaler.grad_scale_and_norm"
         if max_norm is not None:
             max_norm = functional._check_max_norm(fn, max_norm)
         norm_type = functional._check_norm_type(fn, norm_type)
-        scaled = functional.grad_norm(grads, norm_type, backend=self.backend).to(self.device)
+        local, dtypes, specs = functional._float_locals("grad_norm", "tensors",
+                                                        functional._as_list("grad_norm", "tensors", grads))  # fmt: skip
+        if specs is None:
+            scaled = functional._grad_norm("grad_norm", local, dtypes, norm_type, self.backend)
+            agreed = None
+        else:
+            scaled, agreed = functional._global_grad_norm("grad_norm", local, dtypes, norm_type, self.backend,
+                                                          "tensors", specs, flag=self._found_inf)  # fmt: skip
+        scaled = scaled.to(self.device)
         bad = (~torch.isfinite(scaled)).to(torch.float32).reshape(1)
+        if agreed is not None:
+            bad = torch.maximum(bad, agreed.to(self.device))
         self._found_inf.copy_(torch.maximum(self._found_inf, bad))
         norm = (scaled.double() / self._scale.double().reshape(())).float()
         grad_scale = self._scale.clone()

@@ -1,0 +1,178 @@
+"""DTensor arguments of the mixed-precision ops (grad_norm, clip_grad_norm_, unscale_, cast_, DynamicLossScaler).
+
+The ops run on the local shards (``_local_tensor``: no DTensor dispatch) with the plain-tensor code path; this
+module unwraps them, refuses what the shards cannot stand for, and runs the collectives that turn local results
+into global ones:
+
+- a norm: each rank's partial (sum of p-th powers, or max for inf) per (mesh, sharded mesh dims), all-reduced once
+  per mesh over the mesh dims where some tensor is sharded. A tensor replicated over a reduced dim contributes only
+  from the ranks at coordinate 0 of that dim (zeros elsewhere), so replicas are not counted twice.
+- a ``found_inf`` flag: all-reduced (MAX) over every mesh the tensors live on, so every rank skips the same steps.
+
+Every check here reads only what is the same on every rank (classes, meshes, placements, global shapes), and runs
+before any collective: a bad argument raises the same error on every rank instead of leaving the others waiting in
+a collective. No value is read on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover (torch without distributed)
+    DTensor = None
+
+
+def has_dtensor(xs: Sequence) -> bool:
+    return DTensor is not None and any(issubclass(cls, DTensor) for cls in {type(x) for x in xs})
+
+
+def spec(x) -> tuple | None:
+    """``(mesh, placements)`` of a DTensor, None for anything else."""
+    return (x.device_mesh, tuple(x.placements)) if DTensor is not None and isinstance(x, DTensor) else None
+
+
+def describe(s: tuple | None) -> str:
+    return "a plain tensor" if s is None else f"a DTensor with placements {s[1]} on {s[0]}"
+
+
+def unwrap(fn: str, xs: list, label: Callable[[int], str]) -> tuple[list, list | None]:
+    """``xs`` with each DTensor replaced by its local shard, and each entry's :func:`spec` (None for a plain entry);
+    ``(xs, None)`` when there is no DTensor. A ``Partial`` DTensor (unreduced: its shards are summands, not parts of
+    the tensor) raises a ValueError naming ``label(i)``."""
+    if not has_dtensor(xs):
+        return xs, None
+    specs = [spec(x) for x in xs]
+    for i, s in enumerate(specs):
+        if s is not None and any(p.is_partial() for p in s[1]):
+            raise ValueError(f"{fn}: {label(i)} is {describe(s)}: a Partial DTensor must be reduced first "
+                             "(redistribute it to Shard or Replicate placements)")  # fmt: skip
+    return [x if s is None else x._local_tensor for x, s in zip(xs, specs)], specs
+
+
+def sharded_dims(placements: tuple) -> tuple[int, ...]:
+    """The mesh dims over which a tensor's elements are split: every placement but Replicate (Shard, _StridedShard;
+    Partial is refused before)."""
+    return tuple(d for d, p in enumerate(placements) if not p.is_replicate())
+
+
+def norm_key(s: tuple | None) -> tuple | None:
+    """What a tensor's share of a norm is reduced by: None (a plain tensor: counted as it is on this rank), or
+    ``(mesh, sharded mesh dims)``."""
+    return None if s is None else (s[0], sharded_dims(s[1]))
+
+
+def shard_index(key: tuple) -> int:
+    """For a :func:`norm_key` ``(mesh, dims)``: 0 when no dim is sharded, else 1 + this rank's shard's index on the
+    sharded mesh dims (the same on the ranks that hold the same shard)."""
+    mesh, dims = key
+    coord = mesh.get_coordinate()
+    if not dims or coord is None:
+        return 0
+    index = 0
+    for d in dims:
+        index = index * mesh.size(d) + coord[d]
+    return 1 + index
+
+
+def _world_serves(device: torch.device) -> bool:
+    try:
+        return device.type in {d.type for d in dist.group.WORLD._device_types}
+    except Exception:  # (a private property: fall back to the mesh's own groups)
+        return False
+
+
+def _groups(mesh, dims: list[int], device: torch.device) -> list:
+    """The process groups to all-reduce over, in turn, to reduce over mesh dims ``dims``: one group per dim, or the
+    default group once when ``dims`` are all of a mesh that spans every rank."""
+    if len(dims) > 1 and len(dims) == mesh.ndim and mesh.size() == dist.get_world_size() and _world_serves(device):
+        return [dist.group.WORLD]
+    return [mesh.get_group(d) for d in dims]
+
+
+def global_norm(
+    local: list[tuple[tuple | None, Tensor]], norm_type: float, device: torch.device, out_dtype: torch.dtype,
+    flag: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """The norm of all tensors of all ranks from each rank's local norms, and, with ``flag`` (a 1-element tensor,
+    non-zero meaning "found inf"), that flag agreed over the meshes (1.0 where any rank's was set; fp32 on ``device``;
+    None when there is no mesh).
+
+    ``local``: ``(norm_key, 0-d local norm)`` pairs, keys distinct. One all-reduce of a small float64 vector per mesh
+    and reduced mesh dim (one per mesh when it spans every rank or only one dim needs reducing): SUM of p-th powers
+    for a finite p, MAX for inf, plus a NaN count (a MAX reduction may drop a NaN) and the flag.
+    """
+    inf = math.isinf(norm_type)
+    plain: list[Tensor] = []
+    by_mesh: dict = {}
+    for key, n in local:
+        v = n.to(torch.float64)
+        v = v if inf else v.pow(norm_type)
+        if key is None:
+            plain.append(v.to(device))
+        else:
+            by_mesh.setdefault(key[0], []).append((key[1], v))
+    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+    totals, nans = list(plain), [v.isnan() for v in plain]
+    agreed = None
+    for mesh, entries in by_mesh.items():
+        coord = mesh.get_coordinate()
+        if coord is None:  # this rank holds no shard of this mesh's tensors (and is in none of its groups)
+            continue
+        mesh_device = entries[0][1].device
+        dims = sorted({d for dd, _ in entries for d in dd}) if flag is None else list(range(mesh.ndim))
+        vals = [v if all(coord[d] == 0 for d in dims if d not in dd) else torch.zeros_like(v) for dd, v in entries]
+        vec = torch.stack(vals)
+        bad = vec.isnan()
+        parts = [torch.where(bad, 0.0, vec), bad.sum().to(torch.float64).reshape(1)]
+        if flag is not None:
+            f = flag if agreed is None else agreed
+            parts.append((f.detach().reshape(1) != 0).to(mesh_device, torch.float64))
+        vec = torch.cat(parts)
+        for group in _groups(mesh, dims, mesh_device):
+            dist.all_reduce(vec, op, group=group)
+        k = len(entries)
+        vec = vec.to(device)
+        totals.append(vec[:k].max() if inf else vec[:k].sum())
+        nans.append(vec[k] > 0)
+        if flag is not None:
+            agreed = (vec[k + 1] > 0).to(torch.float32).reshape(1)
+    stacked = torch.stack(totals)
+    total = stacked.max() if inf else stacked.sum().pow(1.0 / norm_type)
+    total = torch.where(torch.stack(nans).any(), math.nan, total) if nans else total
+    return total.to(out_dtype), agreed
+
+
+def agree_flag(found_inf: Tensor, meshes: list[tuple]) -> None:
+    """Set ``found_inf`` (1 element, non-zero = found) to 1 on every rank of ``meshes`` (``(mesh, device)`` pairs,
+    each mesh once) where any rank's is set: an all-reduce MAX over each mesh in turn (one per mesh when it spans
+    every rank or is 1-D), no host read. Over several meshes the result is global when they are nested or factor one
+    another (the sub-meshes of one device mesh)."""
+    flag = None
+    for mesh, device in meshes:
+        if mesh.get_coordinate() is None:
+            continue
+        f = (found_inf.detach().reshape(1) != 0) if flag is None else flag
+        f = f.to(device, torch.float32)
+        for group in _groups(mesh, list(range(mesh.ndim)), device):
+            dist.all_reduce(f, dist.ReduceOp.MAX, group=group)
+        flag = f
+    if flag is not None:
+        flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
+        found_inf.copy_(torch.where(found_inf != 0, found_inf, flag))
+
+
+def meshes_of(specs: list, tensors: list[Tensor]) -> list[tuple]:
+    """The distinct meshes of ``specs`` in order of first appearance, each with the device of its first local
+    tensor."""
+    seen: dict = {}
+    for s, x in zip(specs, tensors):
+        if s is not None and s[0] not in seen:
+            seen[s[0]] = x.device
+    return list(seen.items())
