@@ -347,3 +347,7 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         norms = [n.to(device) for n in norms]
     total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total.to(out_dtype)
+
+
+# SGD and Lion (their own file, re-exported here: every op's reference is reachable as ``fused_ops.reference.*``).
+from ._ref_sgd_lion import lion_, sgd_  # noqa: E402,F401

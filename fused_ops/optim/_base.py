@@ -372,6 +372,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key not in st:
                 raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
         needed = [k for k in self._state_keys(group) if k in st]
+        spec = {k: self._state_spec(group, k, p) for k in needed}
         if self._uses_master(group, p_wrapper) and MASTER_KEY in st:
             needed.append(MASTER_KEY)
         for key in needed:
@@ -385,14 +386,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             t = _local(t)
             if first_without_storage([t]) is not None:
                 raise TypeError(f"{name}: state {key!r} of {where} is a {type(t).__name__}, not a tensor with memory")
-            if t.dtype != torch.float32 or t.layout != torch.strided:
-                raise TypeError(f"{name}: state {key!r} of {where} must be a dense float32 tensor, got {t.dtype}")
+            dtype, numel = spec.get(key, (torch.float32, p.numel()))
+            if t.dtype != dtype or t.layout != torch.strided:
+                raise TypeError(f"{name}: state {key!r} of {where} must be a dense {dtype} tensor, got {t.dtype}")
             if t.device != p.device:
                 raise ValueError(f"{name}: state {key!r} of {where} is on {t.device} but the param is on {p.device}")
-            if t.numel() != p.numel():
-                raise ValueError(
-                    f"{name}: state {key!r} of {where} has {t.numel()} elements but the param has {p.numel()}"
-                )
+            if t.numel() != numel:
+                raise ValueError(f"{name}: state {key!r} of {where} has {t.numel()} elements; the param has "
+                                 f"{p.numel()}, so it must have {numel}")  # fmt: skip
             if not t.is_contiguous():
                 raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
             if any(t is x for x in (p, p.grad)) or t.data_ptr() == p.data_ptr() and t.numel():
@@ -437,7 +438,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             return step
         return torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32).reshape(()).clone()
 
-    def _new_state_tensor(self, key: str, p: Tensor) -> Tensor:
+    def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int]:
+        """The dtype and element count of state tensor ``key`` of ``p`` (its local shard) in ``group``: fp32 and the
+        param's count, unless an optimizer stores a state otherwise (8-bit codes and their block scales)."""
+        return torch.float32, p.numel()
+
+    def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
         """A new state tensor ``key`` of ``p`` (fp32 zeros shaped like the param; DTensors like the param)."""
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
 
@@ -452,7 +458,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state["step"] = self._as_step(step, p)
         for key in self._state_keys(group):
             if key not in state:
-                state[key] = self._new_state_tensor(key, p)
+                state[key] = self._new_state_tensor(group, key, p)
         if self._uses_master(group, p) and MASTER_KEY not in state:
             # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
             state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -464,6 +470,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             keys.update(self._state_keys(group))
         return keys
+
+    def _load_as_is(self, key: str, value: Any) -> bool:
+        """Whether a loaded state tensor is taken by :meth:`_load_state_value` rather than converted to an fp32 copy
+        shaped like the param (e.g. 8-bit codes and their block scales)."""
+        return False
+
+    def _load_state_value(self, key: str, value: Tensor, p: Tensor, where: str) -> Tensor:
+        raise NotImplementedError
+
+    def _convert_loaded_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any], where: str) -> dict:
+        """A loaded param state (its tensors already copies) as ``group`` keeps it: e.g. fp32 moments quantised for
+        8-bit states, 8-bit ones dequantised for fp32 states. Raises for what cannot be converted; changes nothing
+        else (the load swaps everything in once every state converted)."""
+        return st
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's ``state_dict`` (hooks included), with plain dicts: a checkpoint needs no fused_ops."""
@@ -541,6 +561,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         tensor_keys = self._tensor_state_keys()
         for ng in new_groups:
             tensor_keys.update(self._state_keys(ng))
+        group_of = {id(p): ng for ng in new_groups for p in ng["params"]}
         # The states, converted (copies: the source is never aliased) and checked.
         new_state = _OptimizerState()
         saved_state = state_dict["state"]
@@ -556,7 +577,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict: the state of {where} must be a dict")
             st = {}
             for key, value in src.items():
-                if key in tensor_keys:
+                if key in tensor_keys and self._load_as_is(key, value):
+                    st[key] = self._load_state_value(key, value, p, where)
+                elif key in tensor_keys:
                     if not isinstance(value, Tensor) or not (value.is_floating_point()):
                         raise ValueError(f"loaded state dict: state {key!r} of {where} must be a floating-point "
                                          f"tensor")  # fmt: skip
@@ -580,7 +603,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for key in (("step",) if self._has_step else ()) + tuple(self._required_state_keys):
                     if key not in st:
                         raise ValueError(f"loaded state dict: the state of {where} has no {key!r}")
-            new_state[p] = st
+            new_state[p] = self._convert_loaded_state(group_of[id(p)], p, st, where)
         # Everything is valid: now change.
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._plans.clear()

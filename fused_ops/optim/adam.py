@@ -17,9 +17,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _ops, functional
+from .. import _ops, _ref_lowbit, functional
 from .._backend import check_backend
-from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _Part, _to_float
+from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
+from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _to_float
+
+_SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
+_KAHAN_KEY = "kahan_comp"
+_STATE_TORCH_DTYPES = {"int8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
+_STATE_NAMES = {None: "fp32", "fp32": "fp32", "float32": "fp32", torch.float32: "fp32", "int8": "int8",
+                "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16"}  # fmt: skip
+
+
+def _state_name(state_dtype: Any) -> str:
+    try:
+        return _STATE_NAMES[state_dtype]
+    except (KeyError, TypeError):
+        raise ValueError(f"state_dtype must be None/'float32', 'bfloat16' or 'int8', got {state_dtype!r}") from None
 
 
 class FusedAdam(FusedOptimizer):
@@ -42,6 +56,21 @@ class FusedAdam(FusedOptimizer):
             reset the optimizer, or they are overwritten at the next step.
         backend: "auto" (Triton kernels on CUDA, plain torch on CPU), "triton" or "reference"; default
             from the ``FUSED_OPS_BACKEND`` environment variable.
+        state_dtype: how the moments are stored. ``None``/``"float32"`` (default): fp32. ``"int8"``: 8-bit codes
+            with one fp32 scale per block of 256 elements (state keys ``exp_avg``/``exp_avg_sq`` hold uint8 codes,
+            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; Dettmers et al.'s block-wise dynamic quantisation,
+            see ``fused_ops/_ref_lowbit.py``), dequantised, updated and requantised in the same one-launch kernel,
+            for every tensor however small: 2.03 bytes per param instead of 8. ``"bfloat16"``: bf16 moments
+            stored with stochastic rounding (4 bytes). Not with amsgrad; 8-bit states not on DTensor params.
+        stochastic_rounding: bf16/fp16 params without master weights are stored with stochastic rounding (the
+            update in fp32, unbiased rounding seeded from the step counts on the device: reproducible for a
+            ``seed``, new bits at every step and every CUDA-graph replay). Pure-bf16 training without masters.
+        kahan_summation: instead, bf16/fp16 params without masters keep a compensation buffer of their dtype
+            (state key ``kahan_comp``) that carries what rounding lost into the next step (as optimi does).
+        seed: the key of the random bits of stochastic rounding.
+
+    ``state_dict()`` saves low-bit states compactly (codes + scales); ``state_dict(dequantize=True)`` gives
+    torch.optim.AdamW's layout (fp32 moments) that torch loads; loading a torch (fp32) dict quantises it.
 
     Works with ``torch.amp.GradScaler`` without host sync: the scaler hands its scale and inf flag to the
     step, grads are unscaled inside the kernel and an overflowing step changes nothing.
@@ -69,6 +98,10 @@ class FusedAdam(FusedOptimizer):
         decoupled_weight_decay: bool | None = None,
         master_weights: bool = False,
         backend: str | None = None,
+        state_dtype: str | torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
+        seed: int = 0,
     ) -> None:
         if differentiable:
             raise ValueError(
@@ -82,16 +115,79 @@ class FusedAdam(FusedOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, master_weights=bool(master_weights), backend=backend,
+            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, kahan_summation=kahan_summation,
         )  # fmt: skip
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        self._seed = seed
         super().__init__(params, defaults)
+
+    _own_group_keys = ("master_weights", "backend", "state_dtype", "stochastic_rounding", "kahan_summation")
 
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg", "exp_avg_sq"]
+        keys = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg", "exp_avg_sq"]
+        if group.get("state_dtype") == "int8":
+            keys += _SCALE_KEYS
+        if group.get("kahan_summation"):
+            keys.append(_KAHAN_KEY)
+        return keys
+
+    def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int]:
+        state = group.get("state_dtype", "fp32")
+        if key in ("exp_avg", "exp_avg_sq") and state != "fp32":
+            return _STATE_TORCH_DTYPES[state], p.numel()
+        if key in _SCALE_KEYS:
+            return torch.float32, n_scales(p.numel())
+        if key == _KAHAN_KEY:
+            return p.dtype, p.numel()
+        return torch.float32, p.numel()
+
+    def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
+        dtype, numel = self._state_spec(group, key, p)
+        if key in _SCALE_KEYS:  # (8-bit codes 0 with scales 0 read as 0.0: every code times 0)
+            return torch.zeros(numel, dtype=dtype, device=p.device)
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+    def _plan_structure(self, group: dict[str, Any]) -> tuple:
+        return (*super()._plan_structure(group), group.get("state_dtype"), group.get("stochastic_rounding"))
 
     @staticmethod
     def _normalize_group(group: dict[str, Any]) -> None:
         group["betas"] = _check_betas(group["betas"])
+        group["state_dtype"] = _state_name(group.get("state_dtype"))
+        for key in ("stochastic_rounding", "kahan_summation"):
+            if not isinstance(group.get(key, False), bool):
+                raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
+
+    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
+        super()._check_params(group_index, params, group)
+        if group is not None and group.get("state_dtype") == "int8":
+            for i, p in enumerate(params):
+                if _is_dtensor(p):
+                    raise TypeError(
+                        f"{type(self).__name__}: state_dtype='int8' does not support DTensor params (param {i} of "
+                        f"param group {group_index}): its per-block scales are not laid out like the param; use "
+                        "state_dtype='bfloat16' or fp32 states on FSDP2/tensor-parallel params"
+                    )
+
+    def _lowbit(self, group: dict[str, Any], part: _Part) -> dict[str, Any] | None:
+        """The low-bit kernel's options for ``part``, or None when the fp32 Adam kernel does it."""
+        state = group.get("state_dtype", "fp32")
+        low_precision_alone = part.params[0].dtype != torch.float32 and not part.masters
+        param_sr = bool(group.get("stochastic_rounding")) and low_precision_alone
+        kahan = bool(group.get("kahan_summation")) and low_precision_alone
+        if state == "fp32" and not param_sr and not kahan:
+            return None
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        dtype_index = (torch.float32, torch.bfloat16, torch.float16).index(part.params[0].dtype)
+        seed = (self._seed + 7919 * gi + 104729 * dtype_index) % 2**31  # (tensor indices restart in each launch)
+        r = part.roles
+        return dict(
+            exp_avg_scales=r.get("exp_avg_scale", ()), exp_avg_sq_scales=r.get("exp_avg_sq_scale", ()),
+            master_params=part.masters, kahan_comps=r.get(_KAHAN_KEY, ()) if kahan else (), state=state,
+            param_sr=param_sr, seed=seed,
+        )  # fmt: skip
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
         super()._fill_group_defaults(group)
@@ -120,6 +216,15 @@ class FusedAdam(FusedOptimizer):
         if not 0.0 <= wd or not math.isfinite(wd):
             raise ValueError(f"Invalid weight_decay value: {wd}")
         check_backend(group.get("backend", "auto"))
+        state = _state_name(group.get("state_dtype"))
+        if state != "fp32" and group["amsgrad"]:
+            raise ValueError(f"amsgrad needs fp32 states (state_dtype={state!r} was given)")
+        if group.get("stochastic_rounding") and group.get("kahan_summation"):
+            raise ValueError("stochastic_rounding and kahan_summation are two ways to store params without masters: "
+                             "pass one")  # fmt: skip
+        if (group.get("stochastic_rounding") or group.get("kahan_summation")) and group.get("master_weights"):
+            raise ValueError("stochastic_rounding/kahan_summation are for bf16/fp16 params without master weights: "
+                             "pass master_weights=False")  # fmt: skip
 
     @staticmethod
     def _check_step_values(gi: int, group: dict[str, Any]) -> tuple[float, float, float, float]:
@@ -148,6 +253,11 @@ class FusedAdam(FusedOptimizer):
         from ..kernels.adam import AdamStep
 
         r = part.roles
+        lowbit = self._lowbit(group, part)
+        if lowbit is not None:
+            from ..kernels.adam_lowbit import AdamLowbitStep
+
+            return AdamLowbitStep(part.params, grads, r["exp_avg"], r["exp_avg_sq"], part.steps, **lowbit)
         return AdamStep(part.params, grads, r["exp_avg"], r["exp_avg_sq"], r.get("max_exp_avg_sq", []), part.steps,
                         part.masters, amsgrad=group["amsgrad"])  # fmt: skip
 
@@ -162,8 +272,17 @@ class FusedAdam(FusedOptimizer):
     def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
         beta1, beta2, eps, weight_decay = values
-        lr_tensor = lr if isinstance(lr, Tensor) else None
         r = part.roles
+        lowbit = self._lowbit(group, part)
+        if lowbit is not None:
+            _ref_lowbit.adam_lowbit_(
+                part.params, grads, r["exp_avg"], r["exp_avg_sq"], part.steps, **lowbit, lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(group["maximize"]),
+                decoupled=bool(group["decoupled_weight_decay"]), grad_scale=grad_scale, found_inf=found_inf,
+            )  # fmt: skip
+            _ops.bump_versions(part.params)
+            return
+        lr_tensor = lr if isinstance(lr, Tensor) else None
         _ops.adam_eager(
             part.params, grads, r["exp_avg"], r["exp_avg_sq"], r.get("max_exp_avg_sq", []), part.masters, part.steps,
             0.0 if lr_tensor is not None else float(lr), lr_tensor, beta1, beta2, eps, weight_decay,
@@ -171,8 +290,97 @@ class FusedAdam(FusedOptimizer):
             found_inf, part.backend,
         )  # fmt: skip
 
+    # -- low-bit states in state dicts -----------------------------------------------------------------------
+    def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
+        """torch.optim's ``state_dict``. Low-bit moments are saved as they are kept (8-bit codes and their scales,
+        bf16 moments); with ``dequantize=True`` every moment is an fp32 tensor shaped like its param and the
+        low-bit keys (scales, Kahan buffers, ``state_dtype``...) are left out: torch.optim.AdamW's layout, which
+        torch (and a FusedAdamW with other states) loads."""
+        sd = super().state_dict()
+        if not dequantize:
+            return sd
+        groups = {}
+        index = 0
+        for g in self.param_groups:
+            for _ in g["params"]:
+                groups[index] = g
+                index += 1
+        for k, st in sd["state"].items():
+            g = groups.get(k)
+            state = g.get("state_dtype", "fp32") if g is not None else "fp32"
+            out = dict(st)
+            if state == "int8" and all(key in st for key in _SCALE_KEYS):
+                for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                    codes = _local(st[key])
+                    out[key] = dequantize_blockwise(codes, _local(st[f"{key}_scale"]), signed).reshape(st[key].shape)
+            elif state == "bf16":
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in st:
+                        out[key] = st[key].to(torch.float32)
+            for key in (*_SCALE_KEYS, _KAHAN_KEY):
+                out.pop(key, None)
+            sd["state"][k] = out
+        for g in sd["param_groups"]:
+            for key in ("state_dtype", "stochastic_rounding", "kahan_summation"):
+                g.pop(key, None)
+        return sd
+
+    def _tensor_state_keys(self) -> set[str]:
+        return super()._tensor_state_keys() | {"exp_avg", "exp_avg_sq", *_SCALE_KEYS, _KAHAN_KEY}
+
+    def _load_as_is(self, key: str, value: Any) -> bool:
+        return isinstance(value, Tensor) and (key in _SCALE_KEYS or key == _KAHAN_KEY or value.dtype == torch.uint8)
+
+    def _load_state_value(self, key: str, value: Tensor, p: Tensor, where: str) -> Tensor:
+        """8-bit codes (uint8, the param's element count), block scales (fp32, ceil(numel / 256)) and Kahan buffers
+        (the param's dtype and count): copied as they are, to the param's device."""
+        if _is_dtensor(p) or _is_dtensor(value):
+            raise ValueError(f"loaded state dict: state {key!r} of {where}: 8-bit states and Kahan buffers are not "
+                             "supported on DTensor params")  # fmt: skip
+        want = (torch.float32, n_scales(p.numel())) if key in _SCALE_KEYS else (
+            (p.dtype, p.numel()) if key == _KAHAN_KEY else (torch.uint8, p.numel()))  # fmt: skip
+        if value.dtype != want[0] or value.numel() != want[1] or value.layout != torch.strided:
+            raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense {want[0]} tensor of "
+                             f"{want[1]} elements, got {value.dtype} with {value.numel()}")  # fmt: skip
+        value = value.detach().to(p.device, copy=True).contiguous()
+        return value.reshape(p.shape) if key not in _SCALE_KEYS else value.reshape(-1)
+
+    def _convert_loaded_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any], where: str) -> dict:
+        """Moments as ``group`` keeps them: fp32 ones quantised (8-bit) or rounded (bf16), 8-bit ones dequantised
+        for fp32/bf16 states; a Kahan buffer kept only where the group uses one."""
+        state = group.get("state_dtype", "fp32")
+        st = dict(st)
+        coded = [k for k in ("exp_avg", "exp_avg_sq") if isinstance(st.get(k), Tensor) and st[k].dtype == torch.uint8]
+        if coded:
+            missing = [f"{k}_scale" for k in coded if f"{k}_scale" not in st]
+            if missing or len(coded) != 2:
+                raise ValueError(f"loaded state dict: the 8-bit moments of {where} need both codes and both scales "
+                                 f"(missing {missing or 'a moment'})")  # fmt: skip
+            if state != "int8":
+                for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                    st[key] = dequantize_blockwise(st[key], st.pop(f"{key}_scale"), signed).reshape(p.shape)
+        elif state == "int8":
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                if key in st:
+                    st[key], st[f"{key}_scale"] = quantize_blockwise(st[key], signed)
+        for key in _SCALE_KEYS:
+            if state != "int8":
+                st.pop(key, None)
+        if state == "bf16" or (state == "fp32" and not coded):
+            dtype = _STATE_TORCH_DTYPES[state]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if isinstance(st.get(key), Tensor) and st[key].dtype != dtype:
+                    st[key] = st[key].to(dtype)
+        elif state == "fp32":
+            for key in ("exp_avg", "exp_avg_sq"):
+                st[key] = st[key].to(torch.float32)
+        if not group.get("kahan_summation"):
+            st.pop(_KAHAN_KEY, None)
+        return st
+
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op."""
+        """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op (low-bit
+        states: the plain-torch step, traced with graph breaks where it reads scalars)."""
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             self._check_params(gi, params, group)
@@ -180,6 +388,14 @@ class FusedAdam(FusedOptimizer):
             if not params:
                 continue
             states = [self._init_state(group, p) for p in params]
+            if (
+                group.get("state_dtype", "fp32") != "fp32"
+                or group.get("stochastic_rounding")
+                or group.get("kahan_summation")
+            ):
+                self._step_lowbit_traced(gi, group, params, states, (beta1, beta2, eps, weight_decay), grad_scale,
+                                         found_inf)  # fmt: skip
+                continue
             device = params[0].device
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device != device:
@@ -207,6 +423,21 @@ class FusedAdam(FusedOptimizer):
                     backend=group["backend"],
                 )  # fmt: skip
 
+    def _step_lowbit_traced(self, gi, group, params, states, values, grad_scale, found_inf) -> None:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            idx = [i for i, p in enumerate(params) if p.dtype == dtype]
+            if not idx:
+                continue
+            ps = [_local(params[i]) for i in idx]
+            ss = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in states[i].items()} for i in idx]
+            part = _Part.__new__(_Part)
+            part.params, part.roles = ps, {k: [s[k] for s in ss] for k in self._state_keys(group)}
+            part.steps = [s["step"] for s in ss]
+            part.masters = [s[MASTER_KEY] for s in ss] if all(MASTER_KEY in s for s in ss) else []
+            grads = [_local(p.grad).contiguous() for p in (params[i] for i in idx)]
+            scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).reshape(1)
+            self._run_reference(part, grads, group, group["lr"], values, scale, found_inf)
+
 
 class FusedAdamW(FusedAdam):
     """AdamW (decoupled weight decay, default ``weight_decay=1e-2``), fused; drop-in torch.optim.AdamW."""
@@ -229,9 +460,14 @@ class FusedAdamW(FusedAdam):
         fused: bool | None = None,
         master_weights: bool = False,
         backend: str | None = None,
+        state_dtype: str | torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            master_weights=master_weights, backend=backend,
+            master_weights=master_weights, backend=backend, state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding, kahan_summation=kahan_summation, seed=seed,
         )  # fmt: skip

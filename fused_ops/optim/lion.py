@@ -1,0 +1,126 @@
+"""FusedLion: the Lion optimizer (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), fused.
+
+One momentum (state key ``"exp_avg"``, as lucidrains/lion-pytorch), a sign update, decoupled weight decay; one
+launch per (device, dtype) part (``kernels/lion.py``), the plain-torch reference on the CPU path
+(``fused_ops/_ref_sgd_lion.py``). No step count. Lion wants a learning rate 3-10x smaller than AdamW's and a
+weight decay 3-10x larger (the paper's advice), which the defaults follow (lr 1e-4, betas (0.9, 0.99)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from .. import _ops
+from .._backend import check_backend
+from .._ref_sgd_lion import lion_ as _reference_lion
+from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _local, _Part, _to_float
+
+
+class FusedLion(FusedOptimizer):
+    """Lion, fused: ``p *= 1 - lr * wd; p -= lr * sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g``.
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: learning rate (may be a 1-element tensor).
+        betas: (beta1, beta2): interpolation of the update and decay of the momentum.
+        weight_decay: decoupled weight decay.
+        maximize: ascend instead of descend.
+        master_weights: an fp32 master copy of every bf16/fp16 param (see :class:`FusedAdam`).
+        backend: "auto" (Triton on CUDA, plain torch on CPU), "triton" or "reference".
+
+    A NaN grad element makes its momentum NaN and, since ``sign(nan)`` is 0 in torch, no update of the param (as
+    the reference implementations): pass ``found_inf`` (``torch.amp.GradScaler`` does) to skip such steps.
+    """
+
+    _has_step = False
+    _required_state_keys = ("exp_avg",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        master_weights: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=_check_betas(betas), weight_decay=weight_decay, maximize=maximize,
+                        master_weights=master_weights, backend=backend)  # fmt: skip
+        super().__init__(params, defaults)
+
+    # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg"]
+
+    @staticmethod
+    def _normalize_group(group: dict[str, Any]) -> None:
+        group["betas"] = _check_betas(group["betas"])
+
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = _to_float(lr)
+        if not (0.0 <= lr and math.isfinite(lr)):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        for i, b in enumerate(_check_betas(group["betas"])):
+            b = _to_float(b)
+            if not 0.0 <= b <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        wd = _to_float(group["weight_decay"])
+        if not (0.0 <= wd and math.isfinite(wd)):
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        check_backend(group.get("backend", "auto"))
+
+    @classmethod
+    def _check_step_values(cls, gi: int, group: dict[str, Any]) -> tuple[float, float, float]:
+        """``(beta1, beta2, weight_decay)`` as floats, checked again (a scheduler may have changed them)."""
+        try:
+            cls._check_hyperparameters(group)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (param group {gi})") from None
+        beta1, beta2 = (_to_float(b) for b in group["betas"])
+        return beta1, beta2, _to_float(group["weight_decay"])
+
+    def _make_launcher(self, group: dict[str, Any], part: _Part, grads: list[Tensor]) -> Any:
+        from ..kernels.lion import LionStep
+
+        return LionStep(part.params, grads, part.roles["exp_avg"], part.masters)
+
+    def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:  # fmt: skip
+        beta1, beta2, weight_decay = values
+        part.launcher(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=bool(group["maximize"]),
+                      grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+
+    def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                       grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        beta1, beta2, weight_decay = values
+        _reference_lion(part.params, grads, part.roles["exp_avg"], lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, maximize=bool(group["maximize"]), grad_scale=grad_scale,
+                        found_inf=found_inf, master_params=part.masters)  # fmt: skip
+        _ops.bump_versions(part.params)
+
+    def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The step under ``torch.compile``: the plain-torch reference, traced."""
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            self._check_params(gi, params, group)
+            beta1, beta2, weight_decay = self._check_step_values(gi, group)
+            if not params:
+                continue
+            states = [self._init_state(group, p) for p in params]
+            masters = [s[MASTER_KEY] for s in states if MASTER_KEY in s]
+            _reference_lion(
+                [_local(p) for p in params], [_local(p.grad) for p in params],
+                [_local(s["exp_avg"]) for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+                weight_decay=weight_decay, maximize=bool(group["maximize"]), grad_scale=grad_scale,
+                found_inf=found_inf, master_params=masters if len(masters) == len(params) else (),
+            )  # fmt: skip

@@ -1,0 +1,172 @@
+"""FusedSGD: drop-in ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay, maximize), fused.
+
+One launch per (device, dtype) part (``kernels/sgd.py``); the CPU path is the plain-torch reference
+(``fused_ops/_ref_sgd_lion.py``). State and ``state_dict`` as torch.optim.SGD: ``{"momentum_buffer": tensor}``
+per param when ``momentum != 0``, nothing else (no step count). Differences, by design: buffers are fp32 for
+bf16/fp16 params (torch keeps the param's dtype), and with ``master_weights=True`` bf16/fp16 params get an fp32
+master (state key ``"master_param"``).
+
+torch creates a param's buffer at its first step as a copy of the (decayed) grad: ``buf = g``, not
+``momentum * 0 + (1 - dampening) * g``. Here a new buffer is launched with ``first_step`` once, in a launch of
+its own when the group has old buffers too. A first step skipped on the device (``found_inf`` set) still counts
+as the buffer's first (no host read tells it was skipped): the next step then uses ``(1 - dampening) * g``,
+which differs from torch only when ``dampening != 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from .. import _ops
+from .._backend import check_backend
+from .._ref_sgd_lion import sgd_ as _reference_sgd
+from ._base import MASTER_KEY, FusedOptimizer, _GroupPlan, _local, _Part, _to_float
+
+
+def _check_number(name: str, value: Any, message: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{message}: {value}")
+    return value
+
+
+class FusedSGD(FusedOptimizer):
+    """SGD with momentum, fused; drop-in ``torch.optim.SGD`` (same arguments, checks and ``state_dict``).
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as torch.optim.SGD (``lr`` may be a 1-element
+            tensor; keep it on the params' device to avoid a host read each step).
+        foreach, fused: accepted for drop-in compatibility and ignored (the step is always fused).
+        differentiable: must be False.
+        master_weights: an fp32 master copy of every bf16/fp16 param (see :class:`FusedAdam`).
+        backend: "auto" (Triton on CUDA, plain torch on CPU), "triton" or "reference".
+    """
+
+    _has_step = False
+    _LEGACY_DEFAULTS = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        master_weights: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+            master_weights=master_weights, backend=backend,
+        )  # fmt: skip
+        self._new_buffers: set[int] = set()
+        super().__init__(params, defaults)
+
+    # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
+    def _state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["momentum_buffer"] if _to_float(group["momentum"]) != 0 else []
+
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any]) -> None:
+        """torch.optim.SGD's checks and messages, plus: every value must be finite."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = _to_float(lr)
+        if not (0.0 <= lr and math.isfinite(lr)):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        momentum = _check_number("momentum", group["momentum"], "Invalid momentum value")
+        dampening = _check_number("dampening", group["dampening"], "Invalid dampening value")
+        _check_number("weight_decay", group["weight_decay"], "Invalid weight_decay value")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_backend(group.get("backend", "auto"))
+
+    @classmethod
+    def _check_step_values(cls, gi: int, group: dict[str, Any]) -> tuple[float, float, float]:
+        """The values a user or scheduler may have changed since the constructor: ``(momentum, dampening,
+        weight_decay)`` as floats."""
+        try:
+            cls._check_hyperparameters(group)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (param group {gi})") from None
+        return _to_float(group["momentum"]), _to_float(group["dampening"]), _to_float(group["weight_decay"])
+
+    def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
+        t = super()._new_state_tensor(group, key, p)
+        self._new_buffers.update((id(t), id(_local(t))))  # (a plan sees a DTensor's local shard)
+        return t
+
+    def _part_key(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> tuple:
+        return (id(st.get("momentum_buffer")) in self._new_buffers,)  # (first step of a new buffer)
+
+    def _after_run(self, plan: _GroupPlan) -> None:
+        # Every plan of this step was built (its parts keyed) before any ran: the new buffers are all known.
+        for part in plan.parts:
+            part.key = (False,)
+        self._new_buffers.clear()
+
+    def _make_launcher(self, group: dict[str, Any], part: _Part, grads: list[Tensor]) -> Any:
+        from ..kernels.sgd import SGDStep
+
+        return SGDStep(part.params, grads, part.roles.get("momentum_buffer", []), part.masters)
+
+    def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:  # fmt: skip
+        momentum, dampening, weight_decay = values
+        part.launcher(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]), first_step=part.key[0],
+                      grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+
+    def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                       grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+        momentum, dampening, weight_decay = values
+        _reference_sgd(part.params, grads, part.roles.get("momentum_buffer", []), lr=lr, momentum=momentum,
+                       dampening=dampening, weight_decay=weight_decay, nesterov=bool(group["nesterov"]),
+                       maximize=bool(group["maximize"]), first_step=part.key[0], grad_scale=grad_scale,
+                       found_inf=found_inf, master_params=part.masters)  # fmt: skip
+        _ops.bump_versions(part.params)
+
+    def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The step under ``torch.compile``: the plain-torch reference, traced."""
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            self._check_params(gi, params, group)
+            values = self._check_step_values(gi, group)
+            if not params:
+                continue
+            news = [not self.state.get(p) for p in params]
+            states = [self._init_state(group, p) for p in params]
+            for first in (True, False):
+                idx = [i for i, n in enumerate(news) if n == first]
+                if not idx:
+                    continue
+                ps = [params[i] for i in idx]
+                masters = [states[i][MASTER_KEY] for i in idx if MASTER_KEY in states[i]]
+                _reference_sgd(
+                    [_local(p) for p in ps], [_local(p.grad) for p in ps],
+                    [_local(states[i]["momentum_buffer"]) for i in idx] if values[0] != 0 else [],
+                    lr=group["lr"], momentum=values[0], dampening=values[1], weight_decay=values[2],
+                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]), first_step=first,
+                    grad_scale=grad_scale, found_inf=found_inf,
+                    master_params=masters if len(masters) == len(ps) else (),
+                )  # fmt: skip
+            self._new_buffers.clear()

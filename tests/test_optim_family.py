@@ -1,0 +1,302 @@
+"""The optimizer family on FusedOptimizer: FusedSGD against torch.optim.SGD and FusedLion against a plain-torch
+Lion, over 100 steps, on both backends (the Triton kernels under the interpreter on CPU), with schedulers,
+closures, skipped params, masters, state dicts both ways, GradScaler's found_inf, bad hyper-parameters, and DTensor
+(tensor-parallel) params on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fused_ops
+from tests.test_distributed import spawn
+
+BACKENDS = ("reference", "triton")
+SHAPES = ((3, 5), (17,), (1,), (0,), (2, 65))
+STEPS = 100
+
+
+def _params(seed: int, dtype=torch.float32) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def _grads(step: int, params) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+
+
+def _max_err(a, b) -> float:
+    """The largest difference, relative to max(1, |b|): "within 1e-6" in fp32 is a few ulp of values near 1 (params
+    that grow to 7 after 100 steps differ from torch by an ulp or two of theirs: 5e-7 each)."""
+    errs = [((x.detach().double() - y.detach().double()).abs() / y.detach().double().abs().clamp(min=1)).max().item()
+            for x, y in zip(a, b) if x.numel()]  # fmt: skip
+    return max(errs, default=0.0)
+
+
+def _lion_reference(params, exp_avgs, lr, beta1, beta2, wd, maximize=False) -> None:
+    """lucidrains/lion-pytorch's update, written out independently of fused_ops."""
+    for p, m in zip(params, exp_avgs):
+        if p.grad is None:
+            continue
+        g = -p.grad if maximize else p.grad
+        p.data.mul_(1 - lr * wd)
+        update = (m * beta1 + g * (1 - beta1)).sign_()
+        p.data.add_(update, alpha=-lr)
+        m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+SGD_CONFIGS = [
+    dict(),
+    dict(momentum=0.9),
+    dict(momentum=0.9, dampening=0.3, weight_decay=0.01),
+    dict(momentum=0.8, nesterov=True, weight_decay=0.05),
+    dict(momentum=0.9, maximize=True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_sgd_matches_torch_over_100_steps(backend, config):
+    ours, theirs = _params(0), _params(0)
+    o = fused_ops.FusedSGD(ours, lr=0.05, backend=backend, **config)
+    t = torch.optim.SGD(theirs, lr=0.05, foreach=False, **config)
+    so = torch.optim.lr_scheduler.StepLR(o, step_size=30, gamma=0.5)
+    st = torch.optim.lr_scheduler.StepLR(t, step_size=30, gamma=0.5)
+    for k in range(STEPS):
+        for a, b, g in zip(ours, theirs, _grads(k, ours)):
+            a.grad, b.grad = g.clone(), g.clone()
+        if k % 7 == 3:  # a param without a grad this step (its buffer, if any, waits)
+            ours[1].grad = theirs[1].grad = None
+        if k == 50:  # a closure, as torch: called under enable_grad, its value returned
+            assert o.step(lambda: torch.tensor(1.5)).item() == 1.5
+            t.step()
+        else:
+            o.step()
+            t.step()
+        so.step()
+        st.step()
+    assert _max_err(ours, theirs) <= 1e-6
+    assert o.param_groups[0]["lr"] == t.param_groups[0]["lr"]
+    if config.get("momentum"):
+        for a, b in zip(ours, theirs):
+            assert _max_err([o.state[a]["momentum_buffer"]], [t.state[b]["momentum_buffer"]]) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_state_dict_both_ways(backend):
+    config = dict(momentum=0.9, dampening=0.1, weight_decay=0.01)
+    ours, theirs = _params(1), _params(1)
+    o = fused_ops.FusedSGD(ours, lr=0.1, backend=backend, **config)
+    t = torch.optim.SGD(theirs, lr=0.1, foreach=False, **config)
+    for k in range(5):
+        for a, b, g in zip(ours, theirs, _grads(k, ours)):
+            a.grad, b.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+    sd, tsd = o.state_dict(), t.state_dict()
+    assert sd["param_groups"][0].keys() == tsd["param_groups"][0].keys()
+    assert all(set(v) == {"momentum_buffer"} for v in sd["state"].values())
+    # torch's dict into ours, ours into torch's: both continue like the originals
+    o2 = fused_ops.FusedSGD(_params(1), lr=0.1, backend=backend, **config)
+    t2 = torch.optim.SGD(_params(1), lr=0.1, foreach=False, **config)
+    for p2, p in zip(o2.param_groups[0]["params"], ours):
+        p2.data.copy_(p.data)
+    for p2, p in zip(t2.param_groups[0]["params"], theirs):
+        p2.data.copy_(p.data)
+    o2.load_state_dict(tsd)  # (copies: ours never aliases the source dict)
+    t2.load_state_dict(copy.deepcopy(sd))  # (torch keeps the dict's tensors: they would be o's live buffers)
+    for k in range(5, 10):
+        grads = _grads(k, ours)
+        for opt in (o, t, o2, t2):
+            for p, g in zip(opt.param_groups[0]["params"], grads):
+                p.grad = g.clone()
+            opt.step()
+    assert _max_err(o2.param_groups[0]["params"], theirs) <= 1e-6
+    assert _max_err(t2.param_groups[0]["params"], ours) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", [dict(), dict(weight_decay=0.1), dict(weight_decay=0.05, maximize=True)],
+                         ids=["plain", "wd", "wd-maximize"])  # fmt: skip
+def test_lion_matches_plain_torch_over_100_steps(backend, config):
+    ours, theirs = _params(2), _params(2)
+    o = fused_ops.FusedLion(ours, lr=1e-3, betas=(0.9, 0.99), backend=backend, **config)
+    exp_avgs = [torch.zeros_like(p) for p in theirs]
+    for k in range(STEPS):
+        for a, b, g in zip(ours, theirs, _grads(k, ours)):
+            a.grad, b.grad = g.clone(), g.clone()
+        if k % 9 == 4:
+            ours[0].grad = theirs[0].grad = None
+        o.step()
+        wd, maximize = config.get("weight_decay", 0.0), config.get("maximize", False)
+        _lion_reference(theirs, exp_avgs, 1e-3, 0.9, 0.99, wd, maximize)
+    assert _max_err(ours, theirs) <= 1e-6
+    assert _max_err([o.state[p]["exp_avg"] for p in ours], exp_avgs) <= 1e-6
+    # state dict round trip into a fresh optimizer continues identically
+    o2 = fused_ops.FusedLion(_params(2), lr=1e-3, backend=backend, **config)
+    for p2, p in zip(o2.param_groups[0]["params"], ours):
+        p2.data.copy_(p.data)
+    o2.load_state_dict(o.state_dict())
+    grads = _grads(STEPS, ours)
+    for opt in (o, o2):
+        for p, g in zip(opt.param_groups[0]["params"], grads):
+            p.grad = g.clone()
+        opt.step()
+    assert _max_err(o2.param_groups[0]["params"], ours) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", [(fused_ops.FusedSGD, dict(lr=0.1, momentum=0.9)),
+                                        (fused_ops.FusedLion, dict(lr=1e-2, weight_decay=0.1))],
+                         ids=["sgd", "lion"])  # fmt: skip
+def test_bf16_params_with_fp32_masters(backend, cls, kwargs):
+    ref = _params(3)
+    ours = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in ref]
+    ref = [torch.nn.Parameter(p.detach().to(torch.bfloat16).float()) for p in ref]  # the same start values
+    o = cls(ours, master_weights=True, backend=backend, **kwargs)
+    r = cls(ref, backend=backend, **kwargs)
+    for k in range(10):
+        for a, b, g in zip(ours, ref, _grads(k, ref)):
+            a.grad, b.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        o.step()
+        r.step()
+    masters = [o.state[p]["master_param"] for p in ours]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert _max_err(masters, ref) <= 1e-6  # the fp32 update of the same grads
+    for p, m in zip(ours, masters):
+        assert torch.equal(p.detach(), m.to(torch.bfloat16))  # params are the masters rounded to nearest even
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", [(fused_ops.FusedSGD, dict(lr=0.1, momentum=0.9)),
+                                        (fused_ops.FusedLion, dict(lr=1e-2))], ids=["sgd", "lion"])  # fmt: skip
+def test_found_inf_skips_the_step_and_grad_scale_unscales(backend, cls, kwargs):
+    ours, theirs = _params(4), _params(4)
+    o, t = cls(ours, backend=backend, **kwargs), cls(theirs, backend=backend, **kwargs)
+    for k in range(3):
+        grads = _grads(k, ours)
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g * 8.0, g.clone()
+        o.step(grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([0.0]))
+        t.step()
+    assert _max_err(ours, theirs) <= 1e-6
+    before = [p.detach().clone() for p in ours]
+    states = [{k: v.clone() for k, v in o.state[p].items()} for p in ours]
+    for p in ours:
+        p.grad = torch.full_like(p, float("inf"))
+    o.step(found_inf=torch.tensor([1.0]))
+    assert all(torch.equal(a, b) for a, b in zip(ours, before))
+    assert all(torch.equal(o.state[p][k], v) for p, st in zip(ours, states) for k, v in st.items())
+
+
+def test_bad_hyperparameters_raise_torch_messages():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    for kwargs in (dict(lr=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0), dict(nesterov=True),
+                   dict(nesterov=True, momentum=0.9, dampening=0.1)):  # fmt: skip
+        with pytest.raises(ValueError) as ours:
+            fused_ops.FusedSGD(p, **{"lr": 0.1, **kwargs})
+        with pytest.raises(ValueError) as theirs:
+            torch.optim.SGD(p, **{"lr": 0.1, **kwargs})
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="beta parameter at index 1"):
+        fused_ops.FusedLion(p, betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="learning rate"):
+        fused_ops.FusedLion(p, lr=float("nan"))
+    o = fused_ops.FusedSGD(p, lr=0.1, momentum=0.9)
+    p[0].grad = torch.ones(3)
+    o.param_groups[0]["momentum"] = -1.0  # a scheduler's bad value: refused at the step, nothing changed
+    with pytest.raises(ValueError, match="momentum.*param group 0"):
+        o.step()
+    assert torch.equal(p[0].detach(), torch.zeros(3)) and not o.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_momentum_switched_on_and_plan_rebuilt(backend):
+    """A group whose momentum goes from 0 to non-zero gets buffers (first step: buf = g), as torch."""
+    ours, theirs = _params(5), _params(5)
+    o = fused_ops.FusedSGD(ours, lr=0.1, backend=backend)
+    t = torch.optim.SGD(theirs, lr=0.1, foreach=False)
+    for k in range(6):
+        if k == 3:
+            o.param_groups[0]["momentum"] = t.param_groups[0]["momentum"] = 0.9
+            o.param_groups[0]["dampening"] = t.param_groups[0]["dampening"] = 0.2
+        for a, b, g in zip(ours, theirs, _grads(k, ours)):
+            a.grad, b.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+    assert _max_err(ours, theirs) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_replaced_param_and_state_are_seen(backend):
+    """The plan machinery of FusedOptimizer: a param replaced in the group, or its state emptied, is seen."""
+    ours, theirs = _params(6), _params(6)
+    o = fused_ops.FusedSGD(ours, lr=0.1, momentum=0.9, backend=backend)
+    t = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, foreach=False)
+    for k in range(6):
+        if k == 2:
+            new_o, new_t = torch.nn.Parameter(torch.ones(3, 5)), torch.nn.Parameter(torch.ones(3, 5))
+            o.param_groups[0]["params"][0] = new_o
+            t.param_groups[0]["params"][0] = new_t
+            ours[0], theirs[0] = new_o, new_t
+        if k == 4:
+            o.state[ours[2]] = {}
+            t.state[theirs[2]] = {}
+        for a, b, g in zip(ours, theirs, _grads(k, ours)):
+            a.grad, b.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+    assert _max_err(ours, theirs) <= 1e-6
+
+
+# -- DTensor (tensor parallel) on 2 gloo ranks --------------------------------------------------------------------
+def run_family_dtensor(rank: int, world: int, out_dir: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [((4, 6), Shard(0)), ((6, 5), Shard(1)), ((5,), Replicate()), ((1, 4), Shard(0))]
+    out = {}
+    for backend in BACKENDS:
+        for name in ("sgd", "lion"):
+            gen = torch.Generator().manual_seed(0)
+            fulls = [torch.randn(s, generator=gen) for s, _ in shapes]
+            ours = [torch.nn.Parameter(distribute_tensor(f.clone(), mesh, [pl])) for f, (_, pl) in zip(fulls, shapes)]
+            plain = [torch.nn.Parameter(f.clone()) for f in fulls]
+            if name == "sgd":
+                o = fused_ops.FusedSGD(ours, lr=0.05, momentum=0.9, weight_decay=0.01, backend=backend)
+                t = torch.optim.SGD(plain, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False)
+            else:
+                o = fused_ops.FusedLion(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+                exp_avgs = [torch.zeros_like(p) for p in plain]
+            for k in range(10):
+                gg = torch.Generator().manual_seed(100 + k)
+                for a, b in zip(ours, plain):
+                    full = torch.randn(b.shape, generator=gg)
+                    a.grad = distribute_tensor(full, mesh, a.placements)
+                    b.grad = full.clone()
+                o.step()
+                if name == "sgd":
+                    t.step()
+                else:
+                    _lion_reference(plain, exp_avgs, 1e-2, 0.9, 0.99, 0.1)
+            key = "momentum_buffer" if name == "sgd" else "exp_avg"
+            out[f"{backend}-{name}"] = {
+                "err": max((a.full_tensor() - b.detach()).abs().max().item() for a, b in zip(ours, plain)),
+                "states_are_dtensors": all(
+                    isinstance(o.state[p][key], DTensor) and o.state[p][key].placements == p.placements for p in ours
+                ),  # fmt: skip
+            }
+    return out
+
+
+@pytest.mark.distributed
+def test_sgd_and_lion_on_dtensor_params(tmp_path):
+    results = spawn("tests.test_optim_family:run_family_dtensor", 2, str(tmp_path), timeout=400)
+    for rank, res in enumerate(results):
+        for key, r in res.items():
+            assert r["err"] <= 1e-6, (rank, key, r)
+            assert r["states_are_dtensors"], (rank, key)
