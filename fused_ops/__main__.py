@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--dtensor-params", type=_csv, default=["1000", "10000"], help="param counts for --dtensor")
     b.add_argument("--steps", type=int, default=10, help="timed steps per case for --dtensor (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per case for --dtensor (default 2)")
+    b.add_argument("--group-size", type=int, default=1000, help="params per param group for --dtensor (default 1000)")
 
     i = sub.add_parser("info", help="device, torch/triton versions, the backend auto picks")
     i.add_argument("--slug", action="store_true", help="print only the device as a file-name slug")
@@ -137,10 +139,13 @@ def _bench_dtensor(args: argparse.Namespace) -> int:
 
     from .bench_dtensor import benchmark_dtensor_host, format_dtensor_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # One thread by default on CPU: with two, each of the step's many small ops waits on the other thread and the
+    # medians swing by 40x on a busy machine (--threads overrides).
+    torch.set_num_threads(args.threads or 1)
     device = None if args.device == "auto" else args.device
-    result = benchmark_dtensor_host([int(n) for n in args.dtensor_params], steps=args.steps, device=device)
+    result = benchmark_dtensor_host([int(n) for n in args.dtensor_params], steps=args.steps, device=device,
+                                    warmup=args.warmup, group_size=args.group_size,
+                                    progress=False if args.no_progress else None)  # fmt: skip
     print(format_dtensor_report(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
