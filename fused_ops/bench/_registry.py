@@ -4,10 +4,11 @@ and the bytes table (``BYTES_PER_ELEMENT``) that each op fills in when it regist
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import fused_ops
 
@@ -20,7 +21,7 @@ LR, WEIGHT_DECAY = 1e-3, 1e-2
 # plus every tensor it must write, once. GB/s = these bytes x elements / median time, so it compares directly
 # with the copy bandwidth, which counts bytes read + written the same way. Keys: (op, layout). Each op adds its own
 # entries, with the count explained, through ``register_op(..., bytes_per_element=...)`` in its cases file.
-BYTES_PER_ELEMENT: dict[tuple[str, str], int] = {}
+BYTES_PER_ELEMENT: dict[tuple[str, str], float] = {}  # int, except block scales (8-bit states: + 16/256 B)
 
 
 class Skip(Exception):
@@ -37,12 +38,21 @@ class Runner:
             input drifts in a way that changes the timing.
         bytes: bytes one call moves, counted from the op's definition (``BYTES_PER_ELEMENT``).
         layout: the ``BYTES_PER_ELEMENT`` key used (e.g. ``bf16/fp32-states``).
+        state_bytes_per_param: bytes of the optimizer's own state tensors per parameter (``state_bytes_per_param``);
+            None for an op that is not an optimizer step. Left None, it is measured here when ``fn`` is the bound
+            ``step`` of an optimizer (``Runner(fn=opt.step, ...)``, after the step that created the state).
     """
 
     fn: Callable[[], Any]
     reset: Callable[[], None] | None
     bytes: int
     layout: str
+    state_bytes_per_param: float | None = None
+
+    def __post_init__(self) -> None:
+        opt = getattr(self.fn, "__self__", None)
+        if self.state_bytes_per_param is None and isinstance(getattr(opt, "state", None), Mapping):
+            self.state_bytes_per_param = state_bytes_per_param(opt)
 
 
 Builder = Callable[[list[tuple[int, ...]], torch.dtype, torch.device], Runner]
@@ -77,7 +87,7 @@ def register_op(
     available: Callable[[], bool],
     dtypes: Sequence[str] = DEFAULT_DTYPES,
     peers: bool = False,
-    bytes_per_element: Mapping[str, int] | None = None,
+    bytes_per_element: Mapping[str, float] | None = None,
 ) -> Callable[[Callable[[], dict[str, Builder]]], Callable[[], dict[str, Builder]]]:
     """Register an op: the decorated function returns its ``{provider: builder}`` table.
 
@@ -100,6 +110,41 @@ def register_op(
 def has(name: str) -> Callable[[], bool]:
     """The ``available`` check of an op that is a top-level name of fused_ops (``has("FusedAdamW")``)."""
     return lambda: hasattr(fused_ops, name)
+
+
+def state_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The plain tensors in a state value: tensors, tensor subclasses (their inner tensors: torchao's quantised
+    states, DTensors' local shards) and dicts/lists/tuples of them."""
+    if isinstance(value, torch.Tensor):
+        if is_traceable_wrapper_subclass(value):
+            for attr in value.__tensor_flatten__()[0]:
+                yield from state_tensors(getattr(value, attr))
+        else:
+            yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from state_tensors(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from state_tensors(v)
+
+
+def state_bytes_per_param(opt: Any) -> float:
+    """Bytes of every tensor in ``opt.state`` (per-element states, block scales, step counts, master copies; a
+    tensor that several params share, like bitsandbytes' quantisation maps, once) over the optimizer's params.
+
+    Measured, not counted from a definition: fp32 AdamW holds 8 B per param plus a 4 B step per tensor; 8-bit
+    states 2 B of codes plus 2 x 4 B of scales per 256 elements (and per started block of a small tensor).
+    """
+    seen: set[tuple[int, int, torch.dtype, torch.device]] = set()
+    total = 0
+    for t in state_tensors(list(opt.state.values())):
+        key = (t.data_ptr(), t.nbytes, t.dtype, t.device)
+        if t.nbytes and key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    return total / n if n else 0.0
 
 
 def dtype_name(dtype: torch.dtype) -> str:

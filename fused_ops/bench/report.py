@@ -26,7 +26,7 @@ def format_table(doc: dict[str, Any]) -> str:
         note = f" ({info['note']})" if info.get("note") else ""
         lines.append(f"  {name}: {info['n_params']:,} params in {info['n_tensors']:,} tensors{note}")
     header = ("op", "params", "dtype", "provider", "median ms", "p20-p80 ms", "B/elem", "GB/s", "% copy",
-              "vs torch-fused", "host ms", "launches")  # fmt: skip
+              "vs torch-fused", "host ms", "launches", "state B/param")  # fmt: skip
     rows = []
     for r in doc["results"]:
         speed = _fmt(r.get("speedup_vs_torch_fused"), ".2f") + "x"
@@ -38,9 +38,10 @@ def format_table(doc: dict[str, Any]) -> str:
             f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}", str(round(r["bytes"] / max(r["n_params"], 1))),
             _fmt(r["gbps"], ".1f"), _fmt(None if frac is None else 100 * frac, ".1f"), speed,
             _fmt(r.get("host_ms"), ".3f"), "n/a" if r.get("launches") is None else str(r["launches"]),
+            _fmt(r.get("state_bytes_per_param"), ".3f"),
         ))  # fmt: skip
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    right = {4, 5, 6, 7, 8, 9, 10, 11}
+    right = {4, 5, 6, 7, 8, 9, 10, 11, 12}
     fmt_row = lambda row: "  ".join(
         c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
     )
@@ -189,7 +190,8 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
         f"Copy bandwidth measured in the same run (bytes read + written): {_fmt(doc.get('copy_bandwidth_gbps'), '.0f')}"
         " GB/s. Times are `triton.testing.do_bench` medians (p20-p80); bytes are counted from each op's definition "
         "(e.g. 28 B per fp32 AdamW parameter); host ms is the time the Python call takes to return without "
-        "synchronising; launches are device activities per call.",
+        "synchronising; launches are device activities per call; state B/param is measured from the optimizer's "
+        "own state tensors (n/a: not an optimizer step).",
         "",
     ]
     for name, info in doc.get("param_sets", {}).items():
@@ -198,8 +200,8 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
     lines += [
         "",
         "| op | params | dtype | provider | median ms (p20-p80) | GB/s | % of copy | vs torch-fused | host ms "
-        "| launches |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| launches | state B/param |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
         frac = r.get("frac_of_copy")
@@ -211,7 +213,8 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
             f"| {r['op']} | {r['params']} | {r['dtype']} | {prov} | {_fmt(r['median_ms'], '.3f')} "
             f"({_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}) | {_fmt(r['gbps'], '.0f')} | "
             f"{_fmt(None if frac is None else 100 * frac, '.1f')} | {speed} | {_fmt(r.get('host_ms'), '.3f')} | "
-            f"{'n/a' if r.get('launches') is None else r['launches']} |"
+            f"{'n/a' if r.get('launches') is None else r['launches']} | "
+            f"{_fmt(r.get('state_bytes_per_param'), '.2f')} |"
         )
     png = os.path.splitext(path)[0] + ".png"
     if os.path.exists(png):

@@ -132,6 +132,8 @@ def measure(runner: Runner, device: torch.device, rep_ms: float, warmup_ms: floa
     gbps = runner.bytes / (median * 1e-3) / 1e9 if median > 0 else None
     row = {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "bytes": runner.bytes, "gbps": gbps,
            "host_ms": host, "launches": launches, "layout": runner.layout}  # fmt: skip
+    if runner.state_bytes_per_param is not None:  # optimizer steps: measured from the optimizer's state tensors
+        row["state_bytes_per_param"] = runner.state_bytes_per_param
     if device.type == "cuda":  # peak since the case's build (run() resets the peak before building)
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
     return row

@@ -4,4 +4,5 @@ The import below sets the order of ``OPS``: the default ``--ops``, the order of 
 panels. A new op's module goes into it (see "Adding an op" in ``fused_ops.bench``).
 """
 
-from . import adam, multi_tensor, zero  # noqa: F401  (imported for their registrations, in this order)
+# imported for their registrations, in this order: the optimizers first (not alphabetical, hence I001)
+from . import adam, adam_lowbit, lion, sgd, multi_tensor, zero  # noqa: F401, I001
