@@ -74,7 +74,8 @@ def _torchao(name: str, **kwargs) -> Factory:
             import torchao.optim as ao
         except ImportError:  # torchao < 0.11
             import torchao.prototype.low_bit_optim as ao
-        return getattr(ao, name)(params, lr=LR, weight_decay=WEIGHT_DECAY, **kwargs)
+        cls = getattr(ao, name, None) or getattr(ao, f"_{name}")  # the fp32-state AdamW is _AdamW in some versions
+        return cls(params, lr=LR, weight_decay=WEIGHT_DECAY, **kwargs)
 
     return factory
 
