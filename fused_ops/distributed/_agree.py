@@ -91,6 +91,24 @@ def _check_group(gi: int, group: dict[str, Any], read_lr: bool) -> tuple[float |
     return lr, beta1, beta2, eps, weight_decay
 
 
+_STATE_NAMES = {None: "fp32", "fp32": "fp32", "float32": "fp32", torch.float32: "fp32", "int8": "int8",
+                "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16"}  # fmt: skip
+
+
+def _state_name(state_dtype: Any) -> str:
+    """``state_dtype`` as "fp32", "bf16" or "int8" (FusedAdamW's spellings); ValueError otherwise."""
+    try:
+        return _STATE_NAMES[state_dtype]
+    except (KeyError, TypeError):
+        raise ValueError(f"state_dtype must be None/'float32', 'bfloat16' or 'int8', got {state_dtype!r}") from None
+
+
+def _check_lowbit_amsgrad(gi: int, group: dict[str, Any], state: str) -> None:
+    """amsgrad keeps an fp32 running max of exp_avg_sq: refused with low-bit moments (as FusedAdamW refuses it)."""
+    if state != "fp32" and group.get("amsgrad"):
+        raise ValueError(f"amsgrad needs fp32 states (state_dtype={state!r} was given; amsgrad of param group {gi})")
+
+
 def _check_state_tensor(st: dict, i: int, key: str, numel: int, expected: str) -> None:
     """``st[key]`` must be a dense floating-point tensor of ``numel`` elements (``expected`` says whence)."""
     where = f"state {key!r} of param {i}"
@@ -199,7 +217,7 @@ class _AgreementMixin:
         for r, (cfg, values, s, _) in enumerate(gathered[1:], start=1):
             if cfg != cfg0:
                 names = ("stage", "bucket_cap_mb", "align", "master_weights", "reduce_dtype", "world_size",
-                         "max_grad_norm")  # fmt: skip
+                         "max_grad_norm", "state_dtype")  # fmt: skip
                 pairs = zip(names, cfg0, cfg, strict=True)
                 diff = [f"{n}={a!r} on rank 0 but {b!r} on rank {r}" for n, a, b in pairs if a != b]
                 raise ValueError("ZeroAdamW: constructor arguments differ between ranks: " + "; ".join(diff))
@@ -247,6 +265,7 @@ class _AgreementMixin:
         floats: list[tuple[float, float, float, float]] = []
         for gi, group in enumerate(self.param_groups):
             lr, beta1, beta2, eps, weight_decay = _check_group(gi, group, read_lr=False)
+            _check_lowbit_amsgrad(gi, group, self.state_dtype)
             if isinstance(lr, Tensor) and lr.device != dev:
                 if lr.device.type == "cpu":  # read on the host (no sync); a tensor elsewhere is copied over
                     lr = float(lr.item())

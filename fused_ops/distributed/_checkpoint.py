@@ -11,13 +11,77 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._agree import _check_group, _check_state_step, _check_state_tensor
+from .._ref_lowbit import QUANT_BLOCK, dequantize_blockwise, n_scales, quantize_blockwise
+from ._agree import _check_group, _check_lowbit_amsgrad, _check_state_step, _check_state_tensor
 from ._comm import _all_gather
-from ._layout import _Bucket
+from ._layout import _Bucket, _Segment
 
 _FORMAT = "fused_ops.zero/1"
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _MASTER_KEY = "master_param"
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False}  # which 8-bit map each moment's codes index
+_SCALE_SUFFIX = "_scale"  # 8-bit codes under "exp_avg" come with their block scales under "exp_avg_scale"
+
+
+@dataclass
+class _Codes:
+    """8-bit moments of a range of a param that starts on one of its 256-element blocks: uint8 codes and the fp32
+    scales of the ceil(n / 256) blocks they cover."""
+
+    codes: Tensor
+    scales: Tensor
+
+    def values(self, signed: bool) -> Tensor:
+        return dequantize_blockwise(self.codes.reshape(-1), self.scales.reshape(-1), signed)
+
+
+def _check_moment(st: dict, i: int, key: str, numel: int, expected: str, lo: int = 0) -> None:
+    """``st[key]``: a floating-point tensor of ``numel`` elements, or (exp_avg, exp_avg_sq) uint8 codes of ``numel``
+    elements with ``st[key + "_scale"]``, fp32 block scales of ceil(numel / 256) elements, for a range starting at
+    element ``lo`` of the param, which must be a multiple of 256 (a block boundary)."""
+    t = st.get(key)
+    if key not in _SIGNED or not (isinstance(t, Tensor) and t.dtype == torch.uint8):
+        _check_state_tensor(st, i, key, numel, expected)
+        return
+    where = f"state {key!r} of param {i}"
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{where} must be a dense tensor with data, got {t.layout} on {t.device}")
+    if t.numel() != numel:
+        raise ValueError(f"{where} has {t.numel()} elements but {expected}")
+    if lo % QUANT_BLOCK:
+        raise ValueError(f"{where} holds 8-bit codes of a range starting at element {lo}, not on a {QUANT_BLOCK}-"
+                         "element block")  # fmt: skip
+    skey = key + _SCALE_SUFFIX
+    if skey not in st:
+        raise ValueError(f"{where} holds 8-bit codes (uint8) but the state has no {skey!r} (their block scales)")
+    scales = st[skey]
+    if not isinstance(scales, Tensor) or scales.layout != torch.strided or scales.is_meta:
+        raise ValueError(f"state {skey!r} of param {i} must be a dense tensor with data, got {_what(scales)}")
+    if scales.dtype != torch.float32:
+        raise ValueError(f"state {skey!r} of param {i} must be float32 block scales, got {scales.dtype}")
+    if scales.numel() != n_scales(numel):
+        raise ValueError(f"state {skey!r} of param {i} has {scales.numel()} block scales but {numel} codes need "
+                         f"ceil({numel} / {QUANT_BLOCK}) = {n_scales(numel)}")  # fmt: skip
+
+
+def _what(x: Any) -> str:
+    return f"a {x.layout} tensor on {x.device}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+
+
+def _range_of(st: dict, key: str, base: int, lo: int, hi: int, device: torch.device) -> Tensor | _Codes:
+    """Elements [lo, hi) of the param from ``st[key]``, which holds elements [base, ...) of it: a ``_Codes`` when
+    the range starts on a block of the saved codes and ends on one (or where they end), else fp32 values."""
+    t = st[key].detach().reshape(-1)
+    if t.dtype != torch.uint8:
+        return t[lo - base : hi - base].to(device, torch.float32)
+    scales = st[key + _SCALE_SUFFIX].detach().reshape(-1)
+    first = (lo - base) // QUANT_BLOCK
+    if (lo - base) % QUANT_BLOCK == 0 and ((hi - base) % QUANT_BLOCK == 0 or hi - base == t.numel()):
+        return _Codes(t[lo - base : hi - base].to(device), scales[first : first + n_scales(hi - lo)].to(device))
+    last = -(-(hi - base) // QUANT_BLOCK)
+    values = dequantize_blockwise(t[first * QUANT_BLOCK : min(last * QUANT_BLOCK, t.numel())], scales[first:last],
+                                  _SIGNED[key])  # fmt: skip
+    return values[lo - base - first * QUANT_BLOCK : hi - base - first * QUANT_BLOCK].to(device)
 
 
 @dataclass
@@ -57,6 +121,34 @@ class _CheckpointMixin:
     def _bucket_tensor(b: _Bucket, name: str) -> Tensor:
         return b.master if name == _MASTER_KEY else getattr(b, name)
 
+    def _fp32_shard(self, b: _Bucket, name: str) -> Tensor:
+        """State ``name`` of this rank's shard of ``b`` as fp32 values (bf16 widened, 8-bit codes dequantised: the
+        shard's blocks are whole blocks of its params, and padding reads 0)."""
+        t = self._bucket_tensor(b, name)
+        if t.dtype == torch.uint8:
+            return dequantize_blockwise(t, getattr(b, name + _SCALE_SUFFIX), _SIGNED[name])
+        return t.float()
+
+    def _write_moment(self, b: _Bucket, name: str, seg: _Segment, src: Tensor | _Codes | None) -> None:
+        """Set moment ``name`` of segment ``seg`` from a checkpoint's values or codes (None: zeros). Kept as fp32,
+        bf16 (rounded to nearest even) or 8-bit codes (fp32 values quantised block by block, codes copied)."""
+        n = seg.hi - seg.lo
+        view = getattr(b, name).narrow(0, seg.start, n)
+        if view.dtype != torch.uint8:
+            if isinstance(src, _Codes):
+                src = src.values(_SIGNED[name])
+            view.zero_() if src is None else view.copy_(src)
+            return
+        scales = getattr(b, name + _SCALE_SUFFIX).narrow(0, seg.start // QUANT_BLOCK, n_scales(n))
+        if src is None:
+            view.zero_()
+            scales.zero_()
+            return
+        if not isinstance(src, _Codes):
+            src = _Codes(*quantize_blockwise(src.reshape(-1), _SIGNED[name]))
+        view.copy_(src.codes.reshape(-1))
+        scales.copy_(src.scales.reshape(-1))
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the state (tensors are copies; save one file per rank).
 
@@ -71,11 +163,15 @@ class _CheckpointMixin:
             b, n = seg.bucket, seg.hi - seg.lo
             for name in self._state_names(b):
                 state[seg.index][name] = self._bucket_tensor(b, name).narrow(0, seg.start, n).clone()
+                scales = getattr(b, name + _SCALE_SUFFIX, None)
+                if scales is not None:
+                    first = seg.start // QUANT_BLOCK
+                    state[seg.index][name + _SCALE_SUFFIX] = scales.narrow(0, first, n_scales(n)).clone()
             ranges[seg.index] = (seg.lo, seg.hi)
         meta = {
             "format": _FORMAT, "rank": self.rank, "world_size": self.world_size, "stage": self.stage,
             "numels": [p.numel() for p in self._params], "shapes": [tuple(p.shape) for p in self._params],
-            "ranges": ranges,
+            "ranges": ranges, "state_dtype": self.state_dtype,
         }  # fmt: skip
         return {"state": state, "param_groups": self._groups_for_save(), "zero": meta}
 
@@ -103,7 +199,7 @@ class _CheckpointMixin:
         for b in self._buckets:
             for name in self._state_names(b):
                 full = torch.empty(b.numel, dtype=torch.float32, device=self._device)
-                _all_gather(full, self._bucket_tensor(b, name), self.process_group, async_op=False)
+                _all_gather(full, self._fp32_shard(b, name), self.process_group, async_op=False)
                 if keep:
                     for s in b.slots:
                         part = full.narrow(0, s.offset, s.numel).view(s.param.shape)
@@ -176,12 +272,8 @@ class _CheckpointMixin:
                 for seg in segments.get(bucket.index, ()):
                     b, n = seg.bucket, seg.hi - seg.lo
                     for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                        dst = getattr(b, name)
-                        if dst is None:
-                            continue
-                        src = fetch(seg.index, name, seg.lo, seg.hi)  # None: a param without state (never stepped)
-                        view = dst.narrow(0, seg.start, n)
-                        view.zero_() if src is None else view.copy_(src)
+                        if getattr(b, name) is not None:  # src None: a param without state (never stepped)
+                            self._write_moment(b, name, seg, fetch(seg.index, name, seg.lo, seg.hi))
                     if b.master is not None:
                         current = b.param_shard.narrow(0, seg.start, n)
                         src = fetch(seg.index, _MASTER_KEY, seg.lo, seg.hi)
@@ -221,6 +313,7 @@ class _CheckpointMixin:
             lr, beta1, beta2, eps, weight_decay = _check_group(gi, merged, read_lr=True)
             merged["betas"] = (beta1, beta2)
             merged["amsgrad"], merged["maximize"] = bool(merged["amsgrad"]), bool(merged["maximize"])
+            _check_lowbit_amsgrad(gi, merged, self.state_dtype)
             new_groups.append(merged)
             lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
             summary_groups.append((lr_value, beta1, beta2, eps, weight_decay, merged["amsgrad"], merged["maximize"]))
@@ -271,18 +364,18 @@ class _CheckpointMixin:
                     continue
                 shape = f"the param has {numels[i]} (shape {tuple(self._params[i].shape)})"
                 for key in required(i):
-                    _check_state_tensor(st, i, key, numels[i], shape)
+                    _check_moment(st, i, key, numels[i], shape)
                 for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
                     if key in st:
-                        _check_state_tensor(st, i, key, numels[i], shape)
+                        _check_moment(st, i, key, numels[i], shape)
                 by_index[i] = st
             steps = [_check_state_step(by_index[i], i) if i in by_index else 0.0 for i in range(n)]
 
-            def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | None:
+            def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | _Codes | None:
                 st = by_index.get(i)
                 if st is None or name not in st:
                     return None
-                return st[name].detach().reshape(-1)[lo:hi].to(self._device, torch.float32)
+                return _range_of(st, name, 0, lo, hi, self._device)
 
             return _LoadPlan(new_groups, steps, fetch, (summary_groups, steps, [("the checkpoint", "a state dict")]))
 
@@ -329,10 +422,10 @@ class _CheckpointMixin:
                 lo, hi = rng
                 size = f"its range [{lo}, {hi}) in shard {k} of the list has {hi - lo}"
                 for key in required(i):
-                    _check_state_tensor(state[i], i, key, hi - lo, size)
+                    _check_moment(state[i], i, key, hi - lo, size, lo)
                 for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
                     if key in state[i]:
-                        _check_state_tensor(state[i], i, key, hi - lo, size)
+                        _check_moment(state[i], i, key, hi - lo, size, lo)
                 pieces[i].append((lo, hi, state[i]))
         for seg in self._segment_of.values():
             covered = seg.lo
@@ -347,16 +440,22 @@ class _CheckpointMixin:
                 )
         steps = [float(s) for s in shard_steps]  # every shard has every param's step (checked)
 
-        def fetch_sharded(i: int, name: str, lo: int, hi: int) -> Tensor | None:
-            out = torch.empty(hi - lo, dtype=torch.float32, device=self._device)
-            for plo, phi, st in pieces[i]:
-                a, z = max(lo, plo), min(hi, phi)
+        def fetch_sharded(i: int, name: str, lo: int, hi: int) -> Tensor | _Codes | None:
+            parts: list[tuple[int, int, Tensor | _Codes]] = []
+            for plo, phi, st in sorted(pieces[i], key=lambda x: x[0]):
+                a, z = max(lo, plo, parts[-1][1] if parts else lo), min(hi, phi)  # (overlaps: the first shard's)
                 if a >= z:
                     continue
                 if name not in st:  # an optional key (master weights) some shard lacks: none for this param
                     return None
-                out[a - lo : z - lo].copy_(st[name].detach().reshape(-1)[a - plo : z - plo])
-            return out
+                parts.append((a, z, _range_of(st, name, plo, a, z, self._device)))
+            if all(isinstance(part, _Codes) for _, _, part in parts) and all(
+                (z - a) % QUANT_BLOCK == 0 for a, z, _ in parts[:-1]
+            ):  # blocks line up: the codes as saved
+                return _Codes(torch.cat([part.codes for _, _, part in parts]),
+                              torch.cat([part.scales for _, _, part in parts]))  # fmt: skip
+            values = [part.values(_SIGNED[name]) if isinstance(part, _Codes) else part for _, _, part in parts]
+            return torch.cat(values)
 
         return _LoadPlan(
             new_groups, steps, fetch_sharded, (summary_groups, steps, [("the checkpoint", "a state dict")])

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _check_state_step
-from ._checkpoint import _MASTER_KEY, _MOMENT_KEYS, _LoadPlan
+from ._checkpoint import _MASTER_KEY, _MOMENT_KEYS, _SCALE_SUFFIX, _SIGNED, _Codes, _LoadPlan, _range_of
 from ._comm import _all_gather, _reduce_scatter
 from ._layout import _Bucket
 
@@ -97,8 +98,13 @@ class _DCPMixin:
         state: dict[Any, dict[str, Tensor]] = {keys[i]: {"step": t.clone()} for i, t in enumerate(self._steps)}
         for b in self._buckets:
             for name in self._state_names(b):
-                full = torch.empty(b.numel, dtype=torch.float32, device=self._device)
-                _all_gather(full, self._bucket_tensor(b, name), self.process_group, async_op=False)
+                t = self._bucket_tensor(b, name)
+                full = torch.empty(b.numel, dtype=t.dtype, device=self._device)
+                _all_gather(full, t, self.process_group, async_op=False)
+                scales = getattr(b, name + _SCALE_SUFFIX, None)
+                if scales is not None:  # one per 256-element block of the bucket (params start on blocks)
+                    full_scales = torch.empty(b.numel // QUANT_BLOCK, dtype=scales.dtype, device=self._device)
+                    _all_gather(full_scales, scales, self.process_group, async_op=False)
                 for s in b.slots:
                     shape = s.param.shape
                     flat = full.narrow(0, s.offset, s.numel)
@@ -112,6 +118,13 @@ class _DCPMixin:
                     state[keys[s.index]][name] = DTensor.from_local(
                         local, mesh, [placement], run_check=False, shape=shape, stride=_contiguous_stride(shape)
                     )
+                    if scales is not None:
+                        blocks = n_scales(s.numel)
+                        lo, hi = _rows(blocks, self.world_size, self.rank)
+                        local = full_scales.narrow(0, s.offset // QUANT_BLOCK + lo, hi - lo).clone()
+                        state[keys[s.index]][name + _SCALE_SUFFIX] = DTensor.from_local(
+                            local, mesh, [Shard(0)], run_check=False, shape=(blocks,), stride=(1,)
+                        )
         groups = self._groups_for_save()
         for g in groups:
             g["params"] = [keys[i] for i in g["params"]]
@@ -190,7 +203,9 @@ class _DCPMixin:
         return any(isinstance(v, DTensor) for st in state.values() if isinstance(st, dict) for v in st.values())
 
     def _dcp_piece(self, st: dict, i: int, key: Any, name: str) -> _Piece:
-        """Check state ``name`` of param ``i`` (key ``key``) and return this rank's piece of it."""
+        """Check state ``name`` of param ``i`` (key ``key``) and return this rank's piece of it. Moments and masters
+        have the param's shape; the block scales of 8-bit moments (``exp_avg_scale``, ``exp_avg_sq_scale``) are
+        1-D, one per 256 elements of the param."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         p = self._params[i]
@@ -198,7 +213,10 @@ class _DCPMixin:
         if name not in st:
             raise ValueError(f"{where} is missing (the param has state: {sorted(map(str, st))})")
         t = st[name]
-        n = p.numel()
+        scale = name.endswith(_SCALE_SUFFIX)
+        shape = torch.Size([n_scales(p.numel())]) if scale else p.shape
+        n = shape.numel()
+        what = "8-bit block scales" if scale else "the param"
         if isinstance(t, DTensor):
             ranks = self._dcp_ranks()
             mesh = t.device_mesh
@@ -207,16 +225,16 @@ class _DCPMixin:
                     f"{where} is a DTensor on the mesh {mesh.mesh.tolist()}, not on a 1-D mesh of this optimizer's "
                     f"process group (ranks {ranks}): load into the dict dcp_state_dict() makes"
                 )
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{where} has shape {tuple(t.shape)} but the param has shape {tuple(p.shape)}")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{where} has shape {tuple(t.shape)} but {what} has shape {tuple(shape)}")
             placement, local = t.placements[0], t.to_local()
-            if type(placement) is Shard and placement.dim == 0 and p.dim() > 0:
-                lo, hi = _rows(p.shape[0], self.world_size, self.rank)
-                expected, kind = (hi - lo, *p.shape[1:]), "shard"
-                row = math.prod(p.shape[1:])
+            if type(placement) is Shard and placement.dim == 0 and len(shape) > 0:
+                lo, hi = _rows(shape[0], self.world_size, self.rank)
+                expected, kind = (hi - lo, *shape[1:]), "shard"
+                row = math.prod(shape[1:])
                 lo, hi = lo * row, hi * row
             elif isinstance(placement, Replicate):
-                expected, kind, lo, hi = tuple(p.shape), "full", 0, n
+                expected, kind, lo, hi = tuple(shape), "full", 0, n
             else:
                 raise ValueError(
                     f"{where} is a DTensor placed {tuple(t.placements)}; expected (Shard(0),) (or (Replicate(),)), "
@@ -229,7 +247,7 @@ class _DCPMixin:
                 )
         elif isinstance(t, Tensor):
             if t.numel() != n:
-                raise ValueError(f"{where} has {t.numel()} elements but the param has {n} (shape {tuple(p.shape)})")
+                raise ValueError(f"{where} has {t.numel()} elements but {what} has {n} (shape {tuple(shape)})")
             local, kind, lo, hi = t, "full", 0, n
         else:
             raise ValueError(
@@ -237,8 +255,16 @@ class _DCPMixin:
             )
         if local.layout != torch.strided or local.is_meta:
             raise ValueError(f"{where} must be dense with data, got {local.layout} on {local.device}")
-        if not local.is_floating_point():
-            raise ValueError(f"{where} must be floating point, got {local.dtype}")
+        codes = name in _SIGNED and local.dtype == torch.uint8
+        if not (local.is_floating_point() or codes):
+            raise ValueError(f"{where} must be floating point (or, for exp_avg/exp_avg_sq, uint8 8-bit codes), got "
+                             f"{local.dtype}")  # fmt: skip
+        if scale and local.dtype != torch.float32:
+            raise ValueError(f"{where} must be float32 block scales, got {local.dtype}")
+        if codes and kind == "shard" and self.state_dtype != "int8":
+            raise ValueError(f"{where} holds sharded 8-bit codes but this ZeroAdamW keeps {self.state_dtype} moments: "
+                             "load a DCP checkpoint into a ZeroAdamW with the same state_dtype (or convert through "
+                             "consolidated_state_dict and load_state_dict)")  # fmt: skip
         return _Piece(kind, local.detach().reshape(-1), lo, hi)
 
     def _plan_dcp_load(self, state_dict: Any, names: Any) -> _LoadPlan:
@@ -265,30 +291,54 @@ class _DCPMixin:
             optional = (*_MOMENT_KEYS[len(required) :], _MASTER_KEY)
             mine = {name: self._dcp_piece(st, i, key, name) for name in required}
             mine.update({name: self._dcp_piece(st, i, key, name) for name in optional if name in st})
+            for name in _SIGNED:  # 8-bit codes come with their block scales
+                if mine[name].flat.dtype == torch.uint8:
+                    mine[name + _SCALE_SUFFIX] = self._dcp_piece(st, i, key, name + _SCALE_SUFFIX)
             pieces.append(mine)
-            kinds = ", ".join(f"{name} {pc.kind}" for name, pc in sorted(mine.items()))
+            kinds = ", ".join(
+                f"{name} {pc.kind}{' codes' if pc.flat.dtype == torch.uint8 else ''}"
+                for name, pc in sorted(mine.items())
+            )
             described.append((f"the state of param {i}", f"{key!r}: {kinds}"))
         outs: dict[str, Tensor] = {}
 
         def prepare(b: _Bucket) -> None:
-            """Reduce-scatter the rows of the bucket's params: every rank gets the elements of its shard."""
+            """Reduce-scatter the rows of the bucket's params: every rank gets the elements of its shard (8-bit
+            codes as their values 0..255 in fp32, exact; block scales by blocks: params start on blocks)."""
             outs.clear()
-            for name in self._state_names(b):
+            names = self._state_names(b)
+            for name in (*names, *(n + _SCALE_SUFFIX for n in _SIGNED if n in names)):
                 sharded = [(s, pieces[s.index][name]) for s in b.slots if name in pieces[s.index]]
                 sharded = [(s, pc) for s, pc in sharded if pc.kind == "shard"]
                 if not sharded:  # the same on every rank: the kinds were agreed on
                     continue
-                flat = torch.zeros(b.numel, dtype=torch.float32, device=self._device)
+                per = QUANT_BLOCK if name.endswith(_SCALE_SUFFIX) else 1  # elements per entry
+                flat = torch.zeros(b.numel // per, dtype=torch.float32, device=self._device)
                 for s, pc in sharded:
-                    flat.narrow(0, s.offset + pc.lo, pc.hi - pc.lo).copy_(pc.flat)
-                out = torch.empty(b.shard_numel, dtype=torch.float32, device=self._device)
+                    flat.narrow(0, s.offset // per + pc.lo, pc.hi - pc.lo).copy_(pc.flat)
+                out = torch.empty(b.shard_numel // per, dtype=torch.float32, device=self._device)
                 _reduce_scatter(out, flat, self.process_group, async_op=False)
                 outs[name] = out
 
-        def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | None:
+        def fetch(i: int, name: str, lo: int, hi: int) -> Tensor | _Codes | None:
             pc = pieces[i].get(name)
             if pc is None:
                 return None
+            if pc.flat.dtype == torch.uint8:  # 8-bit codes (lo: on a block, this ZeroAdamW keeps int8 states)
+                spc = pieces[i][name + _SCALE_SUFFIX]
+                if pc.kind == "full" and spc.kind == "full":
+                    return _range_of({name: pc.flat, name + _SCALE_SUFFIX: spc.flat}, name, 0, lo, hi, self._device)
+                seg = self._segment_of[i]
+                if pc.kind == "full":
+                    codes = pc.flat[lo:hi].to(self._device)
+                else:
+                    codes = outs[name].narrow(0, seg.start + lo - seg.lo, hi - lo).to(torch.uint8)
+                first, count = lo // QUANT_BLOCK, n_scales(hi - lo)
+                if spc.kind == "full":
+                    scales = spc.flat[first : first + count].to(self._device)
+                else:
+                    scales = outs[name + _SCALE_SUFFIX].narrow(0, seg.start // QUANT_BLOCK, count)
+                return _Codes(codes, scales)
             if pc.kind == "full":
                 return pc.flat[lo:hi].to(self._device, torch.float32)
             seg = self._segment_of[i]

@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._ref_lowbit import QUANT_BLOCK, n_scales
+
+_MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
+
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
@@ -108,6 +112,10 @@ class _Bucket:
     exp_avg_sq: Tensor
     max_exp_avg_sq: Tensor | None
     gaps: list[tuple[int, int]]  # padding ranges in the flat bucket
+    # state_dtype="int8": exp_avg / exp_avg_sq hold uint8 codes and these the fp32 absmax of each 256-element
+    # block of the shard (shards and params start on blocks: align is a multiple of 256)
+    exp_avg_scale: Tensor | None = None
+    exp_avg_sq_scale: Tensor | None = None
     n_hooked: int = 0
     ready: set = field(default_factory=set)
     grad_valid: bool = False
@@ -163,15 +171,20 @@ class _LayoutMixin:
             param_shard = flat.narrow(0, rank * shard, shard)
             lowp = spec.dtype != torch.float32
             group = self.param_groups[spec.group]
+            moment_dtype = _MOMENT_DTYPES[self.state_dtype]
+            int8 = self.state_dtype == "int8"
             b = _Bucket(
                 index=bi, group=spec.group, dtype=spec.dtype, slots=slots, numel=spec.numel, shard_numel=shard,
                 param_flat=flat, param_shard=param_shard,
                 master=param_shard.float() if lowp and self.master_weights else None,
                 grad=torch.zeros(shard, dtype=self._grad_dtype(spec.dtype), device=dev),
-                exp_avg=torch.zeros(shard, dtype=torch.float32, device=dev),
-                exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev),
+                exp_avg=torch.zeros(shard, dtype=moment_dtype, device=dev),
+                exp_avg_sq=torch.zeros(shard, dtype=moment_dtype, device=dev),
                 max_exp_avg_sq=torch.zeros(shard, dtype=torch.float32, device=dev) if group["amsgrad"] else None,
                 gaps=gaps,
+                # (codes 0 with scales 0 read as 0.0: zero moments)
+                exp_avg_scale=torch.zeros(shard // QUANT_BLOCK, dtype=torch.float32, device=dev) if int8 else None,
+                exp_avg_sq_scale=torch.zeros(shard // QUANT_BLOCK, dtype=torch.float32, device=dev) if int8 else None,
             )  # fmt: skip
             self._buckets.append(b)
             lo_s, hi_s = rank * shard, (rank + 1) * shard
@@ -182,7 +195,8 @@ class _LayoutMixin:
                     self._segments[spec.group].append(seg)
                     self._segment_of[s.index] = seg
         self._unowned = [i for i in range(len(self._params)) if i not in self._segment_of]
-        self._adam_view_cache: dict[tuple[int, bool], tuple[list[Tensor], ...]] = {}
+        self._adam_view_cache: dict[tuple, tuple[list[Tensor], ...]] = {}
+        self._lowbit_tables: dict[tuple, dict] = {}  # the low-bit kernel's chunk tables, per launch
         sizes: dict[tuple, int] = {}
         for b in self._buckets:
             key = (self._reduce_dtype(b), dev)
@@ -206,11 +220,14 @@ class _LayoutMixin:
         """Bytes this rank holds, per category (padding counted once, under ``padding`` only).
 
         - ``master``: fp32 master shard (0 for fp32 params, whose shard of the param buffer is the master);
-        - ``states``: Adam moments of the shard (fp32) and the step counts;
+        - ``states``: Adam moments of the shard (fp32: 4 + 4 bytes per element; ``state_dtype="bfloat16"``: 2 + 2;
+          ``"int8"``: 1 + 1 code bytes and, for every 256-element block holding a param element, two fp32 scales:
+          2 + 8/256 bytes per element), ``max_exp_avg_sq`` (fp32) and the step counts;
         - ``grad_shards``: the reduced-grad shards, in the reduce dtype (see the class docstring);
         - ``staging``: the staging buffers of the reduce-scatters (the buckets in flight);
         - ``grad_buckets``: ``grad_shards + staging``;
-        - ``padding``: padded elements in the master, moment and grad shards and in the flat param buffers;
+        - ``padding``: padded elements in the master, moment and grad shards (and the scales of blocks holding no
+          param element) and in the flat param buffers;
         - ``total``: ``master + states + grad_buckets + padding``.
 
         Not counted: the params' own elements (the flat buffers the model's params are views of; their padding
@@ -220,16 +237,28 @@ class _LayoutMixin:
         for b in self._buckets:
             pad = self._bucket_pad(b)
             useful = b.shard_numel - pad
-            fp32_shards = 2 + (b.max_exp_avg_sq is not None) + (b.master is not None)  # moments, master
+            per_element = 2 * b.exp_avg.element_size() + (4 if b.max_exp_avg_sq is not None else 0)
             report["master"] += 4 * useful if b.master is not None else 0
-            report["states"] += 4 * useful * (2 + (b.max_exp_avg_sq is not None))
+            report["states"] += per_element * useful
             report["grad_shards"] += b.grad.element_size() * useful
-            report["padding"] += pad * (4 * fp32_shards + b.grad.element_size())
+            master = 4 if b.master is not None else 0
+            report["padding"] += pad * (per_element + master + b.grad.element_size())
             report["padding"] += (b.numel - sum(s.numel for s in b.slots)) * b.param_flat.element_size()
+            if b.exp_avg_scale is not None:
+                scale_bytes = b.exp_avg_scale.element_size() + b.exp_avg_sq_scale.element_size()
+                used = self._bucket_blocks(b)
+                report["states"] += scale_bytes * used
+                report["padding"] += scale_bytes * (b.exp_avg_scale.numel() - used)
         report["staging"] = sum(pool.nbytes() for pool in self._pools.values())
         report["grad_buckets"] = report["grad_shards"] + report["staging"]
         report["total"] = report["master"] + report["states"] + report["grad_buckets"] + report["padding"]
         return report
+
+    def _bucket_blocks(self, b: _Bucket) -> int:
+        """256-element blocks of this rank's shard of bucket ``b`` that hold a param element (int8 states: params
+        start on blocks, so each param's piece of the shard covers ceil(its elements / 256) blocks of its own)."""
+        lo_s, hi_s = self.rank * b.shard_numel, (self.rank + 1) * b.shard_numel
+        return sum(n_scales(max(0, min(s.offset + s.numel, hi_s) - max(s.offset, lo_s))) for s in b.slots)
 
     def _bucket_pad(self, b: _Bucket) -> int:
         """Padded elements in this rank's shard of bucket ``b``."""

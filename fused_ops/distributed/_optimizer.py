@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
-from ._agree import _AgreementMixin, _check_group, _check_max_grad_norm, _real
+from .._ref_lowbit import QUANT_BLOCK
+from ._agree import _AgreementMixin, _check_group, _check_lowbit_amsgrad, _check_max_grad_norm, _real, _state_name
 from ._checkpoint import _CheckpointMixin
 from ._dcp import _DCPMixin
 from ._layout import _LayoutMixin
@@ -110,8 +111,10 @@ class ZeroAdamW(
         maximize: bool = False,
         max_grad_norm: float | None = None,
         reduce_dtype: torch.dtype | None = None,
-        align: int = 64,
+        align: int | None = None,
         backend: str | None = None,
+        state_dtype: str | torch.dtype | None = None,
+        seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -137,8 +140,19 @@ class ZeroAdamW(
                 raise ValueError(f"stage must be 1 or 2, got {stage!r}")
             if not (isinstance(bucket_cap_mb, numbers.Real) and bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
                 raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-            if not (isinstance(align, int) and align >= 1):
+            state = _state_name(state_dtype)
+            if align is None:
+                align = QUANT_BLOCK if state == "int8" else 64
+            if isinstance(align, bool) or not (isinstance(align, int) and align >= 1):
                 raise ValueError(f"align must be a positive int, got {align!r}")
+            if state == "int8" and align % QUANT_BLOCK:
+                raise ValueError(
+                    f"state_dtype='int8' needs align a multiple of {QUANT_BLOCK} (got {align}): its block scales "
+                    f"cover {QUANT_BLOCK} elements of each param, so every param and shard must start on a block "
+                    f"(the default align with int8 states is {QUANT_BLOCK})"
+                )
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+                raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
             max_grad_norm = _check_max_grad_norm(max_grad_norm)
             if reduce_dtype is not None and reduce_dtype not in _SUPPORTED_DTYPES:
                 raise ValueError(f"reduce_dtype must be one of {_SUPPORTED_DTYPES}, got {reduce_dtype}")
@@ -152,6 +166,7 @@ class ZeroAdamW(
                 decoupled_weight_decay=True, backend=check_backend(backend),
             )  # fmt: skip
             _check_group(0, defaults, read_lr=True)
+            self.state_dtype = state
             super().__init__(params, defaults)
             self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
             self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
@@ -159,10 +174,11 @@ class ZeroAdamW(
             if bad_params is not None:
                 raise ValueError(f"bad params: {bad_params}")
             config = (stage, float(bucket_cap_mb), align, bool(master_weights), str(reduce_dtype), self.world_size,
-                      max_grad_norm)  # fmt: skip
+                      max_grad_norm, state)  # fmt: skip
             group_values = []
             for gi, g in enumerate(self.param_groups):
                 lr_, beta1, beta2, eps_, weight_decay_ = _check_group(gi, g, read_lr=True)
+                _check_lowbit_amsgrad(gi, g, state)
                 lr_ = float(lr_.item()) if isinstance(lr_, Tensor) else lr_
                 group_values.append((lr_, beta1, beta2, eps_, weight_decay_, bool(g["amsgrad"]), bool(g["maximize"])))
         except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
@@ -176,6 +192,7 @@ class ZeroAdamW(
         self.max_grad_norm = max_grad_norm
         self.reduce_dtype = reduce_dtype
         self.align = align
+        self.seed = seed
 
         self._device = self._params[0].device if self._params else torch.device("cpu")
         self._build()

@@ -3,13 +3,16 @@ in one device-side factor, the fused Adam op on this rank's shards, and the all-
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import functional
+from .. import _ref_lowbit, functional
+from .._backend import resolve_backend
+from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _ERROR_TYPES, _StepInputs
 from ._comm import _all_gather, _sum_of_squares
 from ._layout import _Segment
@@ -124,13 +127,17 @@ class _StepMixin:
                 w.wait()
         return loss
 
-    def _adam_views(self, key: tuple[int, bool], segs: list[_Segment]) -> tuple[list[Tensor], ...]:
-        """Per-segment views of the shards (cached: same addresses every step, so the kernel's table is too)."""
+    def _adam_views(self, key: tuple, segs: list[_Segment]) -> tuple[list[Tensor], ...]:
+        """Per-segment views of the shards (cached: same addresses every step, so the kernel's table is too).
+
+        ``(params, masters, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, exp_avg_scales,
+        exp_avg_sq_scales)``; the scales (int8 states) are each segment's blocks: a segment starts on a block of
+        its shard (align is a multiple of 256), and its ceil(n / 256) blocks are its param's own."""
         cached = self._adam_view_cache.get(key)
         if cached is not None:
             return cached
-        views: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [])
-        params, masters, grads, ms, vs, maxvs, steps = views
+        views: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [], [], [])
+        params, masters, grads, ms, vs, maxvs, steps, m_scales, v_scales = views
         for s in segs:
             n, b = s.hi - s.lo, s.bucket
             params.append(b.param_shard.narrow(0, s.start, n))
@@ -141,6 +148,9 @@ class _StepMixin:
             vs.append(b.exp_avg_sq.narrow(0, s.start, n))
             if b.max_exp_avg_sq is not None:
                 maxvs.append(b.max_exp_avg_sq.narrow(0, s.start, n))
+            if b.exp_avg_scale is not None:
+                m_scales.append(b.exp_avg_scale.narrow(0, s.start // QUANT_BLOCK, n_scales(n)))
+                v_scales.append(b.exp_avg_sq_scale.narrow(0, s.start // QUANT_BLOCK, n_scales(n)))
             steps.append(self._steps[s.index])
         self._adam_view_cache[key] = views
         return views
@@ -150,9 +160,14 @@ class _StepMixin:
               key: tuple[int, bool]) -> None:  # fmt: skip
         """The fused Adam op over the given segments of this rank's shards (one launch per dtype), with the step
         values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay)."""
+        if self.state_dtype != "fp32":
+            for dtype in dict.fromkeys(s.bucket.dtype for s in segs):  # the low-bit launch takes one param dtype
+                part = [s for s in segs if s.bucket.dtype == dtype]
+                self._adam_lowbit(group, part, lr, floats, grad_scale, found_inf, (*key, dtype))
+            return
         # Grad shards are the params' dtype or fp32; the op takes both as they are, divides by grad_scale in fp32
         # (in the Triton kernel, or into fp32 copies on the CPU path) and leaves the shards as reduced.
-        params, masters, grads, ms, vs, maxvs, steps = self._adam_views(key, segs)
+        params, masters, grads, ms, vs, maxvs, steps, _, _ = self._adam_views(key, segs)
         beta1, beta2, eps, weight_decay = floats
         amsgrad = bool(group["amsgrad"])
         functional.adam_(
@@ -162,8 +177,38 @@ class _StepMixin:
             grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
         )  # fmt: skip
 
+    def _lowbit_seed(self, key: tuple[int, bool, torch.dtype]) -> int:
+        """The Philox key of one low-bit launch: tensor indices restart at 0 in each launch, so each (param group,
+        masters or not, param dtype) launch gets a key of its own (as FusedAdamW derives its keys)."""
+        gi, with_master, dtype = key
+        dtype_index = (torch.float32, torch.bfloat16, torch.float16).index(dtype)
+        return (self.seed + 7919 * gi + 104729 * dtype_index + 1299709 * int(with_master)) % 2**31
+
+    def _adam_lowbit(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
+                     floats: tuple[float, float, float, float], grad_scale: Tensor, found_inf: Tensor | None,
+                     key: tuple[int, bool, torch.dtype]) -> None:  # fmt: skip
+        """The low-bit Adam step (``kernels/adam_lowbit.py``, or ``_ref_lowbit.adam_lowbit_`` on the reference
+        backend) over segments of one param dtype: each segment is one tensor of the launch, with its own step
+        count and, for int8 states, its own blocks of the shard's scales."""
+        params, masters, grads, ms, vs, _, steps, m_scales, v_scales = self._adam_views(key, segs)
+        beta1, beta2, eps, weight_decay = floats
+        state = {"int8": "int8", "bf16": "bf16"}[self.state_dtype]
+        kwargs = dict(
+            exp_avg_scales=m_scales, exp_avg_sq_scales=v_scales, master_params=masters, state=state,
+            seed=self._lowbit_seed(key), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            maximize=bool(group["maximize"]), decoupled=True, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        if resolve_backend(group["backend"], self._device) == "triton":
+            from ..kernels.adam_lowbit import adam_lowbit_launch
+
+            cache = self._lowbit_tables.setdefault(key, {})
+            with torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext():
+                adam_lowbit_launch(params, grads, ms, vs, steps, cache=cache, **kwargs)
+        else:
+            _ref_lowbit.adam_lowbit_(params, grads, ms, vs, steps, **kwargs)
+
     def _ensure_amsgrad_buffers(self) -> None:
         for b in self._buckets:
             if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None:
-                b.max_exp_avg_sq = torch.zeros_like(b.exp_avg)
+                b.max_exp_avg_sq = torch.zeros_like(b.exp_avg, dtype=torch.float32)
                 self._adam_view_cache.clear()
