@@ -8,7 +8,10 @@ so the all-gather after the step writes straight into them. Rank ``r`` owns shar
 keeps, for that shard only: the fp32 master copy (low-precision params with ``master_weights``), the fp32
 Adam moments and the reduced-gradient shard, in the reduce dtype (by default the param dtype: bf16 for bf16
 params, so a bf16 model with fp32 masters holds 2 + 14/N bytes per param in stage 2; ``reduce_dtype=
-torch.float32`` reduces and accumulates in fp32, 2 + 16/N). The fused Adam op reads either directly.
+torch.float32`` reduces and accumulates in fp32, 2 + 16/N). The fused Adam op reads either directly. With
+``state_dtype="int8"`` the moments are uint8 codes with one fp32 scale per 256-element block of the shard (align is
+a multiple of 256: blocks are the params' own) and the low-bit Adam kernel steps them; ``"bfloat16"``: bf16 moments,
+stochastically rounded.
 
 Per step::
 

@@ -48,8 +48,21 @@ class ZeroAdamW(
             ``torch.float32`` costs 2 more bytes per param / N and sums in fp32: more accurate over many ranks or
             micro-batches accumulated without ``no_sync``. (A low-precision reduce dtype other than the params'
             reduces in that dtype into an fp32 shard.) The grad norm is accumulated in float64 either way.
-        align: params start, and shards split, at multiples of this many elements.
+        align: params start, and shards split, at multiples of this many elements (default 64; 256 with
+            ``state_dtype="int8"``, which needs a multiple of 256).
         backend: fused-op backend ("auto", "triton", "reference"), as in FusedAdamW.
+        state_dtype: how this rank's shard of the moments is stored (FusedAdamW's option). ``None``/``"float32"``
+            (default): fp32, the fp32 Adam kernel. ``"int8"``: uint8 codes with one fp32 scale (the absmax) per
+            256-element block of the shard (Dettmers et al.'s block-wise dynamic quantisation, see
+            ``fused_ops/_ref_lowbit.py``), dequantised, updated and requantised by the low-bit kernel
+            (``kernels/adam_lowbit.py``; ``_ref_lowbit.adam_lowbit_`` on the reference backend), each param's piece
+            of the shard one tensor of the launch. align is a multiple of 256, so every param and every shard starts
+            on a block: the blocks are the params' own (as FusedAdamW(state_dtype="int8") cuts them), whatever the
+            world size, and 8-bit checkpoints reshard without requantisation. ``"bfloat16"``: bf16 moments stored
+            with stochastic rounding. Not with amsgrad (refused on every rank, in the constructor, ``step()`` and
+            ``load_state_dict``).
+        seed: the key of the random bits of stochastic rounding (bf16 moments). The bits also depend on the
+            layout (each param's piece is a tensor of this rank's launch): reproducible for one seed and layout.
 
     Memory, bytes per param on each of N ranks (``memory_report()`` lists what this object holds; ``p.grad``
     is autograd's)::
@@ -62,7 +75,9 @@ class ZeroAdamW(
           reduce_dtype=fp32 1      2      2        (4 + 4 + 4 + 4) / N         4 + 16/N
           reduce_dtype=fp32 2      2      0        (4 + 4 + 4 + 4) / N         2 + 16/N
 
-    fp16 is as bf16; bf16 without master weights saves the 4/N of the master; amsgrad adds 4/N. On top: the
+    fp16 is as bf16; bf16 without master weights saves the 4/N of the master; amsgrad adds 4/N. Moments (m + v):
+    8/N with fp32 states; ``state_dtype="bfloat16"`` 4/N; ``"int8"`` (2 + 8/256)/N (1 + 1 code bytes and two fp32
+    scales per 256 elements; a param smaller than a block still has a block of its own). On top: the
     staging buffers of the reduce-scatters (two with ``overlap_comm`` and several buckets, else one; each holds
     the largest bucket, about ``bucket_cap_mb`` of param-dtype elements, in the reduce dtype: twice those bytes
     for bf16 params reduced in fp32), the padding of buckets to ``world_size * align``, 4 bytes per param
@@ -89,7 +104,14 @@ class ZeroAdamW(
 
     Checkpoints: ``state_dict()`` (this rank's shard), ``consolidated_state_dict()`` (torch.optim.AdamW's layout,
     on one rank) and ``dcp_state_dict()`` (DTensors for ``torch.distributed.checkpoint``, resharded by DCP on
-    load), each loaded with any world size by ``load_state_dict`` / ``load_dcp_state_dict``.
+    load), each loaded with any world size by ``load_state_dict`` / ``load_dcp_state_dict``. Low-bit moments:
+    ``state_dict()`` and ``dcp_state_dict()`` hold them as kept (bf16 tensors; 8-bit: uint8 codes under
+    ``exp_avg``/``exp_avg_sq`` and fp32 block scales under ``exp_avg_scale``/``exp_avg_sq_scale``, FusedAdamW's
+    keys; in DCP the scales are 1-D DTensors of ceil(numel/256) blocks, ``Shard(0)``), ``consolidated_state_dict()``
+    gives fp32 moments (dequantised: torch.optim.AdamW and FusedAdamW load it). Loading copies codes whose blocks
+    line up (always, between int8 ZeroAdamWs and from FusedAdamW's int8 state dict), quantises fp32/bf16 moments
+    into an int8 ZeroAdamW and dequantises codes into an fp32/bf16 one. A DCP checkpoint of 8-bit moments loads
+    into an int8 ZeroAdamW (any world size); change state_dtype through ``consolidated_state_dict``.
     """
 
     _step_supports_amp_scaling = True  # so that GradScaler always calls step(), where it is refused clearly

@@ -153,6 +153,7 @@ class _StepMixin:
                 v_scales.append(b.exp_avg_sq_scale.narrow(0, s.start // QUANT_BLOCK, n_scales(n)))
             steps.append(self._steps[s.index])
         self._adam_view_cache[key] = views
+        self._lowbit_tables[key] = {}  # new views, new addresses: the old chunk tables go with the old views
         return views
 
     def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
@@ -201,7 +202,7 @@ class _StepMixin:
         if resolve_backend(group["backend"], self._device) == "triton":
             from ..kernels.adam_lowbit import adam_lowbit_launch
 
-            cache = self._lowbit_tables.setdefault(key, {})
+            cache = self._lowbit_tables[key]
             with torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext():
                 adam_lowbit_launch(params, grads, ms, vs, steps, cache=cache, **kwargs)
         else:
