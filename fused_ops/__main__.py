@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (the README's main job)")
-    b.add_argument("--ops", type=_csv, default=list(bench.OPS), help=f"comma list of {','.join(bench.OPS)}")
+    b.add_argument("--ops", type=_csv, default=None,
+                   help=f"comma list of {','.join(bench.OPS)} (default: all; on CPU all but "
+                        f"{','.join(o for o, op in bench.OPS.items() if not op.cpu_default)})")  # fmt: skip
     b.add_argument(
         "--params", type=_csv, default=list(bench.DEFAULT_PARAMS), help=f"comma list of {','.join(bench.PARAM_SETS)}"
     )
@@ -162,7 +164,7 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.dtensor:
         return _bench_dtensor(args)
 
-    for name, values, known in (("--ops", args.ops, bench.OPS), ("--params", args.params, bench.PARAM_SETS),
+    for name, values, known in (("--ops", args.ops or [], bench.OPS), ("--params", args.params, bench.PARAM_SETS),
                                 ("--dtype", args.dtype, bench.DTYPES)):  # fmt: skip
         unknown = [v for v in values if v not in known]
         if unknown:
@@ -181,8 +183,14 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     if device.type != "cuda":
         print("No GPU found: benchmarking the CPU path against torch's CPU implementations (labelled CPU).")
+    ops = args.ops
+    if ops is None:
+        ops = [o for o, op in bench.OPS.items() if device.type == "cuda" or op.cpu_default]
+        left = [o for o in bench.OPS if o not in ops]
+        if left:
+            print(f"Not run on CPU unless --ops names them: {', '.join(left)} (their CPU path is a slow oracle).")
     config = bench.BenchConfig(
-        ops=args.ops,
+        ops=ops,
         params=args.params,
         dtypes=args.dtype,
         providers=args.providers,

@@ -158,3 +158,46 @@ def lion_(
     torch._foreach_add_(ms, g, alpha=1 - beta2)
     _store(exp_avgs, ms)
     _store(params, work)
+
+
+def sgd_cpu_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
+) -> None:
+    """The CPU path of SGD: :func:`sgd_`'s contract, in torch's one-pass CPU kernel (``torch._fused_sgd_``, the
+    kernel behind ``torch.optim.SGD(fused=True)``) when the tensors it updates are fp32 (fp32 params, or the fp32
+    masters) with fp32 grads and buffers; otherwise :func:`sgd_`. The caller has checked every tensor (the kernel
+    checks nothing). Grads are divided here, never by torch's kernel, which would write them back unscaled."""
+    work = list(master_params) if master_params else list(params)
+    fast = (
+        len(params) > 0
+        and params[0].device.type == "cpu"
+        and work[0].dtype == torch.float32
+        and grads[0].dtype == torch.float32
+        and (momentum == 0 or momentum_buffers[0].dtype == torch.float32)
+    )
+    if not fast:
+        sgd_(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+             grad_scale=grad_scale, found_inf=found_inf, master_params=master_params)  # fmt: skip
+        return
+    if found_inf is not None and _scalar(found_inf) != 0:
+        return
+    g = list(grads) if grad_scale is None else torch._foreach_div(list(grads), _scalar(grad_scale))
+    torch._fused_sgd_(work, g, list(momentum_buffers) if momentum != 0 else [], weight_decay=weight_decay,
+                      momentum=momentum, lr=_scalar(lr), dampening=dampening, nesterov=nesterov, maximize=maximize,
+                      is_first_step=bool(first_step and momentum != 0))  # fmt: skip
+    if master_params:
+        torch._foreach_copy_(list(params), work)  # rounded to nearest even

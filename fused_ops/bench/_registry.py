@@ -68,6 +68,8 @@ class Op:
     dtypes: tuple[str, ...]
     providers: dict[str, Builder]
     peers: bool = False  # the Adam peers (torchao, bitsandbytes, apex, DeepSpeed) are providers too
+    # In a CPU run without --ops: False for ops whose CPU path is a slow oracle (seconds per step on the quick sets)
+    cpu_default: bool = True
 
     def unavailable(self) -> str | None:
         """None when the op exists in this fused_ops, else the note for ``skipped``."""
@@ -88,18 +90,20 @@ def register_op(
     dtypes: Sequence[str] = DEFAULT_DTYPES,
     peers: bool = False,
     bytes_per_element: Mapping[str, float] | None = None,
+    cpu_default: bool = True,
 ) -> Callable[[Callable[[], dict[str, Builder]]], Callable[[], dict[str, Builder]]]:
     """Register an op: the decorated function returns its ``{provider: builder}`` table.
 
     ``bytes_per_element`` maps each layout of the op (``fp32``, ``bf16/fp32-states``, ...) to the bytes one element
     moves; it lands in ``BYTES_PER_ELEMENT`` under ``(name, layout)``. Registering a name twice is an error: two
-    cases files would otherwise silently replace each other.
+    cases files would otherwise silently replace each other. ``cpu_default=False``: a CPU run runs the op only when
+    ``--ops`` names it (its CPU path is a plain-torch oracle, not a fast path).
     """
 
     def deco(make: Callable[[], dict[str, Builder]]) -> Callable[[], dict[str, Builder]]:
         if name in OPS:
             raise ValueError(f"bench op {name!r} is registered twice")
-        OPS[name] = Op(name, requires, available, tuple(dtypes), make(), peers)
+        OPS[name] = Op(name, requires, available, tuple(dtypes), make(), peers, cpu_default)
         for layout, nbytes in (bytes_per_element or {}).items():
             BYTES_PER_ELEMENT[(name, layout)] = nbytes
         return make

@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import sgd_ as _reference_sgd
+from .._ref_sgd_lion import sgd_cpu_ as _cpu_sgd
 from ._base import MASTER_KEY, FusedOptimizer, _GroupPlan, _local, _Part, _to_float
 
 
@@ -139,7 +140,7 @@ class FusedSGD(FusedOptimizer):
     def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
         momentum, dampening, weight_decay = values
-        _reference_sgd(part.params, grads, part.roles.get("momentum_buffer", []), lr=lr, momentum=momentum,
+        _cpu_sgd(part.params, grads, part.roles.get("momentum_buffer", []), lr=lr, momentum=momentum,
                        dampening=dampening, weight_decay=weight_decay, nesterov=bool(group["nesterov"]),
                        maximize=bool(group["maximize"]), first_step=part.key[0], grad_scale=grad_scale,
                        found_inf=found_inf, master_params=part.masters)  # fmt: skip

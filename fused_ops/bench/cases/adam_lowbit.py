@@ -94,7 +94,10 @@ def _optimi_adamw(params):
     return optimi.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, kahan_sum=True)
 
 
-@register_op("adamw8bit", 'fused_ops.FusedAdamW(state_dtype="int8")', _has_int8_states, bytes_per_element=LOWBIT_BYTES)
+# Both ops' CPU path is the plain-torch oracle (block quantisation, Philox in int64 arithmetic): seconds per step
+# on the quick sets, so a CPU run takes them only when --ops names them.
+@register_op("adamw8bit", 'fused_ops.FusedAdamW(state_dtype="int8")', _has_int8_states,
+             bytes_per_element=LOWBIT_BYTES, cpu_default=False)  # fmt: skip
 def _adamw8bit_providers() -> dict[str, Builder]:
     """AdamW with 8-bit states (lr 1e-3, weight decay 1e-2) against torch's fused AdamW and the 8-bit peers."""
     return {
@@ -106,7 +109,7 @@ def _adamw8bit_providers() -> dict[str, Builder]:
 
 
 @register_op("adamw_bf16_sr", "fused_ops.FusedAdamW(stochastic_rounding=True)", _has_stochastic_rounding,
-             dtypes=("bf16",), bytes_per_element=SR_BYTES)  # fmt: skip
+             dtypes=("bf16",), bytes_per_element=SR_BYTES, cpu_default=False)  # fmt: skip
 def _bf16_sr_providers() -> dict[str, Builder]:
     """Pure-bf16 AdamW (no master weights; lr 1e-3, weight decay 1e-2): fused_ops with stochastic rounding (fp32
     states, then bf16 states) and with Kahan summation, against torch's fused AdamW on bf16 params and the peers."""
