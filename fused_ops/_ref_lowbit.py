@@ -134,9 +134,13 @@ def dequantize_blockwise(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
                          f"got {codes.dtype} codes of {codes.numel()} elements and {scales.dtype} scales of "
                          f"{scales.numel()}")  # fmt: skip
     qmap = dynamic_map(signed, codes.device)
-    flat = codes.reshape(-1).long()
-    block = torch.arange(flat.numel(), device=codes.device) // QUANT_BLOCK
-    return (qmap[flat] * scales.reshape(-1)[block]).view(codes.shape)
+    n = codes.numel()
+    values = qmap[codes.reshape(-1).long()]
+    # Whole blocks times their scale (a broadcast, not a gather by element // 256: torch 2.13's Inductor
+    # miscompiles that gather past the first block under torch.compile).
+    pad = n_scales(n) * QUANT_BLOCK - n
+    out = torch.nn.functional.pad(values, (0, pad)).view(-1, QUANT_BLOCK) * scales.reshape(-1, 1)
+    return out.reshape(-1)[:n].view(codes.shape)
 
 
 def state_bytes_per_param(state: str, *, master: bool = False, kahan: bool = False, param_bytes: int = 2) -> float:

@@ -539,12 +539,6 @@ def test_bad_param_group_raises_with_nothing_changed():
         expect_error_unchanged(lambda group=group: opt.add_param_group(group), ValueError, match, opt)
 
 
-_GROUP_EDIT_BUG = ("FusedAdam._check_step_values does not re-check state_dtype/amsgrad of a param group edited after "
-                   "construction: amsgrad=True on an int8 group is silently ignored (an unused fp32 max_exp_avg_sq is "
-                   "created); state_dtype='bfloat16' set on a group raises KeyError from _state_spec")  # fmt: skip
-
-
-@pytest.mark.xfail(strict=True, reason=_GROUP_EDIT_BUG)
 def test_amsgrad_set_on_an_int8_group_is_refused_at_the_step():
     """torch.optim lets code edit ``param_groups`` between steps; amsgrad on 8-bit states (refused by the
     constructor) must then be refused by the step, with nothing changed, not silently dropped."""
@@ -556,7 +550,6 @@ def test_amsgrad_set_on_an_int8_group_is_refused_at_the_step():
     expect_error_unchanged(opt.step, ValueError, "amsgrad", opt)
 
 
-@pytest.mark.xfail(strict=True, reason=_GROUP_EDIT_BUG)
 @pytest.mark.parametrize("value", ["bfloat16", torch.bfloat16])
 def test_state_dtype_spelling_set_on_a_group(value):
     """A spelling the constructor accepts, set on a group before any state exists: the step keeps bf16 moments
@@ -633,16 +626,10 @@ def test_stochastic_rounding_drift_is_unbiased(backend):
 
 # -- 6. torch.compile -----------------------------------------------------------------------------------------------
 
-_INDUCTOR_GATHER_BUG = (
-    "Inductor (torch 2.13 CPU) miscompiles _ref_lowbit.dequantize_blockwise's gather scales[arange(n) // 256]: "
-    "elements past the first block of 256 read garbage (torch.compile(lambda s: s[torch.arange(257) // 256]) gives "
-    "0.0 at index 256), so the scale of the last block is wrong; fix proposed: broadcast over (blocks, 256) instead"
-)
-
 
 @pytest.mark.parametrize(
     "compile_backend",
-    ["eager", pytest.param("inductor", marks=pytest.mark.xfail(strict=True, reason=_INDUCTOR_GATHER_BUG))],
+    ["eager", "inductor"],
 )
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # (the state dicts count mutations)
 def test_compiled_step_with_int8_states_matches_eager(compile_backend):

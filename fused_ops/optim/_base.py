@@ -443,6 +443,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         param's count, unless an optimizer stores a state otherwise (8-bit codes and their block scales)."""
         return torch.float32, p.numel()
 
+    def _wants_state(self, group: dict[str, Any], key: str, p: Tensor) -> bool:
+        """Whether ``p`` keeps state ``key`` of ``group`` (e.g. no Kahan buffer for an fp32 param)."""
+        return True
+
     def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
         """A new state tensor ``key`` of ``p`` (fp32 zeros shaped like the param; DTensors like the param)."""
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -457,7 +461,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     and step.dim() == 0):  # fmt: skip
                 state["step"] = self._as_step(step, p)
         for key in self._state_keys(group):
-            if key not in state:
+            if key not in state and self._wants_state(group, key, p):
                 state[key] = self._new_state_tensor(group, key, p)
         if self._uses_master(group, p) and MASTER_KEY not in state:
             # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
@@ -735,7 +739,7 @@ class _Part:
         self.idx = idx  # positions in the plan's params; None: all of them
         self.params = params
         self.key = key  # the optimizer's own part key (``_part_key``)
-        self.roles = {k: [s[k] for s in states] for k in opt._state_keys(group)}
+        self.roles = {k: [s[k] for s in states] for k in opt._state_keys(group) if all(k in s for s in states)}
         self.steps = [s["step"] for s in states] if opt._has_step else []
         self.masters = [s[MASTER_KEY] for s in states] if master else []
         self.device = params[0].device

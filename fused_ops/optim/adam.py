@@ -143,6 +143,9 @@ class FusedAdam(FusedOptimizer):
             return p.dtype, p.numel()
         return torch.float32, p.numel()
 
+    def _wants_state(self, group: dict[str, Any], key: str, p: Tensor) -> bool:
+        return key != _KAHAN_KEY or (p.dtype != torch.float32 and not self._uses_master(group, p))
+
     def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
         dtype, numel = self._state_spec(group, key, p)
         if key in _SCALE_KEYS:  # (8-bit codes 0 with scales 0 read as 0.0: every code times 0)
@@ -247,6 +250,22 @@ class FusedAdam(FusedOptimizer):
             raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
         if not (math.isfinite(wd) and wd >= 0):
             raise ValueError(f"Invalid weight_decay value: {wd} (param group {gi})")
+        # The storage options, as the constructor checks them (a group edited since: refused before any change)
+        try:
+            state = _state_name(group.get("state_dtype"))
+        except ValueError as e:
+            raise ValueError(f"{e} (param group {gi})") from None
+        group["state_dtype"] = state  # (the normal spelling, as the constructor keeps it)
+        if state != "fp32" and group["amsgrad"]:
+            raise ValueError(f"amsgrad needs fp32 states (state_dtype={state!r}) (param group {gi})")
+        sr, kahan = group.get("stochastic_rounding", False), group.get("kahan_summation", False)
+        if not isinstance(sr, bool) or not isinstance(kahan, bool):
+            raise TypeError(f"stochastic_rounding and kahan_summation must be bools (param group {gi})")
+        if sr and kahan:
+            raise ValueError(f"stochastic_rounding and kahan_summation: pass one (param group {gi})")
+        if (sr or kahan) and group.get("master_weights"):
+            raise ValueError(f"stochastic_rounding/kahan_summation are for params without master weights "
+                             f"(param group {gi})")  # fmt: skip
         return betas[0], betas[1], eps, wd
 
     def _make_launcher(self, group: dict[str, Any], part: _Part, grads: list[Tensor]) -> Any:
