@@ -159,13 +159,11 @@ _U32 = 0xFFFFFFFF
 
 
 def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32 bits of the 64-bit product of uint32 ``a`` and ``b``, exactly in int64 (16-bit halves)."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    mid = a_hi * b_lo + a_lo * b_hi  # < 2^33
-    low = ((mid & 0xFFFF) << 16) + a_lo * b_lo  # < 2^49
-    hi = a_hi * b_hi + (mid >> 16) + (low >> 32)
-    return hi & _U32, low & _U32
+    """High and low 32 bits of the 64-bit product of uint32 ``a`` and ``b``: one int64 multiply, which wraps modulo
+    2^64 (two's complement), so its bit pattern is the unsigned product's; the masks take the two halves (the
+    arithmetic shift's sign bits above bit 63 - 32 are masked off)."""
+    prod = b * a
+    return (prod >> 32) & _U32, prod & _U32
 
 
 def philox(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, n_rounds: int = 10) -> list[Tensor]:
