@@ -353,3 +353,79 @@ def grad_norm_eager(tensors: list[Tensor], norm_type: float, backend: str) -> Te
 def _grad_norm_fake(tensors, norm_type, backend) -> Tensor:
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return tensors[0].new_empty((), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Low-bit Adam (8-bit / bf16 moments, stochastic-rounding params): the op ``torch.compile`` sees for a step of
+# FusedAdam(W) with ``state_dtype``/``stochastic_rounding``/``kahan_summation`` (the eager step calls the
+# prepared launcher or the reference directly). The optimizer checked every tensor before the call.
+@torch.library.custom_op(
+    "fused_ops::adam_lowbit_",
+    mutates_args=(
+        "params",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "state_steps",
+        "exp_avg_scales",
+        "exp_avg_sq_scales",
+        "master_params",
+        "kahan_comps",
+    ),  # fmt: skip
+)
+def adam_lowbit_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    master_params: list[Tensor],
+    kahan_comps: list[Tensor],
+    state: str,
+    param_sr: bool,
+    seed: int,
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    decoupled: bool,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    backend: str,
+) -> None:
+    """One low-bit Adam/AdamW step over tensors of one (device, dtype); see ``kernels/adam_lowbit.py``."""
+    _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+                      master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
+                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend)  # fmt: skip
+
+
+@adam_lowbit_.register_kernel("cuda")
+def _adam_lowbit_cuda(*args) -> None:
+    _adam_lowbit_body(*args)
+
+
+@adam_lowbit_.register_fake
+def _adam_lowbit_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+                      master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
+                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend) -> None:  # fmt: skip
+    kwargs = dict(exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params,
+                  kahan_comps=kahan_comps, state=state, param_sr=param_sr, seed=seed,
+                  lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
+                  found_inf=found_inf)  # fmt: skip
+    if backend == "triton":
+        from .kernels.adam_lowbit import adam_lowbit_launch
+
+        adam_lowbit_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, cache=_table_cache(), **kwargs)
+    else:
+        from . import _ref_lowbit
+
+        _ref_lowbit.adam_lowbit_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)

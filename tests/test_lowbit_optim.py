@@ -676,3 +676,32 @@ def test_compiled_step_with_int8_states_matches_eager(compile_backend):
             assert int(d.max()) <= 1 and int((d > 0).sum()) <= 0.02 * d.numel(), key
             torch.testing.assert_close(compiled_opt.state[q][f"{key}_scale"], eager.state[p][f"{key}_scale"])
         assert compiled_opt.state[q]["step"].item() == 3
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+@pytest.mark.parametrize("config", [dict(state_dtype="int8"), dict(stochastic_rounding=True, dtype=torch.bfloat16)],
+                         ids=["int8", "bf16-sr"])  # fmt: skip
+def test_compiled_step_holds_the_lowbit_custom_op(config):
+    """Under ``torch.compile`` a low-bit step is the ``fused_ops::adam_lowbit_`` custom op in the traced graph (not
+    the plain-torch step traced op by op), and Inductor's compiled step equals the eager one bit for bit."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    config = dict(config)
+    dtype = config.pop("dtype", torch.float32)
+    params = _params([257, 3], dtype)
+    other = _clone_params(params)
+    eager = FusedAdamW(params, backend="reference", **config, **HYPER)
+    compiled_opt = FusedAdamW(other, backend="reference", **config, **HYPER)
+    torch._dynamo.reset()
+    recorder = EagerAndRecordGraphs()  # (two steps recorded with Dynamo alone, then two compiled by Inductor)
+    for step in (torch.compile(compiled_opt.step, backend=recorder), torch.compile(compiled_opt.step)):
+        torch._dynamo.reset()
+        for _ in range(2):
+            _new_grads(params)
+            _copy_grads(params, other)
+            eager.step()
+            step()
+    assert any("adam_lowbit_" in str(g.code) for g in recorder.graphs)
+    for p, q in zip(params, other):
+        assert _same_bits(q.detach(), p.detach())
+        assert all(_same_bits(compiled_opt.state[q][k], v) for k, v in eager.state[p].items())

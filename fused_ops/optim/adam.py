@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops, _ref_lowbit, functional
-from .._backend import check_backend
+from .._backend import check_backend, resolve_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
 from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _to_float
 
@@ -443,6 +443,9 @@ class FusedAdam(FusedOptimizer):
                 )  # fmt: skip
 
     def _step_lowbit_traced(self, gi, group, params, states, values, grad_scale, found_inf) -> None:
+        """Low-bit states under ``torch.compile``: one ``fused_ops::adam_lowbit_`` custom op per params' dtype (the
+        traced graph holds the op; its body is the launcher or the plain-torch step)."""
+        beta1, beta2, eps, weight_decay = values
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             idx = [i for i, p in enumerate(params) if p.dtype == dtype]
             if not idx:
@@ -450,12 +453,37 @@ class FusedAdam(FusedOptimizer):
             ps = [_local(params[i]) for i in idx]
             ss = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in states[i].items()} for i in idx]
             part = _Part.__new__(_Part)
-            part.params, part.roles = ps, {k: [s[k] for s in ss] for k in self._state_keys(group)}
+            part.params = ps
+            part.roles = {k: [s[k] for s in ss] for k in self._state_keys(group) if all(k in s for s in ss)}
             part.steps = [s["step"] for s in ss]
             part.masters = [s[MASTER_KEY] for s in ss] if all(MASTER_KEY in s for s in ss) else []
-            grads = [_local(p.grad).contiguous() for p in (params[i] for i in idx)]
-            scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).reshape(1)
-            self._run_reference(part, grads, group, group["lr"], values, scale, found_inf)
+            lowbit = self._lowbit(group, part)
+            device = ps[0].device
+            if lowbit is None:  # (fp32 moments, and fp32 params or masters: Adam's own op)
+                functional.adam_(
+                    ps, [_local(params[i].grad).contiguous() for i in idx], part.roles["exp_avg"],
+                    part.roles["exp_avg_sq"], None, part.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, amsgrad=False, maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    grad_scale=None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
+                                                                               device=device).reshape(1),
+                    found_inf=None if found_inf is None else found_inf.to(device),
+                    master_params=part.masters or None, backend=group["backend"],
+                )  # fmt: skip
+                continue
+            lr = group["lr"]
+            lr_tensor = (lr if lr.device == device else lr.to(device)) if isinstance(lr, Tensor) else None
+            scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
+                                                                    device=device).reshape(1)  # fmt: skip
+            _ops.adam_lowbit_(
+                ps, [_local(params[i].grad).contiguous() for i in idx], part.roles["exp_avg"],
+                part.roles["exp_avg_sq"], part.steps, list(lowbit.get("exp_avg_scales", ())),
+                list(lowbit.get("exp_avg_sq_scales", ())), list(lowbit.get("master_params", part.masters)),
+                list(lowbit.get("kahan_comps", ())), lowbit["state"], lowbit["param_sr"], lowbit["seed"],
+                0.0 if lr_tensor is not None else float(lr), lr_tensor, beta1, beta2, eps, weight_decay,
+                bool(group["maximize"]), bool(group["decoupled_weight_decay"]), scale,
+                None if found_inf is None else found_inf.to(device), resolve_backend(group["backend"], device),
+            )  # fmt: skip
 
 
 class FusedAdamW(FusedAdam):
