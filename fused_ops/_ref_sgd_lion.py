@@ -146,7 +146,10 @@ def lion_(
     lr = _scalar(lr)
     dtype = _compute_dtype(params, master_params)
     work = list(master_params) if master_params else _work(params, dtype)
-    g = _grads(grads, dtype, grad_scale, maximize)
+    if grad_scale is None and not maximize and all(x.dtype == dtype for x in grads):
+        g = list(grads)  # (only read below: no copy)
+    else:
+        g = _grads(grads, dtype, grad_scale, maximize)
     ms = _work(exp_avgs, dtype)
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
