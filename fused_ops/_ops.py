@@ -429,3 +429,107 @@ def _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg
         from . import _ref_lowbit
 
         _ref_lowbit.adam_lowbit_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SGD and Lion: the ops ``torch.compile`` sees for a step of FusedSGD / FusedLion (one per part: one device, dtype
+# and master-or-not; the eager step calls the prepared launcher or the CPU path directly). Checked by the optimizer.
+@torch.library.custom_op("fused_ops::sgd_", mutates_args=("params", "momentum_buffers", "master_params"))
+def sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    master_params: list[Tensor],
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    backend: str,
+) -> None:
+    """One SGD step over tensors of one (device, dtype); see ``kernels/sgd.py``."""
+    _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
+              nesterov, maximize, first_step, grad_scale, found_inf, backend)  # fmt: skip
+
+
+@sgd_.register_kernel("cuda")
+def _sgd_cuda(*args) -> None:
+    _sgd_body(*args)
+
+
+@sgd_.register_fake
+def _sgd_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
+              nesterov, maximize, first_step, grad_scale, found_inf, backend) -> None:  # fmt: skip
+    kwargs = dict(lr=lr_tensor if lr_tensor is not None else lr, momentum=momentum, dampening=dampening,
+                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+                  grad_scale=grad_scale, found_inf=found_inf, master_params=master_params)  # fmt: skip
+    if backend == "triton":
+        from .kernels.sgd import sgd_launch
+
+        sgd_launch(params, grads, momentum_buffers, cache=_table_cache(), **kwargs)
+    else:
+        from ._ref_sgd_lion import sgd_cpu_
+
+        sgd_cpu_(params, grads, momentum_buffers, **kwargs)
+
+
+@torch.library.custom_op("fused_ops::lion_", mutates_args=("params", "exp_avgs", "master_params"))
+def lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    master_params: list[Tensor],
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    backend: str,
+) -> None:
+    """One Lion step over tensors of one (device, dtype); see ``kernels/lion.py``."""
+    _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+               grad_scale, found_inf, backend)  # fmt: skip
+
+
+@lion_.register_kernel("cuda")
+def _lion_cuda(*args) -> None:
+    _lion_body(*args)
+
+
+@lion_.register_fake
+def _lion_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+               grad_scale, found_inf, backend) -> None:  # fmt: skip
+    kwargs = dict(
+        lr=lr_tensor if lr_tensor is not None else lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        master_params=master_params,
+    )
+    if backend == "triton":
+        from .kernels.lion import lion_launch
+
+        lion_launch(params, grads, exp_avgs, cache=_table_cache(), **kwargs)
+    else:
+        from ._ref_sgd_lion import lion_ as lion_reference
+
+        lion_reference(params, grads, exp_avgs, **kwargs)

@@ -286,6 +286,33 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         raise NotImplementedError
 
+    def _traced_parts(self, gi: int, group: dict[str, Any], part_key: Callable | None = None) -> list[_Part]:
+        """For ``_step_traced``: the group's params with grads checked, their states created, and split into parts
+        as the eager plan splits them (device, dtype, master or not, ``part_key(p)``); local shards, and each part's
+        grads (contiguous) in ``part.launcher``'s place (no launcher under tracing)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        self._check_params(gi, params, group)
+        keys = [part_key(p) if part_key is not None else () for p in params]  # (before the states exist)
+        states = [self._init_state(group, p) for p in params]
+        split: dict[tuple, list[int]] = {}
+        for i, (p, st) in enumerate(zip(params, states)):
+            master = self._uses_master(group, p) and MASTER_KEY in st
+            split.setdefault((p.device, p.dtype, master, keys[i]), []).append(i)
+        parts = []
+        for (_, _, master, key), idx in split.items():
+            part = _Part.__new__(_Part)
+            part.idx, part.key = idx, key
+            part.params = [_local(params[i]) for i in idx]
+            ss = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in states[i].items()} for i in idx]
+            part.roles = {k: [s[k] for s in ss] for k in self._state_keys(group) if all(k in s for s in ss)}
+            part.steps = [s["step"] for s in ss] if self._has_step else []
+            part.masters = [s[MASTER_KEY] for s in ss] if master else []
+            part.device = part.params[0].device
+            part.backend = resolve_backend(group["backend"], part.device)
+            part.launcher = [_local(params[i].grad).contiguous() for i in idx]
+            parts.append(part)
+        return parts
+
     def _after_run(self, plan: _GroupPlan) -> None:
         """Called after each plan's launches (e.g. new buffers are not new any more)."""
 

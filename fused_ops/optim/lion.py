@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import lion_ as _reference_lion
-from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _local, _Part, _to_float
+from ._base import FusedOptimizer, _check_betas, _Part, _to_float
+from .sgd import _traced_scalars
 
 
 class FusedLion(FusedOptimizer):
@@ -109,18 +110,10 @@ class FusedLion(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: the plain-torch reference, traced."""
+        """The step under ``torch.compile``: one ``fused_ops::lion_`` custom op per part."""
         for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            self._check_params(gi, params, group)
             beta1, beta2, weight_decay = self._check_step_values(gi, group)
-            if not params:
-                continue
-            states = [self._init_state(group, p) for p in params]
-            masters = [s[MASTER_KEY] for s in states if MASTER_KEY in s]
-            _reference_lion(
-                [_local(p) for p in params], [_local(p.grad) for p in params],
-                [_local(s["exp_avg"]) for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
-                weight_decay=weight_decay, maximize=bool(group["maximize"]), grad_scale=grad_scale,
-                found_inf=found_inf, master_params=masters if len(masters) == len(params) else (),
-            )  # fmt: skip
+            for part in self._traced_parts(gi, group):
+                lr, lr_tensor, scale, inf = _traced_scalars(group["lr"], grad_scale, found_inf, part.device)
+                _ops.lion_(part.params, part.launcher, part.roles["exp_avg"], part.masters, lr, lr_tensor, beta1,
+                           beta2, weight_decay, bool(group["maximize"]), scale, inf, part.backend)  # fmt: skip

@@ -19,13 +19,13 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .. import _ops
 from .._backend import check_backend
-from .._ref_sgd_lion import sgd_ as _reference_sgd
 from .._ref_sgd_lion import sgd_cpu_ as _cpu_sgd
-from ._base import MASTER_KEY, FusedOptimizer, _GroupPlan, _local, _Part, _to_float
+from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _to_float
 
 
 def _check_number(name: str, value: Any, message: str) -> float:
@@ -147,27 +147,22 @@ class FusedSGD(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: the plain-torch reference, traced."""
+        """The step under ``torch.compile``: one ``fused_ops::sgd_`` custom op per part (new buffers apart)."""
         for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            self._check_params(gi, params, group)
             values = self._check_step_values(gi, group)
-            if not params:
-                continue
-            news = [not self.state.get(p) for p in params]
-            states = [self._init_state(group, p) for p in params]
-            for first in (True, False):
-                idx = [i for i, n in enumerate(news) if n == first]
-                if not idx:
-                    continue
-                ps = [params[i] for i in idx]
-                masters = [states[i][MASTER_KEY] for i in idx if MASTER_KEY in states[i]]
-                _reference_sgd(
-                    [_local(p) for p in ps], [_local(p.grad) for p in ps],
-                    [_local(states[i]["momentum_buffer"]) for i in idx] if values[0] != 0 else [],
-                    lr=group["lr"], momentum=values[0], dampening=values[1], weight_decay=values[2],
-                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]), first_step=first,
-                    grad_scale=grad_scale, found_inf=found_inf,
-                    master_params=masters if len(masters) == len(ps) else (),
-                )  # fmt: skip
+            momentum, dampening, weight_decay = values
+            parts = self._traced_parts(gi, group, lambda p, m=momentum: (m != 0 and not self.state.get(p),))
+            for part in parts:
+                lr, lr_tensor, scale, inf = _traced_scalars(group["lr"], grad_scale, found_inf, part.device)
+                _ops.sgd_(part.params, part.launcher, part.roles.get("momentum_buffer", []), part.masters, lr,
+                          lr_tensor, momentum, dampening, weight_decay, bool(group["nesterov"]),
+                          bool(group["maximize"]), part.key[0], scale, inf, part.backend)  # fmt: skip
             self._new_buffers.clear()
+
+
+def _traced_scalars(lr: Any, grad_scale: Any, found_inf: Any, device: torch.device) -> tuple:
+    """``lr`` (float, or a tensor on ``device``), ``grad_scale`` and ``found_inf`` as the custom ops take them."""
+    lr_tensor = (lr if lr.device == device else lr.to(device)) if isinstance(lr, Tensor) else None
+    scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32, device=device).reshape(1)
+    inf = None if found_inf is None else found_inf.to(device)
+    return (0.0 if lr_tensor is not None else float(lr)), lr_tensor, scale, inf
