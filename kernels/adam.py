@@ -9,7 +9,6 @@ in the same launch (torch's fused path needs two more multi-tensor launches for 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import MutableMapping, Sequence
 
@@ -17,15 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (
-    ChunkTable,
-    build_chunk_table,
-    capture_copy,
-    is_capturing,
-    repoint_role,
-    tensor_pointer,
-    use_on_current_stream,
-)
+from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -419,7 +410,7 @@ def _launch(
         )
 
 
-class AdamStep:
+class AdamStep(PreparedLaunch):
     """A prepared Adam(W) launch over one fixed set of tensors, for optimizers that step the same tensors often.
 
     ``adam_launch`` finds its chunk table by the addresses of every tensor of every role: 5 to 7 ``data_ptr()``
@@ -427,7 +418,8 @@ class AdamStep:
     (checking every input once) and owns it; between steps only the grads may change (backward allocates them
     afresh after ``zero_grad(set_to_none=True)``): :meth:`set_grads` checks the new grads and, when they moved,
     rewrites their addresses in the table with one small copy. Params and states must stay where they were
-    (the caller checks the params' addresses; states are its own).
+    (the caller checks the params' addresses; states are its own). The grads, the CUDA-graph captures (each on a
+    table of its own) and the staging buffers are ``_multi_tensor.PreparedLaunch``'s.
     """
 
     def __init__(
@@ -450,87 +442,9 @@ class AdamStep:
             raise ValueError("AdamStep: needs state_steps (one fp32 step count per tensor)")
         _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
         roles = _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
-        self.table = build_chunk_table(roles, chunk_size, cache={}, with_counters=True)
-        self.param0 = params[0]
-        self.device = params[0].device
-        self.grad_dtype = grads[0].dtype
-        self.numels = [p.numel() for p in params]
-        self.grad_addrs = [g.data_ptr() for g in grads]
+        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size, with_counters=True)
         self.amsgrad = amsgrad
         self.master = bool(master_params)
-        self.chunk_size = chunk_size
-        self.block_size = block_size
-        # CUDA graphs: each capture launches on a copy of the table of its own (``capture_copy``), which nothing
-        # rewrites, filled from a pinned staging buffer allocated before the capture (here, or at the first eager
-        # launch after a capture) and kept, with the copy, for the life of this object (the graph replays both).
-        self._staging = self._new_staging()
-        self._captured: list = []
-        self._pending_grad_addrs: list[int] | None = None  # grads that moved during a capture
-
-    def set_grads(
-        self, grads: Sequence[torch.Tensor], addrs: list[int] | None = None, *, checked: bool = False
-    ) -> None:
-        """Point the launch at ``grads`` (same dtype, device and sizes as the first ones; contiguous, dense).
-
-        ``addrs``: their ``data_ptr()`` values, when the caller has them already. Raises before changing anything
-        if a grad does not fit, unless ``checked`` (the caller has just checked exactly that). Cheap when nothing
-        moved (one list comparison). During CUDA graph capture the eager table is not rewritten: the capture
-        copies the table with the new addresses (see ``__call__``).
-        """
-        if addrs is None:
-            addrs = [g.data_ptr() for g in grads]
-        if len(grads) != len(self.numels) or len(addrs) != len(self.numels):
-            raise ValueError(f"AdamStep.set_grads: {len(grads)} grads for {len(self.numels)} params")
-        dtype, device = self.grad_dtype, self.device
-        if not checked and (
-            not all(g.dtype == dtype for g in grads)
-            or not all(g.device == device for g in grads)
-            or [g.numel() for g in grads] != self.numels
-            or not all(g.is_contiguous() for g in grads)
-            or any(g.is_sparse for g in grads)
-        ):
-            for i, (g, n) in enumerate(zip(grads, self.numels)):
-                if g.is_sparse or g.dtype != dtype or g.device != device or g.numel() != n or not g.is_contiguous():
-                    raise ValueError(
-                        f"AdamStep.set_grads: grads[{i}] ({g.dtype}, {g.numel()} elements on {g.device}, "
-                        f"{'sparse' if g.is_sparse else 'contiguous' if g.is_contiguous() else 'not contiguous'}) "
-                        f"does not fit: expected a contiguous dense {dtype} tensor of {n} elements on {device}"
-                    )
-        if is_capturing(self.device):  # for the capture's own table; the eager table stays as it is
-            self._pending_grad_addrs = None if addrs == self.grad_addrs else addrs
-            return
-        self._pending_grad_addrs = None
-        if addrs == self.grad_addrs:
-            return
-        self.table = repoint_role(self.table, _GRAD_ROLE, addrs)
-        self.grad_addrs = addrs
-
-    def _new_staging(self) -> torch.Tensor:
-        # pinned on CUDA (a capture copies from it at every replay); plain memory on the CPU (tests of this path)
-        cuda = self.device.type == "cuda"
-        return torch.empty(self.table.table.numel(), dtype=torch.int64, pin_memory=cuda)
-
-    def _capture_table(self) -> ChunkTable:
-        """The table a capture launches on: a copy of its own (current grads included), never rewritten."""
-        if self._staging is None:
-            raise RuntimeError(
-                "AdamStep: two CUDA graph captures with no eager step in between; run one eager step before each "
-                "capture (it prepares the pinned buffer the capture's table is copied from)"
-            )
-        table = self.table
-        pending = self._pending_grad_addrs
-        if pending is not None:
-            n = table.n_tensors
-            host = table.host.clone()
-            host[_GRAD_ROLE * n : (_GRAD_ROLE + 1) * n] = torch.tensor(pending, dtype=torch.int64)
-            aligned = list(table.role_aligned)
-            aligned[_GRAD_ROLE] = all(a % 16 == 0 for a in pending)
-            table = dataclasses.replace(table, host=host, aligned=all(aligned), role_aligned=tuple(aligned))
-            self._pending_grad_addrs = None
-        staging, self._staging = self._staging, None
-        captured = capture_copy(table, staging)
-        self._captured.append((captured, staging))
-        return captured
 
     def __call__(
         self,
@@ -546,13 +460,7 @@ class AdamStep:
         found_inf: torch.Tensor | None = None,
     ) -> None:
         """One step (one launch); the step counts move in the kernel (not when ``found_inf`` is set)."""
-        if is_capturing(self.device):
-            table = self._capture_table()
-        else:
-            if self._staging is None:
-                self._staging = self._new_staging()  # the last one went into a captured graph
-            table = self.table
-        _launch(table, self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        _launch(self.launch_table(), self.param0, self.grad_dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, amsgrad=self.amsgrad, maximize=maximize, decoupled=decoupled, step=None,
                 grad_scale=grad_scale, found_inf=found_inf, master=self.master, step_is_tensor=True,
                 chunk_size=self.chunk_size, block_size=self.block_size)  # fmt: skip

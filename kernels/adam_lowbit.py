@@ -35,9 +35,16 @@ import triton.language as tl
 from triton.language.random import philox
 
 from ._checks import check_numels, check_role, check_scalar
-from ._multi_tensor import ChunkTable, build_chunk_table, is_capturing, tensor_pointer, use_on_current_stream
+from ._multi_tensor import (
+    ChunkTable,
+    PreparedLaunch,
+    build_chunk_table,
+    is_capturing,
+    tensor_pointer,
+    use_on_current_stream,
+)
 from ._numerics import load_fp32, rounded_fp32, store_fp32
-from .adam import AdamStep, _chunk_pointer, _neg_expm1
+from .adam import _GRAD_ROLE, AdamStep, _chunk_pointer, _neg_expm1
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _STATE_DTYPES = {"int8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -578,23 +585,13 @@ class AdamLowbitStep(AdamStep):
         lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                  master_params, kahan_comps, state)  # fmt: skip
         _check(*lists)
-        self.table = build_chunk_table(_roles(*lists), chunk_size, cache={}, with_counters=True)
-        self.maps = quant_maps(params[0].device)
-        self.param0 = params[0]
-        self.device = params[0].device
-        self.grad_dtype = grads[0].dtype
-        self.numels = [p.numel() for p in params]
-        self.grad_addrs = [g.data_ptr() for g in grads]
+        PreparedLaunch.__init__(self, _roles(*lists), _GRAD_ROLE, chunk_size, block_size, with_counters=True)
+        self.maps = quant_maps(params[0].device)  # (uploaded before any capture)
         self.state = state
         self.master = bool(master_params)
         self.kahan = bool(kahan_comps)
         self.param_sr = bool(param_sr)
         self.seed = seed
-        self.chunk_size = chunk_size
-        self.block_size = block_size
-        self._staging = self._new_staging()  # see AdamStep
-        self._captured: list = []
-        self._pending_grad_addrs: list[int] | None = None
 
     def __call__(
         self,
@@ -610,12 +607,7 @@ class AdamLowbitStep(AdamStep):
         found_inf: torch.Tensor | None = None,
     ) -> None:
         """One step (one launch); the step counts move in the kernel (not when ``found_inf`` is set)."""
-        if is_capturing(self.device):
-            table = self._capture_table()
-        else:
-            if self._staging is None:
-                self._staging = self._new_staging()  # the last one went into a captured graph
-            table = self.table
+        table = self.launch_table()
         _launch(table, self.param0, self.grad_dtype, self.maps, "AdamLowbitStep", lr=lr, beta1=beta1, beta2=beta2,
                 eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
                 found_inf=found_inf, state=self.state, master=self.master, param_sr=self.param_sr, kahan=self.kahan,

@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from ._checks import check_role
-from ._multi_tensor import ChunkTable, build_chunk_table, use_on_current_stream
+from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
-from .sgd import PreparedLaunch, check_like, check_scalars
+from .sgd import check_like, check_scalars
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -241,9 +241,9 @@ def _launch(
 
 
 class LionStep(PreparedLaunch):
-    """A prepared Lion launch over one fixed set of tensors (see ``sgd.PreparedLaunch``), for optimizers that step
-    the same tensors often: ``lion_launch`` finds its table by every tensor's address at every call; this builds it
-    once, and between steps only the grads may move (:meth:`set_grads`)."""
+    """A prepared Lion launch over one fixed set of tensors (see ``_multi_tensor.PreparedLaunch``), for optimizers
+    that step the same tensors often: ``lion_launch`` finds its table by every tensor's address at every call; this
+    builds it once, and between steps only the grads may move (:meth:`set_grads`)."""
 
     def __init__(
         self,

@@ -10,7 +10,6 @@ buffers is its own launch (``first_step``): the buffers are then written, never 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import MutableMapping, Sequence
 
 import torch
@@ -18,14 +17,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_numels, check_role, check_scalar
-from ._multi_tensor import (
-    ChunkTable,
-    build_chunk_table,
-    capture_copy,
-    is_capturing,
-    repoint_role,
-    use_on_current_stream,
-)
+from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
 
@@ -292,94 +284,6 @@ def _launch(
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )
-
-
-class PreparedLaunch:
-    """A multi-tensor launch over one fixed set of tensors whose grads alone may move between steps (the machinery
-    of ``AdamStep``, shared by ``SGDStep`` and ``LionStep``).
-
-    The table is built once (every input checked once) and owned; :meth:`set_grads` checks new grads and, when they
-    moved, rewrites their addresses in the table with one small copy. Params, states and masters must stay where
-    they were (the caller checks the params' addresses; states are its own). Each CUDA graph capture launches on a
-    copy of the table of its own (``capture_copy``), filled from a pinned staging buffer prepared by the eager step
-    before it, and kept with the copy for the life of this object.
-    """
-
-    def __init__(self, roles: list, grad_role: int, chunk_size: int, block_size: int) -> None:
-        params, grads = roles[0], roles[grad_role]
-        self.table = build_chunk_table(roles, chunk_size, cache={})
-        self.param0 = params[0]
-        self.device = params[0].device
-        self.grad_dtype = grads[0].dtype
-        self.numels = [p.numel() for p in params]
-        self.grad_addrs = [g.data_ptr() for g in grads]
-        self.grad_role = grad_role
-        self.chunk_size = chunk_size
-        self.block_size = block_size
-        self._staging: torch.Tensor | None = self._new_staging()
-        self._captured: list = []
-        self._pending_grad_addrs: list[int] | None = None  # grads that moved during a capture
-
-    def set_grads(
-        self, grads: Sequence[torch.Tensor], addrs: list[int] | None = None, *, checked: bool = False
-    ) -> None:
-        """Point the launch at ``grads`` (same dtype, device and sizes as the first ones; contiguous, dense).
-
-        ``addrs``: their ``data_ptr()`` values, when the caller has them already. Raises before changing anything
-        if a grad does not fit, unless ``checked`` (the caller has just checked exactly that). Cheap when nothing
-        moved (one list comparison). During CUDA graph capture the eager table is not rewritten: the capture
-        copies the table with the new addresses (see ``launch_table``).
-        """
-        name = f"{type(self).__name__}.set_grads"
-        if len(grads) != len(self.numels) or (addrs is not None and len(addrs) != len(self.numels)):
-            raise ValueError(f"{name}: {len(grads)} grads for {len(self.numels)} params")
-        if not checked:
-            check_role(name, "grads", grads, (self.grad_dtype,), self.device, self.grad_dtype)
-            if list(map(torch.Tensor.numel, grads)) != self.numels:
-                i, n = next((i, n) for i, (g, n) in enumerate(zip(grads, self.numels)) if g.numel() != n)
-                raise ValueError(f"{name}: grads[{i}] has {grads[i].numel()} elements, params[{i}] has {n}")
-        if addrs is None:
-            addrs = [g.data_ptr() for g in grads]
-        if is_capturing(self.device):  # for the capture's own table; the eager table stays as it is
-            self._pending_grad_addrs = None if addrs == self.grad_addrs else list(addrs)
-            return
-        self._pending_grad_addrs = None
-        if addrs == self.grad_addrs:
-            return
-        self.table = repoint_role(self.table, self.grad_role, list(addrs))
-        self.grad_addrs = list(addrs)
-
-    def _new_staging(self) -> torch.Tensor:
-        # pinned on CUDA (a capture copies from it at every replay); plain memory on the CPU (tests of this path)
-        cuda = self.device.type == "cuda"
-        return torch.empty(self.table.table.numel(), dtype=torch.int64, pin_memory=cuda)
-
-    def launch_table(self) -> ChunkTable:
-        """The table this step launches on: the eager one, or during a capture a copy of its own (current grads
-        included) that nothing rewrites."""
-        if not is_capturing(self.device):
-            if self._staging is None:
-                self._staging = self._new_staging()  # the last one went into a captured graph
-            return self.table
-        if self._staging is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: two CUDA graph captures with no eager step in between; run one eager step "
-                "before each capture (it prepares the pinned buffer the capture's table is copied from)"
-            )
-        table = self.table
-        pending = self._pending_grad_addrs
-        if pending is not None:
-            n, r = table.n_tensors, self.grad_role
-            host = table.host.clone()
-            host[r * n : (r + 1) * n] = torch.tensor(pending, dtype=torch.int64)
-            aligned = list(table.role_aligned)
-            aligned[r] = all(a % 16 == 0 for a in pending)
-            table = dataclasses.replace(table, host=host, aligned=all(aligned), role_aligned=tuple(aligned))
-            self._pending_grad_addrs = None
-        staging, self._staging = self._staging, None
-        captured = capture_copy(table, staging)
-        self._captured.append((captured, staging))
-        return captured
 
 
 class SGDStep(PreparedLaunch):

@@ -290,7 +290,7 @@ def test_capture_launches_on_a_table_of_its_own(monkeypatch):
     eager_table = launcher.table.table.clone()
 
     capturing = [True]
-    monkeypatch.setattr(adam, "is_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(_multi_tensor, "is_capturing", lambda device: capturing[0])  # (PreparedLaunch's look-up)
     moved = [torch.randn_like(p) for p in params]
     launcher.set_grads(moved)
     assert torch.equal(launcher.table.table, eager_table), "the eager table was rewritten during a capture"
