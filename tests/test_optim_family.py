@@ -375,3 +375,19 @@ def test_compiled_step_matches_eager(cls, kwargs, op):
         assert torch.equal(a.detach(), b.detach())
         for key, v in eager.state[a].items():
             assert torch.equal(compiled_opt.state[b][key], v), key
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+@pytest.mark.parametrize("cls", [fused_ops.FusedSGD, fused_ops.FusedLion, fused_ops.FusedAdamW],
+                         ids=["sgd", "lion", "adamw"])  # fmt: skip
+def test_compiled_step_checks_every_group_before_any_changes(cls):
+    """Under ``torch.compile`` too, a bad group (here a sparse grad in the second) raises before the first group is
+    stepped or any state is created."""
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    a.grad, b.grad = torch.randn(4), torch.randn(3).to_sparse()
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, backend="reference")
+    before = a.detach().clone()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        torch.compile(opt.step, backend="eager")()
+    assert torch.equal(a.detach(), before) and len(opt.state) == 0

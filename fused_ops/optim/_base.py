@@ -286,6 +286,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         raise NotImplementedError
 
+    def _check_all_groups(self) -> None:
+        """For ``_step_traced``: every group's params, grads, states and step values checked before any group is
+        stepped (the eager step does the same through its plans), so a bad group raises with nothing changed."""
+        for gi, group in enumerate(self.param_groups):
+            self._check_params(gi, [p for p in group["params"] if p.grad is not None], group)
+            self._check_step_values(gi, group)
+
     def _traced_parts(self, gi: int, group: dict[str, Any], part_key: Callable | None = None) -> list[_Part]:
         """For ``_step_traced``: the group's params with grads checked, their states created, and split into parts
         as the eager plan splits them (device, dtype, master or not, ``part_key(p)``); local shards, and each part's

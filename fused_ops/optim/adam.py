@@ -400,6 +400,7 @@ class FusedAdam(FusedOptimizer):
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op (low-bit
         states: the plain-torch step, traced with graph breaks where it reads scalars)."""
+        self._check_all_groups()
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             self._check_params(gi, params, group)

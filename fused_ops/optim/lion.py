@@ -111,6 +111,7 @@ class FusedLion(FusedOptimizer):
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step under ``torch.compile``: one ``fused_ops::lion_`` custom op per part."""
+        self._check_all_groups()
         for gi, group in enumerate(self.param_groups):
             beta1, beta2, weight_decay = self._check_step_values(gi, group)
             for part in self._traced_parts(gi, group):

@@ -148,6 +148,7 @@ class FusedSGD(FusedOptimizer):
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step under ``torch.compile``: one ``fused_ops::sgd_`` custom op per part (new buffers apart)."""
+        self._check_all_groups()
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
             momentum, dampening, weight_decay = values
