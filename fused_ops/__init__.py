@@ -33,12 +33,12 @@ _bind_kernels()
 
 from . import functional, reference  # noqa: E402
 from ._backend import resolve_backend  # noqa: E402
-from .optim import FusedAdam, FusedAdamW, FusedLion, FusedSGD  # noqa: E402
+from .optim import FusedAdam, FusedAdamW, FusedLion, FusedOptimizer, FusedSGD  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedLion", "FusedSGD", "functional", "reference", "resolve_backend",
-           "__version__"]  # fmt: skip
+__all__ = ["FusedAdam", "FusedAdamW", "FusedLion", "FusedOptimizer", "FusedSGD", "functional", "reference",
+           "resolve_backend", "__version__"]  # fmt: skip
 
 from . import autograd, buffers, distributed, precision  # noqa: E402
 from .buffers import FlatBuffer  # noqa: E402
