@@ -290,6 +290,7 @@ def main(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - t0
     log(f"done: {args.steps} steps in {elapsed:.1f} s ({elapsed / max(args.steps, 1) * 1e3:.0f} ms/step)", flush=True)
     if distributed:
+        dist.barrier()  # (every rank done with its collectives before any tears the group down: gloo aborts otherwise)
         dist.destroy_process_group()
 
 
