@@ -296,7 +296,8 @@ def run_family_dtensor(rank: int, world: int, out_dir: str) -> dict:
                     isinstance(o.state[p][key], DTensor) and o.state[p][key].placements == p.placements for p in ours
                 ),  # fmt: skip
             }
-        # bf16 moments (stochastic rounding) on DTensor shards: close to torch's fp32 AdamW; 8-bit states refused
+        # bf16 moments (stochastic rounding) on DTensor shards: close to torch's fp32 AdamW (8-bit states on DTensor
+        # shards: tests/test_lowbit_dtensor.py)
         gen = torch.Generator().manual_seed(0)
         fulls = [torch.randn(s, generator=gen) for s, _ in shapes]
         ours = [torch.nn.Parameter(distribute_tensor(f.clone(), mesh, [pl])) for f, (_, pl) in zip(fulls, shapes)]
@@ -311,18 +312,12 @@ def run_family_dtensor(rank: int, world: int, out_dir: str) -> dict:
                 b.grad = full.clone()
             o.step()
             t.step()
-        int8_error = None
-        try:
-            fused_ops.FusedAdamW(ours, lr=1e-2, state_dtype="int8", backend=backend).step()
-        except TypeError as e:
-            int8_error = str(e)
         out[f"{backend}-adamw-bf16"] = {
             "err": max((a.full_tensor() - b.detach()).abs().max().item() for a, b in zip(ours, plain)),
             "states_are_dtensors": all(
                 isinstance(o.state[p]["exp_avg"], DTensor) and o.state[p]["exp_avg"].dtype == torch.bfloat16
                 for p in ours
             ),  # fmt: skip
-            "int8_error": int8_error,
         }
     return out
 
@@ -336,8 +331,6 @@ def test_sgd_and_lion_on_dtensor_params(tmp_path):
             # relative error is ~2^-9, times lr 1e-2, times 10 steps)
             assert r["err"] <= (1e-3 if key.endswith("bf16") else 1e-6), (rank, key, r)
             assert r["states_are_dtensors"], (rank, key)
-            if key.endswith("bf16"):
-                assert r["int8_error"] is not None and "DTensor" in r["int8_error"], (rank, r)
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")

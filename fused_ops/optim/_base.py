@@ -406,21 +406,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key not in st:
                 raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
         needed = [k for k in self._state_keys(group) if k in st]
-        spec = {k: self._state_spec(group, k, p) for k in needed}
+        spec = {k: self._state_spec(group, k, p_wrapper) for k in needed}
         if self._uses_master(group, p_wrapper) and MASTER_KEY in st:
             needed.append(MASTER_KEY)
         for key in needed:
             t = st[key]
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name}: state {key!r} of {where} must be a tensor, got {type(t).__name__}")
-            if _spec(t) != _spec(p_wrapper):
-                want, got = _spec(p_wrapper)[1:] or "none", _spec(t)[1:] or "a plain tensor"
-                raise ValueError(f"{name}: state {key!r} of {where} must be distributed like its param (placements "
-                                 f"{want}), got {got}")  # fmt: skip
+            want = self._state_distribution(group, key, p_wrapper)
+            shape = spec[key][2] if key in spec else p_wrapper.shape
+            if _spec(t) != want or (want and t.shape != shape):
+                got = f"{_spec(t)[1:] or 'a plain tensor'}" + (f" of shape {tuple(t.shape)}" if _is_dtensor(t) else "")
+                where_to = f"placements {want[1:]}, shape {tuple(shape)}" if want else "a plain tensor"
+                raise ValueError(f"{name}: state {key!r} of {where} must be distributed like its param ({where_to}), "
+                                 f"got {got}")  # fmt: skip
             t = _local(t)
             if first_without_storage([t]) is not None:
                 raise TypeError(f"{name}: state {key!r} of {where} is a {type(t).__name__}, not a tensor with memory")
-            dtype, numel = spec.get(key, (torch.float32, p.numel()))
+            dtype, numel, _ = spec.get(key, (torch.float32, p.numel(), None))
             if t.dtype != dtype or t.layout != torch.strided:
                 raise TypeError(f"{name}: state {key!r} of {where} must be a dense {dtype} tensor, got {t.dtype}")
             if t.device != p.device:
@@ -472,10 +475,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return step
         return torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32).reshape(()).clone()
 
-    def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int]:
-        """The dtype and element count of state tensor ``key`` of ``p`` (its local shard) in ``group``: fp32 and the
-        param's count, unless an optimizer stores a state otherwise (8-bit codes and their block scales)."""
-        return torch.float32, p.numel()
+    def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int, torch.Size]:
+        """The dtype, local element count and (DTensor) global shape of state tensor ``key`` of param ``p`` in
+        ``group``: fp32, the count of the param's local shard and the param's shape, unless an optimizer stores a
+        state otherwise (8-bit codes and their block scales)."""
+        return torch.float32, _local(p).numel(), p.shape
+
+    def _state_distribution(self, group: dict[str, Any], key: str, p: Tensor) -> tuple:
+        """The mesh and placements (``_spec``) state ``key`` of ``p`` must have: the param's, unless an optimizer
+        lays a state out otherwise (the block scales of 8-bit states)."""
+        return _spec(p)
 
     def _wants_state(self, group: dict[str, Any], key: str, p: Tensor) -> bool:
         """Whether ``p`` keeps state ``key`` of ``group`` (e.g. no Kahan buffer for an fp32 param)."""
@@ -534,24 +543,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         return sd
 
     @staticmethod
-    def _load_state_tensor(value: Tensor, p: Tensor) -> Tensor:
-        """A loaded state tensor as this optimizer keeps it: an fp32 copy on the param's device, shaped like the
-        param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is sharded, the
+    def _load_state_tensor(value: Tensor, p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A loaded state tensor as this optimizer keeps it: a ``dtype`` (fp32) copy on the param's device, shaped like
+        the param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is sharded, the
         same on every rank; a DTensor of other placements is redistributed)."""
         value = value.detach()
         if _is_dtensor(p):
             if not _is_dtensor(value):
                 from torch.distributed.tensor import distribute_tensor
 
-                full = value.to(device=p.device, dtype=torch.float32).reshape(p.shape)
+                full = value.to(device=p.device, dtype=dtype).reshape(p.shape)
                 return distribute_tensor(full, p.device_mesh, p.placements)
             if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
                 value = value.redistribute(p.device_mesh, p.placements)
-            out = value.to(dtype=torch.float32, copy=True)
+            out = value.to(dtype=dtype, copy=True)
             return out if out.shape == p.shape else out.reshape(p.shape)
         if _is_dtensor(value):
             value = value.full_tensor()
-        return value.to(device=p.device, dtype=torch.float32, copy=True).reshape(p.shape)
+        return value.to(device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format).reshape(p.shape)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer or of its torch.optim counterpart: torch.optim's ``load_state_dict``

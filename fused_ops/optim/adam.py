@@ -20,13 +20,79 @@ from torch import Tensor
 from .. import _ops, _ref_lowbit, functional
 from .._backend import check_backend, resolve_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
-from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _to_float
+from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
+_LAYOUT_KEY = "int8_layout"  # in state dicts only: the DTensor layout 8-bit states of a DTensor param were saved on
 _KAHAN_KEY = "kahan_comp"
 _STATE_TORCH_DTYPES = {"int8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
 _STATE_NAMES = {None: "fp32", "fp32": "fp32", "float32": "fp32", torch.float32: "fp32", "int8": "int8",
                 "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16"}  # fmt: skip
+
+
+def _scale_layout(p: Tensor) -> tuple[tuple, int, torch.Size]:
+    """How the block scales of an 8-bit state of DTensor param ``p`` are laid out: ``(placements, count, shape)``.
+
+    Blocks are 256 consecutive elements of each local shard (the kernel's blocks; no block spans two ranks). A
+    rank's scales are its shard's, zero-padded to ``count``, the block count of the largest shard the layout can
+    give (from the param's shape, mesh and placements alone: the same on every rank), so that the scales of all
+    ranks form one DTensor of ``shape``, sharded (``Shard(0)``) over the mesh dims that shard the param and
+    replicated over the others. DCP then saves and loads the scales as it does the codes, on the same layout.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    largest, groups, placements = list(p.shape), 1, []
+    for dim, pl in enumerate(p.placements):
+        if pl.is_shard():
+            size = p.device_mesh.size(dim)
+            largest[pl.dim] = -(-largest[pl.dim] // size)
+            groups *= size
+            placements.append(Shard(0))
+        else:
+            placements.append(Replicate())
+    count = n_scales(math.prod(largest))
+    return tuple(placements), count, torch.Size([groups * count])
+
+
+def _layout_tag(p: Tensor) -> str:
+    """The layout of a DTensor param's shards, as a state dict records it with its 8-bit states: its codes and scales
+    load only onto the same layout (the same on every rank)."""
+    return f"shape {tuple(p.shape)}, mesh {tuple(p.device_mesh.shape)}, placements {tuple(p.placements)}"
+
+
+def _dequantized(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
+    """fp32 values of 8-bit ``codes``; for DTensor codes, each shard's from its own scales, as a DTensor like
+    ``codes``."""
+    if not _is_dtensor(codes):
+        return dequantize_blockwise(codes, scales, signed).reshape(codes.shape)
+    from torch.distributed.tensor import DTensor
+
+    local = codes._local_tensor
+    values = dequantize_blockwise(local, _local(scales)[: n_scales(local.numel())], signed).view(local.shape)
+    return DTensor.from_local(values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape,
+                              stride=codes.stride())  # fmt: skip
+
+
+def _quantized(x: Tensor, p: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """``(codes, scales)`` of fp32 ``x`` shaped like ``p``; for a DTensor param (``x`` laid out like it), DTensors
+    (codes like ``p``, scales as :func:`_scale_layout` lays them out) quantised shard by shard."""
+    if not _is_dtensor(p):
+        return quantize_blockwise(x, signed)
+    from torch.distributed.tensor import DTensor
+
+    codes, scales = quantize_blockwise(_local(x), signed)
+    placements, count, shape = _scale_layout(p)
+    padded = torch.zeros(count, dtype=torch.float32, device=scales.device)
+    padded[: scales.numel()] = scales
+    return (
+        DTensor.from_local(codes, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()),
+        DTensor.from_local(padded, p.device_mesh, placements, run_check=False, shape=shape, stride=(1,)),
+    )
+
+
+def _used_scales(scales: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """The scales the kernel reads: a DTensor shard's own (its padding left out) for every local param."""
+    return [s if s.numel() == n_scales(p.numel()) else s[: n_scales(p.numel())] for s, p in zip(scales, params)]
 
 
 def _state_name(state_dtype: Any) -> str:
@@ -61,7 +127,8 @@ class FusedAdam(FusedOptimizer):
             ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; Dettmers et al.'s block-wise dynamic quantisation,
             see ``fused_ops/_ref_lowbit.py``), dequantised, updated and requantised in the same one-launch kernel,
             for every tensor however small: 2.03 bytes per param instead of 8. ``"bfloat16"``: bf16 moments
-            stored with stochastic rounding (4 bytes). Not with amsgrad; 8-bit states not on DTensor params.
+            stored with stochastic rounding (4 bytes). Not with amsgrad. On DTensor params (FSDP2, tensor
+            parallel) every shard has its own blocks; see ``state_dict`` for checkpoints.
         stochastic_rounding: bf16/fp16 params without master weights are stored with stochastic rounding (the
             update in fp32, unbiased rounding seeded from the step counts on the device: reproducible for a
             ``seed``, new bits at every step and every CUDA-graph replay). Pure-bf16 training without masters.
@@ -70,7 +137,11 @@ class FusedAdam(FusedOptimizer):
         seed: the key of the random bits of stochastic rounding.
 
     ``state_dict()`` saves low-bit states compactly (codes + scales); ``state_dict(dequantize=True)`` gives
-    torch.optim.AdamW's layout (fp32 moments) that torch loads; loading a torch (fp32) dict quantises it.
+    torch.optim.AdamW's layout (fp32 moments) that torch loads; loading a torch (fp32) dict quantises it. Set
+    ``dequantize_state_dict = True`` on the optimizer to make that the default (e.g. for
+    ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``, which calls ``state_dict()``, to save a
+    checkpoint that can be resharded: 8-bit states of DTensor params are saved per shard and load only onto the
+    layout they were saved on).
 
     Works with ``torch.amp.GradScaler`` without host sync: the scaler hands its scale and inf flag to the
     step, grads are unscaled inside the kernel and an overflowing step changes nothing.
@@ -78,6 +149,7 @@ class FusedAdam(FusedOptimizer):
 
     _default_decoupled = False
     _required_state_keys = ("exp_avg", "exp_avg_sq")
+    dequantize_state_dict = False  # the default of ``state_dict(dequantize=...)``
     _LEGACY_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
                             fused=None)  # fmt: skip
 
@@ -133,23 +205,38 @@ class FusedAdam(FusedOptimizer):
             keys.append(_KAHAN_KEY)
         return keys
 
-    def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int]:
+    def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int, torch.Size]:
         state = group.get("state_dtype", "fp32")
+        local = _local(p).numel()
         if key in ("exp_avg", "exp_avg_sq") and state != "fp32":
-            return _STATE_TORCH_DTYPES[state], p.numel()
+            return _STATE_TORCH_DTYPES[state], local, p.shape
         if key in _SCALE_KEYS:
-            return torch.float32, n_scales(p.numel())
+            if _is_dtensor(p):
+                _, count, shape = _scale_layout(p)
+                return torch.float32, count, shape
+            return torch.float32, n_scales(local), torch.Size([n_scales(local)])
         if key == _KAHAN_KEY:
-            return p.dtype, p.numel()
-        return torch.float32, p.numel()
+            return p.dtype, local, p.shape
+        return torch.float32, local, p.shape
+
+    def _state_distribution(self, group: dict[str, Any], key: str, p: Tensor) -> tuple:
+        if key in _SCALE_KEYS and _is_dtensor(p):
+            return p.device_mesh, _scale_layout(p)[0]
+        return _spec(p)
 
     def _wants_state(self, group: dict[str, Any], key: str, p: Tensor) -> bool:
         return key != _KAHAN_KEY or (p.dtype != torch.float32 and not self._uses_master(group, p))
 
     def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
-        dtype, numel = self._state_spec(group, key, p)
+        dtype, numel, shape = self._state_spec(group, key, p)
         if key in _SCALE_KEYS:  # (8-bit codes 0 with scales 0 read as 0.0: every code times 0)
-            return torch.zeros(numel, dtype=dtype, device=p.device)
+            zeros = torch.zeros(numel, dtype=dtype, device=p.device)
+            if not _is_dtensor(p):
+                return zeros
+            from torch.distributed.tensor import DTensor
+
+            return DTensor.from_local(zeros, p.device_mesh, self._state_distribution(group, key, p)[1],
+                                      run_check=False, shape=shape, stride=(1,))  # fmt: skip
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
     def _plan_structure(self, group: dict[str, Any]) -> tuple:
@@ -163,17 +250,6 @@ class FusedAdam(FusedOptimizer):
             if not isinstance(group.get(key, False), bool):
                 raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
 
-    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
-        super()._check_params(group_index, params, group)
-        if group is not None and group.get("state_dtype") == "int8":
-            for i, p in enumerate(params):
-                if _is_dtensor(p):
-                    raise TypeError(
-                        f"{type(self).__name__}: state_dtype='int8' does not support DTensor params (param {i} of "
-                        f"param group {group_index}): its per-block scales are not laid out like the param; use "
-                        "state_dtype='bfloat16' or fp32 states on FSDP2/tensor-parallel params"
-                    )
-
     def _lowbit(self, group: dict[str, Any], part: _Part) -> dict[str, Any] | None:
         """The low-bit kernel's options for ``part``, or None when the fp32 Adam kernel does it."""
         state = group.get("state_dtype", "fp32")
@@ -186,8 +262,9 @@ class FusedAdam(FusedOptimizer):
         dtype_index = (torch.float32, torch.bfloat16, torch.float16).index(part.params[0].dtype)
         seed = (self._seed + 7919 * gi + 104729 * dtype_index) % 2**31  # (tensor indices restart in each launch)
         r = part.roles
+        scales = [_used_scales(r[k], part.params) if k in r else () for k in _SCALE_KEYS]
         return dict(
-            exp_avg_scales=r.get("exp_avg_scale", ()), exp_avg_sq_scales=r.get("exp_avg_sq_scale", ()),
+            exp_avg_scales=scales[0], exp_avg_sq_scales=scales[1],
             master_params=part.masters, kahan_comps=r.get(_KAHAN_KEY, ()) if kahan else (), state=state,
             param_sr=param_sr, seed=seed,
         )  # fmt: skip
@@ -310,13 +387,23 @@ class FusedAdam(FusedOptimizer):
         )  # fmt: skip
 
     # -- low-bit states in state dicts -----------------------------------------------------------------------
-    def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
+    def state_dict(self, dequantize: bool | None = None) -> dict[str, Any]:
         """torch.optim's ``state_dict``. Low-bit moments are saved as they are kept (8-bit codes and their scales,
         bf16 moments); with ``dequantize=True`` every moment is an fp32 tensor shaped like its param and the
         low-bit keys (scales, Kahan buffers, ``state_dtype``...) are left out: torch.optim.AdamW's layout, which
-        torch (and a FusedAdamW with other states) loads."""
+        torch (and a FusedAdamW with other states) loads. ``dequantize=None``: the optimizer's
+        ``dequantize_state_dict`` (False unless set).
+
+        8-bit states of DTensor params (FSDP2, tensor parallel) are saved as DTensors: the codes like the param, the
+        scales of each shard's own blocks as :func:`_scale_layout` lays them out, with the layout recorded (key
+        ``"int8_layout"``); they load only onto that layout (same param shape, mesh shape and placements). A
+        dequantized dict loads onto any layout (DCP reshards it) and is quantised there."""
         sd = super().state_dict()
-        if not dequantize:
+        if not (self.dequantize_state_dict if dequantize is None else dequantize):
+            for st in sd["state"].values():
+                codes = st.get("exp_avg")
+                if isinstance(codes, Tensor) and codes.dtype == torch.uint8 and _is_dtensor(codes):
+                    st[_LAYOUT_KEY] = _layout_tag(codes)
             return sd
         groups = {}
         index = 0
@@ -330,8 +417,7 @@ class FusedAdam(FusedOptimizer):
             out = dict(st)
             if state == "int8" and all(key in st for key in _SCALE_KEYS):
                 for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                    codes = _local(st[key])
-                    out[key] = dequantize_blockwise(codes, _local(st[f"{key}_scale"]), signed).reshape(st[key].shape)
+                    out[key] = _dequantized(st[key], st[f"{key}_scale"], signed)
             elif state == "bf16":
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in st:
@@ -351,37 +437,71 @@ class FusedAdam(FusedOptimizer):
         return isinstance(value, Tensor) and (key in _SCALE_KEYS or key == _KAHAN_KEY or value.dtype == torch.uint8)
 
     def _load_state_value(self, key: str, value: Tensor, p: Tensor, where: str) -> Tensor:
-        """8-bit codes (uint8, the param's element count), block scales (fp32, ceil(numel / 256)) and Kahan buffers
-        (the param's dtype and count): copied as they are, to the param's device."""
-        if _is_dtensor(p) or _is_dtensor(value):
-            raise ValueError(f"loaded state dict: state {key!r} of {where}: 8-bit states and Kahan buffers are not "
-                             "supported on DTensor params")  # fmt: skip
-        want = (torch.float32, n_scales(p.numel())) if key in _SCALE_KEYS else (
-            (p.dtype, p.numel()) if key == _KAHAN_KEY else (torch.uint8, p.numel()))  # fmt: skip
-        if value.dtype != want[0] or value.numel() != want[1] or value.layout != torch.strided:
-            raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense {want[0]} tensor of "
-                             f"{want[1]} elements, got {value.dtype} with {value.numel()}")  # fmt: skip
-        value = value.detach().to(p.device, copy=True).contiguous()
-        return value.reshape(p.shape) if key not in _SCALE_KEYS else value.reshape(-1)
+        """8-bit codes (uint8, the param's element count), block scales (fp32, ceil(numel / 256); for a DTensor
+        param, laid out as :func:`_scale_layout` says) and Kahan buffers (the param's dtype and count): copied as
+        they are, to the param's device (DTensor params: as DTensors, a full tensor sharded as the param is)."""
+        if key in _SCALE_KEYS:
+            if _is_dtensor(p):
+                placements, count, shape = _scale_layout(p)
+                laid_out = (_is_dtensor(value) and value.device_mesh == p.device_mesh
+                            and tuple(value.placements) == placements)  # fmt: skip
+                if value.dtype != torch.float32 or value.shape != shape or not (laid_out or not _is_dtensor(value)):
+                    raise ValueError(
+                        f"loaded state dict: state {key!r} of {where} must be fp32 block scales of shape "
+                        f"{tuple(shape)} (placements {placements} on the param's mesh), got {value.dtype} of shape "
+                        f"{tuple(value.shape)}{f' placed {tuple(value.placements)}' if _is_dtensor(value) else ''}: "
+                        "saved on another layout? Save with state_dict(dequantize=True) to reshard"
+                    )
+                from torch.distributed.tensor import DTensor, distribute_tensor
+
+                if not _is_dtensor(value):
+                    return distribute_tensor(value.detach().to(p.device, copy=True), p.device_mesh, placements)
+                local = value._local_tensor.detach().to(p.device, copy=True)
+                return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=(1,))
+            if _is_dtensor(value):
+                raise ValueError(f"loaded state dict: state {key!r} of {where} holds the block scales of a DTensor "
+                                 "param's shards; this param is a plain tensor. Save with state_dict(dequantize=True) "
+                                 "to load 8-bit states onto another layout")  # fmt: skip
+            if value.dtype != torch.float32 or value.numel() != n_scales(p.numel()) or value.layout != torch.strided:
+                raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense torch.float32 "
+                                 f"tensor of {n_scales(p.numel())} elements, got {value.dtype} with "
+                                 f"{value.numel()}")  # fmt: skip
+            return value.detach().to(p.device, copy=True).contiguous().reshape(-1)
+        dtype = p.dtype if key == _KAHAN_KEY else torch.uint8
+        if value.dtype != dtype or value.numel() != p.numel() or value.layout != torch.strided:
+            raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense {dtype} tensor of "
+                             f"{p.numel()} elements, got {value.dtype} with {value.numel()}")  # fmt: skip
+        return self._load_state_tensor(value, p, dtype)
 
     def _convert_loaded_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any], where: str) -> dict:
         """Moments as ``group`` keeps them: fp32 ones quantised (8-bit) or rounded (bf16), 8-bit ones dequantised
-        for fp32/bf16 states; a Kahan buffer kept only where the group uses one."""
+        for fp32/bf16 states; a Kahan buffer kept only where the group uses one. 8-bit states of DTensor params
+        must come from the same layout (``int8_layout``)."""
         state = group.get("state_dtype", "fp32")
         st = dict(st)
+        tag = st.pop(_LAYOUT_KEY, None)
         coded = [k for k in ("exp_avg", "exp_avg_sq") if isinstance(st.get(k), Tensor) and st[k].dtype == torch.uint8]
         if coded:
             missing = [f"{k}_scale" for k in coded if f"{k}_scale" not in st]
             if missing or len(coded) != 2:
                 raise ValueError(f"loaded state dict: the 8-bit moments of {where} need both codes and both scales "
                                  f"(missing {missing or 'a moment'})")  # fmt: skip
+            here = _layout_tag(p) if _is_dtensor(p) else None
+            if tag != here:
+                raise ValueError(
+                    f"loaded state dict: the 8-bit states of {where} were saved "
+                    f"{f'on DTensor shards ({tag})' if tag else 'for a plain tensor'}, but the param is "
+                    f"{f'a DTensor ({here})' if here else 'a plain tensor'}: each shard has its own blocks, so they "
+                    "load only onto the layout they were saved on. Save with state_dict(dequantize=True) (or set "
+                    "dequantize_state_dict = True on the optimizer, for DCP) to reshard"
+                )
             if state != "int8":
                 for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                    st[key] = dequantize_blockwise(st[key], st.pop(f"{key}_scale"), signed).reshape(p.shape)
+                    st[key] = _dequantized(st[key], st.pop(f"{key}_scale"), signed)
         elif state == "int8":
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 if key in st:
-                    st[key], st[f"{key}_scale"] = quantize_blockwise(st[key], signed)
+                    st[key], st[f"{key}_scale"] = _quantized(st[key], p, signed)
         for key in _SCALE_KEYS:
             if state != "int8":
                 st.pop(key, None)
