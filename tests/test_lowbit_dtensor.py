@@ -137,6 +137,18 @@ def run_tp(rank: int, world: int, out_dir: str) -> dict:
         res["other_layout_dequantized_loads"] = o5.state[other[1]]["exp_avg_scale"].placements == (Shard(0),)
         # a replicated param keeps replicated scales
         res["replicate_scales"] = o.state[ours[2]]["exp_avg_scale"].placements == (Replicate(),)
+        # a DTensor whose local shard is larger than its placements allow (made with run_check=False): refused before
+        # any state is made
+        odd = torch.nn.Parameter(DTensor.from_local(torch.zeros(600), mesh, [Shard(0)], run_check=False, shape=(4,),
+                                                    stride=(1,)))  # fmt: skip
+        odd.grad = DTensor.from_local(torch.zeros(600), mesh, [Shard(0)], run_check=False, shape=(4,), stride=(1,))
+        o6 = fused_ops.FusedAdamW([odd], **kw)
+        try:
+            o6.step()
+            res["odd_error"] = None
+        except TypeError as e:
+            res["odd_error"] = str(e)
+        res["odd_no_state"] = len(o6.state) == 0
         out[backend] = res
     dist.barrier()
     return out
@@ -257,6 +269,7 @@ def test_int8_states_on_dtensor_shards_equal_the_plain_step_on_the_shards(tp_res
             ("(Shard(dim=0),)", (2,)), ("(Shard(dim=0),)", (2,)),
         ], r["layout"]  # fmt: skip
         assert r["replicate_scales"]
+        assert r["odd_error"] is not None and "local shard" in r["odd_error"] and r["odd_no_state"], (rank, r)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,3 +302,56 @@ def test_fsdp2_int8_states_and_dcp_checkpoints_across_world_sizes(tmp_path):
     # 3 steps of lr 1e-2 after one requantisation on other blocks: Adam's update moves each element by about lr per
     # step whatever the moments' error, so the two runs stay within a fraction of 3 * lr
     assert loaded["resharded_err"] < 1e-2 and loaded["resharded_err"] < loaded["fresh_states_err"] / 3, loaded
+
+
+def run_2d_mesh(rank: int, world: int, out_dir: str) -> dict:
+    """FSDP2 over tensor parallel on a 2 x 2 mesh (``_StridedShard`` placements included): exact against the plain
+    step on the local shards; a DCP checkpoint written to disk and read back restores every code and scale."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(40, 600), torch.nn.ReLU(), torch.nn.Linear(600, 40),
+                                torch.nn.ReLU(), torch.nn.Linear(40, 3))  # fmt: skip
+        parallelize_module(m, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        for layer in (m[0], m[2], m[4]):
+            fully_shard(layer, mesh=mesh["dp"])
+        return fully_shard(m, mesh=mesh["dp"])
+
+    m = model()
+    o = fused_ops.FusedAdamW(m.parameters(), lr=1e-2, state_dtype="int8")
+    plain = [torch.nn.Parameter(p.to_local().clone()) for p in m.parameters()]
+    t = fused_ops.FusedAdamW(plain, lr=1e-2, state_dtype="int8")
+    exact = True
+    for k in range(3):
+        m(torch.randn(8, 40, generator=torch.Generator().manual_seed(k))).square().mean().backward()
+        for p, q in zip(m.parameters(), plain):
+            q.grad = p.grad.to_local().clone()
+        o.step()
+        t.step()
+        o.zero_grad(set_to_none=True)
+        exact &= _equal([p.to_local() for p in m.parameters()], plain)
+    path = os.path.join(out_dir, "ckpt_2d")
+    dcp.save({"optim": get_optimizer_state_dict(m, o)}, checkpoint_id=path)
+    m2 = model()
+    o2 = fused_ops.FusedAdamW(m2.parameters(), lr=1e-2, state_dtype="int8")
+    sd = {"optim": get_optimizer_state_dict(m2, o2)}  # (a zero step creates the states DCP loads into)
+    dcp.load(sd, checkpoint_id=path)
+    set_optimizer_state_dict(m2, o2, sd["optim"])
+    restored = all(torch.equal(o.state[p][key].to_local(), o2.state[q][key].to_local())
+                   for p, q in zip(m.parameters(), m2.parameters()) for key in KEYS)  # fmt: skip
+    placements = sorted({str(tuple(p.placements)) for p in m.parameters()})
+    dist.barrier()
+    return dict(exact=exact, restored=restored, placements=placements)
+
+
+def test_int8_states_on_a_2d_mesh_and_dcp_on_disk(tmp_path):
+    for rank, res in enumerate(spawn("tests.test_lowbit_dtensor:run_2d_mesh", 4, str(tmp_path), timeout=400)):
+        assert res["exact"] and res["restored"], (rank, res)
+        assert any("_StridedShard" in p for p in res["placements"]), res["placements"]

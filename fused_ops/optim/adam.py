@@ -43,15 +43,26 @@ def _scale_layout(p: Tensor) -> tuple[tuple, int, torch.Size]:
 
     largest, groups, placements = list(p.shape), 1, []
     for dim, pl in enumerate(p.placements):
-        if pl.is_shard():
-            size = p.device_mesh.size(dim)
-            largest[pl.dim] = -(-largest[pl.dim] // size)
-            groups *= size
-            placements.append(Shard(0))
-        else:
+        if pl.is_replicate():
             placements.append(Replicate())
+            continue
+        size = p.device_mesh.size(dim)  # (Shard, _StridedShard, which torch 2.13 does not count as a Shard)
+        if isinstance(getattr(pl, "dim", None), int):
+            largest[pl.dim] = -(-largest[pl.dim] // size)
+        groups *= size
+        placements.append(Shard(0))
     count = n_scales(math.prod(largest))
     return tuple(placements), count, torch.Size([groups * count])
+
+
+def _check_scale_layout(p: Tensor, where: str) -> None:
+    """Every shard of ``p`` has at most the block count :func:`_scale_layout` pads to (a layout whose shards it does
+    not bound is refused, before any state is made)."""
+    count = _scale_layout(p)[1]
+    if n_scales(p._local_tensor.numel()) > count:
+        raise TypeError(f"state_dtype='int8': {where} is a DTensor whose local shard ({tuple(p._local_tensor.shape)}) "
+                        f"is larger than its placements {tuple(p.placements)} allow for ({count} blocks of 256); use "
+                        "fp32 or bf16 states for it")  # fmt: skip
 
 
 def _layout_tag(p: Tensor) -> str:
@@ -249,6 +260,13 @@ class FusedAdam(FusedOptimizer):
         for key in ("stochastic_rounding", "kahan_summation"):
             if not isinstance(group.get(key, False), bool):
                 raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
+
+    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
+        super()._check_params(group_index, params, group)
+        if group is not None and group.get("state_dtype") == "int8":
+            for i, p in enumerate(params):
+                if _is_dtensor(p):
+                    _check_scale_layout(p, f"param {i} of param group {group_index}")
 
     def _lowbit(self, group: dict[str, Any], part: _Part) -> dict[str, Any] | None:
         """The low-bit kernel's options for ``part``, or None when the fp32 Adam kernel does it."""
