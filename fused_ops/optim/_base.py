@@ -294,11 +294,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_step_values(gi, group)
 
     def _traced_parts(self, gi: int, group: dict[str, Any], part_key: Callable | None = None) -> list[_Part]:
-        """For ``_step_traced``: the group's params with grads checked, their states created, and split into parts
-        as the eager plan splits them (device, dtype, master or not, ``part_key(p)``); local shards, and each part's
-        grads (contiguous) in ``part.launcher``'s place (no launcher under tracing)."""
+        """For ``_step_traced``, after ``_check_all_groups`` (which checked these params, grads and states; checking
+        them again here would break Dynamo's graph at every step: a data-pointer comparison): the group's params with
+        grads, their states created, and split into parts as the eager plan splits them (device, dtype, master or not,
+        ``part_key(p)``); local shards, and each part's grads (contiguous) in ``part.launcher``'s place (no launcher
+        under tracing)."""
         params = [p for p in group["params"] if p.grad is not None]
-        self._check_params(gi, params, group)
         keys = [part_key(p) if part_key is not None else () for p in params]  # (before the states exist)
         states = [self._init_state(group, p) for p in params]
         split: dict[tuple, list[int]] = {}

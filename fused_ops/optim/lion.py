@@ -110,11 +110,21 @@ class FusedLion(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: one ``fused_ops::lion_`` custom op per part."""
+        """The step under ``torch.compile``: one ``fused_ops::lion_`` custom op per part, every state created before
+        the first (see :func:`_lion_calls`)."""
         self._check_all_groups()
+        calls = []
         for gi, group in enumerate(self.param_groups):
-            beta1, beta2, weight_decay = self._check_step_values(gi, group)
+            values = (*self._check_step_values(gi, group), bool(group["maximize"]))
             for part in self._traced_parts(gi, group):
-                lr, lr_tensor, scale, inf = _traced_scalars(group["lr"], grad_scale, found_inf, part.device)
-                _ops.lion_(part.params, part.launcher, part.roles["exp_avg"], part.masters, lr, lr_tensor, beta1,
-                           beta2, weight_decay, bool(group["maximize"]), scale, inf, part.backend)  # fmt: skip
+                calls.append((part.params, part.launcher, part.roles["exp_avg"], part.masters, group["lr"], values,
+                              part.device, part.backend))  # fmt: skip
+        _lion_calls(calls, grad_scale, found_inf)
+
+
+def _lion_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """The ``fused_ops::lion_`` calls of a traced step (one per part), in a frame of their own that Dynamo captures
+    (see ``fused_ops.optim.sgd._sgd_calls``)."""
+    for params, grads, exp_avgs, masters, lr, values, device, backend in calls:
+        lr, lr_tensor, scale, inf = _traced_scalars(lr, grad_scale, found_inf, device)
+        _ops.lion_(params, grads, exp_avgs, masters, lr, lr_tensor, *values, scale, inf, backend)
