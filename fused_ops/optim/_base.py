@@ -809,12 +809,15 @@ class _GroupPlan:
     - every param has the address it had and the same type, dtype, device, sizes and strides (one C++ check of
       torch.compile's ``TensorGuards`` for the whole list): ``p.data = ...`` of any kind is seen;
     - every grad has the dtype, device, sizes and strides the launch was built for (the same C++ check); a grad at
-      a new address (backward after ``zero_grad(set_to_none=True)``) is repointed in the launch's table.
+      a new address (backward after ``zero_grad(set_to_none=True)``) is repointed in the launch's table;
+    - every state tensor the launches read or write (moments, codes and scales, Kahan buffers, masters, step
+      counts) has the address, dtype, device, sizes and strides it had (the same C++ check), and a DTensor state the
+      same local shard: replacing one (``state[p]["exp_avg"] = t``) moves the counter, and one resized in place
+      (``resize_``, ``set_``) or given another ``.data`` is seen here (the launch would write memory that is not the
+      tensor's any more).
 
     Anything else sends the group through the checked step again, which raises a clear error or builds a new plan.
-    The plan keeps no grad alive. The one thing it does not re-read at every step is the metadata of the state
-    tensors it created: they are the optimizer's own, and replacing one (``state[p]["exp_avg"] = t``) is seen by
-    the counter; resizing one in place or assigning its ``.data`` is not supported.
+    The plan keeps no grad alive.
     """
 
     def __init__(self, opt: FusedOptimizer, group: dict[str, Any], params: list[Tensor],
@@ -836,6 +839,11 @@ class _GroupPlan:
         self.dtensor = any(_is_dtensor(p) for p in params)
         self.wrapper_meta = _MetaGuard(params) if self.dtensor else None
         self.grad_specs = [_spec(p.grad) for p in params] if self.dtensor else None
+        watched = {*opt._state_keys(group), "step", MASTER_KEY}
+        self.state_wrapped = [v for st in states for k, v in st.items() if k in watched and isinstance(v, Tensor)]
+        self.state_tensors = [_local(t) for t in self.state_wrapped] if self.dtensor else self.state_wrapped
+        self.state_addrs = [t.data_ptr() for t in self.state_tensors]
+        self.state_meta = _MetaGuard(self.state_tensors)
         if self.dtensor:
             self.params_wrapped, params = params, [_local(p) for p in params]
             states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in st.items()} for st in states]
@@ -895,6 +903,11 @@ class _GroupPlan:
                 return None  # a param moved or changed (``p.data = ...``): the checked step
             if not self.grad_meta.check(grads):
                 return None  # a grad lost or changed: the checked step raises the error, or copies it
+            sts = self.state_tensors
+            if self.dtensor and not all(map(operator.is_, map(_local, self.state_wrapped), sts)):
+                return None  # a DTensor state holds another local shard now
+            if not all(map(operator.eq, map(_DATA_PTR, sts), self.state_addrs)) or not self.state_meta.check(sts):
+                return None  # a state resized in place, ``set_()`` or given another ``.data``: the checked step
             still = all(map(operator.eq, map(_DATA_PTR, grads), self.grad_addrs))
         except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad
             return None

@@ -265,6 +265,13 @@ class FusedAdam(FusedOptimizer):
         super()._check_params(group_index, params, group)
         if group is not None and group.get("state_dtype") == "int8":
             for i, p in enumerate(params):
+                st = self.state.get(p)
+                missing = [k for k in _SCALE_KEYS if st and k not in st]
+                if missing:  # (codes without their scales would step as moments of zeros)
+                    raise ValueError(
+                        f"{type(self).__name__}: the state of param {i} of param group {group_index} has 8-bit "
+                        f"moments but no {missing[0]!r} (give it every key, or empty it)"
+                    )
                 if _is_dtensor(p):
                     _check_scale_layout(p, f"param {i} of param group {group_index}")
 
@@ -499,6 +506,10 @@ class FusedAdam(FusedOptimizer):
         st = dict(st)
         tag = st.pop(_LAYOUT_KEY, None)
         coded = [k for k in ("exp_avg", "exp_avg_sq") if isinstance(st.get(k), Tensor) and st[k].dtype == torch.uint8]
+        stray = [k for k in _SCALE_KEYS if k in st and k.removesuffix("_scale") not in coded]
+        if stray:  # (codes cast to float would load as moments of 0..255, their scales dropped)
+            raise ValueError(f"loaded state dict: {where} has {stray[0]!r} but {stray[0].removesuffix('_scale')!r} is "
+                             "not 8-bit codes (uint8): block scales come only with codes")  # fmt: skip
         if coded:
             missing = [f"{k}_scale" for k in coded if f"{k}_scale" not in st]
             if missing or len(coded) != 2:

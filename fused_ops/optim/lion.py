@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .. import _ops
@@ -83,6 +84,9 @@ class FusedLion(FusedOptimizer):
     @classmethod
     def _check_step_values(cls, gi: int, group: dict[str, Any]) -> tuple[float, float, float]:
         """``(beta1, beta2, weight_decay)`` as floats, checked again (a scheduler may have changed them)."""
+        lr = group["lr"]  # (the launch reads a tensor lr through a typed pointer: refused here, before any group runs)
+        if isinstance(lr, Tensor) and (not lr.is_floating_point() or lr.layout != torch.strided):
+            raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
         try:
             cls._check_hyperparameters(group)
         except (TypeError, ValueError) as e:

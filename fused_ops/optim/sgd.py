@@ -105,6 +105,9 @@ class FusedSGD(FusedOptimizer):
     def _check_step_values(cls, gi: int, group: dict[str, Any]) -> tuple[float, float, float]:
         """The values a user or scheduler may have changed since the constructor: ``(momentum, dampening,
         weight_decay)`` as floats."""
+        lr = group["lr"]  # (the launch reads a tensor lr through a typed pointer: refused here, before any group runs)
+        if isinstance(lr, Tensor) and (not lr.is_floating_point() or lr.layout != torch.strided):
+            raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
         try:
             cls._check_hyperparameters(group)
         except (TypeError, ValueError) as e:
