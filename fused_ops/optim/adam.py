@@ -396,7 +396,10 @@ class FusedAdam(FusedOptimizer):
         r = part.roles
         lowbit = self._lowbit(group, part)
         if lowbit is not None:
-            _ref_lowbit.adam_lowbit_(
+            from .. import _cpu_lowbit  # the multi-tensor CPU step (the oracle's bits); the oracle elsewhere
+
+            on_cpu = all(p.device.type == "cpu" for p in part.params)
+            (_cpu_lowbit.adam_lowbit_cpu_ if on_cpu else _ref_lowbit.adam_lowbit_)(
                 part.params, grads, r["exp_avg"], r["exp_avg_sq"], part.steps, **lowbit, lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(group["maximize"]),
                 decoupled=bool(group["decoupled_weight_decay"]), grad_scale=grad_scale, found_inf=found_inf,
