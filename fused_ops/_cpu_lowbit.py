@@ -11,10 +11,12 @@ scalars, so each element sees the same fp32 operations as in the oracle:
   stochastic-rounding target are Python scalars of the group, computed as the oracle computes them;
 - 8-bit moments are dequantised per element (``map[code] * scale`` of the element's block) and quantised on a
   block-padded copy of the chunk (each tensor zero-padded to whole 256-element blocks, so no block straddles two
-  tensors: the padding is the oracle's own), with the oracle's rule (:func:`_ref_lowbit.quantize_blockwise`);
+  tensors: the padding is the oracle's own), with the oracle's rule (:func:`_ref_lowbit.quantize_blockwise`),
+  the nearest code looked up in two tables built from the oracle's own ``nearest_code`` (:func:`code_tables`;
+  checked against it for every fp32 value in [-1, 1], both maps, when written) instead of a binary search;
 - the random bits are Philox4x32-10 with the oracle's counters (element index within the tensor, tensor index,
   step), computed on the whole chunk (:func:`philox`, the same function as ``_ref_lowbit.philox`` with fewer
-  passes);
+  passes), and bf16 stochastic rounding adds their low 16 bits in int32 (:func:`_round_bf16`);
 - results go back with one ``torch._foreach_copy_`` per output (the same roundings as the oracle's ``copy_``).
 
 NaNs keep their places but not necessarily their payloads (torch's vectorised and scalar fp32 -> bf16 casts write
@@ -27,14 +29,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import _ref_lowbit as ref
 from ._ref_lowbit import QUANT_BLOCK, n_scales
 
 Tensor = torch.Tensor
 
-CHUNK = 1 << 20  # elements per flat chunk (a multiple of QUANT_BLOCK): bounds the temporaries (~100 B / element)
+CHUNK = 1 << 18  # elements per flat chunk (a multiple of QUANT_BLOCK): bounds the temporaries (~100 B / element)
 PHILOX_CHUNK = 1 << 16  # elements per Philox pass (its int64 temporaries stay in cache)
 
 _U32 = 0xFFFFFFFF
@@ -233,12 +234,12 @@ def adam_lowbit_cpu_(
 ) -> None:
     """:func:`fused_ops._ref_lowbit.adam_lowbit_` (the same contract and, for ``compute_dtype=torch.float32``, the
     same bits but for NaN payloads), over all tensors at once; see the module docstring. Another
-    ``compute_dtype`` runs the oracle."""
+    ``compute_dtype``, or a tensor off the CPU, runs the oracle."""
     kw = dict(exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params,
               kahan_comps=kahan_comps, state=state, param_sr=param_sr, seed=seed, lr=lr, beta1=beta1, beta2=beta2,
               eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
               found_inf=found_inf)  # fmt: skip
-    if compute_dtype != torch.float32:
+    if compute_dtype != torch.float32 or any(p.device.type != "cpu" for p in params):
         ref.adam_lowbit_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kw, compute_dtype=compute_dtype)
         return
     if len(params) == 0 or (found_inf is not None and _scalar(found_inf) != 0):
@@ -270,11 +271,15 @@ def _pick(xs: Sequence[Tensor], segs: list, scales: bool = False) -> list[Tensor
 
 def _flat(xs: list[Tensor]) -> Tensor:
     """The tensors concatenated (one tensor: a view of it, never to be written)."""
-    return _flatten_dense_tensors(xs) if len(xs) != 1 else xs[0].reshape(-1)
+    if len(xs) == 1:
+        return xs[0].reshape(-1)
+    return torch.cat([x if x.dim() == 1 else x.reshape(-1) for x in xs])
 
 
 def _write(dsts: list[Tensor], flat: Tensor) -> None:
-    torch._foreach_copy_(dsts, list(_unflatten_dense_tensors(flat, dsts)))
+    """Copy consecutive pieces of ``flat`` into ``dsts`` (rounded to their dtypes as ``copy_`` rounds)."""
+    pieces = flat.split([d.numel() for d in dsts])
+    torch._foreach_copy_(dsts, [x if d.dim() == 1 else x.view(d.shape) for x, d in zip(pieces, dsts)])
 
 
 def _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, *, exp_avg_scales, exp_avg_sq_scales,
