@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _ref_lowbit, functional
+from .. import _cpu_lowbit, functional
 from .._backend import resolve_backend
 from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _ERROR_TYPES, _StepInputs
@@ -188,7 +188,7 @@ class _StepMixin:
     def _adam_lowbit(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
                      floats: tuple[float, float, float, float], grad_scale: Tensor, found_inf: Tensor | None,
                      key: tuple[int, bool, torch.dtype]) -> None:  # fmt: skip
-        """The low-bit Adam step (``kernels/adam_lowbit.py``, or ``_ref_lowbit.adam_lowbit_`` on the reference
+        """The low-bit Adam step (``kernels/adam_lowbit.py``, or ``_cpu_lowbit.adam_lowbit_cpu_`` on the reference
         backend) over segments of one param dtype: each segment is one tensor of the launch, with its own step
         count and, for int8 states, its own blocks of the shard's scales."""
         params, masters, grads, ms, vs, _, steps, m_scales, v_scales = self._adam_views(key, segs)
@@ -206,7 +206,7 @@ class _StepMixin:
             with torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext():
                 adam_lowbit_launch(params, grads, ms, vs, steps, cache=cache, **kwargs)
         else:
-            _ref_lowbit.adam_lowbit_(params, grads, ms, vs, steps, **kwargs)
+            _cpu_lowbit.adam_lowbit_cpu_(params, grads, ms, vs, steps, **kwargs)  # (the oracle's bits)
 
     def _ensure_amsgrad_buffers(self) -> None:
         for b in self._buckets:
