@@ -176,6 +176,33 @@ def test_bf16_params_with_fp32_masters(backend, cls, kwargs):
         assert torch.equal(p.detach(), m.to(torch.bfloat16))  # params are the masters rounded to nearest even
 
 
+@pytest.mark.parametrize("cls", [fused_ops.FusedSGD, fused_ops.FusedLion, fused_ops.FusedAdamW])
+def test_a_tensor_lr_is_not_read_on_the_host_at_each_step(cls, monkeypatch):
+    """A tensor lr kept on the device costs no host sync: the step checks its shape and dtype, not its value (the
+    constructor checks the value once), as FusedAdam does; the launch reads it on the device."""
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = cls([p], lr=torch.tensor(0.01), backend="triton", **({"momentum": 0.9} if cls is fused_ops.FusedSGD else {}))
+    twin = torch.nn.Parameter(p.detach().clone())
+    ref = cls([twin], lr=0.01, backend="triton", **({"momentum": 0.9} if cls is fused_ops.FusedSGD else {}))
+
+    def no_item(self):
+        raise AssertionError("Tensor.item() called during the step")
+
+    for k in range(2):
+        p.grad = torch.randn(300, generator=torch.Generator().manual_seed(k))
+        twin.grad = p.grad.clone()
+        ref.step()
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", no_item)
+            opt.step()
+    assert torch.equal(p, twin)
+    opt.param_groups[0]["lr"] = torch.tensor([0.01, 0.02])  # (its shape is still checked: before any change)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="1-element"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kwargs", [(fused_ops.FusedSGD, dict(lr=0.1, momentum=0.9)),
                                         (fused_ops.FusedLion, dict(lr=1e-2))], ids=["sgd", "lion"])  # fmt: skip

@@ -85,8 +85,10 @@ class FusedLion(FusedOptimizer):
     def _check_step_values(cls, gi: int, group: dict[str, Any]) -> tuple[float, float, float]:
         """``(beta1, beta2, weight_decay)`` as floats, checked again (a scheduler may have changed them)."""
         lr = group["lr"]  # (the launch reads a tensor lr through a typed pointer: refused here, before any group runs)
-        if isinstance(lr, Tensor) and (not lr.is_floating_point() or lr.layout != torch.strided):
-            raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
+                raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
+            group = {**group, "lr": 0.0}  # (its value is not read: no host sync at each step, as in FusedAdam)
         try:
             cls._check_hyperparameters(group)
         except (TypeError, ValueError) as e:
