@@ -48,8 +48,9 @@ def _mlp(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_training_with_master_weights_follows_fp32(backend):
-    """200 steps of a small regression, small lr: plain bf16 AdamW loses updates below half an ulp, master
-    weights do not. The loss curve with master weights must follow the fp32 run more closely."""
+    """60 steps of a small regression, small lr: plain bf16 AdamW loses updates below half an ulp, master
+    weights do not. The loss curve with master weights must follow the fp32 run more closely (measured: its mean
+    gap is 1.6% of plain bf16's after 60 steps, 0.4% after 200; 60 keep the interpreter run short)."""
     x = torch.randn(256, 16)
     y = torch.sin(x.sum(1, keepdim=True))
     runs = {
@@ -59,7 +60,7 @@ def test_bf16_training_with_master_weights_follows_fp32(backend):
     }
     opts = {k: cls(m.parameters(), lr=2e-4, **kw) for k, (m, cls, kw) in runs.items()}
     curves = {k: [] for k in runs}
-    for _ in range(200):
+    for _ in range(60):
         for k, (m, _, _) in runs.items():
             dt = next(m.parameters()).dtype
             loss = (m(x.to(dt)).float() - y).pow(2).mean()
