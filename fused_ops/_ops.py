@@ -426,12 +426,9 @@ def _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg
 
         adam_lowbit_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, cache=_table_cache(), **kwargs)
     else:
-        from . import _cpu_lowbit, _ref_lowbit
+        from . import _cpu_lowbit  # (the oracle's bits; off the CPU it runs the oracle)
 
-        on_cpu = all(p.device.type == "cpu" for p in params)
-        (_cpu_lowbit.adam_lowbit_cpu_ if on_cpu else _ref_lowbit.adam_lowbit_)(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs
-        )
+        _cpu_lowbit.adam_lowbit_cpu_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _ops, _ref_lowbit, functional
+from .. import _ops, functional
 from .._backend import check_backend, resolve_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
 from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
@@ -396,10 +396,9 @@ class FusedAdam(FusedOptimizer):
         r = part.roles
         lowbit = self._lowbit(group, part)
         if lowbit is not None:
-            from .. import _cpu_lowbit  # the multi-tensor CPU step (the oracle's bits); the oracle elsewhere
+            from .. import _cpu_lowbit  # the multi-tensor CPU step (the oracle's bits; off the CPU, the oracle)
 
-            on_cpu = all(p.device.type == "cpu" for p in part.params)
-            (_cpu_lowbit.adam_lowbit_cpu_ if on_cpu else _ref_lowbit.adam_lowbit_)(
+            _cpu_lowbit.adam_lowbit_cpu_(
                 part.params, grads, r["exp_avg"], r["exp_avg_sq"], part.steps, **lowbit, lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(group["maximize"]),
                 decoupled=bool(group["decoupled_weight_decay"]), grad_scale=grad_scale, found_inf=found_inf,
