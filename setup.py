@@ -1,5 +1,7 @@
 from setuptools import setup
 
+PEERS = ["torchao==0.18.0", "bitsandbytes==0.50.2", "torch-optimi==0.3.3"]
+
 setup(
     name="fused_ops",
     version="0.1.0",
@@ -19,9 +21,12 @@ setup(
     package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
     # triton is not pinned: torch's CUDA wheels pin their own.
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    # peers: the other libraries' optimizers that the bench compares against (on CUDA; tests/test_bench_peers.py runs
+    # their providers on CPU), at the versions the tests count their state layouts for.
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib", *PEERS],
         "bench": ["tqdm", "matplotlib"],
+        "peers": PEERS,
     },
     entry_points={"console_scripts": ["fused-ops=fused_ops.__main__:main"]},
 )

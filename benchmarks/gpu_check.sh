@@ -12,7 +12,8 @@
 #    (Triton compiles its launcher on first use: without them every kernel launch fails); torch, triton, devices.
 #    TRITON_CACHE_DIR is set under /tmp (/tmp/triton-cache-<pid>) unless already set.
 # 1. installs this checkout without touching the image's torch/triton (--no-deps, --no-build-isolation, --no-index);
-#    if that fails, it goes on with the checkout on PYTHONPATH (fused_ops finds kernels/ itself);
+#    if that fails, it goes on with the checkout on PYTHONPATH (fused_ops finds kernels/ itself); the peers' wheels
+#    in third_party_wheels/ (benchmarks/fetch_peers.sh), when present, go to a folder of their own on PYTHONPATH;
 # 2. prints `python -m fused_ops info` (to $OUT/info.txt);
 # 3. runs the GPU test tier (`pytest -m gpu`), output to $OUT/pytest_gpu.txt (+ .xml); no -x: every failure is
 #    reported, not only the first;
@@ -126,6 +127,26 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then  # SKIP_INSTALL=1: dry runs in an environ
 fi
 # Either way the checkout is what runs (an older installed copy must not shadow it).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# The bench's peers, when their wheels were carried here (benchmarks/fetch_peers.sh on a machine with PyPI, then
+# third_party_wheels/ travels with the checkout): installed --no-deps into a folder of their own, after the
+# checkout on PYTHONPATH, so the image's torch and packages stay as they are.
+if compgen -G "third_party_wheels/*.whl" >/dev/null; then
+    PEERS_DIR="${TMPDIR:-/tmp}/fused-ops-peers-$$"
+    set +e
+    timeout -k 5 120 "$PY" -m pip install --no-deps --no-index --disable-pip-version-check -q --target "$PEERS_DIR" \
+        third_party_wheels/*.whl > "$OUT/peers_install.txt" 2>&1
+    PEERS_RC=$?
+    set -e
+    if [ "$PEERS_RC" -eq 0 ]; then
+        export PYTHONPATH="$PYTHONPATH:$PEERS_DIR"
+        echo "peers installed from third_party_wheels/ into $PEERS_DIR: $(ls third_party_wheels | tr '\n' ' ')"
+    else
+        echo "peers: install failed (exit $PEERS_RC, see peers_install.txt); the bench runs without them"
+    fi
+else
+    echo "peers: no third_party_wheels/*.whl (bash benchmarks/fetch_peers.sh, then carry the folder): none timed"
+fi
 
 echo "== info"
 set +e

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--budget-s", type=float, default=None, help="start no new provider after this many seconds")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--peers-on-cpu", action="store_true",
+                   help="run the installed peers (torchao, bitsandbytes, optimi, ...) on CPU too: a dry run of their "
+                        "providers before a GPU run; their CPU times compare nothing")  # fmt: skip
     b.add_argument(
         "--zero",
         action="store_true",
@@ -201,6 +204,7 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         budget_s=args.budget_s,
         progress=not args.no_progress,
         threads=args.threads,
+        peers_on_cpu=args.peers_on_cpu,
         command="python -m fused_ops " + " ".join(shlex.quote(a) for a in argv),
         checkpoint=(lambda doc: bench.write_json(doc, args.json)) if args.json else None,
     )

@@ -24,6 +24,17 @@ LR, WEIGHT_DECAY = 1e-3, 1e-2
 BYTES_PER_ELEMENT: dict[tuple[str, str], float] = {}  # int, except block scales (8-bit states: + 16/256 B)
 
 
+# Peers (other libraries' optimizers) are timed on CUDA only: their CPU figures compare nothing. ``--peers-on-cpu``
+# (``BenchConfig.peers_on_cpu``) runs them on CPU too, while ``run`` lasts: a dry run of their providers (factories,
+# layouts, state bytes) on a machine without a GPU, before a GPU run depends on them.
+_PEERS_ON_CPU = [False]
+
+
+def peers_run_on(device_kind: str) -> bool:
+    """Whether installed peers are benchmarked on a device of this kind (CUDA; CPU too under ``--peers-on-cpu``)."""
+    return device_kind == "cuda" or _PEERS_ON_CPU[0]
+
+
 class Skip(Exception):
     """A provider or case that cannot run here; the message says why (it lands in the JSON's ``skipped``)."""
 

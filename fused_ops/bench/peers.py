@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._registry import LR, WEIGHT_DECAY, Builder, Skip
+from ._registry import LR, WEIGHT_DECAY, Builder, Skip, peers_run_on
 from .cases._common import optimizer_builder
 
 
@@ -73,7 +73,7 @@ def peer_status(device_kind: str) -> dict[str, str | None]:
             found = False
         if not found:
             out[peer.name] = "not installed"
-        elif device_kind != "cuda":
+        elif not peers_run_on(device_kind):
             out[peer.name] = "installed; peers are benchmarked on CUDA only"
         else:
             out[peer.name] = None

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ._registry import BYTES_PER_ELEMENT, DEFAULT_DTYPES, DTYPES, OPS, Runner, Skip
+from ._registry import _PEERS_ON_CPU, BYTES_PER_ELEMENT, DEFAULT_DTYPES, DTYPES, OPS, Runner, Skip
 from .cases._common import release_process_group  # importing cases registers every op, before BenchConfig reads OPS
 from .env import environment, pick_device
 from .params import DEFAULT_PARAMS, PARAM_SETS, numel
@@ -51,6 +51,7 @@ class BenchConfig:
     progress: bool = True
     command: str | None = None
     threads: int | None = None  # CPU threads for torch (default: torch's)
+    peers_on_cpu: bool = False  # installed peers on CPU too (a dry run of their providers; see _registry.py)
     # called with the document so far after the copy bandwidth and after every case (the CLI writes the JSON
     # there, so a run killed outright, e.g. SIGKILL after `timeout -k`, still leaves every finished case on disk)
     checkpoint: Callable[[dict[str, Any]], None] | None = None
@@ -141,6 +142,14 @@ def measure(runner: Runner, device: torch.device, rep_ms: float, warmup_ms: floa
 
 def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     """Run the benchmark and return the results document (the JSON's content)."""
+    _PEERS_ON_CPU[0] = config.peers_on_cpu
+    try:
+        return _run(config, log)
+    finally:
+        _PEERS_ON_CPU[0] = False
+
+
+def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
     for name, known, what in ((config.ops, OPS, "op"), (config.params, PARAM_SETS, "parameter set"),
                               (config.dtypes, DTYPES, "dtype")):  # fmt: skip
         unknown = [n for n in name if n not in known]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._registry import BYTES_PER_ELEMENT, DTYPES, Builder, Runner, Skip, dtype_name, state_tensors
+from .._registry import BYTES_PER_ELEMENT, DTYPES, Builder, Runner, Skip, dtype_name, peers_run_on, state_tensors
 from ..params import numel, params_with_grads
 
 Factory = Callable[[list[torch.nn.Parameter]], Any]
@@ -25,7 +25,7 @@ def state_layout(opt: Any, params: Sequence[Tensor]) -> str:
     """
     p = max(params, key=lambda t: t.numel())
     state = getattr(opt, "state", {}).get(p) or {}
-    kahan = any("kahan" in str(k) for k in state)
+    kahan = any("kahan" in str(k) and any(True for _ in state_tensors(v)) for k, v in state.items())  # optimi: None
     kinds = {
         "int8" if t.dtype in (torch.uint8, torch.int8) else dtype_name(t.dtype) if t.dtype in DTYPES.values()
         else str(t.dtype).replace("torch.", "")
@@ -72,7 +72,7 @@ def peer_step_builder(op: str, module: str, factory: Factory) -> Builder:
     def build(shapes, dtype, device) -> Runner:
         if not installed(module):
             raise Skip(f"{module} is not installed")
-        if device.type != "cuda":
+        if not peers_run_on(device.type):
             raise Skip(f"{module} is installed; peers are benchmarked on CUDA only")
         return inner(shapes, dtype, device)
 
