@@ -550,6 +550,32 @@ def test_amsgrad_set_on_an_int8_group_is_refused_at_the_step():
     expect_error_unchanged(opt.step, ValueError, "amsgrad", opt)
 
 
+@pytest.mark.parametrize("old, new", [(None, "int8"), ("int8", None), ("int8", "bfloat16"), ("bfloat16", "int8")])
+def test_state_dtype_changed_on_a_group_after_states_exist(old, new):
+    """Existing moments are not converted by a step: the step refuses them (nothing changed) and says how to convert;
+    that load converts them (8-bit codes from the moments, or the moments from the codes) and the training goes on
+    as an optimizer that had the new state_dtype from a load of the old one's state dict."""
+    params = _params([300, 7], torch.float32)
+    opt = FusedAdamW(params, backend="reference", state_dtype=old, **HYPER)
+    _new_grads(params)
+    opt.step()
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = FusedAdamW(twin_params, backend="reference", state_dtype=new, **HYPER)
+    twin.load_state_dict(opt.state_dict())
+    opt.param_groups[0]["state_dtype"] = new
+    expect_error_unchanged(opt.step, TypeError, r"state_dtype is .*opt\.load_state_dict\(opt\.state_dict\(\)\)", opt)
+    opt.load_state_dict(opt.state_dict())
+    for p, q in zip(params, twin_params):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert opt.state[params[0]]["exp_avg"].dtype == {None: torch.float32, "int8": torch.uint8, "bfloat16": torch.bfloat16}[new]
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+    for a, b in zip(opt.state.values(), twin.state.values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("value", ["bfloat16", torch.bfloat16])
 def test_state_dtype_spelling_set_on_a_group(value):
     """A spelling the constructor accepts, set on a group before any state exists: the step keeps bf16 moments

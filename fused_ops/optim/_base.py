@@ -426,7 +426,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{name}: state {key!r} of {where} is a {type(t).__name__}, not a tensor with memory")
             dtype, numel, _ = spec.get(key, (torch.float32, p.numel(), None))
             if t.dtype != dtype or t.layout != torch.strided:
-                raise TypeError(f"{name}: state {key!r} of {where} must be a dense {dtype} tensor, got {t.dtype}")
+                raise TypeError(f"{name}: state {key!r} of {where} must be a dense {dtype} tensor, got {t.dtype}"
+                                + self._state_dtype_hint(group, key, t))  # fmt: skip
             if t.device != p.device:
                 raise ValueError(f"{name}: state {key!r} of {where} is on {t.device} but the param is on {p.device}")
             if t.numel() != numel:
@@ -475,6 +476,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device and step.dim() == 0:
             return step
         return torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float32).reshape(()).clone()
+
+    def _state_dtype_hint(self, group: dict[str, Any], key: str, t: Tensor) -> str:
+        """More for the error of a state tensor of the wrong dtype (e.g. how to convert states after a change of the
+        group's storage format); empty by default."""
+        return ""
 
     def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int, torch.Size]:
         """The dtype, local element count and (DTensor) global shape of state tensor ``key`` of param ``p`` in

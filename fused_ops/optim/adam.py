@@ -106,6 +106,16 @@ def _used_scales(scales: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     return [s if s.numel() == n_scales(p.numel()) else s[: n_scales(p.numel())] for s, p in zip(scales, params)]
 
 
+def _group_state(group: dict[str, Any]) -> Any:
+    """A group's ``state_dtype`` in its normal spelling ("fp32", "bf16", "int8"); as it is when it has none (the
+    step's check refuses it). The group is not rewritten: a step that raises leaves it as it was."""
+    value = group.get("state_dtype")
+    try:
+        return _STATE_NAMES[value]
+    except (KeyError, TypeError):
+        return value
+
+
 def _state_name(state_dtype: Any) -> str:
     try:
         return _STATE_NAMES[state_dtype]
@@ -210,14 +220,14 @@ class FusedAdam(FusedOptimizer):
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         keys = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg", "exp_avg_sq"]
-        if group.get("state_dtype") == "int8":
+        if _group_state(group) == "int8":
             keys += _SCALE_KEYS
         if group.get("kahan_summation"):
             keys.append(_KAHAN_KEY)
         return keys
 
     def _state_spec(self, group: dict[str, Any], key: str, p: Tensor) -> tuple[torch.dtype, int, torch.Size]:
-        state = group.get("state_dtype", "fp32")
+        state = _group_state(group)
         local = _local(p).numel()
         if key in ("exp_avg", "exp_avg_sq") and state != "fp32":
             return _STATE_TORCH_DTYPES[state], local, p.shape
@@ -251,7 +261,14 @@ class FusedAdam(FusedOptimizer):
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
     def _plan_structure(self, group: dict[str, Any]) -> tuple:
-        return (*super()._plan_structure(group), group.get("state_dtype"), group.get("stochastic_rounding"))
+        return (*super()._plan_structure(group), _group_state(group), group.get("stochastic_rounding"))
+
+    def _state_dtype_hint(self, group: dict[str, Any], key: str, t: Tensor) -> str:
+        if key not in ("exp_avg", "exp_avg_sq"):
+            return ""
+        # (a group whose state_dtype was changed by hand: the states are converted by a load, not by a step)
+        return (f" (the group's state_dtype is {group.get('state_dtype', 'fp32')!r}; to convert existing states, "
+                f"load them again: opt.load_state_dict(opt.state_dict()))")  # fmt: skip
 
     @staticmethod
     def _normalize_group(group: dict[str, Any]) -> None:
@@ -263,7 +280,7 @@ class FusedAdam(FusedOptimizer):
 
     def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
         super()._check_params(group_index, params, group)
-        if group is not None and group.get("state_dtype") == "int8":
+        if group is not None and _group_state(group) == "int8":
             for i, p in enumerate(params):
                 st = self.state.get(p)
                 missing = [k for k in _SCALE_KEYS if st and k not in st]
@@ -277,7 +294,7 @@ class FusedAdam(FusedOptimizer):
 
     def _lowbit(self, group: dict[str, Any], part: _Part) -> dict[str, Any] | None:
         """The low-bit kernel's options for ``part``, or None when the fp32 Adam kernel does it."""
-        state = group.get("state_dtype", "fp32")
+        state = _group_state(group)
         low_precision_alone = part.params[0].dtype != torch.float32 and not part.masters
         param_sr = bool(group.get("stochastic_rounding")) and low_precision_alone
         kahan = bool(group.get("kahan_summation")) and low_precision_alone
@@ -357,7 +374,6 @@ class FusedAdam(FusedOptimizer):
             state = _state_name(group.get("state_dtype"))
         except ValueError as e:
             raise ValueError(f"{e} (param group {gi})") from None
-        group["state_dtype"] = state  # (the normal spelling, as the constructor keeps it)
         if state != "fp32" and group["amsgrad"]:
             raise ValueError(f"amsgrad needs fp32 states (state_dtype={state!r}) (param group {gi})")
         sr, kahan = group.get("stochastic_rounding", False), group.get("kahan_summation", False)
@@ -440,7 +456,7 @@ class FusedAdam(FusedOptimizer):
                 index += 1
         for k, st in sd["state"].items():
             g = groups.get(k)
-            state = g.get("state_dtype", "fp32") if g is not None else "fp32"
+            state = _group_state(g) if g is not None else "fp32"
             out = dict(st)
             if state == "int8" and all(key in st for key in _SCALE_KEYS):
                 for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
@@ -504,7 +520,7 @@ class FusedAdam(FusedOptimizer):
         """Moments as ``group`` keeps them: fp32 ones quantised (8-bit) or rounded (bf16), 8-bit ones dequantised
         for fp32/bf16 states; a Kahan buffer kept only where the group uses one. 8-bit states of DTensor params
         must come from the same layout (``int8_layout``)."""
-        state = group.get("state_dtype", "fp32")
+        state = _group_state(group)
         st = dict(st)
         tag = st.pop(_LAYOUT_KEY, None)
         coded = [k for k in ("exp_avg", "exp_avg_sq") if isinstance(st.get(k), Tensor) and st[k].dtype == torch.uint8]
@@ -560,7 +576,7 @@ class FusedAdam(FusedOptimizer):
                 continue
             states = [self._init_state(group, p) for p in params]
             if (
-                group.get("state_dtype", "fp32") != "fp32"
+                _group_state(group) != "fp32"
                 or group.get("stochastic_rounding")
                 or group.get("kahan_summation")
             ):
