@@ -569,7 +569,8 @@ def test_state_dtype_changed_on_a_group_after_states_exist(old, new):
         q.grad = p.grad.clone()
     opt.step()
     twin.step()
-    assert opt.state[params[0]]["exp_avg"].dtype == {None: torch.float32, "int8": torch.uint8, "bfloat16": torch.bfloat16}[new]
+    moment_dtype = {None: torch.float32, "int8": torch.uint8, "bfloat16": torch.bfloat16}[new]
+    assert opt.state[params[0]]["exp_avg"].dtype == moment_dtype
     for p, q in zip(params, twin_params):
         assert torch.equal(p, q)
     for a, b in zip(opt.state.values(), twin.state.values()):

@@ -575,11 +575,7 @@ class FusedAdam(FusedOptimizer):
             if not params:
                 continue
             states = [self._init_state(group, p) for p in params]
-            if (
-                _group_state(group) != "fp32"
-                or group.get("stochastic_rounding")
-                or group.get("kahan_summation")
-            ):
+            if _group_state(group) != "fp32" or group.get("stochastic_rounding") or group.get("kahan_summation"):
                 self._step_lowbit_traced(gi, group, params, states, (beta1, beta2, eps, weight_decay), grad_scale,
                                          found_inf)  # fmt: skip
                 continue
