@@ -5,7 +5,7 @@
 #                                           # else to <repository>/bench-out
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #   SKIP_INSTALL=1 OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh   # dry run on a CPU machine (CPU bench)
-#   GPU_CHECK_BUDGET_S=300 ...              # a shorter whole-script budget (default 450 s)
+#   GPU_CHECK_BUDGET_S=300 ...              # a shorter whole-script budget (default 420 s)
 #
 # 0. preflight ($OUT/preflight.txt, also appended to info.txt): pytest imports; a C compiler as Triton looks for
 #    one ($CC, else gcc, else clang) that builds a shared object including Python.h from sysconfig's include dir
@@ -18,13 +18,15 @@
 # 3. runs the GPU test tier (`pytest -m gpu`), output to $OUT/pytest_gpu.txt (+ .xml); no -x: every failure is
 #    reported, not only the first;
 # 4. runs the safety tier (`pytest -m safety`), output to $OUT/pytest_safety.txt (+ .xml), on a budget of its own;
-# 5. runs the quick benchmark, writing $OUT/bench_<device>_<date>.json and .png (commit both under
-#    benchmarks/results/, then `python -m fused_ops report`). The JSON is rewritten after every case, so even a
+# 5. runs two benchmarks: the optimizer family's targets ($OUT/bench_<device>_<date>_targets.json: 8-bit AdamW
+#    against fp32 FusedAdamW, torch's fused AdamW and the 8-bit peers, on 10,000 small tensors and GPT-2 shapes),
+#    then the quick benchmark of every op ($OUT/bench_<device>_<date>.json); each with its PNG (commit them under
+#    benchmarks/results/, then `python -m fused_ops report`). A JSON is rewritten after every case, so even a
 #    killed bench leaves every finished case on disk.
-# Whole script: under 7.5 minutes (GPU_CHECK_BUDGET_S). The GPU tests get at most 200 s and the safety tier at
-# most 90 s (less when the steps before were slow), the bench what is left (at most 200 s, at least 60 s); the
-# bench stops starting new cases 45 s before its timeout, so the JSON and PNG are written, and a SIGTERM from
-# `timeout` also ends it with both written.
+# Whole script: under 7 minutes (GPU_CHECK_BUDGET_S). The GPU tests get at most 150 s and the safety tier at
+# most 45 s (less when the steps before were slow), the targets bench at most 100 s, the quick bench what is left
+# (at most 200 s); each bench at least 60 s. A bench stops starting new cases 45 s before its timeout, so its
+# JSON and PNG are written, and a SIGTERM from `timeout` also ends it with both written.
 # Exit status: non-zero when the preflight, a test tier or the bench failed; every code is in $OUT/status.txt.
 # No step may abort the script before the bench: every command that can fail is guarded (set -e stays on for
 # the script's own logic).
@@ -49,7 +51,7 @@ else
     PY=python3
 fi
 echo "repository: $REPO; output: $OUT; python: $(command -v "$PY" || echo "$PY")"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-420}"
 # Triton's kernel and launcher cache: somewhere writable and fresh, not a home directory the image may lack.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache-$$}"
 mkdir -p "$TRITON_CACHE_DIR" || true
@@ -183,16 +185,16 @@ run_tier() {
     echo "pytest -m $marker exit code: $TIER_RC"
 }
 
-# The GPU tests get at most 200 s and the safety tier at most 90 s, less when the steps before were slow: the
-# bench keeps at least ~100 s of the budget.
-PYTEST_TIMEOUT=$((BUDGET_S - 100 - 60 - SECONDS))
-PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT > 200 ? 200 : PYTEST_TIMEOUT ))
+# Time: the GPU tests at most 150 s and the safety tier at most 45 s (less when the steps before were slow), then
+# the targets bench at most 100 s, and the quick bench what is left (at most 200 s, at least 60 s).
+PYTEST_TIMEOUT=$((BUDGET_S - 100 - 60 - 45 - SECONDS))
+PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT > 150 ? 150 : PYTEST_TIMEOUT ))
 PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT < 60 ? 60 : PYTEST_TIMEOUT ))
 run_tier gpu gpu "$PYTEST_TIMEOUT"
 TESTS_RC=$TIER_RC
 
-SAFETY_TIMEOUT=$((BUDGET_S - 100 - SECONDS))
-SAFETY_TIMEOUT=$(( SAFETY_TIMEOUT > 90 ? 90 : SAFETY_TIMEOUT ))
+SAFETY_TIMEOUT=$((BUDGET_S - 100 - 60 - SECONDS))
+SAFETY_TIMEOUT=$(( SAFETY_TIMEOUT > 45 ? 45 : SAFETY_TIMEOUT ))
 SAFETY_TIMEOUT=$(( SAFETY_TIMEOUT < 30 ? 30 : SAFETY_TIMEOUT ))
 run_tier safety safety "$SAFETY_TIMEOUT"
 SAFETY_RC=$TIER_RC
@@ -202,24 +204,42 @@ DEVICE="$(printf '%s\n' "$DEVICE" | tail -n 1 | tr -cd 'a-z0-9-')" || DEVICE=""
 DEVICE="${DEVICE:-unknown-device}"
 STAMP="$(date -u +%Y%m%d)"
 BASE="$OUT/bench_${DEVICE}_${STAMP}"
-LEFT=$((BUDGET_S - SECONDS))
-BENCH_TIMEOUT=$(( LEFT < 200 ? LEFT : 200 ))
-BENCH_TIMEOUT=$(( BENCH_TIMEOUT < 60 ? 60 : BENCH_TIMEOUT ))
-BUDGET=$((BENCH_TIMEOUT - 45))
-PLOT=(--plot "$BASE.png")
+HAVE_PLOT=1
 if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
     echo "matplotlib is not installed: no PNG this time"
-    PLOT=()
+    HAVE_PLOT=0
 fi
 
-echo "== bench --quick (after ${SECONDS}s; timeout ${BENCH_TIMEOUT}s, budget ${BUDGET}s)"
-set +e
-timeout -k 15 "$BENCH_TIMEOUT" "$PY" -m fused_ops bench --quick --params gpt2-124m,small-10k --dtype fp32,bf16 \
-    --budget-s "$BUDGET" --json "$BASE.json" ${PLOT[@]+"${PLOT[@]}"} 2>&1 | tee "$OUT/bench.txt"
-BENCH_RC=${PIPESTATUS[0]}
-set -e
-echo "bench exit code: $BENCH_RC"
-[ -s "$BASE.json" ] || echo "no $BASE.json was written"
+# run_bench NAME JSON MAX_S ARGS...: one bench run (JSON rewritten after every case, PNG when matplotlib is there),
+# at most MAX_S seconds and at least 60; its exit code in BENCH_RUN_RC.
+run_bench() {
+    local name="$1" json="$2" max_s="$3"
+    shift 3
+    local left=$((BUDGET_S - SECONDS))
+    local limit=$(( left < max_s ? left : max_s ))
+    limit=$(( limit < 60 ? 60 : limit ))
+    local plot=()
+    [ "$HAVE_PLOT" -eq 1 ] && plot=(--plot "${json%.json}.png")
+    echo "== bench: $name (after ${SECONDS}s; timeout ${limit}s, budget $((limit - 45))s)"
+    set +e
+    timeout -k 15 "$limit" "$PY" -m fused_ops bench --quick --budget-s "$((limit - 45))" --json "$json" \
+        ${plot[@]+"${plot[@]}"} "$@" 2>&1 | tee "$OUT/bench_$name.txt"
+    BENCH_RUN_RC=${PIPESTATUS[0]}
+    set -e
+    echo "bench $name exit code: $BENCH_RUN_RC"
+    [ -s "$json" ] || echo "no $json was written"
+}
+
+# 1. The optimizer family's targets first (issue 11): 8-bit AdamW against fp32 FusedAdamW and torch's fused AdamW
+#    (bandwidth: GPT-2 shapes) and against torchao/bitsandbytes AdamW8bit (launch bound: 10,000 small tensors),
+#    peers included when their wheels were carried (their cases come last within this run).
+run_bench targets "${BASE}_targets.json" 100 --ops adamw8bit,adam --params small-10k,gpt2-124m --dtype bf16,fp32 \
+    --providers fused_ops,torch-fused,torchao,bitsandbytes
+TARGETS_RC=$BENCH_RUN_RC
+# 2. The quick bench of every op (the source of the README's generated results section).
+run_bench quick "$BASE.json" 200 --params gpt2-124m,small-10k --dtype fp32,bf16
+BENCH_RC=$BENCH_RUN_RC
+[ "$TARGETS_RC" -eq 0 ] || BENCH_RC=$TARGETS_RC
 
 printf 'preflight=%s\npytest_gpu=%s\npytest_safety=%s\nbench=%s\nseconds=%s\n' "$PREFLIGHT_RC" "$TESTS_RC" \
     "$SAFETY_RC" "$BENCH_RC" "$SECONDS" | tee "$OUT/status.txt"
