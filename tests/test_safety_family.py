@@ -593,3 +593,49 @@ def test_load_state_dict_across_state_dtypes(backend, src, dst):
         assert float(got["state"][k]["step"]) == 1.0
     o_dst.step()
     assert all(torch.isfinite(q.detach()).all() for q in qs)
+
+
+# -- a state flattened in place (same memory, same element count, another shape) -----------------------------------
+_FLAT_CASES = [
+    ("sgd", lambda ps, b: fused_ops.FusedSGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, backend=b),
+     "momentum_buffer"),
+    ("sgd-masters", lambda ps, b: fused_ops.FusedSGD(ps, lr=1e-2, momentum=0.9, master_weights=True, backend=b),
+     "master_param"),
+    ("lion", lambda ps, b: fused_ops.FusedLion(ps, lr=1e-2, weight_decay=0.1, backend=b), "exp_avg"),
+    ("adamw", lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, backend=b), "exp_avg_sq"),
+    ("adamw-int8", lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, state_dtype="int8", backend=b), "exp_avg"),
+    ("adamw-kahan", lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, kahan_summation=True, backend=b), "kahan_comp"),
+    ("adamw-masters", lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, master_weights=True, backend=b),
+     "master_param"),
+]  # fmt: skip
+
+
+_LOW_PRECISION_ONLY = {"master_param", "kahan_comp"}  # (states that fp32 params do not have)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize(
+    "name, make, key, dtype",
+    [pytest.param(*c, d, id=f"{c[0]}-{n}") for c in _FLAT_CASES for d, n in ((torch.float32, "fp32"),
+     (torch.bfloat16, "bf16")) if not (c[2] in _LOW_PRECISION_ONLY and d == torch.float32)],
+)  # fmt: skip
+def test_state_flattened_in_place_is_still_the_params_state(name, make, key, dtype, backend):
+    """``state.resize_(numel)`` keeps the memory and the element count: the kernels, which address tensors flat,
+    and the plain-torch paths, which broadcast by shape, both go on as with the param-shaped state (the reference
+    paths had written weight decay into the param, then raised a broadcast error)."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(3, 5).to(dtype)), torch.nn.Parameter(torch.randn(7).to(dtype))]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o, t = make(ours, backend), make(twin, backend)
+    for step in range(3):
+        for p, q in zip(ours, twin):
+            p.grad = torch.randn(p.shape).to(dtype)
+            q.grad = p.grad.clone()
+        if step == 1:
+            o.state[ours[0]][key].resize_(ours[0].numel())
+        o.step()
+        t.step()
+    for p, q in zip(ours, twin):
+        assert torch.equal(p, q)
+    assert o.state[ours[0]][key].shape == (15,)
+    assert torch.equal(o.state[ours[0]][key].view(3, 5), t.state[twin[0]][key])

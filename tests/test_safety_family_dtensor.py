@@ -468,12 +468,10 @@ CASES = [
     if backend == "reference" or on_triton
 ]
 # (variant, backend, case) -> reason: library bugs this file found
-XFAIL: dict[tuple[str, str, str], str] = {
-    ("lion", "reference", "state exp_avg local resized flat"): (
-        "bug: a Lion state of the param's element count but another shape passes the checks; the reference step "
-        "then applies weight decay to the param before torch's broadcast fails (RuntimeError, param changed)"
-    ),
-}
+# Cases known to fail, with the reason (strict: one that passes must leave this list). Empty: the last one, a Lion
+# state flattened in place on the reference backend (weight decay written, then a broadcast error), is fixed: the
+# plain-torch paths see every param-sized state through a view of the param's shape.
+XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 def _params():

@@ -227,6 +227,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _has_step = True
     _required_state_keys: tuple[str, ...] = ()
+    _unshaped_state_keys: tuple[str, ...] = ()  # state tensors not shaped like the param (e.g. 8-bit block scales)
     _own_group_keys = ("master_weights", "backend")
     # torch.optim's defaults for keys that older state dicts lack (its __setstate__)
     _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
@@ -312,9 +313,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             part.idx, part.key = idx, key
             part.params = [_local(params[i]) for i in idx]
             ss = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in states[i].items()} for i in idx]
-            part.roles = {k: [s[k] for s in ss] for k in self._state_keys(group) if all(k in s for s in ss)}
+            flat = self._unshaped_state_keys
+            part.roles = {k: [s[k] if k in flat else _shaped_like(s[k], p) for s, p in zip(ss, part.params)]
+                          for k in self._state_keys(group) if all(k in s for s in ss)}  # fmt: skip
             part.steps = [s["step"] for s in ss] if self._has_step else []
-            part.masters = [s[MASTER_KEY] for s in ss] if master else []
+            part.masters = [_shaped_like(s[MASTER_KEY], p) for s, p in zip(ss, part.params)] if master else []
             part.device = part.params[0].device
             part.backend = resolve_backend(group["backend"], part.device)
             part.launcher = [_local(params[i].grad).contiguous() for i in idx]
@@ -778,6 +781,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return grad_scale, found_inf
 
 
+def _shaped_like(t: Tensor, p: Tensor) -> Tensor:
+    """State tensor ``t`` (checked: contiguous, ``p``'s element count) as a view of ``p``'s shape, for the plain-torch
+    paths, whose elementwise ops broadcast by shape (a state flattened in place, ``resize_(numel)``, is still the
+    param's state); the same memory, so the kernels' tables do not change."""
+    return t if t.shape == p.shape else t.view(p.shape)
+
+
 class _Part:
     """The tensors of one launch: params with grads of one (device, dtype, grad dtype, master or not, and the
     optimizer's own part key). ``roles`` holds the state lists by key, in the optimizer's launch order."""
@@ -789,9 +799,11 @@ class _Part:
         self.idx = idx  # positions in the plan's params; None: all of them
         self.params = params
         self.key = key  # the optimizer's own part key (``_part_key``)
-        self.roles = {k: [s[k] for s in states] for k in opt._state_keys(group) if all(k in s for s in states)}
+        flat = opt._unshaped_state_keys
+        self.roles = {k: [s[k] if k in flat else _shaped_like(s[k], p) for s, p in zip(states, params)]
+                      for k in opt._state_keys(group) if all(k in s for s in states)}  # fmt: skip
         self.steps = [s["step"] for s in states] if opt._has_step else []
-        self.masters = [s[MASTER_KEY] for s in states] if master else []
+        self.masters = [_shaped_like(s[MASTER_KEY], p) for s, p in zip(states, params)] if master else []
         self.device = params[0].device
         self.backend = resolve_backend(group["backend"], self.device)
         self.launcher = opt._make_launcher(group, self, grads) if self.backend == "triton" else None

@@ -216,6 +216,7 @@ class FusedAdam(FusedOptimizer):
         super().__init__(params, defaults)
 
     _own_group_keys = ("master_weights", "backend", "state_dtype", "stochastic_rounding", "kahan_summation")
+    _unshaped_state_keys = tuple(_SCALE_KEYS)
 
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
