@@ -29,6 +29,29 @@ def _table_cache() -> dict:
     return _TABLE_CACHE
 
 
+# The optimizer ops (adam_, adam_lowbit_, sgd_, lion_) are public through ``torch.ops.fused_ops``, and ``torch.compile``
+# calls them with the tensors of the run. A call through the dispatcher is checked here, on both backends, with the
+# checks of the Triton launch (every list's length, dtype, device, element counts, contiguity, plain tensors; the
+# scalars the kernel reads through a pointer) and no written tensor sharing memory with another argument: the CPU
+# path's ``torch._fused_adam(w)_`` / ``torch._fused_sgd_`` check nothing (a short grad is read past its end), and
+# the plain-torch paths would write some tensors before a broadcast error. The eager optimizer step and
+# ``functional.adam_`` call the bodies directly, after checking the same things themselves.
+def _check_written_memory(fn: str, written: dict[str, list[Tensor]], read: dict[str, list[Tensor]]) -> None:
+    from ._validate import check_memory
+
+    groups = [(name, list(xs), True, True, True) for name, xs in written.items() if len(xs)]
+    groups += [(name, list(xs), False, True, True) for name, xs in read.items() if len(xs)]
+    check_memory(fn, groups)
+
+
+def _check_op_scalars(fn: str, device: torch.device, **scalars: Optional[Tensor]) -> None:
+    from .kernels._checks import check_scalar as check_device_scalar
+
+    for name, x in scalars.items():
+        if x is not None:
+            check_device_scalar(fn, name, x, device)
+
+
 @torch.library.custom_op(
     "fused_ops::adam_",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"),
@@ -56,14 +79,38 @@ def adam_(
     backend: str,
 ) -> None:
     """One Adam/AdamW step over tensors of one (device, dtype); see ``fused_ops.functional.adam_``."""
-    _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
-               beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
-               backend)  # fmt: skip
+    _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
+                  beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
+                  backend)  # fmt: skip
 
 
 @adam_.register_kernel("cuda")
 def _adam_cuda(*args) -> None:
-    _adam_body(*args)
+    _adam_checked(*args)
+
+
+def _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
+                  beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
+                  backend) -> None:  # fmt: skip
+    """``adam_`` called through the dispatcher: checked (see ``_check_written_memory``), then run."""
+    if params:
+        from .kernels.adam import _check
+
+        if not state_steps and step is None:
+            raise ValueError("fused_ops::adam_: pass state_steps or a float step")
+        _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
+        _check_op_scalars("fused_ops::adam_", params[0].device, lr=lr_tensor, grad_scale=grad_scale,
+                          found_inf=found_inf)  # fmt: skip
+        _check_written_memory(
+            "fused_ops::adam_",
+            dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                 max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else [], master_params=master_params,
+                 state_steps=state_steps),
+            dict(grads=grads),
+        )  # fmt: skip
+    _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
+               backend)  # fmt: skip
 
 
 def _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
@@ -398,14 +445,38 @@ def adam_lowbit_(
     backend: str,
 ) -> None:
     """One low-bit Adam/AdamW step over tensors of one (device, dtype); see ``kernels/adam_lowbit.py``."""
-    _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
-                      master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
-                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend)  # fmt: skip
+    _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+                         master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
+                         weight_decay, maximize, decoupled, grad_scale, found_inf, backend)  # fmt: skip
 
 
 @adam_lowbit_.register_kernel("cuda")
 def _adam_lowbit_cuda(*args) -> None:
-    _adam_lowbit_body(*args)
+    _adam_lowbit_checked(*args)
+
+
+def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+                         master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
+                         weight_decay, maximize, decoupled, grad_scale, found_inf, backend) -> None:  # fmt: skip
+    """``adam_lowbit_`` called through the dispatcher: checked (see ``_check_written_memory``), then run."""
+    if params:
+        from .kernels.adam_lowbit import _check, _check_options
+
+        fn = "fused_ops::adam_lowbit_"
+        _check_options(fn, params, state, param_sr, seed, False, bool(master_params), bool(kahan_comps), 65536, 1024)
+        _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales, master_params,
+               kahan_comps, state)  # fmt: skip
+        _check_op_scalars(fn, params[0].device, lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+        _check_written_memory(
+            fn,
+            dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
+                 exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params,
+                 kahan_comps=kahan_comps),
+            dict(grads=grads),
+        )  # fmt: skip
+    _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+                      master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
+                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend)  # fmt: skip
 
 
 @adam_lowbit_.register_fake
@@ -453,13 +524,28 @@ def sgd_(
     backend: str,
 ) -> None:
     """One SGD step over tensors of one (device, dtype); see ``kernels/sgd.py``."""
-    _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
-              nesterov, maximize, first_step, grad_scale, found_inf, backend)  # fmt: skip
+    _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
+                 nesterov, maximize, first_step, grad_scale, found_inf, backend)  # fmt: skip
 
 
 @sgd_.register_kernel("cuda")
 def _sgd_cuda(*args) -> None:
-    _sgd_body(*args)
+    _sgd_checked(*args)
+
+
+def _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
+                 nesterov, maximize, first_step, grad_scale, found_inf, backend) -> None:  # fmt: skip
+    """``sgd_`` called through the dispatcher: checked (see ``_check_written_memory``), then run."""
+    if params:
+        from .kernels.sgd import _check
+
+        fn = "fused_ops::sgd_"
+        _check(fn, params, grads, momentum_buffers, master_params, momentum,
+               lr_tensor if lr_tensor is not None else lr, grad_scale, found_inf)  # fmt: skip
+        _check_written_memory(fn, dict(params=params, momentum_buffers=momentum_buffers, master_params=master_params),
+                              dict(grads=grads))  # fmt: skip
+    _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
+              nesterov, maximize, first_step, grad_scale, found_inf, backend)  # fmt: skip
 
 
 @sgd_.register_fake
@@ -499,13 +585,28 @@ def lion_(
     backend: str,
 ) -> None:
     """One Lion step over tensors of one (device, dtype); see ``kernels/lion.py``."""
-    _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
-               grad_scale, found_inf, backend)  # fmt: skip
+    _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+                  grad_scale, found_inf, backend)  # fmt: skip
 
 
 @lion_.register_kernel("cuda")
 def _lion_cuda(*args) -> None:
-    _lion_body(*args)
+    _lion_checked(*args)
+
+
+def _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+                  grad_scale, found_inf, backend) -> None:  # fmt: skip
+    """``lion_`` called through the dispatcher: checked (see ``_check_written_memory``), then run."""
+    if params:
+        from .kernels.lion import _check
+
+        fn = "fused_ops::lion_"
+        _check(fn, params, grads, exp_avgs, master_params, lr_tensor if lr_tensor is not None else lr, grad_scale,
+               found_inf)  # fmt: skip
+        _check_written_memory(fn, dict(params=params, exp_avgs=exp_avgs, master_params=master_params),
+                              dict(grads=grads))  # fmt: skip
+    _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+               grad_scale, found_inf, backend)  # fmt: skip
 
 
 @lion_.register_fake

@@ -1,0 +1,149 @@
+"""The optimizer custom ops called directly (``torch.ops.fused_ops.adam_`` / ``adam_lowbit_`` / ``sgd_`` /
+``lion_``: public through the dispatcher, and what ``torch.compile`` runs): every bad argument gets a clear error
+before anything is written, on both backends, with the checks of the Triton launch.
+
+Before, the reference backend checked nothing: its ``torch._fused_adamw_`` / ``torch._fused_sgd_`` read a short
+grad past its end or corrupted the heap (``free(): invalid next size``), and its plain-torch paths wrote weight
+decay into the params before a broadcast error. Each case runs in a forked child, so a crash fails one test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_ops  # noqa: F401 (registers the ops)
+from tests.safety import isolated
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpret)]
+N = 1000
+
+
+def _f32(n=N):
+    return torch.randn(n)
+
+
+def _adam_args(**over):
+    a = dict(params=[_f32()], grads=[_f32()], exp_avgs=[torch.zeros(N)], exp_avg_sqs=[torch.zeros(N)],
+             max_exp_avg_sqs=[], master_params=[], state_steps=[torch.zeros(())])  # fmt: skip
+    a.update(over)
+    return a
+
+
+def _call_adam(a, backend):
+    torch.ops.fused_ops.adam_(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["max_exp_avg_sqs"],
+                              a["master_params"], a["state_steps"], 1e-3, None, 0.9, 0.999, 1e-8, 0.01, False, False,
+                              True, None, None, None, backend)  # fmt: skip
+
+
+def _lowbit_args(**over):
+    a = dict(params=[_f32()], grads=[_f32()], exp_avgs=[torch.zeros(N, dtype=torch.uint8)],
+             exp_avg_sqs=[torch.zeros(N, dtype=torch.uint8)], state_steps=[torch.zeros(())],
+             exp_avg_scales=[torch.zeros(4)], exp_avg_sq_scales=[torch.zeros(4)], master_params=[],
+             kahan_comps=[])  # fmt: skip
+    a.update(over)
+    return a
+
+
+def _call_lowbit(a, backend):
+    torch.ops.fused_ops.adam_lowbit_(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["state_steps"],
+                                     a["exp_avg_scales"], a["exp_avg_sq_scales"], a["master_params"], a["kahan_comps"],
+                                     "int8", False, 0, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, False, True, None, None,
+                                     backend)  # fmt: skip
+
+
+def _sgd_args(**over):
+    a = dict(params=[_f32()], grads=[_f32()], momentum_buffers=[torch.zeros(N)], master_params=[])
+    a.update(over)
+    return a
+
+
+def _call_sgd(a, backend):
+    torch.ops.fused_ops.sgd_(a["params"], a["grads"], a["momentum_buffers"], a["master_params"], 0.1, None, 0.9, 0.0,
+                             0.01, False, False, False, None, None, backend)  # fmt: skip
+
+
+def _lion_args(**over):
+    a = dict(params=[_f32()], grads=[_f32()], exp_avgs=[torch.zeros(N)], master_params=[])
+    a.update(over)
+    return a
+
+
+def _call_lion(a, backend):
+    torch.ops.fused_ops.lion_(a["params"], a["grads"], a["exp_avgs"], a["master_params"], 0.1, None, 0.9, 0.99, 0.1,
+                              False, None, None, backend)  # fmt: skip
+
+
+OPS = {"adam_": (_adam_args, _call_adam), "adam_lowbit_": (_lowbit_args, _call_lowbit),
+       "sgd_": (_sgd_args, _call_sgd), "lion_": (_lion_args, _call_lion)}  # fmt: skip
+
+# (op, case, the bad arguments, the exception, what its message names)
+CASES = [
+    ("adam_", "short grad", lambda: dict(grads=[_f32(10)]), ValueError, "grads"),
+    ("adam_", "short exp_avg_sq", lambda: dict(exp_avg_sqs=[torch.zeros(10)]), ValueError, "exp_avg_sqs"),
+    ("adam_", "bf16 state", lambda: dict(exp_avgs=[torch.zeros(N, dtype=torch.bfloat16)]), TypeError, "exp_avgs"),
+    ("adam_", "strided state", lambda: dict(exp_avgs=[torch.zeros(2 * N)[::2]]), ValueError, "contiguous"),
+    ("adam_", "missing step", lambda: dict(state_steps=[]), ValueError, "state_steps"),
+    ("adam_", "state aliases param", None, ValueError, "share"),
+    ("adam_lowbit_", "short grad", lambda: dict(grads=[_f32(10)]), ValueError, "grads"),
+    ("adam_lowbit_", "short codes", lambda: dict(exp_avgs=[torch.zeros(10, dtype=torch.uint8)]), ValueError,
+     "exp_avgs"),
+    ("adam_lowbit_", "too few scales", lambda: dict(exp_avg_scales=[torch.zeros(1)]), ValueError, "exp_avg_scales"),
+    ("adam_lowbit_", "fp32 codes", lambda: dict(exp_avg_sqs=[torch.zeros(N)]), TypeError, "exp_avg_sqs"),
+    ("sgd_", "short grad", lambda: dict(grads=[_f32(10)]), ValueError, "grads"),
+    ("sgd_", "short buffer", lambda: dict(momentum_buffers=[torch.zeros(10)]), ValueError, "momentum_buffers"),
+    ("sgd_", "no buffer", lambda: dict(momentum_buffers=[]), ValueError, "momentum_buffers"),
+    ("sgd_", "fp64 grad", lambda: dict(grads=[torch.randn(N, dtype=torch.float64)]), TypeError, "grads"),
+    ("lion_", "short grad", lambda: dict(grads=[_f32(10)]), ValueError, "grads"),
+    ("lion_", "short exp_avg", lambda: dict(exp_avgs=[torch.zeros(10)]), ValueError, "exp_avgs"),
+    ("lion_", "exp_avg aliases grad", None, ValueError, "share"),
+]  # fmt: skip
+
+
+def _bad_args(op, case, bad):
+    make, _ = OPS[op]
+    if case == "state aliases param":
+        a = make()
+        a["exp_avgs"] = [a["params"][0]]
+        return a
+    if case == "exp_avg aliases grad":
+        a = make()
+        a["exp_avgs"] = [a["grads"][0]]
+        return a
+    return make(**bad())
+
+
+@pytest.mark.safety
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op, case, bad, exc, names", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@isolated
+def test_bad_arguments_raise_before_anything_is_written(op, case, bad, exc, names, backend):
+    a = _bad_args(op, case, bad)
+    call = OPS[op][1]
+    before = _snapshot(a)
+    with pytest.raises(exc) as info:
+        call(a, backend)
+    assert names in str(info.value), str(info.value)
+    # every tensor's bytes, shape, strides and address as they were (not its version counter: the dispatcher bumps
+    # those of an op's mutable arguments before the op runs, as for any in-place op of torch)
+    assert _snapshot(a) == before
+
+
+def _snapshot(a) -> dict:
+    def bits(t):
+        return t.detach().contiguous().view(-1).view(torch.uint8).tolist() if t.numel() else []
+
+    return {(k, i): (t.dtype, tuple(t.shape), t.stride(), t.data_ptr(), bits(t))
+            for k, lst in a.items() for i, t in enumerate(lst)}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_good_arguments_step(op, backend):
+    """The checks refuse nothing the ops run: a good call moves the params, on both backends alike."""
+    torch.manual_seed(0)
+    make, call = OPS[op]
+    a = make()
+    before = a["params"][0].clone()
+    call(a, backend)
+    assert torch.isfinite(a["params"][0]).all() and not torch.equal(a["params"][0], before)
