@@ -44,6 +44,32 @@ def _check_written_memory(fn: str, written: dict[str, list[Tensor]], read: dict[
     check_memory(fn, groups)
 
 
+def _check_layout_op(fn: str, pairs: tuple = (), segments: tuple | None = None, **scalars: Optional[Tensor]) -> None:
+    """What the copy ops called through the dispatcher must satisfy on both backends before anything is written
+    (the plain-torch path copies tensor by tensor: a bad pair after good ones would be found after those were
+    written): ``pairs`` of lists of equal element counts, ``segments`` ``(flat, tensors, offsets, spans)`` inside
+    ``flat`` and each tensor within its segment, ``scalars`` of one element. Dtypes are left to each backend (the
+    plain-torch path also takes float64)."""
+    from .kernels._checks import check_numels
+
+    for a_name, a, b_name, b in pairs:
+        check_numels(fn, a_name, a, b_name, b)
+    if segments is not None:
+        flat, tensors, offsets, spans = segments
+        if not (len(offsets) == len(spans) == len(tensors)):
+            raise ValueError(f"{fn}: {len(tensors)} tensors, {len(offsets)} offsets and {len(spans)} spans")
+        n = flat.numel()
+        for i, (x, off, span) in enumerate(zip(tensors, offsets, spans)):
+            if off < 0 or span < 0 or off + span > n:
+                raise ValueError(f"{fn}: segment {i} [{off}, {off + span}) is outside flat ({n} elements)")
+            if x.numel() > span:
+                raise ValueError(f"{fn}: tensors[{i}] has {x.numel()} elements, its segment only {span}")
+    for name, x in scalars.items():
+        if x is not None and (not isinstance(x, Tensor) or x.numel() != 1):
+            raise ValueError(f"{fn}: {name} must be a 1-element tensor, got "
+                             f"{x.numel() if isinstance(x, Tensor) else type(x).__name__} elements")  # fmt: skip
+
+
 def _check_op_scalars(fn: str, device: torch.device, **scalars: Optional[Tensor]) -> None:
     from .kernels._checks import check_scalar as check_device_scalar
 
@@ -229,11 +255,13 @@ def flatten_eager(tensors: list[Tensor], align: int, backend: str) -> Tensor:
 @torch.library.custom_op("fused_ops::flatten_into_", mutates_args=("flat",))
 def flatten_into_(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
     """Gather ``tensors`` into ``flat[offsets[i] : offsets[i] + spans[i]]`` (zero padded), one launch."""
+    _check_layout_op("fused_ops::flatten_into_", segments=(flat, tensors, offsets, spans))
     _flatten_into(flat, tensors, offsets, spans, backend)
 
 
 @flatten_into_.register_kernel("cuda")
 def _flatten_into_cuda(flat, tensors, offsets, spans, backend) -> None:
+    _check_layout_op("fused_ops::flatten_into_", segments=(flat, tensors, offsets, spans))
     _flatten_into(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton")
 
 
@@ -256,12 +284,14 @@ def flatten_into_eager(flat: Tensor, tensors: list[Tensor], offsets: list[int], 
 def unflatten_copy_(tensors: list[Tensor], flat: Tensor, offsets: list[int], backend: str) -> None:
     """Scatter ``flat[offsets[i] : offsets[i] + numel]`` back into ``tensors[i]``, one launch."""
     spans = [x.numel() for x in tensors]
+    _check_layout_op("fused_ops::unflatten_copy_", segments=(flat, tensors, offsets, spans))
     _flatten_into(flat, tensors, offsets, spans, backend, scatter=True)
 
 
 @unflatten_copy_.register_kernel("cuda")
 def _unflatten_copy_cuda(tensors, flat, offsets, backend) -> None:
     spans = [x.numel() for x in tensors]
+    _check_layout_op("fused_ops::unflatten_copy_", segments=(flat, tensors, offsets, spans))
     _flatten_into(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton", scatter=True)
 
 
@@ -299,11 +329,13 @@ def _cast(dst, src, stochastic, seed, backend) -> None:
 def cast_(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: Optional[int], backend: str) -> None:
     """``dst[i] = src[i]`` in ``dst``'s dtype (nearest even or stochastic rounding), one launch. ``seed=None``:
     stochastic rounding draws its key on the device (see ``_cast``)."""
+    _check_layout_op("fused_ops::cast_", pairs=(("dst", dst, "src", src),))
     _cast(dst, src, stochastic, seed, backend)
 
 
 @cast_.register_kernel("cuda")
 def _cast_cuda(dst, src, stochastic, seed, backend) -> None:
+    _check_layout_op("fused_ops::cast_", pairs=(("dst", dst, "src", src),))
     _cast(dst, src, stochastic, seed, "reference" if backend == "reference" else "triton")
 
 
@@ -342,11 +374,15 @@ def unscale_(
     backend: str,
 ) -> None:
     """``grads`` (or ``out``) ``= grads * inv_scale``; ``found_inf = 1`` on inf/nan; one launch, no sync."""
+    _check_layout_op("fused_ops::unscale_", pairs=(("out", out, "grads", grads),) if out else (), inv_scale=inv_scale,
+                     found_inf=found_inf)  # fmt: skip
     _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
 
 
 @unscale_.register_kernel("cuda")
 def _unscale_cuda(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
+    _check_layout_op("fused_ops::unscale_", pairs=(("out", out, "grads", grads),) if out else (), inv_scale=inv_scale,
+                     found_inf=found_inf)  # fmt: skip
     _unscale(grads, inv_scale, inv_scale_value, found_inf, out, "reference" if backend == "reference" else "triton")
 
 

@@ -147,3 +147,41 @@ def test_good_arguments_step(op, backend):
     before = a["params"][0].clone()
     call(a, backend)
     assert torch.isfinite(a["params"][0]).all() and not torch.equal(a["params"][0], before)
+
+
+# -- the copy ops: a bad pair or segment after good ones (the plain-torch path copies tensor by tensor) --------------
+F = torch.ops.fused_ops
+COPY_CASES = {
+    "cast_ short src": (lambda: dict(dst=[torch.zeros(7, dtype=torch.bfloat16), torch.zeros(N, dtype=torch.bfloat16)],
+                                     src=[_f32(7), _f32(10)]),
+                        lambda a, b: F.cast_(a["dst"], a["src"], False, None, b), "src"),
+    "unscale_ short out": (lambda: dict(grads=[_f32(7), _f32()], out=[torch.zeros(7), torch.zeros(10)],
+                                        inv_scale=[torch.full((1,), 0.5)], found_inf=[torch.zeros(1)]),
+                           lambda a, b: F.unscale_(a["grads"], a["inv_scale"][0], 1.0, a["found_inf"][0], a["out"], b),
+                           "out"),
+    "unscale_ empty found_inf": (lambda: dict(grads=[_f32(7)], found_inf=[torch.zeros(0)]),
+                                 lambda a, b: F.unscale_(a["grads"], None, 0.5, a["found_inf"][0], [], b), "found_inf"),
+    "flatten_into_ segment past flat": (lambda: dict(flat=[torch.zeros(100)], tensors=[_f32(10), _f32(50)]),
+                                        lambda a, b: F.flatten_into_(a["flat"][0], a["tensors"], [0, 64], [10, 50], b),
+                                        "outside flat"),
+    "flatten_into_ tensor longer than its span": (
+        lambda: dict(flat=[torch.zeros(100)], tensors=[_f32(10), _f32(40)]),
+        lambda a, b: F.flatten_into_(a["flat"][0], a["tensors"], [0, 64], [10, 30], b), "segment only"),
+    "unflatten_copy_ segment past flat": (lambda: dict(flat=[_f32(100)], tensors=[torch.zeros(10), torch.zeros(50)]),
+                                          lambda a, b: F.unflatten_copy_(a["tensors"], a["flat"][0], [0, 64], b),
+                                          "outside flat"),
+}  # fmt: skip
+
+
+@pytest.mark.safety
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(COPY_CASES))
+@isolated
+def test_copy_ops_check_every_pair_before_writing(case, backend):
+    make, call, names = COPY_CASES[case]
+    a = make()
+    before = _snapshot(a)
+    with pytest.raises(ValueError) as info:
+        call(a, backend)
+    assert names in str(info.value), str(info.value)
+    assert _snapshot(a) == before
