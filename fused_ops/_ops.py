@@ -147,7 +147,7 @@ def _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
     if backend == "triton":
         _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
     else:  # the CPU path; on other devices it is the plain-torch reference
-        reference.adam_cpu_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
+        reference._adam_cpu_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
 
 
 def adam_eager(*args) -> None:

@@ -92,7 +92,7 @@ def adam_(
             p.copy_(pc)
 
 
-def adam_cpu_(
+def _adam_cpu_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -119,6 +119,10 @@ def adam_cpu_(
     ``torch.optim.AdamW(fused=True)``) on fp32 work tensors: the params themselves when they are fp32, the
     fp32 masters when given, else fp32 copies of bf16/fp16 params, which are then copied back rounded to
     nearest even. Other devices or state dtypes go through :func:`adam_`.
+
+    Private: it checks nothing (nor does torch's fused kernel, which reads and writes ``numel`` elements of each
+    param at every tensor's address): its callers (the ``fused_ops::adam_`` op, the eager optimizer step,
+    ``functional.adam_``) check every tensor first.
     """
     if len(params) == 0:
         return
