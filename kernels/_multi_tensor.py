@@ -32,6 +32,7 @@ Lifetimes and streams (CUDA):
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -237,10 +238,16 @@ class PreparedLaunch:
     of ``AdamStep``, ``AdamLowbitStep``, ``SGDStep`` and ``LionStep``).
 
     The table is built once (every input checked once) and owned; :meth:`set_grads` checks new grads and, when they
-    moved, rewrites their addresses in the table with one small copy. Params, states and masters must stay where
-    they were (the caller checks the params' addresses; states are its own). Each CUDA graph capture launches on a
-    copy of the table of its own (``capture_copy``), filled from a pinned staging buffer prepared by the eager step
-    before it, and kept with the copy for the life of this object.
+    moved, rewrites their addresses in the table with one small copy. Each CUDA graph capture launches on a copy of
+    the table of its own (``capture_copy``), filled from a pinned staging buffer prepared by the eager step before
+    it, and kept with the copy for the life of this object.
+
+    A call (``step(...)``) first checks that every tensor the table points at is still what it was: the params,
+    states and masters (kept here) at the same address with the same dtype, device, sizes and strides (one resized
+    in place, ``set_()`` or given another ``.data`` is refused: the launch would write memory that is not the
+    tensor's any more), and the grads of the last :meth:`set_grads` (or of the constructor) still alive and
+    unchanged (they are watched through weak references, not kept alive). The fused optimizers, which check all of
+    that in their step plans at every step, launch through ``_run`` instead.
     """
 
     def __init__(self, roles: list, grad_role: int, chunk_size: int, block_size: int,
@@ -257,7 +264,56 @@ class PreparedLaunch:
         self.block_size = block_size
         self._staging: torch.Tensor | None = self._new_staging()
         self._captured: list = []
-        self._pending_grad_addrs: list[int] | None = None  # grads that moved during a capture
+        # The grads the next launch reads: set_grads' latest. During a capture the eager table is not rewritten (the
+        # capture gets a copy with these); the next eager launch repoints it first (``launch_table``), so an eager
+        # step after a capture whose grads moved never reads the grads from before the capture.
+        self._want_grad_addrs: list[int] = self.grad_addrs
+        # what a direct call checks (see the class docstring): the tensors (kept, not copied), their roles' dtypes
+        self._watched = [t for r, role in enumerate(roles) if r != grad_role for t in role]
+        self._watched_roles = [r for r, role in enumerate(roles) if r != grad_role for _ in role]
+        self._watched_numels = [t.numel() for t in self._watched]  # (step counts and 8-bit scales: not the params')
+        self._role_dtypes = [role[0].dtype for role in roles]
+        self._watch_grads(grads)
+
+    def _watch_grads(self, grads: Sequence[torch.Tensor] | None) -> None:
+        """Watch ``grads`` (weak references) for the check of a direct call; None: the caller checks them itself."""
+        self._grad_refs = None if grads is None else [weakref.ref(g) for g in grads]
+
+    def check_current(self) -> None:
+        """Raise a ValueError unless every tensor of the table is still what the table says: at its address, with its
+        element count, its role's dtype, on the device, contiguous; and the grads alive (see the class docstring)."""
+        name = type(self).__name__
+        table = self.table
+        n = table.n_tensors
+        addrs = table.host[: table.numel_offset].tolist()
+        addrs[self.grad_role * n : (self.grad_role + 1) * n] = self._want_grad_addrs  # (what the launch will read)
+
+        def fits(t: torch.Tensor, r: int, i: int, numel: int) -> bool:
+            return (isinstance(t, torch.Tensor) and t.data_ptr() == addrs[r * n + i] and t.numel() == numel
+                    and t.dtype == self._role_dtypes[r] and t.device == self.device and t.is_contiguous())  # fmt: skip
+
+        for k, t in enumerate(self._watched):
+            if not fits(t, self._watched_roles[k], k % n, self._watched_numels[k]):
+                raise ValueError(
+                    f"{name}: tensor {k % n} of role {self._watched_roles[k]} (a param, state or master) was resized, "
+                    "moved or changed since the launch was prepared (its address, element count, dtype, device or "
+                    "contiguity): prepare a new launch"
+                )
+        if self._grad_refs is None:
+            raise ValueError(f"{name}: call set_grads() with this step's grads before calling the launch")
+        for i, ref in enumerate(self._grad_refs):
+            g = ref()
+            if g is None or not fits(g, self.grad_role, i, self.numels[i]):
+                raise ValueError(f"{name}: grads[{i}] was freed or changed since set_grads(): call set_grads() with "
+                                 "this step's grads")  # fmt: skip
+
+    def __call__(self, **kwargs) -> None:
+        """One step: :meth:`check_current`, then the launch (the subclass's ``_run``, whose arguments these are)."""
+        self.check_current()
+        self._run(**kwargs)
+
+    def _run(self, **kwargs) -> None:
+        raise NotImplementedError
 
     def set_grads(
         self, grads: Sequence[torch.Tensor], addrs: list[int] | None = None, *, checked: bool = False
@@ -282,14 +338,20 @@ class PreparedLaunch:
                 raise ValueError(f"{name}: grads[{i}] has {grads[i].numel()} elements, params[{i}] has {n}")
         if addrs is None:
             addrs = [g.data_ptr() for g in grads]
+        self._watch_grads(None if checked else grads)
+        self._want_grad_addrs = list(addrs)
         if is_capturing(self.device):  # for the capture's own table; the eager table stays as it is
-            self._pending_grad_addrs = None if addrs == self.grad_addrs else list(addrs)
             return
-        self._pending_grad_addrs = None
-        if addrs == self.grad_addrs:
+        self._repoint_eager()
+
+    def _repoint_eager(self) -> None:
+        """Point the eager table at ``_want_grad_addrs`` (one small copy) when it points elsewhere."""
+        want = self._want_grad_addrs
+        if want is self.grad_addrs:  # (the common case: one identity test, no list comparison)
             return
-        self.table = repoint_role(self.table, self.grad_role, list(addrs))
-        self.grad_addrs = list(addrs)
+        if want != self.grad_addrs:
+            self.table = repoint_role(self.table, self.grad_role, list(want))
+        self.grad_addrs = want
 
     def _new_staging(self) -> torch.Tensor:
         # pinned on CUDA (a capture copies from it at every replay); plain memory on the CPU (tests of this path)
@@ -302,6 +364,7 @@ class PreparedLaunch:
         if not is_capturing(self.device):
             if self._staging is None:
                 self._staging = self._new_staging()  # the last one went into a captured graph
+            self._repoint_eager()  # (grads set during a capture: the eager table learns them now)
             return self.table
         if self._staging is None:
             raise RuntimeError(
@@ -309,15 +372,14 @@ class PreparedLaunch:
                 "before each capture (it prepares the pinned buffer the capture's table is copied from)"
             )
         table = self.table
-        pending = self._pending_grad_addrs
-        if pending is not None:
+        want = self._want_grad_addrs
+        if want != self.grad_addrs:  # grads set during this capture: the capture's copy gets them
             n, r = table.n_tensors, self.grad_role
             host = table.host.clone()
-            host[r * n : (r + 1) * n] = torch.tensor(pending, dtype=torch.int64)
+            host[r * n : (r + 1) * n] = torch.tensor(want, dtype=torch.int64)
             aligned = list(table.role_aligned)
-            aligned[r] = all(a % 16 == 0 for a in pending)
+            aligned[r] = all(a % 16 == 0 for a in want)
             table = dataclasses.replace(table, host=host, aligned=all(aligned), role_aligned=tuple(aligned))
-            self._pending_grad_addrs = None
         staging, self._staging = self._staging, None
         captured = capture_copy(table, staging)
         self._captured.append((captured, staging))

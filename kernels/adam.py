@@ -446,7 +446,7 @@ class AdamStep(PreparedLaunch):
         self.amsgrad = amsgrad
         self.master = bool(master_params)
 
-    def __call__(
+    def _run(
         self,
         *,
         lr: float | torch.Tensor,

@@ -593,7 +593,7 @@ class AdamLowbitStep(AdamStep):
         self.param_sr = bool(param_sr)
         self.seed = seed
 
-    def __call__(
+    def _run(
         self,
         *,
         lr: float | torch.Tensor,

@@ -263,7 +263,7 @@ class LionStep(PreparedLaunch):
         self.state_dtype = exp_avgs[0].dtype
         self.master = bool(master_params)
 
-    def __call__(
+    def _run(
         self,
         *,
         lr: float | torch.Tensor,

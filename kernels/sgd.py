@@ -312,7 +312,7 @@ class SGDStep(PreparedLaunch):
         self.state_dtype = momentum_buffers[0].dtype if momentum_buffers else torch.float32
         self.master = bool(master_params)
 
-    def __call__(
+    def _run(
         self,
         *,
         lr: float | torch.Tensor,

@@ -325,3 +325,92 @@ def test_chunk_tables_during_capture(monkeypatch):
     calls = []
     _multi_tensor.build_chunk_table([xs], 16, cache, check=lambda: calls.append(1))
     assert calls == [1], "the check must run on a cache hit too"
+
+
+def test_eager_launch_after_a_capture_whose_grads_moved_reads_those_grads(monkeypatch):
+    """Grads set during a capture reach the capture's copy of the table; the eager table learns them at the next
+    eager launch (it used to keep the grads from before the capture, which an eager step would then read, freed or
+    not, when the optimizer saw no new grads)."""
+    from fused_ops.kernels import _multi_tensor, adam
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernel on CPU tensors")
+    params = [torch.randn(5), torch.randn(17)]
+    twin = [p.clone() for p in params]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+    steps = [[torch.zeros(()) for _ in params] for _ in range(2)]
+    grads = [torch.randn_like(p) for p in params]
+    first = [g.clone() for g in grads]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    launcher = adam.AdamStep(params, grads, states[0], states[1], [], steps[0], amsgrad=False)
+    launcher(**hyper)
+    capturing = [True]
+    monkeypatch.setattr(_multi_tensor, "is_capturing", lambda device: capturing[0])
+    moved = [torch.randn_like(p) for p in params]
+    launcher.set_grads(moved)
+    launcher(**hyper)  # "captured" (under the interpreter it also runs)
+    capturing[0] = False
+    del grads  # the grads from before the capture are gone
+    launcher(**hyper)  # eager, no set_grads: the grads of the capture
+    assert launcher.table.table[2:4].tolist() == [g.data_ptr() for g in moved]
+    # the same three steps on a launch that was given the right grads each time
+    ref = adam.AdamStep(twin, first, states[2], states[3], [], steps[1], amsgrad=False)
+    ref(**hyper)
+    ref.set_grads(moved)
+    ref(**hyper)
+    ref(**hyper)
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("what", ["state resized", "state set_", "param .data", "grads freed", "master resized"])
+def test_a_prepared_launch_called_directly_checks_its_tensors(what):
+    """AdamStep/SGDStep/LionStep/AdamLowbitStep are public: called directly, they check that every tensor of their
+    table is still what it was (the optimizers check that in their step plans and launch through ``_run``)."""
+    import gc
+
+    from fused_ops.kernels import adam, adam_lowbit, lion, sgd
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernels on CPU tensors")
+    for kind in ("adam", "lowbit", "sgd", "lion"):
+        params = [torch.randn(300, dtype=torch.bfloat16), torch.randn(17, dtype=torch.bfloat16)]
+        grads = [torch.randn_like(p) for p in params]
+        masters = [p.float() for p in params]
+        if kind == "adam":
+            states = [[torch.zeros(p.numel()) for p in params] for _ in range(2)]
+            launcher = adam.AdamStep(params, grads, *states, [], [torch.zeros(()) for _ in params], masters,
+                                     amsgrad=False)  # fmt: skip
+            call = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+        elif kind == "lowbit":
+            states = [[torch.zeros(p.numel(), dtype=torch.uint8) for p in params] for _ in range(2)]
+            scales = [[torch.zeros(-(-p.numel() // 256)) for p in params] for _ in range(2)]
+            launcher = adam_lowbit.AdamLowbitStep(params, grads, *states, [torch.zeros(()) for _ in params],
+                                                  exp_avg_scales=scales[0], exp_avg_sq_scales=scales[1],
+                                                  master_params=masters, state="int8")  # fmt: skip
+            call = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+        elif kind == "sgd":
+            states = [[torch.zeros(p.numel()) for p in params]]
+            launcher = sgd.SGDStep(params, grads, states[0], masters)
+            call = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                        first_step=True)  # fmt: skip
+        else:
+            states = [[torch.zeros(p.numel()) for p in params]]
+            launcher = lion.LionStep(params, grads, states[0], masters)
+            call = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False)
+        launcher(**call)  # fine
+        if what == "state resized":
+            states[0][1].resize_(10_000)
+        elif what == "state set_":
+            states[-1][0].set_(torch.zeros(300, dtype=states[-1][0].dtype))
+        elif what == "param .data":
+            params[0].data = torch.randn(300, dtype=torch.bfloat16)
+        elif what == "grads freed":
+            del grads
+            gc.collect()
+        else:
+            masters[1].resize_(3)
+        before = [p.clone() for p in params]
+        with pytest.raises(ValueError, match="set_grads|prepare a new launch"):
+            launcher(**call)
+        assert all(torch.equal(a, b) for a, b in zip(params, before)), kind

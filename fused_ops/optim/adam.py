@@ -402,7 +402,7 @@ class FusedAdam(FusedOptimizer):
     def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:  # fmt: skip
         beta1, beta2, eps, weight_decay = values
-        part.launcher(
+        part.launcher._run(
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=group["maximize"],
             decoupled=group["decoupled_weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip

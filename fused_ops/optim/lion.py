@@ -104,7 +104,7 @@ class FusedLion(FusedOptimizer):
     def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:  # fmt: skip
         beta1, beta2, weight_decay = values
-        part.launcher(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=bool(group["maximize"]),
+        part.launcher._run(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=bool(group["maximize"]),
                       grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
 
     def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,

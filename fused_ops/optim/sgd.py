@@ -138,7 +138,7 @@ class FusedSGD(FusedOptimizer):
     def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:  # fmt: skip
         momentum, dampening, weight_decay = values
-        part.launcher(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        part.launcher._run(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                       nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]), first_step=part.key[0],
                       grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
 
