@@ -242,11 +242,11 @@ class PreparedLaunch:
     the table of its own (``capture_copy``), filled from a pinned staging buffer prepared by the eager step before
     it, and kept with the copy for the life of this object.
 
-    A call (``step(...)``) first checks that every tensor the table points at is still what it was: the params,
-    states and masters (kept here) at the same address with the same dtype, device, sizes and strides (one resized
-    in place, ``set_()`` or given another ``.data`` is refused: the launch would write memory that is not the
-    tensor's any more), and the grads of the last :meth:`set_grads` (or of the constructor) still alive and
-    unchanged (they are watched through weak references, not kept alive). The fused optimizers, which check all of
+    A call (``step(...)``) first checks that every tensor the table points at is still what the table says: the
+    params, states and masters (kept here) at the table's address, with their element count, dtype and device, and
+    contiguous (one resized in place, ``set_()`` or given another ``.data`` is refused: the launch would write
+    memory that is not the tensor's any more), and the grads of the last :meth:`set_grads` (or of the constructor)
+    alive and the same (watched through weak references, not kept alive). The fused optimizers, which check all of
     that in their step plans at every step, launch through ``_run`` instead.
     """
 
