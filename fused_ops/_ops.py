@@ -136,16 +136,16 @@ def _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_
         )  # fmt: skip
     _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
-               backend)  # fmt: skip
+               backend, checked=True)  # fmt: skip
 
 
 def _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
-               backend) -> None:  # fmt: skip
+               backend, checked: bool = False) -> None:  # fmt: skip
     kwargs = _adam_kwargs(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step,
                           grad_scale, found_inf, master_params)  # fmt: skip
     if backend == "triton":
-        _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
+        _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, checked=checked, **kwargs)
     else:  # the CPU path; on other devices it is the plain-torch reference
         reference._adam_cpu_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
 
@@ -512,7 +512,7 @@ def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_
         )  # fmt: skip
     _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                       master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
-                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend)  # fmt: skip
+                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend, checked=True)  # fmt: skip
 
 
 @adam_lowbit_.register_fake
@@ -522,7 +522,8 @@ def _adam_lowbit_fake(*args, **kwargs) -> None:
 
 def _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                       master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
-                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend) -> None:  # fmt: skip
+                      weight_decay, maximize, decoupled, grad_scale, found_inf, backend,
+                      checked: bool = False) -> None:  # fmt: skip
     kwargs = dict(exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params,
                   kahan_comps=kahan_comps, state=state, param_sr=param_sr, seed=seed,
                   lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -531,7 +532,8 @@ def _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg
     if backend == "triton":
         from .kernels.adam_lowbit import adam_lowbit_launch
 
-        adam_lowbit_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, cache=_table_cache(), **kwargs)
+        adam_lowbit_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, cache=_table_cache(), checked=checked,
+                           **kwargs)  # fmt: skip
     else:
         from . import _cpu_lowbit  # (the oracle's bits; off the CPU it runs the oracle)
 
@@ -581,7 +583,7 @@ def _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, 
         _check_written_memory(fn, dict(params=params, momentum_buffers=momentum_buffers, master_params=master_params),
                               dict(grads=grads))  # fmt: skip
     _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
-              nesterov, maximize, first_step, grad_scale, found_inf, backend)  # fmt: skip
+              nesterov, maximize, first_step, grad_scale, found_inf, backend, checked=True)  # fmt: skip
 
 
 @sgd_.register_fake
@@ -590,14 +592,15 @@ def _sgd_fake(*args, **kwargs) -> None:
 
 
 def _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
-              nesterov, maximize, first_step, grad_scale, found_inf, backend) -> None:  # fmt: skip
+              nesterov, maximize, first_step, grad_scale, found_inf, backend,
+              checked: bool = False) -> None:  # fmt: skip
     kwargs = dict(lr=lr_tensor if lr_tensor is not None else lr, momentum=momentum, dampening=dampening,
                   weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
                   grad_scale=grad_scale, found_inf=found_inf, master_params=master_params)  # fmt: skip
     if backend == "triton":
         from .kernels.sgd import sgd_launch
 
-        sgd_launch(params, grads, momentum_buffers, cache=_table_cache(), **kwargs)
+        sgd_launch(params, grads, momentum_buffers, cache=_table_cache(), checked=checked, **kwargs)
     else:
         from ._ref_sgd_lion import sgd_cpu_
 
@@ -642,7 +645,7 @@ def _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, 
         _check_written_memory(fn, dict(params=params, exp_avgs=exp_avgs, master_params=master_params),
                               dict(grads=grads))  # fmt: skip
     _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
-               grad_scale, found_inf, backend)  # fmt: skip
+               grad_scale, found_inf, backend, checked=True)  # fmt: skip
 
 
 @lion_.register_fake
@@ -651,7 +654,7 @@ def _lion_fake(*args, **kwargs) -> None:
 
 
 def _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
-               grad_scale, found_inf, backend) -> None:  # fmt: skip
+               grad_scale, found_inf, backend, checked: bool = False) -> None:  # fmt: skip
     kwargs = dict(
         lr=lr_tensor if lr_tensor is not None else lr,
         beta1=beta1,
@@ -665,7 +668,7 @@ def _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, bet
     if backend == "triton":
         from .kernels.lion import lion_launch
 
-        lion_launch(params, grads, exp_avgs, cache=_table_cache(), **kwargs)
+        lion_launch(params, grads, exp_avgs, cache=_table_cache(), checked=checked, **kwargs)
     else:
         from ._ref_sgd_lion import lion_ as lion_reference
 

@@ -303,6 +303,7 @@ def adam_launch(
     chunk_size: int = 65536,
     block_size: int = 1024,
     cache: MutableMapping | None = None,
+    checked: bool = False,
 ) -> None:
     """Launch one fused Adam(W) step over all tensors (one launch; no host synchronisation).
 
@@ -311,19 +312,23 @@ def adam_launch(
     step number for every tensor. ``lr`` may be a 1-element device tensor.
     ``master_params`` (optional, fp32): the update runs on them and ``params`` receive the rounded values.
     Grads have the params' dtype, or are all fp32 (fp32 gradient accumulation, e.g. reduced ZeRO shards).
-    Inputs are checked when their chunk table is first built (then cached by address).
+    Inputs are checked on every call (the chunk table is cached by address).
+    ``checked=True``: the caller has just run this launcher's checks on these very inputs (the ``fused_ops::`` custom
+    ops do, before their own memory check), so the table look-up does not run them again.
     """
     if len(params) == 0:
         return
     if not state_steps and step is None:
         raise ValueError("adam_launch: pass state_steps or a float step")
+
+    def check() -> None:
+        _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
+
     table = build_chunk_table(
         _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad),
         chunk_size,
         cache,
-        check=lambda: _check(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad
-        ),
+        check=None if checked else check,
         with_counters=bool(state_steps),
     )
     _launch(table, params[0], grads[0].dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

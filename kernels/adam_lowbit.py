@@ -444,6 +444,7 @@ def adam_lowbit_launch(
     chunk_size: int = 65536,
     block_size: int = 1024,
     cache: MutableMapping | None = None,
+    checked: bool = False,
 ) -> None:
     """Launch one fused Adam(W) step with low-bit moments over all tensors (one launch; no host synchronisation).
 
@@ -457,6 +458,8 @@ def adam_lowbit_launch(
     kernel's docstring; give different param groups different seeds, their tensor indices restart at 0).
     ``lr`` may be a 1-element device tensor. Grads have the params' dtype or are all fp32. amsgrad is refused.
     Inputs are checked on every call; the chunk table is cached by address.
+    ``checked=True``: the caller has just run this launcher's checks on these very inputs (the ``fused_ops::`` custom
+    ops do, before their own memory check), so the table look-up does not run them again.
     """
     fn = "adam_lowbit_launch"
     if len(params) == 0:
@@ -465,7 +468,9 @@ def adam_lowbit_launch(
                    block_size)  # fmt: skip
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales, master_params,
              kahan_comps, state)  # fmt: skip
-    table = build_chunk_table(_roles(*lists), chunk_size, cache, check=lambda: _check(*lists), with_counters=True)
+    table = build_chunk_table(
+        _roles(*lists), chunk_size, cache, check=None if checked else lambda: _check(*lists), with_counters=True
+    )
     _launch(table, params[0], grads[0].dtype, quant_maps(params[0].device), fn, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
             found_inf=found_inf, state=state, master=bool(master_params), param_sr=param_sr, kahan=bool(kahan_comps),

@@ -165,6 +165,7 @@ def lion_launch(
     chunk_size: int = 65536,
     block_size: int = 1024,
     cache: MutableMapping | None = None,
+    checked: bool = False,
 ) -> None:
     """Launch one fused Lion step over all tensors (one launch; no host synchronisation).
 
@@ -173,12 +174,14 @@ def lion_launch(
     nothing. ``master_params`` (optional, fp32): the update runs on them and ``params`` receive the rounded values.
     Grads have the params' dtype, or are all fp32. Every input is checked on every call (the chunk table is cached
     by address; the check never is).
+    ``checked=True``: the caller has just run this launcher's checks on these very inputs (the ``fused_ops::`` custom
+    ops do, before their own memory check), so the table look-up does not run them again.
     """
     if len(params) == 0:
         return
     fn = "lion_launch"
     roles = [params, grads, exp_avgs] + ([master_params] if master_params else [])
-    table = build_chunk_table(roles, chunk_size, cache, check=lambda: _check(
+    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else lambda: _check(
         fn, params, grads, exp_avgs, master_params, lr, grad_scale, found_inf))  # fmt: skip
     _launch(table, params[0], grads[0].dtype, exp_avgs[0].dtype, lr=lr, beta1=beta1, beta2=beta2,
             weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,

@@ -203,6 +203,7 @@ def sgd_launch(
     chunk_size: int = 65536,
     block_size: int = 1024,
     cache: MutableMapping | None = None,
+    checked: bool = False,
 ) -> None:
     """Launch one fused SGD step over all tensors (one launch; no host synchronisation).
 
@@ -213,12 +214,14 @@ def sgd_launch(
     makes the launch change nothing. ``master_params`` (optional, fp32): the update runs on them and ``params``
     receive the rounded values. Grads have the params' dtype, or are all fp32. Every input is checked on every
     call (the chunk table is cached by address; the check never is).
+    ``checked=True``: the caller has just run this launcher's checks on these very inputs (the ``fused_ops::`` custom
+    ops do, before their own memory check), so the table look-up does not run them again.
     """
     if len(params) == 0:
         return
     fn = "sgd_launch"
     roles = [params, grads] + ([momentum_buffers] if momentum != 0 else []) + ([master_params] if master_params else [])
-    table = build_chunk_table(roles, chunk_size, cache, check=lambda: _check(
+    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else lambda: _check(
         fn, params, grads, momentum_buffers, master_params, momentum, lr, grad_scale, found_inf))  # fmt: skip
     state_dtype = momentum_buffers[0].dtype if momentum != 0 else torch.float32
     _launch(table, params[0], grads[0].dtype, state_dtype, lr=lr, momentum=momentum, dampening=dampening,
