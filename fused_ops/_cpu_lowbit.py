@@ -12,7 +12,7 @@ scalars, so each element sees the same fp32 operations as in the oracle:
 - 8-bit moments are dequantised per element (``map[code] * scale`` of the element's block) and quantised on a
   block-padded copy of the chunk (each tensor zero-padded to whole 256-element blocks, so no block straddles two
   tensors: the padding is the oracle's own), with the oracle's rule (:func:`_ref_lowbit.quantize_blockwise`),
-  the nearest code looked up in two tables built from the oracle's own ``nearest_code`` (:func:`code_tables`;
+  the code looked up in two tables built from the oracle's own ``quantize_code`` (:func:`code_tables`;
   checked against it for every fp32 value in [-1, 1], both maps, when written) instead of a binary search;
 - the random bits are Philox4x32-10 with the oracle's counters (element index within the tensor, tensor index,
   step), computed on the whole chunk (:func:`philox`, the same function as ``_ref_lowbit.philox`` with fewer
@@ -115,15 +115,16 @@ _CODE_TABLES: dict[bool, tuple[Tensor, Tensor]] = {}
 
 
 def code_tables(signed: bool) -> tuple[Tensor, Tensor]:
-    """Tables giving ``_ref_lowbit.nearest_code(y, map)`` of every finite fp32 ``y`` in two lookups: with ``b``
-    the top 16 bits of y's pattern, the code is ``codes[b] + (y >= thresholds[b])``.
+    """Tables giving ``_ref_lowbit.quantize_code(y, map, signed)`` of every finite fp32 ``y`` in two lookups: with
+    ``b`` the top 16 bits of y's pattern, the code is ``codes[b] + (y >= thresholds[b])``.
 
-    The code is a nondecreasing function of y (the nearest entry of a sorted map; on the fp32 arithmetic of the
-    rule both differences are monotone in y), so each code c < 255 has a threshold: the least float whose code
-    exceeds c, found by bisection over the floats in order with the oracle's own ``nearest_code``. Each 16-bit
-    bucket (an interval of floats 2^-7 wide relative to its values) holds at most one threshold (checked here: the
-    codes at its two ends differ by at most 1), so the code within bucket b is the code at its lower end,
-    ``codes[b]`` (uint8), plus one from ``thresholds[b]`` on (the threshold of that code; +inf for code 255)."""
+    The code is a nondecreasing function of y (the nearest entry of a sorted map; on the fp32 arithmetic of the rule
+    both differences are monotone in y; the unsigned map's positive values raised to code 1 keep it so), so each
+    code c < 255 has a threshold: the least float whose code exceeds c, found by bisection over the floats in order
+    with the oracle's own ``quantize_code``. Each 16-bit bucket (an interval of floats 2^-7 wide relative to its
+    values) holds at most one threshold (checked here: the codes at its two ends differ by at most 1), so the code
+    within bucket b is the code at its lower end, ``codes[b]`` (uint8), plus one from ``thresholds[b]`` on (the
+    threshold of that code; +inf for code 255)."""
     if signed not in _CODE_TABLES:
         qmap = ref.dynamic_map(signed)
         bucket = torch.arange(1 << 16, dtype=torch.int64)
@@ -132,7 +133,7 @@ def code_tables(signed: bool) -> tuple[Tensor, Tensor]:
         finite = ((bucket >> 7) & 0xFF) != 0xFF  # exponent all ones: inf and NaN patterns (no code needed)
         lo_end = torch.where(finite, torch.minimum(*ends), 0.0)
         hi_end = torch.where(finite, torch.maximum(*ends), 0.0)
-        first, last = ref.nearest_code(lo_end, qmap), ref.nearest_code(hi_end, qmap)
+        first, last = ref.quantize_code(lo_end, qmap, signed), ref.quantize_code(hi_end, qmap, signed)
         if int((last - first).max()) > 1 or int((last - first).min()) < 0:
             raise RuntimeError("code_tables: a 16-bit bucket holds two code thresholds")
         # threshold[c]: the least key (float) whose code is >= c + 1, by bisection over [-FLT_MAX, FLT_MAX]
@@ -142,7 +143,7 @@ def code_tables(signed: bool) -> tuple[Tensor, Tensor]:
         target = torch.arange(1, 256)
         while bool((lo < hi).any()):
             mid = torch.div(lo + hi, 2, rounding_mode="floor")
-            above = ref.nearest_code(_ordered_to_float(mid), qmap) >= target
+            above = ref.quantize_code(_ordered_to_float(mid), qmap, signed) >= target
             hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid + 1)
         thresholds = torch.cat([_ordered_to_float(lo), torch.tensor([math.inf])])
         _CODE_TABLES[signed] = (first.to(torch.uint8), thresholds[first])

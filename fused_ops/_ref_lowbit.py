@@ -18,6 +18,13 @@ The rule every implementation follows, bit for bit (kernel, this file, :func:`qu
 - code = the index ``i`` of the nearest map entry: with ``lo`` the largest index whose entry is <= y (0 when y is
   below every entry) and ``hi = min(lo + 1, 255)``, the code is ``hi`` when ``map[hi] - y < y - map[lo]`` (fp32),
   else ``lo``: the nearest entry, ties to the lower one (torchao's ``argmin(|y - map|)`` picks the same);
+- except that with the unsigned map (exp_avg_sq) a positive ``y`` never gets the code of 0.0: it gets code 1, the
+  smallest positive entry (3.25e-7), where the nearest rule (bitsandbytes', torchao's) stores every ``y`` under
+  1.625e-7 as 0. A second moment read back as 0 under a first moment that is not 0 makes the update
+  ``lr * m_hat / eps``: an element whose grad was tiny next to its block's largest, then 0, moved by hundreds of
+  times ``lr`` (fp32 states move it by less than ``lr``). Rounded up, v is at least 3.25e-7 of its block's absmax
+  and the update stays of the order of ``lr``; the first moment keeps the nearest rule (a small m read as 0 only
+  shortens the step);
 - non-finite values: a block holding a NaN or an inf gets the scale NaN and every element the code of 0.0, so the
   whole block reads back as NaN (a NaN grad poisons its 256-element block of both moments, where fp32 states
   poison one element; loss scaling's ``found_inf`` skips such steps before they write anything).
@@ -111,6 +118,13 @@ def nearest_code(y: Tensor, qmap: Tensor) -> Tensor:
     return torch.where(torch.isnan(y), zero_code, code)
 
 
+def quantize_code(y: Tensor, qmap: Tensor, signed: bool) -> Tensor:
+    """The code of normalised values ``y`` (see the module docstring): :func:`nearest_code`, except that with the
+    unsigned map a positive ``y`` gets at least code 1 (the smallest positive entry)."""
+    code = nearest_code(y, qmap)
+    return code if signed else torch.where((y > 0) & (code == 0), 1, code)
+
+
 def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """Block-wise 8-bit quantisation of ``x`` (any shape, any float dtype; read as fp32): ``(codes, scales)``,
     ``codes`` uint8 of ``x``'s shape (indices into ``dynamic_map(signed)``), ``scales`` fp32 of ceil(numel/256)
@@ -121,7 +135,7 @@ def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     absmax = torch.where(finite, blocks.abs(), 0.0).amax(dim=1, keepdim=True)
     bad = ~finite.all(dim=1, keepdim=True)
     y = blocks / torch.where(absmax == 0, 1.0, absmax)
-    codes = nearest_code(torch.where(bad, 0.0, y), qmap)
+    codes = quantize_code(torch.where(bad, 0.0, y), qmap, signed)
     scales = torch.where(bad, float("nan"), absmax).view(-1)
     codes = codes.view(-1)[: x.numel()].to(torch.uint8).view(x.shape)
     return codes, scales

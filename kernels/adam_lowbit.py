@@ -9,8 +9,10 @@ One kernel, specialised at compile time by
   (``bitsandbytes.functional.create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``; construction in
   :func:`_dynamic_map`), so the states have bitsandbytes' 8-bit block-wise layout. Dequantised with a gather
   (``map[code] * absmax``); re-quantised to the NEAREST code (ties to the lower entry) by a branch-free binary
-  search over the sorted map: 8 gathers, then one for the upper neighbour. Every tensor is quantised, however small
-  (bitsandbytes keeps tensors under 4096 elements in fp32), all in the same launch.
+  search over the sorted map: 8 gathers, then one for the upper neighbour; a positive exp_avg_sq never gets the
+  code of 0.0 (the smallest positive entry instead: a v read as 0 under an m that is not would step by lr*m/eps).
+  Every tensor is quantised, however small (bitsandbytes keeps tensors under 4096 elements in fp32), all in the
+  same launch.
 - ``STATE="bf16"``: moments stored in bf16, rounded stochastically.
 - ``STATE="fp32"``: fp32 moments, for stochastic rounding of the params with full-precision states (the plain
   fp32 step, amsgrad and master weights included, is ``adam.py``'s kernel).
@@ -79,8 +81,11 @@ def _dequantize(codes_ptr, scales_ptr, qmap_ptr, offsets, mask, qidx, qmask):
 
 
 @triton.jit
-def _quantize_store(x, codes_ptr, scales_ptr, qmap_ptr, offsets, mask, qidx, qmask):
+def _quantize_store(x, codes_ptr, scales_ptr, qmap_ptr, offsets, mask, qidx, qmask, SIGNED: tl.constexpr):
     """Store a [rows, 256] fp32 tile (zeros in masked-off lanes) as codes and one absmax per row.
+
+    The code is the nearest entry's; with the unsigned map (``SIGNED`` False: exp_avg_sq) a positive value gets at
+    least code 1, the smallest positive entry (never 0.0: see ``_ref_lowbit``'s docstring).
 
     The absmax is a max over the finite elements, and a row holding a NaN or an inf is stored as scale NaN with
     every code that of 0.0: it reads back as NaN. tl.max alone would not do: max.f32 on the GPU drops NaN operands
@@ -90,7 +95,10 @@ def _quantize_store(x, codes_ptr, scales_ptr, qmap_ptr, offsets, mask, qidx, qma
     absmax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
     bad = tl.max(tl.where(finite, 0, 1), axis=1) > 0
     y = tl.div_rn(x, tl.where(absmax == 0.0, 1.0, absmax)[:, None])  # correctly rounded, as torch's `/`
-    code = _nearest_code(tl.where(bad[:, None], 0.0, y), qmap_ptr)
+    y = tl.where(bad[:, None], 0.0, y)
+    code = _nearest_code(y, qmap_ptr)
+    if not SIGNED:
+        code = tl.where((y > 0.0) & (code == 0), 1, code)
     tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=mask)
     nan = tl.full(absmax.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
     tl.store(scales_ptr + qidx, tl.where(bad, nan, absmax), mask=qmask)
@@ -293,8 +301,8 @@ def _adam_lowbit_tile(
                                         zero + step_f.to(tl.uint32))  # fmt: skip
 
     if STATE == "int8":
-        _quantize_store(m, exp_avg_ptr, m_scale_ptr, signed_map_ptr, offsets, mask, qidx, qmask)
-        _quantize_store(v, exp_avg_sq_ptr, v_scale_ptr, unsigned_map_ptr, offsets, mask, qidx, qmask)
+        _quantize_store(m, exp_avg_ptr, m_scale_ptr, signed_map_ptr, offsets, mask, qidx, qmask, True)
+        _quantize_store(v, exp_avg_sq_ptr, v_scale_ptr, unsigned_map_ptr, offsets, mask, qidx, qmask, False)
     elif STATE == "bf16":
         store_fp32(exp_avg_ptr + offsets, m, mask, tl.bfloat16, True, rnd_m)
         store_fp32(exp_avg_sq_ptr + offsets, v, mask, tl.bfloat16, True, rnd_v)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from fused_ops.kernels import adam_lowbit as lowbit
 
+from fused_ops import FusedAdamW
 from fused_ops import _ref_lowbit as ref
 from tests.utils import assert_close_list
 
@@ -168,6 +169,50 @@ def test_nearest_code_is_brute_force_argmin(signed):
                    torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-9, -1e-9])])  # fmt: skip
     brute = (y[:, None] - qmap[None, :]).abs().argmin(dim=1)
     assert torch.equal(ref.nearest_code(y, qmap), brute)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantize_code_keeps_positive_second_moments_positive(signed):
+    """``quantize_code`` is the nearest code, except that with the unsigned map (exp_avg_sq) every positive value
+    gets at least code 1 (the smallest positive entry, 3.25e-7): a v read back as 0 under an m that is not would
+    make the update lr * m / eps. 0 (and -0) keep the code of 0.0; the signed map keeps the nearest rule."""
+    qmap = ref.create_dynamic_map(signed)
+    zero = int(torch.nonzero(qmap == 0)[0])
+    y = torch.cat([torch.tensor([0.0, -0.0, 1e-45, 1e-30, 1e-9, 1.6e-7, 1.7e-7, 3.25e-7]), torch.rand(1000)])
+    code = ref.quantize_code(y, qmap, signed)
+    nearest = ref.nearest_code(y, qmap)
+    if signed:
+        assert torch.equal(code, nearest)
+    else:
+        assert torch.equal(code[:2], torch.zeros(2, dtype=code.dtype))
+        assert (code[2:] >= 1).all() and (nearest[2:6] == 0).all()  # (the nearest rule would store them as 0)
+        assert torch.equal(code[6:], nearest[6:])
+        x = torch.zeros(256)
+        x[0], x[1] = 1.0, 1e-9  # 1e-9 of the block's absmax
+        codes, scales = ref.quantize_blockwise(x, signed)
+        back = ref.dequantize_blockwise(codes, scales, signed)
+        assert back[1] == qmap[1] * 1.0 and back[2] == 0 and codes[1] == zero + 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_int8_tiny_second_moment_then_zero_grad_steps_like_fp32(backend):
+    """An element whose grad is tiny next to its block's largest (its v under the smallest map entry), then 0: with
+    v stored as 0 under an m that is not, the second step moved it by lr * m_hat / eps (here ~600 lr). v rounded
+    up to the smallest entry keeps the step of the order of lr: within lr of torch's fp32 AdamW."""
+    p = torch.nn.Parameter(torch.zeros(256))
+    q = torch.nn.Parameter(torch.zeros(256))
+    opt = FusedAdamW([p], lr=1e-2, state_dtype="int8", backend=backend)
+    want = torch.optim.AdamW([q], lr=1e-2, foreach=False)
+    g1 = torch.zeros(256)
+    g1[0], g1[1] = 0.3, 1e-5
+    g2 = torch.zeros(256)
+    g2[0] = 0.3
+    for g in (g1, g2):
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        want.step()
+        assert (p.detach() - q.detach()).abs().max() < 1e-2
+    assert p[1] < 0  # (it moved, the right way)
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])

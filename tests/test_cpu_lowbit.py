@@ -218,8 +218,9 @@ def test_philox_matches_the_oracle():
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_code_tables_give_the_nearest_code(signed):
-    """The table lookup against the oracle's search: at every threshold and 16-bit bucket end (and a few ulps
+def test_code_tables_give_the_oracles_code(signed):
+    """The table lookup against the oracle's search (``quantize_code``: the nearest code, a positive value never
+    code 0 with the unsigned map): at every threshold and 16-bit bucket end (and a few ulps
     around them), at the map entries and their midpoints, and at random values over the whole fp32 range."""
     qmap = ref.dynamic_map(signed)
     codes_t, thresholds_t = cpu.code_tables(signed)
@@ -238,7 +239,7 @@ def test_code_tables_give_the_nearest_code(signed):
     y = torch.cat([cpu._ordered_to_float((keys + d).clamp(-0x7F7FFFFF, 0x7F7FFFFF)) for d in (-2, -1, 0, 1, 2)])
     bucket = (y.view(torch.int32) >> 16).long() & 0xFFFF
     got = codes_t[bucket].long() + (y >= thresholds_t[bucket]).long()
-    assert torch.equal(got, ref.nearest_code(y, qmap))
+    assert torch.equal(got, ref.quantize_code(y, qmap, signed))
 
 
 def test_quantize_padded_matches_the_oracle():

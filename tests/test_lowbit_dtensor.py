@@ -22,6 +22,7 @@ pytestmark = pytest.mark.distributed
 BACKENDS = ("triton", "reference")
 STEPS = 4
 KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
+SD_KEYS = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scale", "exp_avg_sq_scale")  # (the codes' keys in state dicts)
 
 
 def _placements():
@@ -39,6 +40,10 @@ def _grads(shapes, step: int) -> list[torch.Tensor]:
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _equal(a, b) -> bool:
@@ -87,7 +92,7 @@ def run_tp(rank: int, world: int, out_dir: str) -> dict:
         # compact state dict: DTensors and the layout; a fresh optimizer loads it and continues exactly
         sd = o.state_dict()
         res["compact"] = all(isinstance(sd["state"][i][k], DTensor) and "int8_layout" in sd["state"][i]
-                             for i in range(len(ours)) for k in KEYS)  # fmt: skip
+                             for i in range(len(ours)) for k in SD_KEYS)  # fmt: skip
         twin = [torch.nn.Parameter(p.detach().clone()) for p in ours]
         o2 = fused_ops.FusedAdamW(twin, **kw)
         o2.load_state_dict(sd)
@@ -233,6 +238,23 @@ def run_fsdp2_load(rank: int, world: int, out_dir: str) -> dict:
         out["compact_error"] = None
     except (ValueError, CheckpointException) as e:  # (DCP: the scales' sizes differ; ours: the layout differs)
         out["compact_error"] = f"{type(e).__name__}: {e}"
+    # The compact checkpoint into fp32 moments (ours and torch's): its codes are saved as exp_avg_codes, so DCP
+    # finds no exp_avg to fill the template with (it casts what it reads: codes would load as moments 0..255).
+    for name, make in (("fp32", lambda ps: fused_ops.FusedAdamW(ps, lr=1e-2)),
+                       ("torch", lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False))):  # fmt: skip
+        fp32_model = _fsdp_model(mesh)
+        fp32_opt = make(fp32_model.parameters())
+        _train(fp32_model, fp32_opt, 100, 1)
+        before = [_full(v).clone() for st in fp32_opt.state.values() for v in st.values()]
+        try:
+            sd = {"optim": get_optimizer_state_dict(fp32_model, fp32_opt)}
+            dcp.load(sd, checkpoint_id=os.path.join(out_dir, "compact"))
+            set_optimizer_state_dict(fp32_model, fp32_opt, sd["optim"])
+            out[f"compact_into_{name}_error"] = None
+        except (ValueError, CheckpointException) as e:
+            out[f"compact_into_{name}_error"] = f"{type(e).__name__}: {e}"
+        after = [_full(v) for st in fp32_opt.state.values() for v in st.values()]
+        out[f"compact_into_{name}_unchanged"] = _equal(before, after)
     opt.dequantize_state_dict = True
     sd = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=os.path.join(out_dir, "dequantized"))
@@ -299,6 +321,9 @@ def test_fsdp2_int8_states_and_dcp_checkpoints_across_world_sizes(tmp_path):
     (loaded,) = spawn("tests.test_lowbit_dtensor:run_fsdp2_load", 1, str(tmp_path), timeout=400)
     assert loaded["compact_error"] is not None and "exp_avg_scale" in loaded["compact_error"], loaded
     assert loaded["codes_after_load"] == "torch.uint8"
+    for name in ("fp32", "torch"):  # (DCP: "Missing key in checkpoint state_dict: optim.state.<fqn>.exp_avg")
+        err = loaded[f"compact_into_{name}_error"]
+        assert err is not None and "exp_avg" in err and loaded[f"compact_into_{name}_unchanged"], (name, loaded)
     # 3 steps of lr 1e-2 after one requantisation on other blocks: Adam's update moves each element by about lr per
     # step whatever the moments' error, so the two runs stay within a fraction of 3 * lr
     assert loaded["resharded_err"] < 1e-2 and loaded["resharded_err"] < loaded["fresh_states_err"] / 3, loaded

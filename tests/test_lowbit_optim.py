@@ -346,7 +346,9 @@ def test_compact_state_dict_round_trip(backend):
     opt.step()
     sd = opt.state_dict()
     st = sd["state"][3]
-    assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_scale"].dtype == torch.float32
+    # the codes under keys of their own: a loader expecting fp32 moments (torch, DCP into fp32 states) finds none
+    assert st["exp_avg_codes"].dtype == torch.uint8 and st["exp_avg_sq_codes"].dtype == torch.uint8
+    assert "exp_avg" not in st and "exp_avg_sq" not in st and st["exp_avg_scale"].dtype == torch.float32
     assert st["exp_avg_scale"].shape == (2,)
     assert sd["param_groups"][1]["state_dtype"] == "bf16" and sd["state"][6]["kahan_comp"].dtype == torch.bfloat16
     params2, extra2 = _clone_params(params), _clone_params(extra)
@@ -471,13 +473,22 @@ def _bad_dicts(sd):
         fn(bad["state"][3])  # param 3: 257 elements, two scale blocks
         return bad
 
-    yield "codes of the wrong size", edit(lambda st: st.update(exp_avg=st["exp_avg"][:256])), "exp_avg.*257"
+    yield "codes of the wrong size", edit(lambda st: st.update(exp_avg_codes=st["exp_avg_codes"][:256])), \
+        "exp_avg.*257"  # fmt: skip
+    yield "codes as floats", edit(lambda st: st.update(exp_avg_codes=st["exp_avg_codes"].float())), \
+        "exp_avg_codes.*uint8"  # fmt: skip
+    yield "codes and moments both", edit(lambda st: st.update(exp_avg=torch.zeros(257))), "both 'exp_avg'"
     yield "codes with the wrong shape of scales", edit(lambda st: st.update(exp_avg_sq_scale=torch.zeros(3))), \
         "exp_avg_sq_scale.*2 elements"  # fmt: skip
     yield "a missing scale", edit(lambda st: st.pop("exp_avg_scale")), "exp_avg_scale"
     yield "scales of the wrong dtype", edit(lambda st: st.update(exp_avg_scale=st["exp_avg_scale"].double())), \
         "exp_avg_scale.*float32"  # fmt: skip
-    yield "one moment coded, the other not", edit(lambda st: st.update(exp_avg_sq=torch.zeros(257))), "8-bit"
+
+    def uncode_exp_avg_sq(st):
+        del st["exp_avg_sq_codes"]
+        st["exp_avg_sq"] = torch.zeros(257)
+
+    yield "one moment coded, the other not", edit(uncode_exp_avg_sq), "8-bit"
 
 
 @pytest.mark.parametrize("state_dtype", ["int8", None])

@@ -528,6 +528,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             keys.update(self._state_keys(group))
         return keys
 
+    def _loaded_key(self, key: Any, value: Any, src: dict[Any, Any], where: str) -> Any:
+        """The state key a loaded entry is kept under (a state dict may name a state otherwise than the optimizer,
+        e.g. 8-bit codes); raises if the entry cannot be that state."""
+        return key
+
     def _load_as_is(self, key: str, value: Any) -> bool:
         """Whether a loaded state tensor is taken by :meth:`_load_state_value` rather than converted to an fp32 copy
         shaped like the param (e.g. 8-bit codes and their block scales)."""
@@ -634,6 +639,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict: the state of {where} must be a dict")
             st = {}
             for key, value in src.items():
+                key = self._loaded_key(key, value, src, where)
                 if key in tensor_keys and self._load_as_is(key, value):
                     st[key] = self._load_state_value(key, value, p, where)
                 elif key in tensor_keys:

@@ -23,6 +23,10 @@ from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
 from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
+# In state dicts, 8-bit codes are saved under keys of their own: a loader expecting fp32 moments under ``exp_avg``
+# (torch's AdamW, DCP filling an fp32 optimizer's dict, which casts what it reads to the template's dtype) finds
+# none, instead of reading the codes 0..255 as moments.
+_CODES_KEYS = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
 _LAYOUT_KEY = "int8_layout"  # in state dicts only: the DTensor layout 8-bit states of a DTensor param were saved on
 _KAHAN_KEY = "kahan_comp"
 _STATE_TORCH_DTYPES = {"int8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -145,7 +149,8 @@ class FusedAdam(FusedOptimizer):
             from the ``FUSED_OPS_BACKEND`` environment variable.
         state_dtype: how the moments are stored. ``None``/``"float32"`` (default): fp32. ``"int8"``: 8-bit codes
             with one fp32 scale per block of 256 elements (state keys ``exp_avg``/``exp_avg_sq`` hold uint8 codes,
-            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; Dettmers et al.'s block-wise dynamic quantisation,
+            saved in state dicts as ``exp_avg_codes``/``exp_avg_sq_codes``; ``exp_avg_scale``/``exp_avg_sq_scale``
+            the scales; Dettmers et al.'s block-wise dynamic quantisation,
             see ``fused_ops/_ref_lowbit.py``), dequantised, updated and requantised in the same one-launch kernel,
             for every tensor however small: 2.03 bytes per param instead of 8. ``"bfloat16"``: bf16 moments
             stored with stochastic rounding (4 bytes). Not with amsgrad. On DTensor params (FSDP2, tensor
@@ -432,11 +437,13 @@ class FusedAdam(FusedOptimizer):
 
     # -- low-bit states in state dicts -----------------------------------------------------------------------
     def state_dict(self, dequantize: bool | None = None) -> dict[str, Any]:
-        """torch.optim's ``state_dict``. Low-bit moments are saved as they are kept (8-bit codes and their scales,
-        bf16 moments); with ``dequantize=True`` every moment is an fp32 tensor shaped like its param and the
-        low-bit keys (scales, Kahan buffers, ``state_dtype``...) are left out: torch.optim.AdamW's layout, which
-        torch (and a FusedAdamW with other states) loads. ``dequantize=None``: the optimizer's
-        ``dequantize_state_dict`` (False unless set).
+        """torch.optim's ``state_dict``. Low-bit moments are saved as they are kept (8-bit codes and their
+        scales, bf16 moments); the codes under the keys ``exp_avg_codes``/``exp_avg_sq_codes``, so that a loader
+        expecting fp32 moments (torch's AdamW; DCP filling an fp32 optimizer's dict, which would cast codes to
+        floats) finds no ``exp_avg`` rather than codes; with ``dequantize=True`` every moment is an fp32 tensor
+        shaped like its param and the low-bit keys (scales, Kahan buffers, ``state_dtype``...) are left out:
+        torch.optim.AdamW's layout, which torch (and a FusedAdamW with other states) loads. ``dequantize=None``:
+        the optimizer's ``dequantize_state_dict`` (False unless set).
 
         8-bit states of DTensor params (FSDP2, tensor parallel) are saved as DTensors: the codes like the param, the
         scales of each shard's own blocks as :func:`_scale_layout` lays them out, with the layout recorded (key
@@ -444,10 +451,14 @@ class FusedAdam(FusedOptimizer):
         dequantized dict loads onto any layout (DCP reshards it) and is quantised there."""
         sd = super().state_dict()
         if not (self.dequantize_state_dict if dequantize is None else dequantize):
-            for st in sd["state"].values():
+            for k, st in sd["state"].items():
                 codes = st.get("exp_avg")
-                if isinstance(codes, Tensor) and codes.dtype == torch.uint8 and _is_dtensor(codes):
+                if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
+                    continue
+                if _is_dtensor(codes):
                     st[_LAYOUT_KEY] = _layout_tag(codes)
+                sd["state"][k] = {_CODES_KEYS.get(key, key) if isinstance(v, Tensor) and v.dtype == torch.uint8
+                                  else key: v for key, v in st.items()}  # fmt: skip
             return sd
         groups = {}
         index = 0
@@ -476,6 +487,20 @@ class FusedAdam(FusedOptimizer):
 
     def _tensor_state_keys(self) -> set[str]:
         return super()._tensor_state_keys() | {"exp_avg", "exp_avg_sq", *_SCALE_KEYS, _KAHAN_KEY}
+
+    def _loaded_key(self, key: Any, value: Any, src: dict[Any, Any], where: str) -> Any:
+        """``exp_avg_codes``/``exp_avg_sq_codes`` (8-bit codes, as ``state_dict`` saves them) are kept under
+        ``exp_avg``/``exp_avg_sq``; a dict of an earlier version, with the codes under those keys, loads too."""
+        for moment, codes_key in _CODES_KEYS.items():
+            if key == codes_key:
+                if not isinstance(value, Tensor) or value.dtype != torch.uint8:
+                    got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"loaded state dict: state {key!r} of {where} must be a uint8 tensor of 8-bit "
+                                     f"codes, got {got}")  # fmt: skip
+                if moment in src:
+                    raise ValueError(f"loaded state dict: the state of {where} has both {moment!r} and {key!r}")
+                return moment
+        return key
 
     def _load_as_is(self, key: str, value: Any) -> bool:
         return isinstance(value, Tensor) and (key in _SCALE_KEYS or key == _KAHAN_KEY or value.dtype == torch.uint8)
