@@ -8,6 +8,7 @@ op that ``torch.compile`` sees. ``register_fake`` makes every op traceable.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -68,6 +69,30 @@ def _check_layout_op(fn: str, pairs: tuple = (), segments: tuple | None = None, 
         if x is not None and (not isinstance(x, Tensor) or x.numel() != 1):
             raise ValueError(f"{fn}: {name} must be a 1-element tensor, got "
                              f"{x.numel() if isinstance(x, Tensor) else type(x).__name__} elements")  # fmt: skip
+
+
+_COPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton copy kernels take
+_PLAIN_DTYPES = _COPY_DTYPES + (torch.float64,)  # the plain-torch path also takes float64
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_lists(fn: str, backend: str, dtypes=None, **lists: list[Tensor]) -> None:
+    """Every list of the copy ops: plain dense tensors, contiguous, of one floating dtype and on one device (the
+    first list's): what the Triton launch reads, checked on both backends alike. float64 only where the backend
+    takes it (``dtypes``: else the plain-torch path's dtypes on "reference", the kernels' on "triton"). Meta
+    tensors are refused on "triton" (the launch would read their null addresses)."""
+    from .kernels._checks import check_role
+
+    if dtypes is None:
+        dtypes = _PLAIN_DTYPES if backend == "reference" else _COPY_DTYPES
+    device = None
+    for name, xs in lists.items():
+        if len(xs):
+            check_role(fn, name, xs, dtypes, device)
+            device = xs[0].device
+    if device is not None and device.type == "meta" and backend != "reference":
+        raise TypeError(f"{fn}: backend='triton' cannot run on meta tensors (they have no memory); use "
+                        "backend='reference'")  # fmt: skip
 
 
 def _check_op_scalars(fn: str, device: torch.device, **scalars: Optional[Tensor]) -> None:
@@ -220,6 +245,15 @@ def _flatten_into(flat: Tensor, tensors, offsets, spans, backend: str, scatter: 
         reference.flatten_into_(flat, tensors, offsets, spans)
 
 
+def _check_flatten_args(tensors, align: int, backend: str) -> None:
+    """``flatten`` through the dispatcher, on both backends (the eager entry point's caller checked the same)."""
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"fused_ops::flatten: align must be a positive int, got {align!r}")
+    if not tensors:
+        raise ValueError("fused_ops::flatten: tensors is empty (the new buffer's dtype and device come from it)")
+    _check_lists("fused_ops::flatten", backend, _PLAIN_DTYPES, tensors=tensors)
+
+
 def _flatten(tensors, align: int, backend: str) -> Tensor:
     offsets, spans, total = reference.flatten_layout([x.numel() for x in tensors], align)
     flat = tensors[0].new_empty((total,))
@@ -230,12 +264,15 @@ def _flatten(tensors, align: int, backend: str) -> Tensor:
 @torch.library.custom_op("fused_ops::flatten", mutates_args=())
 def flatten(tensors: list[Tensor], align: int, backend: str) -> Tensor:
     """One new buffer holding every tensor at an ``align``-aligned offset, zero padded; see ``functional.flatten``."""
+    _check_flatten_args(tensors, align, backend)
     return _flatten(tensors, align, backend)
 
 
 @flatten.register_kernel("cuda")
 def _flatten_cuda(tensors, align, backend) -> Tensor:
-    return _flatten(tensors, align, "reference" if backend == "reference" else "triton")
+    backend = "reference" if backend == "reference" else "triton"
+    _check_flatten_args(tensors, align, backend)
+    return _flatten(tensors, align, backend)
 
 
 @flatten.register_fake
@@ -252,17 +289,41 @@ def flatten_eager(tensors: list[Tensor], align: int, backend: str) -> Tensor:
         return _flatten(tensors, align, backend)
 
 
+def _check_flatten_op(fn: str, flat: Tensor, tensors, offsets, spans, backend: str, scatter: bool) -> None:
+    """``flatten_into_`` / ``unflatten_copy_`` through the dispatcher, on both backends: ``flat`` a contiguous 1-d
+    tensor, every tensor of its dtype and device and contiguous (:func:`_check_lists`), every segment inside
+    ``flat`` and each tensor within its own, and what is written (``flat``'s segments, or the tensors) sharing no
+    memory with anything else (segments overlapping each other included)."""
+    _check_layout_op(fn, segments=(flat, tensors, offsets, spans))
+    if not isinstance(flat, Tensor) or flat.layout != torch.strided or flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError(f"{fn}: flat must be a contiguous 1-d tensor")
+    if not tensors:
+        return
+    _check_lists(fn, backend, _PLAIN_DTYPES, flat=[flat], tensors=tensors)
+    if {x.dtype for x in tensors} != {flat.dtype}:
+        i = next(i for i, x in enumerate(tensors) if x.dtype != flat.dtype)
+        raise ValueError(f"{fn}: tensors[{i}] is {tensors[i].dtype}, flat is {flat.dtype}: they must match")
+    if torch.compiler.is_compiling():
+        return
+    segments = [flat.narrow(0, off, span) for off, span in zip(offsets, spans)]
+    if scatter:
+        _check_written_memory(fn, dict(tensors=tensors), dict(flat=segments))
+    else:
+        _check_written_memory(fn, dict(flat=segments), dict(tensors=tensors))
+
+
 @torch.library.custom_op("fused_ops::flatten_into_", mutates_args=("flat",))
 def flatten_into_(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
     """Gather ``tensors`` into ``flat[offsets[i] : offsets[i] + spans[i]]`` (zero padded), one launch."""
-    _check_layout_op("fused_ops::flatten_into_", segments=(flat, tensors, offsets, spans))
+    _check_flatten_op("fused_ops::flatten_into_", flat, tensors, offsets, spans, backend, scatter=False)
     _flatten_into(flat, tensors, offsets, spans, backend)
 
 
 @flatten_into_.register_kernel("cuda")
 def _flatten_into_cuda(flat, tensors, offsets, spans, backend) -> None:
-    _check_layout_op("fused_ops::flatten_into_", segments=(flat, tensors, offsets, spans))
-    _flatten_into(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton")
+    backend = "reference" if backend == "reference" else "triton"
+    _check_flatten_op("fused_ops::flatten_into_", flat, tensors, offsets, spans, backend, scatter=False)
+    _flatten_into(flat, tensors, offsets, spans, backend)
 
 
 @flatten_into_.register_fake
@@ -284,15 +345,16 @@ def flatten_into_eager(flat: Tensor, tensors: list[Tensor], offsets: list[int], 
 def unflatten_copy_(tensors: list[Tensor], flat: Tensor, offsets: list[int], backend: str) -> None:
     """Scatter ``flat[offsets[i] : offsets[i] + numel]`` back into ``tensors[i]``, one launch."""
     spans = [x.numel() for x in tensors]
-    _check_layout_op("fused_ops::unflatten_copy_", segments=(flat, tensors, offsets, spans))
+    _check_flatten_op("fused_ops::unflatten_copy_", flat, tensors, offsets, spans, backend, scatter=True)
     _flatten_into(flat, tensors, offsets, spans, backend, scatter=True)
 
 
 @unflatten_copy_.register_kernel("cuda")
 def _unflatten_copy_cuda(tensors, flat, offsets, backend) -> None:
     spans = [x.numel() for x in tensors]
-    _check_layout_op("fused_ops::unflatten_copy_", segments=(flat, tensors, offsets, spans))
-    _flatten_into(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton", scatter=True)
+    backend = "reference" if backend == "reference" else "triton"
+    _check_flatten_op("fused_ops::unflatten_copy_", flat, tensors, offsets, spans, backend, scatter=True)
+    _flatten_into(flat, tensors, offsets, spans, backend, scatter=True)
 
 
 @unflatten_copy_.register_fake
@@ -325,18 +387,36 @@ def _cast(dst, src, stochastic, seed, backend) -> None:
         reference.cast_(dst, src, stochastic=stochastic, seed=seed)
 
 
+def _check_cast_op(dst, src, seed, backend: str) -> None:
+    """``cast_`` through the dispatcher, on both backends: pairs of equal element counts, each list of one dtype and
+    contiguous on one device (:func:`_check_lists`), a seed in [0, 2^31), and no ``dst[i]`` sharing memory with
+    another argument (``dst[i]`` may be exactly ``src[i]``)."""
+    fn = "fused_ops::cast_"
+    _check_layout_op(fn, pairs=(("dst", dst, "src", src),))
+    if seed is not None and not 0 <= seed < 2**31:
+        raise ValueError(f"{fn}: seed must be an int in [0, 2^31), got {seed!r}")
+    if not dst:
+        return
+    _check_lists(fn, backend, dst=dst, src=src)
+    if not torch.compiler.is_compiling():
+        from ._validate import check_memory
+
+        check_memory(fn, [("dst", list(dst), True, True, True), ("src", list(src), False, True, True)], same=(0, 1))
+
+
 @torch.library.custom_op("fused_ops::cast_", mutates_args=("dst",))
 def cast_(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: Optional[int], backend: str) -> None:
     """``dst[i] = src[i]`` in ``dst``'s dtype (nearest even or stochastic rounding), one launch. ``seed=None``:
     stochastic rounding draws its key on the device (see ``_cast``)."""
-    _check_layout_op("fused_ops::cast_", pairs=(("dst", dst, "src", src),))
+    _check_cast_op(dst, src, seed, backend)
     _cast(dst, src, stochastic, seed, backend)
 
 
 @cast_.register_kernel("cuda")
 def _cast_cuda(dst, src, stochastic, seed, backend) -> None:
-    _check_layout_op("fused_ops::cast_", pairs=(("dst", dst, "src", src),))
-    _cast(dst, src, stochastic, seed, "reference" if backend == "reference" else "triton")
+    backend = "reference" if backend == "reference" else "triton"
+    _check_cast_op(dst, src, seed, backend)
+    _cast(dst, src, stochastic, seed, backend)
 
 
 @cast_.register_fake
@@ -364,6 +444,34 @@ def _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None
         reference.unscale_(grads, scale, found_inf, out)
 
 
+def _check_unscale_op(grads, inv_scale, inv_scale_value, found_inf, out, backend: str) -> None:
+    """``unscale_`` through the dispatcher, on both backends: ``out`` (when given) one per grad with its element
+    count; each list of one dtype and contiguous on one device (:func:`_check_lists`); ``inv_scale`` a 1-element
+    floating-point tensor there or ``inv_scale_value`` finite in float32; ``found_inf`` a 1-element floating-point
+    tensor there; nothing written (``out``, else ``grads``, and ``found_inf``) sharing memory with another argument
+    (``out[i]`` may be exactly ``grads[i]``)."""
+    fn = "fused_ops::unscale_"
+    _check_layout_op(fn, pairs=(("out", out, "grads", grads),) if out else (), inv_scale=inv_scale,
+                     found_inf=found_inf)  # fmt: skip
+    if inv_scale is None and not (math.isfinite(inv_scale_value) and abs(inv_scale_value) <= _FP32_MAX):
+        raise ValueError(f"{fn}: inv_scale must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {inv_scale_value}")
+    if not grads:
+        return
+    _check_lists(fn, backend, grads=grads, out=out)
+    _check_op_scalars(fn, grads[0].device, inv_scale=inv_scale, found_inf=found_inf)
+    if torch.compiler.is_compiling():
+        return
+    from ._validate import check_memory
+
+    scalars = [(name, [x], written, False, True) for name, x, written in
+               (("found_inf", found_inf, True), ("inv_scale", inv_scale, False)) if x is not None]  # fmt: skip
+    if out:
+        check_memory(fn, [("grads", list(grads), False, True, True), ("out", list(out), True, True, True), *scalars],
+                     same=(1, 0))  # fmt: skip
+    else:
+        check_memory(fn, [("grads", list(grads), True, True, True), *scalars])
+
+
 @torch.library.custom_op("fused_ops::unscale_", mutates_args=("grads", "found_inf", "out"))
 def unscale_(
     grads: list[Tensor],
@@ -374,16 +482,15 @@ def unscale_(
     backend: str,
 ) -> None:
     """``grads`` (or ``out``) ``= grads * inv_scale``; ``found_inf = 1`` on inf/nan; one launch, no sync."""
-    _check_layout_op("fused_ops::unscale_", pairs=(("out", out, "grads", grads),) if out else (), inv_scale=inv_scale,
-                     found_inf=found_inf)  # fmt: skip
+    _check_unscale_op(grads, inv_scale, inv_scale_value, found_inf, out, backend)
     _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
 
 
 @unscale_.register_kernel("cuda")
 def _unscale_cuda(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
-    _check_layout_op("fused_ops::unscale_", pairs=(("out", out, "grads", grads),) if out else (), inv_scale=inv_scale,
-                     found_inf=found_inf)  # fmt: skip
-    _unscale(grads, inv_scale, inv_scale_value, found_inf, out, "reference" if backend == "reference" else "triton")
+    backend = "reference" if backend == "reference" else "triton"
+    _check_unscale_op(grads, inv_scale, inv_scale_value, found_inf, out, backend)
+    _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
 
 
 @unscale_.register_fake
@@ -404,6 +511,14 @@ def unscale_eager(grads: list[Tensor], inv_scale: Optional[Tensor], inv_scale_va
     bump_versions([*(out or grads), *([found_inf] if found_inf is not None else [])])
 
 
+def _check_grad_norm_args(tensors, norm_type: float, backend: str) -> None:
+    """``grad_norm`` through the dispatcher, on both backends (the eager entry point's caller checked the same)."""
+    if not norm_type > 0:  # (p = 0 is no norm: torch's count of non-zeros; negative p and nan neither)
+        raise ValueError(f"fused_ops::grad_norm: norm_type must be inf or a number > 0, got {norm_type}")
+    if tensors:
+        _check_lists("fused_ops::grad_norm", backend, tensors=tensors)
+
+
 def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
     if backend == "triton":
         from .kernels.scale import norm_launch
@@ -415,12 +530,15 @@ def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
 @torch.library.custom_op("fused_ops::grad_norm", mutates_args=())
 def grad_norm(tensors: list[Tensor], norm_type: float, backend: str) -> Tensor:
     """The ``norm_type``-norm of all of ``tensors`` (one dtype and device) as a new 0-d float32 tensor."""
+    _check_grad_norm_args(tensors, norm_type, backend)
     return _grad_norm(tensors, norm_type, backend)
 
 
 @grad_norm.register_kernel("cuda")
 def _grad_norm_cuda(tensors, norm_type, backend) -> Tensor:
-    return _grad_norm(tensors, norm_type, "reference" if backend == "reference" else "triton")
+    backend = "reference" if backend == "reference" else "triton"
+    _check_grad_norm_args(tensors, norm_type, backend)
+    return _grad_norm(tensors, norm_type, backend)
 
 
 def grad_norm_eager(tensors: list[Tensor], norm_type: float, backend: str) -> Tensor:

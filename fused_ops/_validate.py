@@ -37,7 +37,6 @@ def has_memory(cls) -> bool:
     return issubclass(cls, Tensor) and getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH
 
 
-
 def first_without_storage(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor whose ``data_ptr()`` is not the address of its elements: a tensor subclass with a
     dispatch of its own (DTensor, wrapper subclasses, fake tensors) or a meta tensor; None when there is none.
@@ -52,6 +51,7 @@ def first_without_storage(tensors: Sequence[Tensor]) -> int | None:
 
 _data_ptr = Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
+_is_inference = Tensor.is_inference
 
 
 def _reach(x: Tensor) -> int:
@@ -79,6 +79,15 @@ def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = No
     """
     if torch.compiler.is_compiling():  # fake tensors have no addresses; the eager call checked the same layout
         return
+    if not torch.is_inference_mode_enabled():
+        for name, tensors, written, indexed, _ in groups:
+            if written and any(map(_is_inference, tensors)):
+                i = next(i for i, x in enumerate(tensors) if x.is_inference())
+                label = f"{name}[{i}]" if indexed else name
+                raise TypeError(
+                    f"{fn}: {label} is an inference tensor (made under torch.inference_mode()); it cannot "
+                    "be written outside inference mode: pass a normal tensor (e.g. its clone())"
+                )
     starts, sizes = [], []
     for _, tensors, _, _, contiguous in groups:  # (``map`` over the C methods: never traced, see above)
         starts.append(list(map(_data_ptr, tensors)))
@@ -109,7 +118,9 @@ def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = No
 
 
 def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
-    """The slow path of :func:`check_memory`: one sweep per device over the intervals sorted by start."""
+    """The slow path of :func:`check_memory`: one sweep per device over the intervals sorted by start, each compared
+    with every earlier interval it overlaps (a pair whose byte ranges overlap may still share no element: see
+    :func:`_interleaved`)."""
     entries = []
     for g, (_, tensors, written, _, _) in enumerate(groups):
         is_read_pair = same is not None and g == same[1]
@@ -118,26 +129,41 @@ def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
                 continue
             entries.append(((x.device.type, x.device.index or 0), a, a + n, written, g, i))
     entries.sort(key=lambda e: (e[0], e[1]))
-    device = None
+    active: list = []
     for e in entries:
-        if e[0] != device:
-            device, all_end, all_owner, w_end, w_owner = e[0], -1, None, -1, None
-        other = all_owner if e[3] and e[1] < all_end else w_owner if e[1] < w_end else None
-        if other is not None:
+        active = [o for o in active if o[0] == e[0] and o[2] > e[1]]
+        for other in active:
+            if not (e[3] or other[3]):
+                continue
+            if _interleaved(groups[e[4]][1][e[5]], groups[other[4]][1][other[5]]):
+                continue
             first, second = sorted((other, e), key=lambda x: (x[4], x[5]))
             raise ValueError(
                 f"{fn}: {_label(groups, first)} and {_label(groups, second)} share memory: a tensor that is written "
                 "may share no memory with another argument (except when it is exactly its own source, e.g. "
                 "dst[i] is src[i]); pass separate tensors or clone() one"
             )
-        if e[2] > all_end:
-            all_end, all_owner = e[2], e
-        if e[3] and e[2] > w_end:
-            w_end, w_owner = e[2], e
+        active.append(e)
+
+
+def _interleaved(x: Tensor, y: Tensor) -> bool:
+    """Whether ``x`` and ``y``, whose byte ranges overlap, share no element for a reason cheap to see: the same
+    element size and strides, every stride a multiple of the smallest one (``s`` bytes, over dims of more than one
+    element), and starts that differ by at least one element modulo ``s`` (``base[0::2]`` and ``base[1::2]``)."""
+    if x.element_size() != y.element_size() or x.stride() != y.stride() or x.dtype != y.dtype:
+        return False
+    size = x.element_size()
+    strides = [abs(s) * size for s, n in zip(x.stride(), x.shape) if n > 1]
+    strides += [abs(s) * size for s, n in zip(y.stride(), y.shape) if n > 1]
+    if not strides:
+        return False
+    step = min(strides)
+    if any(s % step for s in strides):
+        return False
+    r = (y.data_ptr() - x.data_ptr()) % step
+    return size <= r <= step - size
 
 
 def _label(groups, entry) -> str:
     name, _, _, indexed, _ = groups[entry[4]]
     return f"{name}[{entry[5]}]" if indexed else name
-
-

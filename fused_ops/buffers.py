@@ -353,12 +353,26 @@ class FlatBuffer:
                     raise ValueError(f"{fn}: tensors[{i}] must be contiguous (it is written in place)")
                 if x.device != self.device:
                     raise ValueError(f"{fn}: tensors[{i}] is on {x.device}, the buffer on {self.device}")
-        functional._check_memory(fn, [("tensors", tensors, True, True, True), ("view", self.views, False, True, True)],
+        views = self._read_views()
+        functional._check_memory(fn, [("tensors", tensors, True, True, True), ("view", views, False, True, True)],
                                  same=(0, 1))  # fmt: skip
         if {x.dtype for x in tensors} == {self.dtype}:
             _ops.unflatten_copy_eager(tensors, self.data, self.offsets, self._backend())
         else:
-            functional.cast_(tensors, self.views, backend=self.backend)
+            functional.cast_(tensors, views, backend=self.backend)
+
+    def _read_views(self) -> list[Tensor]:
+        """The segments of ``data`` as it is now, which :meth:`copy_to_` reads: ``views`` while they still lie there
+        (two address comparisons), else new views (``data`` was given other memory by ``set_()``)."""
+        views, data = self.views, self.data
+        size = data.element_size()
+        if not views or (
+            views[0].data_ptr() == data.data_ptr() + self.offsets[0] * size
+            and views[-1].data_ptr() == data.data_ptr() + self.offsets[-1] * size
+        ):
+            return views
+        layout = zip(self.offsets, self.numels, views, strict=True)
+        return [data.narrow(0, off, n).view(v.shape) for off, n, v in layout]
 
     def zero_(self) -> FlatBuffer:
         """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""

@@ -302,6 +302,9 @@ def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supp
     """The resolved backend for one group; ``auto`` falls back to plain torch for dtypes the kernels lack.
     ``named``: the (name, tensors) lists of the call, to name the first tensor of a dtype the kernels lack."""
     name = resolve_backend(backend, device)
+    if name == "triton" and device.type == "meta":  # (a meta tensor's null address, read by the launch)
+        raise TypeError(f"{fn}: backend='triton' cannot run on meta tensors (they have no memory); use "
+                        "backend='reference'")  # fmt: skip
     unsupported = sorted({str(d) for d in dtypes if d not in supported})
     if name == "triton" and unsupported:
         if check_backend(backend) == "triton":  # asked for by name (or by FUSED_OPS_BACKEND): no fallback

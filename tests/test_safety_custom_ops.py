@@ -185,3 +185,85 @@ def test_copy_ops_check_every_pair_before_writing(case, backend):
         call(a, backend)
     assert names in str(info.value), str(info.value)
     assert _snapshot(a) == before
+
+
+# -- the copy ops: a written tensor sharing memory with another argument; inputs one backend would refuse -----------
+def _shifted():
+    return dict(base=[torch.arange(5120.0)])
+
+
+OVERLAP_CASES = {
+    "cast_": lambda a, b: F.cast_([a["base"][0][1024:]], [a["base"][0][:4096]], False, None, b),
+    "unflatten_copy_": lambda a, b: F.unflatten_copy_([a["base"][0][1024:]], a["base"][0][:4096], [0], b),
+    "flatten_into_": lambda a, b: F.flatten_into_(a["base"][0][1024:], [a["base"][0][:4096]], [0], [4096], b),
+    "flatten_into_ overlapping segments": lambda a, b: F.flatten_into_(a["base"][0], [_f32(64), _f32(64)], [0, 32],
+                                                                       [64, 64], b),
+    "unscale_ out": lambda a, b: F.unscale_([a["base"][0][:4096]], None, 1.0, None, [a["base"][0][1024:]], b),
+    "unscale_ found_inf in grads": lambda a, b: F.unscale_([a["base"][0][:4096]], None, 1.0, a["base"][0][100:101],
+                                                           [], b),
+}  # fmt: skip
+
+
+@pytest.mark.safety
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+def test_copy_ops_refuse_shared_memory_before_writing(case, backend):
+    """Before, the Triton launch wrote a smeared copy (blocks read what earlier blocks had written) where the
+    reference raised torch's overlap error (or, for unscale_ with out, accepted)."""
+    a = _shifted()
+    before = _snapshot(a)
+    with pytest.raises(ValueError, match="share memory"):
+        OVERLAP_CASES[case](a, backend)
+    assert _snapshot(a) == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copy_ops_still_take_an_exact_alias(backend):
+    g = torch.full((100,), 4.0)
+    F.unscale_([g], None, 0.5, None, [g], backend)
+    F.cast_([g], [g], False, None, backend)
+    assert torch.equal(g, torch.full((100,), 2.0))
+
+
+x64 = torch.randn(64)
+# (the call, the exception, what the message names): refused alike on both backends, before anything is written
+DISAGREE_CASES = {
+    "cast_ strided src": (lambda b: F.cast_([torch.zeros(16)], [x64[::4]], False, None, b), ValueError, "src[0]"),
+    "cast_ int32 dst": (lambda b: F.cast_([torch.zeros(64, dtype=torch.int32)], [x64], False, None, b), TypeError,
+                        "dst[0]"),
+    "cast_ mixed dst": (lambda b: F.cast_([torch.zeros(4), torch.zeros(4).half()], [x64[:4], x64[4:8]], False, None,
+                                          b), ValueError, "dst[1]"),
+    "unscale_ int found_inf": (lambda b: F.unscale_([x64.clone()], None, 0.5, torch.zeros(1, dtype=torch.int32), [],
+                                                    b), ValueError, "found_inf"),
+    "unscale_ int inv_scale": (lambda b: F.unscale_([x64.clone()], torch.tensor([2]), 0.0, None, [], b), ValueError,
+                               "inv_scale"),
+    "unscale_ inv_scale over fp32": (lambda b: F.unscale_([x64.clone()], None, 1e39, None, [], b), ValueError,
+                                     "inv_scale"),
+    "unscale_ strided grads": (lambda b: F.unscale_([x64.clone()[::2]], None, 0.5, None, [], b), ValueError,
+                               "grads[0]"),
+    "flatten_into_ other dtype": (lambda b: F.flatten_into_(torch.zeros(64, dtype=torch.bfloat16), [x64], [0], [64],
+                                                            b), ValueError, "tensors[0]"),
+    "flatten_into_ strided flat": (lambda b: F.flatten_into_(torch.zeros(128)[::2], [x64], [0], [64], b), ValueError,
+                                   "flat"),
+    "grad_norm p=-1": (lambda b: F.grad_norm([x64], -1.0, b), ValueError, "norm_type"),
+    "grad_norm p=0": (lambda b: F.grad_norm([x64], 0.0, b), ValueError, "norm_type"),
+    "grad_norm p=nan": (lambda b: F.grad_norm([x64], float("nan"), b), ValueError, "norm_type"),
+    "grad_norm mixed": (lambda b: F.grad_norm([x64, x64.half()], 2.0, b), ValueError, "tensors[1]"),
+    "flatten align=0": (lambda b: F.flatten([x64], 0, b), ValueError, "align"),
+    "flatten align=-64": (lambda b: F.flatten([torch.zeros(64), torch.arange(100.0)], -64, b), ValueError, "align"),
+    "flatten []": (lambda b: F.flatten([], 8, b), ValueError, "tensors"),
+}  # fmt: skip
+
+
+@pytest.mark.safety
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(DISAGREE_CASES))
+def test_copy_ops_refuse_alike_on_both_backends(case, backend):
+    """Before, the reference backend accepted these (grad_norm with p=0 returned 1.0; flatten with align=-64
+    truncated a tensor) or raised ZeroDivisionError/IndexError, where the Triton launch refused them."""
+    call, exc, names = DISAGREE_CASES[case]
+    before = x64.clone()
+    with pytest.raises(exc) as info:
+        call(backend)
+    assert names in str(info.value), str(info.value)
+    assert torch.equal(x64, before)
