@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
+from ._layout import _bucket_freed, _slot_moved
+from ._reduce import _moved_message
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
     t.__name__: t for t in (ValueError, TypeError, RuntimeError, KeyError, IndexError, NotImplementedError)
@@ -196,6 +198,13 @@ def _by_rank(values: list[str]) -> str:
     return " but ".join(parts) if len(parts) <= 2 else "; ".join(parts)
 
 
+_OUT_OF_STEP = (
+    "ZeroAdamW.step: the ranks ran different numbers of synced backward passes since the last step (a rank began "
+    "another one while another rank stepped): every rank must make the same backward, no_sync and step calls. The "
+    "grads of these passes are not all reduced and no step was taken: call zero_grad() on every rank"
+)
+
+
 class _AgreementMixin:
     """The ranks' agreement: on the constructor's arguments, on each step's values and on checkpoints."""
 
@@ -253,6 +262,10 @@ class _AgreementMixin:
                 )
             raise TypeError(f"got an unexpected keyword argument {key!r}{hint}")
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            # GradScaler set them and deletes them only after a step that returns: removed here, so that once the
+            # user drops GradScaler, plain steps work again.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
             raise RuntimeError(
                 "ZeroAdamW does not work with torch.amp.GradScaler (its overflow check reads the full local "
                 "grads of one rank, which ZeRO does not keep): call optimizer.step(loss_scale=scale) and update "
@@ -326,6 +339,56 @@ class _AgreementMixin:
             values.append(_NONE)
         return _StepInputs(lrs, floats, max_grad_norm, scale, scaler_found_inf, values, tensors)
 
+    def _check_layout(self) -> bool:
+        """The param groups still hold exactly the params laid out at construction, and every param is still its
+        view of its bucket (address, dtype, shape, strides, device; the bucket's storage alive): checked at every
+        step, attribute reads only. Raises the first problem (RuntimeError). Returns whether this rank holds grads
+        its stage-2 shards lack (``p.grad`` set after the last synced backward reduced its bucket: by hand, under
+        no_sync, for a param unfrozen after construction, or after zero_grad)."""
+        groups = self.param_groups
+        if len(groups) != len(self._group_params):
+            raise RuntimeError(
+                f"param_groups has {len(groups)} groups but ZeroAdamW was built with {len(self._group_params)}: its "
+                "flat layout is fixed at construction, so groups cannot be added to or removed from param_groups "
+                "(build a new ZeroAdamW instead)"
+            )
+        for gi, (g, laid_out) in enumerate(zip(groups, self._group_params, strict=True)):
+            params = g.get("params") if isinstance(g, dict) else None
+            if not isinstance(params, (list, tuple)) or len(params) != len(laid_out):
+                n = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+                raise RuntimeError(
+                    f"param group {gi} has {n} params but ZeroAdamW laid out {len(laid_out)}: params cannot be "
+                    "added to or removed from a group after construction (build a new ZeroAdamW instead)"
+                )
+            for j, (p, q) in enumerate(zip(params, laid_out, strict=True)):
+                if p is not q:
+                    raise RuntimeError(
+                        f"param {j} of param group {gi} is not the tensor ZeroAdamW was built with: params cannot "
+                        "be replaced in param_groups after construction (build a new ZeroAdamW instead)"
+                    )
+        unreduced = self._unsynced_grads or self._zeroed
+        stage2 = self.stage == 2 and self._rounds_since_step > 0
+        for b in self._buckets:
+            if _bucket_freed(b):
+                raise RuntimeError(
+                    f"the storage of ZeroAdamW's flat buffer holding params {[s.index for s in b.slots]} was freed "
+                    "or resized (e.g. by untyped_storage().resize_() on one of them): ZeroAdamW owns the params' "
+                    "storage; build ZeroAdamW after the model has its final device and dtype"
+                )
+            for s in b.slots:
+                why = _slot_moved(s, b)
+                if why is not None:
+                    raise RuntimeError(_moved_message(f"param {s.index} (shape {tuple(s.shape)})", why))
+                if stage2 and s.param.grad is not None:
+                    unreduced = True
+        return unreduced and stage2
+
+    def _agreement_size(self) -> int:
+        """Elements of the step's all-reduce (and of the one opening a second synced pass): the sum of squares, the
+        error count, three counts of ranks (beginning a pass, zero_grad after backward, grads not reduced) and the
+        bits of the compared values; fixed at construction (the group count is checked before it is used)."""
+        return 5 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
+
     def _step_value_names(self) -> list[str]:
         names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
         return names + ["max_grad_norm", "loss_scale", "loss_scale"]
@@ -340,12 +403,17 @@ class _AgreementMixin:
             return "None"
         return repr(value)
 
-    def _agree_on_step(self, sumsq: Tensor, inputs: _StepInputs | None, error: Exception | None) -> Tensor:
+    def _agree_on_step(
+        self, sumsq: Tensor, inputs: _StepInputs | None, error: Exception | None, zeroed: bool, unreduced: bool
+    ) -> tuple[Tensor, bool]:
         """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
-        host, or in a tensor value checked on the device), and the bits of every compared value (``_bit_pieces``).
-        Raises on every rank alike (they all read the same sums) if a rank had a problem or the values differ;
-        returns the global sum of squares (a 0-d float64 device tensor)."""
-        n_values = len(_GROUP_VALUES) * len(self.param_groups) + 3
+        host, or in a tensor value checked on the device), the facts that decide the collectives still to come
+        (ranks beginning another synced pass instead of stepping, ranks that called zero_grad after backward,
+        ranks holding grads not reduced yet), and the bits of every compared value (``_bit_pieces``). Its size is
+        fixed at construction. Raises on every rank alike (they all read the same sums) if a rank had a problem,
+        the ranks are out of step, or the values differ; returns the global sum of squares (a 0-d float64 device
+        tensor) and whether every rank reduces its unreduced grads now (``_reduce_all(late=True)``)."""
+        n_values = len(_GROUP_VALUES) * len(self._group_params) + 3
         tensors = inputs.tensors if error is None and inputs is not None else []
         host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
         # Where the tensor values go, and which must be > 0 (a loss scale) rather than >= 0 (an lr): one copy.
@@ -358,15 +426,26 @@ class _AgreementMixin:
             values = values.index_copy(0, where.long(), given)
             ok = torch.isfinite(given) & ((given > 0) | ((given == 0) & (positive == 0)))
             flag = flag + (~ok).sum(dtype=torch.float64)
-        vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, _bit_pieces(values, self._shifts)])
+        facts = torch.tensor([0.0, float(zeroed), float(unreduced)], dtype=torch.float64, device=self._device)
+        vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read
+        n_passes, n_zeroed, n_unreduced = (int(v) for v in sums[1:4])
+        if n_passes:  # paired with another rank's pass: match its reduce-scatters, then raise (as that rank will)
+            self._match_other_ranks_round()
+            raise RuntimeError(_OUT_OF_STEP)
         if sums[0] > 0:
             self._raise_step_error(inputs, error)
-        differ = _differing(sums[1:], self.world_size)
+        if 0 < n_zeroed < self.world_size:
+            raise RuntimeError(
+                f"ZeroAdamW.step: zero_grad() was called between backward and step on {n_zeroed} of "
+                f"{self.world_size} ranks: the ranks' reduced grads no longer belong to one step; every rank must "
+                "make the same zero_grad, backward and no_sync calls (the step changed nothing on any rank)"
+            )
+        differ = _differing(sums[4:], self.world_size)
         if differ:
             self._raise_step_values_differ(inputs, differ)
-        return vec[0]
+        return vec[0], n_unreduced > 0 or n_zeroed == self.world_size
 
     def _raise_step_error(self, inputs: _StepInputs | None, error: Exception | None) -> None:
         """Some rank had a problem: every rank gets every rank's description (the error path's own collective,

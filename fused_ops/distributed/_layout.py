@@ -83,6 +83,8 @@ class _Slot:
     offset: int  # in the bucket
     numel: int
     ptr: int = 0  # the param's address: a view of the bucket (a param whose .data was replaced is refused)
+    shape: torch.Size = torch.Size()  # the param's shape and strides as laid out (a re-pointed param is refused)
+    stride: tuple[int, ...] = ()
 
 
 @dataclass
@@ -121,6 +123,32 @@ class _Bucket:
     grad_valid: bool = False
     inflight: int = 0
     staging_views: dict = field(default_factory=dict)  # staging buffer index -> (gap views, per-slot views)
+    flat_ptr: int = 0  # param_flat's address and its storage's size in bytes (a freed storage is refused)
+    flat_nbytes: int = 0
+
+
+def _slot_moved(s: _Slot, b: _Bucket) -> str | None:
+    """What makes param ``s.param`` no longer its view of bucket ``b`` (None when it still is): its address,
+    dtype, shape, strides or device (attribute reads only: no device sync). The bucket's own storage is checked
+    by ``_bucket_freed``."""
+    p = s.param
+    if p.data_ptr() != s.ptr:
+        return "its address changed"
+    if p.dtype != b.dtype:
+        return f"it is {p.dtype}, its bucket {b.dtype}"
+    if p.shape != s.shape:
+        return f"its shape is {tuple(p.shape)}, laid out as {tuple(s.shape)}"
+    if p.stride() != s.stride:
+        return f"its strides are {p.stride()}, laid out as {s.stride} (e.g. a transposed view of its memory)"
+    if p.device != b.param_flat.device:
+        return f"it is on {p.device}"
+    return None
+
+
+def _bucket_freed(b: _Bucket) -> bool:
+    """The bucket's flat storage was freed, resized or replaced (e.g. ``p.untyped_storage().resize_(0)``)."""
+    flat = b.param_flat
+    return flat.data_ptr() != b.flat_ptr or flat.untyped_storage().nbytes() != b.flat_nbytes
 
 
 class _StagingPool:
@@ -159,7 +187,7 @@ class _LayoutMixin:
                 with torch.no_grad():
                     view.copy_(p.detach().reshape(-1))
                 p.data = view.view(p.shape)  # the model's param now lives in the bucket
-                slots.append(_Slot(index, p, offset, numel, p.data_ptr()))
+                slots.append(_Slot(index, p, offset, numel, p.data_ptr(), p.shape, p.stride()))
                 self._bucket_of[index] = bi
                 if offset > end:
                     gaps.append((end, offset))
@@ -186,6 +214,7 @@ class _LayoutMixin:
                 exp_avg_scale=torch.zeros(shard // QUANT_BLOCK, dtype=torch.float32, device=dev) if int8 else None,
                 exp_avg_sq_scale=torch.zeros(shard // QUANT_BLOCK, dtype=torch.float32, device=dev) if int8 else None,
             )  # fmt: skip
+            b.flat_ptr, b.flat_nbytes = flat.data_ptr(), flat.untyped_storage().nbytes()
             self._buckets.append(b)
             lo_s, hi_s = rank * shard, (rank + 1) * shard
             for s in slots:

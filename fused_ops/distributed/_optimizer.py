@@ -106,12 +106,15 @@ class ZeroAdamW(
     on one rank) and ``dcp_state_dict()`` (DTensors for ``torch.distributed.checkpoint``, resharded by DCP on
     load), each loaded with any world size by ``load_state_dict`` / ``load_dcp_state_dict``. Low-bit moments:
     ``state_dict()`` and ``dcp_state_dict()`` hold them as kept (bf16 tensors; 8-bit: uint8 codes under
-    ``exp_avg``/``exp_avg_sq`` and fp32 block scales under ``exp_avg_scale``/``exp_avg_sq_scale``, FusedAdamW's
-    keys; in DCP the scales are 1-D DTensors of ceil(numel/256) blocks, ``Shard(0)``), ``consolidated_state_dict()``
-    gives fp32 moments (dequantised: torch.optim.AdamW and FusedAdamW load it). Loading copies codes whose blocks
-    line up (always, between int8 ZeroAdamWs and from FusedAdamW's int8 state dict), quantises fp32/bf16 moments
-    into an int8 ZeroAdamW and dequantises codes into an fp32/bf16 one. A DCP checkpoint of 8-bit moments loads
-    into an int8 ZeroAdamW (any world size); change state_dtype through ``consolidated_state_dict``.
+    ``exp_avg_codes``/``exp_avg_sq_codes`` (never ``exp_avg``: a loader expecting fp32 moments refuses them; codes
+    under ``exp_avg``, the old form, still load) and fp32 block scales under ``exp_avg_scale``/``exp_avg_sq_scale``,
+    FusedAdamW's keys; in DCP the scales are 1-D DTensors of ceil(numel/256) blocks, ``Shard(0)``),
+    ``consolidated_state_dict()`` gives fp32 moments (dequantised: torch.optim.AdamW and FusedAdamW load it).
+    Loading copies codes whose blocks line up (always, between int8 ZeroAdamWs and from FusedAdamW's int8 state
+    dict), quantises fp32/bf16 moments into an int8 ZeroAdamW and dequantises codes into an fp32/bf16 one. A DCP
+    checkpoint of 8-bit moments loads into an int8 ZeroAdamW (any world size); DCP refuses it into an fp32/bf16
+    one, and fp32 moments into an int8 one (a missing key): change state_dtype through
+    ``consolidated_state_dict``.
     """
 
     _step_supports_amp_scaling = True  # so that GradScaler always calls step(), where it is refused clearly
@@ -192,6 +195,8 @@ class ZeroAdamW(
             super().__init__(params, defaults)
             self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
             self._group_of: list[int] = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            # The groups as laid out: step() checks that param_groups still holds exactly these params.
+            self._group_params: list[tuple[Tensor, ...]] = [tuple(g["params"]) for g in self.param_groups]
             bad_params = self._local_param_error()
             if bad_params is not None:
                 raise ValueError(f"bad params: {bad_params}")
@@ -231,10 +236,14 @@ class ZeroAdamW(
         self._grad_errors: dict[int, tuple[str, str]] = {}  # param index -> (type, message), raised by step()
         self._round_open = False
         self._next_bucket = 0
-        self._rounds_since_step = 0
+        self._rounds_since_step = 0  # synced backward passes since the last step (zero_grad keeps the count)
         self._unsynced_grads = False
+        self._zeroed = False  # zero_grad() was called after the last synced backward pass (stage 2)
+        self._round_header: tuple | None = None  # (vector, work) of the all-reduce opening a second synced pass
+        self._round_mismatch = False  # a rank stepped while this one began another synced pass
         self._inflight: deque = deque()
         self._hook_handles: list[Any] = []
+        self._unhooked = [s for b in self._buckets for s in b.slots]  # stage 2: params without a grad hook yet
         if stage == 2:
             self._register_hooks()
 
@@ -253,6 +262,15 @@ class ZeroAdamW(
         devices = {p.device for p in self._params}
         if len(devices) > 1:
             return f"all params must be on one device, got {sorted(str(d) for d in devices)}"
+        first: dict[int, int] = {}
+        for i, p in enumerate(self._params):
+            j = first.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(
+                    f"param {i} (group {self._group_of[i]}, shape {tuple(p.shape)}) is the same tensor as param {j} "
+                    f"(group {self._group_of[j]}): each param may be given once (a ZeRO bucket holds each param's "
+                    "elements once, and one tensor cannot be a view of two places)"
+                )
         for i, p in enumerate(self._params):
             if p.dtype not in _SUPPORTED_DTYPES:
                 return f"param {i} (shape {tuple(p.shape)}) is {p.dtype}; supported: fp32, bf16, fp16"

@@ -8,38 +8,56 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._comm import _reduce_scatter
-from ._layout import _Bucket, _Slot
+from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
 
 # The grad hook each param carries (at most one ZeroAdamW drives a param: the newest one built over it).
 _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _moved_message(where: str, why: str) -> str:
+    return (
+        f"{where} is no longer a view of ZeroAdamW's flat buffer ({why}: its .data was replaced or re-pointed, "
+        "its storage resized, or the model was moved or cast after the optimizer was built), so its updates would "
+        "not reach it: build ZeroAdamW after the model has its final device and dtype, and leave the params' "
+        "storage to it"
+    )
 
 
 class _ReduceMixin:
     """Reduce-scatters the grads into this rank's grad shards (see the module docstring)."""
 
     def _register_hooks(self) -> None:
+        """A grad hook on each param that requires grad and has none yet (run at construction and after each step:
+        a param frozen at construction and unfrozen later gets its hook then; a grad that arrives after its bucket
+        was reduced is reduced by step(), see ``_layout_problem``)."""
+        if not self._unhooked:
+            return
         ref = weakref.ref(self)
-        for b in self._buckets:
-            for s in b.slots:
-                if not s.param.requires_grad:
-                    continue
+        waiting = []
+        for s in self._unhooked:
+            b = self._buckets[self._bucket_of[s.index]]
+            if not s.param.requires_grad:
+                waiting.append(s)
+                continue
 
-                def hook(_p: Tensor, index: int = s.index) -> None:
-                    opt = ref()
-                    if opt is not None:
-                        opt._on_grad_ready(index)
+            def hook(_p: Tensor, index: int = s.index) -> None:
+                opt = ref()
+                if opt is not None:
+                    opt._on_grad_ready(index)
 
-                old = _HOOKS.pop(s.param, None)
-                if old is not None:  # an earlier ZeroAdamW over this param must not launch collectives any more
-                    old.remove()
-                handle = s.param.register_post_accumulate_grad_hook(hook)
-                _HOOKS[s.param] = handle
-                self._hook_handles.append(handle)
-                b.n_hooked += 1
+            old = _HOOKS.pop(s.param, None)
+            if old is not None:  # an earlier ZeroAdamW over this param must not launch collectives any more
+                old.remove()
+            handle = s.param.register_post_accumulate_grad_hook(hook)
+            _HOOKS[s.param] = handle
+            self._hook_handles.append(handle)
+            b.n_hooked += 1
+        self._unhooked = waiting
 
     # -- gradient reduction ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -70,8 +88,12 @@ class _ReduceMixin:
             self._unsynced_grads = True
             return
         if not self._round_open:
+            if self._rounds_since_step > 0 and not self._open_another_round():
+                self._unsynced_grads = True  # ranks out of step: no collective until step() raises on every rank
+                return
             self._round_open = True
             self._unsynced_grads = False
+            self._zeroed = False  # the shards start again from this pass's grads (zero_grad left them invalid)
             self._next_bucket = 0
             torch.autograd.Variable._execution_engine.queue_callback(self._end_round)
         self._buckets[self._bucket_of[index]].ready.add(index)
@@ -82,6 +104,38 @@ class _ReduceMixin:
                     break
                 self._launch(b)
                 self._next_bucket += 1
+
+    def _open_another_round(self) -> bool:
+        """A synced backward pass after another one since the last step: the ranks must all be beginning one (a rank
+        that steps instead would pair its step's all-reduce with this pass's reduce-scatters). Its first collective
+        is an all-reduce of the size of step()'s agreement, marked as a pass: a rank in step() pairs with it, sees
+        the mark and raises (after matching this pass's reduce-scatters); this rank reads the outcome when the next
+        pass begins or in step(), and raises there. Returns False when the ranks are known to be out of step."""
+        if self._round_mismatch or not self._round_header_ok():
+            return False
+        vec = torch.zeros(self._agreement_size(), dtype=torch.float64, device=self._device)
+        vec[2] = 1.0  # the number of ranks beginning a pass (step() sends 0 here)
+        work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+        self._round_header = (vec, work)
+        return True
+
+    def _round_header_ok(self) -> bool:
+        """Whether every rank began the last pass this rank announced (waits for that all-reduce: a host read)."""
+        if self._round_header is not None:
+            vec, work = self._round_header
+            self._round_header = None
+            work.wait()
+            if int(vec[2].item()) != self.world_size:
+                self._round_mismatch = True
+        return not self._round_mismatch
+
+    def _match_other_ranks_round(self) -> None:
+        """Another rank began a synced pass while this one stepped: run that pass's reduce-scatters (zeros, thrown
+        away) so that both ranks leave the same collectives behind, before every rank raises."""
+        for b in self._buckets:
+            flat = torch.zeros(b.numel, dtype=self._reduce_dtype(b), device=self._device)
+            out = torch.empty(b.shard_numel, dtype=flat.dtype, device=self._device)
+            _reduce_scatter(out, flat, self.process_group, async_op=False)
 
     def _end_round(self) -> None:
         """End of a backward pass: reduce every bucket not reduced yet (zeros for params without grads)."""
@@ -94,23 +148,22 @@ class _ReduceMixin:
         self._rounds_since_step += 1
 
     def _grad_error(self, s: _Slot, view: Tensor) -> tuple[str, str]:
-        p, g = s.param, s.param.grad
+        g = s.param.grad
         where = f"param {s.index} (shape {tuple(view.shape)})"
-        if p.data_ptr() != s.ptr or p.dtype != self._buckets[self._bucket_of[s.index]].dtype or p.shape != view.shape:
-            return "RuntimeError", (
-                f"{where} is no longer a view of ZeroAdamW's flat buffer (its .data was replaced, or the model was "
-                "moved or cast after the optimizer was built), so its updates would not reach it: build ZeroAdamW "
-                "after the model has its final device and dtype"
-            )
+        b = self._buckets[self._bucket_of[s.index]]
+        moved = "its bucket's storage was freed or resized" if _bucket_freed(b) else _slot_moved(s, b)
+        if moved is not None:
+            return "RuntimeError", _moved_message(where, moved)
         if g.is_sparse:
             return "RuntimeError", f"ZeroAdamW does not support sparse gradients; the grad of {where} is sparse"
         if not g.is_floating_point():
             return "RuntimeError", f"the grad of {where} is {g.dtype}"
         return "RuntimeError", f"the grad of {where} has shape {tuple(g.shape)}"
 
-    def _launch(self, b: _Bucket, free_grads: bool = True) -> None:
+    def _launch(self, b: _Bucket, free_grads: bool = True, zeros: bool = False) -> None:
         """Copy the bucket's grads into a staging buffer and start its reduce-scatter (stage 2 frees the grads
-        unless ``free_grads`` is False: step() frees them once it has succeeded)."""
+        unless ``free_grads`` is False: step() frees them once it has succeeded; ``zeros``: send zeros, for a rank
+        whose grads were reduced already)."""
         b.ready.clear()
         key = (self._reduce_dtype(b), self._device)
         pool = self._pools[key]
@@ -126,13 +179,13 @@ class _ReduceMixin:
             )
         dst, src, zero, bad = [], [], list(views[0]), False
         for s, view in zip(b.slots, views[1], strict=True):
+            if zeros:
+                zero.append(view)
+                continue
             p = s.param
             g = p.grad
-            if (
-                p.data_ptr() != s.ptr
-                or p.dtype != b.dtype
-                or p.shape != view.shape
-                or (g is not None and (g.shape != view.shape or g.is_sparse or not g.is_floating_point()))
+            if _slot_moved(s, b) is not None or (
+                g is not None and (g.shape != view.shape or g.is_sparse or not g.is_floating_point())
             ):
                 # Never raised here (only this rank would, mid-sequence of collectives): reduced as zeros, and
                 # step() raises the error on every rank.
@@ -148,7 +201,7 @@ class _ReduceMixin:
             torch._foreach_copy_(dst, src)
         if zero:
             torch._foreach_zero_(zero)
-        if self.stage == 2 and free_grads:
+        if self.stage == 2 and free_grads and not zeros:
             for s in b.slots:
                 if not bad or s.index not in self._grad_errors:
                     s.param.grad = None
@@ -180,33 +233,38 @@ class _ReduceMixin:
         while self._inflight:
             self._finish_oldest()
 
-    def _reduce_all(self) -> tuple | None:
+    def _reduce_all(self, late: bool = False, undo: tuple | None = None) -> tuple | None:
         """Make every bucket's grad shard final for this step.
+
+        Before the step's agreement (``late`` False): stage 1, and stage 2 without a synced backward since the
+        last step, reduce what ``p.grad`` holds now (the same collectives, in number and size, as the synced pass
+        another rank may have run instead). After it (``late``, agreed by every rank): stage 2 reduces the grads
+        that came after their bucket's reduce-scatter (set by hand, accumulated under no_sync after the last
+        synced pass, or of a param unfrozen after construction), or all of p.grad after zero_grad(); a rank that
+        reduced before the agreement sends zeros.
 
         Returns what a failed step puts back (see ``_undo_reduce``), None when there is nothing to put back: stage
         1 recomputes its shards from ``p.grad`` at every step, and in stage 2 after a synced backward they are
         final already.
         """
         self._drain()
-        undo = None
-        if self.stage == 1 or self._rounds_since_step == 0 or self._unsynced_grads:
-            # Stage 1, or stage 2 without a synced backward since the last step (grads set by hand, or
-            # accumulated under no_sync after the last synced backward): reduce what p.grad holds now. Stage 1's
-            # p.grad holds the whole accumulation, so its shards are replaced, not added to.
-            if self.stage == 1:
+        reduce = late or self.stage == 1 or self._rounds_since_step == 0
+        if self.stage == 2 and undo is None and (reduce or not all(b.grad_valid for b in self._buckets)):
+            # Into new shards, and p.grad is kept until the step succeeds: a failed step puts the old shards back
+            # and leaves p.grad as it was, so that nothing is reduced twice.
+            undo = ([(b, b.grad, b.grad_valid) for b in self._buckets], dict(self._grad_errors))
+            for b in self._buckets:
+                b.grad = b.grad.clone() if b.grad_valid else torch.empty_like(b.grad)
+            self._adam_view_cache.clear()
+        if reduce:
+            if self.stage == 1:  # p.grad holds the whole accumulation: the shards are replaced, not added to
                 self._grad_errors.clear()
                 for b in self._buckets:
                     b.grad_valid = False
-            else:
-                # Into new shards, and p.grad is kept until the step succeeds: a failed step puts the old shards
-                # back and leaves p.grad as it was, so that nothing is reduced twice.
-                undo = ([(b, b.grad, b.grad_valid) for b in self._buckets], dict(self._grad_errors))
-                for b in self._buckets:
-                    b.grad = b.grad.clone() if b.grad_valid else torch.empty_like(b.grad)
-                self._adam_view_cache.clear()
+            zeros = late and self._rounds_since_step == 0
             with torch.no_grad():
                 for b in self._buckets:
-                    self._launch(b, free_grads=False)
+                    self._launch(b, free_grads=False, zeros=zeros)
             self._drain()
         for b in self._buckets:
             if not b.grad_valid:
@@ -226,6 +284,7 @@ class _ReduceMixin:
     def _commit_reduce(self, undo: tuple | None) -> None:
         self._rounds_since_step = 0
         self._unsynced_grads = False
+        self._zeroed = False
         if undo is not None:  # stage 2 reduced p.grad in step(): free it now, as backward would have
             for p in self._params:
                 p.grad = None
@@ -241,6 +300,9 @@ class _ReduceMixin:
                     p.grad.detach_().zero_()
         for b in self._buckets:
             b.grad_valid = False
-        self._rounds_since_step = 0
+        # The count of synced passes is kept (a zero_grad on one rank only must not change how many collectives
+        # it runs): step() reduces p.grad after its agreement when every rank called zero_grad after backward.
+        if self._rounds_since_step > 0:
+            self._zeroed = True
         self._unsynced_grads = False
         self._grad_errors.clear()

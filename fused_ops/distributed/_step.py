@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _cpu_lowbit, functional
 from .._backend import resolve_backend
 from .._ref_lowbit import QUANT_BLOCK, n_scales
-from ._agree import _ERROR_TYPES, _StepInputs
+from ._agree import _ERROR_TYPES, _OUT_OF_STEP, _StepInputs
 from ._comm import _all_gather, _sum_of_squares
 from ._layout import _Segment
 
@@ -56,7 +56,9 @@ class _StepMixin:
                 loss = closure()
         error: Exception | None = None
         inputs: _StepInputs | None = None
+        unreduced = False
         try:
+            unreduced = self._check_layout()
             inputs = self._step_inputs(loss_scale, unexpected)
         except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
             error = e
@@ -64,13 +66,20 @@ class _StepMixin:
             if error is not None:
                 raise error
             return loss
+        if not self._round_header_ok():  # the ranks paired this rank's last pass with a step: they raise too
+            self._round_mismatch = False
+            raise RuntimeError(_OUT_OF_STEP)
+        zeroed = self.stage == 2 and self._rounds_since_step > 0 and self._zeroed
         undo = self._reduce_all()
-        if error is None and self._grad_errors:
-            index = min(self._grad_errors)
-            kind, msg = self._grad_errors[index]
-            error = _ERROR_TYPES[kind](msg)
         try:
-            sumsq = self._agree_on_step(_sum_of_squares([b.grad for b in self._buckets]), inputs, error)
+            sumsq, late = self._agree_on_step(
+                _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), zeroed, unreduced
+            )
+            if late:  # agreed: every rank reduces the grads its shards lack, then agrees again (on grad errors)
+                undo = self._reduce_all(late=True, undo=undo)
+                sumsq, _ = self._agree_on_step(
+                    _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), False, False
+                )
         except BaseException:
             self._undo_reduce(undo)
             raise
@@ -125,7 +134,16 @@ class _StepMixin:
         for w in works:
             if w is not None:
                 w.wait()
+        if self.stage == 2:
+            self._register_hooks()  # params unfrozen since construction
         return loss
+
+    def _first_error(self, error: Exception | None) -> Exception | None:
+        """This rank's error for the agreement: the step's own, else the first grad problem the reduction found."""
+        if error is None and self._grad_errors:
+            kind, msg = self._grad_errors[min(self._grad_errors)]
+            error = _ERROR_TYPES[kind](msg)
+        return error
 
     def _adam_views(self, key: tuple, segs: list[_Segment]) -> tuple[list[Tensor], ...]:
         """Per-segment views of the shards (cached: same addresses every step, so the kernel's table is too).

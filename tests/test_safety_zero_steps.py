@@ -1,0 +1,250 @@
+"""Safety tier for ZeroAdamW, part 2: what changes between construction and step on some or all ranks.
+
+Params re-pointed, resized, cast or transposed after backward (checked at every step against their bucket, on both
+backends); param_groups edited after construction; rank-local zero_grad / backward / param-group differences that
+would change the number of collectives; a refused GradScaler; duplicate params; params unfrozen after
+construction. Each raises the same clear error on every rank with nothing changed (or, for unfreezing, works).
+One spawn of 2 gloo ranks runs every case (tests/test_safety_zero.py's records and assertions).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from fused_ops.distributed import ZeroAdamW
+from tests.test_distributed import LR, TINY_BUCKET_MB, Net, flat_params, local_loss, spawn
+from tests.test_safety_zero import (
+    PG_TIMEOUT_S,
+    assert_case,
+    attempt,
+    check,
+    recovers,
+    same_on_all_ranks,
+    trained,
+    zero_objects,
+)
+
+pytestmark = [pytest.mark.safety, pytest.mark.distributed]
+
+SPAWN_DEADLINE_S = 200
+
+
+def shards_only(opt: ZeroAdamW) -> tuple:
+    """What a step may change, without the flat params (whose storage a case frees)."""
+    shards = [{"master": b.master, "exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq, "grad": b.grad}
+              for b in opt._buckets]  # fmt: skip
+    return (shards, opt._steps, opt.last_grad_norm)
+
+
+def case_moved_after_backward(rank: int, world: int) -> list[dict]:
+    """After backward (stage 2: grads already reduced), on one rank: a param's storage freed (a SIGSEGV in the Triton
+    kernel before), its .data cloned, the model cast to bf16, or a param re-pointed at a transposed view of its own
+    memory (same address and shape); and the transposed view on every rank (wrong elements updated before). step()
+    raises the same RuntimeError on every rank, naming the param, with nothing changed."""
+    bad = world - 1
+    out = []
+    for backend in ("reference", "triton"):
+        model, opt = trained(2, rank, world, backend=backend)
+        nbytes = model.l1.bias.untyped_storage().nbytes()
+        if rank == bad:
+            model.l1.bias.untyped_storage().resize_(0)
+        out.append(attempt(f"{backend}: storage resized to 0 on one rank", opt.step, shards_only(opt),
+                           "RuntimeError", r"storage", r"freed", rf"rank {bad}\b"))  # fmt: skip
+        if rank == bad:
+            model.l1.bias.untyped_storage().resize_(nbytes)
+    edits: list[tuple[str, Callable[[Net], None], bool, str]] = [
+        (".data cloned on one rank", lambda m: setattr(m.l1.bias, "data", m.l1.bias.data.clone()), True, r"param 1\b"),
+        ("model cast to bf16 on one rank", lambda m: m.to(torch.bfloat16), True, r"param \d"),
+        ("transposed view on one rank", lambda m: setattr(m.l1.weight, "data", m.l1.weight.data.as_strided(
+            m.l1.weight.shape, (1, m.l1.weight.shape[0]))), True, r"param 0\b.*strides"),
+        ("transposed view on every rank", lambda m: setattr(m.l1.weight, "data", m.l1.weight.data.as_strided(
+            m.l1.weight.shape, (1, m.l1.weight.shape[0]))), False, r"param 0\b.*strides"),
+    ]  # fmt: skip
+    for backend in ("reference", "triton"):
+        for label, edit, one_rank, pattern in edits:
+            if backend == "triton" and label != "transposed view on one rank":
+                continue
+            model, opt = trained(2, rank, world, backend=backend)
+            objs = zero_objects(opt)
+            if rank == bad or not one_rank:
+                edit(model)
+            who = rf"rank {bad}\b" if one_rank else r"rank 0\b"
+            out.append(attempt(f"{backend}: {label}", opt.step, objs, "RuntimeError", pattern, r"no longer a view",
+                               who))  # fmt: skip
+    return out
+
+
+def case_stage1_moved(rank: int, world: int) -> list[dict]:
+    """Stage 1 too: a transposed view on one rank raises on every rank."""
+    model, opt = trained(1, rank, world)
+    if rank == world - 1:
+        w = model.l1.weight
+        w.data = w.data.as_strided(w.shape, (1, w.shape[0]))
+    return [attempt("stage 1: transposed view on one rank", opt.step, zero_objects(opt), "RuntimeError",
+                    r"param 0\b", r"strides")]  # fmt: skip
+
+
+def group_edits(groups: list[dict], g0: dict, extra: torch.Tensor) -> list[tuple[str, Callable[[], Any], str]]:
+    return [
+        ("group appended", lambda: groups.append({**g0, "params": [extra]}), r"3 groups.*built with 2"),
+        ("group popped", lambda: groups.pop(), r"1 groups.*built with 2"),
+        ("param appended", lambda: g0["params"].append(extra), r"param group 0 has 4 params"),
+        ("param removed", lambda: g0["params"].pop(), r"param group 0 has 2 params"),
+        ("param replaced", lambda: g0["params"].__setitem__(1, extra), r"param 1 of param group 0"),
+    ]
+
+
+def case_param_groups_edited(rank: int, world: int) -> list[dict]:
+    """param_groups edited after construction on every rank: a group appended directly or popped, a param appended
+    to, removed from or replaced in a group's list: the same RuntimeError on every rank, naming the group, with
+    nothing changed; restored, the next step works."""
+    out = []
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world)
+        extra = torch.nn.Parameter(torch.ones(3))
+        g0 = opt.param_groups[0]
+        groups = opt.param_groups
+        edits = group_edits(groups, g0, extra)
+        for label, edit, pattern in edits:
+            saved_groups, saved_params = list(groups), list(g0["params"])
+            objs = zero_objects(opt)
+            edit()
+            out.append(attempt(f"stage {stage}: {label}", opt.step, objs, "RuntimeError", pattern))
+            groups[:] = saved_groups
+            g0["params"][:] = saved_params
+        out.append(recovers(model, opt, rank, world, f"stage {stage}: restored groups, a valid step"))
+    return out
+
+
+def case_out_of_step(rank: int, world: int) -> list[dict]:
+    """Stage 2, rank-local call differences that change the number of collectives (a gloo size mismatch and SIGABRT
+    before): zero_grad between backward and step on one rank; one or two more synced backward passes on one rank;
+    a param group appended on one rank. The same RuntimeError on every rank (nothing changed, except the extra
+    passes' reduced grads), then zero_grad and a valid step work. Still fine: one rank without backward, synced
+    accumulation on every rank, zero_grad on every rank then grads set by hand."""
+    out = []
+    model, opt = trained(2, rank, world)
+    if rank == 1:
+        opt.zero_grad()
+    out.append(attempt("zero_grad on one rank", opt.step, zero_objects(opt), "RuntimeError", r"zero_grad",
+                       r"1 of 2 ranks"))  # fmt: skip
+    out.append(recovers(model, opt, rank, world, "zero_grad on one rank: then a valid step"))
+    for extra in (1, 2):
+        model, opt = trained(2, rank, world)
+        for k in range(extra if rank == 0 else 0):
+            local_loss(model, 5 + k, 0, rank, world).backward()
+        rec = attempt(f"{extra} more backward pass(es) on rank 0", opt.step, zero_objects(opt), "RuntimeError",
+                      r"different numbers of synced backward passes")  # fmt: skip
+        rec["changed"] = None  # rank 0's extra passes were reduced (with the other rank's zeros) during backward
+        out.append(rec)
+        out.append(recovers(model, opt, rank, world, f"{extra} more backward pass(es): zero_grad, a valid step"))
+    model, opt = trained(2, rank, world)
+    if rank == 1:
+        opt.param_groups.append({**opt.param_groups[0], "params": []})
+    out.append(attempt("a group appended on one rank", opt.step, zero_objects(opt), "RuntimeError", r"3 groups",
+                       r"rank 1\b"))  # fmt: skip
+    if rank == 1:
+        opt.param_groups.pop()
+    out.append(recovers(model, opt, rank, world, "group appended on one rank: removed, a valid step"))
+
+    # What works: rank 1 without backward; two synced passes on every rank; zero_grad then grads by hand.
+    model, opt = trained(2, rank, world, backward=rank == 0)
+    out.append(attempt("no backward on rank 1", opt.step, (), None))
+    out.append(check("no backward on rank 1: same params", same_on_all_ranks(flat_params(model))))
+    for mode in ("two synced passes", "zero_grad on every rank, grads by hand"):
+        model, opt = trained(2, rank, world)
+        ref_model, ref = trained(1, rank, world)
+        for m, o in ((model, opt), (ref_model, ref)):
+            if mode == "two synced passes":
+                local_loss(m, 5, 0, rank, world).backward()
+            else:
+                o.zero_grad()
+                for i, p in enumerate(m.parameters()):
+                    p.grad = torch.full_like(p, 0.01 * (i + 1 + rank))
+            o.step()
+        diff = (flat_params(model) - flat_params(ref_model)).abs().max().item()
+        out.append(check(f"{mode}: stage 2 equals stage 1", diff < 1e-6, diff))
+    return out
+
+
+def case_unfrozen(rank: int, world: int) -> list[dict]:
+    """Stage 2: params frozen (requires_grad=False) at construction and unfrozen before training get their grads
+    reduced (dropped before), and their hooks from the next step on: equal to stage 1."""
+    params = []
+    for stage in (1, 2):
+        model = Net()
+        model.l1.requires_grad_(False)
+        opt = ZeroAdamW(model.parameters(), stage=stage, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)
+        model.l1.requires_grad_(True)
+        for step in range(3):
+            local_loss(model, step, 0, rank, world).backward()
+            opt.step()
+            opt.zero_grad()
+        params.append(flat_params(model))
+    diff = (params[0] - params[1]).abs().max().item()
+    return [check("unfrozen after construction: stage 2 equals stage 1", diff < 1e-6, diff)]
+
+
+def case_gradscaler_refused(rank: int, world: int) -> list[dict]:
+    """A refused torch.amp.GradScaler step leaves no attributes behind: plain steps work afterwards."""
+    model, opt = trained(2, rank, world)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # the scale exists, as after scaler.scale(loss).backward()
+    out = [attempt("GradScaler step", lambda: scaler.step(opt), (), "RuntimeError", r"GradScaler")]
+    left = [k for k in ("grad_scale", "found_inf") if k in opt.__dict__]
+    out.append(check("no GradScaler attributes left", not left, left))
+    out.append(recovers(model, opt, rank, world, "after GradScaler: a plain step"))
+    return out
+
+
+def case_duplicate_params(rank: int, world: int) -> list[dict]:
+    """The same param twice, in one list or in two groups: the constructor raises ValueError on every rank."""
+    model = Net()
+    w = model.l1.weight
+    make = lambda params: ZeroAdamW(params, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)  # noqa: E731
+    return [
+        attempt("twice in one list", lambda: make([*model.parameters(), w]), (), "ValueError", r"param 6\b",
+                r"same tensor as param 2\b"),
+        attempt("in two groups", lambda: make([{"params": list(model.parameters())}, {"params": [w]}]), (),
+                "ValueError", r"more than one parameter group"),
+    ]  # fmt: skip
+
+
+CASES: dict[str, Callable[[int, int], list[dict]]] = {
+    "moved_after_backward": case_moved_after_backward,
+    "stage1_moved": case_stage1_moved,
+    "param_groups_edited": case_param_groups_edited,
+    "out_of_step": case_out_of_step,
+    "unfrozen": case_unfrozen,
+    "gradscaler_refused": case_gradscaler_refused,
+    "duplicate_params": case_duplicate_params,
+}
+
+
+def task(rank: int, world: int, out_dir: str) -> dict:
+    out: dict[str, Any] = {}
+    for name, fn in CASES.items():
+        t0 = time.monotonic()
+        try:
+            out[name] = fn(rank, world)
+        except Exception:  # noqa: BLE001 - the parent reports it; the next cases still run
+            out[name] = [{"label": "the case itself", "crashed": traceback.format_exc()}]
+        out[name].append({"label": "time", "seconds": time.monotonic() - t0})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks2(tmp_path_factory) -> list[dict]:
+    out_dir = str(tmp_path_factory.mktemp("zero_steps"))
+    return spawn("tests.test_safety_zero_steps:task", 2, out_dir, timeout=SPAWN_DEADLINE_S, pg_timeout_s=PG_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks(ranks2, name):
+    assert_case(ranks2, name)
