@@ -22,7 +22,7 @@ from fused_ops import _ref_lowbit
 from fused_ops._ref_lowbit import QUANT_BLOCK, dequantize_blockwise, n_scales, quantize_blockwise
 from fused_ops.distributed import ZeroAdamW
 from tests.safety import assert_unchanged, snapshot
-from tests.test_distributed import spawn
+from tests.test_distributed import spawn, tensors_equal
 from tests.test_safety_zero import zero_objects
 
 pytestmark = pytest.mark.distributed
@@ -206,6 +206,28 @@ def run_train(rank: int, world: int) -> dict:
     return out
 
 
+def dcp_cross_dtype(int8_path: str, out_dir: str) -> dict[str, str | None]:
+    """A DCP checkpoint of 8-bit moments into an fp32-state ZeroAdamW, and of fp32 moments into an int8 one: DCP
+    refuses both (the codes are saved under exp_avg_codes, never under the fp32 template's exp_avg), on every
+    rank; before, the codes loaded as fp32 moments (exp_avg = 255.0)."""
+    import torch.distributed.checkpoint as dcp
+
+    def refused(opt: ZeroAdamW, path: str) -> str | None:
+        try:
+            dcp.load({"optim": opt.dcp_state_dict()}, checkpoint_id=path)
+        except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    out = {"int8_into_fp32": refused(make(None, "reference")[1], int8_path)}
+    model32, opt32 = make(None, "reference")
+    train(model32, opt32, range(1))
+    fp32_path = os.path.join(out_dir, "dcp_fp32_moments")
+    dcp.save({"optim": opt32.dcp_state_dict()}, checkpoint_id=fp32_path)
+    out["fp32_into_int8"] = refused(make("int8", "reference")[1], fp32_path)
+    return out
+
+
 def run_checkpoints(rank: int, world: int, out_dir: str) -> dict:
     """Compact round trips (shard lists, on 2 ranks and resharded onto 1; DCP), consolidated fp32 into FusedAdamW
     and into an int8 ZeroAdamW."""
@@ -228,6 +250,16 @@ def run_checkpoints(rank: int, world: int, out_dir: str) -> dict:
         st = dsd["state"][0]
         res["dcp_layout"] = {k: (str(v.dtype), tuple(v.shape)) for k, v in st.items() if k != "step"}
         dcp.save({"model": model.state_dict(), "optim": dsd}, checkpoint_id=dcp_path)
+        if backend == "reference":
+            res["cross_dtype"] = dcp_cross_dtype(dcp_path, out_dir)
+
+            def old_form(sd: dict) -> dict:  # 8-bit codes under exp_avg / exp_avg_sq, as saved before
+                state = {i: {k.removesuffix("_codes"): v for k, v in st.items()} for i, st in sd["state"].items()}
+                return {**sd, "state": state}
+
+            _, opt_old = make("int8", backend)
+            opt_old.load_state_dict([old_form(sd) for sd in shards])
+            res["old_form_loads"] = tensors_equal(opt_old.state_dict()["state"], shard["state"])
         train(model, opt, range(ckpt_steps, ckpt_steps + continue_steps))
         expected = params_of(model)
         expected_states = opt.state_dict()["state"]
@@ -240,7 +272,7 @@ def run_checkpoints(rank: int, world: int, out_dir: str) -> dict:
                 for i, (lo, hi) in sd["zero"]["ranges"].items():
                     s = sd["state"][i]
                     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                        values = dequantize_blockwise(s[key], s[key + "_scale"], signed)
+                        values = dequantize_blockwise(s[key + "_codes"], s[key + "_scale"], signed)
                         deq_ok &= torch.equal(full[i][key].reshape(-1)[lo:hi], values)
             res["consolidated_dtypes"] = sorted({str(v.dtype) for s in full.values() for v in s.values()})
             res["consolidated_is_dequantised"] = deq_ok
@@ -292,12 +324,12 @@ def run_checkpoints(rank: int, world: int, out_dir: str) -> dict:
         opt6.load_state_dict(cons[0])
         quantised_ok = True
         for i, s in opt6.state_dict()["state"].items():
-            if "exp_avg" not in s:
+            if "exp_avg_codes" not in s:
                 continue
             lo, hi = opt6._segment_of[i].lo, opt6._segment_of[i].hi
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 codes, scales = quantize_blockwise(cons[0]["state"][i][key].reshape(-1)[lo:hi], signed)
-                quantised_ok &= torch.equal(s[key], codes) and torch.equal(s[key + "_scale"], scales)
+                quantised_ok &= torch.equal(s[key + "_codes"], codes) and torch.equal(s[key + "_scale"], scales)
         res["fp32_into_int8_quantised"] = quantised_ok
         train(model6, opt6, range(ckpt_steps, ckpt_steps + continue_steps))
         res["fp32_into_int8_diff"] = max_diff(params_of(model6), expected)
@@ -367,7 +399,7 @@ def run_errors(rank: int, world: int) -> dict:
 
     def int_codes(shards: list) -> None:
         s = shards[1]["state"][0]
-        s["exp_avg"] = s["exp_avg"].to(torch.int16)
+        s["exp_avg_codes"] = s["exp_avg_codes"].to(torch.int16)
 
     out["short_scales"] = attempt(lambda: opt.load_state_dict(corrupt(short_scales)), objs)
     out["no_scales"] = attempt(lambda: opt.load_state_dict(corrupt(no_scales)), objs)
@@ -466,14 +498,23 @@ def test_int8_equals_single_process_fused_adamw_int8(world2):
     assert same(*pair)
 
 
+def test_dcp_between_int8_and_fp32_states_is_refused(world2):
+    for r in world2:
+        res = r["ckpt"]["reference"]
+        assert res["old_form_loads"], "codes under exp_avg (the old form) no longer load"
+        for direction, err in res["cross_dtype"].items():
+            assert err is not None, f"{direction}: DCP loaded it"
+            assert "CheckpointException" in err and "exp_avg" in err, f"{direction}: {err[:500]}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compact_checkpoints_continue_bit_exact(world2, backend):
     for r in world2:
         res = r["ckpt"][backend]
         codes, scales = "torch.uint8", "torch.float32"
-        assert res["shard_dtypes"] == {"step": "torch.float32", "exp_avg": codes, "exp_avg_sq": codes,
+        assert res["shard_dtypes"] == {"step": "torch.float32", "exp_avg_codes": codes, "exp_avg_sq_codes": codes,
                                        "exp_avg_scale": scales, "exp_avg_sq_scale": scales}  # fmt: skip
-        assert res["dcp_layout"]["exp_avg"] == ("torch.uint8", (40, 24))
+        assert res["dcp_layout"]["exp_avg_codes"] == ("torch.uint8", (40, 24))
         assert res["dcp_layout"]["exp_avg_scale"] == ("torch.float32", (n_scales(960),))
         assert res["shards_same_world"] and res["shards_same_states"]
         assert res["dcp_same_world"]
@@ -510,7 +551,7 @@ def test_bf16_moments_checkpoint(world2):
         ("align_ctor", "align a multiple of 256"),
         ("short_scales", "exp_avg_scale"),
         ("no_scales", "exp_avg_sq_scale"),
-        ("int_codes", "floating-point"),
+        ("int_codes", "uint8"),
         ("amsgrad_load", "amsgrad needs fp32 states"),
         ("dcp_bad_scales", "exp_avg_scale"),
         ("amsgrad_step", "amsgrad needs fp32 states"),

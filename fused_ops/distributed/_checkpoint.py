@@ -20,7 +20,35 @@ _FORMAT = "fused_ops.zero/1"
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _MASTER_KEY = "master_param"
 _SIGNED = {"exp_avg": True, "exp_avg_sq": False}  # which 8-bit map each moment's codes index
-_SCALE_SUFFIX = "_scale"  # 8-bit codes under "exp_avg" come with their block scales under "exp_avg_scale"
+_SCALE_SUFFIX = "_scale"  # 8-bit codes under "exp_avg_codes" come with their block scales under "exp_avg_scale"
+# 8-bit codes are saved under "exp_avg_codes" / "exp_avg_sq_codes", never under "exp_avg" / "exp_avg_sq": a loader
+# whose template expects fp32 moments there (DCP into an fp32 optimizer, torch.optim.AdamW) finds them missing and
+# refuses, instead of casting the codes to floats. (Loading also accepts codes under "exp_avg", the old form.)
+_CODES_SUFFIX = "_codes"
+
+
+def _codes_as_moments(st: dict, i: int) -> dict:
+    """A param's saved state with its 8-bit codes (``exp_avg_codes``) under the moment's key (``exp_avg``), as the
+    loaders read them; ``st`` itself when it has none."""
+    if not any(k + _CODES_SUFFIX in st for k in _SIGNED):
+        return st
+    st = dict(st)
+    for key in _SIGNED:
+        ckey = key + _CODES_SUFFIX
+        if ckey not in st:
+            continue
+        if key in st:
+            raise ValueError(f"the state of param {i} has both {key!r} and {ckey!r} (8-bit codes): one or the other")
+        codes = st.pop(ckey)
+        if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
+            raise ValueError(f"state {ckey!r} of param {i} must be a uint8 tensor of 8-bit codes, got {_what(codes)}")
+        st[key] = codes
+    return st
+
+
+def _saved_name(name: str, t: Tensor) -> str:
+    """The key a state tensor is saved under: 8-bit codes under ``exp_avg_codes`` / ``exp_avg_sq_codes``."""
+    return name + _CODES_SUFFIX if t.dtype == torch.uint8 else name
 
 
 @dataclass
@@ -162,7 +190,8 @@ class _CheckpointMixin:
         for seg in self._segment_of.values():
             b, n = seg.bucket, seg.hi - seg.lo
             for name in self._state_names(b):
-                state[seg.index][name] = self._bucket_tensor(b, name).narrow(0, seg.start, n).clone()
+                t = self._bucket_tensor(b, name)
+                state[seg.index][_saved_name(name, t)] = t.narrow(0, seg.start, n).clone()
                 scales = getattr(b, name + _SCALE_SUFFIX, None)
                 if scales is not None:
                     first = seg.start // QUANT_BLOCK
@@ -362,6 +391,7 @@ class _CheckpointMixin:
                     raise ValueError(f"the state of param {i} is a {type(st).__name__}, not a dict")
                 if not st:  # no state: a param never stepped
                     continue
+                st = _codes_as_moments(st, i)
                 shape = f"the param has {numels[i]} (shape {tuple(self._params[i].shape)})"
                 for key in required(i):
                     _check_moment(st, i, key, numels[i], shape)
@@ -421,12 +451,13 @@ class _CheckpointMixin:
                     )
                 lo, hi = rng
                 size = f"its range [{lo}, {hi}) in shard {k} of the list has {hi - lo}"
+                st = _codes_as_moments(state[i], i)
                 for key in required(i):
-                    _check_moment(state[i], i, key, hi - lo, size, lo)
+                    _check_moment(st, i, key, hi - lo, size, lo)
                 for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
-                    if key in state[i]:
-                        _check_moment(state[i], i, key, hi - lo, size, lo)
-                pieces[i].append((lo, hi, state[i]))
+                    if key in st:
+                        _check_moment(st, i, key, hi - lo, size, lo)
+                pieces[i].append((lo, hi, st))
         for seg in self._segment_of.values():
             covered = seg.lo
             for lo, hi, _ in sorted(pieces[seg.index], key=lambda x: x[0]):

@@ -24,7 +24,17 @@ from torch import Tensor
 
 from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _check_state_step
-from ._checkpoint import _MASTER_KEY, _MOMENT_KEYS, _SCALE_SUFFIX, _SIGNED, _Codes, _LoadPlan, _range_of
+from ._checkpoint import (
+    _MASTER_KEY,
+    _MOMENT_KEYS,
+    _SCALE_SUFFIX,
+    _SIGNED,
+    _Codes,
+    _codes_as_moments,
+    _LoadPlan,
+    _range_of,
+    _saved_name,
+)
 from ._comm import _all_gather, _reduce_scatter
 from ._layout import _Bucket
 
@@ -64,7 +74,10 @@ class _DCPMixin:
         Layout: torch.optim's, with FSDP2's DTensors::
 
             {"state": {key: {"step": 0-d fp32 tensor,
-                             "exp_avg", "exp_avg_sq" (, "max_exp_avg_sq", "master_param"): fp32 DTensor}},
+                             "exp_avg", "exp_avg_sq" (, "max_exp_avg_sq", "master_param"): fp32 DTensor
+                             (bf16 moments: bf16; 8-bit moments: uint8 codes under "exp_avg_codes",
+                             "exp_avg_sq_codes" and fp32 block scales under "exp_avg_scale", "exp_avg_sq_scale",
+                             so that an fp32 template refuses them)}},
              "param_groups": [{..., "params": [key, ...]}]}
 
         Each state DTensor has the param's shape and is ``Shard(0)`` over a 1-D ``DeviceMesh`` of this
@@ -115,7 +128,7 @@ class _DCPMixin:
                         row = math.prod(shape[1:])
                         local = flat[lo * row : hi * row].view(hi - lo, *shape[1:]).clone()
                         placement = Shard(0)
-                    state[keys[s.index]][name] = DTensor.from_local(
+                    state[keys[s.index]][_saved_name(name, t)] = DTensor.from_local(
                         local, mesh, [placement], run_check=False, shape=shape, stride=_contiguous_stride(shape)
                     )
                     if scales is not None:
@@ -286,6 +299,7 @@ class _DCPMixin:
             if not isinstance(st, dict):
                 got = "missing" if st is None else f"a {type(st).__name__}, not a dict"
                 raise ValueError(f"the state of param {i} (key {key!r}) is {got}")
+            st = _codes_as_moments(st, i)
             steps.append(_check_state_step(st, i))
             required = _MOMENT_KEYS if amsgrad[i] else _MOMENT_KEYS[:2]
             optional = (*_MOMENT_KEYS[len(required) :], _MASTER_KEY)
