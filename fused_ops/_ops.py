@@ -187,7 +187,7 @@ def adam_eager(*args) -> None:
     if torch.compiler.is_compiling():
         adam_(*args)
         return
-    _adam_body(*args)
+    _adam_body(*args, checked=True)  # (its callers, functional.adam_ and the optimizers, checked every input)
     bump_versions(args[0])  # torch._fused_adam(w)_, the CPU path's kernel, bumps no version either
 
 

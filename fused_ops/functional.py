@@ -214,6 +214,7 @@ from . import _dtensor, reference  # noqa: E402
 from ._backend import check_backend  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 _STRIDED = {torch.strided}
 _data_ptr = Tensor.data_ptr
 _nbytes = attrgetter("nbytes")
@@ -570,6 +571,8 @@ def _check_inv_scale(fn: str, inv_scale) -> None:
                         f"{type(inv_scale).__name__}")  # fmt: skip
     else:
         _check_finite(f"{fn}: inv_scale", float(inv_scale))
+        if abs(float(inv_scale)) > _FP32_MAX:  # (the kernels and torch's unscale compute in float32)
+            raise ValueError(f"{fn}: inv_scale must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {inv_scale}")
 
 
 def unscale_(

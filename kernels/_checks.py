@@ -81,3 +81,57 @@ def check_scalar(fn: str, name: str, x, device: torch.device, dtypes: Collection
         got = (f"{x.numel()} elements of {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
                else type(x).__name__)  # fmt: skip
         raise ValueError(f"{fn}: {name} must be a 1-element {kind} tensor on {device}, got {got}")
+
+
+def check_shared_memory(fn: str, groups: Sequence[tuple[str, Sequence[torch.Tensor], bool]]) -> None:
+    """Raise a ValueError naming the first pair when a tensor of a written group (``(name, tensors, written)``)
+    shares memory with any other tensor of any group; read-only tensors may share memory with each other. Every
+    tensor is contiguous (a launch's roles are): its bytes are ``nbytes`` from ``data_ptr()``. A written inference
+    tensor is refused as torch refuses an in-place update of one outside inference mode.
+
+    Fast path: the intervals are disjoint iff, with starts and ends sorted separately, every end is at most the next
+    start (empty tensors take no memory); only a shared byte sorts the intervals to name the pair."""
+    if not torch.is_inference_mode_enabled():
+        for name, tensors, written in groups:
+            if written and any(x is not None and x.is_inference() for x in tensors):
+                i = next(i for i, x in enumerate(tensors) if x is not None and x.is_inference())
+                raise TypeError(f"{fn}: {name}[{i}] is an inference tensor (made under torch.inference_mode()); it "
+                                "cannot be written outside inference mode")  # fmt: skip
+    entries = [
+        (x.data_ptr(), x.data_ptr() + x.nbytes, written, name, i)
+        for name, tensors, written in groups
+        for i, x in enumerate(tensors)
+        if x is not None and x.nbytes
+    ]
+    starts = sorted(e[0] for e in entries)
+    ends = sorted(e[1] for e in entries)
+    if all(e <= s for e, s in zip(ends, starts[1:])):
+        return
+    entries.sort()
+    all_end, all_owner, w_end, w_owner = -1, None, -1, None
+    for e in entries:
+        other = all_owner if e[2] and e[0] < all_end else w_owner if e[0] < w_end else None
+        if other is not None:
+            raise ValueError(
+                f"{fn}: {other[3]}[{other[4]}] and {e[3]}[{e[4]}] share memory: a tensor the launch writes may share "
+                "no memory with another of its tensors; pass separate tensors or clone() one"
+            )
+        if e[1] > all_end:
+            all_end, all_owner = e[1], e
+        if e[2] and e[1] > w_end:
+            w_end, w_owner = e[1], e
+
+
+def check_roles_memory(fn: str, roles: Sequence[Sequence[torch.Tensor]], names: Sequence[str], read: int) -> None:
+    """:func:`check_shared_memory` over a launch's roles: every role is written but role ``read`` (the grads).
+    ``master_params[i]`` may be exactly ``params[i]`` (an fp32 param that is its own master: each element is read
+    and written by one program, and both receive the same value)."""
+    groups = [(name, role, r != read) for r, (name, role) in enumerate(zip(names, roles, strict=True))]
+    if "master_params" in names:
+        m = names.index("master_params")
+        params, masters = roles[0], roles[m]
+        if any(x.data_ptr() == p.data_ptr() for x, p in zip(masters, params)):
+            same = [x.data_ptr() == p.data_ptr() and x.nbytes == p.nbytes for x, p in zip(masters, params)]
+            kept = [None if s else x for x, s in zip(masters, same)]
+            groups[m] = ("master_params", kept, True)  # (None: left out, the other indices kept)
+    check_shared_memory(fn, groups)

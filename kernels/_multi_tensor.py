@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role
+from ._checks import check_role, check_roles_memory, check_shared_memory
 
 
 @dataclass(frozen=True)
@@ -251,8 +251,14 @@ class PreparedLaunch:
     """
 
     def __init__(self, roles: list, grad_role: int, chunk_size: int, block_size: int,
-                 with_counters: bool = False) -> None:  # fmt: skip
+                 with_counters: bool = False, names: Sequence[str] | None = None) -> None:  # fmt: skip
         params, grads = roles[0], roles[grad_role]
+        # No written tensor (every role but the grads) may share memory with another tensor of the launch: checked
+        # here and for new grads in set_grads; a direct call then checks that every address is unchanged.
+        self._role_names = list(names) if names is not None else [f"role {r}" for r in range(len(roles))]
+        check_roles_memory(type(self).__name__, roles, self._role_names, grad_role)
+        self._written_roles = [(self._role_names[r], list(role), True) for r, role in enumerate(roles)
+                               if r != grad_role]  # fmt: skip
         self.table = build_chunk_table(roles, chunk_size, cache={}, with_counters=with_counters)
         self.param0 = params[0]
         self.device = params[0].device
@@ -336,6 +342,7 @@ class PreparedLaunch:
             if list(map(torch.Tensor.numel, grads)) != self.numels:
                 i, n = next((i, n) for i, (g, n) in enumerate(zip(grads, self.numels)) if g.numel() != n)
                 raise ValueError(f"{name}: grads[{i}] has {grads[i].numel()} elements, params[{i}] has {n}")
+            check_shared_memory(name, [*self._written_roles, ("grads", list(grads), False)])
         if addrs is None:
             addrs = [g.data_ptr() for g in grads]
         self._watch_grads(None if checked else grads)

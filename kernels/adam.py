@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_roles_memory
 from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 
@@ -321,11 +322,15 @@ def adam_launch(
     if not state_steps and step is None:
         raise ValueError("adam_launch: pass state_steps or a float step")
 
+    roles = _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
+
     def check() -> None:
         _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
+        check_roles_memory("adam_launch", roles, _role_names(amsgrad, bool(master_params), bool(state_steps)),
+                           _GRAD_ROLE)  # fmt: skip
 
     table = build_chunk_table(
-        _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad),
+        roles,
         chunk_size,
         cache,
         check=None if checked else check,
@@ -347,6 +352,13 @@ def _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     if state_steps:
         roles.append(state_steps)
     return roles
+
+
+def _role_names(amsgrad: bool, master: bool, steps: bool) -> list[str]:
+    """The names of ``_roles``' roles, for messages."""
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs"]
+    return (names + (["max_exp_avg_sqs"] if amsgrad else []) + (["master_params"] if master else [])
+            + (["state_steps"] if steps else []))  # fmt: skip
 
 
 _GRAD_ROLE = 1
@@ -447,7 +459,8 @@ class AdamStep(PreparedLaunch):
             raise ValueError("AdamStep: needs state_steps (one fp32 step count per tensor)")
         _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
         roles = _roles(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
-        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size, with_counters=True)
+        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size, with_counters=True,
+                         names=_role_names(amsgrad, bool(master_params), True))  # fmt: skip
         self.amsgrad = amsgrad
         self.master = bool(master_params)
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.language.random import philox
 
-from ._checks import check_numels, check_role, check_scalar
+from ._checks import check_numels, check_role, check_roles_memory, check_scalar
 from ._multi_tensor import (
     ChunkTable,
     PreparedLaunch,
@@ -425,6 +425,13 @@ def _roles(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, ex
     return roles
 
 
+def _role_names(state: str, master: bool, kahan: bool) -> list[str]:
+    """The names of ``_roles``' roles, for messages."""
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs"]
+    names += ["exp_avg_scales", "exp_avg_sq_scales"] if state == "int8" else []
+    return names + (["master_params"] if master else []) + (["kahan_comps"] if kahan else []) + ["state_steps"]
+
+
 def adam_lowbit_launch(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -476,9 +483,13 @@ def adam_lowbit_launch(
                    block_size)  # fmt: skip
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales, master_params,
              kahan_comps, state)  # fmt: skip
-    table = build_chunk_table(
-        _roles(*lists), chunk_size, cache, check=None if checked else lambda: _check(*lists), with_counters=True
-    )
+    roles = _roles(*lists)
+
+    def check() -> None:
+        _check(*lists)
+        check_roles_memory(fn, roles, _role_names(state, bool(master_params), bool(kahan_comps)), _GRAD_ROLE)
+
+    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else check, with_counters=True)
     _launch(table, params[0], grads[0].dtype, quant_maps(params[0].device), fn, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
             found_inf=found_inf, state=state, master=bool(master_params), param_sr=param_sr, kahan=bool(kahan_comps),
@@ -598,7 +609,8 @@ class AdamLowbitStep(AdamStep):
         lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                  master_params, kahan_comps, state)  # fmt: skip
         _check(*lists)
-        PreparedLaunch.__init__(self, _roles(*lists), _GRAD_ROLE, chunk_size, block_size, with_counters=True)
+        PreparedLaunch.__init__(self, _roles(*lists), _GRAD_ROLE, chunk_size, block_size, with_counters=True,
+                                names=_role_names(state, bool(master_params), bool(kahan_comps)))  # fmt: skip
         self.maps = quant_maps(params[0].device)  # (uploaded before any capture)
         self.state = state
         self.master = bool(master_params)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role
+from ._checks import check_role, check_roles_memory
 from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
@@ -181,14 +181,23 @@ def lion_launch(
         return
     fn = "lion_launch"
     roles = [params, grads, exp_avgs] + ([master_params] if master_params else [])
-    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else lambda: _check(
-        fn, params, grads, exp_avgs, master_params, lr, grad_scale, found_inf))  # fmt: skip
+
+    def check() -> None:
+        _check(fn, params, grads, exp_avgs, master_params, lr, grad_scale, found_inf)
+        check_roles_memory(fn, roles, _role_names(bool(master_params)), _GRAD_ROLE)
+
+    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else check)
     _launch(table, params[0], grads[0].dtype, exp_avgs[0].dtype, lr=lr, beta1=beta1, beta2=beta2,
             weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
             master=bool(master_params), chunk_size=chunk_size, block_size=block_size)  # fmt: skip
 
 
 _GRAD_ROLE = 1
+
+
+def _role_names(master: bool) -> list[str]:
+    """The names of the launch's roles, for messages."""
+    return ["params", "grads", "exp_avgs"] + (["master_params"] if master else [])
 
 
 def _launch(
@@ -262,7 +271,7 @@ class LionStep(PreparedLaunch):
             raise ValueError("LionStep: no tensors")
         _check("LionStep", params, grads, exp_avgs, master_params, 0.0, None, None)
         roles = [params, grads, exp_avgs] + ([master_params] if master_params else [])
-        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size)
+        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size, names=_role_names(bool(master_params)))
         self.state_dtype = exp_avgs[0].dtype
         self.master = bool(master_params)
 

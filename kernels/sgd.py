@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_numels, check_role, check_scalar
+from ._checks import check_numels, check_role, check_roles_memory, check_scalar
 from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
@@ -221,8 +221,12 @@ def sgd_launch(
         return
     fn = "sgd_launch"
     roles = [params, grads] + ([momentum_buffers] if momentum != 0 else []) + ([master_params] if master_params else [])
-    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else lambda: _check(
-        fn, params, grads, momentum_buffers, master_params, momentum, lr, grad_scale, found_inf))  # fmt: skip
+
+    def check() -> None:
+        _check(fn, params, grads, momentum_buffers, master_params, momentum, lr, grad_scale, found_inf)
+        check_roles_memory(fn, roles, _role_names(momentum != 0, bool(master_params)), _GRAD_ROLE)
+
+    table = build_chunk_table(roles, chunk_size, cache, check=None if checked else check)
     state_dtype = momentum_buffers[0].dtype if momentum != 0 else torch.float32
     _launch(table, params[0], grads[0].dtype, state_dtype, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
@@ -231,6 +235,11 @@ def sgd_launch(
 
 
 _GRAD_ROLE = 1
+
+
+def _role_names(buffers: bool, master: bool) -> list[str]:
+    """The names of the launch's roles, for messages."""
+    return ["params", "grads"] + (["momentum_buffers"] if buffers else []) + (["master_params"] if master else [])
 
 
 def _launch(
@@ -310,7 +319,8 @@ class SGDStep(PreparedLaunch):
                None, None)  # fmt: skip
         roles = [params, grads] + ([momentum_buffers] if momentum_buffers else []) + (
             [master_params] if master_params else [])  # fmt: skip
-        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size)
+        super().__init__(roles, _GRAD_ROLE, chunk_size, block_size,
+                         names=_role_names(bool(momentum_buffers), bool(master_params)))  # fmt: skip
         self.has_buffers = bool(momentum_buffers)
         self.state_dtype = momentum_buffers[0].dtype if momentum_buffers else torch.float32
         self.master = bool(master_params)

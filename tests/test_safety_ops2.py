@@ -95,3 +95,87 @@ def test_flatbuffer_copy_to_checks_the_memory_it_reads(backend):
     buf.data.set_(big[:n])
     dst = big[1024 : 1024 + n]
     expect_error_unchanged(lambda: buf.copy_to_([dst]), ValueError, "share memory", big)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unscale_refuses_an_inv_scale_past_float32(backend):
+    """Before, 1e39 passed the finite check: Triton made every grad inf, the reference raised torch's RuntimeError
+    naming nothing."""
+    g = torch.ones(64)
+    flag = torch.zeros(1)
+    expect_error_unchanged(lambda: fused_ops.unscale_([g], 1e39, flag, backend=backend), ValueError,
+                           "unscale_: inv_scale must be finite in float32", g, flag)  # fmt: skip
+
+
+# -- the prepared launches and the launchers called directly: no written tensor may share memory ------------------
+N = 256
+
+
+def _adam_step(params, grads, exp_avgs, steps=None):
+    from fused_ops.kernels.adam import AdamStep
+
+    steps = steps if steps is not None else [torch.zeros(()) for _ in params]
+    return AdamStep(params, grads, exp_avgs, [torch.zeros(p.numel()) for p in params], [], steps, amsgrad=False)
+
+
+def _prepared_cases():
+    from fused_ops.kernels.adam import adam_launch
+    from fused_ops.kernels.adam_lowbit import AdamLowbitStep
+    from fused_ops.kernels.lion import LionStep
+    from fused_ops.kernels.sgd import SGDStep, sgd_launch
+
+    def lowbit(p, g, m, v):
+        return AdamLowbitStep([p], [g], [m], [v], [torch.zeros(())],
+                              exp_avg_scales=[torch.zeros(1)], exp_avg_sq_scales=[torch.zeros(1)], state="int8",
+                              amsgrad=False)  # fmt: skip
+
+    big = torch.randn(4 * N)
+    p, g, shared_step = torch.randn(N), torch.randn(N), torch.zeros(())
+    u8 = torch.zeros(2 * N, dtype=torch.uint8)
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    return {
+        "AdamStep exp_avgs=[param]": (lambda: _adam_step([p], [g], [p]), (p, g), "exp_avgs\\[0\\]"),
+        "AdamStep grads=params": (lambda: _adam_step([p], [p], [torch.zeros(N)]), (p,), "grads\\[0\\]"),
+        "AdamStep states partly overlapping": (lambda: _adam_step([big[:N]], [g], [big[N // 2 : N // 2 + N]]),
+                                               (big, g), "share memory"),
+        "AdamStep one step count for two params": (
+            lambda: _adam_step([torch.randn(N), torch.randn(N)], [torch.randn(N), torch.randn(N)],
+                               [torch.zeros(N), torch.zeros(N)], [shared_step, shared_step]),
+            (shared_step,), "state_steps\\[0\\] and state_steps\\[1\\]"),
+        "AdamLowbitStep codes overlapping": (lambda: lowbit(torch.randn(N), g, u8[:N], u8[N // 2 : N // 2 + N]), (u8,),
+                                             "exp_avg_sqs\\[0\\]"),
+        "SGDStep grads=params": (lambda: SGDStep([p], [p], [torch.zeros(N)]), (p,), "grads\\[0\\]"),
+        "LionStep exp_avg overlapping param": (lambda: LionStep([big[:N]], [g], [big[N // 2 : N // 2 + N]]), (big,),
+                                               "exp_avgs\\[0\\]"),
+        "adam_launch grads=params": (lambda: adam_launch([p], [p], [torch.zeros(N)], [torch.zeros(N)], [],
+                                                         [torch.zeros(())], amsgrad=False, **kw), (p,), "grads\\[0\\]"),
+        "sgd_launch buffer=param": (lambda: sgd_launch([p], [g], [p], lr=0.1, momentum=0.9, dampening=0.0,
+                                                       weight_decay=0.0, nesterov=False, maximize=False,
+                                                       first_step=False), (p, g), "momentum_buffers\\[0\\]"),
+    }  # fmt: skip
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", list(_prepared_cases()))
+def test_prepared_launches_refuse_shared_memory(case):
+    """Before, they built and stepped (the kernel wrote a result no sequential order gives); functional.adam_ and
+    the custom ops refused the same inputs."""
+    make, tensors, names = _prepared_cases()[case]
+    err = expect_error_unchanged(make, ValueError, "share memory", *tensors)
+    assert names.replace("\\", "") in str(err), str(err)
+
+
+@pytest.mark.interpret
+def test_prepared_set_grads_refuses_a_grad_overlapping_a_written_tensor():
+    """Before, SGDStep.set_grads took a grad overlapping its own param by half; the step smeared the param."""
+    from fused_ops.kernels.sgd import SGDStep
+
+    big = torch.arange(2.0 * N)
+    p = big[N // 2 : N // 2 + N]
+    step = SGDStep([p], [torch.zeros(N)], [])
+    expect_error_unchanged(lambda: step.set_grads([big[:N]]), ValueError, "grads\\[0\\] and params\\[0\\] share",
+                           big)  # fmt: skip
+    step2 = _adam_step([torch.randn(N)], [torch.randn(N)], [torch.zeros(N)])
+    exp_avg = step2._written_roles[1][1][0]
+    expect_error_unchanged(lambda: step2.set_grads([exp_avg]), ValueError, "share memory", exp_avg)
+    step.set_grads([torch.randn(N)])  # a good grad still goes in
