@@ -18,6 +18,27 @@ from torch import Tensor
 
 from . import functional
 
+# The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
+# value outside their range would become 0 or inf, or raise half-way through an update or a load.
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to float32, as the scale tensor holds it."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _check_scale(fn: str, name: str, value: float) -> None:
+    """A finite number > 0 that is a normal float32 (not 0, a subnormal or inf once stored in the scale tensor)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value}")
+    if not _FP32_TINY <= value <= _FP32_MAX:
+        raise ValueError(f"{fn}: {name} must be a normal float32 number (in [{_FP32_TINY:.4g}, {_FP32_MAX:.4g}]: the "
+                         f"scale is kept in float32), got {value}")  # fmt: skip
+
 
 def _check_hyper(fn: str, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale) -> None:
     """The constructor's hyper-parameters (also what ``load_state_dict`` restores)."""
@@ -27,26 +48,30 @@ def _check_hyper(fn: str, growth_factor, backoff_factor, growth_interval, hyster
     backoff_factor = _number(fn, "backoff_factor", backoff_factor)
     if not 0 < backoff_factor < 1:
         raise ValueError(f"{fn}: backoff_factor must be in (0, 1), got {backoff_factor}")
-    _positive_int("growth_interval", growth_interval, fn=fn)
-    _positive_int("hysteresis", hysteresis, fn=fn)
+    _positive_int("growth_interval", growth_interval, fn=fn, high=_INT32_MAX)
+    _positive_int("hysteresis", hysteresis, fn=fn, high=_INT32_MAX)
     min_scale = _number(fn, "min_scale", min_scale)
-    if not (math.isfinite(min_scale) and min_scale > 0):
-        raise ValueError(f"{fn}: min_scale must be a finite number > 0, got {min_scale}")
+    _check_scale(fn, "min_scale", min_scale)
     if max_scale is not None:
         max_scale = _number(fn, "max_scale", max_scale)
         if not (math.isfinite(max_scale) and max_scale >= min_scale):
             raise ValueError(f"{fn}: max_scale must be None or a finite number >= min_scale, got {max_scale}")
+        _check_scale(fn, "max_scale", max_scale)
 
 
 class LossScalerWarning(RuntimeWarning):
     """Steps keep being skipped because of inf/nan gradients (filter it with ``warnings`` if intended)."""
 
 
-def _positive_int(name: str, value, allow_none: bool = False, fn: str = "DynamicLossScaler") -> None:
+def _positive_int(name: str, value, allow_none: bool = False, fn: str = "DynamicLossScaler",
+                  high: int | None = None) -> None:  # fmt: skip
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{fn}: {name} must be a positive int at most {high} (it is kept in an int32 tensor), got "
+                         f"{value!r}")  # fmt: skip
 
 
 def _capturing() -> bool:
@@ -65,14 +90,14 @@ def _number(fn: str, name: str, value) -> float:
     return float(value)
 
 
-def _count(fn: str, name: str, value, high: int | None = None) -> int:
-    """A non-negative int (at most ``high``)."""
+def _count(fn: str, name: str, value, high: int) -> int:
+    """A non-negative int, at most ``high`` (the range of its device tensor, or a tighter bound)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{fn}: {name} must be an int, got {value!r}")
-    if high is not None and not 0 <= value <= high:
-        raise ValueError(f"{fn}: {name} must be an int in [0, {high}], got {value!r}")
-    if value < 0:
+    if value < 0 and high >= _INT32_MAX - 1:  # (a bound of the tensor's range: the message says ">= 0")
         raise ValueError(f"{fn}: {name} must be an int >= 0, got {value!r}")
+    if not 0 <= value <= high:
+        raise ValueError(f"{fn}: {name} must be an int in [0, {high}], got {value!r}")
     return int(value)
 
 
@@ -129,8 +154,7 @@ class DynamicLossScaler:
     ) -> None:
         fn = "DynamicLossScaler"
         init_scale = _number(fn, "init_scale", init_scale)
-        if not (math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"{fn}: init_scale must be a finite number > 0, got {init_scale}")
+        _check_scale(fn, "init_scale", init_scale)
         _check_hyper(fn, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale)
         if init_scale < min_scale or (max_scale is not None and init_scale > max_scale):
             raise ValueError(f"{fn}: init_scale {init_scale} is outside [min_scale, max_scale]")
@@ -207,7 +231,7 @@ class DynamicLossScaler:
         """For an optimizer that unscales inside its kernel: one read of the (scaled) grads, no write.
 
         Computes the norm of the scaled grads (one launch), sets :attr:`found_inf` if it is not finite (an inf
-        or nan grad, or a sum of squares that overflows fp32, which also calls for a smaller scale), and
+        or nan grad, or a norm past float32's range, which also calls for a smaller scale), and
         returns ``(grad_scale, norm)``: ``norm`` is the unscaled grads' norm (0-d fp32), and ``grad_scale``
         (1-element fp32) the number to divide the grads by: the loss scale, divided by the clip coefficient
         ``min(1, max_norm / (norm + 1e-6))`` when ``max_norm`` is given. Pass it as ``grad_scale`` and
@@ -248,7 +272,7 @@ class DynamicLossScaler:
         if found_inf is not None:
             functional._scalar_tensor("DynamicLossScaler.update", "found_inf", found_inf)
         flag = self._found_inf if found_inf is None else found_inf
-        f = (flag.reshape(1).to(self.device) > 0).reshape(1)
+        f = (flag.reshape(1).to(self.device) != 0).reshape(1)  # (any non-zero, nan included: as the steps read it)
         ok = ~f
         scale = self._scale
         self._min_scale_overflows.add_((f & (scale <= self.min_scale)).long())
@@ -374,15 +398,21 @@ class DynamicLossScaler:
         if not isinstance(consecutive_hysteresis, bool):
             raise TypeError(f"{fn}: consecutive_hysteresis must be a bool, got {consecutive_hysteresis!r}")
         scale = _number(fn, "scale", state_dict["scale"])
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"{fn}: scale must be a finite number > 0, got {scale}")
-        growth_tracker = _count(fn, "growth_tracker", state_dict["growth_tracker"])
+        _check_scale(fn, "scale", scale)
+        # (compared as float32, as the scale tensor holds them: a saved scale of min_scale=0.7 reads 0.69999999)
+        low, high = _fp32(hyper["min_scale"]), None if hyper["max_scale"] is None else _fp32(hyper["max_scale"])
+        if _fp32(scale) < low or (high is not None and _fp32(scale) > high):
+            raise ValueError(f"{fn}: scale {scale} is outside [min_scale, max_scale] ([{hyper['min_scale']}, "
+                             f"{hyper['max_scale']}])")  # fmt: skip
+        # (int32 growth counter: it is incremented before it is compared with growth_interval)
+        growth_tracker = _count(fn, "growth_tracker", state_dict["growth_tracker"], _INT32_MAX - 1)
         hysteresis_tracker = _count(fn, "hysteresis_tracker", state_dict["hysteresis_tracker"], hyper["hysteresis"])
-        skipped = _count(fn, "skipped_steps", state_dict.get("skipped_steps", 0))
-        consecutive = _count(fn, "consecutive_skipped", state_dict.get("consecutive_skipped", 0))
+        # (int64 counters, each incremented by a skipped step)
+        skipped = _count(fn, "skipped_steps", state_dict.get("skipped_steps", 0), _INT64_MAX - 1)
+        consecutive = _count(fn, "consecutive_skipped", state_dict.get("consecutive_skipped", 0), _INT64_MAX - 1)
         if consecutive > skipped:
             raise ValueError(f"{fn}: consecutive_skipped ({consecutive}) exceeds skipped_steps ({skipped})")
-        min_overflows = _count(fn, "min_scale_overflows", state_dict.get("min_scale_overflows", 0))
+        min_overflows = _count(fn, "min_scale_overflows", state_dict.get("min_scale_overflows", 0), _INT64_MAX - 1)
 
         self.growth_factor = float(hyper["growth_factor"])
         self.backoff_factor = float(hyper["backoff_factor"])

@@ -819,6 +819,8 @@ def test_scaler_load_state_dict_property(drawn):
          or sd["hysteresis_tracker"] <= hysteresis)
         and ("consecutive_skipped" in bad or sd.get("consecutive_skipped", 0) <= sd.get("skipped_steps", 0))
         and ("max_scale" in bad or sd.get("max_scale") is None or sd["max_scale"] >= sd.get("min_scale", 1.0))
+        and ("scale" in bad or "min_scale" in bad or "max_scale" in bad
+             or sd.get("min_scale", 1.0) <= sd["scale"] <= (sd.get("max_scale") or math.inf))
     )  # fmt: skip
     try:
         scaler.load_state_dict(sd)
@@ -826,7 +828,8 @@ def test_scaler_load_state_dict_property(drawn):
         assert str(e).strip("'\"").startswith("DynamicLossScaler.load_state_dict: "), e
         assert bad or not relations_ok, f"a good state dict was refused: {e}"
         if bad:
-            assert any(k in str(e) for k in bad + ["hysteresis_tracker", "consecutive_skipped", "max_scale"]), e
+            related = ["hysteresis_tracker", "consecutive_skipped", "max_scale", "scale"]
+            assert any(k in str(e) for k in bad + related), e
         assert_unchanged(before, snapshot(scaler))
         return
     assert not bad and relations_ok, f"a bad state dict was loaded: {bad}"

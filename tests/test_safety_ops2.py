@@ -179,3 +179,53 @@ def test_prepared_set_grads_refuses_a_grad_overlapping_a_written_tensor():
     exp_avg = step2._written_roles[1][1][0]
     expect_error_unchanged(lambda: step2.set_grads([exp_avg]), ValueError, "share memory", exp_avg)
     step.set_grads([torch.randn(N)])  # a good grad still goes in
+
+
+# -- DynamicLossScaler: values its float32 / int32 / int64 device tensors cannot hold ------------------------------
+LOAD_CASES = {
+    "growth_tracker 2**40": (dict(growth_tracker=2**40), "growth_tracker"),
+    "skipped_steps 2**63": (dict(skipped_steps=2**63, consecutive_skipped=0), "skipped_steps"),
+    "min_scale_overflows 2**64": (dict(min_scale_overflows=2**64), "min_scale_overflows"),
+    "consecutive_skipped 2**63": (dict(skipped_steps=2**62, consecutive_skipped=2**63), "consecutive_skipped"),
+    "hysteresis 2**40": (dict(hysteresis=2**40, hysteresis_tracker=1), "hysteresis"),
+    "scale 1e-46": (dict(scale=1e-46, min_scale=1e-46), "min_scale"),
+    "scale 1e-46 below min_scale": (dict(scale=1e-46), "scale"),
+    "scale 1e39": (dict(scale=1e39), "scale"),
+    "scale below min_scale": (dict(scale=0.5, min_scale=1.0), "scale"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_CASES))
+def test_scaler_load_refuses_out_of_range_fields_and_changes_nothing(case):
+    """Before, growth_tracker=2**40 set the scale and the factors, then raised torch's int32 overflow (no field
+    named); a scale of 1e-46 loaded as 0.0; hysteresis=2**40 overflowed in the next update()."""
+    from fused_ops import DynamicLossScaler
+
+    bad, names = LOAD_CASES[case]
+    scaler = DynamicLossScaler(init_scale=1024.0, device="cpu")
+    state = {**scaler.state_dict(), "scale": 8.0, "growth_factor": 4.0, "backoff_factor": 0.25, **bad}
+    hyper = (scaler.growth_factor, scaler.backoff_factor, scaler.hysteresis, scaler.min_scale)
+    err = expect_error_unchanged(lambda: scaler.load_state_dict(state), ValueError, names, scaler)
+    assert names in str(err)
+    assert (scaler.growth_factor, scaler.backoff_factor, scaler.hysteresis, scaler.min_scale) == hyper
+
+
+@pytest.mark.parametrize("kwargs, names", [(dict(init_scale=1e-46, min_scale=1e-46), "init_scale"),
+                                           (dict(init_scale=1e39, max_scale=None), "init_scale"),
+                                           (dict(hysteresis=2**40), "hysteresis"),
+                                           (dict(growth_interval=2**40), "growth_interval")])  # fmt: skip
+def test_scaler_refuses_values_its_tensors_cannot_hold(kwargs, names):
+    from fused_ops import DynamicLossScaler
+
+    with pytest.raises(ValueError, match=names):
+        DynamicLossScaler(device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("flag", [float("nan"), -1.0])
+def test_scaler_update_reads_any_non_zero_flag_as_a_skipped_step(flag):
+    """Before, nan or -1 skipped adam_'s step but counted as a good step in update() (the scale grew)."""
+    from fused_ops import DynamicLossScaler
+
+    scaler = DynamicLossScaler(init_scale=1024.0, growth_interval=1, device="cpu")
+    scaler.update(torch.tensor([flag]))
+    assert scaler.skipped_steps == 1 and scaler.get_scale() == 512.0
