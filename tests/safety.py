@@ -114,8 +114,18 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
         x = x.to_dense()
     if not x.numel():
         return torch.empty(0, dtype=torch.uint8)
+    if x.is_meta or not _within_storage(x):  # no data: compared by metadata (reading would crash)
+        return torch.tensor([x.is_meta, x.untyped_storage().nbytes() if not x.is_meta else 0])
     flat = torch.empty(x.numel(), dtype=x.dtype).copy_(x.reshape(-1))  # (a fresh, truly contiguous copy)
     return flat.view(torch.uint8)
+
+
+def _within_storage(x: torch.Tensor) -> bool:
+    """Every element of ``x`` lies inside its storage (not so after ``untyped_storage().resize_(0)``)."""
+    if x.data_ptr() == 0:
+        return False
+    last = x.storage_offset() + sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if st > 0)
+    return x.untyped_storage().nbytes() >= (last + 1) * x.element_size()
 
 
 def _meta(t: torch.Tensor) -> tuple:

@@ -217,7 +217,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     - ``_make_launcher(group, part, grads)``: the prepared Triton launch of a part (``part.roles`` holds the state
       lists by key); ``_launch(part, group, lr, values, grad_scale, found_inf)`` calls it;
       ``_run_reference(part, grads, group, lr, values, grad_scale, found_inf)``: the CPU path;
-    - ``_step_traced``: the step under ``torch.compile`` (a functional op, or plain torch).
+    - ``_traced_group_calls(gi, group)`` and ``_step_traced``: the step under ``torch.compile`` (the custom ops on
+      plain tensors, see :meth:`_traced_calls`).
 
     Extra group keys of this package (``master_weights``, ``backend``) are left out of ``state_dict()`` where they
     hold the constructor's value, so a dict has torch.optim's keys (DCP loads a checkpoint only into a dict whose
@@ -285,7 +286,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The step under ``torch.compile``: the calls :meth:`_traced_calls` prepares, handed to a module-level
+        function that Dynamo traces (its graph holds one custom op per part)."""
         raise NotImplementedError
+
+    def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
+        """The custom-op calls of ``group`` (after every check, its states created): plain tensors and values."""
+        raise NotImplementedError
+
+    @torch.compiler.disable
+    def _traced_calls(self) -> list[tuple]:
+        """For ``_step_traced``, run eagerly (Dynamo does not trace it, it breaks the graph around it): every group's
+        params, grads, states and values checked (``_check_all_groups``, and no two params or states sharing memory)
+        before any state is created, then every group's states created and its calls built on plain tensors (the
+        local shards of DTensors). A bad group raises with nothing changed; what the traced graph receives are plain
+        tensors, so it never traces DTensor unwrapping or the creation of states (which Dynamo could half do)."""
+        self._check_all_groups()
+        self._check_no_shared_memory()
+        calls = []
+        for gi, group in enumerate(self.param_groups):
+            calls += self._traced_group_calls(gi, group)
+        return calls
 
     def _check_all_groups(self) -> None:
         """For ``_step_traced``: every group's params, grads, states and step values checked before any group is
@@ -293,6 +314,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._check_params(gi, [p for p in group["params"] if p.grad is not None], group)
             self._check_step_values(gi, group)
+            _check_lr_memory(gi, group["lr"])
 
     def _traced_parts(self, gi: int, group: dict[str, Any], part_key: Callable | None = None) -> list[_Part]:
         """For ``_step_traced``, after ``_check_all_groups`` (which checked these params, grads and states; checking
@@ -365,6 +387,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{name}: {where} or its grad is a {type(p).__name__}/{type(g).__name__} on "
                                 f"{p.device}, not a tensor with memory of its own (a DTensor, a plain tensor "
                                 "or a Parameter is needed)")  # fmt: skip
+            for what, t in (("", p), ("the grad of ", g)):
+                if _outside_storage(t):
+                    raise ValueError(f"{name}: {what}{where} lies outside its storage (a storage freed or shrunk in "
+                                     "place, e.g. by untyped_storage().resize_(0))")  # fmt: skip
             if g.dtype != p.dtype:
                 raise TypeError(f"{name}: the grad of {where} is {g.dtype} but the param is {p.dtype}")
             if g.shape != p.shape:
@@ -374,7 +400,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not p.is_contiguous():
                 raise ValueError(f"{name} needs contiguous params; {where} is not contiguous")
             if group is not None:
-                self._check_state(where, params[i], self.state.get(params[i]), group)
+                self._check_state(where, params[i], self.state.get(params[i], {}), group)
 
     def _check_dtensor(self, where: str, p: Tensor, g: Tensor) -> None:
         """A DTensor param needs a DTensor grad on the same mesh with the same placements (a ``Partial`` grad must be
@@ -401,11 +427,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         read is fp32, on the param's device, contiguous, with the param's number of elements (DTensors: distributed
         like the param; their local shards are what is checked)."""
         name = type(self).__name__
+        if not isinstance(st, dict):
+            raise TypeError(f"{name}: the state of {where} must be a dict, got {type(st).__name__}")
         if not st:
             return
         p_wrapper, p = p, _local(p)
-        if not isinstance(st, dict):
-            raise TypeError(f"{name}: the state of {where} must be a dict, got {type(st).__name__}")
         for key in (("step",) if self._has_step else ()) + tuple(self._required_state_keys):
             if key not in st:
                 raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
@@ -438,6 +464,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{p.numel()}, so it must have {numel}")  # fmt: skip
             if not t.is_contiguous():
                 raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
+            if _outside_storage(t):
+                raise ValueError(f"{name}: state {key!r} of {where} lies outside its storage (a storage freed or "
+                                 "shrunk in place, e.g. by untyped_storage().resize_(0))")  # fmt: skip
             if any(t is x for x in (p, p.grad)) or t.data_ptr() == p.data_ptr() and t.numel():
                 raise ValueError(f"{name}: state {key!r} of {where} shares memory with the param")
         if self._has_step:
@@ -445,6 +474,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(step, Tensor):
                 if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
                     raise ValueError(f"{name}: state 'step' of {where} must be a real 1-element tensor or a number")
+                step = _local(step)
+                if first_without_storage([step]) is not None or _outside_storage(step):
+                    raise TypeError(f"{name}: state 'step' of {where} must be a tensor with memory, got a "
+                                    f"{type(step).__name__} on {step.device}")  # fmt: skip
+                if step.device not in (p.device, torch.device("cpu")):
+                    raise ValueError(f"{name}: state 'step' of {where} is on {step.device}; it must be on the param's "
+                                     f"device ({p.device}) or the CPU")  # fmt: skip
             elif isinstance(step, bool) or not isinstance(step, int | float) or not (math.isfinite(step) and step >= 0):
                 raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {step!r}")
 
@@ -516,9 +552,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._state_keys(group):
             if key not in state and self._wants_state(group, key, p):
                 state[key] = self._new_state_tensor(group, key, p)
-        if self._uses_master(group, p) and MASTER_KEY not in state:
-            # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
-            state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        if self._uses_master(group, p):
+            if MASTER_KEY not in state:
+                # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
+                state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        elif MASTER_KEY in state:
+            # Masters turned off for this group: the param is updated as it is and is the truth from now on; a master
+            # kept would be stale, and would rewind the param if masters were turned on again.
+            del state[MASTER_KEY]
         return state
 
     def _tensor_state_keys(self) -> set[str]:
@@ -699,6 +740,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
         grad_scale, found_inf = self._check_scaling(grad_scale, found_inf)
+        if not torch.compiler.is_compiling():  # (fake tensors have no memory; the eager call checks them)
+            for what, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+                if isinstance(t, Tensor) and (first_without_storage([t]) is not None or _outside_storage(t)):
+                    raise ValueError(f"{what} must be a tensor with memory (the step reads it on the device), got "
+                                     f"a {type(t).__name__} on {t.device}")  # fmt: skip
 
         if torch.compiler.is_compiling():
             self._step_traced(grad_scale, found_inf)
@@ -714,6 +760,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
+            _check_lr_memory(gi, group["lr"])
             plan = self._plans.get(gi)
             current = plan.current_grads(self, group, self.state) if plan is not None else None
             if current is None:
@@ -750,7 +797,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_no_shared_memory(self) -> None:
         """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
         launch: overlapping tensors would race). Run when a plan is (re)built, not at every step."""
-        params, states = [], []
+        params, states, steps = [], [], []
         keys = self._tensor_state_keys()
         for group in self.param_groups:
             for p in group["params"]:
@@ -759,9 +806,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     st = self.state.get(p)
                     if st:
                         states.extend(_local(v) for k, v in st.items() if k in keys and isinstance(v, Tensor))
-        # (params and states are contiguous: the checked step verified it before this runs)
-        check_memory(f"{type(self).__name__} (params with grads of every group, in order, and their states)",
-                     [("params", params, True, True, True), ("states", states, True, True, True)])  # fmt: skip
+                        if isinstance(st.get("step"), Tensor):
+                            steps.append(_local(st["step"]))
+        # (params and states are contiguous: the checked step verified it before this runs; a step count is one
+        # element, which the launch reads and writes: shared by two params, or inside a moment, it would race)
+        check_memory(f"{type(self).__name__} (params with grads of every group, in order, their states and their "
+                     "step counts)", [("params", params, True, True, True), ("states", states, True, True, True),
+                                      ("step counts", steps, True, True, False)])  # fmt: skip
 
     @staticmethod
     def _check_scaling(grad_scale: Any, found_inf: Any) -> tuple[Tensor | float | None, Tensor | None]:
@@ -785,6 +836,29 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"found_inf must be a 1-element floating-point tensor, got shape "
                                  f"{tuple(found_inf.shape)} and dtype {found_inf.dtype}")  # fmt: skip
         return grad_scale, found_inf
+
+
+def _check_lr_memory(gi: int, lr: Any) -> None:
+    """A tensor ``lr`` is read on the device (copied to it, or by the kernel through its address): it must have
+    memory (not a meta tensor nor a wrapper subclass), checked with every group's values before any group runs."""
+    if isinstance(lr, Tensor) and not torch.compiler.is_compiling():
+        if first_without_storage([lr]) is not None or _outside_storage(lr):
+            raise ValueError(f"Tensor lr of param group {gi} must be a tensor with memory, got a {type(lr).__name__} "
+                             f"on {lr.device}")  # fmt: skip
+
+
+def _outside_storage(t: Tensor) -> bool:
+    """Whether some element of ``t`` lies outside its storage: a storage freed or shrunk in place
+    (``t.untyped_storage().resize_(0)``, as FSDP frees params) leaves the tensor's sizes as they were, and a launch on
+    it would write freed memory. (A storage resized in place gets a new address, so a plan's address checks send it
+    here.)"""
+    n = t.numel()
+    if n == 0:
+        return False
+    if t.data_ptr() == 0:
+        return True
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride > 0)
+    return t.untyped_storage().nbytes() < (last + 1) * t.element_size()
 
 
 def _shaped_like(t: Tensor, p: Tensor) -> Tensor:
@@ -817,6 +891,9 @@ class _Part:
 
 _GRAD = operator.attrgetter("grad")
 _DATA_PTR = Tensor.data_ptr
+_STORAGE_OFFSET = Tensor.storage_offset
+_UNTYPED_STORAGE = Tensor.untyped_storage
+_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 class _GroupPlan:
@@ -864,7 +941,13 @@ class _GroupPlan:
         self.wrapper_meta = _MetaGuard(params) if self.dtensor else None
         self.grad_specs = [_spec(p.grad) for p in params] if self.dtensor else None
         watched = {*opt._state_keys(group), "step", MASTER_KEY}
-        self.state_wrapped = [v for st in states for k, v in st.items() if k in watched and isinstance(v, Tensor)]
+        entries = [(st, k, v) for st in states for k, v in st.items() if k in watched and isinstance(v, Tensor)]
+        self.state_wrapped = [v for _, _, v in entries]
+        # Where each state tensor is kept: read again at every step, as the launch must use what ``optimizer.state``
+        # holds now even when it was changed behind the counter's back (``dict.update(state[p], ...)``).
+        self.state_dicts = list(states)
+        self.state_owners = [st for st, _, _ in entries]
+        self.state_key_names = [k for _, k, _ in entries]
         self.state_tensors = [_local(t) for t in self.state_wrapped] if self.dtensor else self.state_wrapped
         self.state_addrs = [t.data_ptr() for t in self.state_tensors]
         self.state_meta = _MetaGuard(self.state_tensors)
@@ -880,6 +963,8 @@ class _GroupPlan:
         grads = [g if g.is_contiguous() else g.contiguous() for g in originals]
         self.grad_addrs = [g.data_ptr() for g in grads]
         self.grad_meta = _MetaGuard(originals)
+        self.grad_nbytes = [g.nbytes for g in originals]
+        self.grad_itemsizes = [g.element_size() for g in originals]
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
         master_on = group["master_weights"]
         keys: dict[tuple, list[int]] = {}
@@ -927,6 +1012,10 @@ class _GroupPlan:
                 return None  # a param moved or changed (``p.data = ...``): the checked step
             if not self.grad_meta.check(grads):
                 return None  # a grad lost or changed: the checked step raises the error, or copies it
+            if not all(map(operator.is_, map(state.get, self.params), self.state_dicts)) or not all(
+                map(operator.is_, map(dict.get, self.state_owners, self.state_key_names), self.state_wrapped)
+            ):
+                return None  # a state dict or state tensor replaced without the counter seeing it: the checked step
             sts = self.state_tensors
             if self.dtensor and not all(map(operator.is_, map(_local, self.state_wrapped), sts)):
                 return None  # a DTensor state holds another local shard now
@@ -936,6 +1025,12 @@ class _GroupPlan:
         except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad
             return None
         if not still:
+            # New grads: each must lie inside its storage (a grad whose storage was freed or shrunk in place keeps its
+            # sizes; its bytes from its offset must fit: ~0.2 us a grad, only for grads that moved)
+            if not all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, grads),
+                                                              self.grad_itemsizes), self.grad_nbytes),
+                           map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads)))):  # fmt: skip
+                return None
             addrs = list(map(_DATA_PTR, grads))
             # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
             for part in self.parts:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from .. import _ops, functional
-from .._backend import check_backend, resolve_backend
+from .._backend import check_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
-from ._base import MASTER_KEY, FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
+from ._base import FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
 # In state dicts, 8-bit codes are saved under keys of their own: a loader expecting fp32 moments under ``exp_avg``
@@ -591,89 +591,52 @@ class FusedAdam(FusedOptimizer):
         return st
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: the functional API, so the traced graph holds the custom op (low-bit
-        states: the plain-torch step, traced with graph breaks where it reads scalars)."""
-        self._check_all_groups()
-        for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            self._check_params(gi, params, group)
-            beta1, beta2, eps, weight_decay = self._check_step_values(gi, group)
-            if not params:
-                continue
-            states = [self._init_state(group, p) for p in params]
-            if _group_state(group) != "fp32" or group.get("stochastic_rounding") or group.get("kahan_summation"):
-                self._step_lowbit_traced(gi, group, params, states, (beta1, beta2, eps, weight_decay), grad_scale,
-                                         found_inf)  # fmt: skip
-                continue
-            device = params[0].device
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.device != device:
-                lr = lr.to(device)
-            for master in (False, True):
-                idx = [i for i, s in enumerate(states) if (MASTER_KEY in s and group["master_weights"]) == master]
-                if not idx:
-                    continue
-                ps = [params[i] for i in idx]
-                ss = [states[i] for i in idx]
-                functional.adam_(
-                    ps,
-                    [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in ps],
-                    [s["exp_avg"] for s in ss],
-                    [s["exp_avg_sq"] for s in ss],
-                    [s["max_exp_avg_sq"] for s in ss] if group["amsgrad"] else None,
-                    [s["step"] for s in ss],
-                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    grad_scale=None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
-                                                                               device=device).reshape(1),
-                    found_inf=None if found_inf is None else found_inf.to(device),
-                    master_params=[s[MASTER_KEY] for s in ss] if master else None,
-                    backend=group["backend"],
-                )  # fmt: skip
+        _adam_calls(self._traced_calls(), grad_scale, found_inf)
 
-    def _step_lowbit_traced(self, gi, group, params, states, values, grad_scale, found_inf) -> None:
-        """Low-bit states under ``torch.compile``: one ``fused_ops::adam_lowbit_`` custom op per params' dtype (the
-        traced graph holds the op; its body is the launcher or the plain-torch step)."""
-        beta1, beta2, eps, weight_decay = values
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            idx = [i for i, p in enumerate(params) if p.dtype == dtype]
-            if not idx:
-                continue
-            ps = [_local(params[i]) for i in idx]
-            ss = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in states[i].items()} for i in idx]
-            part = _Part.__new__(_Part)
-            part.params = ps
-            part.roles = {k: [s[k] for s in ss] for k in self._state_keys(group) if all(k in s for s in ss)}
-            part.steps = [s["step"] for s in ss]
-            part.masters = [s[MASTER_KEY] for s in ss] if all(MASTER_KEY in s for s in ss) else []
+    def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
+        """One call per part, as the eager plan splits the group: ``fused_ops::adam_`` (fp32 moments, fp32 params or
+        masters) or ``fused_ops::adam_lowbit_`` (low-bit moments, stochastic rounding, Kahan)."""
+        values = self._check_step_values(gi, group)
+        flags = (bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
+        calls = []
+        for part in self._traced_parts(gi, group):
+            r = part.roles
             lowbit = self._lowbit(group, part)
-            device = ps[0].device
-            if lowbit is None:  # (fp32 moments, and fp32 params or masters: Adam's own op)
-                functional.adam_(
-                    ps, [_local(params[i].grad).contiguous() for i in idx], part.roles["exp_avg"],
-                    part.roles["exp_avg_sq"], None, part.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps,
-                    weight_decay=weight_decay, amsgrad=False, maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    grad_scale=None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
-                                                                               device=device).reshape(1),
-                    found_inf=None if found_inf is None else found_inf.to(device),
-                    master_params=part.masters or None, backend=group["backend"],
-                )  # fmt: skip
-                continue
-            lr = group["lr"]
-            lr_tensor = (lr if lr.device == device else lr.to(device)) if isinstance(lr, Tensor) else None
-            scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
-                                                                    device=device).reshape(1)  # fmt: skip
-            _ops.adam_lowbit_(
-                ps, [_local(params[i].grad).contiguous() for i in idx], part.roles["exp_avg"],
-                part.roles["exp_avg_sq"], part.steps, list(lowbit.get("exp_avg_scales", ())),
-                list(lowbit.get("exp_avg_sq_scales", ())), list(lowbit.get("master_params", part.masters)),
-                list(lowbit.get("kahan_comps", ())), lowbit["state"], lowbit["param_sr"], lowbit["seed"],
-                0.0 if lr_tensor is not None else float(lr), lr_tensor, beta1, beta2, eps, weight_decay,
-                bool(group["maximize"]), bool(group["decoupled_weight_decay"]), scale,
-                None if found_inf is None else found_inf.to(device), resolve_backend(group["backend"], device),
+            if lowbit is None:
+                states = (r["exp_avg"], r["exp_avg_sq"], r["max_exp_avg_sq"] if group["amsgrad"] else None)
+                calls.append((None, part.params, part.launcher, states, part.steps, part.masters, group["lr"],
+                              values, flags, part.device, part.backend))  # fmt: skip
+            else:
+                lowbit = {k: list(v) if isinstance(v, list | tuple) else v for k, v in lowbit.items()}
+                calls.append((lowbit, part.params, part.launcher, (r["exp_avg"], r["exp_avg_sq"]), part.steps,
+                              part.masters, group["lr"], values, flags, part.device, part.backend))  # fmt: skip
+        return calls
+
+
+def _adam_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """The custom-op calls of a traced step (one per part), in a frame of their own that Dynamo captures (see
+    ``fused_ops.optim.sgd._sgd_calls``)."""
+    for lowbit, params, grads, states, steps, masters, lr, values, flags, device, backend in calls:
+        beta1, beta2, eps, weight_decay = values
+        amsgrad, maximize, decoupled = flags
+        lr_tensor = (lr if lr.device == device else lr.to(device)) if isinstance(lr, Tensor) else None
+        scale = None if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32,
+                                                                device=device).reshape(1)  # fmt: skip
+        inf = None if found_inf is None else found_inf.to(device)
+        if lowbit is None:
+            functional.adam_(
+                params, grads, states[0], states[1], states[2], steps, lr=lr if lr_tensor is None else lr_tensor,
+                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                decoupled_weight_decay=decoupled, grad_scale=scale, found_inf=inf, master_params=masters or None,
+                backend=backend,
             )  # fmt: skip
+            continue
+        _ops.adam_lowbit_(
+            params, grads, states[0], states[1], steps, lowbit["exp_avg_scales"], lowbit["exp_avg_sq_scales"],
+            lowbit["master_params"], lowbit["kahan_comps"], lowbit["state"], lowbit["param_sr"], lowbit["seed"],
+            0.0 if lr_tensor is not None else float(lr), lr_tensor, beta1, beta2, eps, weight_decay, maximize,
+            decoupled, scale, inf, backend,
+        )  # fmt: skip
 
 
 class FusedAdamW(FusedAdam):

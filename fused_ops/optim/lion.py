@@ -116,16 +116,13 @@ class FusedLion(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: one ``fused_ops::lion_`` custom op per part, every state created before
-        the first (see :func:`_lion_calls`)."""
-        self._check_all_groups()
-        calls = []
-        for gi, group in enumerate(self.param_groups):
-            values = (*self._check_step_values(gi, group), bool(group["maximize"]))
-            for part in self._traced_parts(gi, group):
-                calls.append((part.params, part.launcher, part.roles["exp_avg"], part.masters, group["lr"], values,
-                              part.device, part.backend))  # fmt: skip
-        _lion_calls(calls, grad_scale, found_inf)
+        _lion_calls(self._traced_calls(), grad_scale, found_inf)
+
+    def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
+        """One ``fused_ops::lion_`` call per part."""
+        values = (*self._check_step_values(gi, group), bool(group["maximize"]))
+        return [(part.params, part.launcher, part.roles["exp_avg"], part.masters, group["lr"], values, part.device,
+                 part.backend) for part in self._traced_parts(gi, group)]  # fmt: skip
 
 
 def _lion_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:

@@ -152,29 +152,26 @@ class FusedSGD(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The step under ``torch.compile``: one ``fused_ops::sgd_`` custom op per part (new buffers apart), every
-        state created before the first (see :func:`_sgd_calls`)."""
-        self._check_all_groups()
+        _sgd_calls(self._traced_calls(), grad_scale, found_inf)
+
+    def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
+        """One ``fused_ops::sgd_`` call per part (new buffers apart)."""
+        momentum, dampening, weight_decay = self._check_step_values(gi, group)
+        flags = (bool(group["nesterov"]), bool(group["maximize"]))
         calls = []
-        for gi, group in enumerate(self.param_groups):
-            momentum, dampening, weight_decay = self._check_step_values(gi, group)
-            flags = (bool(group["nesterov"]), bool(group["maximize"]))
-            for part in self._traced_parts(gi, group, lambda p, m=momentum: (m != 0 and not self.state.get(p),)):
-                values = (momentum, dampening, weight_decay, *flags, part.key[0])
-                calls.append((part.params, part.launcher, part.roles.get("momentum_buffer", []), part.masters,
-                              group["lr"], values, part.device, part.backend))  # fmt: skip
-            self._new_buffers.clear()
-        _sgd_calls(calls, grad_scale, found_inf)
+        for part in self._traced_parts(gi, group, lambda p, m=momentum: (m != 0 and not self.state.get(p),)):
+            values = (momentum, dampening, weight_decay, *flags, part.key[0])
+            calls.append((part.params, part.launcher, part.roles.get("momentum_buffer", []), part.masters,
+                          group["lr"], values, part.device, part.backend))  # fmt: skip
+        self._new_buffers.clear()
+        return calls
 
 
 def _sgd_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-    """The ``fused_ops::sgd_`` calls of a traced step (one per part), in a frame of their own that Dynamo captures.
-
-    Dynamo cannot trace the step's checks (a data-pointer comparison) nor the creation of states (the counting state
-    dicts). It breaks the graph at the call of ``_step_traced`` and runs that as a frame of its own, which it skips
-    (no tensor in its arguments without a grad scaler) or, after a graph break in its loop at the first step, gives up
-    on for good: an op called there ran outside every graph. This frame holds the tensors in its arguments and never
-    breaks the graph, so Dynamo compiles it and its graph holds the ops."""
+    """The ``fused_ops::sgd_`` calls of a traced step (one per part), in a frame of their own that Dynamo captures:
+    :meth:`FusedOptimizer._traced_calls` ran eagerly (the checks compare data pointers; states are created), and this
+    frame, whose arguments hold plain tensors and which never breaks the graph, is compiled with the ops in its
+    graph."""
     for params, grads, buffers, masters, lr, values, device, backend in calls:
         lr, lr_tensor, scale, inf = _traced_scalars(lr, grad_scale, found_inf, device)
         _ops.sgd_(params, grads, buffers, masters, lr, lr_tensor, *values, scale, inf, backend)

@@ -1,0 +1,172 @@
+"""Safety tier: what a training loop (or a library under it) may do to params, grads and states between steps, once a
+step plan is cached: storages freed or shrunk in place, a tensor ``lr`` without memory in a later group, step counts
+that share memory, state tensors replaced behind ``optimizer.state``'s back, master weights turned off and on, and
+states that are not dicts. Every optimizer of the family, both backends; cases that crashed the process before their
+fix run in a forked child (``isolated``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_ops
+from tests.safety import assert_unchanged, expect_error_unchanged, isolated, snapshot
+
+pytestmark = pytest.mark.safety
+
+BACKENDS = ["triton", "reference"]
+VARIANTS = {
+    "adamw": lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, weight_decay=0.1, backend=b),
+    "adamw_int8": lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, state_dtype="int8", backend=b),
+    "sgd": lambda ps, b: fused_ops.FusedSGD(ps, lr=1e-2, momentum=0.9, backend=b),
+    "lion": lambda ps, b: fused_ops.FusedLion(ps, lr=1e-3, backend=b),
+}
+SIZES = [(3, 5), (300,), (7,)]
+
+
+def _params(sizes=SIZES, dtype=torch.float32):
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def _stepped(name, backend, params=None, steps=2):
+    params = _params() if params is None else params
+    opt = VARIANTS[name](params, backend)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("what,nbytes", [("param", 0), ("grad", 0), ("grad", 16), ("state", 16)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+@isolated
+def test_storage_freed_or_shrunk_in_place(name, backend, what, nbytes):
+    """``untyped_storage().resize_(0)`` (how FSDP frees a param) or to 16 bytes leaves the tensor's sizes: the step
+    launched on a null or a 16-byte buffer (SIGSEGV, or heap corruption: ``free(): invalid size``). Now a clear
+    ValueError naming the tensor, with every other tensor unchanged."""
+    params, opt = _stepped(name, backend)
+    p = params[1]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    victim = {"param": p, "grad": p.grad, "state": next(v for k, v in sorted(opt.state[p].items()) if k != "step")}
+    with torch.no_grad():
+        victim[what].untyped_storage().resize_(nbytes)
+    err = expect_error_unchanged(opt.step, ValueError, "outside its storage", opt)
+    assert "param 1 of param group 0" in str(err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_tensor_lr_without_memory_in_a_later_group(name, backend):
+    """A tensor lr on the meta device in group 1: refused naming the group before group 0 is stepped (it had been
+    stepped, then ``Cannot copy out of meta tensor``)."""
+    a, b = _params([(5,)]), _params([(6,)])
+    opt = VARIANTS[name]([{"params": a}, {"params": b}], backend)
+    opt.step()
+    opt.param_groups[1]["lr"] = torch.tensor(1e-2, device="meta")
+    expect_error_unchanged(opt.step, ValueError, "lr of param group 1", opt)
+    opt.param_groups[1]["lr"] = 1e-3
+    opt.step()
+    for what in ("grad_scale", "found_inf"):
+        meta = {what: torch.ones(1, device="meta")}
+        expect_error_unchanged(lambda: opt.step(**meta), ValueError, what, opt)  # noqa: B023 (called at once)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adamw", "adamw_int8"])
+def test_step_counts_sharing_memory(name, backend):
+    """A step count shared by two params, or a view into a moment: the launch reads and writes it (the kernel's
+    programs race on it). Refused like any shared memory, with nothing changed."""
+    for case in ("shared", "in a moment"):
+        params, opt = _stepped(name, backend)
+        st0, st1 = opt.state[params[0]], opt.state[params[1]]
+        if case == "shared":
+            st1["step"] = st0["step"]
+        else:
+            st1["step"] = torch.zeros(300, dtype=torch.float32)
+            st1["exp_avg_sq"] = st1["step"] if name == "adamw" else st1["exp_avg_sq"]
+            st0["step"] = st1["step"][3] if name == "adamw" else st1["exp_avg_sq_scale"][1]
+            st1["step"] = torch.tensor(2.0)
+        expect_error_unchanged(opt.step, ValueError, "share memory|shares memory", opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_state_tensor_replaced_behind_the_counter(name, backend):
+    """``dict.update(opt.state[p], {...})`` (or ``dict.__setitem__``) replaces state tensors without the state's
+    mutation counter seeing it: the cached plan kept updating the old tensors. Now the step updates what
+    ``optimizer.state`` holds: the same as a twin whose state was replaced through ``opt.state[p][key] = ...``."""
+    params, opt = _stepped(name, backend)
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = VARIANTS[name](twin_params, backend)
+    twin.load_state_dict(opt.state_dict())
+    for p, q in zip(params, twin_params):
+        for key, v in sorted(opt.state[p].items()):
+            if key != "step" and v.is_floating_point():
+                new = torch.full_like(v, 0.5) if key != "exp_avg_sq" else torch.full_like(v, 0.25)
+                dict.update(opt.state[p], {key: new})
+                twin.state[q][key] = new.clone()
+    for p, q in zip(params, twin_params):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p.detach(), q.detach())
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, twin.state[q][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_master_weights_turned_off_then_on_again(name, backend):
+    """bf16 params with masters; masters off for some steps (the param is updated as it is, the master dropped);
+    on again: the master is rebuilt from the param. A master kept from before would rewind the param by the steps
+    taken without it."""
+    params = _params([(64,)], torch.bfloat16)
+    opt = VARIANTS[name](params, backend)
+    opt.param_groups[0]["master_weights"] = True
+    opt.step()
+    assert "master_param" in opt.state[params[0]]
+    opt.param_groups[0]["master_weights"] = False
+    for _ in range(3):
+        params[0].grad = torch.ones_like(params[0])
+        opt.step()
+    assert "master_param" not in opt.state[params[0]]
+    before = params[0].detach().float().clone()
+    opt.param_groups[0]["master_weights"] = True
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    assert (params[0].detach().float() - before).abs().max() <= 2 * lr + 2**-7 * before.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_states_that_are_not_dicts(name, backend):
+    """``opt.state[b] = None`` or ``[]``, or a step count on the meta device: refused naming the state, before any
+    state is created for a param that gets its first grad at this step (it had been created, then a TypeError from
+    inside the step)."""
+    a, b = _params([(5,)]), _params([(6,)])
+    c = torch.nn.Parameter(torch.randn(4))
+    opt = VARIANTS[name]([{"params": a + [c]}, {"params": b}], backend)
+    opt.step()
+    c.grad = torch.randn_like(c)
+    for bad in (None, []):
+        opt.state[b[0]] = bad
+        err = expect_error_unchanged(opt.step, TypeError, "must be a dict", opt)
+        assert "param group 1" in str(err) and c not in opt.state
+        del opt.state[b[0]]
+    if name.startswith("adamw"):
+        opt.step()
+        opt.state[b[0]]["step"] = torch.tensor(1.0, device="meta")
+        before = snapshot(opt)
+        with pytest.raises(TypeError, match="'step'"):
+            opt.step()
+        assert_unchanged(before, snapshot(opt))
