@@ -100,7 +100,7 @@ def _norm_partials_kernel(
     numel_offset,
     chunk_tensor_offset,
     chunk_start_offset,
-    partials_ptr,  # fp32 [n_chunks]: one partial per program, no atomics
+    partials_ptr,  # fp64 [n_chunks]: one partial per program, no atomics
     p,  # runtime float: the norm's order, read when NORM == 3
     DTYPE: tl.constexpr,
     NORM: tl.constexpr,  # 0: inf (max |x|), 1: sum |x|, 2: sum x^2, 3: sum |x|^p
@@ -109,7 +109,9 @@ def _norm_partials_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     """partials[pid] = sum over the program's chunk of |x|^p (p = 1, 2 or any p > 0), or max |x| for
-    p = inf, accumulated in fp32 in a fixed order (elementwise over blocks, then a tree sum). The inf norm
+    p = inf, accumulated in fp64 in a fixed order (elementwise over blocks, then a tree sum): |x| is widened to
+    fp64 before the power, so 1e20^2 or 3^100 does not overflow nor 1e-30^2 underflow (the float64 value that
+    ``reference.grad_norm`` computes; fp32 accumulation returned inf or 0 there). The inf norm
     adds the sum of the chunk's nans (0 when there are none) to the max, because the hardware max drops
     nans: a chunk with a nan yields nan, as ``torch.linalg.vector_norm`` does.
     """
@@ -118,10 +120,10 @@ def _norm_partials_kernel(
     chunk_start = tl.multiple_of(tl.load(table_ptr + chunk_start_offset + pid), 16)  # CHUNK_SIZE % 16 == 0
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
     x_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
-    p = tl.cast(p, tl.float32)
+    p = tl.cast(p, tl.float64)
 
-    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    nan_probe = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)  # stays 0 unless a nan is added in
+    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
+    nan_probe = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)  # stays 0 unless a nan is added in
     for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
         offsets = block_start + tl.arange(0, BLOCK_SIZE)
         # Full blocks: a mask provably uniform per 16 lanes, so loads are vectorised; the tail is masked.
@@ -140,7 +142,7 @@ def _norm_partials_kernel(
 @triton.jit
 def _norm_block(x_ptr, offsets, mask, p, acc, nan_probe, DTYPE: tl.constexpr, NORM: tl.constexpr):
     """Fold one block into the running elementwise accumulators (see ``_norm_partials_kernel``)."""
-    x = load_fp32(x_ptr + offsets, mask, DTYPE)
+    x = load_fp32(x_ptr + offsets, mask, DTYPE).to(tl.float64)  # (exact: every fp32/bf16/fp16 value is a double)
     a = tl.abs(x)
     if NORM == 0:
         acc = tl.maximum(acc, a)
@@ -226,8 +228,8 @@ def norm_launch(
 ) -> torch.Tensor:
     """The ``norm_type``-norm of all elements of all ``tensors`` together, as a 0-d fp32 device tensor.
 
-    One launch writes one fp32 partial per chunk; the partials are then reduced by torch in float64 (a
-    sum, or a max for ``inf``) and the root taken in float64. No host sync; deterministic. ``norm_type`` is
+    One launch writes one fp64 partial per chunk (accumulated in fp64); the partials are then reduced by torch in
+    float64 (a sum, or a max for ``inf``) and the root taken in float64. No host sync; deterministic. ``norm_type`` is
     ``inf`` or any p > 0.
     """
     norm_type = float(norm_type)
@@ -241,7 +243,7 @@ def norm_launch(
     if table.n_chunks == 0:
         return torch.zeros((), dtype=torch.float32, device=device)
     norm = 0 if math.isinf(norm_type) else 1 if norm_type == 1.0 else 2 if norm_type == 2.0 else 3
-    partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
+    partials = torch.empty(table.n_chunks, dtype=torch.float64, device=device)
     use_on_current_stream(table)
     with torch.cuda.device(device) if tensors[0].is_cuda else contextlib.nullcontext():
         _norm_partials_kernel[(table.n_chunks,)](

@@ -229,3 +229,23 @@ def test_scaler_update_reads_any_non_zero_flag_as_a_skipped_step(flag):
     scaler = DynamicLossScaler(init_scale=1024.0, growth_interval=1, device="cpu")
     scaler.update(torch.tensor([flag]))
     assert scaler.skipped_steps == 1 and scaler.get_scale() == 512.0
+
+
+# -- the Triton norm accumulates in float64, as documented and as the reference does -------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value, dtype, p", [(1e20, torch.float32, 2.0), (1e30, torch.bfloat16, 2.0),
+                                             (3.0, torch.float32, 100.0), (1e-30, torch.float32, 2.0),
+                                             (1e-40, torch.float32, 2.0)])  # fmt: skip
+def test_grad_norm_is_the_float64_norm(value, dtype, p, backend):
+    """Before, Triton summed |x|^p in float32: inf for 1e20 (p=2) and 3.0 (p=100), 0 for 1e-30; clip_grad_norm_
+    then zeroed grads the reference clipped, and grad_scale_and_norm set found_inf where the reference did not."""
+    from fused_ops import DynamicLossScaler
+
+    x = torch.full((4,), value, dtype=dtype)
+    want = torch.linalg.vector_norm(x.double(), p).float()
+    got = functional.grad_norm([x], p, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    scaler = DynamicLossScaler(init_scale=1.0, device="cpu", backend=backend)
+    _, norm = scaler.grad_scale_and_norm([x], norm_type=p)
+    assert scaler.found_inf.item() == 0.0
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
