@@ -85,20 +85,31 @@ def run_tp(rank: int, world: int, out_dir: str) -> dict:
             o3.step()
         resume_exact = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ours, twin))
         dcp_exact = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ours, twin3))
-        # a grad with other placements, and a Partial grad: the same clear error on every rank, nothing changed
+        # grads of other placements on the param's mesh (Replicate for a Shard param; Partial, rank 0 holding the
+        # whole sum): redistributed to the param's placements for the step, as torch's DTensor ops do, and put back
+        _set_grads(ours, twin, mesh, STEPS + 2)
+        full = ours[0].grad.full_tensor()
+        for bad in (Replicate(), Partial()):
+            local = full if isinstance(bad, Replicate) or rank == 0 else torch.zeros_like(full)  # (sums to full)
+            ours[0].grad = given = DTensor.from_local(local, mesh, [bad], run_check=False, shape=ours[0].shape,
+                                                      stride=ours[0].stride())  # fmt: skip
+            o.step()
+            o2.step()
+            placements_ok &= ours[0].grad is given
+        other_placements_exact = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ours, twin))
+        # a grad that cannot be redistributed (a plain tensor): the same clear error on every rank, nothing changed
         before = [p.to_local().clone() for p in ours]
         errors = []
-        for bad in (Replicate(), Partial()):
-            ours[0].grad = DTensor.from_local(torch.zeros_like(ours[0].to_local()), mesh, [bad], run_check=False,
-                                              shape=ours[0].shape, stride=ours[0].stride())  # fmt: skip
-            try:
-                o.step()
-                errors.append("no error")
-            except ValueError as e:
-                errors.append(str(e))
+        ours[0].grad = torch.zeros(ours[0].shape)
+        try:
+            o.step()
+            errors.append("no error")
+        except (TypeError, ValueError) as e:
+            errors.append(str(e))
         unchanged = all(torch.equal(a.to_local(), b) for a, b in zip(ours, before))
         out[backend] = dict(err=err, placements_ok=placements_ok, resume_exact=resume_exact, dcp_exact=dcp_exact,
-                            errors=errors, unchanged=unchanged)  # fmt: skip
+                            errors=errors, unchanged=unchanged,
+                            other_placements_exact=other_placements_exact)  # fmt: skip
     dist.barrier()
     return out
 
@@ -204,10 +215,14 @@ def test_dtensor_state_dict_round_trips(tp_results, backend):
 
 @pytest.mark.safety
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dtensor_grad_of_other_placements_refused_on_every_rank(tp_results, backend):
+def test_dtensor_grads_of_other_placements(tp_results, backend):
+    """A grad of other placements on the param's mesh (Replicate for a Shard(0) param, a Partial grad of which each
+    rank holds a share) steps as its redistributed value would (torch's DTensor ops redistribute it implicitly), and
+    the param keeps the grad it was given; a plain-tensor grad raises the same clear error on every rank."""
     for rank, res in enumerate(tp_results):
         r = res[backend]
-        assert len(r["errors"]) == 2 and all("placements" in e and "param 0" in e for e in r["errors"]), r["errors"]
+        assert r["other_placements_exact"] and r["placements_ok"], (rank, r)
+        assert len(r["errors"]) == 1 and "DTensor" in r["errors"][0] and "param 0" in r["errors"][0], r["errors"]
         assert r["unchanged"], f"rank {rank}: a refused step changed a param"
     assert tp_results[0][backend]["errors"] == tp_results[1][backend]["errors"]
 

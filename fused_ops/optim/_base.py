@@ -301,11 +301,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         before any state is created, then every group's states created and its calls built on plain tensors (the
         local shards of DTensors). A bad group raises with nothing changed; what the traced graph receives are plain
         tensors, so it never traces DTensor unwrapping or the creation of states (which Dynamo could half do)."""
-        self._check_all_groups()
-        self._check_no_shared_memory()
-        calls = []
-        for gi, group in enumerate(self.param_groups):
-            calls += self._traced_group_calls(gi, group)
+        swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
+        try:
+            self._check_all_groups()
+            self._check_no_shared_memory()
+            calls = []
+            for gi, group in enumerate(self.param_groups):
+                calls += self._traced_group_calls(gi, group)
+        finally:
+            for p, g in swapped:
+                p.grad = g
         return calls
 
     def _check_all_groups(self) -> None:
@@ -749,9 +754,44 @@ class FusedOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             self._step_traced(grad_scale, found_inf)
             return loss
+        swapped = self._grads_to_param_placements()
+        try:
+            self._step_eager(grad_scale, found_inf)
+        finally:
+            for p, g in swapped:
+                p.grad = g
+        return loss
 
-        # Check everything first, so that bad input raises before any state is created or changed. A group whose
-        # plan still fits (same params, same places, grads that fit) skips the per-param checks and list building.
+    def _grads_to_param_placements(self) -> list[tuple[Tensor, Tensor]]:
+        """DTensor grads whose placements differ from their param's on the same mesh (a ``Partial`` grad of a
+        ``Replicate`` param, as tensor parallelism's ``SequenceParallel`` norms give): redistributed to the param's
+        placements for this step (what torch.optim's DTensor ops do implicitly: a ``Partial`` grad is all-reduced),
+        set as the param's grad until the step returns; returns the (param, original grad) pairs to put back.
+
+        Run first, before any check: every rank holds the same placements, so every rank runs the same collectives,
+        and a check that fails on one rank afterwards leaves no rank waiting in one."""
+        if _DTensor is None:
+            return []
+        swapped = []
+        for group in self.param_groups:
+            if not any(type(g) is _DTensor for g in map(_GRAD, group["params"])):
+                continue
+            for p in group["params"]:
+                g = p.grad
+                if (type(g) is _DTensor and _is_dtensor(p) and g.device_mesh == p.device_mesh
+                        and tuple(g.placements) != tuple(p.placements) and g.shape == p.shape):  # fmt: skip
+                    swapped.append((p, g))
+        for i, (p, g) in enumerate(swapped):
+            try:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+            except BaseException:
+                for q, h in swapped[:i]:
+                    q.grad = h
+                raise
+        return swapped
+
+    def _step_eager(self, grad_scale: Tensor | float | None, found_inf: Tensor | None) -> None:
+        """The eager step: every group checked (or its plan found to fit), then every group's launches."""
         if type(self.state) is not _OptimizerState:  # (``opt.state = ...`` by hand: watch it again)
             self.state = _OptimizerState(self.state)
         # Every group is checked before any group is stepped, so bad input raises with nothing changed. A group whose
@@ -792,7 +832,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.state_version = version  # (after every plan's states exist: building one changes the state)
             plan.run(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf)
             self._after_run(plan)
-        return loss
 
     def _check_no_shared_memory(self) -> None:
         """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
