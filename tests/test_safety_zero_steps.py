@@ -216,6 +216,55 @@ def case_duplicate_params(rank: int, world: int) -> list[dict]:
     ]  # fmt: skip
 
 
+def case_grad_storage_freed(rank: int, world: int) -> list[dict]:
+    """A grad whose storage one rank freed (resize_(0)) or shrank (to 16 bytes) before step(): stage 1, and stage 2
+    with the grads kept by no_sync (reduced in step()), both backends (SIGSEGV on that rank before, from the copy
+    into the staging buffer). The same RuntimeError on every rank, naming the param and the rank, nothing changed;
+    after zero_grad a valid step works."""
+    bad = world - 1
+    out = []
+    for backend, stage, nbytes in (("reference", 1, 0), ("reference", 2, 16), ("triton", 1, 16), ("triton", 2, 0)):
+        model, opt = trained(stage, rank, world, backward=False, backend=backend)
+        with opt.no_sync():
+            local_loss(model, 1, 0, rank, world).backward()
+        if rank == bad:
+            model.l1.weight.grad.untyped_storage().resize_(nbytes)
+        label = f"{backend}, stage {stage}: grad storage resized to {nbytes} bytes on one rank"
+        out.append(attempt(label, opt.step, zero_objects(opt), "RuntimeError", r"grad of param 0\b",
+                           r"outside its storage", rf"rank {bad}\b"))  # fmt: skip
+        out.append(recovers(model, opt, rank, world, f"{label}: zero_grad, a valid step"))
+    return out
+
+
+def case_stage1_zero_grad_one_rank(rank: int, world: int) -> list[dict]:
+    """Stage 1: zero_grad between backward and step on one rank (its zeroed grads were silently averaged in
+    before): the same RuntimeError on every rank, nothing changed; zero_grad, backward and step then work. zero_grad
+    after the step, and zero_grad then backward on one rank, stay fine."""
+    model, opt = trained(1, rank, world)
+    if rank == 1:
+        opt.zero_grad()
+    out = [attempt("stage 1: zero_grad on one rank", opt.step, zero_objects(opt), "RuntimeError", r"zero_grad",
+                   r"1 of 2 ranks")]  # fmt: skip
+    out.append(recovers(model, opt, rank, world, "stage 1: zero_grad on one rank: then a valid step"))
+    opt.zero_grad(set_to_none=False)  # after the step: nothing lost
+    local_loss(model, 3, 0, rank, world).backward()
+    if rank == 0:  # zero_grad then another backward: one pass of grads, as on the other rank
+        opt.zero_grad()
+        local_loss(model, 3, 0, rank, world).backward()
+    out.append(attempt("stage 1: zero_grad then backward on one rank", opt.step, (), None))
+    out.append(check("stage 1: same params", same_on_all_ranks(flat_params(model))))
+    return out
+
+
+def case_group_count_differs(rank: int, world: int) -> list[dict]:
+    """An extra (empty) param group on one rank: a clear ValueError on every rank (a strict-zip error before)."""
+    model = Net()
+    groups = [{"params": list(model.parameters())}] + ([{"params": []}] if rank == 1 else [])
+    make = lambda: ZeroAdamW(groups, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4)  # noqa: E731
+    return [attempt("an extra empty group on rank 1", make, (), "ValueError",
+                    r"param groups differ between ranks: 1 on rank 0 but 2 on rank 1")]  # fmt: skip
+
+
 CASES: dict[str, Callable[[int, int], list[dict]]] = {
     "moved_after_backward": case_moved_after_backward,
     "stage1_moved": case_stage1_moved,
@@ -224,6 +273,9 @@ CASES: dict[str, Callable[[int, int], list[dict]]] = {
     "unfrozen": case_unfrozen,
     "gradscaler_refused": case_gradscaler_refused,
     "duplicate_params": case_duplicate_params,
+    "grad_storage_freed": case_grad_storage_freed,
+    "stage1_zero_grad_one_rank": case_stage1_zero_grad_one_rank,
+    "group_count_differs": case_group_count_differs,
 }
 
 

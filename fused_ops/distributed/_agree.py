@@ -230,6 +230,11 @@ class _AgreementMixin:
                 pairs = zip(names, cfg0, cfg, strict=True)
                 diff = [f"{n}={a!r} on rank 0 but {b!r} on rank {r}" for n, a, b in pairs if a != b]
                 raise ValueError("ZeroAdamW: constructor arguments differ between ranks: " + "; ".join(diff))
+            if len(values) != len(values0):
+                raise ValueError(
+                    f"ZeroAdamW: param groups differ between ranks: {len(values0)} on rank 0 but {len(values)} on "
+                    f"rank {r}; every rank must pass the same param groups"
+                )
             if len(s) != len(sig0):
                 raise ValueError(
                     f"ZeroAdamW: params differ between ranks: rank 0 has {len(sig0)} params, rank {r} has {len(s)}"
@@ -445,7 +450,8 @@ class _AgreementMixin:
         differ = _differing(sums[4:], self.world_size)
         if differ:
             self._raise_step_values_differ(inputs, differ)
-        return vec[0], n_unreduced > 0 or n_zeroed == self.world_size
+        # (Stage 1 reduces p.grad before the agreement anyway: nothing to reduce late.)
+        return vec[0], self.stage == 2 and (n_unreduced > 0 or n_zeroed == self.world_size)
 
     def _raise_step_error(self, inputs: _StepInputs | None, error: Exception | None) -> None:
         """Some rank had a problem: every rank gets every rank's description (the error path's own collective,

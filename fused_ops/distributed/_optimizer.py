@@ -238,7 +238,8 @@ class ZeroAdamW(
         self._next_bucket = 0
         self._rounds_since_step = 0  # synced backward passes since the last step (zero_grad keeps the count)
         self._unsynced_grads = False
-        self._zeroed = False  # zero_grad() was called after the last synced backward pass (stage 2)
+        self._zeroed = False  # zero_grad() was called after the last synced backward pass (stage 2) or backward (1)
+        self._grad_marks: list = [None] * len(self._params)  # stage 1: p.grad as the last step / zero_grad left it
         self._round_header: tuple | None = None  # (vector, work) of the all-reduce opening a second synced pass
         self._round_mismatch = False  # a rank stepped while this one began another synced pass
         self._inflight: deque = deque()

@@ -28,6 +28,18 @@ def _moved_message(where: str, why: str) -> str:
     )
 
 
+def _outside_storage(g: Tensor) -> bool:
+    """Whether some element of grad ``g`` lies outside its storage (freed or shrunk in place, e.g. by
+    ``g.untyped_storage().resize_(0)``, which keeps the sizes): copying it would read freed memory. Attribute reads
+    only (no device sync)."""
+    if g.numel() == 0:
+        return False
+    if g.data_ptr() == 0:
+        return True
+    last = g.storage_offset() + sum((n - 1) * st for n, st in zip(g.shape, g.stride()) if st > 0)
+    return g.untyped_storage().nbytes() < (last + 1) * g.element_size()
+
+
 class _ReduceMixin:
     """Reduce-scatters the grads into this rank's grad shards (see the module docstring)."""
 
@@ -158,6 +170,12 @@ class _ReduceMixin:
             return "RuntimeError", f"ZeroAdamW does not support sparse gradients; the grad of {where} is sparse"
         if not g.is_floating_point():
             return "RuntimeError", f"the grad of {where} is {g.dtype}"
+        if g.shape == view.shape and _outside_storage(g):
+            return "RuntimeError", (
+                f"the grad of {where} lies outside its storage ({g.untyped_storage().nbytes()} bytes): its storage "
+                "was freed or shrunk in place (e.g. by p.grad.untyped_storage().resize_()); set p.grad = None "
+                "instead, or give it a tensor with memory"
+            )
         return "RuntimeError", f"the grad of {where} has shape {tuple(g.shape)}"
 
     def _launch(self, b: _Bucket, free_grads: bool = True, zeros: bool = False) -> None:
@@ -185,7 +203,8 @@ class _ReduceMixin:
             p = s.param
             g = p.grad
             if _slot_moved(s, b) is not None or (
-                g is not None and (g.shape != view.shape or g.is_sparse or not g.is_floating_point())
+                g is not None
+                and (g.shape != view.shape or g.is_sparse or not g.is_floating_point() or _outside_storage(g))
             ):
                 # Never raised here (only this rank would, mid-sequence of collectives): reduced as zeros, and
                 # step() raises the error on every rank.
@@ -288,13 +307,38 @@ class _ReduceMixin:
         if undo is not None:  # stage 2 reduced p.grad in step(): free it now, as backward would have
             for p in self._params:
                 p.grad = None
+        self._mark_grads()
+
+    def _mark_grads(self) -> None:
+        """Stage 1 has no grad hooks: it tells a backward since the last step or zero_grad by the grads' identities
+        and version counters, recorded here (attribute reads only)."""
+        if self.stage == 1:
+            self._grad_marks = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self._params]
+
+    def _grads_changed(self) -> bool:
+        """Stage 1: whether some p.grad was created, replaced or written since ``_mark_grads``."""
+        marks = self._grad_marks
+        for p, m in zip(self._params, marks, strict=True):
+            g = p.grad
+            if (None if g is None else (id(g), g._version)) != m:
+                return True
+        return False
+
+    def _zeroed_before_step(self) -> bool:
+        """zero_grad() was called between the last backward and this step (compared between ranks by step())."""
+        if self.stage == 2:
+            return self._rounds_since_step > 0 and self._zeroed
+        return self._zeroed and not self._grads_changed()  # stage 1: no backward since that zero_grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset grads: ``p.grad`` (as torch) and this rank's reduced-grad shards."""
         self._drain()
+        if self.stage == 1 and self._grads_changed():  # a backward (or grads set) since the last step / zero_grad
+            self._zeroed = True
         for p in self._params:
             if p.grad is not None:
-                if set_to_none:
+                # (a grad without memory has nothing to zero: dropped)
+                if set_to_none or (p.grad.layout == torch.strided and _outside_storage(p.grad)):
                     p.grad = None
                 else:
                     p.grad.detach_().zero_()
@@ -304,5 +348,6 @@ class _ReduceMixin:
         # it runs): step() reduces p.grad after its agreement when every rank called zero_grad after backward.
         if self._rounds_since_step > 0:
             self._zeroed = True
+        self._mark_grads()
         self._unsynced_grads = False
         self._grad_errors.clear()

@@ -69,7 +69,7 @@ class _StepMixin:
         if not self._round_header_ok():  # the ranks paired this rank's last pass with a step: they raise too
             self._round_mismatch = False
             raise RuntimeError(_OUT_OF_STEP)
-        zeroed = self.stage == 2 and self._rounds_since_step > 0 and self._zeroed
+        zeroed = self._zeroed_before_step()
         undo = self._reduce_all()
         try:
             sumsq, late = self._agree_on_step(
