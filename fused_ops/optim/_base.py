@@ -486,6 +486,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if step.device not in (p.device, torch.device("cpu")):
                     raise ValueError(f"{name}: state 'step' of {where} is on {step.device}; it must be on the param's "
                                      f"device ({p.device}) or the CPU")  # fmt: skip
+                if step.device.type == "cpu":  # (read without a device sync; load_state_dict checks every count)
+                    count = float(step.detach().reshape(()))
+                    if not (math.isfinite(count) and count >= 0):
+                        raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {count}")
             elif isinstance(step, bool) or not isinstance(step, int | float) or not (math.isfinite(step) and step >= 0):
                 raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {step!r}")
 
@@ -496,6 +500,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             group.setdefault(key, value)
         for key in self._own_group_keys:
             group.setdefault(key, self.defaults[key])
+
+    # Instance attributes beyond torch.optim's (defaults, state, param_groups) that a copy or a pickle must keep
+    # (``copy.deepcopy(opt)``, ``torch.save(opt)``): torch's ``__getstate__`` keeps only its own three.
+    _pickled_attrs: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._pickled_attrs if k in self.__dict__})
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -702,8 +715,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if isinstance(value, Tensor):
                         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
                             raise ValueError(f"loaded state dict: state 'step' of {where} must be a real number")
+                        count = float(_local(value).detach().reshape(()))  # (a load reads it on the host anyway)
+                        if not (math.isfinite(count) and count >= 0):
+                            raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= "
+                                             f"0, got {count}")  # fmt: skip
                     elif isinstance(value, bool) or not isinstance(value, int | float):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a number")
+                    elif not (math.isfinite(value) and value >= 0):
+                        raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= 0, "
+                                         f"got {value}")  # fmt: skip
                     step = self._as_step(value, p)
                     st[key] = step.clone() if step is value else step
                 else:

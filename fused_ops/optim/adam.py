@@ -222,6 +222,8 @@ class FusedAdam(FusedOptimizer):
 
     _own_group_keys = ("master_weights", "backend", "state_dtype", "stochastic_rounding", "kahan_summation")
     _unshaped_state_keys = tuple(_SCALE_KEYS)
+    _pickled_attrs = ("_seed", "dequantize_state_dict")
+    _seed = 0  # (the constructor's default: for a pickle of a version that did not keep it)
 
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
     def _state_keys(self, group: dict[str, Any]) -> list[str]:

@@ -81,6 +81,10 @@ class FusedSGD(FusedOptimizer):
         self._new_buffers: set[int] = set()
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._new_buffers = set()  # (empty between steps; a copy's ids would name other tensors)
+
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
         return ["momentum_buffer"] if _to_float(group["momentum"]) != 0 else []
