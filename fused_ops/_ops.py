@@ -255,6 +255,9 @@ def _check_flatten_args(tensors, align: int, backend: str) -> None:
 
 
 def _flatten(tensors, align: int, backend: str) -> Tensor:
+    from ._validate import check_storage
+
+    check_storage("flatten", "tensors", tensors)
     offsets, spans, total = reference.flatten_layout([x.numel() for x in tensors], align)
     flat = tensors[0].new_empty((total,))
     _flatten_into(flat, tensors, offsets, spans, backend)
@@ -520,6 +523,9 @@ def _check_grad_norm_args(tensors, norm_type: float, backend: str) -> None:
 
 
 def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
+    from ._validate import check_storage
+
+    check_storage("grad_norm", "tensors", tensors)
     if backend == "triton":
         from .kernels.scale import norm_launch
 

@@ -63,8 +63,58 @@ def _reach(x: Tensor) -> int:
     return (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
 
 
+_storage = Tensor.untyped_storage
+_storage_ptr = torch.UntypedStorage.data_ptr
+_storage_nbytes = torch.UntypedStorage.nbytes
+
+
+def outside_storage(x: Tensor) -> bool:
+    """Whether an element of ``x`` lies outside its storage: a storage freed or shrunk in place
+    (``x.untyped_storage().resize_(0)``, as FSDP frees params) leaves the tensor's sizes as they were, and a kernel
+    would read or write freed memory (torch's own ops on such a tensor crash too). Empty and meta tensors, and
+    tensors without memory of their own (checked elsewhere), are not."""
+    if x.numel() == 0 or x.is_meta or not has_memory(type(x)):
+        return False
+    if x.data_ptr() == 0:
+        return True
+    lo = hi = x.storage_offset()
+    for n, st in zip(x.shape, x.stride()):
+        lo, hi = (lo + (n - 1) * st, hi) if st < 0 else (lo, hi + (n - 1) * st)
+    return lo < 0 or (hi + 1) * x.element_size() > x.untyped_storage().nbytes()
+
+
+def _check_inside_storage(fn: str, name: str, indexed: bool, tensors: Sequence[Tensor], starts: list[int],
+                          sizes: list[int]) -> None:  # fmt: skip
+    """Every tensor's bytes (``starts``, ``sizes``: as :func:`check_memory` reads them) inside its storage; the
+    exact test (:func:`outside_storage`) only where the bytes seem not to be (a view with negative strides starts at
+    its highest element)."""
+    try:
+        storages = list(map(_storage, tensors))
+        lows = list(map(_storage_ptr, storages))
+        if all(map(_le, lows, starts)) and all(
+            map(_le, map(_add, starts, sizes), map(_add, lows, map(_storage_nbytes, storages)))
+        ):
+            return
+    except (RuntimeError, TypeError, NotImplementedError):  # (a tensor without a plain storage: the exact test)
+        pass
+    for i, x in enumerate(tensors):
+        if outside_storage(x):
+            label = f"{name}[{i}]" if indexed else name
+            raise ValueError(f"{fn}: {label} lies outside its storage (a storage freed or shrunk in place, e.g. by "
+                             "untyped_storage().resize_(0)): its elements are not there to read or write")  # fmt: skip
+
+
+def check_storage(fn: str, name: str, tensors: Sequence[Tensor]) -> None:
+    """Raise a ValueError naming the first of ``tensors`` (read-only inputs: :func:`check_memory` checks those it
+    is given) that lies outside its storage (freed or shrunk in place)."""
+    if torch.compiler.is_compiling():  # (fake tensors; the eager call checks the real ones)
+        return
+    _check_inside_storage(fn, name, True, tensors, list(map(_data_ptr, tensors)), [_reach(x) for x in tensors])
+
+
 def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = None) -> None:
-    """Raise a ValueError naming the first pair when a written tensor shares memory with any other argument.
+    """Raise a ValueError naming the first pair when a written tensor shares memory with any other argument, or the
+    first tensor that lies outside its storage (freed or shrunk in place).
 
     ``groups``: ``(name, tensors, written, indexed, contiguous)`` in the order the message names them (``indexed``:
     name them ``name[i]``; ``contiguous``: every tensor is, so its bytes are ``nbytes`` from ``data_ptr``; else
@@ -89,9 +139,10 @@ def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = No
                     "be written outside inference mode: pass a normal tensor (e.g. its clone())"
                 )
     starts, sizes = [], []
-    for _, tensors, _, _, contiguous in groups:  # (``map`` over the C methods: never traced, see above)
+    for name, tensors, _, indexed, contiguous in groups:  # (``map`` over the C methods: never traced, see above)
         starts.append(list(map(_data_ptr, tensors)))
         sizes.append(list(map(_nbytes, tensors)) if contiguous else [_reach(x) for x in tensors])
+        _check_inside_storage(fn, name, indexed, tensors, starts[-1], sizes[-1])
     skip: set = set()
     if same is not None:
         w, r = same

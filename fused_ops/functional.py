@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _ops
 from ._backend import resolve_backend
 from ._validate import check_memory as _check_memory
-from ._validate import check_scalar, first_without_storage
+from ._validate import check_scalar, check_storage, first_without_storage
 from ._validate import has_memory as _has_memory
 
 
@@ -369,6 +369,7 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
         return torch.empty(0)
     dtype, device = _one_group("flatten", "tensors", tensors, dtypes)
     backend_name = _op_backend("flatten", backend, device, [dtype], _KERNEL_DTYPES + (torch.float64,))
+    check_storage("flatten", "tensors", tensors)
     return _ops.flatten_eager(_contiguous(tensors), align, backend_name)
 
 
@@ -715,6 +716,7 @@ def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tenso
             for key, idx in _groups(lambda i: (tensors[i].device, tensors[i].dtype), len(tensors))
         ]
     backends = [_op_backend(fn, backend, device, [dtype], named=((name, tensors),)) for (device, dtype), _ in groups]
+    check_storage(fn, name, tensors)
     norms = [_ops.grad_norm_eager(_contiguous(group), norm_type, b) for (_, group), b in zip(groups, backends)]
     if len(norms) == 1:
         return norms[0]

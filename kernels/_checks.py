@@ -103,6 +103,14 @@ def check_shared_memory(fn: str, groups: Sequence[tuple[str, Sequence[torch.Tens
         for i, x in enumerate(tensors)
         if x is not None and x.nbytes
     ]
+    for name, tensors, _ in groups:  # every tensor inside its storage (not freed nor shrunk in place)
+        for i, x in enumerate(tensors):
+            if x is None or not x.nbytes:
+                continue
+            start, storage = x.data_ptr(), x.untyped_storage()
+            if start == 0 or start < storage.data_ptr() or start + x.nbytes > storage.data_ptr() + storage.nbytes():
+                raise ValueError(f"{fn}: {name}[{i}] lies outside its storage (a storage freed or shrunk in place, "
+                                 "e.g. by untyped_storage().resize_(0)): its elements are not there")  # fmt: skip
     starts = sorted(e[0] for e in entries)
     ends = sorted(e[1] for e in entries)
     if all(e <= s for e, s in zip(ends, starts[1:])):

@@ -249,3 +249,66 @@ def test_grad_norm_is_the_float64_norm(value, dtype, p, backend):
     _, norm = scaler.grad_scale_and_norm([x], norm_type=p)
     assert scaler.found_inf.item() == 0.0
     torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+
+
+# -- tensors whose storage was freed or shrunk in place ---------------------------------------------------------------
+def _freed(n=1000, nbytes=0):
+    x = torch.randn(n)
+    x.untyped_storage().resize_(nbytes)
+    return x
+
+
+def _storage_cases():
+    from fused_ops.kernels.adam import adam_launch
+    from fused_ops.kernels.sgd import SGDStep
+
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+
+    def clip(b, x):
+        p = torch.nn.Parameter(torch.randn(1000))
+        p.grad = x
+        return functional.clip_grad_norm_([p], 1.0, backend=b)
+
+    def scaler(b, x):
+        return fused_ops.DynamicLossScaler(device="cpu").unscale_([x])
+
+    return {
+        "flatten": (lambda b, x: fused_ops.flatten([torch.randn(7), x], backend=b), "tensors\\[1\\]"),
+        "grad_norm": (lambda b, x: fused_ops.grad_norm([x], backend=b), "tensors\\[0\\]"),
+        "cast_ src": (lambda b, x: fused_ops.cast_([torch.zeros(1000, dtype=torch.bfloat16)], [x], backend=b),
+                      "src\\[0\\]"),
+        "cast_ dst": (lambda b, x: fused_ops.cast_([x], [torch.randn(1000)], backend=b), "dst\\[0\\]"),
+        "unscale_": (lambda b, x: fused_ops.unscale_([x], 0.5, backend=b), "grads\\[0\\]"),
+        "clip_grad_norm_": (clip, "grads\\[0\\]"),
+        "DynamicLossScaler.unscale_": (scaler, "grads\\[0\\]"),
+        "adam_ exp_avg_sq": (lambda b, x: functional.adam_([torch.randn(1000)], [torch.randn(1000)],
+                                                           [torch.zeros(1000)], [x], None, [torch.zeros(())],
+                                                           lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                           weight_decay=0.0, amsgrad=False, maximize=False,
+                                                           backend=b), "exp_avg_sqs\\[0\\]"),
+        "op flatten": (lambda b, x: torch.ops.fused_ops.flatten([x], 8, b), "tensors\\[0\\]"),
+        "op grad_norm": (lambda b, x: torch.ops.fused_ops.grad_norm([x], 2.0, b), "tensors\\[0\\]"),
+        "adam_launch (direct)": (lambda b, x: adam_launch([torch.randn(1000)], [x], [torch.zeros(1000)],
+                                                          [torch.zeros(1000)], [], [torch.zeros(())], amsgrad=False,
+                                                          **kw), "grads\\[0\\]"),
+        "SGDStep (direct)": (lambda b, x: SGDStep([x], [torch.randn(1000)], []), "params\\[0\\]"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("nbytes", [0, 16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_storage_cases()))
+def test_tensors_outside_their_storage_are_refused(case, backend, nbytes):
+    """A tensor whose storage was freed (``untyped_storage().resize_(0)``, as FSDP frees params) or shrunk keeps its
+    sizes: every op read or wrote freed memory (a crash, or a silent read past 16 bytes). Now a ValueError naming
+    it, before anything is read or written, on both backends."""
+    from tests.safety import run_isolated
+
+    def body():
+        call, name = _storage_cases()[case]
+        if case.endswith("(direct)") and backend == "reference":
+            pytest.skip("the launchers are the Triton backend's")
+        with pytest.raises(ValueError, match=f"{name} lies outside its storage"):
+            call(backend, _freed(nbytes=nbytes))
+
+    run_isolated(body)
