@@ -408,8 +408,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._check_state(where, params[i], self.state.get(params[i], {}), group)
 
     def _check_dtensor(self, where: str, p: Tensor, g: Tensor) -> None:
-        """A DTensor param needs a DTensor grad on the same mesh with the same placements (a ``Partial`` grad must be
-        reduced first): the step then runs on the local shards, which hold matching elements."""
+        """A DTensor param needs a DTensor grad on the same mesh with the same placements (a grad of other placements
+        on the param's mesh was redistributed by :meth:`_grads_to_param_placements` before the checks): the step then
+        runs on the local shards, which hold matching elements."""
         name = type(self).__name__
         if not (_is_dtensor(p) and _is_dtensor(g)):
             raise TypeError(f"{name}: {where} is a {type(p).__name__} but its grad is a {type(g).__name__}: both must "
