@@ -23,6 +23,9 @@ def check_scalar(fn: str, name: str, x, device: torch.device | None = None) -> T
     if x.numel() != 1 or not x.is_floating_point() or x.layout != torch.strided:
         raise ValueError(f"{fn}: {name} must be a 1-element floating-point tensor, got shape {tuple(x.shape)} and "
                          f"dtype {x.dtype}")  # fmt: skip
+    if not torch.compiler.is_compiling() and (x.is_meta or not has_memory(type(x)) or outside_storage(x)):
+        raise ValueError(f"{fn}: {name} must be a tensor with memory: it is a {type(x).__name__} on {x.device} "
+                         f"{'(meta)' if x.is_meta else 'outside its storage (freed or shrunk in place)'}")  # fmt: skip
     if device is not None and x.device != device:
         x = x.to(device)
     return x
@@ -64,6 +67,8 @@ def _reach(x: Tensor) -> int:
 
 
 _storage = Tensor.untyped_storage
+_is_neg = Tensor.is_neg
+_is_conj = Tensor.is_conj
 _storage_ptr = torch.UntypedStorage.data_ptr
 _storage_nbytes = torch.UntypedStorage.nbytes
 
@@ -88,6 +93,11 @@ def _check_inside_storage(fn: str, name: str, indexed: bool, tensors: Sequence[T
     """Every tensor's bytes (``starts``, ``sizes``: as :func:`check_memory` reads them) inside its storage; the
     exact test (:func:`outside_storage`) only where the bytes seem not to be (a view with negative strides starts at
     its highest element)."""
+    if any(map(_is_neg, tensors)) or any(map(_is_conj, tensors)):
+        i = next(i for i, x in enumerate(tensors) if x.is_neg() or x.is_conj())
+        label = f"{name}[{i}]" if indexed else name
+        raise ValueError(f"{fn}: {label} is a negated or conjugated view (its memory holds other values than it "
+                         "reads as); pass x.resolve_neg() / x.resolve_conj()")  # fmt: skip
     try:
         storages = list(map(_storage, tensors))
         lows = list(map(_storage_ptr, storages))
@@ -98,18 +108,23 @@ def _check_inside_storage(fn: str, name: str, indexed: bool, tensors: Sequence[T
     except (RuntimeError, TypeError, NotImplementedError):  # (a tensor without a plain storage: the exact test)
         pass
     for i, x in enumerate(tensors):
+        if x._is_zerotensor():
+            label = f"{name}[{i}]" if indexed else name
+            raise ValueError(f"{fn}: {label} is a ZeroTensor (torch._efficientzerotensor: no memory of its own); "
+                             "pass a real tensor, e.g. torch.zeros(...)")  # fmt: skip
         if outside_storage(x):
             label = f"{name}[{i}]" if indexed else name
             raise ValueError(f"{fn}: {label} lies outside its storage (a storage freed or shrunk in place, e.g. by "
                              "untyped_storage().resize_(0)): its elements are not there to read or write")  # fmt: skip
 
 
-def check_storage(fn: str, name: str, tensors: Sequence[Tensor]) -> None:
+def check_storage(fn: str, name: str, tensors: Sequence[Tensor], indexed: bool = True) -> None:
     """Raise a ValueError naming the first of ``tensors`` (read-only inputs: :func:`check_memory` checks those it
-    is given) that lies outside its storage (freed or shrunk in place)."""
+    is given) that lies outside its storage (freed or shrunk in place); ``name[i]``, or ``name`` alone when not
+    ``indexed``."""
     if torch.compiler.is_compiling():  # (fake tensors; the eager call checks the real ones)
         return
-    _check_inside_storage(fn, name, True, tensors, list(map(_data_ptr, tensors)), [_reach(x) for x in tensors])
+    _check_inside_storage(fn, name, indexed, tensors, list(map(_data_ptr, tensors)), [_reach(x) for x in tensors])
 
 
 def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = None) -> None:

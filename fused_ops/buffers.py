@@ -376,6 +376,9 @@ class FlatBuffer:
 
     def zero_(self) -> FlatBuffer:
         """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""
+        from ._validate import check_storage
+
+        check_storage("FlatBuffer.zero_", "data", [self.data], indexed=False)
         self.data.zero_()
         return self
 

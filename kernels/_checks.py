@@ -81,6 +81,10 @@ def check_scalar(fn: str, name: str, x, device: torch.device, dtypes: Collection
         got = (f"{x.numel()} elements of {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
                else type(x).__name__)  # fmt: skip
         raise ValueError(f"{fn}: {name} must be a 1-element {kind} tensor on {device}, got {got}")
+    storage = x.untyped_storage()
+    if x.data_ptr() == 0 or not storage.data_ptr() <= x.data_ptr() <= storage.data_ptr() + storage.nbytes() - x.nbytes:
+        raise ValueError(f"{fn}: {name} lies outside its storage (a storage freed or shrunk in place, e.g. by "
+                         "untyped_storage().resize_(0)): the kernel reads it through its address")  # fmt: skip
 
 
 def check_shared_memory(fn: str, groups: Sequence[tuple[str, Sequence[torch.Tensor], bool]]) -> None:

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role, check_roles_memory, check_shared_memory
+from ._checks import check_role, check_roles_memory, check_scalar, check_shared_memory
 
 
 @dataclass(frozen=True)
@@ -314,8 +314,13 @@ class PreparedLaunch:
                                  "this step's grads")  # fmt: skip
 
     def __call__(self, **kwargs) -> None:
-        """One step: :meth:`check_current`, then the launch (the subclass's ``_run``, whose arguments these are)."""
+        """One step: :meth:`check_current` and the 1-element tensors the kernel reads through a pointer (``lr``,
+        ``grad_scale``, ``found_inf``: on the device, with memory), then the launch (the subclass's ``_run``, whose
+        arguments these are)."""
         self.check_current()
+        for key in ("lr", "grad_scale", "found_inf"):
+            if isinstance(kwargs.get(key), torch.Tensor):
+                check_scalar(type(self).__name__, key, kwargs[key], self.device)
         self._run(**kwargs)
 
     def _run(self, **kwargs) -> None:

@@ -312,3 +312,58 @@ def test_tensors_outside_their_storage_are_refused(case, backend, nbytes):
             call(backend, _freed(nbytes=nbytes))
 
     run_isolated(body)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["lr", "grad_scale", "found_inf"])
+def test_scalars_outside_their_storage_are_refused(name, backend):
+    """A 1-element ``lr``/``grad_scale``/``found_inf`` whose storage was freed: the Triton kernel read it through a
+    null pointer (garbage params; on a GPU an illegal access), the reference raised torch's own error. Now a
+    ValueError naming it, on both backends, through the functional API, the custom op and a prepared launch."""
+    from tests.safety import run_isolated
+
+    def body():
+        scalar = torch.full((1,), 0.5)
+        scalar.untyped_storage().resize_(0)
+        p, g, m, v, st = torch.randn(300), torch.randn(300), torch.zeros(300), torch.zeros(300), torch.zeros(())
+        kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+        kw[name] = scalar
+        with pytest.raises(ValueError, match=name):
+            functional.adam_([p], [g], [m], [v], None, [st], backend=backend, **kw)
+        args = dict(lr=1e-3, lr_tensor=None, grad_scale=None, found_inf=None)
+        args["lr_tensor" if name == "lr" else name] = scalar
+        with pytest.raises(ValueError, match=name):
+            torch.ops.fused_ops.sgd_([p], [g], [], [], args["lr"], args["lr_tensor"], 0.0, 0.0, 0.0, False, False,
+                                     False, args["grad_scale"], args["found_inf"], backend)  # fmt: skip
+        if backend == "triton":
+            step = _adam_step([p], [g], [m])
+            kw2 = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+            kw2[name] = scalar
+            with pytest.raises(ValueError, match=name):
+                step(**kw2)
+        assert torch.equal(m, torch.zeros(300))
+
+    run_isolated(body)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_freed_flat_buffer_negated_views_and_zero_tensors(backend):
+    """``FlatBuffer.zero_()`` on a freed buffer crashed (SIGSEGV) where its copies refused; a negated view (its memory
+    holds the negated values) was read as raw memory by the Triton kernels (cast_ of -3.0 gave 3.0); a ZeroTensor was
+    refused as "outside its storage". Each is now a clear ValueError on both backends."""
+    from tests.safety import run_isolated
+
+    def body():
+        buf = FlatBuffer.from_params([torch.nn.Parameter(torch.randn(10))])
+        buf.data.untyped_storage().resize_(0)
+        with pytest.raises(ValueError, match="FlatBuffer.zero_: data lies outside its storage"):
+            buf.zero_()
+        neg = torch._neg_view(torch.full((4,), 3.0))
+        dst = torch.zeros(4, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="src\\[0\\] is a negated"):
+            fused_ops.cast_([dst], [neg], backend=backend)
+        assert torch.equal(dst, torch.zeros(4, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="ZeroTensor"):
+            fused_ops.grad_norm([torch._efficientzerotensor(10)], backend=backend)
+
+    run_isolated(body)
