@@ -252,12 +252,12 @@ def _check_flatten_args(tensors, align: int, backend: str) -> None:
     if not tensors:
         raise ValueError("fused_ops::flatten: tensors is empty (the new buffer's dtype and device come from it)")
     _check_lists("fused_ops::flatten", backend, _PLAIN_DTYPES, tensors=tensors)
+    from ._validate import check_storage
+
+    check_storage("fused_ops::flatten", "tensors", tensors)
 
 
 def _flatten(tensors, align: int, backend: str) -> Tensor:
-    from ._validate import check_storage
-
-    check_storage("flatten", "tensors", tensors)
     offsets, spans, total = reference.flatten_layout([x.numel() for x in tensors], align)
     flat = tensors[0].new_empty((total,))
     _flatten_into(flat, tensors, offsets, spans, backend)
@@ -520,12 +520,12 @@ def _check_grad_norm_args(tensors, norm_type: float, backend: str) -> None:
         raise ValueError(f"fused_ops::grad_norm: norm_type must be inf or a number > 0, got {norm_type}")
     if tensors:
         _check_lists("fused_ops::grad_norm", backend, tensors=tensors)
+        from ._validate import check_storage
+
+        check_storage("fused_ops::grad_norm", "tensors", tensors)
 
 
 def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
-    from ._validate import check_storage
-
-    check_storage("grad_norm", "tensors", tensors)
     if backend == "triton":
         from .kernels.scale import norm_launch
 

@@ -9,8 +9,6 @@ One spawn of 2 gloo ranks runs every case (tests/test_safety_zero.py's records a
 
 from __future__ import annotations
 
-import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +23,7 @@ from tests.test_safety_zero import (
     attempt,
     check,
     recovers,
+    run_cases,
     same_on_all_ranks,
     trained,
     zero_objects,
@@ -280,15 +279,7 @@ CASES: dict[str, Callable[[int, int], list[dict]]] = {
 
 
 def task(rank: int, world: int, out_dir: str) -> dict:
-    out: dict[str, Any] = {}
-    for name, fn in CASES.items():
-        t0 = time.monotonic()
-        try:
-            out[name] = fn(rank, world)
-        except Exception:  # noqa: BLE001 - the parent reports it; the next cases still run
-            out[name] = [{"label": "the case itself", "crashed": traceback.format_exc()}]
-        out[name].append({"label": "time", "seconds": time.monotonic() - t0})
-    return out
+    return run_cases(CASES, rank, world)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._validate import outside_storage
 from ._comm import _reduce_scatter
 from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
 
@@ -26,18 +27,6 @@ def _moved_message(where: str, why: str) -> str:
         "not reach it: build ZeroAdamW after the model has its final device and dtype, and leave the params' "
         "storage to it"
     )
-
-
-def _outside_storage(g: Tensor) -> bool:
-    """Whether some element of grad ``g`` lies outside its storage (freed or shrunk in place, e.g. by
-    ``g.untyped_storage().resize_(0)``, which keeps the sizes): copying it would read freed memory. Attribute reads
-    only (no device sync)."""
-    if g.numel() == 0:
-        return False
-    if g.data_ptr() == 0:
-        return True
-    last = g.storage_offset() + sum((n - 1) * st for n, st in zip(g.shape, g.stride()) if st > 0)
-    return g.untyped_storage().nbytes() < (last + 1) * g.element_size()
 
 
 class _ReduceMixin:
@@ -170,7 +159,7 @@ class _ReduceMixin:
             return "RuntimeError", f"ZeroAdamW does not support sparse gradients; the grad of {where} is sparse"
         if not g.is_floating_point():
             return "RuntimeError", f"the grad of {where} is {g.dtype}"
-        if g.shape == view.shape and _outside_storage(g):
+        if g.shape == view.shape and outside_storage(g):
             return "RuntimeError", (
                 f"the grad of {where} lies outside its storage ({g.untyped_storage().nbytes()} bytes): its storage "
                 "was freed or shrunk in place (e.g. by p.grad.untyped_storage().resize_()); set p.grad = None "
@@ -204,7 +193,7 @@ class _ReduceMixin:
             g = p.grad
             if _slot_moved(s, b) is not None or (
                 g is not None
-                and (g.shape != view.shape or g.is_sparse or not g.is_floating_point() or _outside_storage(g))
+                and (g.shape != view.shape or g.is_sparse or not g.is_floating_point() or outside_storage(g))
             ):
                 # Never raised here (only this rank would, mid-sequence of collectives): reduced as zeros, and
                 # step() raises the error on every rank.
@@ -338,7 +327,7 @@ class _ReduceMixin:
         for p in self._params:
             if p.grad is not None:
                 # (a grad without memory has nothing to zero: dropped)
-                if set_to_none or (p.grad.layout == torch.strided and _outside_storage(p.grad)):
+                if set_to_none or (p.grad.layout == torch.strided and outside_storage(p.grad)):
                     p.grad = None
                 else:
                     p.grad.detach_().zero_()

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._backend import check_backend, resolve_backend
-from .._validate import check_memory, first_without_storage
+from .._validate import check_memory, first_without_storage, outside_storage
 
 MASTER_KEY = "master_param"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -393,7 +393,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 f"{p.device}, not a tensor with memory of its own (a DTensor, a plain tensor "
                                 "or a Parameter is needed)")  # fmt: skip
             for what, t in (("", p), ("the grad of ", g)):
-                if _outside_storage(t):
+                if outside_storage(t):
                     raise ValueError(f"{name}: {what}{where} lies outside its storage (a storage freed or shrunk in "
                                      "place, e.g. by untyped_storage().resize_(0))")  # fmt: skip
             if g.dtype != p.dtype:
@@ -470,7 +470,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{p.numel()}, so it must have {numel}")  # fmt: skip
             if not t.is_contiguous():
                 raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
-            if _outside_storage(t):
+            if outside_storage(t):
                 raise ValueError(f"{name}: state {key!r} of {where} lies outside its storage (a storage freed or "
                                  "shrunk in place, e.g. by untyped_storage().resize_(0))")  # fmt: skip
             if any(t is x for x in (p, p.grad)) or t.data_ptr() == p.data_ptr() and t.numel():
@@ -481,7 +481,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
                     raise ValueError(f"{name}: state 'step' of {where} must be a real 1-element tensor or a number")
                 step = _local(step)
-                if first_without_storage([step]) is not None or _outside_storage(step):
+                if first_without_storage([step]) is not None or outside_storage(step):
                     raise TypeError(f"{name}: state 'step' of {where} must be a tensor with memory, got a "
                                     f"{type(step).__name__} on {step.device}")  # fmt: skip
                 if step.device not in (p.device, torch.device("cpu")):
@@ -768,7 +768,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale, found_inf = self._check_scaling(grad_scale, found_inf)
         if not torch.compiler.is_compiling():  # (fake tensors have no memory; the eager call checks them)
             for what, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-                if isinstance(t, Tensor) and (first_without_storage([t]) is not None or _outside_storage(t)):
+                if isinstance(t, Tensor) and (first_without_storage([t]) is not None or outside_storage(t)):
                     raise ValueError(f"{what} must be a tensor with memory (the step reads it on the device), got "
                                      f"a {type(t).__name__} on {t.device}")  # fmt: skip
 
@@ -902,23 +902,9 @@ def _check_lr_memory(gi: int, lr: Any) -> None:
     """A tensor ``lr`` is read on the device (copied to it, or by the kernel through its address): it must have
     memory (not a meta tensor nor a wrapper subclass), checked with every group's values before any group runs."""
     if isinstance(lr, Tensor) and not torch.compiler.is_compiling():
-        if first_without_storage([lr]) is not None or _outside_storage(lr):
+        if first_without_storage([lr]) is not None or outside_storage(lr):
             raise ValueError(f"Tensor lr of param group {gi} must be a tensor with memory, got a {type(lr).__name__} "
                              f"on {lr.device}")  # fmt: skip
-
-
-def _outside_storage(t: Tensor) -> bool:
-    """Whether some element of ``t`` lies outside its storage: a storage freed or shrunk in place
-    (``t.untyped_storage().resize_(0)``, as FSDP frees params) leaves the tensor's sizes as they were, and a launch on
-    it would write freed memory. (A storage resized in place gets a new address, so a plan's address checks send it
-    here.)"""
-    n = t.numel()
-    if n == 0:
-        return False
-    if t.data_ptr() == 0:
-        return True
-    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride > 0)
-    return t.untyped_storage().nbytes() < (last + 1) * t.element_size()
 
 
 def _shaped_like(t: Tensor, p: Tensor) -> Tensor:
