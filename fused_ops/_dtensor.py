@@ -6,7 +6,11 @@ into global ones:
 
 - a norm: each rank's partial (sum of p-th powers, or max for inf) per (mesh, sharded mesh dims), all-reduced once
   per mesh over the mesh dims where some tensor is sharded. A tensor replicated over a reduced dim contributes only
-  from the ranks at coordinate 0 of that dim (zeros elsewhere), so replicas are not counted twice.
+  from the ranks at coordinate 0 of that dim (zeros elsewhere), so replicas are not counted twice. A ``Partial``
+  tensor (e.g. the grads of a ``SequenceParallel`` norm's weights) is reduced first, one all-reduce each, as
+  torch's DTensor norm does.
+- a linear op (unscale, the clip's multiply) on a ``Partial`` tensor scales each rank's summand, as torch's
+  DTensor ops do.
 - a ``found_inf`` flag: all-reduced (MAX) over every mesh the tensors live on, so every rank skips the same steps.
 
 Every check here reads only what is the same on every rank (classes, meshes, placements, global shapes), and runs
@@ -24,9 +28,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover (torch without distributed)
-    DTensor = None
+    DTensor = Replicate = None
 
 
 def has_dtensor(xs: Sequence) -> bool:
@@ -42,23 +46,48 @@ def describe(s: tuple | None) -> str:
     return "a plain tensor" if s is None else f"a DTensor with placements {s[1]} on {s[0]}"
 
 
-def unwrap(fn: str, xs: list, label: Callable[[int], str]) -> tuple[list, list | None]:
+def is_partial(s: tuple | None) -> bool:
+    """Whether :func:`spec` ``s`` has a ``Partial`` placement (unreduced: the shards are summands, not parts)."""
+    return s is not None and any(p.is_partial() for p in s[1])
+
+
+def unwrap(fn: str, xs: list, label: Callable[[int], str], partial: bool = False) -> tuple[list, list | None]:
     """``xs`` with each DTensor replaced by its local shard, and each entry's :func:`spec` (None for a plain entry);
-    ``(xs, None)`` when there is no DTensor. A ``Partial`` DTensor (unreduced: its shards are summands, not parts of
-    the tensor) raises a ValueError naming ``label(i)``."""
+    ``(xs, None)`` when there is no DTensor. A ``Partial`` DTensor raises a ValueError naming ``label(i)``, unless
+    ``partial`` (an op that is linear in each element, or that reduces it first: :func:`reduce_partials`)."""
     if not has_dtensor(xs):
         return xs, None
     specs = [spec(x) for x in xs]
-    for i, s in enumerate(specs):
-        if s is not None and any(p.is_partial() for p in s[1]):
-            raise ValueError(f"{fn}: {label(i)} is {describe(s)}: a Partial DTensor must be reduced first "
-                             "(redistribute it to Shard or Replicate placements)")  # fmt: skip
+    if not partial:
+        for i, s in enumerate(specs):
+            if is_partial(s):
+                raise ValueError(f"{fn}: {label(i)} is {describe(s)}: a Partial DTensor must be reduced first "
+                                 "(redistribute it to Shard or Replicate placements)")  # fmt: skip
     return [x if s is None else x._local_tensor for x, s in zip(xs, specs)], specs
+
+
+def reduce_partials(xs: list, local: list, specs: list) -> tuple[list, list]:
+    """For a norm: ``local`` and ``specs`` (from :func:`unwrap` of ``xs``) with each ``Partial`` DTensor of ``xs``
+    replaced by its reduced value (its Partial mesh dims made ``Replicate``: one all-reduce each, as torch's DTensor
+    norm redistributes it), shard and spec; the lists themselves when there is none. The caller has checked the
+    shards (their storage: torch's ops read them unchecked). Every rank has the same specs, so the same
+    collectives."""
+    idx = [i for i, s in enumerate(specs) if is_partial(s)]
+    if not idx:
+        return local, specs
+    local, specs = list(local), list(specs)
+    with torch.no_grad():
+        for i in idx:
+            mesh, placements = specs[i]
+            reduced = tuple(Replicate() if p.is_partial() else p for p in placements)
+            local[i] = xs[i].redistribute(mesh, reduced)._local_tensor
+            specs[i] = (mesh, reduced)
+    return local, specs
 
 
 def sharded_dims(placements: tuple) -> tuple[int, ...]:
     """The mesh dims over which a tensor's elements are split: every placement but Replicate (Shard, _StridedShard;
-    Partial is refused before)."""
+    a Partial one is reduced or refused before)."""
     return tuple(d for d, p in enumerate(placements) if not p.is_replicate())
 
 

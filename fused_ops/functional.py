@@ -260,12 +260,29 @@ def _as_list(fn: str, name: str, tensors) -> list:
     return list(tensors)
 
 
-def _float_locals(fn: str, name: str, tensors: list) -> tuple[list[Tensor], set[torch.dtype], list | None]:
-    """:func:`_float_tensors_and_dtypes` with each DTensor taken as its local shard (a ``Partial`` one refused), and
-    each entry's ``(mesh, placements)`` (None for a plain tensor; the list is None when there is no DTensor)."""
-    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]")
+def _float_locals(
+    fn: str, name: str, tensors: list, partial: str = "refuse"
+) -> tuple[list[Tensor], set[torch.dtype], list | None]:
+    """:func:`_float_tensors_and_dtypes` with each DTensor taken as its local shard, and each entry's ``(mesh,
+    placements)`` (None for a plain tensor; the list is None when there is no DTensor). A ``Partial`` DTensor is
+    refused (``partial="refuse"``), taken as its summand (``"keep"``: a linear op), or reduced first (``"reduce"``:
+    a norm; its storage checked, then one all-reduce each)."""
+    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=partial != "refuse")
     local, dtypes = _float_tensors_and_dtypes(fn, name, local)
+    if partial == "reduce" and specs is not None:
+        local, specs = _reduced(fn, name, tensors, local, specs)
     return local, dtypes, specs
+
+
+def _reduced(fn: str, name: str, xs: list, local: list[Tensor], specs: list) -> tuple[list[Tensor], list]:
+    """``_dtensor.reduce_partials`` after checking the Partial shards' storage (torch's collectives read them
+    unchecked)."""
+    idx = [i for i, s in enumerate(specs) if _dtensor.is_partial(s)]
+    if idx:
+        for i in idx:
+            check_storage(fn, f"{name}[{i}]", [local[i]], indexed=False)
+        local, specs = _dtensor.reduce_partials(xs, local, specs)
+    return local, specs
 
 
 def _check_dtensor_pairs(fn: str, a: tuple[str, list, list | None], b: tuple[str, list, list | None]) -> None:
@@ -603,16 +620,18 @@ def unscale_(
     DTensors (FSDP2, tensor parallel): the grads' local shards are unscaled, then ``found_inf`` is all-reduced (MAX)
     over every mesh the grads live on, so that it agrees on every rank (no host sync; one all-reduce per mesh when
     it is 1-D or spans every rank, else one per mesh dim). ``out[i]`` is then a DTensor with ``grads[i]``'s mesh,
-    placements and shape. A ``Partial`` grad, or a mismatched ``out``, raises the same ValueError on every rank
-    before anything changes. A list without DTensors never communicates.
+    placements and shape. A ``Partial`` grad's summands are unscaled and checked, as torch's ``GradScaler`` does on
+    DTensors (a sum of finite summands that overflows is not seen, there as here). A mismatched ``out`` raises the
+    same ValueError on every rank before anything changes. A list without DTensors never communicates.
     """
     grads_in = _as_list("unscale_", "grads", grads)
-    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in)
+    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep")
     _check_inv_scale("unscale_", inv_scale)
     if found_inf is not None:
         _scalar_tensor("unscale_", "found_inf", found_inf)
     out_in = _as_list("unscale_", "out", out) if out is not None else []
-    outs, o_dtypes, o_specs = _float_locals("unscale_", "out", out_in) if out is not None else ([], set(), None)
+    outs, o_dtypes, o_specs = (_float_locals("unscale_", "out", out_in, partial="keep") if out is not None
+                               else ([], set(), None))  # fmt: skip
     if out is not None and len(outs) != len(grads):
         raise ValueError(f"unscale_: out has {len(outs)} tensors but grads has {len(grads)}")
     if outs and (g_specs is not None or o_specs is not None):
@@ -694,12 +713,13 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     computes its local shards' partial norm with the kernels above, then one all-reduce per mesh (SUM of p-th
     powers, MAX for inf; over the mesh dims where some tensor is sharded, replicas counted once) adds the other
     ranks' partials; no host sync. DTensors on several meshes and plain tensors may be mixed: each mesh is reduced
-    on its own, plain tensors count as they are on this rank, and the parts combine. A ``Partial`` DTensor (not yet
-    reduced) raises the same ValueError on every rank, before any collective. For a large p the p-th powers are
-    summed in float64 and may overflow where the norm does not (as in torch).
+    on its own, plain tensors count as they are on this rank, and the parts combine. A ``Partial`` DTensor counts
+    as its reduced value (one all-reduce each, as torch's DTensor norm redistributes it). For a large p the p-th
+    powers are summed in float64 and may overflow where the norm does not (as in torch).
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
-    tensors, dtypes, specs = _float_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors))
+    tensors, dtypes, specs = _float_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors),
+                                           partial="reduce")  # fmt: skip
     if specs is not None:
         return _global_grad_norm("grad_norm", tensors, dtypes, norm_type, backend, "tensors", specs)[0]
     return _grad_norm("grad_norm", tensors, dtypes, norm_type, backend)
@@ -758,10 +778,11 @@ def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None]:
+def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[Tensor]]:
     """The grads of ``parameters`` (a tensor or an iterable of tensors) that have one, checked by the parameter's
-    index: dense floating-point tensors; DTensor grads as their local shards, with each grad's ``(mesh, placements)``
-    (None for a plain grad; the list is None when there is no DTensor grad)."""
+    index: dense floating-point tensors; DTensor grads as their local shards (a ``Partial`` one as its summand),
+    with each grad's ``(mesh, placements)`` (None for a plain grad; the list is None when there is no DTensor
+    grad); and the grads as they are."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     elif not isinstance(parameters, Iterable):
@@ -771,13 +792,13 @@ def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None]:
     if not _all_tensors(parameters):
         i = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
         raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads_in = grads = [p.grad for p in parameters if p.grad is not None]
     specs = None
     if _dtensor.has_dtensor(grads):
         where = [i for i, p in enumerate(parameters) if p.grad is not None]
-        grads, specs = _dtensor.unwrap(fn, grads, lambda k: f"parameters[{where[k]}].grad")
+        grads, specs = _dtensor.unwrap(fn, grads, lambda k: f"parameters[{where[k]}].grad", partial=True)
     if {g.layout for g in grads} <= _STRIDED and all(map(_has_memory, {type(g) for g in grads})):
-        return grads, specs  # (grads are floating point: torch checks the param's dtype)
+        return grads, specs, grads_in  # (grads are floating point: torch checks the param's dtype)
     where = [i for i, p in enumerate(parameters) if p.grad is not None]
     for i, g in zip(where, grads):
         if g.layout != torch.strided:
@@ -809,12 +830,13 @@ def clip_grad_norm_(
     DTensor grads (FSDP2, tensor parallel, 2-D meshes, several meshes, mixed with plain grads): the total is the
     global norm across the mesh (:func:`grad_norm`: one all-reduce per mesh, no host sync), a plain 0-d tensor equal
     on every rank where torch returns a DTensor (``Replicate()``; ``Partial(max)`` for inf) whose ``full_tensor()``
-    is this value; the local shards are scaled in place. A ``Partial`` grad raises the same ValueError on every rank
-    before any collective, and nothing changes.
+    is this value; the local shards are scaled in place. A ``Partial`` grad (a ``SequenceParallel`` norm's weight)
+    counts as its reduced value (one all-reduce each, as torch's DTensor norm does) and stays ``Partial``: its
+    summands are scaled, as torch does.
     """
     max_norm = _check_max_norm("clip_grad_norm_", max_norm)
     norm_type = _check_norm_type("clip_grad_norm_", norm_type)
-    grads, specs = _param_grads("clip_grad_norm_", parameters)
+    grads, specs, grads_in = _param_grads("clip_grad_norm_", parameters)
     if not grads:
         return torch.tensor(0.0)
     # A grad listed more than once (a param listed twice) is multiplied once per listing, as torch's loop does:
@@ -831,8 +853,10 @@ def clip_grad_norm_(
     dense = _all_contiguous(rounds[0])
     _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
     if specs is not None:
-        total = _global_grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads",
-                                  specs)[0]  # fmt: skip
+        # (a Partial grad's norm is its reduced value's; its summands are then scaled in place, which scales the sum)
+        n_local, n_specs = _dtensor.reduce_partials(grads_in, grads, specs)
+        total = _global_grad_norm("clip_grad_norm_", n_local, {g.dtype for g in grads}, norm_type, backend, "grads",
+                                  n_specs)[0]  # fmt: skip
     else:
         total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads")
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):

@@ -248,7 +248,8 @@ class DynamicLossScaler:
             max_norm = functional._check_max_norm(fn, max_norm)
         norm_type = functional._check_norm_type(fn, norm_type)
         local, dtypes, specs = functional._float_locals("grad_norm", "tensors",
-                                                        functional._as_list("grad_norm", "tensors", grads))  # fmt: skip
+                                                        functional._as_list("grad_norm", "tensors", grads),
+                                                        partial="reduce")  # fmt: skip
         if specs is None:
             scaled = functional._grad_norm("grad_norm", local, dtypes, norm_type, self.backend)
             agreed = None

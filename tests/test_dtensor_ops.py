@@ -55,12 +55,30 @@ def _tp_grads(mesh, seed: int) -> list:
 
 
 def _params_with(grads) -> list:
+    from torch.distributed.tensor import DTensor, Replicate
+
     ps = []
     for g in grads:
-        p = torch.nn.Parameter(torch.zeros_like(g))
-        p.grad = g.clone()
+        if any(pl.is_partial() for pl in g.placements):  # (a Replicate param with a Partial grad, as SequenceParallel)
+            p = torch.nn.Parameter(DTensor.from_local(torch.zeros(g.shape), g.device_mesh, [Replicate()]))
+            p.grad = DTensor.from_local(g.to_local().clone(), g.device_mesh, g.placements, run_check=False,
+                                        shape=g.shape, stride=g.stride())  # fmt: skip
+        else:
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g.clone()
         ps.append(p)
     return ps
+
+
+def _partial_grads(mesh, rank: int) -> list:
+    """Partial(sum) and Partial(avg) grads (each rank's summand differs: a SequenceParallel norm's weight grads) among
+    Shard and Replicate ones."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    g = torch.Generator().manual_seed(20 + rank)
+    return [*_tp_grads(mesh, 3)[:3],
+            DTensor.from_local(torch.randn(7, generator=g), mesh, [Partial()], run_check=False),
+            DTensor.from_local(torch.randn(3, 2, generator=g), mesh, [Partial("avg")], run_check=False)]  # fmt: skip
 
 
 def _torch_fails(grads, p: float) -> bool:
@@ -131,16 +149,17 @@ def _error_cases(mesh, mesh_b, backend: str) -> dict:
 
     good = _tp_grads(mesh, 2)
     partial = DTensor.from_local(torch.ones(3), mesh, [Partial()], run_check=False)
-    params = _params_with(good)
-    params[1].grad = DTensor.from_local(torch.ones(params[1].grad.to_local().shape), mesh, [Partial()],
-                                        run_check=False, shape=params[1].shape, stride=params[1].stride())  # fmt: skip
-    before = [t.to_local().clone() for t in good] + [p.grad.to_local().clone() for p in params]
+    ints = distribute_tensor(torch.ones(3, dtype=torch.int64), mesh, [Replicate()])
+    before = [t.to_local().clone() for t in good] + [partial.to_local().clone()]
     found = torch.zeros(1)
     bf = [distribute_tensor(torch.zeros(t.shape, dtype=torch.bfloat16), mesh, t.placements) for t in good]
+    bf_rep = DTensor.from_local(torch.zeros(3, dtype=torch.bfloat16), mesh, [Replicate()])
     e = {
-        "grad_norm": _error(lambda: fused_ops.grad_norm([good[0], partial], backend=backend)),
-        "clip": _error(lambda: fused_ops.clip_grad_norm_(params, 1.0, backend=backend)),
-        "unscale": _error(lambda: fused_ops.unscale_([*good, partial], 0.5, found, backend=backend)),
+        "grad_norm": _error(lambda: fused_ops.grad_norm([good[0], ints], backend=backend)),
+        "unscale": _error(lambda: fused_ops.unscale_([*good, partial, ints], 0.5, found, backend=backend)),
+        "unscale_partial_out": _error(lambda: fused_ops.unscale_([partial], 0.5, found, out=[bf_rep],
+                                                                 backend=backend)),
+        "cast_partial": _error(lambda: fused_ops.cast_([bf_rep], [partial], backend=backend)),
         "unscale_out": _error(lambda: fused_ops.unscale_(good[:2], 0.5, found, out=[good[0].clone(),
                               distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)])], backend=backend)),
         "cast_placements": _error(lambda: fused_ops.cast_(
@@ -153,9 +172,9 @@ def _error_cases(mesh, mesh_b, backend: str) -> dict:
             [bf[3]], [distribute_tensor(torch.zeros(6, 3), mesh, [Shard(0)])], backend=backend)),
         "cast_stochastic": _error(lambda: fused_ops.cast_(bf, good, stochastic=True, backend=backend)),
         "scaler": _error(lambda: fused_ops.DynamicLossScaler(device="cpu", backend=backend).grad_scale_and_norm(
-            [partial])),
+            [partial, ints])),
     }  # fmt: skip
-    after = [t.to_local() for t in good] + [p.grad.to_local() for p in params]
+    after = [t.to_local() for t in good] + [partial.to_local()]
     e["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after)) and found.item() == 0
     e["cast_untouched"] = all(not t.to_local().any() for t in bf)
     return e
@@ -173,9 +192,14 @@ def run_world2(rank: int, world: int, out_dir: str) -> dict:
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1 + rank))  # (FSDP2: a different batch per rank)
     model(x).square().mean().backward()
     fsdp_grads = [p.grad.detach().clone() for p in model.parameters()]
+    partial = _partial_grads(mesh, rank)
     for backend in BACKENDS:
         out[("tp", backend)] = _norm_checks(tp, lambda: _params_with(tp), backend)
         out[("fsdp2", backend)] = _norm_checks(fsdp_grads, lambda: _params_with(fsdp_grads), backend)
+        out[("partial", backend)] = _norm_checks(partial, lambda: _params_with(partial), backend)
+        clipped = _params_with(partial)
+        fused_ops.clip_grad_norm_(clipped, 1e-3, backend=backend)
+        out[("partial_kept", backend)] = [str(q.grad.placements) for q in clipped[3:]]
     out["fsdp2_placements"] = sorted({str(g.placements) for g in fsdp_grads})
 
     # -- mixed: a DTensor on the 1-D mesh, a plain tensor (different on each rank), a DTensor on a 1 x 2 mesh -------
@@ -221,6 +245,22 @@ def run_world2(rank: int, world: int, out_dir: str) -> dict:
         o = distribute_tensor(torch.zeros(6, 2), mesh, [Shard(0)])
         fused_ops.unscale_([bf16], 0.25, None, out=[o], backend=backend)
         res["out_exact"] = torch.equal(o.to_local(), bf16.to_local().float() * 0.25)
+        # Partial grads: each rank's summand unscaled (torch's GradScaler on DTensors); an inf summand on one rank
+        # sets the flag on every rank; the scaler's norm is the reduced grads'
+        pg = _partial_grads(mesh, rank)
+        summands = [t.to_local().clone() for t in pg]
+        if rank == 1:
+            pg[4].to_local()[0, 1] = math.inf
+        found = torch.zeros(1)
+        fused_ops.unscale_(pg[:4], 0.5, found, backend=backend)
+        res["partial_unscaled"] = all(torch.equal(t.to_local(), s * 0.5) for t, s in zip(pg[:4], summands[:4]))
+        res["partial_finite"] = found.item()
+        fused_ops.unscale_(pg[4:], 0.5, found, backend=backend)
+        res["partial_inf"] = found.item()
+        s4 = fused_ops.DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
+        _, norm = s4.grad_scale_and_norm(pg[:4])
+        res["partial_scaler_norm_err"] = _rel(norm, torch.linalg.vector_norm(
+            torch.cat([t.full_tensor().double().flatten() for t in pg[:4]])) / 4.0)
         out[("found_inf", backend)] = res
 
     # -- cast_ on shards -----------------------------------------------------------------------------------------
@@ -314,13 +354,16 @@ def _check_norms(res: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["tp", "fsdp2"])
+@pytest.mark.parametrize("case", ["tp", "fsdp2", "partial"])
 def test_global_norm_and_clip_match_torch(world2, case, backend):
+    """``partial``: Partial(sum)/Partial(avg) grads (SequenceParallel) count as their reduced values, and keep their
+    placements with their summands scaled, as torch's clip_grad_norm_ does."""
     for rank, res in enumerate(world2):
         _check_norms(res[(case, backend)], f"rank {rank}, {case}")
     for p in NORMS:  # the same norm, to the bit, on every rank
         assert world2[0][(case, backend)][p]["bits"] == world2[1][(case, backend)][p]["bits"]
     assert world2[0]["fsdp2_placements"] == ["(Shard(dim=0),)"]
+    assert world2[0][("partial_kept", backend)] == ["(Partial(sum),)", "(Partial(avg),)"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -340,6 +383,8 @@ def test_found_inf_agrees_on_every_rank(world2, backend):
         assert r["prior_flag"] == 1.0, f"rank {rank}: a flag set on rank 1 only was not agreed"
         assert r["scaler_norm_err"] < 1e-6
         assert r["out_exact"]
+        assert r["partial_unscaled"] and r["partial_finite"] == 0.0 and r["partial_inf"] == 1.0, r
+        assert r["partial_scaler_norm_err"] < 1e-6, r
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -356,11 +401,12 @@ def test_bad_placements_raise_the_same_error_on_every_rank(world2, backend):
     e0, e1 = world2[0]["errors"][backend], world2[1]["errors"][backend]
     assert e0 == e1
     assert e0["unchanged"] and e0["cast_untouched"]
-    assert e0["grad_norm"].startswith("ValueError: grad_norm: tensors[1] is a DTensor with placements (Partial(sum),)")
-    assert "must be reduced first" in e0["grad_norm"]
-    assert e0["clip"].startswith("ValueError: clip_grad_norm_: parameters[1].grad is a DTensor with placements "
-                                 "(Partial(sum),)")  # fmt: skip
-    assert e0["unscale"].startswith("ValueError: unscale_: grads[5] is a DTensor with placements (Partial(sum),)")
+    assert e0["grad_norm"].startswith("TypeError: grad_norm: tensors[1] must be a floating-point tensor")
+    assert e0["unscale"].startswith("TypeError: unscale_: grads[6] must be a floating-point tensor")
+    assert e0["unscale_partial_out"].startswith("ValueError: unscale_: out[0] is a DTensor with placements "
+                                                "(Replicate(),)")  # fmt: skip
+    assert e0["cast_partial"].startswith("ValueError: cast_: src[0] is a DTensor with placements (Partial(sum),)")
+    assert "must be reduced first" in e0["cast_partial"]
     assert e0["unscale_out"].startswith("ValueError: unscale_: out[1] is a DTensor with placements (Shard(dim=0),)")
     assert e0["cast_placements"].startswith("ValueError: cast_: src[1] is a DTensor with placements (Replicate(),)")
     assert e0["cast_mesh"].startswith("ValueError: cast_: src[0] is a DTensor with placements (Replicate(), "
@@ -368,7 +414,7 @@ def test_bad_placements_raise_the_same_error_on_every_rank(world2, backend):
     assert e0["cast_plain"].startswith("ValueError: cast_: src[0] is a plain tensor but dst[0] is a DTensor")
     assert e0["cast_shape"].startswith("ValueError: cast_: src[0] has shape (6, 3) but dst[0] has (5, 3)")
     assert e0["cast_stochastic"].startswith("ValueError: cast_: dst[2] is a DTensor with placements (Replicate(),)")
-    assert e0["scaler"].startswith("ValueError: grad_norm: tensors[0] is a DTensor with placements (Partial(sum),)")
+    assert e0["scaler"].startswith("TypeError: grad_norm: tensors[1] must be a floating-point tensor")
     assert all(r["pg_alive"] for r in world2)
 
 
