@@ -74,9 +74,12 @@ def _positive_int(name: str, value, allow_none: bool = False, fn: str = "Dynamic
                          f"{value!r}")  # fmt: skip
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a CUDA graph (never without CUDA)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current CUDA stream is being captured into a CUDA graph (never for a CPU device)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 _STATE_KEYS = ("scale", "growth_tracker", "hysteresis_tracker")
@@ -297,7 +300,7 @@ class DynamicLossScaler:
         if self.check_interval is not None and self.warn_after is not None:
             # (not while a CUDA graph is captured: the check pins memory and queries an event; the next eager
             # update checks)
-            if self._n_updates % self.check_interval == 0 and not _capturing():
+            if self._n_updates % self.check_interval == 0 and not _capturing(self.device):
                 self._poll()
 
     # -- skip accounting ----------------------------------------------------------------------------------------
@@ -321,7 +324,7 @@ class DynamicLossScaler:
             host = torch.empty(snapshot.shape, dtype=snapshot.dtype, pin_memory=True)
             host.copy_(snapshot, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(snapshot.device))  # (the copy's stream, not the current device's)
             self._pending = (host, event)
         else:
             self._check(snapshot)

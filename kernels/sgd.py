@@ -4,7 +4,9 @@ of one (device, dtype).
 The launcher takes lists of same-sized contiguous tensors (params, grads, momentum buffers, optional fp32 masters)
 and runs the update of ``torch.optim.SGD`` (single-tensor path, same order of operations) over all of them in one
 launch through a chunk table (``_multi_tensor.py``). Like ``torch._fused_sgd_``, the first step of new momentum
-buffers is its own launch (``first_step``): the buffers are then written, never read.
+buffers is its own launch (``first_step``): the buffers are then written, never read. ``first_step`` is a runtime
+argument, not a compile-time one: the second step (the first a CUDA graph usually captures, after one warm-up step)
+must not be the first launch of a new kernel variant, whose loading a stream capture forbids.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .adam import _chunk_pointer
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_step"])  # (one variant for both values: see the module docstring)
 def _sgd_kernel(
     table_ptr,  # int64 chunk table: addresses per role, numels, per-program tensor index and chunk start
     n_tensors,
@@ -38,11 +40,11 @@ def _sgd_kernel(
     weight_decay,
     grad_scale_ptr,  # 1-element float tensor: grads are divided by it when HAS_GRAD_SCALE
     found_inf_ptr,  # 1-element float tensor: when non-zero the whole step is a no-op (HAS_FOUND_INF)
+    first_step,  # int: non-zero when the buffers are new: buf = g (written, not read)
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,  # the momentum buffers' dtype: fp32, or the params' dtype
     MOMENTUM: tl.constexpr,  # momentum != 0: the table has the momentum buffers (role 2)
-    FIRST_STEP: tl.constexpr,  # the buffers are new: buf = g (written, not read)
     NESTEROV: tl.constexpr,
     MASTER: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -105,18 +107,18 @@ def _sgd_kernel(
         if block_start + BLOCK_SIZE <= n_here:
             _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offsets, offsets < block_start + BLOCK_SIZE, lr,
                        momentum, one_minus_dampening, weight_decay, grad_scale, PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE,
-                       MOMENTUM, FIRST_STEP, NESTEROV, MASTER, MAXIMIZE, HAS_GRAD_SCALE)  # fmt: skip
+                       first_step, MOMENTUM, NESTEROV, MASTER, MAXIMIZE, HAS_GRAD_SCALE)  # fmt: skip
         elif block_start < n_here:
             _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offsets, offsets < n_here, lr, momentum,
-                       one_minus_dampening, weight_decay, grad_scale, PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, MOMENTUM,
-                       FIRST_STEP, NESTEROV, MASTER, MAXIMIZE, HAS_GRAD_SCALE)  # fmt: skip
+                       one_minus_dampening, weight_decay, grad_scale, PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE,
+                       first_step, MOMENTUM, NESTEROV, MASTER, MAXIMIZE, HAS_GRAD_SCALE)  # fmt: skip
 
 
 @triton.jit
 def _sgd_block(
     param_ptr, grad_ptr, buf_ptr, master_ptr, offsets, mask, lr, momentum, one_minus_dampening, weight_decay,
-    grad_scale, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-    MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MASTER: tl.constexpr,
+    grad_scale, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, first_step,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASTER: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
 ):  # fmt: skip
     """The update of one block (see ``_sgd_kernel``)."""
@@ -132,7 +134,7 @@ def _sgd_block(
     if weight_decay != 0.0:  # not g + 0 * p: an inf param would make the grad NaN
         g = g + weight_decay * p
     if MOMENTUM:
-        if FIRST_STEP:
+        if first_step != 0:
             buf = g
         else:
             buf = load_fp32(buf_ptr + offsets, mask, STATE_DTYPE)
@@ -281,11 +283,11 @@ def _launch(
             float(weight_decay),
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
+            int(bool(first_step) and has_momentum),
             PARAM_DTYPE=_TL_DTYPES[param0.dtype],
             GRAD_DTYPE=_TL_DTYPES[grad_dtype],
             STATE_DTYPE=_TL_DTYPES[state_dtype],
             MOMENTUM=has_momentum,
-            FIRST_STEP=bool(first_step) and has_momentum,  # no buffers, no first step: one variant fewer
             NESTEROV=bool(nesterov) and has_momentum,
             MASTER=master,
             MAXIMIZE=bool(maximize),

@@ -131,6 +131,29 @@ def test_cuda_graph_capture_of_step():
     assert all(st["step"].item() == 6 for st in o_graph.state.values())
 
 
+def test_cuda_tensor_hyperparameters_are_refused_inside_a_capture():
+    """betas/eps/weight_decay as CUDA tensors are read on the host at every step: eager steps take them (a sync),
+    a capture gets a clear ValueError before anything changes, not an invalidated capture."""
+    p = torch.nn.Parameter(torch.randn(300, device="cuda"))
+    cuda = lambda x: torch.tensor(x, device="cuda")  # noqa: E731
+    opt = FusedAdamW([p], lr=cuda(1e-3), betas=(cuda(0.9), cuda(0.999)), weight_decay=cuda(0.01), capturable=True)
+    p.grad = torch.randn_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="CUDA graph capture forbids"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state[p].items())
+
+
 def test_cuda_graph_capture_with_grads_moved_since_warm_up():
     """Grads at new addresses when capture starts: the table is repointed inside the capture (its pinned source
     kept alive), so replays read the captured grads."""

@@ -11,6 +11,9 @@ the ``gpu`` cases need a GPU.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,9 +103,9 @@ def _graph_against_eager(device: str, sizes, cls, kwargs, dtype, capture: bool, 
         p.grad, q.grad = g.to(device), g.to(device)
     o_eager.step()
     side = torch.cuda.Stream() if capture else None
+    if capture:
+        side.wait_stream(torch.cuda.current_stream())  # (the grads were copied on the default stream)
     with torch.cuda.stream(side) if capture else contextlib.nullcontext():
-        if capture:
-            side.wait_stream(torch.cuda.current_stream())
         o_graph.step()  # warm-up: creates the states and the plan; compiles the kernels
     if capture:
         torch.cuda.current_stream().wait_stream(side)
@@ -145,6 +148,22 @@ def test_family_on_cuda_matches_the_reference_backend(cfg):
 def test_family_step_captured_in_a_cuda_graph_equals_eager_steps(cfg):
     _, cls, kwargs, dtype, _ = cfg
     _graph_against_eager("cuda", GPU_SIZES, cls, kwargs, dtype, capture=True)
+
+
+@pytest.mark.gpu
+def test_capture_after_one_warm_up_step_in_a_fresh_process():
+    """Each configuration's second step captured after one eager step, in a process where no other step ran: the
+    capture must launch only kernel variants an eager step already loaded (a stream capture forbids loading a
+    module: a variant first launched inside it fails the capture, as FusedSGD's first-step variant once did). The
+    tests above run after other tests have loaded every variant, which would hide it."""
+    code = ("import torch, tests.test_gpu_family as t\n"
+            "for c in t.CONFIGS:\n"
+            "    t._graph_against_eager('cuda', t.GPU_SIZES[:3], c[1], c[2], c[3], capture=True, steps=2)\n"
+            "    print('ok', c[0], flush=True)\n")  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.count("ok ") == len(CONFIGS), r.stdout
 
 
 @pytest.mark.gpu

@@ -391,8 +391,7 @@ def test_update_skips_the_host_poll_during_cuda_graph_capture(monkeypatch):
     """In a capture the lazy warning check would pin memory and query an event (neither capturable): skipped
     while the current stream captures, the state update itself still recorded (all device ops)."""
     s = DynamicLossScaler(init_scale=8.0, warn_after=1, check_interval=1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(fused_ops.precision, "_capturing", lambda device: True)
     with no_host_reads(monkeypatch):
         s.update(_flag(True))
         s.update(_flag(True))

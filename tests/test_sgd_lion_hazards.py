@@ -17,23 +17,23 @@ import pytest
 
 from tests import test_compile as tc
 
-_SCALARS = {**tc._SCALAR_TYPES, "momentum": "fp32", "one_minus_dampening": "fp32", "beta1": "fp32"}
+_SCALARS = {**tc._SCALAR_TYPES, "momentum": "fp32", "one_minus_dampening": "fp32", "beta1": "fp32",
+            "first_step": "i32"}
 _DT = tc._DT
 _FP32 = _DT[0]
 
 
 def _sgd_cases():
-    """Param and grad dtypes x momentum modes (none, first step, nesterov, plain), with buffer dtype, masters,
-    alignment and the scalar-only flags alternating: 40 variants."""
+    """Param and grad dtypes x momentum modes (none, nesterov, plain; the first step of new buffers is a runtime
+    argument of the same variant), with buffer dtype, masters, alignment and the scalar-only flags alternating: 30
+    variants."""
     cases = []
     for pd in _DT:
         for gd in dict.fromkeys([pd, _FP32]):
-            for (mom, first, nest), master in itertools.product(
-                ((False, False, False), (True, True, False), (True, False, True), (True, False, False)), (False, True)
-            ):
+            for (mom, nest), master in itertools.product(((False, False), (True, True), (True, False)), (False, True)):
                 alt = len(cases) % 3 == 0
                 cases.append(dict(PARAM_DTYPE=pd, GRAD_DTYPE=gd, STATE_DTYPE=pd if len(cases) % 2 else _FP32,
-                                  MOMENTUM=mom, FIRST_STEP=first, NESTEROV=nest, MASTER=master, MAXIMIZE=alt,
+                                  MOMENTUM=mom, NESTEROV=nest, MASTER=master, MAXIMIZE=alt,
                                   LR_IS_TENSOR=not alt, HAS_GRAD_SCALE=alt, HAS_FOUND_INF=not alt,
                                   ALIGNED=len(cases) % 5 != 4))  # fmt: skip
     return cases
@@ -94,7 +94,7 @@ def _roles(name, c):
     if name.startswith("lion"):
         roles.append((c["STATE_DTYPE"], True, True))
     elif c["MOMENTUM"]:
-        roles.append((c["STATE_DTYPE"], not c["FIRST_STEP"], True))
+        roles.append((c["STATE_DTYPE"], True, True))
     if c["MASTER"]:
         roles.append((_FP32, True, True))
     return roles

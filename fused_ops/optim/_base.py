@@ -38,7 +38,16 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _to_float(x: Any) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+    """A hyper-parameter as a float: a tensor is read on the host (a sync for a CUDA one), which a CUDA graph
+    capture forbids: refused there with a clear error, before anything changes (torch's fused AdamW takes
+    floats for these too)."""
+    if not isinstance(x, Tensor):
+        return float(x)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("a hyper-parameter given as a CUDA tensor (betas, eps, weight_decay, momentum, ...) is read "
+                         "on the host at every step, which a CUDA graph capture forbids: give it as a float or a CPU "
+                         "tensor (only lr is read on the device)")  # fmt: skip
+    return float(x.item())
 
 
 def _to_scalar(x: Any) -> Any:

@@ -32,7 +32,7 @@ def _check_number(name: str, value: Any, message: str) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
-        value = value.item()
+        value = _to_float(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
