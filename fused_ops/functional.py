@@ -18,6 +18,7 @@ from ._backend import resolve_backend
 from ._validate import check_memory as _check_memory
 from ._validate import check_scalar, check_storage, first_without_storage
 from ._validate import has_memory as _has_memory
+from ._validate import outside_storage as _outside_storage
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -579,6 +580,9 @@ def _scalar_tensor(fn: str, name: str, x) -> None:
             or not _has_memory(type(x)) and not torch.compiler.is_compiling()):  # fmt: skip
         got = f"{x.numel()} elements of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"{fn}: {name} must be a 1-element floating-point tensor, got {got}")
+    if not torch.compiler.is_compiling() and (x.is_meta or _outside_storage(x)):  # (read by torch ops: unchecked)
+        raise ValueError(f"{fn}: {name} must be a tensor with memory: it is on {x.device} "
+                         f"{'(meta)' if x.is_meta else 'outside its storage (freed or shrunk in place)'}")  # fmt: skip
 
 
 def _check_inv_scale(fn: str, inv_scale) -> None:

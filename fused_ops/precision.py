@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import functional
+from ._backend import check_backend
 
 # The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
 # value outside their range would become 0 or inf, or raise half-way through an update or a load.
@@ -163,6 +164,11 @@ class DynamicLossScaler:
             raise ValueError(f"{fn}: init_scale {init_scale} is outside [min_scale, max_scale]")
         _positive_int("warn_after", warn_after, allow_none=True)
         _positive_int("check_interval", check_interval, allow_none=True)
+        if backend is not None:
+            try:
+                check_backend(backend)
+            except ValueError as e:
+                raise ValueError(f"{fn}: {e}") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -284,11 +290,13 @@ class DynamicLossScaler:
         back_off = f & (hyst <= 0)
         growth = torch.where(f, torch.zeros_like(self._growth_tracker), self._growth_tracker + 1)
         grow = ok & (growth >= self.growth_interval)
-        grown = scale * self.growth_factor
+        # (in float64, rounded once: torch's GradScaler multiplies by the double factor; a growth past float32's
+        # range is skipped, as torch skips a non-finite one, so the scale never becomes inf)
+        grown = (scale.double() * self.growth_factor).float()
         if self.max_scale is not None:
             grown = grown.clamp_max(self.max_scale)
-        backed_off = (scale * self.backoff_factor).clamp_min(self.min_scale)
-        new_scale = torch.where(back_off, backed_off, torch.where(grow, grown, scale))
+        backed_off = (scale.double() * self.backoff_factor).float().clamp_min(self.min_scale)
+        new_scale = torch.where(back_off, backed_off, torch.where(grow & torch.isfinite(grown), grown, scale))
         reset = (grow | ok) if self.consecutive_hysteresis else grow
         self._hysteresis_tracker.copy_(torch.where(reset, torch.full_like(hyst, self.hysteresis), hyst))
         self._growth_tracker.copy_(torch.where(grow, torch.zeros_like(growth), growth))

@@ -75,6 +75,25 @@ def test_matches_torch_grad_scaler_rule():
         assert scaler.found_inf.item() == 0.0, "update clears its own flag"
 
 
+@pytest.mark.parametrize("init, growth, backoff", [
+    (1382.4, 1.5, 0.9),  # factors that are not powers of two: one rounding of the double product, as torch
+    (2.0**127, 2.0, 0.5),  # a growth past float32's range is skipped (torch), not a scale of inf forever
+    (1e38, 1e38, 0.5),
+])  # fmt: skip
+def test_matches_torch_grad_scaler_rule_at_the_edges(init, growth, backoff):
+    seq = [False, False, True, False, False, False, True, True, False, False]
+    scaler = DynamicLossScaler(init_scale=init, growth_factor=growth, backoff_factor=backoff, growth_interval=1,
+                               min_scale=2.0**-30, warn_after=None)  # fmt: skip
+    t_scale, t_tracker = torch.tensor([init]), torch.tensor([0], dtype=torch.int32)
+    for bad in seq:
+        scaler.update(_flag(bad))
+        torch._amp_update_scale_(t_scale, t_tracker, _flag(bad), growth, backoff, 1)
+        assert torch.equal(scaler.scale, t_scale), (scaler.scale.item(), t_scale.item())
+        assert torch.equal(scaler._growth_tracker, t_tracker)
+        assert math.isfinite(scaler.get_scale())
+    DynamicLossScaler().load_state_dict(scaler.state_dict())  # (what it saves, it loads)
+
+
 def test_hand_sequence_growth_backoff_hysteresis():
     s = DynamicLossScaler(init_scale=8.0, growth_interval=3, hysteresis=2, min_scale=2.0, max_scale=32.0,
                           warn_after=None)  # fmt: skip
@@ -159,6 +178,7 @@ def test_rejects_bad_arguments():
         (dict(init_scale=0.5, min_scale=1.0), "init_scale"),
         (dict(max_scale=0.5), "max_scale"),
         (dict(warn_after=0), "warn_after"),
+        (dict(backend="cuda"), "backend must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             DynamicLossScaler(**kwargs)
@@ -356,6 +376,27 @@ def test_update_refuses_a_bad_found_inf(bad, exc, match):
 
     s = _scaler_after_some_steps()
     expect_error_unchanged(lambda: s.update(bad), exc, f"^DynamicLossScaler.update: {match}", s)
+
+
+def _freed(t: torch.Tensor) -> torch.Tensor:
+    t.untyped_storage().resize_(0)
+    return t
+
+
+@pytest.mark.safety
+@pytest.mark.parametrize("make, match", [
+    (lambda: _freed(torch.zeros(1)), "found_inf must be a tensor with memory: .* outside its storage"),
+    (lambda: torch.zeros(1, device="meta"), r"found_inf must be a tensor with memory: .* \(meta\)"),
+])  # fmt: skip
+def test_update_refuses_a_found_inf_without_memory(make, match):
+    """A freed or meta flag is refused before it is read (a freed one was read through a null pointer: SIGSEGV)."""
+    from tests.safety import expect_error_unchanged, run_isolated
+
+    def body():
+        s = _scaler_after_some_steps()
+        expect_error_unchanged(lambda: s.update(make()), ValueError, f"^DynamicLossScaler.update: {match}", s)
+
+    run_isolated(body)
 
 
 def test_update_takes_a_0d_found_inf():
