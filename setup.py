@@ -19,8 +19,10 @@ setup(
         "fused_ops.optim",
     ],
     package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
-    # triton is not pinned: torch's CUDA wheels pin their own.
-    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    # triton is not pinned: torch's CUDA wheels pin their own. torch 2.7: the custom ops' schemas are inferred from
+    # builtin ``list[Tensor]`` annotations, which torch 2.6 refused (pytorch/pytorch#146594); tested on 2.11 (the GPU
+    # image) and 2.13 (CI).
+    install_requires=["torch>=2.7", "numpy", "triton; platform_system == 'Linux'"],
     # peers: the other libraries' optimizers that the bench compares against (on CUDA; tests/test_bench_peers.py runs
     # their providers on CPU), at the versions the tests count their state layouts for.
     extras_require={
