@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import shlex
@@ -24,7 +25,78 @@ _EPILOG_BENCH = """examples:
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """A non-empty comma list (an empty one would select nothing and run nothing)."""
+    values = [v.strip() for v in value.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"empty list {value!r}")
+    return values
+
+
+def _int(value: str, least: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {n}")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    return _int(value, 1)
+
+
+def _non_negative_int(value: str) -> int:
+    return _int(value, 0)
+
+
+def _positive_ints(value: str) -> list[int]:
+    """A comma list of integers of at least 1."""
+    return [_positive_int(v) for v in _csv(value)]
+
+
+def _float(value: str, positive: bool) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if math.isnan(x) or (positive and not (0 < x < math.inf)) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be {'a finite number > 0' if positive else '>= 0'}, got {value}")
+    return x
+
+
+def _positive_float(value: str) -> float:
+    """A finite number > 0."""
+    return _float(value, positive=True)
+
+
+def _non_negative_float(value: str) -> float:
+    """A number >= 0 (inf: no limit)."""
+    return _float(value, positive=False)
+
+
+def _output_error(option: str, path: str) -> str | None:
+    """Why ``path`` cannot be written as an output file, or None. Checked before the run (nothing is created here;
+    a missing parent folder is created when the file is written, so it only has to be creatable)."""
+    if not path:
+        return f"{option}: empty path"
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        return f"{option} {path}: is a directory"
+    if os.path.lexists(full) and not os.path.isfile(full):
+        return f"{option} {path}: exists and is not a regular file"
+    if os.path.exists(full) and not os.access(full, os.W_OK):
+        return f"{option} {path}: not writable"
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):  # the nearest existing folder above: it must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{option} {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path}: cannot write in {parent}"
+    if len(os.path.basename(full).encode()) > 255 - 16:  # (the JSON is written as <path>.tmp<pid> first)
+        return f"{option} {path}: file name too long"
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,14 +119,44 @@ def _parser() -> argparse.ArgumentParser:
         "--params", type=_csv, default=list(bench.DEFAULT_PARAMS), help=f"comma list of {','.join(bench.PARAM_SETS)}"
     )
     b.add_argument("--dtype", type=_csv, default=list(bench.DEFAULT_DTYPES), help="comma list of fp32,bf16,fp16")
-    b.add_argument("--providers", type=_csv, default=None, help="only these providers (default: all)")
+    b.add_argument("--providers", type=_csv, default=None,
+                   help=f"comma list of providers: only these (default: all); {','.join(bench.PROVIDERS)}, the "
+                        "ops' own extra ones and installed peers")  # fmt: skip
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if present")
-    b.add_argument("--json", metavar="PATH", help="write every figure as JSON")
-    b.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s per op and provider (needs matplotlib)")
-    b.add_argument("--rep-ms", type=float, default=None, help="time spent timing each provider (ms)")
-    b.add_argument("--copy-mb", type=int, default=None, help="size of the copy-bandwidth measurement (MiB)")
-    b.add_argument("--budget-s", type=float, default=None, help="start no new provider after this many seconds")
-    b.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    b.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every figure as JSON (its folder is created if missing; checked before the run)",
+    )
+    b.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write a PNG of GB/s per op and provider (needs matplotlib; not with --zero/--dtensor)",
+    )
+    b.add_argument(
+        "--rep-ms",
+        type=_positive_float,
+        default=None,
+        help="time spent timing each provider (ms, > 0; default: by device and --quick)",
+    )
+    b.add_argument(
+        "--copy-mb",
+        type=_positive_int,
+        default=None,
+        help="size of the copy-bandwidth measurement (MiB, at least 1; default: by device and --quick)",
+    )
+    b.add_argument(
+        "--budget-s",
+        type=_non_negative_float,
+        default=None,
+        help="start no new provider after this many seconds (>= 0)",
+    )
+    b.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch, at least 1 (default: torch's choice; 1 with --dtensor)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--peers-on-cpu", action="store_true",
                    help="run the installed peers (torchao, bitsandbytes, optimi, ...) on CPU too: a dry run of their "
@@ -64,23 +166,37 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: ZeroAdamW (stages 1, 2) vs DDP + torch.optim.AdamW on --nproc gloo processes (CPU)",
     )
-    b.add_argument("--nproc", type=int, default=2, help="processes for --zero (default 2)")
+    b.add_argument("--nproc", type=_positive_int, default=2, help="processes for --zero (default 2)")
     b.add_argument(
         "--dtensor",
         action="store_true",
         help="instead: ms per optimizer step on DTensor params (FSDP2 shards): FusedAdamW vs torch AdamW fused/foreach",
     )
-    b.add_argument("--dtensor-params", type=_csv, default=["1000", "10000"], help="param counts for --dtensor")
-    b.add_argument("--steps", type=int, default=10, help="timed steps per case for --dtensor (default 10)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps per case for --dtensor (default 2)")
-    b.add_argument("--group-size", type=int, default=1000, help="params per param group for --dtensor (default 1000)")
+    b.add_argument(
+        "--dtensor-params",
+        type=_positive_ints,
+        default=[1000, 10000],
+        help="comma list of param counts for --dtensor (default 1000,10000)",
+    )
+    b.add_argument("--steps", type=_positive_int, default=10, help="timed steps per case for --dtensor (default 10)")
+    b.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=2,
+        help="untimed steps per case for --dtensor (default 2; 0 runs 1: the first step makes the states)",
+    )
+    b.add_argument(
+        "--group-size", type=_positive_int, default=1000, help="params per param group for --dtensor (default 1000)"
+    )
 
     i = sub.add_parser("info", help="device, torch/triton versions, the backend auto picks")
     i.add_argument("--slug", action="store_true", help="print only the device as a file-name slug")
 
     r = sub.add_parser("report", help="regenerate the README's Performance section from benchmarks/results")
-    r.add_argument("--results", default=os.path.join("benchmarks", "results"), help="folder of results JSON")
-    r.add_argument("--readme", default="README.md", help="the README to rewrite")
+    r.add_argument(
+        "--results", default=os.path.join("benchmarks", "results"), help="folder of results JSON (must exist)"
+    )
+    r.add_argument("--readme", default="README.md", help="the README to rewrite (must exist)")
     r.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README is out of date")
     return parser
 
@@ -118,43 +234,88 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_bench(args: argparse.Namespace) -> str | None:
+    """Why these ``bench`` arguments cannot run, or None: everything is checked before any work starts."""
+    from . import bench
+
+    if args.zero and args.dtensor:
+        return "--zero and --dtensor: choose one"
+    if (args.zero or args.dtensor) and args.plot:
+        return f"--plot: only for the ops benchmark, not with {'--zero' if args.zero else '--dtensor'}"
+    for option in ("--json", "--plot"):
+        path = getattr(args, option[2:])
+        why = None if path is None else _output_error(option, path)
+        if why:
+            return why
+    if args.json is not None and args.plot is not None and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        return f"--plot {args.plot}: the same file as --json"
+    if args.zero:
+        return None
+    try:
+        bench.pick_device(args.device)  # --device cuda without a GPU
+    except RuntimeError as e:
+        return str(e)
+    if args.dtensor:
+        return None
+    for name, values, known in (("--ops", args.ops or [], bench.OPS), ("--params", args.params, bench.PARAM_SETS),
+                                ("--dtype", args.dtype, bench.DTYPES)):  # fmt: skip
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            return f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+    if args.providers is not None:
+        ops = [bench.OPS[o] for o in args.ops] if args.ops else list(bench.OPS.values())
+        peers = [p.name for p in bench.PEERS]
+        known = list(dict.fromkeys([*bench.PROVIDERS, *(p for op in bench.OPS.values() for p in op.providers),
+                                    *peers]))  # fmt: skip
+        unknown = [p for p in args.providers if p not in known]
+        if unknown:
+            return f"--providers: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+        of_ops = {p for op in ops for p in (*op.providers, *(peers if op.peers else ()))}
+        if not of_ops.intersection(args.providers):
+            return (f"--providers: {', '.join(args.providers)}: no provider of the selected ops "
+                    f"({', '.join(op.name for op in ops)})")  # fmt: skip
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib (pip install matplotlib)"
+    return None
+
+
 def _bench_zero(args: argparse.Namespace) -> int:
-    from .bench import format_zero_report
+    from .bench import format_zero_report, write_json
     from .distributed import benchmark_zero
 
-    if args.nproc < 1:
-        print("error: --nproc must be at least 1", file=sys.stderr)
-        return 2
     print(f"ZeRO on CPU: {args.nproc} gloo processes on this machine (for GPUs launch with torchrun + NCCL)")
     result = benchmark_zero(nproc=args.nproc, steps=5 if args.quick else 10)
     print(format_zero_report(result))
     if args.json:
-        import json
-
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json)
         print(f"wrote {args.json}")
     return 0
 
 
 def _bench_dtensor(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
+    from .bench import write_json
     from .bench_dtensor import benchmark_dtensor_host, format_dtensor_report
 
     # One thread by default on CPU: with two, each of the step's many small ops waits on the other thread and the
     # medians swing by 40x on a busy machine (--threads overrides).
     torch.set_num_threads(args.threads or 1)
     device = None if args.device == "auto" else args.device
-    result = benchmark_dtensor_host([int(n) for n in args.dtensor_params], steps=args.steps, device=device,
-                                    warmup=args.warmup, group_size=args.group_size,
-                                    progress=False if args.no_progress else None)  # fmt: skip
+    progress = False if args.no_progress else None
+    result = benchmark_dtensor_host(args.dtensor_params, steps=args.steps, device=device, warmup=args.warmup,
+                                    group_size=args.group_size, progress=progress)  # fmt: skip
     print(format_dtensor_report(result))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json)
         print(f"wrote {args.json}")
     return 0
 
@@ -162,28 +323,15 @@ def _bench_dtensor(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import bench
 
+    why = _check_bench(args)
+    if why:
+        return _error(why)
     if args.zero:
         return _bench_zero(args)
     if args.dtensor:
         return _bench_dtensor(args)
 
-    for name, values, known in (("--ops", args.ops or [], bench.OPS), ("--params", args.params, bench.PARAM_SETS),
-                                ("--dtype", args.dtype, bench.DTYPES)):  # fmt: skip
-        unknown = [v for v in values if v not in known]
-        if unknown:
-            print(f"error: {name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
-            return 2
-    if args.plot:  # fail before the run, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return 2
-    try:
-        device = bench.pick_device(args.device)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = bench.pick_device(args.device)
     if device.type != "cuda":
         print("No GPU found: benchmarking the CPU path against torch's CPU implementations (labelled CPU).")
     ops = args.ops
@@ -238,9 +386,17 @@ def _report(args: argparse.Namespace) -> int:
     from . import bench
 
     if not os.path.exists(args.readme):
-        print(f"error: {args.readme} not found", file=sys.stderr)
-        return 2
-    new, source, changed = bench.update_readme(args.readme, args.results)
+        return _error(f"--readme {args.readme}: not found")
+    if not os.path.isfile(args.readme):
+        return _error(f"--readme {args.readme}: not a regular file")
+    if not args.check and not os.access(args.readme, os.W_OK):
+        return _error(f"--readme {args.readme}: not writable")
+    if not os.path.isdir(args.results):
+        return _error(f"--results {args.results}: {'not a directory' if os.path.exists(args.results) else 'not found'}")
+    try:
+        new, source, changed = bench.update_readme(args.readme, args.results)
+    except (OSError, UnicodeDecodeError) as e:
+        return _error(f"--readme {args.readme}: cannot read: {e}")
     if args.check:
         print(f"{args.readme}: {'out of date' if changed else 'up to date'} ({source})")
         return 1 if changed else 0

@@ -101,6 +101,137 @@ def test_bench_rejects_unknown_names(capsys):
     assert "unknown nope" in capsys.readouterr().err
 
 
+# --- bad arguments: `error:` and exit 2 before any work -----------------------------------------------------------
+
+_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+# (command line, the option its error must name); paths are relative to a scratch folder holding `afile` (a regular
+# file), `adir/` (a folder) and `README.md`
+BAD_ARGS = [
+    (["report", "--check", "--readme", "adir"], "--readme"),
+    (["report", "--check", "--readme", "nosuch.md"], "--readme"),
+    (["report", "--check", "--results", "nonexistent_dir"], "--results"),
+    (["report", "--results", "afile"], "--results"),
+    (["bench", "--dtensor", "--dtensor-params", "abc"], "--dtensor-params"),
+    (["bench", "--dtensor", "--dtensor-params", "1e3"], "--dtensor-params"),
+    (["bench", "--dtensor", "--dtensor-params", "0"], "--dtensor-params"),
+    (["bench", "--dtensor", "--dtensor-params", "10,-5"], "--dtensor-params"),
+    (["bench", "--dtensor", "--dtensor-params", ""], "--dtensor-params"),
+    (["bench", "--dtensor", "--steps", "0"], "--steps"),
+    (["bench", "--dtensor", "--group-size", "0"], "--group-size"),
+    (["bench", "--dtensor", "--warmup", "-1"], "--warmup"),
+    pytest.param(["bench", "--dtensor", "--device", "cuda"], "--device", marks=_NO_GPU),
+    pytest.param(["bench", "--device", "cuda"], "--device", marks=_NO_GPU),
+    (["bench", "--dtensor", "--threads", "-1"], "--threads"),
+    (["bench", "--ops", "cast", "--threads", "-2"], "--threads"),
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--ops", "cast", "--json", "afile/x.json"], "--json"),
+    (["bench", "--ops", "cast", "--json", "afile/new/x.json"], "--json"),
+    (["bench", "--ops", "cast", "--json", "adir"], "--json"),
+    (["bench", "--ops", "cast", "--json", ""], "--json"),
+    (["bench", "--ops", "cast", "--plot", "afile/x.png"], "--plot"),
+    (["bench", "--ops", "cast", "--json", "out/x.json", "--plot", "out/x.json"], "--plot"),
+    (["bench", "--dtensor", "--json", "afile/x.json"], "--json"),
+    (["bench", "--dtensor", "--plot", "out/x.png"], "--plot"),
+    (["bench", "--zero", "--json", "afile/x.json"], "--json"),
+    (["bench", "--zero", "--nproc", "0"], "--nproc"),
+    (["bench", "--zero", "--dtensor"], "--zero"),
+    (["bench", "--providers", "nosuch"], "--providers"),
+    (["bench", "--ops", "adam", "--providers", "optimi"], "--providers"),
+    (["bench", "--ops", ""], "--ops"),
+    (["bench", "--ops", ","], "--ops"),
+    (["bench", "--params", ""], "--params"),
+    (["bench", "--dtype", ""], "--dtype"),
+    (["bench", "--providers", ""], "--providers"),
+    (["bench", "--rep-ms", "-1"], "--rep-ms"),
+    (["bench", "--rep-ms", "0"], "--rep-ms"),
+    (["bench", "--rep-ms", "nan"], "--rep-ms"),
+    (["bench", "--rep-ms", "inf"], "--rep-ms"),
+    (["bench", "--copy-mb", "-1"], "--copy-mb"),
+    (["bench", "--copy-mb", "0"], "--copy-mb"),
+    (["bench", "--budget-s", "-1"], "--budget-s"),
+    (["bench", "--budget-s", "nan"], "--budget-s"),
+    (["bench", "--ops", "adam,nope", "--json", "out/x.json"], "--ops"),
+    (["bench", "--json", "out/x.json", "--rep-ms", "-1"], "--rep-ms"),  # out/ must not be made for a refused run
+]
+
+
+def _scratch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "README.md").write_text("# proj\n")
+    return tmp_path
+
+
+def _tree(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+def _no_work(monkeypatch):
+    """Every entry into real work fails the test: the errors must come before any of it."""
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    import fused_ops.bench_dtensor
+    import fused_ops.distributed
+
+    monkeypatch.setattr(bench, "run", work)
+    monkeypatch.setattr(bench, "update_readme", work)
+    monkeypatch.setattr(fused_ops.bench_dtensor, "benchmark_dtensor_host", work)
+    monkeypatch.setattr(fused_ops.distributed, "benchmark_zero", work)
+    monkeypatch.setattr(torch, "set_num_threads", work)
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors (type= checks) exit
+        return e.code
+
+
+@pytest.mark.parametrize("argv, option", BAD_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_bad_arguments_are_errors_before_any_work(argv, option, tmp_path, monkeypatch, capsys):
+    root = _scratch(tmp_path, monkeypatch)
+    before = _tree(root)
+    _no_work(monkeypatch)
+    assert _exit_code(argv) == 2
+    out, err = capsys.readouterr()
+    line = err.strip().splitlines()[-1]
+    assert "error:" in line and option in line, err
+    assert "Traceback" not in out + err
+    assert _tree(root) == before  # no output file or folder made
+
+
+def test_edge_values_that_mean_something_are_accepted(tmp_path, monkeypatch, capsys):
+    """--warmup 0 (one untimed step still runs: it makes the states), --budget-s 0, a --json whose folder is
+    still to be made (it is made when the file is written, not before the run)."""
+    import fused_ops.bench_dtensor
+
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_dtensor(n_params, **kwargs):
+        seen.update(n_params=n_params, **kwargs)
+        return {"cases": []}
+
+    monkeypatch.setattr(fused_ops.bench_dtensor, "benchmark_dtensor_host", fake_dtensor)
+    monkeypatch.setattr(fused_ops.bench_dtensor, "format_dtensor_report", lambda result: "report")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.update(threads=n))
+    argv = ["bench", "--dtensor", "--device", "cpu", "--dtensor-params", "20, 30", "--warmup", "0", "--steps", "1",
+            "--json", "new/sub/d.json"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert seen["n_params"] == [20, 30] and seen["warmup"] == 0 and seen["steps"] == 1 and seen["threads"] == 1
+    assert json.loads((tmp_path / "new" / "sub" / "d.json").read_text()) == {"cases": []}
+
+    runs = []
+    monkeypatch.setattr(bench, "run", lambda config: runs.append(config) or {"results": [], "wall_s": 0.0})
+    monkeypatch.setattr(bench, "format_table", lambda doc: "table")
+    assert main(["bench", "--device", "cpu", "--budget-s", "0", "--rep-ms", "0.5", "--providers", "fused_ops"]) == 0
+    assert runs[0].budget_s == 0.0 and runs[0].rep_ms == 0.5 and runs[0].providers == ["fused_ops"]
+
+
 def test_bench_budget_stops_cleanly():
     doc = bench.run(bench.BenchConfig(ops=["adam"], params=["tiny"], dtypes=["fp32"], device="cpu", quick=True,
                                       rep_ms=1, copy_mb=1, budget_s=0.0, progress=False))  # fmt: skip
