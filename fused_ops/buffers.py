@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import _ops, functional
 from ._backend import check_backend
+from ._validate import check_storage, has_memory
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class FlatBuffer:
     Use :meth:`from_params` to move params into flat storage (``param.data`` becomes a view) without holding
     two full copies on the device, and :meth:`for_grads` to make ``param.grad`` views. Storage is allocated
     once with ``torch.empty`` and written once (the copy zero-fills the padding in the same launch).
+
+    ``data`` may later be given other memory (``buf.data = t`` or ``buf.data.set_(t)``): every method then copies,
+    zeroes and binds ``data`` as it is now (``views`` and ``buckets`` keep the old memory), after checking that it
+    is still a contiguous 1-d tensor of the buffer's dtype and device, of at least ``numel`` elements, inside its
+    storage (else a ValueError or TypeError naming ``data``, nothing changed).
     """
 
     def __init__(
@@ -107,11 +113,12 @@ class FlatBuffer:
         copy: bool = True,
         backend: str | None = None,
     ) -> None:
-        if copy not in (True, False):
+        if not isinstance(copy, bool):
             raise TypeError(f"FlatBuffer: copy must be a bool, got {copy!r}")
         tensors = self._plan(tensors, dtype, align, bucket_cap_mb, world_size, device, backend)
-        if copy:
+        if copy:  # (what copy_from_ checks; the new storage shares memory with nothing)
             self._check_sources("FlatBuffer", tensors)
+            check_storage("FlatBuffer", "tensors", tensors)
         self._allocate()
         if copy:
             self._copy_from(tensors)
@@ -198,7 +205,7 @@ class FlatBuffer:
         fn = "FlatBuffer.from_params"
         self = cls.__new__(cls)
         params = self._plan(params, None, align, bucket_cap_mb, world_size, None, backend, fn, "params")
-        if stage_on_host not in (None, True, False):
+        if stage_on_host is not None and not isinstance(stage_on_host, bool):
             raise TypeError(f"{fn}: stage_on_host must be a bool or None, got {stage_on_host!r}")
         # Each param gets memory of its own in the buffer: params sharing memory (tied weights, one tensor listed
         # twice) would be untied without a word.
@@ -255,6 +262,7 @@ class FlatBuffer:
                                 "its own")  # fmt: skip
             if g.device != self.device:
                 raise ValueError(f"{fn}: params[{i}].grad is on {g.device}, the params on {self.device}")
+            check_storage(fn, f"params[{i}].grad", [g], indexed=False)  # (read by cast_, which would name itself)
         self._allocate()
         self.data.zero_()
         if have:
@@ -297,6 +305,25 @@ class FlatBuffer:
                 raise ValueError(f"{fn}: {name}[{i}] has shape {tuple(x.shape)}, expected {tuple(self.shapes[i])}")
         return tensors
 
+    def _check_data(self, fn: str) -> Tensor:
+        """``data`` as every method uses it (it may have been given other memory, by ``buf.data = t`` or
+        ``buf.data.set_(t)``): a dense contiguous 1-d tensor of the buffer's dtype and device, with at least the
+        layout's ``numel`` elements, inside its storage (not freed or shrunk in place), not a negated view."""
+        data = self.data
+        if not isinstance(data, Tensor) or not has_memory(type(data)):
+            raise TypeError(f"{fn}: data (FlatBuffer.data) must be a plain tensor with memory of its own, got a "
+                            f"{type(data).__name__}")  # fmt: skip
+        if data.layout != torch.strided:
+            raise TypeError(f"{fn}: data (FlatBuffer.data) must be a dense tensor, got {data.layout}")
+        if (data.dtype != self.dtype or data.device != self.device or data.dim() != 1 or data.numel() < self.numel
+                or not data.is_contiguous()):  # fmt: skip
+            raise ValueError(f"{fn}: data (FlatBuffer.data) must be a contiguous 1-d tensor of {self.dtype} on "
+                             f"{self.device} with at least {self.numel} elements (the buffer's layout), got "
+                             f"{'a contiguous' if data.is_contiguous() else 'a non-contiguous'} {data.dim()}-d tensor "
+                             f"of {data.numel()} elements of {data.dtype} on {data.device}")  # fmt: skip
+        check_storage(fn, "data", [data], indexed=False)
+        return data
+
     def _check_sources(self, fn: str, tensors: list[Tensor]) -> None:
         """What :meth:`copy_from_` reads is on the buffer's device."""
         if {x.device for x in tensors} - {self.device}:
@@ -309,21 +336,22 @@ class FlatBuffer:
         nearest even. The tensors must share no memory with the buffer."""
         fn = "FlatBuffer.copy_from_"
         tensors = self._check_like(fn, tensors)
+        data = self._check_data(fn)
         self._check_sources(fn, tensors)
         functional._check_memory(fn, [("tensors", tensors, False, True, functional._all_contiguous(tensors)),
-                                      ("the buffer", [self.data], True, False, True)])  # fmt: skip
+                                      ("the buffer", [data], True, False, True)])  # fmt: skip
         self._copy_from(tensors)
         return self
 
     def _copy_from(self, tensors: list[Tensor]) -> None:
-        """:meth:`copy_from_` once checked."""
+        """:meth:`copy_from_` once checked (``data`` too), into ``data`` as it is now."""
         if not tensors:
             self.data.zero_()
             return
         if {x.dtype for x in tensors} == {self.dtype}:
             self._gather(tensors)
         else:
-            functional.cast_(self.views, tensors, backend=self.backend)
+            functional.cast_(self._read_views(), tensors, backend=self.backend)
             layout = zip(self.offsets, self.numels, self._spans, strict=True)
             gaps = [self.data.narrow(0, off + n, span - n) for off, n, span in layout if span > n]
             if gaps:
@@ -345,6 +373,7 @@ class FlatBuffer:
         buffer (``tensors[i]`` may be view ``i`` itself)."""
         fn = "FlatBuffer.copy_to_"
         tensors = self._check_like(fn, tensors)
+        self._check_data(fn)
         if not tensors:
             return
         if not functional._all_contiguous(tensors) or {x.device for x in tensors} - {self.device}:
@@ -376,36 +405,61 @@ class FlatBuffer:
 
     def zero_(self) -> FlatBuffer:
         """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""
-        from ._validate import check_storage
-
-        check_storage("FlatBuffer.zero_", "data", [self.data], indexed=False)
-        self.data.zero_()
+        self._check_data("FlatBuffer.zero_").zero_()
         return self
 
     def bind_data_(self, tensors: Sequence[Tensor]) -> None:
-        """Make each ``tensors[i].data`` the buffer's view ``i`` (same shape and dtype required; each tensor once)."""
+        """Make each ``tensors[i].data`` the buffer's view ``i`` of ``data`` as it is now (plain dense tensors of the
+        buffer's shape, dtype and device required; each tensor once). Everything is checked before the first is
+        bound."""
         fn = "FlatBuffer.bind_data_"
         tensors = self._check_like(fn, tensors, floating=False)
-        if {x.dtype for x in tensors} - {self.dtype}:
+        self._check_data(fn)
+        if self._unlike(tensors):
             for i, x in enumerate(tensors):
+                self._check_bindable(fn, f"tensors[{i}]", x)
                 if x.dtype != self.dtype:
                     raise ValueError(f"{fn}: tensors[{i}] is {x.dtype}, the buffer {self.dtype}")
+                if x.device != self.device:
+                    raise ValueError(f"{fn}: tensors[{i}] is on {x.device}, the buffer on {self.device}")
         _check_distinct(fn, "tensors", tensors)
-        for x, view in zip(tensors, self.views, strict=True):
+        for x, view in zip(tensors, self._read_views(), strict=True):
             x.data = view
 
     def bind_grads_(self, params: Sequence[Tensor]) -> None:
-        """Make each ``params[i].grad`` the buffer's view ``i`` (same shape, dtype and device; each param once)."""
+        """Make each ``params[i].grad`` the buffer's view ``i`` of ``data`` as it is now (plain dense params of the
+        buffer's shape, dtype and device; each param once). Everything is checked before the first is bound."""
         fn = "FlatBuffer.bind_grads_"
         params = self._check_like(fn, params, "params", floating=False)
-        if {p.dtype for p in params} - {self.dtype} or {p.device for p in params} - {self.device}:
+        self._check_data(fn)
+        if self._unlike(params):
             for i, p in enumerate(params):
+                self._check_bindable(fn, f"params[{i}]", p)
                 if p.dtype != self.dtype or p.device != self.device:
                     raise ValueError(f"{fn}: params[{i}] is {p.dtype} on {p.device}, the buffer is {self.dtype} on "
                                      f"{self.device}")  # fmt: skip
         _check_distinct(fn, "params", params)
-        for p, view in zip(params, self.views, strict=True):
+        for p, view in zip(params, self._read_views(), strict=True):
             p.grad = view
+
+    def _unlike(self, tensors: list[Tensor]) -> bool:
+        """Whether some tensor is not a plain dense tensor of the buffer's dtype and device (one pass over each
+        attribute; the caller's loop then names the first)."""
+        return bool(
+            not all(map(has_memory, {type(x) for x in tensors}))
+            or {x.layout for x in tensors} - {torch.strided}
+            or {x.dtype for x in tensors} - {self.dtype}
+            or {x.device for x in tensors} - {self.device}
+        )
+
+    @staticmethod
+    def _check_bindable(fn: str, label: str, x: Tensor) -> None:
+        """A tensor whose ``.data`` or ``.grad`` a plain dense view can become (torch refuses the others only on
+        assignment, after the earlier tensors of the list were bound)."""
+        if not has_memory(type(x)):
+            raise TypeError(f"{fn}: {label} is a {type(x).__name__}, not a plain tensor with memory of its own")
+        if x.layout != torch.strided:
+            raise TypeError(f"{fn}: {label} must be a dense tensor, got {x.layout}")
 
 
 def _check_distinct(fn: str, name: str, tensors: list[Tensor]) -> None:
