@@ -217,3 +217,46 @@ def test_negative_step_counts(backend):
         sd = opt.state_dict()
         sd["state"][0]["step"] = bad
         expect_error_unchanged(lambda: opt.load_state_dict(sd), ValueError, "'step'.*>= 0", opt)  # noqa: B023
+
+
+@pytest.mark.parametrize("nbytes", [0, 8, "meta"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+@isolated
+def test_loaded_state_tensor_without_memory(name, nbytes):
+    """A state dict whose state tensor was freed or shrunk in place (or is a meta tensor): ``load_state_dict`` copied
+    it with torch's ``.to(copy=True)``, which reads it unchecked (SIGSEGV, or the bytes past a shrunk allocation loaded
+    as state). Every tensor of every key (moments, 8-bit codes and scales, step counts) is refused first, naming the
+    key and the param, with the optimizer unchanged."""
+    params, opt = _stepped(name, "reference")
+    sd = opt.state_dict()
+    for key in sorted(sd["state"][1]):
+        bad = {k: dict(v) for k, v in sd["state"].items()}
+        t = bad[1][key]
+        if nbytes != "meta" and t.untyped_storage().nbytes() <= nbytes:
+            continue  # (a 0-d step count fits in 8 bytes: not shrunk)
+        if nbytes == "meta":
+            t = torch.empty_like(t, device="meta")
+        else:
+            t = t.clone()
+            t.untyped_storage().resize_(nbytes)
+        bad[1][key] = t
+        expect_error_unchanged(lambda b=bad: opt.load_state_dict({"state": b, "param_groups": sd["param_groups"]}),
+                               ValueError, f"state '{key}' of param 1 .*(outside its storage|meta tensor)", opt)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_loads_torch_dicts_with_a_none_momentum_buffer(momentum):
+    """torch.optim.SGD's dicts before torch 2.2 hold ``{"momentum_buffer": None}`` (no buffer yet): torch loads and
+    steps them (the first step makes the buffer); so does FusedSGD, with torch's result."""
+    sd = {"state": {0: {"momentum_buffer": None}},
+          "param_groups": [dict(lr=0.1, momentum=momentum, dampening=0, weight_decay=0, nesterov=False, maximize=False,
+                                foreach=None, differentiable=False, fused=None, params=[0])]}  # fmt: skip
+    ours, theirs = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    o, t = fused_ops.FusedSGD([ours], lr=1.0), torch.optim.SGD([theirs], lr=1.0)
+    o.load_state_dict(sd)
+    t.load_state_dict(sd)
+    for g in (torch.full((4,), 1.0), torch.full((4,), 2.0)):
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+    assert torch.equal(ours, theirs)

@@ -239,6 +239,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _required_state_keys: tuple[str, ...] = ()
     _unshaped_state_keys: tuple[str, ...] = ()  # state tensors not shaped like the param (e.g. 8-bit block scales)
     _own_group_keys = ("master_weights", "backend")
+    _absent_if_none: tuple[str, ...] = ()  # state keys that older torch.optim dicts hold as None for "no state yet"
     # torch.optim's defaults for keys that older state dicts lack (its __setstate__)
     _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
 
@@ -708,6 +709,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict: the state of {where} must be a dict")
             st = {}
             for key, value in src.items():
+                if isinstance(value, Tensor):  # (copied or read below by torch's ops, which do not check memory)
+                    local = _local(value)
+                    if local.is_meta:
+                        raise ValueError(f"loaded state dict: state {key!r} of {where} is a meta tensor (no values)")
+                    if outside_storage(local):
+                        raise ValueError(f"loaded state dict: state {key!r} of {where} lies outside its storage "
+                                         "(freed or shrunk in place)")  # fmt: skip
+                elif value is None and key in self._absent_if_none:
+                    continue  # (as torch.optim reads it: no state yet)
                 key = self._loaded_key(key, value, src, where)
                 if key in tensor_keys and self._load_as_is(key, value):
                     st[key] = self._load_state_value(key, value, p, where)

@@ -55,6 +55,7 @@ class FusedSGD(FusedOptimizer):
     """
 
     _has_step = False
+    _absent_if_none = ("momentum_buffer",)  # (torch.optim.SGD's dicts before torch 2.2 hold None without momentum)
     _LEGACY_DEFAULTS = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None)
 
     def __init__(
