@@ -260,3 +260,41 @@ def test_sgd_loads_torch_dicts_with_a_none_momentum_buffer(momentum):
         o.step()
         t.step()
     assert torch.equal(ours, theirs)
+
+
+def _bad_entry(case):
+    def change(sd):
+        st, groups = sd["state"][0], sd["param_groups"]
+        if case == "sparse exp_avg":
+            st["exp_avg"] = st["exp_avg"].to_sparse()
+        elif case == "uint8 master_param":
+            st["master_param"] = torch.zeros(st["exp_avg"].shape, dtype=torch.uint8)
+        elif case == "uint8 max_exp_avg_sq":
+            st["max_exp_avg_sq"] = torch.zeros(st["exp_avg"].shape, dtype=torch.uint8)
+        elif case == "step 1e300":
+            st["step"] = 1e300
+        elif case == "lr a string":
+            groups[0]["lr"] = "0.01"
+        elif case == "group a list":
+            groups[0] = list(groups[0]["params"])
+
+    return change
+
+
+@pytest.mark.parametrize("case, match", [
+    ("sparse exp_avg", "'exp_avg' of param 0 .* must be a dense tensor"),
+    ("uint8 master_param", "'master_param' of param 0 .* must be a floating-point tensor"),
+    ("uint8 max_exp_avg_sq", "'max_exp_avg_sq' of param 0 .* must be a floating-point tensor"),
+    ("step 1e300", "'step' of param 0 .* that float32 holds"),
+    ("lr a string", "param group 0: .* must be a number or a 1-element tensor, got str"),
+    ("group a list", "param group 0 is not a dict"),
+])  # fmt: skip
+def test_load_refuses_what_the_step_would_refuse(case, match):
+    """Entries a load used to take (then ``step()`` refused them, with the loaded state already in place), or refused
+    with an error naming nothing: refused by the load itself, naming the key, with nothing changed."""
+    params = _params()
+    opt = fused_ops.FusedAdamW(params, lr=1e-2, amsgrad=case == "uint8 max_exp_avg_sq", backend="reference")
+    opt.step()
+    sd = opt.state_dict()
+    _bad_entry(case)(sd)
+    expect_error_unchanged(lambda: opt.load_state_dict(sd), ValueError, match, opt)

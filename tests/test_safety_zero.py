@@ -327,6 +327,13 @@ def _owned(shards: list[dict]) -> int:
     return next(i for i, (lo, hi) in sorted(shards[0]["zero"]["ranges"].items()) if hi - lo >= 2)
 
 
+def _freed(t: torch.Tensor, nbytes: int = 0) -> torch.Tensor:
+    """A copy of ``t`` whose storage is then freed (or shrunk to ``nbytes``) in place: its sizes stay."""
+    t = t.clone()
+    t.untyped_storage().resize_(nbytes)
+    return t
+
+
 def case_load_state_dict(rank: int, world: int) -> list[dict]:
     """Checkpoints with a truncated, missing, int or non-tensor moment, a bad step count, bad hyper-parameters,
     wrong group count or sizes, a bad shard range: on one rank and on every rank, as a torch.optim-layout dict and
@@ -382,6 +389,17 @@ def case_load_state_dict(rank: int, world: int) -> list[dict]:
         ("shard: step missing", "shards", lambda sd: sd[0]["state"][i].pop("step"), [rf"param {i}\b", r"'step'"]),
         ("shard: range past the end", "shards",
          lambda sd: _set(sd[0]["zero"]["ranges"], i, (0, 10**6)), [rf"param {i}\b", r"range"]),
+        # storage freed or shrunk in place: was read unchecked (SIGSEGV on that rank, or bytes past the allocation)
+        ("exp_avg freed", "full", lambda sd: _set(sd["state"][2], "exp_avg", _freed(sd["state"][2]["exp_avg"])),
+         [r"param 2\b", r"'exp_avg'", "outside its storage"]),
+        ("shard: exp_avg_sq shrunk", "shards",
+         lambda sd: _set(sd[0]["state"][i], "exp_avg_sq", _freed(sd[0]["state"][i]["exp_avg_sq"], 8)),
+         [rf"param {i}\b", r"'exp_avg_sq'", "outside its storage"]),
+        ("step freed", "full", lambda sd: _set(sd["state"][1], "step", _freed(sd["state"][1]["step"])),
+         [r"param 1\b", "'step'", "outside its storage"]),
+        ("lr tensor freed", "full", lambda sd: _set(sd["param_groups"][0], "lr", _freed(torch.tensor(LR))),
+         [r"'lr' of param group 0", "outside its storage"]),
+        ("step 1e300", "full", lambda sd: _set(sd["state"][4], "step", 1e300), [r"param 4\b", "'step'", "float32"]),
     ]  # fmt: skip
     out = []
     for label, which, change, patterns in corruptions:
@@ -404,6 +422,13 @@ def case_load_state_dict(rank: int, world: int) -> list[dict]:
                            "ValueError", *patterns))  # fmt: skip
     opt.load_state_dict(copy.deepcopy(full))
     out.append(check("the full dict loads afterwards", tensors_equal(opt.consolidated_state_dict(to=None), full)))
+    # the loaded groups are copies (torch.optim deep-copies them): the caller's tensor lr is not the optimizer's
+    with_lr = copy.deepcopy(full)
+    with_lr["param_groups"][0]["lr"] = torch.tensor(LR)
+    opt.load_state_dict(with_lr)
+    with_lr["param_groups"][0]["lr"].fill_(0.5)
+    out.append(check("a loaded tensor lr is a copy", float(opt.param_groups[0]["lr"]) == float(torch.tensor(LR))))
+    opt.load_state_dict(copy.deepcopy(full))
     opt.load_state_dict(copy.deepcopy(shards))
     out.append(check("the shards load afterwards", tensors_equal(opt.state_dict(), shards[rank])))
     # A legacy dict without 'maximize' / 'amsgrad': torch.optim's defaults (False), not the constructor's values.

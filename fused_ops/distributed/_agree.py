@@ -127,6 +127,9 @@ def _check_state_tensor(st: dict, i: int, key: str, numel: int, expected: str) -
         raise ValueError(f"{where} has {t.numel()} elements but {expected}")
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_state_step(st: dict, i: int) -> float:
     """``st["step"]`` as a float: a finite count >= 0 (a number or a 1-element real tensor)."""
     where = f"state 'step' of param {i}"
@@ -139,8 +142,9 @@ def _check_state_step(st: dict, i: int) -> float:
         step = float(value)
     else:
         raise ValueError(f"{where} must be a number or a 1-element real tensor, got {_describe(value)}")
-    if not (math.isfinite(step) and step >= 0):
-        raise ValueError(f"{where} must be a finite count >= 0, got {step}")
+    if not (math.isfinite(step) and 0 <= step <= _FP32_MAX):
+        raise ValueError(f"{where} must be a finite count >= 0 that float32 holds (the count is kept in float32), got "
+                         f"{step}")  # fmt: skip
     return step
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._ref_lowbit import QUANT_BLOCK, dequantize_blockwise, n_scales, quantize_blockwise
+from .._validate import outside_storage
 from ._agree import _check_group, _check_lowbit_amsgrad, _check_state_step, _check_state_tensor
 from ._comm import _all_gather
 from ._layout import _Bucket, _Segment
@@ -90,6 +92,45 @@ def _check_moment(st: dict, i: int, key: str, numel: int, expected: str, lo: int
     if scales.numel() != n_scales(numel):
         raise ValueError(f"state {skey!r} of param {i} has {scales.numel()} block scales but {numel} codes need "
                          f"ceil({numel} / {QUANT_BLOCK}) = {n_scales(numel)}")  # fmt: skip
+
+
+def _check_memory_of_checkpoint(state_dict: Any) -> None:
+    """Every tensor of a checkpoint (its states, a DTensor's local shard, a tensor lr) that is dense and has data lies
+    inside its storage: the checks and the load read them with torch's ops, which do not check (a storage freed in
+    place crashed the rank; one shrunk was read past its end). Raises a ValueError naming it; run before anything
+    reads a value, inside the load's agreed checks."""
+    dicts = list(state_dict) if isinstance(state_dict, (list, tuple)) else [state_dict]
+    for k, sd in enumerate(dicts):
+        if not isinstance(sd, dict):
+            continue  # (the load's own checks name it)
+        shard = f" of state dict {k} of the list" if len(dicts) > 1 else ""
+        entries: list[tuple[str, Any]] = []
+        state = sd.get("state")
+        if isinstance(state, dict):
+            for pid, st in state.items():
+                if isinstance(st, dict):
+                    entries += [(f"state {key!r} of param {pid!r}{shard}", v) for key, v in st.items()]
+                else:
+                    entries.append((f"the state of param {pid!r}{shard}", st))
+        groups = sd.get("param_groups")
+        if isinstance(groups, (list, tuple)):
+            for gi, g in enumerate(groups):
+                if isinstance(g, dict):
+                    entries += [(f"{key!r} of param group {gi}{shard}", v) for key, v in g.items() if key != "params"]
+        for where, v in entries:
+            if not isinstance(v, Tensor):
+                continue
+            local = v._local_tensor if _is_dtensor(v) else v
+            if local.layout == torch.strided and not local.is_meta and outside_storage(local):
+                raise ValueError(f"{where} lies outside its storage (freed or shrunk in place)")
+
+
+def _is_dtensor(x: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, DTensor)
 
 
 def _what(x: Any) -> str:
@@ -266,6 +307,7 @@ class _CheckpointMixin:
         self._drain()
         error, plan = None, None
         try:
+            _check_memory_of_checkpoint(state_dict)
             if dcp or self._is_dcp_state_dict(state_dict):
                 plan = self._plan_dcp_load(state_dict, names)
             else:
@@ -336,7 +378,8 @@ class _CheckpointMixin:
                 )
             merged = {k: v for k, v in g.items() if k != "params"}
             merged.update(amsgrad=False, maximize=False)  # torch.optim's defaults for legacy checkpoints
-            merged.update({k: v for k, v in sg.items() if k != "params"})
+            # (copies, as torch.optim's load deep-copies the groups: the caller's tensor lr is not aliased)
+            merged.update({k: copy.deepcopy(v) for k, v in sg.items() if k != "params"})
             if merged.get("differentiable"):
                 raise ValueError(f"param group {gi} of the checkpoint has differentiable=True (not supported)")
             lr, beta1, beta2, eps, weight_decay = _check_group(gi, merged, read_lr=True)

@@ -19,6 +19,7 @@ declares its hyper-parameters (``_check_hyperparameters``, ``_check_step_values`
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -37,11 +38,16 @@ MASTER_KEY = "master_param"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _to_float(x: Any) -> float:
     """A hyper-parameter as a float: a tensor is read on the host (a sync for a CUDA one), which a CUDA graph
     capture forbids: refused there with a clear error, before anything changes (torch's fused AdamW takes
     floats for these too)."""
     if not isinstance(x, Tensor):
+        if not isinstance(x, numbers.Real):  # (float("0.01") would take a string)
+            raise TypeError(f"a hyper-parameter must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
         return float(x)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError("a hyper-parameter given as a CUDA tensor (betas, eps, weight_decay, momentum, ...) is read "
@@ -666,7 +672,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        for g, sg in zip(groups, saved_groups):
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if not isinstance(sg, dict) or not isinstance(sg.get("params"), list | tuple):
+                raise ValueError(f"loaded state dict: param group {gi} is not a dict with a 'params' list")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
@@ -711,6 +719,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in src.items():
                 if isinstance(value, Tensor):  # (copied or read below by torch's ops, which do not check memory)
                     local = _local(value)
+                    if local.layout != torch.strided:
+                        raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense tensor, got "
+                                         f"{local.layout}")  # fmt: skip
                     if local.is_meta:
                         raise ValueError(f"loaded state dict: state {key!r} of {where} is a meta tensor (no values)")
                     if outside_storage(local):
@@ -735,15 +746,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if isinstance(value, Tensor):
                         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
                             raise ValueError(f"loaded state dict: state 'step' of {where} must be a real number")
+                        if _is_dtensor(value) and not _is_dtensor(p):
+                            raise ValueError(f"loaded state dict: state 'step' of {where} is a DTensor but the param "
+                                             "is not: step counts are plain tensors (as torch.optim's)")  # fmt: skip
                         count = float(_local(value).detach().reshape(()))  # (a load reads it on the host anyway)
-                        if not (math.isfinite(count) and count >= 0):
-                            raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= "
-                                             f"0, got {count}")  # fmt: skip
                     elif isinstance(value, bool) or not isinstance(value, int | float):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a number")
-                    elif not (math.isfinite(value) and value >= 0):
-                        raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= 0, "
-                                         f"got {value}")  # fmt: skip
+                    else:
+                        count = float(value)
+                    if not (math.isfinite(count) and 0 <= count <= _FP32_MAX):
+                        raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= 0 "
+                                         f"that float32 holds (the count is kept in float32), got {count}")  # fmt: skip
                     step = self._as_step(value, p)
                     st[key] = step.clone() if step is value else step
                 else:

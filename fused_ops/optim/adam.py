@@ -505,7 +505,8 @@ class FusedAdam(FusedOptimizer):
         return key
 
     def _load_as_is(self, key: str, value: Any) -> bool:
-        return isinstance(value, Tensor) and (key in _SCALE_KEYS or key == _KAHAN_KEY or value.dtype == torch.uint8)
+        return isinstance(value, Tensor) and (key in _SCALE_KEYS or key == _KAHAN_KEY
+                                              or (value.dtype == torch.uint8 and key in _CODES_KEYS))  # fmt: skip
 
     def _load_state_value(self, key: str, value: Tensor, p: Tensor, where: str) -> Tensor:
         """8-bit codes (uint8, the param's element count), block scales (fp32, ceil(numel / 256); for a DTensor
