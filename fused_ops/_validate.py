@@ -73,6 +73,23 @@ _storage_ptr = torch.UntypedStorage.data_ptr
 _storage_nbytes = torch.UntypedStorage.nbytes
 
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def loaded_tensor_problem(x: Tensor) -> str | None:
+    """What keeps a tensor of a loaded state dict from being read (copied, or a count taken from it), or None: not
+    dense, meta (no values), or outside its storage (freed or shrunk in place: torch's ops would read it unchecked).
+    A DTensor is judged by its local shard."""
+    local = x._local_tensor if not has_memory(type(x)) and hasattr(x, "_local_tensor") else x
+    if local.layout != torch.strided:
+        return f"must be a dense tensor, got {local.layout}"
+    if local.is_meta:
+        return "is a meta tensor (no values)"
+    if outside_storage(local):
+        return "lies outside its storage (freed or shrunk in place)"
+    return None
+
+
 def outside_storage(x: Tensor) -> bool:
     """Whether an element of ``x`` lies outside its storage: a storage freed or shrunk in place
     (``x.untyped_storage().resize_(0)``, as FSDP frees params) leaves the tensor's sizes as they were, and a kernel

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
+from .._validate import FP32_MAX
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
 
@@ -127,9 +128,6 @@ def _check_state_tensor(st: dict, i: int, key: str, numel: int, expected: str) -
         raise ValueError(f"{where} has {t.numel()} elements but {expected}")
 
 
-_FP32_MAX = float(torch.finfo(torch.float32).max)
-
-
 def _check_state_step(st: dict, i: int) -> float:
     """``st["step"]`` as a float: a finite count >= 0 (a number or a 1-element real tensor)."""
     where = f"state 'step' of param {i}"
@@ -142,7 +140,7 @@ def _check_state_step(st: dict, i: int) -> float:
         step = float(value)
     else:
         raise ValueError(f"{where} must be a number or a 1-element real tensor, got {_describe(value)}")
-    if not (math.isfinite(step) and 0 <= step <= _FP32_MAX):
+    if not (math.isfinite(step) and 0 <= step <= FP32_MAX):
         raise ValueError(f"{where} must be a finite count >= 0 that float32 holds (the count is kept in float32), got "
                          f"{step}")  # fmt: skip
     return step

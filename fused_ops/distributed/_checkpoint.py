@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._ref_lowbit import QUANT_BLOCK, dequantize_blockwise, n_scales, quantize_blockwise
-from .._validate import outside_storage
+from .._validate import loaded_tensor_problem
 from ._agree import _check_group, _check_lowbit_amsgrad, _check_state_step, _check_state_tensor
 from ._comm import _all_gather
 from ._layout import _Bucket, _Segment
@@ -118,19 +118,9 @@ def _check_memory_of_checkpoint(state_dict: Any) -> None:
                 if isinstance(g, dict):
                     entries += [(f"{key!r} of param group {gi}{shard}", v) for key, v in g.items() if key != "params"]
         for where, v in entries:
-            if not isinstance(v, Tensor):
-                continue
-            local = v._local_tensor if _is_dtensor(v) else v
-            if local.layout == torch.strided and not local.is_meta and outside_storage(local):
-                raise ValueError(f"{where} lies outside its storage (freed or shrunk in place)")
-
-
-def _is_dtensor(x: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, DTensor)
+            problem = loaded_tensor_problem(v) if isinstance(v, Tensor) else None
+            if problem is not None and "storage" in problem:  # (layouts and meta: the checks below name them)
+                raise ValueError(f"{where} {problem}")
 
 
 def _what(x: Any) -> str:

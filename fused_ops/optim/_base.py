@@ -32,13 +32,10 @@ from torch import Tensor
 
 from .. import _ops
 from .._backend import check_backend, resolve_backend
-from .._validate import check_memory, first_without_storage, outside_storage
+from .._validate import FP32_MAX, check_memory, first_without_storage, loaded_tensor_problem, outside_storage
 
 MASTER_KEY = "master_param"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _to_float(x: Any) -> float:
@@ -718,15 +715,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             st = {}
             for key, value in src.items():
                 if isinstance(value, Tensor):  # (copied or read below by torch's ops, which do not check memory)
-                    local = _local(value)
-                    if local.layout != torch.strided:
-                        raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense tensor, got "
-                                         f"{local.layout}")  # fmt: skip
-                    if local.is_meta:
-                        raise ValueError(f"loaded state dict: state {key!r} of {where} is a meta tensor (no values)")
-                    if outside_storage(local):
-                        raise ValueError(f"loaded state dict: state {key!r} of {where} lies outside its storage "
-                                         "(freed or shrunk in place)")  # fmt: skip
+                    problem = loaded_tensor_problem(value)
+                    if problem is not None:
+                        raise ValueError(f"loaded state dict: state {key!r} of {where} {problem}")
                 elif value is None and key in self._absent_if_none:
                     continue  # (as torch.optim reads it: no state yet)
                 key = self._loaded_key(key, value, src, where)
@@ -754,7 +745,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a number")
                     else:
                         count = float(value)
-                    if not (math.isfinite(count) and 0 <= count <= _FP32_MAX):
+                    if not (math.isfinite(count) and 0 <= count <= FP32_MAX):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= 0 "
                                          f"that float32 holds (the count is kept in float32), got {count}")  # fmt: skip
                     step = self._as_step(value, p)
