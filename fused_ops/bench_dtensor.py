@@ -142,8 +142,8 @@ def benchmark_dtensor_host(n_params: list[int] | None = None, steps: int = 10,
                            device: str | torch.device | None = None, warmup: int = 2, group_size: int = 1000,
                            progress: bool | None = None, stream: TextIO | None = None) -> dict[str, Any]:  # fmt: skip
     """ms per optimizer step on an FSDP2 model of ``n`` DTensor params (the bench's small-tensor shapes), per
-    provider, after ``warmup`` untimed steps; params in groups of ``group_size``. ``progress``: a bar (tqdm if
-    installed) on ``stream`` (stderr); by default when stderr is a terminal."""
+    provider, after ``warmup`` untimed steps (at least one); params in groups of ``group_size``. ``progress``: a
+    bar (tqdm if installed) on ``stream`` (stderr); by default when stderr is a terminal."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -151,6 +151,8 @@ def benchmark_dtensor_host(n_params: list[int] | None = None, steps: int = 10,
 
     if steps < 1 or group_size < 1:
         raise ValueError(f"steps and group_size must be at least 1, got {steps} and {group_size}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be at least 0, got {warmup}")
     stream = stream or sys.stderr
     if progress is None:
         progress = stream.isatty()

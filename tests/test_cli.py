@@ -354,6 +354,23 @@ def _tiny_config(**kw) -> bench.BenchConfig:
     return bench.BenchConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("field, value", [("threads", 0), ("threads", -1), ("threads", 1.5), ("threads", True),
+                                          ("copy_mb", 0), ("rep_ms", 0.0), ("rep_ms", float("nan")),
+                                          ("budget_s", -1.0), ("rep_ms", "5")])  # fmt: skip
+def test_bench_config_bad_values_refused_from_python(monkeypatch, field, value):
+    # the CLI refuses these itself; a BenchConfig built in Python is checked by run(), before any work
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads set before the check"))
+    with pytest.raises(ValueError, match=f"BenchConfig.{field}"):
+        bench.run(_tiny_config(**{field: value}))
+
+
+def test_dtensor_host_bad_warmup_refused():
+    from fused_ops.bench_dtensor import benchmark_dtensor_host
+
+    with pytest.raises(ValueError, match="warmup"):
+        benchmark_dtensor_host([2], steps=1, warmup=-1)
+
+
 class _KinetoLike:  # methods, as torch's _KinetoEvent
     def __init__(self, name, device_type, activity_type=None, annotation=False):
         self._v = dict(name=name, device_type=device_type, activity_type=activity_type, is_user_annotation=annotation)

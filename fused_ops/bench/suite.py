@@ -155,7 +155,13 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
         unknown = [n for n in name if n not in known]
         if unknown:
             raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    if config.threads:
+    for field, integer in (("threads", True), ("copy_mb", True), ("rep_ms", False), ("budget_s", False)):
+        value = getattr(config, field)
+        kinds = (int,) if integer else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not value > 0):
+            need = "an int >= 1" if integer else "a number > 0"
+            raise ValueError(f"BenchConfig.{field} must be None or {need}, got {value!r}")
+    if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     kind = device.type
