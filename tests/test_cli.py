@@ -356,7 +356,7 @@ def _tiny_config(**kw) -> bench.BenchConfig:
 
 @pytest.mark.parametrize("field, value", [("threads", 0), ("threads", -1), ("threads", 1.5), ("threads", True),
                                           ("copy_mb", 0), ("rep_ms", 0.0), ("rep_ms", float("nan")),
-                                          ("budget_s", -1.0), ("rep_ms", "5")])  # fmt: skip
+                                          ("budget_s", -1.0), ("budget_s", float("nan")), ("rep_ms", "5")])  # fmt: skip
 def test_bench_config_bad_values_refused_from_python(monkeypatch, field, value):
     # the CLI refuses these itself; a BenchConfig built in Python is checked by run(), before any work
     monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads set before the check"))

@@ -155,11 +155,13 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
         unknown = [n for n in name if n not in known]
         if unknown:
             raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    for field, integer in (("threads", True), ("copy_mb", True), ("rep_ms", False), ("budget_s", False)):
+    for field, kind, low in (("threads", int, 1), ("copy_mb", int, 1), ("rep_ms", float, None),
+                             ("budget_s", float, 0)):  # fmt: skip
         value = getattr(config, field)
-        kinds = (int,) if integer else (int, float)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not value > 0):
-            need = "an int >= 1" if integer else "a number > 0"
+        kinds = (int,) if kind is int else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)
+                                  or not (value > 0 if low is None else value >= low)):  # fmt: skip
+            need = f"an int >= {low}" if kind is int else "a number > 0" if low is None else f"a number >= {low}"
             raise ValueError(f"BenchConfig.{field} must be None or {need}, got {value!r}")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
