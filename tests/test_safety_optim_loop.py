@@ -298,3 +298,133 @@ def test_load_refuses_what_the_step_would_refuse(case, match):
     sd = opt.state_dict()
     _bad_entry(case)(sd)
     expect_error_unchanged(lambda: opt.load_state_dict(sd), ValueError, match, opt)
+
+
+# --- ordinary training-loop changes that torch.optim takes (probe 10) ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_numpy_lr_in_a_later_group(name, backend):
+    """A numpy float32 ``lr`` (``LambdaLR`` with a lambda returning numpy scalars: NumPy 2 keeps ``0.1 *
+    np.float32(1)`` a float32) steps like the same float, as in torch. Triton FusedSGD/FusedLion stepped group 0,
+    then raised from group 1's launch; FusedAdam(W) refused the value its own constructor took."""
+    np = pytest.importorskip("numpy")
+    runs = []
+    for lr in (np.float32(0.03125), 0.03125):
+        torch.manual_seed(0)
+        a, b = _params([(5,)]), _params([(300,)])
+        opt = VARIANTS[name]([{"params": a}, {"params": b}], backend)
+        for step in range(3):
+            if step == 2:
+                opt.param_groups[1]["lr"] = lr
+            for p in a + b:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        runs.append([p.detach().clone() for p in a + b])
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+    params = _params([(7,)])
+    opt = VARIANTS[name](params, backend)
+    opt.param_groups[0]["lr"] = np.float32(0.01)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: np.float32(0.5) ** epoch)
+    opt.step()
+
+
+@pytest.mark.parametrize("dampening", [0.5, 0.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_first_step_skipped_by_found_inf(backend, dampening, monkeypatch):
+    """GradScaler's usual first step overflows (``init_scale`` 2^16): torch's GradScaler does not call torch SGD's
+    ``step()``, so the buffer starts at the next step as ``buf = g``. FusedSGD took the skipped step as the buffer's
+    first, and with ``dampening != 0`` every later update differed from torch's. Now such a step creates nothing;
+    with ``dampening == 0`` (where a zero buffer gives ``g`` too) ``found_inf`` is still never read on the host."""
+    from tests.utils import no_host_reads
+
+    torch.manual_seed(1)
+    ours, theirs = _params([(5,), (300,)]), _params([(5,), (300,)])
+    for p, q in zip(ours, theirs):
+        q.data.copy_(p.data)
+    opt = fused_ops.FusedSGD(ours, lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.01, backend=backend)
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.01, foreach=False)
+    for step, inf in enumerate([1.0, float("nan"), 0.0, 1.0, 0.0, 0.0]):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        found_inf = torch.tensor([inf])
+        if dampening == 0 and backend == "triton":  # (the reference backend reads found_inf on the host anyway)
+            with no_host_reads(monkeypatch):
+                opt.step(found_inf=found_inf)
+        else:
+            opt.step(found_inf=found_inf)
+        if inf == 0:
+            ref.step()
+        if step < 2:
+            assert all("momentum_buffer" not in opt.state[p] for p in ours) or dampening == 0
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], rtol=1e-6,
+                                   atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_turned_off_then_on_starts_a_fresh_buffer(backend):
+    """Kahan summation off for some steps, then on: the compensation buffer is dropped when it is turned off (as
+    masters are), so the first step after turning it on does not add the old rounding residue."""
+    runs = []
+    for drop_by_hand in (False, True):
+        torch.manual_seed(2)
+        params = _params([(64,)], torch.bfloat16)
+        opt = fused_ops.FusedAdamW(params, lr=1e-2, kahan_summation=True, backend=backend)
+        for step in range(6):
+            group = opt.param_groups[0]
+            group["kahan_summation"] = step not in (2, 3)
+            if step == 4 and drop_by_hand:
+                opt.state[params[0]].pop("kahan_comp", None)
+            params[0].grad = torch.randn_like(params[0])
+            opt.step()
+            if step == 3:
+                assert "kahan_comp" not in opt.state[params[0]]
+        runs.append(params[0].detach().clone())
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_momentum_buffer_set_to_none_restarts_it(backend):
+    """``state[p]["momentum_buffer"] = None`` is how torch.optim.SGD is told "no buffer yet" (it restarts as
+    ``buf = g``); FusedSGD refused it with a TypeError."""
+    torch.manual_seed(3)
+    ours, theirs = _params([(5,), (33,)]), _params([(5,), (33,)])
+    for p, q in zip(ours, theirs):
+        q.data.copy_(p.data)
+    opt = fused_ops.FusedSGD(ours, lr=0.1, momentum=0.9, dampening=0.3, backend=backend)
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, dampening=0.3, foreach=False)
+    for step in range(4):
+        if step == 2:
+            opt.state[ours[1]]["momentum_buffer"] = None
+            ref.state[theirs[1]]["momentum_buffer"] = None
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_group_appended_by_hand(name, backend):
+    """``opt.param_groups.append(dict(...))`` with torch's keys only (torch.optim steps it): this package's keys take
+    the constructor's values, as in a loaded group (a bare ``KeyError: 'backend'`` before); a group without a key
+    that has no default is refused naming the group and the key, with nothing changed."""
+    a, b = _params([(5,)]), _params([(6,)])
+    opt = VARIANTS[name](a, backend)
+    torch_group = {k: v for k, v in opt.param_groups[0].items() if k not in fused_ops.FusedAdamW._own_group_keys}
+    opt.step()
+    opt.param_groups.append({**torch_group, "params": b})
+    before = b[0].detach().clone()
+    opt.step()
+    assert not torch.equal(before, b[0]) and opt.param_groups[1]["backend"] == backend
+    c = _params([(4,)])
+    opt.param_groups.append({"params": c, **{k: v for k, v in torch_group.items() if k not in ("params", "lr")}})
+    expect_error_unchanged(opt.step, ValueError, "param group 2 has no 'lr'", opt)

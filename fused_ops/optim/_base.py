@@ -242,7 +242,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     _required_state_keys: tuple[str, ...] = ()
     _unshaped_state_keys: tuple[str, ...] = ()  # state tensors not shaped like the param (e.g. 8-bit block scales)
     _own_group_keys = ("master_weights", "backend")
-    _absent_if_none: tuple[str, ...] = ()  # state keys that older torch.optim dicts hold as None for "no state yet"
+    _absent_if_none: tuple[str, ...] = ()  # state keys that torch.optim reads as "no state yet" when they hold None
+    _transient_state_keys: tuple[str, ...] = ()  # state dropped when its group stops using it (e.g. Kahan buffers)
     # torch.optim's defaults for keys that older state dicts lack (its __setstate__)
     _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
 
@@ -308,7 +309,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @torch.compiler.disable
-    def _traced_calls(self) -> list[tuple]:
+    def _traced_calls(self, found_inf: Tensor | None = None) -> list[tuple]:
         """For ``_step_traced``, run eagerly (Dynamo does not trace it, it breaks the graph around it): every group's
         params, grads, states and values checked (``_check_all_groups``, and no two params or states sharing memory)
         before any state is created, then every group's states created and its calls built on plain tensors (the
@@ -318,6 +319,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             self._check_all_groups()
             self._check_no_shared_memory()
+            groups = [(gi, g, self._check_step_values(gi, g), [p for p in g["params"] if p.grad is not None])
+                      for gi, g in enumerate(self.param_groups)]  # fmt: skip
+            if self._skipped_on_host(groups, found_inf):
+                return []
             calls = []
             for gi, group in enumerate(self.param_groups):
                 calls += self._traced_group_calls(gi, group)
@@ -329,6 +334,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_all_groups(self) -> None:
         """For ``_step_traced``: every group's params, grads, states and step values checked before any group is
         stepped (the eager step does the same through its plans), so a bad group raises with nothing changed."""
+        self._complete_groups()
         for gi, group in enumerate(self.param_groups):
             self._check_params(gi, [p for p in group["params"] if p.grad is not None], group)
             self._check_step_values(gi, group)
@@ -366,6 +372,13 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _after_run(self, plan: _GroupPlan) -> None:
         """Called after each plan's launches (e.g. new buffers are not new any more)."""
+
+    def _skipped_on_host(self, groups: list[tuple[int, dict[str, Any], tuple, list[Tensor]]],
+                         found_inf: Tensor | None) -> bool:  # fmt: skip
+        """After every check, before any state is created: whether this step is known skipped (``found_inf`` read on
+        the host) and returns with nothing created. ``groups``: ``(index, group, step values, params with grads)`` of
+        the groups whose states may be created now. False by default: ``found_inf`` is never read on the host."""
+        return False
 
     # -- validation -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -438,6 +451,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: the local shard of the grad of {where} has shape "
                              f"{tuple(g._local_tensor.shape)}, the param's {tuple(p._local_tensor.shape)}")  # fmt: skip
 
+    def _absent(self, st: dict[str, Any], key: str) -> bool:
+        """Whether state ``key`` holds None where torch.optim reads None as "no state yet" (SGD's
+        ``momentum_buffer``): created afresh at the step, as torch does."""
+        return st.get(key, 0) is None and key in self._absent_if_none
+
     def _uses_master(self, group: dict[str, Any], p: Tensor) -> bool:
         return bool(group["master_weights"]) and p.dtype != torch.float32
 
@@ -454,7 +472,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in (("step",) if self._has_step else ()) + tuple(self._required_state_keys):
             if key not in st:
                 raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
-        needed = [k for k in self._state_keys(group) if k in st]
+        needed = [k for k in self._state_keys(group) if k in st and not self._absent(st, k)]
         spec = {k: self._state_spec(group, k, p_wrapper) for k in needed}
         if self._uses_master(group, p_wrapper) and MASTER_KEY in st:
             needed.append(MASTER_KEY)
@@ -514,6 +532,26 @@ class FusedOptimizer(torch.optim.Optimizer):
             group.setdefault(key, value)
         for key in self._own_group_keys:
             group.setdefault(key, self.defaults[key])
+
+    def _complete_groups(self) -> None:
+        """At every step, before any check: a group appended to ``param_groups`` by hand (torch.optim steps one that
+        has its own keys) gets this package's keys and torch's historical defaults (as a loaded one does); a key
+        that has no default is refused, naming the group, before any group gets a key."""
+        incomplete = []
+        for gi, group in enumerate(self.param_groups):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), list | tuple):
+                raise ValueError(f"param group {gi} must be a dict with a 'params' list (add groups with "
+                                 "add_param_group)")  # fmt: skip
+            if all(key in group for key in self.defaults):
+                continue
+            fillable = {*self._LEGACY_DEFAULTS, *self._own_group_keys}
+            missing = [key for key in self.defaults if key not in group and key not in fillable]
+            if missing:
+                raise ValueError(f"param group {gi} has no {missing[0]!r} (add groups with add_param_group, which "
+                                 "fills in the defaults)")  # fmt: skip
+            incomplete.append(group)
+        for group in incomplete:
+            self._fill_group_defaults(group)
 
     # Instance attributes beyond torch.optim's (defaults, state, param_groups) that a copy or a pickle must keep
     # (``copy.deepcopy(opt)``, ``torch.save(opt)``): torch's ``__getstate__`` keeps only its own three.
@@ -582,8 +620,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     and step.dim() == 0):  # fmt: skip
                 state["step"] = self._as_step(step, p)
         for key in self._state_keys(group):
-            if key not in state and self._wants_state(group, key, p):
+            if (key not in state or self._absent(state, key)) and self._wants_state(group, key, p):
                 state[key] = self._new_state_tensor(group, key, p)
+        for key in self._transient_state_keys:
+            if key in state and (key not in self._state_keys(group) or not self._wants_state(group, key, p)):
+                # Turned off for this group: dropped (as masters below), so turning it on again starts afresh
+                # instead of carrying what it held before.
+                del state[key]
         if self._uses_master(group, p):
             if MASTER_KEY not in state:
                 # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
@@ -840,6 +883,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The eager step: every group checked (or its plan found to fit), then every group's launches."""
         if type(self.state) is not _OptimizerState:  # (``opt.state = ...`` by hand: watch it again)
             self.state = _OptimizerState(self.state)
+        self._complete_groups()
         # Every group is checked before any group is stepped, so bad input raises with nothing changed. A group whose
         # plan still fits (see _GroupPlan.current_grads: same params, same state, and every param and grad checked
         # against what the plan's launch was built for) skips the per-param checks and the list building.
@@ -859,6 +903,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.append((gi, group, values, plan, current))
         if any(current is None for *_, current in work):
             self._check_no_shared_memory()
+            rebuilt = [(gi, group, values, params) for gi, group, values, params, current in work if current is None]
+            if self._skipped_on_host(rebuilt, found_inf):
+                return
 
         runs = []
         for gi, group, values, params_or_plan, current in work:
@@ -1118,6 +1165,8 @@ class _GroupPlan:
             grad_scale: Tensor | float | None, found_inf: Tensor | None) -> None:  # fmt: skip
         """One launch per part. ``values``: what the optimizer's ``_check_step_values`` returned for the group."""
         lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            lr = float(lr)  # (checked a real number: numpy's float32 from a scheduler's lambda is one)
         for part in self.parts:
             device = part.device
             part_lr = lr

@@ -11,6 +11,7 @@ launch per (device, dtype) group with no host synchronisation. The machinery (ch
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -223,6 +224,7 @@ class FusedAdam(FusedOptimizer):
     _own_group_keys = ("master_weights", "backend", "state_dtype", "stochastic_rounding", "kahan_summation")
     _unshaped_state_keys = tuple(_SCALE_KEYS)
     _pickled_attrs = ("_seed", "dequantize_state_dict")
+    _transient_state_keys = (_KAHAN_KEY,)  # (Kahan turned off, then on: a fresh buffer, not the old residue)
     _seed = 0  # (the constructor's default: for a pickle of a version that did not keep it)
 
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
@@ -364,7 +366,7 @@ class FusedAdam(FusedOptimizer):
         if isinstance(lr, Tensor):
             if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
                 raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
-        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not (math.isfinite(lr) and lr >= 0):
+        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
         if len(group["betas"]) != 2:
             raise ValueError(f"betas must be a pair (param group {gi})")

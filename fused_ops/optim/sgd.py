@@ -8,14 +8,17 @@ master (state key ``"master_param"``).
 
 torch creates a param's buffer at its first step as a copy of the (decayed) grad: ``buf = g``, not
 ``momentum * 0 + (1 - dampening) * g``. Here a new buffer is launched with ``first_step`` once, in a launch of
-its own when the group has old buffers too. A first step skipped on the device (``found_inf`` set) still counts
-as the buffer's first (no host read tells it was skipped): the next step then uses ``(1 - dampening) * g``,
-which differs from torch only when ``dampening != 0``.
+its own when the group has old buffers too. A first step skipped on the device (``found_inf`` set) would leave a
+zero buffer that the next step updates as an old one; that is ``buf = g`` too when ``dampening == 0``. With
+``dampening != 0`` a step that would create buffers reads ``found_inf`` on the host (a sync, at a buffer's first
+step only; refused inside a CUDA graph capture) and, when it is set, creates nothing: the next step starts the
+buffers, as torch's (``GradScaler`` does not call torch's ``step()`` after an overflow).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +36,7 @@ def _check_number(name: str, value: Any, message: str) -> float:
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
         value = _to_float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and value >= 0):
@@ -129,6 +132,29 @@ class FusedSGD(FusedOptimizer):
     def _part_key(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> tuple:
         return (id(st.get("momentum_buffer")) in self._new_buffers,)  # (first step of a new buffer)
 
+    def _skipped_on_host(self, groups: list[tuple[int, dict[str, Any], tuple, list[Tensor]]],
+                         found_inf: Tensor | None) -> bool:  # fmt: skip
+        """With ``dampening != 0`` a first step skipped on the device would make a zero buffer that the next step
+        treats as old (``(1 - dampening) * g`` where torch has ``g``): when such buffers would be created, read
+        ``found_inf`` and create nothing if it is set (see the module docstring)."""
+        if found_inf is None:
+            return False
+        creates = any(
+            momentum != 0 and dampening != 0 and any(self._buffer_of(p) is None for p in params)
+            for _, _, (momentum, dampening, _), params in groups
+        )
+        if not creates:
+            return False
+        if found_inf.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("FusedSGD: a step with dampening != 0 that creates momentum buffers reads found_inf on "
+                             "the host (a buffer starts at its first applied step, as torch's), which a CUDA graph "
+                             "capture forbids: take one applied step before the capture")  # fmt: skip
+        return bool(_local(found_inf).detach().reshape(()).item() != 0)  # (NaN counts as set)
+
+    def _buffer_of(self, p: Tensor) -> Tensor | None:
+        st = self.state.get(p)
+        return st.get("momentum_buffer") if st else None
+
     def _after_run(self, plan: _GroupPlan) -> None:
         # Every plan of this step was built (its parts keyed) before any ran: the new buffers are all known.
         for part in plan.parts:
@@ -157,14 +183,14 @@ class FusedSGD(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _sgd_calls(self._traced_calls(), grad_scale, found_inf)
+        _sgd_calls(self._traced_calls(found_inf), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One ``fused_ops::sgd_`` call per part (new buffers apart)."""
         momentum, dampening, weight_decay = self._check_step_values(gi, group)
         flags = (bool(group["nesterov"]), bool(group["maximize"]))
         calls = []
-        for part in self._traced_parts(gi, group, lambda p, m=momentum: (m != 0 and not self.state.get(p),)):
+        for part in self._traced_parts(gi, group, lambda p, m=momentum: (m != 0 and self._buffer_of(p) is None,)):
             values = (momentum, dampening, weight_decay, *flags, part.key[0])
             calls.append((part.params, part.launcher, part.roles.get("momentum_buffer", []), part.masters,
                           group["lr"], values, part.device, part.backend))  # fmt: skip
