@@ -311,6 +311,37 @@ def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:
     return all(x.shape == y.shape for x, y in zip(a, b))
 
 
+def _check_writable(fn: str, name: str, tensors: list[Tensor]) -> None:
+    """Written tensors of any layout are taken, as torch's in-place ops take them (a non-contiguous one is written
+    through a contiguous copy, :func:`_staged`), except one whose elements share memory (an expanded view), which
+    torch refuses too. Reads only metadata that a DTensor's shards may not share (contiguity): never raises for
+    a layout that only some ranks' shards have."""
+    for i, x in enumerate(tensors):
+        if not x.is_contiguous() and torch._debug_has_internal_overlap(x) == 1:
+            raise ValueError(f"{fn}: {name}[{i}] has elements that share memory (an expanded view, stride 0); it is "
+                             "written in place")  # fmt: skip
+
+
+def _staged(tensors: list[Tensor], values: bool) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """``tensors`` for a kernel that writes contiguous tensors: each non-contiguous one replaced by a contiguous
+    copy (holding its values when ``values``), with the ``(tensor, copy)`` pairs to copy back after the launch."""
+    if _all_contiguous(tensors):
+        return tensors, []
+    staged, back = [], []
+    for x in tensors:
+        if not x.is_contiguous():
+            y = x.contiguous() if values else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            back.append((x, y))
+            x = y
+        staged.append(x)
+    return staged, back
+
+
+def _write_back(back: list[tuple[Tensor, Tensor]]) -> None:
+    for x, y in back:
+        x.copy_(y)
+
+
 def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` made contiguous: the list itself when they already are (one cheap pass)."""
     return tensors if _all_contiguous(tensors) else [x.contiguous() for x in tensors]
@@ -513,9 +544,10 @@ def cast_(
     fp16 overflow to inf). With ``stochastic=True`` narrowing conversions round up or down with probability
     proportional to the distance (unbiased); ``seed`` (an int in [0, 2^31)) makes them reproducible; None
     draws a key on each group's device from torch's generator (reproducible with ``torch.manual_seed``; no host
-    sync; a captured CUDA graph draws a new key at every replay). ``dst[i]`` must be contiguous and have
-    ``src[i]``'s shape and device; it may be ``src[i]`` itself (the same memory) but share no memory with any other
-    tensor of either list. float64 tensors go through plain torch.
+    sync; a captured CUDA graph draws a new key at every replay). ``dst[i]`` must have ``src[i]``'s shape and
+    device (any layout: a non-contiguous one is written through a contiguous copy; not an expanded view); it may be
+    ``src[i]`` itself (the same memory, contiguous) but share no memory with any other tensor of either list.
+    float64 tensors go through plain torch.
 
     DTensors: ``dst[i]`` and ``src[i]`` are both DTensors with the same mesh, placements and shape (or both plain
     tensors); the cast runs on the local shards, no communication (a mismatch, or a ``Partial`` DTensor, raises the
@@ -532,14 +564,13 @@ def cast_(
     if d_specs is not None or s_specs is not None:
         _check_dtensor_pairs("cast_", ("src", src_in, s_specs), ("dst", dst_in, d_specs))
     devices = {x.device for x in dst} | {x.device for x in src}
-    if not (len(devices) <= 1 and _same_shapes(dst, src) and _all_contiguous(dst)):
+    if not (len(devices) <= 1 and _same_shapes(dst, src)):
         for i, (d, s) in enumerate(zip(dst, src, strict=True)):
             if d.shape != s.shape:
                 raise ValueError(f"cast_: dst[{i}] has shape {tuple(d.shape)} but src[{i}] has {tuple(s.shape)}")
             if d.device != s.device:
                 raise ValueError(f"cast_: dst[{i}] is on {d.device} but src[{i}] is on {s.device}")
-            if not d.is_contiguous():
-                raise ValueError(f"cast_: dst[{i}] must be contiguous (it is written in place)")
+    _check_writable("cast_", "dst", dst)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
     if stochastic and seed is None and d_specs is not None:
@@ -551,9 +582,11 @@ def cast_(
     if not dst:
         return
     src_dense = _all_contiguous(src)
-    _check_memory("cast_", [("dst", dst, True, True, True), ("src", src, False, True, src_dense)], same=(0, 1))
+    _check_memory("cast_", [("dst", dst, True, True, _all_contiguous(dst)), ("src", src, False, True, src_dense)],
+                  same=(0, 1))  # fmt: skip
     if not src_dense:
         src = [x.contiguous() for x in src]
+    dst, back = _staged(dst, values=False)
     shards = d_specs is not None and stochastic and seed is not None  # (streams per shard: see the docstring)
     if len(devices) == 1 and len(dst_dtypes) == 1 and len(src_dtypes) == 1 and not shards:
         groups = [((dst[0].device, dst[0].dtype, src[0].dtype), dst, src)]
@@ -573,6 +606,7 @@ def cast_(
         if shards and key[3] is not None:
             group_seed = (group_seed + 0x85EBCA6B * _dtensor.shard_index(key[3])) % 2**31
         _ops.cast_eager(d_group, s_group, stochastic, group_seed, backends[k])
+    _write_back(back)
 
 
 def _scalar_tensor(fn: str, name: str, x) -> None:
@@ -609,7 +643,8 @@ def unscale_(
     per (device, dtype) group, no host sync.
 
     Args:
-        grads: fp32/bf16/fp16 tensors; updated in place (contiguous, no memory shared) unless ``out`` is given.
+        grads: fp32/bf16/fp16 tensors; updated in place (no memory shared; a non-contiguous one through a contiguous
+            copy) unless ``out`` is given.
         inv_scale: a finite number, or a 1-element float tensor (e.g. ``1 / loss_scale``; read on the device,
             moved to each group's device).
         found_inf: None, or a 1-element float tensor (0-d too, as torch's ``GradScaler`` takes it) that is set to 1
@@ -643,34 +678,32 @@ def unscale_(
     devices = {x.device for x in grads}
     if outs:
         devices |= {x.device for x in outs}
-        ok = len(devices) <= 1 and _same_shapes(outs, grads) and _all_contiguous(outs)
-    else:
-        ok = _all_contiguous(grads)
-    if not ok:
-        for i, g in enumerate(grads):
-            if outs:
-                o = outs[i]
+        if not (len(devices) <= 1 and _same_shapes(outs, grads)):
+            for i, (g, o) in enumerate(zip(grads, outs)):
                 if o.shape != g.shape or o.device != g.device:
                     raise ValueError(f"unscale_: out[{i}] is {tuple(o.shape)} on {o.device} but grads[{i}] is "
                                      f"{tuple(g.shape)} on {g.device}")  # fmt: skip
-                if not o.is_contiguous():
-                    raise ValueError(f"unscale_: out[{i}] must be contiguous (it is written in place)")
-            elif not g.is_contiguous():
-                raise ValueError(f"unscale_: grads[{i}] must be contiguous (it is updated in place)")
+    # (any layout is written, as torch's unscale takes it: through a contiguous copy, so that no DTensor shard's
+    # layout, which may differ between ranks, makes one rank raise while the others wait in the found_inf agreement)
+    _check_writable("unscale_", "out" if outs else "grads", outs or grads)
     if not grads:
         return
     scalars = [(name, [x], written, False, True) for name, x, written in
                (("found_inf", found_inf, True), ("inv_scale", inv_scale, False)) if isinstance(x, Tensor)]  # fmt: skip
     if outs:
         grads_dense = _all_contiguous(grads)
-        _check_memory("unscale_", [("grads", grads, False, True, grads_dense), ("out", outs, True, True, True),
+        outs_dense = _all_contiguous(outs)
+        _check_memory("unscale_", [("grads", grads, False, True, grads_dense), ("out", outs, True, True, outs_dense),
                                    *scalars], same=(1, 0))  # fmt: skip
         if not grads_dense:
             grads = [x.contiguous() for x in grads]
+        outs, back = _staged(outs, values=False)
     else:
-        _check_memory("unscale_", [("grads", grads, True, True, True), *scalars])
+        _check_memory("unscale_", [("grads", grads, True, True, _all_contiguous(grads)), *scalars])
+        grads, back = _staged(grads, values=True)
     _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
                     (("grads", grads), ("out", outs)))  # fmt: skip
+    _write_back(back)
     if g_specs is not None and found_inf is not None:
         _dtensor.agree_flag(found_inf, _dtensor.meshes_of(g_specs, grads))
 

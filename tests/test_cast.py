@@ -174,8 +174,11 @@ def test_cast_rejects_bad_arguments():
         fused_ops.cast_([b], [torch.zeros(3, dtype=torch.int32)])
     with pytest.raises(ValueError, match="dst\\[0\\] is on cpu but src\\[0\\] is on meta"):
         fused_ops.cast_([b], [torch.zeros(3, device="meta")])
-    with pytest.raises(ValueError, match="dst\\[0\\] must be contiguous"):
-        fused_ops.cast_([torch.zeros(3, 3).t()], [torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match="dst\\[0\\] has elements that share memory"):
+        fused_ops.cast_([torch.zeros(1, dtype=torch.bfloat16).expand(3)], [torch.zeros(3)])
+    dst, src = torch.zeros(3, 4, dtype=torch.bfloat16).t(), torch.randn(4, 3)  # any layout, as dst.copy_(src)
+    fused_ops.cast_([dst], [src])
+    assert torch.equal(dst, src.to(torch.bfloat16)) and dst.stride() == (1, 4)
     for seed in (-1, 2**31, 1.5):
         with pytest.raises(ValueError, match="seed"):
             fused_ops.cast_([b], [a], stochastic=True, seed=seed)

@@ -275,6 +275,39 @@ def run_world2(rank: int, world: int, out_dir: str) -> dict:
         # the replicated tensor (index 2) rounds alike on every rank; shards of one tensor draw independent bits
         out[("cast", backend)] = dict(exact=exact, near=near, replicated=dst[2].to_local().float().tolist())
 
+    # -- a shard layout only some ranks have: a (3, 4) Shard(0) grad made through a transpose is a non-contiguous
+    # (2, 4) shard on rank 0 and a contiguous (1, 4) one on rank 1. Rank 0 refused it while rank 1 unscaled and
+    # waited in the found_inf all-reduce (a hang); written through a contiguous copy now, as torch's unscale takes it
+    from torch.distributed.tensor import DTensor
+
+    def transposed_grad(seed):
+        full_t = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))
+        local = full_t[:, :2].contiguous().t() if rank == 0 else full_t[:, 2:].contiguous().t()
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size([3, 4]), stride=(4, 1))
+
+    for backend in BACKENDS:
+        res = {}
+        g = transposed_grad(20)
+        expected = g.to_local() * 0.5
+        if rank == 1:
+            g.to_local()[0, 0] = math.inf
+            expected[0, 0] = math.inf
+        found = torch.zeros(1)
+        fused_ops.unscale_([g], 0.5, found, backend=backend)
+        res["unscale"] = (torch.equal(g.to_local(), expected), g.to_local().stride(), found.item())
+        scaler = fused_ops.DynamicLossScaler(init_scale=2.0, device="cpu", backend=backend)
+        g2 = transposed_grad(21)
+        expected2 = g2.to_local() * 0.5
+        scaler.unscale_([g2])
+        res["scaler"] = (torch.equal(g2.to_local(), expected2), scaler.found_inf.item())
+        src = transposed_grad(22).to_local().contiguous()
+        dst = DTensor.from_local(torch.zeros(4, src.shape[0], dtype=torch.bfloat16).t()[: src.shape[0]], mesh,
+                                 [Shard(0)], run_check=False, shape=torch.Size([3, 4]), stride=(4, 1))  # fmt: skip
+        srcd = DTensor.from_local(src, mesh, [Shard(0)], run_check=False, shape=torch.Size([3, 4]), stride=(4, 1))
+        fused_ops.cast_([dst], [srcd], backend=backend)
+        res["cast"] = torch.equal(dst.to_local(), src.to(torch.bfloat16))
+        out[("rank_local_layout", backend)] = res
+
     # -- errors: the same on every rank, nothing changed ---------------------------------------------------------
     errors = {backend: _error_cases(mesh, mesh_b, backend) for backend in BACKENDS}
     out["errors"] = errors
@@ -385,6 +418,17 @@ def test_found_inf_agrees_on_every_rank(world2, backend):
         assert r["out_exact"]
         assert r["partial_unscaled"] and r["partial_finite"] == 0.0 and r["partial_inf"] == 1.0, r
         assert r["partial_scaler_norm_err"] < 1e-6, r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_layout_of_one_rank_only(world2, backend):
+    """A non-contiguous local shard on rank 0 only: unscale_ (also through DynamicLossScaler) and cast_ work on
+    every rank as torch's unscale and copy_ do; before, rank 0 raised and rank 1 hung in the found_inf all-reduce."""
+    for rank, res in enumerate(world2):
+        r = res[("rank_local_layout", backend)]
+        assert r["unscale"][0] and r["unscale"][2] == 1.0, (rank, r)  # (the inf on rank 1 agreed on rank 0 too)
+        assert r["scaler"] == (True, 0.0) and r["cast"], (rank, r)
+    assert world2[0][("rank_local_layout", backend)]["unscale"][1] == (1, 2)  # (written in place: layout kept)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

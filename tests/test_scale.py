@@ -294,8 +294,12 @@ def test_unscale_public_groups_and_validation(backend):
         fused_ops.unscale_(g, 1.0, None, out=[torch.ones(3), torch.ones(3)])
     with pytest.raises(ValueError, match="out\\[0\\] is \\(4,\\)"):
         fused_ops.unscale_(g, 1.0, None, out=[torch.ones(4)])
-    with pytest.raises(ValueError, match="grads\\[0\\] must be contiguous"):
-        fused_ops.unscale_([torch.ones(3, 3).t()], 1.0, None)
+    strided = torch.randn(4, 3).t()  # updated in place through a contiguous copy, as torch's unscale takes it
+    expected = strided * 0.5
+    fused_ops.unscale_([strided], 0.5, None, backend=backend)
+    assert torch.equal(strided, expected) and strided.stride() == (1, 3)
+    with pytest.raises(ValueError, match="grads\\[0\\] has elements that share memory"):
+        fused_ops.unscale_([torch.ones(1).expand(3)], 1.0, None)
     assert torch.equal(g[0], torch.ones(3))
 
 
