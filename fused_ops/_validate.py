@@ -66,6 +66,20 @@ def _reach(x: Tensor) -> int:
     return (sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
 
 
+def self_overlapping(x: Tensor) -> bool:
+    """Whether two elements of ``x`` may share memory: its dims (size > 1) sorted by stride, each stride must pass
+    the reach of the smaller ones (every non-overlapping layout torch makes: contiguous, transposed, channels_last,
+    strided slices). An expanded view (stride 0), ``as_strided`` with overlapping strides, and the rare layouts that
+    interleave without overlapping are refused by its callers: writing one through a contiguous copy would make
+    the last of the elements that share memory win."""
+    reach = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(x.stride(), x.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 _storage = Tensor.untyped_storage
 _is_neg = Tensor.is_neg
 _is_conj = Tensor.is_conj
@@ -244,7 +258,43 @@ def _interleaved(x: Tensor, y: Tensor) -> bool:
     if any(s % step for s in strides):
         return False
     r = (y.data_ptr() - x.data_ptr()) % step
-    return size <= r <= step - size
+    return size <= r <= step - size or _disjoint_views(x, y)
+
+
+def _disjoint_views(x: Tensor, y: Tensor, budget: int = 4096) -> bool:
+    """Whether two views with the same strides and element size (``W[:, :3]`` and ``W[:, 3:]``, ``W[0::2]`` and
+    ``W[1::2]``) provably share no element: ``x`` holds ``x0 + sum(i_k * s_k)``, ``y`` holds ``y0 + sum(j_k * s_k)``,
+    so they share one iff ``y0 - x0 = sum(d_k * s_k)`` for some ``d_k = i_k - j_k`` in its range; searched from the
+    largest stride down, each digit bounded by what the smaller strides can still reach. False (not proven) past
+    ``budget`` steps of the search."""
+    size = x.element_size()
+    diff = y.data_ptr() - x.data_ptr()
+    if diff % size or x.dim() != y.dim():
+        return False
+    dims = sorted(((st, nx, ny) for st, nx, ny in zip(x.stride(), x.shape, y.shape) if max(nx, ny) > 1),
+                  reverse=True)  # fmt: skip
+    if any(st <= 0 for st, _, _ in dims):
+        return False
+    reach = [0] * (len(dims) + 1)
+    for k in range(len(dims) - 1, -1, -1):
+        st, nx, ny = dims[k]
+        reach[k] = reach[k + 1] + st * (max(nx, ny) - 1)
+    steps = [0]
+
+    def shared(k: int, rem: int) -> bool:
+        steps[0] += 1
+        if steps[0] > budget:
+            raise OverflowError
+        if k == len(dims):
+            return rem == 0
+        st, nx, ny = dims[k]
+        lo, hi = max(-(ny - 1), -((reach[k + 1] - rem) // st)), min(nx - 1, (rem + reach[k + 1]) // st)
+        return any(shared(k + 1, rem - d * st) for d in range(lo, hi + 1))
+
+    try:
+        return not shared(0, diff // size)
+    except OverflowError:
+        return False
 
 
 def _label(groups, entry) -> str:

@@ -438,6 +438,11 @@ class FlatBuffer:
                 if p.dtype != self.dtype or p.device != self.device:
                     raise ValueError(f"{fn}: params[{i}] is {p.dtype} on {p.device}, the buffer is {self.dtype} on "
                                      f"{self.device}")  # fmt: skip
+        for i, p in enumerate(params):  # (torch refuses a grad of another dtype than a param's ``grad_dtype``)
+            grad_dtype = getattr(p, "grad_dtype", p.dtype)
+            if grad_dtype is not None and grad_dtype != self.dtype:
+                raise ValueError(f"{fn}: params[{i}] takes {grad_dtype} grads (its grad_dtype), the buffer is "
+                                 f"{self.dtype}")  # fmt: skip
         _check_distinct(fn, "params", params)
         for p, view in zip(params, self._read_views(), strict=True):
             p.grad = view

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _ops
 from ._backend import resolve_backend
 from ._validate import check_memory as _check_memory
-from ._validate import check_scalar, check_storage, first_without_storage
+from ._validate import check_scalar, check_storage, first_without_storage, self_overlapping
 from ._validate import has_memory as _has_memory
 from ._validate import outside_storage as _outside_storage
 
@@ -317,9 +317,9 @@ def _check_writable(fn: str, name: str, tensors: list[Tensor]) -> None:
     torch refuses too. Reads only metadata that a DTensor's shards may not share (contiguity): never raises for
     a layout that only some ranks' shards have."""
     for i, x in enumerate(tensors):
-        if not x.is_contiguous() and torch._debug_has_internal_overlap(x) == 1:
-            raise ValueError(f"{fn}: {name}[{i}] has elements that share memory (an expanded view, stride 0); it is "
-                             "written in place")  # fmt: skip
+        if not x.is_contiguous() and self_overlapping(x):
+            raise ValueError(f"{fn}: {name}[{i}] has elements that share memory (an expanded view, stride 0, or "
+                             "overlapping strides); it is written in place")  # fmt: skip
 
 
 def _staged(tensors: list[Tensor], values: bool) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:

@@ -48,7 +48,7 @@ def _set_grads(params_a, params_b, mesh, step: int) -> None:
 def run_tp(rank: int, world: int, out_dir: str) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     mesh = init_device_mesh("cpu", (world,))
     out = {}
@@ -110,6 +110,26 @@ def run_tp(rank: int, world: int, out_dir: str) -> dict:
         out[backend] = dict(err=err, placements_ok=placements_ok, resume_exact=resume_exact, dcp_exact=dcp_exact,
                             errors=errors, unchanged=unchanged,
                             other_placements_exact=other_placements_exact)  # fmt: skip
+        # a shard layout of one rank only: a (3, 4) Shard(0) param whose shards are transposed views is a
+        # non-contiguous (2, 4) shard on rank 0 and a contiguous (1, 4) one on rank 1. Rank 0 refused it while
+        # rank 1 stepped; every rank steps now, as torch's AdamW (through a contiguous copy of the shard)
+        full_t = torch.randn(4, 3, generator=torch.Generator().manual_seed(30))
+        pair = []
+        for _ in range(2):
+            local = (full_t[:, :2] if rank == 0 else full_t[:, 2:]).contiguous().t()
+            pair.append(torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                                              shape=torch.Size([3, 4]), stride=(4, 1))))  # fmt: skip
+        o4 = fused_ops.FusedAdamW(pair[:1], lr=1e-2, weight_decay=0.1, backend=backend)
+        t4 = torch.optim.AdamW(pair[1:], lr=1e-2, weight_decay=0.1, foreach=False)
+        for k in range(2):
+            g = torch.randn(pair[0].to_local().shape, generator=torch.Generator().manual_seed(40 + k + 10 * rank))
+            for q in pair:
+                q.grad = DTensor.from_local(g.clone(), mesh, [Shard(0)], run_check=False, shape=q.shape,
+                                            stride=q.stride())  # fmt: skip
+            o4.step()
+            t4.step()
+        out[backend]["rank_local_layout"] = ((pair[0].to_local() - pair[1].to_local()).abs().max().item(),
+                                             pair[0].to_local().stride())  # fmt: skip
     dist.barrier()
     return out
 
@@ -204,6 +224,14 @@ def test_tensor_parallel_placements_match_torch(tp_results, backend):
         r = res[backend]
         assert r["err"] < 1e-6, f"rank {rank}: {r['err']}"
         assert r["placements_ok"], f"rank {rank}: states are not DTensors with the params' placements"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_layout_of_one_rank_only_steps_on_every_rank(tp_results, backend):
+    for rank, res in enumerate(tp_results):
+        err, stride = res[backend]["rank_local_layout"]
+        assert err < 1e-6, (rank, err)
+    assert tp_results[0][backend]["rank_local_layout"][1] == (1, 2)  # (the shard stepped in place, layout kept)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

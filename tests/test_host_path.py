@@ -352,8 +352,9 @@ def test_cast_errors():
     _check_error(ValueError, f"cast_: dst[{BAD}] is on cpu but src[{BAD}] is on meta",
                  lambda: functional.cast_(dst, bad), *dst)  # fmt: skip
     bad_dst = list(dst)
-    bad_dst[BAD] = torch.randn(4, 3).bfloat16().t()
-    _check_error(ValueError, f"cast_: dst[{BAD}] must be contiguous (it is written in place)",
+    bad_dst[BAD] = torch.zeros(1, 4).bfloat16().expand(3, 4)  # (a transposed dst is written, as by copy_)
+    _check_error(ValueError, f"cast_: dst[{BAD}] has elements that share memory (an expanded view, stride 0, or "
+                 "overlapping strides); it is written in place",
                  lambda: functional.cast_(bad_dst, src), *dst)  # fmt: skip
     bad[BAD] = torch.ones(3, 4, dtype=torch.int64)
     _check_error(TypeError, f"cast_: src[{BAD}] must be a floating-point tensor, got torch.int64",
@@ -379,12 +380,14 @@ def test_unscale_errors():
     bad[BAD] = torch.randn(3, 4, device="meta")
     _check_error(ValueError, f"unscale_: out[{BAD}] is (3, 4) on meta but grads[{BAD}] is (3, 4) on cpu",
                  lambda: functional.unscale_(grads, 0.5, out=bad), *grads, *outs)  # fmt: skip
-    bad[BAD] = torch.randn(4, 3).t()
-    _check_error(ValueError, f"unscale_: out[{BAD}] must be contiguous (it is written in place)",
+    bad[BAD] = torch.zeros(1, 4).expand(3, 4)  # (a transposed one is written, as torch's unscale writes it)
+    _check_error(ValueError, f"unscale_: out[{BAD}] has elements that share memory (an expanded view, stride 0, or "
+                 "overlapping strides); it is written in place",
                  lambda: functional.unscale_(grads, 0.5, out=bad), *grads, *outs)  # fmt: skip
     bad_grads = list(grads)
-    bad_grads[BAD] = torch.randn(4, 3).t()
-    _check_error(ValueError, f"unscale_: grads[{BAD}] must be contiguous (it is updated in place)",
+    bad_grads[BAD] = torch.zeros(1, 4).expand(3, 4)
+    _check_error(ValueError, f"unscale_: grads[{BAD}] has elements that share memory (an expanded view, stride 0, or "
+                 "overlapping strides); it is written in place",
                  lambda: functional.unscale_(bad_grads, 0.5), *grads)  # fmt: skip
     bad_grads[BAD] = torch.ones(3, 4, dtype=torch.int32)
     _check_error(TypeError, f"unscale_: grads[{BAD}] must be a floating-point tensor, got torch.int32",

@@ -133,6 +133,16 @@ def test_bind_checks_every_tensor_before_binding():
         expect_error_unchanged(lambda first=first, second=second: buf.bind_grads_([first, second]), exc,
                                f"^FlatBuffer.bind_grads_: {match}", first, second, buf)  # fmt: skip
         assert first.grad is None
+    # a param whose grad_dtype (torch >= 2.9) is not the buffer's: torch refuses the view as its grad, which it did
+    # after the params before it were bound (from for_grads too)
+    first, second = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    if hasattr(second, "grad_dtype"):
+        second.grad_dtype = torch.bfloat16
+        expect_error_unchanged(lambda: buf.bind_grads_([first, second]), ValueError,
+                               "params\\[1\\] takes torch.bfloat16 grads", first, second, buf)  # fmt: skip
+        with pytest.raises(ValueError, match="params\\[1\\] takes torch.bfloat16 grads"):
+            FlatBuffer.for_grads([first, second], align=4)
+        assert first.grad is None and second.grad is None
 
 
 @isolated

@@ -382,14 +382,26 @@ def _extent(x):
     return (x.data_ptr(), x.data_ptr() + reach)
 
 
+def _bytes(x) -> set:
+    """Every byte address an element of ``x`` occupies (the drawn tensors are small)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, stride in zip(x.shape, x.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * stride
+    starts = (x.data_ptr() + offsets.flatten() * x.element_size()).tolist()
+    return {a + k for a in starts for k in range(x.element_size())}
+
+
 def _shares(a, b) -> bool:
+    """Whether ``a`` and ``b`` share a byte (exactly: two strided views whose ranges overlap may share none)."""
     ea, eb = _extent(a), _extent(b)
-    return ea is not None and eb is not None and ea[0] < eb[1] and eb[0] < ea[1]
+    if ea is None or eb is None or not (ea[0] < eb[1] and eb[0] < ea[1]):
+        return False
+    return bool(_bytes(a) & _bytes(b))
 
 
 def _memory_ok(written, read=(), same=None) -> bool:
-    """The rule the ops promise (their own implementation aside): a written tensor shares no byte (by extent) with
-    any other argument, except ``same[0][i]`` being exactly ``same[1][i]`` (same start and size, contiguous)."""
+    """The rule the ops promise (their own implementation aside): a written tensor shares no byte with any other
+    argument, except ``same[0][i]`` being exactly ``same[1][i]`` (same start and size, contiguous)."""
     every = [(x, True) for x in written] + [(x, False) for x in read]
     pairs = set()
     if same is not None:

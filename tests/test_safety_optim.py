@@ -254,12 +254,28 @@ def test_param_data_shrunk_at_the_same_address(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @isolated
 def test_param_data_transposed_at_the_same_address(backend):
-    ours, o, _, _ = _pair(backend)
-    o.step()
-    p = ours[0]
-    p.data = p.data.t()  # same address and size, not contiguous now
-    p.grad = torch.randn_like(p)
-    expect_error_unchanged(o.step, ValueError, "contiguous", o)
+    """``p.data = p.data.t()`` (same address and size, not contiguous now): the plan's metadata check sees it. A
+    square param steps as torch steps it (its states pair with the transposed view element by element; through a
+    contiguous copy written back); a non-square one, whose states keep the old shape, is refused as torch refuses
+    it (before: every non-contiguous param was refused)."""
+    ours, o, theirs, t = _pair(backend, sizes=[(4, 4), (3, 5), (7,)])
+    for _ in range(2):
+        o.step()
+        t.step()
+        _regrad(ours, theirs)
+    ours[0].data, theirs[0].data = ours[0].data.t(), theirs[0].data.t()
+    for _ in range(2):
+        ours[0].grad, theirs[0].grad = ours[0].grad.t(), theirs[0].grad.t()  # (autograd gives the param's strides)
+        o.step()
+        t.step()
+        _regrad(ours, theirs)
+    assert ours[0].stride() == (1, 4)
+    _assert_match(ours, theirs)
+    ours[1].data = ours[1].data.t()
+    ours[1].grad = torch.randn_like(ours[1])
+    err = expect_error_unchanged(o.step, ValueError, "state 'exp_avg'.* has shape \\(3, 5\\), but the param is not "
+                                 "contiguous", o)  # fmt: skip
+    message_names(err, "param 1")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -428,3 +428,120 @@ def test_group_appended_by_hand(name, backend):
     c = _params([(4,)])
     opt.param_groups.append({"params": c, **{k: v for k, v in torch_group.items() if k not in ("params", "lr")}})
     expect_error_unchanged(opt.step, ValueError, "param group 2 has no 'lr'", opt)
+
+
+def _torch_twin(name, params):
+    if name.startswith("adamw"):
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1 if name == "adamw" else 0.01, foreach=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=False)
+    return None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_params_of_any_layout(name, backend):
+    """Transposed, channels_last and strided-slice params (and one made so between steps) step as torch steps them,
+    through a contiguous copy written back (before: refused, which a DTensor shard non-contiguous on one rank only
+    turned into a step on the other ranks alone); an expanded param is refused with nothing changed."""
+    torch.manual_seed(4)
+    base = torch.randn(6, 10)
+    layouts = [torch.randn(5, 3).t(), torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+               base[:, ::2], torch.randn(7)]  # fmt: skip
+    ours = [torch.nn.Parameter(x.clone(memory_format=torch.preserve_format) if x is not layouts[2] else x.detach())
+            for x in layouts]  # fmt: skip
+    ours[2] = torch.nn.Parameter(base.clone()[:, ::2])
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    flat = [torch.nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format)) for p in ours]  # (same opt)
+    opt, twin = VARIANTS[name](ours, backend), VARIANTS[name](flat, backend)
+    ref = _torch_twin(name, theirs)
+    strides = [p.stride() for p in ours]
+    for step in range(3):
+        if step == 2:  # a param made non-contiguous between steps
+            ours[3].data = ours[3].data.repeat(2)[::2]
+            theirs[3].data = theirs[3].data.repeat(2)[::2]
+            flat[3].data = flat[3].data.repeat(2)[::2].contiguous()
+            strides[3] = (2,)
+        for p, q, f in zip(ours, theirs, flat):
+            p.grad = torch.randn_like(p)
+            q.grad, f.grad = p.grad.clone(), p.grad.contiguous()
+        for o in (opt, twin, ref):
+            if o is not None:
+                o.step()
+    assert [p.stride() for p in ours] == strides
+    for p, f in zip(ours, flat):
+        assert torch.equal(p.detach(), f.detach())
+    if ref is not None:
+        atol = 2e-2 if name == "adamw_int8" else 1e-6
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=atol)
+    expanded = torch.nn.Parameter(torch.zeros(1).expand(4))
+    expanded.grad = torch.ones(4)
+    opt.add_param_group({"params": [expanded]})
+    expect_error_unchanged(opt.step, ValueError, "share memory \\(an expanded view", opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+@isolated
+def test_grads_inside_written_memory_or_negated(name, backend):
+    """A grad that is another param, another param's state or its own param (read by the launch that writes them:
+    a race between programs on a GPU), or a negated view (whose memory holds the other sign): refused on both
+    backends, at the first step and once a plan is reused (a moved grad only repointed the launch there), with
+    nothing changed. Before: the reused plan launched, the reference backend took them, a fresh Triton plan refused
+    them after creating the states, and a negated grad stepped with the wrong sign."""
+    for when in ("first step", "reused plan"):
+        params = _params()
+        opt = VARIANTS[name](params, backend)
+        if when == "reused plan":
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+        # another param, its own param, a negated view, another param's state (its largest: 8-bit codes too)
+        cases = [params[1].detach()[:15].view(3, 5), params[0].detach()[:], torch.randn(3, 5)._neg_view()]
+        if opt.state.get(params[1]):
+            state = max(opt.state[params[1]].values(), key=lambda t: t.nbytes)
+            cases.append(state.view(-1).view(torch.uint8)[:60].view(torch.float32).view(3, 5))
+        for grad in cases:
+            for p in params:
+                p.grad = torch.randn_like(p)
+            params[0].grad = grad
+            expect_error_unchanged(opt.step, ValueError, "share memory|negated", opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_with_overlapping_strides_refused(backend):
+    """``as_strided((3, 3), (2, 1))``: nine elements in seven places. Stepping a contiguous copy and writing it back
+    would let the last writer win: refused, as an expanded param is."""
+    base = torch.randn(8)
+    p = torch.nn.Parameter(base.as_strided((3, 3), (2, 1)))
+    p.grad = torch.randn(3, 3)
+    opt = fused_ops.FusedAdamW([p], lr=1e-2, backend=backend)
+    expect_error_unchanged(opt.step, ValueError, "overlapping strides", opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", ["column blocks", "row interleave"])
+def test_disjoint_slices_of_one_matrix(backend, split):
+    """``W[:, :3]`` and ``W[:, 3:]`` (a fused QKV weight split into params), or ``W[0::2]`` and ``W[1::2]``: their
+    byte ranges overlap but they share no element; torch steps them, and so do we (refused as sharing memory
+    before). A third param overlapping one of them is still refused."""
+    torch.manual_seed(5)
+    w, v = torch.randn(6, 10), None
+    cut = (lambda m: (m[:, :3], m[:, 3:])) if split == "column blocks" else (lambda m: (m[0::2], m[1::2]))
+    v = w.clone()
+    ours, theirs = [torch.nn.Parameter(t) for t in cut(w)], [torch.nn.Parameter(t) for t in cut(v)]
+    opt = fused_ops.FusedAdamW(ours, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(w, v, rtol=1e-6, atol=1e-6)
+    third = torch.nn.Parameter(w[1:3, 2:5])
+    third.grad = torch.randn_like(third)
+    opt.add_param_group({"params": [third]})
+    expect_error_unchanged(opt.step, ValueError, "share memory", opt)

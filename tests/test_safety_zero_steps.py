@@ -212,6 +212,9 @@ def case_duplicate_params(rank: int, world: int) -> list[dict]:
                 r"same tensor as param 2\b"),
         attempt("in two groups", lambda: make([{"params": list(model.parameters())}, {"params": [w]}]), (),
                 "ValueError", r"more than one parameter group"),
+        # a param that is a view of another (tied weights of two shapes): each got its own slot and they were untied
+        attempt("a view of another", lambda: make([*model.parameters(), torch.nn.Parameter(w.data.view(-1))]), (),
+                "ValueError", r"share memory", r"untied"),
     ]  # fmt: skip
 
 

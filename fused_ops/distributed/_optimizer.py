@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._backend import check_backend
 from .._ref_lowbit import QUANT_BLOCK
+from .._validate import check_memory, first_without_storage
 from ._agree import _AgreementMixin, _check_group, _check_lowbit_amsgrad, _check_max_grad_norm, _real, _state_name
 from ._checkpoint import _CheckpointMixin
 from ._dcp import _DCPMixin
@@ -277,4 +278,10 @@ class ZeroAdamW(
                 return f"param {i} (shape {tuple(p.shape)}) is {p.dtype}; supported: fp32, bf16, fp16"
             if p.is_sparse:
                 return f"param {i} is sparse"
+        params = list(self._params)
+        if first_without_storage(params) is None:
+            try:  # (a param that is a view of another, tied weights: each would get its own slot, untied silently)
+                check_memory("ZeroAdamW", [("params", params, True, True, all(p.is_contiguous() for p in params))])
+            except (ValueError, TypeError) as e:
+                return f"{e} (each param gets a place of its own in the flat buffer: tied params would be untied)"
         return None

@@ -32,7 +32,14 @@ from torch import Tensor
 
 from .. import _ops
 from .._backend import check_backend, resolve_backend
-from .._validate import FP32_MAX, check_memory, first_without_storage, loaded_tensor_problem, outside_storage
+from .._validate import (
+    FP32_MAX,
+    check_memory,
+    first_without_storage,
+    loaded_tensor_problem,
+    outside_storage,
+    self_overlapping,
+)
 
 MASTER_KEY = "master_param"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -336,7 +343,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         stepped (the eager step does the same through its plans), so a bad group raises with nothing changed."""
         self._complete_groups()
         for gi, group in enumerate(self.param_groups):
-            self._check_params(gi, [p for p in group["params"] if p.grad is not None], group)
+            self._check_params(gi, [p for p in group["params"] if p.grad is not None], group, traced=True)
             self._check_step_values(gi, group)
             _check_lr_memory(gi, group["lr"])
 
@@ -393,9 +400,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._plans.clear()
 
-    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
+    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None, *,
+                      traced: bool = False) -> None:  # fmt: skip
         """Raise a clear error for any param (or its state, when ``group`` is given) the fused step cannot update.
-        Touches no state."""
+        Touches no state. A param of any layout is stepped, as torch steps it (a non-contiguous one through a
+        contiguous copy: no layout that only some ranks' DTensor shards have makes one rank raise), except an
+        expanded one, and except under ``torch.compile`` (``traced``), whose custom ops take contiguous params."""
         name = type(self).__name__
         for i, p in enumerate(params):
             where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
@@ -429,7 +439,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if g.layout != torch.strided:
                 raise TypeError(f"{name}: the grad of {where} is {g.layout}, not a dense tensor")
             if not p.is_contiguous():
-                raise ValueError(f"{name} needs contiguous params; {where} is not contiguous")
+                if traced:  # (the custom ops write contiguous params; the eager step stages a copy, see _GroupPlan)
+                    raise ValueError(f"{name} under torch.compile needs contiguous params; {where} is not contiguous")
+                if self_overlapping(p):
+                    raise ValueError(f"{name}: {where} has elements that share memory (an expanded view, stride 0, or "
+                                     "overlapping strides)")  # fmt: skip
             if group is not None:
                 self._check_state(where, params[i], self.state.get(params[i], {}), group)
 
@@ -501,10 +515,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{p.numel()}, so it must have {numel}")  # fmt: skip
             if not t.is_contiguous():
                 raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
+            if t.shape != p.shape and key not in self._unshaped_state_keys and not p.is_contiguous():
+                # (a state pairs with its param element by element in the param's logical order, which for a
+                # param that is not contiguous is not its memory order: a state of another shape, e.g. after
+                # ``p.data = p.data.t()``, would pair with other elements; torch's elementwise ops refuse it too)
+                raise ValueError(f"{name}: state {key!r} of {where} has shape {tuple(t.shape)}, but the param is "
+                                 f"not contiguous and has shape {tuple(p.shape)}")  # fmt: skip
             if outside_storage(t):
                 raise ValueError(f"{name}: state {key!r} of {where} lies outside its storage (a storage freed or "
                                  "shrunk in place, e.g. by untyped_storage().resize_(0))")  # fmt: skip
-            if any(t is x for x in (p, p.grad)) or t.data_ptr() == p.data_ptr() and t.numel():
+            if t is p.grad:
+                raise ValueError(f"{name}: state {key!r} of {where} is the param's grad")
+            if t is p or t.data_ptr() == p.data_ptr() and t.numel():
                 raise ValueError(f"{name}: state {key!r} of {where} shares memory with the param")
         if self._has_step:
             step = st["step"]
@@ -929,12 +951,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_no_shared_memory(self) -> None:
         """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
         launch: overlapping tensors would race). Run when a plan is (re)built, not at every step."""
-        params, states, steps = [], [], []
+        params, states, steps, grads = [], [], [], []
         keys = self._tensor_state_keys()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     params.append(_local(p))
+                    grads.append(_local(p.grad))
                     st = self.state.get(p)
                     if st:
                         states.extend(_local(v) for k, v in st.items() if k in keys and isinstance(v, Tensor))
@@ -942,9 +965,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                             steps.append(_local(st["step"]))
         # (params and states are contiguous: the checked step verified it before this runs; a step count is one
         # element, which the launch reads and writes: shared by two params, or inside a moment, it would race)
-        check_memory(f"{type(self).__name__} (params with grads of every group, in order, their states and their "
-                     "step counts)", [("params", params, True, True, True), ("states", states, True, True, True),
-                                      ("step counts", steps, True, True, False)])  # fmt: skip
+        # (grads are read, so they may share memory with each other, not with anything the step writes; a negated
+        # view is refused: the kernels would read its memory, which holds the other sign)
+        dense_params, dense_grads = all(p.is_contiguous() for p in params), all(g.is_contiguous() for g in grads)
+        check_memory(f"{type(self).__name__} (params with grads of every group, in order, their states, their step "
+                     "counts and their grads)", [("params", params, True, True, dense_params),
+                                                 ("states", states, True, True, True),
+                                                 ("step counts", steps, True, True, False),
+                                                 ("grads", grads, False, True, dense_grads)])  # fmt: skip
 
     @staticmethod
     def _check_scaling(grad_scale: Any, found_inf: Any) -> tuple[Tensor | float | None, Tensor | None]:
@@ -1008,6 +1036,7 @@ class _Part:
 
 
 _GRAD = operator.attrgetter("grad")
+_ANY = Tensor.__bool__  # (of a CPU tensor of addresses: host metadata, never a device value)
 _DATA_PTR = Tensor.data_ptr
 _STORAGE_OFFSET = Tensor.storage_offset
 _UNTYPED_STORAGE = Tensor.untyped_storage
@@ -1072,6 +1101,13 @@ class _GroupPlan:
         if self.dtensor:
             self.params_wrapped, params = params, [_local(p) for p in params]
             states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in st.items()} for st in states]
+        # A param that is not contiguous (transposed, channels_last, a strided slice) is stepped as a contiguous copy,
+        # written back after the launches; such a plan serves one step (the copy is of this step's values).
+        self.write_back = [(p, p.contiguous()) for p in params if not p.is_contiguous()]
+        if self.write_back:
+            self.reusable = False
+            copies = {id(p): c for p, c in self.write_back}
+            params = [copies.get(id(p), p) for p in params]
         self.local_params = params
         self.param_addrs = [p.data_ptr() for p in params]
         self.param_meta = _MetaGuard(params)
@@ -1084,6 +1120,18 @@ class _GroupPlan:
         self.grad_nbytes = [g.nbytes for g in originals]
         self.grad_itemsizes = [g.element_size() for g in originals]
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
+        # What the launches write (params, every state tensor, step counts): sorted, merged byte spans, so that grads
+        # that moved are checked against them (a read grad inside written memory would race) in one vector search.
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in chain(params, self.state_tensors) if t.numel())
+        merged: list[list[int]] = []
+        for a, e in spans:
+            if merged and a < merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([a, e])
+        self.written_starts = torch.tensor([a for a, _ in merged], dtype=torch.int64)
+        self.written_ends = torch.tensor([e for _, e in merged], dtype=torch.int64)
+        self.grad_nbytes_t = torch.tensor(self.grad_nbytes, dtype=torch.int64)
         master_on = group["master_weights"]
         keys: dict[tuple, list[int]] = {}
         wrapped = self.params
@@ -1150,6 +1198,13 @@ class _GroupPlan:
                            map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads)))):  # fmt: skip
                 return None
             addrs = list(map(_DATA_PTR, grads))
+            if self.written_starts.numel() and addrs:
+                # ... and none inside memory the launches write (a param's, a state's): the checked step names it
+                starts = torch.tensor(addrs, dtype=torch.int64)
+                ends = starts + self.grad_nbytes_t
+                last = torch.searchsorted(self.written_starts, ends, side="left") - 1  # (the last span starting before)
+                if _ANY(((last >= 0) & (self.written_ends[last.clamp(min=0)] > starts) & (ends > starts)).any()):
+                    return None
             # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
             for part in self.parts:
                 if part.launcher is not None:
@@ -1183,5 +1238,7 @@ class _GroupPlan:
             else:  # (bumps the params' versions itself)
                 g = grads if part.idx is None else [grads[i] for i in part.idx]
                 opt._run_reference(part, g, group, part_lr, values, scale, inf)
+        for p, copy in self.write_back:
+            p.copy_(copy)
         if self.dtensor:
             _ops.bump_versions(self.params_wrapped)  # (the shards' versions moved above; the wrappers have their own)

@@ -288,8 +288,9 @@ class FusedAdam(FusedOptimizer):
             if not isinstance(group.get(key, False), bool):
                 raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
 
-    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None) -> None:
-        super()._check_params(group_index, params, group)
+    def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None, *,
+                      traced: bool = False) -> None:  # fmt: skip
+        super()._check_params(group_index, params, group, traced=traced)
         if group is not None and _group_state(group) == "int8":
             for i, p in enumerate(params):
                 st = self.state.get(p)
