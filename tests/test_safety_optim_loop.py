@@ -32,6 +32,13 @@ def _params(sizes=SIZES, dtype=torch.float32):
     return params
 
 
+def _same_grads(ours, theirs):
+    """Fresh random grads for ``ours``, the same values for their twins ``theirs``."""
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+
+
 def _stepped(name, backend, params=None, steps=2):
     params = _params() if params is None else params
     opt = VARIANTS[name](params, backend)
@@ -112,9 +119,7 @@ def test_state_tensor_replaced_behind_the_counter(name, backend):
                 new = torch.full_like(v, 0.5) if key != "exp_avg_sq" else torch.full_like(v, 0.25)
                 dict.update(opt.state[p], {key: new})
                 twin.state[q][key] = new.clone()
-    for p, q in zip(params, twin_params):
-        p.grad = torch.randn_like(p)
-        q.grad = p.grad.clone()
+    _same_grads(params, twin_params)
     opt.step()
     twin.step()
     for p, q in zip(params, twin_params):
@@ -402,9 +407,7 @@ def test_sgd_momentum_buffer_set_to_none_restarts_it(backend):
         if step == 2:
             opt.state[ours[1]]["momentum_buffer"] = None
             ref.state[theirs[1]]["momentum_buffer"] = None
-        for p, q in zip(ours, theirs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
+        _same_grads(ours, theirs)
         opt.step()
         ref.step()
     for p, q in zip(ours, theirs):
@@ -535,9 +538,7 @@ def test_disjoint_slices_of_one_matrix(backend, split):
     opt = fused_ops.FusedAdamW(ours, lr=1e-2, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
     for _ in range(3):
-        for p, q in zip(ours, theirs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
+        _same_grads(ours, theirs)
         opt.step()
         ref.step()
     torch.testing.assert_close(w, v, rtol=1e-6, atol=1e-6)

@@ -324,10 +324,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         tensors, so it never traces DTensor unwrapping or the creation of states (which Dynamo could half do)."""
         swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
         try:
-            self._check_all_groups()
+            groups = self._check_all_groups()
             self._check_no_shared_memory()
-            groups = [(gi, g, self._check_step_values(gi, g), [p for p in g["params"] if p.grad is not None])
-                      for gi, g in enumerate(self.param_groups)]  # fmt: skip
             if self._skipped_on_host(groups, found_inf):
                 return []
             calls = []
@@ -338,14 +336,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                 p.grad = g
         return calls
 
-    def _check_all_groups(self) -> None:
+    def _check_all_groups(self) -> list[tuple[int, dict[str, Any], tuple, list[Tensor]]]:
         """For ``_step_traced``: every group's params, grads, states and step values checked before any group is
-        stepped (the eager step does the same through its plans), so a bad group raises with nothing changed."""
+        stepped (the eager step does the same through its plans), so a bad group raises with nothing changed.
+        Returns ``(index, group, step values, params with grads)`` per group."""
         self._complete_groups()
+        groups = []
         for gi, group in enumerate(self.param_groups):
-            self._check_params(gi, [p for p in group["params"] if p.grad is not None], group, traced=True)
-            self._check_step_values(gi, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            self._check_params(gi, params, group, traced=True)
+            groups.append((gi, group, self._check_step_values(gi, group), params))
             _check_lr_memory(gi, group["lr"])
+        return groups
 
     def _traced_parts(self, gi: int, group: dict[str, Any], part_key: Callable | None = None) -> list[_Part]:
         """For ``_step_traced``, after ``_check_all_groups`` (which checked these params, grads and states; checking
@@ -1122,7 +1124,9 @@ class _GroupPlan:
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
         # What the launches write (params, every state tensor, step counts): sorted, merged byte spans, so that grads
         # that moved are checked against them (a read grad inside written memory would race) in one vector search.
-        spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in chain(params, self.state_tensors) if t.numel())
+        # (a plan that serves one step, e.g. of non-contiguous grads, never repoints: no spans to build for it)
+        written = chain(params, self.state_tensors) if self.reusable else ()
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in written if t.numel())
         merged: list[list[int]] = []
         for a, e in spans:
             if merged and a < merged[-1][1]:
