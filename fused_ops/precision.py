@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,22 @@ _FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
+
+
+def _grad_keys(xs) -> set:
+    """Where each tensor of ``xs`` keeps its elements (address, element count, dtype; a DTensor's local shard):
+    what :class:`DynamicLossScaler` remembers of the grads it unscaled. Empty tensors and non-tensors have none."""
+    keys = set()
+    for x in xs:
+        x = getattr(x, "_local_tensor", x)
+        if isinstance(x, Tensor) and x.numel() and x.device.type != "meta":
+            keys.add((x.device, x.data_ptr(), x.numel(), x.dtype))
+    return keys
+
+
+def _listed(xs):
+    """``xs`` as a list when it is an iterable other than a tensor (else as it is, for the op to refuse)."""
+    return list(xs) if isinstance(xs, Iterable) and not isinstance(xs, (Tensor, str, bytes)) else xs
 
 
 def _fp32(value: float) -> float:
@@ -197,6 +213,7 @@ class DynamicLossScaler:
         self._pending = None  # (host snapshot, event or None) of the last asynchronous check
         self._warned_skipped = 0  # total skipped count at the last skip warning
         self._warned_min_scale = 0
+        self._unscaled: set = set()  # _grad_keys of the tensors unscale_ wrote since the last update
 
     # -- device tensors (reading them does not sync) ------------------------------------------------------------
 
@@ -231,8 +248,22 @@ class DynamicLossScaler:
         :attr:`found_inf` on inf/nan: one launch per (device, dtype) group, no sync. Returns :attr:`found_inf`.
         DTensor grads: their local shards are unscaled and :attr:`found_inf` is all-reduced (MAX) over their meshes,
         so every rank skips the same steps (see ``fused_ops.unscale_``)."""
+        grads, out = _listed(grads), _listed(out)  # (a generator is read once, here)
+        self._refuse_unscaled("unscale_", grads)
         functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
+        self._unscaled |= _grad_keys(grads if out is None else out)
         return self._found_inf
+
+    def _refuse_unscaled(self, fn: str, grads) -> None:
+        """As torch's ``GradScaler`` refuses a second ``unscale_`` of one optimizer between updates: grads that
+        :meth:`unscale_` already divided by the scale (in place, or the ``out`` it wrote) since the last
+        :meth:`update` would be divided twice, or give a norm too small by the scale."""
+        if self._unscaled and isinstance(grads, list) and not _grad_keys(grads).isdisjoint(self._unscaled):
+            raise RuntimeError(
+                f"DynamicLossScaler.{fn}: grads were already unscaled by unscale_() since the last update() (they "
+                "would be divided by the scale twice); unscale each grad once per step, and call update() after "
+                "the optimizer step"
+            )
 
     def grad_scale_and_norm(
         self, grads: Sequence[Tensor], max_norm: float | None = None, norm_type: float = 2.0
@@ -253,6 +284,8 @@ class DynamicLossScaler:
         set on all): one collective per mesh, no host sync.
         """
         fn = "DynamicLossScaler.grad_scale_and_norm"
+        grads = _listed(grads)
+        self._refuse_unscaled("grad_scale_and_norm", grads)
         if max_norm is not None:
             max_norm = functional._check_max_norm(fn, max_norm)
         norm_type = functional._check_norm_type(fn, norm_type)
@@ -304,6 +337,7 @@ class DynamicLossScaler:
         self._skipped.add_(f.long())
         self._consecutive.copy_(torch.where(f, self._consecutive + 1, torch.zeros_like(self._consecutive)))
         self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
+        self._unscaled = set()
         self._n_updates += 1
         if self.check_interval is not None and self.warn_after is not None:
             # (not while a CUDA graph is captured: the check pins memory and queries an event; the next eager

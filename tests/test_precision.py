@@ -235,6 +235,33 @@ def test_unscale_and_found_inf(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpret), "reference"])
+def test_unscale_twice_before_update_is_refused(backend):
+    """As torch's GradScaler refuses a second unscale_ of one optimizer before update(): grads that unscale_
+    divided (in place, or the out it wrote) are refused by unscale_ and grad_scale_and_norm with nothing changed,
+    until update(); other grads, and the same scaled grads read again into out, are fine."""
+    s = DynamicLossScaler(init_scale=4.0, backend=backend, warn_after=None)
+    a, b, c = torch.randn(7), torch.randn(300), torch.randn(5)
+    empty = torch.empty(0)
+    s.unscale_(x for x in [a, empty])  # (a generator is read once)
+    assert torch.equal(s.found_inf, torch.zeros(1))
+    before = (a.clone(), b.clone(), c.clone())
+    for call in (lambda: s.unscale_([b, a]), lambda: s.grad_scale_and_norm([c, a]), lambda: s.unscale_(iter([b, a]))):
+        with pytest.raises(RuntimeError, match=r"already unscaled by unscale_\(\) since the last update"):
+            call()
+        assert all(torch.equal(x, y) for x, y in zip((a, b, c), before))
+    s.unscale_([b, empty])  # another grad (and an empty one again)
+    out = torch.full((5,), float("nan"))
+    s.unscale_([c], out=[out])
+    s.unscale_([c], out=[out])  # c is left scaled: reading it again is right
+    assert torch.equal(out, before[2] / 4.0) and torch.equal(c, before[2])
+    with pytest.raises(RuntimeError, match="already unscaled"):
+        s.unscale_([out])
+    s.update()
+    s.unscale_([a, out])
+    assert torch.equal(a, before[0] / 4.0) and torch.equal(out, before[2] / 16.0)  # (before: a already unscaled)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpret), "reference"])
 def test_grad_scale_and_norm_folds_unscale_and_clip_into_adam(backend):
     """One norm pass over the scaled grads gives the grad_scale that makes the fused Adam step unscale and clip
     in its own pass; the result matches unscale -> torch clip -> Adam. An inf grad skips the step on device."""

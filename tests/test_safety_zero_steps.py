@@ -202,6 +202,25 @@ def case_gradscaler_refused(rank: int, world: int) -> list[dict]:
     return out
 
 
+def case_scaler_unscaled_first(rank: int, world: int) -> list[dict]:
+    """Stage 1: DynamicLossScaler.unscale_ of the grads on one rank, then step(loss_scale=scaler), which divides by
+    the scale itself (the grads were divided twice before): the same RuntimeError on every rank, nothing changed
+    (the scaler neither); after the scaler's update and a new backward, the step works."""
+    from fused_ops import DynamicLossScaler
+
+    model, opt = trained(1, rank, world)
+    scaler = DynamicLossScaler(init_scale=2.0, device="cpu", warn_after=None)
+    if rank == 1:
+        scaler.unscale_([p.grad for p in model.parameters() if p.grad is not None])
+    out = [attempt("stage 1: grads unscaled by the scaler on one rank", lambda: opt.step(loss_scale=scaler),
+                   zero_objects(opt, scaler._scale, scaler._found_inf), "RuntimeError", r"loss_scale",
+                   r"already divided grads", r"rank 1\b")]  # fmt: skip
+    scaler.update()
+    opt.zero_grad()
+    out.append(recovers(model, opt, rank, world, "after the refusal: a valid step"))
+    return out
+
+
 def case_duplicate_params(rank: int, world: int) -> list[dict]:
     """The same param twice, in one list or in two groups: the constructor raises ValueError on every rank."""
     model = Net()
@@ -274,6 +293,7 @@ CASES: dict[str, Callable[[int, int], list[dict]]] = {
     "out_of_step": case_out_of_step,
     "unfrozen": case_unfrozen,
     "gradscaler_refused": case_gradscaler_refused,
+    "scaler_unscaled_first": case_scaler_unscaled_first,
     "duplicate_params": case_duplicate_params,
     "grad_storage_freed": case_grad_storage_freed,
     "stage1_zero_grad_one_rank": case_stage1_zero_grad_one_rank,

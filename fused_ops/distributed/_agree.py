@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .._backend import check_backend
 from .._validate import FP32_MAX
+from ..precision import _grad_keys
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
 
@@ -314,6 +315,14 @@ class _AgreementMixin:
         elif isinstance(getattr(loss_scale, "scale", None), Tensor):
             kind, scale = 3, loss_scale.scale
             scaler_found_inf = getattr(loss_scale, "found_inf", None)
+            unscaled = getattr(loss_scale, "_unscaled", None)  # (DynamicLossScaler: what its unscale_ divided)
+            grads = [p.grad for group in self.param_groups for p in group["params"]]
+            if isinstance(unscaled, set) and unscaled and not unscaled.isdisjoint(_grad_keys(grads)):
+                raise RuntimeError(
+                    "loss_scale: the loss scaler's unscale_() already divided grads of this optimizer's params by "
+                    "the scale since its last update(); step(loss_scale=scaler) divides them itself (do not unscale "
+                    "them first)"
+                )
             if scaler_found_inf is not None and not (
                 isinstance(scaler_found_inf, Tensor) and scaler_found_inf.numel() == 1
                 and scaler_found_inf.is_floating_point()
