@@ -131,7 +131,8 @@ def _within_storage(x: torch.Tensor) -> bool:
 def _meta(t: torch.Tensor) -> tuple:
     if t.is_sparse:
         return ("sparse", t.dtype, tuple(t.shape), str(t.device))
-    return (t.dtype, tuple(t.shape), t.stride(), str(t.device), t.data_ptr(), t._version)
+    version = None if t.is_inference() else t._version  # (inference tensors have no version counter)
+    return (t.dtype, tuple(t.shape), t.stride(), str(t.device), t.data_ptr(), version)
 
 
 def _walk(obj: Any, path: str, out: dict, seen: set) -> None:

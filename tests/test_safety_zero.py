@@ -133,6 +133,18 @@ def restore_groups(opt: ZeroAdamW, saved: list[dict], max_grad_norm: Any) -> Non
     opt.max_grad_norm = max_grad_norm
 
 
+def _freed(t: torch.Tensor, nbytes: int = 0) -> torch.Tensor:
+    """A copy of ``t`` whose storage is then freed (or shrunk to ``nbytes``) in place: its sizes stay."""
+    t = t.clone()
+    t.untyped_storage().resize_(nbytes)
+    return t
+
+
+def _inference_zeros() -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.zeros(1)
+
+
 def set_group(gi: int, key: str, value: Any) -> Callable[[ZeroAdamW], None]:
     return lambda opt: opt.param_groups[gi].__setitem__(key, value)
 
@@ -161,7 +173,12 @@ BAD_STEP_VALUES = [  # (label, change, exception, patterns)
     ),
     ("lr tensor nan", set_group(1, "lr", torch.tensor(math.nan)), "ValueError", r"learning rate", r"param group 1"),
     ("lr int tensor", set_group(0, "lr", torch.tensor(1)), "TypeError", r"lr", r"param group 0"),
-]
+    # (read with torch ops after the checks: a freed one crashed the process, SIGSEGV)
+    ("lr tensor freed", lambda opt: set_group(1, "lr", _freed(torch.tensor(LR)))(opt), "ValueError",
+     r"lr of param group 1", r"outside its storage"),
+    ("lr tensor meta", set_group(0, "lr", torch.tensor(LR, device="meta")), "ValueError", r"lr of param group 0",
+     r"meta"),
+]  # fmt: skip
 
 
 def case_step_values(rank: int, world: int) -> list[dict]:
@@ -208,7 +225,23 @@ BAD_LOSS_SCALES = [  # (label, value, exception, patterns)
         r"found_inf",
         r"1-element",
     ),
-]
+    # float32 cannot hold loss_scale * world_size: the grads were divided by 0 (NaN params) or it raised late
+    ("1e-46", 1e-46, "ValueError", r"loss_scale", r"float32"),
+    ("1e39", 1e39, "ValueError", r"loss_scale", r"float32"),
+    ("float64 tensor 1e39", torch.tensor([1e39], dtype=torch.float64), "ValueError", r"loss_scale", r"float32"),
+    ("float32 max (times the world size)", float(torch.finfo(torch.float32).max), "ValueError", r"float32"),
+    # read or written with torch ops after the checks: a freed one crashed the process (SIGSEGV), an inference
+    # found_inf raised on one rank after the ranks agreed (the others stepped)
+    ("tensor freed", _freed(torch.tensor([2.0])), "ValueError", r"loss_scale", r"outside its storage"),
+    ("scaler with freed scale", scaler(_freed(torch.tensor([2.0]))), "ValueError", r"loss_scale.scale",
+     r"outside its storage"),
+    ("scaler with freed found_inf", scaler(torch.ones(1), _freed(torch.zeros(1))), "ValueError", r"found_inf",
+     r"outside its storage"),
+    ("scaler with meta found_inf", scaler(torch.ones(1), torch.zeros(1, device="meta")), "ValueError",
+     r"found_inf", r"meta"),
+    ("scaler with inference found_inf", scaler(torch.ones(1), _inference_zeros()), "ValueError", r"found_inf",
+     r"inference tensor"),
+]  # fmt: skip
 
 
 def case_loss_scale(rank: int, world: int) -> list[dict]:
@@ -325,13 +358,6 @@ def _move_first_param(sd: dict) -> None:
 def _owned(shards: list[dict]) -> int:
     """The first param of shard 0 with at least 2 elements there (the same on every rank: shards are gathered)."""
     return next(i for i, (lo, hi) in sorted(shards[0]["zero"]["ranges"].items()) if hi - lo >= 2)
-
-
-def _freed(t: torch.Tensor, nbytes: int = 0) -> torch.Tensor:
-    """A copy of ``t`` whose storage is then freed (or shrunk to ``nbytes``) in place: its sizes stay."""
-    t = t.clone()
-    t.untyped_storage().resize_(nbytes)
-    return t
 
 
 def case_load_state_dict(rank: int, world: int) -> list[dict]:
@@ -752,7 +778,7 @@ def assert_case(results: list[dict], name: str) -> None:
         failures.append(f"the ranks ran different attempts: {labels}")
     else:
         for i, rec in enumerate(per_rank[0]):
-            if "error" in rec:
+            if "error" in rec and rec.get("same_error", True):  # (False: a rank re-raises its own, as intended)
                 errors = [records[i]["error"] for records in per_rank]
                 if any(e != errors[0] for e in errors):
                     failures.append(f"{rec['label']}: the ranks raised different errors: {errors}")

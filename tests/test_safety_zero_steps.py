@@ -9,6 +9,7 @@ One spawn of 2 gloo ranks runs every case (tests/test_safety_zero.py's records a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.test_safety_zero import (
     assert_case,
     attempt,
     check,
+    make,
     recovers,
     run_cases,
     same_on_all_ranks,
@@ -87,6 +89,96 @@ def case_stage1_moved(rank: int, world: int) -> list[dict]:
         w.data = w.data.as_strided(w.shape, (1, w.shape[0]))
     return [attempt("stage 1: transposed view on one rank", opt.step, zero_objects(opt), "RuntimeError",
                     r"param 0\b", r"strides")]  # fmt: skip
+
+
+def case_resized_before_first_step(rank: int, world: int) -> list[dict]:
+    """A param given a .data of another size on one rank before the first step (stage 1, after backward) or before
+    the first backward (stage 2): the staging views were built in the param's shape now, which failed on that rank
+    only (the other rank hung in the reduce-scatter, and that rank's optimizer was broken for good). Now the same
+    'no longer a view' RuntimeError on every rank, nothing changed, and the same error again at the next step (the
+    optimizer is not broken: the param is still the wrong one)."""
+    bad = world - 1
+    out = []
+    for stage in (1, 2):
+        model, opt = make(stage)
+        if stage == 1:
+            local_loss(model, 0, 0, rank, world).backward()
+        if rank == bad:
+            model.l1.bias.data = torch.zeros(1)  # (broadcast by the forward: stage 2's backward still runs)
+        if stage == 2:
+            local_loss(model, 0, 0, rank, world).backward()
+            opt._drain()  # (nothing in flight while the snapshot reads the shards)
+        for attempt_no in (1, 2):
+            out.append(attempt(f"stage {stage}: bias resized on one rank, step {attempt_no}", opt.step,
+                               zero_objects(opt), "RuntimeError", r"param 1\b", r"no longer a view",
+                               rf"rank {bad}\b"))  # fmt: skip
+    return out
+
+
+class _LoaderError(Exception):
+    pass
+
+
+def case_closure_raises_on_one_rank(rank: int, world: int) -> list[dict]:
+    """step(closure) whose closure raises on one rank (before its backward): that rank raises the closure's own
+    exception, the others a RuntimeError naming it and the rank (they waited in the step's collectives until the
+    process-group timeout before), nothing changed anywhere; a valid step follows."""
+    bad = world - 1
+    out = []
+    for stage in (1, 2):
+        model, opt = trained(stage, rank, world, backward=False)
+
+        def closure(model=model):
+            if rank == bad:
+                raise _LoaderError("the data loader failed")
+            loss = local_loss(model, 1, 0, rank, world)
+            loss.backward()
+            return loss
+
+        exc = "_LoaderError" if rank == bad else "RuntimeError"
+        patterns = [r"the data loader failed"] + ([] if rank == bad else [r"the closure raised _LoaderError",
+                                                                          rf"rank {bad}\b"])  # fmt: skip
+        # (what the step would update: the other rank's closure ran its backward, which changes grads and shards)
+        updated = (opt._steps, [(b.param_flat, b.master, b.exp_avg, b.exp_avg_sq) for b in opt._buckets])
+        rec = attempt(f"stage {stage}: the closure raises on one rank", lambda opt=opt, c=closure: opt.step(c),
+                      updated, exc, *patterns)  # fmt: skip
+        out.append({**rec, "same_error": False})  # (that rank raises the closure's own exception)
+        out.append(recovers(model, opt, rank, world, f"stage {stage}: a valid step afterwards"))
+    return out
+
+
+def case_failed_step_after_one_rank_skipped_backward(rank: int, world: int) -> list[dict]:
+    """Stage 2, rank 1 without backward (allowed: it reduces its p.grad in step(), paired with rank 0's pass), and
+    the step fails (a NaN lr on every rank). Before, rank 1 put its shards back and counted no pass while rank 0
+    counted one: the retried step, or zero_grad + backward + step, ran other collectives on each rank (a gloo size
+    mismatch, SIGABRT). Now rank 1 keeps that reduction as its pass: the retry with a valid lr gives the params of
+    a run that never failed, bit for bit, and so does a new backward and step."""
+    out = []
+    for then in ("retry", "new backward"):
+        # (built before either backward: rank 0's backward waits in its reduce-scatters for rank 1's step)
+        ref_model, ref = trained(2, rank, world, backward=False)
+        model, opt = trained(2, rank, world, backward=False)
+        opt.param_groups[0]["lr"] = math.nan
+        if rank == 0:
+            local_loss(model, 1, 0, rank, world).backward()
+        rec = attempt(f"{then}: NaN lr after a backward on rank 0 only", opt.step, zero_objects(opt), "ValueError",
+                      r"learning rate", r"rank 0\b")  # fmt: skip
+        rec["changed"] = None  # rank 1's reduction of its (absent) grads is its pass now: its grad shards are new
+        out.append(rec)
+        opt.param_groups[0]["lr"] = LR
+        if then == "retry":
+            if rank == 0:  # (the run without the failure)
+                local_loss(ref_model, 1, 0, rank, world).backward()
+            ref.step()
+            opt.step()
+        else:  # (zero_grad drops the failed step's pass: the run without it is zero_grad, backward, step)
+            for m, o in ((model, opt), (ref_model, ref)):
+                o.zero_grad()
+                local_loss(m, 4, 0, rank, world).backward()
+                o.step()
+        out.append(check(f"{then}: the params of a run without the failure",
+                         torch.equal(flat_params(model), flat_params(ref_model))))  # fmt: skip
+    return out
 
 
 def group_edits(groups: list[dict], g0: dict, extra: torch.Tensor) -> list[tuple[str, Callable[[], Any], str]]:
@@ -289,6 +381,9 @@ def case_group_count_differs(rank: int, world: int) -> list[dict]:
 CASES: dict[str, Callable[[int, int], list[dict]]] = {
     "moved_after_backward": case_moved_after_backward,
     "stage1_moved": case_stage1_moved,
+    "resized_before_first_step": case_resized_before_first_step,
+    "closure_raises_on_one_rank": case_closure_raises_on_one_rank,
+    "failed_step_after_one_rank_skipped_backward": case_failed_step_after_one_rank_skipped_backward,
     "param_groups_edited": case_param_groups_edited,
     "out_of_step": case_out_of_step,
     "unfrozen": case_unfrozen,

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
-from .._validate import FP32_MAX
+from .._validate import FP32_MAX, has_memory, outside_storage
 from ..precision import _grad_keys
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
@@ -52,6 +52,20 @@ def _check_lr_tensor(lr: Tensor, where: str) -> None:
         raise ValueError(f"Tensor lr must be 1-element (lr of {where} has {lr.numel()} elements)")
     if not lr.is_floating_point():
         raise TypeError(f"a tensor lr must be floating point (lr of {where} is a {lr.dtype} tensor)")
+    _check_step_tensor(f"lr of {where}", lr)
+
+
+def _check_step_tensor(name: str, t: Tensor, written: bool = False) -> None:
+    """A tensor the step reads (or, ``written``, writes) with torch ops: dense, with memory of its own (not meta,
+    not a tensor subclass, not freed or shrunk in place: torch's ops would read it unchecked and crash), and, when
+    written, not an inference tensor (the write would raise after the ranks agreed, on this rank only)."""
+    if t.layout != torch.strided or not has_memory(type(t)) or t.is_meta or outside_storage(t):
+        why = ("not dense" if t.layout != torch.strided else f"a {type(t).__name__}" if not has_memory(type(t))
+               else "meta" if t.is_meta else "outside its storage (freed or shrunk in place)")  # fmt: skip
+        raise ValueError(f"{name} must be a dense tensor with memory of its own, got one that is {why}")
+    if written and t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor: step() writes it, which torch allows only inside "
+                         "torch.inference_mode(); make it outside inference mode")  # fmt: skip
 
 
 def _check_lr_value(lr: float, where: str) -> None:
@@ -159,6 +173,11 @@ def _check_max_grad_norm(value: Any) -> float | None:
 # Step values compared between ranks, per param group (then max_grad_norm, the loss scale's kind and value).
 _GROUP_VALUES = ("lr", "betas[0]", "betas[1]", "eps", "weight_decay", "amsgrad", "maximize")
 _LOSS_SCALE_KINDS = ("None", "a number", "a tensor", "a loss scaler")
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)
+# (the grads are divided by loss_scale * world_size in float32: outside float32's normal range it would round to 0
+# or inf, and the step would write non-finite params, or fail after the ranks agreed)
+_LOSS_SCALE_RANGE = ("loss_scale must be at least float32's smallest normal number ({2:.4g}) and at most "
+                     "float32's largest divided by the world size ({3:.4g} / {1}), got {0}")  # fmt: skip
 _NONE = -1.0  # max_grad_norm / loss scale None in the compared values (valid ones are > 0)
 
 
@@ -257,6 +276,9 @@ class _AgreementMixin:
                             f"{y!r} on rank {r}): every rank must pass the same hyper-parameters"
                         )
 
+    def _loss_scale_fits(self, scale: float) -> bool:
+        return _FP32_TINY <= scale and scale * self.world_size <= FP32_MAX
+
     def _step_inputs(self, loss_scale: Any, unexpected: dict[str, Any]) -> _StepInputs:
         """Check this rank's step values (raising the first problem) and collect what the ranks compare."""
         if unexpected:
@@ -331,6 +353,9 @@ class _AgreementMixin:
                     "loss_scale.found_inf (the loss scaler's overflow flag) must be a 1-element floating-point "
                     f"tensor, got {_describe(scaler_found_inf)}"
                 )
+            if scaler_found_inf is not None:
+                _check_step_tensor("loss_scale.found_inf (the loss scaler's overflow flag)", scaler_found_inf,
+                                   written=True)  # fmt: skip
         else:
             raise TypeError(
                 "loss_scale must be None, a number, a 1-element tensor or a loss scaler with a `scale` tensor, got "
@@ -343,6 +368,7 @@ class _AgreementMixin:
                 raise ValueError(f"{name} must be a number or a 1-element tensor, got {scale.numel()} elements")
             if not scale.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
+            _check_step_tensor(name, scale)
             scale = scale.detach().to(dev, torch.float64).reshape(())
             tensors.append((len(values), scale, "loss_scale"))
             values.append(0.0)
@@ -350,6 +376,8 @@ class _AgreementMixin:
             scale = float(scale)
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"loss_scale must be a finite number > 0, got {scale}")
+            if not self._loss_scale_fits(scale):
+                raise ValueError(_LOSS_SCALE_RANGE.format(scale, self.world_size, _FP32_TINY, FP32_MAX))
             values.append(scale)
         else:
             values.append(_NONE)
@@ -403,7 +431,7 @@ class _AgreementMixin:
         """Elements of the step's all-reduce (and of the one opening a second synced pass): the sum of squares, the
         error count, three counts of ranks (beginning a pass, zero_grad after backward, grads not reduced) and the
         bits of the compared values; fixed at construction (the group count is checked before it is used)."""
-        return 5 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
+        return 6 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
 
     def _step_value_names(self) -> list[str]:
         names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
@@ -420,7 +448,13 @@ class _AgreementMixin:
         return repr(value)
 
     def _agree_on_step(
-        self, sumsq: Tensor, inputs: _StepInputs | None, error: Exception | None, zeroed: bool, unreduced: bool
+        self,
+        sumsq: Tensor,
+        inputs: _StepInputs | None,
+        error: Exception | None,
+        zeroed: bool,
+        unreduced: bool,
+        had_pass: bool = False,
     ) -> tuple[Tensor, bool]:
         """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
         host, or in a tensor value checked on the device), the facts that decide the collectives still to come
@@ -440,16 +474,22 @@ class _AgreementMixin:
             where, positive = flat[1 + n_values :].view(2, -1)
             given = torch.stack([t for _, t, _ in tensors])
             values = values.index_copy(0, where.long(), given)
-            ok = torch.isfinite(given) & ((given > 0) | ((given == 0) & (positive == 0)))
+            scale_ok = (given >= _FP32_TINY) & (given * self.world_size <= FP32_MAX)  # (a loss scale: as above)
+            ok = torch.isfinite(given) & torch.where(positive == 1, scale_ok, given >= 0)
             flag = flag + (~ok).sum(dtype=torch.float64)
-        facts = torch.tensor([0.0, float(zeroed), float(unreduced)], dtype=torch.float64, device=self._device)
+        facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass)], dtype=torch.float64,
+                             device=self._device)  # fmt: skip
         vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read
-        n_passes, n_zeroed, n_unreduced = (int(v) for v in sums[1:4])
+        n_passes, n_zeroed, n_unreduced, n_had_pass = (int(v) for v in sums[1:5])
         if n_passes:  # paired with another rank's pass: match its reduce-scatters, then raise (as that rank will)
             self._match_other_ranks_round()
             raise RuntimeError(_OUT_OF_STEP)
+        # Stage 2, some ranks ran a synced pass and the others stood in for it (reduced p.grad before this
+        # all-reduce): should the step fail, the stand-ins keep that reduction as their pass (see step()), so that
+        # every rank counts one pass and a retry or the next backward runs the same collectives everywhere.
+        self._stood_in = not had_pass and 0 < n_had_pass < self.world_size
         if sums[0] > 0:
             self._raise_step_error(inputs, error)
         if 0 < n_zeroed < self.world_size:
@@ -458,7 +498,7 @@ class _AgreementMixin:
                 f"{self.world_size} ranks: the ranks' reduced grads no longer belong to one step; every rank must "
                 "make the same zero_grad, backward and no_sync calls (the step changed nothing on any rank)"
             )
-        differ = _differing(sums[4:], self.world_size)
+        differ = _differing(sums[5:], self.world_size)
         if differ:
             self._raise_step_values_differ(inputs, differ)
         # (Stage 1 reduces p.grad before the agreement anyway: nothing to reduce late.)
@@ -473,6 +513,8 @@ class _AgreementMixin:
                 v = float(t.item())
                 if name == "loss_scale" and not (math.isfinite(v) and v > 0):
                     local = ("ValueError", f"loss_scale must be a finite number > 0, got {v}")
+                elif name == "loss_scale" and not self._loss_scale_fits(v):
+                    local = ("ValueError", _LOSS_SCALE_RANGE.format(v, self.world_size, _FP32_TINY, FP32_MAX))
                 elif name != "loss_scale" and not (math.isfinite(v) and v >= 0):
                     local = ("ValueError", f"Invalid learning rate: {v} ({name})")
                 if local is not None:

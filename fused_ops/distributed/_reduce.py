@@ -176,14 +176,17 @@ class _ReduceMixin:
         pool = self._pools[key]
         while not pool.free:
             self._finish_oldest()
-        si = pool.free.pop()
+        si = pool.free[-1]
         flat = pool.flat[si].narrow(0, 0, b.numel)
         views = b.staging_views.get(si)
         if views is None:  # built once per (bucket, staging buffer): the launch path stays cheap on the host
+            # (in each param's shape as laid out, not its shape now: a param given another .data of another size
+            # is refused by step() on every rank, not by a view that fails on this rank only)
             views = b.staging_views[si] = (
                 [flat.narrow(0, lo, hi - lo) for lo, hi in b.gaps],
-                [flat.narrow(0, s.offset, s.numel).view(s.param.shape) for s in b.slots],
+                [flat.narrow(0, s.offset, s.numel).view(s.shape) for s in b.slots],
             )
+        pool.free.pop()
         dst, src, zero, bad = [], [], list(views[0]), False
         for s, view in zip(b.slots, views[1], strict=True):
             if zeros:
@@ -288,6 +291,21 @@ class _ReduceMixin:
             b.grad, b.grad_valid = grad, valid
         self._grad_errors = errors
         self._adam_view_cache.clear()
+
+    def _keep_stand_in_pass(self) -> None:
+        """A failed step in which this rank reduced ``p.grad`` while other ranks had run a synced backward pass (their
+        reduce-scatters paired with this rank's): the reduced shards stay, counted as this rank's synced pass (and its
+        grads freed, as that pass would have), so that every rank has one pass since the last step. Putting the
+        shards back would leave the ranks counting different passes: a retried step or the next backward would run
+        other collectives on each (a gloo size mismatch and SIGABRT, before)."""
+        self._stood_in = False
+        self._rounds_since_step = max(self._rounds_since_step, 1)
+        self._unsynced_grads = False
+        self._zeroed = False
+        for b in self._buckets:
+            for s in b.slots:
+                if s.index not in self._grad_errors:  # (a refused grad stays: the retried step refuses it again)
+                    s.param.grad = None
 
     def _commit_reduce(self, undo: tuple | None) -> None:
         self._rounds_since_step = 0

@@ -51,17 +51,26 @@ class _StepMixin:
         step's one host synchronisation (torch's GradScaler syncs once per step too).
         """
         loss = None
+        closure_error: Exception | None = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except Exception as e:  # noqa: BLE001 - agreed on (the other ranks would wait in the step), re-raised
+                closure_error = e
         error: Exception | None = None
         inputs: _StepInputs | None = None
         unreduced = False
-        try:
-            unreduced = self._check_layout()
-            inputs = self._step_inputs(loss_scale, unexpected)
-        except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
-            error = e
+        if closure_error is not None:
+            error = RuntimeError(f"the closure raised {type(closure_error).__name__}: {closure_error}")
+        else:
+            try:
+                unreduced = self._check_layout()
+                inputs = self._step_inputs(loss_scale, unexpected)
+            except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
+                error = e
+        if closure_error is not None and not self._buckets:
+            raise closure_error
         if not self._buckets:  # no params on any rank (checked at construction): no collective, nothing to change
             if error is not None:
                 raise error
@@ -70,18 +79,26 @@ class _StepMixin:
             self._round_mismatch = False
             raise RuntimeError(_OUT_OF_STEP)
         zeroed = self._zeroed_before_step()
+        had_pass = self.stage == 2 and self._rounds_since_step > 0
+        self._stood_in = False
         undo = self._reduce_all()
         try:
             sumsq, late = self._agree_on_step(
-                _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), zeroed, unreduced
-            )
+                _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), zeroed, unreduced,
+                had_pass,
+            )  # fmt: skip
             if late:  # agreed: every rank reduces the grads its shards lack, then agrees again (on grad errors)
                 undo = self._reduce_all(late=True, undo=undo)
                 sumsq, _ = self._agree_on_step(
                     _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), False, False
                 )
         except BaseException:
-            self._undo_reduce(undo)
+            if self._stood_in:  # this rank's reduction paired with another rank's synced pass: it is this rank's pass
+                self._keep_stand_in_pass()
+            else:
+                self._undo_reduce(undo)
+            if closure_error is not None:  # (its own exception on the rank whose closure raised, as torch.optim)
+                raise closure_error  # noqa: B904 - the agreed error is its context
             raise
         assert inputs is not None
         self._commit_reduce(undo)
