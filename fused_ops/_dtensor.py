@@ -12,6 +12,9 @@ into global ones:
 - a linear op (unscale, the clip's multiply) on a ``Partial`` tensor scales each rank's summand, as torch's
   DTensor ops do.
 - a ``found_inf`` flag: all-reduced (MAX) over every mesh the tensors live on, so every rank skips the same steps.
+- meshes over different ranks (a mesh on some of the ranks only, next to one on all of them): what the ranks of one
+  mesh reduced is added once more over every rank of all the meshes (:func:`span_plan`), so that the ranks outside
+  it have it too; the flag is agreed in that reduction alone.
 
 Every check here reads only what is the same on every rank (classes, meshes, placements, global shapes), and runs
 before any collective: a bad argument raises the same error on every rank instead of leaving the others waiting in
@@ -125,9 +128,55 @@ def _groups(mesh, dims: list[int], device: torch.device) -> list:
     return [mesh.get_group(d) for d in dims]
 
 
+def _root(mesh):
+    """The mesh ``mesh`` was sliced from (``mesh`` itself when it was not)."""
+    try:
+        root = mesh._get_root_mesh()
+    except AttributeError:  # (older torch)
+        from torch.distributed.device_mesh import _mesh_resources
+
+        root = _mesh_resources.get_root_mesh(mesh)
+    return mesh if root is None else root
+
+
+def _span(mesh) -> frozenset:
+    """The ranks a mesh's tensors stand for: its own, or, for a slice (``mesh["tp"]``: each rank has the one it is
+    on), its root mesh's. The same on every rank (read from the mesh's CPU tensor: no device sync)."""
+    return frozenset(_root(mesh).mesh.flatten().tolist())
+
+
+def span_plan(fn: str, meshes: list[tuple]) -> tuple | None:
+    """How to combine the reductions of ``meshes`` (``(mesh, device)`` pairs, each mesh once, from
+    :func:`meshes_of`): None when every mesh stands for the same ranks (each is reduced over its own groups, and
+    every rank is on each); else ``(groups, device, ranks)``: all-reducing over ``groups`` in turn, on ``device``,
+    reduces over ``ranks``, the union of the meshes' ranks, each of which calls the op. Those are the groups of a
+    mesh over all of ``ranks``, or the default group when ``ranks`` are all ranks. Raises the same ValueError on
+    every rank when there is none (a ``dist.new_group`` would need the ranks outside ``ranks`` to call it too)."""
+    if len(meshes) < 2:
+        return None
+    spans = [_span(mesh) for mesh, _ in meshes]
+    ranks = frozenset().union(*spans)
+    if all(s == ranks for s in spans):
+        return None
+    if dist.get_rank() not in ranks:
+        raise ValueError(f"{fn}: this rank ({dist.get_rank()}) is on none of the tensors' meshes")
+    for (mesh, device), s in zip(meshes, spans):
+        if s == ranks:
+            root = _root(mesh)  # (this rank is on it: it is in ``ranks``)
+            return _groups(root, list(range(root.ndim)), device), device, ranks
+    if len(ranks) == dist.get_world_size():
+        device = next((d for _, d in meshes if _world_serves(d)), None)
+        if device is not None:
+            return [dist.group.WORLD], device, ranks
+    listed = ", ".join(str(sorted(s)) for s in dict.fromkeys(spans))
+    raise ValueError(f"{fn}: the tensors' meshes are on different ranks ({listed}) and no mesh, nor the default "
+                     f"group, is on all of them ({sorted(ranks)}): their norm and found_inf cannot be agreed on "
+                     "every rank; put the tensors on meshes over the same ranks, or on a mesh over all")  # fmt: skip
+
+
 def global_norm(
     local: list[tuple[tuple | None, Tensor]], norm_type: float, device: torch.device, out_dtype: torch.dtype,
-    flag: Tensor | None = None,
+    flag: Tensor | None = None, span: tuple | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """The norm of all tensors of all ranks from each rank's local norms, and, with ``flag`` (a 1-element tensor,
     non-zero meaning "found inf"), that flag agreed over the meshes (1.0 where any rank's was set; fp32 on ``device``;
@@ -136,6 +185,10 @@ def global_norm(
     ``local``: ``(norm_key, 0-d local norm)`` pairs, keys distinct. One all-reduce of a small float64 vector per mesh
     and reduced mesh dim (one per mesh when it spans every rank or only one dim needs reducing): SUM of p-th powers
     for a finite p, MAX for inf, plus a NaN count (a MAX reduction may drop a NaN) and the flag.
+
+    ``span``: :func:`span_plan` of the meshes, when they are on different ranks. Then the total of each mesh that is
+    not on all of those ranks, from one of its ranks (zeros from the others), and the flag go into one more
+    all-reduce over all of them; the flag is agreed there alone, so every rank of every mesh has the same values.
     """
     inf = math.isinf(norm_type)
     plain: list[Tensor] = []
@@ -150,9 +203,14 @@ def global_norm(
     op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
     totals, nans = list(plain), [v.isnan() for v in plain]
     agreed = None
+    chain = flag if span is None else None  # (the flag chained through the meshes' reductions)
+    shared: list[Tensor] = []  # (with span) each mesh not on all its ranks: its total and NaN count, in mesh order
     for mesh, entries in by_mesh.items():
+        alone = span is not None and _span(mesh) != span[2]
         coord = mesh.get_coordinate()
         if coord is None:  # this rank holds no shard of this mesh's tensors (and is in none of its groups)
+            if alone:
+                shared.append(torch.zeros(2, dtype=torch.float64, device=span[1]))
             continue
         mesh_device = entries[0][1].device
         dims = sorted({d for dd, _ in entries for d in dd}) if flag is None else list(range(mesh.ndim))
@@ -160,36 +218,55 @@ def global_norm(
         vec = torch.stack(vals)
         bad = vec.isnan()
         parts = [torch.where(bad, 0.0, vec), bad.sum().to(torch.float64).reshape(1)]
-        if flag is not None:
-            f = flag if agreed is None else agreed
+        if chain is not None:
+            f = chain if agreed is None else agreed
             parts.append((f.detach().reshape(1) != 0).to(mesh_device, torch.float64))
         vec = torch.cat(parts)
         for group in _groups(mesh, dims, mesh_device):
             dist.all_reduce(vec, op, group=group)
         k = len(entries)
+        if alone:
+            part = torch.stack([vec[:k].max() if inf else vec[:k].sum(), vec[k]]).to(span[1])
+            shared.append(part if dist.get_rank() == min(_span(mesh)) else torch.zeros_like(part))
+            continue
         vec = vec.to(device)
         totals.append(vec[:k].max() if inf else vec[:k].sum())
         nans.append(vec[k] > 0)
-        if flag is not None:
+        if chain is not None:
             agreed = (vec[k + 1] > 0).to(torch.float32).reshape(1)
+    if span is not None:
+        groups, span_device, _ = span
+        parts = shared if flag is None else [*shared, (flag.detach().reshape(1) != 0).to(span_device, torch.float64)]
+        vec = torch.cat(parts)
+        for group in groups:
+            dist.all_reduce(vec, op, group=group)
+        vec = vec.to(device)
+        m = 2 * len(shared)
+        totals.append(vec[0:m:2].max() if inf else vec[0:m:2].sum())
+        nans.append((vec[1:m:2] > 0).any())
+        if flag is not None:
+            agreed = (vec[m] > 0).to(torch.float32).reshape(1)
     stacked = torch.stack(totals)
     total = stacked.max() if inf else stacked.sum().pow(1.0 / norm_type)
     total = torch.where(torch.stack(nans).any(), math.nan, total) if nans else total
     return total.to(out_dtype), agreed
 
 
-def agree_flag(found_inf: Tensor, meshes: list[tuple]) -> None:
+def agree_flag(found_inf: Tensor, meshes: list[tuple], span: tuple | None = None) -> None:
     """Set ``found_inf`` (1 element, non-zero = found) to 1 on every rank of ``meshes`` (``(mesh, device)`` pairs,
-    each mesh once) where any rank's is set: an all-reduce MAX over each mesh in turn (one per mesh when it spans
-    every rank or is 1-D), no host read. Over several meshes the result is global when they are nested or factor one
-    another (the sub-meshes of one device mesh)."""
+    each mesh once) where any rank's is set: an all-reduce MAX, no host read. With ``span`` (:func:`span_plan` of
+    ``meshes``, when they are on different ranks): one over all of their ranks. Else over each mesh in turn (one per
+    mesh when it spans every rank or is 1-D): every rank is then on each mesh, and the result is global when one of
+    them is on all the ranks, or they are slices that factor one another (``mesh["dp"]``, ``mesh["tp"]``)."""
     flag = None
-    for mesh, device in meshes:
-        if mesh.get_coordinate() is None:
-            continue
+    steps = [(span[1], span[0])] if span is not None else [
+        (device, _groups(mesh, list(range(mesh.ndim)), device)) for mesh, device in meshes
+        if mesh.get_coordinate() is not None
+    ]  # fmt: skip
+    for device, groups in steps:
         f = (found_inf.detach().reshape(1) != 0) if flag is None else flag
         f = f.to(device, torch.float32)
-        for group in _groups(mesh, list(range(mesh.ndim)), device):
+        for group in groups:
             dist.all_reduce(f, dist.ReduceOp.MAX, group=group)
         flag = f
     if flag is not None:

@@ -686,6 +686,8 @@ def unscale_(
     # (any layout is written, as torch's unscale takes it: through a contiguous copy, so that no DTensor shard's
     # layout, which may differ between ranks, makes one rank raise while the others wait in the found_inf agreement)
     _check_writable("unscale_", "out" if outs else "grads", outs or grads)
+    meshes = _dtensor.meshes_of(g_specs, grads) if g_specs is not None and found_inf is not None else []
+    span = _dtensor.span_plan("unscale_", meshes)  # (meshes on different ranks: refused before anything is written)
     if not grads:
         return
     scalars = [(name, [x], written, False, True) for name, x, written in
@@ -704,8 +706,8 @@ def unscale_(
     _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
                     (("grads", grads), ("out", outs)))  # fmt: skip
     _write_back(back)
-    if g_specs is not None and found_inf is not None:
-        _dtensor.agree_flag(found_inf, _dtensor.meshes_of(g_specs, grads))
+    if meshes:
+        _dtensor.agree_flag(found_inf, meshes, span)
 
 
 def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes, named=()) -> None:
@@ -750,9 +752,12 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     computes its local shards' partial norm with the kernels above, then one all-reduce per mesh (SUM of p-th
     powers, MAX for inf; over the mesh dims where some tensor is sharded, replicas counted once) adds the other
     ranks' partials; no host sync. DTensors on several meshes and plain tensors may be mixed: each mesh is reduced
-    on its own, plain tensors count as they are on this rank, and the parts combine. A ``Partial`` DTensor counts
-    as its reduced value (one all-reduce each, as torch's DTensor norm redistributes it). For a large p the p-th
-    powers are summed in float64 and may overflow where the norm does not (as in torch).
+    on its own, plain tensors count as they are on this rank, and the parts combine. Meshes on different ranks (a
+    sub-mesh next to a mesh of all ranks) add one all-reduce over all their ranks, so that every rank has every
+    mesh's part; where neither a mesh nor the default group spans them all, the same ValueError is raised on every
+    rank, nothing changed. A ``Partial`` DTensor counts as its reduced value (one all-reduce each, as torch's DTensor
+    norm redistributes it). For a large p the p-th powers are summed in float64 and may overflow where the norm does
+    not (as in torch).
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
     tensors, dtypes, specs = _float_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors),
@@ -788,11 +793,12 @@ def _global_grad_norm(fn, tensors, dtypes, norm_type, backend, name, specs, flag
     with ``flag`` (a 1-element found-inf flag), that flag agreed over the meshes (see ``_dtensor.global_norm``)."""
     for device, dtype in {(x.device, x.dtype) for x in tensors}:  # (all resolved before anything runs)
         _op_backend(fn, backend, device, [dtype], named=((name, tensors),))
+    span = _dtensor.span_plan(fn, _dtensor.meshes_of(specs, tensors))  # (meshes on different ranks: refused here)
     keys = [_dtensor.norm_key(s) for s in specs]
     local = [(key, _grad_norm(fn, [tensors[i] for i in idx], {tensors[i].dtype for i in idx}, norm_type, backend, name))
              for key, idx in _groups(keys.__getitem__, len(tensors))]  # fmt: skip
     out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-    return _dtensor.global_norm(local, norm_type, tensors[0].device, out_dtype, flag)
+    return _dtensor.global_norm(local, norm_type, tensors[0].device, out_dtype, flag, span)
 
 
 def _check_max_norm(fn: str, max_norm) -> float:

@@ -259,8 +259,9 @@ def run_world2(rank: int, world: int, out_dir: str) -> dict:
         res["partial_inf"] = found.item()
         s4 = fused_ops.DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
         _, norm = s4.grad_scale_and_norm(pg[:4])
-        res["partial_scaler_norm_err"] = _rel(norm, torch.linalg.vector_norm(
-            torch.cat([t.full_tensor().double().flatten() for t in pg[:4]])) / 4.0)
+        res["partial_scaler_norm_err"] = _rel(
+            norm, torch.linalg.vector_norm(torch.cat([t.full_tensor().double().flatten() for t in pg[:4]])) / 4.0
+        )
         out[("found_inf", backend)] = res
 
     # -- cast_ on shards -----------------------------------------------------------------------------------------
@@ -360,6 +361,69 @@ def run_world4(rank: int, world: int, out_dir: str) -> dict:
             s.grad_scale_and_norm(t, norm_type=math.inf)
             flags.append([found.item(), s.found_inf.item()])
         out[("found_inf", backend)] = flags
+        out[("submesh", backend)] = _submesh_checks(rank, world, backend)
+    return out
+
+
+def _submesh_checks(rank: int, world: int, backend: str) -> dict:
+    """Grads on a mesh of ranks 0 and 1 only, next to grads on meshes of all ranks: grad_norm, clip_grad_norm_ and
+    grad_scale_and_norm against the float64 norm of the full tensors, on every rank (ranks 2 and 3 hold no shard of
+    the sub-mesh's grad but call the ops: they hold the others). Meshes on different ranks that no mesh (nor the
+    default group) spans: the same error on every rank of theirs, nothing changed."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    sub, line = DeviceMesh("cpu", [0, 1]), init_device_mesh("cpu", (world,))
+    grid = DeviceMesh("cpu", [[0, 1], [2, 3]])
+    gen = torch.Generator().manual_seed(9)
+    full = [torch.randn(5, 3, generator=gen), torch.randn(6, generator=gen), torch.randn(4, 2, generator=gen)]
+    where = [(sub, [Shard(0)]), (line, [Shard(0)]), (grid, [Shard(0), Replicate()])]
+
+    def grads():
+        return [distribute_tensor(t.clone(), m, pl) for t, (m, pl) in zip(full, where)]
+
+    out = {}
+    for p in (2.0, math.inf):
+        expect = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in full]), p)
+        ours = fused_ops.grad_norm(grads(), p, backend=backend)
+        params = _params_with(grads())
+        before = [q.grad.to_local().clone() for q in params]
+        max_norm = 0.5 * expect.item()
+        total = fused_ops.clip_grad_norm_(params, max_norm, p, backend=backend)
+        coef = min(1.0, max_norm / (expect.item() + 1e-6))
+        clip_err = max(((q.grad.to_local().double() - b.double() * coef).abs().max().item() if b.numel() else 0.0)
+                       for q, b in zip(params, before))  # fmt: skip
+        scaler = fused_ops.DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
+        if rank == 3:  # (a flag set on rank 3 only is agreed too)
+            scaler.found_inf.fill_(1.0)
+        _, s_norm = scaler.grad_scale_and_norm(grads(), norm_type=p)
+        out[p] = dict(norm_err=_rel(ours, expect), clip_norm_err=_rel(total, expect), clip_err=clip_err,
+                      scaler_norm_err=_rel(s_norm, expect / 4.0), scaler_flag=scaler.found_inf.item(),
+                      bits=[ours.item(), total.item(), s_norm.item()])  # fmt: skip
+    # a nan in the sub-mesh's grad (on rank 1): every rank's norm is nan and every rank's found_inf is set
+    g = grads()
+    if rank == 1:
+        g[0].to_local()[0, 0] = math.nan
+    scaler = fused_ops.DynamicLossScaler(device="cpu", backend=backend)
+    _, s_norm = scaler.grad_scale_and_norm(g)
+    found = torch.zeros(1)
+    fused_ops.unscale_(g, 0.5, found, backend=backend)
+    out["nan"] = [math.isnan(fused_ops.grad_norm(g, backend=backend).item()), math.isnan(s_norm.item()),
+                  scaler.found_inf.item(), found.item()]  # fmt: skip
+    # meshes of ranks [0, 1] and [1, 2]: no mesh spans both, and not every rank is on one: refused
+    sub12 = DeviceMesh("cpu", [1, 2])
+    bad = [distribute_tensor(full[0].clone(), sub, [Shard(0)]), distribute_tensor(full[1].clone(), sub12, [Shard(0)])]
+    params = _params_with(bad)
+    before = [t.to_local().clone() for t in bad] + [q.grad.to_local().clone() for q in params]
+    found = torch.zeros(1)
+    out["refused"] = [
+        _error(lambda: fused_ops.grad_norm(bad, backend=backend)),
+        _error(lambda: fused_ops.clip_grad_norm_(params, 1e-3, backend=backend)),
+        _error(lambda: fused_ops.DynamicLossScaler(device="cpu", backend=backend).grad_scale_and_norm(bad)),
+        _error(lambda: fused_ops.unscale_(bad, 0.5, found, backend=backend)),
+    ]
+    after = [t.to_local() for t in bad] + [q.grad.to_local() for q in params]
+    out["refused_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after)) and found.item() == 0
     return out
 
 
@@ -472,3 +536,25 @@ def test_2d_mesh_fsdp2_with_tensor_parallel(world4, backend):
         assert res[("found_inf", backend)] == [[1.0, 1.0], [1.0, 1.0]], (rank, res[("found_inf", backend)])
     for p in world4[0][("fsdp_tp", backend)]:
         assert len({tuple(r[("fsdp_tp", backend)][p]["bits"]) for r in world4}) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meshes_on_different_ranks(world4, backend):
+    """A grad on a mesh of ranks 0 and 1 next to grads on meshes of all 4 ranks: the norm (grad_norm, clip_grad_norm_,
+    grad_scale_and_norm) is the full tensors' on every rank, and every rank clips by it. Before, ranks 2 and 3 left
+    the sub-mesh's part out, so the shards of one grad were scaled by different factors. Meshes that no process group
+    spans ([0, 1] and [1, 2] of 4 ranks) raise the same error on every rank of theirs and change nothing."""
+    for rank, res in enumerate(world4):
+        r = res[("submesh", backend)]
+        for p in (2.0, math.inf):
+            assert r[p]["norm_err"] < 1e-6 and r[p]["clip_norm_err"] < 1e-6, (rank, p, r[p])
+            assert r[p]["clip_err"] < 1e-6 and r[p]["scaler_norm_err"] < 1e-6, (rank, p, r[p])
+            assert r[p]["scaler_flag"] == 1.0, (rank, p, r[p])
+        assert r["nan"] == [True, True, 1.0, 1.0], (rank, r["nan"])
+        assert r["refused_unchanged"], rank
+    for p in (2.0, math.inf):  # the same bits on every rank
+        assert len({tuple(res[("submesh", backend)][p]["bits"]) for res in world4}) == 1
+    refused = [res[("submesh", backend)]["refused"] for res in world4[:3]]
+    assert refused[0] == refused[1] == refused[2], refused
+    for msg, fn in zip(refused[0], ["grad_norm", "clip_grad_norm_", "grad_norm", "unscale_"]):
+        assert msg.startswith(f"ValueError: {fn}: the tensors' meshes are on different ranks ([0, 1], [1, 2])"), msg
