@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import functional
 from ._backend import check_backend
+from ._validate import has_memory
 
 # The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
 # value outside their range would become 0 or inf, or raise half-way through an update or a load.
@@ -25,17 +26,21 @@ _FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
+_DATA_PTR, _NUMEL = Tensor.data_ptr, Tensor.numel
 
 
 def _grad_keys(xs) -> set:
-    """Where each tensor of ``xs`` keeps its elements (address, element count, dtype; a DTensor's local shard):
-    what :class:`DynamicLossScaler` remembers of the grads it unscaled. Empty tensors and non-tensors have none."""
-    keys = set()
-    for x in xs:
-        x = getattr(x, "_local_tensor", x)
-        if isinstance(x, Tensor) and x.numel() and x.device.type != "meta":
-            keys.add((x.device, x.data_ptr(), x.numel(), x.dtype))
-    return keys
+    """Where each tensor of ``xs`` keeps its elements (address and element count; a DTensor's local shard): what
+    :class:`DynamicLossScaler` remembers of the grads it unscaled. Empty tensors, tensors without memory and
+    non-tensors have none. (About 0.1 us a plain tensor: it runs at every ``unscale_``.)"""
+    if not set(map(type, xs)) <= _PLAIN_TYPES:
+        xs = [getattr(x, "_local_tensor", x) for x in xs]
+        xs = [x for x in xs if type(x) in _PLAIN_TYPES or isinstance(x, Tensor) and has_memory(type(x))]
+    ptrs, numels = list(map(_DATA_PTR, xs)), list(map(_NUMEL, xs))
+    if 0 in ptrs or 0 in numels:
+        return {(a, n) for a, n in zip(ptrs, numels) if a and n}
+    return set(zip(ptrs, numels))
 
 
 def _listed(xs):
