@@ -30,6 +30,11 @@ The rule every implementation follows, bit for bit (kernel, this file, :func:`qu
   poison one element; loss scaling's ``found_inf`` skips such steps before they write anything).
 - dequantised value: ``map[code] * absmax`` in fp32.
 
+Loads (fp32 moments into 8-bit states) quantise with :func:`quantize_blockwise_unclipped`: the same codes of
+``x / scale``, but a block's scale is the smallest that clips nothing (a negative extreme ``x`` gives
+``|x| / 0.99297``, the signed map's lowest entry being -0.99297), so that a dequantised state loads back as the
+same codes and scales instead of a scale 0.7% smaller at every save/load cycle.
+
 Stochastic rounding (bf16 moments, and bf16/fp16 params without master weights) uses 32 random bits per element
 drawn by :func:`philox` (Philox4x32-10, the generator of ``triton.language.random``) with key ``seed`` and counter
 (element index low 32 bits, element index high 32 bits, tensor index, step number): the kernel and this file draw
@@ -128,15 +133,62 @@ def quantize_code(y: Tensor, qmap: Tensor, signed: bool) -> Tensor:
 def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """Block-wise 8-bit quantisation of ``x`` (any shape, any float dtype; read as fp32): ``(codes, scales)``,
     ``codes`` uint8 of ``x``'s shape (indices into ``dynamic_map(signed)``), ``scales`` fp32 of ceil(numel/256)
-    elements (each block's absmax; NaN for a block holding a non-finite value). See the module docstring."""
-    qmap = dynamic_map(signed, x.device)
+    elements (each block's absmax; NaN for a block holding a non-finite value). See the module docstring. The
+    kernel's rule (the step's requantisation); loads use :func:`quantize_blockwise_unclipped`."""
     blocks = _blocks(x)
     finite = torch.isfinite(blocks)
     absmax = torch.where(finite, blocks.abs(), 0.0).amax(dim=1, keepdim=True)
+    return _coded(x, blocks, finite, absmax, signed)
+
+
+def quantize_blockwise_unclipped(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_blockwise` with each block's scale chosen so that no value is clipped: the quantiser of loads
+    (fp32 moments of a torch.optim.AdamW or dequantised dict into 8-bit states, and their resharding).
+
+    The scale of a block is ``max(x / map_max for x >= 0, |x| / |map_min| for x < 0)``, with ``map_max = 1`` and
+    ``map_min`` the map's lowest entry: -(1 - 0.45 / 64) = -0.99297 for the signed map (the unsigned map's scale is
+    the absmax, as the kernel's); in fp32, the ``|x| / |map_min|`` term is the smallest fp32 ``s`` with
+    ``fl(s * |map_min|) >= |x|``. Codes are then the nearest entries of ``x / scale``, as the kernel's. The
+    kernel's absmax scale would clip a block whose extreme is negative to ``map_min * absmax``: a dequantised
+    block, whose extreme is ``map_min * scale``, requantised with it, comes back with a scale 0.7% smaller, and
+    every save/load cycle through a dequantised dict would shrink it again. With this rule,
+    ``quantize_blockwise_unclipped(dequantize_blockwise(codes, scales))`` gives the same codes, and the same
+    scales bit for bit for codes it made (for the kernel's codes too, except where two fp32 scales ``s`` and
+    ``s + ulp`` dequantise a block to the same fp32 values, fp32 rounding having dropped which one it was: then
+    the smaller, one ulp off). Against the kernel's rule on the same values: scales up to 1 / 0.99297 = 1.0071
+    times larger (blocks whose extreme is negative only), codes at most one index apart.
+    """
+    blocks = _blocks(x)
+    finite = torch.isfinite(blocks)
+    values = torch.where(finite, blocks, 0.0)
+    absmax = values.abs().amax(dim=1, keepdim=True)
+    if not signed:
+        return _coded(x, blocks, finite, absmax, signed)
+    low = -dynamic_map(signed, x.device)[0]  # |map_min|
+    neg = (-values).clamp_min(0).amax(dim=1, keepdim=True)
+    # the smallest fp32 s with fl(s * low) >= neg: within an ulp of fl(neg / low); the candidates from the largest
+    # down, each kept while it still reaches neg (fl(s * low) grows with s)
+    guess = neg / low
+    zero, inf = torch.zeros_like(guess), torch.full_like(guess, float("inf"))
+    below = torch.nextafter(guess, zero)
+    above = torch.nextafter(guess, inf)
+    scale = torch.nextafter(above, inf)
+    for s in (above, guess, below, torch.nextafter(below, zero)):
+        scale = torch.where(s * low >= neg, s, scale)
+    scale = torch.maximum(values.clamp_min(0).amax(dim=1, keepdim=True), scale)
+    scale = torch.where(torch.isinf(scale), absmax, scale)  # (|x| > 0.99297 * fp32 max: clipped, as the kernel)
+    return _coded(x, blocks, finite, scale, signed)
+
+
+def _coded(x: Tensor, blocks: Tensor, finite: Tensor, scale: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """``(codes, scales)`` of ``x`` (as :func:`_blocks` cut it) with the blocks' finite scales ``scale`` (n, 1): the
+    nearest codes of ``x / scale`` (``x / 1`` where the scale is 0); a block with a non-finite value: NaN and the
+    code of 0.0."""
+    qmap = dynamic_map(signed, x.device)
     bad = ~finite.all(dim=1, keepdim=True)
-    y = blocks / torch.where(absmax == 0, 1.0, absmax)
+    y = blocks / torch.where(scale == 0, 1.0, scale)
     codes = quantize_code(torch.where(bad, 0.0, y), qmap, signed)
-    scales = torch.where(bad, float("nan"), absmax).view(-1)
+    scales = torch.where(bad, float("nan"), scale).view(-1)
     codes = codes.view(-1)[: x.numel()].to(torch.uint8).view(x.shape)
     return codes, scales
 

@@ -395,14 +395,16 @@ def test_dequantized_state_dict_loads_into_torch_adamw(backend):
     assert torch_opt.param_groups[0]["lr"] == HYPER["lr"]
     for i, q in enumerate(torch_params):
         assert torch.equal(torch_opt.state[q]["exp_avg"], sd["state"][i]["exp_avg"])
-    # back into an int8 optimizer: the unsigned map holds 1.0, so exp_avg_sq's codes and scales come back exactly
-    # (exp_avg's need not: the signed map's lowest entry is -(1 - 0.45 / 64), not -1, so a block whose absmax is a
-    # negative value comes back with a scale 0.7% smaller)
+    # back into an int8 optimizer: the same codes and scales (the load's scales clip nothing: a block whose extreme
+    # is negative, read back as -0.99297 * scale, the signed map's lowest entry, gets its scale back, not one 0.7%
+    # smaller; at most one ulp off where fp32 dequantisation maps two scales to the same values)
     again = FusedAdamW(_clone_params(params), backend="reference", state_dtype="int8")
     again.load_state_dict(sd)
     for p, q in zip(params, again.param_groups[0]["params"]):
-        for key in ("exp_avg_sq", "exp_avg_sq_scale", "step"):
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_sq_scale", "step"):
             assert _same_bits(again.state[q][key], opt.state[p][key]), key
+        mine, theirs = again.state[q]["exp_avg_scale"], opt.state[p]["exp_avg_scale"]
+        assert _within_an_ulp_below(mine, theirs)
     for _ in range(3):
         _new_grads(params)
         _copy_grads(params, torch_params)
@@ -414,11 +416,23 @@ def test_dequantized_state_dict_loads_into_torch_adamw(backend):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0.1 * HYPER["lr"])
 
 
+def _within_an_ulp_below(a, b):
+    """fp32 ``a`` equal to ``b``, or the next fp32 value below it (NaN where ``b`` is NaN)."""
+    below = torch.nextafter(b, torch.zeros_like(b))
+    return bool((_same_bits_each(a, b) | (a == below)).all())
+
+
+def _same_bits_each(a, b):
+    return a.reshape(-1).view(torch.int32) == b.reshape(-1).view(torch.int32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_adamw_dict_is_quantised_on_load(backend):
-    """A torch.optim.AdamW dict into an int8 optimizer: the codes and scales of quantize_blockwise(torch's moments)
-    (into a bf16-state optimizer: torch's moments rounded to bf16), the step counts, torch's hyper-parameters; the
-    next step is the reference's from those states."""
+    """A torch.optim.AdamW dict into an int8 optimizer: the codes and scales of quantize_blockwise_unclipped(torch's
+    moments) (into a bf16-state optimizer: torch's moments rounded to bf16), the step counts, torch's
+    hyper-parameters; the next step is the reference's from those states. Against the kernel's own rule
+    (quantize_blockwise, absmax scales) on the same moments: codes at most one index apart, scales the same or (a
+    block whose extreme is negative) up to 1 / 0.99297 times larger."""
     params = _params(SIZES, torch.float32)
     torch_opt = torch.optim.AdamW(params, **HYPER)
     for _ in range(2):
@@ -433,8 +447,14 @@ def test_torch_adamw_dict_is_quantised_on_load(backend):
         st, theirs = opt.state[q], torch_opt.state[p]
         assert st["step"].item() == 2
         for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-            codes, scales = ref.quantize_blockwise(theirs[key], signed)
+            codes, scales = ref.quantize_blockwise_unclipped(theirs[key], signed)
             assert _same_bits(st[key], codes) and _same_bits(st[f"{key}_scale"], scales), key
+            kernel_codes, kernel_scales = ref.quantize_blockwise(theirs[key], signed)
+            assert ((codes.int() - kernel_codes.int()).abs() <= 1).all(), key
+            ratio = torch.where(kernel_scales == 0, 1.0, scales / kernel_scales)
+            assert ((ratio >= 1) & (ratio <= 1 / 0.99296875 * (1 + 2**-22))).all(), key
+            if not signed:
+                assert _same_bits(codes, kernel_codes) and _same_bits(scales, kernel_scales)
     bf16_params = _clone_params(params)
     bf16_opt = FusedAdamW(bf16_params, backend="reference", state_dtype="bfloat16")
     bf16_opt.load_state_dict(sd)
@@ -463,6 +483,166 @@ def test_int8_dict_loads_into_fp32_and_bf16_optimizers():
                 assert _same_bits(opt2.state[q][key], value.to(dtype)), key
         _new_grads(other)
         opt2.step()
+
+
+def _blocks_to_quantise(n, seed=0):
+    """``n`` values in blocks of 256 of many magnitudes: blocks whose extreme is negative, blocks whose extreme is
+    positive, all-zero blocks, tiny blocks, a block holding a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    rows = ref.n_scales(n)
+    x = torch.randn(rows, 256, generator=g) * torch.exp(3 * torch.randn(rows, 1, generator=g))
+    absmax = x.abs().amax(dim=1)
+    x[1::5, 7] = -2 * absmax[1::5]  # the extreme negative
+    x[2::5, 9] = 2 * absmax[2::5]
+    x[3::5] = 0
+    x[4::10] *= 1e-30
+    if rows > 6:
+        x[6, 100] = float("nan")
+    return x.reshape(-1)[:n]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", [1, 257, 256 * 300 + 13])
+def test_load_quantiser_gives_back_dequantised_codes(signed, n):
+    """The quantiser of loads (quantize_blockwise_unclipped): its codes and scales, dequantised and quantised again,
+    come back bit for bit (the kernel's absmax rule shrinks the scale of a block whose extreme is negative by 0.7%
+    at each such cycle: the signed map's lowest entry is -0.99297); the kernel's codes come back the same, their
+    scales too but where fp32 dequantisation gives the same values for two scales (one ulp apart: the smaller)."""
+    x = _blocks_to_quantise(n)
+    if not signed:
+        x = x.square()
+    codes, scales = ref.quantize_blockwise_unclipped(x, signed)
+    values = ref.dequantize_blockwise(codes, scales, signed)
+    again = ref.quantize_blockwise_unclipped(values, signed)
+    assert _same_bits(again[0], codes) and _same_bits(again[1], scales)
+    assert _same_bits(ref.dequantize_blockwise(*again, signed), values)
+    kernel_codes, kernel_scales = ref.quantize_blockwise(x, signed)
+    back_codes, back_scales = ref.quantize_blockwise_unclipped(ref.dequantize_blockwise(kernel_codes, kernel_scales,
+                                                                                        signed), signed)  # fmt: skip
+    assert _same_bits(back_codes, kernel_codes)
+    assert _within_an_ulp_below(back_scales, kernel_scales)
+    off = ~_same_bits_each(back_scales, kernel_scales)
+    low = -ref.dynamic_map(True)[0]
+    assert torch.equal(back_scales[off] * low, kernel_scales[off] * low)  # (the same fp32 values: nothing to tell)
+    assert int(off.sum()) <= max(1, kernel_scales.numel() // 50)
+    if signed and n > 256:  # (what the kernel's rule did to these blocks)
+        shrunk = ref.quantize_blockwise(values, signed)[1]
+        assert (shrunk < scales).sum() >= kernel_scales.numel() // 5
+
+
+def test_int8_states_survive_dequantised_save_load_cycles():
+    """An int8 optimizer saved dequantized and loaded into another, five times over: the same codes and scales each
+    time (the tester's run: the scale of a block whose extreme is negative shrank by 0.7% per cycle)."""
+    params = _params([300, 1, 257], torch.float32)
+    opt = FusedAdamW(params, backend="reference", state_dtype="int8", **HYPER)
+    for _ in range(3):
+        _new_grads(params)
+        params[0].grad[5] = params[2].grad[256] = -20.0  # (blocks whose extreme m is negative)
+        opt.step()
+    assert opt.state[params[0]]["exp_avg"][5] == 0 and opt.state[params[2]]["exp_avg"][256] == 0  # (-0.99297)
+    first = None
+    for _ in range(5):
+        nxt = FusedAdamW(_clone_params(params), backend="reference", state_dtype="int8", **HYPER)
+        nxt.load_state_dict(_through_bytes(opt.state_dict(dequantize=True)))
+        for p, q in zip(opt.param_groups[0]["params"], nxt.param_groups[0]["params"]):
+            for key in ("exp_avg", "exp_avg_sq", "exp_avg_sq_scale"):
+                assert _same_bits(nxt.state[q][key], opt.state[p][key]), key
+            if first is None:
+                assert _within_an_ulp_below(nxt.state[q]["exp_avg_scale"], opt.state[p]["exp_avg_scale"])
+            else:
+                assert _same_bits(nxt.state[q]["exp_avg_scale"], opt.state[p]["exp_avg_scale"])
+        first, opt = opt, nxt
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_state_dict_hooks_see_and_replace_the_returned_dict(dequantize):
+    """torch.optim's hooks as torch runs them: the pre hooks first, then the post hooks on the dict state_dict gives
+    (codes renamed, or dequantised; this package's group keys left out), each one's return value replacing it. A
+    post hook re-keying the state by param name (a named state dict) gets what it re-keys: fp32 moments with
+    ``dequantize=True``, not codes."""
+    names = ["w", "v"]
+    params = _params([3, 300], torch.float32)
+    opt = FusedAdamW(params, backend="reference", state_dtype="int8", **HYPER)
+    _new_grads(params)
+    opt.step()
+    expected = opt.state_dict(dequantize=dequantize)
+    calls, seen = [], {}
+
+    def pre(o):
+        calls.append("pre")
+
+    def look(o, sd):
+        calls.append("look")
+        seen["group"] = set(sd["param_groups"][0])
+        seen["state"] = {k: set(v) for k, v in sd["state"].items()}
+        sd["looked"] = True  # (returns None: the dict stays, changed in place)
+
+    def by_name(o, sd):
+        calls.append("by_name")
+        return {**sd, "state": {names[k]: v for k, v in sd["state"].items()}}
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.register_state_dict_post_hook(by_name)
+    opt.register_state_dict_post_hook(look, prepend=True)
+    sd = opt.state_dict(dequantize=dequantize)
+    assert calls == ["pre", "look", "by_name"]
+    assert seen["group"] == set(expected["param_groups"][0])
+    assert seen["state"] == {k: set(v) for k, v in expected["state"].items()}
+    assert sd["looked"] and set(sd["state"]) == set(names)
+    for i, name in enumerate(names):
+        assert set(sd["state"][name]) == set(expected["state"][i])
+        for key, value in expected["state"][i].items():
+            assert _same_bits(sd["state"][name][key], value), key
+    if dequantize:
+        assert sd["state"]["v"]["exp_avg"].dtype == torch.float32
+        torch_params = _clone_params(params)
+        torch_opt = torch.optim.AdamW(torch_params)
+        torch_opt.load_state_dict({**sd, "state": {names.index(k): v for k, v in sd["state"].items()}})
+        assert torch.equal(torch_opt.state[torch_params[1]]["exp_avg"], expected["state"][1]["exp_avg"])
+
+
+@pytest.mark.parametrize("old, new", [("int8", "fp32"), ("bfloat16", "int8"), ("int8", "bfloat16")])
+def test_dequantized_dict_follows_what_the_state_holds(old, new):
+    """A group's state_dtype changed by hand (its states stay as they were until a load converts them):
+    ``state_dict(dequantize=True)`` dequantises what the states hold (8-bit codes with their scales, bf16 moments),
+    not what the group says now, and keeps the group's new state_dtype; with ``dequantize_state_dict = True``,
+    ``opt.load_state_dict(opt.state_dict())`` converts the states to it. Codes without their scales: a clear error
+    (not codes emitted as moments)."""
+    params = _params([3, 300], torch.float32)
+    opt = FusedAdamW(params, backend="reference", state_dtype=old, **HYPER)
+    _new_grads(params)
+    opt.step()
+    expected = opt.state_dict(dequantize=True)
+    opt.param_groups[0]["state_dtype"] = new
+    sd = opt.state_dict(dequantize=True)
+    for k, st in expected["state"].items():
+        assert set(sd["state"][k]) == set(st) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in st.items():
+            assert _same_bits(sd["state"][k][key], value), key
+    assert sd["param_groups"][0]["state_dtype"] == new
+    compact = opt.state_dict()
+    if old == "int8":
+        assert {"exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale"} <= set(compact["state"][1])
+    opt.dequantize_state_dict = True
+    opt.load_state_dict(opt.state_dict())
+    for i, p in enumerate(params):
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == {"fp32": torch.float32, "int8": torch.uint8, "bfloat16": torch.bfloat16}[new]
+        assert ("exp_avg_scale" in st) == (new == "int8")
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            value = ref.dequantize_blockwise(st[key], st[f"{key}_scale"], signed) if new == "int8" else st[key]
+            if new == "fp32":
+                assert _same_bits(value, expected["state"][i][key])
+            else:
+                torch.testing.assert_close(value.float(), expected["state"][i][key], rtol=0.02,
+                                           atol=0.02 * expected["state"][i][key].abs().max().item())  # fmt: skip
+    if old == "int8":
+        broken = FusedAdamW(_clone_params(params), backend="reference", state_dtype="int8", **HYPER)
+        broken.load_state_dict(expected)
+        del broken.state[broken.param_groups[0]["params"][1]]["exp_avg_sq_scale"]
+        expect_error_unchanged(lambda: broken.state_dict(dequantize=True), ValueError,
+                               r"param 1 holds 8-bit codes under 'exp_avg_sq' but no 'exp_avg_sq_scale'",
+                               broken)  # fmt: skip
 
 
 def _bad_dicts(sd):

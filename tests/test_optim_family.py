@@ -225,6 +225,52 @@ def test_found_inf_skips_the_step_and_grad_scale_unscales(backend, cls, kwargs):
     assert all(torch.equal(o.state[p][k], v) for p, st in zip(ours, states) for k, v in st.items())
 
 
+def test_state_dict_hooks_run_as_torch_runs_them():
+    """``state_dict()``'s hooks as torch.optim runs them: the pre hooks first (a post hook one of them registers
+    runs too), then the post hooks, in order, on the dict ``state_dict`` returns (this package's group keys left
+    out: the same keys as torch's), each one's return value replacing it."""
+
+    def run(opt):
+        calls, seen, handles = [], {}, []
+
+        def pre(o):
+            calls.append("pre")
+            if not handles:
+                handles.append(o.register_state_dict_post_hook(lambda o, sd: calls.append("registered by pre")))
+
+        def look(o, sd):
+            calls.append("look")
+            seen["group"] = sorted(sd["param_groups"][0])
+            seen["state"] = {k: sorted(v) for k, v in sd["state"].items()}
+
+        def by_name(o, sd):
+            calls.append("by_name")
+            return {**sd, "state": {f"p{k}": v for k, v in sd["state"].items()}}
+
+        opt.register_state_dict_pre_hook(pre)
+        opt.register_state_dict_post_hook(look)
+        opt.register_state_dict_post_hook(by_name)
+        sd = opt.state_dict()
+        handles[0].remove()
+        return calls, seen, sd
+
+    config = dict(momentum=0.9, dampening=0.1, weight_decay=0.01)
+    ours, theirs = _params(1), _params(1)
+    o = fused_ops.FusedSGD(ours, lr=0.1, backend="reference", **config)
+    t = torch.optim.SGD(theirs, lr=0.1, foreach=False, **config)
+    for a, b, g in zip(ours, theirs, _grads(0, ours)):
+        a.grad, b.grad = g.clone(), g.clone()
+    o.step()
+    t.step()
+    (calls, seen, sd), (t_calls, t_seen, t_sd) = run(o), run(t)
+    assert calls == t_calls == ["pre", "look", "by_name", "registered by pre"]
+    assert seen == t_seen
+    assert set(sd["state"]) == set(t_sd["state"]) == {f"p{k}" for k in range(len(SHAPES))}
+    assert sd["param_groups"][0].keys() == t_sd["param_groups"][0].keys()
+    for k, st in t_sd["state"].items():
+        assert torch.equal(sd["state"][k]["momentum_buffer"], st["momentum_buffer"])
+
+
 def test_bad_hyperparameters_raise_torch_messages():
     p = [torch.nn.Parameter(torch.zeros(3))]
     for kwargs in (dict(lr=-1.0), dict(momentum=-0.5), dict(weight_decay=-1.0), dict(nesterov=True),

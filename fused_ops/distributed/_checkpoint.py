@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._ref_lowbit import QUANT_BLOCK, dequantize_blockwise, n_scales, quantize_blockwise
+from .._ref_lowbit import QUANT_BLOCK, dequantize_blockwise, n_scales, quantize_blockwise_unclipped
 from .._validate import loaded_tensor_problem
 from ._agree import _check_group, _check_lowbit_amsgrad, _check_state_step, _check_state_tensor
 from ._comm import _all_gather
@@ -204,7 +204,8 @@ class _CheckpointMixin:
             scales.zero_()
             return
         if not isinstance(src, _Codes):
-            src = _Codes(*quantize_blockwise(src.reshape(-1), _SIGNED[name]))
+            src = _Codes(*quantize_blockwise_unclipped(src.reshape(-1), _SIGNED[name]))  # (clips nothing: a saved
+            # dequantized dict loads back as its codes and scales)
         view.copy_(src.codes.reshape(-1))
         scales.copy_(src.scales.reshape(-1))
 

@@ -689,13 +689,39 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's ``state_dict`` (hooks included), with plain dicts: a checkpoint needs no fused_ops."""
-        sd = super().state_dict()
+        return self._state_dict_post_hooks(self._state_dict_unhooked())
+
+    def _state_dict_unhooked(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict`` with this package's group keys left out where they hold the constructor's
+        values, before the post hooks: they run on the dict ``state_dict`` returns, after every rewrite of it
+        (:meth:`_state_dict_post_hooks`). The pre hooks run first, as in torch."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        # torch's state_dict with no hooks of its own to run (the pre hooks ran above: one they register runs too)
+        pre_hooks, post_hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = (
+            type(pre_hooks)(),
+            type(post_hooks)(),
+        )
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = pre_hooks, post_hooks
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
         for g in sd["param_groups"]:
             for key in self._own_group_keys:
                 if key in g and g[key] == self.defaults[key]:
                     del g[key]
         return sd
+
+    def _state_dict_post_hooks(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The state dict the post hooks leave, run on the finished dict as torch runs them (a hook that returns a
+        value replaces the dict)."""
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
 
     @staticmethod
     def _load_state_tensor(value: Tensor, p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

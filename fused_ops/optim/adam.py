@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _ops, functional
 from .._backend import check_backend
-from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise
+from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise_unclipped
 from ._base import FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
@@ -90,13 +90,15 @@ def _dequantized(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
 
 
 def _quantized(x: Tensor, p: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """``(codes, scales)`` of fp32 ``x`` shaped like ``p``; for a DTensor param (``x`` laid out like it), DTensors
-    (codes like ``p``, scales as :func:`_scale_layout` lays them out) quantised shard by shard."""
+    """``(codes, scales)`` of fp32 ``x`` shaped like ``p`` (a loaded moment); for a DTensor param (``x`` laid out like
+    it), DTensors (codes like ``p``, scales as :func:`_scale_layout` lays them out) quantised shard by shard. Scales
+    that clip nothing (:func:`~fused_ops._ref_lowbit.quantize_blockwise_unclipped`): dequantised 8-bit states load
+    back as the same codes and scales, however many save/load cycles they go through."""
     if not _is_dtensor(p):
-        return quantize_blockwise(x, signed)
+        return quantize_blockwise_unclipped(x, signed)
     from torch.distributed.tensor import DTensor
 
-    codes, scales = quantize_blockwise(_local(x), signed)
+    codes, scales = quantize_blockwise_unclipped(_local(x), signed)
     placements, count, shape = _scale_layout(p)
     padded = torch.zeros(count, dtype=torch.float32, device=scales.device)
     padded[: scales.numel()] = scales
@@ -446,15 +448,18 @@ class FusedAdam(FusedOptimizer):
         scales, bf16 moments); the codes under the keys ``exp_avg_codes``/``exp_avg_sq_codes``, so that a loader
         expecting fp32 moments (torch's AdamW; DCP filling an fp32 optimizer's dict, which would cast codes to
         floats) finds no ``exp_avg`` rather than codes; with ``dequantize=True`` every moment is an fp32 tensor
-        shaped like its param and the low-bit keys (scales, Kahan buffers, ``state_dtype``...) are left out:
-        torch.optim.AdamW's layout, which torch (and a FusedAdamW with other states) loads. ``dequantize=None``:
-        the optimizer's ``dequantize_state_dict`` (False unless set).
+        shaped like its param and the low-bit keys (scales, Kahan buffers; ``state_dtype``... where a group holds
+        the constructor's) are left out: torch.optim.AdamW's layout, which torch (and a FusedAdamW with other
+        states) loads. What is dequantised is what the state holds (8-bit codes with their scales, bf16 moments),
+        whatever its group's ``state_dtype`` says now; codes without their scales raise. ``dequantize=None``: the
+        optimizer's ``dequantize_state_dict`` (False unless set). Hooks run as in torch: the pre hooks first, the
+        post hooks on the finished dict (a hook that returns a dict replaces it).
 
         8-bit states of DTensor params (FSDP2, tensor parallel) are saved as DTensors: the codes like the param, the
         scales of each shard's own blocks as :func:`_scale_layout` lays them out, with the layout recorded (key
         ``"int8_layout"``); they load only onto that layout (same param shape, mesh shape and placements). A
         dequantized dict loads onto any layout (DCP reshards it) and is quantised there."""
-        sd = super().state_dict()
+        sd = self._state_dict_unhooked()
         if not (self.dequantize_state_dict if dequantize is None else dequantize):
             for k, st in sd["state"].items():
                 codes = st.get("exp_avg")
@@ -464,31 +469,34 @@ class FusedAdam(FusedOptimizer):
                     st[_LAYOUT_KEY] = _layout_tag(codes)
                 sd["state"][k] = {_CODES_KEYS.get(key, key) if isinstance(v, Tensor) and v.dtype == torch.uint8
                                   else key: v for key, v in st.items()}  # fmt: skip
-            return sd
-        groups = {}
-        index = 0
-        for g in self.param_groups:
-            for _ in g["params"]:
-                groups[index] = g
-                index += 1
+            return self._state_dict_post_hooks(sd)
+        # By what each state holds, not by its group's state_dtype (which may have been changed since): 8-bit codes
+        # are dequantised with their scales, which are dropped then; bf16 moments widened.
         for k, st in sd["state"].items():
-            g = groups.get(k)
-            state = _group_state(g) if g is not None else "fp32"
+            if not isinstance(st, dict):
+                continue
             out = dict(st)
-            if state == "int8" and all(key in st for key in _SCALE_KEYS):
-                for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                    out[key] = _dequantized(st[key], st[f"{key}_scale"], signed)
-            elif state == "bf16":
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in st:
-                        out[key] = st[key].to(torch.float32)
-            for key in (*_SCALE_KEYS, _KAHAN_KEY):
-                out.pop(key, None)
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                value = st.get(key)
+                if not isinstance(value, Tensor):
+                    continue
+                if value.dtype == torch.uint8:
+                    scales = st.get(f"{key}_scale")
+                    if not isinstance(scales, Tensor):
+                        raise ValueError(
+                            f"state_dict(dequantize=True): the state of param {k} holds 8-bit codes under {key!r} "
+                            f"but no {key + '_scale'!r} to dequantise them with (give it every key, or empty it)"
+                        )
+                    out[key] = _dequantized(value, scales, signed)
+                    del out[f"{key}_scale"]
+                elif value.is_floating_point() and value.dtype != torch.float32:
+                    out[key] = value.to(torch.float32)
+            out.pop(_KAHAN_KEY, None)
             sd["state"][k] = out
-        for g in sd["param_groups"]:
-            for key in ("state_dtype", "stochastic_rounding", "kahan_summation"):
-                g.pop(key, None)
-        return sd
+        # (a group's state_dtype, stochastic_rounding, kahan_summation: left out where they hold the constructor's
+        # values, as in the compact dict; one set otherwise, by hand or per group, is kept so that a load of this
+        # dict keeps it, rather than taking the constructor's)
+        return self._state_dict_post_hooks(sd)
 
     def _tensor_state_keys(self) -> set[str]:
         return super()._tensor_state_keys() | {"exp_avg", "exp_avg_sq", *_SCALE_KEYS, _KAHAN_KEY}
