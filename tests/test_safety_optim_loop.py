@@ -484,18 +484,20 @@ def test_params_of_any_layout(name, backend):
     expect_error_unchanged(opt.step, ValueError, "share memory \\(an expanded view", opt)
 
 
+@pytest.mark.parametrize("groups", ["one group", "a group each"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(VARIANTS))
 @isolated
-def test_grads_inside_written_memory_or_negated(name, backend):
+def test_grads_inside_written_memory_or_negated(name, backend, groups):
     """A grad that is another param, another param's state or its own param (read by the launch that writes them:
     a race between programs on a GPU), or a negated view (whose memory holds the other sign): refused on both
     backends, at the first step and once a plan is reused (a moved grad only repointed the launch there), with
     nothing changed. Before: the reused plan launched, the reference backend took them, a fresh Triton plan refused
-    them after creating the states, and a negated grad stepped with the wrong sign."""
+    them after creating the states, and a negated grad stepped with the wrong sign. With a group each, the reused
+    plans took a grad inside another group's param or state (the checked step refused it)."""
     for when in ("first step", "reused plan"):
         params = _params()
-        opt = VARIANTS[name](params, backend)
+        opt = VARIANTS[name](params if groups == "one group" else [{"params": [p]} for p in params], backend)
         if when == "reused plan":
             for _ in range(2):
                 for p in params:

@@ -1228,13 +1228,17 @@ class _GroupPlan:
                            map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads)))):  # fmt: skip
                 return None
             addrs = list(map(_DATA_PTR, grads))
-            if self.written_starts.numel() and addrs:
-                # ... and none inside memory the launches write (a param's, a state's): the checked step names it
+            spans = [(o.written_starts, o.written_ends) for o in opt._plans.values() if o.written_starts.numel()]
+            if spans and addrs:
+                # ... and none inside memory the launches of any group write (a param's, a state's; the groups' plans
+                # that the step reuses: a group it rebuilds sends the step through _check_no_shared_memory anyway):
+                # the checked step names it
                 starts = torch.tensor(addrs, dtype=torch.int64)
                 ends = starts + self.grad_nbytes_t
-                last = torch.searchsorted(self.written_starts, ends, side="left") - 1  # (the last span starting before)
-                if _ANY(((last >= 0) & (self.written_ends[last.clamp(min=0)] > starts) & (ends > starts)).any()):
-                    return None
+                for written_starts, written_ends in spans:
+                    last = torch.searchsorted(written_starts, ends, side="left") - 1  # (the last span starting before)
+                    if _ANY(((last >= 0) & (written_ends[last.clamp(min=0)] > starts) & (ends > starts)).any()):
+                        return None
             # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
             for part in self.parts:
                 if part.launcher is not None:
