@@ -489,7 +489,8 @@ class _AgreementMixin:
         # Stage 2, some ranks ran a synced pass and the others stood in for it (reduced p.grad before this
         # all-reduce): should the step fail, the stand-ins keep that reduction as their pass (see step()), so that
         # every rank counts one pass and a retry or the next backward runs the same collectives everywhere.
-        self._stood_in = not had_pass and 0 < n_had_pass < self.world_size
+        # (the late agreement, after every rank reduced, sends no pass counts: it keeps what the first one found)
+        self._stood_in = self._stood_in or (not had_pass and 0 < n_had_pass < self.world_size)
         if sums[0] > 0:
             self._raise_step_error(inputs, error)
         if 0 < n_zeroed < self.world_size:
