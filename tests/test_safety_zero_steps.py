@@ -181,6 +181,31 @@ def case_failed_step_after_one_rank_skipped_backward(rank: int, world: int) -> l
     return out
 
 
+def case_out_of_step_after_a_stand_in(rank: int, world: int) -> list[dict]:
+    """Stage 2: two synced passes on rank 0, none on rank 1 (whose step stood in for the first). The out-of-step
+    RuntimeError on both ranks; a retried step raises it again on both (it stepped with rank 0's two passes against
+    rank 1's one before); zero_grad, backward and step then give the params of a run that never went out of step
+    (the ranks counted different passes before, and that backward SIGABRT'd in a gloo size mismatch)."""
+    ref_model, ref = trained(2, rank, world, backward=False)
+    model, opt = trained(2, rank, world, backward=False)
+    if rank == 0:
+        for k in range(2):
+            local_loss(model, 5 + k, 0, rank, world).backward()
+    out = []
+    for attempt_no in (1, 2):
+        rec = attempt(f"out of step, step {attempt_no}", opt.step, zero_objects(opt), "RuntimeError",
+                      r"different numbers of synced backward passes", r"zero_grad")  # fmt: skip
+        rec["changed"] = None  # (the passes' reductions, kept until zero_grad)
+        out.append(rec)
+    for m, o in ((model, opt), (ref_model, ref)):
+        o.zero_grad()
+        local_loss(m, 4, 0, rank, world).backward()
+        o.step()
+    out.append(check("zero_grad, backward, step: the params of a run without the mismatch",
+                     torch.equal(flat_params(model), flat_params(ref_model))))  # fmt: skip
+    return out
+
+
 def group_edits(groups: list[dict], g0: dict, extra: torch.Tensor) -> list[tuple[str, Callable[[], Any], str]]:
     return [
         ("group appended", lambda: groups.append({**g0, "params": [extra]}), r"3 groups.*built with 2"),
@@ -384,6 +409,7 @@ CASES: dict[str, Callable[[int, int], list[dict]]] = {
     "resized_before_first_step": case_resized_before_first_step,
     "closure_raises_on_one_rank": case_closure_raises_on_one_rank,
     "failed_step_after_one_rank_skipped_backward": case_failed_step_after_one_rank_skipped_backward,
+    "out_of_step_after_a_stand_in": case_out_of_step_after_a_stand_in,
     "param_groups_edited": case_param_groups_edited,
     "out_of_step": case_out_of_step,
     "unfrozen": case_unfrozen,

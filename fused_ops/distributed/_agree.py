@@ -485,6 +485,10 @@ class _AgreementMixin:
         n_passes, n_zeroed, n_unreduced, n_had_pass = (int(v) for v in sums[1:5])
         if n_passes:  # paired with another rank's pass: match its reduce-scatters, then raise (as that rank will)
             self._match_other_ranks_round()
+            # (a rank that stood in for the others' first pass keeps it as its own: every rank then counts passes,
+            # and every rank refuses to step until zero_grad(), the shards holding different passes)
+            self._stood_in = not had_pass
+            self._out_of_step = True
             raise RuntimeError(_OUT_OF_STEP)
         # Stage 2, some ranks ran a synced pass and the others stood in for it (reduced p.grad before this
         # all-reduce): should the step fail, the stand-ins keep that reduction as their pass (see step()), so that

@@ -358,3 +358,4 @@ class _ReduceMixin:
         self._mark_grads()
         self._unsynced_grads = False
         self._grad_errors.clear()
+        self._out_of_step = False  # (every rank's shards start again from the next pass)

@@ -50,6 +50,8 @@ class _StepMixin:
         The check rides on the all-reduce of the grad norm (no extra collective); reading its outcome is the
         step's one host synchronisation (torch's GradScaler syncs once per step too).
         """
+        if getattr(self, "_out_of_step", False):  # (set on every rank alike: no collective to wait in)
+            raise RuntimeError(_OUT_OF_STEP)
         loss = None
         closure_error: Exception | None = None
         if closure is not None:
@@ -77,6 +79,7 @@ class _StepMixin:
             return loss
         if not self._round_header_ok():  # the ranks paired this rank's last pass with a step: they raise too
             self._round_mismatch = False
+            self._out_of_step = True
             raise RuntimeError(_OUT_OF_STEP)
         zeroed = self._zeroed_before_step()
         had_pass = self.stage == 2 and self._rounds_since_step > 0
