@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
-from .._validate import FP32_MAX, has_memory, outside_storage
+from .._validate import FP32_MAX, has_memory, loaded_tensor_problem
 from ..precision import _grad_keys
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
@@ -59,10 +59,9 @@ def _check_step_tensor(name: str, t: Tensor, written: bool = False) -> None:
     """A tensor the step reads (or, ``written``, writes) with torch ops: dense, with memory of its own (not meta,
     not a tensor subclass, not freed or shrunk in place: torch's ops would read it unchecked and crash), and, when
     written, not an inference tensor (the write would raise after the ranks agreed, on this rank only)."""
-    if t.layout != torch.strided or not has_memory(type(t)) or t.is_meta or outside_storage(t):
-        why = ("not dense" if t.layout != torch.strided else f"a {type(t).__name__}" if not has_memory(type(t))
-               else "meta" if t.is_meta else "outside its storage (freed or shrunk in place)")  # fmt: skip
-        raise ValueError(f"{name} must be a dense tensor with memory of its own, got one that is {why}")
+    why = f"is a {type(t).__name__}" if not has_memory(type(t)) else loaded_tensor_problem(t)
+    if why is not None:
+        raise ValueError(f"{name} must be a dense tensor with memory of its own, got one that {why}")
     if written and t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name} is an inference tensor: step() writes it, which torch allows only inside "
                          "torch.inference_mode(); make it outside inference mode")  # fmt: skip
