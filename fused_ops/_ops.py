@@ -37,12 +37,27 @@ def _table_cache() -> dict:
 # path's ``torch._fused_adam(w)_`` / ``torch._fused_sgd_`` check nothing (a short grad is read past its end), and
 # the plain-torch paths would write some tensors before a broadcast error. The eager optimizer step and
 # ``functional.adam_`` call the bodies directly, after checking the same things themselves.
-def _check_written_memory(fn: str, written: dict[str, list[Tensor]], read: dict[str, list[Tensor]]) -> None:
+def _check_written_memory(fn: str, written: dict[str, list[Tensor]], read: dict[str, list[Tensor]],
+                          **scalars: Optional[Tensor]) -> None:  # fmt: skip
+    """``scalars``: the 1-element tensors the kernel reads through a pointer (``lr``, ``grad_scale``, ``found_inf``):
+    one inside a written tensor would be read while some program writes it (a half-applied step)."""
     from ._validate import check_memory
 
     groups = [(name, list(xs), True, True, True) for name, xs in written.items() if len(xs)]
     groups += [(name, list(xs), False, True, True) for name, xs in read.items() if len(xs)]
+    groups += [(name, [x], False, False, True) for name, x in scalars.items() if isinstance(x, Tensor)]
     check_memory(fn, groups)
+
+
+def _check_op_numbers(fn: str, step: Optional[float] = None, **numbers: float) -> None:
+    """The numbers of an optimizer op called through the dispatcher: finite (an inf ``lr`` or a NaN beta turns every
+    param into NaN), and ``step``, when given, a finite number >= 1 (step 0 divides by a zero bias correction), as
+    ``functional.adam_`` and the optimizers refuse them."""
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    if step is not None and not (math.isfinite(step) and step >= 1):
+        raise ValueError(f"{fn}: step must be a finite number >= 1, got {step}")
 
 
 def _check_layout_op(fn: str, pairs: tuple = (), segments: tuple | None = None, **scalars: Optional[Tensor]) -> None:
@@ -149,6 +164,7 @@ def _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_
 
         if not state_steps and step is None:
             raise ValueError("fused_ops::adam_: pass state_steps or a float step")
+        _check_op_numbers("fused_ops::adam_", step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad)
         _check_op_scalars("fused_ops::adam_", params[0].device, lr=lr_tensor, grad_scale=grad_scale,
                           found_inf=found_inf)  # fmt: skip
@@ -157,7 +173,7 @@ def _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_
             dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                  max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else [], master_params=master_params,
                  state_steps=state_steps),
-            dict(grads=grads),
+            dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
     _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
@@ -623,6 +639,7 @@ def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_
         from .kernels.adam_lowbit import _check, _check_options
 
         fn = "fused_ops::adam_lowbit_"
+        _check_op_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         _check_options(fn, params, state, param_sr, seed, False, bool(master_params), bool(kahan_comps), 65536, 1024)
         _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales, master_params,
                kahan_comps, state)  # fmt: skip
@@ -632,7 +649,7 @@ def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_
             dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
                  exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params,
                  kahan_comps=kahan_comps),
-            dict(grads=grads),
+            dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
     _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                       master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
@@ -702,10 +719,11 @@ def _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, 
         from .kernels.sgd import _check
 
         fn = "fused_ops::sgd_"
+        _check_op_numbers(fn, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
         _check(fn, params, grads, momentum_buffers, master_params, momentum,
                lr_tensor if lr_tensor is not None else lr, grad_scale, found_inf)  # fmt: skip
         _check_written_memory(fn, dict(params=params, momentum_buffers=momentum_buffers, master_params=master_params),
-                              dict(grads=grads))  # fmt: skip
+                              dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
     _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
               nesterov, maximize, first_step, grad_scale, found_inf, backend, checked=True)  # fmt: skip
 
@@ -764,10 +782,11 @@ def _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, 
         from .kernels.lion import _check
 
         fn = "fused_ops::lion_"
+        _check_op_numbers(fn, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         _check(fn, params, grads, exp_avgs, master_params, lr_tensor if lr_tensor is not None else lr, grad_scale,
                found_inf)  # fmt: skip
         _check_written_memory(fn, dict(params=params, exp_avgs=exp_avgs, master_params=master_params),
-                              dict(grads=grads))  # fmt: skip
+                              dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
     _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
                grad_scale, found_inf, backend, checked=True)  # fmt: skip
 

@@ -193,9 +193,10 @@ def check_memory(fn: str, groups: list[tuple], same: tuple[int, int] | None = No
     if same is not None:
         w, r = same
         if any(map(int.__eq__, starts[w], starts[r])):
-            r_tensors = groups[r][1]
+            w_tensors, r_tensors = groups[w][1], groups[r][1]
+            # (both contiguous: element k of one is element k of the other; ``x.t()`` written from ``x`` is not)
             skip = {i for i, (a, b, m, n) in enumerate(zip(starts[w], starts[r], sizes[w], sizes[r]))
-                    if a == b and m == n and r_tensors[i].is_contiguous()}  # fmt: skip
+                    if a == b and m == n and r_tensors[i].is_contiguous() and w_tensors[i].is_contiguous()}  # fmt: skip
     all_starts, all_ends = [], []
     for g, (s, n) in enumerate(zip(starts, sizes)):
         if skip and g == same[1]:

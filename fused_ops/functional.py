@@ -96,8 +96,9 @@ def adam_(
         check_scalar("adam_", name, x)
     if n == 0:
         return
+    scalars = (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf))
     _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
-                        master_params)  # fmt: skip
+                        master_params, scalars)  # fmt: skip
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -123,11 +124,13 @@ def adam_(
 _ADAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params) -> None:
+def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                        scalars=()) -> None:  # fmt: skip
     """What both backends rely on, for every tensor (the kernel reads raw addresses; the CPU path's
     ``torch._fused_adam(w)_`` checks nothing): dense tensors; params fp32/bf16/fp16; grads of the param's dtype or
     fp32; fp32 states and masters; 1-element fp32 step counts; each on its param's device, with its param's number
-    of elements, contiguous; no two written tensors sharing memory. Raises naming the argument and the index."""
+    of elements, contiguous; no written tensor sharing memory with another argument, ``scalars`` (``(name, tensor
+    or None)``: what the kernel reads through a pointer) included. Raises naming the argument and the index."""
     lists = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
     if max_exp_avg_sqs:
         lists.append(("max_exp_avg_sqs", max_exp_avg_sqs))
@@ -186,6 +189,7 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         written.append(("state_steps", state_steps))
     # (every tensor is contiguous here: checked above)
     groups = [(name, ts, True, True, True) for name, ts in written] + [("grads", grads, False, True, True)]
+    groups += [(name, [x], False, False, True) for name, x in scalars if isinstance(x, Tensor)]
     _check_memory("adam_", groups)
 
 

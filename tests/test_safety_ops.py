@@ -89,17 +89,21 @@ def test_cast_refuses_dst_sharing_memory(backend):
     refused on both backends (torch raised on one, the kernel raced on the other)."""
     base = torch.randn(64)
     half = torch.randn(64).to(torch.bfloat16)
+    square = torch.randn(5, 5)
     for dst, src, match in [
         ([half[:8], half[:8]], [torch.randn(8), torch.randn(8)], "dst\\[0\\] and dst\\[1\\] share memory"),
         ([base[:8].view(torch.bfloat16)[:8]], [base[:8]], "dst\\[0\\] and src\\[0\\] share memory"),
         ([half[:8], half[8:16]], [torch.randn(8), half[4:12].float()], None),  # a copy: fine
         ([half[:8], half[8:16]], [torch.randn(8), half[:8]], "dst\\[0\\] and src\\[1\\] share memory"),
+        # the same bytes in another order (torch's copy_ refuses it too): element k of dst is not element k of src
+        ([square.t()], [square], "dst\\[0\\] and src\\[0\\] share memory"),
+        ([square], [square.t()], "dst\\[0\\] and src\\[0\\] share memory"),
     ]:
         if match is None:
             fused_ops.cast_(dst, src, backend=backend)
             continue
         expect_error_unchanged(lambda dst=dst, src=src: fused_ops.cast_(dst, src, backend=backend), ValueError,
-                               f"^cast_: {match}", base, half, src)  # fmt: skip
+                               f"^cast_: {match}", base, half, square, src)  # fmt: skip
     x = torch.randn(8)
     fused_ops.cast_([x], [x], backend=backend)  # itself: a no-op
     y = torch.randn(8).to(torch.float16)

@@ -18,6 +18,7 @@ declares its hyper-parameters (``_check_hyperparameters``, ``_check_step_values`
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 import operator
@@ -316,16 +317,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @torch.compiler.disable
-    def _traced_calls(self, found_inf: Tensor | None = None) -> list[tuple]:
+    def _traced_calls(self, found_inf: Tensor | None = None, read: tuple = (None, None)) -> list[tuple]:
         """For ``_step_traced``, run eagerly (Dynamo does not trace it, it breaks the graph around it): every group's
         params, grads, states and values checked (``_check_all_groups``, and no two params or states sharing memory)
         before any state is created, then every group's states created and its calls built on plain tensors (the
         local shards of DTensors). A bad group raises with nothing changed; what the traced graph receives are plain
-        tensors, so it never traces DTensor unwrapping or the creation of states (which Dynamo could half do)."""
+        tensors, so it never traces DTensor unwrapping or the creation of states (which Dynamo could half do).
+        ``read``: the step's ``(grad_scale, found_inf)``, checked for memory shared with what the step writes."""
         swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
         try:
             groups = self._check_all_groups()
-            self._check_no_shared_memory()
+            self._check_no_shared_memory(self._step_scalars(*read))
             if self._skipped_on_host(groups, found_inf):
                 return []
             calls = []
@@ -951,11 +953,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.append((gi, group, values, params, None))
             else:
                 work.append((gi, group, values, plan, current))
+        scalars = self._step_scalars(grad_scale, found_inf)
         if any(current is None for *_, current in work):
-            self._check_no_shared_memory()
+            self._check_no_shared_memory(scalars)
             rebuilt = [(gi, group, values, params) for gi, group, values, params, current in work if current is None]
             if self._skipped_on_host(rebuilt, found_inf):
                 return
+        elif scalars and _inside_written(self._plans.values(), [t for _, t in scalars]):
+            self._check_no_shared_memory(scalars)  # (names the pair; a hit across devices is no sharing: passes)
 
         runs = []
         for gi, group, values, params_or_plan, current in work:
@@ -976,9 +981,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.run(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf)
             self._after_run(plan)
 
-    def _check_no_shared_memory(self) -> None:
+    def _step_scalars(self, grad_scale: Any, found_inf: Any) -> list[tuple[str, Tensor]]:
+        """The 1-element tensors a step reads through a pointer while it writes params and states: every tensor
+        ``lr`` and the ``grad_scale`` / ``found_inf`` tensors, named for :meth:`_check_no_shared_memory`."""
+        scalars = [(f"lr of param group {gi}", group["lr"]) for gi, group in enumerate(self.param_groups)
+                   if isinstance(group["lr"], Tensor)]  # fmt: skip
+        scalars += [(name, t) for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf))
+                    if isinstance(t, Tensor)]  # fmt: skip
+        return scalars
+
+    def _check_no_shared_memory(self, scalars: list[tuple[str, Tensor]] = ()) -> None:
         """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
-        launch: overlapping tensors would race). Run when a plan is (re)built, not at every step."""
+        launch: overlapping tensors would race), and none of them shares memory with ``scalars`` (see
+        :meth:`_step_scalars`: read by every program while some program writes it, the step would be half applied).
+        Run when a plan is (re)built, and when a scalar lies in a reused plan's written memory."""
         params, states, steps, grads = [], [], [], []
         keys = self._tensor_state_keys()
         for group in self.param_groups:
@@ -996,11 +1012,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # (grads are read, so they may share memory with each other, not with anything the step writes; a negated
         # view is refused: the kernels would read its memory, which holds the other sign)
         dense_params, dense_grads = all(p.is_contiguous() for p in params), all(g.is_contiguous() for g in grads)
+        read = [(name, [t], False, False, True) for name, t in scalars]
         check_memory(f"{type(self).__name__} (params with grads of every group, in order, their states, their step "
                      "counts and their grads)", [("params", params, True, True, dense_params),
                                                  ("states", states, True, True, True),
                                                  ("step counts", steps, True, True, False),
-                                                 ("grads", grads, False, True, dense_grads)])  # fmt: skip
+                                                 ("grads", grads, False, True, dense_grads), *read])  # fmt: skip
 
     @staticmethod
     def _check_scaling(grad_scale: Any, found_inf: Any) -> tuple[Tensor | float | None, Tensor | None]:
@@ -1061,6 +1078,31 @@ class _Part:
         self.device = params[0].device
         self.backend = resolve_backend(group["backend"], self.device)
         self.launcher = opt._make_launcher(group, self, grads) if self.backend == "triton" else None
+
+
+def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor | None = None) -> bool:
+    """Whether any of ``tensors`` (a few 1-element tensors; or the addresses ``tensors`` with sizes ``nbytes``, of
+    many grads) shares a byte with what the launches of ``plans`` write (their sorted, merged spans): a bisection
+    per tensor, or one vector search per plan. Addresses of every device are compared alike, so a hit may be on
+    another device: callers send it to the checked path."""
+    plans = [o for o in plans if o.written_list[0]]
+    if not plans or not tensors:
+        return False
+    if nbytes is None:
+        for t in tensors:
+            a, e = t.data_ptr(), t.data_ptr() + t.nbytes
+            for starts_list, ends_list in (o.written_list for o in plans):
+                k = bisect.bisect_left(starts_list, e) - 1  # (the last span starting before the end)
+                if k >= 0 and ends_list[k] > a and e > a:
+                    return True
+        return False
+    starts = torch.tensor(tensors, dtype=torch.int64)
+    ends = starts + nbytes
+    for written_starts, written_ends in ((o.written_starts, o.written_ends) for o in plans):
+        last = torch.searchsorted(written_starts, ends, side="left") - 1  # (the last span starting before each end)
+        if _ANY(((last >= 0) & (written_ends[last.clamp(min=0)] > starts) & (ends > starts)).any()):
+            return True
+    return False
 
 
 _GRAD = operator.attrgetter("grad")
@@ -1159,8 +1201,9 @@ class _GroupPlan:
                 merged[-1][1] = max(merged[-1][1], e)
             else:
                 merged.append([a, e])
-        self.written_starts = torch.tensor([a for a, _ in merged], dtype=torch.int64)
-        self.written_ends = torch.tensor([e for _, e in merged], dtype=torch.int64)
+        self.written_list = ([a for a, _ in merged], [e for _, e in merged])  # (for a few scalars: bisect)
+        self.written_starts = torch.tensor(self.written_list[0], dtype=torch.int64)
+        self.written_ends = torch.tensor(self.written_list[1], dtype=torch.int64)
         self.grad_nbytes_t = torch.tensor(self.grad_nbytes, dtype=torch.int64)
         master_on = group["master_weights"]
         keys: dict[tuple, list[int]] = {}
@@ -1228,17 +1271,11 @@ class _GroupPlan:
                            map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads)))):  # fmt: skip
                 return None
             addrs = list(map(_DATA_PTR, grads))
-            spans = [(o.written_starts, o.written_ends) for o in opt._plans.values() if o.written_starts.numel()]
-            if spans and addrs:
-                # ... and none inside memory the launches of any group write (a param's, a state's; the groups' plans
-                # that the step reuses: a group it rebuilds sends the step through _check_no_shared_memory anyway):
-                # the checked step names it
-                starts = torch.tensor(addrs, dtype=torch.int64)
-                ends = starts + self.grad_nbytes_t
-                for written_starts, written_ends in spans:
-                    last = torch.searchsorted(written_starts, ends, side="left") - 1  # (the last span starting before)
-                    if _ANY(((last >= 0) & (written_ends[last.clamp(min=0)] > starts) & (ends > starts)).any()):
-                        return None
+            # ... and none inside memory the launches of any group write (a param's, a state's; the groups' plans
+            # that the step reuses: a group it rebuilds sends the step through _check_no_shared_memory anyway):
+            # the checked step names it
+            if addrs and _inside_written(opt._plans.values(), addrs, self.grad_nbytes_t):
+                return None
             # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
             for part in self.parts:
                 if part.launcher is not None:

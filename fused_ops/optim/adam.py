@@ -605,7 +605,7 @@ class FusedAdam(FusedOptimizer):
         return st
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _adam_calls(self._traced_calls(), grad_scale, found_inf)
+        _adam_calls(self._traced_calls(read=(grad_scale, found_inf)), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One call per part, as the eager plan splits the group: ``fused_ops::adam_`` (fp32 moments, fp32 params or

@@ -116,7 +116,7 @@ class FusedLion(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _lion_calls(self._traced_calls(), grad_scale, found_inf)
+        _lion_calls(self._traced_calls(read=(grad_scale, found_inf)), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One ``fused_ops::lion_`` call per part."""

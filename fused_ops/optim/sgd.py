@@ -183,7 +183,7 @@ class FusedSGD(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _sgd_calls(self._traced_calls(found_inf), grad_scale, found_inf)
+        _sgd_calls(self._traced_calls(found_inf, read=(grad_scale, found_inf)), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One ``fused_ops::sgd_`` call per part (new buffers apart)."""
