@@ -206,6 +206,103 @@ def case_out_of_step_after_a_stand_in(rank: int, world: int) -> list[dict]:
     return out
 
 
+def params_and_states(opt: ZeroAdamW) -> tuple:
+    """What a failed step must leave alone on every rank, the stand-in included (its grad shards, pass count and
+    reduced p.grad change: that reduction is its synced pass): the flat params, masters, moments, step counts and
+    logged values."""
+    shards = [{"flat": b.param_flat, "master": b.master, "exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq,
+               "max_exp_avg_sq": b.max_exp_avg_sq} for b in opt._buckets]  # fmt: skip
+    logged = {"steps": opt._steps, "last_grad_norm": opt.last_grad_norm, "last_found_inf": opt.last_found_inf,
+              "skipped_steps": opt.skipped_steps}  # fmt: skip
+    return (logged, shards)
+
+
+def case_late_error_after_a_stand_in(rank: int, world: int) -> list[dict]:
+    """Stage 2: rank 0 runs a synced backward and then accumulates another under no_sync, rank 1 runs none (its
+    step stands in for the synced pass), and rank 0's accumulated grad of param 0 lost its storage. Only the late
+    reduction (of the grads the shards lack, after the first agreement) finds it: the RuntimeError on both ranks,
+    params and states unchanged. The late agreement kept rank 1's stand-in finding (it sends no pass counts): before,
+    rank 1 put its shards back and counted no pass while rank 0 counted one, and the retry with the grad given its
+    memory back (as the message asks), or zero_grad, backward and step, SIGABRT'd in a gloo size mismatch. Now both
+    give the params of a run that never failed, bit for bit."""
+    out = []
+    for then in ("retry", "new backward"):
+        # (built before either backward: rank 0's backward waits in its reduce-scatters for rank 1's step)
+        ref_model, ref = trained(2, rank, world, backward=False)
+        model, opt = trained(2, rank, world, backward=False)
+        good = None
+        if rank == 0:
+            local_loss(model, 1, 0, rank, world).backward()
+            with opt.no_sync():
+                local_loss(model, 2, 0, rank, world).backward()
+            good = model.l1.weight.grad.clone()
+            model.l1.weight.grad.untyped_storage().resize_(0)
+            opt._drain()  # (waits for rank 1's step, whose reduction pairs with the pass: nothing left in flight)
+        objs = zero_objects(opt) if rank == 0 else params_and_states(opt)  # (rank 1: its stand-in pass is kept)
+        out.append(attempt(f"{then}: a freed grad found by the late reduction after a stand-in", opt.step, objs,
+                           "RuntimeError", r"grad of param 0\b", r"outside its storage", r"rank 0\b"))  # fmt: skip
+        if then == "retry":
+            if rank == 0:  # what the message asks: give the grad a tensor with memory
+                model.l1.weight.grad = good
+            opt.step()
+            if rank == 0:  # (the run without the failure: the same passes and grads)
+                local_loss(ref_model, 1, 0, rank, world).backward()
+                with ref.no_sync():
+                    local_loss(ref_model, 2, 0, rank, world).backward()
+            ref.step()
+        else:  # (zero_grad drops the failed step's passes: the run without it is zero_grad, backward, step)
+            for m, o in ((model, opt), (ref_model, ref)):
+                o.zero_grad()
+                local_loss(m, 4, 0, rank, world).backward()
+                o.step()
+        got, want = flat_params(model), flat_params(ref_model)
+        out.append(check(f"{then}: the params of a run without the failure", torch.equal(got, want),
+                         f"max abs difference {(got - want).abs().max().item():.3g}"))  # fmt: skip
+    return out
+
+
+def case_stand_in_grad_fixed(rank: int, world: int) -> list[dict]:
+    """Stage 2: rank 0 runs a synced backward, rank 1 (whose step stands in for it) holds grads set by hand, and its
+    grad of param 0 lost its storage. Rank 1's reduction refuses that grad (sent as zeros: its values reach no
+    shard) and the step raises on both ranks, params and states unchanged; rank 1 keeps that reduction as its pass.
+    A retry raises it again, with nothing changed (the grad, still refused, is checked again). The fix the message
+    asks for (give the grad memory, or set it to None) then lets the retry through: the grad
+    given memory is reduced by the retry's late reduction (the refusal was kept until zero_grad() before, and the
+    retry raised again). The params equal a run whose rank 1 had that grad (or None) from the start."""
+    out = []
+    for fix in ("memory", "None"):
+        ref_model, ref = trained(2, rank, world, backward=False)
+        model, opt = trained(2, rank, world, backward=False)
+        good = None
+        if rank == 0:
+            local_loss(model, 1, 0, rank, world).backward()
+            opt._drain()  # (waits for rank 1's step, whose reduction pairs with the pass: nothing left in flight)
+        else:
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.full_like(p, 0.01 * (i + 1))
+            good = None if fix == "None" else model.l1.weight.grad.clone()
+            model.l1.weight.grad.untyped_storage().resize_(0)
+        objs = zero_objects(opt) if rank == 0 else params_and_states(opt)  # (rank 1: its stand-in pass is kept)
+        out.append(attempt(f"grad fixed ({fix}): a freed grad on the stand-in rank", opt.step, objs, "RuntimeError",
+                           r"grad of param 0\b", r"outside its storage", r"rank 1\b"))  # fmt: skip
+        out.append(attempt(f"grad fixed ({fix}): a retry before the fix", opt.step, zero_objects(opt),
+                           "RuntimeError", r"grad of param 0\b", r"outside its storage", r"rank 1\b"))  # fmt: skip
+        if rank == 1:
+            model.l1.weight.grad = good
+        out.append(attempt(f"grad fixed ({fix}): the retry", opt.step, (), None))
+        if rank == 0:  # (the run without the failure)
+            local_loss(ref_model, 1, 0, rank, world).backward()
+        else:
+            for i, p in enumerate(ref_model.parameters()):
+                p.grad = torch.full_like(p, 0.01 * (i + 1))
+            ref_model.l1.weight.grad = good
+        ref.step()
+        got, want = flat_params(model), flat_params(ref_model)
+        out.append(check(f"grad fixed ({fix}): the params of a run without the failure", torch.equal(got, want),
+                         f"max abs difference {(got - want).abs().max().item():.3g}"))  # fmt: skip
+    return out
+
+
 def group_edits(groups: list[dict], g0: dict, extra: torch.Tensor) -> list[tuple[str, Callable[[], Any], str]]:
     return [
         ("group appended", lambda: groups.append({**g0, "params": [extra]}), r"3 groups.*built with 2"),
@@ -410,6 +507,8 @@ CASES: dict[str, Callable[[int, int], list[dict]]] = {
     "closure_raises_on_one_rank": case_closure_raises_on_one_rank,
     "failed_step_after_one_rank_skipped_backward": case_failed_step_after_one_rank_skipped_backward,
     "out_of_step_after_a_stand_in": case_out_of_step_after_a_stand_in,
+    "late_error_after_a_stand_in": case_late_error_after_a_stand_in,
+    "stand_in_grad_fixed": case_stand_in_grad_fixed,
     "param_groups_edited": case_param_groups_edited,
     "out_of_step": case_out_of_step,
     "unfrozen": case_unfrozen,

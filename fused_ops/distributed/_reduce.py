@@ -167,6 +167,25 @@ class _ReduceMixin:
             )
         return "RuntimeError", f"the grad of {where} has shape {tuple(g.shape)}"
 
+    @staticmethod
+    def _refused(s: _Slot, b: _Bucket) -> bool:
+        """Whether a reduction sends zeros for this slot instead of its grad (step() raises ``_grad_error``)."""
+        g = s.param.grad
+        return _slot_moved(s, b) is not None or (
+            g is not None and (g.shape != s.shape or g.is_sparse or not g.is_floating_point() or outside_storage(g))
+        )
+
+    def _forget_fixed_grads(self) -> None:
+        """Stage 2, before a step: a grad refused by a reduction whose shards were kept (a synced pass, or a failed
+        step's stand-in reduction) is no longer refused once p.grad is valid again or None. That reduction sent zeros
+        for it (its values reached no rank's shards): a valid grad it holds now is reduced by the step's late
+        reduction (p.grad is set: every rank agrees to it) and checked there again; None adds nothing, as p.grad =
+        None would have. Local: whether the step fails is still agreed by every rank."""
+        for b in self._buckets:
+            for s in b.slots:
+                if s.index in self._grad_errors and not self._refused(s, b):
+                    del self._grad_errors[s.index]
+
     def _launch(self, b: _Bucket, free_grads: bool = True, zeros: bool = False) -> None:
         """Copy the bucket's grads into a staging buffer and start its reduce-scatter (stage 2 frees the grads
         unless ``free_grads`` is False: step() frees them once it has succeeded; ``zeros``: send zeros, for a rank
@@ -192,12 +211,8 @@ class _ReduceMixin:
             if zeros:
                 zero.append(view)
                 continue
-            p = s.param
-            g = p.grad
-            if _slot_moved(s, b) is not None or (
-                g is not None
-                and (g.shape != view.shape or g.is_sparse or not g.is_floating_point() or outside_storage(g))
-            ):
+            g = s.param.grad
+            if self._refused(s, b):
                 # Never raised here (only this rank would, mid-sequence of collectives): reduced as zeros, and
                 # step() raises the error on every rank.
                 self._grad_errors.setdefault(s.index, self._grad_error(s, view))

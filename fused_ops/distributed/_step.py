@@ -81,22 +81,30 @@ class _StepMixin:
             self._round_mismatch = False
             self._out_of_step = True
             raise RuntimeError(_OUT_OF_STEP)
+        if self.stage == 2 and self._grad_errors:
+            self._forget_fixed_grads()  # (a refused grad given memory, or None, since: see there)
         zeroed = self._zeroed_before_step()
         had_pass = self.stage == 2 and self._rounds_since_step > 0
         self._stood_in = False
         undo = self._reduce_all()
+        late_undo = None  # a stand-in's late reduction (into new shards): a failed step puts it back
         try:
             sumsq, late = self._agree_on_step(
                 _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), zeroed, unreduced,
                 had_pass,
             )  # fmt: skip
             if late:  # agreed: every rank reduces the grads its shards lack, then agrees again (on grad errors)
-                undo = self._reduce_all(late=True, undo=undo)
+                if self._stood_in:
+                    late_undo = self._reduce_all(late=True)
+                else:
+                    undo = self._reduce_all(late=True, undo=undo)
                 sumsq, _ = self._agree_on_step(
                     _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), False, False
                 )
         except BaseException:
             if self._stood_in:  # this rank's reduction paired with another rank's synced pass: it is this rank's pass
+                # (but not the late one, which every other rank puts back: the retry runs it again)
+                self._undo_reduce(late_undo)
                 self._keep_stand_in_pass()
             else:
                 self._undo_reduce(undo)
