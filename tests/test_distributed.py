@@ -818,3 +818,42 @@ def test_gpu_one_rank_nccl(stage):
             assert torch.isfinite(opt16.last_grad_norm) and opt16.last_grad_norm > 0
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overlap_comm", [False, True])
+def test_one_rank_failed_collective_leaves_the_optimizer_usable(one_rank_group, monkeypatch, overlap_comm):
+    """A reduce-scatter whose wait raises (a peer gone, a timeout) raises its own error; the staging slot it held
+    is free again, so later calls neither die on an empty pool (an IndexError from zero_grad(), before) nor keep
+    the failed pass: zero_grad, backward and step then give FusedAdamW's step on the new grads."""
+    from fused_ops.distributed import _reduce
+
+    model, ref = Net(), Net()
+    opt = ZeroAdamW(model.parameters(), stage=2, bucket_cap_mb=TINY_BUCKET_MB, align=4, overlap_comm=overlap_comm)
+    ref_opt = fused_ops.FusedAdamW(ref.parameters())
+
+    class FailedWork:
+        def wait(self):
+            raise RuntimeError("[gloo] Connection reset by peer")
+
+    real = _reduce._reduce_scatter
+    calls = []
+
+    def failing(output, input, group, async_op):
+        work = real(output, input, group, async_op)
+        calls.append(work)
+        return FailedWork() if len(calls) == 1 else work
+
+    monkeypatch.setattr(_reduce, "_reduce_scatter", failing)
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        local_loss(model, 0, 0, 0, 1).backward()
+        opt.step()  # (with overlap_comm the failed wait may come first here)
+    opt.zero_grad()
+    local_loss(model, 1, 0, 0, 1).backward()
+    opt.step()
+    global_loss(ref, 1, 0).backward()
+    for p in ref.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=TOL, atol=TOL)

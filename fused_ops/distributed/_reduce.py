@@ -243,7 +243,16 @@ class _ReduceMixin:
 
     def _finish_oldest(self) -> None:
         b, pool, si, out, direct, work = self._inflight.popleft()
-        work.wait()
+        try:
+            work.wait()
+        except BaseException:
+            # (a failed collective: the peer is gone or timed out. Its staging slot is free again and the bucket's
+            # shard is no longer valid, so that the next call raises the collective's own error, not an IndexError
+            # from an empty pool)
+            b.inflight -= 1
+            b.grad_valid = False
+            pool.free.append(si)
+            raise
         if not direct:
             if b.grad_valid:
                 b.grad.add_(out)
