@@ -339,13 +339,13 @@ def _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, *, exp
     v = v * beta2
     v += g2
     del g2, g
+    step_size, bc2_sqrt, counter = ref.step_terms(step, lr, beta1, beta2)
     denom = v.sqrt()
-    denom /= math.sqrt(-math.expm1(step * math.log(beta2)) if beta2 > 0 else 1.0)
+    denom /= bc2_sqrt
     denom += eps
-    bias_correction1 = -math.expm1(step * math.log(beta1)) if beta1 > 0 else 1.0
     upd = m / denom
     del denom
-    upd *= lr / bias_correction1
+    upd *= step_size
     pc = pc - upd
     del upd
 
@@ -358,7 +358,7 @@ def _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, *, exp
         which = {1: True, 2: True} if state == "bf16" else {}
         if param_sr:
             which[0] = pdtype == torch.bfloat16
-        bits = _random_bits(seed, elem, tid, int(step), which, any(b > _U32 for _, _, b, _ in segs))
+        bits = _random_bits(seed, elem, tid, counter, which, any(b > _U32 for _, _, b, _ in segs))
         del elem, tid
 
     if int8:

@@ -54,10 +54,18 @@ def _check_op_numbers(fn: str, step: Optional[float] = None, **numbers: float) -
     param into NaN), and ``step``, when given, a finite number >= 1 (step 0 divides by a zero bias correction), as
     ``functional.adam_`` and the optimizers refuse them."""
     for name, value in numbers.items():
-        if not math.isfinite(value):
-            raise ValueError(f"{fn}: {name} must be finite, got {value}")
+        if not (math.isfinite(value) and abs(value) <= _FP32_MAX):
+            raise ValueError(f"{fn}: {name} must be finite (a float32), got {value}")
     if step is not None and not (math.isfinite(step) and step >= 1):
         raise ValueError(f"{fn}: step must be a finite number >= 1, got {step}")
+
+
+def _check_no_params(fn: str, **lists: list[Tensor]) -> None:
+    """An op called with no params: every other list must be empty too (a grad or a state without its param is a
+    mismatched call, refused as the checks of a non-empty call refuse it)."""
+    for name, xs in lists.items():
+        if len(xs):
+            raise ValueError(f"{fn}: params is empty but {name} has {len(xs)} tensors")
 
 
 def _check_layout_op(fn: str, pairs: tuple = (), segments: tuple | None = None, **scalars: Optional[Tensor]) -> None:
@@ -175,6 +183,10 @@ def _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_
                  state_steps=state_steps),
             dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
+    else:
+        _check_no_params("fused_ops::adam_", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                         max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else [], master_params=master_params,
+                         state_steps=state_steps)  # fmt: skip
     _adam_body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
                backend, checked=True)  # fmt: skip
@@ -651,6 +663,10 @@ def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_
                  kahan_comps=kahan_comps),
             dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
+    else:
+        _check_no_params("fused_ops::adam_lowbit_", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                         state_steps=state_steps, exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+                         master_params=master_params, kahan_comps=kahan_comps)  # fmt: skip
     _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                       master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
                       weight_decay, maximize, decoupled, grad_scale, found_inf, backend, checked=True)  # fmt: skip
@@ -724,6 +740,8 @@ def _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, 
                lr_tensor if lr_tensor is not None else lr, grad_scale, found_inf)  # fmt: skip
         _check_written_memory(fn, dict(params=params, momentum_buffers=momentum_buffers, master_params=master_params),
                               dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+    else:
+        _check_no_params("fused_ops::sgd_", grads=grads, momentum_buffers=momentum_buffers, master_params=master_params)
     _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
               nesterov, maximize, first_step, grad_scale, found_inf, backend, checked=True)  # fmt: skip
 
@@ -787,6 +805,8 @@ def _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, 
                found_inf)  # fmt: skip
         _check_written_memory(fn, dict(params=params, exp_avgs=exp_avgs, master_params=master_params),
                               dict(grads=grads), lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+    else:
+        _check_no_params("fused_ops::lion_", grads=grads, exp_avgs=exp_avgs, master_params=master_params)
     _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
                grad_scale, found_inf, backend, checked=True)  # fmt: skip
 

@@ -245,6 +245,31 @@ def philox(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, n_rounds: 
     return [c0, c1, c2, c3]
 
 
+def step_terms(step: float, lr: float, beta1: float, beta2: float) -> tuple[float, float, int]:
+    """The host's terms of step number ``step``: ``lr / bias_correction1``, ``sqrt(bias_correction2)`` and the step
+    number of the random bits. In IEEE arithmetic, as the kernel computes them on the device: a step count edited in
+    place to 0, a negative or a NaN (no check reads device values at every step) gives an inf or NaN update there
+    and in torch, so here too, never an exception half-way through a step (ZeroDivisionError, a math domain or
+    range error) after some tensors were written."""
+
+    def neg_expm1(beta: float) -> float:  # 1 - beta^step
+        if beta <= 0:
+            return 1.0
+        try:
+            return -math.expm1(step * math.log(beta))
+        except OverflowError:  # (a huge negative step count)
+            return -math.inf
+
+    bc1, bc2 = neg_expm1(beta1), neg_expm1(beta2)
+    if bc1 != 0:
+        step_size = lr / bc1
+    else:
+        step_size = math.copysign(math.inf, bc1) if lr > 0 else math.nan  # (lr / +-0.0)
+    bc2_sqrt = math.sqrt(bc2) if bc2 >= 0 else math.nan
+    counter = int(step) if math.isfinite(step) and step >= 0 else 0  # (the update is inf or NaN: any bits)
+    return step_size, bc2_sqrt, counter
+
+
 def random_bits(seed: int, tensor_index: int, step: int, numel: int, device: torch.device | str = "cpu") -> list:
     """The kernel's random bits for one tensor at one step: four int64 tensors of ``numel`` uint32 values; output 0
     rounds the param, 1 the exp_avg, 2 the exp_avg_sq (bf16 states)."""
@@ -343,11 +368,11 @@ def adam_lowbit_(
                 g = g + weight_decay * pc
         m = m + (1 - beta1) * (g - m)
         v = v * beta2 + (1 - beta2) * g * g
-        denom = v.sqrt() / math.sqrt(-math.expm1(step * math.log(beta2)) if beta2 > 0 else 1.0) + eps
-        bias_correction1 = -math.expm1(step * math.log(beta1)) if beta1 > 0 else 1.0
-        pc = pc - (lr / bias_correction1) * (m / denom)
+        step_size, bc2_sqrt, counter = step_terms(step, lr, beta1, beta2)
+        denom = v.sqrt() / bc2_sqrt + eps
+        pc = pc - step_size * (m / denom)
 
-        bits = random_bits(seed, t, int(step), n, p.device) if (param_sr or state == "bf16") else None
+        bits = random_bits(seed, t, counter, n, p.device) if (param_sr or state == "bf16") else None
         m32, v32 = m.to(torch.float32), v.to(torch.float32)
         if state == "int8":
             for codes, scales, x, signed in ((exp_avgs[t], exp_avg_scales[t], m32, True),

@@ -219,6 +219,10 @@ BAD_NUMBERS = [
     ("sgd_", dict(beta1=float("nan")), "momentum"),
     ("lion_", dict(beta1=float("nan")), "beta1"),
     ("lion_", dict(lr=float("-inf")), "lr"),
+    ("adam_", dict(lr=1e39), "lr"),  # (finite in float64, inf in the kernels' float32)
+    ("adam_lowbit_", dict(eps=1e39), "eps"),
+    ("sgd_", dict(lr=-1e39), "lr"),
+    ("lion_", dict(beta2=3.5e38), "beta2"),
 ]
 
 
@@ -246,3 +250,14 @@ def test_compiled_step_refuses_a_scalar_inside_written_memory(cls):
     err = expect_error_unchanged(lambda: step(grad_scale=scale), ValueError, "share memory", opt)
     message_names(err, "grad_scale", "params[1]")
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_custom_op_with_no_params_refuses_other_tensors(op, backend):
+    """No params but a grad or a state: a mismatched call, refused (it was skipped without a check)."""
+    t = {k: [] for k in _op_tensors(op)}
+    t["grads"] = [torch.randn(3)]
+    err = _op_error_unchanged(lambda: _op_call(op, t, backend), "params is empty", t)
+    message_names(err, f"fused_ops::{op}", "grads has 1 tensors")
+    _op_call(op, {k: [] for k in t}, backend)  # (all empty: a no-op)

@@ -49,16 +49,28 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _to_float(x: Any) -> float:
     """A hyper-parameter as a float: a tensor is read on the host (a sync for a CUDA one), which a CUDA graph
     capture forbids: refused there with a clear error, before anything changes (torch's fused AdamW takes
-    floats for these too)."""
+    floats for these too). An int too large for a float is inf (the caller's range check names it)."""
     if not isinstance(x, Tensor):
         if not isinstance(x, numbers.Real):  # (float("0.01") would take a string)
             raise TypeError(f"a hyper-parameter must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
-        return float(x)
+        try:
+            return float(x)
+        except OverflowError:
+            return math.inf
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError("a hyper-parameter given as a CUDA tensor (betas, eps, weight_decay, momentum, ...) is read "
                          "on the host at every step, which a CUDA graph capture forbids: give it as a float or a CPU "
                          "tensor (only lr is read on the device)")  # fmt: skip
     return float(x.item())
+
+
+def _finite_fp32(x: float) -> bool:
+    """Whether ``x`` is a finite float32: the kernels compute in float32, where 1e39 is inf (torch's fused and
+    foreach kernels refuse it: "value cannot be converted to type float without overflow")."""
+    try:
+        return abs(float(x)) <= FP32_MAX  # (NaN compares False)
+    except OverflowError:
+        return False
 
 
 def _to_scalar(x: Any) -> Any:

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import _ops, functional
 from .._backend import check_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise_unclipped
-from ._base import FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
+from ._base import FusedOptimizer, _check_betas, _finite_fp32, _is_dtensor, _local, _Part, _spec, _to_float
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
 # In state dicts, 8-bit codes are saved under keys of their own: a loader expecting fp32 moments under ``exp_avg``
@@ -337,10 +337,10 @@ class FusedAdam(FusedOptimizer):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         lr = _to_float(lr)
-        if not 0.0 <= lr or not math.isfinite(lr):
+        if not 0.0 <= lr or not _finite_fp32(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
         eps = _to_float(group["eps"])
-        if not 0.0 <= eps or not math.isfinite(eps):
+        if not 0.0 <= eps or not _finite_fp32(eps):
             raise ValueError(f"Invalid epsilon value: {eps}")
         beta1, beta2 = (_to_float(b) for b in _check_betas(group["betas"]))
         if not 0.0 <= beta1 < 1.0:
@@ -348,7 +348,7 @@ class FusedAdam(FusedOptimizer):
         if not 0.0 <= beta2 < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
         wd = _to_float(group["weight_decay"])
-        if not 0.0 <= wd or not math.isfinite(wd):
+        if not 0.0 <= wd or not _finite_fp32(wd):
             raise ValueError(f"Invalid weight_decay value: {wd}")
         check_backend(group.get("backend", "auto"))
         state = _state_name(group.get("state_dtype"))
@@ -369,18 +369,21 @@ class FusedAdam(FusedOptimizer):
         if isinstance(lr, Tensor):
             if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
                 raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
-        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr >= 0):
+        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (_finite_fp32(lr) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
         if len(group["betas"]) != 2:
             raise ValueError(f"betas must be a pair (param group {gi})")
+        for i, b in enumerate(group["betas"]):
+            if isinstance(b, Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element (param group {gi})")
         betas = [_to_float(b) for b in group["betas"]]
         for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta} (param group {gi})")
         eps, wd = _to_float(group["eps"]), _to_float(group["weight_decay"])
-        if not (math.isfinite(eps) and eps >= 0):
+        if not (_finite_fp32(eps) and eps >= 0):
             raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
-        if not (math.isfinite(wd) and wd >= 0):
+        if not (_finite_fp32(wd) and wd >= 0):
             raise ValueError(f"Invalid weight_decay value: {wd} (param group {gi})")
         # The storage options, as the constructor checks them (a group edited since: refused before any change)
         try:

@@ -8,7 +8,6 @@ weight decay 3-10x larger (the paper's advice), which the defaults follow (lr 1e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import lion_ as _reference_lion
-from ._base import FusedOptimizer, _check_betas, _Part, _to_float
+from ._base import FusedOptimizer, _check_betas, _finite_fp32, _Part, _to_float
 from .sgd import _traced_scalars
 
 
@@ -70,14 +69,14 @@ class FusedLion(FusedOptimizer):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         lr = _to_float(lr)
-        if not (0.0 <= lr and math.isfinite(lr)):
+        if not (0.0 <= lr and _finite_fp32(lr)):
             raise ValueError(f"Invalid learning rate: {lr}")
         for i, b in enumerate(_check_betas(group["betas"])):
             b = _to_float(b)
             if not 0.0 <= b <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
         wd = _to_float(group["weight_decay"])
-        if not (0.0 <= wd and math.isfinite(wd)):
+        if not (0.0 <= wd and _finite_fp32(wd)):
             raise ValueError(f"Invalid weight_decay value: {wd}")
         check_backend(group.get("backend", "auto"))
 

@@ -17,7 +17,6 @@ buffers, as torch's (``GradScaler`` does not call torch's ``step()`` after an ov
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -28,7 +27,7 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import sgd_cpu_ as _cpu_sgd
-from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _to_float
+from ._base import FusedOptimizer, _finite_fp32, _GroupPlan, _local, _Part, _to_float
 
 
 def _check_number(name: str, value: Any, message: str) -> float:
@@ -38,8 +37,8 @@ def _check_number(name: str, value: Any, message: str) -> float:
         value = _to_float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
+    value = _to_float(value)  # (an int too large for a float: inf)
+    if not (_finite_fp32(value) and value >= 0):
         raise ValueError(f"{message}: {value}")
     return value
 
@@ -100,7 +99,7 @@ class FusedSGD(FusedOptimizer):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         lr = _to_float(lr)
-        if not (0.0 <= lr and math.isfinite(lr)):
+        if not (0.0 <= lr and _finite_fp32(lr)):
             raise ValueError(f"Invalid learning rate: {lr}")
         momentum = _check_number("momentum", group["momentum"], "Invalid momentum value")
         dampening = _check_number("dampening", group["dampening"], "Invalid dampening value")
