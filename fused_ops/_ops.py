@@ -229,9 +229,29 @@ def bump_versions(tensors: list[Tensor]) -> None:
         torch._C._increment_version(list(tensors))
 
 
+def _check_not_mixed_meta(name: str, args: tuple) -> None:
+    """The fake (meta) kernel of an in-place op runs for a call through the dispatcher when any argument is a meta
+    tensor. Under tracing (fake tensors) or with every tensor on meta, that is shape propagation: nothing to do. A
+    call of real tensors with a meta one among them would silently do nothing (the step never ran): refused, naming
+    the first meta argument."""
+    from torch._guards import detect_fake_mode
+
+    flat = [(k, x) for k, a in enumerate(args) for x in (a if isinstance(a, list | tuple) else [a])
+            if isinstance(x, Tensor)]  # fmt: skip
+    if not flat or detect_fake_mode([x for _, x in flat]) is not None:
+        return
+    if all(x.is_meta for _, x in flat) or not any(x.is_meta for _, x in flat):
+        return
+    schema = getattr(torch.ops.fused_ops, name).default._schema
+    k = next(k for k, x in flat if x.is_meta)
+    other = next(x for _, x in flat if not x.is_meta)
+    raise ValueError(f"fused_ops::{name}: {schema.arguments[k].name} is a meta tensor (no memory) but other arguments "
+                     f"are on {other.device}: the op would do nothing; pass tensors with memory")  # fmt: skip
+
+
 @adam_.register_fake
-def _adam_fake(*args, **kwargs) -> None:
-    return None
+def _adam_fake(*args) -> None:
+    _check_not_mixed_meta("adam_", args)
 
 
 def _adam_kwargs(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale,
@@ -359,7 +379,7 @@ def _flatten_into_cuda(flat, tensors, offsets, spans, backend) -> None:
 
 @flatten_into_.register_fake
 def _flatten_into_fake(flat, tensors, offsets, spans, backend) -> None:
-    return None
+    _check_not_mixed_meta("flatten_into_", (flat, tensors, offsets, spans, backend))
 
 
 def flatten_into_eager(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
@@ -390,7 +410,7 @@ def _unflatten_copy_cuda(tensors, flat, offsets, backend) -> None:
 
 @unflatten_copy_.register_fake
 def _unflatten_copy_fake(tensors, flat, offsets, backend) -> None:
-    return None
+    _check_not_mixed_meta("unflatten_copy_", (tensors, flat, offsets, backend))
 
 
 def unflatten_copy_eager(tensors: list[Tensor], flat: Tensor, offsets: list[int], backend: str) -> None:
@@ -452,7 +472,7 @@ def _cast_cuda(dst, src, stochastic, seed, backend) -> None:
 
 @cast_.register_fake
 def _cast_fake(dst, src, stochastic, seed, backend) -> None:
-    return None
+    _check_not_mixed_meta("cast_", (dst, src, stochastic, seed, backend))
 
 
 def cast_eager(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: Optional[int], backend: str) -> None:
@@ -526,7 +546,7 @@ def _unscale_cuda(grads, inv_scale, inv_scale_value, found_inf, out, backend) ->
 
 @unscale_.register_fake
 def _unscale_fake(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
-    return None
+    _check_not_mixed_meta("unscale_", (grads, inv_scale, inv_scale_value, found_inf, out, backend))
 
 
 def unscale_eager(grads: list[Tensor], inv_scale: Optional[Tensor], inv_scale_value: float, found_inf: Optional[Tensor],
@@ -673,8 +693,8 @@ def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_
 
 
 @adam_lowbit_.register_fake
-def _adam_lowbit_fake(*args, **kwargs) -> None:
-    return None
+def _adam_lowbit_fake(*args) -> None:
+    _check_not_mixed_meta("adam_lowbit_", args)
 
 
 def _adam_lowbit_body(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
@@ -747,8 +767,8 @@ def _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, 
 
 
 @sgd_.register_fake
-def _sgd_fake(*args, **kwargs) -> None:
-    return None
+def _sgd_fake(*args) -> None:
+    _check_not_mixed_meta("sgd_", args)
 
 
 def _sgd_body(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
@@ -812,8 +832,8 @@ def _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, 
 
 
 @lion_.register_fake
-def _lion_fake(*args, **kwargs) -> None:
-    return None
+def _lion_fake(*args) -> None:
+    _check_not_mixed_meta("lion_", args)
 
 
 def _lion_body(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,

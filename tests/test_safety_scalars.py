@@ -261,3 +261,23 @@ def test_custom_op_with_no_params_refuses_other_tensors(op, backend):
     err = _op_error_unchanged(lambda: _op_call(op, t, backend), "params is empty", t)
     message_names(err, f"fused_ops::{op}", "grads has 1 tensors")
     _op_call(op, {k: [] for k in t}, backend)  # (all empty: a no-op)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_custom_op_refuses_a_meta_tensor_among_real_ones(op):
+    """A meta argument sends a dispatcher call to the op's fake kernel, which did nothing: the step silently never
+    ran. Refused, naming the argument; a call of meta tensors only (shape propagation) is still a no-op."""
+    for which in ("lr", "grad_scale", "found_inf"):
+        t = _op_tensors(op)
+        meta = torch.empty(1, device="meta")
+        kwargs = dict(lr_tensor=meta, lr=0.0) if which == "lr" else {which: meta}
+        err = _op_error_unchanged(lambda t=t, k=kwargs: _op_call(op, t, "reference", **k), "meta tensor", t)
+        message_names(err, f"fused_ops::{op}", "lr_tensor" if which == "lr" else which)
+    t = {k: [x.to("meta") for x in v] for k, v in _op_tensors(op).items()}
+    _op_call(op, t, "reference")
+
+
+def test_copy_op_refuses_a_meta_tensor_among_real_ones():
+    dst, src = [torch.empty(4, dtype=torch.bfloat16)], [torch.empty(4, device="meta")]
+    with pytest.raises(ValueError, match="fused_ops::cast_: src is a meta tensor"):
+        torch.ops.fused_ops.cast_(dst, src, False, None, "reference")
