@@ -90,6 +90,15 @@ _storage_nbytes = torch.UntypedStorage.nbytes
 FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def finite_fp32(x: float) -> bool:
+    """Whether ``x`` is a finite float32: the kernels compute in float32, where 1e39 is inf (torch's fused and
+    foreach kernels refuse it: "value cannot be converted to type float without overflow")."""
+    try:
+        return abs(float(x)) <= FP32_MAX  # (NaN compares False)
+    except OverflowError:
+        return False
+
+
 def loaded_tensor_problem(x: Tensor) -> str | None:
     """What keeps a tensor of a loaded state dict from being read (copied, or a count taken from it), or None: not
     dense, meta (no values), or outside its storage (freed or shrunk in place: torch's ops would read it unchecked).

@@ -161,6 +161,11 @@ BAD_STEP_VALUES = [  # (label, change, exception, patterns)
     ("beta2 < 0", set_group(0, "betas", (0.9, -0.5)), "ValueError", r"beta parameter at index 1", r"param group 0"),
     ("weight_decay -1", set_group(1, "weight_decay", -1.0), "ValueError", r"weight_decay", r"param group 1"),
     ("weight_decay inf", set_group(1, "weight_decay", math.inf), "ValueError", r"weight_decay", r"param group 1"),
+    # (finite in float64, inf in the kernels' float32: torch's fused kernels refuse them)
+    ("lr 1e39", set_group(1, "lr", 1e39), "ValueError", r"learning rate", r"param group 1"),
+    ("lr 10**400", set_group(0, "lr", 10**400), "ValueError", r"learning rate", r"param group 0"),
+    ("eps 1e39", set_group(1, "eps", 1e39), "ValueError", r"eps", r"param group 1"),
+    ("weight_decay 1e39", set_group(1, "weight_decay", 1e39), "ValueError", r"weight_decay", r"param group 1"),
     ("max_grad_norm -1", set_max_grad_norm(-1.0), "ValueError", r"max_grad_norm"),
     ("max_grad_norm nan", set_max_grad_norm(math.nan), "ValueError", r"max_grad_norm"),
     (

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .._backend import check_backend
 from .._validate import FP32_MAX, has_memory, loaded_tensor_problem
+from .._validate import finite_fp32 as _finite_fp32
 from ..precision import _grad_keys
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
@@ -37,7 +38,10 @@ def _real(name: str, value: Any) -> float:
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         return float(value.item())
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # (an int too large for a float: the range check names it)
+            return math.inf
     raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}")
 
 
@@ -68,7 +72,7 @@ def _check_step_tensor(name: str, t: Tensor, written: bool = False) -> None:
 
 
 def _check_lr_value(lr: float, where: str) -> None:
-    if not (math.isfinite(lr) and lr >= 0):
+    if not (_finite_fp32(lr) and lr >= 0):  # (a finite float32: the kernels compute in float32)
         raise ValueError(f"Invalid learning rate: {lr} (lr of {where})")
 
 
@@ -99,10 +103,10 @@ def _check_group(gi: int, group: dict[str, Any], read_lr: bool) -> tuple[float |
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta} (betas of {where})")
     eps = _real(f"eps of {where}", group["eps"])
-    if not (math.isfinite(eps) and eps >= 0):
+    if not (_finite_fp32(eps) and eps >= 0):
         raise ValueError(f"Invalid epsilon value: {eps} (eps of {where})")
     weight_decay = _real(f"weight_decay of {where}", group["weight_decay"])
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+    if not (_finite_fp32(weight_decay) and weight_decay >= 0):
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay of {where})")
     check_backend(group.get("backend"))
     return lr, beta1, beta2, eps, weight_decay

@@ -64,15 +64,6 @@ def _to_float(x: Any) -> float:
     return float(x.item())
 
 
-def _finite_fp32(x: float) -> bool:
-    """Whether ``x`` is a finite float32: the kernels compute in float32, where 1e39 is inf (torch's fused and
-    foreach kernels refuse it: "value cannot be converted to type float without overflow")."""
-    try:
-        return abs(float(x)) <= FP32_MAX  # (NaN compares False)
-    except OverflowError:
-        return False
-
-
 def _to_scalar(x: Any) -> Any:
     """torch.optim's rule for tensor hyper-parameters: a 1-element tensor is kept, as a 0-d tensor."""
     return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x

@@ -21,7 +21,8 @@ from torch import Tensor
 from .. import _ops, functional
 from .._backend import check_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise_unclipped
-from ._base import FusedOptimizer, _check_betas, _finite_fp32, _is_dtensor, _local, _Part, _spec, _to_float
+from .._validate import finite_fp32 as _finite_fp32
+from ._base import FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
 # In state dicts, 8-bit codes are saved under keys of their own: a loader expecting fp32 moments under ``exp_avg``

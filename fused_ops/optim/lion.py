@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import lion_ as _reference_lion
-from ._base import FusedOptimizer, _check_betas, _finite_fp32, _Part, _to_float
+from .._validate import finite_fp32 as _finite_fp32
+from ._base import FusedOptimizer, _check_betas, _Part, _to_float
 from .sgd import _traced_scalars
 
 

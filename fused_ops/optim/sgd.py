@@ -27,7 +27,8 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import sgd_cpu_ as _cpu_sgd
-from ._base import FusedOptimizer, _finite_fp32, _GroupPlan, _local, _Part, _to_float
+from .._validate import finite_fp32 as _finite_fp32
+from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _to_float
 
 
 def _check_number(name: str, value: Any, message: str) -> float:
