@@ -55,7 +55,7 @@ def _check_op_numbers(fn: str, step: Optional[float] = None, **numbers: float) -
     ``functional.adam_`` and the optimizers refuse them."""
     for name, value in numbers.items():
         if not (math.isfinite(value) and abs(value) <= _FP32_MAX):
-            raise ValueError(f"{fn}: {name} must be finite (a float32), got {value}")
+            raise ValueError(f"{fn}: {name} must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {value}")
     if step is not None and not (math.isfinite(step) and step >= 1):
         raise ValueError(f"{fn}: step must be a finite number >= 1, got {step}")
 

@@ -24,7 +24,7 @@ from ._validate import outside_storage as _outside_storage
 def _check_finite(name: str, value: float) -> None:
     """A finite float32 (the kernels compute in float32, where 1e39 is inf; torch's fused kernels refuse it)."""
     if not (math.isfinite(value) and abs(value) <= _FP32_MAX):
-        raise ValueError(f"{name} must be finite (a float32), got {value}")
+        raise ValueError(f"{name} must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {value}")
 
 
 def adam_(
