@@ -388,7 +388,8 @@ class FlatBuffer:
         if {x.dtype for x in tensors} == {self.dtype}:
             _ops.unflatten_copy_eager(tensors, self.data, self.offsets, self._backend())
         else:
-            functional.cast_(tensors, views, backend=self.backend)
+            with torch.no_grad():  # (params are written as an optimizer writes them)
+                functional.cast_(tensors, views, backend=self.backend)
 
     def _read_views(self) -> list[Tensor]:
         """The segments of ``data`` as it is now, which :meth:`copy_to_` reads: ``views`` while they still lie there

@@ -316,6 +316,19 @@ def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:
     return all(x.shape == y.shape for x, y in zip(a, b))
 
 
+def _check_not_tracked(fn: str, name: str, tensors: list[Tensor], hint: str = "") -> None:
+    """A tensor written in place while autograd records (grad mode on) must not require grad: the op is not
+    differentiable, so autograd would not see the write (``y = x * 2; cast_([y], [z])``: backward gave x the grad
+    of ``y = x * 2`` and z none), and torch refuses in-place writes to a leaf that requires grad (before, a staged
+    non-contiguous one raised only in the copy back, after the other tensors were written)."""
+    if not torch.is_grad_enabled():
+        return
+    for i, x in enumerate(tensors):
+        if x.requires_grad:
+            raise RuntimeError(f"{fn}: {name}[{i}] requires grad: {fn} writes it in place and is not differentiable "
+                               f"(autograd would not see the write); call it under torch.no_grad(){hint}")  # fmt: skip
+
+
 def _check_writable(fn: str, name: str, tensors: list[Tensor]) -> None:
     """Written tensors of any layout are taken, as torch's in-place ops take them (a non-contiguous one is written
     through a contiguous copy, :func:`_staged`), except one whose elements share memory (an expanded view), which
@@ -510,6 +523,7 @@ def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *,
     """
     tensors, dtypes = _float_tensors_and_dtypes("unflatten_copy_", "tensors", tensors)
     _check_flat("unflatten_copy_", flat, align)
+    check_storage("unflatten_copy_", "flat", [flat], indexed=False)  # (freed or shrunk in place: read next)
     numels = [x.numel() for x in tensors]
     offsets = _offsets("unflatten_copy_", flat, numels, align)
     if not (dtypes <= {flat.dtype} and {x.device for x in tensors} <= {flat.device} and _all_contiguous(tensors)):
@@ -519,6 +533,7 @@ def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *,
                                  f"on {flat.device}")  # fmt: skip
             if not x.is_contiguous():
                 raise ValueError(f"unflatten_copy_: tensors[{i}] must be contiguous (it is written in place)")
+    _check_not_tracked("unflatten_copy_", "tensors", tensors)
     if not tensors:
         return
     total = offsets[-1] + numels[-1]
@@ -575,6 +590,7 @@ def cast_(
                 raise ValueError(f"cast_: dst[{i}] has shape {tuple(d.shape)} but src[{i}] has {tuple(s.shape)}")
             if d.device != s.device:
                 raise ValueError(f"cast_: dst[{i}] is on {d.device} but src[{i}] is on {s.device}")
+    _check_not_tracked("cast_", "dst", dst, ", or use fused_ops.autograd.cast for a differentiable cast")
     _check_writable("cast_", "dst", dst)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"cast_: seed must be an int in [0, 2^31), got {seed!r}")
@@ -690,6 +706,7 @@ def unscale_(
                                      f"{tuple(g.shape)} on {g.device}")  # fmt: skip
     # (any layout is written, as torch's unscale takes it: through a contiguous copy, so that no DTensor shard's
     # layout, which may differ between ranks, makes one rank raise while the others wait in the found_inf agreement)
+    _check_not_tracked("unscale_", "out" if outs else "grads", outs or grads)
     _check_writable("unscale_", "out" if outs else "grads", outs or grads)
     meshes = _dtensor.meshes_of(g_specs, grads) if g_specs is not None and found_inf is not None else []
     span = _dtensor.span_plan("unscale_", meshes)  # (meshes on different ranks: refused before anything is written)

@@ -112,7 +112,10 @@ _OPTIONAL_KEYS = ("skipped_steps", "consecutive_skipped", "min_scale_overflows",
 def _number(fn: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # (an int too large for a float: the caller's range check names it)
+        return math.inf
 
 
 def _count(fn: str, name: str, value, high: int) -> int:
@@ -255,7 +258,8 @@ class DynamicLossScaler:
         so every rank skips the same steps (see ``fused_ops.unscale_``)."""
         grads, out = _listed(grads), _listed(out)  # (a generator is read once, here)
         self._refuse_unscaled("unscale_", grads)
-        functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
+        with torch.no_grad():  # (grads of a create_graph backward require grad: unscaled in place, as torch's)
+            functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
         self._unscaled |= _grad_keys(grads if out is None else out)
         return self._found_inf
 
@@ -297,6 +301,10 @@ class DynamicLossScaler:
         local, dtypes, specs = functional._float_locals("grad_norm", "tensors",
                                                         functional._as_list("grad_norm", "tensors", grads),
                                                         partial="reduce")  # fmt: skip
+        if any(g.is_meta for g in local) and not self._scale.is_meta:  # (the norm is read into the scaler's device)
+            i = next(i for i, g in enumerate(local) if g.is_meta)
+            raise TypeError(f"{fn}: grads[{i}] is a meta tensor (no memory), the scaler's scale is on "
+                            f"{self._scale.device}: pass grads with memory")  # fmt: skip
         if specs is None:
             scaled = functional._grad_norm("grad_norm", local, dtypes, norm_type, self.backend)
             agreed = None

@@ -367,3 +367,47 @@ def test_freed_flat_buffer_negated_views_and_zero_tensors(backend):
             fused_ops.grad_norm([torch._efficientzerotensor(10)], backend=backend)
 
     run_isolated(body)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_written_tensors_that_require_grad_are_refused_under_grad_mode(backend):
+    """cast_ / unscale_ / unflatten_copy_ write in place and are not differentiable: under grad mode a written
+    tensor that requires grad is refused before anything is written. Before, a non-contiguous view of a leaf that
+    requires grad raised only in the copy back, after the other tensors (and found_inf) were written, and a
+    non-leaf destination (``y = x * 2; cast_([y], [z])``) gave silently wrong grads (x got y's, z none). Under
+    torch.no_grad() the write is taken, as torch takes in-place writes to leaves there."""
+    a, w = torch.zeros(4), torch.zeros(2, 3, requires_grad=True)
+    expect_error_unchanged(lambda: fused_ops.cast_([a, w.t()], [torch.ones(4), torch.ones(3, 2)], backend=backend),
+                           RuntimeError, "^cast_: dst\\[1\\] requires grad", a, w)  # fmt: skip
+    x, z = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    y = x * 2
+    expect_error_unchanged(lambda: fused_ops.cast_([y], [z], backend=backend), RuntimeError,
+                           "^cast_: dst\\[0\\] requires grad", y.detach())  # fmt: skip
+    g, v, flag = torch.full((4,), 2.0), torch.full((2, 3), 4.0, requires_grad=True), torch.zeros(1)
+    expect_error_unchanged(lambda: fused_ops.unscale_([g, v.t()], 0.5, flag, backend=backend), RuntimeError,
+                           "^unscale_: grads\\[1\\] requires grad", g, v, flag)  # fmt: skip
+    flat = fused_ops.flatten([torch.ones(3)], backend=backend)
+    expect_error_unchanged(lambda: fused_ops.functional.unflatten_copy_([w.view(-1)[:3]], flat, backend=backend),
+                           RuntimeError, "^unflatten_copy_: tensors\\[0\\] requires grad", w)  # fmt: skip
+    with torch.no_grad():
+        fused_ops.cast_([a, w.t()], [torch.ones(4), torch.full((3, 2), 2.0)], backend=backend)
+        fused_ops.unscale_([g, v.t()], 0.5, flag, backend=backend)
+    assert torch.equal(a, torch.ones(4)) and torch.equal(w.detach(), torch.full((2, 3), 2.0))
+    assert torch.equal(g, torch.ones(4)) and torch.equal(v.detach(), torch.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaler_and_flat_errors_name_the_argument(backend):
+    """The same clear error on both backends (the reference path raised torch's "Cannot copy out of meta tensor"
+    for meta grads, a freed flat raised from ``narrow``, a scale of 10**400 a bare OverflowError)."""
+    s = fused_ops.DynamicLossScaler(device="cpu", backend=backend)
+    expect_error_unchanged(lambda: s.grad_scale_and_norm([torch.ones(3, device="meta")], max_norm=1.0), TypeError,
+                           "grad_scale_and_norm: grads\\[0\\] is a meta tensor", s)  # fmt: skip
+    state = s.state_dict()
+    expect_error_unchanged(lambda: s.load_state_dict({**state, "scale": 10**400}), ValueError,
+                           "scale must be a finite number > 0, got inf", s)  # fmt: skip
+    flat = fused_ops.flatten([torch.ones(3)], backend=backend)
+    flat.untyped_storage().resize_(0)
+    t = torch.zeros(3)
+    expect_error_unchanged(lambda: functional.unflatten_copy_([t], flat, backend=backend), ValueError,
+                           "^unflatten_copy_: flat lies outside its storage", t)  # fmt: skip
