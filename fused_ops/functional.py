@@ -317,16 +317,18 @@ def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:
 
 
 def _check_not_tracked(fn: str, name: str, tensors: list[Tensor], hint: str = "") -> None:
-    """A tensor written in place while autograd records (grad mode on) must not require grad: the op is not
-    differentiable, so autograd would not see the write (``y = x * 2; cast_([y], [z])``: backward gave x the grad
-    of ``y = x * 2`` and z none), and torch refuses in-place writes to a leaf that requires grad (before, a staged
-    non-contiguous one raised only in the copy back, after the other tensors were written)."""
+    """A tensor written in place while autograd records (grad mode on) that requires grad must be a leaf (a param,
+    written as an optimizer writes it: its version is bumped, so a backward that saved it refuses). Not the result
+    of an op nor a view: the op is not differentiable, so autograd would not see the write (``y = x * 2;
+    cast_([y], [z])``: backward gave x the grad of ``y = x * 2`` and z none), and a non-contiguous view of a leaf
+    (``W.t()``, written through a contiguous copy) raised in the copy back, after the other tensors were written."""
     if not torch.is_grad_enabled():
         return
     for i, x in enumerate(tensors):
-        if x.requires_grad:
-            raise RuntimeError(f"{fn}: {name}[{i}] requires grad: {fn} writes it in place and is not differentiable "
-                               f"(autograd would not see the write); call it under torch.no_grad(){hint}")  # fmt: skip
+        if x.requires_grad and not x.is_leaf:
+            raise RuntimeError(f"{fn}: {name}[{i}] requires grad and is not a leaf (the result of an op, or a view): "
+                               f"{fn} writes it in place and is not differentiable, so autograd would not see the "
+                               f"write; call it under torch.no_grad(), or write the leaf itself{hint}")  # fmt: skip
 
 
 def _check_writable(fn: str, name: str, tensors: list[Tensor]) -> None:

@@ -372,13 +372,14 @@ def test_freed_flat_buffer_negated_views_and_zero_tensors(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_written_tensors_that_require_grad_are_refused_under_grad_mode(backend):
     """cast_ / unscale_ / unflatten_copy_ write in place and are not differentiable: under grad mode a written
-    tensor that requires grad is refused before anything is written. Before, a non-contiguous view of a leaf that
-    requires grad raised only in the copy back, after the other tensors (and found_inf) were written, and a
-    non-leaf destination (``y = x * 2; cast_([y], [z])``) gave silently wrong grads (x got y's, z none). Under
-    torch.no_grad() the write is taken, as torch takes in-place writes to leaves there."""
+    tensor that requires grad and is not a leaf (an op's result, a view) is refused before anything is written.
+    Before, a non-contiguous view of a leaf that requires grad raised only in the copy back, after the other
+    tensors (and found_inf) were written, and a non-leaf destination (``y = x * 2; cast_([y], [z])``) gave silently
+    wrong grads (x got y's, z none). Under torch.no_grad() the write is taken; a leaf (a param) is written as an
+    optimizer writes it (tests/test_host_path.py: its version is bumped)."""
     a, w = torch.zeros(4), torch.zeros(2, 3, requires_grad=True)
     expect_error_unchanged(lambda: fused_ops.cast_([a, w.t()], [torch.ones(4), torch.ones(3, 2)], backend=backend),
-                           RuntimeError, "^cast_: dst\\[1\\] requires grad", a, w)  # fmt: skip
+                           RuntimeError, "^cast_: dst\\[1\\] requires grad and is not a leaf", a, w)  # fmt: skip
     x, z = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
     y = x * 2
     expect_error_unchanged(lambda: fused_ops.cast_([y], [z], backend=backend), RuntimeError,
