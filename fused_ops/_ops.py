@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._validate import finite_fp32
 
 # Tables of the Triton launches of the functional ops, keyed by tensor addresses and sizes. Bounded: stale
 # layouts are dropped oldest first. Dropping one is safe: a table that a CUDA graph captured was also moved to
@@ -54,7 +55,7 @@ def _check_op_numbers(fn: str, step: Optional[float] = None, **numbers: float) -
     param into NaN), and ``step``, when given, a finite number >= 1 (step 0 divides by a zero bias correction), as
     ``functional.adam_`` and the optimizers refuse them."""
     for name, value in numbers.items():
-        if not (math.isfinite(value) and abs(value) <= _FP32_MAX):
+        if not finite_fp32(value):
             raise ValueError(f"{fn}: {name} must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {value}")
     if step is not None and not (math.isfinite(step) and step >= 1):
         raise ValueError(f"{fn}: step must be a finite number >= 1, got {step}")

@@ -3,6 +3,7 @@ check nothing) rely on, verified before anything is modified, with errors that n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import islice
 from operator import add as _add
@@ -90,13 +91,19 @@ _storage_nbytes = torch.UntypedStorage.nbytes
 FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def real_float(x) -> float:
+    """A real number as a float; an int too large for one (``10**400``) is inf, which the caller's range check
+    names (``float()`` raises a bare OverflowError)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
 def finite_fp32(x: float) -> bool:
     """Whether ``x`` is a finite float32: the kernels compute in float32, where 1e39 is inf (torch's fused and
     foreach kernels refuse it: "value cannot be converted to type float without overflow")."""
-    try:
-        return abs(float(x)) <= FP32_MAX  # (NaN compares False)
-    except OverflowError:
-        return False
+    return abs(real_float(x)) <= FP32_MAX  # (NaN compares False)
 
 
 def loaded_tensor_problem(x: Tensor) -> str | None:

@@ -16,14 +16,14 @@ from torch import Tensor
 from . import _ops
 from ._backend import resolve_backend
 from ._validate import check_memory as _check_memory
-from ._validate import check_scalar, check_storage, first_without_storage, self_overlapping
+from ._validate import check_scalar, check_storage, finite_fp32, first_without_storage, self_overlapping
 from ._validate import has_memory as _has_memory
 from ._validate import outside_storage as _outside_storage
 
 
 def _check_finite(name: str, value: float) -> None:
     """A finite float32 (the kernels compute in float32, where 1e39 is inf; torch's fused kernels refuse it)."""
-    if not (math.isfinite(value) and abs(value) <= _FP32_MAX):
+    if not finite_fp32(value):
         raise ValueError(f"{name} must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {value}")
 
 
@@ -649,9 +649,7 @@ def _check_inv_scale(fn: str, inv_scale) -> None:
         raise TypeError(f"{fn}: inv_scale must be a number or a 1-element floating-point tensor, got "
                         f"{type(inv_scale).__name__}")  # fmt: skip
     else:
-        _check_finite(f"{fn}: inv_scale", float(inv_scale))
-        if abs(float(inv_scale)) > _FP32_MAX:  # (the kernels and torch's unscale compute in float32)
-            raise ValueError(f"{fn}: inv_scale must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {inv_scale}")
+        _check_finite(f"{fn}: inv_scale", float(inv_scale))  # (the kernels and torch's unscale: float32)
 
 
 def unscale_(

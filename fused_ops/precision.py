@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import functional
 from ._backend import check_backend
-from ._validate import has_memory
+from ._validate import has_memory, real_float
 
 # The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
 # value outside their range would become 0 or inf, or raise half-way through an update or a load.
@@ -112,10 +112,7 @@ _OPTIONAL_KEYS = ("skipped_steps", "consecutive_skipped", "min_scale_overflows",
 def _number(fn: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # (an int too large for a float: the caller's range check names it)
-        return math.inf
+    return real_float(value)  # (an int too large for a float: inf, which the caller's range check names)
 
 
 def _count(fn: str, name: str, value, high: int) -> int:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
-from .._validate import FP32_MAX, has_memory, loaded_tensor_problem
+from .._validate import FP32_MAX, has_memory, loaded_tensor_problem, real_float
 from .._validate import finite_fp32 as _finite_fp32
 from ..precision import _grad_keys
 from ._layout import _bucket_freed, _slot_moved
@@ -38,10 +38,7 @@ def _real(name: str, value: Any) -> float:
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         return float(value.item())
     if isinstance(value, numbers.Real):
-        try:
-            return float(value)
-        except OverflowError:  # (an int too large for a float: the range check names it)
-            return math.inf
+        return real_float(value)  # (an int too large for a float: inf, which the range check names)
     raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(value).__name__}")
 
 

@@ -39,6 +39,7 @@ from .._validate import (
     first_without_storage,
     loaded_tensor_problem,
     outside_storage,
+    real_float,
     self_overlapping,
 )
 
@@ -53,10 +54,7 @@ def _to_float(x: Any) -> float:
     if not isinstance(x, Tensor):
         if not isinstance(x, numbers.Real):  # (float("0.01") would take a string)
             raise TypeError(f"a hyper-parameter must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
-        try:
-            return float(x)
-        except OverflowError:
-            return math.inf
+        return real_float(x)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError("a hyper-parameter given as a CUDA tensor (betas, eps, weight_decay, momentum, ...) is read "
                          "on the host at every step, which a CUDA graph capture forbids: give it as a float or a CPU "
