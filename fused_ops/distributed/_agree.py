@@ -8,6 +8,7 @@ The module-level functions check one value on this rank; ``_AgreementMixin`` run
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._backend import check_backend
+from .._backend import check_backend, resolve_backend
 from .._validate import FP32_MAX, has_memory, loaded_tensor_problem, real_float
 from .._validate import finite_fp32 as _finite_fp32
 from ..precision import _grad_keys
@@ -66,6 +67,16 @@ def _check_step_tensor(name: str, t: Tensor, written: bool = False) -> None:
     if written and t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name} is an inference tensor: step() writes it, which torch allows only inside "
                          "torch.inference_mode(); make it outside inference mode")  # fmt: skip
+
+
+def _resolve_group_backend(gi: int, group: dict[str, Any], device: torch.device) -> str:
+    """The backend param group ``gi`` runs on ``device`` ("triton" or "reference"), as ``functional.adam_`` resolves
+    it; the RuntimeError FusedAdamW's step raises (``backend="triton"`` on CPU tensors without the Triton
+    interpreter, or without triton), naming the group, when it cannot run there."""
+    try:
+        return resolve_backend(group.get("backend"), device)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} (backend of param group {gi})") from None
 
 
 def _check_lr_value(lr: float, where: str) -> None:
@@ -179,6 +190,7 @@ _FP32_TINY = float(torch.finfo(torch.float32).tiny)
 _LOSS_SCALE_RANGE = ("loss_scale must be at least float32's smallest normal number ({2:.4g}) and at most "
                      "float32's largest divided by the world size ({3:.4g} / {1}), got {0}")  # fmt: skip
 _NONE = -1.0  # max_grad_norm / loss scale None in the compared values (valid ones are > 0)
+_FOUND_INF = "loss_scale.found_inf (the loss scaler's overflow flag)"
 
 
 @dataclass
@@ -186,6 +198,7 @@ class _StepInputs:
     """A step's values, checked on this rank (tensor values are checked on the device, in the all-reduce)."""
 
     lrs: list[float | Tensor]  # per group: a float, or a 1-element tensor on the params' device
+    backends: list[str]  # per group: "triton" or "reference", resolved for the params' device
     floats: list[tuple[float, float, float, float]]  # per group: beta1, beta2, eps, weight_decay
     max_grad_norm: float | None
     loss_scale: float | Tensor | None  # a float, or a 0-d float64 tensor on the params' device
@@ -238,7 +251,8 @@ class _AgreementMixin:
         err = None if local_error is None else (type(local_error).__name__, str(local_error))
         sig = None
         if err is None:
-            sig = [(g, tuple(p.shape), str(p.dtype)) for g, p in zip(self._group_of, self._params, strict=True)]
+            sig = [(g, tuple(p.shape), str(p.dtype), p.device.type)
+                   for g, p in zip(self._group_of, self._params, strict=True)]  # fmt: skip
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, (config, group_values, sig, err), group=self.process_group)
         for r, (_, _, _, e) in enumerate(gathered):
@@ -265,8 +279,8 @@ class _AgreementMixin:
                 if a != b:
                     raise ValueError(
                         f"ZeroAdamW: params differ between ranks: param {i} is (group {a[0]}, shape {a[1]}, "
-                        f"{a[2]}) on rank 0 but (group {b[0]}, shape {b[1]}, {b[2]}) on rank {r}; every rank "
-                        "must pass the same params in the same order"
+                        f"{a[2]}, on {a[3]}) on rank 0 but (group {b[0]}, shape {b[1]}, {b[2]}, on {b[3]}) on rank "
+                        f"{r}; every rank must pass the same params in the same order, on the same kind of device"
                     )
             for gi, (a, b) in enumerate(zip(values0, values, strict=True)):
                 for name, x, y in zip(_GROUP_VALUES, a, b, strict=True):
@@ -305,10 +319,12 @@ class _AgreementMixin:
         values: list[float] = []
         tensors: list[tuple[int, Tensor, str]] = []
         lrs: list[float | Tensor] = []
+        backends: list[str] = []
         floats: list[tuple[float, float, float, float]] = []
         for gi, group in enumerate(self.param_groups):
             lr, beta1, beta2, eps, weight_decay = _check_group(gi, group, read_lr=False)
             _check_lowbit_amsgrad(gi, group, self.state_dtype)
+            backends.append(_resolve_group_backend(gi, group, dev))
             if isinstance(lr, Tensor) and lr.device != dev:
                 if lr.device.type == "cpu":  # read on the host (no sync); a tensor elsewhere is copied over
                     lr = float(lr.item())
@@ -354,14 +370,15 @@ class _AgreementMixin:
                     f"tensor, got {_describe(scaler_found_inf)}"
                 )
             if scaler_found_inf is not None:
-                _check_step_tensor("loss_scale.found_inf (the loss scaler's overflow flag)", scaler_found_inf,
-                                   written=True)  # fmt: skip
+                _check_step_tensor(_FOUND_INF, scaler_found_inf, written=True)
         else:
             raise TypeError(
                 "loss_scale must be None, a number, a 1-element tensor or a loss scaler with a `scale` tensor, got "
                 f"{type(loss_scale).__name__}"
             )
         values.append(float(kind))
+        # (tensors the step reads or writes besides its own: they may share no memory with what it writes)
+        given = [(f"lr of param group {gi}", lr) for gi, lr in enumerate(lrs) if isinstance(lr, Tensor)]
         if isinstance(scale, Tensor):
             name = "loss_scale" if kind == 2 else "loss_scale.scale"
             if scale.numel() != 1:
@@ -369,6 +386,7 @@ class _AgreementMixin:
             if not scale.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {scale.dtype}")
             _check_step_tensor(name, scale)
+            given.append((name, scale))
             scale = scale.detach().to(dev, torch.float64).reshape(())
             tensors.append((len(values), scale, "loss_scale"))
             values.append(0.0)
@@ -381,7 +399,69 @@ class _AgreementMixin:
             values.append(scale)
         else:
             values.append(_NONE)
-        return _StepInputs(lrs, floats, max_grad_norm, scale, scaler_found_inf, values, tensors)
+        if scaler_found_inf is not None:
+            given.append((_FOUND_INF, scaler_found_inf))
+        if given:
+            self._check_apart(given)
+        return _StepInputs(lrs, backends, floats, max_grad_norm, scale, scaler_found_inf, values, tensors)
+
+    def _check_apart(self, given: list[tuple[str, Tensor]]) -> None:
+        """The step's tensors from outside (a tensor lr, loss_scale, a scaler's scale and found_inf: one element each,
+        with memory, checked before) share no memory with what the step writes: the params' flat buffers, the master,
+        moment and reduced-grad shards, the staging buffers, the step counts and ``skipped_steps`` (the fused op
+        would refuse an lr there on the ranks whose shard holds it only, after the ranks agreed; a torch op would
+        read a value the step already changed); and the scaler's ``found_inf``, which the step writes, none with the
+        others. Host reads only: a pass over the buckets' buffers and a bisection in the step counts' addresses."""
+        dev = self._device
+        spans = [(name, t, t.data_ptr(), t.data_ptr() + t.element_size()) for name, t in given]
+        for name, t, lo, hi in spans:
+            if t.device == dev:  # (on another device it is copied over, or read on the host)
+                what = self._own_memory_at(lo, hi)
+                if what is not None:
+                    raise ValueError(
+                        f"{name} shares memory with {what} of this ZeroAdamW, which the step writes: pass a tensor "
+                        f"of its own (e.g. a clone())"
+                    )
+        if given[-1][0] == _FOUND_INF:
+            _, flag, lo, hi = spans[-1]
+            for name, t, a, e in spans[:-1]:
+                if t.device == flag.device and a < hi and lo < e:
+                    raise ValueError(
+                        f"{_FOUND_INF} shares memory with {name}: the step writes the flag after reading {name}; "
+                        "pass tensors of their own"
+                    )
+
+    def _own_memory_at(self, lo: int, hi: int) -> str | None:
+        """What this ZeroAdamW's step writes in the bytes ``[lo, hi)`` of its device, or None."""
+        for b in self._buckets:
+            for what, t in (
+                (f"the params (the flat buffer of bucket {b.index})", b.param_flat), ("the master weights", b.master),
+                ("the reduced grads", b.grad), ("the exp_avg shard", b.exp_avg), ("the exp_avg_sq shard", b.exp_avg_sq),
+                ("the max_exp_avg_sq shard", b.max_exp_avg_sq), ("the exp_avg scales", b.exp_avg_scale),
+                ("the exp_avg_sq scales", b.exp_avg_sq_scale),
+            ):  # fmt: skip
+                if t is not None and t.data_ptr() < hi and lo < t.data_ptr() + t.nbytes:
+                    what = what if what.startswith("the params") else f"{what} of bucket {b.index}"
+                    return what
+        for pool in self._pools.values():
+            for t in pool.flat:
+                if t.data_ptr() < hi and lo < t.data_ptr() + t.nbytes:
+                    return "a staging buffer of the reduce-scatters"
+        t = self.skipped_steps
+        if t.data_ptr() < hi and lo < t.data_ptr() + t.nbytes:
+            return "skipped_steps"
+        # The step counts: one 4-byte tensor each, never reallocated (written in place): their sorted addresses are
+        # taken once.
+        table = self.__dict__.get("_step_addresses")
+        if table is None or table[2] is not self._steps or len(table[0]) != len(self._steps):
+            order = sorted(range(len(self._steps)), key=lambda i: self._steps[i].data_ptr())
+            table = self._step_addresses = ([self._steps[i].data_ptr() for i in order], order, self._steps)
+        starts, order, _ = table
+        k = bisect.bisect_right(starts, lo) - 1  # the last count starting at or before lo
+        for j in (k, k + 1):  # (that one, or the next one, starting inside [lo, hi))
+            if 0 <= j < len(starts) and starts[j] < hi and lo < starts[j] + 4:
+                return f"the step count of param {order[j]}"
+        return None
 
     def _check_layout(self) -> bool:
         """The param groups still hold exactly the params laid out at construction, and every param is still its

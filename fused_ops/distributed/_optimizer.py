@@ -14,8 +14,16 @@ from torch import Tensor
 
 from .._backend import check_backend
 from .._ref_lowbit import QUANT_BLOCK
-from .._validate import check_memory, first_without_storage
-from ._agree import _AgreementMixin, _check_group, _check_lowbit_amsgrad, _check_max_grad_norm, _real, _state_name
+from .._validate import check_memory, has_memory
+from ._agree import (
+    _AgreementMixin,
+    _check_group,
+    _check_lowbit_amsgrad,
+    _check_max_grad_norm,
+    _real,
+    _resolve_group_backend,
+    _state_name,
+)
 from ._checkpoint import _CheckpointMixin
 from ._dcp import _DCPMixin
 from ._layout import _LayoutMixin
@@ -31,8 +39,9 @@ class ZeroAdamW(
     """AdamW with ZeRO stage 1 or 2 partitioning over a ``torch.distributed`` process group.
 
     Args:
-        params: iterable of params or param-group dicts (as torch.optim.AdamW). All on one device; fp32,
-            bf16 or fp16; identical in number, shape, dtype, group and order on every rank (checked,
+        params: iterable of params or param-group dicts (as torch.optim.AdamW). Plain tensors with memory of
+            their own (not DTensors nor other tensor subclasses, not meta), all on one device; fp32, bf16 or fp16;
+            identical in number, shape, dtype, kind of device, group and order on every rank (checked,
             collectively). Their values may differ: every rank takes rank 0's at construction, as DDP does.
         process_group: the data-parallel group (default: the world group). Must be initialised.
         stage: 1 (shard optimizer states; grads reduce-scattered in ``step()``) or 2 (also shard grads: each
@@ -51,7 +60,8 @@ class ZeroAdamW(
             reduces in that dtype into an fp32 shard.) The grad norm is accumulated in float64 either way.
         align: params start, and shards split, at multiples of this many elements (default 64; 256 with
             ``state_dtype="int8"``, which needs a multiple of 256).
-        backend: fused-op backend ("auto", "triton", "reference"), as in FusedAdamW.
+        backend: fused-op backend ("auto", "triton", "reference"), as in FusedAdamW (``"triton"`` on CPU params
+            without the Triton interpreter is refused on every rank, here and at each step).
         state_dtype: how this rank's shard of the moments is stored (FusedAdamW's option). ``None``/``"float32"``
             (default): fp32, the fp32 Adam kernel. ``"int8"``: uint8 codes with one fp32 scale (the absmax) per
             256-element block of the shard (Dettmers et al.'s block-wise dynamic quantisation, see
@@ -204,9 +214,11 @@ class ZeroAdamW(
             config = (stage, float(bucket_cap_mb), align, bool(master_weights), str(reduce_dtype), self.world_size,
                       max_grad_norm, state)  # fmt: skip
             group_values = []
+            device = self._params[0].device if self._params else torch.device("cpu")
             for gi, g in enumerate(self.param_groups):
                 lr_, beta1, beta2, eps_, weight_decay_ = _check_group(gi, g, read_lr=True)
                 _check_lowbit_amsgrad(gi, g, state)
+                _resolve_group_backend(gi, g, device)  # (step() resolves it again: the environment may change)
                 lr_ = float(lr_.item()) if isinstance(lr_, Tensor) else lr_
                 group_values.append((lr_, beta1, beta2, eps_, weight_decay_, bool(g["amsgrad"]), bool(g["maximize"])))
         except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
@@ -261,6 +273,20 @@ class ZeroAdamW(
         super().add_param_group(param_group)
 
     def _local_param_error(self) -> str | None:
+        for i, p in enumerate(self._params):
+            # (before anything reads a param's elements or address: the checks below, the layout, the broadcast)
+            where = f"param {i} (group {self._group_of[i]}, shape {tuple(p.shape)})"
+            if not has_memory(type(p)):
+                raise TypeError(
+                    f"{where} is a {type(p).__name__}, not a tensor with memory of its own: ZeroAdamW lays plain "
+                    "params out in flat buffers and shards them itself; pass plain tensors or Parameters (FusedAdamW "
+                    "takes DTensor params, e.g. FSDP2's)"
+                )
+            if p.is_meta:
+                raise TypeError(
+                    f"{where} is a meta tensor (no memory, no values): materialise the model (e.g. "
+                    "model.to_empty(device=...) and initialise it) before building ZeroAdamW"
+                )
         devices = {p.device for p in self._params}
         if len(devices) > 1:
             return f"all params must be on one device, got {sorted(str(d) for d in devices)}"
@@ -279,9 +305,8 @@ class ZeroAdamW(
             if p.is_sparse:
                 return f"param {i} is sparse"
         params = list(self._params)
-        if first_without_storage(params) is None:
-            try:  # (a param that is a view of another, tied weights: each would get its own slot, untied silently)
-                check_memory("ZeroAdamW", [("params", params, True, True, all(p.is_contiguous() for p in params))])
-            except (ValueError, TypeError) as e:
-                return f"{e} (each param gets a place of its own in the flat buffer: tied params would be untied)"
+        try:  # (a param that is a view of another, tied weights: each would get its own slot, untied silently)
+            check_memory("ZeroAdamW", [("params", params, True, True, all(p.is_contiguous() for p in params))])
+        except (ValueError, TypeError) as e:
+            return f"{e} (each param gets a place of its own in the flat buffer: tied params would be untied)"
         return None

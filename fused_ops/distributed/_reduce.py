@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._validate import outside_storage
+from .._validate import has_memory, outside_storage
 from ._comm import _reduce_scatter
 from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
 
@@ -155,10 +155,19 @@ class _ReduceMixin:
         moved = "its bucket's storage was freed or resized" if _bucket_freed(b) else _slot_moved(s, b)
         if moved is not None:
             return "RuntimeError", _moved_message(where, moved)
+        if not has_memory(type(g)):
+            return "TypeError", (
+                f"the grad of {where} is a {type(g).__name__}, not a tensor with memory of its own (the param is a "
+                "plain tensor): give it a plain tensor grad"
+            )
         if g.is_sparse:
             return "RuntimeError", f"ZeroAdamW does not support sparse gradients; the grad of {where} is sparse"
         if not g.is_floating_point():
             return "RuntimeError", f"the grad of {where} is {g.dtype}"
+        if g.dtype != b.dtype:
+            return "TypeError", f"the grad of {where} is {g.dtype} but the param is {b.dtype}"
+        if g.device != b.param_flat.device:
+            return "ValueError", f"the grad of {where} is on {g.device} but the param is on {b.param_flat.device}"
         if g.shape == view.shape and outside_storage(g):
             return "RuntimeError", (
                 f"the grad of {where} lies outside its storage ({g.untyped_storage().nbytes()} bytes): its storage "
@@ -172,8 +181,12 @@ class _ReduceMixin:
         """Whether a reduction sends zeros for this slot instead of its grad (step() raises ``_grad_error``)."""
         g = s.param.grad
         return _slot_moved(s, b) is not None or (
-            g is not None and (g.shape != s.shape or g.is_sparse or not g.is_floating_point() or outside_storage(g))
-        )
+            g is not None
+            and (
+                g.shape != s.shape or g.dtype != b.dtype or g.device != b.param_flat.device or not has_memory(type(g))
+                or g.is_sparse or outside_storage(g)
+            )
+        )  # fmt: skip
 
     def _forget_fixed_grads(self) -> None:
         """Stage 2, before a step: a grad refused by a reduction whose shards were kept (a synced pass, or a failed

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_lowbit, functional
-from .._backend import resolve_backend
 from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _ERROR_TYPES, _OUT_OF_STEP, _StepInputs
 from ._comm import _all_gather, _sum_of_squares
@@ -42,11 +41,15 @@ class _StepMixin:
 
         Checked before anything changes, on every rank: the step values of every param group (lr, betas, eps,
         weight_decay; a tensor lr must be 1-element and floating point, its value is checked on the device),
-        ``max_grad_norm``, ``loss_scale`` (finite and > 0; a tensor or a scaler's ``scale`` and ``found_inf``
-        1-element and floating point), the grads (dense, the param's shape) and that every param is still a view
-        of its bucket; and that every rank steps with bit-identical values (lr, betas, eps, weight_decay, amsgrad,
-        maximize, max_grad_norm, loss_scale). A problem on any rank raises the same exception on every rank, and
-        leaves params, grads, moments, master weights, step counts, the scaler and the logged values as they were.
+        each group's backend (``"triton"`` on CPU tensors needs the Triton interpreter), ``max_grad_norm``,
+        ``loss_scale`` (finite and > 0; a tensor or a scaler's ``scale`` and ``found_inf`` 1-element and floating
+        point), that a tensor lr, loss_scale, scale or found_inf shares no memory with the params, shards, staging
+        buffers, step counts or ``skipped_steps`` this optimizer writes (nor found_inf with the others), the grads
+        (plain dense tensors with memory of their own, the param's shape, dtype and device) and that every param is
+        still a view of its bucket; and that every rank steps with bit-identical values (lr, betas, eps,
+        weight_decay, amsgrad, maximize, max_grad_norm, loss_scale). A problem on any rank raises the same exception
+        on every rank, and leaves params, grads, moments, master weights, step counts, the scaler and the logged
+        values as they were.
         The check rides on the all-reduce of the grad norm (no extra collective); reading its outcome is the
         step's one host synchronisation (torch's GradScaler syncs once per step too).
         """
@@ -147,8 +150,8 @@ class _StepMixin:
             for with_master in (False, True):
                 segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
                 if segs:
-                    lr, floats = inputs.lrs[gi], inputs.floats[gi]
-                    self._adam(group, segs, lr, floats, grad_scale, found_inf, (gi, with_master))
+                    lr, floats, backend = inputs.lrs[gi], inputs.floats[gi], inputs.backends[gi]
+                    self._adam(group, segs, lr, floats, backend, grad_scale, found_inf, (gi, with_master))
         # Params with no element on this rank still count the step, as their owners do.
         others = [self._steps[i] for i in self._unowned]
         if others:
@@ -203,14 +206,15 @@ class _StepMixin:
         return views
 
     def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
-              floats: tuple[float, float, float, float], grad_scale: Tensor, found_inf: Tensor | None,
+              floats: tuple[float, float, float, float], backend: str, grad_scale: Tensor, found_inf: Tensor | None,
               key: tuple[int, bool]) -> None:  # fmt: skip
         """The fused Adam op over the given segments of this rank's shards (one launch per dtype), with the step
-        values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay)."""
+        values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay; ``backend``: the group's, resolved
+        for the params' device by the checks the ranks agreed on)."""
         if self.state_dtype != "fp32":
             for dtype in dict.fromkeys(s.bucket.dtype for s in segs):  # the low-bit launch takes one param dtype
                 part = [s for s in segs if s.bucket.dtype == dtype]
-                self._adam_lowbit(group, part, lr, floats, grad_scale, found_inf, (*key, dtype))
+                self._adam_lowbit(group, part, lr, floats, backend, grad_scale, found_inf, (*key, dtype))
             return
         # Grad shards are the params' dtype or fp32; the op takes both as they are, divides by grad_scale in fp32
         # (in the Triton kernel, or into fp32 copies on the CPU path) and leaves the shards as reduced.
@@ -221,7 +225,7 @@ class _StepMixin:
             params, grads, ms, vs, maxvs if amsgrad else None, steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, maximize=bool(group["maximize"]), decoupled_weight_decay=True,
-            grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=group["backend"],
+            grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=backend,
         )  # fmt: skip
 
     def _lowbit_seed(self, key: tuple[int, bool, torch.dtype]) -> int:
@@ -232,8 +236,8 @@ class _StepMixin:
         return (self.seed + 7919 * gi + 104729 * dtype_index + 1299709 * int(with_master)) % 2**31
 
     def _adam_lowbit(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
-                     floats: tuple[float, float, float, float], grad_scale: Tensor, found_inf: Tensor | None,
-                     key: tuple[int, bool, torch.dtype]) -> None:  # fmt: skip
+                     floats: tuple[float, float, float, float], backend: str, grad_scale: Tensor,
+                     found_inf: Tensor | None, key: tuple[int, bool, torch.dtype]) -> None:  # fmt: skip
         """The low-bit Adam step (``kernels/adam_lowbit.py``, or ``_cpu_lowbit.adam_lowbit_cpu_`` on the reference
         backend) over segments of one param dtype: each segment is one tensor of the launch, with its own step
         count and, for int8 states, its own blocks of the shard's scales."""
@@ -245,7 +249,7 @@ class _StepMixin:
             seed=self._lowbit_seed(key), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             maximize=bool(group["maximize"]), decoupled=True, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
-        if resolve_backend(group["backend"], self._device) == "triton":
+        if backend == "triton":
             from ..kernels.adam_lowbit import adam_lowbit_launch
 
             cache = self._lowbit_tables[key]
