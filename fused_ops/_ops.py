@@ -294,20 +294,39 @@ def _flatten_into(flat: Tensor, tensors, offsets, spans, backend: str, scatter: 
         reference.flatten_into_(flat, tensors, offsets, spans)
 
 
-def _check_flatten_args(tensors, align: int, backend: str) -> None:
-    """``flatten`` through the dispatcher, on both backends (the eager entry point's caller checked the same)."""
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+def _check_flatten_align(tensors, align: int) -> None:
+    """What the fake kernel checks too (it sees no memory): ``align`` a positive int (a SymInt when traced),
+    ``tensors`` not empty."""
+    if isinstance(align, bool) or not isinstance(align, int | torch.SymInt) or align < 1:
         raise ValueError(f"fused_ops::flatten: align must be a positive int, got {align!r}")
     if not tensors:
         raise ValueError("fused_ops::flatten: tensors is empty (the new buffer's dtype and device come from it)")
+
+
+def _check_flatten_args(tensors, align: int, backend: str) -> None:
+    """``flatten`` through the dispatcher, on both backends (the eager entry point's caller checked the same)."""
+    _check_flatten_align(tensors, align)
     _check_lists("fused_ops::flatten", backend, _PLAIN_DTYPES, tensors=tensors)
     from ._validate import check_storage
 
     check_storage("fused_ops::flatten", "tensors", tensors)
 
 
-def _flatten(tensors, align: int, backend: str) -> Tensor:
+_MAX_BYTES = 2**63 - 1  # (torch's sizes are int64: a larger buffer cannot even be described)
+
+
+def flatten_total(fn: str, tensors, align: int) -> tuple[list[int], list[int], int]:
+    """``reference.flatten_layout`` of ``tensors``, refusing a buffer larger than a tensor can be (an ``align`` of
+    2**62 pads 3 elements to more bytes than int64 counts; torch raises its own overflow error, or a TypeError)."""
     offsets, spans, total = reference.flatten_layout([x.numel() for x in tensors], align)
+    if total * tensors[0].element_size() > _MAX_BYTES:
+        raise ValueError(f"{fn}: align={align} pads the buffer to {total} elements of {tensors[0].dtype}, more bytes "
+                         "than a tensor can hold (2**63 - 1)")  # fmt: skip
+    return offsets, spans, total
+
+
+def _flatten(tensors, align: int, backend: str) -> Tensor:
+    offsets, spans, total = flatten_total("fused_ops::flatten", tensors, align)
     flat = tensors[0].new_empty((total,))
     _flatten_into(flat, tensors, offsets, spans, backend)
     return flat
@@ -329,7 +348,8 @@ def _flatten_cuda(tensors, align, backend) -> Tensor:
 
 @flatten.register_fake
 def _flatten_fake(tensors, align, backend) -> Tensor:
-    return tensors[0].new_empty((reference.flatten_layout([x.numel() for x in tensors], align)[2],))
+    _check_flatten_align(tensors, align)  # (the eager op's errors, not an IndexError or a ZeroDivisionError)
+    return tensors[0].new_empty((flatten_total("fused_ops::flatten", tensors, align)[2],))
 
 
 def flatten_eager(tensors: list[Tensor], align: int, backend: str) -> Tensor:
@@ -607,6 +627,10 @@ def grad_norm_eager(tensors: list[Tensor], norm_type: float, backend: str) -> Te
 
 @grad_norm.register_fake
 def _grad_norm_fake(tensors, norm_type, backend) -> Tensor:
+    if not norm_type > 0:  # (the eager op's error)
+        raise ValueError(f"fused_ops::grad_norm: norm_type must be inf or a number > 0, got {norm_type}")
+    if not tensors:  # (eager: a 0-d float32 zero on the CPU)
+        return torch.empty((), dtype=torch.float32)
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return tensors[0].new_empty((), dtype=dtype)
 

@@ -263,12 +263,14 @@ def _name_shared_memory(fn, groups, starts, sizes, same, skip) -> None:
 def _interleaved(x: Tensor, y: Tensor) -> bool:
     """Whether ``x`` and ``y``, whose byte ranges overlap, share no element for a reason cheap to see: the same
     element size and strides, every stride a multiple of the smallest one (``s`` bytes, over dims of more than one
-    element), and starts that differ by at least one element modulo ``s`` (``base[0::2]`` and ``base[1::2]``)."""
+    element), and starts that differ by at least one element modulo ``s`` (``base[0::2]`` and ``base[1::2]``). A
+    dim of stride 0 (an expanded view) adds no element, only repeats them: it is left out (a zero stride would
+    divide by zero); with no other dim left, the two are single elements whose bytes overlap: they share."""
     if x.element_size() != y.element_size() or x.stride() != y.stride() or x.dtype != y.dtype:
         return False
     size = x.element_size()
-    strides = [abs(s) * size for s, n in zip(x.stride(), x.shape) if n > 1]
-    strides += [abs(s) * size for s, n in zip(y.stride(), y.shape) if n > 1]
+    strides = [abs(s) * size for s, n in zip(x.stride(), x.shape) if n > 1 and s != 0]
+    strides += [abs(s) * size for s, n in zip(y.stride(), y.shape) if n > 1 and s != 0]
     if not strides:
         return False
     step = min(strides)
@@ -288,7 +290,8 @@ def _disjoint_views(x: Tensor, y: Tensor, budget: int = 4096) -> bool:
     diff = y.data_ptr() - x.data_ptr()
     if diff % size or x.dim() != y.dim():
         return False
-    dims = sorted(((st, nx, ny) for st, nx, ny in zip(x.stride(), x.shape, y.shape) if max(nx, ny) > 1),
+    # (a stride-0 dim repeats elements: it adds none)
+    dims = sorted(((st, nx, ny) for st, nx, ny in zip(x.stride(), x.shape, y.shape) if max(nx, ny) > 1 and st != 0),
                   reverse=True)  # fmt: skip
     if any(st <= 0 for st, _, _ in dims):
         return False

@@ -439,6 +439,7 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
     dtype, device = _one_group("flatten", "tensors", tensors, dtypes)
     backend_name = _op_backend("flatten", backend, device, [dtype], _KERNEL_DTYPES + (torch.float64,))
     check_storage("flatten", "tensors", tensors)
+    _ops.flatten_total("flatten", tensors, align)
     return _ops.flatten_eager(_contiguous(tensors), align, backend_name)
 
 
@@ -754,14 +755,14 @@ def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_d
             flag = torch.zeros(1, dtype=torch.float32, device=device)
         _ops.unscale_eager(g_group, scale_t, 0.0 if scale_t is not None else float(inv_scale), flag, o_group,
                            backend_name)  # fmt: skip
-        if flag is not found_inf:
-            flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
-            found_inf.copy_(torch.maximum(found_inf, flag))
+        if flag is not found_inf:  # (1.0 where found, as torch's unscale and the kernel store it)
+            reference.set_found_inf(found_inf, flag.to(found_inf.device).reshape(found_inf.shape) != 0)
 
 
 def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str | None = None) -> Tensor:
     """The ``norm_type``-norm of all elements of all ``tensors`` together, as a 0-d tensor on the first
-    tensor's device: one launch per (device, dtype) group plus a tiny reduction, no host sync.
+    tensor's device: one launch per (device, dtype) group (two for a p other than 1, 2 and inf) plus a tiny
+    reduction, no host sync.
 
     Same value as ``torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors]), norm_type)`` computed in
     float64, returned as float32 (float64 if a tensor is float64), whatever the tensors' dtype. Deterministic:
@@ -778,8 +779,11 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     sub-mesh next to a mesh of all ranks) add one all-reduce over all their ranks, so that every rank has every
     mesh's part; where neither a mesh nor the default group spans them all, the same ValueError is raised on every
     rank, nothing changed. A ``Partial`` DTensor counts as its reduced value (one all-reduce each, as torch's DTensor
-    norm redistributes it). For a large p the p-th powers are summed in float64 and may overflow where the norm does
-    not (as in torch).
+    norm redistributes it). For a p other than 1, 2 and inf the elements are divided by the largest |x| before the
+    power (one more pass over them), so the p-th powers neither overflow nor underflow where the norm does not
+    (``[1e30, 1e30]`` with p = 100 is 1.0069e30; torch's float64 sum of p-th powers gives inf there, its float32 one
+    already for p = 3); across the ranks of a mesh the local norms' p-th powers are summed in float64, and may
+    overflow there for a large p.
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
     tensors, dtypes, specs = _float_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors),
@@ -807,7 +811,12 @@ def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tenso
     first = tensors[0].device
     out_dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     stacked = torch.stack([n.to(first, torch.float64) for n in norms])
-    return torch.linalg.vector_norm(stacked, norm_type).to(out_dtype)
+    if norm_type in (1.0, 2.0) or math.isinf(norm_type):
+        return torch.linalg.vector_norm(stacked, norm_type).to(out_dtype)
+    # (a general p: the groups' norms divided by their max first, as within a group: (1e30^100) would overflow)
+    m = stacked.max()
+    scale = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+    return (torch.linalg.vector_norm(stacked / scale, norm_type) * scale).to(out_dtype)
 
 
 def _global_grad_norm(fn, tensors, dtypes, norm_type, backend, name, specs, flag=None) -> tuple[Tensor, Tensor | None]:
@@ -916,6 +925,8 @@ def clip_grad_norm_(
                 rounds.append([])
             rounds[k].append(g)
     dense = _all_contiguous(rounds[0])
+    if not dense:  # (before anything is written: torch's _foreach_mul_ refuses one after scaling the others)
+        _check_writable("clip_grad_norm_", "grads", rounds[0])
     _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
     if specs is not None:
         # (a Partial grad's norm is its reduced value's; its summands are then scaled in place, which scales the sum)
@@ -931,12 +942,13 @@ def clip_grad_norm_(
             "`error_if_nonfinite=False`"
         )
     coef = clip_coef(total, max_norm)
-    for part in rounds:
-        strided = [g for g in part if not g.is_contiguous()] if not dense else []
-        if strided:
-            torch._foreach_mul_(strided, coef.to(strided[0].device))
-        flat = [g for g in part if g.is_contiguous()] if strided else part
-        if flat:
-            _unscale_groups("clip_grad_norm_", flat, [], coef.reshape(1), None, backend, {g.device for g in flat},
-                            {g.dtype for g in flat}, set(), (("grads", flat),))  # fmt: skip
+    with torch.no_grad():  # (as torch's clip: a grad that requires grad, e.g. a view of a leaf, is scaled too)
+        for part in rounds:
+            strided = [g for g in part if not g.is_contiguous()] if not dense else []
+            if strided:
+                torch._foreach_mul_(strided, coef.to(strided[0].device))
+            flat = [g for g in part if g.is_contiguous()] if strided else part
+            if flat:
+                _unscale_groups("clip_grad_norm_", flat, [], coef.reshape(1), None, backend, {g.device for g in flat},
+                                {g.dtype for g in flat}, set(), (("grads", flat),))  # fmt: skip
     return total

@@ -6,6 +6,7 @@ in float64). Nothing here imports triton.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -320,8 +321,7 @@ def unscale_(
             # The same kernel with a scale of 1 checks the stored values (x * 1 is exact).
             torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, torch.ones(1, device=device))
         if found_inf is not None:  # (a 0-d found_inf is a 1-element tensor too, as torch's GradScaler takes it)
-            flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
-            found_inf.copy_(torch.maximum(found_inf, flag))
+            set_found_inf(found_inf, flag.to(found_inf.device).reshape(found_inf.shape) != 0)
         return
     outs = list(out) if out else list(grads)
     bad = []
@@ -332,13 +332,22 @@ def unscale_(
         if found_inf is not None and o.numel():
             bad.append(~torch.isfinite(o).all())
     if found_inf is not None and bad:
-        flag = torch.stack([b.to(found_inf.device) for b in bad]).any()
-        found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.dtype).expand_as(found_inf)))
+        set_found_inf(found_inf, torch.stack([b.to(found_inf.device) for b in bad]).any())
+
+
+def set_found_inf(found_inf: Tensor, found: Tensor) -> None:
+    """``found_inf = 1`` where ``found`` (a bool tensor on its device), else unchanged: torch's
+    ``_amp_foreach_non_finite_check_and_unscale_`` stores exactly 1.0 (not ``max(found_inf, 1)``: a flag holding 5 or
+    nan becomes 1) and never clears it. A device op: no host sync."""
+    found_inf.copy_(torch.where(found, torch.ones_like(found_inf), found_inf))
 
 
 def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """The ``norm_type``-norm of all elements of ``tensors`` together (as if concatenated), accumulated in
-    float64; a 0-d float32 tensor (float64 when a tensor is float64) on the first tensor's device."""
+    float64; a 0-d float32 tensor (float64 when a tensor is float64) on the first tensor's device. For a p other
+    than 1, 2 and inf the elements are divided by the largest |x| first (the root is multiplied by it), as the
+    kernel does: the p-th powers neither overflow nor underflow where the norm does not (torch's float64 sum of
+    p-th powers gives inf for ``[1e30, 1e30]`` with p = 100)."""
     if len(tensors) == 0:
         return torch.zeros(())
     device = tensors[0].device
@@ -346,11 +355,15 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     nonempty = [x for x in tensors if x.numel()]  # the inf norm of an empty tensor is undefined in torch
     if not nonempty:
         return torch.zeros((), dtype=out_dtype, device=device)
-    norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float64)
-    if len({x.device for x in nonempty}) > 1:
-        norms = [n.to(device) for n in norms]
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    return total.to(out_dtype)
+    if norm_type in (1.0, 2.0) or math.isinf(norm_type):
+        norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float64)
+        if len({x.device for x in nonempty}) > 1:
+            norms = [n.to(device) for n in norms]
+        return torch.linalg.vector_norm(torch.stack(norms), norm_type).to(out_dtype)
+    m = torch.stack([torch.linalg.vector_norm(x, math.inf, dtype=torch.float64).to(device) for x in nonempty]).max()
+    scale = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))  # (0, inf, nan: unscaled, as they are)
+    norms = [torch.linalg.vector_norm(x.to(torch.float64) / scale.to(x.device), norm_type).to(device) for x in nonempty]
+    return (torch.linalg.vector_norm(torch.stack(norms), norm_type) * scale).to(out_dtype)
 
 
 # SGD and Lion (their own file, re-exported here: every op's reference is reachable as ``fused_ops.reference.*``).

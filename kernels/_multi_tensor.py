@@ -31,6 +31,7 @@ Lifetimes and streams (CUDA):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import weakref
 from collections import OrderedDict
@@ -279,6 +280,7 @@ class PreparedLaunch:
         self._watched_roles = [r for r, role in enumerate(roles) if r != grad_role for _ in role]
         self._watched_numels = [t.numel() for t in self._watched]  # (step counts and 8-bit scales: not the params')
         self._role_dtypes = [role[0].dtype for role in roles]
+        self._written_spans: tuple[list[int], list[int]] | None = None  # (built by the first direct call)
         self._watch_grads(grads)
 
     def _watch_grads(self, grads: Sequence[torch.Tensor] | None) -> None:
@@ -315,13 +317,44 @@ class PreparedLaunch:
 
     def __call__(self, **kwargs) -> None:
         """One step: :meth:`check_current` and the 1-element tensors the kernel reads through a pointer (``lr``,
-        ``grad_scale``, ``found_inf``: on the device, with memory), then the launch (the subclass's ``_run``, whose
-        arguments these are)."""
+        ``grad_scale``, ``found_inf``: on the device, with memory, and sharing no byte with a tensor the launch
+        writes: every program reads them while others write), then the launch (the subclass's ``_run``, whose
+        arguments these are). The optimizers, which check their scalars against every plan's writes themselves, call
+        ``_run``."""
         self.check_current()
-        for key in ("lr", "grad_scale", "found_inf"):
-            if isinstance(kwargs.get(key), torch.Tensor):
-                check_scalar(type(self).__name__, key, kwargs[key], self.device)
+        scalars = [(key, kwargs[key]) for key in ("lr", "grad_scale", "found_inf")
+                   if isinstance(kwargs.get(key), torch.Tensor)]  # fmt: skip
+        for key, x in scalars:
+            check_scalar(type(self).__name__, key, x, self.device)
+        for key, x in scalars:
+            self._check_not_written(key, x)
         self._run(**kwargs)
+
+    def _check_not_written(self, key: str, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the tensor when the bytes of scalar ``x`` overlap one the launch writes: a
+        bisection in the written bytes, sorted and merged once (fixed: :meth:`check_current` has checked every
+        written tensor's address, element count and dtype)."""
+        if self._written_spans is None:
+            merged: list[list[int]] = []
+            for a, e in sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in self._watched if t.nbytes):
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], e)
+                else:
+                    merged.append([a, e])
+            self._written_spans = ([a for a, _ in merged], [e for _, e in merged])
+        starts, ends = self._written_spans
+        a, e = x.data_ptr(), x.data_ptr() + x.nbytes
+        k = bisect.bisect_left(starts, e) - 1  # (the last span starting before x ends)
+        if k < 0 or ends[k] <= a or e <= a:
+            return
+        n = self.table.n_tensors
+        for j, t in enumerate(self._watched):
+            if t.nbytes and t.data_ptr() < e and a < t.data_ptr() + t.nbytes:
+                other = f"{self._role_names[self._watched_roles[j]]}[{j % n}]"
+                raise ValueError(
+                    f"{type(self).__name__}: {other} and {key} share memory: the launch writes {other} "
+                    f"while every program reads {key}; pass a separate tensor (e.g. {key}.clone())"
+                )
 
     def _run(self, **kwargs) -> None:
         raise NotImplementedError

@@ -101,37 +101,51 @@ def _norm_partials_kernel(
     chunk_tensor_offset,
     chunk_start_offset,
     partials_ptr,  # fp64 [n_chunks]: one partial per program, no atomics
-    p,  # runtime float: the norm's order, read when NORM == 3
+    # fp64 [2], read when NORM == 3: 1 / max |x| (1 when that is 0, inf or nan), and p (a float argument would be
+    # float32: p = 0.1 rounded to float32 moves |x|^p by up to p * 1e-8 * |ln |x||)
+    inv_scale_ptr,
     DTYPE: tl.constexpr,
     NORM: tl.constexpr,  # 0: inf (max |x|), 1: sum |x|, 2: sum x^2, 3: sum |x|^p
     ALIGNED: tl.constexpr,  # every tensor starts on a 16-byte boundary: lets the compiler vectorise
     CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """partials[pid] = sum over the program's chunk of |x|^p (p = 1, 2 or any p > 0), or max |x| for
-    p = inf, accumulated in fp64 in a fixed order (elementwise over blocks, then a tree sum): |x| is widened to
-    fp64 before the power, so 1e20^2 or 3^100 does not overflow nor 1e-30^2 underflow (the float64 value that
-    ``reference.grad_norm`` computes; fp32 accumulation returned inf or 0 there). The inf norm
-    adds the sum of the chunk's nans (0 when there are none) to the max, because the hardware max drops
-    nans: a chunk with a nan yields nan, as ``torch.linalg.vector_norm`` does.
+    """partials[pid] = sum over the program's chunk of |x|^p (p = 1 or 2), of (|x| * inv_scale)^p (any other p > 0,
+    both read from ``inv_scale_ptr``), or max |x| for p = inf, accumulated in fp64 in a fixed order (elementwise over
+    blocks, then a tree sum): |x| is widened to fp64 before the power, so 1e20^2 does not overflow nor 1e-30^2
+    underflow (the float64 value that ``reference.grad_norm`` computes; fp32 accumulation returned inf or 0 there).
+    For a general p the launcher passes ``inv_scale = 1 / max |x|`` (from a first, inf-norm launch), so every scaled
+    |x| is at most 1 and its p-th power neither overflows (1e30^100) nor, for the elements that count, underflows;
+    the power is computed in fp64 (``_pow_fp64``). The inf norm adds the sum of the chunk's nans (0 when there are
+    none) to the max, because the hardware max drops nans: a chunk with a nan yields nan, as
+    ``torch.linalg.vector_norm`` does.
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(table_ptr + chunk_tensor_offset + pid)
     chunk_start = tl.multiple_of(tl.load(table_ptr + chunk_start_offset + pid), 16)  # CHUNK_SIZE % 16 == 0
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
     x_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
-    p = tl.cast(p, tl.float64)
+    if NORM == 3:
+        inv_scale = tl.load(inv_scale_ptr).to(tl.float64)
+        p = tl.load(inv_scale_ptr + 1).to(tl.float64)
+    else:
+        inv_scale = tl.full((), 1.0, tl.float64)  # (not read)
+        p = inv_scale
 
-    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
-    nan_probe = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)  # stays 0 unless a nan is added in
-    for block_start in tl.range(0, CHUNK_SIZE, BLOCK_SIZE):
-        offsets = block_start + tl.arange(0, BLOCK_SIZE)
+    # A general p takes a quarter block at a time (2 elements a thread at 1024 and 4 warps): its fp64 power on a
+    # whole block holds 154 registers on sm_90 (43 so; p = 2: 32).
+    STEP: tl.constexpr = BLOCK_SIZE // 4 if NORM == 3 else BLOCK_SIZE
+    acc = tl.zeros((STEP,), dtype=tl.float64)
+    nan_probe = tl.zeros((STEP,), dtype=tl.float64)  # stays 0 unless a nan is added in
+    for block_start in tl.range(0, CHUNK_SIZE, STEP):
+        offsets = block_start + tl.arange(0, STEP)
         # Full blocks: a mask provably uniform per 16 lanes, so loads are vectorised; the tail is masked.
-        if block_start + BLOCK_SIZE <= n_here:
-            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < block_start + BLOCK_SIZE, p, acc, nan_probe,
+        if block_start + STEP <= n_here:
+            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < block_start + STEP, p, inv_scale, acc, nan_probe,
                                          DTYPE, NORM)  # fmt: skip
         elif block_start < n_here:
-            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < n_here, p, acc, nan_probe, DTYPE, NORM)
+            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < n_here, p, inv_scale, acc, nan_probe, DTYPE,
+                                         NORM)  # fmt: skip
     if NORM == 0:
         partial = tl.max(acc, axis=0) + tl.sum(nan_probe, axis=0)
     else:
@@ -140,7 +154,7 @@ def _norm_partials_kernel(
 
 
 @triton.jit
-def _norm_block(x_ptr, offsets, mask, p, acc, nan_probe, DTYPE: tl.constexpr, NORM: tl.constexpr):
+def _norm_block(x_ptr, offsets, mask, p, inv_scale, acc, nan_probe, DTYPE: tl.constexpr, NORM: tl.constexpr):
     """Fold one block into the running elementwise accumulators (see ``_norm_partials_kernel``)."""
     x32 = load_fp32(x_ptr + offsets, mask, DTYPE)
     x = x32.to(tl.float64)  # (exact: every fp32/bf16/fp16 value is a double)
@@ -153,11 +167,28 @@ def _norm_block(x_ptr, offsets, mask, p, acc, nan_probe, DTYPE: tl.constexpr, NO
     elif NORM == 2:
         acc += x * x
     else:
-        # |x|^p = 2^(p log2 |x|): the logarithm in fp32 (its range is small: no overflow; a relative error of the
-        # power of about p * 1e-7, 1e-7 once the p-th root is taken), the exponential in fp64 (where 3^100 fits).
-        log = p * tl.log2(tl.abs(x32)).to(tl.float64)
-        acc += tl.where(a == 0.0, 0.0, tl.exp2(log))
+        # r^p, r = |x| / max |x| <= 1 (no overflow), in fp64: the float64 value, not float32's logarithm (whose
+        # rounding, times p, cost 10-20 float32 ulp of the norm). 0 stays 0; inf and nan (unscaled) stay as they are.
+        r = a * inv_scale
+        acc += tl.where(a == 0.0, 0.0, tl.where(r - r != 0.0, r, _pow_fp64(r, p)))
     return acc, nan_probe
+
+
+@triton.jit
+def _pow_fp64(r, p):
+    """r^p = 2^(p log2 r) for fp64 r > 0 finite (normal), to a few fp64 ulp (times p |log2 r|, as any pow built on
+    log2). log2 r = e + log2 m (r = m 2^e, m in [1, 2): the exponent bits); log2 m from a float32 seed y0 refined in
+    fp64 by one step that needs only exp2: m 2^-y0 = 1 + d, |d| < 1e-6, log2 m = y0 + log2(1 + d) = y0 + (d - d^2/2 +
+    d^3/3) / ln 2 (what is left out is below 1e-24). Not libdevice's fp64 log2: it seeds a reciprocal with
+    rcp.approx.ftz.f64 (refined, but the compile tier refuses approximate divisions); fp64 exp2 has none."""
+    bits = r.to(tl.int64, bitcast=True)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    m = ((bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)
+    y0 = tl.log2(m.to(tl.float32)).to(tl.float64)
+    d = m * tl.exp2(-y0) - 1.0
+    log2e = tl.full(r.shape, 1.4426950408889634, tl.float64)  # (a float literal would be a float32 constant)
+    log2_m = y0 + d * (1.0 - d * (0.5 - d * 0.3333333432674408)) * log2e
+    return tl.exp2(p * (e.to(tl.float64) + log2_m))
 
 
 def _check_unscale(grads, out) -> None:
@@ -234,7 +265,9 @@ def norm_launch(
 
     One launch writes one fp64 partial per chunk (accumulated in fp64); the partials are then reduced by torch in
     float64 (a sum, or a max for ``inf``) and the root taken in float64. No host sync; deterministic. ``norm_type`` is
-    ``inf`` or any p > 0.
+    ``inf`` or any p > 0. A p other than 1, 2 and inf takes two launches: the inf norm ``m`` first, then the sum of
+    ``(|x| / m)^p``, whose root times ``m`` is the norm: the p-th powers neither overflow nor underflow where the
+    norm does not (``[1e30]`` with p = 100 is 1e30, not inf).
     """
     norm_type = float(norm_type)
     if not (norm_type > 0):
@@ -247,28 +280,42 @@ def norm_launch(
     if table.n_chunks == 0:
         return torch.zeros((), dtype=torch.float32, device=device)
     norm = 0 if math.isinf(norm_type) else 1 if norm_type == 1.0 else 2 if norm_type == 2.0 else 3
-    partials = torch.empty(table.n_chunks, dtype=torch.float64, device=device)
     use_on_current_stream(table)
-    with torch.cuda.device(device) if tensors[0].is_cuda else contextlib.nullcontext():
-        _norm_partials_kernel[(table.n_chunks,)](
-            table.table,
-            table.n_tensors,
-            table.numel_offset,
-            table.chunk_tensor_offset,
-            table.chunk_start_offset,
-            partials,
-            norm_type if norm == 3 else 1.0,
-            DTYPE=_TL_DTYPES[tensors[0].dtype],
-            NORM=norm,
-            ALIGNED=table.aligned,
-            CHUNK_SIZE=chunk_size,
-            BLOCK_SIZE=block_size,
-        )
+
+    def partials_of(kind: int, scale_and_p: torch.Tensor | None) -> torch.Tensor:
+        partials = torch.empty(table.n_chunks, dtype=torch.float64, device=device)
+        with torch.cuda.device(device) if tensors[0].is_cuda else contextlib.nullcontext():
+            _norm_partials_kernel[(table.n_chunks,)](
+                table.table,
+                table.n_tensors,
+                table.numel_offset,
+                table.chunk_tensor_offset,
+                table.chunk_start_offset,
+                partials,
+                scale_and_p if scale_and_p is not None else partials,
+                DTYPE=_TL_DTYPES[tensors[0].dtype],
+                NORM=kind,
+                ALIGNED=table.aligned,
+                CHUNK_SIZE=chunk_size,
+                BLOCK_SIZE=block_size,
+            )
+        return partials
+
+    if norm == 3:
+        scale = _norm_scale(partials_of(0, None).max())
+        scale_and_p = torch.cat([1.0 / scale, torch.full_like(scale, norm_type)])
+        return (partials_of(3, scale_and_p).sum().pow(1.0 / norm_type) * scale).reshape(()).to(torch.float32)
+    partials = partials_of(norm, None)
     if norm == 0:
         return partials.max().to(torch.float32)
-    total = partials.to(torch.float64).sum()
+    total = partials.sum()
     if norm == 2:
         total = total.sqrt()
-    elif norm == 3:
-        total = total.pow(1.0 / norm_type)
     return total.to(torch.float32)
+
+
+def _norm_scale(max_abs: torch.Tensor) -> torch.Tensor:
+    """The divisor of a general-p norm's elements (fp64, 1 element, on the device; no host sync): ``max |x|``,
+    or 1 when that is 0 (all zeros), inf or nan (the sum is then inf or nan unscaled, as it must be)."""
+    m = max_abs.to(torch.float64).reshape(1)
+    return torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
