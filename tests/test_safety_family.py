@@ -12,6 +12,8 @@ forked child (``isolated``), so a crash fails one test.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -642,3 +644,196 @@ def test_state_flattened_in_place_is_still_the_params_state(name, make, key, dty
         assert torch.equal(p, q)
     assert o.state[ours[0]][key].shape == (15,)
     assert torch.equal(o.state[ours[0]][key].view(3, 5), t.state[twin[0]][key])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. What a param that changed dtype, a loaded step count or a hyper-parameter without values leaves behind
+
+
+def _kahan_model(backend):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3).bfloat16()
+    opt = fused_ops.FusedAdamW(m.parameters(), lr=0.1, kahan_summation=True, backend=backend)
+    m(torch.randn(2, 4).bfloat16()).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return m, opt
+
+
+def _fp32_twin(m, sd, backend):
+    """The fp32 model a bf16 one became, with a FusedAdamW (no Kahan buffers: fp32 params keep none) resumed from
+    the bf16 run's state dict through a plain fp32 AdamW layout (its moments and step counts)."""
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    plain = {"state": {k: {key: v for key, v in st.items() if key != "kahan_comp"} for k, st in sd["state"].items()},
+             "param_groups": sd["param_groups"]}  # fmt: skip
+    opt = fused_ops.FusedAdamW(twin.parameters(), lr=0.1, backend=backend)
+    opt.load_state_dict(plain)
+    return twin, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_buffer_of_a_param_made_fp32_is_dropped_at_the_step(backend):
+    """A bf16 model trained with Kahan summation, then ``model.float()``: fp32 params keep no Kahan buffer, so the
+    stale bf16 one is dropped at the next step (as a master that is not needed any more), not refused as a state of
+    the wrong dtype; the step is the fp32 step of the same moments."""
+    m, opt = _kahan_model(backend)
+    sd = opt.state_dict()
+    assert all("kahan_comp" in st for st in sd["state"].values())
+    m.float()
+    twin, t = _fp32_twin(m, sd, backend)
+    x = torch.randn(2, 4)
+    m(x).sum().backward()
+    twin(x).sum().backward()
+    opt.step()
+    t.step()
+    for p, q in zip(m.parameters(), twin.parameters()):
+        assert "kahan_comp" not in opt.state[p]
+        _equal(p.detach(), q.detach(), "param")
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            _equal(opt.state[p][key], t.state[q][key], key)
+    assert all("kahan_comp" not in st for st in opt.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_checkpoint_of_a_bf16_model_loads_into_an_fp32_one(backend):
+    """The bf16 run's checkpoint loads into the fp32 model's Kahan optimizer: the bf16 buffers, which fp32 params do
+    not keep, are left out (not refused as states of the wrong dtype), and it steps as the fp32 twin."""
+    m, opt = _kahan_model(backend)
+    sd = opt.state_dict()
+    fp32 = torch.nn.Linear(4, 3)
+    fp32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    o32 = fused_ops.FusedAdamW(fp32.parameters(), lr=0.1, kahan_summation=True, backend=backend)
+    o32.load_state_dict(sd)
+    assert all("kahan_comp" not in st for st in o32.state.values())
+    assert all("kahan_comp" not in st for st in o32.state_dict()["state"].values())
+    twin, t = _fp32_twin(m, sd, backend)
+    x = torch.randn(2, 4)
+    fp32(x).sum().backward()
+    twin(x).sum().backward()
+    o32.step()
+    t.step()
+    for p, q in zip(fp32.parameters(), twin.parameters()):
+        assert "kahan_comp" not in o32.state[p]
+        _equal(p.detach(), q.detach(), "param")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loaded_step_count_that_requires_grad_is_a_detached_leaf(backend):
+    """A loaded fp32 0-d step count that requires grad is kept as a detached copy (it was ``step.clone()``: a
+    non-leaf with a grad_fn, which made ``copy.deepcopy(opt.state_dict())`` raise); it counts as torch's."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(4))
+    t = torch.optim.AdamW([p])
+    p.grad = torch.randn(4)
+    t.step()
+    sd = t.state_dict()
+    count = torch.tensor(1.0, requires_grad=True)
+    sd["state"][0]["step"] = count
+    q = torch.nn.Parameter(torch.randn(4))
+    opt = fused_ops.FusedAdamW([q], backend=backend)
+    opt.load_state_dict(sd)
+    step = opt.state[q]["step"]
+    assert step is not count and step.is_leaf and step.grad_fn is None and not step.requires_grad
+    q.grad = torch.randn(4)
+    opt.step()
+    assert opt.state[q]["step"].item() == 2.0 and count.item() == 1.0
+    copy.deepcopy(opt.state_dict())
+
+
+def _meta(v):
+    return torch.tensor(v, device="meta")
+
+
+_META_CONSTRUCTORS = {
+    "adamw lr": (lambda ps: fused_ops.FusedAdamW(ps, lr=_meta(0.1)), "lr"),
+    "adamw betas": (lambda ps: fused_ops.FusedAdamW(ps, betas=(_meta(0.9), _meta(0.99))), "betas[0]"),
+    "adamw eps": (lambda ps: fused_ops.FusedAdamW(ps, eps=_meta(1e-8)), "eps"),
+    "adamw weight_decay": (lambda ps: fused_ops.FusedAdamW(ps, weight_decay=_meta(0.1)), "weight_decay"),
+    "sgd lr": (lambda ps: fused_ops.FusedSGD(ps, lr=_meta(0.1)), "lr"),
+    "sgd momentum": (lambda ps: fused_ops.FusedSGD(ps, lr=0.1, momentum=_meta(0.9)), "momentum"),
+    "sgd dampening": (lambda ps: fused_ops.FusedSGD(ps, lr=0.1, momentum=0.9, dampening=_meta(0.1)), "dampening"),
+    "lion lr": (lambda ps: fused_ops.FusedLion(ps, lr=_meta(0.1)), "lr"),
+    "lion weight_decay": (lambda ps: fused_ops.FusedLion(ps, weight_decay=_meta(0.1)), "weight_decay"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_META_CONSTRUCTORS))
+def test_meta_hyperparameter_in_a_constructor_is_a_named_value_error(name):
+    make, arg = _META_CONSTRUCTORS[name]
+    with pytest.raises(ValueError, match=rf"Tensor {re.escape(arg)} must be a tensor with memory.*meta"):
+        make(_params(torch.float32))
+
+
+# name -> (optimizer class, group key, meta value, the name in the message)
+_META_GROUP_VALUES = {
+    "adamw lr": ("adamw_kahan", "lr", lambda: _meta(0.1), "lr"),
+    "adamw betas": ("adamw_int8_master", "betas", lambda: (_meta(0.9), _meta(0.99)), "betas[0]"),
+    "adamw eps": ("adamw_sr", "eps", lambda: _meta(1e-8), "eps"),
+    "adamw weight_decay": ("adamw_bf16_states", "weight_decay", lambda: _meta(0.1), "weight_decay"),
+    "sgd momentum": ("sgd", "momentum", lambda: _meta(0.9), "momentum"),
+    "sgd weight_decay": ("sgd", "weight_decay", lambda: _meta(0.1), "weight_decay"),
+    "lion lr": ("lion_master", "lr", lambda: _meta(0.1), "lr"),
+    "lion betas": ("lion_master", "betas", lambda: (_meta(0.9), _meta(0.99)), "betas[0]"),
+    "lion weight_decay": ("lion_master", "weight_decay", lambda: _meta(0.1), "weight_decay"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(_META_GROUP_VALUES))
+def test_meta_hyperparameter_of_a_group_is_a_named_value_error(name, backend):
+    """A meta-tensor hyper-parameter in ``add_param_group``, in a loaded dict, or set on a group mid-training: a
+    ValueError naming the argument and the group (not torch's bare "Tensor.item() cannot be called on meta
+    tensors"), with every param, state and group value unchanged."""
+    variant, key, value, arg = _META_GROUP_VALUES[name]
+    cls, dtype, _ = VARIANTS[variant]
+    ps, opt = _make(variant, backend, steps=2)
+    pattern = rf"Tensor {re.escape(arg)}.*must be a tensor with memory.*meta"
+    err = _refused(opt, lambda: opt.add_param_group({"params": _params(dtype, [(3,)]), key: value()}), ValueError,
+                   pattern)  # fmt: skip
+    assert "param group 1" in str(err)
+    sd = opt.state_dict()
+    sd["param_groups"][0][key] = value()
+    err = _refused(opt, lambda: opt.load_state_dict(sd), ValueError, pattern)
+    assert "param group 0" in str(err)
+    good = opt.param_groups[0][key]
+    opt.param_groups[0][key] = value()
+    err = _refused(opt, None, ValueError, pattern)
+    assert "param group 0" in str(err)
+    opt.param_groups[0][key] = good
+    opt.step()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. torch.compile(opt.step) on params that are not contiguous: stepped as the eager step steps them (through a
+#    contiguous copy, copied back), where it raised "needs contiguous params" (on the DTensor ranks whose local
+#    shards are not contiguous only: tests/test_safety_family_dtensor2.py)
+
+_COMPILED = {
+    "adamw": lambda ps, b: fused_ops.FusedAdamW(ps, lr=0.1, backend=b),
+    "adamw_int8": lambda ps, b: fused_ops.FusedAdamW(ps, lr=0.1, state_dtype="int8", backend=b),
+    "sgd": lambda ps, b: fused_ops.FusedSGD(ps, lr=0.1, momentum=0.9, nesterov=True, backend=b),
+    "lion": lambda ps, b: fused_ops.FusedLion(ps, lr=0.1, weight_decay=0.1, backend=b),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COMPILED))
+def test_compiled_step_of_a_transposed_param_is_the_eager_step(name):
+    backend = "triton" if name == "adamw" else "reference"
+    torch._dynamo.reset()
+    out = []
+    for compiled in (False, True):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3, 4, generator=g).t()), torch.nn.Parameter(torch.randn(5, generator=g))]
+        opt = _COMPILED[name](ps, backend)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            step()
+        assert not ps[0].is_contiguous()
+        out.append((ps, opt))
+    (ps, o1), (qs, o2) = out
+    assert not torch.equal(ps[0].detach(), torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).t())
+    _assert_opts_equal(o1, ps, o2, qs)

@@ -47,14 +47,26 @@ MASTER_KEY = "master_param"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _to_float(x: Any) -> float:
+class _NoValueError(ValueError):
+    """A hyper-parameter given as a tensor without values (see :func:`_to_float`)."""
+
+
+def _to_float(x: Any, name: str = "a hyper-parameter", gi: int | None = None) -> float:
     """A hyper-parameter as a float: a tensor is read on the host (a sync for a CUDA one), which a CUDA graph
     capture forbids: refused there with a clear error, before anything changes (torch's fused AdamW takes
-    floats for these too). An int too large for a float is inf (the caller's range check names it)."""
+    floats for these too). An int too large for a float is inf (the caller's range check names it). A tensor
+    without values (meta, or outside its storage: freed) is a ValueError naming ``name`` (e.g. "lr") and param
+    group ``gi`` when given, not torch's bare error from ``item()``."""
     if not isinstance(x, Tensor):
         if not isinstance(x, numbers.Real):  # (float("0.01") would take a string)
             raise TypeError(f"a hyper-parameter must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
         return real_float(x)
+    if x.is_meta or outside_storage(x):
+        name += "" if gi is None else f" of param group {gi}"
+        raise _NoValueError(
+            f"Tensor {name} must be a tensor with memory (its value is read on the host), got a "
+            f"{type(x).__name__} on {x.device}{' outside its storage' if not x.is_meta else ''}"
+        )
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError("a hyper-parameter given as a CUDA tensor (betas, eps, weight_decay, momentum, ...) is read "
                          "on the host at every step, which a CUDA graph capture forbids: give it as a float or a CPU "
@@ -170,6 +182,39 @@ def _is_dtensor(t: Any) -> bool:
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (its ``_local_tensor``: no DTensor dispatch), or the tensor itself."""
     return t._local_tensor if _is_dtensor(t) else t
+
+
+def _same_ranks(a: Any, b: Any) -> bool:
+    """Whether DeviceMeshes ``a`` and ``b`` put the same ranks at the same coordinates (equal but for their dim
+    names): a DTensor's local shard means the same on both. Read from what every rank holds alike (the root rank
+    map and the layout, not this rank's slice)."""
+    if a == b:
+        return True
+    try:
+        return (a.device_type == b.device_type and a._flatten_rank_map == b._flatten_rank_map
+                and a._layout == b._layout)  # fmt: skip
+    except AttributeError:  # (a torch whose DeviceMesh keeps these otherwise: only equal meshes)
+        return False
+
+
+def _on_mesh(t: Tensor, mesh: Any) -> Tensor:
+    """DTensor ``t`` on ``mesh``: itself, or (a mesh of the same ranks at the same coordinates, see
+    :func:`_same_ranks`) the same local shard on ``mesh``, no communication."""
+    if t.device_mesh == mesh:
+        return t
+    return type(t).from_local(t._local_tensor, mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+
+def _mesh_problem(t: Tensor, p: Tensor) -> str | None:
+    """Why loaded state ``t`` (a DTensor) cannot be laid out on DTensor param ``p``'s mesh, or None. The same on
+    every rank (meshes are compared by what every rank holds alike): every rank refuses, or none."""
+    if _same_ranks(t.device_mesh, p.device_mesh):
+        return None
+    return (
+        f"is a DTensor on {t.device_mesh} but the param is on {p.device_mesh} (other ranks or coordinates): "
+        "moving it would need communication between meshes, which DTensor does not do; save it as a full "
+        "tensor, or load it with DCP, which reshards onto the param's mesh"
+    )
 
 
 def _spec(t: Tensor) -> tuple:
@@ -318,26 +363,35 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @torch.compiler.disable
-    def _traced_calls(self, found_inf: Tensor | None = None, read: tuple = (None, None)) -> list[tuple]:
+    def _traced_calls(self, found_inf: Tensor | None = None,
+                      read: tuple = (None, None)) -> tuple[list[tuple], list[tuple[Tensor, Tensor]]]:  # fmt: skip
         """For ``_step_traced``, run eagerly (Dynamo does not trace it, it breaks the graph around it): every group's
         params, grads, states and values checked (``_check_all_groups``, and no two params or states sharing memory)
         before any state is created, then every group's states created and its calls built on plain tensors (the
         local shards of DTensors). A bad group raises with nothing changed; what the traced graph receives are plain
         tensors, so it never traces DTensor unwrapping or the creation of states (which Dynamo could half do).
-        ``read``: the step's ``(grad_scale, found_inf)``, checked for memory shared with what the step writes."""
+        ``read``: the step's ``(grad_scale, found_inf)``, checked for memory shared with what the step writes.
+
+        Returns the calls and the staged params: ``(param, contiguous copy)`` of every param (local shard) that is not
+        contiguous, whose copy the calls step (the custom ops take contiguous params, as the eager step's launches):
+        the traced frame copies each back after its ops (:func:`_write_back`). So a DTensor param whose local shard is
+        contiguous on some ranks only is stepped on every rank, as in the eager step."""
         swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
+        self._staged: list[tuple[Tensor, Tensor]] | None = []
         try:
             groups = self._check_all_groups()
             self._check_no_shared_memory(self._step_scalars(*read))
             if self._skipped_on_host(groups, found_inf):
-                return []
+                return [], []
             calls = []
             for gi, group in enumerate(self.param_groups):
                 calls += self._traced_group_calls(gi, group)
+            staged = self._staged
         finally:
             for p, g in swapped:
                 p.grad = g
-        return calls
+            self.__dict__.pop("_staged", None)
+        return calls, staged
 
     def _check_all_groups(self) -> list[tuple[int, dict[str, Any], tuple, list[Tensor]]]:
         """For ``_step_traced``: every group's params, grads, states and step values checked before any group is
@@ -366,10 +420,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             master = self._uses_master(group, p) and MASTER_KEY in st
             split.setdefault((p.device, p.dtype, master, keys[i]), []).append(i)
         parts = []
+        staged = self.__dict__.get("_staged")
         for (_, _, master, key), idx in split.items():
             part = _Part.__new__(_Part)
             part.idx, part.key = idx, key
             part.params = [_local(params[i]) for i in idx]
+            for j, q in enumerate(part.params):
+                if not q.is_contiguous():  # (stepped as a contiguous copy, copied back after the ops: _write_back)
+                    if staged is None:  # (only _traced_calls copies the staged params back)
+                        raise RuntimeError("_traced_parts stages params that are not contiguous for _traced_calls")
+                    copy = q.contiguous()
+                    staged.append((q, copy))
+                    part.params[j] = copy
             ss = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in states[i].items()} for i in idx]
             flat = self._unshaped_state_keys
             part.roles = {k: [s[k] if k in flat else _shaped_like(s[k], p) for s, p in zip(ss, part.params)]
@@ -401,7 +463,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in param_group:
             if key != "params" and key in merged:
                 param_group[key] = merged[key]
-        self._check_hyperparameters(merged)
+        try:
+            self._check_hyperparameters(merged)
+        except _NoValueError as e:  # (torch's messages name no group; this one names the group it would be)
+            raise ValueError(f"{e} (param group {len(self.param_groups)})") from None
         super().add_param_group(param_group)
         self._plans.clear()
 
@@ -409,14 +474,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                       traced: bool = False) -> None:  # fmt: skip
         """Raise a clear error for any param (or its state, when ``group`` is given) the fused step cannot update.
         Touches no state. A param of any layout is stepped, as torch steps it (a non-contiguous one through a
-        contiguous copy: no layout that only some ranks' DTensor shards have makes one rank raise), except an
-        expanded one, and except under ``torch.compile`` (``traced``), whose custom ops take contiguous params."""
+        contiguous copy, eagerly and under ``torch.compile`` (``traced``) alike: no layout that only some ranks'
+        DTensor shards have makes one rank raise), except an expanded one."""
         name = type(self).__name__
         for i, p in enumerate(params):
             where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
             g = p.grad
             if _is_dtensor(p) or _is_dtensor(g):
                 self._check_dtensor(where, p, g)
+                if _has_partial(p):  # (placements are the same on every rank)
+                    problem = self._partial_problem(group, p)
+                    if problem is not None:
+                        raise ValueError(f"{name}: {where} is a DTensor with placements {tuple(p.placements)}: "
+                                         f"{problem}; redistribute the param to Shard or Replicate placements "
+                                         "first (torch.optim refuses it too)")  # fmt: skip
                 p, g = _local(p), _local(g)
                 where += " (its local shard)"
             if g.is_sparse:
@@ -444,8 +515,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if g.layout != torch.strided:
                 raise TypeError(f"{name}: the grad of {where} is {g.layout}, not a dense tensor")
             if not p.is_contiguous():
-                if traced:  # (the custom ops write contiguous params; the eager step stages a copy, see _GroupPlan)
-                    raise ValueError(f"{name} under torch.compile needs contiguous params; {where} is not contiguous")
+                # (the custom ops and launches write contiguous params: the eager step stages a copy, see _GroupPlan,
+                # and so does the traced one, see _traced_calls)
                 if self_overlapping(p):
                     raise ValueError(f"{name}: {where} has elements that share memory (an expanded view, stride 0, or "
                                      "overlapping strides)")  # fmt: skip
@@ -470,6 +541,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: the local shard of the grad of {where} has shape "
                              f"{tuple(g._local_tensor.shape)}, the param's {tuple(p._local_tensor.shape)}")  # fmt: skip
 
+    def _partial_problem(self, group: dict[str, Any] | None, p: Tensor) -> str | None:
+        """Why DTensor param ``p``, which has a ``Partial`` placement (each rank holds a summand of it, not a part),
+        cannot be stepped rank by rank, or None when it can (an update linear in the param and the grad, e.g. SGD's:
+        the summands' updates sum to the update of the sum). Decided from what every rank sees alike."""
+        return (
+            f"{type(self).__name__}'s update is not linear in the param and the grad, so stepping each rank's "
+            "summand is not stepping their sum"
+        )
+
     def _absent(self, st: dict[str, Any], key: str) -> bool:
         """Whether state ``key`` holds None where torch.optim reads None as "no state yet" (SGD's
         ``momentum_buffer``): created afresh at the step, as torch does."""
@@ -491,7 +571,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in (("step",) if self._has_step else ()) + tuple(self._required_state_keys):
             if key not in st:
                 raise ValueError(f"{name}: the state of {where} has no {key!r} (give it every key, or empty it)")
-        needed = [k for k in self._state_keys(group) if k in st and not self._absent(st, k)]
+        # (a state the param does not keep, e.g. the Kahan buffer of a param that became fp32, is not read: the step
+        # drops it, as it drops the master of a param that needs none)
+        needed = [k for k in self._state_keys(group) if k in st and not self._absent(st, k)
+                  and self._wants_state(group, k, p_wrapper)]  # fmt: skip
         spec = {k: self._state_spec(group, k, p_wrapper) for k in needed}
         if self._uses_master(group, p_wrapper) and MASTER_KEY in st:
             needed.append(MASTER_KEY)
@@ -633,9 +716,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Whether ``p`` keeps state ``key`` of ``group`` (e.g. no Kahan buffer for an fp32 param)."""
         return True
 
+    def _keeps(self, group: dict[str, Any], key: str, p: Tensor) -> bool:
+        """Whether ``p`` in ``group`` keeps state ``key``: one of the group's state keys that ``p`` wants."""
+        return key in self._state_keys(group) and self._wants_state(group, key, p)
+
     def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
         """A new state tensor ``key`` of ``p`` (fp32 zeros shaped like the param; DTensors like the param)."""
-        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return _zeros_like(p, torch.float32)
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
@@ -650,7 +737,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (key not in state or self._absent(state, key)) and self._wants_state(group, key, p):
                 state[key] = self._new_state_tensor(group, key, p)
         for key in self._transient_state_keys:
-            if key in state and (key not in self._state_keys(group) or not self._wants_state(group, key, p)):
+            if key in state and not self._keeps(group, key, p):
                 # Turned off for this group: dropped (as masters below), so turning it on again starts afresh
                 # instead of carrying what it held before.
                 del state[key]
@@ -736,12 +823,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not _is_dtensor(value):
                 from torch.distributed.tensor import distribute_tensor
 
-                full = value.to(device=p.device, dtype=dtype).reshape(p.shape)
-                return distribute_tensor(full, p.device_mesh, p.placements)
-            if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
-                value = value.redistribute(p.device_mesh, p.placements)
-            out = value.to(dtype=dtype, copy=True)
-            return out if out.shape == p.shape else out.reshape(p.shape)
+                full = value.to(device=p.device, dtype=dtype).reshape(p.shape).contiguous()
+                if not _has_partial(p):
+                    return distribute_tensor(full, p.device_mesh, p.placements)
+                value = distribute_tensor(full, p.device_mesh, _reduced(p.placements))
+            value = _on_mesh(value, p.device_mesh)  # (the load checked that it can be: _mesh_problem)
+            if tuple(value.placements) != tuple(p.placements):
+                value = _as_partial(value, p) if _has_partial(p) else value.redistribute(p.device_mesh, p.placements)
+            # (contiguous local shards, as the step needs and as new states are: a state saved like a param whose
+            # shards are not contiguous on every rank, e.g. torch's zeros_like of a transposed DTensor, would pass
+            # on some ranks only)
+            out = value.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+            return out if out.shape == p.shape else out.reshape(p.shape).contiguous()
         if _is_dtensor(value):
             value = value.full_tensor()
         return value.to(device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format).reshape(p.shape)
@@ -817,6 +910,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 elif value is None and key in self._absent_if_none:
                     continue  # (as torch.optim reads it: no state yet)
                 key = self._loaded_key(key, value, src, where)
+                if key in self._transient_state_keys and not self._keeps(group_of[id(p)], key, p):
+                    continue  # (a state this param's group does not keep, e.g. a Kahan buffer for an fp32 param)
+                if key in tensor_keys and _is_dtensor(value) and _is_dtensor(p):
+                    problem = _mesh_problem(value, p)  # (before any is redistributed: one that cannot be raises)
+                    if problem is not None:
+                        raise ValueError(f"loaded state dict: state {key!r} of {where} {problem}")
                 if key in tensor_keys and self._load_as_is(key, value):
                     st[key] = self._load_state_value(key, value, p, where)
                 elif key in tensor_keys:
@@ -845,7 +944,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= 0 "
                                          f"that float32 holds (the count is kept in float32), got {count}")  # fmt: skip
                     step = self._as_step(value, p)
-                    st[key] = step.clone() if step is value else step
+                    st[key] = step.detach().clone() if step is value else step  # (a leaf, never the caller's)
                 else:
                     st[key] = deepcopy(value)
             if st:
@@ -925,7 +1024,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     swapped.append((p, g))
         for i, (p, g) in enumerate(swapped):
             try:
-                p.grad = g.redistribute(p.device_mesh, p.placements)
+                # (a Partial param, which FusedSGD steps: its grad made into summands locally, see _as_partial)
+                p.grad = _as_partial(g, p) if _has_partial(p) else g.redistribute(p.device_mesh, p.placements)
             except BaseException:
                 for q, h in swapped[:i]:
                     q.grad = h
@@ -1042,6 +1142,53 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"found_inf must be a 1-element floating-point tensor, got shape "
                                  f"{tuple(found_inf.shape)} and dtype {found_inf.dtype}")  # fmt: skip
         return grad_scale, found_inf
+
+
+def _has_partial(t: Tensor) -> bool:
+    """Whether DTensor ``t`` has a ``Partial`` placement (each rank holds a summand, not a part)."""
+    return any(pl.is_partial() for pl in t.placements)
+
+
+def _reduced(placements: Any) -> tuple:
+    """``placements`` with every ``Partial`` one made ``Replicate``."""
+    from torch.distributed.tensor import Replicate
+
+    return tuple(Replicate() if pl.is_partial() else pl for pl in placements)
+
+
+def _as_partial(value: Tensor, p: Tensor) -> Tensor:
+    """DTensor ``value`` (on ``p``'s mesh) laid out as ``p``, which has ``Partial`` placements (a loaded state of a
+    ``Partial`` param, e.g. torch.optim.SGD's buffer, which torch keeps reduced): reduced to ``Replicate`` on those
+    mesh dims (DTensor refuses to redistribute to ``Partial``), then each rank's summand made locally, no
+    communication and exact: the value on the ranks at coordinate 0 of a ``Partial("sum")`` dim and zeros on the
+    others; the value itself for the other reductions (a mean, max or min of equal values)."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    value = value.redistribute(mesh, _reduced(placements))
+    local = value._local_tensor
+    coord = mesh.get_coordinate()
+    if coord is not None and any(pl.is_partial() and getattr(pl, "reduce_op", "sum") == "sum" and coord[d] != 0
+                                 for d, pl in enumerate(placements)):  # fmt: skip
+        local = torch.zeros_like(local)
+    return type(value).from_local(local, mesh, placements, run_check=False, shape=value.shape, stride=value.stride())
+
+
+def _zeros_like(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """Contiguous ``dtype`` zeros like ``p``; for a DTensor, laid out like it: its mesh and placements, ``Partial``
+    ones included (DTensor's ``zeros_like`` makes those ``Replicate``, which a state holding each rank's summand of a
+    ``Partial`` param's state is not)."""
+    if _is_dtensor(p) and _has_partial(p):
+        local = torch.zeros_like(p._local_tensor, dtype=dtype, memory_format=torch.contiguous_format)
+        return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=torch.empty(p.shape, device="meta").stride())  # fmt: skip
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _write_back(staged: list[tuple[Tensor, Tensor]]) -> None:
+    """After a traced step's custom ops (in the frame Dynamo captures): the contiguous copies that the ops stepped
+    in place of params that are not contiguous, copied back into the params (see :meth:`FusedOptimizer._traced_calls`;
+    the eager step's plans do the same)."""
+    for p, copy in staged:
+        p.copy_(copy)
 
 
 def _check_lr_memory(gi: int, lr: Any) -> None:

@@ -22,7 +22,18 @@ from .. import _ops, functional
 from .._backend import check_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise_unclipped
 from .._validate import finite_fp32 as _finite_fp32
-from ._base import FusedOptimizer, _check_betas, _is_dtensor, _local, _Part, _spec, _to_float
+from ._base import (
+    FusedOptimizer,
+    _check_betas,
+    _is_dtensor,
+    _local,
+    _on_mesh,
+    _Part,
+    _same_ranks,
+    _spec,
+    _to_float,
+    _write_back,
+)
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
 # In state dicts, 8-bit codes are saved under keys of their own: a loader expecting fp32 moments under ``exp_avg``
@@ -247,7 +258,8 @@ class FusedAdam(FusedOptimizer):
         if key in _SCALE_KEYS:
             if _is_dtensor(p):
                 _, count, shape = _scale_layout(p)
-                return torch.float32, count, shape
+                # (a rank outside the param's mesh holds no shard, so no scales: DTensor gives it empty locals)
+                return torch.float32, count if p.device_mesh.get_coordinate() is not None else 0, shape
             return torch.float32, n_scales(local), torch.Size([n_scales(local)])
         if key == _KAHAN_KEY:
             return p.dtype, local, p.shape
@@ -337,18 +349,18 @@ class FusedAdam(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        lr = _to_float(lr)
+        lr = _to_float(lr, "lr")
         if not 0.0 <= lr or not _finite_fp32(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
-        eps = _to_float(group["eps"])
+        eps = _to_float(group["eps"], "eps")
         if not 0.0 <= eps or not _finite_fp32(eps):
             raise ValueError(f"Invalid epsilon value: {eps}")
-        beta1, beta2 = (_to_float(b) for b in _check_betas(group["betas"]))
+        beta1, beta2 = (_to_float(b, ("betas[0]", "betas[1]")[i]) for i, b in enumerate(_check_betas(group["betas"])))
         if not 0.0 <= beta1 < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
         if not 0.0 <= beta2 < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        wd = _to_float(group["weight_decay"])
+        wd = _to_float(group["weight_decay"], "weight_decay")
         if not 0.0 <= wd or not _finite_fp32(wd):
             raise ValueError(f"Invalid weight_decay value: {wd}")
         check_backend(group.get("backend", "auto"))
@@ -377,11 +389,11 @@ class FusedAdam(FusedOptimizer):
         for i, b in enumerate(group["betas"]):
             if isinstance(b, Tensor) and b.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element (param group {gi})")
-        betas = [_to_float(b) for b in group["betas"]]
+        betas = [_to_float(b, ("betas[0]", "betas[1]")[i], gi) for i, b in enumerate(group["betas"])]
         for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta} (param group {gi})")
-        eps, wd = _to_float(group["eps"]), _to_float(group["weight_decay"])
+        eps, wd = _to_float(group["eps"], "eps", gi), _to_float(group["weight_decay"], "weight_decay", gi)
         if not (_finite_fp32(eps) and eps >= 0):
             raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
         if not (_finite_fp32(wd) and wd >= 0):
@@ -530,6 +542,8 @@ class FusedAdam(FusedOptimizer):
         if key in _SCALE_KEYS:
             if _is_dtensor(p):
                 placements, count, shape = _scale_layout(p)
+                if _is_dtensor(value) and _same_ranks(value.device_mesh, p.device_mesh):
+                    value = _on_mesh(value, p.device_mesh)  # (a mesh equal but for its dim names: no communication)
                 laid_out = (_is_dtensor(value) and value.device_mesh == p.device_mesh
                             and tuple(value.placements) == placements)  # fmt: skip
                 if value.dtype != torch.float32 or value.shape != shape or not (laid_out or not _is_dtensor(value)):
@@ -543,7 +557,7 @@ class FusedAdam(FusedOptimizer):
 
                 if not _is_dtensor(value):
                     return distribute_tensor(value.detach().to(p.device, copy=True), p.device_mesh, placements)
-                local = value._local_tensor.detach().to(p.device, copy=True)
+                local = value._local_tensor.detach().to(p.device, copy=True, memory_format=torch.contiguous_format)
                 return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=(1,))
             if _is_dtensor(value):
                 raise ValueError(f"loaded state dict: state {key!r} of {where} holds the block scales of a DTensor "
@@ -604,12 +618,12 @@ class FusedAdam(FusedOptimizer):
         elif state == "fp32":
             for key in ("exp_avg", "exp_avg_sq"):
                 st[key] = st[key].to(torch.float32)
-        if not group.get("kahan_summation"):
+        if not self._keeps(group, _KAHAN_KEY, p):  # (the load skips such a buffer: this is for a subclass's)
             st.pop(_KAHAN_KEY, None)
         return st
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _adam_calls(self._traced_calls(read=(grad_scale, found_inf)), grad_scale, found_inf)
+        _adam_calls(*self._traced_calls(read=(grad_scale, found_inf)), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One call per part, as the eager plan splits the group: ``fused_ops::adam_`` (fp32 moments, fp32 params or
@@ -631,7 +645,7 @@ class FusedAdam(FusedOptimizer):
         return calls
 
 
-def _adam_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _adam_calls(calls: list[tuple], staged: list, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """The custom-op calls of a traced step (one per part), in a frame of their own that Dynamo captures (see
     ``fused_ops.optim.sgd._sgd_calls``)."""
     for lowbit, params, grads, states, steps, masters, lr, values, flags, device, backend in calls:
@@ -655,6 +669,7 @@ def _adam_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor
             0.0 if lr_tensor is not None else float(lr), lr_tensor, beta1, beta2, eps, weight_decay, maximize,
             decoupled, scale, inf, backend,
         )  # fmt: skip
+    _write_back(staged)
 
 
 class FusedAdamW(FusedAdam):

@@ -18,7 +18,7 @@ from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import lion_ as _reference_lion
 from .._validate import finite_fp32 as _finite_fp32
-from ._base import FusedOptimizer, _check_betas, _Part, _to_float
+from ._base import FusedOptimizer, _check_betas, _Part, _to_float, _write_back
 from .sgd import _traced_scalars
 
 
@@ -69,14 +69,14 @@ class FusedLion(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        lr = _to_float(lr)
+        lr = _to_float(lr, "lr")
         if not (0.0 <= lr and _finite_fp32(lr)):
             raise ValueError(f"Invalid learning rate: {lr}")
         for i, b in enumerate(_check_betas(group["betas"])):
-            b = _to_float(b)
+            b = _to_float(b, ("betas[0]", "betas[1]")[i])
             if not 0.0 <= b <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-        wd = _to_float(group["weight_decay"])
+        wd = _to_float(group["weight_decay"], "weight_decay")
         if not (0.0 <= wd and _finite_fp32(wd)):
             raise ValueError(f"Invalid weight_decay value: {wd}")
         check_backend(group.get("backend", "auto"))
@@ -116,7 +116,7 @@ class FusedLion(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _lion_calls(self._traced_calls(read=(grad_scale, found_inf)), grad_scale, found_inf)
+        _lion_calls(*self._traced_calls(read=(grad_scale, found_inf)), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One ``fused_ops::lion_`` call per part."""
@@ -125,9 +125,10 @@ class FusedLion(FusedOptimizer):
                  part.backend) for part in self._traced_parts(gi, group)]  # fmt: skip
 
 
-def _lion_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _lion_calls(calls: list[tuple], staged: list, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """The ``fused_ops::lion_`` calls of a traced step (one per part), in a frame of their own that Dynamo captures
     (see ``fused_ops.optim.sgd._sgd_calls``)."""
     for params, grads, exp_avgs, masters, lr, values, device, backend in calls:
         lr, lr_tensor, scale, inf = _traced_scalars(lr, grad_scale, found_inf, device)
         _ops.lion_(params, grads, exp_avgs, masters, lr, lr_tensor, *values, scale, inf, backend)
+    _write_back(staged)

@@ -28,17 +28,17 @@ from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import sgd_cpu_ as _cpu_sgd
 from .._validate import finite_fp32 as _finite_fp32
-from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _to_float
+from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _to_float, _write_back
 
 
 def _check_number(name: str, value: Any, message: str) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
-        value = _to_float(value)
+        value = _to_float(value, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = _to_float(value)  # (an int too large for a float: inf)
+    value = _to_float(value, name)  # (an int too large for a float: inf)
     if not (_finite_fp32(value) and value >= 0):
         raise ValueError(f"{message}: {value}")
     return value
@@ -91,7 +91,7 @@ class FusedSGD(FusedOptimizer):
 
     # -- what FusedOptimizer asks of an optimizer -------------------------------------------------------------
     def _state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["momentum_buffer"] if _to_float(group["momentum"]) != 0 else []
+        return ["momentum_buffer"] if _to_float(group["momentum"], "momentum") != 0 else []
 
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -99,7 +99,7 @@ class FusedSGD(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        lr = _to_float(lr)
+        lr = _to_float(lr, "lr")
         if not (0.0 <= lr and _finite_fp32(lr)):
             raise ValueError(f"Invalid learning rate: {lr}")
         momentum = _check_number("momentum", group["momentum"], "Invalid momentum value")
@@ -123,6 +123,22 @@ class FusedSGD(FusedOptimizer):
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (param group {gi})") from None
         return _to_float(group["momentum"]), _to_float(group["dampening"]), _to_float(group["weight_decay"])
+
+    def _partial_problem(self, group: dict[str, Any] | None, p: Tensor) -> str | None:
+        """SGD's update (weight decay, momentum, Nesterov, maximize, the grad scale) is linear in the param, the grad
+        and the buffer: each rank's summand stepped with its grad's summand and its buffer's (buffers are laid out
+        like the param) sums to the step of the sum, as torch.optim.SGD steps a ``Partial`` DTensor param. Not so
+        for a reduction that is not a sum or a mean (max, min), nor with an fp32 master: the param would be the sum
+        of each rank's rounded master, not the rounding of the master."""
+        ops = {getattr(pl, "reduce_op", None) for pl in p.placements if pl.is_partial()}
+        if not ops <= {"sum", "avg"}:
+            return f"a Partial reduction by {sorted(map(str, ops))} is not linear: stepping each rank's part is wrong"
+        if group is not None and self._uses_master(group, p):
+            return (
+                "with master_weights=True its param would be the sum of each rank's rounded fp32 master, not the "
+                "rounding of the master (use master_weights=False for it, or an fp32 param)"
+            )
+        return None
 
     def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
         t = super()._new_state_tensor(group, key, p)
@@ -183,7 +199,7 @@ class FusedSGD(FusedOptimizer):
         _ops.bump_versions(part.params)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        _sgd_calls(self._traced_calls(found_inf, read=(grad_scale, found_inf)), grad_scale, found_inf)
+        _sgd_calls(*self._traced_calls(found_inf, read=(grad_scale, found_inf)), grad_scale, found_inf)
 
     def _traced_group_calls(self, gi: int, group: dict[str, Any]) -> list[tuple]:
         """One ``fused_ops::sgd_`` call per part (new buffers apart)."""
@@ -198,7 +214,7 @@ class FusedSGD(FusedOptimizer):
         return calls
 
 
-def _sgd_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def _sgd_calls(calls: list[tuple], staged: list, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """The ``fused_ops::sgd_`` calls of a traced step (one per part), in a frame of their own that Dynamo captures:
     :meth:`FusedOptimizer._traced_calls` ran eagerly (the checks compare data pointers; states are created), and this
     frame, whose arguments hold plain tensors and which never breaks the graph, is compiled with the ops in its
@@ -206,6 +222,7 @@ def _sgd_calls(calls: list[tuple], grad_scale: Tensor | None, found_inf: Tensor 
     for params, grads, buffers, masters, lr, values, device, backend in calls:
         lr, lr_tensor, scale, inf = _traced_scalars(lr, grad_scale, found_inf, device)
         _ops.sgd_(params, grads, buffers, masters, lr, lr_tensor, *values, scale, inf, backend)
+    _write_back(staged)
 
 
 def _traced_scalars(lr: Any, grad_scale: Any, found_inf: Any, device: torch.device) -> tuple:
