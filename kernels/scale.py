@@ -103,7 +103,7 @@ def _norm_partials_kernel(
     partials_ptr,  # fp64 [n_chunks]: one partial per program, no atomics
     # fp64 [2], read when NORM == 3: 1 / max |x| (1 when that is 0, inf or nan), and p (a float argument would be
     # float32: p = 0.1 rounded to float32 moves |x|^p by up to p * 1e-8 * |ln |x||)
-    inv_scale_ptr,
+    scale_and_p_ptr,
     DTYPE: tl.constexpr,
     NORM: tl.constexpr,  # 0: inf (max |x|), 1: sum |x|, 2: sum x^2, 3: sum |x|^p
     ALIGNED: tl.constexpr,  # every tensor starts on a 16-byte boundary: lets the compiler vectorise
@@ -111,7 +111,7 @@ def _norm_partials_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     """partials[pid] = sum over the program's chunk of |x|^p (p = 1 or 2), of (|x| * inv_scale)^p (any other p > 0,
-    both read from ``inv_scale_ptr``), or max |x| for p = inf, accumulated in fp64 in a fixed order (elementwise over
+    both read from ``scale_and_p_ptr``), or max |x| for p = inf, accumulated in fp64 in a fixed order (elementwise over
     blocks, then a tree sum): |x| is widened to fp64 before the power, so 1e20^2 does not overflow nor 1e-30^2
     underflow (the float64 value that ``reference.grad_norm`` computes; fp32 accumulation returned inf or 0 there).
     For a general p the launcher passes ``inv_scale = 1 / max |x|`` (from a first, inf-norm launch), so every scaled
@@ -126,8 +126,8 @@ def _norm_partials_kernel(
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
     x_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
     if NORM == 3:
-        inv_scale = tl.load(inv_scale_ptr).to(tl.float64)
-        p = tl.load(inv_scale_ptr + 1).to(tl.float64)
+        inv_scale = tl.load(scale_and_p_ptr).to(tl.float64)
+        p = tl.load(scale_and_p_ptr + 1).to(tl.float64)
     else:
         inv_scale = tl.full((), 1.0, tl.float64)  # (not read)
         p = inv_scale
@@ -272,6 +272,11 @@ def norm_launch(
     norm_type = float(norm_type)
     if not (norm_type > 0):
         raise ValueError(f"norm_launch: norm_type must be inf or > 0, got {norm_type}")
+    if block_size < 16 or block_size & (block_size - 1) or chunk_size % block_size:
+        raise ValueError(  # (a general p takes a quarter block at a time)
+            f"norm_launch: block_size must be a power of two >= 16 dividing chunk_size, got {block_size} "
+            f"(chunk_size {chunk_size})"
+        )
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float32)
     table = build_chunk_table([tensors], chunk_size, cache,

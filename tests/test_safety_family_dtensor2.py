@@ -61,7 +61,13 @@ def _partial(rank: int, mesh, value: torch.Tensor, op: str = "sum"):
     """A ``Partial`` DTensor whose summand on rank ``r`` is ``value * (r + 1)`` (a sum of ``3 * value``)."""
     from torch.distributed.tensor import DTensor, Partial
 
-    return DTensor.from_local(value * (rank + 1), mesh, [Partial(op)], run_check=False)
+    if op == "norm":  # (a private Partial subclass whose reduce_op reads "sum": a 2-norm's partial squares)
+        from torch.distributed.tensor._ops._math_ops import _NormPartial
+
+        placement = _NormPartial(2)
+    else:
+        placement = Partial(op)
+    return DTensor.from_local(value * (rank + 1), mesh, [placement], run_check=False)
 
 
 def _guarded(out: dict, key: tuple, body) -> None:
@@ -180,9 +186,9 @@ def _partial_cases(rank: int, mesh, out: dict) -> None:
             _guarded(out, ("partial adamw grad", repr(placement), backend),
                      lambda pl=placement, b=backend: refused(lambda ps: fused_ops.FusedAdamW(ps, lr=0.1, backend=b),
                                                              other_grad(pl)))  # fmt: skip
-        _guarded(out, ("partial sgd", "Partial(max)", backend),
-                 lambda b=backend: refused(lambda ps: fused_ops.FusedSGD(ps, lr=0.1, momentum=0.9, backend=b),
-                                           param(op="max")))  # fmt: skip
+        for name, op in (("Partial(max)", "max"), ("_NormPartial", "norm")):
+            make = lambda ps, b=backend: fused_ops.FusedSGD(ps, lr=0.1, momentum=0.9, backend=b)  # noqa: E731
+            _guarded(out, ("partial sgd", name, backend), lambda m=make, op=op: refused(m, param(op=op)))
 
 
 def _submesh_cases(rank: int, world: int, out: dict) -> None:
@@ -410,7 +416,7 @@ def test_partial_param_sgd_loads_torch_and_plain_buffers(results, source, backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["masters", "Partial(max)"])
+@pytest.mark.parametrize("name", ["masters", "Partial(max)", "_NormPartial"])
 def test_partial_param_sgd_refuses_what_is_not_linear(results, name, backend):
     _refused(_recs(results, ("partial sgd", name, backend)), "param 0 of param group 0", "Partial")
 

@@ -531,3 +531,11 @@ def test_unscale_graph_replays_survive_300_other_layouts_between_replays():
         for g, s in zip(grads, start, strict=True):
             assert torch.equal(g, s * 0.5)
     assert found_inf.item() == 0.0
+
+
+@pytest.mark.parametrize(("chunk", "block"), [(64, 8), (64, 48), (96, 64), (64, 0)])
+def test_kernel_norm_refuses_a_block_it_cannot_split(chunk, block):
+    # (a general p works on a quarter block at a time: 8 would be a range of 2, 48 no power of two, 64 not a divisor
+    # of 96: a named error before any launch, not Triton's)
+    with pytest.raises(ValueError, match="norm_launch: block_size must be a power of two >= 16"):
+        scale_kernels.norm_launch([torch.ones(5)], 3.0, chunk_size=chunk, block_size=block, cache={})

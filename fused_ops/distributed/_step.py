@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _cpu_lowbit, functional
+from .. import _cpu_lowbit, functional, reference
 from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _ERROR_TYPES, _OUT_OF_STEP, _StepInputs
 from ._comm import _all_gather, _sum_of_squares
@@ -138,7 +138,7 @@ class _StepMixin:
             self.skipped_steps += self.last_found_inf
             flag = inputs.scaler_found_inf
             if flag is not None:
-                flag.copy_(torch.maximum(flag, found_inf.to(flag).reshape(flag.shape)))
+                reference.set_found_inf(flag, found_inf.to(flag.device).reshape(flag.shape) != 0)  # (1.0, as torch)
         else:
             found_inf = None
             self.last_found_inf = torch.zeros((), dtype=torch.float32, device=dev)

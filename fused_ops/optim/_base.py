@@ -193,7 +193,7 @@ def _same_ranks(a: Any, b: Any) -> bool:
     try:
         return (a.device_type == b.device_type and a._flatten_rank_map == b._flatten_rank_map
                 and a._layout == b._layout)  # fmt: skip
-    except AttributeError:  # (a torch whose DeviceMesh keeps these otherwise: only equal meshes)
+    except Exception:  # noqa: BLE001 - (a torch whose DeviceMesh keeps these otherwise: only equal meshes)
         return False
 
 

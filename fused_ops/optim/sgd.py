@@ -130,7 +130,11 @@ class FusedSGD(FusedOptimizer):
         like the param) sums to the step of the sum, as torch.optim.SGD steps a ``Partial`` DTensor param. Not so
         for a reduction that is not a sum or a mean (max, min), nor with an fp32 master: the param would be the sum
         of each rank's rounded master, not the rounding of the master."""
-        ops = {getattr(pl, "reduce_op", None) for pl in p.placements if pl.is_partial()}
+        from torch.distributed.tensor import Partial  # (a DTensor param: torch.distributed is there)
+
+        # (torch's own Partial only: a private subclass, e.g. a norm's _NormPartial, reports "sum" but is not one)
+        ops = {getattr(pl, "reduce_op", None) if type(pl) is Partial else type(pl).__name__
+               for pl in p.placements if pl.is_partial()}  # fmt: skip
         if not ops <= {"sum", "avg"}:
             return f"a Partial reduction by {sorted(map(str, ops))} is not linear: stepping each rank's part is wrong"
         if group is not None and self._uses_master(group, p):
