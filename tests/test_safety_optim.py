@@ -570,7 +570,11 @@ def test_step_with_a_float_grad_scale(backend):
     o.step(grad_scale=2.0)
     t.step()
     _assert_match(ours, theirs)
-    for bad, exc in ((0.0, ValueError), (math.inf, ValueError), (-1.0, ValueError), ("2", TypeError)):
+    # (1e39 is inf in float32, 1e-46 is 0 there and 1e-39 a subnormal whose reciprocal overflows: the step divides
+    # by it in float32)
+    bads = ((0.0, ValueError), (math.inf, ValueError), (-1.0, ValueError), ("2", TypeError), (1e39, ValueError),
+            (1e-46, ValueError), (1e-39, ValueError), (10**400, ValueError))  # fmt: skip
+    for bad, exc in bads:
         expect_error_unchanged(lambda b=bad: o.step(grad_scale=b), exc, "grad_scale", o)
 
 

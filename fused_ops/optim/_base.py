@@ -44,6 +44,7 @@ from .._validate import (
 )
 
 MASTER_KEY = "master_param"
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -973,7 +974,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         tensor) makes the step a no-op on the device when non-zero; both default to the attributes that
         ``torch.amp.GradScaler`` sets. With ``fused_ops.DynamicLossScaler.grad_scale_and_norm`` the grad
         scale also carries the clip coefficient, so unscale + clip + update is one pass over the grads.
-        A number ``grad_scale`` (> 0, finite) works as a tensor holding it.
+        A number ``grad_scale`` (a normal float32 > 0: 1e39 and 1e-46 are refused) works as a tensor holding it.
         """
         loss = None
         if closure is not None:
@@ -1130,9 +1131,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"grad_scale must be a 1-element floating-point tensor, got shape "
                                      f"{tuple(grad_scale.shape)} and dtype {grad_scale.dtype}")  # fmt: skip
             elif isinstance(grad_scale, int | float) and not isinstance(grad_scale, bool):
-                grad_scale = float(grad_scale)
-                if not (math.isfinite(grad_scale) and grad_scale > 0):
-                    raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
+                # (used as a float32 divisor: 1e39 is inf there, 1e-46 is 0, and below the smallest normal float32
+                # its reciprocal overflows; the same range as ZeroAdamW's loss_scale on one rank)
+                grad_scale = real_float(grad_scale)
+                if not (_FP32_TINY <= grad_scale <= FP32_MAX):
+                    raise ValueError(
+                        f"grad_scale must be a finite number > 0 that float32 holds as a normal number (between "
+                        f"{_FP32_TINY:.4g} and {FP32_MAX:.4g}), got {grad_scale}"
+                    )
             else:
                 raise TypeError(f"grad_scale must be a 1-element tensor or a number, got {type(grad_scale).__name__}")
         if found_inf is not None:
