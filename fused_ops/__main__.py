@@ -76,8 +76,9 @@ def _non_negative_float(value: str) -> float:
 
 
 def _output_error(option: str, path: str) -> str | None:
-    """Why ``path`` cannot be written as an output file, or None. Checked before the run (nothing is created here;
-    a missing parent folder is created when the file is written, so it only has to be creatable)."""
+    """Why ``path`` cannot be written as an output file, or None, from what the path names (nothing is created
+    here; a missing parent folder is created when the file is written, so it only has to be creatable). Permission
+    bits say nothing for root: :func:`_probe_output` then tries for real."""
     if not path:
         return f"{option}: empty path"
     full = os.path.abspath(path)
@@ -97,6 +98,55 @@ def _output_error(option: str, path: str) -> str | None:
     if len(os.path.basename(full).encode()) > 255 - 16:  # (the JSON is written as <path>.tmp<pid> first)
         return f"{option} {path}: file name too long"
     return None
+
+
+def _probe_output(option: str, path: str, *, via_tmp: bool) -> str | None:
+    """Why ``path`` cannot be written, found by doing it: the missing folders are made, the file is created (or an
+    existing one opened for appending, unchanged), then everything made here is removed again. ``via_tmp``: as
+    ``write_json`` does it, ``<path>.tmp<pid>`` created and renamed onto a new ``path``. Run after every other check
+    (a refused run leaves nothing behind) and before any work (a run whose results cannot be kept is not started)."""
+    full = os.path.abspath(path)
+    made_dirs: list[str] = []
+    made_files: list[str] = []
+    try:
+        missing, parent = [], os.path.dirname(full)
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            made_dirs.append(folder)
+        existed = os.path.exists(full)
+        if via_tmp:
+            tmp = f"{full}.tmp{os.getpid()}"
+            tmp_existed = os.path.lexists(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666))
+            if not tmp_existed:
+                made_files.append(tmp)
+            if not existed and not tmp_existed:
+                os.replace(tmp, full)
+                made_files[-1] = full
+        if existed:
+            with open(full, "ab"):  # writable, and neither truncated nor touched
+                pass
+        elif not via_tmp:
+            os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            made_files.append(full)
+    except OSError as e:
+        return f"cannot write {option} {path}: {e.strerror or e} (checked before the run: nothing was run)"
+    finally:
+        for name in reversed(made_files):
+            with contextlib.suppress(OSError):
+                os.remove(name)
+        for folder in reversed(made_dirs):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+    return None
+
+
+def _write_error(option: str, path: str, e: BaseException) -> str:
+    """The message of an output that could not be written after the run."""
+    return f"cannot write {option} {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -240,7 +290,21 @@ def _error(message: str) -> int:
 
 
 def _check_bench(args: argparse.Namespace) -> str | None:
-    """Why these ``bench`` arguments cannot run, or None: everything is checked before any work starts."""
+    """Why these ``bench`` arguments cannot run, or None: everything is checked before any work starts, the output
+    files last, by creating them (and removing them again)."""
+    why = _check_bench_args(args)
+    if why:
+        return why
+    for option, via_tmp in (("--json", True), ("--plot", False)):
+        path = getattr(args, option[2:])
+        why = None if path is None else _probe_output(option, path, via_tmp=via_tmp)
+        if why:
+            return why
+    return None
+
+
+def _check_bench_args(args: argparse.Namespace) -> str | None:
+    """Why these ``bench`` arguments cannot run, or None, from the arguments alone (nothing is created)."""
     from . import bench
 
     if args.zero and args.dtensor:
@@ -294,9 +358,18 @@ def _bench_zero(args: argparse.Namespace) -> int:
     print(f"ZeRO on CPU: {args.nproc} gloo processes on this machine (for GPUs launch with torchrun + NCCL)")
     result = benchmark_zero(nproc=args.nproc, steps=5 if args.quick else 10)
     print(format_zero_report(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
+    return _write_result_json(write_json, result, args.json)
+
+
+def _write_result_json(write_json, result: dict, path: str | None) -> int:
+    """After the report is printed: write the JSON, or say why it could not be (exit 1, no traceback)."""
+    if path:
+        try:
+            write_json(result, path)
+        except OSError as e:
+            print(f"error: {_write_error('--json', path, e)}", file=sys.stderr)
+            return 1
+        print(f"wrote {path}")
     return 0
 
 
@@ -314,10 +387,7 @@ def _bench_dtensor(args: argparse.Namespace) -> int:
     result = benchmark_dtensor_host(args.dtensor_params, steps=args.steps, device=device, warmup=args.warmup,
                                     group_size=args.group_size, progress=progress)  # fmt: skip
     print(format_dtensor_report(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    return _write_result_json(write_json, result, args.json)
 
 
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -359,26 +429,40 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     doc = bench.run(config)
     # run() has put SIGTERM back: ignore a late one (`timeout` sends one, then SIGKILL after -k) while the results
     # are written, the JSON first
+    # A file that cannot be written after all (a full disk, a folder removed during the run) does not lose the
+    # figures: the table is printed whatever happens, then each failure as an error, exit 1.
     old = None
     with contextlib.suppress(ValueError):  # not the main thread
         old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    errors: list[str] = []
     try:
+        json_written = False
         if args.json:
-            bench.write_json(doc, args.json)
+            try:
+                bench.write_json(doc, args.json)
+                json_written = True
+            except OSError as e:
+                errors.append(_write_error("--json", args.json, e))
         print(bench.format_table(doc))
-        if args.json:
+        if json_written:
             print(f"wrote {args.json}")
         if args.plot:
             try:
                 bench.write_plot(doc, args.plot)
-            except Exception as e:  # the JSON is written; a plotting failure must not hide it
-                print(f"error: --plot {args.plot}: {type(e).__name__}: {e}", file=sys.stderr)
-                return 1
-            print(f"wrote {args.plot}")
+            except OSError as e:
+                errors.append(_write_error("--plot", args.plot, e))
+            except Exception as e:  # a plotting failure must not hide the JSON and the table
+                errors.append(f"--plot {args.plot}: {type(e).__name__}: {e}")
+            else:
+                print(f"wrote {args.plot}")
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     print(f"bench took {doc['wall_s']:.1f} s" + (f" ({doc['stopped']})" if doc.get("stopped") else ""))
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if errors:
+        return 1
     return 130 if doc.get("stopped") == "interrupted" else 0
 
 
@@ -395,14 +479,19 @@ def _report(args: argparse.Namespace) -> int:
         return _error(f"--results {args.results}: {'not a directory' if os.path.exists(args.results) else 'not found'}")
     try:
         new, source, changed = bench.update_readme(args.readme, args.results)
+    except bench.ReadmeMarkersError as e:
+        return _error(f"--readme {args.readme}: {e}")
     except (OSError, UnicodeDecodeError) as e:
         return _error(f"--readme {args.readme}: cannot read: {e}")
     if args.check:
         print(f"{args.readme}: {'out of date' if changed else 'up to date'} ({source})")
         return 1 if changed else 0
     if changed:
-        with open(args.readme, "w", encoding="utf-8") as f:
-            f.write(new)
+        try:
+            with open(args.readme, "w", encoding="utf-8") as f:
+                f.write(new)
+        except OSError as e:
+            return _error(f"cannot write --readme {args.readme}: {e.strerror or e}")
     print(f"{args.readme}: Performance section {'rewritten' if changed else 'unchanged'} from {source}")
     return 0
 

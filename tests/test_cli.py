@@ -232,6 +232,125 @@ def test_edge_values_that_mean_something_are_accepted(tmp_path, monkeypatch, cap
     assert runs[0].budget_s == 0.0 and runs[0].rep_ms == 0.5 and runs[0].providers == ["fused_ops"]
 
 
+def _unwritable_folder(tmp_path) -> str:
+    """A folder where this process cannot create files even though ``os.access`` (patched by the tests, as it is
+    for root) says it can: a read-only folder, or for root, who writes there anyway, /proc."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("running as root without /proc: no folder refuses new files")
+        return "/proc"
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+UNWRITABLE_OUTPUTS = [
+    (["bench", "--ops", "cast", "--json", "{ro}/x.json"], "--json"),
+    (["bench", "--ops", "cast", "--json", "{ro}/new/sub/x.json"], "--json"),
+    (["bench", "--ops", "cast", "--plot", "{ro}/x.png"], "--plot"),
+    (["bench", "--ops", "cast", "--json", "ok.json", "--plot", "{ro}/x.png"], "--plot"),
+    (["bench", "--dtensor", "--json", "{ro}/x.json"], "--json"),
+    (["bench", "--zero", "--json", "{ro}/x.json"], "--json"),
+]
+
+
+@pytest.mark.parametrize("argv, option", UNWRITABLE_OUTPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_unwritable_output_refused_before_the_run(argv, option, tmp_path, monkeypatch, capsys):
+    """Permission bits are no test (root passes ``os.access`` everywhere, and it is patched so here): the output
+    files are created before the run, and a path that cannot be is refused then, not after the whole run."""
+    ro = _unwritable_folder(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    _no_work(monkeypatch)
+    before = _tree(tmp_path)
+    try:
+        assert _exit_code([a.format(ro=ro) for a in argv]) == 2
+    finally:
+        if ro != "/proc":
+            os.chmod(ro, 0o755)
+    out, err = capsys.readouterr()
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {option} ") and "nothing was run" in line, err
+    assert "Traceback" not in out + err
+    assert _tree(tmp_path) == before  # the probe of ok.json and of the folders it made left nothing behind
+
+
+def test_output_probe_leaves_nothing_before_the_run(tmp_path, monkeypatch, capsys):
+    """The outputs are tried before the run, then removed (a new file, its new folders) or left as they were (an
+    existing file): the run starts on the same tree as before."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old.json").write_text("old\n")
+    os.utime(tmp_path / "old.json", (1_000_000, 1_000_000))
+    seen = []
+
+    def fake_run(config):
+        seen.append((_tree(tmp_path), (tmp_path / "old.json").read_text(), (tmp_path / "old.json").stat().st_mtime))
+        return {**_fake_gpu_result("2026-03-01T00:00:00+00:00"), "wall_s": 0.0}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    argv = ["bench", "--device", "cpu", "--ops", "cast", "--no-progress"]
+    assert main([*argv, "--json", "new/sub/x.json", "--plot", "new/x.png"]) == 0, capsys.readouterr().err
+    assert seen[0][0] == {"old.json"}
+    assert json.loads((tmp_path / "new" / "sub" / "x.json").read_text())["device"] == "NVIDIA H100 80GB HBM3"
+    assert (tmp_path / "new" / "x.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*argv, "--json", "old.json"]) == 0
+    assert seen[1][1:] == ("old\n", 1_000_000)  # not truncated, not touched by the probe
+    assert json.loads((tmp_path / "old.json").read_text())["device"] == "NVIDIA H100 80GB HBM3"
+
+
+def _fail_write(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", ["write_json", "write_plot"])
+def test_output_write_failure_after_the_run_keeps_the_table(failing, tmp_path, monkeypatch, capsys):
+    """A file that cannot be written after the run (a full disk, a folder removed meanwhile): the table is printed
+    first, then a clear error, exit 1, no traceback; the other output is still written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, failing, _fail_write)
+    argv = ["bench", *FAST, "--ops", "cast", "--dtype", "fp32", "--json", "r.json", "--plot", "r.png"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert "fused_ops bench [CPU]" in out and "cast" in out and "GB/s" in out  # the table
+    option, path, other = ("--json", "r.json", "r.png") if failing == "write_json" else ("--plot", "r.png", "r.json")
+    assert err.strip().splitlines()[-1] == f"error: cannot write {option} {path}: No space left on device", err
+    assert f"wrote {path}" not in out and f"wrote {other}" in out and (tmp_path / other).exists()
+    assert not (tmp_path / path).exists()
+
+
+@pytest.mark.parametrize("mode", ["--dtensor", "--zero"])
+def test_json_write_failure_after_dtensor_or_zero_run(mode, tmp_path, monkeypatch, capsys):
+    import fused_ops.bench_dtensor
+    import fused_ops.distributed
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fused_ops.bench_dtensor, "benchmark_dtensor_host", lambda *args, **kwargs: {"cases": []})
+    monkeypatch.setattr(fused_ops.bench_dtensor, "format_dtensor_report", lambda result: "DTENSOR REPORT")
+    monkeypatch.setattr(fused_ops.distributed, "benchmark_zero", lambda **kwargs: {"zero": 1})
+    monkeypatch.setattr(bench, "format_zero_report", lambda result: "ZERO REPORT")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(bench, "write_json", _fail_write)
+    assert main(["bench", mode, "--json", "d.json"]) == 1
+    out, err = capsys.readouterr()
+    assert ("DTENSOR REPORT" if mode == "--dtensor" else "ZERO REPORT") in out and "wrote" not in out
+    assert err.strip().splitlines()[-1] == "error: cannot write --json d.json: No space left on device", err
+    assert "Traceback" not in out + err
+
+
+def test_write_json_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        bench.write_json({"a": 1}, str(tmp_path / "x.json"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_bench_budget_stops_cleanly():
     doc = bench.run(bench.BenchConfig(ops=["adam"], params=["tiny"], dtypes=["fp32"], device="cpu", quick=True,
                                       rep_ms=1, copy_mb=1, budget_s=0.0, progress=False))  # fmt: skip
@@ -312,6 +431,38 @@ def test_report_check_flags_stale_readme(tmp_path):
     args = ["report", "--results", str(results), "--readme", str(readme)]
     assert main([*args, "--check"]) == 1 and readme.read_text() == "# proj\n"
     assert main(args) == 0 and main([*args, "--check"]) == 0
+
+
+BAD_MARKERS = {
+    "stray begin": "# proj\n{B}\nIMPORTANT USER TEXT\n## Other\nmore\n",
+    "end only": "# proj\nUSER TEXT\n{E}\n",
+    "end before begin": "# proj\n{E}\nUSER TEXT\n{B}\n",
+    "two sections": "# proj\n{B}\nold\n{E}\nUSER TEXT\n{B}\nold\n{E}\n",
+    "begin twice": "# proj\n{B}\nUSER TEXT\n{B}\nold\n{E}\n",
+    "end twice": "# proj\n{B}\nold\n{E}\nUSER TEXT\n{E}\n",
+}
+
+
+@pytest.mark.parametrize("case", BAD_MARKERS)
+def test_report_refuses_unpaired_markers(case, tmp_path, capsys):
+    """Anything but one begin marker before one end marker (or neither): an error, exit 2, the README untouched
+    (a stray begin marker made the first run append a section and the second delete the text in between)."""
+    readme = tmp_path / "README.md"
+    text = BAD_MARKERS[case].format(B=bench.PERF_BEGIN, E=bench.PERF_END)
+    readme.write_text(text)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_gpu.json").write_text(json.dumps(_fake_gpu_result("2026-03-01T00:00:00+00:00")))
+    args = ["report", "--results", str(results), "--readme", str(readme)]
+    for argv in (args, args, [*args, "--check"]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: --readme {readme}: found ") and "nothing was rewritten" in line, err
+        assert "Traceback" not in out + err
+        assert readme.read_text() == text
+    with pytest.raises(bench.ReadmeMarkersError):
+        bench.update_readme(str(readme), str(results))
 
 
 def test_gpu_document_renders_table_and_plot(tmp_path):

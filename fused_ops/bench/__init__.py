@@ -93,6 +93,7 @@ from .peers import PEERS, Peer, peer_status
 from .report import (
     PERF_BEGIN,
     PERF_END,
+    ReadmeMarkersError,
     format_table,
     format_zero_report,
     load_results,
@@ -138,6 +139,7 @@ __all__ = [
     "ParamSet",
     "Peer",
     "QUANTILES",
+    "ReadmeMarkersError",
     "Runner",
     "Skip",
     "WEIGHT_DECAY",

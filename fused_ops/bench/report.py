@@ -3,6 +3,7 @@ fused_ops report``) and the ZeRO table (``python -m fused_ops bench --zero``).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -74,10 +75,15 @@ def write_json(doc: dict[str, Any], path: str) -> None:
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:  # then renamed: a run killed mid-write never leaves half a JSON
-        json.dump(clean(doc), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:  # then renamed: a run killed mid-write never leaves half a JSON
+            json.dump(clean(doc), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder that refuses the rename: no stray temporary file left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _count(n: int) -> str:
@@ -146,6 +152,11 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
 
 PERF_BEGIN = "<!-- perf:begin -->"
 PERF_END = "<!-- perf:end -->"
+
+
+class ReadmeMarkersError(ValueError):
+    """The README's perf markers are not one begin before one end (nor absent): rewriting would guess what to
+    replace, and could delete the user's text between a stray marker and the section."""
 
 
 def load_results(results_dir: str) -> list[tuple[str, dict[str, Any]]]:
@@ -233,13 +244,27 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
 
 def update_readme(readme: str, results_dir: str) -> tuple[str, str, bool]:
     """Rewrite the section between the perf markers of ``readme`` (adding ``## Performance`` and the markers at
-    the end when absent). Returns (new text, source description, changed)."""
+    the end when it has neither marker). Returns (new text, source description, changed).
+
+    Raises :class:`ReadmeMarkersError` (nothing is rewritten) unless the README holds exactly one ``PERF_BEGIN``
+    followed by exactly one ``PERF_END``, or neither."""
     with open(readme, encoding="utf-8") as f:
         text = f.read()
+    n_begin, n_end = text.count(PERF_BEGIN), text.count(PERF_END)
+    if (n_begin, n_end) != (0, 0) and not (n_begin == n_end == 1 and text.index(PERF_BEGIN) < text.index(PERF_END)):
+        found_markers = (
+            f"found {n_begin} {PERF_BEGIN} and {n_end} {PERF_END} markers"
+            if (n_begin, n_end) != (1, 1)
+            else f"found {PERF_END} before {PERF_BEGIN}"
+        )
+        raise ReadmeMarkersError(
+            f"{found_markers}; expected one {PERF_BEGIN} followed by one {PERF_END} around the Performance section "
+            "(or neither: the section is then added at the end). Fix the markers by hand; nothing was rewritten"
+        )
     found = newest_gpu_result(results_dir)
     body = render_performance(found, os.path.dirname(os.path.abspath(readme)))
     block = f"{PERF_BEGIN}\n{body}\n{PERF_END}"
-    if PERF_BEGIN in text and PERF_END in text and text.index(PERF_BEGIN) < text.index(PERF_END):
+    if n_begin:
         start, end = text.index(PERF_BEGIN), text.index(PERF_END) + len(PERF_END)
         new = text[:start] + block + text[end:]
     else:
