@@ -13,10 +13,12 @@ starts aligned and splits into ``world_size`` equal shards (ZeRO). All padding i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,11 +40,24 @@ class Bucket:
     world_size: int
 
     def shard(self, rank: int) -> Tensor:
-        """The ``rank``-th of ``world_size`` equal slices of this bucket (a view)."""
+        """The ``rank``-th of ``world_size`` equal slices of this bucket (a view); ``rank`` an int (not a bool)."""
+        if isinstance(rank, bool) or not isinstance(rank, Integral):
+            raise TypeError(f"Bucket.shard: rank must be an int, got {rank!r}")
         if not 0 <= rank < self.world_size:
             raise ValueError(f"Bucket.shard: rank must be in [0, {self.world_size}), got {rank}")
         size = self.numel // self.world_size
-        return self.data.narrow(0, rank * size, size)
+        return self.data.narrow(0, int(rank) * size, size)
+
+
+class _Tied(NamedTuple):
+    """A tensor of a pickled FlatBuffer, as a view of one of the storages pickled with it (see
+    :meth:`FlatBuffer.__getstate__`)."""
+
+    base: int  # index in the pickled storages
+    dtype: torch.dtype
+    offset: int  # storage offset, in elements of ``dtype``
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 def _layout(numels: Sequence[int], align: int, cap: int | None, pad_to: int):
@@ -178,6 +193,57 @@ class FlatBuffer:
             Bucket(k, start, length, idx, data.narrow(0, start, length), self.world_size)
             for k, (start, length, idx) in enumerate(self._bucket_layout)
         ]
+
+    # -- pickling -------------------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Pickled, ``data``, ``views`` and ``buckets`` stay views of one storage (as ``copy.deepcopy`` and
+        ``torch.save`` keep them; plain ``pickle`` would copy each tensor's storage on its own): each storage they
+        lie in is pickled once, as a byte tensor, and each tensor as its place in it."""
+        state = self.__dict__.copy()
+        bases: list[Tensor] = []
+        seen: dict = {}
+
+        def tie(x):
+            if (type(x) is not Tensor or x.layout != torch.strided or x.requires_grad or x.is_neg() or x.is_conj()
+                    or not x.data_ptr()):  # fmt: skip
+                return x  # (pickled as it is: nothing to share, or more to it than a place in a storage)
+            storage = x.untyped_storage()
+            key = (x.device, storage.data_ptr())
+            if key not in seen:
+                seen[key] = len(bases)
+                bases.append(torch.empty(0, dtype=torch.uint8, device=x.device).set_(storage))
+            return _Tied(seen[key], x.dtype, x.storage_offset(), tuple(x.shape), x.stride())
+
+        if "data" in state:
+            state["data"] = tie(state["data"])
+        if "views" in state:
+            state["views"] = [tie(v) for v in state["views"]]
+        if "buckets" in state:
+            state["buckets"] = [dataclasses.replace(b, data=tie(b.data)) if isinstance(b, Bucket) else b
+                                for b in state["buckets"]]  # fmt: skip
+        state["_tied_storages"] = bases
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        bases = state.pop("_tied_storages", [])
+
+        def untie(x):
+            if not isinstance(x, _Tied):
+                return x
+            base = bases[x.base]
+            return torch.empty(0, dtype=x.dtype, device=base.device).set_(base.untyped_storage(), x.offset, x.size,
+                                                                          x.stride)  # fmt: skip
+
+        if "data" in state:
+            state["data"] = untie(state["data"])
+        if "views" in state:
+            state["views"] = [untie(v) for v in state["views"]]
+        if "buckets" in state:
+            state["buckets"] = [dataclasses.replace(b, data=untie(b.data)) if isinstance(b, Bucket) else b
+                                for b in state["buckets"]]  # fmt: skip
+        self.__dict__.update(state)
 
     # -- construction helpers ---------------------------------------------------------------------------------
 

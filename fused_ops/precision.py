@@ -11,14 +11,17 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from itertools import accumulate, compress, islice, repeat
+from operator import add, attrgetter, gt, le
 
 import torch
 from torch import Tensor
 
 from . import functional
 from ._backend import check_backend
-from ._validate import has_memory, real_float
+from ._validate import _interleaved, _reach, has_memory, real_float
 
 # The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
 # value outside their range would become 0 or inf, or raise half-way through an update or a load.
@@ -27,20 +30,183 @@ _FP32_MAX = float(torch.finfo(torch.float32).max)
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
-_DATA_PTR, _NUMEL = Tensor.data_ptr, Tensor.numel
+_DATA_PTR = Tensor.data_ptr
 
 
-def _grad_keys(xs) -> set:
-    """Where each tensor of ``xs`` keeps its elements (address and element count; a DTensor's local shard): what
-    :class:`DynamicLossScaler` remembers of the grads it unscaled. Empty tensors, tensors without memory and
-    non-tensors have none. (About 0.1 us a plain tensor: it runs at every ``unscale_``.)"""
+_DEVICE, _NBYTES, _CONTIGUOUS = attrgetter("device"), attrgetter("nbytes"), Tensor.is_contiguous
+_ERRORS = (RuntimeError, TypeError, NotImplementedError)  # (a tensor without storage: it has no span, the op names it)
+
+
+class _Footprint:
+    """What ``_validate._interleaved`` reads of a tensor (address, element size, dtype, shape, strides), kept without
+    the tensor (a span does not keep a grad's memory alive)."""
+
+    __slots__ = ("_ptr", "_size", "dtype", "shape", "_stride")
+
+    def __init__(self, ptr: int, layout: tuple) -> None:
+        self._ptr = ptr
+        self._size, self.dtype, self.shape, self._stride = layout
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def element_size(self) -> int:
+        return self._size
+
+    def stride(self) -> tuple[int, ...]:
+        return self._stride
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _layout(x: Tensor) -> tuple | None:
+    """None for a contiguous tensor (it holds every byte of its span), else what :class:`_Footprint` keeps."""
+    return None if x.is_contiguous() else (x.element_size(), x.dtype, tuple(x.shape), x.stride())
+
+
+def _apart(a: int, a_layout: tuple | None, b: int, b_layout: tuple | None) -> bool:
+    """Whether two tensors (first byte, :func:`_layout`) whose byte ranges overlap provably share no element: two
+    strided views that interleave (``_validate._interleaved``). A contiguous tensor holds every byte of its span."""
+    return a_layout is not None and b_layout is not None and _interleaved(_Footprint(a, a_layout),
+                                                                        _Footprint(b, b_layout))  # fmt: skip
+
+
+class _Spans(set):
+    """Where tensors keep their elements: per device, the byte spans ``[start, end)`` of each tensor and its layout
+    (:func:`_layout`). :meth:`isdisjoint` is true iff no span shares memory with one of another ``_Spans``: byte
+    ranges that overlap on one device, unless two strided views provably interleave (``W[:, :3]`` and ``W[:, 3:]``,
+    ``x[0::2]`` and ``x[1::2]``), as ``check_memory`` lets them be. The spans, sorted by start with the running
+    maximum of their ends, answer each query by one bisection (and a walk back over the spans that reach past its
+    start: one, when the spans are disjoint); the index is built once per content. (A ``set``, empty but for its
+    length and truth, for the callers that test ``isinstance(x, set)``; the spans are kept in lists.)"""
+
+    __slots__ = ("_parts", "_index")
+
+    def __init__(self, parts: dict | None = None) -> None:
+        super().__init__()
+        self._parts = {} if parts is None else parts  # device -> (starts, ends, layouts or None: all contiguous)
+        self._index: dict | None = None
+
+    def __len__(self) -> int:
+        return sum(len(starts) for starts, _, _ in self._parts.values())
+
+    def __bool__(self) -> bool:
+        return any(starts for starts, _, _ in self._parts.values())
+
+    def __iter__(self):
+        for dev, (starts, ends, layouts) in self._parts.items():
+            yield from zip(repeat(dev), starts, ends, repeat(None) if layouts is None else layouts)
+
+    def __repr__(self) -> str:
+        return f"_Spans({list(self)!r})"
+
+    def __ior__(self, other):
+        if not isinstance(other, _Spans):
+            return NotImplemented
+        for dev, (starts, ends, layouts) in other._parts.items():
+            mine = self._parts.get(dev)
+            if mine is None:
+                self._parts[dev] = (list(starts), list(ends), None if layouts is None else list(layouts))
+                continue
+            if mine[2] is None and layouts is not None:
+                mine = self._parts[dev] = (mine[0], mine[1], [None] * len(mine[0]))
+            if mine[2] is not None:
+                mine[2].extend([None] * len(starts) if layouts is None else layouts)
+            mine[0].extend(starts)
+            mine[1].extend(ends)
+        self._index = None
+        return self
+
+    def _lookup(self) -> dict:
+        if self._index is None:
+            index = {}
+            for dev, (starts, ends, layouts) in self._parts.items():
+                if not all(map(le, starts, islice(starts, 1, None))):
+                    order = sorted(range(len(starts)), key=starts.__getitem__)
+                    starts, ends = list(map(starts.__getitem__, order)), list(map(ends.__getitem__, order))
+                    layouts = None if layouts is None else list(map(layouts.__getitem__, order))
+                index[dev] = (starts, ends, layouts, list(accumulate(ends, max)))
+            self._index = index
+        return self._index
+
+    def first_overlap(self, other: _Spans) -> tuple[tuple, tuple] | None:
+        """A span of ``other`` and one of ``self`` that share memory (``(device, start, end, layout)``, the first
+        found), or None."""
+        index = self._lookup()
+        for dev in index.keys() & other._parts.keys():
+            starts, ends, layouts, reach = index[dev]
+            q_starts, q_ends, q_layouts = other._parts[dev]
+            js = list(map(bisect_left, repeat(starts), q_ends))  # (spans [0, j) start before the query ends)
+            before = [0, *reach]  # (the furthest end among spans [0, j); addresses are > 0)
+            if not any(map(gt, map(before.__getitem__, js), q_starts)):
+                continue
+            for k, (q_start, j) in enumerate(zip(q_starts, js)):
+                i = j - 1
+                while i >= 0 and reach[i] > q_start:
+                    mine = None if layouts is None else layouts[i]
+                    theirs = None if q_layouts is None else q_layouts[k]
+                    if ends[i] > q_start and not _apart(starts[i], mine, q_start, theirs):
+                        return (dev, q_start, q_ends[k], theirs), (dev, starts[i], ends[i], mine)
+                    i -= 1
+        return None
+
+    def isdisjoint(self, other) -> bool:
+        if isinstance(other, _Spans):
+            return self.first_overlap(other) is None
+        return set(self).isdisjoint(other)
+
+    def __reduce__(self):  # (copies and pickles of a scaler keep the spans: set's own would keep the empty set)
+        parts = {dev: (list(a), list(e), None if n is None else list(n)) for dev, (a, e, n) in self._parts.items()}
+        return _Spans, (parts,)
+
+
+def _grad_keys(xs) -> _Spans:
+    """Where each tensor of ``xs`` keeps its elements (a DTensor's local shard), as :class:`_Spans`: what
+    :class:`DynamicLossScaler` remembers of the grads it unscaled, and compares with the grads it is given (any
+    shared memory, not only the same tensor: a grad and a flat buffer holding it). Empty tensors, tensors without
+    memory (meta, freed) and non-tensors have none. (About 0.25 us a plain tensor: it runs at every ``unscale_``.)"""
     if not set(map(type, xs)) <= _PLAIN_TYPES:
         xs = [getattr(x, "_local_tensor", x) for x in xs]
         xs = [x for x in xs if type(x) in _PLAIN_TYPES or isinstance(x, Tensor) and has_memory(type(x))]
-    ptrs, numels = list(map(_DATA_PTR, xs)), list(map(_NUMEL, xs))
-    if 0 in ptrs or 0 in numels:
-        return {(a, n) for a, n in zip(ptrs, numels) if a and n}
-    return set(zip(ptrs, numels))
+    try:  # (a sparse or other tensor without strided memory raises: the loop below leaves it out)
+        starts = list(map(_DATA_PTR, xs))
+        if all(map(_CONTIGUOUS, xs)):
+            sizes, layouts = list(map(_NBYTES, xs)), None
+        else:
+            sizes, layouts = list(map(_reach, xs)), list(map(_layout, xs))
+        devices = set(map(_DEVICE, xs))
+    except _ERRORS:
+        kept, starts, sizes, layouts, devices = [], [], [], [], set()
+        for x in xs:
+            try:
+                if x.layout != torch.strided:
+                    continue
+                start, size, layout, device = x.data_ptr(), _reach(x), _layout(x), x.device
+            except _ERRORS:
+                continue
+            kept.append(x)
+            starts.append(start)
+            sizes.append(size)
+            layouts.append(layout)
+            devices.add(device)
+        xs = kept
+    if 0 in starts or 0 in sizes:  # (no memory: meta, freed or empty)
+        keep = [bool(a and n) for a, n in zip(starts, sizes)]
+        xs, starts, sizes = list(compress(xs, keep)), list(compress(starts, keep)), list(compress(sizes, keep))
+        layouts = None if layouts is None else list(compress(layouts, keep))
+    if not starts:
+        return _Spans()
+    ends = list(map(add, starts, sizes))
+    if len(devices) == 1:
+        return _Spans({devices.pop(): (starts, ends, layouts)})
+    parts: dict = {}
+    for i, x in enumerate(xs):
+        part = parts.setdefault(x.device, ([], [], []))
+        part[0].append(starts[i])
+        part[1].append(ends[i])
+        part[2].append(None if layouts is None else layouts[i])
+    return _Spans(parts)
 
 
 def _listed(xs):
@@ -89,7 +255,8 @@ def _positive_int(name: str, value, allow_none: bool = False, fn: str = "Dynamic
                   high: int | None = None) -> None:  # fmt: skip
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    # (any integer but a bool, as the counters take them: numpy's and torch's integer scalars too)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{fn}: {name} must be a positive int at most {high} (it is kept in an int32 tensor), got "
@@ -195,13 +362,13 @@ class DynamicLossScaler:
         self.device = torch.device(device)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
-        self.growth_interval = growth_interval
-        self.hysteresis = hysteresis
+        self.growth_interval = int(growth_interval)
+        self.hysteresis = int(hysteresis)
         self.min_scale = float(min_scale)
         self.max_scale = None if max_scale is None else float(max_scale)
         self.consecutive_hysteresis = bool(consecutive_hysteresis)
-        self.warn_after = warn_after
-        self.check_interval = check_interval
+        self.warn_after = None if warn_after is None else int(warn_after)
+        self.check_interval = None if check_interval is None else int(check_interval)
         self.backend = backend
 
         def full(value, dtype):
@@ -210,7 +377,7 @@ class DynamicLossScaler:
         self._scale = full(float(init_scale), torch.float32)
         self._found_inf = full(0.0, torch.float32)
         self._growth_tracker = full(0, torch.int32)
-        self._hysteresis_tracker = full(hysteresis, torch.int32)
+        self._hysteresis_tracker = full(self.hysteresis, torch.int32)
         self._skipped = full(0, torch.int64)
         self._consecutive = full(0, torch.int64)
         self._min_scale_overflows = full(0, torch.int64)
@@ -218,7 +385,7 @@ class DynamicLossScaler:
         self._pending = None  # (host snapshot, event or None) of the last asynchronous check
         self._warned_skipped = 0  # total skipped count at the last skip warning
         self._warned_min_scale = 0
-        self._unscaled: set = set()  # _grad_keys of the tensors unscale_ wrote since the last update
+        self._unscaled = _Spans()  # _grad_keys of the tensors unscale_ wrote since the last update
 
     # -- device tensors (reading them does not sync) ------------------------------------------------------------
 
@@ -254,17 +421,59 @@ class DynamicLossScaler:
         DTensor grads: their local shards are unscaled and :attr:`found_inf` is all-reduced (MAX) over their meshes,
         so every rank skips the same steps (see ``fused_ops.unscale_``)."""
         grads, out = _listed(grads), _listed(out)  # (a generator is read once, here)
-        self._refuse_unscaled("unscale_", grads)
+        keys = _grad_keys(grads) if isinstance(grads, list) else _Spans()
+        out_keys = _grad_keys(out) if isinstance(out, list) else _Spans()
+        self._refuse_own_state("unscale_", (("grads", grads, keys), ("out", out, out_keys)))
+        self._refuse_unscaled("unscale_", grads, keys)
         with torch.no_grad():  # (grads of a create_graph backward require grad: unscaled in place, as torch's)
             functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
-        self._unscaled |= _grad_keys(grads if out is None else out)
+        self._unscaled |= keys if out is None else out_keys
         return self._found_inf
 
-    def _refuse_unscaled(self, fn: str, grads) -> None:
+    def _state_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every tensor the scaler keeps, by name, but ``found_inf``: ``fused_ops.unscale_`` writes it, so it refuses
+        grads and out that share memory with it itself ("unscale_: grads[0] and found_inf share memory")."""
+        named = [
+            ("scale", self._scale), ("growth_tracker", self._growth_tracker),
+            ("hysteresis_tracker", self._hysteresis_tracker), ("skipped_steps", self._skipped),
+            ("consecutive_skipped", self._consecutive), ("min_scale_overflows", self._min_scale_overflows),
+        ]  # fmt: skip
+        if self._pending is not None:
+            named.append(("host copy of the counters", self._pending[0]))
+        return named
+
+    def _refuse_own_state(self, fn: str, groups) -> None:
+        """A ValueError naming the first tensor of ``groups`` (``(name, list, its _grad_keys)``) that shares memory with
+        one of the scaler's own tensors (``unscale_(grads, out=[scaler.scale])`` would write the scale), before
+        anything is written."""
+        named = self._state_tensors()
+        state = _grad_keys([x for _, x in named])
+        if all(state.isdisjoint(keys) for _, _, keys in groups):
+            return
+        for name, xs, keys in groups:
+            if state.isdisjoint(keys):
+                continue
+            for i, x in enumerate(xs):
+                spans = _grad_keys([x])
+                what = next((n for n, t in named if not _grad_keys([t]).isdisjoint(spans)), None)
+                if what is None:
+                    continue
+                raise ValueError(
+                    f"DynamicLossScaler.{fn}: {name}[{i}] shares memory with the scaler's own {what} tensor: grads "
+                    "and out may not be (nor overlap) the scaler's state, which unscale_ would overwrite; pass "
+                    "separate tensors"
+                )
+
+    def _refuse_unscaled(self, fn: str, grads, keys: _Spans | None = None) -> None:
         """As torch's ``GradScaler`` refuses a second ``unscale_`` of one optimizer between updates: grads that
         :meth:`unscale_` already divided by the scale (in place, or the ``out`` it wrote) since the last
-        :meth:`update` would be divided twice, or give a norm too small by the scale."""
-        if self._unscaled and isinstance(grads, list) and not _grad_keys(grads).isdisjoint(self._unscaled):
+        :meth:`update` would be divided twice, or give a norm too small by the scale. Any shared memory counts (a
+        grad and a flat buffer or a slice holding it: byte ranges on one device, see :class:`_Spans`)."""
+        if not self._unscaled or not isinstance(grads, list):
+            return
+        if keys is None:
+            keys = _grad_keys(grads)
+        if not self._unscaled.isdisjoint(keys):
             raise RuntimeError(
                 f"DynamicLossScaler.{fn}: grads were already unscaled by unscale_() since the last update() (they "
                 "would be divided by the scale twice); unscale each grad once per step, and call update() after "
@@ -347,7 +556,7 @@ class DynamicLossScaler:
         self._skipped.add_(f.long())
         self._consecutive.copy_(torch.where(f, self._consecutive + 1, torch.zeros_like(self._consecutive)))
         self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
-        self._unscaled = set()
+        self._unscaled = _Spans()
         self._n_updates += 1
         if self.check_interval is not None and self.warn_after is not None:
             # (not while a CUDA graph is captured: the check pins memory and queries an event; the next eager
@@ -462,7 +671,8 @@ class DynamicLossScaler:
                              f"{hyper['max_scale']}])")  # fmt: skip
         # (int32 growth counter: it is incremented before it is compared with growth_interval)
         growth_tracker = _count(fn, "growth_tracker", state_dict["growth_tracker"], _INT32_MAX - 1)
-        hysteresis_tracker = _count(fn, "hysteresis_tracker", state_dict["hysteresis_tracker"], hyper["hysteresis"])
+        hysteresis = int(hyper["hysteresis"])
+        hysteresis_tracker = _count(fn, "hysteresis_tracker", state_dict["hysteresis_tracker"], hysteresis)
         # (int64 counters, each incremented by a skipped step)
         skipped = _count(fn, "skipped_steps", state_dict.get("skipped_steps", 0), _INT64_MAX - 1)
         consecutive = _count(fn, "consecutive_skipped", state_dict.get("consecutive_skipped", 0), _INT64_MAX - 1)
