@@ -215,13 +215,7 @@ class FlatBuffer:
                 bases.append(torch.empty(0, dtype=torch.uint8, device=x.device).set_(storage))
             return _Tied(seen[key], x.dtype, x.storage_offset(), tuple(x.shape), x.stride())
 
-        if "data" in state:
-            state["data"] = tie(state["data"])
-        if "views" in state:
-            state["views"] = [tie(v) for v in state["views"]]
-        if "buckets" in state:
-            state["buckets"] = [dataclasses.replace(b, data=tie(b.data)) if isinstance(b, Bucket) else b
-                                for b in state["buckets"]]  # fmt: skip
+        _map_tensors(state, tie)
         state["_tied_storages"] = bases
         return state
 
@@ -236,13 +230,7 @@ class FlatBuffer:
             return torch.empty(0, dtype=x.dtype, device=base.device).set_(base.untyped_storage(), x.offset, x.size,
                                                                           x.stride)  # fmt: skip
 
-        if "data" in state:
-            state["data"] = untie(state["data"])
-        if "views" in state:
-            state["views"] = [untie(v) for v in state["views"]]
-        if "buckets" in state:
-            state["buckets"] = [dataclasses.replace(b, data=untie(b.data)) if isinstance(b, Bucket) else b
-                                for b in state["buckets"]]  # fmt: skip
+        _map_tensors(state, untie)
         self.__dict__.update(state)
 
     # -- construction helpers ---------------------------------------------------------------------------------
@@ -543,3 +531,15 @@ def _check_distinct(fn: str, name: str, tensors: list[Tensor]) -> None:
         if id(x) in first:
             raise ValueError(f"{fn}: {name}[{i}] is {name}[{first[id(x)]}] (each tensor may be listed once)")
         first[id(x)] = i
+
+
+def _map_tensors(state: dict, fn) -> None:
+    """Apply ``fn`` in place to the tensors of a FlatBuffer's pickled ``state`` that share its storage: ``data``, each
+    view and each bucket's data."""
+    if "data" in state:
+        state["data"] = fn(state["data"])
+    if "views" in state:
+        state["views"] = [fn(v) for v in state["views"]]
+    if "buckets" in state:
+        state["buckets"] = [dataclasses.replace(b, data=fn(b.data)) if isinstance(b, Bucket) else b
+                            for b in state["buckets"]]  # fmt: skip
