@@ -199,7 +199,7 @@ class FlatBuffer:
     def __getstate__(self) -> dict:
         """Pickled, ``data``, ``views`` and ``buckets`` stay views of one storage (as ``copy.deepcopy`` and
         ``torch.save`` keep them; plain ``pickle`` would copy each tensor's storage on its own): each storage they
-        lie in is pickled once, as a byte tensor, and each tensor as its place in it."""
+        lie in is pickled once, as a tensor of the first tied tensor's dtype, and each tensor as its place in it."""
         state = self.__dict__.copy()
         bases: list[Tensor] = []
         seen: dict = {}
@@ -212,7 +212,10 @@ class FlatBuffer:
             key = (x.device, storage.data_ptr())
             if key not in seen:
                 seen[key] = len(bases)
-                bases.append(torch.empty(0, dtype=torch.uint8, device=x.device).set_(storage))
+                # (in the dtype of the first tensor tied to it, normally ``data``'s: torch.save refuses one storage
+                # seen as two dtypes, and the params and views saved next to the buffer are of that dtype)
+                dtype = x.dtype if storage.nbytes() % x.element_size() == 0 else torch.uint8
+                bases.append(torch.empty(0, dtype=dtype, device=x.device).set_(storage))
             return _Tied(seen[key], x.dtype, x.storage_offset(), tuple(x.shape), x.stride())
 
         _map_tensors(state, tie)

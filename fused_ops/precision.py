@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from itertools import accumulate, compress, islice, repeat
@@ -31,6 +32,8 @@ _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 _DATA_PTR = Tensor.data_ptr
+# Each scaler's state spans (addresses of its own tensors, their _grad_keys), outside the scaler: a cache, not state.
+_STATE_SPANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _DEVICE, _NBYTES, _CONTIGUOUS = attrgetter("device"), attrgetter("nbytes"), Tensor.is_contiguous
@@ -154,7 +157,8 @@ class _Spans(set):
     def isdisjoint(self, other) -> bool:
         if isinstance(other, _Spans):
             return self.first_overlap(other) is None
-        return set(self).isdisjoint(other)
+        # (the set underneath is empty: a plain set's answer would always be True)
+        raise TypeError(f"_Spans.isdisjoint takes another _Spans (from _grad_keys), got {type(other).__name__}")
 
     def __reduce__(self):  # (copies and pickles of a scaler keep the spans: set's own would keep the empty set)
         parts = {dev: (list(a), list(e), None if n is None else list(n)) for dev, (a, e, n) in self._parts.items()}
@@ -255,7 +259,7 @@ def _positive_int(name: str, value, allow_none: bool = False, fn: str = "Dynamic
                   high: int | None = None) -> None:  # fmt: skip
     if value is None and allow_none:
         return
-    # (any integer but a bool, as the counters take them: numpy's and torch's integer scalars too)
+    # (any integer but a bool, as the counters take them: numpy's too; not a 0-d tensor)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
     if high is not None and value > high:
@@ -447,7 +451,12 @@ class DynamicLossScaler:
         one of the scaler's own tensors (``unscale_(grads, out=[scaler.scale])`` would write the scale), before
         anything is written."""
         named = self._state_tensors()
-        state = _grad_keys([x for _, x in named])
+        # (the state's spans, kept while its tensors stay where they are: their addresses are the key, a cheap check)
+        where = tuple(t.data_ptr() for _, t in named)
+        cached = _STATE_SPANS.get(self)
+        if cached is None or cached[0] != where:
+            cached = _STATE_SPANS[self] = (where, _grad_keys([x for _, x in named]))
+        state = cached[1]
         if all(state.isdisjoint(keys) for _, _, keys in groups):
             return
         for name, xs, keys in groups:

@@ -403,3 +403,28 @@ def test_numpy_int_settings_still_checked(name):
         expect_error_unchanged(lambda s=s, d=d: s.load_state_dict(d), ValueError,
                                f"^DynamicLossScaler.load_state_dict: {name} {match}", s)  # fmt: skip
         assert s.state_dict()[name] == (2 if name == "hysteresis" else 2000)
+
+
+def test_torch_save_of_a_module_holding_its_flat_buffer():
+    # (the buffer's storage pickled as bytes next to the float32 params that view it: torch.save refused one storage
+    # seen as two dtypes; a module keeping its FlatBuffer, and a dict of a buffer and its views, saved before)
+    m = torch.nn.Linear(4, 3)
+    m.flat = FlatBuffer.from_params(list(m.parameters()), align=4)
+    f = io.BytesIO()
+    torch.save(m, f)
+    f.seek(0)
+    m2 = torch.load(f, weights_only=False)
+    m2.flat.data.fill_(7.0)
+    assert (m2.weight == 7).all() and (m2.bias == 7).all() and all((v == 7).all() for v in m2.flat.views)
+    f = io.BytesIO()
+    torch.save({"buf": m.flat, "view": m.flat.views[0]}, f)
+    f.seek(0)
+    d = torch.load(f, weights_only=False)
+    d["buf"].data.fill_(3.0)
+    assert (d["view"] == 3).all()
+
+
+def test_spans_compare_with_spans_only():
+    keys = _grad_keys([torch.ones(3)])
+    with pytest.raises(TypeError, match="_Spans.isdisjoint takes another _Spans"):
+        keys.isdisjoint(set(keys))

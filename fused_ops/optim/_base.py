@@ -1131,8 +1131,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"grad_scale must be a 1-element floating-point tensor, got shape "
                                      f"{tuple(grad_scale.shape)} and dtype {grad_scale.dtype}")  # fmt: skip
             elif isinstance(grad_scale, int | float) and not isinstance(grad_scale, bool):
-                # (used as a float32 divisor: 1e39 is inf there, 1e-46 is 0, and below the smallest normal float32
-                # its reciprocal overflows; the same range as ZeroAdamW's loss_scale on one rank)
+                # (used as a float32 divisor: 1e39 is inf there, 1e-46 is 0, and the reciprocal of a subnormal
+                # overflows; the same range as ZeroAdamW's loss_scale on one rank)
                 grad_scale = real_float(grad_scale)
                 if not (_FP32_TINY <= grad_scale <= FP32_MAX):
                     raise ValueError(
