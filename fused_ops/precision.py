@@ -75,19 +75,17 @@ def _apart(a: int, a_layout: tuple | None, b: int, b_layout: tuple | None) -> bo
                                                                         _Footprint(b, b_layout))  # fmt: skip
 
 
-class _Spans(set):
+class _Spans:
     """Where tensors keep their elements: per device, the byte spans ``[start, end)`` of each tensor and its layout
     (:func:`_layout`). :meth:`isdisjoint` is true iff no span shares memory with one of another ``_Spans``: byte
     ranges that overlap on one device, unless two strided views provably interleave (``W[:, :3]`` and ``W[:, 3:]``,
     ``x[0::2]`` and ``x[1::2]``), as ``check_memory`` lets them be. The spans, sorted by start with the running
     maximum of their ends, answer each query by one bisection (and a walk back over the spans that reach past its
-    start: one, when the spans are disjoint); the index is built once per content. (A ``set``, empty but for its
-    length and truth, for the callers that test ``isinstance(x, set)``; the spans are kept in lists.)"""
+    start: one, when the spans are disjoint); the index is built once per content."""
 
     __slots__ = ("_parts", "_index")
 
     def __init__(self, parts: dict | None = None) -> None:
-        super().__init__()
         self._parts = {} if parts is None else parts  # device -> (starts, ends, layouts or None: all contiguous)
         self._index: dict | None = None
 
@@ -157,10 +155,9 @@ class _Spans(set):
     def isdisjoint(self, other) -> bool:
         if isinstance(other, _Spans):
             return self.first_overlap(other) is None
-        # (the set underneath is empty: a plain set's answer would always be True)
         raise TypeError(f"_Spans.isdisjoint takes another _Spans (from _grad_keys), got {type(other).__name__}")
 
-    def __reduce__(self):  # (copies and pickles of a scaler keep the spans: set's own would keep the empty set)
+    def __reduce__(self):  # (copies and pickles of a scaler keep the spans, in lists of their own)
         parts = {dev: (list(a), list(e), None if n is None else list(n)) for dev, (a, e, n) in self._parts.items()}
         return _Spans, (parts,)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fused_ops import DynamicLossScaler, FlatBuffer
-from fused_ops.precision import _grad_keys
+from fused_ops.precision import _grad_keys, _Spans
 from tests.safety import expect_error_unchanged, message_names
 
 pytestmark = [pytest.mark.safety]
@@ -155,7 +155,7 @@ def test_unscaled_views_then_flat_buffer_refused(backend):
     for call in calls.values():
         expect_error_unchanged(call, RuntimeError, ALREADY, s, ps, buf)
     # (what ZeroAdamW's step(loss_scale=scaler) asks of the scaler: the same answer)
-    assert isinstance(s._unscaled, set) and s._unscaled
+    assert isinstance(s._unscaled, _Spans) and s._unscaled
     assert not s._unscaled.isdisjoint(_grad_keys([buf.data]))
     _ref_update_ok(s)
     _, norm = s.grad_scale_and_norm([buf.data])  # (after update(): taken)
@@ -215,7 +215,7 @@ def test_scaler_copies_keep_what_was_unscaled(how):
     x = torch.full((8,), 1024.0)
     s.unscale_([x[:4]])
     c = pickle.loads(pickle.dumps(s)) if how == "pickle" else copy.deepcopy(s)
-    assert isinstance(c._unscaled, set) and len(c._unscaled) == 1
+    assert isinstance(c._unscaled, _Spans) and len(c._unscaled) == 1
     with pytest.raises(RuntimeError, match=ALREADY):
         c.unscale_([x[2:3]])
     c.unscale_([x[4:]])

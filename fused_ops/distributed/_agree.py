@@ -21,7 +21,7 @@ from torch import Tensor
 from .._backend import check_backend, resolve_backend
 from .._validate import FP32_MAX, has_memory, loaded_tensor_problem, real_float
 from .._validate import finite_fp32 as _finite_fp32
-from ..precision import _grad_keys
+from ..precision import _grad_keys, _Spans
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
 
@@ -355,7 +355,7 @@ class _AgreementMixin:
             scaler_found_inf = getattr(loss_scale, "found_inf", None)
             unscaled = getattr(loss_scale, "_unscaled", None)  # (DynamicLossScaler: what its unscale_ divided)
             grads = [p.grad for group in self.param_groups for p in group["params"]]
-            if isinstance(unscaled, set) and unscaled and not unscaled.isdisjoint(_grad_keys(grads)):
+            if isinstance(unscaled, _Spans) and unscaled and not unscaled.isdisjoint(_grad_keys(grads)):
                 raise RuntimeError(
                     "loss_scale: the loss scaler's unscale_() already divided grads of this optimizer's params by "
                     "the scale since its last update(); step(loss_scale=scaler) divides them itself (do not unscale "
@@ -450,12 +450,13 @@ class _AgreementMixin:
         t = self.skipped_steps
         if t.data_ptr() < hi and lo < t.data_ptr() + t.nbytes:
             return "skipped_steps"
-        # The step counts: one 4-byte tensor each, never reallocated (written in place): their sorted addresses are
-        # taken once.
+        # The step counts: one 4-byte tensor each, written in place; their addresses are read now (cheap), the sort of
+        # them kept while they are the same.
+        ptrs = [s.data_ptr() for s in self._steps]
         table = self.__dict__.get("_step_addresses")
-        if table is None or table[2] is not self._steps or len(table[0]) != len(self._steps):
-            order = sorted(range(len(self._steps)), key=lambda i: self._steps[i].data_ptr())
-            table = self._step_addresses = ([self._steps[i].data_ptr() for i in order], order, self._steps)
+        if table is None or table[2] != ptrs:
+            order = sorted(range(len(ptrs)), key=ptrs.__getitem__)
+            table = self._step_addresses = ([ptrs[i] for i in order], order, ptrs)
         starts, order, _ = table
         k = bisect.bisect_right(starts, lo) - 1  # the last count starting at or before lo
         for j in (k, k + 1):  # (that one, or the next one, starting inside [lo, hi))
