@@ -180,15 +180,19 @@ class FlatBuffer:
         self.offsets, self._spans, self._bucket_layout, self.numel = _layout(self.numels, align, cap, pad_to)
         return tensors
 
+    def _views_of(self, data: Tensor) -> list[Tensor]:
+        return [data.narrow(0, off, n).view(shape)
+                for off, n, shape in zip(self.offsets, self.numels, self.shapes, strict=True)]  # fmt: skip
+
     def _allocate(self) -> None:
         self._set_storage(torch.empty(self.numel, dtype=self.dtype, device=self.device))
 
     def _set_storage(self, data: Tensor) -> None:
         self.data = data
-        self.views = [
-            data.narrow(0, off, n).view(shape)
-            for off, n, shape in zip(self.offsets, self.numels, self.shapes, strict=True)
-        ]
+        self.views = self._views_of(data)
+        # (the views every method reads and writes through: the public ``views`` are the user's to rebind or
+        # reshape, e.g. ``buf[1].set_(t)``, so they are never trusted; these are never handed out)
+        self._views = self._views_of(data)
         self.buckets = [
             Bucket(k, start, length, idx, data.narrow(0, start, length), self.world_size)
             for k, (start, length, idx) in enumerate(self._bucket_layout)
@@ -235,6 +239,8 @@ class FlatBuffer:
 
         _map_tensors(state, untie)
         self.__dict__.update(state)
+        if "_views" not in state and isinstance(state.get("data"), Tensor):  # (pickled before it had them)
+            self._views = self._views_of(state["data"])
 
     # -- construction helpers ---------------------------------------------------------------------------------
 
@@ -323,7 +329,7 @@ class FlatBuffer:
         self._allocate()
         self.data.zero_()
         if have:
-            functional.cast_([self.views[i] for i in have], [params[i].grad for i in have], backend=backend)
+            functional.cast_([self._views[i] for i in have], [params[i].grad for i in have], backend=backend)
         self.bind_grads_(params)
         return self
 
@@ -449,9 +455,10 @@ class FlatBuffer:
                 functional.cast_(tensors, views, backend=self.backend)
 
     def _read_views(self) -> list[Tensor]:
-        """The segments of ``data`` as it is now, which :meth:`copy_to_` reads: ``views`` while they still lie there
-        (two address comparisons), else new views (``data`` was given other memory by ``set_()``)."""
-        views, data = self.views, self.data
+        """The segments of ``data`` as it is now, which the methods read and write: the buffer's own views (never
+        handed out, so only ``data`` can have moved) while they still lie there (two address comparisons), else new
+        views (``data`` was given other memory by ``set_()`` or ``buf.data = t``)."""
+        views, data = self._views, self.data
         size = data.element_size()
         if not views or (
             views[0].data_ptr() == data.data_ptr() + self.offsets[0] * size
@@ -503,7 +510,7 @@ class FlatBuffer:
                                  f"{self.dtype}")  # fmt: skip
         _check_distinct(fn, "params", params)
         for p, view in zip(params, self._read_views(), strict=True):
-            p.grad = view
+            p.grad = view.view(view.shape)  # (an alias of its own: the buffer's views are never handed out)
 
     def _unlike(self, tensors: list[Tensor]) -> bool:
         """Whether some tensor is not a plain dense tensor of the buffer's dtype and device (one pass over each
@@ -541,8 +548,9 @@ def _map_tensors(state: dict, fn) -> None:
     view and each bucket's data."""
     if "data" in state:
         state["data"] = fn(state["data"])
-    if "views" in state:
-        state["views"] = [fn(v) for v in state["views"]]
+    for key in ("views", "_views"):
+        if key in state:
+            state[key] = [fn(v) for v in state[key]]
     if "buckets" in state:
         state["buckets"] = [dataclasses.replace(b, data=fn(b.data)) if isinstance(b, Bucket) else b
                             for b in state["buckets"]]  # fmt: skip

@@ -235,3 +235,62 @@ def test_bool_flags_refuse_non_bools():
     for value in (None, False, True):
         p = [torch.nn.Parameter(torch.randn(3))]
         FlatBuffer.from_params(p, stage_on_host=value)
+
+
+# -- the public views are the user's: the methods never read or write through them --------------------------------
+
+
+def _move_view(buf, how, other):
+    with torch.no_grad():
+        if how == "as_strided_":  # into the padding after its segment
+            buf[1].as_strided_((16,), (1,), buf[1].storage_offset() + 16)
+        elif how == "set_":
+            buf[1].set_(other)
+        elif how == "data":
+            buf[1].data = other
+        elif how == "t_":
+            buf[1].t_()
+        else:
+            buf[1].resize_(8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["as_strided_", "set_", "data", "t_", "resize_"])
+def test_methods_ignore_moved_public_views(backend, how):
+    """``FlatBuffer`` trusted its public ``views`` when the first and last still lay at their offsets: a middle one
+    moved by the user (``buf[1].set_(t)``, ``.data = t``, ``as_strided_``) was written by ``copy_from_`` of another
+    dtype (the user's tensor got the values, the buffer kept stale ones), read by ``copy_to_`` of another dtype only
+    (one buffer, two answers), and bound by ``bind_data_``/``bind_grads_`` (a param outside the buffer, or of the
+    moved view's shape). Every method now goes through views of ``data`` that are never handed out."""
+    torch.manual_seed(0)
+    shapes = [(16,), (4, 4), (16,)]
+    buf = FlatBuffer([torch.zeros(s) for s in shapes], align=32, backend=backend)
+    other = torch.full((4, 4), -7.0)
+    _move_view(buf, how, other)
+    src = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    buf.copy_from_(src)
+    offsets = buf.offsets
+    for i, s in enumerate(src):
+        assert torch.equal(buf.data[offsets[i] : offsets[i] + 16], s.float().reshape(-1))
+    padding = torch.ones(buf.numel, dtype=torch.bool)
+    for off in offsets:
+        padding[off : off + 16] = False
+    assert torch.equal(buf.data[padding], torch.zeros(int(padding.sum())))  # (padding zeroed, nothing else there)
+    assert torch.equal(other, torch.full((4, 4), -7.0))  # (the user's tensor untouched)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = [torch.full(s, float("nan"), dtype=dtype) for s in shapes]
+        buf.copy_to_(out)
+        for o, s in zip(out, src):
+            assert torch.equal(o.float(), s.float())
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    buf.bind_data_(params)
+    grads = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    buf.bind_grads_(grads)
+    base, size = buf.data.data_ptr(), buf.data.element_size()
+    for i, s in enumerate(shapes):
+        for t in (params[i], grads[i].grad):
+            assert t.shape == s and t.is_contiguous() and t.data_ptr() == base + offsets[i] * size
+    grads[1].grad.t_()  # (a bound grad is the user's too: reshaping it moves no view of the buffer's)
+    out = [torch.empty(s) for s in shapes]
+    buf.copy_to_(out)
+    assert torch.equal(out[1], src[1].float())
