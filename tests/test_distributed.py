@@ -16,6 +16,7 @@ import socket
 import time
 import traceback
 import types
+import warnings
 
 import pytest
 import torch
@@ -857,3 +858,22 @@ def test_one_rank_failed_collective_leaves_the_optimizer_usable(one_rank_group, 
     ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=TOL, atol=TOL)
+
+
+def test_params_leaving_a_larger_storage_are_warned(one_rank_group):
+    """ZeroAdamW moves each param into its flat buffer: params that were views of a larger storage (a FlatBuffer, a
+    slice of another tensor) left it silently, and that storage stopped seeing their updates (torch.optim updates it).
+    A UserWarning names them now; params with storages of their own give none."""
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    fused_ops.FlatBuffer.from_params(ps, align=8)
+    first = "^ZeroAdamW: 2 param\\(s\\) \\(param 0, shape \\(4, 3\\), first\\) are part of a larger storage"
+    with pytest.warns(UserWarning, match=first):
+        ZeroAdamW(ps, lr=LR, backend="reference")
+    w = torch.randn(4, 6)
+    halves = [torch.nn.Parameter(w[:, :3]), torch.nn.Parameter(w[:, 3:].clone()), torch.nn.Parameter(torch.zeros(0))]
+    with pytest.warns(UserWarning, match="^ZeroAdamW: 1 param\\(s\\) \\(param 0, shape \\(4, 3\\), first\\)"):
+        ZeroAdamW(halves, lr=LR, backend="reference")
+    own = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ZeroAdamW(own, lr=LR, backend="reference")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -235,6 +236,7 @@ class ZeroAdamW(
         self.seed = seed
 
         self._device = self._params[0].device if self._params else torch.device("cpu")
+        self._warn_shared_storage()
         self._build()
         self._built = True
 
@@ -271,6 +273,24 @@ class ZeroAdamW(
         if "betas" in param_group:
             param_group = {**param_group, "betas": (beta1, beta2)}
         super().add_param_group(param_group)
+
+    def _warn_shared_storage(self) -> None:
+        """ZeroAdamW moves each param into its flat buffer (``p.data`` becomes a view of it), where torch.optim updates
+        params where they are: a param that is part of a larger storage (a ``FlatBuffer.from_params`` view, a slice of
+        another tensor, another ZeroAdamW's bucket) leaves it, and that storage no longer sees the param's updates.
+        Allowed (ZeRO needs the params in its own layout), said once."""
+        shared = [i for i, p in enumerate(self._params)
+                  if p.numel() and p.untyped_storage().nbytes() > p.numel() * p.element_size()]  # fmt: skip
+        if shared:
+            first = self._params[shared[0]]
+            warnings.warn(
+                f"ZeroAdamW: {len(shared)} param(s) (param {shared[0]}, shape {tuple(first.shape)}, first) are part "
+                "of a larger storage (a view of a FlatBuffer or of another tensor): ZeroAdamW moves each param into "
+                "its own flat buffer (p.data becomes a view of it), so that storage will no longer see the params' "
+                "updates; read the params themselves (or give ZeroAdamW params with storages of their own)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _local_param_error(self) -> str | None:
         for i, p in enumerate(self._params):
