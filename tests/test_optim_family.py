@@ -6,6 +6,7 @@ closures, skipped params, masters, state dicts both ways, GradScaler's found_inf
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -470,3 +471,59 @@ def test_compiled_step_checks_every_group_before_any_changes(cls):
     with pytest.raises(RuntimeError, match="sparse gradients"):
         torch.compile(opt.step, backend="eager")()
     assert torch.equal(a.detach(), before) and len(opt.state) == 0
+
+
+# -- torch parity of the API surface (probe 30) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_without_momentum_state_dict_has_torch_layout(backend):
+    """FusedSGD with momentum 0 keeps nothing per param, but its state_dict had an empty entry per stepped param
+    (``{0: {}, 1: {}}``) where torch.optim.SGD's is ``{}``: left out now; with momentum the buffers are there."""
+    for momentum in (0.0, 0.9):
+        ps, qs = _params(0), _params(0)
+        ours = fused_ops.FusedSGD(ps, lr=0.1, momentum=momentum, backend=backend)
+        theirs = torch.optim.SGD(qs, lr=0.1, momentum=momentum)
+        for step in range(2):
+            for p, q, g in zip(ps, qs, _grads(step, ps)):
+                p.grad, q.grad = g.clone(), g.clone()
+            ours.step()
+            theirs.step()
+        a, b = ours.state_dict()["state"], theirs.state_dict()["state"]
+        assert a.keys() == b.keys() and all(a[k].keys() == b[k].keys() for k in a)
+        assert (a == {}) == (momentum == 0.0)
+        assert _max_err(ps, qs) < 1e-6
+        theirs.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("cls", [fused_ops.FusedAdam, fused_ops.FusedAdamW, fused_ops.FusedSGD, fused_ops.FusedLion])
+def test_integer_tensor_lr_refused_when_given(cls):
+    """An integer tensor lr (torch takes one) passed the constructor and add_param_group, then every step raised:
+    refused where it is given now, nothing added."""
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element and floating-point, got torch.int64$"):
+        cls(_params(0), lr=torch.tensor(1))
+    opt = cls(_params(0), lr=0.1)
+    params = list(opt.param_groups[0]["params"])
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element and floating-point, got torch.bool$"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": torch.tensor(True)})
+    assert len(opt.param_groups) == 1 and all(map(operator.is_, opt.param_groups[0]["params"], params))
+    cls(_params(0), lr=torch.tensor(0.1, dtype=torch.float64))  # (a floating one of any dtype, as before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lion_takes_numpy_betas_set_between_steps(backend):
+    """FusedLion refused betas set by hand as numpy numbers (or a tensor next to a float) at step, where FusedAdam
+    takes them: now the same values step the same as floats."""
+    np = pytest.importorskip("numpy")
+    results = []
+    for betas in ((0.9, 0.99), (np.float32(0.9), np.float64(0.99)), (torch.tensor(0.9), 0.99)):
+        ps = _params(1)
+        opt = fused_ops.FusedLion(ps, lr=0.01, backend=backend)
+        for step in range(2):
+            for p, g in zip(ps, _grads(step, ps)):
+                p.grad = g
+            opt.step()
+            opt.param_groups[0]["betas"] = betas
+        results.append([p.detach().clone() for p in ps])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -310,6 +310,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         lr = defaults["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if isinstance(lr, Tensor) and not lr.is_floating_point():  # (torch takes an integer one; the kernels read fp)
+            raise ValueError(f"Tensor lr must be 1-element and floating-point, got {lr.dtype}")
         defaults = {**defaults, "master_weights": bool(defaults.get("master_weights", False)),
                     "backend": check_backend(defaults.get("backend"))}  # fmt: skip
         self._normalize_group(defaults)
@@ -798,7 +800,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             sd = super().state_dict()
         finally:
             self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = pre_hooks, post_hooks
-        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        # (a param with nothing to keep, e.g. under FusedSGD with momentum 0, has an empty entry here that torch's
+        # optimizers never make: left out, so that the dict has torch's layout)
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()
+                       if not (isinstance(v, dict) and not v)}  # fmt: skip
         for g in sd["param_groups"]:
             for key in self._own_group_keys:
                 if key in g and g[key] == self.defaults[key]:

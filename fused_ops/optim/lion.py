@@ -69,10 +69,18 @@ class FusedLion(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if isinstance(lr, Tensor) and not lr.is_floating_point():  # (torch takes an integer one; the kernels read fp)
+            raise ValueError(f"Tensor lr must be 1-element and floating-point, got {lr.dtype}")
         lr = _to_float(lr, "lr")
         if not (0.0 <= lr and _finite_fp32(lr)):
             raise ValueError(f"Invalid learning rate: {lr}")
-        for i, b in enumerate(_check_betas(group["betas"])):
+        betas = group["betas"]  # (the constructor took torch's rule, _normalize_group; a step takes any real pair,
+        # as FusedAdam's does: a scheduler or user may set numpy numbers or one tensor)
+        if isinstance(betas, Tensor) or not isinstance(betas, Iterable) or len(betas := tuple(betas)) != 2:
+            raise ValueError(f"betas must be a pair, got {betas!r}")
+        for i, b in enumerate(betas):
+            if isinstance(b, Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
             b = _to_float(b, ("betas[0]", "betas[1]")[i])
             if not 0.0 <= b <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")

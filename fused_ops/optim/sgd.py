@@ -99,6 +99,8 @@ class FusedSGD(FusedOptimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if isinstance(lr, Tensor) and not lr.is_floating_point():  # (torch takes an integer one; the kernels read fp)
+            raise ValueError(f"Tensor lr must be 1-element and floating-point, got {lr.dtype}")
         lr = _to_float(lr, "lr")
         if not (0.0 <= lr and _finite_fp32(lr)):
             raise ValueError(f"Invalid learning rate: {lr}")
