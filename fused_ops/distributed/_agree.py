@@ -510,9 +510,10 @@ class _AgreementMixin:
 
     def _agreement_size(self) -> int:
         """Elements of the step's all-reduce (and of the one opening a second synced pass): the sum of squares, the
-        error count, three counts of ranks (beginning a pass, zero_grad after backward, grads not reduced) and the
-        bits of the compared values; fixed at construction (the group count is checked before it is used)."""
-        return 6 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
+        error count, five counts of ranks (beginning a pass, zero_grad after backward, grads not reduced, a synced
+        pass since the last step, grads set by hand over held grads) and the bits of the compared values; fixed at
+        construction (the group count is checked before it is used)."""
+        return 7 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
 
     def _step_value_names(self) -> list[str]:
         names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
@@ -536,14 +537,17 @@ class _AgreementMixin:
         zeroed: bool,
         unreduced: bool,
         had_pass: bool = False,
-    ) -> tuple[Tensor, bool]:
+        replacing: bool = False,
+    ) -> tuple[Tensor, bool, bool]:
         """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
         host, or in a tensor value checked on the device), the facts that decide the collectives still to come
         (ranks beginning another synced pass instead of stepping, ranks that called zero_grad after backward,
-        ranks holding grads not reduced yet), and the bits of every compared value (``_bit_pieces``). Its size is
-        fixed at construction. Raises on every rank alike (they all read the same sums) if a rank had a problem,
-        the ranks are out of step, or the values differ; returns the global sum of squares (a 0-d float64 device
-        tensor) and whether every rank reduces its unreduced grads now (``_reduce_all(late=True)``)."""
+        ranks holding grads not reduced yet, ranks with grads set by hand over held grads), and the bits of every
+        compared value (``_bit_pieces``). Its size is fixed at construction. Raises on every rank alike (they all
+        read the same sums) if a rank had a problem, the ranks are out of step, or the values differ; returns the
+        global sum of squares (a 0-d float64 device tensor), whether every rank reduces its unreduced grads now
+        (``_reduce_all(late=True)``) and whether some rank set grads by hand over held grads (``_agree_on_drops``
+        then says which params' reduced grads every rank drops first)."""
         n_values = len(_GROUP_VALUES) * len(self._group_params) + 3
         tensors = inputs.tensors if error is None and inputs is not None else []
         host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
@@ -558,12 +562,12 @@ class _AgreementMixin:
             scale_ok = (given >= _FP32_TINY) & (given * self.world_size <= FP32_MAX)  # (a loss scale: as above)
             ok = torch.isfinite(given) & torch.where(positive == 1, scale_ok, given >= 0)
             flag = flag + (~ok).sum(dtype=torch.float64)
-        facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass)], dtype=torch.float64,
-                             device=self._device)  # fmt: skip
+        facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing)],
+                             dtype=torch.float64, device=self._device)  # fmt: skip
         vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read
-        n_passes, n_zeroed, n_unreduced, n_had_pass = (int(v) for v in sums[1:5])
+        n_passes, n_zeroed, n_unreduced, n_had_pass, n_replacing = (int(v) for v in sums[1:6])
         if n_passes:  # paired with another rank's pass: match its reduce-scatters, then raise (as that rank will)
             self._match_other_ranks_round()
             # (a rank that stood in for the others' first pass keeps it as its own: every rank then counts passes,
@@ -584,11 +588,45 @@ class _AgreementMixin:
                 f"{self.world_size} ranks: the ranks' reduced grads no longer belong to one step; every rank must "
                 "make the same zero_grad, backward and no_sync calls (the step changed nothing on any rank)"
             )
-        differ = _differing(sums[5:], self.world_size)
+        differ = _differing(sums[6:], self.world_size)
         if differ:
             self._raise_step_values_differ(inputs, differ)
         # (Stage 1 reduces p.grad before the agreement anyway: nothing to reduce late.)
-        return vec[0], self.stage == 2 and (n_unreduced > 0 or n_zeroed == self.world_size)
+        return vec[0], self.stage == 2 and (n_unreduced > 0 or n_zeroed == self.world_size), n_replacing > 0
+
+    def _agree_on_drops(self) -> tuple[frozenset, str | None]:
+        """Stage 2, some rank set grads by hand over grads its shards hold (``_note_hand_set``; agreed by the step's
+        all-reduce): one all-reduce of two counts per param, the ranks that replace its held grads and the ranks
+        that hold grads of it without replacing them. Returns the params whose reduced grads every rank drops (the
+        shards hold only their sum over the ranks, so one rank's share cannot be taken out): those replaced on some
+        rank; and the same message on every rank if one of them has held grads on a rank that did not replace them
+        (those grads would be lost): step() raises it as a RuntimeError after the late reduction's agreement, so
+        that a grad error found there comes first."""
+        n = len(self._params)
+        counts = torch.zeros(2, n, dtype=torch.float32, device=self._device)
+        mine = torch.zeros(2, n, dtype=torch.float32)
+        for i in self._replaced:
+            mine[0, i] = 1.0
+        for i, held in enumerate(self._held):
+            if held and i not in self._replaced:
+                mine[1, i] = 1.0
+        counts.copy_(mine)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
+        replaced, kept = counts.cpu().to(torch.int64).tolist()
+        conflict = None
+        for i in range(n):
+            if replaced[i] and kept[i] and conflict is None:
+                p = self._params[i]
+                conflict = (
+                    f"ZeroAdamW.step: the grad of param {i} (shape {tuple(p.shape)}) was set by hand (p.grad = ...) "
+                    f"on {replaced[i]} of {self.world_size} ranks over grads reduced there before (by a synced "
+                    "backward, or kept from before the last step without zero_grad(), as torch keeps p.grad), which "
+                    f"it replaces, as in torch; but {kept[i]} rank(s) hold reduced grads of it that they did not "
+                    "replace, and stage 2 keeps only their sum over the ranks, so one rank's share cannot be replaced: "
+                    "set it on every rank that holds reduced grads of it, or call zero_grad() before (the step "
+                    "changed nothing on any rank)"
+                )
+        return frozenset(i for i in range(n) if replaced[i]), conflict
 
     def _raise_step_error(self, inputs: _StepInputs | None, error: Exception | None) -> None:
         """Some rank had a problem: every rank gets every rank's description (the error path's own collective,

@@ -157,7 +157,52 @@ class _LoadPlan:
 
 
 class _CheckpointMixin:
-    """``state_dict``, ``consolidated_state_dict`` and ``load_state_dict``."""
+    """``state_dict``, ``consolidated_state_dict`` and ``load_state_dict``.
+
+    The hooks of ``torch.optim.Optimizer`` run as torch runs them: ``register_state_dict_pre_hook``'s
+    ``hook(optimizer)`` before ``state_dict()``, ``consolidated_state_dict()`` and ``dcp_state_dict()`` build their
+    dict, ``register_state_dict_post_hook``'s ``hook(optimizer, state_dict)`` (which may return a new dict) on the
+    dict they return (``consolidated_state_dict``: on the rank(s) that get it); ``register_load_state_dict_pre_hook``'s
+    ``hook(optimizer, state_dict)`` (may return a new dict) on a shallow copy of what ``load_state_dict()`` or
+    ``load_dcp_state_dict()`` is given, before it is checked (every rank runs its own hooks; the ranks agree on the
+    dicts they return), ``register_load_state_dict_post_hook``'s ``hook(optimizer)`` once it is loaded. In the
+    collective methods a pre-hook that raises on any rank raises on every rank (its own exception where it raised,
+    the agreed ValueError elsewhere) before any collective of the method, with nothing changed.
+    """
+
+    def _state_dict_pre_hooks(self) -> None:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+
+    def _state_dict_post_hooks(self, state_dict: Any) -> Any:
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _load_pre_hooks(self, state_dict: Any) -> Any:
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        if not hooks:
+            return state_dict
+        if isinstance(state_dict, dict):  # (a shallow copy, as torch's: a hook may change its keys)
+            state_dict = state_dict.copy()
+        elif isinstance(state_dict, (list, tuple)):
+            state_dict = list(state_dict)
+        for hook in hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _agree_hooks(self, error: str | None, hook_error: Exception | None, what: str, same: Any = None) -> None:
+        """``_raise_if_any_rank_failed``, raising a pre-hook's own exception on the rank where it raised."""
+        try:
+            self._raise_if_any_rank_failed(error, what, same=same)
+        except ValueError:
+            if hook_error is not None:
+                raise hook_error  # noqa: B904 - the agreed error is its context
+            raise
 
     def _groups_for_save(self) -> list[dict[str, Any]]:
         groups, start = [], 0
@@ -215,7 +260,9 @@ class _CheckpointMixin:
         ``state[i]`` holds param ``i``'s ``step`` and, for the elements ``ranges[i] = (lo, hi)`` of the
         flattened param that this rank owns, 1-D ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``,
         ``master_param``). ``load_state_dict`` accepts the list of all ranks' dicts, with any world size.
+        Runs the state-dict hooks (see the class docstring).
         """
+        self._state_dict_pre_hooks()
         self._drain()
         state: dict[int, dict[str, Tensor]] = {i: {"step": t.clone()} for i, t in enumerate(self._steps)}
         ranges: dict[int, tuple[int, int]] = {}
@@ -234,23 +281,31 @@ class _CheckpointMixin:
             "numels": [p.numel() for p in self._params], "shapes": [tuple(p.shape) for p in self._params],
             "ranges": ranges, "state_dtype": self.state_dtype,
         }  # fmt: skip
-        return {"state": state, "param_groups": self._groups_for_save(), "zero": meta}
+        return self._state_dict_post_hooks({"state": state, "param_groups": self._groups_for_save(), "zero": meta})
 
     def consolidated_state_dict(self, to: int | None = 0, device: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The whole state in torch.optim.AdamW's layout, assembled on rank ``to`` (every rank if None).
 
         Collective: call it on every rank. Other ranks get None. Tensors are put on ``device`` (CPU by default,
         so the full state never has to fit on one GPU); the transient cost on each rank is one bucket.
-        Master weights, when kept, are under the extra key ``master_param`` (torch.optim ignores it).
+        Master weights, when kept, are under the extra key ``master_param`` (torch.optim ignores it). The
+        state-dict pre-hooks run on every rank, the post-hooks where the dict is returned (see the class docstring).
         """
-        error = None
+        error, hook_error = None, None
         try:  # checked on every rank and agreed on before the first gather: no rank fails alone half-way
             if to is not None and not (isinstance(to, int) and 0 <= to < self.world_size):
                 raise ValueError(f"to must be a rank in [0, {self.world_size}) or None, got {to!r}")
             torch.empty(0, device=device)  # a device that does not exist (or a bad name) fails here
+            try:
+                self._state_dict_pre_hooks()
+            except Exception as e:
+                hook_error = e
+                raise
         except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
             error = f"{type(e).__name__}: {e}"
-        self._raise_if_any_rank_failed(error, "consolidated_state_dict", same=("to", to))
+            if hook_error is not None:
+                error = f"a state_dict pre-hook raised {error}"
+        self._agree_hooks(error, hook_error, "consolidated_state_dict", same=("to", to))
         self._drain()
         keep = to is None or to == self.rank
         state: dict[int, dict[str, Tensor]] = {}
@@ -267,7 +322,7 @@ class _CheckpointMixin:
                         state[s.index][name] = part.to(device, copy=True)
         if not keep:
             return None
-        return {"state": state, "param_groups": self._groups_for_save()}
+        return self._state_dict_post_hooks({"state": state, "param_groups": self._groups_for_save()})
 
     def load_state_dict(self, state_dict: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         """Load a checkpoint saved with any world size. Collective: call it on every rank.
@@ -290,14 +345,22 @@ class _CheckpointMixin:
 
         A ``dcp_state_dict()`` that ``torch.distributed.checkpoint.load`` filled is loaded as
         ``load_dcp_state_dict`` does (with the param indices as keys).
+
+        The load pre-hooks run first on every rank, on a shallow copy of ``state_dict`` (what they return is what
+        is checked and loaded), the load post-hooks after the load (see the class docstring).
         """
         self._load(state_dict, "load_state_dict")
 
     def _load(self, state_dict: Any, what: str, dcp: bool = False, names: Any = None) -> None:
         """Check (``_plan_load``, or ``_plan_dcp_load`` for a state dict of DTensors), agree, then load."""
         self._drain()
-        error, plan = None, None
+        error, plan, hook_error = None, None, None
         try:
+            try:
+                state_dict = self._load_pre_hooks(state_dict)
+            except Exception as e:
+                hook_error = e
+                raise
             _check_memory_of_checkpoint(state_dict)
             if dcp or self._is_dcp_state_dict(state_dict):
                 plan = self._plan_dcp_load(state_dict, names)
@@ -305,9 +368,18 @@ class _CheckpointMixin:
                 plan = self._plan_load(state_dict)
         except Exception as e:  # noqa: BLE001 - any problem is agreed on with the other ranks, then raised
             error = f"{type(e).__name__}: {e}"
-        self._agree_on_load(error, None if plan is None else plan.summary, what)
+            if hook_error is not None:
+                error = f"a load_state_dict pre-hook raised {error}"
+        try:
+            self._agree_on_load(error, None if plan is None else plan.summary, what)
+        except ValueError:
+            if hook_error is not None:  # (its own exception on the rank where it raised, the agreed one elsewhere)
+                raise hook_error  # noqa: B904 - the agreed error is its context
+            raise
         assert plan is not None
         self._apply_load(plan, what)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _apply_load(self, plan: _LoadPlan, what: str) -> None:
         """Set what a checked, agreed plan says: groups, step counts, then bucket by bucket the moments and

@@ -94,17 +94,25 @@ class _DCPMixin:
         dict to DCP, not the optimizer: DCP would call ``state_dict()`` (this rank's shard), keep rank 0's only.
 
         Costs an all-gather of each bucket per state (a bucket at a time); the returned tensors are copies, about
-        this rank's share of the state.
+        this rank's share of the state. Runs the state-dict hooks, as ``state_dict()`` (pre-hooks on every rank
+        before the first gather, agreed: see ``_CheckpointMixin``), and ``load_dcp_state_dict`` the load hooks.
         """
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        error, keys = None, None
+        error, keys, hook_error = None, None, None
         try:  # checked on every rank and agreed on before the first gather
             keys = self._dcp_keys(names)
+            try:
+                self._state_dict_pre_hooks()
+            except Exception as e:
+                hook_error = e
+                raise
         except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
             error = f"{type(e).__name__}: {e}"
+            if hook_error is not None:
+                error = f"a state_dict pre-hook raised {error}"
         digest = None if keys is None else hashlib.sha1(repr(keys).encode()).hexdigest()[:12]
-        self._raise_if_any_rank_failed(error, "dcp_state_dict", same=("names (their digest)", digest))
+        self._agree_hooks(error, hook_error, "dcp_state_dict", same=("names (their digest)", digest))
         assert keys is not None
         self._drain()
         mesh = self._dcp_mesh()
@@ -141,7 +149,7 @@ class _DCPMixin:
         groups = self._groups_for_save()
         for g in groups:
             g["params"] = [keys[i] for i in g["params"]]
-        return {"state": state, "param_groups": groups}
+        return self._state_dict_post_hooks({"state": state, "param_groups": groups})
 
     def load_dcp_state_dict(self, state_dict: dict[str, Any], names: Any = None) -> None:
         """Load a ``dcp_state_dict()`` that ``torch.distributed.checkpoint.load`` filled (saved with any world size).

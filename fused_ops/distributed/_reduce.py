@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,24 @@ from .._validate import has_memory, outside_storage
 from ._comm import _reduce_scatter
 from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
 
-# The grad hook each param carries (at most one ZeroAdamW drives a param: the newest one built over it).
+# The grad hooks each param carries (at most one ZeroAdamW drives a param: the newest one built over it).
 _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+# ``_seen`` of a param whose grad a reduction refused (not one set by hand over held grads): the next grad found there
+# stands for it (the fix the error asks for: a tensor with memory), as the refused grad would have been reduced.
+_REFUSED = object()
+
+
+class _Handles:
+    """A param's two grad hooks (before and after its grad is accumulated), removed together."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _moved_message(where: str, why: str) -> str:
@@ -33,9 +50,11 @@ class _ReduceMixin:
     """Reduce-scatters the grads into this rank's grad shards (see the module docstring)."""
 
     def _register_hooks(self) -> None:
-        """A grad hook on each param that requires grad and has none yet (run at construction and after each step:
-        a param frozen at construction and unfrozen later gets its hook then; a grad that arrives after its bucket
-        was reduced is reduced by step(), see ``_layout_problem``)."""
+        """Grad hooks on each param that requires grad and has none yet (run at construction and after each step:
+        a param frozen at construction and unfrozen later gets its hooks then; a grad that arrives after its bucket
+        was reduced is reduced by step(), see ``_layout_problem``): one after its grad is accumulated (reduces its
+        bucket once complete), one before (a grad set by hand that backward accumulates into, see
+        ``_note_hand_set``)."""
         if not self._unhooked:
             return
         ref = weakref.ref(self)
@@ -51,10 +70,15 @@ class _ReduceMixin:
                 if opt is not None:
                     opt._on_grad_ready(index)
 
+            def pre_hook(_grad: Tensor, index: int = s.index) -> None:
+                opt = ref()
+                if opt is not None and opt._held[index]:
+                    opt._note_hand_set(index)
+
             old = _HOOKS.pop(s.param, None)
             if old is not None:  # an earlier ZeroAdamW over this param must not launch collectives any more
                 old.remove()
-            handle = s.param.register_post_accumulate_grad_hook(hook)
+            handle = _Handles(s.param.register_hook(pre_hook), s.param.register_post_accumulate_grad_hook(hook))
             _HOOKS[s.param] = handle
             self._hook_handles.append(handle)
             b.n_hooked += 1
@@ -84,7 +108,31 @@ class _ReduceMixin:
     def sync_grads(self, value: bool) -> None:
         self._sync_grads = bool(value)
 
+    def _note_hand_set(self, index: int) -> None:
+        """Stage 2: param ``index`` has grads in this rank's shards that p.grad no longer shows (``_held``): a p.grad
+        the grad hooks did not see come out of backward was set by hand, and replaces them, as ``p.grad = g``
+        replaces torch's grad (called before backward accumulates into p.grad, when a bucket is reduced and by
+        ``step()``). Such a grad is kept out of synced passes (in p.grad, where backward accumulates into it) and
+        reduced by the step, which drops the param's reduced grads on every rank first (see ``_agree_on_drops``)."""
+        g = self._params[index].grad
+        if g is not None:
+            seen = self._seen[index]
+            if seen is _REFUSED:
+                self._seen[index] = weakref.ref(g)
+            elif seen is None or seen() is not g:
+                self._replaced.add(index)
+
+    def _note_hand_set_grads(self) -> None:
+        """Stage 2, before a step: ``_note_hand_set`` for every param with grads held in the shards."""
+        if self.stage == 2:
+            for i, held in enumerate(self._held):
+                if held:
+                    self._note_hand_set(i)
+
     def _on_grad_ready(self, index: int) -> None:
+        if self._held[index]:  # (the grad backward accumulated: not one set by hand, see _note_hand_set)
+            g = self._params[index].grad
+            self._seen[index] = None if g is None else weakref.ref(g)
         if not self._sync_grads:
             self._unsynced_grads = True
             return
@@ -193,16 +241,21 @@ class _ReduceMixin:
         step's stand-in reduction) is no longer refused once p.grad is valid again or None. That reduction sent zeros
         for it (its values reached no rank's shards): a valid grad it holds now is reduced by the step's late
         reduction (p.grad is set: every rank agrees to it) and checked there again; None adds nothing, as p.grad =
-        None would have. Local: whether the step fails is still agreed by every rank."""
+        None would have. The grad given in its place replaces no held grads (``_note_hand_set``) unless the refused
+        one did. Local: whether the step fails is still agreed by every rank."""
         for b in self._buckets:
             for s in b.slots:
                 if s.index in self._grad_errors and not self._refused(s, b):
                     del self._grad_errors[s.index]
+                    g = s.param.grad  # (it stands for the refused grad: set by hand over held grads only if that was)
+                    self._seen[s.index] = None if g is None else weakref.ref(g)
 
-    def _launch(self, b: _Bucket, free_grads: bool = True, zeros: bool = False) -> None:
+    def _launch(self, b: _Bucket, free_grads: bool = True, zeros: bool = False, drop: frozenset = frozenset()) -> None:
         """Copy the bucket's grads into a staging buffer and start its reduce-scatter (stage 2 frees the grads
         unless ``free_grads`` is False: step() frees them once it has succeeded; ``zeros``: send zeros, for a rank
-        whose grads were reduced already)."""
+        whose grads were reduced already, but the grads of the params in ``drop``, whose reduced grads step() has
+        dropped). In a synced pass (``free_grads``) a grad set by hand over held grads stays in p.grad, and zeros
+        go in its place (see ``_note_hand_set``)."""
         b.ready.clear()
         key = (self._reduce_dtype(b), self._device)
         pool = self._pools[key]
@@ -220,15 +273,23 @@ class _ReduceMixin:
             )
         pool.free.pop()
         dst, src, zero, bad = [], [], list(views[0]), False
+        keep = free_grads and self.stage == 2 and not zeros
+        sent = []
         for s, view in zip(b.slots, views[1], strict=True):
-            if zeros:
+            if zeros and s.index not in drop:
                 zero.append(view)
                 continue
             g = s.param.grad
-            if self._refused(s, b):
+            if keep and g is not None and self._held[s.index]:
+                self._note_hand_set(s.index)  # (a param without a grad in this pass: no hook saw it set by hand)
+            if keep and s.index in self._replaced:
+                zero.append(view)  # reduced by step(), after every rank dropped the grads it replaces
+            elif self._refused(s, b):
                 # Never raised here (only this rank would, mid-sequence of collectives): reduced as zeros, and
                 # step() raises the error on every rank.
                 self._grad_errors.setdefault(s.index, self._grad_error(s, view))
+                if s.index not in self._replaced:
+                    self._seen[s.index] = _REFUSED
                 zero.append(view)
                 bad = True
             elif g is None:
@@ -236,14 +297,18 @@ class _ReduceMixin:
             else:
                 dst.append(view)
                 src.append(g)
+                sent.append(s.index)
         if dst:
             torch._foreach_copy_(dst, src)
         if zero:
             torch._foreach_zero_(zero)
-        if self.stage == 2 and free_grads and not zeros:
+        if keep:
             for s in b.slots:
-                if not bad or s.index not in self._grad_errors:
+                if (not bad or s.index not in self._grad_errors) and s.index not in self._replaced:
                     s.param.grad = None
+                    self._seen[s.index] = None
+            for i in sent:
+                self._held[i] = True
         # Straight into the grad shard when nothing is there yet (and the dtypes agree); otherwise in place (into
         # this rank's slice of the staging buffer: NCCL and gloo support it), added to the shard when it lands.
         direct = key[0] == b.grad.dtype and not b.grad_valid and b.inflight == 0
@@ -281,7 +346,9 @@ class _ReduceMixin:
         while self._inflight:
             self._finish_oldest()
 
-    def _reduce_all(self, late: bool = False, undo: tuple | None = None) -> tuple | None:
+    def _reduce_all(
+        self, late: bool = False, undo: tuple | None = None, drop: frozenset = frozenset(), only_drop: bool = False
+    ) -> tuple | None:
         """Make every bucket's grad shard final for this step.
 
         Before the step's agreement (``late`` False): stage 1, and stage 2 without a synced backward since the
@@ -289,7 +356,9 @@ class _ReduceMixin:
         another rank may have run instead). After it (``late``, agreed by every rank): stage 2 reduces the grads
         that came after their bucket's reduce-scatter (set by hand, accumulated under no_sync after the last
         synced pass, or of a param unfrozen after construction), or all of p.grad after zero_grad(); a rank that
-        reduced before the agreement sends zeros.
+        reduced before the agreement sends zeros. ``drop``: the params whose reduced grads a grad set by hand
+        replaces (agreed, see ``_agree_on_drops``): their part of the shards is zeroed first, and every rank sends
+        their p.grad (``only_drop``: only the buckets holding them are reduced again, the rest being final).
 
         Returns what a failed step puts back (see ``_undo_reduce``), None when there is nothing to put back: stage
         1 recomputes its shards from ``p.grad`` at every step, and in stage 2 after a synced backward they are
@@ -310,9 +379,18 @@ class _ReduceMixin:
                 for b in self._buckets:
                     b.grad_valid = False
             zeros = late and self._rounds_since_step == 0
+            buckets = self._buckets
             with torch.no_grad():
-                for b in self._buckets:
-                    self._launch(b, free_grads=False, zeros=zeros)
+                if drop:
+                    for i in drop:
+                        seg = self._segment_of.get(i)
+                        if seg is not None and seg.bucket.grad_valid:
+                            seg.bucket.grad.narrow(0, seg.start, seg.hi - seg.lo).zero_()
+                    if only_drop:
+                        ids = {self._bucket_of[i] for i in drop}
+                        buckets = [b for b in self._buckets if b.index in ids]
+                for b in buckets:
+                    self._launch(b, free_grads=False, zeros=zeros, drop=drop)
             self._drain()
         for b in self._buckets:
             if not b.grad_valid:
@@ -341,13 +419,28 @@ class _ReduceMixin:
         self._zeroed = False
         for b in self._buckets:
             for s in b.slots:
-                if s.index not in self._grad_errors:  # (a refused grad stays: the retried step refuses it again)
+                # (a refused grad stays: the retried step refuses it again; so does a grad set by hand over held
+                # grads: the retried step drops them, this reduction's share of it too, and reduces it again)
+                if s.index not in self._grad_errors and s.index not in self._replaced:
+                    if s.param.grad is not None:
+                        self._held[s.index] = True
                     s.param.grad = None
+                    self._seen[s.index] = None
 
-    def _commit_reduce(self, undo: tuple | None) -> None:
+    def _commit_reduce(self, undo: tuple | None, drop: frozenset = frozenset()) -> None:
         self._rounds_since_step = 0
         self._unsynced_grads = False
         self._zeroed = False
+        if self.stage == 2:
+            # The shards are kept for the next step (p.grad, which torch keeps until zero_grad): they hold this
+            # rank's grads of every param it reduced a grad of, and of no dropped one it did not.
+            for i in drop:
+                self._held[i] = False
+            for i, p in enumerate(self._params):
+                if p.grad is not None and undo is not None:
+                    self._held[i] = True
+                self._seen[i] = None
+            self._replaced.clear()
         if undo is not None:  # stage 2 reduced p.grad in step(): free it now, as backward would have
             for p in self._params:
                 p.grad = None
@@ -395,4 +488,7 @@ class _ReduceMixin:
         self._mark_grads()
         self._unsynced_grads = False
         self._grad_errors.clear()
+        self._held = [False] * len(self._params)  # (nothing held: a grad set now replaces nothing)
+        self._seen = [None] * len(self._params)
+        self._replaced.clear()
         self._out_of_step = False  # (every rank's shards start again from the next pass)

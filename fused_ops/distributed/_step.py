@@ -86,24 +86,32 @@ class _StepMixin:
             raise RuntimeError(_OUT_OF_STEP)
         if self.stage == 2 and self._grad_errors:
             self._forget_fixed_grads()  # (a refused grad given memory, or None, since: see there)
+        self._note_hand_set_grads()  # (stage 2: grads set by hand over held grads replace them, as in torch)
         zeroed = self._zeroed_before_step()
         had_pass = self.stage == 2 and self._rounds_since_step > 0
         self._stood_in = False
         undo = self._reduce_all()
         late_undo = None  # a stand-in's late reduction (into new shards): a failed step puts it back
+        drop: frozenset = frozenset()
         try:
-            sumsq, late = self._agree_on_step(
+            sumsq, late, replacing = self._agree_on_step(
                 _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), zeroed, unreduced,
-                had_pass,
+                had_pass, bool(self._replaced),
             )  # fmt: skip
-            if late:  # agreed: every rank reduces the grads its shards lack, then agrees again (on grad errors)
+            conflict = None
+            if replacing:  # agreed: the params whose reduced grads every rank drops (grads set by hand replace them)
+                drop, conflict = self._agree_on_drops()
+            if late or drop:  # agreed: every rank reduces the grads its shards lack, then agrees again (on grad errors)
+                only_drop = not late  # (only the buckets of the dropped params: the others are final)
                 if self._stood_in:
-                    late_undo = self._reduce_all(late=True)
+                    late_undo = self._reduce_all(late=True, drop=drop, only_drop=only_drop)
                 else:
-                    undo = self._reduce_all(late=True, undo=undo)
-                sumsq, _ = self._agree_on_step(
+                    undo = self._reduce_all(late=True, undo=undo, drop=drop, only_drop=only_drop)
+                sumsq, _, _ = self._agree_on_step(
                     _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), False, False
                 )
+            if conflict is not None:  # (agreed: the same on every rank)
+                raise RuntimeError(conflict)
         except BaseException:
             if self._stood_in:  # this rank's reduction paired with another rank's synced pass: it is this rank's pass
                 # (but not the late one, which every other rank puts back: the retry runs it again)
@@ -115,7 +123,7 @@ class _StepMixin:
                 raise closure_error  # noqa: B904 - the agreed error is its context
             raise
         assert inputs is not None
-        self._commit_reduce(undo)
+        self._commit_reduce(undo, drop)
         dev = self._device
 
         # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
