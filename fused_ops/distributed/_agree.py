@@ -22,6 +22,7 @@ from .._backend import check_backend, resolve_backend
 from .._validate import FP32_MAX, has_memory, loaded_tensor_problem, real_float
 from .._validate import finite_fp32 as _finite_fp32
 from ..precision import _grad_keys, _Spans
+from ._comm import _sum_of_squares
 from ._layout import _bucket_freed, _slot_moved
 from ._reduce import _moved_message
 
@@ -531,13 +532,14 @@ class _AgreementMixin:
 
     def _agree_on_step(
         self,
-        sumsq: Tensor,
+        shards: list[Tensor],
         inputs: _StepInputs | None,
         error: Exception | None,
         zeroed: bool,
         unreduced: bool,
         had_pass: bool = False,
         replacing: bool = False,
+        fault: Exception | None = None,
     ) -> tuple[Tensor, bool, bool]:
         """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
         host, or in a tensor value checked on the device), the facts that decide the collectives still to come
@@ -547,24 +549,52 @@ class _AgreementMixin:
         read the same sums) if a rank had a problem, the ranks are out of step, or the values differ; returns the
         global sum of squares (a 0-d float64 device tensor), whether every rank reduces its unreduced grads now
         (``_reduce_all(late=True)``) and whether some rank set grads by hand over held grads (``_agree_on_drops``
-        then says which params' reduced grads every rank drops first)."""
-        n_values = len(_GROUP_VALUES) * len(self._group_params) + 3
-        tensors = inputs.tensors if error is None and inputs is not None else []
-        host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
-        # Where the tensor values go, and which must be > 0 (a loss scale) rather than >= 0 (an lr): one copy.
-        host += [float(k) for k, _, _ in tensors] + [float(name == "loss_scale") for _, _, name in tensors]
-        flat = torch.tensor(host, dtype=torch.float64, device=self._device)
-        flag, values = flat[:1], flat[1 : 1 + n_values]
-        if tensors:
-            where, positive = flat[1 + n_values :].view(2, -1)
-            given = torch.stack([t for _, t, _ in tensors])
-            values = values.index_copy(0, where.long(), given)
-            scale_ok = (given >= _FP32_TINY) & (given * self.world_size <= FP32_MAX)  # (a loss scale: as above)
-            ok = torch.isfinite(given) & torch.where(positive == 1, scale_ok, given >= 0)
-            flag = flag + (~ok).sum(dtype=torch.float64)
-        facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing)],
-                             dtype=torch.float64, device=self._device)  # fmt: skip
-        vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
+        then says which params' reduced grads every rank drops first).
+
+        ``fault``: an exception this rank met since the step began (an allocation of the reduction, say). Such a
+        fault, or one met here while computing the sum of squares or building the vector (out of memory), is sent
+        as this rank's problem, in the buffer allocated at construction (no allocation): every rank raises, this
+        rank its own exception, the others the agreed error, and nothing has changed (a rank raising alone would
+        leave the others waiting in this all-reduce, and its retry would pair with a collective of another size)."""
+        try:
+            if fault is not None:
+                raise fault
+            sumsq = _sum_of_squares(shards)
+            n_values = len(_GROUP_VALUES) * len(self._group_params) + 3
+            tensors = inputs.tensors if error is None and inputs is not None else []
+            host = [1.0 if error is not None else 0.0] + ([0.0] * n_values if inputs is None else inputs.values)
+            # Where the tensor values go, and which must be > 0 (a loss scale) rather than >= 0 (an lr): one copy.
+            host += [float(k) for k, _, _ in tensors] + [float(name == "loss_scale") for _, _, name in tensors]
+            flat = torch.tensor(host, dtype=torch.float64, device=self._device)
+            flag, values = flat[:1], flat[1 : 1 + n_values]
+            if tensors:
+                where, positive = flat[1 + n_values :].view(2, -1)
+                given = torch.stack([t for _, t, _ in tensors])
+                values = values.index_copy(0, where.long(), given)
+                scale_ok = (given >= _FP32_TINY) & (given * self.world_size <= FP32_MAX)  # (a loss scale: as above)
+                ok = torch.isfinite(given) & torch.where(positive == 1, scale_ok, given >= 0)
+                flag = flag + (~ok).sum(dtype=torch.float64)
+            facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing)],
+                                 dtype=torch.float64, device=self._device)  # fmt: skip
+            vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
+        except Exception as e:  # noqa: BLE001 - this rank's problem, agreed on below, then raised on every rank
+            fault = e
+            if error is None:
+                error = e
+            vec = self._agree_buf  # (in place only: the flag and the facts; the compared bits are not read)
+            vec.zero_()
+            for k, v in enumerate((1.0, 0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing))):
+                vec[1 + k] = v
+        try:
+            return self._read_agreement(vec, inputs, error, had_pass)
+        except Exception:
+            if fault is not None:  # (its own exception on the rank that met it; the agreed one is its context)
+                raise fault  # noqa: B904
+            raise
+
+    def _read_agreement(
+        self, vec: Tensor, inputs: _StepInputs | None, error: Exception | None, had_pass: bool
+    ) -> tuple[Tensor, bool, bool]:
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read
         n_passes, n_zeroed, n_unreduced, n_had_pass, n_replacing = (int(v) for v in sums[1:6])
@@ -603,16 +633,31 @@ class _AgreementMixin:
         (those grads would be lost): step() raises it as a RuntimeError after the late reduction's agreement, so
         that a grad error found there comes first."""
         n = len(self._params)
-        counts = torch.zeros(2, n, dtype=torch.float32, device=self._device)
-        mine = torch.zeros(2, n, dtype=torch.float32)
-        for i in self._replaced:
-            mine[0, i] = 1.0
-        for i, held in enumerate(self._held):
-            if held and i not in self._replaced:
-                mine[1, i] = 1.0
-        counts.copy_(mine)
+        counts = self._drop_buf  # (allocated at construction: a problem here is agreed on, see below)
+        fault = None
+        try:
+            mine = self._drop_host
+            mine.zero_()
+            for i in self._replaced:
+                mine[i] = 1.0
+            for i, held in enumerate(self._held):
+                if held and i not in self._replaced:
+                    mine[n + i] = 1.0
+            counts.copy_(mine)
+        except Exception as e:  # noqa: BLE001 - agreed on: every rank raises
+            fault = e
+            counts.zero_()
+            counts[2 * n] = 1.0  # (the count of ranks with a problem)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
-        replaced, kept = counts.cpu().to(torch.int64).tolist()
+        sums = counts.tolist()
+        if sums[2 * n] > 0:
+            try:
+                self._raise_step_error(None, fault)
+            except Exception:
+                if fault is not None:
+                    raise fault  # noqa: B904 - its own exception on the rank that met it
+                raise
+        replaced, kept = [int(v) for v in sums[:n]], [int(v) for v in sums[n : 2 * n]]
         conflict = None
         for i in range(n):
             if replaced[i] and kept[i] and conflict is None:

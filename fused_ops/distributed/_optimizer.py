@@ -246,6 +246,13 @@ class ZeroAdamW(
         self.last_found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
         self.skipped_steps = torch.zeros((), dtype=torch.float32, device=self._device)
         self._shifts = torch.arange(0, 64, 16, dtype=torch.int64, device=self._device)  # see _bit_pieces
+        # What step() sends when this rank met a problem before an agreement (out of memory, say): allocated now, so
+        # that it can always send a vector of the agreed size (see _agree_on_step and _agree_on_drops).
+        self._agree_buf = torch.zeros(self._agreement_size(), dtype=torch.float64, device=self._device)
+        self._drop_host = torch.zeros(2 * len(self._params) + 1, dtype=torch.float32)
+        self._drop_buf = torch.zeros(2 * len(self._params) + 1, dtype=torch.float32, device=self._device)
+        self._reduce_faults: list[Exception] | None = None  # during step()'s reductions: the problems met there
+        self._gather_pending = False  # a step updated the shards but its all-gather of the params failed
 
         self._sync_grads = True
         self._grad_errors: dict[int, tuple[str, str]] = {}  # param index -> (type, message), raised by step()

@@ -181,10 +181,11 @@ class _ReduceMixin:
     def _match_other_ranks_round(self) -> None:
         """Another rank began a synced pass while this one stepped: run that pass's reduce-scatters (zeros, thrown
         away) so that both ranks leave the same collectives behind, before every rank raises."""
-        for b in self._buckets:
-            flat = torch.zeros(b.numel, dtype=self._reduce_dtype(b), device=self._device)
-            out = torch.empty(b.shard_numel, dtype=flat.dtype, device=self._device)
-            _reduce_scatter(out, flat, self.process_group, async_op=False)
+        for b in self._buckets:  # (in a staging buffer, in place: no allocation after the ranks agreed)
+            pool = self._pools[(self._reduce_dtype(b), self._device)]
+            flat = pool.flat[0].narrow(0, 0, b.numel)
+            flat.zero_()
+            _reduce_scatter(flat.narrow(0, self.rank * b.shard_numel, b.shard_numel), flat, self.process_group, False)
 
     def _end_round(self) -> None:
         """End of a backward pass: reduce every bucket not reduced yet (zeros for params without grads)."""
@@ -250,7 +251,10 @@ class _ReduceMixin:
                     g = s.param.grad  # (it stands for the refused grad: set by hand over held grads only if that was)
                     self._seen[s.index] = None if g is None else weakref.ref(g)
 
-    def _launch(self, b: _Bucket, free_grads: bool = True, zeros: bool = False, drop: frozenset = frozenset()) -> None:
+    def _launch(
+        self, b: _Bucket, free_grads: bool = True, zeros: bool = False, drop: frozenset = frozenset(),
+        discard: bool = False,
+    ) -> None:  # fmt: skip
         """Copy the bucket's grads into a staging buffer and start its reduce-scatter (stage 2 frees the grads
         unless ``free_grads`` is False: step() frees them once it has succeeded; ``zeros``: send zeros, for a rank
         whose grads were reduced already, but the grads of the params in ``drop``, whose reduced grads step() has
@@ -261,8 +265,35 @@ class _ReduceMixin:
         pool = self._pools[key]
         while not pool.free:
             self._finish_oldest()
-        si = pool.free[-1]
+        si = pool.free.pop()
         flat = pool.flat[si].narrow(0, 0, b.numel)
+        # (step(): once this rank met a problem in the step's reductions, the rest only run their collectives)
+        discard = discard or (not free_grads and bool(self._reduce_faults))
+        if not discard:
+            try:
+                self._fill_staging(b, si, flat, free_grads, zeros, drop)
+            except Exception as e:  # noqa: BLE001 - step(): agreed on (the collective still runs, with zeros)
+                if free_grads or self._reduce_faults is None:  # (a synced pass, outside step(): as before)
+                    pool.free.append(si)
+                    raise
+                self._reduce_faults.append(e)
+                discard = True
+        if discard:
+            flat.zero_()
+        # Straight into the grad shard when nothing is there yet (and the dtypes agree); otherwise in place (into
+        # this rank's slice of the staging buffer: NCCL and gloo support it), added to the shard when it lands.
+        # (``discard``: a reduction of a step that has failed on this rank, run so that every rank runs the same
+        # collectives: its zeros land in the staging buffer, and the shard is left alone)
+        direct: bool | None = None if discard else key[0] == b.grad.dtype and not b.grad_valid and b.inflight == 0
+        out = b.grad if direct else flat.narrow(0, self.rank * b.shard_numel, b.shard_numel)
+        work = _reduce_scatter(out, flat, self.process_group, async_op=True)
+        b.inflight += 1
+        self._inflight.append((b, pool, si, out, direct, work))
+        if not self.overlap_comm:
+            self._finish_oldest()
+
+    def _fill_staging(self, b: _Bucket, si: int, flat: Tensor, free_grads: bool, zeros: bool, drop: frozenset) -> None:
+        """``_launch``'s local part: the bucket's grads (zeros where there are none) into staging buffer ``si``."""
         views = b.staging_views.get(si)
         if views is None:  # built once per (bucket, staging buffer): the launch path stays cheap on the host
             # (in each param's shape as laid out, not its shape now: a param given another .data of another size
@@ -271,7 +302,6 @@ class _ReduceMixin:
                 [flat.narrow(0, lo, hi - lo) for lo, hi in b.gaps],
                 [flat.narrow(0, s.offset, s.numel).view(s.shape) for s in b.slots],
             )
-        pool.free.pop()
         dst, src, zero, bad = [], [], list(views[0]), False
         keep = free_grads and self.stage == 2 and not zeros
         sent = []
@@ -309,15 +339,6 @@ class _ReduceMixin:
                     self._seen[s.index] = None
             for i in sent:
                 self._held[i] = True
-        # Straight into the grad shard when nothing is there yet (and the dtypes agree); otherwise in place (into
-        # this rank's slice of the staging buffer: NCCL and gloo support it), added to the shard when it lands.
-        direct = key[0] == b.grad.dtype and not b.grad_valid and b.inflight == 0
-        out = b.grad if direct else flat.narrow(0, self.rank * b.shard_numel, b.shard_numel)
-        work = _reduce_scatter(out, flat, self.process_group, async_op=True)
-        b.inflight += 1
-        self._inflight.append((b, pool, si, out, direct, work))
-        if not self.overlap_comm:
-            self._finish_oldest()
 
     def _finish_oldest(self) -> None:
         b, pool, si, out, direct, work = self._inflight.popleft()
@@ -331,12 +352,15 @@ class _ReduceMixin:
             b.grad_valid = False
             pool.free.append(si)
             raise
-        if not direct:
+        if direct is None:  # (discarded: see _launch)
+            pass
+        elif not direct:
             if b.grad_valid:
                 b.grad.add_(out)
             else:
                 b.grad.copy_(out)
-        b.grad_valid = True
+        if direct is not None:
+            b.grad_valid = True
         b.inflight -= 1
         pool.free.append(si)
 
@@ -370,9 +394,16 @@ class _ReduceMixin:
             # Into new shards, and p.grad is kept until the step succeeds: a failed step puts the old shards back
             # and leaves p.grad as it was, so that nothing is reduced twice.
             undo = ([(b, b.grad, b.grad_valid) for b in self._buckets], dict(self._grad_errors))
-            for b in self._buckets:
-                b.grad = b.grad.clone() if b.grad_valid else torch.empty_like(b.grad)
-            self._adam_view_cache.clear()
+            try:
+                new = [b.grad.clone() if b.grad_valid else torch.empty_like(b.grad) for b in self._buckets]
+            except Exception as e:  # noqa: BLE001 - step(): agreed on; the reductions below only run their collectives
+                if self._reduce_faults is None:
+                    raise
+                self._reduce_faults.append(e)
+            else:
+                for b, g in zip(self._buckets, new, strict=True):
+                    b.grad = g
+                self._adam_view_cache.clear()
         if reduce:
             if self.stage == 1:  # p.grad holds the whole accumulation: the shards are replaced, not added to
                 self._grad_errors.clear()
@@ -382,16 +413,23 @@ class _ReduceMixin:
             buckets = self._buckets
             with torch.no_grad():
                 if drop:
-                    for i in drop:
-                        seg = self._segment_of.get(i)
-                        if seg is not None and seg.bucket.grad_valid:
-                            seg.bucket.grad.narrow(0, seg.start, seg.hi - seg.lo).zero_()
+                    try:
+                        for i in drop:
+                            seg = self._segment_of.get(i)
+                            if seg is not None and seg.bucket.grad_valid and not self._reduce_faults:
+                                seg.bucket.grad.narrow(0, seg.start, seg.hi - seg.lo).zero_()
+                    except Exception as e:  # noqa: BLE001 - as above
+                        if self._reduce_faults is None:
+                            raise
+                        self._reduce_faults.append(e)
                     if only_drop:
                         ids = {self._bucket_of[i] for i in drop}
                         buckets = [b for b in self._buckets if b.index in ids]
                 for b in buckets:
                     self._launch(b, free_grads=False, zeros=zeros, drop=drop)
             self._drain()
+        if self._reduce_faults:  # (the step fails on every rank: the shards are left alone, see _launch)
+            return undo
         for b in self._buckets:
             if not b.grad_valid:
                 b.grad.zero_()

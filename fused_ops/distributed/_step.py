@@ -5,16 +5,39 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import _cpu_lowbit, functional, reference
+from .. import _cpu_lowbit, functional
 from .._ref_lowbit import QUANT_BLOCK, n_scales
 from ._agree import _ERROR_TYPES, _OUT_OF_STEP, _StepInputs
-from ._comm import _all_gather, _sum_of_squares
-from ._layout import _Segment
+from ._comm import _all_gather
+from ._layout import _Bucket, _Segment
+
+_GATHER_COMPLETED = (
+    "ZeroAdamW.step: the previous step's all-gather of the params failed, after its update was applied to the "
+    "shards: the params were gathered now, from the updated shards, and this call took no step (its closure was "
+    "not run, the grads are as they were). The previous step counts once: do not call step() again for its grads "
+    "(call zero_grad() and run the next backward first)"
+)
+
+
+@dataclass
+class _PostBuffers:
+    """What the step writes after the ranks agreed, allocated before (``_StepMixin._post_buffers``)."""
+
+    divisor: float | Tensor  # world_size, or loss_scale * world_size (a 0-d float64 tensor where that is one)
+    norm64: Tensor  # the global grad norm, float64
+    norm: Tensor  # the same in float32: the new ``last_grad_norm``
+    clip: tuple[Tensor, Tensor] | None  # with max_grad_norm: the clip coefficient in float32 and float64
+    grad_scale: Tensor  # what the fused op divides the grads by
+    found_inf: Tensor  # the new ``last_found_inf`` (zeros without a loss scale)
+    inf64: Tensor | None  # scratch of the overflow flag (with a loss scale)
+    flag: Tensor | None  # a loss scaler's found_inf as a bool, on its device
+    amsgrad: list[tuple[_Bucket, Tensor]]  # the max_exp_avg_sq shards amsgrad groups need (zeros)
 
 
 class _StepMixin:
@@ -51,8 +74,14 @@ class _StepMixin:
         on every rank, and leaves params, grads, moments, master weights, step counts, the scaler and the logged
         values as they were.
         The check rides on the all-reduce of the grad norm (no extra collective); reading its outcome is the
-        step's one host synchronisation (torch's GradScaler syncs once per step too).
+        step's one host synchronisation (torch's GradScaler syncs once per step too). An exception on this rank
+        before that all-reduce (out of memory, say) is agreed on the same way (this rank raises its own exception);
+        what the step needs after it is allocated before it. If the final all-gather of the params fails (on every
+        rank) after the shards were updated, the next call completes it, takes no step and raises a RuntimeError.
         """
+        if self._gather_pending:  # (set on every rank alike: the last step's all-gather failed on every rank)
+            self._gather_params()
+            raise RuntimeError(_GATHER_COMPLETED)
         if getattr(self, "_out_of_step", False):  # (set on every rank alike: no collective to wait in)
             raise RuntimeError(_OUT_OF_STEP)
         loss = None
@@ -65,6 +94,7 @@ class _StepMixin:
                 closure_error = e
         error: Exception | None = None
         inputs: _StepInputs | None = None
+        post: _PostBuffers | None = None
         unreduced = False
         if closure_error is not None:
             error = RuntimeError(f"the closure raised {type(closure_error).__name__}: {closure_error}")
@@ -72,6 +102,9 @@ class _StepMixin:
             try:
                 unreduced = self._check_layout()
                 inputs = self._step_inputs(loss_scale, unexpected)
+                # What the step needs after the ranks agreed, allocated now: after the agreement only collectives
+                # and in-place ops run here (a rank failing alone there would leave the others in the all-gather).
+                post = self._post_buffers(inputs)
             except Exception as e:  # noqa: BLE001 - agreed on with the other ranks, then raised on every rank
                 error = e
         if closure_error is not None and not self._buckets:
@@ -90,13 +123,14 @@ class _StepMixin:
         zeroed = self._zeroed_before_step()
         had_pass = self.stage == 2 and self._rounds_since_step > 0
         self._stood_in = False
+        self._reduce_faults = []  # (what this rank's reductions meet is agreed on: see _launch)
         undo = self._reduce_all()
         late_undo = None  # a stand-in's late reduction (into new shards): a failed step puts it back
         drop: frozenset = frozenset()
         try:
             sumsq, late, replacing = self._agree_on_step(
-                _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), zeroed, unreduced,
-                had_pass, bool(self._replaced),
+                [b.grad for b in self._buckets], inputs, self._first_error(error), zeroed, unreduced, had_pass,
+                bool(self._replaced), fault=self._reduce_fault(),
             )  # fmt: skip
             conflict = None
             if replacing:  # agreed: the params whose reduced grads every rank drops (grads set by hand replace them)
@@ -108,11 +142,14 @@ class _StepMixin:
                 else:
                     undo = self._reduce_all(late=True, undo=undo, drop=drop, only_drop=only_drop)
                 sumsq, _, _ = self._agree_on_step(
-                    _sum_of_squares([b.grad for b in self._buckets]), inputs, self._first_error(error), False, False
-                )
+                    [b.grad for b in self._buckets], inputs, self._first_error(error), False, False,
+                    fault=self._reduce_fault(),
+                )  # fmt: skip
             if conflict is not None:  # (agreed: the same on every rank)
                 raise RuntimeError(conflict)
         except BaseException:
+            fault = self._reduce_fault()
+            self._reduce_faults = None
             if self._stood_in:  # this rank's reduction paired with another rank's synced pass: it is this rank's pass
                 # (but not the late one, which every other rank puts back: the retry runs it again)
                 self._undo_reduce(late_undo)
@@ -121,37 +158,84 @@ class _StepMixin:
                 self._undo_reduce(undo)
             if closure_error is not None:  # (its own exception on the rank whose closure raised, as torch.optim)
                 raise closure_error  # noqa: B904 - the agreed error is its context
+            if fault is not None:  # (and on the rank that met a problem in its reductions)
+                raise fault  # noqa: B904
             raise
-        assert inputs is not None
+        self._reduce_faults = None
+        assert inputs is not None and post is not None
         self._commit_reduce(undo, drop)
-        dev = self._device
+        self._update(sumsq, inputs, post)
+        self._gather_pending = True  # (until the all-gather below completes: see _gather_params)
+        self._gather_params()
+        return loss
 
-        # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
+    def _reduce_fault(self) -> Exception | None:
+        faults = self._reduce_faults
+        return faults[0] if faults else None
+
+    def _post_buffers(self, inputs: _StepInputs) -> _PostBuffers:
+        """Everything the step allocates after the ranks agree, allocated before (see ``_update``)."""
+        dev = self._device
         divisor: float | Tensor = float(self.world_size)
         if inputs.loss_scale is not None:
             divisor = inputs.loss_scale * self.world_size
-        total_norm = sumsq.sqrt() / divisor
-        self.last_grad_norm = total_norm.float()
+        clip = None
         if inputs.max_grad_norm is not None:
+            clip = (torch.empty((), dtype=torch.float32, device=dev), torch.empty((), dtype=torch.float64, device=dev))
+        flag = inputs.scaler_found_inf
+        amsgrad = [(b, torch.zeros_like(b.exp_avg, dtype=torch.float32)) for b in self._buckets
+                   if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None]  # fmt: skip
+        return _PostBuffers(
+            divisor=divisor,
+            norm64=torch.empty((), dtype=torch.float64, device=dev),
+            norm=torch.empty((), dtype=torch.float32, device=dev),
+            clip=clip,
+            grad_scale=torch.empty(1, dtype=torch.float32, device=dev),
+            found_inf=torch.zeros(1, dtype=torch.float32, device=dev),
+            inf64=torch.empty((), dtype=torch.float64, device=dev) if inputs.loss_scale is not None else None,
+            flag=None if flag is None else torch.empty(flag.shape, dtype=torch.bool, device=flag.device),
+            amsgrad=amsgrad,
+        )
+
+    def _update(self, sumsq: Tensor, inputs: _StepInputs, post: _PostBuffers) -> None:
+        """After the ranks agreed: unscale and clip in one factor, the fused Adam op on this rank's shards. In-place
+        ops into ``post`` (the same values, bit for bit, as ``sumsq.sqrt() / divisor`` and so on)."""
+        # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
+        divisor = post.divisor
+        total_norm = post.norm64.copy_(sumsq).sqrt_().div_(divisor)
+        self.last_grad_norm = post.norm.copy_(total_norm)
+        grad_scale = post.grad_scale
+        if post.clip is not None:
             # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1; folded into the divisor.
-            clip_coef = (inputs.max_grad_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
-            grad_scale = (divisor / clip_coef.double()).float().reshape(1)
+            coef, coef64 = post.clip
+            coef.copy_(post.norm).add_(1e-6).reciprocal_().mul_(inputs.max_grad_norm).clamp_(max=1.0)
+            coef64.copy_(coef)
+            if isinstance(divisor, Tensor):
+                torch.div(divisor, coef64, out=coef64)
+            else:
+                coef64.reciprocal_().mul_(divisor)
+            grad_scale.copy_(coef64)
         elif isinstance(divisor, Tensor):
-            grad_scale = divisor.float().reshape(1)
+            grad_scale.copy_(divisor)
         else:
-            grad_scale = torch.full((1,), divisor, dtype=torch.float32, device=dev)
-        if inputs.loss_scale is not None:
-            found_inf = (~torch.isfinite(sumsq)).float().reshape(1)
+            grad_scale.fill_(divisor)
+        found_inf = post.found_inf
+        if post.inf64 is not None:
+            post.inf64.copy_(sumsq).sub_(post.inf64)  # 0 where finite, NaN where inf or NaN
+            found_inf.copy_(post.inf64).ne_(found_inf)  # (1.0 where NaN)
             self.last_found_inf = found_inf.reshape(())
             self.skipped_steps += self.last_found_inf
             flag = inputs.scaler_found_inf
-            if flag is not None:
-                reference.set_found_inf(flag, found_inf.to(flag.device).reshape(flag.shape) != 0)  # (1.0, as torch)
+            if flag is not None:  # = 1.0 where the step is skipped, else as it was (as torch's GradScaler sets it)
+                flag.masked_fill_(post.flag.copy_(self.last_found_inf), 1.0)
+            step_found_inf: Tensor | None = found_inf
         else:
-            found_inf = None
-            self.last_found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+            self.last_found_inf = found_inf.reshape(())  # (zeros)
+            step_found_inf = None
 
-        self._ensure_amsgrad_buffers()
+        for b, buf in post.amsgrad:
+            b.max_exp_avg_sq = buf
+            self._adam_view_cache.clear()
         for gi, group in enumerate(self.param_groups):
             # Segments with an fp32 master (bf16/fp16 buckets) and without (fp32, or master_weights=False) are
             # two calls: with masters, one pass updates them in fp32 and writes the rounded params.
@@ -159,23 +243,35 @@ class _StepMixin:
                 segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
                 if segs:
                     lr, floats, backend = inputs.lrs[gi], inputs.floats[gi], inputs.backends[gi]
-                    self._adam(group, segs, lr, floats, backend, grad_scale, found_inf, (gi, with_master))
+                    self._adam(group, segs, lr, floats, backend, grad_scale, step_found_inf, (gi, with_master))
         # Params with no element on this rank still count the step, as their owners do.
         others = [self._steps[i] for i in self._unowned]
         if others:
             torch._foreach_add_(others, 1)
-            if found_inf is not None:
-                torch._foreach_sub_(others, [found_inf.reshape(())] * len(others))
+            if step_found_inf is not None:
+                torch._foreach_sub_(others, [step_found_inf.reshape(())] * len(others))
 
-        works = []
-        for b in self._buckets:
-            works.append(_all_gather(b.param_flat, b.param_shard, self.process_group, async_op=self.overlap_comm))
-        for w in works:
-            if w is not None:
-                w.wait()
+    def _gather_params(self) -> None:
+        """The all-gather of the params from the shards. ``_gather_pending`` is set before (by ``step()``, once the
+        shards are updated) and cleared once it has completed: should it fail (on every rank: a collective that
+        fails on some ranks only leaves the process group broken anyway), the update stays applied to the shards,
+        and the next ``step()`` completes the gather from them (no second update) and raises."""
+        try:
+            works = []
+            for b in self._buckets:
+                works.append(_all_gather(b.param_flat, b.param_shard, self.process_group, async_op=self.overlap_comm))
+            for w in works:
+                if w is not None:
+                    w.wait()
+        except Exception as e:
+            e.add_note(
+                "ZeroAdamW.step: the step's update was applied to this rank's shards but the params' all-gather "
+                "failed: the next step() completes the all-gather (it takes no step and raises)"
+            )
+            raise
+        self._gather_pending = False
         if self.stage == 2:
             self._register_hooks()  # params unfrozen since construction
-        return loss
 
     def _first_error(self, error: Exception | None) -> Exception | None:
         """This rank's error for the agreement: the step's own, else the first grad problem the reduction found."""
