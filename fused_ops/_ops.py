@@ -9,6 +9,7 @@ op that ``torch.compile`` sees. ``register_fake`` makes every op traceable.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -21,13 +22,30 @@ from ._validate import finite_fp32
 # layouts are dropped oldest first. Dropping one is safe: a table that a CUDA graph captured was also moved to
 # ``kernels._multi_tensor._CAPTURED`` (kept for the process's life), launches on other streams recorded their
 # stream on its memory, and the inputs are checked at every call, not only when a table is built.
-_TABLE_CACHE: dict = {}
+# Insertions and evictions hold a lock (threads may run ops at once: an unlocked "over the limit, pop the oldest"
+# popped one key twice, a KeyError after earlier groups had launched); look-ups are single dict reads.
 _TABLE_CACHE_LIMIT = 256
 
 
+class _BoundedCache(dict):
+    """A dict that keeps its ``limit`` newest insertions; insertion and eviction are thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self._lock = threading.Lock()
+
+    def __setitem__(self, key, value) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+            while len(self) > self.limit:
+                super().pop(next(iter(self)))
+
+
+_TABLE_CACHE: dict = _BoundedCache(_TABLE_CACHE_LIMIT)
+
+
 def _table_cache() -> dict:
-    if len(_TABLE_CACHE) > _TABLE_CACHE_LIMIT:
-        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
     return _TABLE_CACHE
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping, Sequence
@@ -98,15 +99,20 @@ def use_on_current_stream(table: ChunkTable) -> None:
 
 
 class _LRU(OrderedDict):
+    """Keeps the ``capacity`` newest insertions. Insertion and eviction hold a lock (threads may launch at once:
+    unlocked, another thread's eviction between the insertion and ``move_to_end`` raised a KeyError)."""
+
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
+        self._lock = threading.Lock()
 
     def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
+        with self._lock:
+            super().__setitem__(key, value)
+            self.move_to_end(key)
+            while len(self) > self.capacity:
+                self.popitem(last=False)
 
 
 # Used when the caller does not pass a cache of its own. Optimizers pass their own dict, so that the
