@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -281,18 +282,26 @@ class FlatBuffer:
             self.bind_data_(params)
             return self
         pin = torch.cuda.is_available()
-        hosts = []
-        for start, length, idx in self._bucket_layout:
-            host = torch.zeros(length, dtype=self.dtype, device="cpu", pin_memory=pin)
-            for i in idx:
-                view = host.narrow(0, self.offsets[i] - start, self.numels[i]).view(self.shapes[i])
-                view.copy_(params[i].data, non_blocking=pin)
-                params[i].data = view  # the device copy is released here (if nothing else holds it)
-            hosts.append(host)
-        self._allocate()
-        for bucket, host in zip(self.buckets, hosts, strict=True):
-            bucket.data.copy_(host, non_blocking=pin)
-        self.bind_data_(params)
+        # Every host buffer first (an error leaves every param as it was); then each param is rebound to its host
+        # copy as it goes. An error after that (out of memory allocating the storage) puts every param back on its
+        # device before it is raised (see _unstage).
+        hosts = [torch.zeros(length, dtype=self.dtype, device="cpu", pin_memory=pin)
+                 for _, length, _ in self._bucket_layout]  # fmt: skip
+        staged: list[tuple[int, Tensor, tuple]] = []
+        try:
+            for (start, _, idx), host in zip(self._bucket_layout, hosts, strict=True):
+                for i in idx:
+                    view = host.narrow(0, self.offsets[i] - start, self.numels[i]).view(self.shapes[i])
+                    view.copy_(params[i].data, non_blocking=pin)
+                    staged.append((i, view, _where(params[i])))
+                    params[i].data = view  # the device copy is released here (if nothing else holds it)
+            self._allocate()
+            for bucket, host in zip(self.buckets, hosts, strict=True):
+                bucket.data.copy_(host, non_blocking=pin)
+            self.bind_data_(params)
+        except BaseException as e:
+            _unstage(params, staged, e)
+            raise
         return self
 
     @classmethod
@@ -414,9 +423,10 @@ class FlatBuffer:
         if {x.dtype for x in tensors} == {self.dtype}:
             self._gather(tensors)
         else:
-            functional.cast_(self._read_views(), tensors, backend=self.backend)
+            # (the padding's views first: after the cast only an in-place zero, which allocates nothing)
             layout = zip(self.offsets, self.numels, self._spans, strict=True)
             gaps = [self.data.narrow(0, off + n, span - n) for off, n, span in layout if span > n]
+            functional.cast_(self._read_views(), tensors, backend=self.backend)
             if gaps:
                 torch._foreach_zero_(gaps)
 
@@ -488,8 +498,16 @@ class FlatBuffer:
                 if x.device != self.device:
                     raise ValueError(f"{fn}: tensors[{i}] is on {x.device}, the buffer on {self.device}")
         _check_distinct(fn, "tensors", tensors)
-        for x, view in zip(tensors, self._read_views(), strict=True):
-            x.data = view
+        views = self._read_views()
+        olds: list[Tensor] = []
+        try:
+            for x, view in zip(tensors, views, strict=True):
+                olds.append(x.data)
+                x.data = view
+        except BaseException:  # (every tensor bound as it was)
+            for x, old in zip(tensors, olds):
+                x.data = old
+            raise
 
     def bind_grads_(self, params: Sequence[Tensor]) -> None:
         """Make each ``params[i].grad`` the buffer's view ``i`` of ``data`` as it is now (plain dense params of the
@@ -509,8 +527,16 @@ class FlatBuffer:
                 raise ValueError(f"{fn}: params[{i}] takes {grad_dtype} grads (its grad_dtype), the buffer is "
                                  f"{self.dtype}")  # fmt: skip
         _check_distinct(fn, "params", params)
-        for p, view in zip(params, self._read_views(), strict=True):
-            p.grad = view.view(view.shape)  # (an alias of its own: the buffer's views are never handed out)
+        views = self._read_views()
+        olds: list[Tensor | None] = []
+        try:
+            for p, view in zip(params, views, strict=True):
+                olds.append(p.grad)
+                p.grad = view.view(view.shape)  # (an alias of its own: the buffer's views are never handed out)
+        except BaseException:  # (every grad as it was)
+            for p, old in zip(params, olds):
+                p.grad = old
+            raise
 
     def _unlike(self, tensors: list[Tensor]) -> bool:
         """Whether some tensor is not a plain dense tensor of the buffer's dtype and device (one pass over each
@@ -530,6 +556,39 @@ class FlatBuffer:
             raise TypeError(f"{fn}: {label} is a {type(x).__name__}, not a plain tensor with memory of its own")
         if x.layout != torch.strided:
             raise TypeError(f"{fn}: {label} must be a dense tensor, got {x.layout}")
+
+
+def _where(x: Tensor) -> tuple:
+    """Where ``x.data`` lies, to put it back (:func:`_unstage`): a weak reference to its storage (None if it has
+    none), its storage offset, shape, strides, dtype and device."""
+    data = x.data
+    try:
+        ref = weakref.ref(data.untyped_storage())
+    except (RuntimeError, TypeError, NotImplementedError):
+        ref = None
+    return ref, data.storage_offset(), data.shape, data.stride(), data.dtype, data.device
+
+
+def _unstage(params: list[Tensor], staged: list[tuple[int, Tensor, tuple]], error: BaseException) -> None:
+    """Put each staged param of :meth:`FlatBuffer.from_params` back as it was, after ``error``: on its original
+    memory if something still holds it (the values there were not written), else on a new tensor of its original
+    device, dtype, shape and strides holding its values (from its host copy, ``view``). A param whose new tensor
+    cannot be allocated stays on its host copy (named in a note on ``error``)."""
+    failed = []
+    for i, view, (ref, offset, size, stride, dtype, device) in staged:
+        storage = ref() if ref is not None else None
+        try:
+            if storage is not None:
+                params[i].data = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, size, stride)
+            else:
+                fresh = torch.empty_strided(size, stride, dtype=dtype, device=device)
+                fresh.copy_(view)
+                params[i].data = fresh
+        except Exception:  # (out of memory again: the others are still put back)
+            failed.append(i)
+    if failed and hasattr(error, "add_note"):
+        error.add_note(f"FlatBuffer.from_params: params {failed} could not be put back on {staged[0][2][5]}: they "
+                       "hold their values in host memory")  # fmt: skip
 
 
 def _check_distinct(fn: str, name: str, tensors: list[Tensor]) -> None:

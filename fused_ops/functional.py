@@ -623,6 +623,12 @@ def cast_(
         ]  # fmt: skip
     named = (("dst", dst), ("src", src))
     backends = [_op_backend("cast_", backend, key[0], key[1:3], named=named) for key, _, _ in groups]
+    if len(groups) > 1:  # (every group's chunk table built before the first group writes: see _prepare_unscale)
+        from .kernels._multi_tensor import build_chunk_table
+
+        for (_, d_group, s_group), backend_name in zip(groups, backends, strict=True):
+            if backend_name == "triton":
+                build_chunk_table([d_group, s_group], _CHUNK_SIZE, _ops._table_cache())
     for k, (key, d_group, s_group) in enumerate(groups):
         # Distinct random streams per group: derived from an explicit seed, else each group draws its key on its
         # device (graph-safe; see _ops._cast).
@@ -684,7 +690,17 @@ def unscale_(
     placements and shape. A ``Partial`` grad's summands are unscaled and checked, as torch's ``GradScaler`` does on
     DTensors (a sum of finite summands that overflows is not seen, there as here). A mismatched ``out`` raises the
     same ValueError on every rank before anything changes. A list without DTensors never communicates.
+
+    Everything every group needs (its chunk table, the scalars moved to its device) is allocated before the first
+    group runs: an error there (out of memory) leaves every tensor as it was.
     """
+    _unscale(grads, inv_scale, found_inf, out, backend)
+
+
+def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None = None) -> None:
+    """:func:`unscale_`; ``done`` (a list) receives the index of each tensor written in place (the grad, or its
+    ``out``) by a group that ran, also when a later group's launch raised (what :class:`DynamicLossScaler` records as
+    unscaled, so that a retry is refused rather than dividing those twice)."""
     grads_in = _as_list("unscale_", "grads", grads)
     grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep")
     _check_inv_scale("unscale_", inv_scale)
@@ -722,41 +738,78 @@ def unscale_(
                                    *scalars], same=(1, 0))  # fmt: skip
         if not grads_dense:
             grads = [x.contiguous() for x in grads]
+        written = outs
         outs, back = _staged(outs, values=False)
     else:
         _check_memory("unscale_", [("grads", grads, True, True, _all_contiguous(grads)), *scalars])
+        written = grads
         grads, back = _staged(grads, values=True)
-    _unscale_groups("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
-                    (("grads", grads), ("out", outs)))  # fmt: skip
+    launches = _prepare_unscale("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
+                                (("grads", grads), ("out", outs)))  # fmt: skip
+    ran: list[int] | None = [] if done is not None else None
+    try:
+        _run_unscale(launches, ran)
+    finally:
+        if ran:  # (a staged tensor is written back only once every group ran: not written if one raised)
+            done.extend(i for i in ran if not back or written[i].is_contiguous())
     _write_back(back)
     if meshes:
         _dtensor.agree_flag(found_inf, meshes, span)
 
 
-def _unscale_groups(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes, named=()) -> None:
-    """The launches of a checked :func:`unscale_` (contiguous grads): one op per (device, grad dtype, out dtype)
-    group, the scalars moved to each group's device."""
+def _prepare_unscale(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes, named=()) -> list:
+    """What :func:`_run_unscale` launches, one entry per (device, grad dtype, out dtype) group: everything a group
+    needs that allocates (the scalars moved to its device, a flag of its own and the buffers that merge it into
+    ``found_inf`` when that is on another device, its chunk table) is made here, for every group, before the first
+    runs: an error (out of memory) while preparing the second group leaves the first group's tensors unwritten."""
     if len(devices) == 1 and len(g_dtypes) == 1 and len(o_dtypes) <= 1:
-        groups = [((grads[0].device, grads[0].dtype, outs[0].dtype if outs else grads[0].dtype), grads, outs)]
+        groups = [((grads[0].device, grads[0].dtype, outs[0].dtype if outs else grads[0].dtype), None, grads, outs)]
     else:
         groups = [
-            (key, [grads[i] for i in idx], [outs[i] for i in idx] if outs else [])
+            (key, idx, [grads[i] for i in idx], [outs[i] for i in idx] if outs else [])
             for key, idx in _groups(lambda i: (grads[i].device, grads[i].dtype, (outs or grads)[i].dtype), len(grads))
         ]
-    backends = [_op_backend(fn, backend, device, [g, o], named=named) for (device, g, o), _, _ in groups]
-    for ((device, _, _), g_group, o_group), backend_name in zip(groups, backends, strict=True):
+    backends = [_op_backend(fn, backend, device, [g, o], named=named) for (device, g, o), _, _, _ in groups]
+    launches = []
+    for ((device, _, _), idx, g_group, o_group), backend_name in zip(groups, backends, strict=True):
         scale_t = None
         if isinstance(inv_scale, Tensor):
             # (moved, not read through a raw pointer on another device)
             scale_t = inv_scale.detach().reshape(1)
             scale_t = scale_t if scale_t.device == device else scale_t.to(device, non_blocking=True)
-        flag = found_inf
+        flag, merge = found_inf, None
         if found_inf is not None and found_inf.device != device:
             flag = torch.zeros(1, dtype=torch.float32, device=device)
-        _ops.unscale_eager(g_group, scale_t, 0.0 if scale_t is not None else float(inv_scale), flag, o_group,
-                           backend_name)  # fmt: skip
-        if flag is not found_inf:  # (1.0 where found, as torch's unscale and the kernel store it)
-            reference.set_found_inf(found_inf, flag.to(found_inf.device).reshape(found_inf.shape) != 0)
+            merge = (torch.empty(1, dtype=torch.bool, device=device),
+                     torch.empty(found_inf.shape, dtype=torch.bool, device=found_inf.device),
+                     torch.ones_like(found_inf), torch.empty_like(found_inf))  # fmt: skip
+        if backend_name == "triton" and g_group:  # (built into the cache the launch looks in: found there)
+            from .kernels._multi_tensor import build_chunk_table
+
+            build_chunk_table([g_group, o_group] if o_group else [g_group], _CHUNK_SIZE, _ops._table_cache())
+        launches.append((idx, len(grads), g_group, scale_t, 0.0 if scale_t is not None else float(inv_scale), flag,
+                         o_group, backend_name, found_inf, merge))  # fmt: skip
+    return launches
+
+
+_CHUNK_SIZE = 65536  # (``unscale_launch``'s and ``cast_launch``'s chunk size: the key of the tables they look up)
+
+
+def _run_unscale(launches: list, done: list[int] | None = None) -> None:
+    """Run :func:`_prepare_unscale`'s launches in order; ``done`` receives the indices of each group that ran. Then
+    each flag of a group on another device than ``found_inf`` is merged into it, in the buffers prepared for it (1.0
+    where found, as torch's unscale and the kernel store it)."""
+    for idx, n, g_group, scale_t, value, flag, o_group, backend_name, _, _ in launches:
+        _ops.unscale_eager(g_group, scale_t, value, flag, o_group, backend_name)
+        if done is not None:
+            done.extend(range(n) if idx is None else idx)
+    for _, _, _, _, _, flag, _, _, found_inf, merge in launches:
+        if merge is not None:
+            found_here, found_there, ones, merged = merge
+            torch.ne(flag, 0, out=found_here)
+            found_there.copy_(found_here.reshape(found_there.shape))
+            torch.where(found_there, ones, found_inf, out=merged)
+            found_inf.copy_(merged)
 
 
 def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str | None = None) -> Tensor:
@@ -942,13 +995,19 @@ def clip_grad_norm_(
             "`error_if_nonfinite=False`"
         )
     coef = clip_coef(total, max_norm)
+    # Every launch of every round is prepared (chunk tables, the coefficient on each device) before the first grad is
+    # scaled: an error there (out of memory) leaves every grad as it was.
+    plans = []
+    for part in rounds:
+        strided = [g for g in part if not g.is_contiguous()] if not dense else []
+        flat = [g for g in part if g.is_contiguous()] if strided else part
+        plans.append((strided, coef.to(strided[0].device) if strided else None,
+                      _prepare_unscale("clip_grad_norm_", flat, [], coef.reshape(1), None, backend,
+                                       {g.device for g in flat}, {g.dtype for g in flat}, set(), (("grads", flat),))
+                      if flat else []))  # fmt: skip
     with torch.no_grad():  # (as torch's clip: a grad that requires grad, e.g. a view of a leaf, is scaled too)
-        for part in rounds:
-            strided = [g for g in part if not g.is_contiguous()] if not dense else []
+        for strided, coef_there, launches in plans:
             if strided:
-                torch._foreach_mul_(strided, coef.to(strided[0].device))
-            flat = [g for g in part if g.is_contiguous()] if strided else part
-            if flat:
-                _unscale_groups("clip_grad_norm_", flat, [], coef.reshape(1), None, backend, {g.device for g in flat},
-                                {g.dtype for g in flat}, set(), (("grads", flat),))  # fmt: skip
+                torch._foreach_mul_(strided, coef_there)
+            _run_unscale(launches)
     return total

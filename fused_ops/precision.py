@@ -426,8 +426,18 @@ class DynamicLossScaler:
         out_keys = _grad_keys(out) if isinstance(out, list) else _Spans()
         self._refuse_own_state("unscale_", (("grads", grads, keys), ("out", out, out_keys)))
         self._refuse_unscaled("unscale_", grads, keys)
-        with torch.no_grad():  # (grads of a create_graph backward require grad: unscaled in place, as torch's)
-            functional.unscale_(grads, self.inv_scale, self._found_inf, out=out, backend=self.backend)
+        done: list[int] = []
+        try:
+            with torch.no_grad():  # (grads of a create_graph backward require grad: unscaled in place, as torch's)
+                functional._unscale(grads, self.inv_scale, self._found_inf, out, self.backend, done)
+        except BaseException:
+            # (every group's launch is prepared before the first runs, so an error leaves the grads as they were,
+            # unless a launch itself failed after an earlier group was written: those grads are recorded, and a
+            # retry is refused rather than dividing them twice)
+            if done:
+                written = grads if out is None else out
+                self._unscaled |= _grad_keys([written[i] for i in done])
+            raise
         self._unscaled |= keys if out is None else out_keys
         return self._found_inf
 
@@ -540,10 +550,13 @@ class DynamicLossScaler:
         if found_inf is not None:
             functional._scalar_tensor("DynamicLossScaler.update", "found_inf", found_inf)
         flag = self._found_inf if found_inf is None else found_inf
+        # Every new value is computed out of place first, and so is what the lazy check reads (the snapshot of the
+        # new counters, its host copy): an error there (out of memory) leaves the scaler as it was, and a retry
+        # moves every counter once. The commit below only copies into the scaler's own tensors (no allocation).
         f = (flag.reshape(1).to(self.device) != 0).reshape(1)  # (any non-zero, nan included: as the steps read it)
         ok = ~f
         scale = self._scale
-        self._min_scale_overflows.add_((f & (scale <= self.min_scale)).long())
+        min_overflows = self._min_scale_overflows + (f & (scale <= self.min_scale)).long()
         hyst = torch.where(f, self._hysteresis_tracker - 1, self._hysteresis_tracker).clamp_min_(0)
         back_off = f & (hyst <= 0)
         growth = torch.where(f, torch.zeros_like(self._growth_tracker), self._growth_tracker + 1)
@@ -556,19 +569,29 @@ class DynamicLossScaler:
         backed_off = (scale.double() * self.backoff_factor).float().clamp_min(self.min_scale)
         new_scale = torch.where(back_off, backed_off, torch.where(grow & torch.isfinite(grown), grown, scale))
         reset = (grow | ok) if self.consecutive_hysteresis else grow
-        self._hysteresis_tracker.copy_(torch.where(reset, torch.full_like(hyst, self.hysteresis), hyst))
-        self._growth_tracker.copy_(torch.where(grow, torch.zeros_like(growth), growth))
-        self._scale.copy_(new_scale)
-        self._skipped.add_(f.long())
-        self._consecutive.copy_(torch.where(f, self._consecutive + 1, torch.zeros_like(self._consecutive)))
-        self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
-        self._unscaled = _Spans()
-        self._n_updates += 1
+        new_hyst = torch.where(reset, torch.full_like(hyst, self.hysteresis), hyst)
+        new_growth = torch.where(grow, torch.zeros_like(growth), growth)
+        skipped = self._skipped + f.long()
+        consecutive = torch.where(f, self._consecutive + 1, torch.zeros_like(self._consecutive))
+        n_updates = self._n_updates + 1
+        poll = None
         if self.check_interval is not None and self.warn_after is not None:
             # (not while a CUDA graph is captured: the check pins memory and queries an event; the next eager
             # update checks)
-            if self._n_updates % self.check_interval == 0 and not _capturing(self.device):
-                self._poll()
+            if n_updates % self.check_interval == 0 and not _capturing(self.device):
+                poll = self._prepare_poll(skipped, consecutive, min_overflows, new_scale)
+        # -- commit: nothing below allocates or can fail on checked state
+        self._min_scale_overflows.copy_(min_overflows)
+        self._hysteresis_tracker.copy_(new_hyst)
+        self._growth_tracker.copy_(new_growth)
+        self._scale.copy_(new_scale)
+        self._skipped.copy_(skipped)
+        self._consecutive.copy_(consecutive)
+        self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
+        self._unscaled = _Spans()
+        self._n_updates = n_updates
+        if poll is not None:
+            self._finish_poll(*poll)
 
     # -- skip accounting ----------------------------------------------------------------------------------------
 
@@ -578,23 +601,34 @@ class DynamicLossScaler:
             self._scale.double(),
         ])  # fmt: skip
 
-    def _poll(self) -> None:
-        """Inspect the last asynchronous snapshot if it has landed, then take a new one (never blocks)."""
+    def _prepare_poll(self, skipped: Tensor, consecutive: Tensor, min_overflows: Tensor, scale: Tensor) -> tuple:
+        """The lazy check, every ``check_interval`` updates: inspect the last asynchronous snapshot if it has landed,
+        then take one of the counters given (:meth:`update`'s new values, before they are committed; never blocks).
+        Everything that can fail (allocations, a warning turned into an error) is done here, before the commit:
+        returns ``(done, pending)`` for :meth:`_finish_poll`, which only stores them. ``done``: the landed snapshot was
+        inspected (or none was pending); ``pending``: the new snapshot in flight, or None (inspected at once, on a
+        host device, or not taken: the last one is still in flight)."""
         if self._pending is not None:
             host, event = self._pending
             if event is not None and not event.query():
-                return  # still in flight: look again at the next check
-            self._check(host)
-            self._pending = None
-        snapshot = self._snapshot()
+                return False, None  # still in flight: look again at the next check
+        snapshot = torch.cat([skipped.double(), consecutive.double(), min_overflows.double(), scale.double()])
+        pending = None
         if snapshot.is_cuda:
             host = torch.empty(snapshot.shape, dtype=snapshot.dtype, pin_memory=True)
             host.copy_(snapshot, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(snapshot.device))  # (the copy's stream, not the current device's)
-            self._pending = (host, event)
-        else:
+            pending = (host, event)
+        if self._pending is not None:
+            self._check(self._pending[0])
+        if pending is None:
             self._check(snapshot)
+        return True, pending
+
+    def _finish_poll(self, done: bool, pending: tuple | None) -> None:
+        if done:
+            self._pending = pending
 
     def _check(self, host: Tensor, stacklevel: int = 4) -> None:
         skipped, consecutive, min_overflows, scale = host.tolist()
