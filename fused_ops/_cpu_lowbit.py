@@ -17,7 +17,9 @@ scalars, so each element sees the same fp32 operations as in the oracle:
 - the random bits are Philox4x32-10 with the oracle's counters (element index within the tensor, tensor index,
   step), computed on the whole chunk (:func:`philox`, the same function as ``_ref_lowbit.philox`` with fewer
   passes), and bf16 stochastic rounding adds their low 16 bits in int32 (:func:`_round_bf16`);
-- results go back with one ``torch._foreach_copy_`` per output (the same roundings as the oracle's ``copy_``).
+- results go back with one ``torch._foreach_copy_`` per output (the same roundings as the oracle's ``copy_``), once
+  every chunk is computed: the whole step is computed out of place first (every allocation), then stored by copies
+  into the existing tensors, the step counts last, so an error (out of memory) leaves every tensor as it was.
 
 NaNs keep their places but not necessarily their payloads (torch's vectorised and scalar fp32 -> bf16 casts write
 different NaN bit patterns, so the position of an element inside a buffer can change its NaN's bits).
@@ -32,6 +34,7 @@ import torch
 
 from . import _ref_lowbit as ref
 from ._ref_lowbit import QUANT_BLOCK, n_scales
+from .reference import _next_steps, _noop, _store_steps
 
 Tensor = torch.Tensor
 
@@ -172,20 +175,16 @@ def _scalar(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
-def _bump_steps(state_steps: Sequence[Tensor]) -> list[float]:
-    """Add 1 to every step count and return the new counts (the oracle's ``add_(1)`` then ``item()`` per tensor);
-    one foreach op and one read unless a count is shared or the counts differ in layout."""
-    s0 = state_steps[0]
-    if (len({s.data_ptr() for s in state_steps}) == len(state_steps)
-            and all(s.shape == s0.shape and s.numel() == 1 and s.dtype == s0.dtype and s.device == s0.device
-                    for s in state_steps)):  # fmt: skip
-        torch._foreach_add_(list(state_steps), torch.ones((), dtype=s0.dtype, device=s0.device))  # add_(1)
-        return [float(x) for x in torch.stack(list(state_steps)).reshape(-1).tolist()]
-    steps = []
-    for s in state_steps:
-        s.add_(1)
-        steps.append(_scalar(s))
-    return steps
+def _bump_steps(state_steps: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tensor]], list[float]]:
+    """The counts after adding 1 to every step count (the oracle's ``add_(1)`` then ``item()`` per tensor), computed
+    out of place: ``(writes, counts)``, ``writes`` the copies that store them (see ``reference._next_steps``); one
+    foreach op and one read unless a count is shared or the counts differ in layout."""
+    writes, new = _next_steps(state_steps, chained=True)
+    s0 = new[0]
+    if len(writes) == len(new) and all(s.shape == s0.shape and s.numel() == 1 and s.dtype == s0.dtype
+                                       and s.device == s0.device for s in new):  # fmt: skip
+        return writes, [float(x) for x in torch.stack(new).reshape(-1).tolist()]
+    return writes, [_scalar(s) for s in new]
 
 
 def _chunks(order: list[int], numels: list[int], splittable: list[bool]) -> list[list[tuple[int, int, int, bool]]]:
@@ -232,22 +231,67 @@ def adam_lowbit_cpu_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
-) -> None:
+    defer: bool = False,
+):
     """:func:`fused_ops._ref_lowbit.adam_lowbit_` (the same contract and, for ``compute_dtype=torch.float32``, the
     same bits but for NaN payloads), over all tensors at once; see the module docstring. Another
-    ``compute_dtype``, or a tensor off the CPU, runs the oracle."""
+    ``compute_dtype``, or a tensor off the CPU, runs the oracle. With ``defer``, only the first phase runs (see
+    :func:`adam_lowbit_cpu_prepare`): the function that stores the step is returned."""
+    store = adam_lowbit_cpu_prepare(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales=exp_avg_scales,
+        exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params, kahan_comps=kahan_comps, state=state,
+        param_sr=param_sr, seed=seed, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        maximize=maximize, decoupled=decoupled, grad_scale=grad_scale, found_inf=found_inf,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
+    if defer:
+        return store
+    store()
+    return None
+
+
+@torch.no_grad()
+def adam_lowbit_cpu_prepare(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    exp_avg_scales: Sequence[Tensor] = (),
+    exp_avg_sq_scales: Sequence[Tensor] = (),
+    master_params: Sequence[Tensor] = (),
+    kahan_comps: Sequence[Tensor] = (),
+    state: str = "int8",
+    param_sr: bool = False,
+    seed: int = 0,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    decoupled: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """:func:`adam_lowbit_cpu_` in two phases: every chunk computed here (all the allocations; nothing the step
+    writes is changed), returned with the function that stores the results (copies into the existing tensors, the
+    step counts last). (The oracle's path, another ``compute_dtype`` or a tensor off the CPU, runs whole in that
+    function.)"""
     kw = dict(exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales, master_params=master_params,
               kahan_comps=kahan_comps, state=state, param_sr=param_sr, seed=seed, lr=lr, beta1=beta1, beta2=beta2,
               eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
               found_inf=found_inf)  # fmt: skip
     if compute_dtype != torch.float32 or any(p.device.type != "cpu" for p in params):
-        ref.adam_lowbit_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kw, compute_dtype=compute_dtype)
-        return
+        return lambda: ref.adam_lowbit_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kw,
+                                        compute_dtype=compute_dtype)  # fmt: skip
     if len(params) == 0 or (found_inf is not None and _scalar(found_inf) != 0):
-        return
+        return _noop
     kw["lr"] = _scalar(lr)
     kw["grad_scale"] = None if grad_scale is None else _scalar(grad_scale)
-    steps = _bump_steps(state_steps)
+    step_writes, steps = _bump_steps(state_steps)
 
     roles = [params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, master_params, kahan_comps]
     numels = [p.numel() for p in params]
@@ -255,9 +299,17 @@ def adam_lowbit_cpu_(
     groups: dict[tuple[float, torch.dtype], list[int]] = {}
     for t, p in enumerate(params):
         groups.setdefault((steps[t], p.dtype), []).append(t)
+    writes: list[tuple[list[Tensor], Tensor]] = []
     for (step, pdtype), order in groups.items():
         for segs in _chunks(order, numels, splittable):
-            _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, **kw)
+            writes += _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, **kw)
+
+    def commit() -> None:
+        for dsts, flat in writes:
+            _write(dsts, flat)
+        _store_steps(step_writes)
+
+    return commit
 
 
 def _pick(xs: Sequence[Tensor], segs: list, scales: bool = False) -> list[Tensor]:
@@ -285,8 +337,9 @@ def _write(dsts: list[Tensor], flat: Tensor) -> None:
 
 def _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, *, exp_avg_scales, exp_avg_sq_scales,
                 master_params, kahan_comps, state, param_sr, seed, lr, beta1, beta2, eps, weight_decay, maximize,
-                decoupled, grad_scale, found_inf) -> None:  # fmt: skip
-    """The oracle's step body on one chunk (tensors of one step count and param dtype)."""
+                decoupled, grad_scale, found_inf) -> list[tuple[list[Tensor], Tensor]]:  # fmt: skip
+    """The oracle's step body on one chunk (tensors of one step count and param dtype), out of place: returns the
+    ``(destinations, flat values)`` pairs to store with :func:`_write` (nothing is written here)."""
     del found_inf
     sizes = [b - a for _, a, b, _ in segs]
     n = sum(sizes)
@@ -361,33 +414,37 @@ def _chunk_step(segs, step, pdtype, params, grads, exp_avgs, exp_avg_sqs, *, exp
         bits = _random_bits(seed, elem, tid, counter, which, any(b > _U32 for _, _, b, _ in segs))
         del elem, tid
 
+    writes = []
     if int8:
         for x, signed, codes_l, scales_l in ((m, True, exp_avgs, exp_avg_scales),
                                              (v, False, exp_avg_sqs, exp_avg_sq_scales)):  # fmt: skip
             padded = torch.zeros(blocks * QUANT_BLOCK, dtype=torch.float32)
             padded.index_copy_(0, pad_pos, x)
             c, s = quantize_padded(padded, signed)
-            _write(_pick(codes_l, segs), c.index_select(0, pad_pos))
-            _write(_pick(scales_l, segs, True), s)
+            del padded
+            writes.append((_pick(codes_l, segs), c.index_select(0, pad_pos)))
+            writes.append((_pick(scales_l, segs, True), s))
+            del c
     elif state == "bf16":
-        _write(_pick(exp_avgs, segs), _round_bf16(m, bits[1]))
-        _write(_pick(exp_avg_sqs, segs), _round_bf16(v, bits[2]))
+        writes.append((_pick(exp_avgs, segs), _round_bf16(m, bits[1])))
+        writes.append((_pick(exp_avg_sqs, segs), _round_bf16(v, bits[2])))
     else:
-        _write(_pick(exp_avgs, segs), m)
-        _write(_pick(exp_avg_sqs, segs), v)
+        writes.append((_pick(exp_avgs, segs), m))
+        writes.append((_pick(exp_avg_sqs, segs), v))
     del m, v
 
     ps = _pick(params, segs)
     if master_params:
-        _write(_pick(master_params, segs), pc)
-        _write(ps, pc)
+        writes.append((_pick(master_params, segs), pc))
+        writes.append((ps, pc))
     elif kahan_comps:
         y = pc + _flat(_pick(kahan_comps, segs)).to(torch.float32)
         new_p = y.to(pdtype)
         y -= new_p.to(torch.float32)
-        _write(_pick(kahan_comps, segs), y)
-        _write(ps, new_p)
+        writes.append((_pick(kahan_comps, segs), y))
+        writes.append((ps, new_p))
     elif param_sr:
-        _write(ps, _round(pc, pdtype, bits[0]))
+        writes.append((ps, _round(pc, pdtype, bits[0])))
     else:
-        _write(ps, pc)
+        writes.append((ps, pc))
+    return writes

@@ -51,14 +51,84 @@ def adam_(
     This reads ``found_inf``, ``lr`` and step counts on the host: cheap on CPU; on a GPU it syncs, which is
     why the GPU path is the Triton kernel.
     """
+    _adam_prepare(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, step=step,
+        grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+    )()  # fmt: skip
+
+
+def _noop() -> None:
+    pass
+
+
+def _next_steps(
+    state_steps: Sequence[Tensor], chained: bool = False
+) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
+    """The step counts after ``add_(1)`` of each, computed out of place: ``(writes, new)`` where ``new[i]`` is count
+    ``i``'s new value (a new tensor) and ``writes`` the ``(count, value)`` copies that store them (one per memory: a
+    count listed twice is added to twice, as in-place adds would). ``new[i]`` of a count listed more than once: its
+    value after every add (as read after a multi-tensor ``add_``), or with ``chained`` after its own (as read right
+    after each ``add_``). Nothing is changed here."""
+    ptrs = [s.data_ptr() for s in state_steps]
+    if len(set(ptrs)) == len(ptrs):
+        s0 = state_steps[0]
+        if all(s.shape == s0.shape and s.dtype == s0.dtype and s.device == s0.device for s in state_steps):
+            new = list(torch._foreach_add(list(state_steps), 1))
+        else:
+            new = [s + 1 for s in state_steps]
+        return list(zip(state_steps, new)), new
+    latest: dict[int, tuple[Tensor, Tensor]] = {}
+    new = []
+    for s, ptr in zip(state_steps, ptrs):
+        base = latest[ptr][1] if ptr in latest else s
+        value = base + 1
+        new.append(value)
+        latest[ptr] = (latest[ptr][0] if ptr in latest else s, value)
+    if not chained:
+        new = [latest[ptr][1] for ptr in ptrs]
+    return list(latest.values()), new
+
+
+def _store_steps(writes: list[tuple[Tensor, Tensor]]) -> None:
+    """Copy the new step counts of :func:`_next_steps` in (no allocation)."""
+    if writes:
+        torch._foreach_copy_([d for d, _ in writes], [v for _, v in writes])
+
+
+def _adam_prepare(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    step: float | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
+):
+    """:func:`adam_` in two phases: every new value computed out of place here (all the allocations; nothing the
+    step writes is changed), returned with the function that stores them (copies into the existing tensors, the step
+    counts last). An error here leaves every tensor as it was."""
     if len(params) == 0:
-        return
+        return _noop
     if found_inf is not None and _scalar(found_inf) != 0:
-        return
+        return _noop
     lr = _scalar(lr)
+    step_writes: list[tuple[Tensor, Tensor]] = []
     if state_steps:
-        torch._foreach_add_(list(state_steps), 1)
-        steps = [_scalar(s) for s in state_steps]
+        step_writes, new_steps = _next_steps(state_steps)
+        steps = [_scalar(s) for s in new_steps]
     else:
         steps = [float(step)] * len(params)
 
@@ -74,23 +144,35 @@ def adam_(
         g = torch._foreach_neg(g)
     if weight_decay != 0:
         if decoupled:
-            torch._foreach_mul_(params_c, 1 - lr * weight_decay)
+            params_c = torch._foreach_mul(params_c, 1 - lr * weight_decay)
         else:
             g = torch._foreach_add(g, params_c, alpha=weight_decay)
-    torch._foreach_lerp_(list(exp_avgs), g, 1 - beta1)
-    torch._foreach_mul_(list(exp_avg_sqs), beta2)
-    torch._foreach_addcmul_(list(exp_avg_sqs), g, g, 1 - beta2)
+    ms = torch._foreach_lerp(list(exp_avgs), g, 1 - beta1)
+    vs = torch._foreach_mul(list(exp_avg_sqs), beta2)
+    torch._foreach_addcmul_(vs, g, g, 1 - beta2)
+    maxs = []
     if amsgrad:
-        torch._foreach_maximum_(list(max_exp_avg_sqs), exp_avg_sqs)
-        denom = torch._foreach_sqrt(max_exp_avg_sqs)
+        maxs = torch._foreach_maximum(list(max_exp_avg_sqs), vs)
+        denom = torch._foreach_sqrt(maxs)
     else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
+        denom = torch._foreach_sqrt(vs)
     torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in steps])
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params_c, exp_avgs, denom, [-lr / (1 - beta1**s) for s in steps])
-    for p, pc in zip(params, params_c):
-        if p is not pc:
-            p.copy_(pc)
+    new_params = torch._foreach_addcdiv(params_c, ms, denom, [-lr / (1 - beta1**s) for s in steps])
+    del denom, g
+
+    def commit() -> None:
+        torch._foreach_copy_(list(exp_avgs), ms)
+        torch._foreach_copy_(list(exp_avg_sqs), vs)
+        if amsgrad:
+            torch._foreach_copy_(list(max_exp_avg_sqs), maxs)
+        if master_params:
+            torch._foreach_copy_(list(master_params), new_params)
+        for p, pc in zip(params, new_params):
+            p.copy_(pc)  # (rounded to nearest even)
+        _store_steps(step_writes)
+
+    return commit
 
 
 def _adam_cpu_(
@@ -125,20 +207,51 @@ def _adam_cpu_(
     param at every tensor's address): its callers (the ``fused_ops::adam_`` op, the eager optimizer step,
     ``functional.adam_``) check every tensor first.
     """
+    _adam_cpu_prepare(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, step=step,
+        grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+    )()  # fmt: skip
+
+
+def _adam_cpu_prepare(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    step: float | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
+):
+    """:func:`_adam_cpu_` in two phases (see :func:`_adam_prepare`): every allocation here (new step counts, divided
+    grads, the fp32 scratch buffers of the batches), nothing written; the returned function runs torch's fused kernel
+    in place, batch by batch, on the params, moments and scratch buffers (copies into existing memory), then stores
+    the step counts. An error here leaves every tensor as it was."""
     if len(params) == 0:
-        return
+        return _noop
     if params[0].device.type != "cpu" or exp_avgs[0].dtype != torch.float32:
-        adam_(
+        return _adam_prepare(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             decoupled=decoupled, step=step, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
         )  # fmt: skip
-        return
     if found_inf is not None and _scalar(found_inf) != 0:
-        return
+        return _noop
+    step_writes: list[tuple[Tensor, Tensor]] = []
     if state_steps:
-        torch._foreach_add_(list(state_steps), 1)
-        steps = list(state_steps)
+        step_writes, steps = _next_steps(state_steps)  # (the kernel reads the new counts; stored last)
     else:
         steps = [torch.tensor(float(step))] * len(params)
     fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -146,28 +259,56 @@ def _adam_cpu_(
                  maximize=maximize)  # fmt: skip
     scale = None if grad_scale is None else _scalar(grad_scale)
     lowp = params[0].dtype != torch.float32
+    fp32_grads = grads[0].dtype == torch.float32
     # fp32 copies (of bf16/fp16 params without masters, of low-precision grads) are made a cache-sized batch
-    # at a time: they are still in cache when the fused kernel reads them, and are never all alive at once.
-    batch_elems = 1 << 18 if lowp or grads[0].dtype != torch.float32 else None
-    for lo, hi in _batches([p.numel() for p in params], batch_elems):
-        ps = list(params[lo:hi])
-        if master_params:
-            work = list(master_params[lo:hi])
-        elif lowp:
-            work = [p.float() for p in ps]
-        else:
-            work = ps
-        # Grads are divided here, not by torch's kernel, which would write unscaled grads into the caller's.
-        if grads[0].dtype == torch.float32:
-            g = list(grads[lo:hi]) if scale is None else torch._foreach_div(list(grads[lo:hi]), scale)
-        else:
-            g = [x.float() for x in grads[lo:hi]]
-            if scale is not None:
-                torch._foreach_div_(g, scale)
-        maxvs = list(max_exp_avg_sqs[lo:hi]) if amsgrad else []
-        fused(work, g, list(exp_avgs[lo:hi]), list(exp_avg_sqs[lo:hi]), maxvs, steps[lo:hi], **hyper)
-        if work[0] is not ps[0]:
-            torch._foreach_copy_(ps, work)
+    # at a time, in scratch buffers allocated here for the largest batch: they are still in cache when the fused
+    # kernel reads them, and are never all alive at once.
+    batch_elems = 1 << 18 if lowp or not fp32_grads else None
+    numels = [p.numel() for p in params]
+    batches = list(_batches(numels, batch_elems))
+    largest = max(sum(numels[lo:hi]) for lo, hi in batches)
+    param_buf = torch.empty(largest, dtype=torch.float32) if lowp and not master_params else None
+    # Grads are divided here, not by torch's kernel, which would write unscaled grads into the caller's.
+    divided = None
+    grad_buf = None
+    if fp32_grads and scale is not None and len(batches) == 1:
+        divided = torch._foreach_div(list(grads), scale)
+    elif not fp32_grads or scale is not None:
+        grad_buf = torch.empty(largest, dtype=torch.float32)
+
+    def views(buf: Tensor, ts: list[Tensor]) -> list[Tensor]:
+        out, off = [], 0
+        for t in ts:
+            out.append(buf.narrow(0, off, t.numel()).view(t.shape))
+            off += t.numel()
+        return out
+
+    def commit() -> None:
+        for lo, hi in batches:
+            ps = list(params[lo:hi])
+            if master_params:
+                work = list(master_params[lo:hi])
+            elif param_buf is not None:
+                work = views(param_buf, ps)
+                torch._foreach_copy_(work, ps)  # (p.float(): exact)
+            else:
+                work = ps
+            if divided is not None:
+                g = divided
+            elif grad_buf is not None:
+                g = views(grad_buf, list(grads[lo:hi]))
+                torch._foreach_copy_(g, list(grads[lo:hi]))
+                if scale is not None:
+                    torch._foreach_div_(g, scale)
+            else:
+                g = list(grads[lo:hi])
+            maxvs = list(max_exp_avg_sqs[lo:hi]) if amsgrad else []
+            fused(work, g, list(exp_avgs[lo:hi]), list(exp_avg_sqs[lo:hi]), maxvs, steps[lo:hi], **hyper)
+            if work[0] is not ps[0]:
+                torch._foreach_copy_(ps, work)
+        _store_steps(step_writes)
+
+    return commit
 
 
 def _batches(numels: Sequence[int], limit: int | None):

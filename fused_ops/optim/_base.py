@@ -25,6 +25,7 @@ import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -356,6 +357,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
         raise NotImplementedError
 
+    def _prepare_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                           grad_scale: Tensor | None, found_inf: Tensor | None) -> Callable[[], None]:  # fmt: skip
+        """The reference (CPU) path of a part in two phases: what it allocates (its new values, computed out of place)
+        done here, nothing written; returns the call that writes them (copies into the existing tensors) and bumps
+        the params' versions. By default the whole ``_run_reference`` is the call."""
+        return partial(self._run_reference, part, grads, group, lr, values, grad_scale, found_inf)
+
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """The step under ``torch.compile``: the calls :meth:`_traced_calls` prepares, handed to a module-level
         function that Dynamo traces (its graph holds one custom op per part)."""
@@ -386,14 +394,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_no_shared_memory(self._step_scalars(*read))
             if self._skipped_on_host(groups, found_inf):
                 return [], []
-            calls = []
-            for gi, group in enumerate(self.param_groups):
-                calls += self._traced_group_calls(gi, group)
+            undo = self._state_undo = []
+            version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
+            try:
+                calls = []
+                for gi, group in enumerate(self.param_groups):
+                    calls += self._traced_group_calls(gi, group)
+            except BaseException:
+                self._undo_states(undo, version)  # (e.g. out of memory creating states: no state half made)
+                self._abort_step()
+                raise
             staged = self._staged
         finally:
             for p, g in swapped:
                 p.grad = g
             self.__dict__.pop("_staged", None)
+            self.__dict__.pop("_state_undo", None)
         return calls, staged
 
     def _check_all_groups(self) -> list[tuple[int, dict[str, Any], tuple, list[Tensor]]]:
@@ -728,31 +744,67 @@ class FusedOptimizer(torch.optim.Optimizer):
         return _zeros_like(p, torch.float32)
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
-        state = self.state[p]
+        """``p``'s state, completed for ``group``: every new tensor is made first, then installed at once (an error,
+        e.g. out of memory, leaves the state as it was: no half-made state). Inside a step, what is changed is
+        logged (``_state_undo``) so that the step can put it back when a later allocation fails."""
+        state = self.state.get(p)
+        old = state if state is not None else {}
+        new: dict[str, Any] = {}
+        drop = []
         if self._has_step:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            step = state["step"]
-            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
-                    and step.dim() == 0):  # fmt: skip
-                state["step"] = self._as_step(step, p)
+            if "step" not in old:
+                new["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            else:
+                step = old["step"]
+                if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                        and step.dim() == 0):  # fmt: skip
+                    new["step"] = self._as_step(step, p)
         for key in self._state_keys(group):
-            if (key not in state or self._absent(state, key)) and self._wants_state(group, key, p):
-                state[key] = self._new_state_tensor(group, key, p)
+            if (key not in old or self._absent(old, key)) and self._wants_state(group, key, p):
+                new[key] = self._new_state_tensor(group, key, p)
         for key in self._transient_state_keys:
-            if key in state and not self._keeps(group, key, p):
+            if key in old and not self._keeps(group, key, p):
                 # Turned off for this group: dropped (as masters below), so turning it on again starts afresh
                 # instead of carrying what it held before.
-                del state[key]
+                drop.append(key)
         if self._uses_master(group, p):
-            if MASTER_KEY not in state:
+            if MASTER_KEY not in old:
                 # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
-                state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        elif MASTER_KEY in state:
+                new[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        elif MASTER_KEY in old:
             # Masters turned off for this group: the param is updated as it is and is the truth from now on; a master
             # kept would be stale, and would rewind the param if masters were turned on again.
-            del state[MASTER_KEY]
+            drop.append(MASTER_KEY)
+        # Every tensor exists: install (nothing below allocates a tensor).
+        undo = self.__dict__.get("_state_undo")
+        if undo is not None and (state is None or new or drop):
+            undo.append((p, None if state is None else dict(state)))
+        if state is None:
+            state = self.state[p]
+        if new:
+            state.update(new)
+        for key in drop:
+            del state[key]
         return state
+
+    def _undo_states(self, undo: list[tuple[Tensor, dict | None]], version: int | None) -> None:
+        """Put back the param states that :meth:`_init_state` changed (logged in ``undo``) as they were: a param
+        that had none has none again, a state dict holds what it held (the same dict and tensors); and the state's
+        version counter, so that the plans built before still fit. Nothing here allocates a tensor."""
+        for p, old in reversed(undo):
+            if old is None:
+                dict.pop(self.state, p, None)
+            else:
+                st = self.state.get(p)
+                if st is not None:
+                    dict.clear(st)
+                    dict.update(st, old)
+        if version is not None and isinstance(self.state, _OptimizerState):
+            self.state._version.n = version
+
+    def _abort_step(self) -> None:
+        """Called when a step fails before it changed anything (its new states were put back): e.g. to forget the
+        step's new buffers."""
 
     def _tensor_state_keys(self) -> set[str]:
         """Every state key that holds a param-shaped tensor (loaded as fp32 copies shaped like the param)."""
@@ -1069,23 +1121,44 @@ class FusedOptimizer(torch.optim.Optimizer):
         elif scalars and _inside_written(self._plans.values(), [t for _, t in scalars]):
             self._check_no_shared_memory(scalars)  # (names the pair; a hit across devices is no sharing: passes)
 
-        runs = []
-        for gi, group, values, params_or_plan, current in work:
-            if current is None:
-                params = params_or_plan
-                if not params:
-                    self._plans.pop(gi, None)
-                    continue
-                plan = _GroupPlan(self, group, params, [self._init_state(group, p) for p in params], self.state)
-                self._plans[gi] = plan
-                current, plan.first_grads = plan.first_grads, None  # (the plan must not keep old grads alive)
-            else:
-                plan = params_or_plan
-            runs.append((plan, group, current, values))
+        # Then the step in two phases. First everything that allocates, for every group: new states, plans, and each
+        # part's prepared run (the reference path computes its new values out of place here). An error there (out of
+        # memory) puts back the states and plans as they were: nothing changed. Then the writes: the launches, and
+        # the reference path's copies into the existing tensors.
+        undo = self._state_undo = []
         version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
-        for plan, group, current, values in runs:
+        saved_plans = dict(self._plans)
+        try:
+            runs = []
+            for gi, group, values, params_or_plan, current in work:
+                if current is None:
+                    params = params_or_plan
+                    if not params:
+                        self._plans.pop(gi, None)
+                        continue
+                    plan = _GroupPlan(self, group, params, [self._init_state(group, p) for p in params], self.state)
+                    current, plan.first_grads = plan.first_grads, None  # (the plan must not keep old grads alive)
+                    self._plans[gi] = plan
+                else:
+                    plan = params_or_plan
+                runs.append((plan, group, current, values))
+            prepared = [(plan, plan.prepare(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf))
+                        for plan, group, current, values in runs]  # fmt: skip
+        except BaseException:
+            self._plans.clear()
+            self._plans.update(saved_plans)
+            self._undo_states(undo, version)
+            self._abort_step()
+            raise
+        finally:
+            self.__dict__.pop("_state_undo", None)
+        version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
+        for plan, _ in prepared:
             plan.state_version = version  # (after every plan's states exist: building one changes the state)
-            plan.run(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf)
+        for plan, calls in prepared:
+            for call in calls:
+                call()
+            plan.finish()
             self._after_run(plan)
 
     def _step_scalars(self, grad_scale: Any, found_inf: Any) -> list[tuple[str, Tensor]]:
@@ -1449,6 +1522,16 @@ class _GroupPlan:
     def run(self, opt: FusedOptimizer, group: dict[str, Any], grads: list[Tensor], values: tuple, *,
             grad_scale: Tensor | float | None, found_inf: Tensor | None) -> None:  # fmt: skip
         """One launch per part. ``values``: what the optimizer's ``_check_step_values`` returned for the group."""
+        for call in self.prepare(opt, group, grads, values, grad_scale=grad_scale, found_inf=found_inf):
+            call()
+        self.finish()
+
+    def prepare(self, opt: FusedOptimizer, group: dict[str, Any], grads: list[Tensor], values: tuple, *,
+                grad_scale: Tensor | float | None, found_inf: Tensor | None) -> list[Callable[[], None]]:  # fmt: skip
+        """What the step allocates for this group (each part's scalars on its device; the reference path's new
+        values, see :meth:`FusedOptimizer._prepare_reference`), nothing written: returns one call per part that
+        writes (a launch, or the reference path's copies), then :meth:`finish`."""
+        calls = []
         lr = group["lr"]
         if not isinstance(lr, Tensor):
             lr = float(lr)  # (checked a real number: numpy's float32 from a scheduler's lambda is one)
@@ -1463,12 +1546,28 @@ class _GroupPlan:
                 scale = None if grad_scale is None else grad_scale.to(device)
             inf = None if found_inf is None else found_inf.to(device)
             if part.launcher is not None:
-                opt._launch(part, group, part_lr, values, scale, inf)
-                _ops.bump_versions(part.params)
+                calls.append(partial(_launch_part, opt, part, group, part_lr, values, scale, inf))
             else:  # (bumps the params' versions itself)
                 g = grads if part.idx is None else [grads[i] for i in part.idx]
-                opt._run_reference(part, g, group, part_lr, values, scale, inf)
+                calls.append(opt._prepare_reference(part, g, group, part_lr, values, scale, inf))
+        return calls
+
+    def finish(self) -> None:
+        """After the parts' writes: the staged copies of params that are not contiguous copied back."""
         for p, copy in self.write_back:
             p.copy_(copy)
         if self.dtensor:
             _ops.bump_versions(self.params_wrapped)  # (the shards' versions moved above; the wrappers have their own)
+
+
+def _launch_part(opt: FusedOptimizer, part: _Part, group: dict[str, Any], lr: Any, values: tuple,
+                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
+    opt._launch(part, group, lr, values, grad_scale, found_inf)
+    _ops.bump_versions(part.params)
+
+
+def _stored(store: Callable[[], None], params: list[Tensor]) -> None:
+    """The write phase of a reference part (see :meth:`FusedOptimizer._prepare_reference`): its prepared values
+    stored, then the params' versions bumped (torch's fused CPU kernels bump none)."""
+    store()
+    _ops.bump_versions(params)

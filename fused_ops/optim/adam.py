@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from ._base import (
     _Part,
     _same_ranks,
     _spec,
+    _stored,
     _to_float,
     _write_back,
 )
@@ -436,6 +438,31 @@ class FusedAdam(FusedOptimizer):
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=group["maximize"],
             decoupled=group["decoupled_weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
+
+    def _prepare_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                           grad_scale: Tensor | None, found_inf: Tensor | None) -> Callable[[], None]:  # fmt: skip
+        """The reference path in two phases (see ``FusedOptimizer._prepare_reference``): the multi-tensor CPU steps'
+        ``*_prepare`` compute every new value here; the call returned stores them (step counts last)."""
+        from .. import _cpu_lowbit, reference
+
+        beta1, beta2, eps, weight_decay = values
+        r = part.roles
+        lowbit = self._lowbit(group, part)
+        if lowbit is not None:
+            store = _cpu_lowbit.adam_lowbit_cpu_(
+                part.params, grads, r["exp_avg"], r["exp_avg_sq"], part.steps, **lowbit, lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(group["maximize"]),
+                decoupled=bool(group["decoupled_weight_decay"]), grad_scale=grad_scale, found_inf=found_inf,
+                defer=True,
+            )  # fmt: skip
+        else:  # (what _ops.adam_eager runs for a backend other than "triton")
+            store = reference._adam_cpu_prepare(
+                part.params, grads, r["exp_avg"], r["exp_avg_sq"], r.get("max_exp_avg_sq", []), part.steps, lr=lr,
+                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=bool(group["amsgrad"]),
+                maximize=bool(group["maximize"]), decoupled=bool(group["decoupled_weight_decay"]), step=None,
+                grad_scale=grad_scale, found_inf=found_inf, master_params=part.masters,
+            )  # fmt: skip
+        return partial(_stored, store, part.params)
 
     def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip

@@ -8,7 +8,8 @@ weight decay 3-10x larger (the paper's advice), which the defaults follow (lr 1e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import lion_ as _reference_lion
+from .._ref_sgd_lion import lion_prepare as _reference_lion_prepare
 from .._validate import finite_fp32 as _finite_fp32
-from ._base import FusedOptimizer, _check_betas, _Part, _to_float, _write_back
+from ._base import FusedOptimizer, _check_betas, _Part, _stored, _to_float, _write_back
 from .sgd import _traced_scalars
 
 
@@ -114,6 +116,16 @@ class FusedLion(FusedOptimizer):
         beta1, beta2, weight_decay = values
         part.launcher._run(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=bool(group["maximize"]),
                       grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+
+    def _prepare_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                           grad_scale: Tensor | None, found_inf: Tensor | None) -> Callable[[], None]:  # fmt: skip
+        """The reference path in two phases (see ``FusedOptimizer._prepare_reference``)."""
+        beta1, beta2, weight_decay = values
+        store = _reference_lion_prepare(part.params, grads, part.roles["exp_avg"], lr=lr, beta1=beta1, beta2=beta2,
+                                        weight_decay=weight_decay, maximize=bool(group["maximize"]),
+                                        grad_scale=grad_scale, found_inf=found_inf,
+                                        master_params=part.masters)  # fmt: skip
+        return partial(_stored, store, part.params)
 
     def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip

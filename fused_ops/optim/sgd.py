@@ -18,7 +18,8 @@ buffers, as torch's (``GradScaler`` does not call torch's ``step()`` after an ov
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,8 +28,9 @@ from torch import Tensor
 from .. import _ops
 from .._backend import check_backend
 from .._ref_sgd_lion import sgd_cpu_ as _cpu_sgd
+from .._ref_sgd_lion import sgd_cpu_prepare as _cpu_sgd_prepare
 from .._validate import finite_fp32 as _finite_fp32
-from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _to_float, _write_back
+from ._base import FusedOptimizer, _GroupPlan, _local, _Part, _stored, _to_float, _write_back
 
 
 def _check_number(name: str, value: Any, message: str) -> float:
@@ -194,6 +196,19 @@ class FusedSGD(FusedOptimizer):
         part.launcher._run(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                       nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]), first_step=part.key[0],
                       grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+
+    def _abort_step(self) -> None:
+        self._new_buffers.clear()  # (the step's new buffers were dropped: their ids may name other tensors later)
+
+    def _prepare_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
+                           grad_scale: Tensor | None, found_inf: Tensor | None) -> Callable[[], None]:  # fmt: skip
+        """The reference path in two phases (see ``FusedOptimizer._prepare_reference``)."""
+        momentum, dampening, weight_decay = values
+        store = _cpu_sgd_prepare(part.params, grads, part.roles.get("momentum_buffer", []), lr=lr, momentum=momentum,
+                                 dampening=dampening, weight_decay=weight_decay, nesterov=bool(group["nesterov"]),
+                                 maximize=bool(group["maximize"]), first_step=part.key[0], grad_scale=grad_scale,
+                                 found_inf=found_inf, master_params=part.masters)  # fmt: skip
+        return partial(_stored, store, part.params)
 
     def _run_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:  # fmt: skip
