@@ -37,6 +37,12 @@ _STATE_SPANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _DEVICE, _NBYTES, _CONTIGUOUS = attrgetter("device"), attrgetter("nbytes"), Tensor.is_contiguous
+_STORAGE, _STORAGE_PTR, _STORAGE_NBYTES = (
+    Tensor.untyped_storage,
+    torch.UntypedStorage.data_ptr,
+    torch.UntypedStorage.nbytes,
+)
+_CALL = weakref.ref.__call__
 _ERRORS = (RuntimeError, TypeError, NotImplementedError)  # (a tensor without storage: it has no span, the op names it)
 
 
@@ -387,6 +393,7 @@ class DynamicLossScaler:
         self._warned_skipped = 0  # total skipped count at the last skip warning
         self._warned_min_scale = 0
         self._unscaled = _Spans()  # _grad_keys of the tensors unscale_ wrote since the last update
+        self._unscaled_storages: list = []  # their storages: (device, start, end, weakref or None), see _forget_freed
 
     # -- device tensors (reading them does not sync) ------------------------------------------------------------
 
@@ -436,10 +443,83 @@ class DynamicLossScaler:
             # retry is refused rather than dividing them twice)
             if done:
                 written = grads if out is None else out
-                self._unscaled |= _grad_keys([written[i] for i in done])
+                self._record_unscaled([written[i] for i in done], _grad_keys([written[i] for i in done]))
             raise
-        self._unscaled |= keys if out is None else out_keys
+        self._record_unscaled(grads if out is None else out, keys if out is None else out_keys)
         return self._found_inf
+
+    def _record_unscaled(self, tensors: list, keys: _Spans) -> None:
+        """Remember ``keys`` (what ``tensors`` hold) as unscaled until the next update, and the storages they are in
+        (one chunk of parallel lists per call: about 0.2 us a tensor)."""
+        if not keys:
+            return
+        self._forget_freed()
+        if not set(map(type, tensors)) <= _PLAIN_TYPES:
+            tensors = [getattr(x, "_local_tensor", x) for x in tensors]
+        try:
+            storages = list(map(_STORAGE, tensors))
+            starts = list(map(_STORAGE_PTR, storages))
+            ends = list(map(add, starts, map(_STORAGE_NBYTES, storages)))
+            devs = next(iter(keys._parts)) if len(keys._parts) == 1 else list(map(_DEVICE, storages))
+            chunk = (devs, starts, ends, list(map(weakref.ref, storages)))
+        except (*_ERRORS, AttributeError):  # (a tensor without storage has no span either: one at a time)
+            chunk = ([], [], [], [])
+            for x in tensors:
+                try:
+                    st = x.untyped_storage()
+                    item = (st.device, st.data_ptr(), st.data_ptr() + st.nbytes(), weakref.ref(st))
+                except (*_ERRORS, AttributeError):
+                    continue
+                for part, value in zip(chunk, item):
+                    part.append(value)
+        self._unscaled_storages.append(chunk)
+        self._unscaled |= keys
+
+    def _forget_freed(self) -> bool:
+        """Drop the spans of unscaled grads whose storage was freed since (``zero_grad(set_to_none=True)`` after one
+        optimizer's step, as torch's GradScaler docs do for several models): new grads may get that memory before
+        the next update, and are not the grads that were unscaled. Torch keeps a Python storage object alive as long
+        as its memory, so a dead weak reference means freed memory. Run whenever spans are added, so that the spans
+        kept all lie in storages alive together (which do not overlap): a freed one's range then holds no live
+        one's spans. Returns whether any were dropped."""
+        dead: dict = {}
+        kept = []
+        for devs, starts, ends, refs in self._unscaled_storages:
+            if refs is None or None not in map(_CALL, refs):
+                kept.append((devs, starts, ends, refs))
+                continue
+            alive = [r() is not None for r in refs]
+            if isinstance(devs, torch.device):  # (one device for the chunk)
+                devs = [devs] * len(refs)
+            for dev, start, end, live in zip(devs, starts, ends, alive):
+                if not live:
+                    dead.setdefault(dev, []).append((start, end))
+            kept.append(tuple(list(compress(part, alive)) for part in (devs, starts, ends, refs)))
+        if not dead:
+            return False
+        self._unscaled_storages = kept
+        parts: dict = {}
+        for dev, start, end, layout in self._unscaled:
+            if any(lo <= start < hi for lo, hi in dead.get(dev, ())):
+                continue
+            part = parts.setdefault(dev, ([], [], []))
+            part[0].append(start)
+            part[1].append(end)
+            part[2].append(layout)
+        self._unscaled = _Spans(parts)
+        return True
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles keep the unscaled spans, and their storages' ranges without the references (a copy's
+        grads are copies: its spans are then kept until its next update, as they were before storages were
+        tracked)."""
+        state = self.__dict__.copy()
+        state["_unscaled_storages"] = [(*chunk[:3], None) for chunk in self._unscaled_storages]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_unscaled_storages", [])
 
     def _state_tensors(self) -> list[tuple[str, Tensor]]:
         """Every tensor the scaler keeps, by name, but ``found_inf``: ``fused_ops.unscale_`` writes it, so it refuses
@@ -489,7 +569,7 @@ class DynamicLossScaler:
             return
         if keys is None:
             keys = _grad_keys(grads)
-        if not self._unscaled.isdisjoint(keys):
+        if not self._unscaled.isdisjoint(keys) and not (self._forget_freed() and self._unscaled.isdisjoint(keys)):
             raise RuntimeError(
                 f"DynamicLossScaler.{fn}: grads were already unscaled by unscale_() since the last update() (they "
                 "would be divided by the scale twice); unscale each grad once per step, and call update() after "
@@ -589,6 +669,7 @@ class DynamicLossScaler:
         self._consecutive.copy_(consecutive)
         self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
         self._unscaled = _Spans()
+        self._unscaled_storages = []
         self._n_updates = n_updates
         if poll is not None:
             self._finish_poll(*poll)

@@ -428,3 +428,39 @@ def test_spans_compare_with_spans_only():
     keys = _grad_keys([torch.ones(3)])
     with pytest.raises(TypeError, match="_Spans.isdisjoint takes another _Spans"):
         keys.isdisjoint(set(keys))
+
+
+# -- grads freed after their unscale_, and new grads at their memory (several models, one scaler) -----------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_grads_at_freed_unscaled_memory_are_not_refused(backend):
+    """torch's GradScaler docs step several models with one scaler: unscale_ D's grads, step D, free them
+    (``zero_grad(set_to_none=True)``), then G's backward allocates grads that may get D's memory. The scaler remembered
+    D's spans until update() and refused G's grads there as "already unscaled" (torch's GradScaler, which tracks per
+    optimizer, takes them). Spans whose storage was freed are forgotten now; grads still alive stay refused."""
+    s = _scaler(backend)
+    memory = [bytearray(64 * 4), bytearray(8 * 4)]  # (what an allocator hands out again: the same bytes each time)
+
+    def grads(*values):
+        return [torch.frombuffer(m, dtype=torch.float32).fill_(v) for m, v in zip(memory, values)]
+
+    d = grads(1024.0, 2048.0)
+    s.unscale_(d)
+    where = [x.data_ptr() for x in d]
+    del d  # (their storages are freed; the memory comes back to the next grads)
+    g = grads(4096.0, 1024.0)
+    assert [x.data_ptr() for x in g] == where
+    s.unscale_(g)
+    assert g[0].tolist() == [4.0] * 64 and g[1].tolist() == [1.0] * 8
+    with pytest.raises(RuntimeError, match="already unscaled by unscale_"):  # (alive: still refused)
+        s.unscale_([g[1]])
+    buf = torch.full((16,), 1024.0)
+    s.unscale_([buf[:8]])  # (a temporary view: its storage lives on in buf, so its span is kept)
+    with pytest.raises(RuntimeError, match="already unscaled by unscale_"):
+        s.unscale_([buf[4:12]])
+    twin = copy.deepcopy(s)  # (copies keep the spans, conservatively: their storages count as alive)
+    assert twin._unscaled and all(ref is None for *_, ref in twin._unscaled_storages)
+    pickle.loads(pickle.dumps(s))
+    s.update()
+    s.unscale_(g)

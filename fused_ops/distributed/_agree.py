@@ -356,7 +356,14 @@ class _AgreementMixin:
             scaler_found_inf = getattr(loss_scale, "found_inf", None)
             unscaled = getattr(loss_scale, "_unscaled", None)  # (DynamicLossScaler: what its unscale_ divided)
             grads = [p.grad for group in self.param_groups for p in group["params"]]
-            if isinstance(unscaled, _Spans) and unscaled and not unscaled.isdisjoint(_grad_keys(grads)):
+            keys = _grad_keys(grads) if isinstance(unscaled, _Spans) and unscaled else None
+            if (
+                keys is not None
+                and not unscaled.isdisjoint(keys)
+                and not (
+                    getattr(loss_scale, "_forget_freed", lambda: False)() and loss_scale._unscaled.isdisjoint(keys)
+                )
+            ):  # (the spans of grads freed since they were unscaled are forgotten first: see DynamicLossScaler)
                 raise RuntimeError(
                     "loss_scale: the loss scaler's unscale_() already divided grads of this optimizer's params by "
                     "the scale since its last update(); step(loss_scale=scaler) divides them itself (do not unscale "
