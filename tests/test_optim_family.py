@@ -527,3 +527,30 @@ def test_lion_takes_numpy_betas_set_between_steps(backend):
         results.append([p.detach().clone() for p in ps])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+def test_step_inside_autocast_is_the_plain_step(backend, autocast_dtype):
+    """The reference backend's low-bit/Kahan steps failed inside a ``torch.autocast`` region of the other 16-bit dtype
+    (``torch.cat`` of bf16 states through autocast's promotion); torch.optim steps there. The step runs with autocast
+    off: the same bits as outside it."""
+    configs = [
+        (torch.float32, dict(state_dtype="bfloat16", stochastic_rounding=False)),
+        (torch.bfloat16, dict(state_dtype="int8")),
+        (torch.float16, dict(state_dtype="bfloat16", stochastic_rounding=True)),
+        (torch.bfloat16, dict(kahan_summation=True)),
+    ]
+    for dtype, kw in configs:
+        results = []
+        for autocast in (False, True):
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(40).to(dtype)), torch.nn.Parameter(torch.randn(6, 5).to(dtype))]
+            opt = fused_ops.FusedAdamW(ps, lr=1e-2, backend=backend, **kw)
+            for _ in range(2):
+                for p in ps:
+                    p.grad = torch.randn_like(p)
+                with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+                    opt.step()
+            results.append([p.detach().clone() for p in ps])
+        assert all(torch.equal(a, b) for a, b in zip(*results)), (dtype, kw)
