@@ -34,7 +34,7 @@ import torch
 
 from . import _ref_lowbit as ref
 from ._ref_lowbit import QUANT_BLOCK, n_scales
-from .reference import _next_steps, _noop, _store_steps
+from .reference import _next_steps, _noop, _plus_one, _store_steps
 
 Tensor = torch.Tensor
 
@@ -180,6 +180,8 @@ def _bump_steps(state_steps: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tenso
     out of place: ``(writes, counts)``, ``writes`` the copies that store them (see ``reference._next_steps``); one
     foreach op and one read unless a count is shared or the counts differ in layout."""
     writes, new = _next_steps(state_steps, chained=True)
+    if new is None:  # (distinct counts)
+        return writes, _plus_one(state_steps)
     s0 = new[0]
     if len(writes) == len(new) and all(s.shape == s0.shape and s.numel() == 1 and s.dtype == s0.dtype
                                        and s.device == s0.device for s in new):  # fmt: skip

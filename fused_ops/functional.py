@@ -623,7 +623,9 @@ def cast_(
         ]  # fmt: skip
     named = (("dst", dst), ("src", src))
     backends = [_op_backend("cast_", backend, key[0], key[1:3], named=named) for key, _, _ in groups]
-    if len(groups) > 1:  # (every group's chunk table built before the first group writes: see _prepare_unscale)
+    if len(groups) > 1 and not torch.compiler.is_compiling():
+        # (every group's chunk table built before the first group writes, see _prepare_unscale; traced, the ops are
+        # opaque and build their own at run time)
         from .kernels._multi_tensor import build_chunk_table
 
         for (_, d_group, s_group), backend_name in zip(groups, backends, strict=True):
@@ -783,7 +785,8 @@ def _prepare_unscale(fn, grads, outs, inv_scale, found_inf, backend, devices, g_
             merge = (torch.empty(1, dtype=torch.bool, device=device),
                      torch.empty(found_inf.shape, dtype=torch.bool, device=found_inf.device),
                      torch.ones_like(found_inf), torch.empty_like(found_inf))  # fmt: skip
-        if backend_name == "triton" and g_group:  # (built into the cache the launch looks in: found there)
+        if backend_name == "triton" and g_group and not torch.compiler.is_compiling():
+            # (built into the cache the launch looks in: found there; traced, the op builds it at run time)
             from .kernels._multi_tensor import build_chunk_table
 
             build_chunk_table([g_group, o_group] if o_group else [g_group], _CHUNK_SIZE, _ops._table_cache())

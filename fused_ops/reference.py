@@ -69,15 +69,13 @@ def _next_steps(
     ``i``'s new value (a new tensor) and ``writes`` the ``(count, value)`` copies that store them (one per memory: a
     count listed twice is added to twice, as in-place adds would). ``new[i]`` of a count listed more than once: its
     value after every add (as read after a multi-tensor ``add_``), or with ``chained`` after its own (as read right
-    after each ``add_``). Nothing is changed here."""
+    after each ``add_``). Distinct counts (the usual case) give ``new`` None (read them with :func:`_plus_one`) and
+    writes that add to them in place. Nothing is changed here."""
     ptrs = [s.data_ptr() for s in state_steps]
     if len(set(ptrs)) == len(ptrs):
-        s0 = state_steps[0]
-        if all(s.shape == s0.shape and s.dtype == s0.dtype and s.device == s0.device for s in state_steps):
-            new = list(torch._foreach_add(list(state_steps), 1))
-        else:
-            new = [s + 1 for s in state_steps]
-        return list(zip(state_steps, new)), new
+        # (distinct counts, the usual case: no new tensors, 10^4 of them cost more than the step; stored by one
+        # in-place add, which allocates nothing. ``new`` is None: see _plus_one)
+        return _AddOne(list(state_steps)), None
     latest: dict[int, tuple[Tensor, Tensor]] = {}
     new = []
     for s, ptr in zip(state_steps, ptrs):
@@ -90,9 +88,26 @@ def _next_steps(
     return list(latest.values()), new
 
 
+class _AddOne(list):
+    """The writes of distinct step counts (:func:`_next_steps`): one in-place ``add_(1)`` each."""
+
+
+def _plus_one(state_steps: Sequence[Tensor]) -> list[float]:
+    """Each count's value after ``add_(1)``, read on the host (in the counts' dtype: float32 rounds as the in-place
+    add will), computed out of place: nothing is changed."""
+    values = [s.item() for s in state_steps]
+    dtypes = {s.dtype for s in state_steps}
+    if len(dtypes) == 1:
+        return torch.tensor(values, dtype=dtypes.pop()).add_(1).tolist()
+    return [_scalar(s + 1) for s in state_steps]
+
+
 def _store_steps(writes: list[tuple[Tensor, Tensor]]) -> None:
-    """Copy the new step counts of :func:`_next_steps` in (no allocation)."""
-    if writes:
+    """Store the new step counts of :func:`_next_steps` (no allocation)."""
+    if isinstance(writes, _AddOne):
+        if writes:
+            torch._foreach_add_(list(writes), 1)
+    elif writes:
         torch._foreach_copy_([d for d, _ in writes], [v for _, v in writes])
 
 
@@ -128,7 +143,7 @@ def _adam_prepare(
     step_writes: list[tuple[Tensor, Tensor]] = []
     if state_steps:
         step_writes, new_steps = _next_steps(state_steps)
-        steps = [_scalar(s) for s in new_steps]
+        steps = _plus_one(state_steps) if new_steps is None else [_scalar(s) for s in new_steps]
     else:
         steps = [float(step)] * len(params)
 
@@ -250,8 +265,11 @@ def _adam_cpu_prepare(
     if found_inf is not None and _scalar(found_inf) != 0:
         return _noop
     step_writes: list[tuple[Tensor, Tensor]] = []
+    add_first = False  # (distinct counts: added to in place right before the kernel, which reads them)
     if state_steps:
         step_writes, steps = _next_steps(state_steps)  # (the kernel reads the new counts; stored last)
+        if steps is None:
+            add_first, steps = True, list(state_steps)
     else:
         steps = [torch.tensor(float(step))] * len(params)
     fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -284,6 +302,8 @@ def _adam_cpu_prepare(
         return out
 
     def commit() -> None:
+        if add_first:
+            _store_steps(step_writes)
         for lo, hi in batches:
             ps = list(params[lo:hi])
             if master_params:
@@ -306,7 +326,8 @@ def _adam_cpu_prepare(
             fused(work, g, list(exp_avgs[lo:hi]), list(exp_avg_sqs[lo:hi]), maxvs, steps[lo:hi], **hyper)
             if work[0] is not ps[0]:
                 torch._foreach_copy_(ps, work)
-        _store_steps(step_writes)
+        if not add_first:
+            _store_steps(step_writes)
 
     return commit
 

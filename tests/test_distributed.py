@@ -877,3 +877,21 @@ def test_params_leaving_a_larger_storage_are_warned(one_rank_group):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ZeroAdamW(own, lr=LR, backend="reference")
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bf16"])
+def test_step_inside_autocast_is_the_plain_step(one_rank_group, state_dtype):
+    """ZeroAdamW's low-bit reference step failed inside a float16 ``torch.autocast`` region (``torch.cat`` of bf16
+    values through autocast's promotion), after the ranks agreed: it runs with autocast off now, as FusedAdamW's."""
+    results = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(300, dtype=torch.bfloat16)) for _ in range(3)]
+        opt = ZeroAdamW(ps, stage=2, lr=LR, backend="reference", state_dtype=state_dtype)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(300, dtype=torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+                opt.step()
+        results.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
