@@ -42,7 +42,7 @@ _STORAGE, _STORAGE_PTR, _STORAGE_NBYTES = (
     torch.UntypedStorage.data_ptr,
     torch.UntypedStorage.nbytes,
 )
-_CALL = weakref.ref.__call__
+_CALL, _RESIZABLE = weakref.ref.__call__, torch.UntypedStorage.resizable
 _ERRORS = (RuntimeError, TypeError, NotImplementedError)  # (a tensor without storage: it has no span, the op names it)
 
 
@@ -461,12 +461,18 @@ class DynamicLossScaler:
             starts = list(map(_STORAGE_PTR, storages))
             ends = list(map(add, starts, map(_STORAGE_NBYTES, storages)))
             devs = next(iter(keys._parts)) if len(keys._parts) == 1 else list(map(_DEVICE, storages))
+            own = list(map(_RESIZABLE, storages))
+            if not all(own):  # (see _forget_freed: memory torch does not own is never forgotten)
+                storages, starts, ends = (list(compress(xs, own)) for xs in (storages, starts, ends))
+                devs = devs if isinstance(devs, torch.device) else list(compress(devs, own))
             chunk = (devs, starts, ends, list(map(weakref.ref, storages)))
         except (*_ERRORS, AttributeError):  # (a tensor without storage has no span either: one at a time)
             chunk = ([], [], [], [])
             for x in tensors:
                 try:
                     st = x.untyped_storage()
+                    if not st.resizable():
+                        continue
                     item = (st.device, st.data_ptr(), st.data_ptr() + st.nbytes(), weakref.ref(st))
                 except (*_ERRORS, AttributeError):
                     continue
@@ -478,7 +484,9 @@ class DynamicLossScaler:
     def _forget_freed(self) -> bool:
         """Drop the spans of unscaled grads whose storage was freed since (``zero_grad(set_to_none=True)`` after one
         optimizer's step, as torch's GradScaler docs do for several models): new grads may get that memory before
-        the next update, and are not the grads that were unscaled. Torch keeps a Python storage object alive as long
+        the next update, and are not the grads that were unscaled. Only storages torch allocated (resizable ones)
+        are tracked: one wrapping memory it does not own (``torch.from_numpy``, ``frombuffer``, DLPack) may die while
+        the memory, and the unscaled values in it, live on. Torch keeps a Python storage object alive as long
         as its memory, so a dead weak reference means freed memory. Run whenever spans are added, so that the spans
         kept all lie in storages alive together (which do not overlap): a freed one's range then holds no live
         one's spans. Returns whether any were dropped."""

@@ -224,6 +224,30 @@ def gather_case(rank: int, world: int) -> dict:
             local_loss(model, k, 0, rank, world).backward()
             opt.step()
     out["same_later"] = [torch.equal(a, b) for a, b in zip(_state(fmodel, fopt), _state(cmodel, copt))]
+
+    # A checkpoint loaded after the failed gather: the load completes it (the params agree between ranks again) and
+    # the next step steps (it raised, taking no step, with the flag left set).
+    fmodel = Net()
+    fopt = ZeroAdamW(two_groups(fmodel), stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4, backend="reference")
+    cmodel = Net()
+    copt = ZeroAdamW(two_groups(cmodel), stage=2, bucket_cap_mb=TINY_BUCKET_MB, lr=LR, align=4, backend="reference")
+    for model in (fmodel, cmodel):
+        local_loss(model, 0, 0, rank, world).backward()
+    step_module._all_gather = failing
+    try:
+        fopt.step()
+    except RuntimeError:
+        pass
+    finally:
+        step_module._all_gather = orig
+    copt.step()
+    fopt.load_state_dict(fopt.state_dict())
+    out["same_after_load"] = [torch.equal(a, b) for a, b in zip(_state(fmodel, fopt), _state(cmodel, copt))]
+    for model, opt in ((fmodel, fopt), (cmodel, copt)):
+        opt.zero_grad()
+        local_loss(model, 1, 0, rank, world).backward()
+        opt.step()
+    out["same_after_load_and_step"] = [torch.equal(a, b) for a, b in zip(_state(fmodel, fopt), _state(cmodel, copt))]
     return out
 
 
@@ -273,3 +297,4 @@ def test_failed_param_gather_is_completed_without_a_second_update(ranks2):
         assert "previous step's all-gather of the params failed" in g.get("retry", ""), g
         assert all(g["same_after_retry"]), g
         assert all(g["same_later"]), g
+        assert all(g["same_after_load"]) and all(g["same_after_load_and_step"]), g

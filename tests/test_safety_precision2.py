@@ -8,6 +8,7 @@ cases, refused by ``fused_ops.unscale_`` itself before, kept to pin that split).
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 import pickle
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fused_ops import DynamicLossScaler, FlatBuffer
+from fused_ops import DynamicLossScaler, FlatBuffer, precision
 from fused_ops.precision import _grad_keys, _Spans
 from tests.safety import expect_error_unchanged, message_names
 
@@ -434,12 +435,15 @@ def test_spans_compare_with_spans_only():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_new_grads_at_freed_unscaled_memory_are_not_refused(backend):
+def test_new_grads_at_freed_unscaled_memory_are_not_refused(backend, monkeypatch):
     """torch's GradScaler docs step several models with one scaler: unscale_ D's grads, step D, free them
     (``zero_grad(set_to_none=True)``), then G's backward allocates grads that may get D's memory. The scaler remembered
     D's spans until update() and refused G's grads there as "already unscaled" (torch's GradScaler, which tracks per
     optimizer, takes them). Spans whose storage was freed are forgotten now; grads still alive stay refused."""
     s = _scaler(backend)
+    # The CPU allocator (malloc) gives freed memory back only by chance: simulated by storages over fixed bytes,
+    # counted as memory torch owns (what the scaler tracks; see the next test for memory it does not own).
+    monkeypatch.setattr(precision, "_RESIZABLE", lambda st: True)
     memory = [bytearray(64 * 4), bytearray(8 * 4)]  # (what an allocator hands out again: the same bytes each time)
 
     def grads(*values):
@@ -464,3 +468,20 @@ def test_new_grads_at_freed_unscaled_memory_are_not_refused(backend):
     pickle.loads(pickle.dumps(s))
     s.update()
     s.unscale_(g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unscaled_memory_torch_does_not_own_is_never_forgotten(backend):
+    """Storages wrapping memory torch does not own (``torch.from_numpy``, ``frombuffer``, DLPack) may die while the
+    memory, and the unscaled values in it, live on: wrapping it again and unscaling was accepted (divided twice) once
+    the spans of dead storages were forgotten. Their spans are kept until update()."""
+    np_ = pytest.importorskip("numpy")
+    s = _scaler(backend)
+    host = np_.full(4, 4096.0, np_.float32)
+    raw = bytearray(np_.full(8, 2048.0, np_.float32).tobytes())
+    s.unscale_([torch.from_numpy(host), torch.frombuffer(raw, dtype=torch.float32)])
+    gc.collect()
+    for again in ([torch.from_numpy(host)], [torch.frombuffer(raw, dtype=torch.float32)]):
+        with pytest.raises(RuntimeError, match="already unscaled by unscale_"):
+            s.unscale_(again)
+    assert host.tolist() == [4.0] * 4 and torch.frombuffer(raw, dtype=torch.float32).tolist() == [2.0] * 8

@@ -354,6 +354,9 @@ class _CheckpointMixin:
     def _load(self, state_dict: Any, what: str, dcp: bool = False, names: Any = None) -> None:
         """Check (``_plan_load``, or ``_plan_dcp_load`` for a state dict of DTensors), agree, then load."""
         self._drain()
+        if self._gather_pending:  # (the last step's all-gather failed on every rank: completed first, as step() does;
+            # the load then starts from params that agree between ranks, and the next step() steps)
+            self._gather_params()
         error, plan, hook_error = None, None, None
         try:
             try:
