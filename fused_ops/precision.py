@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import functional
 from ._backend import check_backend
-from ._validate import _interleaved, _reach, has_memory, real_float
+from ._validate import _interleaved, _reach, has_memory, outside_storage, real_float
 
 # The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
 # value outside their range would become 0 or inf, or raise half-way through an update or a load.
@@ -214,6 +214,17 @@ def _grad_keys(xs) -> _Spans:
         part[1].append(ends[i])
         part[2].append(None if layouts is None else layouts[i])
     return _Spans(parts)
+
+
+def _some_outside_storage(xs) -> bool:
+    """Whether a tensor of ``xs`` (a DTensor: its local shard) lies outside its storage (freed or shrunk in place):
+    its span then says nothing about the memory it shares, and the op refuses it by that name, before anything is
+    written. Checked only where an overlap was found (an error path)."""
+    for x in xs:
+        x = getattr(x, "_local_tensor", x)
+        if isinstance(x, Tensor) and x.layout == torch.strided and has_memory(type(x)) and outside_storage(x):
+            return True
+    return False
 
 
 def _listed(xs):
@@ -562,6 +573,8 @@ class DynamicLossScaler:
                 what = next((n for n, t in named if not _grad_keys([t]).isdisjoint(spans)), None)
                 if what is None:
                     continue
+                if _some_outside_storage(xs):  # (its span is past its storage, anywhere: the op names it first)
+                    return
                 raise ValueError(
                     f"DynamicLossScaler.{fn}: {name}[{i}] shares memory with the scaler's own {what} tensor: grads "
                     "and out may not be (nor overlap) the scaler's state, which unscale_ would overwrite; pass "
@@ -577,7 +590,9 @@ class DynamicLossScaler:
             return
         if keys is None:
             keys = _grad_keys(grads)
-        if not self._unscaled.isdisjoint(keys) and not (self._forget_freed() and self._unscaled.isdisjoint(keys)):
+        # (a grad outside its storage has a span anywhere: the op names it, before anything is written)
+        if (not self._unscaled.isdisjoint(keys) and not (self._forget_freed() and self._unscaled.isdisjoint(keys))
+                and not _some_outside_storage(grads)):  # fmt: skip
             raise RuntimeError(
                 f"DynamicLossScaler.{fn}: grads were already unscaled by unscale_() since the last update() (they "
                 "would be divided by the scale twice); unscale each grad once per step, and call update() after "

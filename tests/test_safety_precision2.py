@@ -485,3 +485,18 @@ def test_unscaled_memory_torch_does_not_own_is_never_forgotten(backend):
         with pytest.raises(RuntimeError, match="already unscaled by unscale_"):
             s.unscale_(again)
     assert host.tolist() == [4.0] * 4 and torch.frombuffer(raw, dtype=torch.float32).tolist() == [2.0] * 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_outside_their_storage_are_named_as_such_first(backend):
+    """A grad whose storage was shrunk in place keeps a span past its storage, anywhere in memory: where that span
+    met the scaler's own tensors or unscaled spans (the allocator's choice: CI saw it once), unscale_ named the
+    overlap instead of the freed memory. The op's "lies outside its storage" comes first now."""
+    s = _scaler(backend)
+    s._unscaled = _Spans({torch.device("cpu"): ([1], [2**62], None)})  # (every address counts as unscaled)
+    g = torch.ones(1000)
+    g.untyped_storage().resize_(16)
+    with pytest.raises(ValueError, match="grads\\[0\\] lies outside its storage"):
+        s.unscale_([g])
+    with pytest.raises(RuntimeError, match="already unscaled by unscale_"):  # (a grad inside its storage: refused)
+        s.unscale_([torch.ones(3)])
