@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -61,3 +62,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "Use backend='auto' or 'reference' for CPU tensors."
             )
     return backend
+
+
+def no_autocast() -> contextlib.ExitStack:
+    """Autocast turned off where it is on: an optimizer step computes in the dtypes it chose (the reference backend's
+    ``torch.cat`` of bf16 states failed inside a float16 ``torch.autocast`` region, where torch.optim steps)."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack

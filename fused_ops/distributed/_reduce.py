@@ -124,9 +124,9 @@ class _ReduceMixin:
 
     def _note_hand_set_grads(self) -> None:
         """Stage 2, before a step: ``_note_hand_set`` for every param with grads held in the shards."""
-        if self.stage == 2:
-            for i, held in enumerate(self._held):
-                if held:
+        if self.stage == 2:  # (only a held param with a grad can have one set by hand: one pass of attribute reads)
+            for i, (held, g) in enumerate(zip(self._held, [p.grad for p in self._params], strict=True)):
+                if held and g is not None:
                     self._note_hand_set(i)
 
     def _on_grad_ready(self, index: int) -> None:
@@ -474,10 +474,11 @@ class _ReduceMixin:
             # rank's grads of every param it reduced a grad of, and of no dropped one it did not.
             for i in drop:
                 self._held[i] = False
-            for i, p in enumerate(self._params):
-                if p.grad is not None and undo is not None:
-                    self._held[i] = True
-                self._seen[i] = None
+            if undo is not None:
+                for i, p in enumerate(self._params):
+                    if p.grad is not None:
+                        self._held[i] = True
+            self._seen = [None] * len(self._params)
             self._replaced.clear()
         if undo is not None:  # stage 2 reduced p.grad in step(): free it now, as backward would have
             for p in self._params:

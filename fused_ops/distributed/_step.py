@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_lowbit, functional
+from .._backend import no_autocast
 from .._ref_lowbit import QUANT_BLOCK, n_scales
-from ..optim._base import _no_autocast
 from ._agree import _ERROR_TYPES, _OUT_OF_STEP, _StepInputs
 from ._comm import _all_gather
 from ._layout import _Bucket, _Segment
@@ -165,7 +165,7 @@ class _StepMixin:
         self._reduce_faults = None
         assert inputs is not None and post is not None
         self._commit_reduce(undo, drop)
-        with _no_autocast():  # (the step computes in the dtypes it chose, as FusedAdamW's)
+        with no_autocast():  # (the step computes in the dtypes it chose, as FusedAdamW's)
             self._update(sumsq, inputs, post)
         self._gather_pending = True  # (until the all-gather below completes: see _gather_params)
         self._gather_params()

@@ -19,7 +19,6 @@ declares its hyper-parameters (``_check_hyperparameters``, ``_check_step_values`
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
 import numbers
 import operator
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from .._backend import check_backend, resolve_backend
+from .._backend import check_backend, no_autocast, resolve_backend
 from .._validate import (
     FP32_MAX,
     check_memory,
@@ -80,16 +79,6 @@ def _to_float(x: Any, name: str = "a hyper-parameter", gi: int | None = None) ->
 def _to_scalar(x: Any) -> Any:
     """torch.optim's rule for tensor hyper-parameters: a 1-element tensor is kept, as a 0-d tensor."""
     return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
-
-
-def _no_autocast() -> contextlib.ExitStack:
-    """Autocast turned off where it is on: an optimizer step computes in the dtypes it chose (the reference backend's
-    ``torch.cat`` of bf16 states failed inside a float16 ``torch.autocast`` region, where torch.optim steps)."""
-    stack = contextlib.ExitStack()
-    for device_type in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
 
 
 def _check_betas(betas: Any) -> tuple:
@@ -1064,7 +1053,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         swapped = self._grads_to_param_placements()
         try:
-            with _no_autocast():
+            with no_autocast():
                 self._step_eager(grad_scale, found_inf)
         finally:
             for p, g in swapped:
