@@ -468,6 +468,8 @@ def unscale_(
     """``y = grad * inv_scale`` computed in fp32 (float64 when a grad or output is float64), stored in the grad
     or in ``out[i]``; ``found_inf`` is set to 1 if any stored ``y`` is inf or nan (never cleared). All device
     ops: no host sync."""
+    # Everything that allocates runs before the first write (an out-of-memory error leaves the grads, the outputs
+    # and found_inf as they were), and nothing allocates after it.
     if not out and grads and all(g.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in grads):
         # In place, torch's own one-pass kernel (what GradScaler.unscale_ runs): it flags non-finite inputs.
         # A finite grad can only become inf when inv_scale > 1: then the stored values are checked as well.
@@ -478,30 +480,48 @@ def unscale_(
         inv = inv_scale.to(device, torch.float32).reshape(1) if isinstance(inv_scale, Tensor) else None
         inv = inv if inv is not None else torch.full((1,), float(inv_scale), device=device)
         flag = torch.zeros(1, device=device)
+        # (the same kernel with a scale of 1 checks the stored values: x * 1 is exact)
+        one = torch.ones(1, device=device) if isinstance(inv_scale, Tensor) or float(inv_scale) > 1.0 else None
+        commit = _found_inf_setter(found_inf, flag)
         torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, inv)
-        if isinstance(inv_scale, Tensor) or float(inv_scale) > 1.0:
-            # The same kernel with a scale of 1 checks the stored values (x * 1 is exact).
-            torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, torch.ones(1, device=device))
-        if found_inf is not None:  # (a 0-d found_inf is a 1-element tensor too, as torch's GradScaler takes it)
-            set_found_inf(found_inf, flag.to(found_inf.device).reshape(found_inf.shape) != 0)
+        if one is not None:
+            torch._amp_foreach_non_finite_check_and_unscale_(nonempty, flag, one)
+        commit()
         return
     outs = list(out) if out else list(grads)
-    bad = []
+    results, bad = [], []
     for g, o in zip(grads, outs, strict=True):
         compute = torch.float64 if torch.float64 in (g.dtype, o.dtype) else torch.float32
         inv = inv_scale.to(o.device, compute).reshape(()) if isinstance(inv_scale, Tensor) else float(inv_scale)
-        o.copy_(g.to(compute) * inv)
+        y = (g.to(compute) * inv).to(o.device, o.dtype)  # (what o will hold: its own dtype's inf counts)
+        results.append(y)
         if found_inf is not None and o.numel():
-            bad.append(~torch.isfinite(o).all())
+            bad.append(~torch.isfinite(y).all())
+    commit = None
     if found_inf is not None and bad:
-        set_found_inf(found_inf, torch.stack([b.to(found_inf.device) for b in bad]).any())
+        commit = _found_inf_setter(found_inf, torch.stack([b.to(found_inf.device) for b in bad]).any())
+    for o, y in zip(outs, results, strict=True):
+        o.copy_(y)
+    if commit is not None:
+        commit()
 
 
-def set_found_inf(found_inf: Tensor, found: Tensor) -> None:
-    """``found_inf = 1`` where ``found`` (a bool tensor on its device), else unchanged: torch's
-    ``_amp_foreach_non_finite_check_and_unscale_`` stores exactly 1.0 (not ``max(found_inf, 1)``: a flag holding 5 or
-    nan becomes 1) and never clears it. A device op: no host sync."""
-    found_inf.copy_(torch.where(found, torch.ones_like(found_inf), found_inf))
+def _found_inf_setter(found_inf: Tensor | None, flag: Tensor):
+    """A function that sets ``found_inf`` to 1 where ``flag`` (1 element, or 0-d, on any device) is nonzero, else
+    leaves it, as torch's ``_amp_foreach_non_finite_check_and_unscale_`` does (it stores exactly 1.0, not
+    ``max(found_inf, 1)``: a flag holding 5 or nan becomes 1, and never clears it). A device op, no host sync, and
+    it allocates nothing when called: its scratch is allocated here, before the caller writes anything. ``flag``
+    is read when the function is called."""
+    if found_inf is None:
+        return lambda: None
+    flag = flag.reshape(found_inf.shape)
+    found = torch.empty(found_inf.shape, dtype=torch.bool, device=found_inf.device)
+
+    def commit() -> None:
+        found.copy_(flag)  # (nonzero: True)
+        found_inf.masked_fill_(found, 1.0)
+
+    return commit
 
 
 def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:

@@ -371,3 +371,31 @@ def test_copy_from_cast_fault_leaves_data_unchanged(backend):
         return [_bits(state[0].data)] + [_bits(x) for x in state[1]]
 
     assert _sweep(make, run, snapshot) >= 2
+
+
+@pytest.mark.parametrize("case", ["in_place", "in_place_growing", "float64", "out"])
+def test_reference_unscale_fault_leaves_grads_unchanged(case, monkeypatch):
+    """``fused_ops.reference.unscale_`` itself (the reference backend's op): every allocation, its own included,
+    comes before the first write, so a fault anywhere leaves grads, outputs and found_inf as they were."""
+    monkeypatch.setattr(sys.modules[__name__], "_OURS", _OURS + (os.path.abspath(fused_ops.reference.__file__),))
+    seed = torch.randint(0, 2**31, ()).item()
+
+    def make():
+        torch.manual_seed(seed)
+        g = _grads(strided=True)
+        if case == "float64":
+            g = [x.double() for x in g]
+        g[1][3] = float("inf")
+        out = [torch.full(x.shape, 7.0, dtype=torch.float16) for x in g] if case == "out" else []
+        inv = torch.tensor([3.0]) if case == "in_place_growing" else 1.0 / 1024
+        return g, out, torch.zeros(()), inv
+
+    def run(state):
+        g, out, flag, inv = state
+        fused_ops.reference.unscale_(g, inv, flag, out)
+
+    def snapshot(state):
+        g, out, flag, _ = state
+        return [_bits(x) for x in g + out + [flag]]
+
+    assert _sweep(make, run, snapshot) >= 4
