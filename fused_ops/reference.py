@@ -445,16 +445,20 @@ def cast_(dst: Sequence[Tensor], src: Sequence[Tensor], stochastic: bool = False
                                                          for d, s in pairs])  # fmt: skip
         return
     generator = None
-    plain_dst, plain_src = [], []
+    rounded_dst, rounded = [], []  # (every rounded value is computed before the first write: an error part-way
+    plain_dst, plain_src = [], []  # leaves every dst as it was)
     for d, s in zip(dst, src, strict=True):
         if stochastic and d.dtype in (torch.bfloat16, torch.float16) and s.dtype != d.dtype and d.numel():
             if seed is not None and (generator is None or generator.device != d.device):
                 generator = torch.Generator(device=d.device)
                 generator.manual_seed(seed)
-            d.copy_(_stochastic_round(s.to(torch.float32).reshape(d.shape), d.dtype, generator))
+            rounded_dst.append(d)
+            rounded.append(_stochastic_round(s.to(torch.float32).reshape(d.shape), d.dtype, generator))
         elif d.numel():
             plain_dst.append(d)
             plain_src.append(s.reshape(d.shape))
+    for d, value in zip(rounded_dst, rounded):
+        d.copy_(value)
     if plain_dst:
         torch._foreach_copy_(plain_dst, plain_src)  # one multi-tensor copy: torch's .to() rounding
 

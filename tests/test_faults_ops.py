@@ -399,3 +399,25 @@ def test_reference_unscale_fault_leaves_grads_unchanged(case, monkeypatch):
         return [_bits(x) for x in g + out + [flag]]
 
     assert _sweep(make, run, snapshot) >= 4
+
+
+def test_reference_stochastic_cast_fault_leaves_dst_unchanged(monkeypatch):
+    """``fused_ops.reference.cast_`` with stochastic rounding (one rounding per tensor, then the plain copies): every
+    rounded value is computed before the first write, so a fault anywhere leaves every dst as it was."""
+    monkeypatch.setattr(sys.modules[__name__], "_OURS", _OURS + (os.path.abspath(fused_ops.reference.__file__),))
+    seed = torch.randint(0, 2**31, ()).item()
+
+    def make():
+        torch.manual_seed(seed)
+        src = [torch.randn(7), torch.randn(3, 5), torch.randn(4).double(), torch.randn(9)]
+        dst = [torch.full((7,), 7.0, dtype=torch.bfloat16), torch.full((3, 5), 7.0, dtype=torch.float16),
+               torch.full((4,), 7.0), torch.full((9,), 7.0, dtype=torch.bfloat16)]  # fmt: skip
+        return dst, src
+
+    def run(state):
+        fused_ops.reference.cast_(state[0], state[1], stochastic=True, seed=1234)
+
+    def snapshot(state):
+        return [_bits(x) for x in state[0] + state[1]]
+
+    assert _sweep(make, run, snapshot) >= 4
