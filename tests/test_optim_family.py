@@ -127,19 +127,27 @@ def test_sgd_state_dict_both_ways(backend):
 @pytest.mark.parametrize("config", [dict(), dict(weight_decay=0.1), dict(weight_decay=0.05, maximize=True)],
                          ids=["plain", "wd", "wd-maximize"])  # fmt: skip
 def test_lion_matches_plain_torch_over_100_steps(backend, config):
-    """100 steps on the reference backend; on the interpreted kernel 100 with weight decay and 30 otherwise."""
+    """100 steps on the reference backend; on the interpreted kernel 100 with weight decay and 30 otherwise. A StepLR
+    schedule (the plain-torch Lion takes the lr the scheduler set) and a closure at step 20."""
     steps = STEPS if backend == "reference" or config == dict(weight_decay=0.1) else 30
     ours, theirs = _params(2), _params(2)
     o = fused_ops.FusedLion(ours, lr=1e-3, betas=(0.9, 0.99), backend=backend, **config)
+    sched = torch.optim.lr_scheduler.StepLR(o, step_size=11, gamma=0.6)
     exp_avgs = [torch.zeros_like(p) for p in theirs]
     for k in range(steps):
         for a, b, g in zip(ours, theirs, _grads(k, ours)):
             a.grad, b.grad = g.clone(), g.clone()
         if k % 9 == 4:
             ours[0].grad = theirs[0].grad = None
-        o.step()
+        lr = o.param_groups[0]["lr"]
+        if k == 20:  # a closure, as torch: called under enable_grad, its value returned
+            assert o.step(lambda: torch.tensor(2.5)).item() == 2.5
+        else:
+            o.step()
         wd, maximize = config.get("weight_decay", 0.0), config.get("maximize", False)
-        _lion_reference(theirs, exp_avgs, 1e-3, 0.9, 0.99, wd, maximize)
+        _lion_reference(theirs, exp_avgs, lr, 0.9, 0.99, wd, maximize)
+        sched.step()
+    assert o.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.6 ** (steps // 11))
     assert _max_err(ours, theirs) <= 1e-6
     assert _max_err([o.state[p]["exp_avg"] for p in ours], exp_avgs) <= 1e-6
     # state dict round trip into a fresh optimizer continues identically
