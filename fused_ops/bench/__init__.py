@@ -25,18 +25,23 @@ The parts:
 - ``_registry.py``: ``Op``, ``Runner``, ``Skip``, ``register_op``, ``OPS``, ``BYTES_PER_ELEMENT``, dtypes, providers.
 - ``params.py``: the parameter sets (GPT-2 124M, Llama-like 1.1B, 10,000 small tensors, tiny) and the inputs.
 - ``cases/``: one module per op family, each registering its ops: ``adam.py`` (``adam``, ``adamw_master``),
-  ``multi_tensor.py`` (``flatten``, ``cast``, ``unscale``, ``grad_norm``), ``zero.py`` (``zero``); ``_common.py``
-  holds the builders they share.
-- ``peers.py``: other libraries' Adam(W), providers of the ops registered with ``peers=True``.
+  ``adam_lowbit.py`` (``adamw8bit``, ``adamw_bf16_sr``), ``lion.py`` (``lion``), ``sgd.py`` (``sgd``),
+  ``multi_tensor.py`` (``flatten``, ``cast``, ``unscale``, ``grad_norm``), ``zero.py`` (``zero``). ``_common.py``
+  holds the builders every case shares (``optimizer_builder``, torch.optim's three implementations,
+  ``simple_runner``); ``_optim.py`` those of the family beyond Adam (a step builder whose layout names low-bit and
+  Kahan states, and the 8-bit and Lion peers: bitsandbytes, torchao, optimi).
+- ``peers.py``: other libraries' fused Adam(W) (torchao, bitsandbytes, apex, DeepSpeed), providers of the ops
+  registered with ``peers=True``.
 - ``timing.py``: CPU and CUDA timers, host time, launch counting, copy bandwidth.
 - ``env.py``: the device and the JSON header (versions, date, device properties).
 - ``suite.py``: ``BenchConfig`` and ``run`` (not ``run.py``: the package's ``run`` is the function).
 - ``report.py``: the terminal table, JSON, plot, the README's Performance section and the ZeRO table.
 
-Adding an op (a new optimizer, say ``FusedSGD``): write ``cases/sgd.py``, register the op there, and add the
-module to the import line of ``cases/__init__.py`` (its place there is its place in the table). Nothing else
-changes: ``--ops sgd`` selects it, the default run includes it, ``info`` lists it, ``benchmarks/test_bench_ops.py``
-runs each of its providers, and while ``fused_ops`` has no ``FusedSGD`` the run skips it with the reason::
+Adding an op (a new optimizer; ``cases/sgd.py`` is the example below): write its module in ``cases/``, register
+the op there, and name the module in the import line of ``cases/__init__.py`` (its place there is its place in
+the table; an import line, not a scan of the folder, so the order is explicit). Nothing else changes:
+``--ops sgd`` selects it, the default run includes it, ``info`` lists it, ``benchmarks/test_bench_ops.py`` runs
+each of its providers, and while ``fused_ops`` has no ``FusedSGD`` the run skips it with the reason::
 
     import torch
 
