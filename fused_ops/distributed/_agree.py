@@ -241,6 +241,14 @@ _OUT_OF_STEP = (
 )
 
 
+_CLEARED_ON_SOME = (
+    "ZeroAdamW.step: the grads were zeroed after the last step on {} of {} ranks (model.zero_grad(), p.grad = None: "
+    "this rank's grad shards dropped them, as zero_grad() does) but {} rank(s) kept reduced grads from before the "
+    "last step: every rank must make the same zero_grad calls. The ranks' grad shards no longer belong to one step "
+    "and no step was taken: call zero_grad() on every rank"
+)
+
+
 class _AgreementMixin:
     """The ranks' agreement: on the constructor's arguments, on each step's values and on checkpoints."""
 
@@ -356,6 +364,8 @@ class _AgreementMixin:
             scaler_found_inf = getattr(loss_scale, "found_inf", None)
             unscaled = getattr(loss_scale, "_unscaled", None)  # (DynamicLossScaler: what its unscale_ divided)
             grads = [p.grad for group in self.param_groups for p in group["params"]]
+            if self._sentinels:  # (no grads: see _give_sentinels)
+                grads = [None if g is s else g for g, s in zip(grads, self._sentinels, strict=True)]
             keys = _grad_keys(grads) if isinstance(unscaled, _Spans) and unscaled else None
             if (
                 keys is not None
@@ -512,16 +522,17 @@ class _AgreementMixin:
                 why = _slot_moved(s, b)
                 if why is not None:
                     raise RuntimeError(_moved_message(f"param {s.index} (shape {tuple(s.shape)})", why))
-                if stage2 and s.param.grad is not None:
+                if stage2 and s.param.grad is not None and s.param.grad is not self._sentinels[s.index]:
                     unreduced = True
         return unreduced and stage2
 
     def _agreement_size(self) -> int:
         """Elements of the step's all-reduce (and of the one opening a second synced pass): the sum of squares, the
-        error count, five counts of ranks (beginning a pass, zero_grad after backward, grads not reduced, a synced
-        pass since the last step, grads set by hand over held grads) and the bits of the compared values; fixed at
+        error count, seven counts of ranks (beginning a pass, zero_grad after backward, grads not reduced, a synced
+        pass since the last step, grads set by hand over held grads, all held grads zeroed by the user since the
+        last step, some kept: see ``_clear_if_all_zeroed``) and the bits of the compared values; fixed at
         construction (the group count is checked before it is used)."""
-        return 7 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
+        return 9 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
 
     def _step_value_names(self) -> list[str]:
         names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
@@ -563,6 +574,7 @@ class _AgreementMixin:
         as this rank's problem, in the buffer allocated at construction (no allocation): every rank raises, this
         rank its own exception, the others the agreed error, and nothing has changed (a rank raising alone would
         leave the others waiting in this all-reduce, and its retry would pair with a collective of another size)."""
+        cleared = (float(getattr(self, "_cleared_all", False)), float(getattr(self, "_kept_old", False)))
         try:
             if fault is not None:
                 raise fault
@@ -581,7 +593,7 @@ class _AgreementMixin:
                 scale_ok = (given >= _FP32_TINY) & (given * self.world_size <= FP32_MAX)  # (a loss scale: as above)
                 ok = torch.isfinite(given) & torch.where(positive == 1, scale_ok, given >= 0)
                 flag = flag + (~ok).sum(dtype=torch.float64)
-            facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing)],
+            facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing), *cleared],
                                  dtype=torch.float64, device=self._device)  # fmt: skip
             vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
         except Exception as e:  # noqa: BLE001 - this rank's problem, agreed on below, then raised on every rank
@@ -590,7 +602,8 @@ class _AgreementMixin:
                 error = e
             vec = self._agree_buf  # (in place only: the flag and the facts; the compared bits are not read)
             vec.zero_()
-            for k, v in enumerate((1.0, 0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing))):
+            facts_ = (1.0, 0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing), *cleared)
+            for k, v in enumerate(facts_):
                 vec[1 + k] = v
         try:
             return self._read_agreement(vec, inputs, error, had_pass)
@@ -604,7 +617,7 @@ class _AgreementMixin:
     ) -> tuple[Tensor, bool, bool]:
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read
-        n_passes, n_zeroed, n_unreduced, n_had_pass, n_replacing = (int(v) for v in sums[1:6])
+        n_passes, n_zeroed, n_unreduced, n_had_pass, n_replacing, n_cleared, n_kept = (int(v) for v in sums[1:8])
         if n_passes:  # paired with another rank's pass: match its reduce-scatters, then raise (as that rank will)
             self._match_other_ranks_round()
             # (a rank that stood in for the others' first pass keeps it as its own: every rank then counts passes,
@@ -625,7 +638,12 @@ class _AgreementMixin:
                 f"{self.world_size} ranks: the ranks' reduced grads no longer belong to one step; every rank must "
                 "make the same zero_grad, backward and no_sync calls (the step changed nothing on any rank)"
             )
-        differ = _differing(sums[6:], self.world_size)
+        if n_cleared and n_kept:
+            # (the ranks that cleared dropped their shards, as zero_grad() does: only zero_grad() on every rank
+            # brings the shards back into one state)
+            self._out_of_step = _CLEARED_ON_SOME.format(n_cleared, self.world_size, n_kept)
+            raise RuntimeError(self._out_of_step)
+        differ = _differing(sums[8:], self.world_size)
         if differ:
             self._raise_step_values_differ(inputs, differ)
         # (Stage 1 reduces p.grad before the agreement anyway: nothing to reduce late.)
@@ -670,13 +688,14 @@ class _AgreementMixin:
             if replaced[i] and kept[i] and conflict is None:
                 p = self._params[i]
                 conflict = (
-                    f"ZeroAdamW.step: the grad of param {i} (shape {tuple(p.shape)}) was set by hand (p.grad = ...) "
+                    f"ZeroAdamW.step: the grad of param {i} (shape {tuple(p.shape)}) was set by hand (p.grad = ...), "
+                    "or cleared after the last step (model.zero_grad(), p.grad = None), "
                     f"on {replaced[i]} of {self.world_size} ranks over grads reduced there before (by a synced "
                     "backward, or kept from before the last step without zero_grad(), as torch keeps p.grad), which "
                     f"it replaces, as in torch; but {kept[i]} rank(s) hold reduced grads of it that they did not "
                     "replace, and stage 2 keeps only their sum over the ranks, so one rank's share cannot be replaced: "
-                    "set it on every rank that holds reduced grads of it, or call zero_grad() before (the step "
-                    "changed nothing on any rank)"
+                    "set or clear it on every rank that holds reduced grads of it, or call zero_grad() before (the "
+                    "step changed nothing on any rank)"
                 )
         return frozenset(i for i in range(n) if replaced[i]), conflict
 

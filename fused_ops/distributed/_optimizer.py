@@ -268,6 +268,13 @@ class ZeroAdamW(
         self._held: list[bool] = [False] * len(self._params)
         self._seen: list[Any] = [None] * len(self._params)
         self._replaced: set[int] = set()
+        # Stage 2: after a step, a param with held grads gets a sentinel as p.grad instead of None (see
+        # ``_give_sentinels``), so that ``model.zero_grad()`` or ``p.grad = None`` can be told from nothing done.
+        self._sentinels = self._make_sentinels() if stage == 2 else []
+        self._given: list[int | None] = [None] * len(self._params)  # the sentinel's _version when given, or None
+        self._outstanding = False  # sentinels given and not looked at yet by a backward pass (_clear_if_all_zeroed)
+        self._cleared_all = False  # since the last step: every held grad zeroed by the user, the shards dropped
+        self._kept_old = False  # since the last step: a held grad's sentinel found untouched (kept)
         self._round_header: tuple | None = None  # (vector, work) of the all-reduce opening a second synced pass
         self._round_mismatch = False  # a rank stepped while this one began another synced pass
         self._inflight: deque = deque()

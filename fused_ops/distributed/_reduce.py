@@ -19,6 +19,9 @@ from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
 
 # The grad hooks each param carries (at most one ZeroAdamW drives a param: the newest one built over it).
 _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Every sentinel grad made (see ``_ReduceMixin._make_sentinels``): a ZeroAdamW built over a param whose p.grad is an
+# older one's sentinel clears it (backward cannot accumulate into it).
+_SENTINELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 # ``_seen`` of a param whose grad a reduction refused (not one set by hand over held grads): the next grad found there
@@ -72,8 +75,15 @@ class _ReduceMixin:
 
             def pre_hook(_grad: Tensor, index: int = s.index) -> None:
                 opt = ref()
-                if opt is not None and opt._held[index]:
+                if opt is None:
+                    return
+                if opt._outstanding:
+                    opt._clear_if_all_zeroed()
+                if opt._held[index]:
+                    opt._take_sentinel(index)  # (before backward accumulates into p.grad)
                     opt._note_hand_set(index)
+                elif opt._params[index].grad is opt._sentinels[index]:
+                    opt._params[index].grad = None  # (backward cannot accumulate into a sentinel)
 
             old = _HOOKS.pop(s.param, None)
             if old is not None:  # an earlier ZeroAdamW over this param must not launch collectives any more
@@ -108,6 +118,103 @@ class _ReduceMixin:
     def sync_grads(self, value: bool) -> None:
         self._sync_grads = bool(value)
 
+    def _make_sentinels(self) -> list[Tensor]:
+        """Stage 2: one sentinel grad per param, made once: zeros of the param's shape, dtype and device with zero
+        strides, over one 1-element storage per dtype (nothing in proportion to the params). Each is a tensor of its
+        own (``set_``, not a view), so each has its own version counter: zeroing one in place
+        (``model.zero_grad(set_to_none=False)``) changes that one's ``_version`` only. Also clears a p.grad that is
+        an older ZeroAdamW's sentinel."""
+        storages: dict[torch.dtype, Any] = {}
+        sentinels = []
+        for p in self._params:
+            if p.grad is not None and p.grad in _SENTINELS:
+                p.grad = None
+            st = storages.get(p.dtype)
+            if st is None:
+                st = storages[p.dtype] = torch.zeros(1, dtype=p.dtype, device=p.device).untyped_storage()
+            t = torch.empty(0, dtype=p.dtype, device=p.device).set_(st, 0, p.shape, (0,) * p.dim())
+            _SENTINELS[t] = None
+            sentinels.append(t)
+        return sentinels
+
+    def _give_sentinels(self) -> None:
+        """Stage 2, after a step: each param whose grads stay held in the shards (for the next step, as torch keeps
+        p.grad until it is zeroed) gets its sentinel as p.grad, its ``_version`` noted, so that what the user does to
+        p.grad before the next backward or step can be told apart (``_check_cleared``): nothing (the sentinel, same
+        version), zeroed (None: ``model.zero_grad()``, ``p.grad = None``; or the sentinel written:
+        ``model.zero_grad(set_to_none=False)``) or set by hand (another tensor). A sentinel is never a grad: it is
+        read as None by the reductions and the checks, and taken out of p.grad before backward accumulates into it
+        (``_take_sentinel``). The others get None."""
+        for i, (p, held, s) in enumerate(zip(self._params, self._held, self._sentinels, strict=True)):
+            if held:
+                p.grad = s
+                self._given[i] = s._version
+            else:
+                p.grad = None
+                self._given[i] = None
+        self._outstanding = any(self._held)
+
+    def _clear_if_all_zeroed(self) -> None:
+        """Stage 2, the first backward after a step that gave sentinels (from its first grad hook, or its first
+        reduction): if the user zeroed every held grad since (``model.zero_grad()`` in the usual loop ``backward;
+        step; model.zero_grad()``), this rank's grad shards are dropped as ``zero_grad()`` drops them, locally, before
+        the pass reduces into them: no per-param work after this, no extra collective, the pass as after
+        ``zero_grad()``. Otherwise (some kept, some set by hand) each param is handled on its own
+        (``_check_cleared``: zeroed ones dropped at the step, agreed). The step's agreement compares the ranks: one
+        rank that cleared everything while another kept some raises on every rank (``_CLEARED_ON_SOME``)."""
+        self._outstanding = False
+        zeroed = []
+        for i, (p, held, version) in enumerate(zip(self._params, self._held, self._given, strict=True)):
+            if version is None:
+                if held:
+                    return  # (held grads without a sentinel: handled per param)
+                continue
+            g, s = p.grad, self._sentinels[i]
+            if g is not None and (g is not s or s._version == version):
+                return  # (kept, or set by hand)
+            zeroed.append(p)
+        if not zeroed:
+            return
+        for p in zeroed:
+            p.grad = None  # (a sentinel zeroed in place)
+        for b in self._buckets:
+            b.grad_valid = False
+        n = len(self._params)
+        self._held, self._given, self._seen = [False] * n, [None] * n, [None] * n
+        self._cleared_all = True
+
+    def _check_cleared(self, index: int) -> None:
+        """Stage 2, param ``index`` with held grads: whether the user zeroed its grad since the last step. With the
+        sentinel given after that step outstanding: still there, same version, nothing was done; otherwise it is no
+        longer outstanding, and p.grad None or the sentinel written in place (``model.zero_grad()``, with or
+        without ``set_to_none``; ``p.grad = None``) is zeroed. Without it: p.grad None where the grad hooks saw a
+        grad come out of backward and left it there (a no_sync pass since) is zeroed (``p.grad = None``). A zeroed
+        grad's held grads are replaced by nothing, as a grad set by hand replaces them (``_replaced``: dropped on
+        every rank at the step, see ``_agree_on_drops``); another tensor is a grad set by hand (``_note_hand_set``).
+        Never changes p.grad (a failed step leaves it as it was)."""
+        g = self._params[index].grad
+        version = self._given[index]
+        if version is not None:
+            s = self._sentinels[index]
+            if g is s and s._version == version:
+                self._kept_old = True  # (see _clear_if_all_zeroed)
+                return
+            self._given[index] = None
+            if g is None or g is s:
+                self._replaced.add(index)
+        elif g is None and isinstance(self._seen[index], weakref.ref):
+            self._seen[index] = None
+            self._replaced.add(index)
+
+    def _take_sentinel(self, index: int) -> None:
+        """Stage 2, before backward accumulates into param ``index``'s p.grad, or a synced pass reduces its bucket:
+        ``_check_cleared``, then a sentinel still in p.grad is taken out (None), its grads still held."""
+        self._check_cleared(index)
+        p = self._params[index]
+        if p.grad is self._sentinels[index]:
+            p.grad = None
+            self._given[index] = None
+
     def _note_hand_set(self, index: int) -> None:
         """Stage 2: param ``index`` has grads in this rank's shards that p.grad no longer shows (``_held``): a p.grad
         the grad hooks did not see come out of backward was set by hand, and replaces them, as ``p.grad = g``
@@ -115,7 +222,7 @@ class _ReduceMixin:
         ``step()``). Such a grad is kept out of synced passes (in p.grad, where backward accumulates into it) and
         reduced by the step, which drops the param's reduced grads on every rank first (see ``_agree_on_drops``)."""
         g = self._params[index].grad
-        if g is not None:
+        if g is not None and g is not self._sentinels[index]:
             seen = self._seen[index]
             if seen is _REFUSED:
                 self._seen[index] = weakref.ref(g)
@@ -125,9 +232,13 @@ class _ReduceMixin:
     def _note_hand_set_grads(self) -> None:
         """Stage 2, before a step: ``_note_hand_set`` for every param with grads held in the shards."""
         if self.stage == 2:  # (only a held param with a grad can have one set by hand: one pass of attribute reads)
+            self._outstanding = False  # (no pass since the step gave them: each param on its own)
+            given, seen = self._given, self._seen
             for i, (held, g) in enumerate(zip(self._held, [p.grad for p in self._params], strict=True)):
-                if held and g is not None:
-                    self._note_hand_set(i)
+                if held and (g is not None or given[i] is not None or seen[i] is not None):
+                    self._check_cleared(i)  # (zeroed by the user: its held grads are replaced by nothing)
+                    if g is not None:
+                        self._note_hand_set(i)
 
     def _on_grad_ready(self, index: int) -> None:
         if self._held[index]:  # (the grad backward accumulated: not one set by hand, see _note_hand_set)
@@ -225,12 +336,12 @@ class _ReduceMixin:
             )
         return "RuntimeError", f"the grad of {where} has shape {tuple(g.shape)}"
 
-    @staticmethod
-    def _refused(s: _Slot, b: _Bucket) -> bool:
+    def _refused(self, s: _Slot, b: _Bucket) -> bool:
         """Whether a reduction sends zeros for this slot instead of its grad (step() raises ``_grad_error``)."""
         g = s.param.grad
         return _slot_moved(s, b) is not None or (
             g is not None
+            and not (self._sentinels and g is self._sentinels[s.index])  # (no grad: see _give_sentinels)
             and (
                 g.shape != s.shape or g.dtype != b.dtype or g.device != b.param_flat.device or not has_memory(type(g))
                 or g.is_sparse or outside_storage(g)
@@ -249,7 +360,7 @@ class _ReduceMixin:
                 if s.index in self._grad_errors and not self._refused(s, b):
                     del self._grad_errors[s.index]
                     g = s.param.grad  # (it stands for the refused grad: set by hand over held grads only if that was)
-                    self._seen[s.index] = None if g is None else weakref.ref(g)
+                    self._seen[s.index] = None if g is None or g is self._sentinels[s.index] else weakref.ref(g)
 
     def _launch(
         self, b: _Bucket, free_grads: bool = True, zeros: bool = False, drop: frozenset = frozenset(),
@@ -304,14 +415,22 @@ class _ReduceMixin:
             )
         dst, src, zero, bad = [], [], list(views[0]), False
         keep = free_grads and self.stage == 2 and not zeros
+        if keep and self._outstanding:
+            self._clear_if_all_zeroed()
+        sentinels = self._sentinels
         sent = []
         for s, view in zip(b.slots, views[1], strict=True):
             if zeros and s.index not in drop:
                 zero.append(view)
                 continue
             g = s.param.grad
-            if keep and g is not None and self._held[s.index]:
-                self._note_hand_set(s.index)  # (a param without a grad in this pass: no hook saw it set by hand)
+            if keep and self._held[s.index]:
+                self._take_sentinel(s.index)  # (a param without a grad in this pass: no hook saw it)
+                g = s.param.grad
+                if g is not None:
+                    self._note_hand_set(s.index)  # (set by hand: as above)
+            elif g is not None and sentinels and g is sentinels[s.index]:
+                g = None  # (a sentinel is no grad: see _give_sentinels)
             if keep and s.index in self._replaced:
                 zero.append(view)  # reduced by step(), after every rank dropped the grads it replaces
             elif self._refused(s, b):
@@ -460,9 +579,10 @@ class _ReduceMixin:
                 # (a refused grad stays: the retried step refuses it again; so does a grad set by hand over held
                 # grads: the retried step drops them, this reduction's share of it too, and reduces it again)
                 if s.index not in self._grad_errors and s.index not in self._replaced:
-                    if s.param.grad is not None:
+                    if s.param.grad is not None and s.param.grad is not self._sentinels[s.index]:
                         self._held[s.index] = True
-                    s.param.grad = None
+                    s.param.grad = None  # (a sentinel still there too: taken out, as a synced pass takes it out)
+                    self._given[s.index] = None
                     self._seen[s.index] = None
 
     def _commit_reduce(self, undo: tuple | None, drop: frozenset = frozenset()) -> None:
@@ -475,14 +595,15 @@ class _ReduceMixin:
             for i in drop:
                 self._held[i] = False
             if undo is not None:
-                for i, p in enumerate(self._params):
-                    if p.grad is not None:
+                for i, (p, s) in enumerate(zip(self._params, self._sentinels, strict=True)):
+                    if p.grad is not None and p.grad is not s:
                         self._held[i] = True
             self._seen = [None] * len(self._params)
             self._replaced.clear()
-        if undo is not None:  # stage 2 reduced p.grad in step(): free it now, as backward would have
-            for p in self._params:
-                p.grad = None
+            self._cleared_all = self._kept_old = False
+            # p.grad (reduced in step(), free it now, as backward would have; or None since a synced pass): a
+            # sentinel where grads stay held, None elsewhere
+            self._give_sentinels()
         self._mark_grads()
 
     def _mark_grads(self) -> None:
@@ -511,10 +632,11 @@ class _ReduceMixin:
         self._drain()
         if self.stage == 1 and self._grads_changed():  # a backward (or grads set) since the last step / zero_grad
             self._zeroed = True
-        for p in self._params:
+        sentinels = self._sentinels or [None] * len(self._params)
+        for p, s in zip(self._params, sentinels, strict=True):
             if p.grad is not None:
-                # (a grad without memory has nothing to zero: dropped)
-                if set_to_none or (p.grad.layout == torch.strided and outside_storage(p.grad)):
+                # (a grad without memory has nothing to zero: dropped; a sentinel is no grad)
+                if set_to_none or p.grad is s or (p.grad.layout == torch.strided and outside_storage(p.grad)):
                     p.grad = None
                 else:
                     p.grad.detach_().zero_()
@@ -529,5 +651,7 @@ class _ReduceMixin:
         self._grad_errors.clear()
         self._held = [False] * len(self._params)  # (nothing held: a grad set now replaces nothing)
         self._seen = [None] * len(self._params)
+        self._given = [None] * len(self._params)
+        self._outstanding = self._cleared_all = self._kept_old = False
         self._replaced.clear()
         self._out_of_step = False  # (every rank's shards start again from the next pass)

@@ -83,8 +83,9 @@ class _StepMixin:
         if self._gather_pending:  # (set on every rank alike: the last step's all-gather failed on every rank)
             self._gather_params()
             raise RuntimeError(_GATHER_COMPLETED)
-        if getattr(self, "_out_of_step", False):  # (set on every rank alike: no collective to wait in)
-            raise RuntimeError(_OUT_OF_STEP)
+        out_of_step = getattr(self, "_out_of_step", False)
+        if out_of_step:  # (set on every rank alike: no collective to wait in; a str: its message)
+            raise RuntimeError(out_of_step if isinstance(out_of_step, str) else _OUT_OF_STEP)
         loss = None
         closure_error: Exception | None = None
         if closure is not None:
