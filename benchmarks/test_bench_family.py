@@ -141,3 +141,30 @@ def test_missing_option_skips_with_a_note(monkeypatch):
 def test_lion_has_no_torch_fused():
     with pytest.raises(bench.Skip, match="torch.optim has no Lion"):
         bench.build_runner("lion", "torch-fused", SHAPES, torch.float32, torch.device("cpu"))
+
+
+def test_family_targets_from_rows():
+    """Issue 11's targets come out of the rows there are: 8-bit AdamW against fp32 FusedAdamW (>= 1), against each
+    8-bit peer on the 10k set (>= 5), and its state bytes (<= 2.1); a comparison without both rows is left out."""
+    from fused_ops.bench.suite import family_targets
+
+    def row(op, params, provider, ms, state=None):
+        return dict(op=op, params=params, dtype="bf16", provider=provider, median_ms=ms, state_bytes_per_param=state)
+
+    rows = [row("adamw8bit", "small-10k", "fused_ops", 2.0, 2.04), row("adam", "small-10k", "fused_ops", 3.0),
+            row("adamw8bit", "small-10k", "torchao", 12.0), row("adamw8bit", "small-10k", "bitsandbytes", 8.0),
+            row("adamw8bit", "gpt2-124m", "fused_ops", 5.0, 2.2), row("adam", "gpt2-124m", "fused_ops", 4.0),
+            row("adamw8bit", "gpt2-124m", "torchao", 50.0)]  # fmt: skip
+    got = {(t["target"], t["params"]): (t["value"], t["goal"], t["met"]) for t in family_targets(rows)}
+    assert got == {
+        ("8-bit AdamW speed-up over fp32 FusedAdamW", "small-10k"): (1.5, ">= 1", True),
+        ("8-bit AdamW speed-up over torchao AdamW8bit", "small-10k"): (6.0, ">= 5", True),
+        ("8-bit AdamW speed-up over bitsandbytes AdamW8bit", "small-10k"): (4.0, ">= 5", False),
+        ("8-bit AdamW state bytes per param", "small-10k"): (2.04, "<= 2.1", True),
+        ("8-bit AdamW speed-up over fp32 FusedAdamW", "gpt2-124m"): (0.8, ">= 1", False),
+        ("8-bit AdamW state bytes per param", "gpt2-124m"): (2.2, "<= 2.1", False),
+    }
+    doc = dict(results=[], targets=family_targets(rows), device="cpu", torch="x", date="d", device_kind="cpu")
+    table = bench.format_table(doc)
+    assert "over bitsandbytes AdamW8bit, small-10k bf16: 4.000 (goal >= 5): NOT met" in table
+    assert "a CPU run" in table

@@ -49,6 +49,12 @@ def format_table(doc: dict[str, Any]) -> str:
     lines += ["", fmt_row(header), fmt_row(tuple("-" * w for w in widths)), *map(fmt_row, rows)]
     if not rows:
         lines.append("(no results)")
+    if doc.get("targets"):
+        where = "" if doc.get("device_kind") == "cuda" else " (a CPU run: the speed targets are for the GPU)"
+        lines += ["", f"targets (issue 11){where}:"]
+        for t in doc["targets"]:
+            lines.append(f"  {t['target']}, {t['params']} {t['dtype']}: {t['value']:.3f} (goal {t['goal']}): "
+                         f"{'met' if t['met'] else 'NOT met'}")  # fmt: skip
     if doc.get("notes"):
         lines += ["", *(f"note: {n}" for n in doc["notes"])]
     if doc.get("skipped"):
