@@ -110,14 +110,16 @@ def _norm_partials_kernel(
     CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """partials[pid] = sum over the program's chunk of |x|^p (p = 1 or 2), of (|x| * inv_scale)^p (any other p > 0,
+    """partials[pid] = sum over the program's chunk of |x|^p (p = 1 or 2), of (|x| / scale)^p (any other p > 0,
     both read from ``scale_and_p_ptr``), or max |x| for p = inf, accumulated in fp64 in a fixed order (elementwise over
     blocks, then a tree sum): |x| is widened to fp64 before the power, so 1e20^2 does not overflow nor 1e-30^2
     underflow (the float64 value that ``reference.grad_norm`` computes; fp32 accumulation returned inf or 0 there).
-    For a general p the launcher passes ``inv_scale = 1 / max |x|`` (from a first, inf-norm launch), so every scaled
-    |x| is at most 1 and its p-th power neither overflows (1e30^100) nor, for the elements that count, underflows;
-    the power is computed in fp64 (``_pow_fp64``). The inf norm adds the sum of the chunk's nans (0 when there are
-    none) to the max, because the hardware max drops nans: a chunk with a nan yields nan, as
+    For a general p the launcher passes ``scale = max |x|`` (from a first, inf-norm launch), so every scaled
+    |x| / scale is at most 1 and its p-th power neither overflows (1e30^100) nor, for the elements that count,
+    underflows. A correctly rounded fp64 division, so the largest is exactly 1 (|x| times a rounded 1 / max can be
+    1 - 2^-53, whose p-th power is 0 for p above ~1e18: the norm came out 0). The power is computed in fp64
+    (``_pow_fp64``). The inf norm adds the sum of the chunk's nans (0 when there are none) to the max, because the
+    hardware max drops nans: a chunk with a nan yields nan, as
     ``torch.linalg.vector_norm`` does.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -126,11 +128,11 @@ def _norm_partials_kernel(
     n_here = tl.minimum(tl.load(table_ptr + numel_offset + t) - chunk_start, CHUNK_SIZE)
     x_ptr = tensor_pointer(table_ptr, 0, n_tensors, t, DTYPE, ALIGNED) + chunk_start
     if NORM == 3:
-        inv_scale = tl.load(scale_and_p_ptr).to(tl.float64)
+        scale = tl.load(scale_and_p_ptr).to(tl.float64)
         p = tl.load(scale_and_p_ptr + 1).to(tl.float64)
     else:
-        inv_scale = tl.full((), 1.0, tl.float64)  # (not read)
-        p = inv_scale
+        scale = tl.full((), 1.0, tl.float64)  # (not read)
+        p = scale
 
     # A general p takes a quarter block at a time (2 elements a thread at 1024 and 4 warps): its fp64 power on a
     # whole block holds 154 registers on sm_90 (43 so; p = 2: 32).
@@ -141,10 +143,10 @@ def _norm_partials_kernel(
         offsets = block_start + tl.arange(0, STEP)
         # Full blocks: a mask provably uniform per 16 lanes, so loads are vectorised; the tail is masked.
         if block_start + STEP <= n_here:
-            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < block_start + STEP, p, inv_scale, acc, nan_probe,
+            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < block_start + STEP, p, scale, acc, nan_probe,
                                          DTYPE, NORM)  # fmt: skip
         elif block_start < n_here:
-            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < n_here, p, inv_scale, acc, nan_probe, DTYPE,
+            acc, nan_probe = _norm_block(x_ptr, offsets, offsets < n_here, p, scale, acc, nan_probe, DTYPE,
                                          NORM)  # fmt: skip
     if NORM == 0:
         partial = tl.max(acc, axis=0) + tl.sum(nan_probe, axis=0)
@@ -154,7 +156,7 @@ def _norm_partials_kernel(
 
 
 @triton.jit
-def _norm_block(x_ptr, offsets, mask, p, inv_scale, acc, nan_probe, DTYPE: tl.constexpr, NORM: tl.constexpr):
+def _norm_block(x_ptr, offsets, mask, p, scale, acc, nan_probe, DTYPE: tl.constexpr, NORM: tl.constexpr):
     """Fold one block into the running elementwise accumulators (see ``_norm_partials_kernel``)."""
     x32 = load_fp32(x_ptr + offsets, mask, DTYPE)
     x = x32.to(tl.float64)  # (exact: every fp32/bf16/fp16 value is a double)
@@ -169,7 +171,7 @@ def _norm_block(x_ptr, offsets, mask, p, inv_scale, acc, nan_probe, DTYPE: tl.co
     else:
         # r^p, r = |x| / max |x| <= 1 (no overflow), in fp64: the float64 value, not float32's logarithm (whose
         # rounding, times p, cost 10-20 float32 ulp of the norm). 0 stays 0; inf and nan (unscaled) stay as they are.
-        r = a * inv_scale
+        r = a / scale
         acc += tl.where(a == 0.0, 0.0, tl.where(r - r != 0.0, r, _pow_fp64(r, p)))
     return acc, nan_probe
 
@@ -308,7 +310,7 @@ def norm_launch(
 
     if norm == 3:
         scale = _norm_scale(partials_of(0, None).max())
-        scale_and_p = torch.cat([1.0 / scale, torch.full_like(scale, norm_type)])
+        scale_and_p = torch.cat([scale, torch.full_like(scale, norm_type)])
         return (partials_of(3, scale_and_p).sum().pow(1.0 / norm_type) * scale).reshape(()).to(torch.float32)
     partials = partials_of(norm, None)
     if norm == 0:

@@ -45,7 +45,7 @@ _SCALAR_TYPES = {
     "seed_ptr": "*i64",
     "inv_scale": "fp32",
     "inv_scale_ptr": "*fp32",
-    "scale_and_p_ptr": "*fp64",  # (the norm kernel: 1 / max |x| and p, in float64)
+    "scale_and_p_ptr": "*fp64",  # (the norm kernel: max |x| and p, in float64)
     "partials_ptr": "*fp64",
     "p": "fp32",
 }

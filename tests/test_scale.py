@@ -174,6 +174,18 @@ def test_kernel_norm_propagates_inf_and_nan(device, p):
     assert empty.item() == 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [1e15, 1e19, 1e300])
+def test_kernel_norm_of_a_huge_p_is_the_largest_element(device, p):
+    """For a huge finite p the norm is max |x| (the limit, as reference.grad_norm gives it): the largest element
+    scaled by max |x| must be exactly 1. It was |x| times a rounded 1 / max, 1 - 2^-53 for 49, whose 1e19-th power
+    is 0: the norm came out 0 (and clip_grad_norm_ skipped clipping)."""
+    tensors = [torch.tensor([49.0, -1.0, 0.5], device=device), torch.rand(1031, device=device)]
+    got = scale_kernels.norm_launch(tensors, p, chunk_size=CHUNK, block_size=BLOCK, cache={})
+    assert got.item() == 49.0
+    assert fused_ops.grad_norm(tensors, p, backend="reference").item() == 49.0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", NORMS)
 def test_grad_norm_matches_vector_norm(backend, p):
