@@ -176,8 +176,8 @@ def span_plan(fn: str, meshes: list[tuple]) -> tuple | None:
 
 def global_norm(
     local: list[tuple[tuple | None, Tensor]], norm_type: float, device: torch.device, out_dtype: torch.dtype,
-    flag: Tensor | None = None, span: tuple | None = None,
-) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    flag: Tensor | None = None, span: tuple | None = None, refused: bool | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """The norm of all tensors of all ranks from each rank's local norms, and, with ``flag`` (a 1-element tensor,
     non-zero meaning "found inf"), that flag agreed over the meshes (1.0 where any rank's was set; fp32 on ``device``;
     None when there is no mesh).
@@ -189,6 +189,10 @@ def global_norm(
     ``span``: :func:`span_plan` of the meshes, when they are on different ranks. Then the total of each mesh that is
     not on all of those ranks, from one of its ranks (zeros from the others), and the flag go into one more
     all-reduce over all of them; the flag is agreed there alone, so every rank of every mesh has the same values.
+
+    ``refused``: whether a check of this rank's local shards failed (its local norms are then zeros): one more slot
+    of the same vectors, agreed as the flag is (over every dim of each mesh that communicates), returned third
+    (non-zero where any rank refused; None when ``refused`` is None), for :func:`raise_refused`.
     """
     inf = math.isinf(norm_type)
     plain: list[Tensor] = []
@@ -202,8 +206,9 @@ def global_norm(
             by_mesh.setdefault(key[0], []).append((key[1], v))
     op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
     totals, nans = list(plain), [v.isnan() for v in plain]
-    agreed = None
+    agreed = agreed_refused = None
     chain = flag if span is None else None  # (the flag chained through the meshes' reductions)
+    own = None if refused is None else torch.tensor([1.0 if refused else 0.0], dtype=torch.float64)
     shared: list[Tensor] = []  # (with span) each mesh not on all its ranks: its total and NaN count, in mesh order
     for mesh, entries in by_mesh.items():
         alone = span is not None and _span(mesh) != span[2]
@@ -214,6 +219,8 @@ def global_norm(
             continue
         mesh_device = entries[0][1].device
         dims = sorted({d for dd, _ in entries for d in dd}) if flag is None else list(range(mesh.ndim))
+        if dims and refused is not None:  # (every rank of the mesh learns of a refusal: the same collectives)
+            dims = list(range(mesh.ndim))
         vals = [v if all(coord[d] == 0 for d in dims if d not in dd) else torch.zeros_like(v) for dd, v in entries]
         vec = torch.stack(vals)
         bad = vec.isnan()
@@ -221,6 +228,8 @@ def global_norm(
         if chain is not None:
             f = chain if agreed is None else agreed
             parts.append((f.detach().reshape(1) != 0).to(mesh_device, torch.float64))
+        if own is not None:
+            parts.append((own if agreed_refused is None else agreed_refused).to(mesh_device, torch.float64))
         vec = torch.cat(parts)
         for group in _groups(mesh, dims, mesh_device):
             dist.all_reduce(vec, op, group=group)
@@ -234,9 +243,14 @@ def global_norm(
         nans.append(vec[k] > 0)
         if chain is not None:
             agreed = (vec[k + 1] > 0).to(torch.float32).reshape(1)
+        if own is not None:
+            agreed_refused = vec[-1].reshape(1)
     if span is not None:
         groups, span_device, _ = span
         parts = shared if flag is None else [*shared, (flag.detach().reshape(1) != 0).to(span_device, torch.float64)]
+        if own is not None:
+            mine = own if agreed_refused is None else torch.maximum(own, agreed_refused.cpu())
+            parts = [*parts, mine.to(span_device)]
         vec = torch.cat(parts)
         for group in groups:
             dist.all_reduce(vec, op, group=group)
@@ -246,10 +260,12 @@ def global_norm(
         nans.append((vec[1:m:2] > 0).any())
         if flag is not None:
             agreed = (vec[m] > 0).to(torch.float32).reshape(1)
+        if own is not None:
+            agreed_refused = vec[-1].reshape(1)
     stacked = torch.stack(totals)
     total = stacked.max() if inf else stacked.sum().pow(1.0 / norm_type)
     total = torch.where(torch.stack(nans).any(), math.nan, total) if nans else total
-    return total.to(out_dtype), agreed
+    return total.to(out_dtype), agreed, (own if agreed_refused is None else agreed_refused)
 
 
 def agree_flag(found_inf: Tensor, meshes: list[tuple], span: tuple | None = None) -> None:
@@ -272,6 +288,44 @@ def agree_flag(found_inf: Tensor, meshes: list[tuple], span: tuple | None = None
     if flag is not None:
         flag = flag.to(found_inf.device, found_inf.dtype).reshape(found_inf.shape)
         found_inf.copy_(torch.where(found_inf != 0, found_inf, flag))
+
+
+def local_error(specs: list | None, check: Callable[[], None]) -> BaseException | None:
+    """Run ``check`` (a check of this rank's local shards, which may fail on some ranks only: freed storage, shared
+    memory); with DTensors (``specs`` not None) return its error instead of raising it, for :func:`agree_refusal` or
+    the norm's reduction (:func:`global_norm`'s ``refused``) to raise on every rank before anything is written. Without
+    DTensors it raises."""
+    if specs is None:
+        check()
+        return None
+    try:
+        check()
+    except (ValueError, TypeError, RuntimeError) as e:
+        return e
+    return None
+
+
+def raise_refused(fn: str, err: BaseException | None, refused: Tensor | None) -> None:
+    """After the agreement: this rank's own error, else a RuntimeError when another rank refused its input
+    (``refused``: the agreed flag, read on the host; None when nothing was agreed)."""
+    if err is not None:
+        raise err
+    if refused is not None and bool(refused.reshape(-1)[0] != 0):
+        raise RuntimeError(f"{fn}: another rank refused its input (a check of its local shards failed there, see its "
+                           "error); nothing was changed on this rank either")  # fmt: skip
+
+
+def agree_refusal(fn: str, err: BaseException | None, meshes: list[tuple], span: tuple | None = None) -> None:
+    """One tiny all-reduce (MAX, see :func:`agree_flag`) of "a local check failed" over ``meshes``, before anything
+    is written or sent; then this rank's own error, or, where another rank's check failed, a RuntimeError: every
+    rank raises. A host read of the agreed flag."""
+    if not meshes:
+        if err is not None:
+            raise err
+        return
+    flag = torch.full((1,), 0.0 if err is None else 1.0, dtype=torch.float32, device=meshes[0][1])
+    agree_flag(flag, meshes, span)
+    raise_refused(fn, err, flag)
 
 
 def meshes_of(specs: list, tensors: list[Tensor]) -> list[tuple]:

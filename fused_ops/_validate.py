@@ -111,8 +111,8 @@ def loaded_tensor_problem(x: Tensor) -> str | None:
     dense, meta (no values), or outside its storage (freed or shrunk in place: torch's ops would read it unchecked).
     A DTensor is judged by its local shard."""
     local = x._local_tensor if not has_memory(type(x)) and hasattr(x, "_local_tensor") else x
-    if local.layout != torch.strided:
-        return f"must be a dense tensor, got {local.layout}"
+    if local.layout != torch.strided or local.is_nested:  # (a nested tensor's layout reads strided)
+        return f"must be a dense tensor, got {'a nested tensor' if local.is_nested else local.layout}"
     if local.is_meta:
         return "is a meta tensor (no values)"
     if outside_storage(local):

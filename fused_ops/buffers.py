@@ -179,6 +179,9 @@ class FlatBuffer:
             cap = max(1, int(bucket_cap_mb * 2**20) // dtype.itemsize)
         pad_to = math.lcm(align, world_size)
         self.offsets, self._spans, self._bucket_layout, self.numel = _layout(self.numels, align, cap, pad_to)
+        if self.numel * dtype.itemsize > 2**63 - 1:  # (torch's sizes are int64; it raised its own overflow error)
+            raise ValueError(f"{fn}: align={align} (world_size={world_size}) pads the buffer to {self.numel} elements "
+                             f"of {dtype}, more bytes than a tensor can hold (2**63 - 1)")  # fmt: skip
         return tensors
 
     def _views_of(self, data: Tensor) -> list[Tensor]:
@@ -368,6 +371,9 @@ class FlatBuffer:
             if not functional._all_tensors(tensors):
                 i = next(i for i, x in enumerate(tensors) if not isinstance(x, Tensor))
                 raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(tensors[i]).__name__}")
+            if any(x.is_nested for x in tensors):  # (its layout reads strided; it has no shape to compare)
+                i = next(i for i, x in enumerate(tensors) if x.is_nested)
+                raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got a nested tensor")
         if len(tensors) != len(self.views):
             raise ValueError(f"{fn}: got {len(tensors)} tensors, the buffer holds {len(self.views)}")
         if all(x.shape == shape for x, shape in zip(tensors, self.shapes)):  # the loop below names the offender
@@ -480,7 +486,9 @@ class FlatBuffer:
 
     def zero_(self) -> FlatBuffer:
         """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""
-        self._check_data("FlatBuffer.zero_").zero_()
+        data = self._check_data("FlatBuffer.zero_")
+        functional._check_memory("FlatBuffer.zero_", [("the buffer", [data], True, False, True)])  # (inference data)
+        data.zero_()
         return self
 
     def bind_data_(self, tensors: Sequence[Tensor]) -> None:
@@ -544,6 +552,7 @@ class FlatBuffer:
         return bool(
             not all(map(has_memory, {type(x) for x in tensors}))
             or {x.layout for x in tensors} - {torch.strided}
+            or any(x.is_nested for x in tensors)
             or {x.dtype for x in tensors} - {self.dtype}
             or {x.device for x in tensors} - {self.device}
         )
@@ -554,8 +563,9 @@ class FlatBuffer:
         assignment, after the earlier tensors of the list were bound)."""
         if not has_memory(type(x)):
             raise TypeError(f"{fn}: {label} is a {type(x).__name__}, not a plain tensor with memory of its own")
-        if x.layout != torch.strided:
-            raise TypeError(f"{fn}: {label} must be a dense tensor, got {x.layout}")
+        if x.layout != torch.strided or x.is_nested:  # (a nested tensor's layout reads strided)
+            got = "a nested tensor" if x.is_nested else x.layout
+            raise TypeError(f"{fn}: {label} must be a dense tensor, got {got}")
 
 
 def _where(x: Tensor) -> tuple:

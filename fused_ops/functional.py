@@ -27,6 +27,18 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite in float32 (|x| <= {_FP32_MAX:.4g}), got {value}")
 
 
+def _check_adam_number(name: str, value, bools: bool = False) -> None:
+    """A number argument of :func:`adam_` (a bool only where ``bools``: torch.optim.AdamW takes ``lr=True``, ``eps``
+    and ``weight_decay`` too, and refuses a bool beta), or a 1-element tensor, finite in float32."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"adam_: {name} must be a number or a 1-element tensor, got a tensor of {value.numel()} "
+                             "elements")  # fmt: skip
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool) and not bools:
+        raise TypeError(f"adam_: {name} must be a number, got {type(value).__name__} {value!r}")
+    _check_finite(f"adam_: {name}", value)
+
+
 def adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -70,11 +82,12 @@ def adam_(
 
     One kernel launch per (device, dtype) group on the Triton backend, whatever the number of tensors.
     """
-    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    params, grads = _as_list("adam_", "params", params), _as_list("adam_", "grads", grads)
+    exp_avgs, exp_avg_sqs = _as_list("adam_", "exp_avgs", exp_avgs), _as_list("adam_", "exp_avg_sqs", exp_avg_sqs)
     n = len(params)
-    max_exp_avg_sqs = list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else []
-    state_steps = list(state_steps) if state_steps is not None else []
-    master_params = list(master_params) if master_params is not None else []
+    max_exp_avg_sqs = _as_list("adam_", "max_exp_avg_sqs", max_exp_avg_sqs) if max_exp_avg_sqs is not None else []
+    state_steps = _as_list("adam_", "state_steps", state_steps) if state_steps is not None else []
+    master_params = _as_list("adam_", "master_params", master_params) if master_params is not None else []
     if master_params and len(master_params) != n:
         raise ValueError(f"adam_: master_params has {len(master_params)} tensors but params has {n}")
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
@@ -86,13 +99,15 @@ def adam_(
         raise ValueError(f"adam_: state_steps has {len(state_steps)} tensors but params has {n}")
     if not state_steps and step is None:
         raise ValueError("adam_: pass state_steps (step counts) or step (a step number >= 1)")
-    if step is not None and not (math.isfinite(step) and step >= 1):
-        raise ValueError(f"adam_: step must be a finite number >= 1, got {step}")
+    if step is not None:
+        _check_adam_number("step", step)
+        if not (math.isfinite(step) and step >= 1):
+            raise ValueError(f"adam_: step must be a finite number >= 1, got {step}")
     for name, value in (("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay)):
-        _check_finite(name, value)
+        _check_adam_number(name, value, bools=name in ("eps", "weight_decay"))
     lr_tensor = lr if isinstance(lr, Tensor) else None
     if lr_tensor is None:
-        _check_finite("lr", lr)
+        _check_adam_number("lr", lr, bools=True)
     for name, x in (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         check_scalar("adam_", name, x)
     if n == 0:
@@ -150,16 +165,16 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             raise TypeError(f"adam_: {name}[{i}] is a {type(t).__name__} on {t.device}, not a plain tensor with "
                             "memory of its own; pass the local shard of a DTensor (to_local())")  # fmt: skip
     for i, p in enumerate(params):
-        if p.layout != torch.strided or p.dtype not in _ADAM_DTYPES:
+        if p.layout != torch.strided or p.is_nested or p.dtype not in _ADAM_DTYPES:
             raise TypeError(f"adam_: params[{i}] must be a dense float32, bfloat16 or float16 tensor, got {p.dtype} "
-                            f"({p.layout})")  # fmt: skip
+                            f"({_layout_name(p)})")  # fmt: skip
         if not p.is_contiguous():
             raise ValueError(f"adam_: params[{i}] must be contiguous (it is updated in place)")
         device, numel = p.device, p.numel()
         for name, lst in lists:
             t = lst[i]
-            if t.layout != torch.strided:
-                raise TypeError(f"adam_: {name}[{i}] must be a dense tensor, got {t.layout}")
+            if t.layout != torch.strided or t.is_nested:
+                raise TypeError(f"adam_: {name}[{i}] must be a dense tensor, got {_layout_name(t)}")
             if name == "grads":
                 if t.dtype != p.dtype and t.dtype != torch.float32:
                     raise TypeError(f"adam_: grads[{i}] is {t.dtype}; it must have the param's dtype ({p.dtype}) or "
@@ -170,11 +185,14 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
                 raise ValueError(f"adam_: {name}[{i}] is on {t.device} but params[{i}] is on {device}")
             if t.numel() != numel:
                 raise ValueError(f"adam_: {name}[{i}] has {t.numel()} elements but params[{i}] has {numel}")
+            if name == "master_params" and t.shape != p.shape:  # (the plain-torch path copies it into the param)
+                raise ValueError(f"adam_: master_params[{i}] has shape {tuple(t.shape)} but params[{i}] has "
+                                 f"{tuple(p.shape)}")  # fmt: skip
             if not t.is_contiguous():
                 raise ValueError(f"adam_: {name}[{i}] must be contiguous")
         if state_steps:
             s = state_steps[i]
-            if s.dtype != torch.float32 or s.numel() != 1 or s.layout != torch.strided:
+            if s.dtype != torch.float32 or s.numel() != 1 or s.layout != torch.strided or s.is_nested:
                 raise TypeError(f"adam_: state_steps[{i}] must be a 1-element float32 tensor, got {s.dtype} with "
                                 f"{s.numel()} elements")  # fmt: skip
             if s.device != device:
@@ -213,7 +231,7 @@ def _check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
 # Comprehensions, not ``map`` over module-level ``attrgetter``s: as fast, and Dynamo traces them.
 
 import numbers  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
 from operator import attrgetter  # noqa: E402
 
 from . import _dtensor, reference  # noqa: E402
@@ -240,7 +258,8 @@ def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor]
     compiling = torch.compiler.is_compiling()  # (traced: fake tensors; the eager call checks the classes)
     if all(_has_memory(cls) or compiling and issubclass(cls, Tensor) for cls in {type(x) for x in tensors}):
         dtypes = {x.dtype for x in tensors}
-        if all(d.is_floating_point for d in dtypes) and {x.layout for x in tensors} <= _STRIDED:
+        if (all(d.is_floating_point for d in dtypes) and {x.layout for x in tensors} <= _STRIDED
+                and not any(x.is_nested for x in tensors)):  # fmt: skip
             return tensors, dtypes
     for i, x in enumerate(tensors):
         if not isinstance(x, Tensor):
@@ -248,11 +267,16 @@ def _float_tensors_and_dtypes(fn: str, name: str, tensors) -> tuple[list[Tensor]
         if not (compiling or _has_memory(type(x))):
             raise TypeError(f"{fn}: {name}[{i}] is a {type(x).__name__}, not a plain tensor with memory of its own; "
                             "pass its local tensor (a DTensor's to_local())")  # fmt: skip
-        if x.layout != torch.strided:
-            raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
+        if x.layout != torch.strided or x.is_nested:  # (a nested tensor's layout reads strided)
+            raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {_layout_name(x)}")
         if not x.is_floating_point():
             raise TypeError(f"{fn}: {name}[{i}] must be a floating-point tensor, got {x.dtype}")
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _layout_name(x: Tensor) -> str:
+    """``x``'s layout as an error names it: a nested tensor reports ``torch.strided``."""
+    return "a nested tensor" if x.is_nested else str(x.layout)
 
 
 def _float_tensors(fn: str, name: str, tensors) -> list[Tensor]:
@@ -289,6 +313,26 @@ def _reduced(fn: str, name: str, xs: list, local: list[Tensor], specs: list) -> 
             check_storage(fn, f"{name}[{i}]", [local[i]], indexed=False)
         local, specs = _dtensor.reduce_partials(xs, local, specs)
     return local, specs
+
+
+def _norm_locals(fn: str, name: str, tensors: list, err: BaseException | None = None) -> tuple:
+    """For a norm: ``_float_locals(..., partial="reduce")`` where the local shards' storage (a check that may fail on
+    some ranks only) is checked before any collective. Returns ``(local, dtypes, specs, err)``: with DTensors, the
+    error of this rank's check (or ``err``, one the caller found) is returned, for :func:`_global_grad_norm` to agree
+    in its reduction; where a ``Partial`` DTensor is reduced first, it is agreed before (one tiny all-reduce) and
+    raised on every rank."""
+    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=True)
+    local, dtypes = _float_tensors_and_dtypes(fn, name, local)
+    if specs is None:
+        if err is not None:
+            raise err
+        return local, dtypes, specs, None
+    err = err or _dtensor.local_error(specs, lambda: check_storage(fn, name, local))
+    if any(map(_dtensor.is_partial, specs)):
+        span = _dtensor.span_plan(fn, _dtensor.meshes_of(specs, local))
+        _dtensor.agree_refusal(fn, err, _dtensor.meshes_of(specs, local), span)
+        local, specs = _dtensor.reduce_partials(tensors, local, specs)
+    return local, dtypes, specs, err
 
 
 def _check_dtensor_pairs(fn: str, a: tuple[str, list, list | None], b: tuple[str, list, list | None]) -> None:
@@ -691,7 +735,10 @@ def unscale_(
     it is 1-D or spans every rank, else one per mesh dim). ``out[i]`` is then a DTensor with ``grads[i]``'s mesh,
     placements and shape. A ``Partial`` grad's summands are unscaled and checked, as torch's ``GradScaler`` does on
     DTensors (a sum of finite summands that overflows is not seen, there as here). A mismatched ``out`` raises the
-    same ValueError on every rank before anything changes. A list without DTensors never communicates.
+    same ValueError on every rank before anything changes. A list without DTensors never communicates. With
+    ``found_inf``, a check of the local shards that fails on some ranks only (storage freed, memory shared) is agreed
+    in one tiny all-reduce before anything is written (read on the host): that rank raises its error, the others a
+    RuntimeError, nothing changed.
 
     Everything every group needs (its chunk table, the scalars moved to its device) is allocated before the first
     group runs: an error there (out of memory) leaves every tensor as it was.
@@ -699,15 +746,24 @@ def unscale_(
     _unscale(grads, inv_scale, found_inf, out, backend)
 
 
-def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None = None) -> None:
+def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None = None, err=None) -> None:
     """:func:`unscale_`; ``done`` (a list) receives the index of each tensor written in place (the grad, or its
     ``out``) by a group that ran, also when a later group's launch raised (what :class:`DynamicLossScaler` records as
-    unscaled, so that a retry is refused rather than dividing those twice)."""
+    unscaled, so that a retry is refused rather than dividing those twice). ``err``: an error the caller found on
+    this rank (raised, or with DTensor grads agreed with the other ranks' checks, as those of the local shards)."""
     grads_in = _as_list("unscale_", "grads", grads)
     grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep")
-    _check_inv_scale("unscale_", inv_scale)
+    if err is not None and g_specs is None:
+        raise err
+
+    # (with DTensor grads, the checks of what may differ between ranks (memory: storage freed on one rank, shared
+    # memory, a scalar without memory) are agreed before anything is written, where the op communicates: see below)
+    def local(check: Callable[[], None]) -> BaseException | None:
+        return _dtensor.local_error(g_specs, check)
+
+    err = err or local(lambda: _check_inv_scale("unscale_", inv_scale))
     if found_inf is not None:
-        _scalar_tensor("unscale_", "found_inf", found_inf)
+        err = err or local(lambda: _scalar_tensor("unscale_", "found_inf", found_inf))
     out_in = _as_list("unscale_", "out", out) if out is not None else []
     outs, o_dtypes, o_specs = (_float_locals("unscale_", "out", out_in, partial="keep") if out is not None
                                else ([], set(), None))  # fmt: skip
@@ -723,27 +779,39 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
                 if o.shape != g.shape or o.device != g.device:
                     raise ValueError(f"unscale_: out[{i}] is {tuple(o.shape)} on {o.device} but grads[{i}] is "
                                      f"{tuple(g.shape)} on {g.device}")  # fmt: skip
+    _check_unscale_kinds("unscale_", (("grads", grads), ("out", outs)), g_dtypes | o_dtypes, devices)
     # (any layout is written, as torch's unscale takes it: through a contiguous copy, so that no DTensor shard's
     # layout, which may differ between ranks, makes one rank raise while the others wait in the found_inf agreement)
-    _check_not_tracked("unscale_", "out" if outs else "grads", outs or grads)
-    _check_writable("unscale_", "out" if outs else "grads", outs or grads)
+    err = err or local(lambda: (_check_not_tracked("unscale_", "out" if outs else "grads", outs or grads),
+                                _check_writable("unscale_", "out" if outs else "grads", outs or grads)))  # fmt: skip
     meshes = _dtensor.meshes_of(g_specs, grads) if g_specs is not None and found_inf is not None else []
     span = _dtensor.span_plan("unscale_", meshes)  # (meshes on different ranks: refused before anything is written)
     if not grads:
+        if err is not None:
+            raise err
         return
     scalars = [(name, [x], written, False, True) for name, x, written in
                (("found_inf", found_inf, True), ("inv_scale", inv_scale, False)) if isinstance(x, Tensor)]  # fmt: skip
+    grads_dense = _all_contiguous(grads)
+    outs_dense = _all_contiguous(outs)
     if outs:
-        grads_dense = _all_contiguous(grads)
-        outs_dense = _all_contiguous(outs)
-        _check_memory("unscale_", [("grads", grads, False, True, grads_dense), ("out", outs, True, True, outs_dense),
-                                   *scalars], same=(1, 0))  # fmt: skip
+        err = err or local(lambda: _check_memory("unscale_", [("grads", grads, False, True, grads_dense),
+                                                              ("out", outs, True, True, outs_dense), *scalars],
+                                                 same=(1, 0)))  # fmt: skip
+    else:
+        err = err or local(lambda: _check_memory("unscale_", [("grads", grads, True, True, grads_dense), *scalars]))
+    # (a check that failed on some ranks only raises on every rank, nothing written: one tiny all-reduce where the op
+    # agrees found_inf anyway; without found_inf it does not communicate, and a failing rank raises alone)
+    if meshes:
+        _dtensor.agree_refusal("unscale_", err, meshes, span)
+    elif err is not None:
+        raise err
+    if outs:
         if not grads_dense:
             grads = [x.contiguous() for x in grads]
         written = outs
         outs, back = _staged(outs, values=False)
     else:
-        _check_memory("unscale_", [("grads", grads, True, True, _all_contiguous(grads)), *scalars])
         written = grads
         grads, back = _staged(grads, values=True)
     launches = _prepare_unscale("unscale_", grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes,
@@ -757,6 +825,22 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
     _write_back(back)
     if meshes:
         _dtensor.agree_flag(found_inf, meshes, span)
+
+
+def _check_unscale_kinds(fn: str, named, dtypes: set, devices: set) -> None:
+    """Float8 (every 1-byte float dtype) and meta tensors refused for every group before any group runs, on both
+    backends: the reference path divided the first groups' grads, then torch raised on the float8 or meta one (its
+    unscale has no float8 kernel; a meta tensor has no memory); the Triton launch refuses them too."""
+    if not any(d.itemsize == 1 for d in dtypes) and all(d.type != "meta" for d in devices):
+        return
+    for name, xs in named:
+        for i, x in enumerate(xs):
+            if x.dtype.itemsize == 1:
+                raise TypeError(f"{fn}: does not support {x.dtype} tensors ({name}[{i}] is {x.dtype}); unscale a "
+                                "float32, bfloat16 or float16 copy")  # fmt: skip
+            if x.is_meta:
+                raise TypeError(f"{fn}: {name}[{i}] is on meta: {fn} cannot run on meta tensors (they have no "
+                                "memory)")  # fmt: skip
 
 
 def _prepare_unscale(fn, grads, outs, inv_scale, found_inf, backend, devices, g_dtypes, o_dtypes, named=()) -> list:
@@ -830,7 +914,9 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     returns a DTensor: ``Replicate()``, or ``Partial(max)`` for inf; its ``full_tensor()`` is this value). Each rank
     computes its local shards' partial norm with the kernels above, then one all-reduce per mesh (SUM of p-th
     powers, MAX for inf; over the mesh dims where some tensor is sharded, replicas counted once) adds the other
-    ranks' partials; no host sync. DTensors on several meshes and plain tensors may be mixed: each mesh is reduced
+    ranks' partials; no host sync but one read of whether a rank's check of its shards failed (a slot of the same
+    all-reduce: that rank raises its error, the others a RuntimeError). DTensors on several meshes and plain
+    tensors may be mixed: each mesh is reduced
     on its own, plain tensors count as they are on this rank, and the parts combine. Meshes on different ranks (a
     sub-mesh next to a mesh of all ranks) add one all-reduce over all their ranks, so that every rank has every
     mesh's part; where neither a mesh nor the default group spans them all, the same ValueError is raised on every
@@ -842,14 +928,13 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
     overflow there for a large p.
     """
     norm_type = _check_norm_type("grad_norm", norm_type)
-    tensors, dtypes, specs = _float_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors),
-                                           partial="reduce")  # fmt: skip
+    tensors, dtypes, specs, err = _norm_locals("grad_norm", "tensors", _as_list("grad_norm", "tensors", tensors))
     if specs is not None:
-        return _global_grad_norm("grad_norm", tensors, dtypes, norm_type, backend, "tensors", specs)[0]
+        return _global_grad_norm("grad_norm", tensors, dtypes, norm_type, backend, "tensors", specs, err=err)[0]
     return _grad_norm("grad_norm", tensors, dtypes, norm_type, backend)
 
 
-def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tensor:
+def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors", checked=False) -> Tensor:
     if not tensors:
         return torch.zeros(())
     if len(dtypes) == 1 and len({x.device for x in tensors}) == 1:
@@ -860,7 +945,8 @@ def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tenso
             for key, idx in _groups(lambda i: (tensors[i].device, tensors[i].dtype), len(tensors))
         ]
     backends = [_op_backend(fn, backend, device, [dtype], named=((name, tensors),)) for (device, dtype), _ in groups]
-    check_storage(fn, name, tensors)
+    if not checked:
+        check_storage(fn, name, tensors)
     norms = [_ops.grad_norm_eager(_contiguous(group), norm_type, b) for (_, group), b in zip(groups, backends)]
     if len(norms) == 1:
         return norms[0]
@@ -875,17 +961,30 @@ def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors") -> Tenso
     return (torch.linalg.vector_norm(stacked / scale, norm_type) * scale).to(out_dtype)
 
 
-def _global_grad_norm(fn, tensors, dtypes, norm_type, backend, name, specs, flag=None) -> tuple[Tensor, Tensor | None]:
+def _global_grad_norm(
+    fn, tensors, dtypes, norm_type, backend, name, specs, flag=None, err=None
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """The norm over every rank of local shards ``tensors`` (DTensors' ``specs``; see :func:`grad_norm`), and,
-    with ``flag`` (a 1-element found-inf flag), that flag agreed over the meshes (see ``_dtensor.global_norm``)."""
+    with ``flag`` (a 1-element found-inf flag), that flag agreed over the meshes (see ``_dtensor.global_norm``).
+
+    ``err``: this rank's error from a check of its local shards (which may fail on some ranks only): its local norms
+    are then zeros, the refusal is agreed in the norm's reduction, and every rank raises (this one ``err``, the
+    others a RuntimeError) before the caller writes anything. A host read of the agreed refusal."""
     for device, dtype in {(x.device, x.dtype) for x in tensors}:  # (all resolved before anything runs)
         _op_backend(fn, backend, device, [dtype], named=((name, tensors),))
     span = _dtensor.span_plan(fn, _dtensor.meshes_of(specs, tensors))  # (meshes on different ranks: refused here)
+    if err is None:
+        err = _dtensor.local_error(specs, lambda: check_storage(fn, name, tensors))
     keys = [_dtensor.norm_key(s) for s in specs]
-    local = [(key, _grad_norm(fn, [tensors[i] for i in idx], {tensors[i].dtype for i in idx}, norm_type, backend, name))
+    local = [(key, torch.zeros((), dtype=torch.float64, device=tensors[idx[0]].device) if err is not None else
+              _grad_norm(fn, [tensors[i] for i in idx], {tensors[i].dtype for i in idx}, norm_type, backend, name,
+                         checked=True))
              for key, idx in _groups(keys.__getitem__, len(tensors))]  # fmt: skip
     out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-    return _dtensor.global_norm(local, norm_type, tensors[0].device, out_dtype, flag, span)
+    total, agreed, refused = _dtensor.global_norm(local, norm_type, tensors[0].device, out_dtype, flag, span,
+                                                  refused=err is not None)  # fmt: skip
+    _dtensor.raise_refused(fn, err, refused)
+    return total, agreed
 
 
 def _check_max_norm(fn: str, max_norm) -> float:
@@ -981,14 +1080,23 @@ def clip_grad_norm_(
                 rounds.append([])
             rounds[k].append(g)
     dense = _all_contiguous(rounds[0])
-    if not dense:  # (before anything is written: torch's _foreach_mul_ refuses one after scaling the others)
-        _check_writable("clip_grad_norm_", "grads", rounds[0])
-    _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
+
+    def check() -> None:
+        if not dense:  # (before anything is written: torch's _foreach_mul_ refuses one after scaling the others)
+            _check_writable("clip_grad_norm_", "grads", rounds[0])
+        _check_memory("clip_grad_norm_", [("grads", rounds[0], True, True, dense)])
+
+    # (with DTensor grads a check that fails on some ranks only is agreed before anything is sent or written: in the
+    # norm's reduction, or first, in one tiny all-reduce, where a Partial grad is reduced before it)
+    err = _dtensor.local_error(specs, check)
     if specs is not None:
         # (a Partial grad's norm is its reduced value's; its summands are then scaled in place, which scales the sum)
+        if any(map(_dtensor.is_partial, specs)):
+            meshes = _dtensor.meshes_of(specs, grads)
+            _dtensor.agree_refusal("clip_grad_norm_", err, meshes, _dtensor.span_plan("clip_grad_norm_", meshes))
         n_local, n_specs = _dtensor.reduce_partials(grads_in, grads, specs)
         total = _global_grad_norm("clip_grad_norm_", n_local, {g.dtype for g in grads}, norm_type, backend, "grads",
-                                  n_specs)[0]  # fmt: skip
+                                  n_specs, err=err)[0]  # fmt: skip
     else:
         total = _grad_norm("clip_grad_norm_", grads, {g.dtype for g in grads}, norm_type, backend, "grads")
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):

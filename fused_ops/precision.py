@@ -216,6 +216,14 @@ def _grad_keys(xs) -> _Spans:
     return _Spans(parts)
 
 
+def _has_dtensor(xs: list) -> bool:
+    return not set(map(type, xs)) <= _PLAIN_TYPES and functional._dtensor.has_dtensor(xs)
+
+
+def _is_dtensor(x) -> bool:
+    return functional._dtensor.DTensor is not None and isinstance(x, functional._dtensor.DTensor)
+
+
 def _some_outside_storage(xs) -> bool:
     """Whether a tensor of ``xs`` (a DTensor: its local shard) lies outside its storage (freed or shrunk in place):
     its span then says nothing about the memory it shares, and the op refuses it by that name, before anything is
@@ -405,6 +413,7 @@ class DynamicLossScaler:
         self._warned_min_scale = 0
         self._unscaled = _Spans()  # _grad_keys of the tensors unscale_ wrote since the last update
         self._unscaled_storages: list = []  # their storages: (device, start, end, weakref or None), see _forget_freed
+        self._unscaled_dtensors: dict = {}  # id -> weakref of the DTensors unscale_ wrote since the last update
 
     # -- device tensors (reading them does not sync) ------------------------------------------------------------
 
@@ -442,22 +451,40 @@ class DynamicLossScaler:
         grads, out = _listed(grads), _listed(out)  # (a generator is read once, here)
         keys = _grad_keys(grads) if isinstance(grads, list) else _Spans()
         out_keys = _grad_keys(out) if isinstance(out, list) else _Spans()
-        self._refuse_own_state("unscale_", (("grads", grads, keys), ("out", out, out_keys)))
-        self._refuse_unscaled("unscale_", grads, keys)
+        err = None
+        try:
+            self._refuse_own_state("unscale_", (("grads", grads, keys), ("out", out, out_keys)))
+            self._refuse_unscaled("unscale_", grads, keys)
+        except (ValueError, RuntimeError) as e:
+            # (decided from this rank's memory, where a DTensor's shard may differ between ranks (an empty one has
+            # none): agreed with the other ranks before anything is written, so that every rank raises)
+            if not (isinstance(grads, list) and _has_dtensor(grads)):
+                raise
+            err = e
         done: list[int] = []
         try:
             with torch.no_grad():  # (grads of a create_graph backward require grad: unscaled in place, as torch's)
-                functional._unscale(grads, self.inv_scale, self._found_inf, out, self.backend, done)
+                functional._unscale(grads, self.inv_scale, self._found_inf, out, self.backend, done, err)
         except BaseException:
             # (every group's launch is prepared before the first runs, so an error leaves the grads as they were,
             # unless a launch itself failed after an earlier group was written: those grads are recorded, and a
             # retry is refused rather than dividing them twice)
             if done:
                 written = grads if out is None else out
+                self._remember_dtensors([written[i] for i in done])
                 self._record_unscaled([written[i] for i in done], _grad_keys([written[i] for i in done]))
             raise
+        self._remember_dtensors(grads if out is None else out)
         self._record_unscaled(grads if out is None else out, keys if out is None else out_keys)
         return self._found_inf
+
+    def _remember_dtensors(self, tensors: list) -> None:
+        """The DTensors of ``tensors`` (just unscaled), by identity: a second unscale_ of one is refused on every rank
+        alike, also where its local shard is empty (and so has no span, see :func:`_grad_keys`) on some ranks."""
+        if _has_dtensor(tensors):
+            for x in tensors:
+                if _is_dtensor(x):
+                    self._unscaled_dtensors[id(x)] = weakref.ref(x)
 
     def _record_unscaled(self, tensors: list, keys: _Spans) -> None:
         """Remember ``keys`` (what ``tensors`` hold) as unscaled until the next update, and the storages they are in
@@ -534,11 +561,13 @@ class DynamicLossScaler:
         tracked)."""
         state = self.__dict__.copy()
         state["_unscaled_storages"] = [(*chunk[:3], None) for chunk in self._unscaled_storages]
+        state["_unscaled_dtensors"] = {}  # (weak references: a copy's grads are other objects)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_unscaled_storages", [])
+        self.__dict__.setdefault("_unscaled_dtensors", {})
 
     def _state_tensors(self) -> list[tuple[str, Tensor]]:
         """Every tensor the scaler keeps, by name, but ``found_inf``: ``fused_ops.unscale_`` writes it, so it refuses
@@ -586,7 +615,17 @@ class DynamicLossScaler:
         :meth:`unscale_` already divided by the scale (in place, or the ``out`` it wrote) since the last
         :meth:`update` would be divided twice, or give a norm too small by the scale. Any shared memory counts (a
         grad and a flat buffer or a slice holding it: byte ranges on one device, see :class:`_Spans`)."""
-        if not self._unscaled or not isinstance(grads, list):
+        if not isinstance(grads, list):
+            return
+        if self._unscaled_dtensors and _has_dtensor(grads):  # (by identity: the same on every rank)
+            ids = self._unscaled_dtensors
+            if any(_is_dtensor(x) and (r := ids.get(id(x))) is not None and r() is x for x in grads):
+                raise RuntimeError(
+                    f"DynamicLossScaler.{fn}: grads were already unscaled by unscale_() since the last update() (they "
+                    "would be divided by the scale twice); unscale each grad once per step, and call update() after "
+                    "the optimizer step"
+                )
+        if not self._unscaled:
             return
         if keys is None:
             keys = _grad_keys(grads)
@@ -619,13 +658,19 @@ class DynamicLossScaler:
         """
         fn = "DynamicLossScaler.grad_scale_and_norm"
         grads = _listed(grads)
-        self._refuse_unscaled("grad_scale_and_norm", grads)
+        err = None
+        try:
+            self._refuse_unscaled("grad_scale_and_norm", grads)
+        except RuntimeError as e:  # (with DTensors: agreed in the norm's reduction, see unscale_)
+            if not (isinstance(grads, list) and _has_dtensor(grads)):
+                raise
+            err = e
         if max_norm is not None:
             max_norm = functional._check_max_norm(fn, max_norm)
         norm_type = functional._check_norm_type(fn, norm_type)
-        local, dtypes, specs = functional._float_locals("grad_norm", "tensors",
-                                                        functional._as_list("grad_norm", "tensors", grads),
-                                                        partial="reduce")  # fmt: skip
+        local, dtypes, specs, err = functional._norm_locals(
+            "grad_norm", "tensors", functional._as_list("grad_norm", "tensors", grads), err
+        )
         if any(g.is_meta for g in local) and not self._scale.is_meta:  # (the norm is read into the scaler's device)
             i = next(i for i, g in enumerate(local) if g.is_meta)
             raise TypeError(f"{fn}: grads[{i}] is a meta tensor (no memory), the scaler's scale is on "
@@ -635,7 +680,7 @@ class DynamicLossScaler:
             agreed = None
         else:
             scaled, agreed = functional._global_grad_norm("grad_norm", local, dtypes, norm_type, self.backend,
-                                                          "tensors", specs, flag=self._found_inf)  # fmt: skip
+                                                          "tensors", specs, flag=self._found_inf, err=err)  # fmt: skip
         scaled = scaled.to(self.device)
         bad = (~torch.isfinite(scaled)).to(torch.float32).reshape(1)
         if agreed is not None:
@@ -693,6 +738,7 @@ class DynamicLossScaler:
         self._found_inf.zero_()  # a flag passed in by the caller is the caller's to clear
         self._unscaled = _Spans()
         self._unscaled_storages = []
+        self._unscaled_dtensors = {}
         self._n_updates = n_updates
         if poll is not None:
             self._finish_poll(*poll)

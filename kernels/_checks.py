@@ -38,6 +38,7 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
             and {x.dtype for x in tensors} == {dtype}
             and {x.device for x in tensors} == {device}
             and {x.layout for x in tensors} == {torch.strided}
+            and not any(x.is_nested for x in tensors)  # (a nested tensor's layout reads strided)
             and all(map(torch.Tensor.is_contiguous, tensors))
         ):
             return
@@ -48,8 +49,9 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
             raise TypeError(f"{fn}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
         if getattr(type(x), "__torch_dispatch__", None) is not _PLAIN_DISPATCH:  # DTensor, wrapper subclasses
             raise TypeError(f"{fn}: {name}[{i}] is a {type(x).__name__}, not a plain tensor with memory of its own")
-        if x.layout != torch.strided:
-            raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {x.layout}")
+        if x.layout != torch.strided or x.is_nested:
+            got = "a nested tensor" if x.is_nested else x.layout
+            raise TypeError(f"{fn}: {name}[{i}] must be a dense tensor, got {got}")
         if x.dtype not in dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             allowed = allowed.rsplit(", ", 1)[0] + " or " + allowed.rsplit(", ", 1)[1] if len(dtypes) > 1 else allowed

@@ -176,9 +176,11 @@ def test_grad_after_step_reads_zeros_and_backward_accumulates():
     _loss(model, _data(0, 0)).backward()
     assert all(p.grad is None for p in model.parameters())  # (freed by the synced pass, as before)
     opt.step()
-    for p in model.parameters():
+    params = list(model.parameters())
+    for p in params:
         assert p.grad is not None and p.grad.shape == p.shape and set(p.grad.stride()) == {0}
-        assert p.grad.untyped_storage().nbytes() == p.element_size() and not p.grad.any()
+        assert p.grad.untyped_storage().nbytes() == len(params) * p.element_size() and not p.grad.any()
+    assert len({p.grad.data_ptr() for p in params}) == len(params)  # (one element each)
     sentinels = [p.grad for p in model.parameters()]
     opt.step()  # (no backward: the held grads are stepped again, the sentinels stay)
     assert all(p.grad is s for p, s in zip(model.parameters(), sentinels, strict=True))
@@ -187,6 +189,24 @@ def test_grad_after_step_reads_zeros_and_backward_accumulates():
     assert all(p.grad is not None and p.grad.stride() == p.stride() for p in model.parameters())
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_writing_into_one_sentinel_never_shows_in_another():
+    """fill_ (allowed on a zero-stride tensor) or any write into a one-element param's sentinel lands in that
+    sentinel's own element: the other params' grads still read zeros, and the written one counts as zeroed (its
+    kept grads are dropped, as for model.zero_grad(set_to_none=False)). They shared one element before."""
+    model = _Model()
+    scale = torch.nn.Parameter(torch.tensor(1.5))
+    opt = ZeroAdamW([*model.parameters(), scale], stage=2, lr=0.05, backend="reference")
+    (_loss(model, _data(0, 0)) * scale).backward()
+    opt.step()
+    scale.grad.add_(3.0)
+    model.lin.bias.grad.fill_(7.0)
+    assert not model.lin.weight.grad.any()
+    assert scale.grad.item() == 3.0 and bool((model.lin.bias.grad == 7.0).all())
+    opt.zero_grad()
+    assert all(p.grad is None for p in [*model.parameters(), scale])
 
 
 @pytest.mark.parametrize("zero", ["Zm", "Zf", "Zn"])

@@ -162,6 +162,9 @@ class ZeroAdamW(
                 "ZeroAdamW needs an initialised torch.distributed process group: call "
                 "torch.distributed.init_process_group(backend='nccl' or 'gloo', ...) on every rank first"
             )
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):  # (before any collective)
+            raise TypeError(f"ZeroAdamW: process_group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(process_group).__name__} {process_group!r}")  # fmt: skip
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
@@ -173,6 +176,8 @@ class ZeroAdamW(
         error: Exception | None = None
         config, group_values = None, None
         try:
+            if isinstance(stage, bool) or not isinstance(stage, numbers.Integral):  # (True == 1)
+                raise TypeError(f"stage must be 1 or 2 (an int), got {type(stage).__name__} {stage!r}")
             if stage not in (1, 2):
                 raise ValueError(f"stage must be 1 or 2, got {stage!r}")
             if not (isinstance(bucket_cap_mb, numbers.Real) and bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
@@ -182,6 +187,9 @@ class ZeroAdamW(
                 align = QUANT_BLOCK if state == "int8" else 64
             if isinstance(align, bool) or not (isinstance(align, int) and align >= 1):
                 raise ValueError(f"align must be a positive int, got {align!r}")
+            if align * self.world_size * 4 > 2**63 - 1:  # (a bucket pads to world_size * align fp32 elements)
+                raise ValueError(f"align={align} pads each bucket to {align * self.world_size} elements "
+                                 f"(world_size * align), more bytes than a tensor can hold (2**63 - 1)")  # fmt: skip
             if state == "int8" and align % QUANT_BLOCK:
                 raise ValueError(
                     f"state_dtype='int8' needs align a multiple of {QUANT_BLOCK} (got {align}): its block scales "

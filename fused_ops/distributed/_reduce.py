@@ -120,19 +120,23 @@ class _ReduceMixin:
 
     def _make_sentinels(self) -> list[Tensor]:
         """Stage 2: one sentinel grad per param, made once: zeros of the param's shape, dtype and device with zero
-        strides, over one 1-element storage per dtype (nothing in proportion to the params). Each is a tensor of its
-        own (``set_``, not a view), so each has its own version counter: zeroing one in place
-        (``model.zero_grad(set_to_none=False)``) changes that one's ``_version`` only. Also clears a p.grad that is
-        an older ZeroAdamW's sentinel."""
-        storages: dict[torch.dtype, Any] = {}
+        strides, each over an element of its own of one storage per dtype and device (one element a param: what
+        ``fill_``, ``masked_fill_`` or, for a one-element param, any in-place op writes into one sentinel never shows
+        in another). Each is a tensor of its own (``set_``, not a view), so each has its own version counter:
+        zeroing one in place (``model.zero_grad(set_to_none=False)``) changes that one's ``_version`` only. Also
+        clears a p.grad that is an older ZeroAdamW's sentinel."""
+        counts: dict[tuple, int] = {}
+        for p in self._params:
+            counts[(p.dtype, p.device)] = counts.get((p.dtype, p.device), 0) + 1
+        storages = {k: torch.zeros(n, dtype=k[0], device=k[1]).untyped_storage() for k, n in counts.items()}
+        taken: dict[tuple, int] = {}
         sentinels = []
         for p in self._params:
             if p.grad is not None and p.grad in _SENTINELS:
                 p.grad = None
-            st = storages.get(p.dtype)
-            if st is None:
-                st = storages[p.dtype] = torch.zeros(1, dtype=p.dtype, device=p.device).untyped_storage()
-            t = torch.empty(0, dtype=p.dtype, device=p.device).set_(st, 0, p.shape, (0,) * p.dim())
+            k = (p.dtype, p.device)
+            offset = taken[k] = taken.get(k, -1) + 1
+            t = torch.empty(0, dtype=p.dtype, device=p.device).set_(storages[k], offset, p.shape, (0,) * p.dim())
             _SENTINELS[t] = None
             sentinels.append(t)
         return sentinels

@@ -497,6 +497,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         DTensor shards have makes one rank raise), except an expanded one."""
         name = type(self).__name__
         for i, p in enumerate(params):
+            for what, t in (("", p), ("the grad of ", p.grad)):
+                if t is not None and t.is_nested:  # (its layout reads strided; it has no shape)
+                    raise TypeError(f"{name} needs dense (strided) params and grads; {what}param {i} of param group "
+                                    f"{group_index} is a nested tensor")  # fmt: skip
             where = f"param {i} of param group {group_index} (shape {tuple(p.shape)})"
             g = p.grad
             if _is_dtensor(p) or _is_dtensor(g):
@@ -612,6 +616,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if first_without_storage([t]) is not None:
                 raise TypeError(f"{name}: state {key!r} of {where} is a {type(t).__name__}, not a tensor with memory")
             dtype, numel, _ = spec.get(key, (torch.float32, p.numel(), None))
+            if t.is_nested:  # (its layout reads strided)
+                raise TypeError(f"{name}: state {key!r} of {where} must be a dense {dtype} tensor, got a nested tensor")
             if t.dtype != dtype or t.layout != torch.strided:
                 raise TypeError(f"{name}: state {key!r} of {where} must be a dense {dtype} tensor, got {t.dtype}"
                                 + self._state_dtype_hint(group, key, t))  # fmt: skip
@@ -1070,17 +1076,60 @@ class FusedOptimizer(torch.optim.Optimizer):
         and a check that fails on one rank afterwards leaves no rank waiting in one."""
         if _DTensor is None:
             return []
-        swapped = []
-        for group in self.param_groups:
+        swapped, where = [], []
+        for gi, group in enumerate(self.param_groups):
             # (only a DTensor param's grad is redistributed: a pass over the params' classes, not their grads, whose
             # reads cost ten times as much, ~0.6 us each on 10^4 params)
             if not any(issubclass(cls, _DTensor) for cls in set(map(type, group["params"]))):
                 continue
+            k = 0  # (the param's index among those with a grad, as the step's checks name it)
             for p in group["params"]:
                 g = p.grad
                 if (type(g) is _DTensor and _is_dtensor(p) and g.device_mesh == p.device_mesh
                         and tuple(g.placements) != tuple(p.placements) and g.shape == p.shape):  # fmt: skip
                     swapped.append((p, g))
+                    where.append(f"param {k} of param group {gi} (shape {tuple(p.shape)})")
+                k += g is not None
+        if swapped:
+            # The redistribution is a collective that reads and writes the local shards through their addresses:
+            # each shard checked first (dense, with memory, inside its storage: not freed or shrunk in place), and
+            # the outcome agreed over each grad's mesh, one tiny all-reduce (MAX) per mesh (per mesh dim where it
+            # neither spans every rank nor is 1-D) on a step that communicates anyway, so that a shard bad on one
+            # rank raises the same ValueError on every rank of the mesh before anything is sent or written. Every
+            # rank holds the same params and placements, so every rank of a mesh reaches its all-reduce.
+            from .. import _dtensor
+
+            bad = []
+            for _, g in swapped:
+                local = g._local_tensor
+                if local.layout != torch.strided or local.is_meta or first_without_storage([local]) is not None:
+                    bad.append(1.0)
+                else:
+                    bad.append(2.0 if outside_storage(local) else 0.0)
+            by_mesh: dict = {}
+            for i, (p, _) in enumerate(swapped):
+                by_mesh.setdefault(p.device_mesh, []).append(i)
+            for mesh, idx in by_mesh.items():
+                if mesh.get_coordinate() is None:  # (not on this mesh: its ranks agree without this one)
+                    continue
+                kind = mesh.device_type
+                module = torch.get_device_module(kind) if kind != "cpu" else None
+                device = torch.device(kind) if module is None else torch.device(kind, module.current_device())
+                vec = torch.tensor([bad[i] for i in idx], dtype=torch.float32, device=device)
+                for pg in _dtensor._groups(mesh, list(range(mesh.ndim)), device):
+                    torch.distributed.all_reduce(vec, torch.distributed.ReduceOp.MAX, group=pg)
+                for i, code in zip(idx, vec.tolist()):
+                    bad[i] = max(bad[i], code)
+            if any(bad):
+                i = next(i for i, b in enumerate(bad) if b)
+                p, g = swapped[i]
+                problem = ("is not a dense tensor with memory (meta, or a tensor subclass)" if bad[i] == 1.0 else
+                           "lies outside its storage (a storage freed or shrunk in place, e.g. by "
+                           "untyped_storage().resize_(0))")  # fmt: skip
+                raise ValueError(f"{type(self).__name__}: the grad of {where[i]}, a DTensor with placements "
+                                 f"{tuple(g.placements)} to be redistributed to the param's {tuple(p.placements)}: "
+                                 f"its local shard {problem} on some rank of its mesh; nothing was sent or "
+                                 "changed")  # fmt: skip
         for i, (p, g) in enumerate(swapped):
             try:
                 # (a Partial param, which FusedSGD steps: its grad made into summands locally, see _as_partial)
