@@ -346,9 +346,12 @@ def case_retry_is_exact(rank: int, world: int) -> list[dict]:
             opt.consolidated_state_dict(to=None), twin_opt.consolidated_state_dict(to=None)
         )
         out.append(check(f"{where}: the retry matches a step without the failed one", same))
-        # (None, or the one-element zero sentinel that stands for the held grads until the next backward)
+        # (None, or the zero sentinel that stands for the held grads until the next backward: zero strides over one
+        # element of a storage of one element per param)
+        n_params = len(list(model.parameters()))
         grads_freed = stage == 1 or all(
-            p.grad is None or (set(p.grad.stride()) <= {0} and p.grad.untyped_storage().nbytes() <= p.element_size())
+            p.grad is None
+            or (set(p.grad.stride()) <= {0} and p.grad.untyped_storage().nbytes() <= n_params * p.element_size())
             for p in model.parameters()
         )
         out.append(check(f"{where}: stage 2 frees p.grad once the step succeeds", grads_freed))
