@@ -219,7 +219,10 @@ def global_norm(
             continue
         mesh_device = entries[0][1].device
         dims = sorted({d for dd, _ in entries for d in dd}) if flag is None else list(range(mesh.ndim))
-        if dims and refused is not None:  # (every rank of the mesh learns of a refusal: the same collectives)
+        # (a refusal travels where the mesh has other ranks to tell; on a mesh of one rank it stays a host value: no
+        # device read, so no sync, on one GPU)
+        slot = own is not None and mesh.size() > 1
+        if dims and slot:  # (every rank of the mesh learns of a refusal: the same collectives)
             dims = list(range(mesh.ndim))
         vals = [v if all(coord[d] == 0 for d in dims if d not in dd) else torch.zeros_like(v) for dd, v in entries]
         vec = torch.stack(vals)
@@ -228,7 +231,7 @@ def global_norm(
         if chain is not None:
             f = chain if agreed is None else agreed
             parts.append((f.detach().reshape(1) != 0).to(mesh_device, torch.float64))
-        if own is not None:
+        if slot:
             parts.append((own if agreed_refused is None else agreed_refused).to(mesh_device, torch.float64))
         vec = torch.cat(parts)
         for group in _groups(mesh, dims, mesh_device):
@@ -243,7 +246,7 @@ def global_norm(
         nans.append(vec[k] > 0)
         if chain is not None:
             agreed = (vec[k + 1] > 0).to(torch.float32).reshape(1)
-        if own is not None:
+        if slot:
             agreed_refused = vec[-1].reshape(1)
     if span is not None:
         groups, span_device, _ = span
@@ -319,7 +322,7 @@ def agree_refusal(fn: str, err: BaseException | None, meshes: list[tuple], span:
     """One tiny all-reduce (MAX, see :func:`agree_flag`) of "a local check failed" over ``meshes``, before anything
     is written or sent; then this rank's own error, or, where another rank's check failed, a RuntimeError: every
     rank raises. A host read of the agreed flag."""
-    if not meshes:
+    if not meshes or span is None and all(mesh.size() == 1 for mesh, _ in meshes):  # (nobody else to tell)
         if err is not None:
             raise err
         return

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.test_distributed import spawn
+from tests.test_distributed import one_rank_group, spawn  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.distributed
 
@@ -175,3 +175,43 @@ def test_functional_ops_check_failing_on_one_rank(out_dir):
         assert k0 == "RuntimeError" and "another rank refused its input" in m0, (key, r0[key])
         assert u0 and u1, (key, u0, u1)
         assert max(t0, t1) < PG_TIMEOUT_S / 2, (key, t0, t1)
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_one_rank_mesh_agrees_nothing():
+    """On a mesh of one rank (one GPU) there is nobody to tell: a failing local check raises at once, no refusal
+    collective and no device read of it (a host sync on a GPU). unscale_ with found_inf runs only the found_inf
+    agreement; clip_grad_norm_ on a freed shard raises its own error, nothing written."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fused_ops
+
+    mesh = init_device_mesh("cpu", (1,))
+    grads = [
+        distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)]),
+        distribute_tensor(torch.randn(5), mesh, [Shard(0)]),
+    ]
+    calls, real = [], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        found_inf = torch.zeros(1)
+        fused_ops.unscale_(grads, 0.5, found_inf, backend="reference")
+        assert len(calls) == 1  # (the found_inf agreement alone)
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        before = grads[0].to_local().clone()
+        grads[1].to_local().untyped_storage().resize_(0)
+        calls.clear()
+        with pytest.raises(ValueError, match="outside its storage"):
+            fused_ops.clip_grad_norm_(params, 1.0, backend="reference")
+        assert torch.equal(grads[0].to_local(), before)
+    finally:
+        dist.all_reduce = real
