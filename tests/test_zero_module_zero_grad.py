@@ -374,3 +374,27 @@ def test_model_zero_grad_on_one_rank_then_backward_raises_everywhere(two_ranks):
     want = run_torch("B T Zo B T", 2)[1]
     for r in results:
         _assert_close([r["after"]], [want])
+
+
+@pytest.mark.usefixtures("one_rank_group")
+@pytest.mark.parametrize("overlap_comm", [True, False])
+def test_backward_leaves_no_collective_pending(overlap_comm):
+    """A synced backward waits for its collectives at its end (as DDP does): none is left pending after backward()
+    returns, so a run that ends after a backward (then destroy_process_group() and exit) has nothing for gloo to abort
+    on at exit ('terminate called without an active exception'). The next step steps what the pass reduced."""
+    model = _Model()
+    ref = _Model()
+    ref.load_state_dict(model.state_dict())
+    opt = ZeroAdamW(model.parameters(), stage=2, lr=0.05, backend="reference", overlap_comm=overlap_comm,
+                    bucket_cap_mb=64 / 2**20)  # fmt: skip
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    for k in range(2):
+        _loss(model, _data(k, 0)).backward()
+        assert not opt._inflight and (opt._round_header is None or opt._round_header[1] is None)
+        opt.step()
+        model.zero_grad()
+        _loss(ref, _data(k, 0)).backward()
+        torch_opt.step()
+        torch_opt.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)

@@ -288,7 +288,8 @@ class _ReduceMixin:
         if self._round_header is not None:
             vec, work = self._round_header
             self._round_header = None
-            work.wait()
+            if work is not None:  # (None: waited for at the end of the pass, see _finish_round)
+                work.wait()
             if int(vec[2].item()) != self.world_size:
                 self._round_mismatch = True
         return not self._round_mismatch
@@ -303,7 +304,8 @@ class _ReduceMixin:
             _reduce_scatter(flat.narrow(0, self.rank * b.shard_numel, b.shard_numel), flat, self.process_group, False)
 
     def _end_round(self) -> None:
-        """End of a backward pass: reduce every bucket not reduced yet (zeros for params without grads)."""
+        """End of a backward pass: reduce every bucket not reduced yet (zeros for params without grads), then wait
+        for the pass's collectives (``_finish_round``)."""
         with torch.no_grad():
             while self._next_bucket < len(self._buckets):
                 self._launch(self._buckets[self._next_bucket])
@@ -311,6 +313,23 @@ class _ReduceMixin:
         self._round_open = False
         self._next_bucket = 0
         self._rounds_since_step += 1
+        self._finish_round()
+
+    def _finish_round(self) -> None:
+        """Wait for the pass's collectives (its header all-reduce, read later by ``_round_header_ok``, and its
+        reduce-scatters, added to the shards), as DDP waits for its all-reduces at the end of backward: no work is
+        left pending after backward() returns. A work still pending when the process group is destroyed, or when
+        the process exits, aborts the process with gloo ('terminate called without an active exception'). On CUDA
+        ``wait()`` makes the current stream wait, without a host sync. The ranks' collectives are unchanged: every
+        rank issued these already (a rank stepping instead pairs with them in its step)."""
+        if self._round_header is not None and self._round_header[1] is not None:
+            vec, work = self._round_header
+            self._round_header = None
+            work.wait()
+            self._round_header = (vec, None)
+        with torch.no_grad():
+            while self._inflight:
+                self._finish_oldest()
 
     def _grad_error(self, s: _Slot, view: Tensor) -> tuple[str, str]:
         g = s.param.grad
