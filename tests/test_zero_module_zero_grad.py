@@ -398,3 +398,23 @@ def test_backward_leaves_no_collective_pending(overlap_comm):
         torch_opt.zero_grad()
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_autograd_grad_after_step_leaves_the_sentinel():
+    """torch.autograd.grad over the params between a step and model.zero_grad() accumulates nothing, so it must not
+    take the sentinel out (it did, from a hook on the param: model.zero_grad() then found nothing to zero and the
+    kept grads were stepped again). The hook before accumulation is on the AccumulateGrad node now."""
+    model = _Model()
+    ref = _Model()
+    ref.load_state_dict(model.state_dict())
+    opt = ZeroAdamW(model.parameters(), stage=2, lr=0.05, backend="reference")
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    for k in range(3):
+        for m, o in ((model, opt), (ref, torch_opt)):
+            _loss(m, _data(k, 0)).backward()
+            o.step()
+            torch.autograd.grad(_loss(m, _data(10 + k, 0)), list(m.parameters()))
+            m.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)

@@ -30,10 +30,13 @@ _REFUSED = object()
 
 
 class _Handles:
-    """A param's two grad hooks (before and after its grad is accumulated), removed together."""
+    """A param's two grad hooks (before and after its grad is accumulated), removed together; and its grad
+    accumulator (the AccumulateGrad node the first hook is on), kept alive with them: autograd holds it weakly, and a
+    new one would have no hook."""
 
-    def __init__(self, *handles: Any) -> None:
+    def __init__(self, *handles: Any, accumulator: Any = None) -> None:
         self.handles = handles
+        self.accumulator = accumulator
 
     def remove(self) -> None:
         for h in self.handles:
@@ -73,7 +76,7 @@ class _ReduceMixin:
                 if opt is not None:
                     opt._on_grad_ready(index)
 
-            def pre_hook(_grad: Tensor, index: int = s.index) -> None:
+            def pre_hook(_grads: tuple, index: int = s.index) -> None:
                 opt = ref()
                 if opt is None:
                     return
@@ -88,7 +91,12 @@ class _ReduceMixin:
             old = _HOOKS.pop(s.param, None)
             if old is not None:  # an earlier ZeroAdamW over this param must not launch collectives any more
                 old.remove()
-            handle = _Handles(s.param.register_hook(pre_hook), s.param.register_post_accumulate_grad_hook(hook))
+            # (the first hook is on the param's AccumulateGrad node, not on the param: it runs when backward
+            # accumulates into p.grad, not for torch.autograd.grad over the param, which must leave p.grad alone)
+            with torch.enable_grad():
+                accumulator = s.param.view_as(s.param).grad_fn.next_functions[0][0]
+            handle = _Handles(accumulator.register_prehook(pre_hook), s.param.register_post_accumulate_grad_hook(hook),
+                              accumulator=accumulator)  # fmt: skip
             _HOOKS[s.param] = handle
             self._hook_handles.append(handle)
             b.n_hooked += 1
