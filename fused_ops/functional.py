@@ -439,7 +439,7 @@ def _check_norm_type(fn: str, norm_type: float | str) -> float:
     """``norm_type`` as a float: inf (also the string ``"inf"``, as torch takes it) or any number > 0."""
     try:
         value = float(norm_type) if not isinstance(norm_type, bool) else math.nan
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):  # (a meta or many-element tensor too)
         value = math.nan
     if not value > 0:
         raise ValueError(f"{fn}: norm_type must be inf or a number > 0, got {norm_type!r}")
@@ -779,7 +779,7 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
                 if o.shape != g.shape or o.device != g.device:
                     raise ValueError(f"unscale_: out[{i}] is {tuple(o.shape)} on {o.device} but grads[{i}] is "
                                      f"{tuple(g.shape)} on {g.device}")  # fmt: skip
-    _check_unscale_kinds("unscale_", (("grads", grads), ("out", outs)), g_dtypes | o_dtypes, devices)
+    _check_kinds("unscale_", (("grads", grads), ("out", outs)), g_dtypes | o_dtypes, devices)
     # (any layout is written, as torch's unscale takes it: through a contiguous copy, so that no DTensor shard's
     # layout, which may differ between ranks, makes one rank raise while the others wait in the found_inf agreement)
     err = err or local(lambda: (_check_not_tracked("unscale_", "out" if outs else "grads", outs or grads),
@@ -827,16 +827,17 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
         _dtensor.agree_flag(found_inf, meshes, span)
 
 
-def _check_unscale_kinds(fn: str, named, dtypes: set, devices: set) -> None:
+def _check_kinds(fn: str, named, dtypes: set, devices: set) -> None:
     """Float8 (every 1-byte float dtype) and meta tensors refused for every group before any group runs, on both
-    backends: the reference path divided the first groups' grads, then torch raised on the float8 or meta one (its
-    unscale has no float8 kernel; a meta tensor has no memory); the Triton launch refuses them too."""
+    backends: the reference unscale divided the first groups' grads, then torch raised on the float8 or meta one (its
+    unscale has no float8 kernel; a meta tensor has no memory), and the reference norm returned a meta tensor or
+    torch's promotion error; the Triton launch refuses them too."""
     if not any(d.itemsize == 1 for d in dtypes) and all(d.type != "meta" for d in devices):
         return
     for name, xs in named:
         for i, x in enumerate(xs):
             if x.dtype.itemsize == 1:
-                raise TypeError(f"{fn}: does not support {x.dtype} tensors ({name}[{i}] is {x.dtype}); unscale a "
+                raise TypeError(f"{fn}: does not support {x.dtype} tensors ({name}[{i}] is {x.dtype}); pass a "
                                 "float32, bfloat16 or float16 copy")  # fmt: skip
             if x.is_meta:
                 raise TypeError(f"{fn}: {name}[{i}] is on meta: {fn} cannot run on meta tensors (they have no "
@@ -937,6 +938,7 @@ def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str
 def _grad_norm(fn, tensors, dtypes, norm_type, backend, name="tensors", checked=False) -> Tensor:
     if not tensors:
         return torch.zeros(())
+    _check_kinds(fn, ((name, tensors),), dtypes, {x.device for x in tensors})
     if len(dtypes) == 1 and len({x.device for x in tensors}) == 1:
         groups = [((tensors[0].device, tensors[0].dtype), tensors)]
     else:
@@ -970,6 +972,7 @@ def _global_grad_norm(
     ``err``: this rank's error from a check of its local shards (which may fail on some ranks only): its local norms
     are then zeros, the refusal is agreed in the norm's reduction, and every rank raises (this one ``err``, the
     others a RuntimeError) before the caller writes anything. A host read of the agreed refusal."""
+    _check_kinds(fn, ((name, tensors),), dtypes, {x.device for x in tensors})
     for device, dtype in {(x.device, x.dtype) for x in tensors}:  # (all resolved before anything runs)
         _op_backend(fn, backend, device, [dtype], named=((name, tensors),))
     span = _dtensor.span_plan(fn, _dtensor.meshes_of(specs, tensors))  # (meshes on different ranks: refused here)

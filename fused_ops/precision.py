@@ -441,6 +441,8 @@ class DynamicLossScaler:
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss * scale`` (differentiable; call ``.backward()`` on the result)."""
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"DynamicLossScaler.scale_loss: loss must be a Tensor, got {type(loss).__name__}")
         return loss * self._scale.reshape(()).to(loss.device)
 
     def unscale_(self, grads: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> Tensor:

@@ -247,3 +247,26 @@ def test_zero_constructor_errors_name_the_argument(one_rank_group, case):
     model = torch.nn.Linear(2, 2)
     err = expect_error_unchanged(lambda: ZeroAdamW(model.parameters(), **kw), exc, f"^ZeroAdamW: {name}", model)
     message_names(err, name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["float8", "meta_first", "meta_second"])
+def test_grad_norm_refuses_float8_and_meta(backend, kind):
+    """grad_norm (and so clip_grad_norm_ and the scaler's grad_scale_and_norm) refuses float8 and meta tensors with
+    a TypeError naming them, on both backends: the reference path returned a meta tensor for [meta, cpu], or raised
+    torch's "Cannot copy out of meta tensor" / float8 promotion errors."""
+    x = torch.randn(5)
+    other = {"float8": torch.randn(3).to(torch.float8_e4m3fn), "meta_first": torch.empty(3, device="meta"),
+             "meta_second": torch.empty(3, device="meta")}[kind]  # fmt: skip
+    tensors = [other, x] if kind == "meta_first" else [x, other]
+    with pytest.raises(TypeError, match=r"tensors\[[01]\]"):
+        fused_ops.grad_norm(tensors, backend=backend)
+
+
+def test_grad_norm_meta_norm_type_and_scale_loss_of_a_number():
+    with pytest.raises(ValueError, match="norm_type"):
+        fused_ops.grad_norm([torch.randn(3)], norm_type=torch.tensor(2.0, device="meta"))
+    scaler = fused_ops.DynamicLossScaler(device="cpu")
+    for loss in (1.0, None):
+        with pytest.raises(TypeError, match="loss must be a Tensor"):
+            scaler.scale_loss(loss)
