@@ -386,6 +386,8 @@ class DynamicLossScaler:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "meta":  # (its scale and flags would have no memory: every method would fail)
+            raise ValueError(f"{fn}: device must hold memory, got {self.device}")
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = int(growth_interval)

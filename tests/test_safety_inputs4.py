@@ -270,3 +270,42 @@ def test_grad_norm_meta_norm_type_and_scale_loss_of_a_number():
     for loss in (1.0, None):
         with pytest.raises(TypeError, match="loss must be a Tensor"):
             scaler.scale_loss(loss)
+
+
+@pytest.mark.parametrize("cls", [fused_ops.FusedAdamW, fused_ops.FusedLion])
+def test_betas_given_as_a_set_or_generator_are_refused(cls):
+    """An unordered set (torch's ``betas[0]`` raises TypeError on it) or a generator: a TypeError naming betas, in
+    the constructor and in add_param_group; they were taken in whatever order the set iterated."""
+    p = torch.nn.Parameter(torch.randn(3))
+    for betas in ({0.999, 0.9}, (b for b in (0.9, 0.99))):
+        with pytest.raises(TypeError, match="betas"):
+            cls([p], lr=1e-3, betas=betas)
+    opt = cls([p], lr=1e-3)
+    with pytest.raises(TypeError, match="betas"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "betas": {0.8, 0.9}})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [fused_ops.FusedAdamW, fused_ops.FusedSGD, fused_ops.FusedLion])
+def test_differentiable_true_refused_in_loads_and_new_groups(cls):
+    """The constructor refused differentiable=True; a loaded state dict or add_param_group took it, and the step
+    ignored it (torch.optim would step differentiably). Now both raise, nothing changed."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = cls([p], lr=1e-3)
+    p.grad = torch.randn(3)
+    opt.step()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["differentiable"] = True
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="differentiable"):
+        opt.load_state_dict(sd)
+    assert not opt.param_groups[0].get("differentiable")
+    assert str(opt.state_dict()) == str(before)
+    with pytest.raises(ValueError, match="differentiable"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "differentiable": True})
+    assert len(opt.param_groups) == 1
+
+
+def test_loss_scaler_on_meta_is_refused():
+    with pytest.raises(ValueError, match="device"):
+        fused_ops.DynamicLossScaler(device="meta")

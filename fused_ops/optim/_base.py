@@ -84,6 +84,8 @@ def _to_scalar(x: Any) -> Any:
 def _check_betas(betas: Any) -> tuple:
     """torch.optim.Adam's checks of ``betas`` (a pair of floats, or of 1-element tensors; ints count as floats);
     returns them as torch keeps them (tensors as 0-d tensors)."""
+    if isinstance(betas, set | frozenset | dict) or not hasattr(betas, "__getitem__"):  # (torch indexes them)
+        raise TypeError(f"betas must be a pair (a tuple or list), got {type(betas).__name__}")
     betas = tuple(betas)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair, got {betas}")
@@ -304,10 +306,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
-        if defaults.get("differentiable"):
-            raise ValueError(
-                f"{type(self).__name__} does not support differentiable=True (the fused step is not differentiable)"
-            )
+        self._refuse_differentiable(defaults)
         lr = defaults["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -329,6 +328,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _refuse_differentiable(self, group: dict[str, Any], where: str = "") -> None:
+        """``differentiable=True`` refused where it is given (the constructor, ``add_param_group``, a loaded state
+        dict: torch.optim would step differentiably, the fused step would ignore it)."""
+        if group.get("differentiable"):
+            raise ValueError(f"{where}{type(self).__name__} does not support differentiable=True (the fused step is "
+                             "not differentiable)")  # fmt: skip
 
     @staticmethod
     def _check_step_values(gi: int, group: dict[str, Any]) -> tuple:
@@ -477,6 +483,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as torch.optim), validating its hyper-parameters first."""
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._refuse_differentiable(merged)
         param_group = dict(param_group)
         self._normalize_group(merged)
         for key in param_group:
@@ -939,6 +946,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if "param_names" in g and "param_names" not in ng:
                 ng["param_names"] = g["param_names"]
             self._fill_group_defaults(ng)
+            self._refuse_differentiable(ng, f"loaded state dict: param group {gi}: ")
             for key in self.defaults:
                 if key not in ng and key not in self._LEGACY_DEFAULTS and key not in self._own_group_keys:
                     raise ValueError(f"loaded state dict: param group {gi} has no {key!r}")
