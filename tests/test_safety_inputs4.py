@@ -309,3 +309,16 @@ def test_differentiable_true_refused_in_loads_and_new_groups(cls):
 def test_loss_scaler_on_meta_is_refused():
     with pytest.raises(ValueError, match="device"):
         fused_ops.DynamicLossScaler(device="meta")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["FusedAdamW", "FusedSGD", "FusedLion"])
+def test_optimizer_step_takes_a_bool_lr_as_its_constructor_does(name, backend):
+    """torch.optim takes lr=True (1.0) in the constructor and the step. Before, FusedAdamW's constructor took it
+    and its every step raised "Invalid learning rate: True"."""
+    cls = getattr(fused_ops, name)
+    p, q = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    p.grad, q.grad = torch.full((5,), 0.5), torch.full((5,), 0.5)
+    cls([p], lr=True, backend=backend).step()
+    cls([q], lr=1.0, backend=backend).step()
+    assert torch.equal(p, q) and not torch.equal(p, torch.ones(5))

@@ -386,7 +386,7 @@ class FusedAdam(FusedOptimizer):
         if isinstance(lr, Tensor):
             if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
                 raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
-        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (_finite_fp32(lr) and lr >= 0):
+        elif not isinstance(lr, numbers.Real) or not (_finite_fp32(lr) and lr >= 0):  # (a bool is 1 or 0, as torch)
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
         if len(group["betas"]) != 2:
             raise ValueError(f"betas must be a pair (param group {gi})")
