@@ -322,3 +322,35 @@ def test_optimizer_step_takes_a_bool_lr_as_its_constructor_does(name, backend):
     cls([p], lr=True, backend=backend).step()
     cls([q], lr=1.0, backend=backend).step()
     assert torch.equal(p, q) and not torch.equal(p, torch.ones(5))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_steps_on_grads_made_in_inference_mode(stage):
+    """torch.optim and FusedAdamW step on a grad made under ``torch.inference_mode()`` (they only read it). Before,
+    ZeroAdamW stage 1 raised torch's "Inference tensors do not track version counter" after it had committed the
+    grads' reduction (the step was lost)."""
+    from fused_ops.distributed import ZeroAdamW
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model, ref = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+        ref.load_state_dict(model.state_dict())
+        opt = ZeroAdamW(model.parameters(), lr=1e-2, stage=stage, backend="reference")
+        ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=1e-2, backend="reference")
+        for k in range(3):
+            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * k + i))
+                     for i, p in enumerate(model.parameters())]  # fmt: skip
+            with torch.inference_mode():
+                made = [g.clone() for g in grads]
+            for p, q, g, h in zip(model.parameters(), ref.parameters(), made, grads):
+                p.grad, q.grad = g, h.clone()
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

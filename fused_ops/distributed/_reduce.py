@@ -641,14 +641,14 @@ class _ReduceMixin:
         """Stage 1 has no grad hooks: it tells a backward since the last step or zero_grad by the grads' identities
         and version counters, recorded here (attribute reads only)."""
         if self.stage == 1:
-            self._grad_marks = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self._params]
+            self._grad_marks = [_grad_mark(p.grad) for p in self._params]
 
     def _grads_changed(self) -> bool:
         """Stage 1: whether some p.grad was created, replaced or written since ``_mark_grads``."""
         marks = self._grad_marks
         for p, m in zip(self._params, marks, strict=True):
             g = p.grad
-            if (None if g is None else (id(g), g._version)) != m:
+            if _grad_mark(g) != m:
                 return True
         return False
 
@@ -686,3 +686,12 @@ class _ReduceMixin:
         self._outstanding = self._cleared_all = self._kept_old = False
         self._replaced.clear()
         self._out_of_step = False  # (every rank's shards start again from the next pass)
+
+
+def _grad_mark(g: Tensor | None) -> tuple | None:
+    """What stage 1 notes of a grad to tell a later change: its identity and version counter. An inference tensor
+    (a grad made under ``torch.inference_mode()``, which the step only reads) has no version counter: its identity
+    alone (it can be written only inside inference mode, unseen here)."""
+    if g is None:
+        return None
+    return (id(g), None) if g.is_inference() else (id(g), g._version)
