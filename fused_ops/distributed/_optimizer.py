@@ -53,7 +53,9 @@ class ZeroAdamW(
         master_weights: keep an fp32 master shard for bf16/fp16 params (no effect on fp32 params).
         lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW.
         max_grad_norm: clip the global grad norm (over all ranks and param groups) to this, as
-            ``torch.nn.utils.clip_grad_norm_`` would; ``None`` disables clipping.
+            ``torch.nn.utils.clip_grad_norm_`` would; ``None`` disables clipping. Clip here, not with
+            ``clip_grad_norm_(model.parameters())`` before ``step()``: ``p.grad`` holds no averaged grad then (None
+            after a synced backward in stage 2, this rank's unreduced grads in stage 1).
         reduce_dtype: dtype of the reduce-scatter and of this rank's reduced-grad shard, which accumulates the
             grads of several synced backward passes (default: each bucket's param dtype). With bf16/fp16 params,
             ``torch.float32`` costs 2 more bytes per param / N and sums in fp32: more accurate over many ranks or
