@@ -65,6 +65,14 @@ class ChunkTable:
     host: torch.Tensor | None = None  # the table's contents on the host (int64, CPU), for copies of the table
 
 
+# The table's integer offsets every kernel takes. Triton would specialise an int argument equal to 1 (a constant)
+# or divisible by 16 (an alignment hint) and compile a variant per class of values: up to 8 compiles of seconds
+# each as the set of tensors changes (frozen layers, a rank owning another number of segments). They only index
+# the table, so no access pattern gains from it: every kernel lists them in ``do_not_specialize``. (Float
+# arguments are never specialised; launchers pass floats, not ints, for the same reason.)
+TABLE_INTS = ["n_tensors", "numel_offset", "chunk_tensor_offset", "chunk_start_offset"]
+
+
 # Tables read by captured CUDA graphs: kept for the life of the process (graphs replay them; nothing may free
 # or rewrite them). Keyed by id of the table tensor, so a table captured twice is kept once.
 _CAPTURED: dict[int, ChunkTable] = {}
@@ -186,6 +194,10 @@ def build_chunk_table(
                            for r in range(len(roles))),
         host=host,
     )  # fmt: skip
+    if device.type == "cuda":
+        # The upload and the counters' zeroing are queued on the current stream: a first launch on another stream
+        # (a prepared launch built on one stream, run on another) must wait for them (use_on_current_stream).
+        result.last_stream[0] = torch.cuda.current_stream(device)
     cache[key] = result
     return result
 

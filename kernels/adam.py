@@ -17,7 +17,14 @@ import triton
 import triton.language as tl
 
 from ._checks import check_roles_memory
-from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, tensor_pointer, use_on_current_stream
+from ._multi_tensor import (
+    TABLE_INTS,
+    ChunkTable,
+    PreparedLaunch,
+    build_chunk_table,
+    tensor_pointer,
+    use_on_current_stream,
+)
 from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -55,7 +62,7 @@ def _chunk_pointer(table_ptr, role, n_tensors, t, chunk_start, DTYPE: tl.constex
     return ptr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_INTS)
 def _adam_kernel(
     table_ptr,  # int64 chunk table: addresses per role, numels, per-program tensor index and chunk start
     n_tensors,
@@ -401,12 +408,12 @@ def _launch(
             0.0 if lr_is_tensor else float(lr),
             lr if lr_is_tensor else dummy,
             1.0 - beta1,
-            beta2,
+            float(beta2),  # (floats: an int 0 or 1 would compile another variant, see TABLE_INTS)
             1.0 - beta2,
             math.log(beta1) if beta1 > 0 else -math.inf,
             math.log(beta2) if beta2 > 0 else -math.inf,
-            eps,
-            weight_decay,
+            float(eps),
+            float(weight_decay),
             1.0 if step is None else float(step),
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,

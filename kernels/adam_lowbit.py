@@ -38,6 +38,7 @@ from triton.language.random import philox
 
 from ._checks import check_numels, check_role, check_roles_memory, check_scalar
 from ._multi_tensor import (
+    TABLE_INTS,
     ChunkTable,
     PreparedLaunch,
     build_chunk_table,
@@ -104,7 +105,7 @@ def _quantize_store(x, codes_ptr, scales_ptr, qmap_ptr, offsets, mask, qidx, qma
     tl.store(scales_ptr + qidx, tl.where(bad, nan, absmax), mask=qmask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=[*TABLE_INTS, "seed"])
 def _adam_lowbit_kernel(
     table_ptr,  # int64 chunk table: addresses per role, numels, per-program tensor index and chunk start
     n_tensors,
@@ -538,12 +539,12 @@ def _launch(
             0.0 if lr_is_tensor else float(lr),
             lr if lr_is_tensor else dummy,
             1.0 - beta1,
-            beta2,
+            float(beta2),  # (floats: an int 0 or 1 would compile another variant, see TABLE_INTS)
             1.0 - beta2,
             math.log(beta1) if beta1 > 0 else -math.inf,
             math.log(beta2) if beta2 > 0 else -math.inf,
-            eps,
-            weight_decay,
+            float(eps),
+            float(weight_decay),
             seed,
             maps[0],
             maps[1],

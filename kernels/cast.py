@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 
 from ._checks import check_numels, check_role, check_scalar
-from ._multi_tensor import build_chunk_table, tensor_pointer, use_on_current_stream
+from ._multi_tensor import TABLE_INTS, build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=[*TABLE_INTS, "seed"])
 def _cast_kernel(
     table_ptr,  # int64 chunk table: addresses of dst (role 0) and src (role 1), numels, chunk map
     n_tensors,

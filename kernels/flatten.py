@@ -24,6 +24,7 @@ import triton.language as tl
 from ._checks import check_role
 from ._multi_tensor import (
     _DEFAULT_CACHE,
+    TABLE_INTS,
     build_chunk_table,
     is_capturing,
     keep_for_capture,
@@ -39,7 +40,7 @@ _TL_DTYPES = {
 }
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_INTS)
 def _flatten_kernel(
     table_ptr,  # int64 chunk table over the flat segments: addresses, spans, per-program segment and start
     n_tensors,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_role, check_roles_memory
-from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
+from ._multi_tensor import TABLE_INTS, ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
 from .sgd import check_like, check_scalars
@@ -24,7 +24,7 @@ from .sgd import check_like, check_scalars
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_INTS)
 def _lion_kernel(
     table_ptr,  # int64 chunk table: addresses per role, numels, per-program tensor index and chunk start
     n_tensors,

@@ -20,13 +20,13 @@ import triton
 import triton.language as tl
 
 from ._checks import check_numels, check_role, check_scalar
-from ._multi_tensor import build_chunk_table, tensor_pointer, use_on_current_stream
+from ._multi_tensor import TABLE_INTS, build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, rounded_fp32, store_fp32
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_INTS)
 def _unscale_kernel(
     table_ptr,  # int64 chunk table: addresses of grads (role 0) and, with HAS_OUT, outputs (role 1)
     n_tensors,
@@ -93,7 +93,7 @@ def _unscale_block(grad_ptr, out_ptr, offsets, mask, inv_scale, GRAD_DTYPE: tl.c
     return bad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TABLE_INTS)
 def _norm_partials_kernel(
     table_ptr,  # int64 chunk table over the tensors (one role)
     n_tensors,

@@ -19,14 +19,14 @@ import triton
 import triton.language as tl
 
 from ._checks import check_numels, check_role, check_roles_memory, check_scalar
-from ._multi_tensor import ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
+from ._multi_tensor import TABLE_INTS, ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit(do_not_specialize=["first_step"])  # (one variant for both values: see the module docstring)
+@triton.jit(do_not_specialize=[*TABLE_INTS, "first_step"])  # (first_step: one variant for both values, see above)
 def _sgd_kernel(
     table_ptr,  # int64 chunk table: addresses per role, numels, per-program tensor index and chunk start
     n_tensors,

@@ -301,3 +301,33 @@ def test_adam_blocks_stay_in_registers():
                 assert r["v2_stores"] > 0, r
     if _cuobjdump_available():
         assert any(r["sass"] is not None for r in _results(_ADAM))
+
+
+_KERNELS = ["adam._adam_kernel", "adam_lowbit._adam_lowbit_kernel", "cast._cast_kernel", "flatten._flatten_kernel",
+            "lion._lion_kernel", "scale._norm_partials_kernel", "scale._unscale_kernel", "sgd._sgd_kernel"]  # fmt: skip
+
+
+def test_no_kernel_specialises_the_table_offsets():
+    """Triton specialises an int argument equal to 1 or divisible by 16 unless told not to: a new compile (seconds)
+    whenever such a class of the table's offsets changes (e.g. the number of tensors with grads). Every kernel's
+    integer table arguments are in its ``do_not_specialize`` (read from the JIT functions, interpreter off)."""
+    code = textwrap.dedent(
+        f"""
+        import importlib, json, sys
+        sys.path.insert(0, {ROOT!r})
+        import fused_ops
+        from fused_ops.kernels._multi_tensor import TABLE_INTS
+        out = {{}}
+        for name in {_KERNELS!r}:
+            module, kernel = name.split(".")
+            fn = getattr(importlib.import_module("fused_ops.kernels." + module), kernel)
+            out[name] = [p.name for p in fn.params if p.name in TABLE_INTS and not p.do_not_specialize]
+        print(json.dumps(out))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    specialised = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(specialised) == set(_KERNELS)
+    assert specialised == {name: [] for name in _KERNELS}

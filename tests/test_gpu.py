@@ -402,3 +402,25 @@ def test_params_on_second_gpu_with_scaler_on_first():
     for k in before:
         for a, b in zip(t[k], before[k]):
             assert torch.equal(a, b), k
+
+
+def test_prepared_launch_first_run_on_another_stream():
+    """A prepared launch built on one stream (its table uploaded there, its counters zeroed there) and first run
+    on another: the run must wait for the upload. Before, a table's first use recorded no stream, so the kernel on
+    the other stream could read the table before its copy landed (garbage addresses)."""
+    from fused_ops.kernels.adam import AdamStep
+
+    sizes = [1 + 37 * i for i in range(3000)]
+    t = _state(sizes, torch.float32)
+    ref = {k: [x.cpu().double() if k != "state_steps" else x.cpu().clone() for x in v] for k, v in t.items()}
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False)
+    reference.adam_(**ref, amsgrad=False, decoupled=True, **kw)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the data are ready; the table is uploaded after this
+    step = AdamStep(t["params"], t["grads"], t["exp_avgs"], t["exp_avg_sqs"], [], t["state_steps"], amsgrad=False)
+    with torch.cuda.stream(side):
+        step(decoupled=True, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close_list([p.cpu() for p in t["params"]], ref["params"], torch.float32, "params")
+    assert [s.item() for s in t["state_steps"]] == [3.0] * len(sizes)
