@@ -89,6 +89,17 @@ def keep_for_capture(table: ChunkTable) -> ChunkTable:
     return table
 
 
+def aligned_except(table: ChunkTable, skip: tuple[int, ...]) -> bool:
+    """Whether every role of ``table`` is 16-byte aligned, leaving out the roles in ``skip`` (negative: from the
+    end): those a kernel reads without alignment hints (step counts, int8 block scales). Their offsets must not
+    take the vectorised accesses of the others away (a ZeRO shard's scale views start on 4-byte boundaries)."""
+    ra = table.role_aligned
+    if not ra:
+        return table.aligned
+    left_out = {r % len(ra) for r in skip}
+    return all(a for r, a in enumerate(ra) if r not in left_out)
+
+
 def use_on_current_stream(table: ChunkTable) -> None:
     """Order a launch on the current stream after every earlier use of ``table`` on another stream (its upload,
     launches that read it or move its counters), and tell the allocator the current stream uses its memory.

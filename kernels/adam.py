@@ -21,6 +21,7 @@ from ._multi_tensor import (
     TABLE_INTS,
     ChunkTable,
     PreparedLaunch,
+    aligned_except,
     build_chunk_table,
     tensor_pointer,
     use_on_current_stream,
@@ -428,7 +429,7 @@ def _launch(
             STEP_IS_TENSOR=step_is_tensor,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=table.aligned,
+            ALIGNED=aligned_except(table, (-1,) if step_is_tensor else ()),  # (the step counts: read as scalars)
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
         )

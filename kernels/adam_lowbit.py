@@ -41,6 +41,7 @@ from ._multi_tensor import (
     TABLE_INTS,
     ChunkTable,
     PreparedLaunch,
+    aligned_except,
     build_chunk_table,
     is_capturing,
     tensor_pointer,
@@ -562,7 +563,7 @@ def _launch(
             LR_IS_TENSOR=lr_is_tensor,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=table.aligned,
+            ALIGNED=aligned_except(table, (4, 5, -1) if state == "int8" else (-1,)),  # (scales, step counts)
             CHUNK_SIZE=chunk_size,
             BLOCK_SIZE=block_size,
             QBLOCK=QUANT_BLOCK,

@@ -89,3 +89,47 @@ def test_amsgrad_nan_positions_match_torch(gpu_max, decoupled, dtype):
             tol = 2e-6 if ours.dtype == torch.float32 else 2**-7
             torch.testing.assert_close(ours.float()[keep], theirs.float()[keep], atol=tol, rtol=tol)
     assert [s.item() for s in steps] == [4.0, 4.0]
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records the constexprs of each launch, runs nothing."""
+
+    def __init__(self) -> None:
+        self.launches: list[dict] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(kwargs)
+
+
+def _aligned(n: int) -> torch.Tensor:
+    """A fresh fp32 tensor (torch's CPU allocator aligns storages to 64 bytes)."""
+    t = torch.randn(n)
+    assert t.data_ptr() % 16 == 0
+    return t
+
+
+@pytest.mark.parametrize("odd", ["steps", "scales", "param"])
+def test_aligned_ignores_the_roles_read_without_hints(monkeypatch, odd):
+    """ALIGNED (128-bit accesses) depends on the roles the kernels read with alignment hints only. Step counts
+    (read as scalars) and int8 block scales (read per row) at 4-byte offsets, as a ZeRO shard's views of one
+    tensor are, took the vectorised accesses of every tensor away; a param at such an offset still must."""
+    from fused_ops.kernels import adam_lowbit
+
+    sizes = [300, 1000]
+    steps_flat, scales_flat = torch.zeros(8), torch.zeros(16)
+    steps = [steps_flat[1:2], steps_flat[2:3]] if odd == "steps" else [torch.zeros(()) for _ in sizes]
+    params = [_aligned(n) for n in sizes]
+    if odd == "param":
+        params[1] = torch.randn(1001)[1:]
+    m_scales = [scales_flat[1:3], scales_flat[3:7]] if odd == "scales" else [torch.zeros(2), torch.zeros(4)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    rec = _Recorder()
+    monkeypatch.setattr(adam_kernels, "_adam_kernel", rec)
+    monkeypatch.setattr(adam_lowbit, "_adam_lowbit_kernel", rec)
+    adam_kernels.adam_launch(params, [_aligned(n) for n in sizes], [_aligned(n) for n in sizes],
+                             [_aligned(n) for n in sizes], [], steps, amsgrad=False, cache={}, **kw)  # fmt: skip
+    codes = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    adam_lowbit.adam_lowbit_launch(params, [_aligned(n) for n in sizes], codes, [c.clone() for c in codes], steps,
+                                   exp_avg_scales=m_scales, exp_avg_sq_scales=[torch.zeros(2), torch.zeros(4)],
+                                   cache={}, **kw)  # fmt: skip
+    assert [launch["ALIGNED"] for launch in rec.launches] == [odd != "param", odd != "param"]
