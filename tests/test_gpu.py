@@ -424,3 +424,26 @@ def test_prepared_launch_first_run_on_another_stream():
     torch.cuda.current_stream().wait_stream(side)
     assert_close_list([p.cpu() for p in t["params"]], ref["params"], torch.float32, "params")
     assert [s.item() for s in t["state_steps"]] == [3.0] * len(sizes)
+
+
+def test_capture_refuses_a_cpu_lr_of_cuda_params():
+    """A CPU tensor lr is read on the host: captured, every replay would keep the value read at capture. Refused
+    in the capture, nothing changed (before, the graph froze it silently)."""
+    m = _model()
+    opt = FusedAdamW(m.parameters(), lr=torch.tensor(1e-3), capturable=True)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()  # warm-up (eager: the CPU lr is read, as torch's fused AdamW reads it)
+    torch.cuda.current_stream().wait_stream(s)
+    before = [p.detach().clone() for p in m.parameters()]
+    steps = [opt.state[p]["step"].clone() for p in m.parameters()]
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="CPU tensor lr"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(torch.equal(opt.state[p]["step"], t) for p, t in zip(m.parameters(), steps))

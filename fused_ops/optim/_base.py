@@ -1597,6 +1597,12 @@ class _GroupPlan:
             device = part.device
             part_lr = lr
             if isinstance(lr, Tensor) and lr.device != device:
+                if lr.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise ValueError(
+                        "a CPU tensor lr of CUDA params is read on the host when a CUDA graph is captured, so every "
+                        "replay would keep that value (a scheduler's later ones unseen): give lr as a CUDA tensor "
+                        "on the params' device, which the kernel reads at every replay"
+                    )
                 part_lr = _to_float(lr) if lr.device.type == "cpu" else lr.to(device)
             if isinstance(grad_scale, float):
                 scale = torch.full((1,), grad_scale, dtype=torch.float32, device=device)
