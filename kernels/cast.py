@@ -103,6 +103,9 @@ def cast_launch(
     on one device and pairwise equally sized (checked on every call). ``stochastic`` rounds narrowing conversions
     stochastically with Philox key ``seed``: an int in [0, 2^31) (same seed and layout, same bits), or a
     1-element int64 tensor on the tensors' device, read by the kernel (see the module docstring).
+    Not checked here: that no ``dst`` shares memory with another tensor of the launch (programs run in parallel
+    on a GPU, so overlapping tensors race; the interpreter runs them in order and hides it). ``functional.cast_``
+    checks it.
     """
     if len(dst) == 0 and len(src) == 0:
         return

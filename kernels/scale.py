@@ -215,7 +215,9 @@ def unscale_launch(
     ``inv_scale`` is a float or a 1-element float tensor on the grads' device (read on the device: no sync);
     ``found_inf`` a 1-element float tensor on that device that is set, never cleared (None: no check). With
     ``out`` (same sizes, one dtype), results go there and the grads are left unchanged, e.g. fp32 copies of bf16
-    grads. Every tensor and scalar is checked on every call (the table is cached by address).
+    grads. Every tensor and scalar is checked on every call (the table is cached by address), except that no
+    written tensor shares memory with another (overlapping tensors race on a GPU, where programs run in parallel;
+    the interpreter runs them in order and hides it): ``functional.unscale_`` checks that.
     """
     if len(grads) == 0:
         return
