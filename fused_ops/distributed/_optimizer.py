@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -28,7 +29,7 @@ from ._agree import (
 from ._checkpoint import _CheckpointMixin
 from ._dcp import _DCPMixin
 from ._layout import _LayoutMixin
-from ._reduce import _ReduceMixin
+from ._reduce import _ReduceMixin, _release_params
 from ._step import _StepMixin
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,7 +101,9 @@ class ZeroAdamW(
 
     Differences from torch.optim.AdamW: params that get no grad in a step are stepped with a zero grad
     (weight decay and momentum apply), on every rank alike; in stage 2 ``p.grad`` is freed during backward
-    (use ``last_grad_norm`` for logging); the model's params become views into flat buffers owned here.
+    (use ``last_grad_norm`` for logging), and after a step a param whose reduced grads are kept reads a zero tensor
+    with zero strides (a sentinel, not a grad), None once this optimizer is freed (the kept grads were its shards,
+    freed with it; its grad hooks go too); the model's params become views into flat buffers owned here.
     Use ``step(loss_scale=...)`` for loss scaling (``torch.amp.GradScaler`` checks overflow per rank, which
     cannot work with sharded grads, so it is refused).
 
@@ -118,8 +121,9 @@ class ZeroAdamW(
 
     Checkpoints: ``state_dict()`` (this rank's shard), ``consolidated_state_dict()`` (torch.optim.AdamW's layout,
     on one rank) and ``dcp_state_dict()`` (DTensors for ``torch.distributed.checkpoint``, resharded by DCP on
-    load), each loaded with any world size by ``load_state_dict`` / ``load_dcp_state_dict``. Low-bit moments:
-    ``state_dict()`` and ``dcp_state_dict()`` hold them as kept (bf16 tensors; 8-bit: uint8 codes under
+    load), each loaded with any world size by ``load_state_dict`` / ``load_dcp_state_dict`` (the object itself is
+    not copied, pickled nor saved whole: ``copy.deepcopy(opt)``, ``torch.save(opt)`` raise a TypeError). Low-bit
+    moments: ``state_dict()`` and ``dcp_state_dict()`` hold them as kept (bf16 tensors; 8-bit: uint8 codes under
     ``exp_avg_codes``/``exp_avg_sq_codes`` (never ``exp_avg``: a loader expecting fp32 moments refuses them; codes
     under ``exp_avg``, the old form, still load) and fp32 block scales under ``exp_avg_scale``/``exp_avg_sq_scale``,
     FusedAdamW's keys; in DCP the scales are 1-D DTensors of ceil(numel/256) blocks, ``Shard(0)``),
@@ -288,9 +292,14 @@ class ZeroAdamW(
         self._round_header: tuple | None = None  # (vector, work) of the all-reduce opening a second synced pass
         self._round_mismatch = False  # a rank stepped while this one began another synced pass
         self._inflight: deque = deque()
+        self._param_versions = [p._version for p in self._params]  # writes into the params: see _refresh_masters
         self._hook_handles: list[Any] = []
         self._unhooked = [s for b in self._buckets for s in b.slots]  # stage 2: params without a grad hook yet
         if stage == 2:
+            # Once this object is freed: its grad hooks and their ``_HOOKS`` entries go, and so do its sentinels still
+            # in p.grad (see ``_release_params``; the finalizer holds these lists, never self). Not at exit: nothing
+            # to give back then.
+            weakref.finalize(self, _release_params, self._params, self._sentinels, self._hook_handles).atexit = False
             self._register_hooks()
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -303,6 +312,23 @@ class ZeroAdamW(
         if "betas" in param_group:
             param_group = {**param_group, "betas": (beta1, beta2)}
         super().add_param_group(param_group)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refused: ``copy.copy``, ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the whole object all come here.
+        torch.optim's ``__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``: a copy would hold none
+        of the shards (master weights, moments, grads, step counts live outside ``opt.state``) and fail in every method.
+        A working copy is not meaningful either: this object is bound to its process group and to the flat buffers its
+        params are views of. (torch.optim's ``__getstate__``/``__setstate__``, which its ``load_state_dict`` calls, are
+        left as they are.)"""
+        name = type(self).__name__
+        raise TypeError(
+            f"{'ZeroAdamW' if name == 'ZeroAdamW' else f'{name} (a ZeroAdamW)'} cannot be copied, pickled or saved "
+            "whole (copy.copy, copy.deepcopy, pickle, torch.save(opt)): it is bound to its process group and to the "
+            "flat buffers its params are views of, and its states live outside opt.state. Save opt.state_dict() (this "
+            "rank's shard), opt.consolidated_state_dict() (torch.optim.AdamW's layout, on one rank) or "
+            "opt.dcp_state_dict() (for torch.distributed.checkpoint) instead, and load it into a new ZeroAdamW with "
+            "load_state_dict() / load_dcp_state_dict()"
+        )
 
     def _warn_shared_storage(self) -> None:
         """ZeroAdamW moves each param into its flat buffer (``p.data`` becomes a view of it), where torch.optim updates

@@ -17,7 +17,8 @@ from .._validate import has_memory, outside_storage
 from ._comm import _reduce_scatter
 from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
 
-# The grad hooks each param carries (at most one ZeroAdamW drives a param: the newest one built over it).
+# The grad hooks each param carries (at most one ZeroAdamW drives a param: the newest one built over it). An entry is
+# dropped when its ZeroAdamW is freed (``_release_params``).
 _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Every sentinel grad made (see ``_ReduceMixin._make_sentinels``): a ZeroAdamW built over a param whose p.grad is an
 # older one's sentinel clears it (backward cannot accumulate into it).
@@ -41,6 +42,27 @@ class _Handles:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _release_params(params: list[Tensor], sentinels: list[Tensor], handles: list[_Handles]) -> None:
+    """Stage 2, once its ZeroAdamW is freed (``weakref.finalize``: called with these three lists of the optimizer's,
+    never the optimizer). Its grad hooks are removed and its ``_HOOKS`` entries dropped: each entry keeps its param's
+    AccumulateGrad node alive, and that node holds the param, so an entry would keep its own weak key alive, and with
+    it the param and the flat buffer the param is a view of, for good. A sentinel of its still in p.grad is taken out
+    (None): the grads it stood for were this rank's reduced shards, freed with the optimizer, and backward cannot
+    accumulate into it (torch's "more than one element of the written-to tensor refers to a single memory location").
+    A p.grad that is not its sentinel (a grad set by hand, a ``no_sync`` pass's grads, a newer ZeroAdamW's sentinel)
+    stays, and so do the hooks and the ``_HOOKS`` entry of a newer ZeroAdamW over the param."""
+    mine = {id(h) for h in handles}  # (alive: the list holds them)
+    for h in handles:
+        h.remove()  # (again for the hooks a newer ZeroAdamW removed already: a no-op)
+    for i, p in enumerate(params):
+        h = _HOOKS.get(p)
+        if h is not None and id(h) in mine:
+            del _HOOKS[p]
+        if sentinels and p.grad is sentinels[i]:
+            p.grad = None
+    handles.clear()
 
 
 def _moved_message(where: str, why: str) -> str:
@@ -156,7 +178,8 @@ class _ReduceMixin:
         version), zeroed (None: ``model.zero_grad()``, ``p.grad = None``; or the sentinel written:
         ``model.zero_grad(set_to_none=False)``) or set by hand (another tensor). A sentinel is never a grad: it is
         read as None by the reductions and the checks, and taken out of p.grad before backward accumulates into it
-        (``_take_sentinel``). The others get None."""
+        (``_take_sentinel``). The others get None. Once the optimizer is freed, a sentinel still in p.grad is taken out
+        (None: the held grads were its shards, gone with it; see ``_release_params``)."""
         for i, (p, held, s) in enumerate(zip(self._params, self._held, self._sentinels, strict=True)):
             if held:
                 p.grad = s
