@@ -1,6 +1,6 @@
 """fused_ops: Triton kernels for the optimizer hot path of large-model training.
 
-Public API (see README.md and DESIGN.md)::
+Public API (see README.md)::
 
     fused_ops.FusedAdam, fused_ops.FusedAdamW      drop-in torch.optim.Adam / AdamW
     fused_ops.functional.adam_                     the multi-tensor step, for kernel developers

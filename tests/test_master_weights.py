@@ -7,6 +7,7 @@ import pytest
 import torch
 from fused_ops.kernels import adam as adam_kernels
 
+import fused_ops
 from fused_ops import FusedAdamW
 from fused_ops.reference import adam_ as reference_adam_
 from tests.utils import assert_close_list, f64
@@ -189,3 +190,129 @@ def test_two_pass_mixed_precision_step_matches_unfused_torch_sequence(backend):
     for m, p in zip(masters, ours.parameters()):
         torch.testing.assert_close(opt.state[p]["master_param"], m.detach(), atol=2e-6, rtol=1e-5)
         assert opt.state[p]["step"].item() == 11
+
+
+# -- writes into params that have masters ---------------------------------------------------------------------
+_MASTER_OPTS = {
+    "FusedAdamW": lambda ps, backend: FusedAdamW(ps, lr=1e-3, weight_decay=0.1, master_weights=True, backend=backend),
+    "FusedSGD": lambda ps, backend: fused_ops.FusedSGD(
+        ps, lr=0.01, momentum=0.9, master_weights=True, backend=backend
+    ),  # fmt: skip
+    "FusedLion": lambda ps, backend: fused_ops.FusedLion(ps, lr=1e-3, master_weights=True, backend=backend),
+    "FusedAdamW-int8": lambda ps, backend: FusedAdamW(
+        ps, lr=1e-3, master_weights=True, state_dtype="int8", backend=backend
+    ),  # fmt: skip
+}
+
+
+def _bf16_model(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)).to(torch.bfloat16)
+    model[1].weight = torch.nn.Parameter(model[1].weight.detach().t().contiguous().t())  # (not contiguous)
+    return model
+
+
+def _grads(model, k):
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * k + i)).to(p.dtype)
+
+
+_WRITES = ["load_state_dict", "in_place", "p.data ="]
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "write"),
+    [(n, "auto", w) for n in _MASTER_OPTS for w in _WRITES]
+    + [pytest.param(n, "triton", "load_state_dict", marks=pytest.mark.interpret) for n in _MASTER_OPTS],
+)
+def test_a_param_written_after_steps_is_its_masters_new_value(name, backend, write):
+    """Before, the step computed from the master and overwrote the param: weights loaded into the model after
+    the optimizer had stepped (or re-initialised in place, or given new ``.data``) were lost at the next step
+    (0.75 away after one step). Now the step starts from them: bit for bit what a twin optimizer does whose masters
+    were set to the written params by hand."""
+    model = _bf16_model()
+    opt = _MASTER_OPTS[name](model.parameters(), backend)
+    for k in range(2):
+        _grads(model, k)
+        opt.step()
+    twin_model = copy.deepcopy(model)
+    twin = _MASTER_OPTS[name](twin_model.parameters(), backend)
+    twin.load_state_dict(opt.state_dict())
+    loaded = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    for m in (model, twin_model):
+        if write == "load_state_dict":
+            m.load_state_dict(loaded)
+        elif write == "in_place":
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.fill_(0.5)
+        else:
+            for p in m.parameters():
+                p.data = torch.full_like(p, 0.5)
+    for p in twin_model.parameters():
+        twin.state[p]["master_param"].copy_(p)
+    _grads(model, 2)
+    _grads(twin_model, 2)
+    opt.step()
+    twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], twin.state[q]["master_param"])
+        assert (p.float() - 0.5).abs().max() < 0.2  # (before: 0.75 and more)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_MASTER_OPTS))
+def test_masters_are_never_refreshed_by_the_optimizers_own_writes(name, backend, monkeypatch):
+    """The masters keep their precision through training: steps (some skipped by found_inf), zero_grad, a state
+    dict round trip and a param group added give the same bits as with the refresh turned off."""
+    runs = []
+    for refresh in (True, False):
+        if not refresh:
+            monkeypatch.setattr(fused_ops.optim.FusedOptimizer, "_refresh_masters", lambda self, plans, out: None)
+        model = _bf16_model()
+        extra = torch.nn.Parameter(torch.randn(9).to(torch.bfloat16))
+        opt = _MASTER_OPTS[name](model.parameters(), backend)
+        for k in range(6):
+            _grads(model, k)
+            if k == 3:
+                opt.add_param_group({"params": [extra]})
+            if k >= 3:
+                extra.grad = torch.randn(9).to(torch.bfloat16)
+            inf = torch.tensor([1.0 if k == 2 else 0.0])
+            opt.step(found_inf=inf)
+            opt.zero_grad()
+            if k == 4:
+                opt.load_state_dict(opt.state_dict())
+        runs.append([p.detach().clone() for p in [*model.parameters(), extra]]
+                    + [opt.state[p]["master_param"].clone() for p in [*model.parameters(), extra]])  # fmt: skip
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    masters = runs[0][len(runs[0]) // 2 :]
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters)  # (they hold more than bf16)
+
+
+def test_a_step_that_fails_puts_a_refreshed_master_back(monkeypatch):
+    """The refresh is a write of the step: a step that fails before its launches leaves the master as it was."""
+    model = _bf16_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True, backend="reference")
+    _grads(model, 0)
+    opt.step()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    masters = [opt.state[p]["master_param"].clone() for p in model.parameters()]
+    from fused_ops.optim import _base
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(_base._GroupPlan, "prepare", fail)
+    _grads(model, 1)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    for p, m in zip(model.parameters(), masters):
+        assert torch.equal(opt.state[p]["master_param"], m)
+    monkeypatch.undo()
+    opt.step()
+    assert all((p.float() - 0.5).abs().max() < 0.01 for p in model.parameters())

@@ -414,3 +414,23 @@ def test_a_prepared_launch_called_directly_checks_its_tensors(what):
         with pytest.raises(ValueError, match="set_grads|prepare a new launch"):
             launcher(**call)
         assert all(torch.equal(a, b) for a, b in zip(params, before)), kind
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_a_removed_param_group_is_freed_as_in_torch(backend):
+    """``opt.param_groups.pop()`` and its params' states deleted: torch.optim frees them; before, the group's step
+    plan kept its params, states and launch tables alive for the optimizer's lifetime."""
+    import gc
+    import weakref
+
+    keep, gone = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(300))
+    opt = FusedAdamW([{"params": [keep]}, {"params": [gone]}], lr=1e-3, backend=backend)
+    keep.grad, gone.grad = torch.randn_like(keep), torch.randn_like(gone)
+    opt.step()
+    refs = [weakref.ref(t) for t in (gone, *opt.state[gone].values())]
+    opt.param_groups.pop()
+    del opt.state[gone]
+    del gone
+    opt.step()
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)

@@ -203,6 +203,7 @@ class _StepMixin:
     def _update(self, sumsq: Tensor, inputs: _StepInputs, post: _PostBuffers) -> None:
         """After the ranks agreed: unscale and clip in one factor, the fused Adam op on this rank's shards. In-place
         ops into ``post`` (the same values, bit for bit, as ``sumsq.sqrt() / divisor`` and so on)."""
+        self._refresh_masters()
         # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
         divisor = post.divisor
         total_norm = post.norm64.copy_(sumsq).sqrt_().div_(divisor)
@@ -253,6 +254,28 @@ class _StepMixin:
             torch._foreach_add_(others, 1)
             if step_found_inf is not None:
                 torch._foreach_sub_(others, [step_found_inf.reshape(())] * len(others))
+
+    def _refresh_masters(self) -> None:
+        """The fp32 master shard of a bf16/fp16 param is the truth the step updates, and the all-gather overwrites
+        the param with it rounded: a write into the param since the last step (``model.load_state_dict`` after this
+        optimizer was built, an in-place re-init) would be lost. Such a write moves the param's version counter (its
+        own: the all-gather writes the flat buffer, not through the param), so in this rank's master segment of every
+        param whose version moved since construction, the last step or the last ``load_state_dict``, each element
+        that no longer equals the master rounded takes the param's value (after the ranks agreed; a small temporary
+        per such segment, no host sync). fp32 params are their own masters. Writes through ``p.data`` (a version
+        counter of its own) are not seen."""
+        now = [p._version for p in self._params]
+        if now == self._param_versions:
+            return
+        for i, (a, b) in enumerate(zip(now, self._param_versions, strict=True)):
+            seg = self._segment_of.get(i) if a != b else None
+            if seg is not None and seg.bucket.master is not None:
+                n = seg.hi - seg.lo
+                master = seg.bucket.master.narrow(0, seg.start, n)
+                param = seg.bucket.param_shard.narrow(0, seg.start, n)
+                written = param.ne(master.to(param.dtype))  # (an element written with its own value keeps the master)
+                master.copy_(torch.where(written, param.to(torch.float32), master))
+        self._param_versions = now
 
     def _gather_params(self) -> None:
         """The all-gather of the params from the shards. ``_gather_pending`` is set before (by ``step()``, once the

@@ -4,7 +4,8 @@ An optimizer of the family (``adam.py``, ``sgd.py``, ``lion.py``) is one kernel 
 prepared launcher (``AdamStep``, ``SGDStep``, ...), one plain-torch reference, and a small subclass here that
 declares its hyper-parameters (``_check_hyperparameters``, ``_check_step_values``), its state layout
 (``_state_keys``, ``_required_state_keys``, ``_has_step``) and its update (``_make_launcher``, ``_launch``,
-``_run_reference``). Everything else is here, once, for every optimizer:
+``_prepare_reference``; the full contract is :class:`FusedOptimizer`'s docstring). Everything else is here, once,
+for every optimizer:
 
 - torch.optim's interface: constructor checks, ``add_param_group``, ``state_dict``/``load_state_dict`` (hooks
   included, everything validated before anything changes, torch's legacy defaults), ``__setstate__``;
@@ -285,10 +286,26 @@ class FusedOptimizer(torch.optim.Optimizer):
       ``_check_step_values(gi, group)`` (every step: returns the values the launch needs, as floats);
     - ``_normalize_group(group)``: torch's conversions of loaded or added groups (betas as a tuple, ...);
     - ``_make_launcher(group, part, grads)``: the prepared Triton launch of a part (``part.roles`` holds the state
-      lists by key); ``_launch(part, group, lr, values, grad_scale, found_inf)`` calls it;
-      ``_run_reference(part, grads, group, lr, values, grad_scale, found_inf)``: the CPU path;
-    - ``_traced_group_calls(gi, group)`` and ``_step_traced``: the step under ``torch.compile`` (the custom ops on
-      plain tensors, see :meth:`_traced_calls`).
+      lists by key); ``_launch(part, group, lr, values, grad_scale, found_inf)`` calls it. The kernel moves the
+      step counts itself (once per tensor however many programs it spans, not when ``found_inf`` is set): see the
+      arrival counters of ``kernels/adam.py`` (``with_counters=True``);
+    - the CPU path in two phases, which is what keeps a failed step all-or-nothing across groups:
+      ``_prepare_reference(part, grads, group, lr, values, grad_scale, found_inf)`` computes every new value out of
+      place (it may allocate, it writes nothing) and returns the call that copies them in. Its default runs
+      ``_run_reference`` (same arguments) in the write phase, so a subclass that only has ``_run_reference`` loses
+      that guarantee (a later group's out-of-memory leaves earlier groups stepped): see ``sgd.py``;
+    - ``_new_state_tensor(group, key, p)`` when a state does not start at zeros; states are made by the step
+      (``_init_state``, which also makes the fp32 masters from the params): a state torch.optim makes in its
+      constructor (Adagrad's ``sum``) is made there by hand, never through ``_init_state`` (masters made then would
+      be the weights of construction time; see ``_refresh_masters`` for what follows writes since);
+    - ``_traced_group_calls(gi, group)`` and ``_step_traced``: the step under ``torch.compile`` (one custom op per
+      part, registered in ``fused_ops/_ops.py``, on plain tensors, see :meth:`_traced_calls`). ``_step_traced``
+      must copy the staged params back after its ops (``_write_back(staged)``, as ``adam.py`` does): a param that is
+      not contiguous is stepped as a contiguous copy, and without the write-back only its states would move.
+
+    Defaults should hold torch's ``foreach``, ``differentiable`` and ``fused`` keys (the groups then have
+    torch.optim's keys; ``_LEGACY_DEFAULTS`` fills them in older dicts). Sparse and complex params are refused by
+    the base for every optimizer.
 
     Extra group keys of this package (``master_weights``, ``backend``) are left out of ``state_dict()`` where they
     hold the constructor's value, so a dict has torch.optim's keys (DCP loads a checkpoint only into a dict whose
@@ -317,6 +334,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._normalize_group(defaults)
         self._check_hyperparameters(defaults)
         self._plans: dict[int, _GroupPlan] = {}
+        self._master_marks: dict[int, tuple[int, int]] = {}  # see _refresh_masters
         super().__init__(params, defaults)
         self.state = _OptimizerState(self.state)
 
@@ -395,6 +413,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         contiguous on some ranks only is stepped on every rank, as in the eager step."""
         swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
         self._staged: list[tuple[Tensor, Tensor]] | None = []
+        # (compiled steps write the params in the graph, unnoted: an eager step after one trusts the masters again,
+        # see _refresh_masters)
+        self._master_marks.clear()
         try:
             groups = self._check_all_groups()
             self._check_no_shared_memory(self._step_scalars(*read))
@@ -707,6 +728,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
+        self._master_marks = {}  # (load_state_dict too: loaded masters are trusted until the next step writes)
         for group in self.param_groups:
             self._fill_group_defaults(group)
             self._normalize_group(group)
@@ -818,6 +840,42 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _abort_step(self) -> None:
         """Called when a step fails before it changed anything (its new states were put back): e.g. to forget the
         step's new buffers."""
+
+    # -- fp32 masters that follow writes into the params ------------------------------------------------------
+    # A param with an fp32 master is the master rounded: the step computes from the master and overwrites the param.
+    # A write into the param by anything else (``model.load_state_dict`` after the optimizer was built, an in-place
+    # re-init, an EMA swap, ``p.data = ...``) would be lost at the next step. So every eager step notes each such
+    # param's version counter and address once it has written it (``_master_marks``, by the id of the tensor the user
+    # writes: a DTensor's local shard), and the next step, before anything else is written, takes into the master
+    # every element of a param whose version or address moved since that no longer equals the master rounded (the
+    # update then starts from what the user wrote, as torch.optim would; elements written with their own value keep
+    # the master's precision). Loaded state dicts (and new masters) are trusted until a step notes the params.
+    # Writes through ``p.data`` (which has a version counter of its own) are not seen.
+
+    def _refresh_masters(self, plans: list[_GroupPlan], refreshed: list[tuple[Tensor, Tensor]]) -> None:
+        """Copy each param written since this optimizer's last step into its master; ``(master, old value)`` pairs
+        go into ``refreshed``, to put them back if the step then fails before it writes."""
+        marks = self._master_marks
+        if not marks:
+            return
+        for plan in plans:
+            for visible, masters in plan.master_pairs:
+                now = list(zip(map(_VERSION, visible), map(_DATA_PTR, visible)))
+                then = list(map(marks.get, map(id, visible)))
+                if now == then:
+                    continue
+                for i, (a, b) in enumerate(zip(now, then)):
+                    if b is not None and a != b:
+                        old = masters[i].clone()
+                        refreshed.append((masters[i], old))
+                        _refresh_master(masters[i], visible[i])
+
+    def _mark_masters(self, plans: list[_GroupPlan]) -> None:
+        """After a step's writes: note the version and address of every param that has a master."""
+        marks = self._master_marks
+        for plan in plans:
+            for visible, _ in plan.master_pairs:
+                marks.update(zip(map(id, visible), zip(map(_VERSION, visible), map(_DATA_PTR, visible))))
 
     def _tensor_state_keys(self) -> set[str]:
         """Every state key that holds a param-shaped tensor (loaded as fp32 copies shaped like the param)."""
@@ -1156,6 +1214,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Every group is checked before any group is stepped, so bad input raises with nothing changed. A group whose
         # plan still fits (see _GroupPlan.current_grads: same params, same state, and every param and grad checked
         # against what the plan's launch was built for) skips the per-param checks and the list building.
+        for gi in [gi for gi in self._plans if gi >= len(self.param_groups)]:
+            del self._plans[gi]  # (a group removed from param_groups: its plan would keep its tensors alive)
         work = []
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
@@ -1186,6 +1246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         undo = self._state_undo = []
         version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
         saved_plans = dict(self._plans)
+        refreshed: list[tuple[Tensor, Tensor]] = []
         try:
             runs = []
             for gi, group, values, params_or_plan, current in work:
@@ -1200,9 +1261,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:
                     plan = params_or_plan
                 runs.append((plan, group, current, values))
+            self._refresh_masters([plan for plan, *_ in runs], refreshed)
             prepared = [(plan, plan.prepare(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf))
                         for plan, group, current, values in runs]  # fmt: skip
         except BaseException:
+            for master, old in refreshed:
+                master.copy_(old)
             self._plans.clear()
             self._plans.update(saved_plans)
             self._undo_states(undo, version)
@@ -1218,6 +1282,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 call()
             plan.finish()
             self._after_run(plan)
+        self._mark_masters([plan for plan, _ in prepared])
 
     def _step_scalars(self, grad_scale: Any, found_inf: Any) -> list[tuple[str, Tensor]]:
         """The 1-element tensors a step reads through a pointer while it writes params and states: every tensor
@@ -1398,6 +1463,16 @@ def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor |
 _GRAD = operator.attrgetter("grad")
 _ANY = Tensor.__bool__  # (of a CPU tensor of addresses: host metadata, never a device value)
 _DATA_PTR = Tensor.data_ptr
+_VERSION = operator.attrgetter("_version")
+
+
+def _refresh_master(master: Tensor, param: Tensor) -> None:
+    """Take into fp32 ``master`` the elements of ``param`` that differ from the master rounded to the param's
+    dtype (no host sync; see FusedOptimizer._refresh_masters)."""
+    written = param.ne(master.to(param.dtype))
+    master.copy_(torch.where(written, param.to(master.dtype), master))
+
+
 _STORAGE_OFFSET = Tensor.storage_offset
 _UNTYPED_STORAGE = Tensor.untyped_storage
 _STORAGE_NBYTES = torch.UntypedStorage.nbytes
@@ -1507,6 +1582,11 @@ class _GroupPlan:
                   [states[i] for i in idx], key[3], key[4])
             for key, idx in keys.items()
         ]  # fmt: skip
+        # The params as the user writes them (a DTensor's local shard, the param itself where the launch steps a
+        # contiguous copy), paired with their fp32 masters: see FusedOptimizer._refresh_masters.
+        visible = [_local(p) for p in self.params] if self.dtensor else self.params
+        self.master_pairs = [(visible if part.idx is None else [visible[i] for i in part.idx], part.masters)
+                             for part in self.parts if part.masters]  # fmt: skip
 
     def current_grads(self, opt: FusedOptimizer, group: dict[str, Any], state: Any) -> list[Tensor] | None:
         """The grads of this step (of the params with grads) when the plan still fits the group, else None."""
