@@ -544,7 +544,8 @@ class DynamicLossScaler:
             for dev, start, end, live in zip(devs, starts, ends, alive):
                 if not live:
                     dead.setdefault(dev, []).append((start, end))
-            kept.append(tuple(list(compress(part, alive)) for part in (devs, starts, ends, refs)))
+            if any(alive):  # (a chunk all of whose storages died goes: no growth per unscale_ between updates)
+                kept.append(tuple(list(compress(part, alive)) for part in (devs, starts, ends, refs)))
         if not dead:
             return False
         self._unscaled_storages = kept

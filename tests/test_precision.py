@@ -520,3 +520,15 @@ def test_scaler_on_first_gpu_grads_on_second():
     torch.testing.assert_close(total.cpu(), torch.nn.utils.clip_grad_norm_(twins, 0.5), rtol=1e-5, atol=0)
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_unscale_between_updates_does_not_grow_the_scalers_records():
+    """Each ``unscale_`` records the grads' storages until ``update()``; those of grads freed since are dropped.
+    Before, an emptied record stayed: one per call, without bound, when updates are rare."""
+    scaler = DynamicLossScaler(init_scale=2.0**4)
+    for _ in range(50):
+        grads = [torch.randn(16), torch.randn(5)]
+        scaler.unscale_(grads)
+        del grads
+    scaler.unscale_([torch.randn(3)])
+    assert len(scaler._unscaled_storages) <= 2
