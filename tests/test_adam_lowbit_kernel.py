@@ -683,3 +683,55 @@ def test_gpu_graph_replays_draw_fresh_bits(state):
                 assert _same_bits(a, b), k
         snapshots.append([s.item() for s in t["state_steps"]])
     assert snapshots == [[5.0] * 3, [6.0] * 3, [7.0] * 3]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_nearest_code_from_the_maps_structure_is_the_binary_searchs(signed):
+    """The quantiser's nearest code comes from an arithmetic guess checked against two entries (2 gathers instead
+    of the binary search's 10), a tile whose guess fails anywhere falling back to the search: the same codes, bit
+    for bit, on random values, every entry, the midpoints and their neighbours, exact negative entries (the guess
+    misses those: the fallback runs), 0, +-1, tiny values; and the guess alone is right for all but a few values
+    in 10^5 of random ones (so the fallback stays rare)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def run(y_ptr, out_ptr, guess_ptr, qmap_ptr, n, SIGNED: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        if FAST:
+            tl.store(out_ptr + offs, lowbit._nearest_code_fast(y, qmap_ptr, SIGNED), mask=mask)
+            tl.store(guess_ptr + offs, lowbit._guess_lo(y, qmap_ptr, SIGNED), mask=mask)
+        else:
+            tl.store(out_ptr + offs, lowbit._nearest_code(y, qmap_ptr), mask=mask)
+
+    qmap = lowbit._dynamic_map(signed)
+    gen = torch.Generator().manual_seed(7)
+    mids = (qmap[1:] + qmap[:-1]) / 2
+    lo = -1.0 if signed else 0.0
+    uniform = torch.rand(200_000, generator=gen) * (1 - lo) + lo
+    signs = torch.sign(torch.randn(50_000, generator=gen)).clamp(min=lo)
+    tiny = signs * 10 ** (-8 * torch.rand(50_000, generator=gen))
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    edges = torch.tensor([1.0, 0.0, -0.0, 1e-9, 1e-30] + ([-1.0, -1e-9] if signed else []))
+    near = [
+        torch.nextafter(mids, up),
+        torch.nextafter(mids, down),
+        torch.nextafter(qmap, up),
+        torch.nextafter(qmap, down),
+    ]
+    y = torch.cat([uniform, tiny, qmap, mids, *near, edges]).clamp(lo, 1.0)
+    n, block = y.numel(), 1024
+    fast, search, guess = (torch.full((n,), -7, dtype=torch.int32) for _ in range(3))
+    run[(triton.cdiv(n, block),)](y, fast, guess, qmap, n, SIGNED=signed, FAST=True, BLOCK=block)
+    run[(triton.cdiv(n, block),)](y, search, guess, qmap, n, SIGNED=signed, FAST=False, BLOCK=block)
+    assert torch.equal(fast, search)
+    assert torch.equal(search.long(), ref.nearest_code(y, qmap))
+    true_lo = (torch.searchsorted(qmap, y, right=True) - 1).clamp(min=0)
+    random_part = slice(0, 200_000)
+    assert (guess[random_part].long() != true_lo[random_part]).float().mean() < 2e-5
+    assert (guess.long() - true_lo).abs().max() <= 1
+    if signed:
+        assert (guess.long() != true_lo).any()  # (exact negative entries: the fallback ran, and agreed)

@@ -48,6 +48,8 @@ _SCALAR_TYPES = {
     "scale_and_p_ptr": "*fp64",  # (the norm kernel: max |x| and p, in float64)
     "partials_ptr": "*fp64",
     "p": "fp32",
+    "signed_map_ptr": "*fp32",
+    "unsigned_map_ptr": "*fp32",
 }
 
 _DT = ["tl.float32", "tl.bfloat16", "tl.float16"]
@@ -92,6 +94,36 @@ CASES = {
         for t in (False, True)
     ],
     "scale._norm_partials_kernel": [dict(DTYPE=d, NORM=n, ALIGNED=n != 3) for d in _DT for n in (0, 1, 2, 3)],
+    # The low-bit step at the launcher's 8 warps (4 elements per thread): every state kind, with fp32 tensors to
+    # read 128 bits at a time (fp32 params, or fp32 masters of bf16 params), and stochastic rounding and Kahan sums
+    # (16-bit tensors only: read 64 bits at a time, so not held to the 128-bit loads' assertion: ALIGNED False).
+    "adam_lowbit._adam_lowbit_kernel": [
+        dict(
+            PARAM_DTYPE=pd,
+            GRAD_DTYPE=pd,
+            STATE=st,
+            MASTER=m,
+            PARAM_SR=sr,
+            KAHAN=k,
+            MAXIMIZE=mx,
+            DECOUPLED=not mx,
+            LR_IS_TENSOR=mx,
+            HAS_GRAD_SCALE=True,
+            HAS_FOUND_INF=not mx,
+            ALIGNED=not (sr or k),
+            QBLOCK=256,
+            num_warps=8,
+        )
+        for pd, st, m, sr, k, mx in (
+            ("tl.float32", "'int8'", False, False, False, False),
+            ("tl.bfloat16", "'int8'", True, False, False, True),
+            ("tl.float32", "'bf16'", False, False, False, True),
+            ("tl.bfloat16", "'bf16'", True, False, False, False),
+            ("tl.float32", "'fp32'", False, False, False, False),
+            ("tl.bfloat16", "'int8'", False, True, False, False),
+            ("tl.float16", "'int8'", False, False, True, True),
+        )
+    ],  # fmt: skip
 }
 
 _CHILD = textwrap.dedent(
@@ -146,6 +178,8 @@ _CHILD = textwrap.dedent(
 
     out = []
     for i, case in enumerate(cases):
+        case = dict(case)
+        num_warps = case.pop("num_warps", 4)
         consts = {{k: eval(v, {{"tl": tl}}) if isinstance(v, str) else v for k, v in {{**case, **blocks}}.items()}}
         names = fn.arg_names
         sig = {{n: scalars[n] if n in scalars else "constexpr" for n in names}}
@@ -153,7 +187,7 @@ _CHILD = textwrap.dedent(
             if sig[n] == "constexpr" and n not in consts:
                 raise KeyError("no value for " + n)
         src = ASTSource(fn=fn, signature=sig, constexprs={{(names.index(k),): v for k, v in consts.items()}})
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
         ptx = k.asm["ptx"]
         facts = machine_facts(ptx, k.asm["cubin"], arch, i in sass_for)
         atom = re.search(r"\\batom\\.", ptx)
@@ -331,3 +365,13 @@ def test_no_kernel_specialises_the_table_offsets():
     specialised = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(specialised) == set(_KERNELS)
     assert specialised == {name: [] for name in _KERNELS}
+
+
+@needs_ptxas
+def test_lowbit_step_count_arrival_follows_a_barrier():
+    """The low-bit kernel moves its step counts as the Adam kernel does (one acq_rel arrival, issued after a
+    barrier that orders every warp's read of the count); its per-row absmax reductions add barriers of their own."""
+    for r in _results("adam_lowbit._adam_lowbit_kernel"):
+        assert r["atoms"] == 1 and r["acq_rel_atoms"] == 1, r
+        assert r["barriers_before_atom"] >= 1, r
+        assert r["approx_div"] == 0 and r["approx_sqrt"] == 0, r
