@@ -416,6 +416,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # (compiled steps write the params in the graph, unnoted: an eager step after one trusts the masters again,
         # see _refresh_masters)
         self._master_marks.clear()
+        for plan in self._plans.values():
+            plan.master_versions = None
         try:
             groups = self._check_all_groups()
             self._check_no_shared_memory(self._step_scalars(*read))
@@ -515,6 +517,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         except _NoValueError as e:  # (torch's messages name no group; this one names the group it would be)
             raise ValueError(f"{e} (param group {len(self.param_groups)})") from None
         super().add_param_group(param_group)
+        for plan in self._plans.values():
+            self._flush_marks(plan)
         self._plans.clear()
 
     def _check_params(self, group_index: int, params: list[Tensor], group: dict[str, Any] | None = None, *,
@@ -853,15 +857,21 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Writes through ``p.data`` (which has a version counter of its own) are not seen.
 
     def _refresh_masters(self, plans: list[_GroupPlan], refreshed: list[tuple[Tensor, Tensor]]) -> None:
-        """Copy each param written since this optimizer's last step into its master; ``(master, old value)`` pairs
-        go into ``refreshed``, to put them back if the step then fails before it writes."""
+        """Take each param written since this optimizer's last step into its master; ``(master, old value)`` pairs
+        go into ``refreshed``, to put them back if the step then fails before it writes. A plan reused from the last
+        step compares versions only (``current_grads`` checked the addresses); a new plan, versions and addresses
+        against the marks its predecessors left (``_flush_marks``)."""
         marks = self._master_marks
-        if not marks:
-            return
         for plan in plans:
-            for visible, masters in plan.master_pairs:
-                now = list(zip(map(_VERSION, visible), map(_DATA_PTR, visible)))
-                then = list(map(marks.get, map(id, visible)))
+            if plan.master_versions is not None:
+                nows = [list(map(_VERSION, visible)) for visible, _ in plan.master_pairs]
+                thens = plan.master_versions
+            elif marks:
+                nows = [list(zip(map(_VERSION, visible), map(_DATA_PTR, visible))) for visible, _ in plan.master_pairs]
+                thens = [list(map(marks.get, map(id, visible))) for visible, _ in plan.master_pairs]
+            else:
+                continue
+            for (visible, masters), now, then in zip(plan.master_pairs, nows, thens):
                 if now == then:
                     continue
                 for i, (a, b) in enumerate(zip(now, then)):
@@ -871,11 +881,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                         _refresh_master(masters[i], visible[i])
 
     def _mark_masters(self, plans: list[_GroupPlan]) -> None:
-        """After a step's writes: note the version and address of every param that has a master."""
-        marks = self._master_marks
+        """After a step's writes: note the version (and address) of every param of ``plans`` that has a master."""
         for plan in plans:
-            for visible, _ in plan.master_pairs:
-                marks.update(zip(map(id, visible), zip(map(_VERSION, visible), map(_DATA_PTR, visible))))
+            if plan.master_pairs:
+                plan.master_versions = [list(map(_VERSION, visible)) for visible, _ in plan.master_pairs]
+                if not plan.reusable:  # (a reused plan's launches are on the params themselves: its param_addrs)
+                    plan.master_addrs = [list(map(_DATA_PTR, visible)) for visible, _ in plan.master_pairs]
+
+    def _flush_marks(self, plan: _GroupPlan | None) -> None:
+        """Keep the marks of a plan about to be replaced or dropped, by param, for the plan that follows it."""
+        if plan is not None and plan.master_versions is not None:
+            addrs = plan.master_addrs or [[plan.param_addrs[i] for i in idx] for idx in plan.master_index]
+            for (visible, _), versions, where in zip(plan.master_pairs, plan.master_versions, addrs):
+                self._master_marks.update(zip(map(id, visible), zip(versions, where)))
 
     def _tensor_state_keys(self) -> set[str]:
         """Every state key that holds a param-shaped tensor (loaded as fp32 copies shaped like the param)."""
@@ -1252,6 +1270,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for gi, group, values, params_or_plan, current in work:
                 if current is None:
                     params = params_or_plan
+                    self._flush_marks(self._plans.get(gi))
                     if not params:
                         self._plans.pop(gi, None)
                         continue
@@ -1587,6 +1606,10 @@ class _GroupPlan:
         visible = [_local(p) for p in self.params] if self.dtensor else self.params
         self.master_pairs = [(visible if part.idx is None else [visible[i] for i in part.idx], part.masters)
                              for part in self.parts if part.masters]  # fmt: skip
+        self.master_index = [list(range(len(self.params))) if part.idx is None else part.idx
+                             for part in self.parts if part.masters]  # fmt: skip
+        self.master_versions: list[list[int]] | None = None  # set once a step has written them (_mark_masters)
+        self.master_addrs: list[list[int]] | None = None
 
     def current_grads(self, opt: FusedOptimizer, group: dict[str, Any], state: Any) -> list[Tensor] | None:
         """The grads of this step (of the params with grads) when the plan still fits the group, else None."""
