@@ -864,10 +864,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         marks = self._master_marks
         for plan in plans:
             if plan.master_versions is not None:
-                nows = [list(map(_VERSION, visible)) for visible, _ in plan.master_pairs]
+                nows = plan.versions_now()
                 thens = plan.master_versions
             elif marks:
-                nows = [list(zip(map(_VERSION, visible), map(_DATA_PTR, visible))) for visible, _ in plan.master_pairs]
+                nows = [list(zip(versions, map(_DATA_PTR, visible)))
+                        for versions, (visible, _) in zip(plan.versions_now(), plan.master_pairs)]  # fmt: skip
                 thens = [list(map(marks.get, map(id, visible))) for visible, _ in plan.master_pairs]
             else:
                 continue
@@ -884,7 +885,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """After a step's writes: note the version (and address) of every param of ``plans`` that has a master."""
         for plan in plans:
             if plan.master_pairs:
-                plan.master_versions = [list(map(_VERSION, visible)) for visible, _ in plan.master_pairs]
+                plan.master_versions = plan.versions_now()
                 if not plan.reusable:  # (a reused plan's launches are on the params themselves: its param_addrs)
                     plan.master_addrs = [list(map(_DATA_PTR, visible)) for visible, _ in plan.master_pairs]
 
@@ -1608,8 +1609,19 @@ class _GroupPlan:
                              for part in self.parts if part.masters]  # fmt: skip
         self.master_index = [list(range(len(self.params))) if part.idx is None else part.idx
                              for part in self.parts if part.masters]  # fmt: skip
+        # (a DTensor's writes through the wrapper, FSDP2's load_state_dict among them, move the wrapper's version
+        # but not always its local shard's: both are read)
+        self.master_wrappers = [[self.params[i] for i in idx] for idx in self.master_index] if self.dtensor else None
         self.master_versions: list[list[int]] | None = None  # set once a step has written them (_mark_masters)
         self.master_addrs: list[list[int]] | None = None
+
+    def versions_now(self) -> list[list]:
+        """The version counters of the params with masters, per master pair (DTensors: the wrapper's and the local
+        shard's), for FusedOptimizer._refresh_masters."""
+        if self.master_wrappers is None:
+            return [list(map(_VERSION, visible)) for visible, _ in self.master_pairs]
+        return [list(zip(map(_VERSION, wrappers), map(_VERSION, visible)))
+                for wrappers, (visible, _) in zip(self.master_wrappers, self.master_pairs)]  # fmt: skip
 
     def current_grads(self, opt: FusedOptimizer, group: dict[str, Any], state: Any) -> list[Tensor] | None:
         """The grads of this step (of the params with grads) when the plan still fits the group, else None."""
