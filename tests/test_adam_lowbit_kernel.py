@@ -692,7 +692,7 @@ def test_nearest_code_from_the_maps_structure_is_the_binary_searchs(signed):
     of the binary search's 10), a tile whose guess fails anywhere falling back to the search: the same codes, bit
     for bit, on random values, every entry, the midpoints and their neighbours, exact negative entries (the guess
     misses those: the fallback runs), 0, +-1, tiny values; and the guess alone is right for all but a few values
-    in 10^5 of random ones (so the fallback stays rare)."""
+    in 10^4 of random ones (so the fallback stays rare)."""
     import triton
     import triton.language as tl
 
@@ -711,9 +711,9 @@ def test_nearest_code_from_the_maps_structure_is_the_binary_searchs(signed):
     gen = torch.Generator().manual_seed(7)
     mids = (qmap[1:] + qmap[:-1]) / 2
     lo = -1.0 if signed else 0.0
-    uniform = torch.rand(200_000, generator=gen) * (1 - lo) + lo
-    signs = torch.sign(torch.randn(50_000, generator=gen)).clamp(min=lo)
-    tiny = signs * 10 ** (-8 * torch.rand(50_000, generator=gen))
+    uniform = torch.rand(60_000, generator=gen) * (1 - lo) + lo
+    signs = torch.sign(torch.randn(20_000, generator=gen)).clamp(min=lo)
+    tiny = signs * 10 ** (-8 * torch.rand(20_000, generator=gen))
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
     edges = torch.tensor([1.0, 0.0, -0.0, 1e-9, 1e-30] + ([-1.0, -1e-9] if signed else []))
     near = [
@@ -730,8 +730,8 @@ def test_nearest_code_from_the_maps_structure_is_the_binary_searchs(signed):
     assert torch.equal(fast, search)
     assert torch.equal(search.long(), ref.nearest_code(y, qmap))
     true_lo = (torch.searchsorted(qmap, y, right=True) - 1).clamp(min=0)
-    random_part = slice(0, 200_000)
-    assert (guess[random_part].long() != true_lo[random_part]).float().mean() < 2e-5
+    random_part = slice(0, 60_000)
+    assert (guess[random_part].long() != true_lo[random_part]).float().mean() < 1e-4
     assert (guess.long() - true_lo).abs().max() <= 1
     if signed:
         assert (guess.long() != true_lo).any()  # (exact negative entries: the fallback ran, and agreed)
