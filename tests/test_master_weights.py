@@ -269,7 +269,7 @@ def test_masters_are_never_refreshed_by_the_optimizers_own_writes(name, backend,
     runs = []
     for refresh in (True, False):
         if not refresh:
-            monkeypatch.setattr(fused_ops.optim.FusedOptimizer, "_refresh_masters", lambda self, plans, out: None)
+            monkeypatch.setattr(fused_ops.optim.FusedOptimizer, "_refresh_masters", lambda self, plans, out: [])
         model = _bf16_model()
         extra = torch.nn.Parameter(torch.randn(9).to(torch.bfloat16))
         opt = _MASTER_OPTS[name](model.parameters(), backend)
@@ -350,3 +350,83 @@ def test_fsdp2_params_loaded_after_steps_are_their_masters_new_value(backend):
             assert torch.equal(opt.state[p]["master_param"].to_local().to(torch.bfloat16), p.to_local())
     finally:
         dist.destroy_process_group()
+
+
+def _write_half(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+
+
+def _near_half(model):
+    return max((p.float() - 0.5).abs().max().item() for p in model.parameters()) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writes_around_param_group_removal_and_loads_are_kept(backend):
+    """The marks of a removed group's neighbours survive (the groups after it move down a place); a write just
+    after or just before ``opt.load_state_dict`` is kept (the loaded masters are compared with the params, as
+    ZeroAdamW does and as torch.optim keeps the params), while a model of the same checkpoint resumes bit for bit."""
+    model = _bf16_model()
+    extra = torch.nn.Parameter(torch.randn(4).to(torch.bfloat16))
+    opt = FusedAdamW([{"params": [extra]}, {"params": list(model.parameters())}], lr=1e-3, master_weights=True,
+                     backend=backend)  # fmt: skip
+    for k in range(2):
+        _grads(model, k)
+        extra.grad = torch.randn(4).to(torch.bfloat16)
+        opt.step()
+    del opt.param_groups[0]
+    _write_half(model)
+    _grads(model, 2)
+    opt.step()
+    assert _near_half(model)
+
+    for when in ("after", "before"):
+        model = _bf16_model()
+        opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True, backend=backend)
+        _grads(model, 0)
+        opt.step()
+        sd = opt.state_dict()
+        if when == "before":
+            _write_half(model)
+        opt.load_state_dict(sd)
+        if when == "after":
+            _write_half(model)
+        _grads(model, 1)
+        opt.step()
+        assert _near_half(model), when
+
+    model = _bf16_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True, backend=backend)
+    for k in range(3):
+        _grads(model, k)
+        opt.step()
+    opt_sd, model_sd = opt.state_dict(), copy.deepcopy(model.state_dict())
+    resumed = _bf16_model(seed=1)
+    ropt = FusedAdamW(resumed.parameters(), lr=1e-3, master_weights=True, backend=backend)
+    ropt.load_state_dict(opt_sd)
+    resumed.load_state_dict(model_sd)  # (after the optimizer's: the same values as its masters rounded)
+    for k in range(3, 5):
+        for m, o in ((model, opt), (resumed, ropt)):
+            _grads(m, k)
+            o.step()
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], ropt.state[q]["master_param"])
+
+
+def test_a_write_after_a_compiled_step_is_kept_by_the_next_eager_step():
+    """A compiled step leaves no marks; the eager step after it compares every master with its param, so a write
+    in between is kept (before: overwritten from the old masters)."""
+    model = _bf16_model()
+    model[1].weight = torch.nn.Parameter(model[1].weight.detach().contiguous())
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True, backend="reference")
+    _grads(model, 0)
+    opt.step()
+    compiled = torch.compile(opt.step, backend="aot_eager")
+    _grads(model, 1)
+    compiled()
+    _write_half(model)
+    _grads(model, 2)
+    opt.step()
+    assert _near_half(model)

@@ -810,6 +810,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if MASTER_KEY not in old:
                 # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
                 new[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                fresh = self.__dict__.get("_fresh_masters")
+                if fresh is not None:  # (made from the param by this step: nothing to refresh, see _refresh_masters)
+                    fresh.add(new[MASTER_KEY].data_ptr())
         elif MASTER_KEY in old:
             # Masters turned off for this group: the param is updated as it is and is the truth from now on; a master
             # kept would be stale, and would rewind the param if masters were turned on again.
@@ -856,30 +859,40 @@ class FusedOptimizer(torch.optim.Optimizer):
     # the master's precision). Loaded state dicts (and new masters) are trusted until a step notes the params.
     # Writes through ``p.data`` (which has a version counter of its own) are not seen.
 
-    def _refresh_masters(self, plans: list[_GroupPlan], refreshed: list[tuple[Tensor, Tensor]]) -> None:
-        """Take each param written since this optimizer's last step into its master; ``(master, old value)`` pairs
-        go into ``refreshed``, to put them back if the step then fails before it writes. A plan reused from the last
-        step compares versions only (``current_grads`` checked the addresses); a new plan, versions and addresses
-        against the marks its predecessors left (``_flush_marks``)."""
+    def _refresh_masters(self, plans: list[_GroupPlan], refreshed: list[tuple[Tensor, Tensor]]) -> list[tuple]:
+        """Find each param written since this optimizer's last step, to take into its master. A plan reused from the
+        last step compares versions only (``current_grads`` checked the addresses); a new plan, versions and
+        addresses against the marks its predecessors left (``_flush_marks``).
+
+        The reference path computes its new values from the masters before anything is written, so its masters are
+        refreshed here, each kept in ``refreshed`` ``(master, old value)`` to put back if the step then fails before
+        it writes. The Triton path's are returned, ``(master, param)``, to refresh once every part is prepared,
+        right before the launches (no copy of the old masters: a model loaded whole would double their memory)."""
         marks = self._master_marks
+        fresh = self.__dict__.get("_fresh_masters", ())
+        later = []
         for plan in plans:
             if plan.master_versions is not None:
                 nows = plan.versions_now()
                 thens = plan.master_versions
-            elif marks:
+            else:
                 nows = [list(zip(versions, map(_DATA_PTR, visible)))
                         for versions, (visible, _) in zip(plan.versions_now(), plan.master_pairs)]  # fmt: skip
                 thens = [list(map(marks.get, map(id, visible))) for visible, _ in plan.master_pairs]
-            else:
-                continue
-            for (visible, masters), now, then in zip(plan.master_pairs, nows, thens):
+            for (visible, masters), part, now, then in zip(plan.master_pairs, plan.master_parts, nows, thens):
                 if now == then:
                     continue
                 for i, (a, b) in enumerate(zip(now, then)):
-                    if b is not None and a != b:
-                        old = masters[i].clone()
-                        refreshed.append((masters[i], old))
-                        _refresh_master(masters[i], visible[i])
+                    # (no mark: a master made by this very step from its param needs nothing; any other, loaded or
+                    # last written by a compiled step, is compared with its param: elements equal to it rounded are
+                    # kept, so a matching model, e.g. of the same checkpoint, leaves it bit for bit)
+                    if a != b and (b is not None or masters[i].data_ptr() not in fresh):
+                        if part.launcher is not None:
+                            later.append((masters[i], visible[i]))
+                        else:
+                            refreshed.append((masters[i], masters[i].clone()))
+                            _refresh_master(masters[i], visible[i])
+        return later
 
     def _mark_masters(self, plans: list[_GroupPlan]) -> None:
         """After a step's writes: note the version (and address) of every param of ``plans`` that has a master."""
@@ -1234,7 +1247,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # plan still fits (see _GroupPlan.current_grads: same params, same state, and every param and grad checked
         # against what the plan's launch was built for) skips the per-param checks and the list building.
         for gi in [gi for gi in self._plans if gi >= len(self.param_groups)]:
-            del self._plans[gi]  # (a group removed from param_groups: its plan would keep its tensors alive)
+            # (a group removed from param_groups: its plan would keep its tensors alive; its marks stay, as the
+            # groups after it moved down a place and their plans are rebuilt)
+            self._flush_marks(self._plans.pop(gi))
         work = []
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
@@ -1263,6 +1278,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # memory) puts back the states and plans as they were: nothing changed. Then the writes: the launches, and
         # the reference path's copies into the existing tensors.
         undo = self._state_undo = []
+        self._fresh_masters: set[int] = set()  # (addresses of the masters this step makes: see _refresh_masters)
         version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
         saved_plans = dict(self._plans)
         refreshed: list[tuple[Tensor, Tensor]] = []
@@ -1281,7 +1297,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:
                     plan = params_or_plan
                 runs.append((plan, group, current, values))
-            self._refresh_masters([plan for plan, *_ in runs], refreshed)
+            later = self._refresh_masters([plan for plan, *_ in runs], refreshed)
             prepared = [(plan, plan.prepare(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf))
                         for plan, group, current, values in runs]  # fmt: skip
         except BaseException:
@@ -1294,9 +1310,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self.__dict__.pop("_state_undo", None)
+            self.__dict__.pop("_fresh_masters", None)
         version = self.state._version.n if isinstance(self.state, _OptimizerState) else None
         for plan, _ in prepared:
             plan.state_version = version  # (after every plan's states exist: building one changes the state)
+        for master, param in later:  # (the Triton parts' masters, see _refresh_masters)
+            _refresh_master(master, param)
         for plan, calls in prepared:
             for call in calls:
                 call()
@@ -1488,9 +1507,9 @@ _VERSION = operator.attrgetter("_version")
 
 def _refresh_master(master: Tensor, param: Tensor) -> None:
     """Take into fp32 ``master`` the elements of ``param`` that differ from the master rounded to the param's
-    dtype (no host sync; see FusedOptimizer._refresh_masters)."""
+    dtype (no host sync; temporaries the size of this one tensor; see FusedOptimizer._refresh_masters)."""
     written = param.ne(master.to(param.dtype))
-    master.copy_(torch.where(written, param.to(master.dtype), master))
+    torch.where(written, param.to(master.dtype), master, out=master)
 
 
 _STORAGE_OFFSET = Tensor.storage_offset
@@ -1607,8 +1626,9 @@ class _GroupPlan:
         visible = [_local(p) for p in self.params] if self.dtensor else self.params
         self.master_pairs = [(visible if part.idx is None else [visible[i] for i in part.idx], part.masters)
                              for part in self.parts if part.masters]  # fmt: skip
+        self.master_parts = [part for part in self.parts if part.masters]
         self.master_index = [list(range(len(self.params))) if part.idx is None else part.idx
-                             for part in self.parts if part.masters]  # fmt: skip
+                             for part in self.master_parts]  # fmt: skip
         # (a DTensor's writes through the wrapper, FSDP2's load_state_dict among them, move the wrapper's version
         # but not always its local shard's: both are read)
         self.master_wrappers = [[self.params[i] for i in idx] for idx in self.master_index] if self.dtensor else None
