@@ -341,9 +341,10 @@ class ZeroAdamW(
             first = self._params[shared[0]]
             warnings.warn(
                 f"ZeroAdamW: {len(shared)} param(s) (param {shared[0]}, shape {tuple(first.shape)}, first) are part "
-                "of a larger storage (a view of a FlatBuffer or of another tensor): ZeroAdamW moves each param into "
-                "its own flat buffer (p.data becomes a view of it), so that storage will no longer see the params' "
-                "updates; read the params themselves (or give ZeroAdamW params with storages of their own)",
+                "of a larger storage (a view of a FlatBuffer or of another tensor, or the flat buffer of an earlier "
+                "ZeroAdamW over these params, where nothing is lost): ZeroAdamW moves each param into its own flat "
+                "buffer (p.data becomes a view of it), so that storage will no longer see the params' updates; read "
+                "the params themselves (or give ZeroAdamW params with storages of their own)",
                 UserWarning,
                 stacklevel=2,
             )
