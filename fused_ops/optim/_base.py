@@ -413,8 +413,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         contiguous on some ranks only is stepped on every rank, as in the eager step."""
         swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
         self._staged: list[tuple[Tensor, Tensor]] | None = []
-        # (compiled steps write the params in the graph, unnoted: an eager step after one trusts the masters again,
-        # see _refresh_masters)
+        # (compiled steps write the params in the graph, unnoted: an eager step after one compares every master with
+        # its param, see _refresh_masters)
         self._master_marks.clear()
         for plan in self._plans.values():
             plan.master_versions = None
@@ -732,7 +732,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
-        self._master_marks = {}  # (load_state_dict too: loaded masters are trusted until the next step writes)
+        self._master_marks = {}  # (load_state_dict too: loaded masters are compared with their params at the next step)
         for group in self.param_groups:
             self._fill_group_defaults(group)
             self._normalize_group(group)
@@ -856,8 +856,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # writes: a DTensor's local shard), and the next step, before anything else is written, takes into the master
     # every element of a param whose version or address moved since that no longer equals the master rounded (the
     # update then starts from what the user wrote, as torch.optim would; elements written with their own value keep
-    # the master's precision). Loaded state dicts (and new masters) are trusted until a step notes the params.
-    # Writes through ``p.data`` (which has a version counter of its own) are not seen.
+    # the master's precision). A master with no mark (loaded by ``load_state_dict``, or last written by a compiled
+    # step) is compared with its param the same way; one this step makes from its param is not. Writes through
+    # ``p.data`` (which has a version counter of its own) are not seen.
 
     def _refresh_masters(self, plans: list[_GroupPlan], refreshed: list[tuple[Tensor, Tensor]]) -> list[tuple]:
         """Find each param written since this optimizer's last step, to take into its master. A plan reused from the
