@@ -417,8 +417,8 @@ class _CheckpointMixin:
                         if src is not None and not torch.equal(src.to(device=current.device, dtype=b.dtype), current):
                             stale_master, src = True, None
                         b.master.narrow(0, seg.start, n).copy_(current if src is None else src)
-        # (the masters loaded, or rebuilt from the params, are the truth now: writes into the params before this load
-        # are not refreshed into them at the next step, see _refresh_masters)
+        # (the masters loaded, or the params where the checkpoint's masters do not round to them, are the truth now;
+        # a write into the params after this load moves their versions again, see _refresh_masters)
         self._param_versions = [p._version for p in self._params]
         if stale_master:
             warnings.warn(
