@@ -20,7 +20,9 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -162,6 +164,17 @@ def test_older_optimizer_freed_leaves_newer_alone():
 
 
 # -- leak -------------------------------------------------------------------------------------------------------
+def _collect_until(freed: Callable[[], bool], seconds: float = 5.0) -> None:
+    """gc.collect() until ``freed()`` holds or ``seconds`` pass: gloo's worker thread drops its reference to the
+    tensors of a finished collective (the last all-gather's output, a flat buffer) a moment after ``wait()`` returns,
+    so on a loaded machine the last buffer may outlive the first collection (a leak outlives them all)."""
+    deadline = time.monotonic() + seconds
+    gc.collect()
+    while not freed() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gc.collect()
+
+
 @pytest.mark.parametrize("zero_grad", [True, False])
 @pytest.mark.parametrize("stage", [2, 1])
 @pytest.mark.usefixtures("one_rank_group")
@@ -182,7 +195,7 @@ def test_model_and_buffers_freed_after_del(stage, zero_grad):
     refs += [weakref.ref(b.param_flat) for b in opt._buckets]
     storages = [StorageWeakRef(t.untyped_storage()) for b in opt._buckets for t in (b.param_flat, b.grad)]
     del model, opt
-    gc.collect()
+    _collect_until(lambda: all(r() is None for r in refs) and all(s.expired() for s in storages))
     assert [r() is None for r in refs] == [True] * len(refs)
     assert all(s.expired() for s in storages)
     assert len(_reduce._HOOKS) == before
