@@ -10,6 +10,7 @@ from fused_ops.kernels import adam as adam_kernels
 import fused_ops
 from fused_ops import FusedAdamW
 from fused_ops.reference import adam_ as reference_adam_
+from tests.test_distributed import one_rank_group  # noqa: F401 - a fixture
 from tests.utils import assert_close_list, f64
 
 BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.interpret)]
@@ -319,37 +320,33 @@ def test_a_step_that_fails_puts_a_refreshed_master_back(monkeypatch):
 
 
 @pytest.mark.distributed
+@pytest.mark.usefixtures("one_rank_group")
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
 def test_fsdp2_params_loaded_after_steps_are_their_masters_new_value(backend):
     """FSDP2 (``fully_shard``) bf16 params with fp32 masters: ``model.load_state_dict`` after steps writes the local
     shards without moving their version counters (only the DTensors'): the next step starts from the loaded
     weights (before: 0.9 away after one step, the old masters' values)."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(torch.bfloat16)
-        for m in model:
-            fully_shard(m)
-        fully_shard(model)
-        opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True, backend=backend)
-        for _ in range(2):
-            model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
-            opt.step()
-            opt.zero_grad()
-        sd = model.state_dict()
-        model.load_state_dict({k: distribute_tensor(torch.full(v.shape, 0.5, dtype=v.dtype), v.device_mesh,
-                                                    v.placements) for k, v in sd.items()})  # fmt: skip
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(torch.bfloat16)
+    for m in model:
+        fully_shard(m)
+    fully_shard(model)
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True, backend=backend)
+    for _ in range(2):
         model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
         opt.step()
-        for p in model.parameters():
-            assert (p.full_tensor().float() - 0.5).abs().max() < 0.01
-            assert torch.equal(opt.state[p]["master_param"].to_local().to(torch.bfloat16), p.to_local())
-    finally:
-        dist.destroy_process_group()
+        opt.zero_grad()
+    sd = model.state_dict()
+    model.load_state_dict({k: distribute_tensor(torch.full(v.shape, 0.5, dtype=v.dtype), v.device_mesh,
+                                                v.placements) for k, v in sd.items()})  # fmt: skip
+    model(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        assert (p.full_tensor().float() - 0.5).abs().max() < 0.01
+        assert torch.equal(opt.state[p]["master_param"].to_local().to(torch.bfloat16), p.to_local())
 
 
 def _write_half(model):

@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fused_ops
 from fused_ops import FlatBuffer, functional
 from tests.safety import expect_error_unchanged, message_names
+from tests.test_distributed import one_rank_group  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.safety]
 
@@ -219,16 +219,6 @@ def test_flatbuffer_zero_refuses_inference_data():
         buf.copy_from_([torch.zeros(3)])
 
 
-@pytest.fixture
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 ZERO_CASES = {
     "process_group=3": (dict(process_group=3), TypeError, "process_group"),
     "align=2**70": (dict(align=2**70), ValueError, "align"),
@@ -238,7 +228,8 @@ ZERO_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ZERO_CASES))
-def test_zero_constructor_errors_name_the_argument(one_rank_group, case):
+@pytest.mark.usefixtures("one_rank_group")
+def test_zero_constructor_errors_name_the_argument(case):
     """Before: AttributeError ("'int' object has no attribute 'size'"), torch's overflow TypeError from
     ``zeros()``, and stage=True taken as stage 1."""
     from fused_ops.distributed import ZeroAdamW
@@ -326,31 +317,28 @@ def test_optimizer_step_takes_a_bool_lr_as_its_constructor_does(name, backend):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.usefixtures("one_rank_group")
 def test_zero_steps_on_grads_made_in_inference_mode(stage):
     """torch.optim and FusedAdamW step on a grad made under ``torch.inference_mode()`` (they only read it). Before,
     ZeroAdamW stage 1 raised torch's "Inference tensors do not track version counter" after it had committed the
     grads' reduction (the step was lost)."""
     from fused_ops.distributed import ZeroAdamW
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model, ref = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-        ref.load_state_dict(model.state_dict())
-        opt = ZeroAdamW(model.parameters(), lr=1e-2, stage=stage, backend="reference")
-        ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=1e-2, backend="reference")
-        for k in range(3):
-            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * k + i))
-                     for i, p in enumerate(model.parameters())]  # fmt: skip
-            with torch.inference_mode():
-                made = [g.clone() for g in grads]
-            for p, q, g, h in zip(model.parameters(), ref.parameters(), made, grads):
-                p.grad, q.grad = g, h.clone()
-            opt.step()
-            ref_opt.step()
-            opt.zero_grad()
-            ref_opt.zero_grad()
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    ref.load_state_dict(model.state_dict())
+    opt = ZeroAdamW(model.parameters(), lr=1e-2, stage=stage, backend="reference")
+    ref_opt = fused_ops.FusedAdamW(ref.parameters(), lr=1e-2, backend="reference")
+    for k in range(3):
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * k + i))
+                 for i, p in enumerate(model.parameters())]  # fmt: skip
+        with torch.inference_mode():
+            made = [g.clone() for g in grads]
+        for p, q, g, h in zip(model.parameters(), ref.parameters(), made, grads):
+            p.grad, q.grad = g, h.clone()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)

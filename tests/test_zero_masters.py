@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from fused_ops.distributed import ZeroAdamW
+from tests.test_distributed import one_rank_group  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture
-def one_rank():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _model(seed=0):
@@ -44,7 +35,8 @@ def _opt(model, stage, **kw):
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("steps_before", [0, 2])
 @pytest.mark.parametrize("write", ["load_state_dict", "in_place"])
-def test_weights_written_after_construction_are_trained_from(one_rank, stage, steps_before, write):
+@pytest.mark.usefixtures("one_rank_group")
+def test_weights_written_after_construction_are_trained_from(stage, steps_before, write):
     model = _model()
     opt = _opt(model, stage)
     for k in range(steps_before):
@@ -67,7 +59,8 @@ def test_weights_written_after_construction_are_trained_from(one_rank, stage, st
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_resume_loading_the_model_after_the_optimizer_is_built(one_rank, stage):
+@pytest.mark.usefixtures("one_rank_group")
+def test_resume_loading_the_model_after_the_optimizer_is_built(stage):
     """Model state first, then the optimizer's (into a ZeroAdamW built before both): the checkpoint's masters are
     the truth, the resumed run equals the uninterrupted one bit for bit. The other order warns at the optimizer's
     load (its masters do not round to the params of then, so the params are taken) and now trains from the model
@@ -107,7 +100,8 @@ def test_resume_loading_the_model_after_the_optimizer_is_built(one_rank, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_training_never_refreshes_a_master_from_its_param(one_rank, stage, monkeypatch):
+@pytest.mark.usefixtures("one_rank_group")
+def test_training_never_refreshes_a_master_from_its_param(stage, monkeypatch):
     """The optimizer's own writes (steps, skipped steps, all-gathers, zero_grad, state dict round trips) leave the
     masters alone: the same bits as with the refresh turned off."""
     runs = []
