@@ -418,7 +418,7 @@ class _CheckpointMixin:
                             stale_master, src = True, None
                         b.master.narrow(0, seg.start, n).copy_(current if src is None else src)
         # (the masters loaded, or the params where the checkpoint's masters do not round to them, are the truth now;
-        # a write into the params after this load moves their versions again, see _refresh_masters)
+        # a write into the params after this load moves their versions again, see _refreshed_masters)
         self._param_versions = [p._version for p in self._params]
         if stale_master:
             warnings.warn(

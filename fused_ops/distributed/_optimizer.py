@@ -292,7 +292,7 @@ class ZeroAdamW(
         self._round_header: tuple | None = None  # (vector, work) of the all-reduce opening a second synced pass
         self._round_mismatch = False  # a rank stepped while this one began another synced pass
         self._inflight: deque = deque()
-        self._param_versions = [p._version for p in self._params]  # writes into the params: see _refresh_masters
+        self._param_versions = [p._version for p in self._params]  # writes into the params: see _refreshed_masters
         self._hook_handles: list[Any] = []
         self._unhooked = [s for b in self._buckets for s in b.slots]  # stage 2: params without a grad hook yet
         if stage == 2:

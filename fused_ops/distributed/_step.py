@@ -39,6 +39,8 @@ class _PostBuffers:
     inf64: Tensor | None  # scratch of the overflow flag (with a loss scale)
     flag: Tensor | None  # a loss scaler's found_inf as a bool, on its device
     amsgrad: list[tuple[_Bucket, Tensor]]  # the max_exp_avg_sq shards amsgrad groups need (zeros)
+    masters: list[tuple[Tensor, Tensor]]  # (master segment, its new value) of params written since: _refreshed_masters
+    versions: list[int]  # the params' version counters these were computed at
 
 
 class _StepMixin:
@@ -188,6 +190,7 @@ class _StepMixin:
         flag = inputs.scaler_found_inf
         amsgrad = [(b, torch.zeros_like(b.exp_avg, dtype=torch.float32)) for b in self._buckets
                    if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None]  # fmt: skip
+        masters, versions = self._refreshed_masters()
         return _PostBuffers(
             divisor=divisor,
             norm64=torch.empty((), dtype=torch.float64, device=dev),
@@ -198,12 +201,16 @@ class _StepMixin:
             inf64=torch.empty((), dtype=torch.float64, device=dev) if inputs.loss_scale is not None else None,
             flag=None if flag is None else torch.empty(flag.shape, dtype=torch.bool, device=flag.device),
             amsgrad=amsgrad,
+            masters=masters,
+            versions=versions,
         )
 
     def _update(self, sumsq: Tensor, inputs: _StepInputs, post: _PostBuffers) -> None:
         """After the ranks agreed: unscale and clip in one factor, the fused Adam op on this rank's shards. In-place
         ops into ``post`` (the same values, bit for bit, as ``sumsq.sqrt() / divisor`` and so on)."""
-        self._refresh_masters()
+        for master, value in post.masters:  # (writes into the params since the last step: see _refreshed_masters)
+            master.copy_(value)
+        self._param_versions = post.versions
         # One all-reduce gave both the global norm and the overflow flag (inf/NaN propagate through the sum).
         divisor = post.divisor
         total_norm = post.norm64.copy_(sumsq).sqrt_().div_(divisor)
@@ -255,18 +262,21 @@ class _StepMixin:
             if step_found_inf is not None:
                 torch._foreach_sub_(others, [step_found_inf.reshape(())] * len(others))
 
-    def _refresh_masters(self) -> None:
+    def _refreshed_masters(self) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
         """The fp32 master shard of a bf16/fp16 param is the truth the step updates, and the all-gather overwrites
         the param with it rounded: a write into the param since the last step (``model.load_state_dict`` after this
         optimizer was built, an in-place re-init) would be lost. Such a write moves the param's version counter (its
         own: the all-gather writes the flat buffer, not through the param), so in this rank's master segment of every
         param whose version moved since construction, the last step or the last ``load_state_dict``, each element
-        that no longer equals the master rounded takes the param's value (after the ranks agreed; a small temporary
-        per such segment, no host sync). fp32 params are their own masters. Writes through ``p.data`` (a version
-        counter of its own) are not seen."""
+        that no longer equals the master rounded takes the param's value. The new values are computed here, with
+        what the step allocates before the ranks agree (no host sync), and copied in after the agreement (``_update``:
+        in place, so that no rank can fail alone there). fp32 params are their own masters. Writes through ``p.data``
+        (a version counter of its own) are not seen. Returns the (master segment, new value) pairs and the versions
+        they were computed at."""
         now = [p._version for p in self._params]
         if now == self._param_versions:
-            return
+            return [], now
+        out = []
         for i, (a, b) in enumerate(zip(now, self._param_versions, strict=True)):
             seg = self._segment_of.get(i) if a != b else None
             if seg is not None and seg.bucket.master is not None:
@@ -274,8 +284,8 @@ class _StepMixin:
                 master = seg.bucket.master.narrow(0, seg.start, n)
                 param = seg.bucket.param_shard.narrow(0, seg.start, n)
                 written = param.ne(master.to(param.dtype))  # (an element written with its own value keeps the master)
-                master.copy_(torch.where(written, param.to(torch.float32), master))
-        self._param_versions = now
+                out.append((master, torch.where(written, param.to(torch.float32), master)))
+        return out, now
 
     def _gather_params(self) -> None:
         """The all-gather of the params from the shards. ``_gather_pending`` is set before (by ``step()``, once the
