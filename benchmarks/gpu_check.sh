@@ -211,6 +211,12 @@ PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT < 60 ? 60 : PYTEST_TIMEOUT ))
 run_tier gpu gpu "$PYTEST_TIMEOUT" tests/test_gpu.py tests/test_gpu_family.py tests/
 TESTS_RC=$TIER_RC
 printf 'pytest_gpu=%s\n' "$TESTS_RC" >> "$OUT/status.txt"
+# Without a CUDA device every GPU test skips and the tier exits 0: say so, so that a dry run's status.txt does not
+# read as a GPU tier that passed.
+if ! grep -q '^torch: ok.*CUDA [0-9].*, [1-9][0-9]* device(s)' "$OUT/preflight.txt" 2>/dev/null; then
+    echo "no CUDA device: a dry run, the GPU tier skipped every test" | tee -a "$OUT/pytest_gpu.txt"
+    printf 'gpu=none (a dry run: pytest_gpu=0 means every GPU test skipped)\n' >> "$OUT/status.txt"
+fi
 
 DEVICE="$(timeout -k 5 60 "$PY" -m fused_ops info --slug 2>/dev/null)" || DEVICE=""
 DEVICE="$(printf '%s\n' "$DEVICE" | tail -n 1 | tr -cd 'a-z0-9-')" || DEVICE=""

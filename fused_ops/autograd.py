@@ -49,6 +49,8 @@ from torch.autograd import forward_ad
 from . import _ops, functional, reference
 from ._backend import check_backend
 
+__all__ = ["CastFunction", "FlattenFunction", "cast", "flatten"]
+
 
 def _cast(x: Tensor, dtype: torch.dtype, stochastic: bool, backend: str | None) -> Tensor:
     """A new contiguous ``x`` in ``dtype`` (not differentiable: the Functions' forward)."""

@@ -28,6 +28,8 @@ from . import _ops, functional
 from ._backend import check_backend
 from ._validate import check_storage, has_memory
 
+__all__ = ["Bucket", "FlatBuffer"]
+
 
 @dataclass(frozen=True)
 class Bucket:

@@ -20,6 +20,8 @@ from ._validate import check_scalar, check_storage, finite_fp32, first_without_s
 from ._validate import has_memory as _has_memory
 from ._validate import outside_storage as _outside_storage
 
+__all__ = ["adam_", "flatten", "unflatten", "unflatten_copy_", "cast_", "unscale_", "grad_norm", "clip_grad_norm_"]
+
 
 def _check_finite(name: str, value: float) -> None:
     """A finite float32 (the kernels compute in float32, where 1e39 is inf; torch's fused kernels refuse it)."""
@@ -72,6 +74,12 @@ def adam_(
         state_steps: fp32 0-d step counts, one per param, on the params' device; incremented here (as in
             torch.optim). Leave out and pass ``step`` to use one step number (>= 1) for every tensor.
         lr: float, or a 1-element tensor on the params' device (no recompilation, no host sync).
+        beta1, beta2, eps, weight_decay, amsgrad, maximize: as torch.optim.Adam's (floats; ``beta1``/``beta2`` in
+            [0, 1), ``eps`` and ``weight_decay`` >= 0, all finite in float32).
+        decoupled_weight_decay: AdamW's decay (``param *= 1 - lr * weight_decay``) instead of Adam's L2 term
+            added to the grad.
+        step: with no ``state_steps``, the step number (>= 1) of every tensor, for the bias corrections;
+            ignored when ``state_steps`` are given.
         grad_scale: optional 1-element tensor; grads are divided by it inside the kernel.
         found_inf: optional 1-element tensor; when non-zero the step is a no-op on the device: params,
             states and step counts are unchanged (no host sync).

@@ -24,6 +24,8 @@ from . import functional
 from ._backend import check_backend
 from ._validate import _interleaved, _reach, has_memory, outside_storage, real_float
 
+__all__ = ["DynamicLossScaler", "LossScalerWarning"]
+
 # The scale lives in a float32 tensor and the counters in int32 (growth, hysteresis) and int64 (skips) tensors: a
 # value outside their range would become 0 or inf, or raise half-way through an update or a load.
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
@@ -350,6 +352,11 @@ class DynamicLossScaler:
         hysteresis: overflows tolerated before the scale backs off (DeepSpeed ``delayed_shift``; 1 = back off
             at once, as torch).
         min_scale, max_scale: bounds on the scale (``max_scale=None``: unbounded).
+        consecutive_hysteresis: refill the hysteresis counter after every step without overflow (DeepSpeed's
+            option), not only when the scale grows.
+        warn_after: warn when at least this many consecutive steps were skipped (``None``: never).
+        check_interval: every this many updates the counters are copied to the host, without blocking, for
+            those warnings (``None``: never).
         device: where the state lives (default: CUDA if available, else CPU).
         backend: for the unscale / norm ops.
     """

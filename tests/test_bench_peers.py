@@ -112,3 +112,29 @@ def test_our_kernels_folder_is_not_the_pypi_kernels_package(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "refused: " in out.stdout and "fused_ops' kernel folder" in out.stdout
     assert "fused_ops.kernels ok" in out.stdout
+
+
+def test_the_pypi_kernels_package_is_found_from_a_source_checkout(tmp_path):
+    """With Hugging Face's ``kernels`` installed (transformers installs it and imports it unguarded), ``import
+    kernels`` from the repository root gives that package, submodules included, not our folder nor an error;
+    fused_ops.kernels still imports beside it, in either order."""
+    import fused_ops
+
+    root = str(__import__("pathlib").Path(fused_ops.__file__).resolve().parent.parent)
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'the other kernels'\n")
+    (site / "kernels" / "hub.py").write_text("X = 7\n")
+    for first in ("kernels", "fused_ops"):
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); sys.path.append(sys.argv[2])\n"
+            + ("import fused_ops.kernels.adam\n" if first == "fused_ops" else "")
+            + "import kernels, kernels.hub\nprint(kernels.WHO, kernels.hub.X, kernels.__file__)\n"
+            "import fused_ops.kernels.adam as a\nprint(a.__name__, a.__file__)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, root, str(site)], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == f"the other kernels 7 {site / 'kernels' / '__init__.py'}", out.stdout
+        assert lines[1].startswith("fused_ops.kernels.adam "), out.stdout

@@ -142,6 +142,8 @@ BAD_ARGS = [
     (["bench", "--ops", ","], "--ops"),
     (["bench", "--params", ""], "--params"),
     (["bench", "--dtype", ""], "--dtype"),
+    (["bench", "--dtype", "fp16"], "--dtype"),  # known, but no op runs it: it would time nothing and exit 0
+    (["bench", "--ops", "adam", "--dtype", "fp16"], "--dtype"),
     (["bench", "--providers", ""], "--providers"),
     (["bench", "--rep-ms", "-1"], "--rep-ms"),
     (["bench", "--rep-ms", "0"], "--rep-ms"),

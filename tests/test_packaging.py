@@ -48,3 +48,22 @@ def test_readme_performance_section_is_generated(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     assert main(["report", "--check"]) == 0
+
+
+def test_public_modules_export_only_their_api():
+    """``from fused_ops.<module> import *`` gives the documented API, not helpers or the modules they import."""
+    import fused_ops
+
+    expected = {
+        "functional": {"adam_", "flatten", "unflatten", "unflatten_copy_", "cast_", "unscale_", "grad_norm",
+                       "clip_grad_norm_"},
+        "precision": {"DynamicLossScaler", "LossScalerWarning"},
+        "buffers": {"Bucket", "FlatBuffer"},
+        "autograd": {"CastFunction", "FlattenFunction", "cast", "flatten"},
+    }  # fmt: skip
+    for name, api in expected.items():
+        namespace: dict = {}
+        exec(f"from fused_ops.{name} import *", namespace)
+        assert set(namespace) - {"__builtins__"} == api, name
+        module = getattr(fused_ops, name)
+        assert all(callable(getattr(module, n)) for n in api)

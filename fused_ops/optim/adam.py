@@ -1,8 +1,9 @@
 """FusedAdam and FusedAdamW: drop-in ``torch.optim.Adam`` / ``AdamW`` over the fused multi-tensor step.
 
-Same constructor, defaults, validation messages and ``state_dict`` layout as torch.optim, so code,
-lr schedulers, ``torch.amp.GradScaler`` and checkpoints move between them. Differences, by design:
-states are fp32 whatever the param dtype (bf16 params keep fp32 moments), per-param ``step`` counts are
+Same constructor, defaults and ``state_dict`` layout as torch.optim, and torch's argument checks (plus a refusal
+of non-finite or negative hyper-parameters), so code, lr schedulers, ``torch.amp.GradScaler`` and checkpoints move
+between them. Differences, by design: moments are fp32 whatever the param dtype (bf16 params keep fp32 moments)
+unless ``state_dtype`` asks for bf16 or 8-bit ones, per-param ``step`` counts are
 fp32 tensors on the param's device (as in torch's fused/capturable modes), and a whole step is one kernel
 launch per (device, dtype) group with no host synchronisation. The machinery (checks, plans, state dicts) is
 :class:`~fused_ops.optim._base.FusedOptimizer`'s; this file holds Adam's hyper-parameters, states and update.
@@ -155,13 +156,17 @@ class FusedAdam(FusedOptimizer):
         capturable: accepted; the step never synchronises with the host, so it can always be captured
             in a CUDA graph once the state exists (after one warm-up step).
         differentiable: must be False (not supported).
-        decoupled_weight_decay: AdamW's decoupled decay (``FusedAdamW`` sets it).
+        decoupled_weight_decay: AdamW's decoupled decay; ``None`` (default): False for ``FusedAdam``, as torch's
+            default (``FusedAdamW`` sets True).
         master_weights: keep an fp32 master copy of every bf16/fp16 param (state key ``"master_param"``,
             ignored by torch.optim). The whole update is one pass: read the low-precision grad, update
             master and moments in fp32, write the param rounded to nearest even. Without it, bf16 params
-            lose updates smaller than half an ulp. fp32 params need no master and get none. The master is
-            the source of truth: write new weights into the params through ``load_state_dict`` or
-            reset the optimizer, or they are overwritten at the next step.
+            lose updates smaller than half an ulp. fp32 params need no master and get none. Writes into the
+            params between steps (``model.load_state_dict``, an in-place re-init or clamp, ``p.data = ...``,
+            ``vector_to_parameters``) are kept: the next eager step takes every written element into the master
+            first. Not seen: writes through ``p.data`` (``p.data.copy_(...)``: ``.data`` has a version counter of
+            its own) and writes just before a compiled step; for those, load the weights through the
+            optimizer's ``load_state_dict`` or build the optimizer after the write (README, "Master weights").
         backend: "auto" (Triton kernels on CUDA, plain torch on CPU), "triton" or "reference"; default
             from the ``FUSED_OPS_BACKEND`` environment variable.
         state_dtype: how the moments are stored. ``None``/``"float32"`` (default): fp32. ``"int8"``: 8-bit codes
@@ -702,7 +707,12 @@ def _adam_calls(calls: list[tuple], staged: list, grad_scale: Tensor | None, fou
 
 
 class FusedAdamW(FusedAdam):
-    """AdamW (decoupled weight decay, default ``weight_decay=1e-2``), fused; drop-in torch.optim.AdamW."""
+    """AdamW (decoupled weight decay, default ``weight_decay=1e-2``), fused; drop-in torch.optim.AdamW.
+
+    The arguments are :class:`FusedAdam`'s (see there: ``master_weights``, ``state_dtype`` ("int8", "bfloat16"),
+    ``stochastic_rounding``, ``kahan_summation``, ``seed``, ``backend``), with ``decoupled_weight_decay`` always
+    True and torch.optim.AdamW's defaults.
+    """
 
     _default_decoupled = True
 

@@ -3,7 +3,8 @@
 One momentum (state key ``"exp_avg"``, as lucidrains/lion-pytorch), a sign update, decoupled weight decay; one
 launch per (device, dtype) part (``kernels/lion.py``), the plain-torch reference on the CPU path
 (``fused_ops/_ref_sgd_lion.py``). No step count. Lion wants a learning rate 3-10x smaller than AdamW's and a
-weight decay 3-10x larger (the paper's advice), which the defaults follow (lr 1e-4, betas (0.9, 0.99)).
+weight decay 3-10x larger (the paper's advice). The defaults follow it for lr and betas (lr 1e-4, betas
+(0.9, 0.99)); ``weight_decay`` defaults to 0.0, as lion-pytorch's: set it (e.g. 3-10x your AdamW decay).
 """
 
 from __future__ import annotations

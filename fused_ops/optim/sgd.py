@@ -47,7 +47,8 @@ def _check_number(name: str, value: Any, message: str) -> float:
 
 
 class FusedSGD(FusedOptimizer):
-    """SGD with momentum, fused; drop-in ``torch.optim.SGD`` (same arguments, checks and ``state_dict``).
+    """SGD with momentum, fused; drop-in ``torch.optim.SGD`` (same arguments and ``state_dict``; torch's checks,
+    plus a refusal of non-finite or negative hyper-parameters, ``dampening`` included, which torch accepts).
 
     Args:
         params: iterable of parameters or of param-group dicts.
