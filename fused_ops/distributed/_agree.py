@@ -234,18 +234,28 @@ def _by_rank(values: list[str]) -> str:
     return " but ".join(parts) if len(parts) <= 2 else "; ".join(parts)
 
 
-_OUT_OF_STEP = (
-    "ZeroAdamW.step: the ranks ran different numbers of synced backward passes since the last step (a rank began "
-    "another one while another rank stepped): every rank must make the same backward, no_sync and step calls. The "
-    "grads of these passes are not all reduced and no step was taken: call zero_grad() on every rank"
-)
+def _out_of_step_message(n_passes: int, n_zeroed: int, world: int) -> str:
+    """The out-of-step error: ``n_passes`` ranks began another synced pass while the others stepped, and ``n_zeroed``
+    ranks had called zero_grad() after their last synced pass. Built from the counts of one all-reduce (the step's
+    agreement, paired with the pass's opening all-reduce), so every rank raises the same message."""
+    why = f"{n_passes} of {world} ranks began another one while the others stepped"
+    if n_zeroed:
+        why += (
+            "; a pass discarded with zero_grad() is left out of the count only when every rank calls zero_grad() "
+            f"after its last synced pass: {n_zeroed} of {world} did"
+        )
+    return (
+        f"ZeroAdamW.step: the ranks ran different numbers of synced backward passes since the last step ({why}): "
+        "every rank must make the same backward, no_sync, zero_grad and step calls. The grads of these passes are "
+        "not all reduced and no step was taken: call zero_grad() on every rank"
+    )
 
 
 _CLEARED_ON_SOME = (
-    "ZeroAdamW.step: the grads were zeroed after the last step on {} of {} ranks (model.zero_grad(), p.grad = None: "
-    "this rank's grad shards dropped them, as zero_grad() does) but {} rank(s) kept reduced grads from before the "
-    "last step: every rank must make the same zero_grad calls. The ranks' grad shards no longer belong to one step "
-    "and no step was taken: call zero_grad() on every rank"
+    "ZeroAdamW.step: the grads were zeroed after the last step on {} of {} ranks (model.zero_grad(), p.grad = None, "
+    "or set by hand: this rank's grad shards dropped them, as zero_grad() does) but {} rank(s) kept reduced grads "
+    "from before the last step: every rank must make the same zero_grad calls. The ranks' grad shards no longer "
+    "belong to one step and no step was taken: call zero_grad() on every rank"
 )
 
 
@@ -528,11 +538,13 @@ class _AgreementMixin:
 
     def _agreement_size(self) -> int:
         """Elements of the step's all-reduce (and of the one opening a second synced pass): the sum of squares, the
-        error count, seven counts of ranks (beginning a pass, zero_grad after backward, grads not reduced, a synced
+        error count, eight counts of ranks (beginning a pass, zero_grad after backward, grads not reduced, a synced
         pass since the last step, grads set by hand over held grads, all held grads zeroed by the user since the
-        last step, some kept: see ``_clear_if_all_zeroed``) and the bits of the compared values; fixed at
-        construction (the group count is checked before it is used)."""
-        return 9 + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
+        last step, some kept: see ``_clear_if_all_zeroed``; stage 1, zero_grad after a backward since the last step),
+        in stage 2 the count of ranks whose shards will hold grads of each param (``_held_after_step``), and the bits
+        of the compared values; fixed at construction (the group count is checked before it is used)."""
+        held = len(self._params) if self.stage == 2 else 0
+        return 10 + held + 8 * (len(_GROUP_VALUES) * len(self._group_params) + 3)
 
     def _step_value_names(self) -> list[str]:
         names = [f"{v} of param group {gi}" for gi in range(len(self.param_groups)) for v in _GROUP_VALUES]
@@ -558,7 +570,8 @@ class _AgreementMixin:
         had_pass: bool = False,
         replacing: bool = False,
         fault: Exception | None = None,
-    ) -> tuple[Tensor, bool, bool]:
+        zeroed_since_step: bool = False,
+    ) -> tuple[Tensor, bool, bool] | None:
         """The step's all-reduce: the grad shards' sum of squares, the number of ranks with a problem (found on the
         host, or in a tensor value checked on the device), the facts that decide the collectives still to come
         (ranks beginning another synced pass instead of stepping, ranks that called zero_grad after backward,
@@ -567,7 +580,16 @@ class _AgreementMixin:
         read the same sums) if a rank had a problem, the ranks are out of step, or the values differ; returns the
         global sum of squares (a 0-d float64 device tensor), whether every rank reduces its unreduced grads now
         (``_reduce_all(late=True)``) and whether some rank set grads by hand over held grads (``_agree_on_drops``
-        then says which params' reduced grads every rank drops first).
+        then says which params' reduced grads every rank drops first). Stage 2 also sends, per param, whether this
+        rank will hold grads of it once the step commits (``_held_after_step``): the params some rank holds grads of
+        (``_held_agreed``, the same on every rank; ``_commit_reduce`` keeps it as ``_held_any``).
+
+        Returns None, without raising, when this all-reduce paired with the opening all-reduce of a synced pass that
+        other ranks began after a zero_grad() that every rank called after its last synced pass (``zeroed`` here):
+        step() then stands in for that pass and agrees again (see ``_read_agreement``).
+
+        ``zeroed_since_step`` (stage 1): zero_grad() was called after a backward since the last step; ``zeroed`` then
+        says whether no backward came since.
 
         ``fault``: an exception this rank met since the step began (an allocation of the reduction, say). Such a
         fault, or one met here while computing the sum of squares or building the vector (out of memory), is sent
@@ -593,7 +615,8 @@ class _AgreementMixin:
                 scale_ok = (given >= _FP32_TINY) & (given * self.world_size <= FP32_MAX)  # (a loss scale: as above)
                 ok = torch.isfinite(given) & torch.where(positive == 1, scale_ok, given >= 0)
                 flag = flag + (~ok).sum(dtype=torch.float64)
-            facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing), *cleared],
+            facts = torch.tensor([0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing), *cleared,
+                                  float(zeroed_since_step), *self._held_after_step()],
                                  dtype=torch.float64, device=self._device)  # fmt: skip
             vec = torch.cat([sumsq.reshape(1).to(torch.float64), flag, facts, _bit_pieces(values, self._shifts)])
         except Exception as e:  # noqa: BLE001 - this rank's problem, agreed on below, then raised on every rank
@@ -602,7 +625,9 @@ class _AgreementMixin:
                 error = e
             vec = self._agree_buf  # (in place only: the flag and the facts; the compared bits are not read)
             vec.zero_()
-            facts_ = (1.0, 0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing), *cleared)
+            # (the held counts stay 0: the step fails on every rank)
+            facts_ = (1.0, 0.0, float(zeroed), float(unreduced), float(had_pass), float(replacing), *cleared,
+                      float(zeroed_since_step))  # fmt: skip
             for k, v in enumerate(facts_):
                 vec[1 + k] = v
         try:
@@ -614,17 +639,27 @@ class _AgreementMixin:
 
     def _read_agreement(
         self, vec: Tensor, inputs: _StepInputs | None, error: Exception | None, had_pass: bool
-    ) -> tuple[Tensor, bool, bool]:
+    ) -> tuple[Tensor, bool, bool] | None:
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group)
         sums = vec[1:].tolist()  # the step's one host read
-        n_passes, n_zeroed, n_unreduced, n_had_pass, n_replacing, n_cleared, n_kept = (int(v) for v in sums[1:8])
-        if n_passes:  # paired with another rank's pass: match its reduce-scatters, then raise (as that rank will)
-            self._match_other_ranks_round()
+        counts = (int(v) for v in sums[1:9])
+        n_passes, n_zeroed, n_unreduced, n_had_pass, n_replacing, n_cleared, n_kept, n_zeroed_since = counts
+        n_held = len(self._params) if self.stage == 2 else 0
+        if n_passes:  # paired with the opening all-reduce of a pass other ranks began
+            if n_zeroed == self.world_size:
+                # Every rank called zero_grad() after its last synced pass (this one: ``zeroed``; those beginning the
+                # pass: in its opening all-reduce), e.g. a batch discarded on every rank. The passes before it ran the
+                # same reduce-scatters on every rank and every rank dropped their shards, so only the passes since
+                # count, as after a step: this rank has none, and stands in for the new one as a rank without a
+                # backward does (step() reduces its p.grad, paired with that pass's reduce-scatters, then agrees
+                # again, with their step). Nothing was read from these sums (they mix a step with a pass).
+                return None
+            self._match_other_ranks_round()  # (its reduce-scatters, then raise, as the ranks in that pass will)
             # (a rank that stood in for the others' first pass keeps it as its own: every rank then counts passes,
             # and every rank refuses to step until zero_grad(), the shards holding different passes)
             self._stood_in = not had_pass
-            self._out_of_step = True
-            raise RuntimeError(_OUT_OF_STEP)
+            self._out_of_step = _out_of_step_message(n_passes, n_zeroed, self.world_size)
+            raise RuntimeError(self._out_of_step)
         # Stage 2, some ranks ran a synced pass and the others stood in for it (reduced p.grad before this
         # all-reduce): should the step fail, the stand-ins keep that reduction as their pass (see step()), so that
         # every rank counts one pass and a retry or the next backward runs the same collectives everywhere.
@@ -632,7 +667,11 @@ class _AgreementMixin:
         self._stood_in = self._stood_in or (not had_pass and 0 < n_had_pass < self.world_size)
         if sums[0] > 0:
             self._raise_step_error(inputs, error)
-        if 0 < n_zeroed < self.world_size:
+        # Some rank emptied its grads with zero_grad() after its last backward while another made no such call since
+        # the last step. (Stage 1, a rank that zeroed and ran another backward since, like a batch discarded on
+        # every rank, is fine: its p.grad, read at step(), holds what came after. Stage 2 sends ``zeroed`` for both:
+        # there the shards of a rank that ran another pass since still hold both passes' sums, see _zeroed_since_step.)
+        if n_zeroed and n_zeroed_since < self.world_size:
             raise RuntimeError(
                 f"ZeroAdamW.step: zero_grad() was called between backward and step on {n_zeroed} of "
                 f"{self.world_size} ranks: the ranks' reduced grads no longer belong to one step; every rank must "
@@ -643,9 +682,10 @@ class _AgreementMixin:
             # brings the shards back into one state)
             self._out_of_step = _CLEARED_ON_SOME.format(n_cleared, self.world_size, n_kept)
             raise RuntimeError(self._out_of_step)
-        differ = _differing(sums[8:], self.world_size)
+        differ = _differing(sums[9 + n_held :], self.world_size)
         if differ:
             self._raise_step_values_differ(inputs, differ)
+        self._held_agreed = [v > 0 for v in sums[9 : 9 + n_held]]  # (stage 2: see _held_after_step)
         # (Stage 1 reduces p.grad before the agreement anyway: nothing to reduce late.)
         return vec[0], self.stage == 2 and (n_unreduced > 0 or n_zeroed == self.world_size), n_replacing > 0
 

@@ -274,7 +274,9 @@ class ZeroAdamW(
         self._next_bucket = 0
         self._rounds_since_step = 0  # synced backward passes since the last step (zero_grad keeps the count)
         self._unsynced_grads = False
-        self._zeroed = False  # zero_grad() was called after the last synced backward pass (stage 2) or backward (1)
+        # zero_grad() was called after the last synced backward pass (stage 2), or after a backward since the last
+        # step (stage 1: a backward since does not reset it, see _zeroed_since_step)
+        self._zeroed = False
         self._grad_marks: list = [None] * len(self._params)  # stage 1: p.grad as the last step / zero_grad left it
         # Stage 2, per param: whether this rank's grad shards hold grads of it (reduced and freed from p.grad: by a
         # synced pass, or by a step, kept without zero_grad as torch keeps p.grad) that p.grad no longer shows; the
@@ -282,6 +284,10 @@ class ZeroAdamW(
         self._held: list[bool] = [False] * len(self._params)
         self._seen: list[Any] = [None] * len(self._params)
         self._replaced: set[int] = set()
+        # Stage 2, per param: whether some rank held grads of it when the last step committed (the same on every
+        # rank: agreed by the step, see _held_after_step; dropped by zero_grad), and what the step's agreement found.
+        self._held_any: list[bool] = [False] * len(self._params)
+        self._held_agreed: list[bool] = []
         # Stage 2: after a step, a param with held grads gets a sentinel as p.grad instead of None (see
         # ``_give_sentinels``), so that ``model.zero_grad()`` or ``p.grad = None`` can be told from nothing done.
         self._sentinels = self._make_sentinels() if stage == 2 else []
@@ -290,7 +296,8 @@ class ZeroAdamW(
         self._cleared_all = False  # since the last step: every held grad zeroed by the user, the shards dropped
         self._kept_old = False  # since the last step: a held grad's sentinel found untouched (kept)
         self._round_header: tuple | None = None  # (vector, work) of the all-reduce opening a second synced pass
-        self._round_mismatch = False  # a rank stepped while this one began another synced pass
+        # a rank stepped while this one began another synced pass: (ranks beginning it, ranks that had zeroed)
+        self._round_mismatch: tuple[int, int] | bool = False
         self._inflight: deque = deque()
         self._param_versions = [p._version for p in self._params]  # writes into the params: see _refreshed_masters
         self._hook_handles: list[Any] = []

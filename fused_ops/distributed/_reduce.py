@@ -191,31 +191,39 @@ class _ReduceMixin:
 
     def _clear_if_all_zeroed(self) -> None:
         """Stage 2, the first backward after a step that gave sentinels (from its first grad hook, or its first
-        reduction): if the user zeroed every held grad since (``model.zero_grad()`` in the usual loop ``backward;
-        step; model.zero_grad()``), this rank's grad shards are dropped as ``zero_grad()`` drops them, locally, before
-        the pass reduces into them: no per-param work after this, no extra collective, the pass as after
-        ``zero_grad()``. Otherwise (some kept, some set by hand) each param is handled on its own
-        (``_check_cleared``: zeroed ones dropped at the step, agreed). The step's agreement compares the ranks: one
-        rank that cleared everything while another kept some raises on every rank (``_CLEARED_ON_SOME``)."""
+        reduction): if the user replaced every held grad since (zeroed them: ``model.zero_grad()`` in the usual loop
+        ``backward; step; model.zero_grad()``; or set some by hand), this rank's grad shards are dropped as
+        ``zero_grad()`` drops them, locally, before the pass reduces into them: no per-param work after this, no
+        extra collective, the pass as after ``zero_grad()`` (a grad set by hand is then this rank's grad, reduced by
+        the pass as backward's; before, on one rank of two that set the same grads by hand, the other having zeroed
+        every held grad, the ranks took different paths, and the step refused what every rank did alike). Otherwise
+        (some kept) each param is handled on its own (``_check_cleared``: zeroed ones dropped at the step, agreed).
+        The step's agreement compares the ranks: one rank that cleared everything while another kept some raises on
+        every rank (``_CLEARED_ON_SOME``)."""
         self._outstanding = False
-        zeroed = []
+        replaced, written = 0, []
         for i, (p, held, version) in enumerate(zip(self._params, self._held, self._given, strict=True)):
             if version is None:
                 if held:
                     return  # (held grads without a sentinel: handled per param)
                 continue
             g, s = p.grad, self._sentinels[i]
-            if g is not None and (g is not s or s._version == version):
-                return  # (kept, or set by hand)
-            zeroed.append(p)
-        if not zeroed:
+            if g is s and s._version == version:
+                return  # (kept)
+            replaced += 1
+            if g is s:
+                written.append(p)
+        if not replaced:
             return
-        for p in zeroed:
+        for p in written:
             p.grad = None  # (a sentinel zeroed in place)
         for b in self._buckets:
             b.grad_valid = False
         n = len(self._params)
         self._held, self._given, self._seen = [False] * n, [None] * n, [None] * n
+        # (nothing of this pass is kept out for grads other ranks kept, see _fill_staging: in the usual loop every
+        # rank clears all of them, and a rank that kept some makes the step raise on every rank, _CLEARED_ON_SOME)
+        self._held_any = [False] * n
         self._cleared_all = True
 
     def _check_cleared(self, index: int) -> None:
@@ -305,24 +313,31 @@ class _ReduceMixin:
         that steps instead would pair its step's all-reduce with this pass's reduce-scatters). Its first collective
         is an all-reduce of the size of step()'s agreement, marked as a pass: a rank in step() pairs with it, sees
         the mark and raises (after matching this pass's reduce-scatters); this rank reads the outcome when the next
-        pass begins or in step(), and raises there. Returns False when the ranks are known to be out of step."""
+        pass begins or in step(), and raises there. It also says whether this rank called zero_grad() after its last
+        pass, where step() sends ``zeroed``: when every rank did, the stepping ranks stand in for this pass instead
+        (see ``_read_agreement``). Returns False when the ranks are known to be out of step."""
         if self._round_mismatch or not self._round_header_ok():
             return False
         vec = torch.zeros(self._agreement_size(), dtype=torch.float64, device=self._device)
         vec[2] = 1.0  # the number of ranks beginning a pass (step() sends 0 here)
+        vec[3] = float(self._zeroed)  # (read before this pass resets it)
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
         self._round_header = (vec, work)
         return True
 
     def _round_header_ok(self) -> bool:
-        """Whether every rank began the last pass this rank announced (waits for that all-reduce: a host read)."""
+        """Whether every rank began the last pass this rank announced, or the others stood in for it (waits for that
+        all-reduce: a host read). Otherwise ``_round_mismatch`` holds the counts of ranks that began it and that had
+        called zero_grad() after their last pass, for the message (the ranks that stepped read the same sums)."""
         if self._round_header is not None:
             vec, work = self._round_header
             self._round_header = None
             if work is not None:  # (None: waited for at the end of the pass, see _finish_round)
                 work.wait()
-            if int(vec[2].item()) != self.world_size:
-                self._round_mismatch = True
+            n_passes, n_zeroed = (int(v) for v in vec[2:4].tolist())
+            # (every rank zeroed after its last pass: the ranks that stepped stand in for this one, see _read_agreement)
+            if n_passes != self.world_size and n_zeroed != self.world_size:
+                self._round_mismatch = (n_passes, n_zeroed)
         return not self._round_mismatch
 
     def _match_other_ranks_round(self) -> None:
@@ -472,7 +487,7 @@ class _ReduceMixin:
         if keep and self._outstanding:
             self._clear_if_all_zeroed()
         sentinels = self._sentinels
-        sent = []
+        sent, kept_out = [], []
         for s, view in zip(b.slots, views[1], strict=True):
             if zeros and s.index not in drop:
                 zero.append(view)
@@ -497,6 +512,13 @@ class _ReduceMixin:
                 bad = True
             elif g is None:
                 zero.append(view)
+            elif keep and self._held_any[s.index] and not self._held[s.index]:
+                # Other ranks hold grads of it kept from before the last step, this rank none: should they replace
+                # theirs (p.grad = None or set by hand, on every rank that holds them) the step drops them from the
+                # shards, which hold only the sum, and this grad would go with them. Reduced by the step instead (it
+                # stays in p.grad: a late reduction, after the drops are agreed), as each rank's p.grad is its own.
+                zero.append(view)
+                kept_out.append(s.index)
             else:
                 dst.append(view)
                 src.append(g)
@@ -507,7 +529,11 @@ class _ReduceMixin:
             torch._foreach_zero_(zero)
         if keep:
             for s in b.slots:
-                if (not bad or s.index not in self._grad_errors) and s.index not in self._replaced:
+                if (
+                    (not bad or s.index not in self._grad_errors)
+                    and s.index not in self._replaced
+                    and s.index not in kept_out
+                ):
                     s.param.grad = None
                     self._seen[s.index] = None
             for i in sent:
@@ -639,6 +665,17 @@ class _ReduceMixin:
                     self._given[s.index] = None
                     self._seen[s.index] = None
 
+    def _held_after_step(self) -> list[float]:
+        """Stage 2, sent in the step's agreement: per param, 1.0 where this rank will hold grads of it once the step
+        commits (as ``_commit_reduce`` sets ``_held``): held grads not replaced (a replaced param is dropped on every
+        rank, or the step fails), or a p.grad the step reduces. Summed over the ranks: the params whose kept grads
+        some rank holds (``_held_any``, the same on every rank)."""
+        if self.stage != 2:
+            return []
+        replaced, held = self._replaced, self._held
+        return [float((held[i] and i not in replaced) or (p.grad is not None and p.grad is not s))
+                for i, (p, s) in enumerate(zip(self._params, self._sentinels, strict=True))]  # fmt: skip
+
     def _commit_reduce(self, undo: tuple | None, drop: frozenset = frozenset()) -> None:
         self._rounds_since_step = 0
         self._unsynced_grads = False
@@ -652,6 +689,7 @@ class _ReduceMixin:
                 for i, (p, s) in enumerate(zip(self._params, self._sentinels, strict=True)):
                     if p.grad is not None and p.grad is not s:
                         self._held[i] = True
+            self._held_any = self._held_agreed  # (agreed by the step: see _held_after_step and _fill_staging)
             self._seen = [None] * len(self._params)
             self._replaced.clear()
             self._cleared_all = self._kept_old = False
@@ -681,6 +719,13 @@ class _ReduceMixin:
             return self._rounds_since_step > 0 and self._zeroed
         return self._zeroed and not self._grads_changed()  # stage 1: no backward since that zero_grad
 
+    def _zeroed_since_step(self) -> bool:
+        """Stage 1: zero_grad() was called after a backward since the last step, with or without a backward since (a
+        batch discarded): step() refuses ``_zeroed_before_step`` on some ranks only while another rank made no such
+        call, whose p.grad spans every backward since the last step. Stage 2: ``_zeroed_before_step`` (a rank that ran
+        another synced pass after zero_grad() holds that pass's sums in its shards, one that zeroed after it not)."""
+        return self._zeroed if self.stage == 1 else self._zeroed_before_step()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset grads: ``p.grad`` (as torch) and this rank's reduced-grad shards."""
         self._drain()
@@ -704,6 +749,7 @@ class _ReduceMixin:
         self._unsynced_grads = False
         self._grad_errors.clear()
         self._held = [False] * len(self._params)  # (nothing held: a grad set now replaces nothing)
+        self._held_any = [False] * len(self._params)
         self._seen = [None] * len(self._params)
         self._given = [None] * len(self._params)
         self._outstanding = self._cleared_all = self._kept_old = False

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import _cpu_lowbit, functional
 from .._backend import no_autocast
 from .._ref_lowbit import QUANT_BLOCK, n_scales
-from ._agree import _ERROR_TYPES, _OUT_OF_STEP, _StepInputs
+from ._agree import _ERROR_TYPES, _out_of_step_message, _StepInputs
 from ._comm import _all_gather
 from ._layout import _Bucket, _Segment
 
@@ -86,8 +86,8 @@ class _StepMixin:
             self._gather_params()
             raise RuntimeError(_GATHER_COMPLETED)
         out_of_step = getattr(self, "_out_of_step", False)
-        if out_of_step:  # (set on every rank alike: no collective to wait in; a str: its message)
-            raise RuntimeError(out_of_step if isinstance(out_of_step, str) else _OUT_OF_STEP)
+        if out_of_step:  # (set on every rank alike, to its message: no collective to wait in)
+            raise RuntimeError(out_of_step)
         loss = None
         closure_error: Exception | None = None
         if closure is not None:
@@ -118,9 +118,10 @@ class _StepMixin:
                 raise error
             return loss
         if not self._round_header_ok():  # the ranks paired this rank's last pass with a step: they raise too
+            n_passes, n_zeroed = self._round_mismatch
             self._round_mismatch = False
-            self._out_of_step = True
-            raise RuntimeError(_OUT_OF_STEP)
+            self._out_of_step = _out_of_step_message(n_passes, n_zeroed, self.world_size)
+            raise RuntimeError(self._out_of_step)
         if self.stage == 2 and self._grad_errors:
             self._forget_fixed_grads()  # (a refused grad given memory, or None, since: see there)
         self._note_hand_set_grads()  # (stage 2: grads set by hand over held grads replace them, as in torch)
@@ -132,10 +133,25 @@ class _StepMixin:
         late_undo = None  # a stand-in's late reduction (into new shards): a failed step puts it back
         drop: frozenset = frozenset()
         try:
-            sumsq, late, replacing = self._agree_on_step(
+            agreed = self._agree_on_step(
                 [b.grad for b in self._buckets], inputs, self._first_error(error), zeroed, unreduced, had_pass,
-                bool(self._replaced), fault=self._reduce_fault(),
+                bool(self._replaced), fault=self._reduce_fault(), zeroed_since_step=self._zeroed_since_step(),
             )  # fmt: skip
+            if agreed is None:
+                # Every rank called zero_grad() after its last synced pass and other ranks began a new one (a batch
+                # discarded on every rank, then no backward on this rank): its passes count for nothing, and this rank
+                # stands in for the new one as a rank without a backward does. Its reduction pairs with that pass's
+                # reduce-scatters (into the new shards of _reduce_all above: a failed step keeps it as this rank's
+                # pass, see _keep_stand_in_pass), then it agrees with those ranks' step.
+                self._stood_in = True
+                self._rounds_since_step = 0
+                self._zeroed = False
+                undo = self._reduce_all(undo=undo)
+                agreed = self._agree_on_step(
+                    [b.grad for b in self._buckets], inputs, self._first_error(error), False, False, False,
+                    bool(self._replaced), fault=self._reduce_fault(),
+                )  # fmt: skip
+            sumsq, late, replacing = agreed
             conflict = None
             if replacing:  # agreed: the params whose reduced grads every rank drops (grads set by hand replace them)
                 drop, conflict = self._agree_on_drops()
