@@ -702,6 +702,9 @@ def test_bad_state_dicts_raise_with_nothing_changed(state_dtype):
         (dict(stochastic_rounding=True, master_weights=True), ValueError, "master_weights"),
         (dict(kahan_summation=True, master_weights=True), ValueError, "master_weights"),
         (dict(stochastic_rounding=True, kahan_summation=True), ValueError, "stochastic_rounding and kahan"),
+        (dict(stochastic_rounding=True, amsgrad=True), ValueError, "amsgrad"),  # (was silently ignored)
+        (dict(kahan_summation=True, amsgrad=True), ValueError, "amsgrad"),
+        (dict(foreach=True, fused=True), RuntimeError, "cannot be `True` together"),  # (torch's check)
         (dict(state_dtype="int4"), ValueError, "state_dtype"),
         (dict(state_dtype=torch.float16), ValueError, "state_dtype"),
         (dict(state_dtype=torch.uint8), ValueError, "state_dtype"),
@@ -735,6 +738,19 @@ def test_amsgrad_set_on_an_int8_group_is_refused_at_the_step():
     constructor) must then be refused by the step, with nothing changed, not silently dropped."""
     params = _params([300], torch.float32)
     opt = FusedAdamW(params, backend="reference", state_dtype="int8")
+    _new_grads(params)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    expect_error_unchanged(opt.step, ValueError, "amsgrad", opt)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("option", ["stochastic_rounding", "kahan_summation"])
+def test_amsgrad_set_on_a_rounding_group_is_refused_at_the_step(backend, option):
+    """Stochastic rounding and Kahan parts run the low-bit kernel, which has no max_exp_avg_sq: amsgrad set on such
+    a group between steps (or loaded with its dict) was silently dropped; it is refused, with nothing changed."""
+    params = _params([300, 7], torch.bfloat16)
+    opt = FusedAdamW(params, backend=backend, **{option: True})
     _new_grads(params)
     opt.step()
     opt.param_groups[0]["amsgrad"] = True

@@ -289,6 +289,12 @@ def test_bad_hyperparameters_raise_torch_messages():
         with pytest.raises(ValueError) as theirs:
             torch.optim.SGD(p, **{"lr": 0.1, **kwargs})
         assert str(ours.value) == str(theirs.value)
+    for ours_cls, torch_cls in ((fused_ops.FusedSGD, torch.optim.SGD), (fused_ops.FusedAdamW, torch.optim.AdamW)):
+        with pytest.raises(RuntimeError) as ours:
+            ours_cls(p, lr=0.1, foreach=True, fused=True)
+        with pytest.raises(RuntimeError) as theirs:
+            torch_cls(p, lr=0.1, foreach=True, fused=True)
+        assert str(ours.value) == str(theirs.value)
     with pytest.raises(ValueError, match="beta parameter at index 1"):
         fused_ops.FusedLion(p, betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="learning rate"):

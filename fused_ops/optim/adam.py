@@ -228,6 +228,8 @@ class FusedAdam(FusedOptimizer):
                 f"{type(self).__name__} does not support differentiable=True (the fused step is not "
                 "differentiable); use torch.optim.Adam(differentiable=True)"
             )
+        if fused and foreach:  # (torch's check and message)
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         betas = _check_betas(betas)
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
@@ -376,6 +378,9 @@ class FusedAdam(FusedOptimizer):
         state = _state_name(group.get("state_dtype"))
         if state != "fp32" and group["amsgrad"]:
             raise ValueError(f"amsgrad needs fp32 states (state_dtype={state!r} was given)")
+        if group["amsgrad"] and (group.get("stochastic_rounding") or group.get("kahan_summation")):
+            # (those parts run the low-bit kernel, which has no max_exp_avg_sq: amsgrad would be silently dropped)
+            raise ValueError("amsgrad is not supported with stochastic_rounding or kahan_summation")
         if group.get("stochastic_rounding") and group.get("kahan_summation"):
             raise ValueError("stochastic_rounding and kahan_summation are two ways to store params without masters: "
                              "pass one")  # fmt: skip
@@ -419,6 +424,8 @@ class FusedAdam(FusedOptimizer):
             raise TypeError(f"stochastic_rounding and kahan_summation must be bools (param group {gi})")
         if sr and kahan:
             raise ValueError(f"stochastic_rounding and kahan_summation: pass one (param group {gi})")
+        if group["amsgrad"] and (sr or kahan):
+            raise ValueError(f"amsgrad is not supported with stochastic_rounding or kahan_summation (param group {gi})")
         if (sr or kahan) and group.get("master_weights"):
             raise ValueError(f"stochastic_rounding/kahan_summation are for params without master weights "
                              f"(param group {gi})")  # fmt: skip

@@ -80,6 +80,8 @@ class FusedSGD(FusedOptimizer):
         master_weights: bool = False,
         backend: str | None = None,
     ) -> None:
+        if fused and foreach:  # (torch's check and message)
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
