@@ -46,6 +46,10 @@ class _PostBuffers:
 class _StepMixin:
     """``step()`` and the fused Adam update of this rank's shards."""
 
+    # Under torch.compile the step runs eagerly behind a graph break: it is collectives, an agreement read on the
+    # host and launches on flat shards, nothing a graph fuses; traced, the update's shard views came out empty on one
+    # rank after the ranks had agreed, which left the other rank waiting in the all-gather.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss_scale: float | Tensor | Any = None, **unexpected: Any
