@@ -1,6 +1,6 @@
 """ZeroAdamW when the ranks' grads differ in which params they cover, and after a batch discarded on every rank.
 
-Two findings of a fuzzing probe, on 2 gloo ranks (one spawn runs every scenario in both stages):
+Findings of fuzzing probes, on 2 gloo ranks (one spawn runs every scenario in both stages):
 
 1. Stage 2 keeps the reduced grads after a step (as torch keeps p.grad) in the shards, which hold only their sum over
    the ranks. After a step where a param got a grad on some ranks only (legal: the others add zeros), clearing its
@@ -15,6 +15,10 @@ Two findings of a fuzzing probe, on 2 gloo ranks (one spawn runs every scenario 
    (every rank called it), stage 2 that the ranks ran different numbers of synced passes. A zero_grad() on every rank
    after its last pass now leaves that pass out of the count: the rank without backward stands in for the others'
    new pass as it does without the discarded batch.
+3. (Probe 46, finding 3.) The README's usual loop ``backward(); step(); model.zero_grad()`` (or ``p.grad = None``),
+   then a step in which one rank runs no backward, was refused on every rank in stage 2: the idle rank handled each
+   param on its own at the step while the other had dropped its shards at its backward. The idle rank now drops its
+   shards in step() as a backward would; model.zero_grad() on one rank only still raises on every rank.
 
 Each loop is compared with torch.optim.AdamW fed the grads averaged over the ranks (p.grad as torch keeps it on each
 rank: backward accumulates into it, each zeroing clears it; a param without a grad on any rank is stepped with zeros,
@@ -43,7 +47,8 @@ NAMES = list(SHAPES)
 
 # A script: each rank's calls, as a list of ops. ("B", pos, names): a synced backward of a loss over those params
 # (pos and the rank pick its data); ("N", pos, names): the same under no_sync; ("clear", names): p.grad = None;
-# ("set", name, value): p.grad = torch.full(shape, value); ("zero",): opt.zero_grad(); ("T",): a step that must work;
+# ("set", name, value): p.grad = torch.full(shape, value); ("zero",): opt.zero_grad(); ("mzero",): model.zero_grad()
+# (a module over the params); ("mzero_keep",): model.zero_grad(set_to_none=False); ("T",): a step that must work;
 # ("X",): a step that must raise on every rank (changing nothing: torch's loop has no step there).
 
 
@@ -124,6 +129,26 @@ def s_discarded_on_one_rank(rank: int) -> list[tuple]:
     return ops + [("X",), ("zero",), ("B", 2, "abc"), ("T",)]
 
 
+def s_model_zero_grad_then_idle(idle: int, how: tuple) -> Callable[[int], list[tuple]]:
+    """Finding 3: the README's usual loop (backward; step; model.zero_grad()), then a step in which rank ``idle`` runs
+    no backward (its batch touches no param), twice; ``how`` is the zeroing: model.zero_grad() with or without
+    set_to_none, or p.grad = None for every param. Before, the idle rank handled each param on its own at the step
+    and asked to drop its kept grads, while the other rank had dropped its shards at its backward and held this
+    pass's grads: refused on every rank ("... cleared after the last step ... on 1 of 2 ranks")."""
+
+    def script(rank: int) -> list[tuple]:
+        busy = 1 - idle
+        # (opt.zero_grad() after each step in which a rank was idle: that rank then keeps no grads of its own, but its
+        # shards hold the other rank's; a model.zero_grad() on every rank there is a separate, open problem)
+        return [("B", 0, "abc"), ("T",), how, ("B", 1, _uses({busy: "abc"}, rank)), ("T",), ("zero",),
+                ("B", 2, "abc"), ("T",), how, ("B", 3, _uses({busy: "ab"}, rank)), ("T",), ("zero",)]  # fmt: skip
+
+    return script
+
+
+_ZEROINGS = {"model_zero_grad": ("mzero",), "model_zero_grad_keep": ("mzero_keep",), "grad_none": ("clear", "abc")}
+IDLE_SCRIPTS = {f"{name}_then_rank{idle}_idle": (idle, how) for name, how in _ZEROINGS.items() for idle in (0, 1)}
+
 SCRIPTS: dict[str, tuple[Callable[[int], list[tuple]], tuple[int, ...]]] = {
     "clear_partial": (s_clear_partial, (2, 1)),
     "set_partial": (s_set_partial, (2, 1)),
@@ -136,6 +161,7 @@ SCRIPTS: dict[str, tuple[Callable[[int], list[tuple]], tuple[int, ...]]] = {
     "discarded_then_no_sync": (s_discarded_then_no_sync, (2, 1)),
     "recover_after_refusal": (s_recover_after_refusal, (2, 1)),
     "discarded_on_one_rank": (s_discarded_on_one_rank, (2,)),
+    **{name: (s_model_zero_grad_then_idle(idle, how), (2, 1)) for name, (idle, how) in IDLE_SCRIPTS.items()},
 }
 LAYOUTS = {"one_bucket": 25.0, "bucket_per_param": 1e-5}
 
@@ -172,6 +198,8 @@ def run_zero(script: list[tuple], rank: int, stage: int, bucket_cap_mb: float) -
             params[op[1]].grad = torch.full(SHAPES[op[1]], op[2])
         elif kind == "zero":
             opt.zero_grad()
+        elif kind in ("mzero", "mzero_keep"):
+            torch.nn.ParameterDict(params).zero_grad(set_to_none=kind == "mzero")  # (the same Parameter objects)
         else:
             try:
                 opt.step()
@@ -213,7 +241,8 @@ def run_torch(script: Callable[[int], list[tuple]]) -> list[dict]:
                         grads[r][n] = None
                 elif op[0] == "set":
                     grads[r][op[1]] = torch.full(SHAPES[op[1]], op[2])
-                elif op[0] == "zero":
+                elif op[0] in ("zero", "mzero", "mzero_keep"):
+                    # (zeros in torch after set_to_none=False: the same sum; ZeroAdamW drops them as zero_grad() does)
                     grads[r] = dict.fromkeys(NAMES)
         step = segments[0][k][-1][0]
         assert all(segments[r][k][-1][0] == step for r in range(WORLD))
@@ -273,6 +302,41 @@ def run_disagreement(rank: int, who: int) -> dict[str, Any]:
     return {"errors": errors, "unchanged": unchanged, "after": [p.detach().clone() for p in params.values()]}
 
 
+def run_zeroed_on_one_rank_idle(rank: int, zeroer: int, idle: int) -> dict[str, Any]:
+    """Finding 3's real disagreement: a step, model.zero_grad() on rank ``zeroer`` only (the other keeps its grads,
+    as torch keeps p.grad), then a step in which rank ``idle`` runs no backward: the shards hold only the sum of the
+    kept grads, so one rank's share cannot be dropped: raised on every rank, again on a retry, with nothing changed
+    (params, moments, step counts, the grad norm; on the rank that ran the backward its shards and p.grad too: the
+    idle rank keeps its reduction as its pass, as the README says of a failed step that it stood in for). Then
+    opt.zero_grad() on every rank, a backward and a step as torch."""
+    params = _params()
+    opt = ZeroAdamW(list(params.values()), stage=2, lr=LR, backend="reference")
+    _loss(params, 0, rank, "abc").backward()
+    opt.step()
+    if rank == zeroer:
+        torch.nn.ParameterDict(params).zero_grad()
+    if rank != idle:
+        _loss(params, 1, rank, "abc").backward()
+    before = _snapshot(opt, params)
+    errors = []
+    for _ in range(2):
+        try:
+            opt.step()
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e))
+    after = _snapshot(opt, params)
+    if rank == idle:  # (b.grad, the second of each bucket's four tensors, and p.grad: see above)
+        for snap in (before, after):
+            snap[0] = [t for k, t in enumerate(snap[0]) if k % 4 != 1]
+            snap[3] = []
+    unchanged = _same(before, after)
+    opt.zero_grad()
+    _loss(params, 2, rank, "ab").backward()
+    opt.step()
+    return {"errors": errors, "unchanged": unchanged, "after": [p.detach().clone() for p in params.values()]}
+
+
 def _two_ranks(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     assert world == WORLD
     results: dict[str, Any] = {}
@@ -282,6 +346,9 @@ def _two_ranks(rank: int, world: int, out_dir: str) -> dict[str, Any]:
                 results[f"{name}/stage{stage}/{layout}"] = run_zero(script(rank), rank, stage, cap)
     for who in (0, 1):
         results[f"disagreement/{who}"] = run_disagreement(rank, who)
+    for zeroer in (0, 1):
+        for idle in (0, 1):
+            results[f"zeroed_idle/{zeroer}/{idle}"] = run_zeroed_on_one_rank_idle(rank, zeroer, idle)
     return results
 
 
@@ -363,6 +430,35 @@ def test_clear_on_one_rank_raises_everywhere_with_nothing_changed(two_ranks, who
 
     def script(rank: int) -> list[tuple]:
         return [("B", 0, _uses({0: "b", 1: "ab"}, rank)), ("T",), ("zero",), ("B", 2, "ab"), ("T",)]
+
+    want = run_torch(script)[-1]["params"]
+    for r in results:
+        for x, y in zip(r["after"], want, strict=True):
+            torch.testing.assert_close(x, y, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("name", list(IDLE_SCRIPTS))
+def test_model_zero_grad_then_a_rank_without_backward(two_ranks, name):
+    """Finding 3: backward; step; model.zero_grad() (or p.grad = None), then a step in which one rank runs no backward
+    (either rank): as torch.optim.AdamW on the grads averaged over the ranks, the idle rank adding zeros (refused on
+    every rank in stage 2 before)."""
+    _check_script(two_ranks, name)
+
+
+@pytest.mark.parametrize(("zeroer", "idle"), [(0, 0), (1, 1), (0, 1), (1, 0)])
+def test_model_zero_grad_on_one_rank_then_a_rank_without_backward_raises(two_ranks, zeroer, idle):
+    """model.zero_grad() on one rank only, the other keeping its grads, then a step in which one rank runs no
+    backward: still raised on every rank, the same message naming the zeroing on 1 of 2 ranks and the fix, twice,
+    with nothing changed; then opt.zero_grad(), backward and step as torch."""
+    results = [r[f"zeroed_idle/{zeroer}/{idle}"] for r in two_ranks]
+    errors = [r["errors"] for r in results]
+    assert errors[0][0] is not None and errors[0] == errors[1] and errors[0][0] == errors[0][1], errors
+    assert "zeroed after the last step on 1 of 2 ranks (model.zero_grad()" in errors[0][0], errors[0][0]
+    assert "call zero_grad() on every rank" in errors[0][0], errors[0][0]
+    assert all(r["unchanged"] for r in results)
+
+    def script(rank: int) -> list[tuple]:
+        return [("B", 0, "abc"), ("T",), ("zero",), ("B", 2, "ab"), ("T",)]
 
     want = run_torch(script)[-1]["params"]
     for r in results:

@@ -686,6 +686,8 @@ class _AgreementMixin:
         if differ:
             self._raise_step_values_differ(inputs, differ)
         self._held_agreed = [v > 0 for v in sums[9 : 9 + n_held]]  # (stage 2: see _held_after_step)
+        # (whether each param some rank holds grads of is held by every rank: see _note_hand_set_grads)
+        self._held_alike_agreed = all(v == 0 or v >= self.world_size for v in sums[9 : 9 + n_held])
         # (Stage 1 reduces p.grad before the agreement anyway: nothing to reduce late.)
         return vec[0], self.stage == 2 and (n_unreduced > 0 or n_zeroed == self.world_size), n_replacing > 0
 

@@ -78,6 +78,8 @@ class ZeroAdamW(
             ``load_state_dict``).
         seed: the key of the random bits of stochastic rounding (bf16 moments). The bits also depend on the
             layout (each param's piece is a tensor of this rank's launch): reproducible for one seed and layout.
+        foreach, fused, capturable: accepted for drop-in compatibility with torch.optim.AdamW and kept in the groups.
+        differentiable: accepted for the same reason; only False: True raises ValueError.
 
     Memory, bytes per param on each of N ranks (``memory_report()`` lists what this object holds; ``p.grad``
     is autograd's)::
@@ -288,6 +290,7 @@ class ZeroAdamW(
         # rank: agreed by the step, see _held_after_step; dropped by zero_grad), and what the step's agreement found.
         self._held_any: list[bool] = [False] * len(self._params)
         self._held_agreed: list[bool] = []
+        self._held_alike_agreed = self._held_alike = True  # (every rank holds grads of the same params: none yet)
         # Stage 2: after a step, a param with held grads gets a sentinel as p.grad instead of None (see
         # ``_give_sentinels``), so that ``model.zero_grad()`` or ``p.grad = None`` can be told from nothing done.
         self._sentinels = self._make_sentinels() if stage == 2 else []

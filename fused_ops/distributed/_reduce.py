@@ -189,17 +189,20 @@ class _ReduceMixin:
                 self._given[i] = None
         self._outstanding = any(self._held)
 
-    def _clear_if_all_zeroed(self) -> None:
+    def _clear_if_all_zeroed(self, in_step: bool = False) -> None:
         """Stage 2, the first backward after a step that gave sentinels (from its first grad hook, or its first
-        reduction): if the user replaced every held grad since (zeroed them: ``model.zero_grad()`` in the usual loop
+        reduction), or ``step()`` on a rank that ran none since (``in_step``: see ``_note_hand_set_grads``): if the
+        user replaced every held grad since (zeroed them: ``model.zero_grad()`` in the usual loop
         ``backward; step; model.zero_grad()``; or set some by hand), this rank's grad shards are dropped as
-        ``zero_grad()`` drops them, locally, before the pass reduces into them: no per-param work after this, no
-        extra collective, the pass as after ``zero_grad()`` (a grad set by hand is then this rank's grad, reduced by
-        the pass as backward's; before, on one rank of two that set the same grads by hand, the other having zeroed
-        every held grad, the ranks took different paths, and the step refused what every rank did alike). Otherwise
-        (some kept) each param is handled on its own (``_check_cleared``: zeroed ones dropped at the step, agreed).
-        The step's agreement compares the ranks: one rank that cleared everything while another kept some raises on
-        every rank (``_CLEARED_ON_SOME``)."""
+        ``zero_grad()`` drops them, locally, before the pass (or the step) reduces into them: no per-param work after
+        this, no extra collective, the pass as after ``zero_grad()`` (a grad set by hand is then this rank's grad,
+        reduced by the pass as backward's; before, on one rank of two that set the same grads by hand, the other having
+        zeroed every held grad, the ranks took different paths, and the step refused what every rank did alike).
+        Otherwise (some kept) each param is handled on its own (``_check_cleared``: zeroed ones dropped at the step,
+        agreed). The step's agreement compares the ranks: one rank that cleared everything while another kept some
+        raises on every rank (``_CLEARED_ON_SOME``). ``in_step`` leaves p.grad alone (a failed step leaves p.grad as
+        it was): a sentinel zeroed in place stays there, read as None as every sentinel is, until the step's commit
+        gives p.grad anew (``_give_sentinels``) or a backward takes it out (the pre-hook)."""
         self._outstanding = False
         replaced, written = 0, []
         for i, (p, held, version) in enumerate(zip(self._params, self._held, self._given, strict=True)):
@@ -215,7 +218,7 @@ class _ReduceMixin:
                 written.append(p)
         if not replaced:
             return
-        for p in written:
+        for p in () if in_step else written:
             p.grad = None  # (a sentinel zeroed in place)
         for b in self._buckets:
             b.grad_valid = False
@@ -275,7 +278,19 @@ class _ReduceMixin:
     def _note_hand_set_grads(self) -> None:
         """Stage 2, before a step: ``_note_hand_set`` for every param with grads held in the shards."""
         if self.stage == 2:  # (only a held param with a grad can have one set by hand: one pass of attribute reads)
-            self._outstanding = False  # (no pass since the step gave them: each param on its own)
+            if self._outstanding and self._held_alike:
+                # No pass since the step gave the sentinels (a pass's first hook or reduction would have looked): this
+                # rank takes the same path as a rank whose backward began, so that in the usual loop (backward; step;
+                # model.zero_grad()) followed by a step in which this rank has no batch, its reduction here pairs with
+                # the others' pass into shards dropped as theirs were (before, it kept its shards and asked to drop
+                # each param at the step, while the others held this pass's grads of it: refused on every rank). A
+                # rank that kept some held grads still handles each param on its own, and the agreement refuses a
+                # rank that cleared everything while another kept some (_CLEARED_ON_SOME), as after a backward.
+                # Only where every rank holds grads of the same params (agreed at the last step): a rank that held
+                # some params only (others' grads of the rest lie in its shards too) may have replaced all of its own
+                # while another keeps the rest, which the per-param drops (agreed, on every rank) handle, not this.
+                self._clear_if_all_zeroed(in_step=True)
+            self._outstanding = False  # (otherwise each param on its own, as before)
             given, seen = self._given, self._seen
             for i, (held, g) in enumerate(zip(self._held, [p.grad for p in self._params], strict=True)):
                 if held and (g is not None or given[i] is not None or seen[i] is not None):
@@ -690,6 +705,7 @@ class _ReduceMixin:
                     if p.grad is not None and p.grad is not s:
                         self._held[i] = True
             self._held_any = self._held_agreed  # (agreed by the step: see _held_after_step and _fill_staging)
+            self._held_alike = self._held_alike_agreed
             self._seen = [None] * len(self._params)
             self._replaced.clear()
             self._cleared_all = self._kept_old = False
@@ -750,6 +766,7 @@ class _ReduceMixin:
         self._grad_errors.clear()
         self._held = [False] * len(self._params)  # (nothing held: a grad set now replaces nothing)
         self._held_any = [False] * len(self._params)
+        self._held_alike = True
         self._seen = [None] * len(self._params)
         self._given = [None] * len(self._params)
         self._outstanding = self._cleared_all = self._kept_old = False
