@@ -337,6 +337,43 @@ def run_zeroed_on_one_rank_idle(rank: int, zeroer: int, idle: int) -> dict[str, 
     return {"errors": errors, "unchanged": unchanged, "after": [p.detach().clone() for p in params.values()]}
 
 
+def run_idle_then_model_zero_grad(rank: int, idle: int, again: bool) -> dict[str, Any]:
+    """A step in which rank ``idle`` had no batch (after opt.zero_grad()), then model.zero_grad() on every rank and a
+    step in which both ranks (or, ``again``, the other rank only) ran a backward. The idle rank held no grads of its
+    own, yet its shards held the other's kept ones, which it cannot see cleared: it used to add the new pass to them
+    on its shards only (a silent wrong step, about 8e-3 off at lr 0.05). Now raised on every rank, twice, with
+    nothing changed; then opt.zero_grad(), backward and step as torch."""
+    params = _params()
+    opt = ZeroAdamW(list(params.values()), stage=2, lr=LR, backend="reference", bucket_cap_mb=25.0)
+    _loss(params, 0, rank, "abc").backward()
+    opt.step()
+    opt.zero_grad()
+    if rank != idle:
+        _loss(params, 1, rank, "abc").backward()
+    opt.step()
+    torch.nn.ParameterDict(params).zero_grad()
+    if rank != idle or not again:
+        _loss(params, 2, rank, "abc").backward()
+    before = _snapshot(opt, params)
+    errors = []
+    for _ in range(2):
+        try:
+            opt.step()
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e))
+    after = _snapshot(opt, params)
+    if rank == idle and again:  # (the idle rank keeps its stand-in reduction as its pass: see run_zeroed_on_...)
+        for snap in (before, after):
+            snap[0] = [t for k, t in enumerate(snap[0]) if k % 4 != 1]
+            snap[3] = []
+    unchanged = _same(before, after)
+    opt.zero_grad()
+    _loss(params, 3, rank, "abc").backward()
+    opt.step()
+    return {"errors": errors, "unchanged": unchanged, "after": [p.detach().clone() for p in params.values()]}
+
+
 def _two_ranks(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     assert world == WORLD
     results: dict[str, Any] = {}
@@ -346,6 +383,9 @@ def _two_ranks(rank: int, world: int, out_dir: str) -> dict[str, Any]:
                 results[f"{name}/stage{stage}/{layout}"] = run_zero(script(rank), rank, stage, cap)
     for who in (0, 1):
         results[f"disagreement/{who}"] = run_disagreement(rank, who)
+    for idle in (0, 1):
+        for again in (False, True):
+            results[f"idle_then_mzero/{idle}/{again}"] = run_idle_then_model_zero_grad(rank, idle, again)
     for zeroer in (0, 1):
         for idle in (0, 1):
             results[f"zeroed_idle/{zeroer}/{idle}"] = run_zeroed_on_one_rank_idle(rank, zeroer, idle)
@@ -464,3 +504,25 @@ def test_model_zero_grad_on_one_rank_then_a_rank_without_backward_raises(two_ran
     for r in results:
         for x, y in zip(r["after"], want, strict=True):
             torch.testing.assert_close(x, y, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("idle", [0, 1])
+@pytest.mark.parametrize("again", [False, True])
+def test_model_zero_grad_after_a_step_with_an_idle_rank_raises_instead_of_a_wrong_step(two_ranks, idle, again):
+    """After a step in which one rank had no batch, model.zero_grad() and a backward: raised on every rank (the
+    same message, naming the idle rank's case and opt.zero_grad()), twice, nothing changed; then as torch."""
+    results = [r[f"idle_then_mzero/{idle}/{again}"] for r in two_ranks]
+    errors = [r["errors"] for r in results]
+    assert errors[0][0] is not None and errors[0] == errors[1] and errors[0][0] == errors[0][1], errors
+    assert "had no grads in the last step" in errors[0][0] and "opt.zero_grad()" in errors[0][0], errors[0][0]
+    assert all(r["unchanged"] for r in results)
+    ref = _params()
+    opt = torch.optim.AdamW(list(ref.values()), lr=LR)
+    for pos, ranks in ((0, (0, 1)), (1, (1 - idle,)), (3, (0, 1))):
+        grads = [torch.autograd.grad(_loss(ref, pos, r, "abc"), list(ref.values())) for r in ranks]
+        for k, p in enumerate(ref.values()):
+            p.grad = sum(g[k] for g in grads) / WORLD
+        opt.step()
+    for r in results:
+        for x, y in zip(r["after"], ref.values(), strict=True):
+            torch.testing.assert_close(x, y.detach(), rtol=TOL, atol=TOL)

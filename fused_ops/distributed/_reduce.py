@@ -187,7 +187,18 @@ class _ReduceMixin:
             else:
                 p.grad = None
                 self._given[i] = None
-        self._outstanding = any(self._held)
+        # (also where this rank holds no grads of its own but its shards hold others' kept ones: _note_others_kept)
+        self._outstanding = any(self._held) or any(self._held_any)
+
+    def _note_others_kept(self) -> None:
+        """Stage 2, the first pass (or step) after a step: this rank held none of a param's grads that another rank
+        kept (it had no batch, say), yet its shards hold their sum. Whether those ranks keep or clear them it cannot
+        see, and it cannot drop its part of the sum alone: it counts as keeping them, so that ranks that cleared
+        everything make the step raise on every rank (``_CLEARED_ON_SOME``), nothing changed, instead of adding
+        this pass to the old sums on this rank's shards only (a silent wrong step). ``opt.zero_grad()`` clears them
+        on every rank."""
+        if not any(self._held) and any(self._held_any):
+            self._kept_old = True
 
     def _clear_if_all_zeroed(self, in_step: bool = False) -> None:
         """Stage 2, the first backward after a step that gave sentinels (from its first grad hook, or its first
@@ -217,6 +228,7 @@ class _ReduceMixin:
             if g is s:
                 written.append(p)
         if not replaced:
+            self._note_others_kept()
             return
         for p in () if in_step else written:
             p.grad = None  # (a sentinel zeroed in place)
@@ -290,6 +302,8 @@ class _ReduceMixin:
                 # some params only (others' grads of the rest lie in its shards too) may have replaced all of its own
                 # while another keeps the rest, which the per-param drops (agreed, on every rank) handle, not this.
                 self._clear_if_all_zeroed(in_step=True)
+            elif self._outstanding:
+                self._note_others_kept()
             self._outstanding = False  # (otherwise each param on its own, as before)
             given, seen = self._given, self._seen
             for i, (held, g) in enumerate(zip(self._held, [p.grad for p in self._params], strict=True)):
