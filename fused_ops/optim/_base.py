@@ -23,6 +23,7 @@ import bisect
 import math
 import numbers
 import operator
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
@@ -1475,7 +1476,8 @@ class _Part:
         self.launcher = opt._make_launcher(group, self, grads) if self.backend == "triton" else None
 
 
-def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor | None = None) -> bool:
+def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor | None = None, owner: Any = None
+                    ) -> bool:  # fmt: skip
     """Whether any of ``tensors`` (a few 1-element tensors; or the addresses ``tensors`` with sizes ``nbytes``, of
     many grads) shares a byte with what the launches of ``plans`` write (their sorted, merged spans): a bisection
     per tensor, or one vector search per plan. Addresses of every device are compared alike, so a hit may be on
@@ -1493,11 +1495,39 @@ def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor |
         return False
     starts = torch.tensor(tensors, dtype=torch.int64)
     ends = starts + nbytes
-    for written_starts, written_ends in ((o.written_starts, o.written_ends) for o in plans):
+    if owner is None or len(plans) == 1:
+        spans = [(o.written_starts, o.written_ends) for o in plans]
+    else:
+        spans = [_written_union(owner, plans)]
+    for written_starts, written_ends in spans:
         last = torch.searchsorted(written_starts, ends, side="left") - 1  # (the last span starting before each end)
         if _ANY(((last >= 0) & (written_ends[last.clamp(min=0)] > starts) & (ends > starts)).any()):
             return True
     return False
+
+
+def _written_union(owner: Any, plans: list[_GroupPlan]) -> tuple[Tensor, Tensor]:
+    """The union of the written spans of ``plans`` (every group's, checked by each group whose grads moved), merged
+    once per set of plan objects and kept on ``owner`` (the optimizer), so that a step over G groups whose grads moved
+    runs G searches of it, not G x G (host time grew with the square of the group count). Keyed by weak references
+    to the plans (a rebuilt plan is a new object; a dropped one is not kept alive)."""
+    cached = owner.__dict__.get("_written_union")
+    if cached is not None:
+        refs, union = cached
+        if len(refs) == len(plans) and all(map(operator.is_, (r() for r in refs), plans)):
+            return union
+    spans = sorted(zip(chain.from_iterable(o.written_list[0] for o in plans),
+                       chain.from_iterable(o.written_list[1] for o in plans)))  # fmt: skip
+    merged: list[list[int]] = []
+    for a, e in spans:
+        if merged and a < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([a, e])
+    union = (torch.tensor([a for a, _ in merged], dtype=torch.int64),
+             torch.tensor([e for _, e in merged], dtype=torch.int64))  # fmt: skip
+    owner.__dict__["_written_union"] = (tuple(map(weakref.ref, plans)), union)
+    return union
 
 
 _GRAD = operator.attrgetter("grad")
@@ -1700,7 +1730,7 @@ class _GroupPlan:
             # ... and none inside memory the launches of any group write (a param's, a state's; the groups' plans
             # that the step reuses: a group it rebuilds sends the step through _check_no_shared_memory anyway):
             # the checked step names it
-            if addrs and _inside_written(opt._plans.values(), addrs, self.grad_nbytes_t):
+            if addrs and _inside_written(opt._plans.values(), addrs, self.grad_nbytes_t, owner=opt):
                 return None
             # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
             for part in self.parts:
