@@ -302,6 +302,26 @@ def run_disagreement(rank: int, who: int) -> dict[str, Any]:
     return {"errors": errors, "unchanged": unchanged, "after": [p.detach().clone() for p in params.values()]}
 
 
+def _step_twice(opt: ZeroAdamW, params: dict[str, torch.Tensor], stood_in: bool) -> tuple[list, bool]:
+    """Two steps that may raise: their messages (None where one worked), and whether nothing changed. A rank that
+    stood in for the others' pass keeps that reduction as its pass (the README, of a failed step): its grad shards
+    (b.grad, the second of each bucket's four tensors) and p.grad are left out of the comparison."""
+    before = _snapshot(opt, params)
+    errors = []
+    for _ in range(2):
+        try:
+            opt.step()
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e))
+    after = _snapshot(opt, params)
+    if stood_in:
+        for snap in (before, after):
+            snap[0] = [t for k, t in enumerate(snap[0]) if k % 4 != 1]
+            snap[3] = []
+    return errors, _same(before, after)
+
+
 def run_zeroed_on_one_rank_idle(rank: int, zeroer: int, idle: int) -> dict[str, Any]:
     """Finding 3's real disagreement: a step, model.zero_grad() on rank ``zeroer`` only (the other keeps its grads,
     as torch keeps p.grad), then a step in which rank ``idle`` runs no backward: the shards hold only the sum of the
@@ -317,20 +337,7 @@ def run_zeroed_on_one_rank_idle(rank: int, zeroer: int, idle: int) -> dict[str, 
         torch.nn.ParameterDict(params).zero_grad()
     if rank != idle:
         _loss(params, 1, rank, "abc").backward()
-    before = _snapshot(opt, params)
-    errors = []
-    for _ in range(2):
-        try:
-            opt.step()
-            errors.append(None)
-        except RuntimeError as e:
-            errors.append(str(e))
-    after = _snapshot(opt, params)
-    if rank == idle:  # (b.grad, the second of each bucket's four tensors, and p.grad: see above)
-        for snap in (before, after):
-            snap[0] = [t for k, t in enumerate(snap[0]) if k % 4 != 1]
-            snap[3] = []
-    unchanged = _same(before, after)
+    errors, unchanged = _step_twice(opt, params, stood_in=rank == idle)
     opt.zero_grad()
     _loss(params, 2, rank, "ab").backward()
     opt.step()
@@ -354,20 +361,7 @@ def run_idle_then_model_zero_grad(rank: int, idle: int, again: bool) -> dict[str
     torch.nn.ParameterDict(params).zero_grad()
     if rank != idle or not again:
         _loss(params, 2, rank, "abc").backward()
-    before = _snapshot(opt, params)
-    errors = []
-    for _ in range(2):
-        try:
-            opt.step()
-            errors.append(None)
-        except RuntimeError as e:
-            errors.append(str(e))
-    after = _snapshot(opt, params)
-    if rank == idle and again:  # (the idle rank keeps its stand-in reduction as its pass: see run_zeroed_on_...)
-        for snap in (before, after):
-            snap[0] = [t for k, t in enumerate(snap[0]) if k % 4 != 1]
-            snap[3] = []
-    unchanged = _same(before, after)
+    errors, unchanged = _step_twice(opt, params, stood_in=rank == idle and again)
     opt.zero_grad()
     _loss(params, 3, rank, "abc").backward()
     opt.step()

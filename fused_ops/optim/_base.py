@@ -1506,6 +1506,17 @@ def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor |
     return False
 
 
+def _merged_spans(spans: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Byte spans ``(start, end)``, sorted and merged where they overlap: ``(starts, ends)``."""
+    merged: list[list[int]] = []
+    for a, e in sorted(spans):
+        if merged and a < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([a, e])
+    return [a for a, _ in merged], [e for _, e in merged]
+
+
 def _written_union(owner: Any, plans: list[_GroupPlan]) -> tuple[Tensor, Tensor]:
     """The union of the written spans of ``plans`` (every group's, checked by each group whose grads moved), merged
     once per set of plan objects and kept on ``owner`` (the optimizer), so that a step over G groups whose grads moved
@@ -1516,16 +1527,9 @@ def _written_union(owner: Any, plans: list[_GroupPlan]) -> tuple[Tensor, Tensor]
         refs, union = cached
         if len(refs) == len(plans) and all(map(operator.is_, (r() for r in refs), plans)):
             return union
-    spans = sorted(zip(chain.from_iterable(o.written_list[0] for o in plans),
-                       chain.from_iterable(o.written_list[1] for o in plans)))  # fmt: skip
-    merged: list[list[int]] = []
-    for a, e in spans:
-        if merged and a < merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([a, e])
-    union = (torch.tensor([a for a, _ in merged], dtype=torch.int64),
-             torch.tensor([e for _, e in merged], dtype=torch.int64))  # fmt: skip
+    starts, ends = _merged_spans(zip(chain.from_iterable(o.written_list[0] for o in plans),
+                                     chain.from_iterable(o.written_list[1] for o in plans)))  # fmt: skip
+    union = (torch.tensor(starts, dtype=torch.int64), torch.tensor(ends, dtype=torch.int64))
     owner.__dict__["_written_union"] = (tuple(map(weakref.ref, plans)), union)
     return union
 
@@ -1629,14 +1633,8 @@ class _GroupPlan:
         # that moved are checked against them (a read grad inside written memory would race) in one vector search.
         # (a plan that serves one step, e.g. of non-contiguous grads, never repoints: no spans to build for it)
         written = chain(params, self.state_tensors) if self.reusable else ()
-        spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in written if t.numel())
-        merged: list[list[int]] = []
-        for a, e in spans:
-            if merged and a < merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], e)
-            else:
-                merged.append([a, e])
-        self.written_list = ([a for a, _ in merged], [e for _, e in merged])  # (for a few scalars: bisect)
+        # (for a few scalars: bisect)
+        self.written_list = _merged_spans((t.data_ptr(), t.data_ptr() + t.nbytes) for t in written if t.numel())
         self.written_starts = torch.tensor(self.written_list[0], dtype=torch.int64)
         self.written_ends = torch.tensor(self.written_list[1], dtype=torch.int64)
         self.grad_nbytes_t = torch.tensor(self.grad_nbytes, dtype=torch.int64)
