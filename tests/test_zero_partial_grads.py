@@ -287,15 +287,7 @@ def run_disagreement(rank: int, who: int) -> dict[str, Any]:
     if rank == who:
         params["b"].grad = None
     _loss(params, 1, rank, "abc").backward()
-    before = _snapshot(opt, params)
-    errors = []
-    for _ in range(2):
-        try:
-            opt.step()
-            errors.append(None)
-        except RuntimeError as e:
-            errors.append(str(e))
-    unchanged = _same(before, _snapshot(opt, params))
+    errors, unchanged = _step_twice(opt, params, stood_in=False)
     opt.zero_grad()
     _loss(params, 2, rank, "ab").backward()
     opt.step()
