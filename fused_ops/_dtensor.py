@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._exit import settle_at_exit
+
 try:
     from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover (torch without distributed)
@@ -123,6 +125,7 @@ def _world_serves(device: torch.device) -> bool:
 def _groups(mesh, dims: list[int], device: torch.device) -> list:
     """The process groups to all-reduce over, in turn, to reduce over mesh dims ``dims``: one group per dim, or the
     default group once when ``dims`` are all of a mesh that spans every rank."""
+    settle_at_exit()
     if len(dims) > 1 and len(dims) == mesh.ndim and mesh.size() == dist.get_world_size() and _world_serves(device):
         return [dist.group.WORLD]
     return [mesh.get_group(d) for d in dims]

@@ -223,30 +223,60 @@ def test_model_kept_opt_freed_drops_hooks():
 
 def test_exit_with_live_stage2_optimizer(tmp_path):
     """A process that ends with a stage-2 ZeroAdamW alive (its sentinels in p.grad, its hooks on the params), with
-    or without destroying the process group first, exits cleanly."""
+    or without destroying the process group first, exits cleanly. The step's all-gather is the script's last
+    collective: gloo's worker thread drops its tensors after the script has ended unless it gets the GIL first
+    (fused_ops._exit). A long GIL switch interval keeps it waiting to the end: without the pause at exit, 18 of 20
+    such scripts aborted (-6, "terminate called without an active exception"); each runs twice here."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     for destroy in (False, True):
         script = tmp_path / f"exit_{destroy}.py"
         script.write_text(
             textwrap.dedent(f"""
-            import torch, torch.distributed as dist
+            import sys, torch, torch.distributed as dist
             from fused_ops.distributed import ZeroAdamW
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             model = torch.nn.Linear(6, 5)
             opt = ZeroAdamW(model.parameters(), stage=2, lr=0.05, backend="reference")
             model(torch.randn(3, 6)).sum().backward()
+            print("stepping", flush=True)  # (nothing after the step releases the GIL: no output)
+            sys.setswitchinterval(5.0)
             opt.step()
             assert model.weight.grad.stride() == (0, 0)
             cycle = [opt]
             cycle.append(cycle)  # (freed, if at all, by the collector at exit)
             if {destroy}:
                 dist.destroy_process_group()
-            print("done")
             """)
         )
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
-        assert r.returncode == 0 and r.stdout.strip() == "done", (r.returncode, r.stdout, r.stderr)
-        assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+        for _ in range(2):
+            r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+            assert r.returncode == 0 and r.stdout.strip() == "stepping", (destroy, r.returncode, r.stdout, r.stderr)
+            assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+
+
+def test_pause_at_exit_is_registered_once_by_zero_and_dtensor_collectives(tmp_path):
+    """ZeroAdamW's constructor and the DTensor reductions register fused_ops._exit's pause, once per process;
+    importing the package does not."""
+    script = tmp_path / "registered.py"
+    script.write_text(
+        textwrap.dedent("""
+        import atexit, torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from fused_ops import _dtensor, _exit
+        from fused_ops.distributed import ZeroAdamW
+        n0 = atexit._ncallbacks()
+        assert not _exit._registered
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _dtensor._groups(init_device_mesh("cpu", (1,)), [0], torch.device("cpu"))
+        assert _exit._registered and atexit._ncallbacks() == n0 + 1
+        ZeroAdamW(torch.nn.Linear(2, 2).parameters(), backend="reference")
+        assert atexit._ncallbacks() == n0 + 1
+        print("ok")
+        """)
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr)
 
 
 # -- copies of the whole optimizer ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._backend import check_backend
+from .._exit import settle_at_exit
 from .._ref_lowbit import QUANT_BLOCK
 from .._validate import check_memory, has_memory
 from ._agree import (
@@ -178,6 +179,7 @@ class ZeroAdamW(
         self.rank = dist.get_rank(self.process_group)
         if self.rank < 0:
             raise ValueError("ZeroAdamW: this process is not a member of process_group")
+        settle_at_exit()  # (collectives follow: their worker threads get a moment at exit, see fused_ops._exit)
         # Every argument is checked on this rank first, then the ranks agree (one all_gather_object) before
         # anything changes: a rank raising alone would leave the others waiting in that collective.
         self._built = False
