@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from functools import partial
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -1552,6 +1552,53 @@ _UNTYPED_STORAGE = Tensor.untyped_storage
 _STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
+_CHUNK = 256  # params per chunk of the per-step check (their tensors stay in the L2 cache between its passes)
+
+
+class _Chunk:
+    """Up to ``_CHUNK`` params of a plan with their grads' and states' addresses, sizes and one metadata guard."""
+
+    __slots__ = ("params", "param_addrs", "grad_addrs", "grad_itemsizes", "grad_nbytes", "state_dicts", "owners",
+                 "keys", "states", "state_addrs", "guard")  # fmt: skip
+
+
+def _inside_storages(grads: list[Tensor], itemsizes: list[int], nbytes: list[int]) -> bool:
+    """Whether each grad's bytes, from its storage offset, fit in its storage (one whose storage was freed or shrunk
+    in place keeps its sizes): ~0.2 us a grad, read only for grads that moved."""
+    return all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, grads), itemsizes), nbytes),
+                   map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads))))  # fmt: skip
+
+
+def _build_chunks(plan: _GroupPlan, entries: list) -> list[_Chunk]:
+    """The plan's params, grads and state tensors cut into chunks of ``_CHUNK`` params (their state entries with
+    them), each with one ``TensorGuards`` over its params, grads and states."""
+    per_param = {id(st): [] for st in plan.state_dicts}
+    for st, k, v in entries:
+        per_param[id(st)].append((k, v))
+    grads = [p.grad for p in plan.params]
+    chunks = []
+    for lo in range(0, len(plan.params), _CHUNK):
+        hi = min(lo + _CHUNK, len(plan.params))
+        ch = _Chunk()
+        ch.params = plan.params[lo:hi]
+        ch.param_addrs = plan.param_addrs[lo:hi]
+        ch.grad_addrs = plan.grad_addrs[lo:hi]
+        ch.grad_itemsizes = plan.grad_itemsizes[lo:hi]
+        ch.grad_nbytes = plan.grad_nbytes[lo:hi]
+        ch.state_dicts = plan.state_dicts[lo:hi]
+        ch.owners, ch.keys, ch.states = [], [], []
+        for st in ch.state_dicts:
+            for k, v in per_param[id(st)]:
+                ch.owners.append(st)
+                ch.keys.append(k)
+                ch.states.append(v)
+        ch.state_addrs = [t.data_ptr() for t in ch.states]
+        meta = _MetaGuard([*ch.params, *grads[lo:hi], *ch.states])
+        ch.guard = meta.guard.check if meta.guard is not None else (lambda *ts, meta=meta: meta.check(list(ts)))
+        chunks.append(ch)
+    return chunks
+
+
 class _GroupPlan:
     """One param group's step, prepared: which params have grads, their states, and one launch per part.
 
@@ -1590,6 +1637,7 @@ class _GroupPlan:
         # such a group takes the checked step every time.
         self.reusable = isinstance(state, _OptimizerState) and all(state.tracked(st) for st in states)
         self.keep = None if len(params) == len(all_params) else [p.grad is not None for p in all_params]
+        self.without_grads = [] if self.keep is None else [p for p in all_params if p.grad is None]
         self.params = params
         # DTensor params (FSDP2, tensor parallel): the launches run on the local shards, and every step also checks
         # the wrappers' grads' placements and reads the shards afresh (no DTensor dispatch on the way).
@@ -1663,6 +1711,9 @@ class _GroupPlan:
         self.master_wrappers = [[self.params[i] for i in idx] for idx in self.master_index] if self.dtensor else None
         self.master_versions: list[list[int]] | None = None  # set once a step has written them (_mark_masters)
         self.master_addrs: list[list[int]] | None = None
+        # The per-step check, by chunks of params (see current_grads): each chunk's params, grads and states are read
+        # together while their TensorImpls are in the cache, rather than in one pass per kind over all 10^4 of them.
+        self.chunks = _build_chunks(self, entries) if (self.reusable and not self.dtensor) else None
 
     def versions_now(self) -> list[list]:
         """The version counters of the params with masters, per master pair (DTensors: the wrapper's and the local
@@ -1685,52 +1736,56 @@ class _GroupPlan:
             or not all(map(operator.is_, params, self.all_params))
         ):
             return None
-        # (``map`` over a getter and an unbound method: a third faster than comprehensions on 10^4 tensors; this path
-        # is never traced, torch.compile takes _step_traced)
-        grads = list(map(_GRAD, params))
-        if self.keep is not None:
-            if [g is not None for g in grads] != self.keep:
+        if self.chunks is not None:
+            checked = self._check_chunks(state)
+            if checked is None:
                 return None
-            grads = [g for g in grads if g is not None]
-        ps = self.params
-        if self.dtensor:
-            if not self.wrapper_meta.check(ps) or [_spec(g) for g in grads] != self.grad_specs:
+            grads, addrs = checked
+        else:
+            # (``map`` over a getter and an unbound method: a third faster than comprehensions on 10^4 tensors; this
+            # path is never traced, torch.compile takes _step_traced)
+            grads = list(map(_GRAD, params))
+            if self.keep is not None:
+                if [g is not None for g in grads] != self.keep:
+                    return None
+                grads = [g for g in grads if g is not None]
+            ps = self.params
+            if self.dtensor:
+                if not self.wrapper_meta.check(ps) or [_spec(g) for g in grads] != self.grad_specs:
+                    return None
+                ps = [_local(p) for p in ps]
+                grads = [_local(g) for g in grads]
+            # Addresses are compared as they are read (no list of 10^4 ints built and freed when nothing moved: that
+            # costs more than the reads, in cache misses).
+            try:
+                if not all(map(operator.eq, map(_DATA_PTR, ps), self.param_addrs)) or not self.param_meta.check(ps):
+                    return None  # a param moved or changed (``p.data = ...``): the checked step
+                if not self.grad_meta.check(grads):
+                    return None  # a grad lost or changed: the checked step raises the error, or copies it
+                if not all(map(operator.is_, map(state.get, self.params), self.state_dicts)) or not all(
+                    map(operator.is_, map(dict.get, self.state_owners, self.state_key_names), self.state_wrapped)
+                ):
+                    return None  # a state dict or state tensor replaced without the counter seeing it
+                sts = self.state_tensors
+                if self.dtensor and not all(map(operator.is_, map(_local, self.state_wrapped), sts)):
+                    return None  # a DTensor state holds another local shard now
+                if not all(map(operator.eq, map(_DATA_PTR, sts), self.state_addrs)) or not self.state_meta.check(sts):
+                    return None  # a state resized in place, ``set_()`` or given another ``.data``: the checked step
+                still = all(map(operator.eq, map(_DATA_PTR, grads), self.grad_addrs))
+            except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad
                 return None
-            ps = [_local(p) for p in ps]
-            grads = [_local(g) for g in grads]
-        # Addresses are compared as they are read (no list of 10^4 ints built and freed when nothing moved: that
-        # costs more than the reads, in cache misses).
-        try:
-            if not all(map(operator.eq, map(_DATA_PTR, ps), self.param_addrs)) or not self.param_meta.check(ps):
-                return None  # a param moved or changed (``p.data = ...``): the checked step
-            if not self.grad_meta.check(grads):
-                return None  # a grad lost or changed: the checked step raises the error, or copies it
-            if not all(map(operator.is_, map(state.get, self.params), self.state_dicts)) or not all(
-                map(operator.is_, map(dict.get, self.state_owners, self.state_key_names), self.state_wrapped)
-            ):
-                return None  # a state dict or state tensor replaced without the counter seeing it: the checked step
-            sts = self.state_tensors
-            if self.dtensor and not all(map(operator.is_, map(_local, self.state_wrapped), sts)):
-                return None  # a DTensor state holds another local shard now
-            if not all(map(operator.eq, map(_DATA_PTR, sts), self.state_addrs)) or not self.state_meta.check(sts):
-                return None  # a state resized in place, ``set_()`` or given another ``.data``: the checked step
-            still = all(map(operator.eq, map(_DATA_PTR, grads), self.grad_addrs))
-        except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad
-            return None
-        if not still:
-            # New grads: each must lie inside its storage (a grad whose storage was freed or shrunk in place keeps its
-            # sizes; its bytes from its offset must fit: ~0.2 us a grad, only for grads that moved)
-            if not all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, grads),
-                                                              self.grad_itemsizes), self.grad_nbytes),
-                           map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads)))):  # fmt: skip
-                return None
-            addrs = list(map(_DATA_PTR, grads))
-            # ... and none inside memory the launches of any group write (a param's, a state's; the groups' plans
-            # that the step reuses: a group it rebuilds sends the step through _check_no_shared_memory anyway):
-            # the checked step names it
+            addrs = None
+            if not still:
+                if not _inside_storages(grads, self.grad_itemsizes, self.grad_nbytes):
+                    return None
+                addrs = list(map(_DATA_PTR, grads))
+        if addrs is not None:
+            # New grads (backward after zero_grad(set_to_none=True)), each inside its storage: none may lie inside
+            # memory the launches of any group write (a param's, a state's; the groups' plans that the step reuses: a
+            # group it rebuilds sends the step through _check_no_shared_memory anyway): the checked step names it
             if addrs and _inside_written(opt._plans.values(), addrs, self.grad_nbytes_t, owner=opt):
                 return None
-            # New grads (backward after zero_grad(set_to_none=True)), checked above: repoint the launches.
+            # ... then the launches are repointed.
             for part in self.parts:
                 if part.launcher is not None:
                     if part.idx is None:
@@ -1739,7 +1794,39 @@ class _GroupPlan:
                         part.launcher.set_grads([grads[i] for i in part.idx], [addrs[i] for i in part.idx],
                                                 checked=True)  # fmt: skip
             self.grad_addrs = addrs
+            for lo, ch in zip(range(0, len(addrs), _CHUNK), self.chunks or ()):
+                ch.grad_addrs = addrs[lo : lo + _CHUNK]
         return grads
+
+    def _check_chunks(self, state: Any) -> tuple[list[Tensor], list[int] | None] | None:
+        """``current_grads``'s checks of a plan of plain tensors, chunk by chunk: every param, grad, state dict and
+        state tensor checked as in the whole-list passes (identity, address, type, dtype, device, requires_grad,
+        sizes, strides; a moved grad's extent inside its storage), each chunk's in one go while its tensors are in
+        the cache (10^4 params: a quarter to a third less host time than one pass per kind, each over tensors the
+        previous pass evicted). Returns the grads and, when any moved, their addresses; None when anything changed."""
+        grads: list[Tensor] = []
+        moved = False
+        eq, is_ = operator.eq, operator.is_
+        try:
+            if self.keep is not None and not all(map(is_, map(_GRAD, self.without_grads), repeat(None))):
+                return None  # a param without a grad at plan time has one now (one that lost it fails the guard)
+            for ch in self.chunks:
+                ps, sts = ch.params, ch.states
+                gs = list(map(_GRAD, ps))
+                if not (ch.guard(*ps, *gs, *sts)
+                        and all(map(eq, map(_DATA_PTR, ps), ch.param_addrs))
+                        and all(map(is_, map(state.get, ps), ch.state_dicts))
+                        and all(map(is_, map(dict.get, ch.owners, ch.keys), sts))
+                        and all(map(eq, map(_DATA_PTR, sts), ch.state_addrs))):  # fmt: skip
+                    return None
+                if not all(map(eq, map(_DATA_PTR, gs), ch.grad_addrs)):
+                    if not _inside_storages(gs, ch.grad_itemsizes, ch.grad_nbytes):
+                        return None
+                    moved = True
+                grads += gs
+        except (AttributeError, RuntimeError, TypeError):  # a param lost its grad, or a sparse grad
+            return None
+        return grads, (list(map(_DATA_PTR, grads)) if moved else None)
 
     def run(self, opt: FusedOptimizer, group: dict[str, Any], grads: list[Tensor], values: tuple, *,
             grad_scale: Tensor | float | None, found_inf: Tensor | None) -> None:  # fmt: skip
