@@ -731,6 +731,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # (first: an interruption inside torch's __setstate__, after it has swapped in the new state, must not leave
+        # the old marks, which would make the next step trust the loaded masters over the params)
+        self._plans = {}
+        self._master_marks = {}
         super().__setstate__(state)
         self._plans = {}
         self._master_marks = {}  # (load_state_dict too: loaded masters are compared with their params at the next step)
