@@ -207,7 +207,10 @@ class _CheckpointMixin:
     def _groups_for_save(self) -> list[dict[str, Any]]:
         groups, start = [], 0
         for g in self.param_groups:
-            saved = {k: v for k, v in g.items() if k != "params"}
+            # (this package's own key, left out at its default as FusedAdamW leaves out its own: a template for
+            # a torch.optim checkpoint, which lacks it, must not ask DCP for it)
+            own_default = ("backend", self.defaults["backend"])
+            saved = {k: v for k, v in g.items() if k != "params" and (k, v) != own_default}
             saved["params"] = list(range(start, start + len(g["params"])))
             start += len(g["params"])
             groups.append(saved)
