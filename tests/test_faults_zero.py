@@ -285,7 +285,9 @@ def test_one_rank_oom_in_step_raises_everywhere_and_changes_nothing(ranks2, name
         assert "injected out of memory" in r1["error"][1] and "on rank 0" in r1["error"][1], (where, r1)
         for r in recs:
             assert r["changed"] is None, (where, r["changed"])
-            assert r["elapsed"] < PG_TIMEOUT_S / 2, (where, "a rank waited in a collective", r)
+            # (a rank that waited in a collective takes the process group's timeout at least; a loaded CI host may
+            # slow a failed step to seconds: probe 49 measured 1.26 s under load 20)
+            assert r["elapsed"] < PG_TIMEOUT_S * 0.9, (where, "a rank waited in a collective", r)
             assert r["retry"] is None, (where, r["retry"])
             assert r["same"], (where, "the retried step differs from a run that never faulted")
 
