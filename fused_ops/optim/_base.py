@@ -1798,8 +1798,10 @@ class _GroupPlan:
                         part.launcher.set_grads([grads[i] for i in part.idx], [addrs[i] for i in part.idx],
                                                 checked=True)  # fmt: skip
             self.grad_addrs = addrs
-            for lo, ch in zip(range(0, len(addrs), _CHUNK), self.chunks or ()):
-                ch.grad_addrs = addrs[lo : lo + _CHUNK]
+            lo = 0
+            for ch in self.chunks or ():
+                ch.grad_addrs = addrs[lo : lo + len(ch.params)]
+                lo += len(ch.params)
         return grads
 
     def _check_chunks(self, state: Any) -> tuple[list[Tensor], list[int] | None] | None:
