@@ -1,6 +1,6 @@
 """A pause at interpreter exit for the process groups' worker threads.
 
-A gloo worker thread (and NCCL's watchdog) drops its reference to a finished collective's tensors after the caller's
+A gloo worker thread drops its reference to a finished collective's tensors after the caller's
 ``wait()`` has returned; in torch 2.11 and 2.13 that release takes the GIL whenever the tensor has a Python object
 (``c10/util/intrusive_ptr.h``: a reference count going from 2 to 1 decrefs the Python object). Should the
 process reach the end of the script before that thread gets the GIL (a step or a checkpoint gather as the last thing

@@ -1615,7 +1615,8 @@ class _GroupPlan:
       mutation of ``optimizer.state`` or of a param's state dict moves: ``state[p] = {}``, a replaced state tensor,
       ``load_state_dict``);
     - every param has the address it had and the same type, dtype, device, sizes and strides (one C++ check of
-      torch.compile's ``TensorGuards`` for the whole list): ``p.data = ...`` of any kind is seen;
+      torch.compile's ``TensorGuards`` per chunk of ``_CHUNK`` params with their grads and states, or for the whole
+      list of a DTensor plan): ``p.data = ...`` of any kind is seen;
     - every grad has the dtype, device, sizes and strides the launch was built for (the same C++ check); a grad at
       a new address (backward after ``zero_grad(set_to_none=True)``) is repointed in the launch's table;
     - every state tensor the launches read or write (moments, codes and scales, Kahan buffers, masters, step
