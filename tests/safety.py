@@ -103,6 +103,19 @@ def isolated(fn: Callable) -> Callable:
     return wrapper
 
 
+def step_messages(opt: Any, times: int = 2) -> list[str | None]:
+    """``opt.step()`` ``times`` times: each RuntimeError's message, None where a step worked (a refusal must raise
+    again, the same, as nothing changed)."""
+    messages: list[str | None] = []
+    for _ in range(times):
+        try:
+            opt.step()
+            messages.append(None)
+        except RuntimeError as e:
+            messages.append(str(e))
+    return messages
+
+
 # ---------------------------------------------------------------------------------------------------------
 # snapshots
 

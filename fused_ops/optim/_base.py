@@ -1659,7 +1659,8 @@ class _GroupPlan:
         self.state_key_names = [k for _, k, _ in entries]
         self.state_tensors = [_local(t) for t in self.state_wrapped] if self.dtensor else self.state_wrapped
         self.state_addrs = [t.data_ptr() for t in self.state_tensors]
-        self.state_meta = _MetaGuard(self.state_tensors)
+        # (the whole-list guards serve DTensor plans; a plan of plain tensors checks by chunks, see _build_chunks)
+        self.state_meta = _MetaGuard(self.state_tensors) if self.dtensor else None
         if self.dtensor:
             self.params_wrapped, params = params, [_local(p) for p in params]
             states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in st.items()} for st in states]
@@ -1672,13 +1673,13 @@ class _GroupPlan:
             params = [copies.get(id(p), p) for p in params]
         self.local_params = params
         self.param_addrs = [p.data_ptr() for p in params]
-        self.param_meta = _MetaGuard(params)
+        self.param_meta = _MetaGuard(params) if self.dtensor else None
         originals = [_local(p.grad) for p in self.params]
         if not all(g.is_contiguous() for g in originals):
             self.reusable = False  # (the launch reads contiguous copies of this step's grads)
         grads = [g if g.is_contiguous() else g.contiguous() for g in originals]
         self.grad_addrs = [g.data_ptr() for g in grads]
-        self.grad_meta = _MetaGuard(originals)
+        self.grad_meta = _MetaGuard(originals) if self.dtensor else None
         self.grad_nbytes = [g.nbytes for g in originals]
         self.grad_itemsizes = [g.element_size() for g in originals]
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
