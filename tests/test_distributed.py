@@ -12,10 +12,10 @@ import datetime
 import importlib
 import math
 import os
-import socket
 import time
 import traceback
 import types
+import uuid
 import warnings
 
 import pytest
@@ -442,11 +442,11 @@ def _result_path(out_dir: str, task: str, rank: int) -> str:
     return os.path.join(out_dir, f"{task.replace(':', '.')}_rank{rank}.pt")
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, task: str, pg_timeout_s: float = 60) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str, task: str, pg_timeout_s: float = 60) -> None:
     torch.set_num_threads(1)
     path = _result_path(out_dir, task, rank)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))  # fmt: skip
         result = _task(task)(rank, world, out_dir)
         torch.save({"ok": True, "result": result}, path)
@@ -459,12 +459,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, task: str, pg_timeou
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(
     task: str, world: int, out_dir: str, timeout: float = SPAWN_TIMEOUT_S, pg_timeout_s: float = 60
 ) -> list[dict]:
@@ -475,7 +469,10 @@ def spawn(
     os.environ["OMP_NUM_THREADS"] = "1"
     failure = None
     try:
-        args = (world, _free_port(), out_dir, task, pg_timeout_s)
+        # A file store at a fresh path rather than a TCP port: a port found free here could be taken by another
+        # process before rank 0 binds it.
+        store = os.path.join(out_dir, f".store-{uuid.uuid4().hex}")
+        args = (world, store, out_dir, task, pg_timeout_s)
         ctx = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,18 +22,13 @@ STEPS = 20
 LOSS_LINE = re.compile(r"^step\s+(\d+) loss ([-+0-9.eEinfa]+) ", re.M)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args: list[str], timeout: float, nproc: int = 0) -> tuple[list[tuple[int, float]], str]:
     """Run train_gpt.py (under torch.distributed.run when ``nproc``); return its (step, loss) lines and output.
     The run gets its own process group, so a timeout ends the launcher and its workers together."""
     cmd = [sys.executable]
     if nproc:
-        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        # --standalone: the rendezvous store binds port 0 itself, so no port found free here can be taken first.
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(SCRIPT), "--steps", str(STEPS), "--log-every", "5", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                os.environ.get("PYTHONPATH")])))  # fmt: skip

@@ -16,13 +16,13 @@ from torch import Tensor
 from ._optimizer import ZeroAdamW
 
 
-def _bench_worker(rank: int, nproc: int, port: int, cfg: dict, out_dir: str) -> None:
+def _bench_worker(rank: int, nproc: int, store: str, cfg: dict, out_dir: str) -> None:
     import datetime
     import json
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc,
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=nproc,
         timeout=datetime.timedelta(seconds=120),
     )  # fmt: skip
     try:
@@ -114,20 +114,18 @@ def benchmark_zero(
     the collectives and of the CPU Adam path, not GPU performance.
     """
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
     cfg = dict(hidden=hidden, layers=layers, batch=batch, steps=steps, warmup=warmup, stages=list(stages),
                bucket_cap_mb=bucket_cap_mb)  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.start_processes(_bench_worker, args=(nproc, port, cfg, out_dir), nprocs=nproc, join=False,
+            # A file store in a fresh folder: no port to pick, so none another process can take first.
+            store = os.path.join(out_dir, "store")
+            ctx = mp.start_processes(_bench_worker, args=(nproc, store, cfg, out_dir), nprocs=nproc, join=False,
                                      start_method="spawn")  # fmt: skip
             deadline = time.monotonic() + timeout_s
             while not ctx.join(timeout=1):
