@@ -1,7 +1,7 @@
 """Host time of one optimizer step on many small tensors, with the GPU work taken out (runs on a CPU).
 
-    python benchmarks/host_overhead.py                 # 10,000 tensors (the bench's small-10k set)
-    python benchmarks/host_overhead.py --n 2000 --steps 50
+    python benchmarks/host_overhead.py                 # 10,000 tensors (the bench's small-10k set), 1 thread
+    python benchmarks/host_overhead.py --n 2000 --steps 50 --threads 2
 
 On 10,000 small tensors a step is bound by Python on the host, not by the GPU: this script measures that part
 alone, on any machine. ``FusedAdamW(backend="triton").step()`` runs as on a GPU (checks, plan, chunk table,
@@ -12,6 +12,10 @@ checks them and rewrites their addresses in its table). The reference line is to
 ``_init_group``, the per-param Python that both its foreach and its fused CUDA steps run before any kernel
 (their launches come on top of it). On a GPU, ``python -m fused_ops bench`` reports the real host time
 (``host ms``) next to the device time.
+
+torch runs on one CPU thread unless ``--threads`` says otherwise: with more, the small ops of a step (the plan's
+``searchsorted`` over moved grads, for one) wait on each other's OpenMP threads, and on a shared machine the medians
+swing 15-fold and more (``python -m fused_ops bench --dtensor`` does the same).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets backend="triton" accept CPU tensors; no kernel runs here
 
 import torch  # noqa: E402
+
+from fused_ops.__main__ import _positive_int  # noqa: E402  (the command line's check: an int >= 1)
 
 
 def _stub_adam_kernel() -> None:
@@ -80,11 +86,15 @@ def measure(n: int = 10_000, steps: int = 20) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000, help="number of tensors (default 10,000)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
+    parser.add_argument("--n", type=_positive_int, default=10_000, help="number of tensors (default 10,000)")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per case (default 20)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch's CPU threads (default 1: more wait on each other at every small op)")  # fmt: skip
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = measure(args.n, args.steps)
-    print(f"host ms per step, {args.n} tensors, kernel launch stubbed (torch {torch.__version__}, this CPU):")
+    print(f"host ms per step, {args.n} tensors, kernel launch stubbed (torch {torch.__version__}, this CPU, "
+          f"{args.threads} thread{'s' if args.threads != 1 else ''}):")  # fmt: skip
     for name, ms in rows.items():
         print(f"  {name:38s} {ms:8.3f}")
     return 0

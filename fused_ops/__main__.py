@@ -25,8 +25,9 @@ _EPILOG_BENCH = """examples:
 
 
 def _csv(value: str) -> list[str]:
-    """A non-empty comma list (an empty one would select nothing and run nothing)."""
-    values = [v.strip() for v in value.split(",") if v.strip()]
+    """A non-empty comma list, each name once (an empty one would select nothing and run nothing; a name given
+    twice would run its cases twice)."""
+    values = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     if not values:
         raise argparse.ArgumentTypeError(f"empty list {value!r}")
     return values
@@ -51,8 +52,8 @@ def _non_negative_int(value: str) -> int:
 
 
 def _positive_ints(value: str) -> list[int]:
-    """A comma list of integers of at least 1."""
-    return [_positive_int(v) for v in _csv(value)]
+    """A comma list of integers of at least 1, each once."""
+    return list(dict.fromkeys(_positive_int(v) for v in _csv(value)))
 
 
 def _float(value: str, positive: bool) -> float:
@@ -161,15 +162,20 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_BENCH,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (the README's main job)")
+    b.add_argument("--quick", action="store_true",
+                   help="smaller sizes and fewer repeats (the README's main job); --zero: 5 steps")  # fmt: skip
     b.add_argument("--ops", type=_csv, default=None,
                    help=f"comma list of {','.join(bench.OPS)} (default: all; on CPU all but "
                         f"{','.join(o for o, op in bench.OPS.items() if not op.cpu_default)})")  # fmt: skip
     b.add_argument(
-        "--params", type=_csv, default=list(bench.DEFAULT_PARAMS), help=f"comma list of {','.join(bench.PARAM_SETS)}"
+        "--params",
+        type=_csv,
+        default=None,
+        help=f"comma list of {','.join(bench.PARAM_SETS)} (default: {','.join(bench.DEFAULT_PARAMS)})",
     )
-    b.add_argument("--dtype", type=_csv, default=list(bench.DEFAULT_DTYPES),
-                   help="comma list of fp32,bf16 (fp16: no op runs it yet)")  # fmt: skip
+    b.add_argument("--dtype", type=_csv, default=None,
+                   help=f"comma list of fp32,bf16 (default: {','.join(bench.DEFAULT_DTYPES)}; fp16: no op runs it "
+                        "yet)")  # fmt: skip
     b.add_argument("--providers", type=_csv, default=None,
                    help=f"comma list of providers: only these (default: all); {','.join(bench.PROVIDERS)}, the "
                         "ops' own extra ones and installed peers")  # fmt: skip
@@ -206,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         default=None,
-        help="CPU threads for torch, at least 1 (default: torch's choice; 1 with --dtensor)",
+        help="CPU threads for torch, at least 1 (default: 1 on CPU, where more make a step's many small ops wait on "
+        "each other; torch's choice on CUDA; 1 with --dtensor)",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--peers-on-cpu", action="store_true",
@@ -217,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: ZeroAdamW (stages 1, 2) vs DDP + torch.optim.AdamW on --nproc gloo processes (CPU)",
     )
-    b.add_argument("--nproc", type=_positive_int, default=2, help="processes for --zero (default 2)")
+    b.add_argument("--nproc", type=_positive_int, default=None, help="processes for --zero (default 2)")
     b.add_argument(
         "--dtensor",
         action="store_true",
@@ -226,18 +233,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--dtensor-params",
         type=_positive_ints,
-        default=[1000, 10000],
+        default=None,
         help="comma list of param counts for --dtensor (default 1000,10000)",
     )
-    b.add_argument("--steps", type=_positive_int, default=10, help="timed steps per case for --dtensor (default 10)")
+    b.add_argument("--steps", type=_positive_int, default=None, help="timed steps per case for --dtensor (default 10)")
     b.add_argument(
         "--warmup",
         type=_non_negative_int,
-        default=2,
+        default=None,
         help="untimed steps per case for --dtensor (default 2; 0 runs 1: the first step makes the states)",
     )
     b.add_argument(
-        "--group-size", type=_positive_int, default=1000, help="params per param group for --dtensor (default 1000)"
+        "--group-size", type=_positive_int, default=None, help="params per param group for --dtensor (default 1000)"
     )
 
     i = sub.add_parser("info", help="device, torch/triton versions, the backend auto picks")
@@ -304,14 +311,73 @@ def _check_bench(args: argparse.Namespace) -> str | None:
     return None
 
 
+# The options that only some of bench's three modes read (the ops benchmark, --zero, --dtensor): given to another
+# mode, each is an error rather than silently ignored. (--json and --device are read by all; --device cuda is refused
+# for --zero, which runs gloo processes on the CPU.)
+_MODE_OPTIONS = {
+    "ops": ("--ops", ("ops",)),
+    "params": ("--params", ("ops",)),
+    "dtype": ("--dtype", ("ops",)),
+    "providers": ("--providers", ("ops",)),
+    "plot": ("--plot", ("ops",)),
+    "rep_ms": ("--rep-ms", ("ops",)),
+    "copy_mb": ("--copy-mb", ("ops",)),
+    "budget_s": ("--budget-s", ("ops",)),
+    "peers_on_cpu": ("--peers-on-cpu", ("ops",)),
+    "threads": ("--threads", ("ops", "dtensor")),
+    "no_progress": ("--no-progress", ("ops", "dtensor")),
+    "quick": ("--quick", ("ops", "zero")),
+    "nproc": ("--nproc", ("zero",)),
+    "dtensor_params": ("--dtensor-params", ("dtensor",)),
+    "steps": ("--steps", ("dtensor",)),
+    "warmup": ("--warmup", ("dtensor",)),
+    "group_size": ("--group-size", ("dtensor",)),
+}
+_MODE_NAMES = {"ops": "the ops benchmark", "zero": "--zero", "dtensor": "--dtensor"}
+# The defaults of the options above whose parser default is None (so that "given" can be told from "left out").
+_MODE_DEFAULTS = {"nproc": 2, "dtensor_params": [1000, 10000], "steps": 10, "warmup": 2, "group_size": 1000}
+
+
+def _mode_error(args: argparse.Namespace) -> str | None:
+    """Why an option given does not apply to the chosen mode, or None."""
+    mode = "zero" if args.zero else "dtensor" if args.dtensor else "ops"
+    for attr, (option, modes) in _MODE_OPTIONS.items():
+        value = getattr(args, attr)
+        if value is not None and value is not False and mode not in modes:
+            return f"{option}: only for {' and '.join(_MODE_NAMES[m] for m in modes)}, not {_MODE_NAMES[mode]}"
+    if args.zero and args.device == "cuda":
+        return "--device cuda: --zero runs gloo processes on the CPU (for GPUs launch with torchrun + NCCL)"
+    return None
+
+
+def _fill_bench_defaults(args: argparse.Namespace) -> None:
+    """The defaults of the options left out (their parser default is None: see ``_MODE_DEFAULTS``)."""
+    from . import bench
+
+    for attr, value in (*_MODE_DEFAULTS.items(), ("params", list(bench.DEFAULT_PARAMS)),
+                        ("dtype", list(bench.DEFAULT_DTYPES))):  # fmt: skip
+        if getattr(args, attr) is None:
+            setattr(args, attr, list(value) if isinstance(value, list) else value)
+
+
+def _default_ops(device) -> list[str]:
+    """The ops a run without --ops runs: all of them on CUDA; on CPU those whose CPU path is not a slow oracle."""
+    from . import bench
+
+    return [o for o, op in bench.OPS.items() if device.type == "cuda" or op.cpu_default]
+
+
 def _check_bench_args(args: argparse.Namespace) -> str | None:
-    """Why these ``bench`` arguments cannot run, or None, from the arguments alone (nothing is created)."""
+    """Why these ``bench`` arguments cannot run, or None, from the arguments alone (nothing is created). Once the
+    options given are known to fit the mode, the defaults of those left out are filled in."""
     from . import bench
 
     if args.zero and args.dtensor:
         return "--zero and --dtensor: choose one"
-    if (args.zero or args.dtensor) and args.plot:
-        return f"--plot: only for the ops benchmark, not with {'--zero' if args.zero else '--dtensor'}"
+    why = _mode_error(args)
+    if why:
+        return why
+    _fill_bench_defaults(args)
     for option in ("--json", "--plot"):
         path = getattr(args, option[2:])
         why = None if path is None else _output_error(option, path)
@@ -322,7 +388,7 @@ def _check_bench_args(args: argparse.Namespace) -> str | None:
     if args.zero:
         return None
     try:
-        bench.pick_device(args.device)  # --device cuda without a GPU
+        device = bench.pick_device(args.device)  # --device cuda without a GPU
     except RuntimeError as e:
         return str(e)
     if args.dtensor:
@@ -332,22 +398,32 @@ def _check_bench_args(args: argparse.Namespace) -> str | None:
         unknown = [v for v in values if v not in known]
         if unknown:
             return f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
-    selected = [bench.OPS[o] for o in args.ops] if args.ops else list(bench.OPS.values())
+    # exactly the ops the run will run (_bench): on CPU without --ops, not those whose CPU path is a slow oracle
+    names = args.ops or _default_ops(device)
+    selected = [bench.OPS[o] for o in names]
     run_dtypes = list(dict.fromkeys(d for op in selected for d in op.dtypes))
     if not set(args.dtype).intersection(run_dtypes):  # e.g. fp16: every op would skip it and time nothing
         return f"--dtype: no selected op runs {', '.join(args.dtype)}; they run {', '.join(run_dtypes)}"
     if args.providers is not None:
-        ops = selected
         peers = [p.name for p in bench.PEERS]
         known = list(dict.fromkeys([*bench.PROVIDERS, *(p for op in bench.OPS.values() for p in op.providers),
                                     *peers]))  # fmt: skip
         unknown = [p for p in args.providers if p not in known]
         if unknown:
             return f"--providers: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
-        of_ops = {p for op in ops for p in (*op.providers, *(peers if op.peers else ()))}
-        if not of_ops.intersection(args.providers):
-            return (f"--providers: {', '.join(args.providers)}: no provider of the selected ops "
-                    f"({', '.join(op.name for op in ops)})")  # fmt: skip
+
+        def providers_of(ops) -> set[str]:
+            return {p for op in ops for p in (*op.providers, *(peers if op.peers else ()))}
+
+        idle = [p for p in args.providers if p not in providers_of(selected)]  # asked for, would never run
+        if idle:
+            left_out = [o for o, op in bench.OPS.items() if o not in names and providers_of([op]) & set(idle)]
+            if args.ops is None and left_out:
+                them = "it" if len(idle) == 1 else "them"
+                return (f"--providers {', '.join(idle)}: only ops not run on CPU by default have {them} "
+                        f"({', '.join(left_out)}); name them with --ops")  # fmt: skip
+            return (f"--providers: {', '.join(idle)}: no provider of the selected ops "
+                    f"({', '.join(op.name for op in selected)})")  # fmt: skip
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -411,7 +487,7 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print("No GPU found: benchmarking the CPU path against torch's CPU implementations (labelled CPU).")
     ops = args.ops
     if ops is None:
-        ops = [o for o, op in bench.OPS.items() if device.type == "cuda" or op.cpu_default]
+        ops = _default_ops(device)
         left = [o for o in bench.OPS if o not in ops]
         if left:
             print(f"Not run on CPU unless --ops names them: {', '.join(left)} (their CPU path is a slow oracle).")

@@ -155,6 +155,25 @@ BAD_ARGS = [
     (["bench", "--budget-s", "nan"], "--budget-s"),
     (["bench", "--ops", "adam,nope", "--json", "out/x.json"], "--ops"),
     (["bench", "--json", "out/x.json", "--rep-ms", "-1"], "--rep-ms"),  # out/ must not be made for a refused run
+    # a provider that no op of the run has would never run (on CPU without --ops: the ops left out there have it)
+    (["bench", "--device", "cpu", "--providers", "fused_ops-kahan"], "--providers"),
+    (["bench", "--device", "cpu", "--providers", "fused_ops,fused_ops-bf16-states"], "--providers"),
+    (["bench", "--ops", "adam", "--providers", "fused_ops,optimi"], "--providers"),
+    # options of one mode given to another: errors, not silently ignored
+    (["bench", "--dtensor", "--ops", "no_such_op"], "--ops"),
+    (["bench", "--zero", "--dtype", "fp64"], "--dtype"),
+    (["bench", "--dtensor", "--params", "nope"], "--params"),
+    (["bench", "--zero", "--providers", "fused_ops"], "--providers"),
+    (["bench", "--zero", "--rep-ms", "5"], "--rep-ms"),
+    (["bench", "--dtensor", "--peers-on-cpu"], "--peers-on-cpu"),
+    (["bench", "--dtensor", "--quick"], "--quick"),
+    (["bench", "--zero", "--threads", "2"], "--threads"),
+    (["bench", "--zero", "--device", "cuda"], "--device"),
+    (["bench", "--ops", "adam", "--nproc", "7"], "--nproc"),
+    (["bench", "--ops", "adam", "--steps", "3"], "--steps"),
+    (["bench", "--zero", "--warmup", "1"], "--warmup"),
+    (["bench", "--group-size", "10"], "--group-size"),
+    (["bench", "--zero", "--dtensor-params", "10"], "--dtensor-params"),
 ]
 
 
@@ -232,6 +251,126 @@ def test_edge_values_that_mean_something_are_accepted(tmp_path, monkeypatch, cap
     monkeypatch.setattr(bench, "format_table", lambda doc: "table")
     assert main(["bench", "--device", "cpu", "--budget-s", "0", "--rep-ms", "0.5", "--providers", "fused_ops"]) == 0
     assert runs[0].budget_s == 0.0 and runs[0].rep_ms == 0.5 and runs[0].providers == ["fused_ops"]
+
+
+def test_providers_of_ops_left_out_on_cpu(capsys):
+    """On CPU without --ops, the slow-oracle ops are left out: a provider only they have is refused with what to
+    do (it would run nothing and exit 0), and accepted once --ops names its op."""
+    from fused_ops.__main__ import _check_bench_args, _parser
+
+    def check(*argv):
+        return _check_bench_args(_parser().parse_args(["bench", "--device", "cpu", *argv]))
+
+    assert check("--providers", "fused_ops-kahan") == (
+        "--providers fused_ops-kahan: only ops not run on CPU by default have it (adamw_bf16_sr); name them with --ops"
+    )
+    assert check("--ops", "adamw_bf16_sr", "--providers", "fused_ops-kahan") is None
+    assert check("--providers", "fused_ops,torch-fused") is None
+
+
+def test_lists_name_each_once():
+    from fused_ops.__main__ import _csv, _positive_ints
+
+    assert _csv("flatten, adam,flatten,,adam") == ["flatten", "adam"]
+    assert _positive_ints("20,30,20") == [20, 30]
+
+
+def test_mode_options_left_out_take_their_defaults(monkeypatch, capsys):
+    """--nproc/--steps/--warmup/--group-size/--dtensor-params/--params/--dtype have no parser default (so that
+    one given to the wrong mode can be told from one left out): left out, each gets its documented default."""
+    import fused_ops.bench_dtensor
+    import fused_ops.distributed
+
+    seen = {}
+    monkeypatch.setattr(fused_ops.distributed, "benchmark_zero", lambda **kw: seen.update(zero=kw) or {"zero": 1})
+    monkeypatch.setattr(bench, "format_zero_report", lambda result: "ZERO REPORT")
+    assert main(["bench", "--zero"]) == 0 and seen["zero"] == {"nproc": 2, "steps": 10}
+    assert main(["bench", "--zero", "--quick", "--nproc", "3"]) == 0 and seen["zero"] == {"nproc": 3, "steps": 5}
+
+    def fake_dtensor(n_params, **kwargs):
+        seen.update(dtensor=(n_params, kwargs))
+        return {"cases": []}
+
+    monkeypatch.setattr(fused_ops.bench_dtensor, "benchmark_dtensor_host", fake_dtensor)
+    monkeypatch.setattr(fused_ops.bench_dtensor, "format_dtensor_report", lambda result: "report")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert main(["bench", "--dtensor", "--device", "cpu"]) == 0
+    n_params, kwargs = seen["dtensor"]
+    assert n_params == [1000, 10000] and (kwargs["steps"], kwargs["warmup"], kwargs["group_size"]) == (10, 2, 1000)
+    runs = []
+    monkeypatch.setattr(bench, "run", lambda config: runs.append(config) or {"results": [], "wall_s": 0.0})
+    monkeypatch.setattr(bench, "format_table", lambda doc: "table")
+    assert main(["bench", "--device", "cpu", "--ops", "cast"]) == 0
+    assert list(runs[0].params) == list(bench.DEFAULT_PARAMS) and list(runs[0].dtypes) == list(bench.DEFAULT_DTYPES)
+
+
+ZERO_BAD = [({"nproc": 0}, "nproc"), ({"steps": 0}, "steps"), ({"hidden": 0}, "hidden"), ({"layers": 0}, "layers"),
+            ({"batch": 0}, "batch"), ({"warmup": -1}, "warmup"), ({"nproc": 1.5}, "nproc"), ({"stages": ()}, "stages"),
+            ({"stages": (3,)}, "stages"), ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
+            ({"timeout_s": float("nan")}, "timeout_s")]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, name", ZERO_BAD)
+def test_benchmark_zero_refuses_bad_arguments_before_spawning(monkeypatch, kwargs, name):
+    """A ValueError naming the argument, not an IndexError or a worker's StatisticsError traceback."""
+    import torch.multiprocessing
+
+    from fused_ops.distributed import benchmark_zero
+
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: pytest.fail("spawned"))
+    with pytest.raises(ValueError, match=f"benchmark_zero: {name} must be"):
+        benchmark_zero(**kwargs)
+
+
+def _script(name: str):
+    """A script of benchmarks/ as a module (its main() not run)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, option", [(["--nproc", "0"], "--nproc"), (["--steps", "0"], "--steps"),
+                                          (["--warmup", "-1"], "--warmup"), (["--hidden", "0"], "--hidden"),
+                                          (["--layers", "0"], "--layers"), (["--batch", "0"], "--batch"),
+                                          (["--bucket-cap-mb", "0"], "--bucket-cap-mb")])  # fmt: skip
+def test_zero_bench_script_checks_its_options(argv, option, monkeypatch, capsys):
+    zero_bench = _script("zero_bench")
+    monkeypatch.setattr(zero_bench, "benchmark_zero", lambda **kw: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as e:
+        zero_bench.main(argv)
+    assert e.value.code == 2 and f"argument {option}:" in capsys.readouterr().err
+
+
+def test_host_overhead_script_runs_on_one_thread_unless_asked(monkeypatch, capsys):
+    """With two threads on a busy machine its medians swung 15-fold and more (OpenMP threads waiting on each
+    other at every small op): one by default, --threads N otherwise."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # (the script sets it)
+    host_overhead = _script("host_overhead")
+    threads = []
+    monkeypatch.setattr(host_overhead, "measure", lambda n, steps: {"case": 1.0})
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert host_overhead.main([]) == 0 and threads == [1]
+    assert host_overhead.main(["--threads", "2"]) == 0 and threads == [1, 2]
+    assert "2 threads" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--threads", "0"])
+    assert "argument --threads:" in capsys.readouterr().err
+
+
+def test_readme_bench_usage_lists_every_op():
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+    if not readme.exists():
+        pytest.skip("no README.md next to the tests (not a source checkout)")
+    usage = re.search(r"python -m fused_ops bench \[--quick\] \[--ops ([a-z0-9_,]+)\]", readme.read_text())
+    assert usage is not None and usage.group(1).split(",") == list(bench.OPS)
 
 
 def _unwritable_folder(tmp_path) -> str:

@@ -8,17 +8,26 @@ is timed, plus a ``reset`` that restores in-place inputs outside the timed regio
 (torchao, bitsandbytes, apex, DeepSpeed), each detected at run time and never installed.
 
 Timing: on CUDA ``triton.testing.do_bench`` medians with the (0.5, 0.2, 0.8) quantiles (for the one op with an
-in-place input that must be reset, a loop of CUDA events built the same way: L2 flush, reset, event, call,
-event); next to it the host time of one call without synchronising (the CPU time spent launching) and the number
+in-place input that must be reset, ``unscale``, a loop of CUDA events built the same way: reset, L2 flush, event,
+call, event); next to it the host time of one call without synchronising (the CPU time spent launching) and the number
 of device activities in one call, counted with ``torch.profiler``. On CPU, ``time.perf_counter`` medians and
-20/80 quantiles over repeats; launches and host time are n/a there. The device's copy bandwidth is measured in
-the same run (a large tensor copy, bytes read + written) and every GB/s figure is also given as a fraction of it.
+20/80 quantiles over repeats, on one torch thread unless ``threads`` says otherwise (with more, a step's many
+small ops wait on each other and a busy machine swings the medians by orders of magnitude; a note says when the
+load average was above the core count); launches and host time are n/a there. The device's copy bandwidth is
+measured in the same run (a large tensor copy, bytes read + written) and every GB/s figure is also given as a
+fraction of it.
+
+Bytes are counted from each op's definition, tensor by tensor (a param at its own layout's bytes: the 8-bit peers
+keep full-precision states for small tensors, and such a row's layout names each layout with its share of the
+elements). A provider that does the op's work in more passes is counted at the op's bytes all the same (torch's
+unfused master-weight sequence: 28 B, not its own 40), so GB/s is the effective bandwidth of the same work.
 
 Robustness (the GPU run has a hard time limit): each case is built, timed and freed on its own (a CUDA OOM or a
 broken peer becomes a ``skipped`` note and the run goes on); peers run after every op's own cases; SIGTERM ends
 the run like Ctrl-C with the finished cases kept; ``BenchConfig.checkpoint`` (the CLI: the JSON file) receives
 the document after every case, so even a killed run leaves its figures on disk. On CUDA each row also has
-``peak_mem_gb`` (peak allocated memory of the case) and the header the device's memory and compute capability.
+``peak_mem_gb`` (peak allocated memory of the case: build, state and warm-up calls, read before the timer's
+L2-flush buffer exists) and the header the device's memory and compute capability.
 
 The parts:
 

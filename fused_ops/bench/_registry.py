@@ -47,11 +47,16 @@ class Runner:
         fn: the call that is timed (one optimizer step, one op call).
         reset: restores in-place inputs; run before each timed call, outside the timed region. None when no
             input drifts in a way that changes the timing.
-        bytes: bytes one call moves, counted from the op's definition (``BYTES_PER_ELEMENT``).
-        layout: the ``BYTES_PER_ELEMENT`` key used (e.g. ``bf16/fp32-states``).
+        bytes: bytes one call moves, counted from the op's definition (``BYTES_PER_ELEMENT``), tensor by tensor:
+            each param at the bytes of its own layout.
+        layout: the ``BYTES_PER_ELEMENT`` key used (e.g. ``bf16/fp32-states``); when the params have different
+            layouts (the 8-bit peers keep full-precision states for small tensors), each with its share of the
+            elements, largest first (``fp32/int8-states 98% + fp32 2%``).
         state_bytes_per_param: bytes of the optimizer's own state tensors per parameter (``state_bytes_per_param``);
             None for an op that is not an optimizer step. Left None, it is measured here when ``fn`` is the bound
-            ``step`` of an optimizer (``Runner(fn=opt.step, ...)``, after the step that created the state).
+            ``step`` of an optimizer (``Runner(fn=opt.step, ...)``, after the step that created the state); a
+            builder whose optimizer keeps its states outside ``opt.state`` (ZeRO), or whose ``fn`` is a closure,
+            passes it.
     """
 
     fn: Callable[[], Any]
@@ -144,12 +149,15 @@ def state_tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from state_tensors(v)
 
 
-def state_bytes_per_param(opt: Any) -> float:
+def state_bytes_per_param(opt: Any) -> float | None:
     """Bytes of every tensor in ``opt.state`` (per-element states, block scales, step counts, master copies; a
     tensor that several params share, like bitsandbytes' quantisation maps, once) over the optimizer's params.
 
     Measured, not counted from a definition: fp32 AdamW holds 8 B per param plus a 4 B step per tensor; 8-bit
     states 2 B of codes plus 2 x 4 B of scales per 256 elements (and per started block of a small tensor).
+    None (shown as n/a) when ``opt.state`` holds no tensor at all or there are no params: an optimizer that keeps
+    its states elsewhere (ZeroAdamW's flat shards, the inner optimizer of torch's ZeroRedundancyOptimizer) is not
+    measured here, and must not read as holding nothing; its builder passes the figure itself.
     """
     seen: set[tuple[int, int, torch.dtype, torch.device]] = set()
     total = 0
@@ -159,7 +167,7 @@ def state_bytes_per_param(opt: Any) -> float:
             seen.add(key)
             total += t.nbytes
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    return total / n if n else 0.0
+    return total / n if n and seen else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

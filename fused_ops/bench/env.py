@@ -36,7 +36,8 @@ def device_label(device: torch.device) -> str:
     """``NVIDIA H100 80GB HBM3`` on CUDA; ``CPU: <model> (<n> threads)`` on CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU: {cpu_name()} ({n} thread{'s' if n != 1 else ''})"
 
 
 def device_slug(device: torch.device | None = None) -> str:

@@ -14,6 +14,19 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def _speedup(r: dict[str, Any], foreach_note: str) -> str:
+    """The speed-up cell: ``1.23x`` (plus ``foreach_note`` over torch-foreach), or ``n/a`` without a baseline."""
+    value = r.get("speedup_vs_torch_fused")
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.2f}x" + (foreach_note if r.get("speedup_baseline") == "torch-foreach" else "")
+
+
+def _per_element(r: dict[str, Any]) -> str:
+    """Bytes per element: ``28``, or ``16.06`` (8-bit block scales; tensors of several layouts)."""
+    return f"{r['bytes'] / max(r['n_params'], 1):.2f}".rstrip("0").rstrip(".")
+
+
 def format_table(doc: dict[str, Any]) -> str:
     """The terminal table: one row per (op, params, dtype, provider), then the skip notes."""
     label = doc.get("label", "CPU" if doc.get("device_kind") == "cpu" else "CUDA")
@@ -30,13 +43,11 @@ def format_table(doc: dict[str, Any]) -> str:
               "vs torch-fused", "host ms", "launches", "state B/param")  # fmt: skip
     rows = []
     for r in doc["results"]:
-        speed = _fmt(r.get("speedup_vs_torch_fused"), ".2f") + "x"
-        if r.get("speedup_baseline") == "torch-foreach":
-            speed += " (foreach)"
+        speed = _speedup(r, " (foreach)")
         frac = r.get("frac_of_copy")
         rows.append((
             r["op"], r["params"], r["dtype"], r["provider"], _fmt(r["median_ms"], ".3f"),
-            f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}", str(round(r["bytes"] / max(r["n_params"], 1))),
+            f"{_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}", _per_element(r),
             _fmt(r["gbps"], ".1f"), _fmt(None if frac is None else 100 * frac, ".1f"), speed,
             _fmt(r.get("host_ms"), ".3f"), "n/a" if r.get("launches") is None else str(r["launches"]),
             _fmt(r.get("state_bytes_per_param"), ".3f"),
@@ -205,10 +216,14 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
         f"from [`{rel}`]({rel}). {gen}",
         "",
         f"Copy bandwidth measured in the same run (bytes read + written): {_fmt(doc.get('copy_bandwidth_gbps'), '.0f')}"
-        " GB/s. Times are `triton.testing.do_bench` medians (p20-p80); bytes are counted from each op's definition "
-        "(e.g. 28 B per fp32 AdamW parameter); host ms is the time the Python call takes to return without "
-        "synchronising; launches are device activities per call; state B/param is measured from the optimizer's "
-        "own state tensors (n/a: not an optimizer step).",
+        " GB/s. Times are medians (p20-p80) of `triton.testing.do_bench`, or for `unscale`, whose grads are "
+        "restored before each call, of the same method by hand (restore, L2 flush, then the timed call); bytes are "
+        "counted from each op's definition, tensor by tensor (e.g. 28 B per fp32 AdamW parameter), and a provider "
+        "that does the same work in more passes is counted at the op's bytes too (torch's unfused master-weight "
+        "step: 28 B, not its own 40), so GB/s is the effective bandwidth of the same work; host ms is the time the "
+        "Python call takes to return without synchronising; launches are device activities per call; state "
+        "B/param is measured from the optimizer's own state tensors (ZeroAdamW: its master and state shards; "
+        "torch's master-weight rows: masters, their grads and AdamW's states; n/a: not an optimizer step).",
         "",
     ]
     for name, info in doc.get("param_sets", {}).items():
@@ -222,9 +237,7 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
     ]
     for r in doc["results"]:
         frac = r.get("frac_of_copy")
-        speed = _fmt(r.get("speedup_vs_torch_fused"), ".2f") + "x"
-        if r.get("speedup_baseline") == "torch-foreach":
-            speed += " (vs foreach)"
+        speed = _speedup(r, " (vs foreach)")
         prov = f"**{r['provider']}**" if r["provider"] == "fused_ops" else r["provider"]
         lines.append(
             f"| {r['op']} | {r['params']} | {r['dtype']} | {prov} | {_fmt(r['median_ms'], '.3f')} "

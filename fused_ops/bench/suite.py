@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import os
 import signal
 import sys
 import time
@@ -51,7 +52,7 @@ class BenchConfig:
     budget_s: float | None = None
     progress: bool = True
     command: str | None = None
-    threads: int | None = None  # CPU threads for torch (default: torch's)
+    threads: int | None = None  # torch's CPU threads during the run (None: 1 on CPU, torch's own on CUDA)
     peers_on_cpu: bool = False  # installed peers on CPU too (a dry run of their providers; see _registry.py)
     # called with the document so far after the copy bandwidth and after every case (the CLI writes the JSON
     # there, so a run killed outright, e.g. SIGKILL after `timeout -k`, still leaves every finished case on disk)
@@ -118,13 +119,19 @@ def measure(runner: Runner, device: torch.device, rep_ms: float, warmup_ms: floa
 
     Warm-up outside the timing: the builder already made one call (optimizer state creation); one more here on
     CPU, two on CUDA (Triton compilation, cached launch tables), then do_bench's own warm-up.
+
+    ``peak_mem_gb`` (CUDA) is read after the warm-up, before the timer: the build, the state and the calls, without
+    the timer's 256 MiB L2-flush buffer (do_bench's and ``time_cuda``'s), which is not the case's memory. The timed
+    calls are the warm-up calls repeated, so they allocate nothing more.
     """
     for _ in range(2 if device.type == "cuda" else 1):
         if runner.reset is not None:
             runner.reset()
         runner.fn()
+    peak_gb = None
     if device.type == "cuda":
         torch.cuda.synchronize()
+        peak_gb = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)  # since the case's build (run() resets)
         median, p20, p80 = time_cuda(runner.fn, runner.reset, warmup_ms=warmup_ms, rep_ms=rep_ms)
         host = host_time_cuda(runner.fn, runner.reset)
         launches = count_launches_cuda(runner.fn, runner.reset)
@@ -136,18 +143,37 @@ def measure(runner: Runner, device: torch.device, rep_ms: float, warmup_ms: floa
            "host_ms": host, "launches": launches, "layout": runner.layout}  # fmt: skip
     if runner.state_bytes_per_param is not None:  # optimizer steps: measured from the optimizer's state tensors
         row["state_bytes_per_param"] = runner.state_bytes_per_param
-    if device.type == "cuda":  # peak since the case's build (run() resets the peak before building)
-        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    if peak_gb is not None:
+        row["peak_mem_gb"] = peak_gb
     return row
 
 
 def run(config: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
-    """Run the benchmark and return the results document (the JSON's content)."""
+    """Run the benchmark and return the results document (the JSON's content). torch's thread count is set for
+    the run (``BenchConfig.threads``; 1 on CPU when None) and put back afterwards."""
     _PEERS_ON_CPU[0] = config.peers_on_cpu
+    threads_before = torch.get_num_threads()
     try:
         return _run(config, log)
     finally:
         _PEERS_ON_CPU[0] = False
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+def _load_note(cpu_threads: int) -> str | None:
+    """A note when the machine's load average is above its core count: other processes then compete for the
+    cores, and CPU times swing with them (the p20-p80 spread of one run need not show it)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"load average {load:.1f} on {cores} cores while running ({cpu_threads} torch thread"
+            f"{'s' if cpu_threads != 1 else ''}): other processes compete for the CPU, so these CPU times are "
+            "contended and can swing between runs")  # fmt: skip
 
 
 def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
@@ -164,10 +190,16 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
                                   or not (value > 0 if low is None else value >= low)):  # fmt: skip
             need = f"an int >= {low}" if kind is int else "a number > 0" if low is None else f"a number >= {low}"
             raise ValueError(f"BenchConfig.{field} must be None or {need}, got {value!r}")
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     kind = device.type
+    # One thread on CPU unless asked: with more, each of a step's many small ops waits on the other threads, and on a
+    # busy machine the medians swing by orders of magnitude (bench --dtensor and host_overhead.py do the same).
+    threads = config.threads if config.threads is not None else 1 if kind == "cpu" else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # each name once: a name given twice would time its cases twice
+    ops, sets, dtypes = (list(dict.fromkeys(x)) for x in (config.ops, config.params, config.dtypes))
+    only = None if config.providers is None else list(dict.fromkeys(config.providers))
     if kind == "cuda":
         rep_ms = config.rep_ms or (40.0 if config.quick else 100.0)
         warmup_ms = rep_ms / 4
@@ -183,6 +215,7 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
         timer=("triton.testing.do_bench" if kind == "cuda" else "time.perf_counter") + " (median, p20, p80)",
         quick=config.quick,
         launches_method="torch.profiler CUDA activities per call" if kind == "cuda" else None,
+        threads=torch.get_num_threads(),
         command=config.command,
         bytes_per_element={f"{op}:{layout}": v for (op, layout), v in BYTES_PER_ELEMENT.items()},
         copy_bandwidth_gbps=None,
@@ -195,17 +228,17 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = doc["skipped"]
 
     peers = peer_status(kind)
-    wants_peers = any(OPS[o].peers for o in config.ops)
+    wants_peers = any(OPS[o].peers for o in ops)
     if wants_peers:
         for name, why in peers.items():
-            if why is not None and (config.providers is None or name in config.providers):
+            if why is not None and (only is None or name in only):
                 skipped.append({"provider": name, "why": why})
 
     # The peers go last, after every op's own cases: importing one (and torchao's torch.compile on its first step)
     # can take long, and the fused_ops-vs-torch figures matter most when the time budget runs out.
     plan: list[tuple[str, str, str, list[str]]] = []
     peer_plan: list[tuple[str, str, str, list[str]]] = []
-    for op_name in config.ops:
+    for op_name in ops:
         op = OPS[op_name]
         why = op.unavailable()
         if why is not None:
@@ -213,17 +246,18 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
             continue
         own = list(op.providers)
         extra = [p for p, w in peers.items() if w is None and op.peers]
-        if config.providers is not None:
-            own = [p for p in own if p in config.providers]
-            extra = [p for p in extra if p in config.providers]
-        for dtype in config.dtypes:
+        if only is not None:
+            own = [p for p in own if p in only]
+            extra = [p for p in extra if p in only]
+        for dtype in dtypes:
             if dtype not in op.dtypes:
                 skipped.append({"op": op_name, "dtype": dtype, "why": f"{op_name} runs on {', '.join(op.dtypes)}"})
-        cases = [(p, d) for p in config.params for d in config.dtypes if d in op.dtypes]
+        cases = [(p, d) for p in sets for d in dtypes if d in op.dtypes]
         plan += [(op_name, p, d, own) for p, d in cases if own]
         peer_plan += [(op_name, p, d, extra) for p, d in cases if extra]
     plan += peer_plan
 
+    busy_at_start = _load_note(torch.get_num_threads()) if kind == "cpu" else None
     begin = time.perf_counter()
     progress = _Progress(sum(len(p[3]) for p in plan), config.progress, log)
     shapes_cache: dict[str, tuple[list[tuple[int, ...]], str]] = {}
@@ -317,6 +351,9 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
         doc["notes"].append("CPU run: no GPU was used; the CPU path is timed against torch's CPU implementations.")
         if any((r.get("frac_of_copy") or 0) > 1 for r in results):
             doc["notes"].append("Some sets fit in the CPU caches, so their GB/s can exceed the (DRAM) copy bandwidth.")
+        busy = _load_note(torch.get_num_threads()) or busy_at_start
+        if busy:
+            doc["notes"].append(busy[0].upper() + busy[1:] + ".")
     return doc
 
 

@@ -41,8 +41,9 @@ def time_cuda(fn: Callable[[], Any], reset: Callable[[], None] | None, warmup_ms
               rep_ms: float) -> tuple[float, float, float]:  # fmt: skip
     """(median, p20, p80) in ms: ``triton.testing.do_bench``, or with ``reset`` the same method by hand.
 
-    do_bench has no hook for restoring inputs, so with ``reset`` each repeat is: L2 flush, reset, start event,
-    ``fn``, end event; as do_bench does, minus the reset between the events.
+    do_bench has no hook for restoring inputs, so with ``reset`` each repeat is: reset, L2 flush, start event,
+    ``fn``, end event. The flush comes after the reset (which rewrites the inputs, leaving them in L2) and right
+    before the timed call, as in do_bench: ``fn`` starts on a cold cache, like every other op's.
     """
     import triton.testing
 
@@ -71,8 +72,8 @@ def time_cuda(fn: Callable[[], Any], reset: Callable[[], None] | None, warmup_ms
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        flush.zero_()
         reset()
+        flush.zero_()
         starts[i].record()
         fn()
         ends[i].record()

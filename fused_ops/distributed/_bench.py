@@ -112,8 +112,23 @@ def benchmark_zero(
     held after backward (ZeRO-1 and DDP: the full grads, which for DDP with ``gradient_as_bucket_view=True``
     are its buckets; ZeRO-2: none). For DDP + AdamW, ``states`` are AdamW's. CPU timings show the overheads of
     the collectives and of the CPU Adam path, not GPU performance.
+
+    Raises ValueError, naming the argument, before any process is started: ``nproc``, ``hidden``, ``layers``,
+    ``batch`` and ``steps`` must be ints >= 1, ``warmup`` an int >= 0, ``stages`` a non-empty list of 1 and 2,
+    ``bucket_cap_mb`` and ``timeout_s`` numbers > 0.
     """
     import json
+
+    for name, value, least in (("nproc", nproc, 1), ("hidden", hidden, 1), ("layers", layers, 1),
+                               ("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"benchmark_zero: {name} must be an int >= {least}, got {value!r}")
+    stages = list(stages)
+    if not stages or any(isinstance(s, bool) or s not in (1, 2) for s in stages):
+        raise ValueError(f"benchmark_zero: stages must be a non-empty list of 1 and 2, got {stages!r}")
+    for name, value in (("bucket_cap_mb", bucket_cap_mb), ("timeout_s", timeout_s)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:  # (nan is not > 0)
+            raise ValueError(f"benchmark_zero: {name} must be a number > 0, got {value!r}")
 
     import torch.multiprocessing as mp
 

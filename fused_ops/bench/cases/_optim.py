@@ -5,32 +5,31 @@ detected at run time, never installed, and benchmarked on CUDA only, as the Adam
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._registry import BYTES_PER_ELEMENT, DTYPES, Builder, Runner, Skip, dtype_name, peers_run_on, state_tensors
-from ..params import numel, params_with_grads
+from ..params import params_with_grads
+from ._common import per_element_states, step_bytes
 
 Factory = Callable[[list[torch.nn.Parameter]], Any]
 
 
-def state_layout(opt: Any, params: Sequence[Tensor]) -> str:
-    """The layout of a step, from the per-element states of its largest param (tensor subclasses unwrapped).
+def param_state_layout(opt: Any, p: Tensor) -> str:
+    """The layout of one param's step, from its per-element states (tensor subclasses unwrapped).
 
     ``fp32`` (fp32 param and states), ``<param>/<state>-states`` with ``int8`` for 8-bit codes (uint8 or int8; their
     block scales are part of the layout's bytes), ``+kahan`` when a Kahan compensation buffer is kept (optimi).
     """
-    p = max(params, key=lambda t: t.numel())
     state = getattr(opt, "state", {}).get(p) or {}
     kahan = any("kahan" in str(k) and any(True for _ in state_tensors(v)) for k, v in state.items())  # optimi: None
     kinds = {
         "int8" if t.dtype in (torch.uint8, torch.int8) else dtype_name(t.dtype) if t.dtype in DTYPES.values()
         else str(t.dtype).replace("torch.", "")
-        for k, v in state.items() if "kahan" not in str(k)
-        for t in state_tensors(v) if t.numel() == p.numel() > 1
+        for k, t in per_element_states(opt, p) if "kahan" not in k
     }  # fmt: skip
     pname = dtype_name(p.dtype)
     if kinds == {"fp32"} and pname == "fp32" and not kahan:
@@ -40,19 +39,23 @@ def state_layout(opt: Any, params: Sequence[Tensor]) -> str:
 
 def step_builder(op: str, factory: Factory) -> Builder:
     """A builder that times ``factory(params).step()`` on fresh params with grads (state created by one untimed
-    step). Bytes: the op's ``BYTES_PER_ELEMENT`` entry for the layout, else read + write p and each per-element
-    state, read g; the state bytes per param are measured from the optimizer's state (``Runner``)."""
+    step). Bytes, param by param (``step_bytes``: a peer that quantises only its large tensors has two layouts): the
+    op's ``BYTES_PER_ELEMENT`` entry for the param's layout, else read + write p and each per-element state, read g;
+    the state bytes per param are measured from the optimizer's state (``Runner``)."""
 
     def build(shapes, dtype, device) -> Runner:
         params = params_with_grads(shapes, dtype, device)
         opt = factory(params)
         opt.step()
-        layout = state_layout(opt, params)
-        p = max(params, key=lambda t: t.numel())
-        per_element = [t for v in opt.state[p].values() for t in state_tensors(v) if t.numel() == p.numel() > 1]
-        generic = 2 * p.element_size() + p.grad.element_size() + 2 * sum(t.element_size() for t in per_element)
-        nbytes = BYTES_PER_ELEMENT.get((op, layout), generic) * numel(shapes)
-        return Runner(fn=opt.step, reset=None, bytes=round(nbytes), layout=layout)
+
+        def layout_of(p: Tensor) -> tuple[str, float]:
+            layout = param_state_layout(opt, p)
+            per_element = [t for _, t in per_element_states(opt, p)]
+            generic = 2 * p.element_size() + p.grad.element_size() + 2 * sum(t.element_size() for t in per_element)
+            return layout, BYTES_PER_ELEMENT.get((op, layout), generic)
+
+        layout, nbytes = step_bytes(params, layout_of)
+        return Runner(fn=opt.step, reset=None, bytes=nbytes, layout=layout)
 
     return build
 

@@ -6,7 +6,16 @@ import importlib
 
 import torch
 
-from .._registry import BYTES_PER_ELEMENT, LR, WEIGHT_DECAY, Builder, Runner, dtype_name, register_op
+from .._registry import (
+    BYTES_PER_ELEMENT,
+    LR,
+    WEIGHT_DECAY,
+    Builder,
+    Runner,
+    dtype_name,
+    register_op,
+    state_bytes_per_param,
+)
 from ..params import numel, params_with_grads
 from ._common import TORCH_VARIANTS, one_rank_group, optimizer_layout, torch_variant_kwargs
 
@@ -34,8 +43,12 @@ def _zero_providers() -> dict[str, Builder]:
         opt = ZeroAdamW(params, process_group=one_rank_group(device), stage=1, lr=LR, weight_decay=WEIGHT_DECAY)
         opt.step()
         layout = dtype_name(dtype)
+        # Its states live in flat shards, not in opt.state: the master shard, the moments and the step counts of
+        # memory_report() (padding and grad buckets apart), over the params (one rank: the whole of them).
+        report = opt.memory_report()
+        state_bytes = (report["master"] + report["states"]) / numel(shapes)
         return Runner(fn=opt.step, reset=None, bytes=BYTES_PER_ELEMENT[("zero", layout)] * numel(shapes),
-                      layout=layout)  # fmt: skip
+                      layout=layout, state_bytes_per_param=state_bytes)  # fmt: skip
 
     def torch_zero(variant: str) -> Builder:
         def build(shapes, dtype, device) -> Runner:
@@ -45,8 +58,10 @@ def _zero_providers() -> dict[str, Builder]:
             opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=one_rank_group(
                 device), lr=LR, weight_decay=WEIGHT_DECAY, **torch_variant_kwargs(variant))  # fmt: skip
             opt.step()
-            layout, bpe = optimizer_layout("adam", opt.optim, params)
-            return Runner(fn=opt.step, reset=None, bytes=bpe * numel(shapes), layout=layout)
+            layout, nbytes = optimizer_layout("adam", opt.optim, params)
+            # the wrapped optimizer (opt.optim) holds the states, not opt.state
+            return Runner(fn=opt.step, reset=None, bytes=nbytes, layout=layout,
+                          state_bytes_per_param=state_bytes_per_param(opt.optim))  # fmt: skip
 
         return build
 
