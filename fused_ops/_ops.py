@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import reference
 from ._validate import finite_fp32
+from .kernels._checks import no_user_code
 
 # Tables of the Triton launches of the functional ops, keyed by tensor addresses and sizes. Bounded: stale
 # layouts are dropped oldest first. Dropping one is safe: a table that a CUDA graph captured was also moved to
@@ -182,6 +183,7 @@ def _adam_cuda(*args) -> None:
     _adam_checked(*args)
 
 
+@no_user_code
 def _adam_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, lr_tensor,
                   beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, step, grad_scale, found_inf,
                   backend) -> None:  # fmt: skip
@@ -353,13 +355,16 @@ def _flatten(tensors, align: int, backend: str) -> Tensor:
 @torch.library.custom_op("fused_ops::flatten", mutates_args=())
 def flatten(tensors: list[Tensor], align: int, backend: str) -> Tensor:
     """One new buffer holding every tensor at an ``align``-aligned offset, zero padded; see ``functional.flatten``."""
-    _check_flatten_args(tensors, align, backend)
-    return _flatten(tensors, align, backend)
+    return _flatten_checked(tensors, align, backend)
 
 
 @flatten.register_kernel("cuda")
 def _flatten_cuda(tensors, align, backend) -> Tensor:
-    backend = "reference" if backend == "reference" else "triton"
+    return _flatten_checked(tensors, align, "reference" if backend == "reference" else "triton")
+
+
+@no_user_code
+def _flatten_checked(tensors, align: int, backend: str) -> Tensor:
     _check_flatten_args(tensors, align, backend)
     return _flatten(tensors, align, backend)
 
@@ -405,13 +410,16 @@ def _check_flatten_op(fn: str, flat: Tensor, tensors, offsets, spans, backend: s
 @torch.library.custom_op("fused_ops::flatten_into_", mutates_args=("flat",))
 def flatten_into_(flat: Tensor, tensors: list[Tensor], offsets: list[int], spans: list[int], backend: str) -> None:
     """Gather ``tensors`` into ``flat[offsets[i] : offsets[i] + spans[i]]`` (zero padded), one launch."""
-    _check_flatten_op("fused_ops::flatten_into_", flat, tensors, offsets, spans, backend, scatter=False)
-    _flatten_into(flat, tensors, offsets, spans, backend)
+    _flatten_into_checked(flat, tensors, offsets, spans, backend)
 
 
 @flatten_into_.register_kernel("cuda")
 def _flatten_into_cuda(flat, tensors, offsets, spans, backend) -> None:
-    backend = "reference" if backend == "reference" else "triton"
+    _flatten_into_checked(flat, tensors, offsets, spans, "reference" if backend == "reference" else "triton")
+
+
+@no_user_code
+def _flatten_into_checked(flat, tensors, offsets, spans, backend: str) -> None:
     _check_flatten_op("fused_ops::flatten_into_", flat, tensors, offsets, spans, backend, scatter=False)
     _flatten_into(flat, tensors, offsets, spans, backend)
 
@@ -434,15 +442,17 @@ def flatten_into_eager(flat: Tensor, tensors: list[Tensor], offsets: list[int], 
 @torch.library.custom_op("fused_ops::unflatten_copy_", mutates_args=("tensors",))
 def unflatten_copy_(tensors: list[Tensor], flat: Tensor, offsets: list[int], backend: str) -> None:
     """Scatter ``flat[offsets[i] : offsets[i] + numel]`` back into ``tensors[i]``, one launch."""
-    spans = [x.numel() for x in tensors]
-    _check_flatten_op("fused_ops::unflatten_copy_", flat, tensors, offsets, spans, backend, scatter=True)
-    _flatten_into(flat, tensors, offsets, spans, backend, scatter=True)
+    _unflatten_copy_checked(tensors, flat, offsets, backend)
 
 
 @unflatten_copy_.register_kernel("cuda")
 def _unflatten_copy_cuda(tensors, flat, offsets, backend) -> None:
+    _unflatten_copy_checked(tensors, flat, offsets, "reference" if backend == "reference" else "triton")
+
+
+@no_user_code
+def _unflatten_copy_checked(tensors, flat, offsets, backend: str) -> None:
     spans = [x.numel() for x in tensors]
-    backend = "reference" if backend == "reference" else "triton"
     _check_flatten_op("fused_ops::unflatten_copy_", flat, tensors, offsets, spans, backend, scatter=True)
     _flatten_into(flat, tensors, offsets, spans, backend, scatter=True)
 
@@ -498,13 +508,16 @@ def _check_cast_op(dst, src, seed, backend: str) -> None:
 def cast_(dst: list[Tensor], src: list[Tensor], stochastic: bool, seed: Optional[int], backend: str) -> None:
     """``dst[i] = src[i]`` in ``dst``'s dtype (nearest even or stochastic rounding), one launch. ``seed=None``:
     stochastic rounding draws its key on the device (see ``_cast``)."""
-    _check_cast_op(dst, src, seed, backend)
-    _cast(dst, src, stochastic, seed, backend)
+    _cast_checked(dst, src, stochastic, seed, backend)
 
 
 @cast_.register_kernel("cuda")
 def _cast_cuda(dst, src, stochastic, seed, backend) -> None:
-    backend = "reference" if backend == "reference" else "triton"
+    _cast_checked(dst, src, stochastic, seed, "reference" if backend == "reference" else "triton")
+
+
+@no_user_code
+def _cast_checked(dst, src, stochastic, seed, backend: str) -> None:
     _check_cast_op(dst, src, seed, backend)
     _cast(dst, src, stochastic, seed, backend)
 
@@ -572,13 +585,17 @@ def unscale_(
     backend: str,
 ) -> None:
     """``grads`` (or ``out``) ``= grads * inv_scale``; ``found_inf = 1`` on inf/nan; one launch, no sync."""
-    _check_unscale_op(grads, inv_scale, inv_scale_value, found_inf, out, backend)
-    _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
+    _unscale_checked(grads, inv_scale, inv_scale_value, found_inf, out, backend)
 
 
 @unscale_.register_kernel("cuda")
 def _unscale_cuda(grads, inv_scale, inv_scale_value, found_inf, out, backend) -> None:
     backend = "reference" if backend == "reference" else "triton"
+    _unscale_checked(grads, inv_scale, inv_scale_value, found_inf, out, backend)
+
+
+@no_user_code
+def _unscale_checked(grads, inv_scale, inv_scale_value, found_inf, out, backend: str) -> None:
     _check_unscale_op(grads, inv_scale, inv_scale_value, found_inf, out, backend)
     _unscale(grads, inv_scale, inv_scale_value, found_inf, out, backend)
 
@@ -623,13 +640,16 @@ def _grad_norm(tensors, norm_type: float, backend: str) -> Tensor:
 @torch.library.custom_op("fused_ops::grad_norm", mutates_args=())
 def grad_norm(tensors: list[Tensor], norm_type: float, backend: str) -> Tensor:
     """The ``norm_type``-norm of all of ``tensors`` (one dtype and device) as a new 0-d float32 tensor."""
-    _check_grad_norm_args(tensors, norm_type, backend)
-    return _grad_norm(tensors, norm_type, backend)
+    return _grad_norm_checked(tensors, norm_type, backend)
 
 
 @grad_norm.register_kernel("cuda")
 def _grad_norm_cuda(tensors, norm_type, backend) -> Tensor:
-    backend = "reference" if backend == "reference" else "triton"
+    return _grad_norm_checked(tensors, norm_type, "reference" if backend == "reference" else "triton")
+
+
+@no_user_code
+def _grad_norm_checked(tensors, norm_type: float, backend: str) -> Tensor:
     _check_grad_norm_args(tensors, norm_type, backend)
     return _grad_norm(tensors, norm_type, backend)
 
@@ -706,6 +726,7 @@ def _adam_lowbit_cuda(*args) -> None:
     _adam_lowbit_checked(*args)
 
 
+@no_user_code
 def _adam_lowbit_checked(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
                          master_params, kahan_comps, state, param_sr, seed, lr, lr_tensor, beta1, beta2, eps,
                          weight_decay, maximize, decoupled, grad_scale, found_inf, backend) -> None:  # fmt: skip
@@ -791,6 +812,7 @@ def _sgd_cuda(*args) -> None:
     _sgd_checked(*args)
 
 
+@no_user_code
 def _sgd_checked(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening, weight_decay,
                  nesterov, maximize, first_step, grad_scale, found_inf, backend) -> None:  # fmt: skip
     """``sgd_`` called through the dispatcher: checked (see ``_check_written_memory``), then run."""
@@ -856,6 +878,7 @@ def _lion_cuda(*args) -> None:
     _lion_checked(*args)
 
 
+@no_user_code
 def _lion_checked(params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
                   grad_scale, found_inf, backend) -> None:  # fmt: skip
     """``lion_`` called through the dispatcher: checked (see ``_check_written_memory``), then run."""

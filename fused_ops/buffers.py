@@ -27,6 +27,7 @@ from torch import Tensor
 from . import _ops, functional
 from ._backend import check_backend
 from ._validate import check_storage, has_memory
+from .kernels._checks import no_user_code
 
 __all__ = ["Bucket", "FlatBuffer"]
 
@@ -251,6 +252,7 @@ class FlatBuffer:
     # -- construction helpers ---------------------------------------------------------------------------------
 
     @classmethod
+    @no_user_code
     def from_params(
         cls,
         params: Iterable[Tensor],
@@ -310,6 +312,7 @@ class FlatBuffer:
         return self
 
     @classmethod
+    @no_user_code
     def for_grads(
         cls,
         params: Iterable[Tensor],
@@ -411,6 +414,7 @@ class FlatBuffer:
                 if x.device != self.device:
                     raise ValueError(f"{fn}: tensors[{i}] is on {x.device}, the buffer on {self.device}")
 
+    @no_user_code
     def copy_from_(self, tensors: Sequence[Tensor]) -> FlatBuffer:
         """Copy ``tensors`` into the buffer (one launch; padding written as zeros). Other dtypes are rounded to
         nearest even. The tensors must share no memory with the buffer."""
@@ -448,6 +452,7 @@ class FlatBuffer:
         srcs = functional._contiguous(tensors)
         _ops.flatten_into_eager(self.data, srcs, self.offsets, self._spans, self._backend())
 
+    @no_user_code
     def copy_to_(self, tensors: Sequence[Tensor]) -> None:
         """Copy each view back into ``tensors[i]`` (one launch; other dtypes rounded to nearest even). The tensors
         are written in place: contiguous, on the buffer's device, sharing no memory with each other or with the
@@ -486,6 +491,7 @@ class FlatBuffer:
         layout = zip(self.offsets, self.numels, views, strict=True)
         return [data.narrow(0, off, n).view(v.shape) for off, n, v in layout]
 
+    @no_user_code
     def zero_(self) -> FlatBuffer:
         """Zero the whole storage (e.g. grads before the next accumulation), keeping the views bound."""
         data = self._check_data("FlatBuffer.zero_")

@@ -19,6 +19,7 @@ from ._validate import check_memory as _check_memory
 from ._validate import check_scalar, check_storage, finite_fp32, first_without_storage, self_overlapping
 from ._validate import has_memory as _has_memory
 from ._validate import outside_storage as _outside_storage
+from .kernels._checks import no_user_code
 
 __all__ = ["adam_", "flatten", "unflatten", "unflatten_copy_", "cast_", "unscale_", "grad_norm", "clip_grad_norm_"]
 
@@ -41,6 +42,7 @@ def _check_adam_number(name: str, value, bools: bool = False) -> None:
     _check_finite(f"adam_: {name}", value)
 
 
+@no_user_code
 def adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -476,6 +478,7 @@ def _groups(key, n: int) -> list[tuple[tuple, list[int]]]:
     return list(groups.items())
 
 
+@no_user_code
 def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None = None) -> Tensor:
     """Gather ``tensors`` (one dtype and device, any shapes) into one new contiguous 1-d buffer, in one launch.
 
@@ -570,6 +573,7 @@ def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int =
     return [flat.narrow(0, off, n).view(s) for s, off, n in zip(shapes, offsets, numels, strict=True)]
 
 
+@no_user_code
 def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *, backend: str | None = None) -> None:
     """Copy each segment of ``flat`` (``flatten``'s layout) back into ``tensors[i]``, in one launch.
 
@@ -604,6 +608,7 @@ def _check_stochastic(fn: str, stochastic) -> None:
         raise TypeError(f"{fn}: stochastic must be a bool, got {stochastic!r}")
 
 
+@no_user_code
 def cast_(
     dst: Sequence[Tensor],
     src: Sequence[Tensor],
@@ -713,6 +718,7 @@ def _check_inv_scale(fn: str, inv_scale) -> None:
         _check_finite(f"{fn}: inv_scale", float(inv_scale))  # (the kernels and torch's unscale: float32)
 
 
+@no_user_code
 def unscale_(
     grads: Sequence[Tensor],
     inv_scale: float | Tensor,
@@ -908,6 +914,7 @@ def _run_unscale(launches: list, done: list[int] | None = None) -> None:
             found_inf.copy_(merged)
 
 
+@no_user_code
 def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str | None = None) -> Tensor:
     """The ``norm_type``-norm of all elements of all ``tensors`` together, as a 0-d tensor on the first
     tensor's device: one launch per (device, dtype) group (two for a p other than 1, 2 and inf) plus a tiny
@@ -1049,6 +1056,7 @@ def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[T
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@no_user_code
 def clip_grad_norm_(
     parameters: Tensor | Iterable[Tensor],
     max_norm: float,

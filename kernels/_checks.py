@@ -13,9 +13,80 @@ fails.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import functools
+import gc
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import torch
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Depth(threading.local):
+    n = 0
+
+
+_DEPTH = _Depth()
+_len_pre_dispatch = torch._ops._len_torch_dispatch_stack_pre_dispatch
+
+
+class NoUserCode:
+    """Between a launch's checks and the launch, no user code runs on this thread: a check holds for the tensor's
+    memory as it was when checked, and user code could free or replace that memory before the kernel writes it
+    (``p.data = t``, ``p.grad = None``, ``state["exp_avg"].set_(t)``). Inside: no ``__torch_function__`` (torch
+    function modes, tensor subclasses' overrides), no torch dispatch modes (a mode's handler sees every aten op: a
+    profiler's or a memory tracker's mode does not see this package's, as it does not see the Triton launches they
+    surround), and no automatic garbage collection (``gc.callbacks``, finalizers of collected cycles). Another thread
+    changing a tensor during the call is a data race, as it is for torch.optim's fused kernels.
+
+    Re-entrant (an inner use on the same thread is free); :func:`no_user_code` wraps a function in it."""
+
+    __slots__ = ("_gc", "_tf", "_modes")
+
+    def __enter__(self) -> NoUserCode:
+        _DEPTH.n += 1
+        if _DEPTH.n > 1:
+            return self
+        self._gc = gc.isenabled()
+        gc.disable()
+        self._tf = torch._C.DisableTorchFunction()
+        self._tf.__enter__()
+        self._modes = None
+        if torch._C._len_torch_dispatch_stack() or _len_pre_dispatch():
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            self._modes = _disable_current_modes()
+            self._modes.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _DEPTH.n -= 1
+        if _DEPTH.n:
+            return
+        try:
+            if self._modes is not None:
+                self._modes.__exit__(*exc)
+        finally:
+            self._tf.__exit__(*exc)
+            if self._gc:
+                gc.enable()
+
+
+def no_user_code(fn: _F) -> _F:
+    """``fn`` run inside :class:`NoUserCode`, from its first check to its last launch; as it is while
+    ``torch.compile`` traces it (no memory is read then: the compiled graph calls the custom ops, which check)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with NoUserCode():
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
 
 # A kernel reads a tensor's elements at ``data_ptr()``: not so for a subclass with a dispatch of its own (DTensor,
 # wrapper subclasses), whose address may be null or another tensor's.

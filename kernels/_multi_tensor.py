@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role, check_roles_memory, check_scalar, check_shared_memory
+from ._checks import NoUserCode, check_role, check_roles_memory, check_scalar, check_shared_memory
 
 
 @dataclass(frozen=True)
@@ -316,9 +316,10 @@ class PreparedLaunch:
         """Watch ``grads`` (weak references) for the check of a direct call; None: the caller checks them itself."""
         self._grad_refs = None if grads is None else [weakref.ref(g) for g in grads]
 
-    def check_current(self) -> None:
+    def check_current(self) -> list[torch.Tensor]:
         """Raise a ValueError unless every tensor of the table is still what the table says: at its address, with its
-        element count, its role's dtype, on the device, contiguous; and the grads alive (see the class docstring)."""
+        element count, its role's dtype, on the device, contiguous; and the grads alive (see the class docstring).
+        Returns the grads checked: the caller holds them until the launch (the table holds no reference to them)."""
         name = type(self).__name__
         table = self.table
         n = table.n_tensors
@@ -338,19 +339,27 @@ class PreparedLaunch:
                 )
         if self._grad_refs is None:
             raise ValueError(f"{name}: call set_grads() with this step's grads before calling the launch")
+        live = []
         for i, ref in enumerate(self._grad_refs):
             g = ref()
             if g is None or not fits(g, self.grad_role, i, self.numels[i]):
                 raise ValueError(f"{name}: grads[{i}] was freed or changed since set_grads(): call set_grads() with "
                                  "this step's grads")  # fmt: skip
+            live.append(g)
+        return live
 
     def __call__(self, **kwargs) -> None:
         """One step: :meth:`check_current` and the 1-element tensors the kernel reads through a pointer (``lr``,
         ``grad_scale``, ``found_inf``: on the device, with memory, and sharing no byte with a tensor the launch
         writes: every program reads them while others write), then the launch (the subclass's ``_run``, whose
         arguments these are). The optimizers, which check their scalars against every plan's writes themselves, call
-        ``_run``."""
-        self.check_current()
+        ``_run``. No user code runs from the first check to the launch (:class:`NoUserCode`), and the grads checked
+        are held until then."""
+        with NoUserCode():
+            grads = self.check_current()  # noqa: F841 - held: a grad dropped now would be read freed by the launch
+            self._checked_call(kwargs)
+
+    def _checked_call(self, kwargs: dict) -> None:
         scalars = [(key, kwargs[key]) for key in ("lr", "grad_scale", "found_inf")
                    if isinstance(kwargs.get(key), torch.Tensor)]  # fmt: skip
         for key, x in scalars:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_roles_memory
+from ._checks import check_roles_memory, no_user_code
 from ._multi_tensor import (
     TABLE_INTS,
     ChunkTable,
@@ -289,6 +289,7 @@ def _check_scalars(device: torch.device, lr, grad_scale, found_inf) -> None:
             raise ValueError(f"adam_launch: {name} is on {x.device} but the params are on {device}")
 
 
+@no_user_code
 def adam_launch(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.language.random import philox
 
-from ._checks import check_numels, check_role, check_roles_memory, check_scalar
+from ._checks import check_numels, check_role, check_roles_memory, check_scalar, no_user_code
 from ._multi_tensor import (
     TABLE_INTS,
     ChunkTable,
@@ -500,6 +500,7 @@ def _role_names(state: str, master: bool, kahan: bool) -> list[str]:
     return names + (["master_params"] if master else []) + (["kahan_comps"] if kahan else []) + ["state_steps"]
 
 
+@no_user_code
 def adam_lowbit_launch(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_numels, check_role, check_scalar
+from ._checks import check_numels, check_role, check_scalar, no_user_code
 from ._multi_tensor import TABLE_INTS, build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 
@@ -87,6 +87,7 @@ def _check(dst, src) -> None:
     check_numels("cast_launch", "dst", dst, "src", src)
 
 
+@no_user_code
 def cast_launch(
     dst: Sequence[torch.Tensor],
     src: Sequence[torch.Tensor],

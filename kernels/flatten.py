@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role
+from ._checks import check_role, no_user_code
 from ._multi_tensor import (
     _DEFAULT_CACHE,
     TABLE_INTS,
@@ -119,6 +119,7 @@ def _segments(flat: torch.Tensor, offsets: Sequence[int], spans: Sequence[int]) 
     return [flat.as_strided((int(span),), (1,), base + int(off)) for off, span in zip(offsets, spans, strict=True)]
 
 
+@no_user_code
 def flatten_launch(
     flat: torch.Tensor,
     tensors: Sequence[torch.Tensor],

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role, check_roles_memory
+from ._checks import check_role, check_roles_memory, no_user_code
 from ._multi_tensor import TABLE_INTS, ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
@@ -149,6 +149,7 @@ def _check(fn, params, grads, exp_avgs, master_params, lr, grad_scale, found_inf
     check_scalars(fn, device, lr, grad_scale, found_inf)
 
 
+@no_user_code
 def lion_launch(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

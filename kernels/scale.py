@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_numels, check_role, check_scalar
+from ._checks import check_numels, check_role, check_scalar, no_user_code
 from ._multi_tensor import TABLE_INTS, build_chunk_table, tensor_pointer, use_on_current_stream
 from ._numerics import load_fp32, rounded_fp32, store_fp32
 
@@ -200,6 +200,7 @@ def _check_unscale(grads, out) -> None:
         check_numels("unscale_launch", "out", out, "grads", grads)
 
 
+@no_user_code
 def unscale_launch(
     grads: Sequence[torch.Tensor],
     inv_scale: float | torch.Tensor,
@@ -257,6 +258,7 @@ def unscale_launch(
         )
 
 
+@no_user_code
 def norm_launch(
     tensors: Sequence[torch.Tensor],
     norm_type: float = 2.0,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_numels, check_role, check_roles_memory, check_scalar
+from ._checks import check_numels, check_role, check_roles_memory, check_scalar, no_user_code
 from ._multi_tensor import TABLE_INTS, ChunkTable, PreparedLaunch, build_chunk_table, use_on_current_stream
 from ._numerics import load_fp32, store_fp32
 from .adam import _chunk_pointer
@@ -187,6 +187,7 @@ def check_scalars(fn: str, device: torch.device, lr, grad_scale, found_inf) -> N
             check_scalar(fn, name, x, device)
 
 
+@no_user_code
 def sgd_launch(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

@@ -45,6 +45,7 @@ from .._validate import (
     real_float,
     self_overlapping,
 )
+from ..kernels._checks import NoUserCode
 
 MASTER_KEY = "master_param"
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -1163,7 +1164,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         swapped = self._grads_to_param_placements()
         try:
-            with no_autocast():
+            # (no user code from the first check to the last launch: see NoUserCode)
+            with no_autocast(), NoUserCode():
                 self._step_eager(grad_scale, found_inf)
         finally:
             for p, g in swapped:
@@ -1257,9 +1259,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             # groups after it moved down a place and their plans are rebuilt)
             self._flush_marks(self._plans.pop(gi))
         work = []
+        lrs = []  # (each group's lr as checked: what its launches read, not group["lr"] read again)
         for gi, group in enumerate(self.param_groups):
             values = self._check_step_values(gi, group)
-            _check_lr_memory(gi, group["lr"])
+            lrs.append(group["lr"])
+            _check_lr_memory(gi, lrs[gi])
             plan = self._plans.get(gi)
             current = plan.current_grads(self, group, self.state) if plan is not None else None
             if current is None:
@@ -1270,7 +1274,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.append((gi, group, values, params, None))
             else:
                 work.append((gi, group, values, plan, current))
-        scalars = self._step_scalars(grad_scale, found_inf)
+        scalars = self._step_scalars(grad_scale, found_inf, lrs)
         if any(current is None for *_, current in work):
             self._check_no_shared_memory(scalars)
             rebuilt = [(gi, group, values, params) for gi, group, values, params, current in work if current is None]
@@ -1302,10 +1306,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._plans[gi] = plan
                 else:
                     plan = params_or_plan
-                runs.append((plan, group, current, values))
+                runs.append((plan, group, current, values, lrs[gi]))
             later = self._refresh_masters([plan for plan, *_ in runs], refreshed)
-            prepared = [(plan, plan.prepare(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf))
-                        for plan, group, current, values in runs]  # fmt: skip
+            prepared = [(plan, plan.prepare(self, group, current, values, grad_scale=grad_scale, found_inf=found_inf,
+                                            lr=lr))
+                        for plan, group, current, values, lr in runs]  # fmt: skip
         except BaseException:
             for master, old in refreshed:
                 master.copy_(old)
@@ -1329,11 +1334,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._after_run(plan)
         self._mark_masters([plan for plan, _ in prepared])
 
-    def _step_scalars(self, grad_scale: Any, found_inf: Any) -> list[tuple[str, Tensor]]:
+    def _step_scalars(self, grad_scale: Any, found_inf: Any, lrs: list | None = None) -> list[tuple[str, Tensor]]:
         """The 1-element tensors a step reads through a pointer while it writes params and states: every tensor
-        ``lr`` and the ``grad_scale`` / ``found_inf`` tensors, named for :meth:`_check_no_shared_memory`."""
-        scalars = [(f"lr of param group {gi}", group["lr"]) for gi, group in enumerate(self.param_groups)
-                   if isinstance(group["lr"], Tensor)]  # fmt: skip
+        ``lr`` (``lrs``: each group's, as the step read it) and the ``grad_scale`` / ``found_inf`` tensors, named for
+        :meth:`_check_no_shared_memory`."""
+        lrs = [group["lr"] for group in self.param_groups] if lrs is None else lrs
+        scalars = [(f"lr of param group {gi}", lr) for gi, lr in enumerate(lrs) if isinstance(lr, Tensor)]
         scalars += [(name, t) for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf))
                     if isinstance(t, Tensor)]  # fmt: skip
         return scalars
@@ -1844,12 +1850,14 @@ class _GroupPlan:
         self.finish()
 
     def prepare(self, opt: FusedOptimizer, group: dict[str, Any], grads: list[Tensor], values: tuple, *,
-                grad_scale: Tensor | float | None, found_inf: Tensor | None) -> list[Callable[[], None]]:  # fmt: skip
+                grad_scale: Tensor | float | None, found_inf: Tensor | None,
+                lr: Any = None) -> list[Callable[[], None]]:  # fmt: skip
         """What the step allocates for this group (each part's scalars on its device; the reference path's new
         values, see :meth:`FusedOptimizer._prepare_reference`), nothing written: returns one call per part that
-        writes (a launch, or the reference path's copies), then :meth:`finish`."""
+        writes (a launch, or the reference path's copies), then :meth:`finish`. ``lr``: the group's lr as the step
+        checked it (None: ``group["lr"]``)."""
         calls = []
-        lr = group["lr"]
+        lr = group["lr"] if lr is None else lr
         if not isinstance(lr, Tensor):
             lr = float(lr)  # (checked a real number: numpy's float32 from a scheduler's lambda is one)
         for part in self.parts:
