@@ -262,6 +262,41 @@ def test_a_param_written_after_steps_is_its_masters_new_value(name, backend, wri
         assert (p.float() - 0.5).abs().max() < 0.2  # (before: 0.75 and more)
 
 
+@pytest.mark.parametrize("rebind", ["p.data = p.data.t()", "swap_tensors", "p.data = view(float16)"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["FusedAdamW", "FusedSGD", "FusedLion"])
+def test_a_param_given_another_view_of_its_memory_is_its_masters_new_value(name, backend, rebind):
+    """``p.data = p.data.t()`` keeps the param's address and version counter: the step used to compute from the
+    master in the old orientation and write it back, undoing the transposition (silently); likewise a param
+    re-viewed as another dtype. The master's mark holds the view too now: the step starts from what was written, as
+    a twin optimizer does whose masters were set to the written params by hand (torch.optim keeps the param)."""
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(4, 4).to(torch.bfloat16))
+    opt = _MASTER_OPTS[name]([w], backend)
+    w.grad = torch.randn(4, 4).to(torch.bfloat16)
+    opt.step()
+    master = opt.state[w]["master_param"].clone()
+    if rebind == "swap_tensors":
+        torch.utils.swap_tensors(w, torch.nn.Parameter(w.detach().t()))
+    elif rebind == "p.data = p.data.t()":
+        w.data = w.data.t()
+    else:
+        w.data = w.data.view(torch.float16)
+    written = w.detach().clone()
+    twin_w = torch.nn.Parameter(written.clone())
+    twin = _MASTER_OPTS[name]([twin_w], backend)
+    twin.load_state_dict(opt.state_dict())
+    # (an element the write left equal to its master rounded keeps the master's precision: the diagonal of a
+    # transposition)
+    twin.state[twin_w]["master_param"].copy_(torch.where(master.to(written.dtype) == written, master, written.float()))
+    for p in (w, twin_w):
+        p.grad = torch.randn(4, 4, generator=torch.Generator().manual_seed(7)).to(p.dtype)
+    opt.step()
+    twin.step()
+    assert torch.equal(opt.state[w]["master_param"], twin.state[twin_w]["master_param"])
+    assert torch.equal(w.detach(), twin_w.detach())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(_MASTER_OPTS))
 def test_masters_are_never_refreshed_by_the_optimizers_own_writes(name, backend, monkeypatch):

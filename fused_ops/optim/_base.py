@@ -883,7 +883,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 nows = plan.versions_now()
                 thens = plan.master_versions
             else:
-                nows = [list(zip(versions, map(_DATA_PTR, visible)))
+                nows = [list(zip(versions, map(_DATA_PTR, visible), map(_view_meta, visible)))
                         for versions, (visible, _) in zip(plan.versions_now(), plan.master_pairs)]  # fmt: skip
                 thens = [list(map(marks.get, map(id, visible))) for visible, _ in plan.master_pairs]
             for (visible, masters), part, now, then in zip(plan.master_pairs, plan.master_parts, nows, thens):
@@ -913,8 +913,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Keep the marks of a plan about to be replaced or dropped, by param, for the plan that follows it."""
         if plan is not None and plan.master_versions is not None:
             addrs = plan.master_addrs or [[plan.param_addrs[i] for i in idx] for idx in plan.master_index]
-            for (visible, _), versions, where in zip(plan.master_pairs, plan.master_versions, addrs):
-                self._master_marks.update(zip(map(id, visible), zip(versions, where)))
+            for (visible, _), versions, where, metas in zip(plan.master_pairs, plan.master_versions, addrs,
+                                                            plan.master_metas):  # fmt: skip
+                self._master_marks.update(zip(map(id, visible), zip(versions, where, metas)))
 
     def _tensor_state_keys(self) -> set[str]:
         """Every state key that holds a param-shaped tensor (loaded as fp32 copies shaped like the param)."""
@@ -1449,6 +1450,12 @@ def _write_back(staged: list[tuple[Tensor, Tensor]]) -> None:
         p.copy_(copy)
 
 
+def _view_meta(t: Tensor) -> tuple:
+    """How ``t`` views its memory: dtype, sizes, strides, storage offset (with its address, what a master's mark
+    records of its param)."""
+    return t.dtype, t.shape, t.stride(), t.storage_offset()
+
+
 def _check_lr_memory(gi: int, lr: Any) -> None:
     """A tensor ``lr`` is read on the device (copied to it, or by the kernel through its address): it must have
     memory (not a meta tensor nor a wrapper subclass), checked with every group's values before any group runs."""
@@ -1484,6 +1491,10 @@ class _Part:
         self.device = params[0].device
         self.backend = resolve_backend(group["backend"], self.device)
         self.launcher = opt._make_launcher(group, self, grads) if self.backend == "triton" else None
+        if self.launcher is not None:
+            # (the plan checks the grads at every step and launches through ``_run``: no weak references to them,
+            # which would make torch.utils.swap_tensors refuse the grads, and module conversions with them)
+            self.launcher._watch_grads(None)
 
 
 def _inside_written(plans: Iterable[_GroupPlan], tensors: list, nbytes: Tensor | None = None, owner: Any = None
@@ -1723,6 +1734,9 @@ class _GroupPlan:
         self.master_wrappers = [[self.params[i] for i in idx] for idx in self.master_index] if self.dtensor else None
         self.master_versions: list[list[int]] | None = None  # set once a step has written them (_mark_masters)
         self.master_addrs: list[list[int]] | None = None
+        # (each such param's view as this plan launches on it, which its guards hold while it is reused: a param given
+        # another view of the same memory, ``p.data = p.data.t()``, keeps its address and version but not this)
+        self.master_metas = [list(map(_view_meta, visible)) for visible, _ in self.master_pairs]
         # The per-step check, by chunks of params (see current_grads): each chunk's params, grads and states are read
         # together while their TensorImpls are in the cache, rather than in one pass per kind over all 10^4 of them.
         self.chunks = _build_chunks(self, entries) if (self.reusable and not self.dtensor) else None
