@@ -23,7 +23,7 @@ from .._validate import FP32_MAX, has_memory, loaded_tensor_problem, real_float
 from .._validate import finite_fp32 as _finite_fp32
 from ..precision import _grad_keys, _Spans
 from ._comm import _sum_of_squares
-from ._layout import _bucket_freed, _slot_moved
+from ._layout import _bucket_moved, _slot_moved
 from ._reduce import _moved_message
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
@@ -523,11 +523,12 @@ class _AgreementMixin:
         unreduced = self._unsynced_grads or self._zeroed
         stage2 = self.stage == 2 and self._rounds_since_step > 0
         for b in self._buckets:
-            if _bucket_freed(b):
+            what = _bucket_moved(b)  # (a buffer moved into shared memory with its params: its addresses re-read)
+            if what is not None:
                 raise RuntimeError(
-                    f"the storage of ZeroAdamW's flat buffer holding params {[s.index for s in b.slots]} was freed "
-                    "or resized (e.g. by untyped_storage().resize_() on one of them): ZeroAdamW owns the params' "
-                    "storage; build ZeroAdamW after the model has its final device and dtype"
+                    f"the storage of ZeroAdamW's flat buffer holding params {[s.index for s in b.slots]} {what}: "
+                    "ZeroAdamW owns the params' storage; build ZeroAdamW after the model has its final device and "
+                    "dtype, and leave the params' storage to it"
                 )
             for s in b.slots:
                 why = _slot_moved(s, b)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._ref_lowbit import QUANT_BLOCK, n_scales
+from .._validate import has_memory
 
 _MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
 
@@ -123,17 +124,25 @@ class _Bucket:
     grad_valid: bool = False
     inflight: int = 0
     staging_views: dict = field(default_factory=dict)  # staging buffer index -> (gap views, per-slot views)
-    flat_ptr: int = 0  # param_flat's address and its storage's size in bytes (a freed storage is refused)
+    # param_flat's address (re-read when its storage moves in place, see _bucket_moved) and its storage's size in
+    # bytes (a freed storage is refused)
+    flat_ptr: int = 0
     flat_nbytes: int = 0
 
 
 def _slot_moved(s: _Slot, b: _Bucket) -> str | None:
     """What makes param ``s.param`` no longer its view of bucket ``b`` (None when it still is): its address,
     dtype, shape, strides or device (attribute reads only: no device sync). The bucket's own storage is checked
-    by ``_bucket_freed``."""
-    p = s.param
-    if p.data_ptr() != s.ptr:
+    by ``_bucket_moved``, which re-reads the addresses of a storage moved in place."""
+    why = _slot_changed(s, b)  # (first: a model cast or moved says so)
+    if why is None and s.param.data_ptr() != s.ptr:
         return "its address changed"
+    return why
+
+
+def _slot_changed(s: _Slot, b: _Bucket) -> str | None:
+    """``_slot_moved`` but the address: the param's dtype, shape, strides or device."""
+    p = s.param
     if p.dtype != b.dtype:
         return f"it is {p.dtype}, its bucket {b.dtype}"
     if p.shape != s.shape:
@@ -145,10 +154,43 @@ def _slot_moved(s: _Slot, b: _Bucket) -> str | None:
     return None
 
 
-def _bucket_freed(b: _Bucket) -> bool:
-    """The bucket's flat storage was freed, resized or replaced (e.g. ``p.untyped_storage().resize_(0)``)."""
+def _bucket_moved(b: _Bucket) -> str | None:
+    """What happened to the bucket's flat storage since its address was last read (None: nothing, or it moved into
+    shared memory with its params, see below): it "was freed or resized" (``p.untyped_storage().resize_(0)``, say),
+    or it "moved ..., and param i ..." where it moved and some param is no longer its view of it.
+
+    ``share_memory_()`` (``model.share_memory()``) moves a CPU storage into shared memory in place: the same storage
+    object, the same size, a new address, which its views (the params, ``param_flat``) follow. When every param is
+    still a view of that storage at its offset, with its dtype, shape, strides and device, the new addresses are
+    read here (``flat_ptr`` and each slot's ``ptr``) and the checks go on from them: no launch uses an address that
+    was not checked in this step against the tensor it stands for. A storage moved otherwise (not into shared memory,
+    or not on the CPU: freed and allocated again by ``resize_()``, its contents lost) is refused as freed. Attribute
+    reads only, but a storage object per param once the buffer moved."""
     flat = b.param_flat
-    return flat.data_ptr() != b.flat_ptr or flat.untyped_storage().nbytes() != b.flat_nbytes
+    storage = flat.untyped_storage()
+    if storage.nbytes() != b.flat_nbytes:
+        return "was freed or resized (e.g. by untyped_storage().resize_() on one of them)"
+    ptr = flat.data_ptr()
+    if ptr == b.flat_ptr:
+        return None
+    if flat.device.type != "cpu" or not storage.is_shared():  # (a shared CPU storage cannot be resized: only
+        # share_memory_() moves one; on other devices it moves nothing, and is_shared() holds for every CUDA storage)
+        return "was freed and allocated again, or resized (e.g. by untyped_storage().resize_() on one of them)"
+    base = flat.storage_offset()  # (0: the buffer is its storage)
+    for s in b.slots:
+        p = s.param
+        if not has_memory(type(p)) or p.untyped_storage()._cdata != storage._cdata:
+            why = "it lies in another storage (its .data was replaced, say)"
+        else:
+            why = _slot_changed(s, b)
+            if why is None and p.storage_offset() != base + s.offset:
+                why = f"it starts at element {p.storage_offset() - base} of it, laid out at {s.offset}"
+        if why is not None:
+            return f"moved (e.g. by share_memory()), and param {s.index} is no longer its view of it: {why}"
+    b.flat_ptr = ptr
+    for s in b.slots:
+        s.ptr = s.param.data_ptr()
+    return None
 
 
 class _StagingPool:

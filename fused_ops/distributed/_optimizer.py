@@ -284,7 +284,7 @@ class ZeroAdamW(
         self._grad_marks: list = [None] * len(self._params)  # stage 1: p.grad as the last step / zero_grad left it
         # Stage 2, per param: whether this rank's grad shards hold grads of it (reduced and freed from p.grad: by a
         # synced pass, or by a step, kept without zero_grad as torch keeps p.grad) that p.grad no longer shows; the
-        # p.grad tensor the grad hooks last saw (a weakref); and whether a grad set by hand since replaces them.
+        # p.grad tensor the grad hooks last saw (a ``_Seen``); and whether a grad set by hand since replaces them.
         self._held: list[bool] = [False] * len(self._params)
         self._seen: list[Any] = [None] * len(self._params)
         self._replaced: set[int] = set()

@@ -11,18 +11,54 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .._validate import has_memory, outside_storage
 from ._comm import _reduce_scatter
-from ._layout import _Bucket, _bucket_freed, _Slot, _slot_moved
+from ._layout import _Bucket, _bucket_moved, _Slot, _slot_moved
+
+
+class _ById:
+    """A mapping keyed by tensors' identities that holds no weak reference to them: ``torch.utils.swap_tensors``, which
+    ``nn.Module`` conversions call under ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses a
+    tensor that has one ("Cannot swap t1 because it has weakref associated with it"), so a ``WeakIdKeyDictionary``
+    over the params made every such conversion fail, no-ops (``model.float()`` of an fp32 model) included. An entry
+    holds its tensor (its id stays its own while the entry is there) and is dropped by whoever added it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Tensor, Any]] = {}
+
+    def __contains__(self, t: object) -> bool:
+        return id(t) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, t: Tensor) -> Any:
+        return self._entries[id(t)][1]
+
+    def __setitem__(self, t: Tensor, value: Any) -> None:
+        self._entries[id(t)] = (t, value)
+
+    def __delitem__(self, t: Tensor) -> None:
+        del self._entries[id(t)]
+
+    def get(self, t: Tensor, default: Any = None) -> Any:
+        entry = self._entries.get(id(t))
+        return default if entry is None else entry[1]
+
+    def pop(self, t: Tensor, default: Any = None) -> Any:
+        entry = self._entries.pop(id(t), None)
+        return default if entry is None else entry[1]
+
 
 # The grad hooks each param carries (at most one ZeroAdamW drives a param: the newest one built over it). An entry is
-# dropped when its ZeroAdamW is freed (``_release_params``).
-_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# Every sentinel grad made (see ``_ReduceMixin._make_sentinels``): a ZeroAdamW built over a param whose p.grad is an
-# older one's sentinel clears it (backward cannot accumulate into it).
-_SENTINELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# dropped when its ZeroAdamW is freed (``_release_params``) or a newer one hooks the param.
+_HOOKS = _ById()
+# Every sentinel grad made (see ``_ReduceMixin._make_sentinels``) by a ZeroAdamW not freed yet (``_release_params``
+# drops them): a ZeroAdamW built over a param whose p.grad is an older one's sentinel clears it (backward cannot
+# accumulate into it). Not weak either: ``model.float()`` under the swap flag swaps p.grad too.
+_SENTINELS = _ById()
 
 
 # ``_seen`` of a param whose grad a reduction refused (not one set by hand over held grads): the next grad found there
@@ -30,14 +66,43 @@ _SENTINELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _REFUSED = object()
 
 
+class _Seen:
+    """``_seen`` of a param: the p.grad tensor the grad hooks saw come out of backward (or one standing for it), to
+    tell a grad set by hand since from it. Not a weak reference to the grad (``swap_tensors`` refuses a tensor that
+    has one, see ``_ById``: ``model.float()`` under the swap flag swaps p.grad too): its id and a weak reference to
+    its storage (torch's ``StorageWeakRef``, held by the storage's C++ object), so that once the grad is freed (its
+    storage with it) a new tensor given its id is not taken for it. A grad without such a storage (a sparse or
+    subclass grad, refused by the step anyway) is held by a weak reference, as before."""
+
+    __slots__ = ("ident", "storage", "ref")
+
+    def __init__(self, g: Tensor) -> None:
+        self.ident = id(g)
+        plain = has_memory(type(g)) and g.layout == torch.strided
+        self.storage = StorageWeakRef(g.untyped_storage()) if plain else None
+        self.ref = None if plain else weakref.ref(g)
+
+    def is_(self, g: Tensor) -> bool:
+        """Whether ``g`` is the grad seen (attribute reads only)."""
+        if self.ref is not None:
+            return self.ref() is g
+        storage = self.storage
+        return (
+            id(g) == self.ident and not storage.expired() and has_memory(type(g)) and g.layout == torch.strided
+            and g.untyped_storage()._cdata == storage.cdata
+        )  # fmt: skip
+
+
 class _Handles:
     """A param's two grad hooks (before and after its grad is accumulated), removed together; and its grad
     accumulator (the AccumulateGrad node the first hook is on), kept alive with them: autograd holds it weakly, and a
     new one would have no hook."""
 
-    def __init__(self, *handles: Any, accumulator: Any = None) -> None:
+    def __init__(self, *handles: Any, accumulator: Any = None, index: int = -1, impl: int = 0) -> None:
         self.handles = handles
         self.accumulator = accumulator
+        self.index = index  # the param's index in its ZeroAdamW
+        self.impl = impl  # the param's TensorImpl (``_cdata``) when hooked: see _unhook_swapped
 
     def remove(self) -> None:
         for h in self.handles:
@@ -62,6 +127,8 @@ def _release_params(params: list[Tensor], sentinels: list[Tensor], handles: list
             del _HOOKS[p]
         if sentinels and p.grad is sentinels[i]:
             p.grad = None
+    for s in sentinels:
+        _SENTINELS.pop(s)
     handles.clear()
 
 
@@ -83,6 +150,7 @@ class _ReduceMixin:
         was reduced is reduced by step(), see ``_layout_problem``): one after its grad is accumulated (reduces its
         bucket once complete), one before (a grad set by hand that backward accumulates into, see
         ``_note_hand_set``)."""
+        self._unhook_swapped()
         if not self._unhooked:
             return
         ref = weakref.ref(self)
@@ -118,11 +186,39 @@ class _ReduceMixin:
             with torch.enable_grad():
                 accumulator = s.param.view_as(s.param).grad_fn.next_functions[0][0]
             handle = _Handles(accumulator.register_prehook(pre_hook), s.param.register_post_accumulate_grad_hook(hook),
-                              accumulator=accumulator)  # fmt: skip
+                              accumulator=accumulator, index=s.index, impl=s.param._cdata)  # fmt: skip
             _HOOKS[s.param] = handle
             self._hook_handles.append(handle)
             b.n_hooked += 1
         self._unhooked = waiting
+
+    def _unhook_swapped(self) -> None:
+        """Stage 2, with the grad hooks (from ``_register_hooks``): a param whose tensor was swapped since it was
+        hooked (``torch.utils.swap_tensors``, which module conversions call under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``: ``model.float()`` of an fp32 model or
+        ``model.share_memory()`` swaps each param with a new tensor over the same memory) lost its hooks, which are on
+        its old tensor's AccumulateGrad node. Its grads came out of backward into p.grad since, unreduced, and
+        ``step()`` reduced them (as grads set by hand, or those of a rank without a backward). Its old hooks go, and it
+        is hooked again, unless a newer ZeroAdamW over it owns its hooks. A param swapped to another dtype, device or
+        memory is refused by ``step()`` (``_check_layout``) before this runs. Attribute reads only."""
+        params = self._params
+        stale = [h for h in self._hook_handles if params[h.index]._cdata != h.impl]
+        if not stale:
+            return
+        gone = {id(h) for h in stale}
+        self._hook_handles[:] = [h for h in self._hook_handles if id(h) not in gone]  # (the finalizer's list)
+        for h in stale:
+            h.remove()
+            p = params[h.index]
+            if _HOOKS.get(p) is h:  # (else a newer ZeroAdamW removed these hooks: it hooks the param itself)
+                del _HOOKS[p]
+                # The param kept its dict of post-accumulate-grad hooks, but the new tensor has none registered (torch
+                # registers the dict when it is set): set it again, so that it fires for the new tensor, ours as
+                # it fired before the swap.
+                p._post_accumulate_grad_hooks = p._post_accumulate_grad_hooks
+                b = self._buckets[self._bucket_of[h.index]]
+                b.n_hooked -= 1
+                self._unhooked.append(next(s for s in b.slots if s.index == h.index))
 
     # -- gradient reduction ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -260,7 +356,7 @@ class _ReduceMixin:
             self._given[index] = None
             if g is None or g is s:
                 self._replaced.add(index)
-        elif g is None and isinstance(self._seen[index], weakref.ref):
+        elif g is None and isinstance(self._seen[index], _Seen):
             self._seen[index] = None
             self._replaced.add(index)
 
@@ -283,8 +379,8 @@ class _ReduceMixin:
         if g is not None and g is not self._sentinels[index]:
             seen = self._seen[index]
             if seen is _REFUSED:
-                self._seen[index] = weakref.ref(g)
-            elif seen is None or seen() is not g:
+                self._seen[index] = _Seen(g)
+            elif seen is None or not seen.is_(g):
                 self._replaced.add(index)
 
     def _note_hand_set_grads(self) -> None:
@@ -315,7 +411,7 @@ class _ReduceMixin:
     def _on_grad_ready(self, index: int) -> None:
         if self._held[index]:  # (the grad backward accumulated: not one set by hand, see _note_hand_set)
             g = self._params[index].grad
-            self._seen[index] = None if g is None else weakref.ref(g)
+            self._seen[index] = None if g is None else _Seen(g)
         if not self._sync_grads:
             self._unsynced_grads = True
             return
@@ -410,7 +506,8 @@ class _ReduceMixin:
         g = s.param.grad
         where = f"param {s.index} (shape {tuple(view.shape)})"
         b = self._buckets[self._bucket_of[s.index]]
-        moved = "its bucket's storage was freed or resized" if _bucket_freed(b) else _slot_moved(s, b)
+        what = _bucket_moved(b)
+        moved = f"the storage of its bucket {what}" if what is not None else _slot_moved(s, b)
         if moved is not None:
             return "RuntimeError", _moved_message(where, moved)
         if not has_memory(type(g)):
@@ -458,7 +555,7 @@ class _ReduceMixin:
                 if s.index in self._grad_errors and not self._refused(s, b):
                     del self._grad_errors[s.index]
                     g = s.param.grad  # (it stands for the refused grad: set by hand over held grads only if that was)
-                    self._seen[s.index] = None if g is None or g is self._sentinels[s.index] else weakref.ref(g)
+                    self._seen[s.index] = None if g is None or g is self._sentinels[s.index] else _Seen(g)
 
     def _launch(
         self, b: _Bucket, free_grads: bool = True, zeros: bool = False, drop: frozenset = frozenset(),
@@ -503,6 +600,7 @@ class _ReduceMixin:
 
     def _fill_staging(self, b: _Bucket, si: int, flat: Tensor, free_grads: bool, zeros: bool, drop: frozenset) -> None:
         """``_launch``'s local part: the bucket's grads (zeros where there are none) into staging buffer ``si``."""
+        _bucket_moved(b)  # (a buffer moved into shared memory: its params' addresses re-read before they are checked)
         views = b.staging_views.get(si)
         if views is None:  # built once per (bucket, staging buffer): the launch path stays cheap on the host
             # (in each param's shape as laid out, not its shape now: a param given another .data of another size
