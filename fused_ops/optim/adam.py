@@ -123,6 +123,26 @@ def _quantized(x: Tensor, p: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     )
 
 
+def _stale_kahan(st: Any, p: Tensor) -> bool:
+    """Whether the state ``st`` of ``p`` holds a Kahan buffer of the other low-precision dtype (a bf16 model made fp16
+    by ``model.half()``, or back): it carried what rounding to the old dtype lost, which the cast rounded anew, so it
+    is dropped (and a fresh one made), as the buffer of a param that became fp32 is. A buffer of any other dtype is
+    no stale one and is refused as a state of the wrong dtype."""
+    t = st.get(_KAHAN_KEY) if isinstance(st, dict) else None
+    return isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16) and t.dtype != p.dtype
+
+
+def _holds_codes(st: dict[str, Any]) -> bool:
+    """Whether param state ``st`` holds 8-bit moments (uint8 codes under ``exp_avg``)."""
+    codes = st.get("exp_avg")
+    return isinstance(codes, Tensor) and codes.dtype == torch.uint8
+
+
+def _scales_count_message(key: str, where: str, p: Tensor, value: Tensor) -> str:
+    return (f"loaded state dict: state {key!r} of {where} must be a dense torch.float32 tensor of "
+            f"{n_scales(p.numel())} elements, got {value.dtype} with {value.numel()}")  # fmt: skip
+
+
 def _used_scales(scales: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     """The scales the kernel reads: a DTensor shard's own (its padding left out) for every local param."""
     return [s if s.numel() == n_scales(p.numel()) else s[: n_scales(p.numel())] for s, p in zip(scales, params)]
@@ -281,6 +301,22 @@ class FusedAdam(FusedOptimizer):
 
     def _wants_state(self, group: dict[str, Any], key: str, p: Tensor) -> bool:
         return key != _KAHAN_KEY or (p.dtype != torch.float32 and not self._uses_master(group, p))
+
+    def _check_state(self, where: str, p: Tensor, st: Any, group: dict[str, Any]) -> None:
+        if _stale_kahan(st, p):  # (not read: the step drops it, see _init_state)
+            st = {k: v for k, v in st.items() if k != _KAHAN_KEY}
+        super()._check_state(where, p, st, group)
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
+        state = self.state.get(p)
+        if _stale_kahan(state, p):
+            # Dropped, then made afresh by the base where the param keeps one; logged first, so that a step that
+            # fails later (out of memory making it) puts the old buffer back with the rest of the state.
+            undo = self.__dict__.get("_state_undo")
+            if undo is not None:
+                undo.append((p, dict(state)))
+            del state[_KAHAN_KEY]
+        return super()._init_state(group, p)
 
     def _new_state_tensor(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
         dtype, numel, shape = self._state_spec(group, key, p)
@@ -514,16 +550,19 @@ class FusedAdam(FusedOptimizer):
 
         8-bit states of DTensor params (FSDP2, tensor parallel) are saved as DTensors: the codes like the param, the
         scales of each shard's own blocks as :func:`_scale_layout` lays them out, with the layout recorded (key
-        ``"int8_layout"``); they load only onto that layout (same param shape, mesh shape and placements). A
-        dequantized dict loads onto any layout (DCP reshards it) and is quantised there."""
+        ``"int8_layout"``; None for a plain param's); they load only onto that layout (same param shape, mesh shape
+        and placements). A dequantized dict loads onto any layout (DCP reshards it) and is quantised there. The dict
+        holds the live state tensors, as torch.optim's does (no copy of the states at every checkpoint): DCP's load
+        writes into them before ``load_state_dict`` can refuse codes of another layout."""
         sd = self._state_dict_unhooked()
         if not (self.dequantize_state_dict if dequantize is None else dequantize):
             for k, st in sd["state"].items():
-                codes = st.get("exp_avg")
-                if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
+                if not (isinstance(st, dict) and _holds_codes(st)):
                     continue
-                if _is_dtensor(codes):
-                    st[_LAYOUT_KEY] = _layout_tag(codes)
+                # (a plain param's codes record that they are no DTensor's: a dict of a DTensor param loaded onto a
+                # plain one through DCP or set_optimizer_state_dict finds the key to write its layout to, and is
+                # refused by load_state_dict with its message)
+                st[_LAYOUT_KEY] = _layout_tag(st["exp_avg"]) if _is_dtensor(st["exp_avg"]) else None
                 sd["state"][k] = {_CODES_KEYS.get(key, key) if isinstance(v, Tensor) and v.dtype == torch.uint8
                                   else key: v for key, v in st.items()}  # fmt: skip
             return self._state_dict_post_hooks(sd)
@@ -576,10 +615,11 @@ class FusedAdam(FusedOptimizer):
         return isinstance(value, Tensor) and (key in _SCALE_KEYS or key == _KAHAN_KEY
                                               or (value.dtype == torch.uint8 and key in _CODES_KEYS))  # fmt: skip
 
-    def _load_state_value(self, key: str, value: Tensor, p: Tensor, where: str) -> Tensor:
+    def _load_state_value(self, key: str, value: Tensor, p: Tensor, where: str) -> Tensor | None:
         """8-bit codes (uint8, the param's element count), block scales (fp32, ceil(numel / 256); for a DTensor
         param, laid out as :func:`_scale_layout` says) and Kahan buffers (the param's dtype and count): copied as
-        they are, to the param's device (DTensor params: as DTensors, a full tensor sharded as the param is)."""
+        they are, to the param's device (DTensor params: as DTensors, a full tensor sharded as the param is). None
+        for a Kahan buffer of the param's other low-precision dtype (:func:`_stale_kahan`), which is left out."""
         if key in _SCALE_KEYS:
             if _is_dtensor(p):
                 placements, count, shape = _scale_layout(p)
@@ -604,11 +644,13 @@ class FusedAdam(FusedOptimizer):
                 raise ValueError(f"loaded state dict: state {key!r} of {where} holds the block scales of a DTensor "
                                  "param's shards; this param is a plain tensor. Save with state_dict(dequantize=True) "
                                  "to load 8-bit states onto another layout")  # fmt: skip
-            if value.dtype != torch.float32 or value.numel() != n_scales(p.numel()) or value.layout != torch.strided:
-                raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense torch.float32 "
-                                 f"tensor of {n_scales(p.numel())} elements, got {value.dtype} with "
-                                 f"{value.numel()}")  # fmt: skip
+            if value.dtype != torch.float32 or value.layout != torch.strided:
+                raise ValueError(_scales_count_message(key, where, p, value))
+            # (their count is checked with the layout the dict records, in _convert_loaded_state: the scales of a
+            # DTensor param's shards are refused as such, not for their count)
             return value.detach().to(p.device, copy=True).contiguous().reshape(-1)
+        if key == _KAHAN_KEY and _stale_kahan({key: value}, p):
+            return None  # (a buffer of the param's old dtype: left out, see _convert_loaded_state)
         dtype = p.dtype if key == _KAHAN_KEY else torch.uint8
         if value.dtype != dtype or value.numel() != p.numel() or value.layout != torch.strided:
             raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense {dtype} tensor of "
@@ -621,6 +663,8 @@ class FusedAdam(FusedOptimizer):
         must come from the same layout (``int8_layout``)."""
         state = _group_state(group)
         st = dict(st)
+        if _KAHAN_KEY in st and st[_KAHAN_KEY] is None:  # (stale: see _load_state_value)
+            del st[_KAHAN_KEY]
         tag = st.pop(_LAYOUT_KEY, None)
         coded = [k for k in ("exp_avg", "exp_avg_sq") if isinstance(st.get(k), Tensor) and st[k].dtype == torch.uint8]
         stray = [k for k in _SCALE_KEYS if k in st and k.removesuffix("_scale") not in coded]
@@ -641,6 +685,9 @@ class FusedAdam(FusedOptimizer):
                     "load only onto the layout they were saved on. Save with state_dict(dequantize=True) (or set "
                     "dequantize_state_dict = True on the optimizer, for DCP) to reshard"
                 )
+            for key in _SCALE_KEYS if here is None else ():  # (a DTensor param's: checked as they were loaded)
+                if st[key].numel() != n_scales(p.numel()):
+                    raise ValueError(_scales_count_message(key, where, p, st[key]))
             if state != "int8":
                 for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                     st[key] = _dequantized(st[key], st.pop(f"{key}_scale"), signed)
