@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fused_ops
+from tests.test_zero_module_ops import _swap_flag
 
 pytestmark = pytest.mark.interpret
 
@@ -23,12 +24,8 @@ MAKERS = {
 
 @pytest.fixture
 def swap_on_conversion():
-    old = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
+    with _swap_flag(True):
         yield
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(old)
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
