@@ -50,15 +50,20 @@ class NoUserCode:
         if _DEPTH.n > 1:
             return self
         self._gc = gc.isenabled()
-        gc.disable()
-        self._tf = torch._C.DisableTorchFunction()
-        self._tf.__enter__()
-        self._modes = None
-        if torch._C._len_torch_dispatch_stack() or _len_pre_dispatch():
-            from torch.utils._python_dispatch import _disable_current_modes
+        self._tf = self._modes = None
+        try:
+            gc.disable()
+            self._tf = torch._C.DisableTorchFunction()
+            self._tf.__enter__()
+            if torch._C._len_torch_dispatch_stack() or _len_pre_dispatch():
+                from torch.utils._python_dispatch import _disable_current_modes
 
-            self._modes = _disable_current_modes()
-            self._modes.__enter__()
+                modes = _disable_current_modes()
+                modes.__enter__()
+                self._modes = modes
+        except BaseException:  # (nothing entered stays entered: __exit__ does not run)
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -69,9 +74,12 @@ class NoUserCode:
             if self._modes is not None:
                 self._modes.__exit__(*exc)
         finally:
-            self._tf.__exit__(*exc)
-            if self._gc:
-                gc.enable()
+            try:
+                if self._tf is not None:
+                    self._tf.__exit__(*exc)
+            finally:
+                if self._gc:
+                    gc.enable()
 
 
 def no_user_code(fn: _F) -> _F:

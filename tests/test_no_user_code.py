@@ -273,3 +273,20 @@ def test_gc_and_modes_are_restored_after_the_step_and_after_an_error():
         opt.step()
         assert torch._C._len_torch_dispatch_stack() == 1
         assert torch.utils._python_dispatch._get_current_dispatch_mode() is mode
+
+
+def test_a_failure_entering_the_guard_leaves_nothing_entered(monkeypatch):
+    from fused_ops.kernels._checks import _DEPTH, NoUserCode
+
+    def boom():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch._C, "DisableTorchFunction", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        with NoUserCode():
+            pass
+    monkeypatch.undo()
+    assert gc.isenabled() and _DEPTH.n == 0 and torch._C._is_torch_function_enabled()
+    with NoUserCode():
+        assert not gc.isenabled() and _DEPTH.n == 1 and not torch._C._is_torch_function_enabled()
+    assert gc.isenabled() and _DEPTH.n == 0
