@@ -356,17 +356,15 @@ class PreparedLaunch:
         ``_run``. No user code runs from the first check to the launch (:class:`NoUserCode`), and the grads checked
         are held until then."""
         with NoUserCode():
-            grads = self.check_current()  # noqa: F841 - held: a grad dropped now would be read freed by the launch
-            self._checked_call(kwargs)
-
-    def _checked_call(self, kwargs: dict) -> None:
-        scalars = [(key, kwargs[key]) for key in ("lr", "grad_scale", "found_inf")
-                   if isinstance(kwargs.get(key), torch.Tensor)]  # fmt: skip
-        for key, x in scalars:
-            check_scalar(type(self).__name__, key, x, self.device)
-        for key, x in scalars:
-            self._check_not_written(key, x)
-        self._run(**kwargs)
+            grads = self.check_current()  # held: a grad dropped now would be read freed by the launch
+            scalars = [(key, kwargs[key]) for key in ("lr", "grad_scale", "found_inf")
+                       if isinstance(kwargs.get(key), torch.Tensor)]  # fmt: skip
+            for key, x in scalars:
+                check_scalar(type(self).__name__, key, x, self.device)
+            for key, x in scalars:
+                self._check_not_written(key, x)
+            self._run(**kwargs)
+            del grads
 
     def _check_not_written(self, key: str, x: torch.Tensor) -> None:
         """Raise a ValueError naming the tensor when the bytes of scalar ``x`` overlap one the launch writes: a

@@ -233,7 +233,7 @@ def test_prepared_launch_holds_the_grads_it_checked():
         holder.pop("g", None)  # the only strong reference: the grad would be freed
         mutate.junk = [torch.full((N,), 7.0) for _ in range(4)]
 
-    with _Hooks(("check_current", "_checked_call"), mutate) as hooks:
+    with _Hooks(("check_current", "check_scalar", "_check_not_written", "_run", "_launch"), mutate) as hooks:
         launch(
             lr=torch.tensor([0.1]), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True
         )
