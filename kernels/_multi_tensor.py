@@ -327,15 +327,18 @@ class PreparedLaunch:
         addrs[self.grad_role * n : (self.grad_role + 1) * n] = self._want_grad_addrs  # (what the launch will read)
 
         def fits(t: torch.Tensor, r: int, i: int, numel: int) -> bool:
+            # (and inside its storage: one freed and allocated again smaller in place can keep its address)
             return (isinstance(t, torch.Tensor) and t.data_ptr() == addrs[r * n + i] and t.numel() == numel
-                    and t.dtype == self._role_dtypes[r] and t.device == self.device and t.is_contiguous())  # fmt: skip
+                    and t.dtype == self._role_dtypes[r] and t.device == self.device and t.is_contiguous()
+                    and (not numel or t.storage_offset() * t.element_size() + t.nbytes
+                         <= t.untyped_storage().nbytes()))  # fmt: skip
 
         for k, t in enumerate(self._watched):
             if not fits(t, self._watched_roles[k], k % n, self._watched_numels[k]):
                 raise ValueError(
                     f"{name}: tensor {k % n} of role {self._watched_roles[k]} (a param, state or master) was resized, "
-                    "moved or changed since the launch was prepared (its address, element count, dtype, device or "
-                    "contiguity): prepare a new launch"
+                    "moved or changed since the launch was prepared (its address, element count, dtype, device, "
+                    "contiguity, or its storage freed or shrunk in place): prepare a new launch"
                 )
         if self._grad_refs is None:
             raise ValueError(f"{name}: call set_grads() with this step's grads before calling the launch")

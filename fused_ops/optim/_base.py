@@ -1579,15 +1579,24 @@ _CHUNK = 256  # params per chunk of the per-step check (their tensors stay in th
 class _Chunk:
     """Up to ``_CHUNK`` params of a plan with their grads' and states' addresses, sizes and one metadata guard."""
 
-    __slots__ = ("params", "param_addrs", "grad_addrs", "grad_itemsizes", "grad_nbytes", "state_dicts", "owners",
-                 "keys", "states", "state_addrs", "guard")  # fmt: skip
+    __slots__ = ("params", "param_addrs", "param_itemsizes", "param_nbytes", "grad_addrs", "grad_itemsizes",
+                 "grad_nbytes", "state_dicts", "owners", "keys", "states", "state_addrs", "state_itemsizes",
+                 "state_nbytes", "guard")  # fmt: skip
 
 
-def _inside_storages(grads: list[Tensor], itemsizes: list[int], nbytes: list[int]) -> bool:
-    """Whether each grad's bytes, from its storage offset, fit in its storage (one whose storage was freed or shrunk
-    in place keeps its sizes): ~0.2 us a grad, read only for grads that moved."""
-    return all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, grads), itemsizes), nbytes),
-                   map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, grads))))  # fmt: skip
+def _inside_storages(tensors: list[Tensor], itemsizes: list[int], nbytes: list[int]) -> bool:
+    """Whether each tensor's bytes, from its storage offset, fit in its storage: one whose storage was freed or shrunk
+    in place keeps its sizes, and may keep its address too (an allocator hands the freed block back for a smaller
+    request), so this is read for every param, grad and state at every step (~0.3 us a tensor). The tensors are dense
+    with non-negative strides (the checked step refused others) and of the plan's sizes and dtypes (their guards
+    passed): ``nbytes`` from the storage offset is their extent. ``itemsizes`` are 0 for empty tensors (no bytes)."""
+    return all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, tensors), itemsizes), nbytes),
+                   map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, tensors))))  # fmt: skip
+
+
+def _extents(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
+    """The item sizes (0 for an empty tensor) and byte counts that :func:`_inside_storages` reads ``tensors`` by."""
+    return [t.element_size() if t.numel() else 0 for t in tensors], [t.nbytes for t in tensors]
 
 
 def _build_chunks(plan: _GroupPlan, entries: list) -> list[_Chunk]:
@@ -1603,6 +1612,8 @@ def _build_chunks(plan: _GroupPlan, entries: list) -> list[_Chunk]:
         ch = _Chunk()
         ch.params = plan.params[lo:hi]
         ch.param_addrs = plan.param_addrs[lo:hi]
+        ch.param_itemsizes = plan.param_itemsizes[lo:hi]
+        ch.param_nbytes = plan.param_nbytes[lo:hi]
         ch.grad_addrs = plan.grad_addrs[lo:hi]
         ch.grad_itemsizes = plan.grad_itemsizes[lo:hi]
         ch.grad_nbytes = plan.grad_nbytes[lo:hi]
@@ -1614,6 +1625,7 @@ def _build_chunks(plan: _GroupPlan, entries: list) -> list[_Chunk]:
                 ch.keys.append(k)
                 ch.states.append(v)
         ch.state_addrs = [t.data_ptr() for t in ch.states]
+        ch.state_itemsizes, ch.state_nbytes = _extents(ch.states)
         meta = _MetaGuard([*ch.params, *grads[lo:hi], *ch.states])
         ch.guard = meta.guard.check if meta.guard is not None else (lambda *ts, meta=meta: meta.check(list(ts)))
         chunks.append(ch)
@@ -1640,7 +1652,9 @@ class _GroupPlan:
       counts) has the address, dtype, device, sizes and strides it had (the same C++ check), and a DTensor state the
       same local shard: replacing one (``state[p]["exp_avg"] = t``) moves the counter, and one resized in place
       (``resize_``, ``set_``) or given another ``.data`` is seen here (the launch would write memory that is not the
-      tensor's any more).
+      tensor's any more);
+    - every param, grad and state tensor lies inside its storage, read at every step: a storage freed or shrunk in
+      place (``untyped_storage().resize_()``) keeps the tensor's sizes, and can come back smaller at the same address.
 
     Anything else sends the group through the checked step again, which raises a clear error or builds a new plan.
     The plan keeps no grad alive.
@@ -1676,6 +1690,7 @@ class _GroupPlan:
         self.state_key_names = [k for _, k, _ in entries]
         self.state_tensors = [_local(t) for t in self.state_wrapped] if self.dtensor else self.state_wrapped
         self.state_addrs = [t.data_ptr() for t in self.state_tensors]
+        self.state_itemsizes, self.state_nbytes = _extents(self.state_tensors)
         # (the whole-list guards serve DTensor plans; a plan of plain tensors checks by chunks, see _build_chunks)
         self.state_meta = _MetaGuard(self.state_tensors) if self.dtensor else None
         if self.dtensor:
@@ -1690,6 +1705,7 @@ class _GroupPlan:
             params = [copies.get(id(p), p) for p in params]
         self.local_params = params
         self.param_addrs = [p.data_ptr() for p in params]
+        self.param_itemsizes, self.param_nbytes = _extents(params)
         self.param_meta = _MetaGuard(params) if self.dtensor else None
         originals = [_local(p.grad) for p in self.params]
         if not all(g.is_contiguous() for g in originals):
@@ -1697,8 +1713,7 @@ class _GroupPlan:
         grads = [g if g.is_contiguous() else g.contiguous() for g in originals]
         self.grad_addrs = [g.data_ptr() for g in grads]
         self.grad_meta = _MetaGuard(originals) if self.dtensor else None
-        self.grad_nbytes = [g.nbytes for g in originals]
-        self.grad_itemsizes = [g.element_size() for g in originals]
+        self.grad_itemsizes, self.grad_nbytes = _extents(originals)
         self.first_grads: list[Tensor] | None = grads  # for the step that builds the plan, then dropped
         # What the launches write (params, every state tensor, step counts): sorted, merged byte spans, so that grads
         # that moved are checked against them (a read grad inside written memory would race) in one vector search.
@@ -1797,14 +1812,14 @@ class _GroupPlan:
                     return None  # a DTensor state holds another local shard now
                 if not all(map(operator.eq, map(_DATA_PTR, sts), self.state_addrs)) or not self.state_meta.check(sts):
                     return None  # a state resized in place, ``set_()`` or given another ``.data``: the checked step
+                if not (_inside_storages(ps, self.param_itemsizes, self.param_nbytes)
+                        and _inside_storages(grads, self.grad_itemsizes, self.grad_nbytes)
+                        and _inside_storages(sts, self.state_itemsizes, self.state_nbytes)):  # fmt: skip
+                    return None  # a storage freed or shrunk in place (at its address or not): the checked step refuses
                 still = all(map(operator.eq, map(_DATA_PTR, grads), self.grad_addrs))
             except (AttributeError, RuntimeError, TypeError):  # a param lost its grad (rebuild), or a sparse grad
                 return None
-            addrs = None
-            if not still:
-                if not _inside_storages(grads, self.grad_itemsizes, self.grad_nbytes):
-                    return None
-                addrs = list(map(_DATA_PTR, grads))
+            addrs = None if still else list(map(_DATA_PTR, grads))
         if addrs is not None:
             # New grads (backward after zero_grad(set_to_none=True)), each inside its storage: none may lie inside
             # memory the launches of any group write (a param's, a state's; the groups' plans that the step reuses: a
@@ -1845,11 +1860,12 @@ class _GroupPlan:
                         and all(map(eq, map(_DATA_PTR, ps), ch.param_addrs))
                         and all(map(is_, map(state.get, ps), ch.state_dicts))
                         and all(map(is_, map(dict.get, ch.owners, ch.keys), sts))
-                        and all(map(eq, map(_DATA_PTR, sts), ch.state_addrs))):  # fmt: skip
-                    return None
+                        and all(map(eq, map(_DATA_PTR, sts), ch.state_addrs))
+                        and _inside_storages(ps, ch.param_itemsizes, ch.param_nbytes)
+                        and _inside_storages(gs, ch.grad_itemsizes, ch.grad_nbytes)
+                        and _inside_storages(sts, ch.state_itemsizes, ch.state_nbytes)):  # fmt: skip
+                    return None  # (a storage freed or shrunk in place, even at its old address: the checked step)
                 if not all(map(eq, map(_DATA_PTR, gs), ch.grad_addrs)):
-                    if not _inside_storages(gs, ch.grad_itemsizes, ch.grad_nbytes):
-                        return None
                     moved = True
                 grads += gs
         except (AttributeError, RuntimeError, TypeError):  # a param lost its grad, or a sparse grad
