@@ -64,7 +64,8 @@ def _to_float(x: Any, name: str = "a hyper-parameter", gi: int | None = None) ->
     group ``gi`` when given, not torch's bare error from ``item()``."""
     if not isinstance(x, Tensor):
         if not isinstance(x, numbers.Real):  # (float("0.01") would take a string)
-            raise TypeError(f"a hyper-parameter must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
+            where = "" if gi is None else f" of param group {gi}"
+            raise TypeError(f"{name}{where} must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
         return real_float(x)
     if x.is_meta or outside_storage(x):
         name += "" if gi is None else f" of param group {gi}"
@@ -160,6 +161,8 @@ class _OptimizerState(_counting(defaultdict)):  # type: ignore[misc]
         self._version = version
         defaultdict.__init__(self, lambda: _ParamState(version))
         for k, v in dict(items).items():
+            if type(v) is _ParamState:  # (taken over from another state, e.g. ``opt.state = dict(opt.state)``)
+                v._version = version  # counted here from now on, so plans can watch it again
             defaultdict.__setitem__(self, k, v if type(v) is not dict else _ParamState(version, v))
 
     def tracked(self, st: Any) -> bool:
@@ -413,6 +416,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         contiguous, whose copy the calls step (the custom ops take contiguous params, as the eager step's launches):
         the traced frame copies each back after its ops (:func:`_write_back`). So a DTensor param whose local shard is
         contiguous on some ranks only is stepped on every rank, as in the eager step."""
+        if type(self.state) is not _OptimizerState:  # (``opt.state = ...`` by hand: as the eager step)
+            self.state = _OptimizerState(self.state)
         swapped = self._grads_to_param_placements()  # (the calls keep the redistributed grads' shards)
         self._staged: list[tuple[Tensor, Tensor]] | None = []
         # (compiled steps write the params in the graph, unnoted: an eager step after one compares every master with
@@ -689,10 +694,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"device ({p.device}) or the CPU")  # fmt: skip
                 if step.device.type == "cpu":  # (read without a device sync; load_state_dict checks every count)
                     count = float(step.detach().reshape(()))
-                    if not (math.isfinite(count) and count >= 0):
-                        raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {count}")
-            elif isinstance(step, bool) or not isinstance(step, int | float) or not (math.isfinite(step) and step >= 0):
-                raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0, got {step!r}")
+                    if not (math.isfinite(count) and 0 <= count <= FP32_MAX):
+                        raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0 that float32 "
+                                         f"holds (the count is kept in float32), got {count}")  # fmt: skip
+            elif (isinstance(step, bool) or not isinstance(step, int | float)
+                  or not (0 <= step <= FP32_MAX)):  # fmt: skip  (a NaN fails it; an int of any size compares)
+                raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0 that float32 holds "
+                                 f"(the count is kept in float32), got {step!r}")  # fmt: skip
 
     # -- state ------------------------------------------------------------------------------------------
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
@@ -711,6 +719,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(group, dict) or not isinstance(group.get("params"), list | tuple):
                 raise ValueError(f"param group {gi} must be a dict with a 'params' list (add groups with "
                                  "add_param_group)")  # fmt: skip
+            self._refuse_differentiable(group, f"param group {gi}: ")  # (set in a group by hand since)
             if all(key in group for key in self.defaults):
                 continue
             fillable = {*self._LEGACY_DEFAULTS, *self._own_group_keys}
@@ -718,6 +727,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if missing:
                 raise ValueError(f"param group {gi} has no {missing[0]!r} (add groups with add_param_group, which "
                                  "fills in the defaults)")  # fmt: skip
+            state = self.state
+            if any(state.get(p) for p in group["params"] if isinstance(p, Tensor)):
+                # (a group that has stepped lost a key: filling in a default would turn amsgrad, maximize, nesterov,
+                # masters... off without a word; torch.optim raises a KeyError)
+                key = next(key for key in self.defaults if key not in group)
+                raise ValueError(f"param group {gi} has no {key!r} any more (deleted from a group whose params have "
+                                 "states): set it again; only a group appended by hand gets the defaults")  # fmt: skip
             incomplete.append(group)
         for group in incomplete:
             self._fill_group_defaults(group)

@@ -432,9 +432,16 @@ class FusedAdam(FusedOptimizer):
         if isinstance(lr, Tensor):
             if lr.numel() != 1 or not lr.is_floating_point() or lr.layout != torch.strided:
                 raise ValueError(f"Tensor lr must be 1-element and floating-point (param group {gi})")
-        elif not isinstance(lr, numbers.Real) or not (_finite_fp32(lr) and lr >= 0):  # (a bool is 1 or 0, as torch)
+        elif not isinstance(lr, numbers.Real):
+            raise TypeError(f"lr of param group {gi} must be a number or a 1-element tensor, got {type(lr).__name__}")
+        elif not (_finite_fp32(lr) and lr >= 0):  # (a bool is 1 or 0, as torch)
             raise ValueError(f"Invalid learning rate: {lr} (param group {gi})")
-        if len(group["betas"]) != 2:
+        try:
+            n_betas = len(group["betas"])
+        except TypeError:
+            raise TypeError(f"betas of param group {gi} must be a pair of numbers or 1-element tensors, got "
+                            f"{type(group['betas']).__name__}") from None  # fmt: skip
+        if n_betas != 2:
             raise ValueError(f"betas must be a pair (param group {gi})")
         for i, b in enumerate(group["betas"]):
             if isinstance(b, Tensor) and b.numel() != 1:

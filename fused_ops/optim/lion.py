@@ -104,8 +104,8 @@ class FusedLion(FusedOptimizer):
             cls._check_hyperparameters(group)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (param group {gi})") from None
-        beta1, beta2 = (_to_float(b) for b in group["betas"])
-        return beta1, beta2, _to_float(group["weight_decay"])
+        beta1, beta2 = (_to_float(b, f"betas[{i}]", gi) for i, b in enumerate(group["betas"]))
+        return beta1, beta2, _to_float(group["weight_decay"], "weight_decay", gi)
 
     def _make_launcher(self, group: dict[str, Any], part: _Part, grads: list[Tensor]) -> Any:
         from ..kernels.lion import LionStep

@@ -1,0 +1,156 @@
+"""Groups and states edited by hand between steps (probe 58): what torch.optim does, or a clear error with
+everything unchanged.
+
+- ``opt.state`` replaced by a plain mapping is taken over at the next step (eager or compiled) and watched again:
+  plans are reused afterwards (they were rebuilt at every step: 10x the host time);
+- a step count that float32 cannot hold is refused (it became inf silently);
+- hyper-parameters of the wrong type are TypeErrors naming the key and the group;
+- a key deleted from a group that has stepped is refused (it was filled with the legacy default, turning amsgrad,
+  maximize or nesterov off silently); ``differentiable=True`` set by hand is refused as in the constructor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fused_ops import FusedAdamW, FusedLion, FusedSGD
+
+from .safety import expect_error_unchanged
+
+pytestmark = pytest.mark.safety
+
+BACKENDS = ["reference", "triton"]
+
+
+def _trained(make, n_params: int = 3, steps: int = 2):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5 + i)) for i in range(n_params)]
+    opt = make(ps)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("replace", ["dict", "copy", "setstate"])
+def test_replaced_state_is_watched_again(backend, replace):
+    ps, opt = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend))
+    twin_ps, twin = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend))
+    if replace == "dict":
+        opt.state = dict(opt.state)
+    elif replace == "copy":
+        opt.state = copy.copy(opt.state)
+    else:
+        opt.__setstate__({"state": dict(opt.state)})
+    plans = []
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, q, g in zip(ps, twin_ps, grads):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        twin.step()
+        plans.append(opt._plans[0])
+    assert plans[1] is plans[2] and plans[2].reusable, "the plan is rebuilt at every step after opt.state = ..."
+    for p, q in zip(ps, twin_ps):
+        assert torch.equal(p, q)
+
+
+def test_compiled_step_takes_over_a_plain_state():
+    ps, opt = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend="reference"), steps=1)
+    twin_ps, twin = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend="reference"), steps=1)
+    opt.state = {}
+    twin.state = {}
+    step = torch.compile(opt.step, backend="eager", fullgraph=False)
+    for p, q in zip(ps, twin_ps):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    step()
+    twin.step()
+    for p, q in zip(ps, twin_ps):
+        assert float(opt.state[p]["step"]) == 1.0
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "count", [1e39, 2**200, float("inf"), "f64 tensor 1e39"], ids=["float", "int", "inf", "f64-tensor"]
+)
+def test_step_count_float32_cannot_hold_is_refused(backend, count):
+    ps, opt = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend))
+    opt.state[ps[1]]["step"] = torch.tensor(1e39, dtype=torch.float64) if isinstance(count, str) else count
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    err = expect_error_unchanged(opt.step, ValueError, "float32 holds", opt)
+    assert "state 'step' of param 1" in str(err)
+
+
+@pytest.mark.parametrize(
+    "make, key, value, words",
+    [
+        (lambda ps: FusedAdamW(ps, lr=1e-2), "eps", "1e-8", ["eps of param group 0", "str"]),
+        (lambda ps: FusedAdamW(ps, lr=1e-2), "weight_decay", None, ["weight_decay of param group 0"]),
+        (lambda ps: FusedAdamW(ps, lr=1e-2), "betas", ("0.9", 0.999), ["betas[0] of param group 0"]),
+        (lambda ps: FusedAdamW(ps, lr=1e-2), "betas", None, ["betas of param group 0", "NoneType"]),
+        (lambda ps: FusedAdamW(ps, lr=1e-2), "lr", np.array(0.003), ["lr of param group 0", "ndarray"]),
+        (lambda ps: FusedLion(ps, lr=1e-3), "betas", ("0.9", 0.99), ["betas[0]", "param group 0"]),
+        (lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9), "momentum", "0.9", ["momentum", "param group 0"]),
+    ],
+)
+def test_wrong_type_names_the_key_and_group(make, key, value, words):
+    ps, opt = _trained(lambda ps: make(ps))
+    opt.param_groups[0][key] = value
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    err = expect_error_unchanged(opt.step, TypeError, "must be", opt)
+    for w in words:
+        assert w in str(err), f"{err} does not name {w!r}"
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda ps: FusedAdamW(ps, lr=1e-2, amsgrad=True), "amsgrad"),
+        (lambda ps: FusedAdamW(ps, lr=1e-2, maximize=True), "maximize"),
+        (lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True), "nesterov"),
+        (lambda ps: FusedLion(ps, lr=1e-3, maximize=True), "maximize"),
+    ],
+)
+def test_key_deleted_from_a_stepped_group_is_refused(make, key):
+    ps, opt = _trained(make)
+    del opt.param_groups[0][key]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    err = expect_error_unchanged(opt.step, ValueError, "any more", opt)
+    assert repr(key) in str(err) and "param group 0" in str(err)
+
+
+def test_group_appended_by_hand_still_gets_defaults():
+    ps, opt = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, amsgrad=True))
+    q = torch.nn.Parameter(torch.randn(4))
+    group = {"params": [q], "lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    opt.param_groups.append({**group, "decoupled_weight_decay": True})
+    q.grad = torch.randn(4)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.param_groups[1]["amsgrad"] is False and float(opt.state[q]["step"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: FusedAdamW(ps, lr=1e-2), lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9),
+     lambda ps: FusedLion(ps, lr=1e-3)],  # fmt: skip
+    ids=["adamw", "sgd", "lion"],
+)
+def test_differentiable_set_by_hand_is_refused(make):
+    ps, opt = _trained(make)
+    opt.param_groups[0]["differentiable"] = True
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    expect_error_unchanged(opt.step, ValueError, "differentiable=True", opt)
