@@ -144,8 +144,11 @@ def test_group_appended_by_hand_still_gets_defaults():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda ps: FusedAdamW(ps, lr=1e-2), lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9),
-     lambda ps: FusedLion(ps, lr=1e-3)],  # fmt: skip
+    [
+        lambda ps: FusedAdamW(ps, lr=1e-2),
+        lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9),
+        lambda ps: FusedLion(ps, lr=1e-3),
+    ],  # fmt: skip
     ids=["adamw", "sgd", "lion"],
 )
 def test_differentiable_set_by_hand_is_refused(make):

@@ -697,8 +697,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if not (math.isfinite(count) and 0 <= count <= FP32_MAX):
                         raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0 that float32 "
                                          f"holds (the count is kept in float32), got {count}")  # fmt: skip
-            elif (isinstance(step, bool) or not isinstance(step, int | float)
-                  or not (0 <= step <= FP32_MAX)):  # fmt: skip  (a NaN fails it; an int of any size compares)
+            elif (
+                isinstance(step, bool) or not isinstance(step, int | float) or not (0 <= step <= FP32_MAX)
+            ):  # fmt: skip  (a NaN fails it; an int of any size compares)
                 raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0 that float32 holds "
                                  f"(the count is kept in float32), got {step!r}")  # fmt: skip
 

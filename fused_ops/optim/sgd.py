@@ -129,8 +129,11 @@ class FusedSGD(FusedOptimizer):
             cls._check_hyperparameters(group)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (param group {gi})") from None
-        return (_to_float(group["momentum"], "momentum", gi), _to_float(group["dampening"], "dampening", gi),
-                _to_float(group["weight_decay"], "weight_decay", gi))
+        return (
+            _to_float(group["momentum"], "momentum", gi),
+            _to_float(group["dampening"], "dampening", gi),
+            _to_float(group["weight_decay"], "weight_decay", gi),
+        )
 
     def _partial_problem(self, group: dict[str, Any] | None, p: Tensor) -> str | None:
         """SGD's update (weight decay, momentum, Nesterov, maximize, the grad scale) is linear in the param, the grad
