@@ -647,8 +647,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             want = self._state_distribution(group, key, p_wrapper)
             shape = spec[key][2] if key in spec else p_wrapper.shape
             if _spec(t) != want or (want and t.shape != shape):
-                got = f"{_spec(t)[1:] or 'a plain tensor'}" + (f" of shape {tuple(t.shape)}" if _is_dtensor(t) else "")
-                where_to = f"placements {want[1:]}, shape {tuple(shape)}" if want else "a plain tensor"
+                if _spec(t) == want:  # (laid out like the param, of another shape)
+                    raise ValueError(f"{name}: state {key!r} of {where} has shape {tuple(t.shape)}, its param "
+                                     f"{tuple(shape)}")  # fmt: skip
+                got = f"placements {_spec(t)[1]} of shape {tuple(t.shape)}" if _is_dtensor(t) else "a plain tensor"
+                where_to = f"placements {want[1]}, shape {tuple(shape)}" if want else "a plain tensor"
                 raise ValueError(f"{name}: state {key!r} of {where} must be distributed like its param ({where_to}), "
                                  f"got {got}")  # fmt: skip
             t = _local(t)
@@ -999,22 +1002,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state_dict = hook_result
         return state_dict
 
-    @staticmethod
-    def _load_state_tensor(value: Tensor, p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def _load_state_tensor(self, value: Tensor, p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """A loaded state tensor as this optimizer keeps it: a ``dtype`` (fp32) copy on the param's device, shaped like
-        the param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is sharded, the
-        same on every rank; a DTensor of other placements is redistributed)."""
+        the param; for a DTensor param, a DTensor with the param's mesh and placements (a full tensor is cut into
+        this rank's shard locally, no communication: a full dict is the same on every rank; a DTensor of other
+        placements is redistributed, after the ranks agreed that every one of them gets there)."""
         value = value.detach()
         if _is_dtensor(p):
             if not _is_dtensor(value):
-                from torch.distributed.tensor import distribute_tensor
-
-                full = value.to(device=p.device, dtype=dtype).reshape(p.shape).contiguous()
+                if p.device_mesh.get_coordinate() is None:  # (a rank outside the param's mesh: an empty shard)
+                    local = torch.empty_like(p._local_tensor, dtype=dtype, memory_format=torch.contiguous_format)
+                    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                              stride=p.stride())  # fmt: skip
+                value = _shard_locally(value.to(device=p.device, dtype=dtype).reshape(p.shape), p)
                 if not _has_partial(p):
-                    return distribute_tensor(full, p.device_mesh, p.placements)
-                value = distribute_tensor(full, p.device_mesh, _reduced(p.placements))
+                    return value
             value = _on_mesh(value, p.device_mesh)  # (the load checked that it can be: _mesh_problem)
             if tuple(value.placements) != tuple(p.placements):
+                if _load_agreement is not None and tuple(value.placements) != _reduced(p.placements):
+                    _load_agreement.before_collective(p)
                 value = _as_partial(value, p) if _has_partial(p) else value.redistribute(p.device_mesh, p.placements)
             # (contiguous local shards, as the step needs and as new states are: a state saved like a param whose
             # shards are not contiguous on every rank, e.g. torch's zeros_like of a transposed DTensor, would pass
@@ -1022,6 +1028,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             out = value.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
             return out if out.shape == p.shape else out.reshape(p.shape).contiguous()
         if _is_dtensor(value):
+            if _load_agreement is not None:
+                _load_agreement.before_collective(p)
             value = value.full_tensor()
         return value.to(device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format).reshape(p.shape)
 
@@ -1033,6 +1041,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         become fp32 tensors on the param's device. The source dict is never aliased. A state dict without the keys
         that newer versions added takes torch's historical defaults for them.
         """
+        global _load_agreement
+        agreement = _LoadAgreement.of(self.param_groups)
+        if agreement is None:
+            return self._load_state_dict(state_dict)
+        # DTensor params: every rank loads or none does. Every rank's checks and local conversions run, then one tiny
+        # all-reduce over the params' meshes agrees on the outcome; a conversion that communicates (a DTensor
+        # state of other placements) is preceded by one too. A rank that raises takes part in the next such
+        # all-reduce as failed, so the others raise there too rather than wait in a collective it never joins.
+        _load_agreement = agreement
+        try:
+            self._load_state_dict(state_dict, agreement)
+        except BaseException:
+            agreement.fail()
+            raise
+        finally:
+            _load_agreement = None
+
+    def _load_state_dict(self, state_dict: dict[str, Any], agreement: _LoadAgreement | None = None) -> None:
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hook_result = pre_hook(self, state_dict)
@@ -1109,7 +1135,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if not isinstance(value, Tensor) or not (value.is_floating_point()):
                         raise ValueError(f"loaded state dict: state {key!r} of {where} must be a floating-point "
                                          f"tensor")  # fmt: skip
-                    if value.numel() != p.numel():
+                    if value.numel() != p.numel() and not (value.numel() == 0 and _off_mesh(p)):
                         raise ValueError(
                             f"loaded state dict: state {key!r} of {where} has {value.numel()} elements but the "
                             f"param has {p.numel()} (shape {tuple(p.shape)})"
@@ -1139,6 +1165,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if key not in st:
                         raise ValueError(f"loaded state dict: the state of {where} has no {key!r}")
             new_state[p] = self._convert_loaded_state(group_of[id(p)], p, st, where)
+        if agreement is not None:
+            agreement.agree()  # (every rank's dict valid: else every rank raises here)
         # Everything is valid: now change.
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._plans.clear()
@@ -1430,6 +1458,102 @@ def _reduced(placements: Any) -> tuple:
     from torch.distributed.tensor import Replicate
 
     return tuple(Replicate() if pl.is_partial() else pl for pl in placements)
+
+
+def _off_mesh(p: Tensor) -> bool:
+    """Whether DTensor ``p``'s mesh leaves this rank out (its local shard is empty; a full state dict gives this
+    rank empty states for it, as ``get_optimizer_state_dict(full_state_dict=True)`` does)."""
+    return _is_dtensor(p) and p.device_mesh.get_coordinate() is None
+
+
+def _shard_locally(full: Tensor, p: Tensor) -> Tensor:
+    """Full tensor ``full`` (the same on every rank, as a full state dict is) as a DTensor laid out like DTensor param
+    ``p`` (``Partial`` placements made ``Replicate``): this rank's shard cut here, no communication (a scatter from
+    rank 0 would leave the other ranks waiting when one rank's load raises, and pair states across params when the
+    ranks' dicts differ), and copied into memory of its own (never the caller's tensor, nor a view that keeps the
+    whole full tensor alive)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    placements = _reduced(p.placements)
+    cut = distribute_tensor(full, p.device_mesh, placements, src_data_rank=None)
+    local = cut._local_tensor.clone(memory_format=torch.contiguous_format)
+    return type(cut).from_local(local, p.device_mesh, placements, run_check=False, shape=cut.shape,
+                                stride=cut.stride())  # fmt: skip
+
+
+_load_agreement: _LoadAgreement | None = None  # (the one of the load_state_dict running; loads run on one thread)
+
+
+class _LoadAgreement:
+    """``load_state_dict`` of an optimizer with DTensor params: every rank loads, or every rank raises, and no rank
+    waits in a collective that another rank never reaches.
+
+    Each round is one all-reduce (MAX) of ``[failed, tag, -tag]`` over every mesh of the params (their root meshes,
+    each over all its dims, in the order the params come: the same on every rank). ``agree()`` ends a load whose
+    checks passed here (tag 0), ``before_collective(p)`` precedes a conversion that communicates (tag: its rank
+    among them and the param's index), ``fail()`` is the round of a rank whose load raised. A round with a failed
+    rank, or with ranks at different points (dicts that differ between ranks), raises on every rank."""
+
+    def __init__(self, meshes: list, index: dict[int, int]) -> None:
+        self.meshes = meshes
+        self.index = index
+        self.count = 0
+        self.done = False
+
+    @staticmethod
+    def of(groups: list[dict[str, Any]]) -> _LoadAgreement | None:
+        """The agreement of a load into ``groups``, or None without DTensor params (nothing to agree on)."""
+        if _DTensor is None or not torch.distributed.is_initialized():
+            return None
+        from .._dtensor import _root
+
+        meshes, index = [], {}
+        for p in chain.from_iterable(g["params"] for g in groups if isinstance(g, dict)):
+            index.setdefault(id(p), len(index))
+            if _is_dtensor(p):
+                root = _root(p.device_mesh)
+                if not any(root is m or root == m for m in meshes):
+                    meshes.append(root)
+        return _LoadAgreement(meshes, index) if meshes else None
+
+    def _round(self, failed: bool, tag: int) -> tuple[bool, bool]:
+        from .. import _dtensor
+
+        vec = [int(failed), tag, -tag]
+        for mesh in self.meshes:
+            if mesh.get_coordinate() is None:  # (not on this mesh)
+                continue
+            kind = mesh.device_type
+            module = torch.get_device_module(kind) if kind != "cpu" else None
+            device = torch.device(kind) if module is None else torch.device(kind, module.current_device())
+            t = torch.tensor(vec, dtype=torch.int64, device=device)
+            for pg in _dtensor._groups(mesh, list(range(mesh.ndim)), device):
+                torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=pg)
+            vec = t.tolist()
+        return vec[0] > 0, vec[1] != -vec[2]
+
+    def _raise_if(self, failed: bool, apart: bool) -> None:
+        if failed or apart:
+            self.done = True
+            why = ("another rank refused its state dict (its error names the problem)" if failed else
+                   "the ranks' state dicts differ (they hold states of other params or placements)")  # fmt: skip
+            raise RuntimeError(f"loaded state dict: {why}; nothing was loaded on any rank of the params' meshes")
+
+    def before_collective(self, p: Tensor) -> None:
+        self.count += 1
+        self._raise_if(*self._round(False, (self.count << 24) | (self.index.get(id(p), 0) & 0xFFFFFF)))
+
+    def agree(self) -> None:
+        self._raise_if(*self._round(False, 0))
+        self.done = True
+
+    def fail(self) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self._round(True, 0)
+            except Exception:  # noqa: BLE001 - (the process group broke: this rank's own error is the one to see)
+                pass
 
 
 def _as_partial(value: Tensor, p: Tensor) -> Tensor:

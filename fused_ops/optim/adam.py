@@ -644,7 +644,12 @@ class FusedAdam(FusedOptimizer):
                 from torch.distributed.tensor import DTensor, distribute_tensor
 
                 if not _is_dtensor(value):
-                    return distribute_tensor(value.detach().to(p.device, copy=True), p.device_mesh, placements)
+                    cut = distribute_tensor(
+                        value.detach().to(p.device), p.device_mesh, placements, src_data_rank=None
+                    )  # (this rank's shard, cut locally: no communication)
+                    local = cut._local_tensor.clone(memory_format=torch.contiguous_format)  # (memory of its own)
+                    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape,
+                                              stride=(1,))  # fmt: skip
                 local = value._local_tensor.detach().to(p.device, copy=True, memory_format=torch.contiguous_format)
                 return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape, stride=(1,))
             if _is_dtensor(value):
