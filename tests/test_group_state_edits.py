@@ -157,3 +157,68 @@ def test_differentiable_set_by_hand_is_refused(make):
     for p in ps:
         p.grad = torch.randn_like(p)
     expect_error_unchanged(opt.step, ValueError, "differentiable=True", opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, b: FusedAdamW(ps, lr=1e-2, backend=b),
+        lambda ps, b: FusedAdamW(ps, lr=1e-2, state_dtype="int8", backend=b),
+        lambda ps, b: FusedSGD(ps, lr=1e-2, momentum=0.9, backend=b),
+        lambda ps, b: FusedLion(ps, lr=1e-3, backend=b),
+    ],
+    ids=["adamw", "adamw_int8", "sgd", "lion"],
+)
+def test_param_of_another_shape_keeps_no_stale_states(backend, make):
+    """(probe 57) A param given another shape of the same element count (``p.data = p.data.t().contiguous()``, a
+    parametrization storing the weight transposed) would pair its old states with other elements: refused, as
+    torch.optim's elementwise ops refuse it."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(7, 5))
+    opt = make([p], backend)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    p.data = p.data.t().contiguous()
+    p.grad = torch.randn_like(p)
+    err = expect_error_unchanged(opt.step, ValueError, "changed shape", opt)
+    assert "(7, 5)" in str(err) and "(5, 7)" in str(err)
+    opt.state[p] = {}  # (the fix the message names)
+    opt.step()
+
+
+def test_flat_state_of_a_contiguous_param_still_steps():
+    torch.manual_seed(0)
+    w = torch.randn(7, 5)
+    ps = [torch.nn.Parameter(w.clone()) for _ in range(2)]
+    opts = [FusedAdamW([p], lr=1e-2, backend="reference") for p in ps]
+    for step in range(3):
+        g = torch.randn(7, 5)
+        for p, opt in zip(ps, opts):
+            p.grad = g.clone()
+            opt.step()
+        if step == 0:
+            st = opts[1].state[ps[1]]
+            st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
+    assert torch.equal(ps[0], ps[1])
+
+
+def test_same_param_twice_is_refused_naming_both_places():
+    """(probe 57) One param twice in a group (tied weights collected by hand): torch.optim warns and steps it
+    twice; refused here at construction, naming both positions (it was refused only at the first step, as two
+    tensors sharing memory, with indices among the params with grads)."""
+    a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    with pytest.raises(ValueError, match="param group 0 holds the same param at positions 1 and 3"):
+        FusedAdamW([a, b, c, b], lr=1e-2)
+    opt = FusedAdamW([a], lr=1e-2)
+    with pytest.raises(ValueError, match="param group 1 holds the same param at positions 0 and 1"):
+        opt.add_param_group({"params": [c, c]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b]})
+    for p in (a, b, c):
+        p.grad = torch.randn(3)
+    opt.step()
+    opt.param_groups[1]["params"].append(a)  # (by hand: in group 0 too)
+    expect_error_unchanged(opt.step, ValueError, r"param group 1 holds the same param \(position 1\), and param "
+                           r"group 0 \(position 0\)", opt)  # fmt: skip

@@ -523,6 +523,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_hyperparameters(merged)
         except _NoValueError as e:  # (torch's messages name no group; this one names the group it would be)
             raise ValueError(f"{e} (param group {len(self.param_groups)})") from None
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, Tensor | set):  # (torch's own errors for those)
+            param_group["params"] = params = list(params)
+            _refuse_duplicates(len(self.param_groups), params)
         super().add_param_group(param_group)
         for plan in self._plans.values():
             self._flush_marks(plan)
@@ -670,12 +674,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{p.numel()}, so it must have {numel}")  # fmt: skip
             if not t.is_contiguous():
                 raise ValueError(f"{name}: state {key!r} of {where} must be contiguous")
-            if t.shape != p.shape and key not in self._unshaped_state_keys and not p.is_contiguous():
-                # (a state pairs with its param element by element in the param's logical order, which for a
-                # param that is not contiguous is not its memory order: a state of another shape, e.g. after
-                # ``p.data = p.data.t()``, would pair with other elements; torch's elementwise ops refuse it too)
-                raise ValueError(f"{name}: state {key!r} of {where} has shape {tuple(t.shape)}, but the param is "
-                                 f"not contiguous and has shape {tuple(p.shape)}")  # fmt: skip
+            if (t.shape != p.shape and key not in self._unshaped_state_keys
+                    and (not p.is_contiguous() or (t.dim() != 1 and p.dim() != 1))):  # fmt: skip
+                # (a state pairs with its param element by element in the param's logical order: a state of another
+                # shape, made before ``p.data = p.data.t().contiguous()`` or a parametrization that stores the
+                # weight transposed, would pair with other elements; torch's elementwise ops refuse it too. A flat
+                # state, or a flat param, of a contiguous one pairs in the one order both have)
+                raise ValueError(f"{name}: state {key!r} of {where} has shape {tuple(t.shape)}, but the param has "
+                                 f"shape {tuple(p.shape)}{'' if p.is_contiguous() else ' and is not contiguous'}: the "
+                                 "param changed shape since its states were made? Reset them (optimizer.state[p] = "
+                                 "{}) or load states of this shape")  # fmt: skip
             if outside_storage(t):
                 raise ValueError(f"{name}: state {key!r} of {where} lies outside its storage (a storage freed or "
                                  "shrunk in place, e.g. by untyped_storage().resize_(0))")  # fmt: skip
@@ -1395,6 +1403,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         launch: overlapping tensors would race), and none of them shares memory with ``scalars`` (see
         :meth:`_step_scalars`: read by every program while some program writes it, the step would be half applied).
         Run when a plan is (re)built, and when a scalar lies in a reused plan's written memory."""
+        seen: dict[int, tuple[int, int]] = {}
+        for gi, group in enumerate(self.param_groups):  # (one param twice, by hand since: named by its places)
+            _refuse_duplicates(gi, group["params"], seen)
         params, states, steps, grads = [], [], [], []
         keys = self._tensor_state_keys()
         for group in self.param_groups:
@@ -1458,6 +1469,21 @@ def _reduced(placements: Any) -> tuple:
     from torch.distributed.tensor import Replicate
 
     return tuple(Replicate() if pl.is_partial() else pl for pl in placements)
+
+
+def _refuse_duplicates(gi: int, params: list, seen: dict[int, tuple[int, int]] | None = None) -> None:
+    """A ValueError naming both places when one param object is twice in group ``gi`` (or, with ``seen``: the ids of
+    earlier groups' params, in another group too). torch.optim warns of the first and steps the param twice, and
+    refuses the second; the fused step writes every param once per launch, so both are refused."""
+    seen = {} if seen is None else seen
+    for i, p in enumerate(params):
+        first = seen.setdefault(id(p), (gi, i))
+        if first != (gi, i):
+            where = f"at positions {first[1]} and {i}" if first[0] == gi else f"(position {i}), and param group "
+            where = where if first[0] == gi else f"{where}{first[0]} (position {first[1]})"
+            raise ValueError(f"param group {gi} holds the same param {where} (e.g. tied weights collected from two "
+                             "modules): pass each param once (model.parameters() lists a tied one once); "
+                             "torch.optim would step it twice")  # fmt: skip
 
 
 def _off_mesh(p: Tensor) -> bool:
