@@ -400,6 +400,9 @@ def _check_flatten_op(fn: str, flat: Tensor, tensors, offsets, spans, backend: s
         raise ValueError(f"{fn}: tensors[{i}] is {tensors[i].dtype}, flat is {flat.dtype}: they must match")
     if torch.compiler.is_compiling():
         return
+    from ._validate import check_storage
+
+    check_storage(fn, "flat", [flat], indexed=False)  # (before it is cut into segments: torch's error otherwise)
     segments = [flat.narrow(0, off, span) for off, span in zip(offsets, spans)]
     if scatter:
         _check_written_memory(fn, dict(tensors=tensors), dict(flat=segments))

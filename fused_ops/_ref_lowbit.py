@@ -89,16 +89,23 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(data, dtype=torch.float32)
 
 
-_MAPS: dict[tuple[bool, torch.device], Tensor] = {}
+_MAPS: dict[tuple[bool, torch.device], tuple[Tensor, tuple]] = {}
+
+
+def _mark(t: Tensor) -> tuple:
+    return t.data_ptr(), t._version, t.numel(), t.dtype, t.is_contiguous(), t.untyped_storage().nbytes()
 
 
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
-    """:func:`create_dynamic_map` (8 bits) on ``device``, cached."""
+    """:func:`create_dynamic_map` (8 bits) on ``device``, cached: checked at every call (one freed, resized or
+    written since is made again, not read)."""
     device = torch.device(device)
     key = (bool(signed), device)
-    if key not in _MAPS:
-        _MAPS[key] = create_dynamic_map(signed).to(device)
-    return _MAPS[key]
+    entry = _MAPS.get(key)
+    if entry is None or _mark(entry[0]) != entry[1]:
+        m = create_dynamic_map(signed).to(device)
+        entry = _MAPS[key] = (m, _mark(m))
+    return entry[0]
 
 
 def n_scales(numel: int) -> int:

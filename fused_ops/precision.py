@@ -532,7 +532,7 @@ class DynamicLossScaler:
         self._unscaled_storages.append(chunk)
         self._unscaled |= keys
 
-    def _forget_freed(self) -> bool:
+    def _forget_freed(self, moved: bool = False) -> bool:
         """Drop the spans of unscaled grads whose storage was freed since (``zero_grad(set_to_none=True)`` after one
         optimizer's step, as torch's GradScaler docs do for several models): new grads may get that memory before
         the next update, and are not the grads that were unscaled. Only storages torch allocated (resizable ones)
@@ -540,14 +540,24 @@ class DynamicLossScaler:
         the memory, and the unscaled values in it, live on. Torch keeps a Python storage object alive as long
         as its memory, so a dead weak reference means freed memory. Run whenever spans are added, so that the spans
         kept all lie in storages alive together (which do not overlap): a freed one's range then holds no live
-        one's spans. Returns whether any were dropped."""
+        one's spans. ``moved`` (when new grads overlap kept spans, before they are refused): a storage freed or
+        resized in place (``untyped_storage().resize_(0)``, as FSDP frees buffers), alive but no longer at its
+        recorded range, counts as freed too (one attribute read per storage, only then). Returns whether any were
+        dropped."""
         dead: dict = {}
         kept = []
         for devs, starts, ends, refs in self._unscaled_storages:
-            if refs is None or None not in map(_CALL, refs):
+            if refs is not None and moved:
+                alive = [(st := r()) is not None and st.data_ptr() == start and st.data_ptr() + st.nbytes() == end
+                         for r, start, end in zip(refs, starts, ends)]  # fmt: skip
+                if all(alive):
+                    kept.append((devs, starts, ends, refs))
+                    continue
+            elif refs is None or None not in map(_CALL, refs):
                 kept.append((devs, starts, ends, refs))
                 continue
-            alive = [r() is not None for r in refs]
+            else:
+                alive = [r() is not None for r in refs]
             if isinstance(devs, torch.device):  # (one device for the chunk)
                 devs = [devs] * len(refs)
             for dev, start, end, live in zip(devs, starts, ends, alive):
@@ -600,8 +610,9 @@ class DynamicLossScaler:
         one of the scaler's own tensors (``unscale_(grads, out=[scaler.scale])`` would write the scale), before
         anything is written."""
         named = self._state_tensors()
-        # (the state's spans, kept while its tensors stay where they are: their addresses are the key, a cheap check)
-        where = tuple(t.data_ptr() for _, t in named)
+        # (the state's spans, kept while its tensors stay as they are: their addresses, dtypes, sizes and strides are
+        # the key, a cheap check; one given more bytes at its address by set_() has other sizes)
+        where = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for _, t in named)
         cached = _STATE_SPANS.get(self)
         if cached is None or cached[0] != where:
             cached = _STATE_SPANS[self] = (where, _grad_keys([x for _, x in named]))
@@ -644,7 +655,8 @@ class DynamicLossScaler:
         if keys is None:
             keys = _grad_keys(grads)
         # (a grad outside its storage has a span anywhere: the op names it, before anything is written)
-        if (not self._unscaled.isdisjoint(keys) and not (self._forget_freed() and self._unscaled.isdisjoint(keys))
+        if (not self._unscaled.isdisjoint(keys) and not (self._forget_freed(moved=True)
+                                                         and self._unscaled.isdisjoint(keys))
                 and not _some_outside_storage(grads)):  # fmt: skip
             raise RuntimeError(
                 f"DynamicLossScaler.{fn}: grads were already unscaled by unscale_() since the last update() (they "

@@ -104,7 +104,8 @@ _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.dtype],
                device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
     """Every tensor of ``tensors`` dense, contiguous, of one dtype (one of ``dtypes``: ``dtype`` when given, else
-    the first tensor's) and on one device (``device`` when given, else the first tensor's)."""
+    the first tensor's), on one device (``device`` when given, else the first tensor's), and inside its storage
+    (not freed nor shrunk in place: the launch goes through its address)."""
     first = tensors[0]
     if not isinstance(first, torch.Tensor):
         raise TypeError(f"{fn}: {name}[0] must be a Tensor, got {type(first).__name__}")
@@ -119,6 +120,7 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
             and {x.layout for x in tensors} == {torch.strided}
             and not any(x.is_nested for x in tensors)  # (a nested tensor's layout reads strided)
             and all(map(torch.Tensor.is_contiguous, tensors))
+            and all(map(inside_storage, tensors))
         ):
             return
     except AttributeError:  # not a tensor: named below
@@ -139,6 +141,17 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
             raise ValueError(f"{fn}: {name}[{i}] is {x.dtype} on {x.device}, expected {dtype} on {device}")
         if not x.is_contiguous():
             raise ValueError(f"{fn}: {name}[{i}] must be contiguous")
+        if not inside_storage(x):
+            raise ValueError(f"{fn}: {name}[{i}] lies outside its storage (a storage freed or shrunk in place, e.g. "
+                             "by untyped_storage().resize_(0)): its elements are not there")  # fmt: skip
+
+
+def inside_storage(x: torch.Tensor) -> bool:
+    """Whether contiguous tensor ``x``'s bytes lie inside its storage (an empty one always does): a storage freed or
+    shrunk in place keeps the tensor's sizes, and may keep its address."""
+    return not x.numel() or (
+        x.data_ptr() != 0 and x.storage_offset() * x.element_size() + x.nbytes <= x.untyped_storage().nbytes()
+    )
 
 
 def check_numels(fn: str, name: str, tensors: Sequence[torch.Tensor], like_name: str,

@@ -32,6 +32,7 @@ Lifetimes and streams (CUDA):
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import threading
 import weakref
@@ -137,6 +138,19 @@ class _LRU(OrderedDict):
 # Used when the caller does not pass a cache of its own. Optimizers pass their own dict, so that the
 # tables a captured CUDA graph reads stay alive as long as the optimizer does.
 _DEFAULT_CACHE: MutableMapping = _LRU(capacity=32)
+
+
+@contextlib.contextmanager
+def counters_reset_on_error(table: ChunkTable):
+    """Around a launch whose programs count their arrivals in ``table.counters`` (zeros between launches): a launch
+    that raises part way (the interpreter on ``KeyboardInterrupt``) leaves some counters moved, and every later
+    launch on the cached table would take a tensor's first program for its last; they are zeroed again."""
+    try:
+        yield
+    except BaseException:
+        if table.counters is not None:
+            table.counters.zero_()
+        raise
 
 
 def build_chunk_table(

@@ -23,6 +23,7 @@ from ._multi_tensor import (
     PreparedLaunch,
     aligned_except,
     build_chunk_table,
+    counters_reset_on_error,
     tensor_pointer,
     use_on_current_stream,
 )
@@ -400,7 +401,10 @@ def _launch(
         return
     use_on_current_stream(table)
     dummy = table.table  # any device pointer for arguments a flag switches off
-    with torch.cuda.device(param0.device) if param0.is_cuda else contextlib.nullcontext():
+    with (
+        torch.cuda.device(param0.device) if param0.is_cuda else contextlib.nullcontext(),
+        counters_reset_on_error(table),
+    ):
         _adam_kernel[(table.n_chunks,)](
             table.table,
             table.n_tensors,

@@ -45,6 +45,7 @@ from ._multi_tensor import (
     PreparedLaunch,
     aligned_except,
     build_chunk_table,
+    counters_reset_on_error,
     is_capturing,
     tensor_pointer,
     use_on_current_stream,
@@ -410,18 +411,37 @@ def _dynamic_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-_MAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# The (signed, unsigned) maps each device's launches read through their addresses, with what each was when
+# uploaded (address, version counter, element count, storage size): private, and checked at every launch.
+_MAPS: dict[torch.device, tuple[tuple[torch.Tensor, torch.Tensor], tuple]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # (maps replaced: a captured graph may still read them)
+
+
+def _map_mark(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t._version, t.numel(), t.dtype, t.device, t.is_contiguous(), t.untyped_storage().nbytes()
+
+
+def _launch_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps a launch on ``device`` reads: uploaded once per device and kept (captured graphs read them), and
+    checked at every launch (a few attribute reads): one freed, resized, moved or written since (it is private,
+    but reachable) is replaced by a fresh upload rather than read."""
+    entry = _MAPS.get(device)
+    if entry is not None and tuple(map(_map_mark, entry[0])) == entry[1]:
+        return entry[0]
+    if is_capturing(device):
+        raise RuntimeError("adam_lowbit: the quantisation maps cannot be uploaded during CUDA graph capture; run "
+                           "one eager step (a warm-up) before capturing")  # fmt: skip
+    if entry is not None:
+        _RETIRED.append(entry[0])
+    maps = (_dynamic_map(True).to(device), _dynamic_map(False).to(device))
+    _MAPS[device] = (maps, tuple(map(_map_mark, maps)))
+    return maps
 
 
 def quant_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (signed, unsigned) maps on ``device``, uploaded once per device and kept (captured graphs read them)."""
-    maps = _MAPS.get(device)
-    if maps is None:
-        if is_capturing(device):
-            raise RuntimeError("adam_lowbit: the quantisation maps cannot be uploaded during CUDA graph capture; run "
-                               "one eager step (a warm-up) before capturing")  # fmt: skip
-        maps = _MAPS[device] = (_dynamic_map(True).to(device), _dynamic_map(False).to(device))
-    return maps
+    """The (signed, unsigned) 8-bit maps (256 fp32 values each, ascending) on ``device``: copies (the launches
+    read their own, private ones)."""
+    return tuple(m.clone() for m in _launch_maps(device))
 
 
 def _check_options(fn, params, state, param_sr, seed, amsgrad, master, kahan, chunk_size, block_size) -> None:
@@ -559,7 +579,7 @@ def adam_lowbit_launch(
         check_roles_memory(fn, roles, _role_names(state, bool(master_params), bool(kahan_comps)), _GRAD_ROLE)
 
     table = build_chunk_table(roles, chunk_size, cache, check=None if checked else check, with_counters=True)
-    _launch(table, params[0], grads[0].dtype, quant_maps(params[0].device), fn, lr=lr, beta1=beta1, beta2=beta2,
+    _launch(table, params[0], grads[0].dtype, fn, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
             found_inf=found_inf, state=state, master=bool(master_params), param_sr=param_sr, kahan=bool(kahan_comps),
             seed=seed, chunk_size=chunk_size, block_size=block_size)  # fmt: skip
@@ -569,7 +589,6 @@ def _launch(
     table: ChunkTable,
     param0: torch.Tensor,
     grad_dtype: torch.dtype,
-    maps: tuple[torch.Tensor, torch.Tensor],
     fn: str,
     *,
     lr: float | torch.Tensor,
@@ -595,9 +614,13 @@ def _launch(
             check_scalar(fn, name, x, param0.device)
     if table.n_chunks == 0:
         return
+    maps = _launch_maps(param0.device)
     use_on_current_stream(table)
     dummy = table.table  # any device pointer for arguments a flag switches off
-    with torch.cuda.device(param0.device) if param0.is_cuda else contextlib.nullcontext():
+    with (
+        torch.cuda.device(param0.device) if param0.is_cuda else contextlib.nullcontext(),
+        counters_reset_on_error(table),
+    ):
         _adam_lowbit_kernel[(table.n_chunks,)](
             table.table,
             table.n_tensors,
@@ -680,7 +703,7 @@ class AdamLowbitStep(AdamStep):
         _check(*lists)
         PreparedLaunch.__init__(self, _roles(*lists), _GRAD_ROLE, chunk_size, block_size, with_counters=True,
                                 names=_role_names(state, bool(master_params), bool(kahan_comps)))  # fmt: skip
-        self.maps = quant_maps(params[0].device)  # (uploaded before any capture)
+        _launch_maps(params[0].device)  # (uploaded before any capture)
         self.state = state
         self.master = bool(master_params)
         self.kahan = bool(kahan_comps)
@@ -702,7 +725,7 @@ class AdamLowbitStep(AdamStep):
     ) -> None:
         """One step (one launch); the step counts move in the kernel (not when ``found_inf`` is set)."""
         table = self.launch_table()
-        _launch(table, self.param0, self.grad_dtype, self.maps, "AdamLowbitStep", lr=lr, beta1=beta1, beta2=beta2,
+        _launch(table, self.param0, self.grad_dtype, "AdamLowbitStep", lr=lr, beta1=beta1, beta2=beta2,
                 eps=eps, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
                 found_inf=found_inf, state=self.state, master=self.master, param_sr=self.param_sr, kahan=self.kahan,
                 seed=self.seed, chunk_size=self.chunk_size, block_size=self.block_size)  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_role, no_user_code
+from ._checks import check_role, inside_storage, no_user_code
 from ._multi_tensor import (
     _DEFAULT_CACHE,
     TABLE_INTS,
@@ -98,6 +98,9 @@ def _check_flat(flat) -> None:
         raise TypeError(f"flatten_launch: flat must be float32, bfloat16, float16 or float64, got {flat.dtype}")
     if flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError("flatten_launch: flat must be a contiguous 1-d tensor")
+    if not inside_storage(flat):  # (at every call: the segments' table is cached by flat's address)
+        raise ValueError("flatten_launch: flat lies outside its storage (a storage freed or shrunk in place, e.g. by "
+                         "untyped_storage().resize_(0))")  # fmt: skip
 
 
 def _check(flat, tensors, spans) -> None:
