@@ -256,3 +256,36 @@ def message_names(err: BaseException, *words: str) -> None:
     text = str(err)
     for w in words:
         assert re.search(re.escape(w), text), f"the message {text!r} does not name {w!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a storage allocated again smaller at the same address
+
+_M_MMAP_THRESHOLD = -3  # (glibc's mallopt parameter)
+
+
+def mmap_large_allocations(threshold: int = 32 * 1024) -> None:
+    """In a forked child (:func:`isolated`) only: glibc serves every allocation of ``threshold`` bytes or more by its
+    own ``mmap``, returned to the system when freed, so that a block freed and allocated again a little smaller
+    comes back at the same address (the kernel reuses the hole), whatever the heap's state (in a long test run the
+    heap's bins hand back other blocks). A no-op where the C library has no ``mallopt``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+def shrink_in_place(t: torch.Tensor) -> bool:
+    """Free ``t``'s storage and allocate it again smaller (``untyped_storage().resize_(0)`` then ``resize_(k)``);
+    True when it came back at the same address, ``t``'s last bytes then outside it (its sizes unchanged)."""
+    old, storage = t.data_ptr(), t.untyped_storage()
+    for k in range(t.nbytes - 16, t.nbytes // 2, -512):
+        storage.resize_(0)
+        storage.resize_(k)
+        if t.data_ptr() == old:
+            return True
+    return False

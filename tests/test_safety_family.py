@@ -470,10 +470,10 @@ def test_param_in_two_groups_is_refused(name, backend):
     with pytest.raises(ValueError, match="more than one parameter group"):
         opt.add_param_group({"params": [ps[0]]})
     opt.param_groups[1]["params"].append(ps[0])  # by hand: the same param in two launches
-    _refused(opt, exc=ValueError, match="share memory")
+    _refused(opt, exc=ValueError, match=r"param group 1 holds the same param \(position 1\), and param group 0")
     opt.param_groups[1]["params"].pop()
     opt.param_groups[0]["params"].append(ps[0])  # twice in one group: written twice by one launch
-    _refused(opt, exc=ValueError, match="share memory")
+    _refused(opt, exc=ValueError, match="param group 0 holds the same param at positions 0 and 2")
     opt.param_groups[0]["params"].pop()
     opt.step()
 

@@ -273,8 +273,8 @@ def test_param_data_transposed_at_the_same_address(backend):
     _assert_match(ours, theirs)
     ours[1].data = ours[1].data.t()
     ours[1].grad = torch.randn_like(ours[1])
-    err = expect_error_unchanged(o.step, ValueError, "state 'exp_avg'.* has shape \\(3, 5\\), but the param is not "
-                                 "contiguous", o)  # fmt: skip
+    err = expect_error_unchanged(o.step, ValueError, "state 'exp_avg'.* has shape \\(3, 5\\), but the param has "
+                                 "shape \\(5, 3\\) and is not contiguous", o)  # fmt: skip
     message_names(err, "param 1")
 
 

@@ -7,8 +7,9 @@ the end of the storage (glibc aborted with "corrupted size vs. prev_size", or a 
 state's storage size is now read at every step, and a prepared launch (``AdamStep``) checks it at every call: the
 step is refused as the checked step refuses it, with everything else unchanged.
 
-Each case runs in a forked child (the old code crashed). Whether the allocator returns the same address is up to it:
-each case tries fresh tensors until it does (a few tries at most in practice), and says so if it never does.
+Each case runs in a forked child (the old code crashed), where glibc serves large blocks by mmap: a block freed and
+allocated again a little smaller comes back at the same address whatever the heap's state (the child tries fresh
+tensors a few times, and fails saying so if it never does).
 """
 
 from __future__ import annotations
@@ -19,24 +20,12 @@ from fused_ops.kernels.adam import AdamStep
 
 from fused_ops import FusedAdamW, FusedLion, FusedSGD
 
-from .safety import assert_unchanged, isolated, snapshot
+from .safety import assert_unchanged, isolated, mmap_large_allocations, shrink_in_place, snapshot
 
 pytestmark = pytest.mark.safety
 
-N = 4096  # 16 KiB of fp32: a heap block (not an mmap), which the allocator reuses
-TRIES = 40
-
-
-def _shrink_in_place(t: torch.Tensor) -> bool:
-    """Free ``t``'s storage and allocate it again smaller; True when it came back at the same address (then ``t``'s
-    last bytes lie outside it)."""
-    old, storage = t.data_ptr(), t.untyped_storage()
-    for k in range(t.nbytes - 16, t.nbytes // 2, -512):
-        storage.resize_(0)
-        storage.resize_(k)
-        if t.data_ptr() == old:
-            return True
-    return False
+N = 65536  # 256 KiB of fp32: served by mmap (mmap_large_allocations), which comes back at the same address
+TRIES = 10
 
 
 OPTIMIZERS = {
@@ -68,7 +57,8 @@ def _target(opt, p, what: str, name: str) -> torch.Tensor:
 )  # fmt: skip
 @isolated
 def test_reused_plan_reads_storage_sizes(name, backend, what):
-    n = N if name != "adamw_int8" or what != "state" else 4 * N  # (codes: one byte an element)
+    mmap_large_allocations()
+    n = N  # (the 8-bit codes, one byte an element: 64 KiB, also served by mmap)
     for _ in range(TRIES):
         p = torch.nn.Parameter(torch.randn(n))
         p.grad = torch.randn(n)
@@ -77,7 +67,7 @@ def test_reused_plan_reads_storage_sizes(name, backend, what):
             p.grad.copy_(torch.randn(n))
             opt.step()
         t = _target(opt, p, what, name)
-        if _shrink_in_place(t):
+        if shrink_in_place(t):
             break
     else:
         pytest.fail(f"the allocator never returned the same address in {TRIES} tries")
@@ -90,13 +80,14 @@ def test_reused_plan_reads_storage_sizes(name, backend, what):
 
 @isolated
 def test_prepared_launch_reads_storage_sizes():
+    mmap_large_allocations()
     for _ in range(TRIES):
         params, grads = [torch.randn(N)], [torch.randn(N)]
         m, v, steps = [torch.zeros(N)], [torch.zeros(N)], [torch.zeros(())]
         launch = AdamStep(params, grads, m, v, [], steps, amsgrad=False)
         kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
         launch(**kw)
-        if _shrink_in_place(m[0]):
+        if shrink_in_place(m[0]):
             break
     else:
         pytest.fail(f"the allocator never returned the same address in {TRIES} tries")
