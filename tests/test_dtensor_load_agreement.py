@@ -239,3 +239,62 @@ def test_full_state_is_copied_and_off_mesh_ranks_take_empty_states(results):
     r0, r1 = results[0]["copied"], results[1]["copied"]
     assert r0[:2] == ("loaded", True) and r1[:2] == ("loaded", True), (r0, r1)
     assert r0[2] == (3, 3) and r1[2] == (0,), (r0[2], r1[2])
+
+
+def run_meshes3(rank: int, world: int, out_dir: str) -> dict:
+    """3 ranks. (a) Pipeline-like: each stage's optimizer holds only its own params (ranks 0 and 1 on their own
+    sub-mesh of a (pp, dp) mesh, rank 2 plain): each loads its own dict, no rank waits for another stage. (b) Params
+    on overlapping meshes [0, 1] and [1, 2], a dict bad on rank 2 only: every rank raises (rank 0 hears of it
+    through rank 1), none loads."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out = {}
+    pp = init_device_mesh("cpu", (3, 1), mesh_dim_names=("pp", "dp"))
+    if rank < 2:
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(6, 2), pp["dp"], [Shard(0)], src_data_rank=None))
+    else:
+        p = torch.nn.Parameter(torch.randn(6, 2))
+    opt = _make("adamw", [p], "reference")
+    sd = {"param_groups": opt.state_dict()["param_groups"],
+          "state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.full((6, 2), 0.5),
+                        "exp_avg_sq": torch.full((6, 2), 0.25)}}}  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        opt.load_state_dict(sd)
+        out["pipeline"] = ("loaded", time.monotonic() - t0)
+    except Exception as e:
+        out["pipeline"] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
+    gen = torch.Generator().manual_seed(0)
+    a_mesh, b_mesh = DeviceMesh("cpu", [0, 1]), DeviceMesh("cpu", [1, 2])
+    a = torch.nn.Parameter(distribute_tensor(torch.randn(6, 2, generator=gen), a_mesh, [Shard(0)], src_data_rank=None))
+    b = torch.nn.Parameter(distribute_tensor(torch.randn(6, 2, generator=gen), b_mesh, [Shard(0)], src_data_rank=None))
+    opt = _make("adamw", [a, b], "reference")
+    full = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(6, 2), "exp_avg_sq": torch.zeros(6, 2)}
+    sd = {"param_groups": opt.state_dict()["param_groups"], "state": {0: dict(full), 1: dict(full)}}
+    if rank == 2:
+        sd["state"][1]["step"] = torch.tensor(-1.0)
+    t0 = time.monotonic()
+    try:
+        opt.load_state_dict(sd)
+        out["overlap"] = ("loaded", time.monotonic() - t0, len(opt.state))
+    except Exception as e:
+        out["overlap"] = (type(e).__name__, time.monotonic() - t0, len(opt.state))
+    # A loaded int step of any size: the package's error, not an OverflowError.
+    try:
+        opt.load_state_dict({"param_groups": sd["param_groups"], "state": {0: {**full, "step": 10**400}}})
+        out["huge_step"] = "loaded"
+    except Exception as e:
+        out["huge_step"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_meshes_of_other_stages_and_overlapping_meshes(tmp_path):
+    results = spawn("tests.test_dtensor_load_agreement:run_meshes3", 3, str(tmp_path), timeout=300,
+                    pg_timeout_s=PG_TIMEOUT_S)  # fmt: skip
+    for rank, r in enumerate(results):
+        assert r["pipeline"][0] == "loaded" and r["pipeline"][1] < PG_TIMEOUT_S / 2, (rank, r["pipeline"])
+        kind, dt, n_states = r["overlap"]
+        assert kind == ("ValueError" if rank == 2 else "RuntimeError"), (rank, r["overlap"])
+        assert dt < PG_TIMEOUT_S / 2 and n_states == 0, (rank, r["overlap"])
+        assert r["huge_step"].startswith("ValueError") and "float32 holds" in r["huge_step"], r["huge_step"]

@@ -744,8 +744,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # (a group that has stepped lost a key: filling in a default would turn amsgrad, maximize, nesterov,
                 # masters... off without a word; torch.optim raises a KeyError)
                 key = next(key for key in self.defaults if key not in group)
-                raise ValueError(f"param group {gi} has no {key!r} any more (deleted from a group whose params have "
-                                 "states): set it again; only a group appended by hand gets the defaults")  # fmt: skip
+                raise ValueError(f"param group {gi} has no {key!r}, and its params have states (a key deleted from a "
+                                 "group that stepped, or a group appended by hand for params that stepped in "
+                                 "another): set it; only a group of new params gets the defaults filled in, as "
+                                 "add_param_group fills them")  # fmt: skip
             incomplete.append(group)
         for group in incomplete:
             self._fill_group_defaults(group)
@@ -1017,11 +1019,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         placements is redistributed, after the ranks agreed that every one of them gets there)."""
         value = value.detach()
         if _is_dtensor(p):
+            if _off_mesh(p):  # (a rank outside the param's mesh: an empty shard, whatever this rank was given)
+                local = torch.empty_like(p._local_tensor, dtype=dtype, memory_format=torch.contiguous_format)
+                return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride())  # fmt: skip
             if not _is_dtensor(value):
-                if p.device_mesh.get_coordinate() is None:  # (a rank outside the param's mesh: an empty shard)
-                    local = torch.empty_like(p._local_tensor, dtype=dtype, memory_format=torch.contiguous_format)
-                    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                              stride=p.stride())  # fmt: skip
                 value = _shard_locally(value.to(device=p.device, dtype=dtype).reshape(p.shape), p)
                 if not _has_partial(p):
                     return value
@@ -1057,14 +1059,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         # all-reduce over the params' meshes agrees on the outcome; a conversion that communicates (a DTensor
         # state of other placements) is preceded by one too. A rank that raises takes part in the next such
         # all-reduce as failed, so the others raise there too rather than wait in a collective it never joins.
-        _load_agreement = agreement
+        outer, _load_agreement = _load_agreement, agreement  # (a load inside a load, from a hook: restored after)
         try:
             self._load_state_dict(state_dict, agreement)
         except BaseException:
             agreement.fail()
             raise
         finally:
-            _load_agreement = None
+            _load_agreement = outer
 
     def _load_state_dict(self, state_dict: dict[str, Any], agreement: _LoadAgreement | None = None) -> None:
         state_dict = state_dict.copy()
@@ -1160,7 +1162,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     elif isinstance(value, bool) or not isinstance(value, int | float):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a number")
                     else:
-                        count = float(value)
+                        count = float(value) if value <= FP32_MAX else math.inf  # (an int of any size: no overflow)
                     if not (math.isfinite(count) and 0 <= count <= FP32_MAX):
                         raise ValueError(f"loaded state dict: state 'step' of {where} must be a finite number >= 0 "
                                          f"that float32 holds (the count is kept in float32), got {count}")  # fmt: skip
@@ -1514,11 +1516,14 @@ class _LoadAgreement:
     """``load_state_dict`` of an optimizer with DTensor params: every rank loads, or every rank raises, and no rank
     waits in a collective that another rank never reaches.
 
-    Each round is one all-reduce (MAX) of ``[failed, tag, -tag]`` over every mesh of the params (their root meshes,
-    each over all its dims, in the order the params come: the same on every rank). ``agree()`` ends a load whose
-    checks passed here (tag 0), ``before_collective(p)`` precedes a conversion that communicates (tag: its rank
-    among them and the param's index), ``fail()`` is the round of a rank whose load raised. A round with a failed
-    rank, or with ranks at different points (dicts that differ between ranks), raises on every rank."""
+    Each round is an all-reduce (MAX) of ``[failed, tag, -tag]`` over every mesh the params are on (each over all
+    its dims, in the order the params come: the same on every rank that holds them; the meshes this rank is not on
+    are left out, as the step's agreements leave them), repeated once per mesh so that a failure crosses meshes
+    that overlap ([0, 1] and [1, 2]: rank 0 hears of rank 2 through rank 1). Only the params' own meshes: ranks
+    that hold other params (another pipeline stage) take no part. ``agree()`` ends a load whose checks passed here
+    (tag 0), ``before_collective(p)`` precedes a conversion that communicates (tag: its rank among them and the
+    param's index), ``fail()`` is the round of a rank whose load raised. A round with a failed rank, or with ranks
+    at different points (dicts that differ between ranks), raises on every rank."""
 
     def __init__(self, meshes: list, index: dict[int, int]) -> None:
         self.meshes = meshes
@@ -1531,31 +1536,30 @@ class _LoadAgreement:
         """The agreement of a load into ``groups``, or None without DTensor params (nothing to agree on)."""
         if _DTensor is None or not torch.distributed.is_initialized():
             return None
-        from .._dtensor import _root
-
         meshes, index = [], {}
         for p in chain.from_iterable(g["params"] for g in groups if isinstance(g, dict)):
             index.setdefault(id(p), len(index))
             if _is_dtensor(p):
-                root = _root(p.device_mesh)
-                if not any(root is m or root == m for m in meshes):
-                    meshes.append(root)
+                mesh = p.device_mesh
+                if not any(mesh is m or mesh == m for m in meshes):
+                    meshes.append(mesh)
         return _LoadAgreement(meshes, index) if meshes else None
 
     def _round(self, failed: bool, tag: int) -> tuple[bool, bool]:
         from .. import _dtensor
 
         vec = [int(failed), tag, -tag]
-        for mesh in self.meshes:
-            if mesh.get_coordinate() is None:  # (not on this mesh)
-                continue
-            kind = mesh.device_type
-            module = torch.get_device_module(kind) if kind != "cpu" else None
-            device = torch.device(kind) if module is None else torch.device(kind, module.current_device())
-            t = torch.tensor(vec, dtype=torch.int64, device=device)
-            for pg in _dtensor._groups(mesh, list(range(mesh.ndim)), device):
-                torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=pg)
-            vec = t.tolist()
+        for _ in range(len(self.meshes)):
+            for mesh in self.meshes:
+                if mesh.get_coordinate() is None:  # (not on this mesh)
+                    continue
+                kind = mesh.device_type
+                module = torch.get_device_module(kind) if kind != "cpu" else None
+                device = torch.device(kind) if module is None else torch.device(kind, module.current_device())
+                t = torch.tensor(vec, dtype=torch.int64, device=device)
+                for pg in _dtensor._groups(mesh, list(range(mesh.ndim)), device):
+                    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=pg)
+                vec = t.tolist()
         return vec[0] > 0, vec[1] != -vec[2]
 
     def _raise_if(self, failed: bool, apart: bool) -> None:
@@ -1746,9 +1750,8 @@ _CHUNK = 256  # params per chunk of the per-step check (their tensors stay in th
 class _Chunk:
     """Up to ``_CHUNK`` params of a plan with their grads' and states' addresses, sizes and one metadata guard."""
 
-    __slots__ = ("params", "param_addrs", "param_itemsizes", "param_nbytes", "grad_addrs", "grad_itemsizes",
-                 "grad_nbytes", "state_dicts", "owners", "keys", "states", "state_addrs", "state_itemsizes",
-                 "state_nbytes", "guard")  # fmt: skip
+    __slots__ = ("params", "param_addrs", "grad_addrs", "grad_itemsizes", "grad_nbytes", "state_dicts", "owners",
+                 "keys", "states", "state_addrs", "storages", "storage_addrs", "storage_needs", "guard")  # fmt: skip
 
 
 def _inside_storages(tensors: list[Tensor], itemsizes: list[int], nbytes: list[int]) -> bool:
@@ -1759,6 +1762,27 @@ def _inside_storages(tensors: list[Tensor], itemsizes: list[int], nbytes: list[i
     passed): ``nbytes`` from the storage offset is their extent. ``itemsizes`` are 0 for empty tensors (no bytes)."""
     return all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, tensors), itemsizes), nbytes),
                    map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, tensors))))  # fmt: skip
+
+
+_STORAGE_PTR = torch.UntypedStorage.data_ptr
+
+
+def _held_storages(tensors: list[Tensor]) -> tuple[list, list[int], list[int]]:
+    """The storages of ``tensors`` (params and states, which live as long as the plan anyway), their addresses, and
+    the bytes each tensor needs of its storage: what :func:`_storages_hold` reads at every step instead of asking
+    each tensor for its storage (a third of the cost). A held storage's memory cannot be freed while it is held, so
+    a tensor still at its address (checked apart) lies in it while it keeps that address and enough bytes."""
+    storages = [t.untyped_storage() for t in tensors]
+    needs = [t.storage_offset() * t.element_size() + t.nbytes if t.numel() else 0 for t in tensors]
+    return storages, list(map(_STORAGE_PTR, storages)), needs
+
+
+def _storages_hold(storages: list, addrs: list[int], needs: list[int]) -> bool:
+    """Whether every held storage is where it was and still has the bytes its tensor needs (one freed, or resized
+    in place, even back to its address but smaller, has not)."""
+    return all(map(operator.eq, map(_STORAGE_PTR, storages), addrs)) and all(
+        map(operator.le, needs, map(_STORAGE_NBYTES, storages))
+    )
 
 
 def _extents(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
@@ -1779,8 +1803,6 @@ def _build_chunks(plan: _GroupPlan, entries: list) -> list[_Chunk]:
         ch = _Chunk()
         ch.params = plan.params[lo:hi]
         ch.param_addrs = plan.param_addrs[lo:hi]
-        ch.param_itemsizes = plan.param_itemsizes[lo:hi]
-        ch.param_nbytes = plan.param_nbytes[lo:hi]
         ch.grad_addrs = plan.grad_addrs[lo:hi]
         ch.grad_itemsizes = plan.grad_itemsizes[lo:hi]
         ch.grad_nbytes = plan.grad_nbytes[lo:hi]
@@ -1792,7 +1814,7 @@ def _build_chunks(plan: _GroupPlan, entries: list) -> list[_Chunk]:
                 ch.keys.append(k)
                 ch.states.append(v)
         ch.state_addrs = [t.data_ptr() for t in ch.states]
-        ch.state_itemsizes, ch.state_nbytes = _extents(ch.states)
+        ch.storages, ch.storage_addrs, ch.storage_needs = _held_storages([*ch.params, *ch.states])
         meta = _MetaGuard([*ch.params, *grads[lo:hi], *ch.states])
         ch.guard = meta.guard.check if meta.guard is not None else (lambda *ts, meta=meta: meta.check(list(ts)))
         chunks.append(ch)
@@ -2028,9 +2050,8 @@ class _GroupPlan:
                         and all(map(is_, map(state.get, ps), ch.state_dicts))
                         and all(map(is_, map(dict.get, ch.owners, ch.keys), sts))
                         and all(map(eq, map(_DATA_PTR, sts), ch.state_addrs))
-                        and _inside_storages(ps, ch.param_itemsizes, ch.param_nbytes)
-                        and _inside_storages(gs, ch.grad_itemsizes, ch.grad_nbytes)
-                        and _inside_storages(sts, ch.state_itemsizes, ch.state_nbytes)):  # fmt: skip
+                        and _storages_hold(ch.storages, ch.storage_addrs, ch.storage_needs)
+                        and _inside_storages(gs, ch.grad_itemsizes, ch.grad_nbytes)):  # fmt: skip
                     return None  # (a storage freed or shrunk in place, even at its old address: the checked step)
                 if not all(map(eq, map(_DATA_PTR, gs), ch.grad_addrs)):
                     moved = True

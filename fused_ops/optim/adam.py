@@ -29,6 +29,7 @@ from ._base import (
     _check_betas,
     _is_dtensor,
     _local,
+    _off_mesh,
     _on_mesh,
     _Part,
     _same_ranks,
@@ -630,6 +631,12 @@ class FusedAdam(FusedOptimizer):
         if key in _SCALE_KEYS:
             if _is_dtensor(p):
                 placements, count, shape = _scale_layout(p)
+                from torch.distributed.tensor import DTensor, distribute_tensor
+
+                if _off_mesh(p) and value.numel() == 0:  # (this rank holds no shard, so no scales: empty, as given)
+                    local = torch.empty(0, dtype=torch.float32, device=p._local_tensor.device)
+                    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape,
+                                              stride=(1,))  # fmt: skip
                 if _is_dtensor(value) and _same_ranks(value.device_mesh, p.device_mesh):
                     value = _on_mesh(value, p.device_mesh)  # (a mesh equal but for its dim names: no communication)
                 laid_out = (_is_dtensor(value) and value.device_mesh == p.device_mesh
@@ -641,8 +648,6 @@ class FusedAdam(FusedOptimizer):
                         f"{tuple(value.shape)}{f' placed {tuple(value.placements)}' if _is_dtensor(value) else ''}: "
                         "saved on another layout? Save with state_dict(dequantize=True) to reshard"
                     )
-                from torch.distributed.tensor import DTensor, distribute_tensor
-
                 if not _is_dtensor(value):
                     cut = distribute_tensor(
                         value.detach().to(p.device), p.device_mesh, placements, src_data_rank=None
@@ -664,7 +669,11 @@ class FusedAdam(FusedOptimizer):
         if key == _KAHAN_KEY and _stale_kahan({key: value}, p):
             return None  # (a buffer of the param's old dtype: left out, see _convert_loaded_state)
         dtype = p.dtype if key == _KAHAN_KEY else torch.uint8
-        if value.dtype != dtype or value.numel() != p.numel() or value.layout != torch.strided:
+        if (
+            value.dtype != dtype
+            or value.numel() not in (p.numel(), *((0,) if _off_mesh(p) else ()))
+            or value.layout != torch.strided
+        ):  # fmt: skip  (a rank off the param's mesh may be given nothing)
             raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense {dtype} tensor of "
                              f"{p.numel()} elements, got {value.dtype} with {value.numel()}")  # fmt: skip
         return self._load_state_tensor(value, p, dtype)
