@@ -63,6 +63,17 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(ka == kb and torch.equal(x, y) for (ka, x), (kb, y) in zip(a, b))
 
 
+def _timed_load(opt, sd) -> tuple[str, str, float]:
+    """``opt.load_state_dict(sd)``: ("loaded" or the error's type, its message, seconds)."""
+    t0 = time.monotonic()
+    try:
+        opt.load_state_dict(sd)
+        kind, msg = "loaded", ""
+    except Exception as e:
+        kind, msg = type(e).__name__, str(e)
+    return kind, msg, time.monotonic() - t0
+
+
 def run_load(rank: int, world: int, out_dir: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -95,13 +106,7 @@ def run_load(rank: int, world: int, out_dir: str) -> dict:
                 if rank == 1:
                     corrupt(sd)
                 before = _locals(opt)
-                t0 = time.monotonic()
-                try:
-                    opt.load_state_dict(sd)
-                    kind, msg = "loaded", ""
-                except Exception as e:
-                    kind, msg = type(e).__name__, str(e)
-                dt = time.monotonic() - t0
+                kind, msg, dt = _timed_load(opt, sd)
                 try:
                     dist.barrier()
                     after_ok = True
@@ -145,13 +150,8 @@ def run_load(rank: int, world: int, out_dir: str) -> dict:
     if rank == 1:
         sd["state"][1]["exp_avg_sq"] = torch.zeros(3)
     before = _locals(opt)
-    t0 = time.monotonic()
-    try:
-        opt.load_state_dict(sd)
-        kind, msg = "loaded", ""
-    except Exception as e:
-        kind, msg = type(e).__name__, str(e)
-    out["replicate_then_bad"] = (replicated, kind, msg, time.monotonic() - t0, not _same(before, _locals(opt)))
+    kind, msg, dt = _timed_load(opt, sd)
+    out["replicate_then_bad"] = (replicated, kind, msg, dt, not _same(before, _locals(opt)))
     # A Replicate param's full state: copied (the caller's tensor neither kept nor written). A param on a mesh of
     # rank 0 only: rank 1 gets empty states for it, as get_optimizer_state_dict(full_state_dict=True) gives.
     from torch.distributed.device_mesh import DeviceMesh
