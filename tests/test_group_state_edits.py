@@ -222,3 +222,24 @@ def test_same_param_twice_is_refused_naming_both_places():
     opt.param_groups[1]["params"].append(a)  # (by hand: in group 0 too)
     expect_error_unchanged(opt.step, ValueError, r"param group 1 holds the same param \(position 1\), and param "
                            r"group 0 \(position 0\)", opt)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["amsgrad", "maximize", "decoupled_weight_decay"])
+def test_flags_the_launch_reads_as_bools(backend, key):
+    """A flag that has no truth value (a numpy array of two elements) is refused before any group steps; a numpy
+    bool steps as the bool (the Triton launch takes ``bool(...)``, never the object itself)."""
+    ps, opt = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend))
+    twin_ps, twin = _trained(lambda ps: FusedAdamW(ps, lr=1e-2, backend=backend))
+    opt.param_groups[0][key] = np.array([1, 0])
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    expect_error_unchanged(opt.step, TypeError, f"{key} of param group 0 must be a bool", opt)
+    opt.param_groups[0][key] = np.array(key == "decoupled_weight_decay")
+    twin.param_groups[0][key] = key == "decoupled_weight_decay"
+    for p, q in zip(ps, twin_ps):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(ps, twin_ps):
+        assert torch.equal(p, q)

@@ -456,6 +456,11 @@ class FusedAdam(FusedOptimizer):
             raise ValueError(f"Invalid epsilon value: {eps} (param group {gi})")
         if not (_finite_fp32(wd) and wd >= 0):
             raise ValueError(f"Invalid weight_decay value: {wd} (param group {gi})")
+        for key in ("amsgrad", "maximize", "decoupled_weight_decay"):  # (the launch reads each as a bool)
+            try:
+                bool(group.get(key, False))
+            except Exception:  # noqa: BLE001 - (e.g. a numpy array of several elements: torch's truth value error)
+                raise TypeError(f"{key} of param group {gi} must be a bool, got {type(group[key]).__name__}") from None
         # The storage options, as the constructor checks them (a group edited since: refused before any change)
         try:
             state = _state_name(group.get("state_dtype"))
@@ -485,14 +490,14 @@ class FusedAdam(FusedOptimizer):
 
             return AdamLowbitStep(part.params, grads, r["exp_avg"], r["exp_avg_sq"], part.steps, **lowbit)
         return AdamStep(part.params, grads, r["exp_avg"], r["exp_avg_sq"], r.get("max_exp_avg_sq", []), part.steps,
-                        part.masters, amsgrad=group["amsgrad"])  # fmt: skip
+                        part.masters, amsgrad=bool(group["amsgrad"]))  # fmt: skip
 
     def _launch(self, part: _Part, group: dict[str, Any], lr: Any, values: tuple, grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:  # fmt: skip
         beta1, beta2, eps, weight_decay = values
         part.launcher._run(
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=group["maximize"],
-            decoupled=group["decoupled_weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(group["maximize"]),
+            decoupled=bool(group["decoupled_weight_decay"]), grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
 
     def _prepare_reference(self, part: _Part, grads: list[Tensor], group: dict[str, Any], lr: Any, values: tuple,
