@@ -1770,8 +1770,9 @@ _STORAGE_PTR = torch.UntypedStorage.data_ptr
 def _held_storages(tensors: list[Tensor]) -> tuple[list, list[int], list[int]]:
     """The storages of ``tensors`` (params and states, which live as long as the plan anyway), their addresses, and
     the bytes each tensor needs of its storage: what :func:`_storages_hold` reads at every step instead of asking
-    each tensor for its storage (a third of the cost). A held storage's memory cannot be freed while it is held, so
-    a tensor still at its address (checked apart) lies in it while it keeps that address and enough bytes."""
+    each tensor for its storage (a third of the cost). A held storage's memory goes to nothing else unless the
+    storage itself is freed or resized in place, which moves its address or its size: a tensor still at its address
+    (checked apart) lies in live memory of its own while its storage keeps that address and enough bytes."""
     storages = [t.untyped_storage() for t in tensors]
     needs = [t.storage_offset() * t.element_size() + t.nbytes if t.numel() else 0 for t in tensors]
     return storages, list(map(_STORAGE_PTR, storages)), needs
