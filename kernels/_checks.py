@@ -205,8 +205,7 @@ def check_shared_memory(fn: str, groups: Sequence[tuple[str, Sequence[torch.Tens
         for i, x in enumerate(tensors):
             if x is None or not x.nbytes:
                 continue
-            start, storage = x.data_ptr(), x.untyped_storage()
-            if start == 0 or start < storage.data_ptr() or start + x.nbytes > storage.data_ptr() + storage.nbytes():
+            if not inside_storage(x):
                 raise ValueError(f"{fn}: {name}[{i}] lies outside its storage (a storage freed or shrunk in place, "
                                  "e.g. by untyped_storage().resize_(0)): its elements are not there")  # fmt: skip
     starts = sorted(e[0] for e in entries)

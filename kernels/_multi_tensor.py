@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import NoUserCode, check_role, check_roles_memory, check_scalar, check_shared_memory
+from ._checks import NoUserCode, check_role, check_roles_memory, check_scalar, check_shared_memory, inside_storage
 
 
 @dataclass(frozen=True)
@@ -344,8 +344,7 @@ class PreparedLaunch:
             # (and inside its storage: one freed and allocated again smaller in place can keep its address)
             return (isinstance(t, torch.Tensor) and t.data_ptr() == addrs[r * n + i] and t.numel() == numel
                     and t.dtype == self._role_dtypes[r] and t.device == self.device and t.is_contiguous()
-                    and (not numel or t.storage_offset() * t.element_size() + t.nbytes
-                         <= t.untyped_storage().nbytes()))  # fmt: skip
+                    and inside_storage(t))  # fmt: skip
 
         for k, t in enumerate(self._watched):
             if not fits(t, self._watched_roles[k], k % n, self._watched_numels[k]):

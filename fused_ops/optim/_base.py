@@ -1757,9 +1757,11 @@ class _Chunk:
 def _inside_storages(tensors: list[Tensor], itemsizes: list[int], nbytes: list[int]) -> bool:
     """Whether each tensor's bytes, from its storage offset, fit in its storage: one whose storage was freed or shrunk
     in place keeps its sizes, and may keep its address too (an allocator hands the freed block back for a smaller
-    request), so this is read for every param, grad and state at every step (~0.3 us a tensor). The tensors are dense
-    with non-negative strides (the checked step refused others) and of the plan's sizes and dtypes (their guards
-    passed): ``nbytes`` from the storage offset is their extent. ``itemsizes`` are 0 for empty tensors (no bytes)."""
+    request), so this is read at every step: for the grads of every plan (a plan holds its params' and states'
+    storages instead, see :func:`_held_storages`) and for every tensor of a DTensor plan (~0.3 us a tensor). The
+    tensors are dense with non-negative strides (the checked step refused others) and of the plan's sizes and
+    dtypes (their guards passed): ``nbytes`` from the storage offset is their extent. ``itemsizes`` are 0 for
+    empty tensors (no bytes)."""
     return all(map(operator.le, map(operator.add, map(operator.mul, map(_STORAGE_OFFSET, tensors), itemsizes), nbytes),
                    map(_STORAGE_NBYTES, map(_UNTYPED_STORAGE, tensors))))  # fmt: skip
 
