@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
+import numbers
+import operator
 import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -84,16 +87,95 @@ class NoUserCode:
 
 def no_user_code(fn: _F) -> _F:
     """``fn`` run inside :class:`NoUserCode`, from its first check to its last launch; as it is while
-    ``torch.compile`` traces it (no memory is read then: the compiled graph calls the custom ops, which check)."""
+    ``torch.compile`` traces it (no memory is read then: the compiled graph calls the custom ops, which check).
+
+    Its arguments are made plain first (:func:`plain_arguments`): numbers exact ints and floats, the arguments
+    annotated ``bool`` bools (or plain values), lists and tuples (and other sequences) exact lists and tuples of
+    plain values, so that nothing ``fn`` does after its first check runs a caller's Python code through them."""
+    sig = inspect.signature(fn)
+    flags = {name for name, p in sig.parameters.items() if p.annotation in ("bool", bool)}
+    positions = {i: name for i, (name, p) in enumerate(sig.parameters.items())
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}  # fmt: skip
+    flag_positions = frozenset(i for i, name in positions.items() if name in flags)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         with NoUserCode():
+            args, kwargs = plain_arguments(args, kwargs, flag_positions, flags)
             return fn(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] = (),
+                    flags: Collection[str] = ()) -> tuple[tuple, dict]:  # fmt: skip
+    """``args`` and ``kwargs`` with no Python code of the caller's left to run in them: see :func:`plain_value`
+    (numbers), :func:`_plain_argument` (sequences) and :func:`_plain_flag` (the arguments at ``flag_positions`` or
+    named in ``flags``)."""
+    args = tuple(_plain_flag(a) if i in flag_positions else _plain_argument(a) for i, a in enumerate(args))
+    kwargs = {k: _plain_flag(v) if k in flags else _plain_argument(v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _plain_flag(x: Any) -> Any:
+    """A flag argument: a bool, a plain number or str, or a tensor as it is (the callee may refuse all but a bool;
+    their truth values run no caller code); any other object (numpy's bool, an object with ``__bool__``) as its truth
+    value."""
+    if type(x) in _KEEP or isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, numbers.Number):
+        return plain_value(x)
+    return bool(x)
+
+
+_KEEP = frozenset({bool, int, float, str, bytes, type(None), torch.dtype, torch.device})
+
+
+def _plain_argument(x: Any) -> Any:
+    """``x`` for :func:`plain_arguments`: a tensor, an exact bool/int/float/str, or a list or tuple of those, as it
+    is (the same object); a number as :func:`plain_value` makes it; a list or tuple holding other values, a list or
+    tuple subclass or another sequence (its ``__iter__``/``__getitem__`` would run again each time the callee reads
+    it) as an exact list or tuple of plain values. Anything else (a dict, a process group) as it is."""
+    cls = type(x)
+    if cls in _KEEP or isinstance(x, torch.Tensor):
+        return x
+    if cls is list or cls is tuple:  # (the element types first: a set built in C, ~15 ns an element)
+        if all(k in _KEEP or issubclass(k, torch.Tensor) for k in set(map(type, x))):
+            return x
+        return cls(map(_plain_argument, x))
+    if isinstance(x, numbers.Number):
+        return plain_value(x)
+    if isinstance(x, str):
+        return str.__str__(x)  # (an exact str copy of a str subclass)
+    if isinstance(x, bytes):
+        return bytes(x)
+    if isinstance(x, tuple):  # (a tuple subclass: torch.Size, a named tuple)
+        return tuple(map(_plain_argument, x))
+    if isinstance(x, list | Sequence):
+        return list(map(_plain_argument, x))
+    return x
+
+
+def plain_value(x: Any) -> Any:
+    """``x`` with no Python code of its own left to run: a number as an exact ``int`` or ``float`` (a ``bool`` as it
+    is), a tensor or ``None`` as it is, anything else unchanged (for the caller's check to refuse).
+
+    Run on a call's number arguments before its first check: a number's own methods (a ``float`` subclass's
+    ``__float__``, ``__gt__``) are user code that :class:`NoUserCode` cannot turn off. Run after the checks (the
+    launch reading ``float(lr)``), one could free a checked tensor's memory before the kernel writes it."""
+    cls = type(x)
+    if cls is float or cls is int or cls is bool or x is None or isinstance(x, torch.Tensor):
+        return x
+    try:
+        if isinstance(x, numbers.Integral):
+            return operator.index(x)  # (an exact int, without calling an int subclass's __index__)
+        if isinstance(x, numbers.Real):
+            return float(x)
+    except Exception:  # noqa: BLE001 - (a number that cannot be read: the caller's check names it)
+        return x
+    return x
 
 
 # A kernel reads a tensor's elements at ``data_ptr()``: not so for a subclass with a dispatch of its own (DTensor,

@@ -44,7 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import NoUserCode, check_role, check_roles_memory, check_scalar, check_shared_memory, inside_storage
+from ._checks import (
+    NoUserCode,
+    check_role,
+    check_roles_memory,
+    check_scalar,
+    check_shared_memory,
+    inside_storage,
+    plain_value,
+)
 
 
 @dataclass(frozen=True)
@@ -277,6 +285,10 @@ class GradMismatchError(TypeError, ValueError):
     ValueError that ``AdamStep.set_grads`` has always raised for a grad that does not fit."""
 
 
+# (the boolean arguments of the prepared launches' ``_run``: read as truth values)
+_FLAG_ARGUMENTS = frozenset({"maximize", "decoupled", "nesterov", "first_step"})
+
+
 class PreparedLaunch:
     """A multi-tensor launch over one fixed set of tensors whose grads alone may move between steps (the machinery
     of ``AdamStep``, ``AdamLowbitStep``, ``SGDStep`` and ``LionStep``).
@@ -372,6 +384,7 @@ class PreparedLaunch:
         ``_run``. No user code runs from the first check to the launch (:class:`NoUserCode`), and the grads checked
         are held until then."""
         with NoUserCode():
+            kwargs = self._plain_arguments(kwargs)  # (before the first check: see plain_value)
             grads = self.check_current()  # held: a grad dropped now would be read freed by the launch
             scalars = [(key, kwargs[key]) for key in ("lr", "grad_scale", "found_inf")
                        if isinstance(kwargs.get(key), torch.Tensor)]  # fmt: skip
@@ -381,6 +394,22 @@ class PreparedLaunch:
                 self._check_not_written(key, x)
             self._run(**kwargs)
             del grads
+
+    def _plain_arguments(self, kwargs: dict) -> dict:
+        """The step's arguments as the launch reads them, made before the first check so that nothing after it runs
+        a caller's Python code (a ``float`` subclass's ``__float__``, an object's ``__bool__``): the flags as bools,
+        the numbers as exact floats or ints, tensors as they are; anything else is a TypeError naming it."""
+        out = {}
+        for key, x in kwargs.items():
+            if key in _FLAG_ARGUMENTS:
+                x = bool(x)
+            else:
+                x = plain_value(x)
+                if not (x is None or isinstance(x, int | float | torch.Tensor)):
+                    raise TypeError(f"{type(self).__name__}: {key} must be a number or a 1-element tensor, got "
+                                    f"{type(x).__name__}")  # fmt: skip
+            out[key] = x
+        return out
 
     def _check_not_written(self, key: str, x: torch.Tensor) -> None:
         """Raise a ValueError naming the tensor when the bytes of scalar ``x`` overlap one the launch writes: a

@@ -206,6 +206,7 @@ class _StepInputs:
     scaler_found_inf: Tensor | None  # the loss scaler's flag, set when a step is skipped
     values: list[float]  # compared between ranks (0.0 where the value is a tensor: see ``tensors``)
     tensors: list[tuple[int, Tensor, str]]  # (index in values, 0-d float64 tensor on the device, its name)
+    flags: list[tuple[bool, bool]]  # per group: amsgrad, maximize (read once, here: the launches read these)
 
 
 def _bit_pieces(values: Tensor, shifts: Tensor) -> Tensor:
@@ -341,6 +342,7 @@ class _AgreementMixin:
         lrs: list[float | Tensor] = []
         backends: list[str] = []
         floats: list[tuple[float, float, float, float]] = []
+        flags: list[tuple[bool, bool]] = []
         for gi, group in enumerate(self.param_groups):
             lr, beta1, beta2, eps, weight_decay = _check_group(gi, group, read_lr=False)
             _check_lowbit_amsgrad(gi, group, self.state_dtype)
@@ -356,7 +358,9 @@ class _AgreementMixin:
                 values.append(0.0)
             else:
                 values.append(lr)
-            values += [beta1, beta2, eps, weight_decay, float(bool(group["amsgrad"])), float(bool(group["maximize"]))]
+            # (each flag's truth value read once, here, before any group is stepped: the launches read these)
+            flags.append((bool(group["amsgrad"]), bool(group["maximize"])))
+            values += [beta1, beta2, eps, weight_decay, float(flags[-1][0]), float(flags[-1][1])]
             lrs.append(lr)
             floats.append((beta1, beta2, eps, weight_decay))
         max_grad_norm = _check_max_grad_norm(self.max_grad_norm)
@@ -432,7 +436,7 @@ class _AgreementMixin:
             given.append((_FOUND_INF, scaler_found_inf))
         if given:
             self._check_apart(given)
-        return _StepInputs(lrs, backends, floats, max_grad_norm, scale, scaler_found_inf, values, tensors)
+        return _StepInputs(lrs, backends, floats, max_grad_norm, scale, scaler_found_inf, values, tensors, flags)
 
     def _check_apart(self, given: list[tuple[str, Tensor]]) -> None:
         """The step's tensors from outside (a tensor lr, loss_scale, a scaler's scale and found_inf: one element each,

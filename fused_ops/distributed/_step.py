@@ -209,7 +209,7 @@ class _StepMixin:
             clip = (torch.empty((), dtype=torch.float32, device=dev), torch.empty((), dtype=torch.float64, device=dev))
         flag = inputs.scaler_found_inf
         amsgrad = [(b, torch.zeros_like(b.exp_avg, dtype=torch.float32)) for b in self._buckets
-                   if self.param_groups[b.group]["amsgrad"] and b.max_exp_avg_sq is None]  # fmt: skip
+                   if inputs.flags[b.group][0] and b.max_exp_avg_sq is None]  # fmt: skip
         masters, versions = self._refreshed_masters()
         return _PostBuffers(
             divisor=divisor,
@@ -267,14 +267,15 @@ class _StepMixin:
         for b, buf in post.amsgrad:
             b.max_exp_avg_sq = buf
             self._adam_view_cache.clear()
-        for gi, group in enumerate(self.param_groups):
+        for gi in range(len(self.param_groups)):
             # Segments with an fp32 master (bf16/fp16 buckets) and without (fp32, or master_weights=False) are
             # two calls: with masters, one pass updates them in fp32 and writes the rounded params.
             for with_master in (False, True):
                 segs = [s for s in self._segments[gi] if (s.bucket.master is not None) == with_master]
                 if segs:
                     lr, floats, backend = inputs.lrs[gi], inputs.floats[gi], inputs.backends[gi]
-                    self._adam(group, segs, lr, floats, backend, grad_scale, step_found_inf, (gi, with_master))
+                    self._adam(inputs.flags[gi], segs, lr, floats, backend, grad_scale, step_found_inf,
+                               (gi, with_master))  # fmt: skip
         # Params with no element on this rank still count the step, as their owners do.
         others = [self._steps[i] for i in self._unowned]
         if others:
@@ -365,26 +366,26 @@ class _StepMixin:
         self._lowbit_tables[key] = {}  # new views, new addresses: the old chunk tables go with the old views
         return views
 
-    def _adam(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
+    def _adam(self, flags: tuple[bool, bool], segs: list[_Segment], lr: float | Tensor,
               floats: tuple[float, float, float, float], backend: str, grad_scale: Tensor, found_inf: Tensor | None,
               key: tuple[int, bool]) -> None:  # fmt: skip
         """The fused Adam op over the given segments of this rank's shards (one launch per dtype), with the step
-        values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay; ``backend``: the group's, resolved
-        for the params' device by the checks the ranks agreed on)."""
+        values ``step()`` checked (``floats``: beta1, beta2, eps, weight_decay; ``flags``: amsgrad, maximize;
+        ``backend``: the group's, resolved for the params' device by the checks the ranks agreed on)."""
         if self.state_dtype != "fp32":
             for dtype in dict.fromkeys(s.bucket.dtype for s in segs):  # the low-bit launch takes one param dtype
                 part = [s for s in segs if s.bucket.dtype == dtype]
-                self._adam_lowbit(group, part, lr, floats, backend, grad_scale, found_inf, (*key, dtype))
+                self._adam_lowbit(flags[1], part, lr, floats, backend, grad_scale, found_inf, (*key, dtype))
             return
         # Grad shards are the params' dtype or fp32; the op takes both as they are, divides by grad_scale in fp32
         # (in the Triton kernel, or into fp32 copies on the CPU path) and leaves the shards as reduced.
         params, masters, grads, ms, vs, maxvs, steps, _, _ = self._adam_views(key, segs)
         beta1, beta2, eps, weight_decay = floats
-        amsgrad = bool(group["amsgrad"])
+        amsgrad, maximize = flags
         functional.adam_(
             params, grads, ms, vs, maxvs if amsgrad else None, steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, maximize=bool(group["maximize"]), decoupled_weight_decay=True,
+            amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
             grad_scale=grad_scale, found_inf=found_inf, master_params=masters or None, backend=backend,
         )  # fmt: skip
 
@@ -395,7 +396,7 @@ class _StepMixin:
         dtype_index = (torch.float32, torch.bfloat16, torch.float16).index(dtype)
         return (self.seed + 7919 * gi + 104729 * dtype_index + 1299709 * int(with_master)) % 2**31
 
-    def _adam_lowbit(self, group: dict[str, Any], segs: list[_Segment], lr: float | Tensor,
+    def _adam_lowbit(self, maximize: bool, segs: list[_Segment], lr: float | Tensor,
                      floats: tuple[float, float, float, float], backend: str, grad_scale: Tensor,
                      found_inf: Tensor | None, key: tuple[int, bool, torch.dtype]) -> None:  # fmt: skip
         """The low-bit Adam step (``kernels/adam_lowbit.py``, or ``_cpu_lowbit.adam_lowbit_cpu_`` on the reference
@@ -407,7 +408,7 @@ class _StepMixin:
         kwargs = dict(
             exp_avg_scales=m_scales, exp_avg_sq_scales=v_scales, master_params=masters, state=state,
             seed=self._lowbit_seed(key), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            maximize=bool(group["maximize"]), decoupled=True, grad_scale=grad_scale, found_inf=found_inf,
+            maximize=maximize, decoupled=True, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
         if backend == "triton":
             from ..kernels.adam_lowbit import adam_lowbit_launch

@@ -45,7 +45,7 @@ from .._validate import (
     real_float,
     self_overlapping,
 )
-from ..kernels._checks import NoUserCode
+from ..kernels._checks import NoUserCode, plain_value
 
 MASTER_KEY = "master_param"
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -78,6 +78,102 @@ def _to_float(x: Any, name: str = "a hyper-parameter", gi: int | None = None) ->
                          "on the host at every step, which a CUDA graph capture forbids: give it as a float or a CPU "
                          "tensor (only lr is read on the device)")  # fmt: skip
     return float(x.item())
+
+
+class _StepGroup(dict):
+    """A param group as one eager step reads it (see :func:`_step_group`); ``index``: the group's place."""
+
+    __slots__ = ("index",)
+
+
+_PLAIN_TYPES = frozenset({bool, int, float, str, type(None), torch.dtype})
+# (the keys whose values a step reads as truth values: each made a bool once, before any tensor is checked)
+_FLAG_KEYS = frozenset({"amsgrad", "maximize", "decoupled_weight_decay", "nesterov", "master_weights", "foreach",
+                        "fused", "capturable", "differentiable"})  # fmt: skip
+
+
+def _step_group(gi: int, group: dict[str, Any]) -> _StepGroup:
+    """``group`` as one eager step reads it, made before any tensor is checked: every value a plain Python object
+    (an exact float, int, bool or str; tensors as they are), so that nothing from the first tensor check to the last
+    launch runs a caller's Python code through a hyper-parameter. A value's own methods (a ``float`` subclass's
+    ``__float__``, an object's ``__bool__``, a list subclass's ``__iter__``) are user code that :class:`NoUserCode`
+    cannot turn off: run after a tensor's checks, one could free that tensor's memory before the kernel writes it.
+    So they run here, once, first. ``params`` stays the group's own list (a plan compares its identity); another
+    sequence is copied into a list. A value the step refuses is kept as it is, for the step's check to name."""
+    view = _StepGroup()
+    view.index = gi
+    for key, value in group.items():
+        view[key] = _plain(key, value)
+    return view
+
+
+# What the step reads of a param through attribute lookup (the grad, the data, its hash as a state key, its
+# metadata and memory): a param class that defines one of these in Python would run caller code between the step's
+# checks and its launches (a ``grad`` property reading group 1's grads after group 0's were checked could free
+# group 0's states). torch's own classes (Parameter, DTensor) are trusted.
+_READ_ATTRIBUTES = frozenset({
+    "grad", "data", "__hash__", "__eq__", "data_ptr", "untyped_storage", "is_contiguous", "numel", "dtype", "device",
+    "shape", "size", "stride", "storage_offset", "_version", "requires_grad", "dim", "element_size", "nbytes",
+    "itemsize", "layout", "is_sparse", "is_meta", "is_cuda", "is_floating_point", "is_complex", "is_neg", "is_conj",
+    "placements", "device_mesh", "to_local", "_local_tensor", "_spec",
+})  # fmt: skip
+_CLASS_PROBLEMS: dict[type, str | None] = {}
+
+
+def _class_problem(cls: type) -> str | None:
+    """The attributes of :data:`_READ_ATTRIBUTES` that ``cls`` (or a class between it and ``torch.Tensor`` that is
+    not torch's own) defines in Python, named; None when there are none. Cached per class."""
+    try:
+        return _CLASS_PROBLEMS[cls]
+    except KeyError:
+        pass
+    names = set()
+    for c in cls.__mro__:
+        if c is Tensor:
+            break
+        if c.__module__.split(".")[0] != "torch":
+            names.update(_READ_ATTRIBUTES.intersection(vars(c)))
+    problem = ", ".join(sorted(names)) or None
+    _CLASS_PROBLEMS[cls] = problem
+    return problem
+
+
+def _check_param_classes(name: str, views: list[_StepGroup]) -> None:
+    """A TypeError, before any tensor is checked, for a param whose class defines what the step reads of a param in
+    Python (see :data:`_READ_ATTRIBUTES`)."""
+    for gi, view in enumerate(views):
+        params = view["params"]
+        for cls in set(map(type, params)):
+            if cls is torch.nn.Parameter or cls is Tensor or not isinstance(cls, type) or not issubclass(cls, Tensor):
+                continue
+            problem = _class_problem(cls)
+            if problem is not None:
+                i = next(i for i, p in enumerate(params) if type(p) is cls)
+                raise TypeError(
+                    f"{name}: param {i} of param group {gi} is a {cls.__qualname__}, which defines {problem} in "
+                    "Python: the step reads these between its checks and its launches, where no caller code may run "
+                    "(it could free memory a launch writes). Use torch.nn.Parameter, or a subclass that does not "
+                    "define them"
+                )
+
+
+def _plain(key: Any, value: Any) -> Any:
+    """``value`` of ``key`` as a plain Python object (see :func:`_step_group`)."""
+    cls = type(value)
+    if cls in _PLAIN_TYPES or isinstance(value, Tensor):  # (a tensor subclass's methods are off in the step)
+        return value
+    if key == "params":
+        return value if cls is list else list(value)
+    if key in _FLAG_KEYS:
+        try:
+            return bool(value)
+        except Exception:  # noqa: BLE001 - (no truth value: the step's check names the key)
+            return value
+    if isinstance(value, tuple | list):  # (betas)
+        return tuple(_plain(None, v) for v in value)
+    if isinstance(value, str):
+        return str.__str__(value)  # (an exact str copy of a str subclass)
+    return plain_value(value)
 
 
 def _to_scalar(x: Any) -> Any:
@@ -947,10 +1043,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                             plan.master_metas):  # fmt: skip
                 self._master_marks.update(zip(map(id, visible), zip(versions, where, metas)))
 
-    def _tensor_state_keys(self) -> set[str]:
+    def _tensor_state_keys(self, groups: list | None = None) -> set[str]:
         """Every state key that holds a param-shaped tensor (loaded as fp32 copies shaped like the param)."""
         keys = {MASTER_KEY, *self._required_state_keys}
-        for group in self.param_groups:
+        for group in self.param_groups if groups is None else groups:
             keys.update(self._state_keys(group))
         return keys
 
@@ -1314,11 +1410,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             # (a group removed from param_groups: its plan would keep its tensors alive; its marks stay, as the
             # groups after it moved down a place and their plans are rebuilt)
             self._flush_marks(self._plans.pop(gi))
+        # Every group's values first, as plain Python objects, then checked: from the first tensor check on, the step
+        # reads the groups only through these views, so no hyper-parameter's own Python code runs there (see
+        # _step_group), and a bad value of a later group raises before any tensor is looked at.
+        views = [_step_group(gi, group) for gi, group in enumerate(self.param_groups)]
+        _check_param_classes(type(self).__name__, views)
+        checked = [self._check_step_values(gi, view) for gi, view in enumerate(views)]
+        lrs = [view["lr"] for view in views]  # (each group's lr as checked: what its launches read)
         work = []
-        lrs = []  # (each group's lr as checked: what its launches read, not group["lr"] read again)
-        for gi, group in enumerate(self.param_groups):
-            values = self._check_step_values(gi, group)
-            lrs.append(group["lr"])
+        for gi, group in enumerate(views):
+            values = checked[gi]
             _check_lr_memory(gi, lrs[gi])
             plan = self._plans.get(gi)
             current = plan.current_grads(self, group, self.state) if plan is not None else None
@@ -1332,12 +1433,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.append((gi, group, values, plan, current))
         scalars = self._step_scalars(grad_scale, found_inf, lrs)
         if any(current is None for *_, current in work):
-            self._check_no_shared_memory(scalars)
+            self._check_no_shared_memory(scalars, views)
             rebuilt = [(gi, group, values, params) for gi, group, values, params, current in work if current is None]
             if self._skipped_on_host(rebuilt, found_inf):
                 return
         elif scalars and _inside_written(self._plans.values(), [t for _, t in scalars]):
-            self._check_no_shared_memory(scalars)  # (names the pair; a hit across devices is no sharing: passes)
+            self._check_no_shared_memory(scalars, views)  # (names the pair; a hit across devices is no sharing)
 
         # Then the step in two phases. First everything that allocates, for every group: new states, plans, and each
         # part's prepared run (the reference path computes its new values out of place here). An error there (out of
@@ -1400,17 +1501,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if isinstance(t, Tensor)]  # fmt: skip
         return scalars
 
-    def _check_no_shared_memory(self, scalars: list[tuple[str, Tensor]] = ()) -> None:
+    def _check_no_shared_memory(self, scalars: list[tuple[str, Tensor]] = (), groups: list | None = None) -> None:
         """No two params with grads, nor any of their state tensors, share memory (the step writes them all in one
         launch: overlapping tensors would race), and none of them shares memory with ``scalars`` (see
         :meth:`_step_scalars`: read by every program while some program writes it, the step would be half applied).
-        Run when a plan is (re)built, and when a scalar lies in a reused plan's written memory."""
+        Run when a plan is (re)built, and when a scalar lies in a reused plan's written memory. ``groups``: the
+        param groups as the step reads them (see :func:`_step_group`), by default ``param_groups``."""
+        groups = self.param_groups if groups is None else groups
         seen: dict[int, tuple[int, int]] = {}
-        for gi, group in enumerate(self.param_groups):  # (one param twice, by hand since: named by its places)
+        for gi, group in enumerate(groups):  # (one param twice, by hand since: named by its places)
             _refuse_duplicates(gi, group["params"], seen)
         params, states, steps, grads = [], [], [], []
-        keys = self._tensor_state_keys()
-        for group in self.param_groups:
+        keys = self._tensor_state_keys(groups)
+        for group in groups:
             for p in group["params"]:
                 if p.grad is not None:
                     params.append(_local(p))

@@ -34,6 +34,7 @@ from ._base import (
     _Part,
     _same_ranks,
     _spec,
+    _StepGroup,
     _stored,
     _to_float,
     _write_back,
@@ -372,7 +373,8 @@ class FusedAdam(FusedOptimizer):
         kahan = bool(group.get("kahan_summation")) and low_precision_alone
         if state == "fp32" and not param_sr and not kahan:
             return None
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        gi = group.index if isinstance(group, _StepGroup) else next(i for i, g in enumerate(self.param_groups)
+                                                                     if g is group)  # fmt: skip
         dtype_index = (torch.float32, torch.bfloat16, torch.float16).index(part.params[0].dtype)
         seed = (self._seed + 7919 * gi + 104729 * dtype_index) % 2**31  # (tensor indices restart in each launch)
         r = part.roles
@@ -607,8 +609,8 @@ class FusedAdam(FusedOptimizer):
         # dict keeps it, rather than taking the constructor's)
         return self._state_dict_post_hooks(sd)
 
-    def _tensor_state_keys(self) -> set[str]:
-        return super()._tensor_state_keys() | {"exp_avg", "exp_avg_sq", *_SCALE_KEYS, _KAHAN_KEY}
+    def _tensor_state_keys(self, groups: list | None = None) -> set[str]:
+        return super()._tensor_state_keys(groups) | {"exp_avg", "exp_avg_sq", *_SCALE_KEYS, _KAHAN_KEY}
 
     def _loaded_key(self, key: Any, value: Any, src: dict[Any, Any], where: str) -> Any:
         """``exp_avg_codes``/``exp_avg_sq_codes`` (8-bit codes, as ``state_dict`` saves them) are kept under

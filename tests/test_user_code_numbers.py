@@ -1,0 +1,362 @@
+"""A hyper-parameter's own Python methods run before a call's first tensor check, never after it (probe 62).
+
+``NoUserCode`` turns off torch function, dispatch modes and the gc between a call's checks and its launches, but not
+a caller's number: a ``float`` subclass's ``__float__``, an object's ``__bool__``. The step read ``float(lr)`` while
+it prepared its launches (after a reused plan had accepted every tensor), checked group g+1's values after group g's
+tensors, and ``functional.adam_``, ``unscale_`` and a prepared launch (``AdamStep(...)(lr=x)``) converted their
+numbers after their checks: a ``__float__`` that freed a state's memory (``untyped_storage().resize_(0)``) made the
+Triton launch write freed memory. Every call now makes its numbers and flags plain Python objects first
+(``kernels/_checks.py: plain_value``, ``fused_ops/optim/_base.py: _step_group``).
+
+Each case gives a number whose methods count their calls in a dry run of the call, then free a tensor's memory at
+the last of them in the same call again. Run before the checks, the checks see the freed storage and refuse the call
+with a ValueError; run after them, the launch
+would write or read freed memory: in a forked child (``tests/safety.py: isolated``) whose large blocks are served by
+``mmap`` (freed memory is unmapped), that is a crash, which fails the one test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fused_ops.kernels.adam import AdamStep
+
+from fused_ops import FusedAdamW, FusedLion, FusedSGD, functional
+
+from .safety import isolated, mmap_large_allocations
+
+pytestmark = pytest.mark.safety
+
+N = 65536  # (256 KiB of fp32: served by mmap in the child, so freed memory is unmapped)
+STORAGE = "outside its storage|storage freed or shrunk|changed since the launch"
+
+
+class _Trap:
+    """Counts the calls of the methods it is wired to; once ``at`` is set, frees ``target()``'s memory at call
+    number ``at`` (the last call of a counted dry run: the one made latest in the call, after the checks if any is
+    made after them). ``fired``: whether it freed."""
+
+    def __init__(self) -> None:
+        self.calls, self.at, self.fired, self.target = 0, None, False, None
+
+    def fire(self) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            self.fired = True
+            self.target().untyped_storage().resize_(0)
+
+    def count(self, call) -> None:
+        """Run ``call`` with nothing freed, then set ``at`` to its last call (the next run counts from zero)."""
+        self.calls = 0
+        call()
+        assert self.calls > 0
+        self.at, self.calls = self.calls, 0
+
+
+def _float_type(trap: _Trap) -> type:
+    class TrapFloat(float):  # (a numbers.Real that every check accepts)
+        def __float__(self) -> float:
+            trap.fire()
+            return float.__float__(self)
+
+        def __ge__(self, other) -> bool:
+            trap.fire()
+            return float.__ge__(self, other)
+
+        def __lt__(self, other) -> bool:
+            trap.fire()
+            return float.__lt__(self, other)
+
+    return TrapFloat
+
+
+def _flag(trap: _Trap, value: bool) -> object:
+    class TrapFlag:
+        def __bool__(self) -> bool:
+            trap.fire()
+            return value
+
+    return TrapFlag()
+
+
+OPTIMIZERS = {
+    "adamw": (lambda ps, lr, backend: FusedAdamW(ps, lr=lr, backend=backend), "exp_avg"),
+    "adamw_int8": (lambda ps, lr, backend: FusedAdamW(ps, lr=lr, state_dtype="int8", backend=backend), "exp_avg_sq"),
+    "sgd": (lambda ps, lr, backend: FusedSGD(ps, lr=lr, momentum=0.9, backend=backend), "momentum_buffer"),
+    "lion": (lambda ps, lr, backend: FusedLion(ps, lr=lr, backend=backend), "exp_avg"),
+}
+
+
+def _state_tensor(opt, p, key: str) -> torch.Tensor:
+    st = opt.state[p]
+    if key in st:
+        return st[key]
+    # (8-bit moments are kept under keys of their own: the uint8 codes, one byte an element)
+    return next(v for v in st.values() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8)
+
+
+@pytest.mark.parametrize("what", ["state", "param"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@isolated
+def test_lr_read_before_a_reused_plans_checks(name, backend, what):
+    """The lr's ``__float__`` frees a state (or the param) on the step that reuses the plan."""
+    mmap_large_allocations()
+    trap = _Trap()
+    make, key = OPTIMIZERS[name]
+    p = torch.nn.Parameter(torch.randn(N))
+    p.grad = torch.randn(N)
+    opt = make([p], _float_type(trap)(1e-3), backend)
+    opt.step()  # (builds the plan)
+    trap.count(opt.step)  # (a step that reuses it)
+    trap.target = (lambda: _state_tensor(opt, p, key)) if what == "state" else p.detach
+    with pytest.raises(ValueError, match=STORAGE):
+        opt.step()
+    assert trap.fired
+
+
+TWO_GROUP_VALUES = {  # (group 1's value whose method frees group 0's state)
+    "adamw": lambda trap: {"eps": _float_type(trap)(1e-8)},
+    "adamw_maximize": lambda trap: {"maximize": _flag(trap, False)},
+    "sgd": lambda trap: {"momentum": _float_type(trap)(0.9)},
+    "lion": lambda trap: {"betas": (_float_type(trap)(0.9), 0.99)},
+}
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["building", "reusing"])
+@pytest.mark.parametrize("name", list(TWO_GROUP_VALUES))
+@isolated
+def test_later_groups_values_read_before_any_groups_tensors(name, first):
+    """Group 1's value frees group 0's state: on the step that builds the plans, or on one that reuses them."""
+    mmap_large_allocations()
+    trap = _Trap()
+    base = name.split("_")[0]
+    make, key = OPTIMIZERS[base]
+    a, b = torch.nn.Parameter(torch.randn(N)), torch.nn.Parameter(torch.randn(N))
+    a.grad, b.grad = torch.randn(N), torch.randn(N)
+    opt = make([{"params": [a]}, {"params": [b]}], 1e-3, "triton")
+    opt.param_groups[1].update(TWO_GROUP_VALUES[name](trap))
+    opt.step()  # (the states exist; the plans are built)
+
+    def rebuild():  # (a new group: every plan is built again on the next step)
+        if first:
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+
+    rebuild()
+    trap.count(opt.step)
+    rebuild()
+    trap.target = lambda: _state_tensor(opt, a, key)
+    with pytest.raises(ValueError, match=STORAGE):
+        opt.step()
+    assert trap.fired
+
+
+@pytest.mark.parametrize("arg", ["lr", "beta2", "eps", "weight_decay", "maximize"])
+@isolated
+def test_functional_adam_reads_its_numbers_first(arg):
+    mmap_large_allocations()
+    trap = _Trap()
+    params, grads = [torch.randn(N)], [torch.randn(N)]
+    m, v, steps = [torch.zeros(N)], [torch.zeros(N)], [torch.zeros(())]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False)
+    kw[arg] = _flag(trap, False) if arg == "maximize" else _float_type(trap)(kw[arg])
+    trap.count(lambda: functional.adam_(params, grads, m, v, state_steps=steps, backend="triton", **kw))
+    trap.target = lambda: m[0]
+    with pytest.raises(ValueError, match=STORAGE):
+        functional.adam_(params, grads, m, v, state_steps=steps, backend="triton", **kw)
+    assert trap.fired
+
+
+@pytest.mark.parametrize("arg", ["lr", "beta1", "eps", "maximize", "decoupled"])
+@isolated
+def test_prepared_launch_reads_its_numbers_first(arg):
+    mmap_large_allocations()
+    trap = _Trap()
+    params, grads = [torch.randn(N)], [torch.randn(N)]
+    m, v, steps = [torch.zeros(N)], [torch.zeros(N)], [torch.zeros(())]
+    launch = AdamStep(params, grads, m, v, [], steps, amsgrad=False)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    kw[arg] = _flag(trap, kw[arg]) if arg in ("maximize", "decoupled") else _float_type(trap)(kw[arg])
+    trap.count(lambda: launch(**kw))
+    trap.target = lambda: m[0]
+    with pytest.raises(ValueError, match=STORAGE):
+        launch(**kw)
+    assert trap.fired
+
+
+def test_prepared_launch_refuses_an_argument_that_is_no_number():
+    params, grads = [torch.randn(5)], [torch.randn(5)]
+    launch = AdamStep(params, grads, [torch.zeros(5)], [torch.zeros(5)], [], [torch.zeros(())], amsgrad=False)
+    with pytest.raises(TypeError, match="AdamStep: eps must be a number"):
+        launch(lr=1e-2, beta1=0.9, beta2=0.999, eps="1e-8", weight_decay=0.0, maximize=False, decoupled=True)
+
+
+@isolated
+def test_unscale_reads_inv_scale_first():
+    mmap_large_allocations()
+    trap = _Trap()
+    grads = [torch.randn(N)]
+    found_inf = torch.zeros(1)
+    inv_scale = _float_type(trap)(0.5)
+    trap.count(lambda: functional.unscale_(grads, inv_scale, found_inf, backend="triton"))
+    trap.target = lambda: grads[0]
+    with pytest.raises(ValueError, match=STORAGE):
+        functional.unscale_(grads, inv_scale, found_inf, backend="triton")
+    assert trap.fired
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_odd_numbers_step_as_plain_ones(backend):
+    """Number subclasses, numpy scalars and non-bool flags step exactly as the plain values they stand for, and the
+    groups keep what the caller put there (the step reads plain copies, it does not rewrite the groups)."""
+    np = pytest.importorskip("numpy")
+
+    class F(float):
+        pass
+
+    class Flag:
+        def __bool__(self) -> bool:
+            return True
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(67)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    odd = FusedAdamW(ps, lr=F(1e-2), betas=(np.float64(0.9), F(0.99)), eps=np.float64(1e-8), weight_decay=F(0.1),
+                     maximize=Flag(), backend=backend)  # fmt: skip
+    plain = FusedAdamW(qs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, maximize=True,
+                       backend=backend)  # fmt: skip
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(67)
+            q.grad = p.grad.clone()
+        odd.step()
+        plain.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    group = odd.param_groups[0]
+    assert type(group["lr"]) is F and type(group["maximize"]) is Flag and type(group["eps"]) is np.float64
+
+
+def _list_type(trap: _Trap) -> type:
+    class TrapList(list):  # (its __iter__ and __getitem__ are caller code)
+        def __iter__(self):
+            trap.fire()
+            return list.__iter__(self)
+
+        def __getitem__(self, i):
+            trap.fire()
+            return list.__getitem__(self, i)
+
+    return TrapList
+
+
+def _launcher_case(name: str, trap: _Trap):
+    """``(call, tensor the call writes)`` for launcher ``name``, its arguments wired to ``trap``."""
+    from fused_ops.kernels import adam, adam_lowbit, cast, flatten, lion, scale, sgd
+
+    num, seq = _float_type(trap), _list_type(trap)
+    p, g = torch.zeros(N), torch.ones(N)
+    if name == "cast_stochastic":
+        dst = torch.zeros(N, dtype=torch.bfloat16)
+        return (lambda: cast.cast_launch([dst], [g], stochastic=_flag(trap, False))), dst
+    if name == "cast_list":
+        dst = torch.zeros(N)
+        return (lambda: cast.cast_launch(seq([dst]), [g])), dst
+    if name == "unscale":
+        return (lambda: scale.unscale_launch([g], num(0.5), None)), g
+    if name == "norm_list":
+        return (lambda: scale.norm_launch(seq([g]))), g
+    if name == "adam":
+        m, v = torch.zeros(N), torch.zeros(N)
+        kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=True)
+        return (lambda: adam.adam_launch([p], [g], [m], [v], [], [], lr=num(1e-3), step=1.0, **kw)), m
+    if name == "adam_lowbit":
+        m, v = torch.zeros(N, dtype=torch.bfloat16), torch.zeros(N, dtype=torch.bfloat16)
+        kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+        return (lambda: adam_lowbit.adam_lowbit_launch([p], [g], [m], [v], [torch.zeros(())], state="bf16",
+                                                       lr=num(1e-3), **kw)), m  # fmt: skip
+    if name == "sgd":
+        buf = torch.zeros(N)
+        kw = dict(lr=0.1, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False)
+        return (lambda: sgd.sgd_launch([p], [g], [buf], momentum=num(0.9), **kw)), buf
+    if name == "lion":
+        m = torch.zeros(N)
+        kw = dict(beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False)
+        return (lambda: lion.lion_launch([p], [g], [m], lr=num(1e-3), **kw)), m
+    if name == "flatten_offsets":
+        flat, cache = torch.zeros(N), {}
+        flatten.flatten_launch(flat, [g], [0], [N], cache=cache)  # (the segments' table cached by flat's address)
+        return (lambda: flatten.flatten_launch(flat, [g], seq([0]), [N], cache=cache)), flat
+    raise AssertionError(name)
+
+
+LAUNCHERS = ["cast_stochastic", "cast_list", "unscale", "norm_list", "adam", "adam_lowbit", "sgd", "lion",
+             "flatten_offsets"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+@isolated
+def test_launchers_read_their_arguments_first(name):
+    """The public launchers (``@no_user_code``) make their numbers, flags and sequences plain before their checks
+    (probe 63): a number's ``__float__``, a flag's ``__bool__``, a list subclass's ``__iter__``/``__getitem__``."""
+    mmap_large_allocations()
+    trap = _Trap()
+    call, written = _launcher_case(name, trap)
+    trap.count(call)
+    trap.target = lambda: written
+    with pytest.raises(ValueError, match="outside its storage"):
+        call()
+    assert trap.fired
+
+
+def test_cast_seed_is_read_before_any_group_is_written():
+    """An int subclass seed: its ``__add__`` ran between the groups (each group's seed), after group 0 was written;
+    one that raised left group 0 written (probe 63). The seed is read once, first: the call runs no caller code."""
+
+    class Seed(int):
+        def __add__(self, other):
+            raise RuntimeError("caller code ran inside cast_")
+
+        __radd__ = __add__
+
+    dst = [torch.zeros(5, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.float16)]
+    src = [torch.full((5,), 1.5), torch.full((3,), 2.5)]
+    functional.cast_(dst, src, stochastic=True, seed=Seed(7), backend="triton")
+    torch.testing.assert_close(dst[0], torch.full((5,), 1.5, dtype=torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(dst[1], torch.full((3,), 2.5, dtype=torch.float16), rtol=0, atol=0)
+
+
+class _GradProperty(torch.nn.Parameter):
+    @property
+    def grad(self):
+        return torch.Tensor.grad.__get__(self)
+
+    @grad.setter
+    def grad(self, value):
+        torch.Tensor.grad.__set__(self, value)
+
+
+class _Tagged(torch.nn.Parameter):  # (a subclass that only adds what the step does not read: fine)
+    def describe(self) -> str:
+        return "tagged"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("make", [FusedAdamW, FusedSGD, FusedLion])
+def test_param_classes_that_define_what_the_step_reads_are_refused(make, backend):
+    """A param class with a Python ``grad`` property (or ``__hash__``, ``data``, ...) ran caller code from inside the
+    step, after other groups' checks (probe 63: group 1's ``grad`` freed group 0's state before its launch). Refused
+    before anything changes; a subclass that defines none of them steps as a Parameter."""
+    from .safety import expect_error_unchanged
+
+    a, b = torch.nn.Parameter(torch.randn(7)), _GradProperty(torch.randn(5))
+    c = _Tagged(torch.randn(3))
+    opt = make([{"params": [a, c]}, {"params": [b]}], lr=1e-2, backend=backend)
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    expect_error_unchanged(opt.step, TypeError, "param 0 of param group 1 is a _GradProperty, which defines grad",
+                           opt, [a, b, c])  # fmt: skip
+    opt.param_groups.pop(1)
+    before = c.detach().clone()
+    opt.step()
+    assert not torch.equal(c.detach(), before)
