@@ -71,7 +71,7 @@ def _next_steps(
     value after every add (as read after a multi-tensor ``add_``), or with ``chained`` after its own (as read right
     after each ``add_``). Distinct counts (the usual case) give ``new`` None (read them with :func:`_plus_one`) and
     writes that add to them in place. Nothing is changed here."""
-    ptrs = [s.data_ptr() for s in state_steps]
+    ptrs = list(map(Tensor.data_ptr, state_steps))  # (torch's own method: nothing the caller set on a count)
     if len(set(ptrs)) == len(ptrs):
         # (distinct counts, the usual case: no new tensors, 10^4 of them cost more than the step; stored by one
         # in-place add, which allocates nothing. ``new`` is None: see _plus_one)

@@ -18,6 +18,7 @@ import gc
 import inspect
 import numbers
 import operator
+import sys
 import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -97,54 +98,75 @@ def no_user_code(fn: _F) -> _F:
     positions = {i: name for i, (name, p) in enumerate(sig.parameters.items())
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}  # fmt: skip
     flag_positions = frozenset(i for i, name in positions.items() if name in flags)
+    names = [positions[i] for i in sorted(positions)]
+    name = fn.__qualname__
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         with NoUserCode():
-            args, kwargs = plain_arguments(args, kwargs, flag_positions, flags)
+            args, kwargs = plain_arguments(args, kwargs, flag_positions, flags, name, names)
             return fn(*args, **kwargs)
 
     return run  # type: ignore[return-value]
 
 
-def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] = (),
-                    flags: Collection[str] = ()) -> tuple[tuple, dict]:  # fmt: skip
+def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] = (), flags: Collection[str] = (),
+                    fn: str = "", names: Sequence[str] = ()) -> tuple[tuple, dict]:  # fmt: skip
     """``args`` and ``kwargs`` with no Python code of the caller's left to run in them: see :func:`plain_value`
     (numbers), :func:`_plain_argument` (sequences) and :func:`_plain_flag` (the arguments at ``flag_positions`` or
-    named in ``flags``)."""
-    args = tuple(_plain_flag(a) if i in flag_positions else _plain_argument(a) for i, a in enumerate(args))
-    kwargs = {k: _plain_flag(v) if k in flags else _plain_argument(v) for k, v in kwargs.items()}
+    named in ``flags``). A tensor, or a list or tuple of tensors, that runs code of its own when read (see
+    :func:`python_overrides`) is a TypeError from ``fn`` naming the argument (``names``: the positional ones')."""
+    args = tuple(
+        _plain_flag(a, fn, _name(names, i)) if i in flag_positions else _plain_argument(a, fn, _name(names, i))
+        for i, a in enumerate(args)
+    )
+    kwargs = {k: _plain_flag(v, fn, k) if k in flags else _plain_argument(v, fn, k) for k, v in kwargs.items()}
     return args, kwargs
 
 
-def _plain_flag(x: Any) -> Any:
-    """A flag argument: a bool, a plain number or str, or a tensor as it is (the callee may refuse all but a bool;
-    their truth values run no caller code); any other object (numpy's bool, an object with ``__bool__``) as its truth
-    value."""
-    if type(x) in _KEEP or isinstance(x, torch.Tensor):
+def _name(names: Sequence[str], i: int) -> str:
+    return names[i] if i < len(names) else f"argument {i}"
+
+
+def _plain_flag(x: Any, fn: str = "", name: str = "") -> Any:
+    """A flag argument: a bool, a plain number or str as it is (the callee may refuse all but a bool; their truth
+    values run no caller code); a tensor or any other object (numpy's bool, an object with ``__bool__``) as its
+    truth value, read here."""
+    if type(x) in _KEEP:
         return x
     if isinstance(x, numbers.Number):
         return plain_value(x)
+    if isinstance(x, torch.Tensor):
+        check_no_overrides(fn, name, [x], indexed=False)
     return bool(x)
 
 
 _KEEP = frozenset({bool, int, float, str, bytes, type(None), torch.dtype, torch.device})
 
 
-def _plain_argument(x: Any) -> Any:
+def _plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
     """``x`` for :func:`plain_arguments`: a tensor, an exact bool/int/float/str, or a list or tuple of those, as it
     is (the same object); a number as :func:`plain_value` makes it; a list or tuple holding other values, a list or
     tuple subclass or another sequence (its ``__iter__``/``__getitem__`` would run again each time the callee reads
-    it) as an exact list or tuple of plain values. Anything else (a dict, a process group) as it is."""
+    it) as an exact list or tuple of plain values. Anything else (a dict, a process group) as it is. Tensors are
+    checked to run no code of their own when read (:func:`check_no_overrides`)."""
     cls = type(x)
-    if cls in _KEEP or isinstance(x, torch.Tensor):
+    if cls in _KEEP:
+        return x
+    if isinstance(x, torch.Tensor):
+        check_no_overrides(fn, name, [x], indexed=False)
         return x
     if cls is list or cls is tuple:  # (the element types first: a set built in C, ~15 ns an element)
-        if all(k in _KEEP or issubclass(k, torch.Tensor) for k in set(map(type, x))):
+        kinds = set(map(type, x))
+        if all(issubclass(k, torch.Tensor) for k in kinds):
+            check_no_overrides(fn, name, x)
             return x
-        return cls(map(_plain_argument, x))
+        if all(k in _KEEP or issubclass(k, torch.Tensor) for k in kinds):
+            check_no_overrides(fn, name, [v for v in x if isinstance(v, torch.Tensor)])
+            return x
+        return cls(_plain_argument(v, fn, f"{name}[{i}]") for i, v in enumerate(x))
     if isinstance(x, numbers.Number):
         return plain_value(x)
     if isinstance(x, str):
@@ -152,10 +174,82 @@ def _plain_argument(x: Any) -> Any:
     if isinstance(x, bytes):
         return bytes(x)
     if isinstance(x, tuple):  # (a tuple subclass: torch.Size, a named tuple)
-        return tuple(map(_plain_argument, x))
+        return _plain_argument(tuple(x), fn, name)
     if isinstance(x, list | Sequence):
-        return list(map(_plain_argument, x))
+        return _plain_argument(list(x), fn, name)
     return x
+
+
+# -- tensors that run Python code of their own -------------------------------------------------------------------
+# The checks and launches read a tensor through its attributes (``data_ptr()``, ``numel()``, ``untyped_storage()``,
+# ``grad``, ...). A tensor class that defines one of them in Python, or a tensor whose own ``__dict__`` holds one (a
+# method set on the object: ``t.data_ptr = f``), runs caller code at each read: after another tensor's checks it
+# could free that tensor's memory before the launch writes it. Such tensors are refused before any check.
+_TENSOR_NAMES = frozenset(dir(torch.Tensor))
+# (what a class may define without changing how a tensor is read: construction, copying, pickling, printing, its
+# torch function (off inside NoUserCode) and dispatch (a dispatch of its own is refused as a tensor without memory))
+_HARMLESS = frozenset({
+    "__init__", "__new__", "__repr__", "__str__", "__format__", "__torch_function__", "__torch_dispatch__",
+    "__deepcopy__", "__copy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__", "__module__", "__doc__",
+    "__dict__", "__weakref__", "__slots__", "__annotations__", "__init_subclass__", "__class_getitem__",
+    "__subclasshook__", "__qualname__", "__dir__", "__sizeof__", "__array__", "__array_wrap__", "__array_priority__",
+    "__firstlineno__", "__static_attributes__",
+})  # fmt: skip
+_READ_NAMES = _TENSOR_NAMES - _HARMLESS
+
+
+def _trusted(cls: type) -> bool:
+    """torch's own tensor classes (Parameter, DTensor, ...): the class its module names, under ``torch``."""
+    module = cls.__module__
+    return (module == "torch" or module.startswith("torch.")) and vars(sys.modules.get(module, torch)).get(
+        cls.__name__) is cls  # fmt: skip
+
+
+def class_overrides(cls: type, names: Collection[str] = _READ_NAMES) -> list[str]:
+    """The ``names`` that tensor class ``cls``, or a class between it and ``torch.Tensor`` that is not torch's own,
+    defines in Python (read afresh: a class can change)."""
+    found: set[str] = set()
+    for c in cls.__mro__:
+        if c is torch.Tensor or c is torch._C.TensorBase:
+            break
+        if not _trusted(c):
+            found.update(k for k in vars(c) if k in names)
+    return sorted(found)
+
+
+def python_overrides(tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES) -> tuple[int, list[str]]:
+    """``(i, names)`` for the first of ``tensors`` whose class defines (see :func:`class_overrides`), or whose own
+    ``__dict__`` holds, one of ``names`` (a tensor's method set on the object shadows the class's); ``(-1, [])``
+    when none does. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
+    bad = {cls: found for cls in set(map(type, tensors)) if cls is not torch.Tensor
+           for found in [class_overrides(cls, names)] if found}  # fmt: skip
+    for i, t in enumerate(tensors):
+        found = bad.get(type(t))
+        if found:
+            return i, found
+    for i, d in enumerate(map(_DICT, tensors)):
+        if d and not _TENSOR_NAMES.isdisjoint(d):
+            return i, sorted(k for k in d if k in _TENSOR_NAMES)
+    return -1, []
+
+
+_DICT = operator.attrgetter("__dict__")
+
+
+def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES,
+                       indexed: bool = True) -> None:  # fmt: skip
+    """A TypeError naming ``name[i]`` (``name`` unless ``indexed``) for the first of ``tensors`` that runs Python code
+    of its own when the checks or the launch read it (see :func:`python_overrides`)."""
+    i, found = python_overrides(tensors, names)
+    if i >= 0:
+        t = tensors[i]
+        where = "its class " + type(t).__qualname__ if class_overrides(type(t), names) else "the tensor object itself"
+        raise TypeError(
+            f"{fn}: {name}{f'[{i}]' if indexed else ''} runs Python code of its own when it is read: {where} defines "
+            f"{', '.join(found)}. The "
+            "checks and the launch read it between them, where no caller code may run (it could free memory a "
+            "launch writes): use a torch.Tensor / torch.nn.Parameter without them"
+        )
 
 
 def plain_value(x: Any) -> Any:
@@ -231,9 +325,15 @@ def check_role(fn: str, name: str, tensors: Sequence, dtypes: Collection[torch.d
 def inside_storage(x: torch.Tensor) -> bool:
     """Whether contiguous tensor ``x``'s bytes lie inside its storage (an empty one always does): a storage freed or
     shrunk in place keeps the tensor's sizes, and may keep its address."""
-    return not x.numel() or (
-        x.data_ptr() != 0 and x.storage_offset() * x.element_size() + x.nbytes <= x.untyped_storage().nbytes()
+    # (torch.Tensor's own methods, unbound: a method set on the object or defined by its class is not called)
+    return not _T.numel(x) or (
+        _T.data_ptr(x) != 0
+        and _T.storage_offset(x) * _T.element_size(x) + _T.nbytes.__get__(x) <= _STORAGE_NBYTES(_T.untyped_storage(x))
     )
+
+
+_T = torch.Tensor
+_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 def check_numels(fn: str, name: str, tensors: Sequence[torch.Tensor], like_name: str,

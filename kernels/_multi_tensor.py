@@ -46,6 +46,7 @@ import triton.language as tl
 
 from ._checks import (
     NoUserCode,
+    check_no_overrides,
     check_role,
     check_roles_memory,
     check_scalar,
@@ -285,6 +286,7 @@ class GradMismatchError(TypeError, ValueError):
     ValueError that ``AdamStep.set_grads`` has always raised for a grad that does not fit."""
 
 
+_T = torch.Tensor
 # (the boolean arguments of the prepared launches' ``_run``: read as truth values)
 _FLAG_ARGUMENTS = frozenset({"maximize", "decoupled", "nesterov", "first_step"})
 
@@ -354,9 +356,10 @@ class PreparedLaunch:
 
         def fits(t: torch.Tensor, r: int, i: int, numel: int) -> bool:
             # (and inside its storage: one freed and allocated again smaller in place can keep its address)
-            return (isinstance(t, torch.Tensor) and t.data_ptr() == addrs[r * n + i] and t.numel() == numel
-                    and t.dtype == self._role_dtypes[r] and t.device == self.device and t.is_contiguous()
-                    and inside_storage(t))  # fmt: skip
+            # (torch.Tensor's own methods, unbound: a method set on the object or by its class is not called)
+            return (isinstance(t, torch.Tensor) and _T.data_ptr(t) == addrs[r * n + i] and _T.numel(t) == numel
+                    and _T.dtype.__get__(t) == self._role_dtypes[r] and _T.device.__get__(t) == self.device
+                    and _T.is_contiguous(t) and inside_storage(t))  # fmt: skip
 
         for k, t in enumerate(self._watched):
             if not fits(t, self._watched_roles[k], k % n, self._watched_numels[k]):
@@ -398,7 +401,8 @@ class PreparedLaunch:
     def _plain_arguments(self, kwargs: dict) -> dict:
         """The step's arguments as the launch reads them, made before the first check so that nothing after it runs
         a caller's Python code (a ``float`` subclass's ``__float__``, an object's ``__bool__``): the flags as bools,
-        the numbers as exact floats or ints, tensors as they are; anything else is a TypeError naming it."""
+        the numbers as exact floats or ints, tensors as they are (refused if they run code of their own when read:
+        see ``check_no_overrides``); anything else is a TypeError naming it."""
         out = {}
         for key, x in kwargs.items():
             if key in _FLAG_ARGUMENTS:
@@ -408,6 +412,8 @@ class PreparedLaunch:
                 if not (x is None or isinstance(x, int | float | torch.Tensor)):
                     raise TypeError(f"{type(self).__name__}: {key} must be a number or a 1-element tensor, got "
                                     f"{type(x).__name__}")  # fmt: skip
+                if isinstance(x, torch.Tensor):
+                    check_no_overrides(type(self).__name__, key, [x], indexed=False)
             out[key] = x
         return out
 

@@ -360,3 +360,175 @@ def test_param_classes_that_define_what_the_step_reads_are_refused(make, backend
     before = c.detach().clone()
     opt.step()
     assert not torch.equal(c.detach(), before)
+
+
+# -- tensors that run Python code of their own when read (probe 64) ----------------------------------------------
+# A method set on one tensor object (``t.data_ptr = f``: torch's methods are non-data descriptors, the object's
+# ``__dict__`` shadows them), a tensor subclass defining one in Python, a param class defining ``__getattribute__``:
+# each ran caller code inside the checked region. The checked step and every ``no_user_code`` call refuse them with a
+# TypeError before any check reads them; the reused plan reads tensors through torch.Tensor's own methods only.
+
+_WIRED = ("data_ptr", "numel", "is_contiguous", "untyped_storage", "storage_offset", "element_size", "stride", "size",
+          "dim", "is_floating_point", "detach", "reshape", "view", "copy_", "to", "float")  # fmt: skip
+
+
+def _wire(t: torch.Tensor, trap: _Trap) -> None:
+    """Set ``_WIRED`` methods on the tensor object itself, each calling ``trap.fire`` then torch's own method."""
+    for name in _WIRED:
+        real = getattr(torch.Tensor, name)
+        setattr(t, name, lambda *a, _real=real, **k: (trap.fire(), _real(t, *a, **k))[1])
+
+
+def _two_params(make, n: int = 67):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(n)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.randn(n)
+    opt = make(ps)
+    opt.step()  # (states and plans built)
+    return ps, opt
+
+
+WHO = {
+    "grad": lambda ps, opt: ps[1].grad,
+    "param": lambda ps, opt: ps[1],
+    "state": lambda ps, opt: next(v for v in opt.state[ps[1]].values() if isinstance(v, torch.Tensor) and v.dim()),
+}
+
+
+@pytest.mark.parametrize("who", list(WHO))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_tensor_methods_set_on_the_object_are_refused_by_the_checked_step(name, who):
+    trap = _Trap()
+    make, _ = OPTIMIZERS[name]
+    ps, opt = _two_params(lambda ps: make(ps, 1e-3, "triton"))
+    st = opt.state[ps[1]]
+    key = next(iter(st))
+    st[key] = st[key]  # (a state write: the next step takes the checked path)
+    before = [torch.Tensor.clone(t) for p in ps for t in (p, *opt.state[p].values()) if isinstance(t, torch.Tensor)]
+    _wire(WHO[who](ps, opt), trap)
+    with pytest.raises(TypeError, match="runs Python code of its own when it is read: the tensor object itself"):
+        opt.step()
+    assert trap.calls == 0
+    after = [t for p in ps for t in (p, *opt.state[p].values()) if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(torch.Tensor.detach(a), b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("who", list(WHO))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_the_reused_plan_calls_no_method_set_on_a_tensor(name, who, backend):
+    """On a step that reuses its plan, the Triton path reads the tensors through torch.Tensor's own methods: a method
+    set on the object is never called (it cannot run between the checks and the launch), and the step is the plain
+    one. The reference path's torch code calls the tensors' methods: such a tensor is refused there, as by the
+    checked step."""
+    trap = _Trap()
+    make, _ = OPTIMIZERS[name]
+    ps, opt = _two_params(lambda ps: make(ps, 1e-3, backend))
+    qs, twin = _two_params(lambda qs: make(qs, 1e-3, backend))
+    _wire(WHO[who](ps, opt), trap)
+    plan = opt._plans[0]
+    if backend == "reference":
+        with pytest.raises(TypeError, match="runs Python code of its own when it is read: the tensor object itself"):
+            opt.step()
+        assert trap.calls == 0
+        return
+    opt.step()
+    twin.step()
+    assert opt._plans[0] is plan and trap.calls == 0
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+
+
+class _GradSubclass(torch.Tensor):
+    def data_ptr(self):
+        return torch.Tensor.data_ptr(self)
+
+
+class _Attribute(torch.nn.Parameter):
+    def __getattribute__(self, name):
+        return super().__getattribute__(name)
+
+
+def test_tensor_subclasses_defining_what_is_read_are_refused():
+    from .safety import expect_error_unchanged
+
+    ps, opt = _two_params(lambda ps: FusedAdamW(ps, lr=1e-3, backend="triton"))
+    g = ps[1].grad
+    ps[1].grad = g.as_subclass(_GradSubclass)  # (a new grad: the step checks it through its methods)
+    expect_error_unchanged(opt.step, TypeError, r"grads\[1\] runs Python code .* its class _GradSubclass defines "
+                           "data_ptr", opt, ps)  # fmt: skip
+    ps[1].grad = g
+    lr = torch.tensor(1e-3)
+    lr.data_ptr = lambda: torch.Tensor.data_ptr(lr)
+    opt.param_groups[0]["lr"] = lr
+    expect_error_unchanged(opt.step, TypeError, "lr of param group 0 runs Python code", opt, ps)
+    q = _Attribute(torch.randn(3))
+    q.grad = torch.randn(3)
+    opt.add_param_group({"params": [q]})
+    opt.param_groups[0]["lr"] = 1e-3
+    with pytest.raises(TypeError, match="param 0 of param group 1 is a _Attribute, which defines __getattribute__"):
+        opt.step()
+
+
+def test_param_classes_are_read_afresh_and_by_identity():
+    """A class checked once and given a ``grad`` property later, and a class claiming a torch module, are refused
+    (the verdict is not cached; torch's own classes are trusted by identity, not by their ``__module__``)."""
+
+    class Late(torch.nn.Parameter):
+        pass
+
+    class Claims(torch.nn.Parameter):
+        __module__ = "torch.my_extension"
+
+        @property
+        def grad(self):
+            return torch.Tensor.grad.__get__(self)
+
+    p = Late(torch.randn(4))
+    p.grad = torch.ones(4)
+    opt = FusedAdamW([p], lr=1e-3, backend="triton")
+    opt.step()
+    Late.grad = property(lambda self: torch.Tensor.grad.__get__(self))
+    with pytest.raises(TypeError, match="is a .*Late, which defines grad"):
+        opt.step()
+    q = Claims(torch.randn(4))
+    with pytest.raises(TypeError, match="is a .*Claims, which defines grad"):
+        FusedAdamW([q], lr=1e-3, backend="triton").step()
+
+
+def test_functional_ops_refuse_tensors_with_methods_of_their_own():
+    params, grads = [torch.randn(5), torch.randn(5)], [torch.randn(5), torch.randn(5)]
+    m, v, steps = [torch.zeros(5), torch.zeros(5)], [torch.zeros(5), torch.zeros(5)], [torch.zeros(()), torch.zeros(())]
+    grads[1].numel = lambda: 5
+    with pytest.raises(
+        TypeError, match=r"adam_: grads\[1\] runs Python code .* the tensor object itself defines numel"
+    ):
+        functional.adam_(params, grads, m, v, state_steps=steps, lr=1e-3, backend="triton")
+    assert not any(map(torch.count_nonzero, m))
+
+    class Flag(torch.Tensor):
+        def __bool__(self):
+            return False
+
+    from fused_ops.kernels.cast import cast_launch
+
+    dst = [torch.zeros(5, dtype=torch.bfloat16)]
+    with pytest.raises(TypeError, match="cast_launch: stochastic runs Python code .* defines __bool__"):
+        cast_launch(dst, [torch.randn(5)], stochastic=torch.tensor(False).as_subclass(Flag))
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list subclass"])
+def test_params_as_a_tuple_or_list_subclass_keep_their_plan(kind):
+    """``group["params"]`` replaced by a tuple or a list subclass: read as a plain copy at each step, before any
+    check, and the plan is still reused (it compares the group's own object; probe 64: it was rebuilt every step)."""
+
+    class Params(list):
+        pass
+
+    ps, opt = _two_params(lambda ps: FusedAdamW(ps, lr=1e-3, backend="triton"))
+    opt.param_groups[0]["params"] = tuple(ps) if kind == "tuple" else Params(ps)
+    opt.step()
+    plan = opt._plans[0]
+    opt.step()
+    assert opt._plans[0] is plan

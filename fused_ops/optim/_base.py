@@ -45,7 +45,7 @@ from .._validate import (
     real_float,
     self_overlapping,
 )
-from ..kernels._checks import NoUserCode, plain_value
+from ..kernels._checks import NoUserCode, check_no_overrides, class_overrides, plain_value
 
 MASTER_KEY = "master_param"
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -81,9 +81,10 @@ def _to_float(x: Any, name: str = "a hyper-parameter", gi: int | None = None) ->
 
 
 class _StepGroup(dict):
-    """A param group as one eager step reads it (see :func:`_step_group`); ``index``: the group's place."""
+    """A param group as one eager step reads it (see :func:`_step_group`); ``index``: the group's place; ``source``:
+    the group's own ``params`` object (a plan compares its identity: a tuple or list subclass is read as a copy)."""
 
-    __slots__ = ("index",)
+    __slots__ = ("index", "source")
 
 
 _PLAIN_TYPES = frozenset({bool, int, float, str, type(None), torch.dtype})
@@ -102,58 +103,41 @@ def _step_group(gi: int, group: dict[str, Any]) -> _StepGroup:
     sequence is copied into a list. A value the step refuses is kept as it is, for the step's check to name."""
     view = _StepGroup()
     view.index = gi
+    view.source = group.get("params")
     for key, value in group.items():
-        view[key] = _plain(key, value)
+        view[key] = value if key in _NOT_READ else _plain(key, value)
     return view
 
 
-# What the step reads of a param through attribute lookup (the grad, the data, its hash as a state key, its
-# metadata and memory): a param class that defines one of these in Python would run caller code between the step's
-# checks and its launches (a ``grad`` property reading group 1's grads after group 0's were checked could free
-# group 0's states). torch's own classes (Parameter, DTensor) are trusted.
-_READ_ATTRIBUTES = frozenset({
-    "grad", "data", "__hash__", "__eq__", "data_ptr", "untyped_storage", "is_contiguous", "numel", "dtype", "device",
-    "shape", "size", "stride", "storage_offset", "_version", "requires_grad", "dim", "element_size", "nbytes",
-    "itemsize", "layout", "is_sparse", "is_meta", "is_cuda", "is_floating_point", "is_complex", "is_neg", "is_conj",
-    "placements", "device_mesh", "to_local", "_local_tensor", "_spec",
-})  # fmt: skip
-_CLASS_PROBLEMS: dict[type, str | None] = {}
+# (keys the step never reads: kept as they are, not copied at every step)
+_NOT_READ = frozenset({"param_names", "initial_lr", "name"})
 
 
-def _class_problem(cls: type) -> str | None:
-    """The attributes of :data:`_READ_ATTRIBUTES` that ``cls`` (or a class between it and ``torch.Tensor`` that is
-    not torch's own) defines in Python, named; None when there are none. Cached per class."""
-    try:
-        return _CLASS_PROBLEMS[cls]
-    except KeyError:
-        pass
-    names = set()
-    for c in cls.__mro__:
-        if c is Tensor:
-            break
-        if c.__module__.split(".")[0] != "torch":
-            names.update(_READ_ATTRIBUTES.intersection(vars(c)))
-    problem = ", ".join(sorted(names)) or None
-    _CLASS_PROBLEMS[cls] = problem
-    return problem
+# What the step reads of every param in its groups, with a grad or not (whether it has a grad, its hash as a state
+# key): a param class that defines one of these in Python would run caller code between the step's checks and its
+# launches (a ``grad`` property reading group 1's grads after group 0's were checked could free group 0's states).
+# The params with grads, their grads and their states are checked for every tensor attribute (``check_no_overrides``)
+# where the step reads them through their methods (the checked step); the reused plan reads them through
+# torch.Tensor's own methods only.
+_PARAM_READS = frozenset({"grad", "__getattribute__", "__getattr__", "__hash__", "__eq__"})
 
 
 def _check_param_classes(name: str, views: list[_StepGroup]) -> None:
-    """A TypeError, before any tensor is checked, for a param whose class defines what the step reads of a param in
-    Python (see :data:`_READ_ATTRIBUTES`)."""
+    """A TypeError, before any tensor is checked, for a param whose class defines :data:`_PARAM_READS` in Python
+    (torch's own classes, Parameter and DTensor, are trusted: see ``kernels/_checks.py: class_overrides``)."""
     for gi, view in enumerate(views):
         params = view["params"]
         for cls in set(map(type, params)):
             if cls is torch.nn.Parameter or cls is Tensor or not isinstance(cls, type) or not issubclass(cls, Tensor):
                 continue
-            problem = _class_problem(cls)
-            if problem is not None:
+            found = class_overrides(cls, _PARAM_READS)
+            if found:
                 i = next(i for i, p in enumerate(params) if type(p) is cls)
                 raise TypeError(
-                    f"{name}: param {i} of param group {gi} is a {cls.__qualname__}, which defines {problem} in "
-                    "Python: the step reads these between its checks and its launches, where no caller code may run "
-                    "(it could free memory a launch writes). Use torch.nn.Parameter, or a subclass that does not "
-                    "define them"
+                    f"{name}: param {i} of param group {gi} is a {cls.__qualname__}, which defines "
+                    f"{', '.join(found)} in Python: the step reads these between its checks and its launches, where "
+                    "no caller code may run (it could free memory a launch writes). Use torch.nn.Parameter, or a "
+                    "subclass that does not define them"
                 )
 
 
@@ -163,13 +147,15 @@ def _plain(key: Any, value: Any) -> Any:
     if cls in _PLAIN_TYPES or isinstance(value, Tensor):  # (a tensor subclass's methods are off in the step)
         return value
     if key == "params":
-        return value if cls is list else list(value)
+        return value if cls is list else list(list.__iter__(value) if isinstance(value, list) else value)
     if key in _FLAG_KEYS:
         try:
             return bool(value)
         except Exception:  # noqa: BLE001 - (no truth value: the step's check names the key)
             return value
-    if isinstance(value, tuple | list):  # (betas)
+    if cls is tuple and all(type(v) in _PLAIN_TYPES or isinstance(v, Tensor) for v in value):
+        return value  # (betas, as torch keeps them)
+    if isinstance(value, tuple | list):
         return tuple(_plain(None, v) for v in value)
     if isinstance(value, str):
         return str.__str__(value)  # (an exact str copy of a str subclass)
@@ -1418,6 +1404,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         checked = [self._check_step_values(gi, view) for gi, view in enumerate(views)]
         lrs = [view["lr"] for view in views]  # (each group's lr as checked: what its launches read)
         work = []
+        for gi, lr in enumerate(lrs):  # (a tensor lr is read through its methods: it may define none in Python)
+            if isinstance(lr, Tensor):
+                check_no_overrides(type(self).__name__, f"lr of param group {gi}", [lr], indexed=False)
+        read: set[int] = set()  # (the groups whose tensors were checked to run no code of their own when read)
         for gi, group in enumerate(views):
             values = checked[gi]
             _check_lr_memory(gi, lrs[gi])
@@ -1425,6 +1415,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             current = plan.current_grads(self, group, self.state) if plan is not None else None
             if current is None:
                 params = [p for p in group["params"] if p.grad is not None]
+                self._check_overrides(gi, params)  # (before the checks read them through their methods)
+                read.add(gi)
                 self._check_params(gi, params, group)
                 for device in {p.device for p in params}:
                     resolve_backend(group["backend"], device)  # (raises for "triton" on CPU without the interpreter)
@@ -1432,12 +1424,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 work.append((gi, group, values, plan, current))
         scalars = self._step_scalars(grad_scale, found_inf, lrs)
+        for gi, group, _, plan, current in work:
+            # (a reused plan reads its tensors through torch.Tensor's own methods, but the reference path's torch
+            # code calls theirs: checked before it runs, as the checked step does)
+            if current is not None and gi not in read and any(part.launcher is None for part in plan.parts):
+                self._check_overrides(gi, [p for p in group["params"] if p.grad is not None])
+                read.add(gi)
         if any(current is None for *_, current in work):
+            for gi, group in enumerate(views):  # (the reused plans' tensors too: read below through their methods)
+                if gi not in read:
+                    self._check_overrides(gi, [p for p in group["params"] if p.grad is not None])
             self._check_no_shared_memory(scalars, views)
             rebuilt = [(gi, group, values, params) for gi, group, values, params, current in work if current is None]
             if self._skipped_on_host(rebuilt, found_inf):
                 return
         elif scalars and _inside_written(self._plans.values(), [t for _, t in scalars]):
+            for gi, group in enumerate(views):
+                self._check_overrides(gi, [p for p in group["params"] if p.grad is not None])
             self._check_no_shared_memory(scalars, views)  # (names the pair; a hit across devices is no sharing)
 
         # Then the step in two phases. First everything that allocates, for every group: new states, plans, and each
@@ -1490,6 +1493,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.finish()
             self._after_run(plan)
         self._mark_masters([plan for plan, _ in prepared])
+
+    def _check_overrides(self, gi: int, params: list[Tensor]) -> None:
+        """A TypeError naming it for a param with a grad, its grad, or a state tensor of it, that runs Python code of
+        its own when read through its methods (``kernels/_checks.py: check_no_overrides``): the checked step reads
+        them so, after other tensors were checked."""
+        name = f"{type(self).__name__} (param group {gi})"
+        check_no_overrides(name, "params", params)
+        check_no_overrides(name, "grads", [p.grad for p in params])
+        for i, p in enumerate(params):
+            st = self.state.get(p)
+            for k, v in st.items() if st else ():
+                if isinstance(v, Tensor):
+                    check_no_overrides(name, f"state {k!r} of param {i}", [v], indexed=False)
 
     def _step_scalars(self, grad_scale: Any, found_inf: Any, lrs: list | None = None) -> list[tuple[str, Tensor]]:
         """The 1-element tensors a step reads through a pointer while it writes params and states: every tensor
@@ -1958,7 +1974,7 @@ class _GroupPlan:
     def __init__(self, opt: FusedOptimizer, group: dict[str, Any], params: list[Tensor],
                  states: list[dict[str, Tensor]], state: Any) -> None:  # fmt: skip
         all_params = group["params"]
-        self.params_list = all_params
+        self.params_list = getattr(group, "source", all_params)  # (the group's own params object: see _StepGroup)
         self.all_params = list(all_params)  # (identities; the optimizer holds these params anyway)
         self.n_all = len(all_params)
         self.structure = opt._plan_structure(group)
@@ -2064,7 +2080,7 @@ class _GroupPlan:
         params = group["params"]
         if (
             not self.reusable
-            or params is not self.params_list
+            or getattr(group, "source", params) is not self.params_list
             or len(params) != self.n_all
             or state is not self.state
             or state._version.n != self.state_version
