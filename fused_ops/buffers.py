@@ -27,7 +27,7 @@ from torch import Tensor
 from . import _ops, functional
 from ._backend import check_backend
 from ._validate import check_storage, has_memory
-from .kernels._checks import no_user_code
+from .kernels._checks import check_no_overrides, no_user_code
 
 __all__ = ["Bucket", "FlatBuffer"]
 
@@ -333,6 +333,8 @@ class FlatBuffer:
         params = self._plan(params, None, align, bucket_cap_mb, world_size, None, backend, fn, "params")
         _check_distinct(fn, "params", params)
         have = [i for i, p in enumerate(params) if p.grad is not None]
+        # (the grads are read below through their methods: none may run code of its own, see check_no_overrides)
+        check_no_overrides(fn, "", [params[i].grad for i in have], label=lambda k: f"params[{have[k]}].grad")
         for i in have:
             g = params[i].grad
             if g.layout != torch.strided:

@@ -19,7 +19,7 @@ from ._validate import check_memory as _check_memory
 from ._validate import check_scalar, check_storage, finite_fp32, first_without_storage, self_overlapping
 from ._validate import has_memory as _has_memory
 from ._validate import outside_storage as _outside_storage
-from .kernels._checks import no_user_code, plain_value
+from .kernels._checks import check_no_overrides, no_user_code, plain_value
 
 __all__ = ["adam_", "flatten", "unflatten", "unflatten_copy_", "cast_", "unscale_", "grad_norm", "clip_grad_norm_"]
 
@@ -1044,6 +1044,9 @@ def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[T
         i = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
         raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
     grads_in = grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:  # (read below through their methods: none may run code of its own, see check_no_overrides)
+        where = [i for i, p in enumerate(parameters) if p.grad is not None]
+        check_no_overrides(fn, "", grads, label=lambda k: f"parameters[{where[k]}].grad")
     specs = None
     if _dtensor.has_dtensor(grads):
         where = [i for i, p in enumerate(parameters) if p.grad is not None]

@@ -187,13 +187,17 @@ def _plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
 # could free that tensor's memory before the launch writes it. Such tensors are refused before any check.
 _TENSOR_NAMES = frozenset(dir(torch.Tensor))
 # (what a class may define without changing how a tensor is read: construction, copying, pickling, printing, its
-# torch function (off inside NoUserCode) and dispatch (a dispatch of its own is refused as a tensor without memory))
+# torch function (off inside NoUserCode) and dispatch (a dispatch of its own is refused as a tensor without memory);
+# ``to``, ``detach`` and ``clone`` are not among them: the step calls them on params and grads)
 _HARMLESS = frozenset({
     "__init__", "__new__", "__repr__", "__str__", "__format__", "__torch_function__", "__torch_dispatch__",
     "__deepcopy__", "__copy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__", "__module__", "__doc__",
     "__dict__", "__weakref__", "__slots__", "__annotations__", "__init_subclass__", "__class_getitem__",
     "__subclasshook__", "__qualname__", "__dir__", "__sizeof__", "__array__", "__array_wrap__", "__array_priority__",
     "__firstlineno__", "__static_attributes__",
+    # (moving a module or a param, which no call here does to a tensor it was given: quantised param classes define
+    # these)
+    "cuda", "cpu", "share_memory_", "pin_memory", "requires_grad_",
 })  # fmt: skip
 _READ_NAMES = _TENSOR_NAMES - _HARMLESS
 
@@ -217,36 +221,45 @@ def class_overrides(cls: type, names: Collection[str] = _READ_NAMES) -> list[str
     return sorted(found)
 
 
-def python_overrides(tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES) -> tuple[int, list[str]]:
-    """``(i, names)`` for the first of ``tensors`` whose class defines (see :func:`class_overrides`), or whose own
-    ``__dict__`` holds, one of ``names`` (a tensor's method set on the object shadows the class's); ``(-1, [])``
-    when none does. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
-    bad = {cls: found for cls in set(map(type, tensors)) if cls is not torch.Tensor
+def python_overrides(tensors: Sequence[torch.Tensor],
+                     names: Collection[str] = _READ_NAMES) -> tuple[int, list[str], str]:  # fmt: skip
+    """``(i, names, where)`` for the first of ``tensors`` whose class defines (see :func:`class_overrides`), or whose
+    own ``__dict__`` holds, one of ``names`` (a tensor's method set on the object shadows the class's); a DTensor's
+    local shard (what the checks and launches read of it) likewise; ``(-1, [], "")`` when none does. ``where`` says
+    which it is. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
+    kinds = set(map(type, tensors))
+    bad = {cls: found for cls in kinds if cls is not torch.Tensor
            for found in [class_overrides(cls, names)] if found}  # fmt: skip
     for i, t in enumerate(tensors):
         found = bad.get(type(t))
         if found:
-            return i, found
+            return i, found, f"its class {type(t).__qualname__}"
     for i, d in enumerate(map(_DICT, tensors)):
         if d and not _TENSOR_NAMES.isdisjoint(d):
-            return i, sorted(k for k in d if k in _TENSOR_NAMES)
-    return -1, []
+            return i, sorted(k for k in d if k in _TENSOR_NAMES), "the tensor object itself"
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and any(issubclass(k, dtensor) for k in kinds):
+        for i, t in enumerate(tensors):
+            if isinstance(t, dtensor):
+                j, found, where = python_overrides([t._local_tensor], names)
+                if j >= 0:
+                    return i, found, f"its local shard ({where.replace('the tensor object itself', 'the object')})"
+    return -1, [], ""
 
 
 _DICT = operator.attrgetter("__dict__")
 
 
 def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES,
-                       indexed: bool = True) -> None:  # fmt: skip
-    """A TypeError naming ``name[i]`` (``name`` unless ``indexed``) for the first of ``tensors`` that runs Python code
-    of its own when the checks or the launch read it (see :func:`python_overrides`)."""
-    i, found = python_overrides(tensors, names)
+                       indexed: bool = True, label: Callable[[int], str] | None = None) -> None:  # fmt: skip
+    """A TypeError naming ``name[i]`` (``name`` unless ``indexed``; ``label(i)`` when given) for the first of
+    ``tensors`` that runs Python code of its own when the checks or the launch read it (see
+    :func:`python_overrides`)."""
+    i, found, where = python_overrides(tensors, names)
     if i >= 0:
-        t = tensors[i]
-        where = "its class " + type(t).__qualname__ if class_overrides(type(t), names) else "the tensor object itself"
+        what = label(i) if label is not None else f"{name}[{i}]" if indexed else name
         raise TypeError(
-            f"{fn}: {name}{f'[{i}]' if indexed else ''} runs Python code of its own when it is read: {where} defines "
-            f"{', '.join(found)}. The "
+            f"{fn}: {what} runs Python code of its own when it is read: {where} defines {', '.join(found)}. The "
             "checks and the launch read it between them, where no caller code may run (it could free memory a "
             "launch writes): use a torch.Tensor / torch.nn.Parameter without them"
         )

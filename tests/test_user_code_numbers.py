@@ -456,7 +456,7 @@ def test_tensor_subclasses_defining_what_is_read_are_refused():
     ps, opt = _two_params(lambda ps: FusedAdamW(ps, lr=1e-3, backend="triton"))
     g = ps[1].grad
     ps[1].grad = g.as_subclass(_GradSubclass)  # (a new grad: the step checks it through its methods)
-    expect_error_unchanged(opt.step, TypeError, r"grads\[1\] runs Python code .* its class _GradSubclass defines "
+    expect_error_unchanged(opt.step, TypeError, r"the grad of param 1 .* its class _GradSubclass defines "
                            "data_ptr", opt, ps)  # fmt: skip
     ps[1].grad = g
     lr = torch.tensor(1e-3)
@@ -532,3 +532,70 @@ def test_params_as_a_tuple_or_list_subclass_keep_their_plan(kind):
     plan = opt._plans[0]
     opt.step()
     assert opt._plans[0] is plan
+
+
+def test_grads_read_from_params_are_checked_first():
+    """``clip_grad_norm_`` and ``FlatBuffer.for_grads`` read ``p.grad`` themselves: a grad with a method set on the
+    object is refused, named by its param, before anything is read or written (probe 65: the reference backend's
+    torch norm read a grad freed by such a method: SIGSEGV)."""
+    from fused_ops import FlatBuffer, clip_grad_norm_
+
+    ps = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    for p in ps[::2]:
+        p.grad = torch.randn(5)
+    before = [torch.Tensor.clone(p.grad) for p in ps[::2]]
+    ps[2].grad.numel = lambda: 5
+    for backend in ("triton", "reference"):
+        with pytest.raises(TypeError, match=r"clip_grad_norm_: parameters\[2\]\.grad runs Python code .* numel"):
+            clip_grad_norm_(ps, 0.1, backend=backend)
+    with pytest.raises(TypeError, match=r"FlatBuffer.for_grads: params\[2\]\.grad runs Python code"):
+        FlatBuffer.for_grads(ps)
+    assert all(torch.equal(torch.Tensor.detach(p.grad), b) for p, b in zip(ps[::2], before))
+
+
+class _Movable(torch.nn.Parameter):  # (as quantised param classes do: moving methods of its own)
+    def cuda(self, *args, **kwargs):
+        return super().cuda(*args, **kwargs)
+
+    def cpu(self):
+        return super().cpu()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_param_classes_with_moving_methods_of_their_own_step(backend):
+    p = _Movable(torch.randn(7))
+    p.grad = torch.randn(7)
+    opt = FusedAdamW([p], lr=1e-2, backend=backend)
+    before = torch.Tensor.clone(p)
+    opt.step()
+    opt.step()
+    assert not torch.equal(torch.Tensor.detach(p), before)
+
+
+@isolated
+def test_dtensor_local_shards_with_methods_of_their_own_are_refused(tmp_path):
+    """What the checks and launches read of a DTensor is its local shard: a method set on it is refused like one
+    set on a plain tensor, by the optimizer's checked step and by the functional ops (probe 65: SIGSEGV)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        ps = [torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])) for _ in range(2)]
+        for p in ps:
+            p.grad = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
+        opt = FusedAdamW(ps, lr=1e-2, backend="triton")
+        opt.step()
+        st = opt.state[ps[1]]
+        st["exp_avg"] = st["exp_avg"]  # (a state write: the next step takes the checked path)
+        ps[1].grad._local_tensor.data_ptr = lambda: torch.Tensor.data_ptr(ps[1].grad._local_tensor)
+        with pytest.raises(
+            TypeError, match=r"the grad of param 1 of param group 0 runs Python code .* its local shard"
+        ):
+            opt.step()
+        with pytest.raises(TypeError, match=r"grad_norm: tensors\[1\] runs Python code .* its local shard"):
+            functional.grad_norm([p.grad for p in ps], backend="reference")
+    finally:
+        dist.destroy_process_group()

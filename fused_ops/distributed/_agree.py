@@ -21,6 +21,7 @@ from torch import Tensor
 from .._backend import check_backend, resolve_backend
 from .._validate import FP32_MAX, has_memory, loaded_tensor_problem, real_float
 from .._validate import finite_fp32 as _finite_fp32
+from ..kernels._checks import check_no_overrides
 from ..precision import _grad_keys, _Spans
 from ._comm import _sum_of_squares
 from ._layout import _bucket_moved, _slot_moved
@@ -51,6 +52,8 @@ def _describe(value: Any) -> str:
 
 
 def _check_lr_tensor(lr: Tensor, where: str) -> None:
+    # (read through its methods here and by the launch after the ranks agree: it may run no code of its own)
+    check_no_overrides("ZeroAdamW", f"lr of {where}", [lr], indexed=False)
     if lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element (lr of {where} has {lr.numel()} elements)")
     if not lr.is_floating_point():

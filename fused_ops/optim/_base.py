@@ -1496,16 +1496,21 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_overrides(self, gi: int, params: list[Tensor]) -> None:
         """A TypeError naming it for a param with a grad, its grad, or a state tensor of it, that runs Python code of
-        its own when read through its methods (``kernels/_checks.py: check_no_overrides``): the checked step reads
-        them so, after other tensors were checked."""
-        name = f"{type(self).__name__} (param group {gi})"
-        check_no_overrides(name, "params", params)
-        check_no_overrides(name, "grads", [p.grad for p in params])
+        its own when read through its methods (``kernels/_checks.py: check_no_overrides``; a DTensor's local shard
+        included): the checked step reads them so, after other tensors were checked. ``params``: those with a grad,
+        named by their index among them, as the step's other checks name them."""
+        name = type(self).__name__
+
+        def where(i: int) -> str:
+            return f"param {i} of param group {gi}"
+
+        check_no_overrides(name, "", params, label=where)
+        check_no_overrides(name, "", [p.grad for p in params], label=lambda i: f"the grad of {where(i)}")
         for i, p in enumerate(params):
             st = self.state.get(p)
             for k, v in st.items() if st else ():
                 if isinstance(v, Tensor):
-                    check_no_overrides(name, f"state {k!r} of param {i}", [v], indexed=False)
+                    check_no_overrides(name, "", [v], label=lambda _, k=k, i=i: f"state {k!r} of {where(i)}")
 
     def _step_scalars(self, grad_scale: Any, found_inf: Any, lrs: list | None = None) -> list[tuple[str, Tensor]]:
         """The 1-element tensors a step reads through a pointer while it writes params and states: every tensor
