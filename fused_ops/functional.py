@@ -93,8 +93,9 @@ def adam_(
     One kernel launch per (device, dtype) group on the Triton backend, whatever the number of tensors.
     """
     # (the numbers and flags as plain Python objects before the first check: see kernels/_checks.py plain_value)
-    lr, beta1, beta2, eps, weight_decay, step = map(plain_value, (lr, beta1, beta2, eps, weight_decay, step))
-    amsgrad, maximize, decoupled_weight_decay = bool(amsgrad), bool(maximize), bool(decoupled_weight_decay)
+    names = ("lr", "beta1", "beta2", "eps", "weight_decay", "step")
+    lr, beta1, beta2, eps, weight_decay, step = (plain_value(x, f"adam_: {name}") for name, x in
+                                                 zip(names, (lr, beta1, beta2, eps, weight_decay, step)))  # fmt: skip
     params, grads = _as_list("adam_", "params", params), _as_list("adam_", "grads", grads)
     exp_avgs, exp_avg_sqs = _as_list("adam_", "exp_avgs", exp_avgs), _as_list("adam_", "exp_avg_sqs", exp_avg_sqs)
     n = len(params)
@@ -768,7 +769,7 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
     ``out``) by a group that ran, also when a later group's launch raised (what :class:`DynamicLossScaler` records as
     unscaled, so that a retry is refused rather than dividing those twice). ``err``: an error the caller found on
     this rank (raised, or with DTensor grads agreed with the other ranks' checks, as those of the local shards)."""
-    inv_scale = plain_value(inv_scale)  # (before the first check: see kernels/_checks.py plain_value)
+    inv_scale = plain_value(inv_scale, "unscale_: inv_scale")  # (before the first check: see plain_value)
     grads_in = _as_list("unscale_", "grads", grads)
     grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep")
     if err is not None and g_specs is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import inspect
+import math
 import numbers
 import operator
 import sys
@@ -137,10 +138,13 @@ def _plain_flag(x: Any, fn: str = "", name: str = "") -> Any:
     if type(x) in _KEEP:
         return x
     if isinstance(x, numbers.Number):
-        return plain_value(x)
+        return plain_value(x, f"{fn}: {name}")
     if isinstance(x, torch.Tensor):
         check_no_overrides(fn, name, [x], indexed=False)
-    return bool(x)
+    try:
+        return bool(x)
+    except Exception as e:  # (a truth value read once, here: never kept to be read again after the checks)
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(x).__name__} without one ({e})") from None
 
 
 _KEEP = frozenset({bool, int, float, str, bytes, type(None), torch.dtype, torch.device})
@@ -168,7 +172,7 @@ def _plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
             return x
         return cls(_plain_argument(v, fn, f"{name}[{i}]") for i, v in enumerate(x))
     if isinstance(x, numbers.Number):
-        return plain_value(x)
+        return plain_value(x, f"{fn}: {name}")
     if isinstance(x, str):
         return str.__str__(x)  # (an exact str copy of a str subclass)
     if isinstance(x, bytes):
@@ -265,9 +269,11 @@ def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], name
         )
 
 
-def plain_value(x: Any) -> Any:
+def plain_value(x: Any, name: str = "a number argument") -> Any:
     """``x`` with no Python code of its own left to run: a number as an exact ``int`` or ``float`` (a ``bool`` as it
-    is), a tensor or ``None`` as it is, anything else unchanged (for the caller's check to refuse).
+    is; one too large for a float as inf), a tensor or ``None`` as it is, anything else unchanged (for the caller's
+    check to refuse). A number whose conversion raises is a TypeError naming ``name``: kept as it is, it would be
+    read again after the checks (where a second read could succeed and run code).
 
     Run on a call's number arguments before its first check: a number's own methods (a ``float`` subclass's
     ``__float__``, ``__gt__``) are user code that :class:`NoUserCode` cannot turn off. Run after the checks (the
@@ -275,13 +281,18 @@ def plain_value(x: Any) -> Any:
     cls = type(x)
     if cls is float or cls is int or cls is bool or x is None or isinstance(x, torch.Tensor):
         return x
-    try:
-        if isinstance(x, numbers.Integral):
+    if isinstance(x, numbers.Integral):
+        try:
             return operator.index(x)  # (an exact int, without calling an int subclass's __index__)
-        if isinstance(x, numbers.Real):
+        except Exception as e:  # (never kept as it is: the callee would read it again, after its checks)
+            raise TypeError(f"{name} ({type(x).__name__}) cannot be read as an int: {type(e).__name__}: {e}") from None
+    if isinstance(x, numbers.Real):
+        try:
             return float(x)
-    except Exception:  # noqa: BLE001 - (a number that cannot be read: the caller's check names it)
-        return x
+        except OverflowError:
+            return math.inf if x > 0 else -math.inf  # (the caller's range check names it)
+        except Exception as e:  # (never kept as it is: the callee would read it again, after its checks)
+            raise TypeError(f"{name} ({type(x).__name__}) cannot be read as a float: {type(e).__name__}: {e}") from None
     return x
 
 

@@ -408,7 +408,7 @@ class PreparedLaunch:
             if key in _FLAG_ARGUMENTS:
                 x = bool(x)
             else:
-                x = plain_value(x)
+                x = plain_value(x, f"{type(self).__name__}: {key}")
                 if not (x is None or isinstance(x, int | float | torch.Tensor)):
                     raise TypeError(f"{type(self).__name__}: {key} must be a number or a 1-element tensor, got "
                                     f"{type(x).__name__}")  # fmt: skip

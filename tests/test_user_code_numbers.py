@@ -599,3 +599,64 @@ def test_dtensor_local_shards_with_methods_of_their_own_are_refused(tmp_path):
             functional.grad_norm([p.grad for p in ps], backend="reference")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("where", ["optimizer lr", "optimizer maximize", "adam_ eps", "launcher lr", "flag"])
+@isolated
+def test_a_number_that_fails_to_convert_is_refused_not_kept(where):
+    """A value whose first conversion raised was kept as it was and read again after the checks (probe 66), where a
+    second read could succeed and free a checked tensor: now a TypeError naming it, before any check."""
+    mmap_large_allocations()
+    from fused_ops.kernels.cast import cast_launch
+
+    victim = {}
+
+    class Flaky(float):
+        calls = 0
+
+        def __float__(self):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise ValueError("not yet")
+            victim["t"].untyped_storage().resize_(0)
+            return float.__float__(self)
+
+    class FlakyFlag:
+        calls = 0
+
+        def __bool__(self):
+            FlakyFlag.calls += 1
+            if FlakyFlag.calls == 1:
+                raise ValueError("not yet")
+            victim["t"].untyped_storage().resize_(0)
+            return False
+
+    p = torch.nn.Parameter(torch.randn(N))
+    p.grad = torch.randn(N)
+    if where.startswith("optimizer"):
+        opt = FusedAdamW([p], lr=1e-3, backend="triton")
+        opt.step()
+        victim["t"] = opt.state[p]["exp_avg"]
+        opt.param_groups[0].update(lr=Flaky(1e-3)) if where.endswith("lr") else opt.param_groups[0].update(
+            maximize=FlakyFlag()
+        )
+        with pytest.raises(TypeError, match="of param group 0 "):
+            opt.step()
+    elif where == "adam_ eps":
+        m, v = torch.zeros(N), torch.zeros(N)
+        victim["t"] = m
+        with pytest.raises(TypeError, match="adam_: eps .* cannot be read as a float"):
+            functional.adam_([p.detach()], [p.grad], [m], [v], state_steps=[torch.zeros(())], lr=1e-3,
+                             eps=Flaky(1e-8), backend="triton")  # fmt: skip
+    elif where == "launcher lr":
+        m, v = torch.zeros(N), torch.zeros(N)
+        victim["t"] = m
+        launch = AdamStep([p.detach()], [p.grad], [m], [v], [], [torch.zeros(())], amsgrad=False)
+        with pytest.raises(TypeError, match="AdamStep: lr .* cannot be read as a float"):
+            launch(lr=Flaky(1e-3), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    else:
+        dst = torch.zeros(N, dtype=torch.bfloat16)
+        victim["t"] = dst
+        with pytest.raises(TypeError, match="cast_launch: stochastic must be a bool"):
+            cast_launch([dst], [p.grad], stochastic=FlakyFlag())
+    assert Flaky.calls + FlakyFlag.calls == 1  # (read once, refused: never read again)

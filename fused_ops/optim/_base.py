@@ -105,7 +105,7 @@ def _step_group(gi: int, group: dict[str, Any]) -> _StepGroup:
     view.index = gi
     view.source = group.get("params")
     for key, value in group.items():
-        view[key] = value if key in _NOT_READ else _plain(key, value)
+        view[key] = value if key in _NOT_READ else _plain(key, value, gi)
     return view
 
 
@@ -141,8 +141,9 @@ def _check_param_classes(name: str, views: list[_StepGroup]) -> None:
                 )
 
 
-def _plain(key: Any, value: Any) -> Any:
-    """``value`` of ``key`` as a plain Python object (see :func:`_step_group`)."""
+def _plain(key: Any, value: Any, gi: int) -> Any:
+    """``value`` of ``key`` as a plain Python object (see :func:`_step_group`). A value whose conversion raises is a
+    TypeError naming it: kept as it is, it would be read again after the checks."""
     cls = type(value)
     if cls in _PLAIN_TYPES or isinstance(value, Tensor):  # (a tensor subclass's methods are off in the step)
         return value
@@ -151,15 +152,16 @@ def _plain(key: Any, value: Any) -> Any:
     if key in _FLAG_KEYS:
         try:
             return bool(value)
-        except Exception:  # noqa: BLE001 - (no truth value: the step's check names the key)
-            return value
+        except Exception as e:
+            raise TypeError(f"{key} of param group {gi} must be a bool, got {type(value).__name__} without a truth "
+                            f"value ({e})") from None  # fmt: skip
     if cls is tuple and all(type(v) in _PLAIN_TYPES or isinstance(v, Tensor) for v in value):
         return value  # (betas, as torch keeps them)
     if isinstance(value, tuple | list):
-        return tuple(_plain(None, v) for v in value)
+        return tuple(_plain(f"{key}[{i}]", v, gi) for i, v in enumerate(value))
     if isinstance(value, str):
         return str.__str__(value)  # (an exact str copy of a str subclass)
-    return plain_value(value)
+    return plain_value(value, f"{key} of param group {gi}")
 
 
 def _to_scalar(x: Any) -> Any:
