@@ -116,14 +116,14 @@ def no_user_code(fn: _F) -> _F:
 def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] = (), flags: Collection[str] = (),
                     fn: str = "", names: Sequence[str] = ()) -> tuple[tuple, dict]:  # fmt: skip
     """``args`` and ``kwargs`` with no Python code of the caller's left to run in them: see :func:`plain_value`
-    (numbers), :func:`_plain_argument` (sequences) and :func:`_plain_flag` (the arguments at ``flag_positions`` or
+    (numbers), :func:`plain_argument` (sequences) and :func:`plain_flag` (the arguments at ``flag_positions`` or
     named in ``flags``). A tensor, or a list or tuple of tensors, that runs code of its own when read (see
     :func:`python_overrides`) is a TypeError from ``fn`` naming the argument (``names``: the positional ones')."""
     args = tuple(
-        _plain_flag(a, fn, _name(names, i)) if i in flag_positions else _plain_argument(a, fn, _name(names, i))
+        plain_flag(a, fn, _name(names, i)) if i in flag_positions else plain_argument(a, fn, _name(names, i))
         for i, a in enumerate(args)
     )
-    kwargs = {k: _plain_flag(v, fn, k) if k in flags else _plain_argument(v, fn, k) for k, v in kwargs.items()}
+    kwargs = {k: plain_flag(v, fn, k) if k in flags else plain_argument(v, fn, k) for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -131,7 +131,7 @@ def _name(names: Sequence[str], i: int) -> str:
     return names[i] if i < len(names) else f"argument {i}"
 
 
-def _plain_flag(x: Any, fn: str = "", name: str = "") -> Any:
+def plain_flag(x: Any, fn: str = "", name: str = "") -> Any:
     """A flag argument: a bool, a plain number or str as it is (the callee may refuse all but a bool; their truth
     values run no caller code); a tensor or any other object (numpy's bool, an object with ``__bool__``) as its
     truth value, read here."""
@@ -150,7 +150,7 @@ def _plain_flag(x: Any, fn: str = "", name: str = "") -> Any:
 _KEEP = frozenset({bool, int, float, str, bytes, type(None), torch.dtype, torch.device})
 
 
-def _plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
+def plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
     """``x`` for :func:`plain_arguments`: a tensor, an exact bool/int/float/str, or a list or tuple of those, as it
     is (the same object); a number as :func:`plain_value` makes it; a list or tuple holding other values, a list or
     tuple subclass or another sequence (its ``__iter__``/``__getitem__`` would run again each time the callee reads
@@ -170,7 +170,7 @@ def _plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
         if all(k in _KEEP or issubclass(k, torch.Tensor) for k in kinds):
             check_no_overrides(fn, name, [v for v in x if isinstance(v, torch.Tensor)])
             return x
-        return cls(_plain_argument(v, fn, f"{name}[{i}]") for i, v in enumerate(x))
+        return cls(plain_argument(v, fn, f"{name}[{i}]") for i, v in enumerate(x))
     if isinstance(x, numbers.Number):
         return plain_value(x, f"{fn}: {name}")
     if isinstance(x, str):
@@ -178,9 +178,9 @@ def _plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
     if isinstance(x, bytes):
         return bytes(x)
     if isinstance(x, tuple):  # (a tuple subclass: torch.Size, a named tuple)
-        return _plain_argument(tuple(x), fn, name)
+        return plain_argument(tuple(x), fn, name)
     if isinstance(x, list | Sequence):
-        return _plain_argument(list(x), fn, name)
+        return plain_argument(list(x), fn, name)
     return x
 
 

@@ -52,6 +52,7 @@ from ._checks import (
     check_scalar,
     check_shared_memory,
     inside_storage,
+    plain_flag,
     plain_value,
 )
 
@@ -406,7 +407,7 @@ class PreparedLaunch:
         out = {}
         for key, x in kwargs.items():
             if key in _FLAG_ARGUMENTS:
-                x = bool(x)
+                x = plain_flag(x, type(self).__name__, key)
             else:
                 x = plain_value(x, f"{type(self).__name__}: {key}")
                 if not (x is None or isinstance(x, int | float | torch.Tensor)):

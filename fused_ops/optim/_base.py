@@ -45,7 +45,7 @@ from .._validate import (
     real_float,
     self_overlapping,
 )
-from ..kernels._checks import NoUserCode, check_no_overrides, class_overrides, plain_value
+from ..kernels._checks import NoUserCode, check_no_overrides, class_overrides, plain_argument, plain_flag
 
 MASTER_KEY = "master_param"
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -87,13 +87,12 @@ class _StepGroup(dict):
     __slots__ = ("index", "source")
 
 
-_PLAIN_TYPES = frozenset({bool, int, float, str, type(None), torch.dtype})
 # (the keys whose values a step reads as truth values: each made a bool once, before any tensor is checked)
 _FLAG_KEYS = frozenset({"amsgrad", "maximize", "decoupled_weight_decay", "nesterov", "master_weights", "foreach",
                         "fused", "capturable", "differentiable"})  # fmt: skip
 
 
-def _step_group(gi: int, group: dict[str, Any]) -> _StepGroup:
+def _step_group(name: str, gi: int, group: dict[str, Any]) -> _StepGroup:
     """``group`` as one eager step reads it, made before any tensor is checked: every value a plain Python object
     (an exact float, int, bool or str; tensors as they are), so that nothing from the first tensor check to the last
     launch runs a caller's Python code through a hyper-parameter. A value's own methods (a ``float`` subclass's
@@ -105,7 +104,7 @@ def _step_group(gi: int, group: dict[str, Any]) -> _StepGroup:
     view.index = gi
     view.source = group.get("params")
     for key, value in group.items():
-        view[key] = value if key in _NOT_READ else _plain(key, value, gi)
+        view[key] = value if key in _NOT_READ else _plain(name, key, value, gi)
     return view
 
 
@@ -141,27 +140,15 @@ def _check_param_classes(name: str, views: list[_StepGroup]) -> None:
                 )
 
 
-def _plain(key: Any, value: Any, gi: int) -> Any:
-    """``value`` of ``key`` as a plain Python object (see :func:`_step_group`). A value whose conversion raises is a
-    TypeError naming it: kept as it is, it would be read again after the checks."""
-    cls = type(value)
-    if cls in _PLAIN_TYPES or isinstance(value, Tensor):  # (a tensor subclass's methods are off in the step)
-        return value
-    if key == "params":
-        return value if cls is list else list(list.__iter__(value) if isinstance(value, list) else value)
+def _plain(name: str, key: Any, value: Any, gi: int) -> Any:
+    """``value`` of ``key`` as a plain Python object (see :func:`_step_group`): as the functional ops make their
+    arguments plain (``kernels/_checks.py: plain_argument``, ``plain_flag``: a value whose conversion raises, or a
+    tensor that runs code of its own when read, is a TypeError from ``name`` naming it)."""
+    if key == "params":  # (the group's own list; another sequence copied, without a list subclass's __iter__)
+        return value if type(value) is list else list(list.__iter__(value) if isinstance(value, list) else value)
     if key in _FLAG_KEYS:
-        try:
-            return bool(value)
-        except Exception as e:
-            raise TypeError(f"{key} of param group {gi} must be a bool, got {type(value).__name__} without a truth "
-                            f"value ({e})") from None  # fmt: skip
-    if cls is tuple and all(type(v) in _PLAIN_TYPES or isinstance(v, Tensor) for v in value):
-        return value  # (betas, as torch keeps them)
-    if isinstance(value, tuple | list):
-        return tuple(_plain(f"{key}[{i}]", v, gi) for i, v in enumerate(value))
-    if isinstance(value, str):
-        return str.__str__(value)  # (an exact str copy of a str subclass)
-    return plain_value(value, f"{key} of param group {gi}")
+        return plain_flag(value, name, f"{key} of param group {gi}")
+    return plain_argument(value, name, f"{key} of param group {gi}")
 
 
 def _to_scalar(x: Any) -> Any:
@@ -1401,14 +1388,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Every group's values first, as plain Python objects, then checked: from the first tensor check on, the step
         # reads the groups only through these views, so no hyper-parameter's own Python code runs there (see
         # _step_group), and a bad value of a later group raises before any tensor is looked at.
-        views = [_step_group(gi, group) for gi, group in enumerate(self.param_groups)]
+        views = [_step_group(type(self).__name__, gi, group) for gi, group in enumerate(self.param_groups)]
         _check_param_classes(type(self).__name__, views)
         checked = [self._check_step_values(gi, view) for gi, view in enumerate(views)]
         lrs = [view["lr"] for view in views]  # (each group's lr as checked: what its launches read)
         work = []
-        for gi, lr in enumerate(lrs):  # (a tensor lr is read through its methods: it may define none in Python)
-            if isinstance(lr, Tensor):
-                check_no_overrides(type(self).__name__, f"lr of param group {gi}", [lr], indexed=False)
         read: set[int] = set()  # (the groups whose tensors were checked to run no code of their own when read)
         for gi, group in enumerate(views):
             values = checked[gi]
@@ -1432,18 +1416,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             if current is not None and gi not in read and any(part.launcher is None for part in plan.parts):
                 self._check_overrides(gi, [p for p in group["params"] if p.grad is not None])
                 read.add(gi)
-        if any(current is None for *_, current in work):
-            for gi, group in enumerate(views):  # (the reused plans' tensors too: read below through their methods)
+        rebuilding = any(current is None for *_, current in work)
+        # (a rebuilt plan, or a scalar inside a reused plan's writes: every group's tensors are read below through their
+        # methods, those of the reused plans too; the hit is then named, and one across devices is no sharing)
+        if rebuilding or scalars and _inside_written(self._plans.values(), [t for _, t in scalars]):
+            for gi, group in enumerate(views):
                 if gi not in read:
                     self._check_overrides(gi, [p for p in group["params"] if p.grad is not None])
             self._check_no_shared_memory(scalars, views)
+        if rebuilding:
             rebuilt = [(gi, group, values, params) for gi, group, values, params, current in work if current is None]
             if self._skipped_on_host(rebuilt, found_inf):
                 return
-        elif scalars and _inside_written(self._plans.values(), [t for _, t in scalars]):
-            for gi, group in enumerate(views):
-                self._check_overrides(gi, [p for p in group["params"] if p.grad is not None])
-            self._check_no_shared_memory(scalars, views)  # (names the pair; a hit across devices is no sharing)
 
         # Then the step in two phases. First everything that allocates, for every group: new states, plans, and each
         # part's prepared run (the reference path computes its new values out of place here). An error there (out of
