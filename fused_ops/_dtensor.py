@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._exit import settle_at_exit
+from .kernels._checks import overrides_refusal, stand_in
 
 try:
     from torch.distributed.tensor import DTensor, Replicate
@@ -56,19 +57,30 @@ def is_partial(s: tuple | None) -> bool:
     return s is not None and any(p.is_partial() for p in s[1])
 
 
-def unwrap(fn: str, xs: list, label: Callable[[int], str], partial: bool = False) -> tuple[list, list | None]:
+def unwrap(fn: str, xs: list, label: Callable[[int], str], partial: bool = False,
+           refused: list | None = None) -> tuple[list, list | None]:  # fmt: skip
     """``xs`` with each DTensor replaced by its local shard, and each entry's :func:`spec` (None for a plain entry);
     ``(xs, None)`` when there is no DTensor. A ``Partial`` DTensor raises a ValueError naming ``label(i)``, unless
-    ``partial`` (an op that is linear in each element, or that reduces it first: :func:`reduce_partials`)."""
-    if not has_dtensor(xs):
-        return xs, None
-    specs = [spec(x) for x in xs]
-    if not partial:
+    ``partial`` (an op that is linear in each element, or that reduces it first: :func:`reduce_partials`).
+
+    ``refused`` (a list; for an op whose ``no_user_code`` leaves ``xs`` to it: see ``kernels/_checks.py``): the
+    entries (a DTensor, its local shard) are checked to run no Python code of their own when read, which may fail on
+    one rank only; the error is appended to ``refused``, for the op to agree with the other ranks (or raise, where
+    it does not communicate), and the entries are returned as stand-ins (plain tensors of their shapes, read by the
+    op's checks until the agreement, where it raises)."""
+    specs = [spec(x) for x in xs] if has_dtensor(xs) else None
+    if specs is not None and not partial:
         for i, s in enumerate(specs):
             if is_partial(s):
                 raise ValueError(f"{fn}: {label(i)} is {describe(s)}: a Partial DTensor must be reduced first "
                                  "(redistribute it to Shard or Replicate placements)")  # fmt: skip
-    return [x if s is None else x._local_tensor for x, s in zip(xs, specs)], specs
+    local = xs if specs is None else [x if s is None else x._local_tensor for x, s in zip(xs, specs)]
+    if refused is not None:
+        err = overrides_refusal(fn, xs, label)
+        if err is not None:
+            refused.append(err)
+            local = [stand_in(x) if isinstance(x, Tensor) else x for x in local]
+    return local, specs
 
 
 def reduce_partials(xs: list, local: list, specs: list) -> tuple[list, list]:
@@ -85,7 +97,7 @@ def reduce_partials(xs: list, local: list, specs: list) -> tuple[list, list]:
         for i in idx:
             mesh, placements = specs[i]
             reduced = tuple(Replicate() if p.is_partial() else p for p in placements)
-            local[i] = xs[i].redistribute(mesh, reduced)._local_tensor
+            local[i] = DTensor.redistribute(xs[i], mesh, reduced)._local_tensor  # (not a method set on xs[i])
             specs[i] = (mesh, reduced)
     return local, specs
 

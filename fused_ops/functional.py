@@ -19,7 +19,7 @@ from ._validate import check_memory as _check_memory
 from ._validate import check_scalar, check_storage, finite_fp32, first_without_storage, self_overlapping
 from ._validate import has_memory as _has_memory
 from ._validate import outside_storage as _outside_storage
-from .kernels._checks import check_no_overrides, no_user_code, plain_value
+from .kernels._checks import check_no_overrides, class_overrides, no_user_code, plain_value
 
 __all__ = ["adam_", "flatten", "unflatten", "unflatten_copy_", "cast_", "unscale_", "grad_norm", "clip_grad_norm_"]
 
@@ -305,13 +305,14 @@ def _as_list(fn: str, name: str, tensors) -> list:
 
 
 def _float_locals(
-    fn: str, name: str, tensors: list, partial: str = "refuse"
+    fn: str, name: str, tensors: list, partial: str = "refuse", refused: list | None = None
 ) -> tuple[list[Tensor], set[torch.dtype], list | None]:
     """:func:`_float_tensors_and_dtypes` with each DTensor taken as its local shard, and each entry's ``(mesh,
     placements)`` (None for a plain tensor; the list is None when there is no DTensor). A ``Partial`` DTensor is
     refused (``partial="refuse"``), taken as its summand (``"keep"``: a linear op), or reduced first (``"reduce"``:
-    a norm; its storage checked, then one all-reduce each)."""
-    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=partial != "refuse")
+    a norm; its storage checked, then one all-reduce each). ``refused``: see ``_dtensor.unwrap``."""
+    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=partial != "refuse",
+                                   refused=refused)  # fmt: skip
     local, dtypes = _float_tensors_and_dtypes(fn, name, local)
     if partial == "reduce" and specs is not None:
         local, specs = _reduced(fn, name, tensors, local, specs)
@@ -334,8 +335,11 @@ def _norm_locals(fn: str, name: str, tensors: list, err: BaseException | None = 
     some ranks only) is checked before any collective. Returns ``(local, dtypes, specs, err)``: with DTensors, the
     error of this rank's check (or ``err``, one the caller found) is returned, for :func:`_global_grad_norm` to agree
     in its reduction; where a ``Partial`` DTensor is reduced first, it is agreed before (one tiny all-reduce) and
-    raised on every rank."""
-    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=True)
+    raised on every rank. The tensors are checked here to run no code of their own (``grad_norm`` leaves them to
+    this: a refusal on one rank is agreed with the others, see ``_dtensor.unwrap``)."""
+    refused: list = []
+    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=True, refused=refused)
+    err = err or (refused[0] if refused else None)
     local, dtypes = _float_tensors_and_dtypes(fn, name, local)
     if specs is None:
         if err is not None:
@@ -722,7 +726,7 @@ def _check_inv_scale(fn: str, inv_scale) -> None:
         _check_finite(f"{fn}: inv_scale", float(inv_scale))  # (the kernels and torch's unscale: float32)
 
 
-@no_user_code
+@no_user_code(agreed=("grads", "inv_scale", "found_inf", "out"))  # (checked by _unscale: a refusal is agreed)
 def unscale_(
     grads: Sequence[Tensor],
     inv_scale: float | Tensor,
@@ -771,7 +775,11 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
     this rank (raised, or with DTensor grads agreed with the other ranks' checks, as those of the local shards)."""
     inv_scale = plain_value(inv_scale, "unscale_: inv_scale")  # (before the first check: see plain_value)
     grads_in = _as_list("unscale_", "grads", grads)
-    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep")
+    # (the tensors are checked here to run no code of their own, not on entry (``unscale_``'s no_user_code leaves
+    # them to this): a refusal on one rank is agreed as the checks below, see _dtensor.unwrap)
+    refused: list = []
+    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep", refused=refused)
+    err = err or (refused[0] if refused else None)
     if err is not None and g_specs is None:
         raise err
 
@@ -780,12 +788,16 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
     def local(check: Callable[[], None]) -> BaseException | None:
         return _dtensor.local_error(g_specs, check)
 
+    for scalar_name, scalar in (("found_inf", found_inf), ("inv_scale", inv_scale)):
+        if isinstance(scalar, Tensor):
+            err = err or local(lambda n=scalar_name, x=scalar: check_no_overrides("unscale_", n, [x], indexed=False))
     err = err or local(lambda: _check_inv_scale("unscale_", inv_scale))
     if found_inf is not None:
         err = err or local(lambda: _scalar_tensor("unscale_", "found_inf", found_inf))
     out_in = _as_list("unscale_", "out", out) if out is not None else []
-    outs, o_dtypes, o_specs = (_float_locals("unscale_", "out", out_in, partial="keep") if out is not None
-                               else ([], set(), None))  # fmt: skip
+    outs, o_dtypes, o_specs = (_float_locals("unscale_", "out", out_in, partial="keep", refused=refused)
+                               if out is not None else ([], set(), None))  # fmt: skip
+    err = err or (refused[0] if refused else None)
     if out is not None and len(outs) != len(grads):
         raise ValueError(f"unscale_: out has {len(outs)} tensors but grads has {len(grads)}")
     if outs and (g_specs is not None or o_specs is not None):
@@ -919,7 +931,7 @@ def _run_unscale(launches: list, done: list[int] | None = None) -> None:
             found_inf.copy_(merged)
 
 
-@no_user_code
+@no_user_code(agreed=("tensors",))  # (checked by _norm_locals: a refusal is agreed)
 def grad_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, *, backend: str | None = None) -> Tensor:
     """The ``norm_type``-norm of all elements of all ``tensors`` together, as a 0-d tensor on the first
     tensor's device: one launch per (device, dtype) group (two for a p other than 1, 2 and inf) plus a tiny
@@ -1030,11 +1042,16 @@ def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[Tensor]]:
+_GRAD_READS = frozenset({"grad", "__getattribute__", "__getattr__"})
+
+
+def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[Tensor], BaseException | None]:
     """The grads of ``parameters`` (a tensor or an iterable of tensors) that have one, checked by the parameter's
     index: dense floating-point tensors; DTensor grads as their local shards (a ``Partial`` one as its summand),
     with each grad's ``(mesh, placements)`` (None for a plain grad; the list is None when there is no DTensor
-    grad); and the grads as they are."""
+    grad); the grads as they are; and the error of the check that they run no code of their own (which may fail on
+    one rank only: for the caller to agree, or raise without DTensors; the grads are then stand-ins, see
+    ``_dtensor.unwrap``). A param class that runs code when its grad is read is a TypeError at once."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     elif not isinstance(parameters, Iterable):
@@ -1044,16 +1061,22 @@ def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[T
     if not _all_tensors(parameters):
         i = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
         raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
+    # (a param is read for its grad alone, which a method set on the object cannot shadow: its class (the same on
+    # every rank) must not define the read in Python)
+    for cls in set(map(type, parameters)) - {Tensor, torch.nn.Parameter}:
+        found = class_overrides(cls, _GRAD_READS)
+        if found:
+            i = next(i for i, p in enumerate(parameters) if type(p) is cls)
+            raise TypeError(f"{fn}: parameters[{i}] is a {cls.__qualname__}, which defines {', '.join(found)} in "
+                            "Python: its grad is read between the checks and the launches, where no caller code may "
+                            "run (it could free memory a launch writes)")  # fmt: skip
     grads_in = grads = [p.grad for p in parameters if p.grad is not None]
-    if grads:  # (read below through their methods: none may run code of its own, see check_no_overrides)
-        where = [i for i, p in enumerate(parameters) if p.grad is not None]
-        check_no_overrides(fn, "", grads, label=lambda k: f"parameters[{where[k]}].grad")
-    specs = None
-    if _dtensor.has_dtensor(grads):
-        where = [i for i, p in enumerate(parameters) if p.grad is not None]
-        grads, specs = _dtensor.unwrap(fn, grads, lambda k: f"parameters[{where[k]}].grad", partial=True)
+    where = [i for i, p in enumerate(parameters) if p.grad is not None]
+    refused: list = []  # (read below through their methods: none may run code of its own, see check_no_overrides)
+    grads, specs = _dtensor.unwrap(fn, grads, lambda k: f"parameters[{where[k]}].grad", partial=True, refused=refused)
+    err = refused[0] if refused else None
     if {g.layout for g in grads} <= _STRIDED and all(map(_has_memory, {type(g) for g in grads})):
-        return grads, specs, grads_in  # (grads are floating point: torch checks the param's dtype)
+        return grads, specs, grads_in, err  # (grads are floating point: torch checks the param's dtype)
     where = [i for i, p in enumerate(parameters) if p.grad is not None]
     for i, g in zip(where, grads):
         if g.layout != torch.strided:
@@ -1064,7 +1087,7 @@ def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[T
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-@no_user_code
+@no_user_code(agreed=("parameters",))  # (checked by _param_grads: a refusal is agreed)
 def clip_grad_norm_(
     parameters: Tensor | Iterable[Tensor],
     max_norm: float,
@@ -1092,7 +1115,9 @@ def clip_grad_norm_(
     """
     max_norm = _check_max_norm("clip_grad_norm_", max_norm)
     norm_type = _check_norm_type("clip_grad_norm_", norm_type)
-    grads, specs, grads_in = _param_grads("clip_grad_norm_", parameters)
+    grads, specs, grads_in, err = _param_grads("clip_grad_norm_", parameters)
+    if err is not None and specs is None:
+        raise err
     if not grads:
         return torch.tensor(0.0)
     # A grad listed more than once (a param listed twice) is multiplied once per listing, as torch's loop does:
@@ -1115,7 +1140,7 @@ def clip_grad_norm_(
 
     # (with DTensor grads a check that fails on some ranks only is agreed before anything is sent or written: in the
     # norm's reduction, or first, in one tiny all-reduce, where a Partial grad is reduced before it)
-    err = _dtensor.local_error(specs, check)
+    err = err or _dtensor.local_error(specs, check)
     if specs is not None:
         # (a Partial grad's norm is its reduced value's; its summands are then scaled in place, which scales the sum)
         if any(map(_dtensor.is_partial, specs)):

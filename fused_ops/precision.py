@@ -455,7 +455,7 @@ class DynamicLossScaler:
             raise TypeError(f"DynamicLossScaler.scale_loss: loss must be a Tensor, got {type(loss).__name__}")
         return loss * self._scale.reshape(()).to(loss.device)
 
-    @no_user_code
+    @no_user_code(agreed=("grads", "out"))  # (checked by functional._unscale: a refusal is agreed)
     def unscale_(self, grads: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> Tensor:
         """Divide ``grads`` by the scale in place (or write to ``out``, e.g. fp32 copies of bf16 grads) and set
         :attr:`found_inf` on inf/nan: one launch per (device, dtype) group, no sync. Returns :attr:`found_inf`.
@@ -664,7 +664,7 @@ class DynamicLossScaler:
                 "the optimizer step"
             )
 
-    @no_user_code
+    @no_user_code(agreed=("grads",))  # (checked by functional._norm_locals: a refusal is agreed)
     def grad_scale_and_norm(
         self, grads: Sequence[Tensor], max_norm: float | None = None, norm_type: float = 2.0
     ) -> tuple[Tensor, Tensor]:

@@ -87,13 +87,20 @@ class NoUserCode:
                     gc.enable()
 
 
-def no_user_code(fn: _F) -> _F:
+def no_user_code(fn: _F | None = None, *, agreed: Collection[str] = ()) -> Any:
     """``fn`` run inside :class:`NoUserCode`, from its first check to its last launch; as it is while
     ``torch.compile`` traces it (no memory is read then: the compiled graph calls the custom ops, which check).
 
     Its arguments are made plain first (:func:`plain_arguments`): numbers exact ints and floats, the arguments
     annotated ``bool`` bools (or plain values), lists and tuples (and other sequences) exact lists and tuples of
-    plain values, so that nothing ``fn`` does after its first check runs a caller's Python code through them."""
+    plain values, so that nothing ``fn`` does after its first check runs a caller's Python code through them.
+
+    ``agreed`` (with ``@no_user_code(agreed=(...))``): the arguments whose tensors ``fn`` checks itself for code of
+    their own (:func:`overrides_refusal`) before reading them, an op that agrees its checks of DTensor shards with
+    the other ranks: a refusal that may be one rank's only (a method set on one rank's shard) is then agreed too,
+    where raised here it would leave the other ranks waiting in the op's collective."""
+    if fn is None:
+        return functools.partial(no_user_code, agreed=agreed)
     sig = inspect.signature(fn)
     flags = {name for name, p in sig.parameters.items() if p.annotation in ("bool", bool)}
     positions = {i: name for i, (name, p) in enumerate(sig.parameters.items())
@@ -107,23 +114,27 @@ def no_user_code(fn: _F) -> _F:
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         with NoUserCode():
-            args, kwargs = plain_arguments(args, kwargs, flag_positions, flags, name, names)
+            args, kwargs = plain_arguments(args, kwargs, flag_positions, flags, name, names, agreed)
             return fn(*args, **kwargs)
 
     return run  # type: ignore[return-value]
 
 
 def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] = (), flags: Collection[str] = (),
-                    fn: str = "", names: Sequence[str] = ()) -> tuple[tuple, dict]:  # fmt: skip
+                    fn: str = "", names: Sequence[str] = (),
+                    unchecked: Collection[str] = ()) -> tuple[tuple, dict]:  # fmt: skip
     """``args`` and ``kwargs`` with no Python code of the caller's left to run in them: see :func:`plain_value`
     (numbers), :func:`plain_argument` (sequences) and :func:`plain_flag` (the arguments at ``flag_positions`` or
     named in ``flags``). A tensor, or a list or tuple of tensors, that runs code of its own when read (see
-    :func:`python_overrides`) is a TypeError from ``fn`` naming the argument (``names``: the positional ones')."""
+    :func:`python_overrides`) is a TypeError from ``fn`` naming the argument (``names``: the positional ones'),
+    except in the arguments named in ``unchecked`` (``fn`` checks them itself: see :func:`no_user_code`)."""
     args = tuple(
-        plain_flag(a, fn, _name(names, i)) if i in flag_positions else plain_argument(a, fn, _name(names, i))
+        plain_flag(a, fn, nm) if i in flag_positions else plain_argument(a, fn, nm, nm not in unchecked)
         for i, a in enumerate(args)
+        for nm in (_name(names, i),)
     )
-    kwargs = {k: plain_flag(v, fn, k) if k in flags else plain_argument(v, fn, k) for k, v in kwargs.items()}
+    kwargs = {k: plain_flag(v, fn, k) if k in flags else plain_argument(v, fn, k, k not in unchecked)
+              for k, v in kwargs.items()}  # fmt: skip
     return args, kwargs
 
 
@@ -150,27 +161,30 @@ def plain_flag(x: Any, fn: str = "", name: str = "") -> Any:
 _KEEP = frozenset({bool, int, float, str, bytes, type(None), torch.dtype, torch.device})
 
 
-def plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
+def plain_argument(x: Any, fn: str = "", name: str = "", check: bool = True) -> Any:
     """``x`` for :func:`plain_arguments`: a tensor, an exact bool/int/float/str, or a list or tuple of those, as it
     is (the same object); a number as :func:`plain_value` makes it; a list or tuple holding other values, a list or
     tuple subclass or another sequence (its ``__iter__``/``__getitem__`` would run again each time the callee reads
     it) as an exact list or tuple of plain values. Anything else (a dict, a process group) as it is. Tensors are
-    checked to run no code of their own when read (:func:`check_no_overrides`)."""
+    checked to run no code of their own when read (:func:`check_no_overrides`), unless not ``check``."""
     cls = type(x)
     if cls in _KEEP:
         return x
     if isinstance(x, torch.Tensor):
-        check_no_overrides(fn, name, [x], indexed=False)
+        if check:
+            check_no_overrides(fn, name, [x], indexed=False)
         return x
     if cls is list or cls is tuple:  # (the element types first: a set built in C, ~15 ns an element)
         kinds = set(map(type, x))
         if all(issubclass(k, torch.Tensor) for k in kinds):
-            check_no_overrides(fn, name, x)
+            if check:
+                check_no_overrides(fn, name, x)
             return x
         if all(k in _KEEP or issubclass(k, torch.Tensor) for k in kinds):
-            check_no_overrides(fn, name, [v for v in x if isinstance(v, torch.Tensor)])
+            if check:
+                check_no_overrides(fn, name, [v for v in x if isinstance(v, torch.Tensor)])
             return x
-        return cls(plain_argument(v, fn, f"{name}[{i}]") for i, v in enumerate(x))
+        return cls(plain_argument(v, fn, f"{name}[{i}]", check) for i, v in enumerate(x))
     if isinstance(x, numbers.Number):
         return plain_value(x, f"{fn}: {name}")
     if isinstance(x, str):
@@ -178,9 +192,9 @@ def plain_argument(x: Any, fn: str = "", name: str = "") -> Any:
     if isinstance(x, bytes):
         return bytes(x)
     if isinstance(x, tuple):  # (a tuple subclass: torch.Size, a named tuple)
-        return plain_argument(tuple(x), fn, name)
+        return plain_argument(tuple(x), fn, name, check)
     if isinstance(x, list | Sequence):
-        return plain_argument(list(x), fn, name)
+        return plain_argument(list(x), fn, name, check)
     return x
 
 
@@ -261,12 +275,36 @@ def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], name
     :func:`python_overrides`)."""
     i, found, where = python_overrides(tensors, names)
     if i >= 0:
-        what = label(i) if label is not None else f"{name}[{i}]" if indexed else name
-        raise TypeError(
-            f"{fn}: {what} runs Python code of its own when it is read: {where} defines {', '.join(found)}. The "
-            "checks and the launch read it between them, where no caller code may run (it could free memory a "
-            "launch writes): use a torch.Tensor / torch.nn.Parameter without them"
-        )
+        raise _overrides_error(fn, label(i) if label is not None else f"{name}[{i}]" if indexed else name, found, where)
+
+
+def _overrides_error(fn: str, what: str, found: list[str], where: str) -> TypeError:
+    return TypeError(
+        f"{fn}: {what} runs Python code of its own when it is read: {where} defines {', '.join(found)}. The "
+        "checks and the launch read it between them, where no caller code may run (it could free memory a "
+        "launch writes): use a torch.Tensor / torch.nn.Parameter without them"
+    )
+
+
+def overrides_refusal(fn: str, xs: Sequence, label: Callable[[int], str]) -> TypeError | None:
+    """:func:`check_no_overrides` of the tensors among ``xs`` (the other entries are the caller's to refuse; a
+    DTensor with its local shard), the error naming ``label(i)`` returned, not raised: for an op that agrees it with
+    the other ranks (see :func:`no_user_code`'s ``agreed``); it then reads :func:`stand_in` s, not ``xs``."""
+    idx = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor)]
+    i, found, where = python_overrides([xs[k] for k in idx])
+    return None if i < 0 else _overrides_error(fn, label(idx[i]), found, where)
+
+
+def stand_in(x: torch.Tensor) -> torch.Tensor:
+    """A new plain tensor of ``x``'s shape, strides, dtype and device (read through torch's own methods, none of
+    ``x``'s): what an op reads in the place of a tensor it has refused (:func:`overrides_refusal`) on its way to the
+    agreement with the other ranks, where it raises. Nothing is ever written to it."""
+    base = torch._C.TensorBase
+    dtype, device = base.dtype.__get__(x), base.device.__get__(x)
+    try:
+        return torch.empty_strided(base.size(x), base.stride(x), dtype=dtype, device=device)
+    except (RuntimeError, TypeError, ValueError):  # (no strides: a sparse or nested tensor)
+        return torch.empty(0, dtype=dtype, device=device)
 
 
 def plain_value(x: Any, name: str = "a number argument") -> Any:

@@ -82,7 +82,9 @@ def run_scaler(rank: int, world: int, out_dir: str) -> dict:
 
 
 def run_functional(rank: int, world: int, out_dir: str) -> dict:
-    """clip_grad_norm_ / grad_norm / unscale_ / DynamicLossScaler.unscale_ with a check that fails on rank 1 only."""
+    """clip_grad_norm_ / grad_norm / unscale_ / DynamicLossScaler.unscale_ and grad_scale_and_norm with a check that
+    fails on rank 1 only: a grad's shard freed, or sharing another's memory, or a method set on rank 1's object (the
+    shard, the DTensor, the found_inf flag: refused as code of its own, see kernels/_checks.py: no_user_code)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
@@ -92,9 +94,11 @@ def run_functional(rank: int, world: int, out_dir: str) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     out = {}
     for backend in BACKENDS:
-        for case in ("clip", "clip_partial", "grad_norm", "grad_norm_partial", "unscale", "scaler"):
-            for fault in ("freed", "alias"):
-                if case.startswith("grad_norm") and fault == "alias":  # (read only: shared memory is allowed)
+        for case in ("clip", "clip_partial", "grad_norm", "grad_norm_partial", "unscale", "scaler", "scaler_norm"):
+            for fault in ("freed", "alias", "shard_method", "dtensor_method", "found_inf_method"):
+                if case.startswith(("grad_norm", "scaler_norm")) and fault == "alias":  # (read only: may share)
+                    continue
+                if fault == "found_inf_method" and case != "unscale":
                     continue
                 gen = torch.Generator().manual_seed(0)
                 ps = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, generator=gen), mesh, [Shard(0)]))
@@ -105,14 +109,18 @@ def run_functional(rank: int, world: int, out_dir: str) -> dict:
                     r = torch.nn.Parameter(distribute_tensor(torch.zeros(5), mesh, [Replicate()]))
                     r.grad = DTensor.from_local(torch.full((5,), 1.0 + rank), mesh, [Partial()], run_check=False)
                     ps.append(r)
+                found = torch.zeros(1)
                 if rank == 1:
                     if fault == "freed":
                         ps[1].grad._local_tensor.untyped_storage().resize_(0)
+                    elif fault.endswith("method"):  # (harmless methods: refused all the same, and agreed)
+                        obj = {"shard": ps[1].grad._local_tensor, "dtensor": ps[1].grad, "found": found}[
+                            fault.split("_")[0]]  # fmt: skip
+                        obj.numel = lambda obj=obj: torch.Tensor.numel(obj)
                     else:  # (grad 1's shard is grad 0's memory, on rank 1 only)
                         ps[1].grad = DTensor.from_local(ps[0].grad._local_tensor, mesh, [Shard(0)], run_check=False,
                                                         shape=ps[1].shape, stride=ps[1].stride())  # fmt: skip
                 grads = [p.grad for p in ps]
-                found = torch.zeros(1)
                 before = [t._local_tensor.clone() for t in [*ps, *grads] if t._local_tensor.untyped_storage().nbytes()]
                 if case.startswith("clip"):
                     kind, msg, dt = _outcome(fused_ops.clip_grad_norm_, ps, 0.1, backend=backend)
@@ -123,7 +131,8 @@ def run_functional(rank: int, world: int, out_dir: str) -> dict:
                 else:
                     scaler = DynamicLossScaler(init_scale=2.0, device="cpu", backend=backend)
                     found = scaler.found_inf
-                    kind, msg, dt = _outcome(scaler.unscale_, grads)
+                    call = scaler.unscale_ if case == "scaler" else scaler.grad_scale_and_norm
+                    kind, msg, dt = _outcome(call, grads)
                 after = [t._local_tensor for t in [*ps, *grads] if t._local_tensor.untyped_storage().nbytes()]
                 unchanged = all(torch.equal(a, b) for a, b in zip(before, after)) and found.item() == 0
                 out[(backend, case, fault)] = (kind, msg, dt, unchanged)
@@ -165,13 +174,19 @@ def test_scaler_second_unscale_with_empty_shard(out_dir):
 
 
 def test_functional_ops_check_failing_on_one_rank(out_dir):
-    """Rank 1's check fails (freed shard, or two grads sharing memory there): it raises its own error, rank 0 a
-    RuntimeError saying another rank refused, no rank waits, and nothing is written on either (before: rank 0 waited
-    in the all-reduce until the timeout; unscale_ wrote rank 0's grads first)."""
+    """Rank 1's check fails (freed shard, or two grads sharing memory there, or a method set on its object): it raises
+    its own error, rank 0 a RuntimeError saying another rank refused, no rank waits, and nothing is written on either
+    (before: rank 0 waited in the all-reduce until the timeout; unscale_ wrote rank 0's grads first; a method was
+    refused on entry, on rank 1 alone)."""
     r0, r1 = _spawn("run_functional", out_dir)
+    assert len(r0) == 2 * 26, sorted(r0)
     for key in r0:
         (k0, m0, t0, u0), (k1, m1, t1, u1) = r0[key], r1[key]
-        assert k1 == "ValueError" and ("outside its storage" in m1 or "share memory" in m1), (key, r1[key])
+        if key[2].endswith("method"):
+            what = "found_inf" if key[2] == "found_inf_method" else "].grad" if key[1].startswith("clip") else "s[1]"
+            assert k1 == "TypeError" and "runs Python code of its own" in m1 and what in m1, (key, r1[key])
+        else:
+            assert k1 == "ValueError" and ("outside its storage" in m1 or "share memory" in m1), (key, r1[key])
         assert k0 == "RuntimeError" and "another rank refused its input" in m0, (key, r0[key])
         assert u0 and u1, (key, u0, u1)
         assert max(t0, t1) < PG_TIMEOUT_S / 2, (key, t0, t1)

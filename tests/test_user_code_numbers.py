@@ -553,6 +553,53 @@ def test_grads_read_from_params_are_checked_first():
     assert all(torch.equal(torch.Tensor.detach(p.grad), b) for p, b in zip(ps[::2], before))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ops_that_agree_their_checks_refuse_methods_themselves(backend):
+    """``unscale_``, ``grad_norm``, ``clip_grad_norm_`` and the scaler's ``unscale_`` / ``grad_scale_and_norm`` check
+    their tensors for methods of their own inside the op (where a refusal on one rank is agreed with the others, see
+    test_dtensor_rank_local.py), not on entry: with plain tensors each is still a TypeError naming the tensor, before
+    anything is read or written; a param class with a ``grad`` property is refused by clip_grad_norm_."""
+    from fused_ops import DynamicLossScaler, clip_grad_norm_
+
+    def with_method(t):
+        t.numel = lambda: torch.Tensor.numel(t)
+        return t
+
+    grads = [torch.randn(5), torch.randn(3)]
+    before = [torch.Tensor.clone(g) for g in grads]
+    cases = {
+        r"unscale_: grads\[1\]": lambda: functional.unscale_(
+            [grads[0], with_method(torch.randn(3))], 0.5, backend=backend
+        ),
+        r"unscale_: out\[0\]": lambda: functional.unscale_(
+            grads, 0.5, out=[with_method(torch.randn(5)), torch.randn(3)], backend=backend
+        ),
+        r"unscale_: found_inf": lambda: functional.unscale_(grads, 0.5, with_method(torch.zeros(1)), backend=backend),
+        r"unscale_: inv_scale": lambda: functional.unscale_(grads, with_method(torch.full((1,), 0.5)), backend=backend),
+        r"grad_norm: tensors\[0\]": lambda: functional.grad_norm([with_method(torch.randn(2))], backend=backend),
+    }
+    for pattern, call in cases.items():
+        with pytest.raises(TypeError, match=pattern + " runs Python code of its own"):
+            call()
+    scaler = DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
+    with pytest.raises(TypeError, match=r"grads\[1\] runs Python code of its own"):
+        scaler.unscale_([grads[0], with_method(torch.randn(3))])
+    with pytest.raises(TypeError, match=r"tensors\[1\] runs Python code of its own"):
+        scaler.grad_scale_and_norm([grads[0], with_method(torch.randn(3))])
+    assert scaler.found_inf.item() == 0 and all(torch.equal(g, b) for g, b in zip(grads, before))
+
+    class GradProperty(torch.nn.Parameter):
+        @property
+        def grad(self):
+            return torch.Tensor.grad.__get__(self)
+
+    ps = [torch.nn.Parameter(torch.randn(5)), GradProperty(torch.randn(3))]
+    ps[0].grad = grads[0]
+    with pytest.raises(TypeError, match=r"clip_grad_norm_: parameters\[1\] is a .*GradProperty, which defines grad"):
+        clip_grad_norm_(ps, 0.1, backend=backend)
+    assert torch.equal(grads[0], before[0])
+
+
 class _Movable(torch.nn.Parameter):  # (as quantised param classes do: moving methods of its own)
     def cuda(self, *args, **kwargs):
         return super().cuda(*args, **kwargs)
