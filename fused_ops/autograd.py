@@ -230,7 +230,7 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
     tensors, dtypes = functional._float_tensors_and_dtypes("flatten", "tensors", tensors)
     if not tensors:
         raise ValueError("flatten: tensors must not be empty")
-    functional._check_align("flatten", align)
+    align = functional._check_align("flatten", align)
     functional._one_group("flatten", "tensors", tensors, dtypes)
     check_backend(backend)
     return _flatten_apply(align, backend, *tensors)

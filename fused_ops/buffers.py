@@ -147,10 +147,8 @@ class FlatBuffer:
     def _plan(self, tensors, dtype, align, bucket_cap_mb, world_size, device, backend, fn="FlatBuffer",
               name="tensors") -> list[Tensor]:  # fmt: skip
         tensors = functional._float_tensors(fn, name, tensors)
-        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-            raise ValueError(f"{fn}: align must be a positive int, got {align!r}")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"{fn}: world_size must be a positive int, got {world_size!r}")
+        align = functional._positive_int(fn, "align", align)
+        world_size = functional._positive_int(fn, "world_size", world_size)
         if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, Real)
                                           or not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0)):  # fmt: skip
             raise ValueError(f"{fn}: bucket_cap_mb must be a positive number or None, got {bucket_cap_mb!r}")

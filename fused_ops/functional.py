@@ -7,6 +7,7 @@ Each function checks its arguments, groups tensors by (device, dtype) and calls 
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -448,9 +449,21 @@ def _op_backend(fn: str, backend: str | None, device: torch.device, dtypes, supp
     return name
 
 
-def _check_align(fn: str, align: int) -> None:
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise ValueError(f"{fn}: align must be a positive int, got {align!r}")
+def _check_align(fn: str, align: int) -> int:
+    return _positive_int(fn, "align", align)
+
+
+def _positive_int(fn: str, name: str, x) -> int:
+    """``x`` as an exact int >= 1: an int or another integer type (numpy's), not a bool; else a ValueError naming
+    ``name``."""
+    if not isinstance(x, bool) and isinstance(x, numbers.Integral):
+        try:
+            x = operator.index(x)
+        except Exception:  # noqa: BLE001 - (named below)
+            pass
+    if type(x) is not int or x < 1:
+        raise ValueError(f"{fn}: {name} must be a positive int, got {x!r}")
+    return x
 
 
 def _check_norm_type(fn: str, norm_type: float | str) -> float:
@@ -495,7 +508,7 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
     returns the views. The buffer is written once, padding included (no zero-fill pass). Not
     differentiable: see ``fused_ops.autograd.flatten``. An empty list gives an empty float32 tensor.
     """
-    _check_align("flatten", align)
+    align = _check_align("flatten", align)
     tensors, dtypes = _float_tensors_and_dtypes("flatten", "tensors", tensors)
     if not tensors:
         return torch.empty(0)
@@ -506,10 +519,11 @@ def flatten(tensors: Sequence[Tensor], align: int = 64, *, backend: str | None =
     return _ops.flatten_eager(_contiguous(tensors), align, backend_name)
 
 
-def _check_flat(fn: str, flat: Tensor, align: int) -> None:
-    _check_align(fn, align)
+def _check_flat(fn: str, flat: Tensor, align: int) -> int:
+    align = _check_align(fn, align)
     if not isinstance(flat, Tensor) or flat.layout != torch.strided or flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError(f"{fn}: flat must be a contiguous 1-d tensor")
+    return align
 
 
 def _offsets(fn: str, flat: Tensor, numels: list[int], align: int) -> list[int]:
@@ -554,7 +568,7 @@ def unflatten(flat: Tensor, like: Sequence[Tensor | Sequence[int]], align: int =
 
     No copy: writing to a view writes to ``flat``. ``align`` must be the one ``flat`` was built with.
     """
-    _check_flat("unflatten", flat, align)
+    align = _check_flat("unflatten", flat, align)
     if isinstance(like, Tensor) or not isinstance(like, Iterable):
         raise TypeError(f"unflatten: like must be a sequence of tensors or shapes, got {type(like).__name__}")
     like = list(like)
@@ -589,7 +603,7 @@ def unflatten_copy_(tensors: Sequence[Tensor], flat: Tensor, align: int = 64, *,
     with each other or with ``flat``.
     """
     tensors, dtypes = _float_tensors_and_dtypes("unflatten_copy_", "tensors", tensors)
-    _check_flat("unflatten_copy_", flat, align)
+    align = _check_flat("unflatten_copy_", flat, align)
     check_storage("unflatten_copy_", "flat", [flat], indexed=False)  # (freed or shrunk in place: read next)
     numels = [x.numel() for x in tensors]
     offsets = _offsets("unflatten_copy_", flat, numels, align)
@@ -1024,7 +1038,14 @@ def _global_grad_norm(
 
 def _check_max_norm(fn: str, max_norm) -> float:
     """``max_norm`` as a float: any number torch's clip takes (``inf``: "norm only", the coefficient is 1), not
-    nan (every grad would become nan)."""
+    nan (every grad would become nan); a 1-element real tensor, as torch takes it, read on the host (read before any
+    other argument is checked: a sync for a CUDA tensor)."""
+    if isinstance(max_norm, Tensor):
+        if (max_norm.numel() != 1 or max_norm.is_complex() or max_norm.dtype == torch.bool or max_norm.is_meta
+                or max_norm.layout != torch.strided or _outside_storage(max_norm)):  # fmt: skip
+            raise ValueError(f"{fn}: max_norm must be a number or a 1-element real tensor with a value, got a tensor "
+                             f"of shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")  # fmt: skip
+        max_norm = max_norm.item()
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or math.isnan(max_norm):
         raise ValueError(f"{fn}: max_norm must be a number, got {max_norm!r}")
     return float(max_norm)

@@ -253,8 +253,10 @@ def python_overrides(tensors: Sequence[torch.Tensor],
         if found:
             return i, found, f"its class {type(t).__qualname__}"
     for i, d in enumerate(map(_DICT, tensors)):
-        if d and not _TENSOR_NAMES.isdisjoint(d):
-            return i, sorted(k for k in d if k in _TENSOR_NAMES), "the tensor object itself"
+        if d and not _TENSOR_NAMES.isdisjoint(d):  # (a value that is no code, a tag like ``p.type = "w"``, is kept)
+            found = sorted(k for k in d if k in _TENSOR_NAMES and _code(d[k]))
+            if found:
+                return i, found, "the tensor object itself"
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is not None and any(issubclass(k, dtensor) for k in kinds):
         for i, t in enumerate(tensors):
@@ -266,6 +268,13 @@ def python_overrides(tensors: Sequence[torch.Tensor],
 
 
 _DICT = operator.attrgetter("__dict__")
+
+
+def _code(value: Any) -> bool:
+    """Whether ``value``, set on a tensor object under a ``torch.Tensor`` attribute's name, runs code when the checks
+    read that attribute: a callable (what a call of the method runs) or a descriptor; a plain value (a bool, a str:
+    a tag) does not (a check that calls it gets Python's TypeError, before anything is written)."""
+    return callable(value) or hasattr(type(value), "__get__")
 
 
 def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -558,8 +559,18 @@ def test_tensor_betas_kept_and_mixed_betas_refused():
         with pytest.raises(ValueError, match="both floats or both Tensors"):
             torch.optim.AdamW(ps, betas=betas)
     o.step()
-    with pytest.raises(ValueError, match="both floats or both Tensors"):
-        o.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "betas": (0.9, torch.tensor(0.9))})
+    # (a param group's betas torch checks no further: mixed, or numpy's numbers, step as torch steps them)
+    for betas in ((0.9, torch.tensor(0.9)), (np.float32(0.8), np.float64(0.99))):
+        q = torch.nn.Parameter(torch.randn(3))
+        twin = torch.nn.Parameter(q.detach().clone())
+        o.add_param_group({"params": [q], "betas": betas})
+        t.add_param_group({"params": [twin], "betas": betas})
+        q.grad, twin.grad = torch.ones(3), torch.ones(3)
+        o.step()
+        t.step()
+        torch.testing.assert_close(q.detach(), twin.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="betas must be numbers or 1-element Tensors"):
+        o.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "betas": (0.9, "0.99")})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

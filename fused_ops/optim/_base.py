@@ -25,7 +25,7 @@ import numbers
 import operator
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from copy import deepcopy
 from functools import partial
 from itertools import chain, repeat
@@ -92,24 +92,28 @@ _FLAG_KEYS = frozenset({"amsgrad", "maximize", "decoupled_weight_decay", "nester
                         "fused", "capturable", "differentiable"})  # fmt: skip
 
 
-def _step_group(name: str, gi: int, group: dict[str, Any]) -> _StepGroup:
+def _step_group(name: str, gi: int, group: dict[str, Any], read: Collection[str] = ()) -> _StepGroup:
     """``group`` as one eager step reads it, made before any tensor is checked: every value a plain Python object
     (an exact float, int, bool or str; tensors as they are), so that nothing from the first tensor check to the last
     launch runs a caller's Python code through a hyper-parameter. A value's own methods (a ``float`` subclass's
     ``__float__``, an object's ``__bool__``, a list subclass's ``__iter__``) are user code that :class:`NoUserCode`
     cannot turn off: run after a tensor's checks, one could free that tensor's memory before the kernel writes it.
     So they run here, once, first. ``params`` stays the group's own list (a plan compares its identity); another
-    sequence is copied into a list. A value the step refuses is kept as it is, for the step's check to name."""
+    sequence is copied into a list. A value the step refuses is kept as it is, for the step's check to name. Only
+    the keys the step reads (:data:`_READ_KEYS` and ``read``: the optimizer's defaults) are made plain; any other
+    (a scheduler's ``initial_lr``, ``param_names``, a user's own key: torch.optim keeps them untouched) is kept as it
+    is, never looked at."""
     view = _StepGroup()
     view.index = gi
     view.source = group.get("params")
     for key, value in group.items():
-        view[key] = value if key in _NOT_READ else _plain(name, key, value, gi)
+        view[key] = _plain(name, key, value, gi) if key in _READ_KEYS or key in read else value
     return view
 
 
-# (keys the step never reads: kept as they are, not copied at every step)
-_NOT_READ = frozenset({"param_names", "initial_lr", "name"})
+# (the keys a step reads, of any optimizer here; with each optimizer's defaults, all that _step_group makes plain)
+_READ_KEYS = frozenset({"params", "lr", "betas", "eps", "weight_decay", "momentum", "dampening", "backend",
+                        "state_dtype", "stochastic_rounding", "kahan_summation"}) | _FLAG_KEYS  # fmt: skip
 
 
 # What the step reads of every param in its groups, with a grad or not (whether it has a grad, its hash as a state
@@ -156,17 +160,21 @@ def _to_scalar(x: Any) -> Any:
     return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
-def _check_betas(betas: Any) -> tuple:
+def _check_betas(betas: Any, group: bool = True) -> tuple:
     """torch.optim.Adam's checks of ``betas`` (a pair of floats, or of 1-element tensors; ints count as floats);
-    returns them as torch keeps them (tensors as 0-d tensors)."""
+    returns them as torch keeps them (tensors as 0-d tensors). In a param group (``group``), which torch checks no
+    further, any real numbers (numpy's) and 1-element tensors, mixed or not; the constructor's (not ``group``) are
+    both floats or both tensors, as torch requires."""
     if isinstance(betas, set | frozenset | dict) or not hasattr(betas, "__getitem__"):  # (torch indexes them)
         raise TypeError(f"betas must be a pair (a tuple or list), got {type(betas).__name__}")
     betas = tuple(betas)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair, got {betas}")
-    is_float = [isinstance(b, float | int) and not isinstance(b, bool) for b in betas]
+    is_float = [isinstance(b, numbers.Real if group else float | int) and not isinstance(b, bool) for b in betas]
     is_tensor = [isinstance(b, Tensor) for b in betas]
-    if not (all(is_float) or all(is_tensor)):
+    if group and not all(map(operator.or_, is_float, is_tensor)):
+        raise ValueError(f"betas must be numbers or 1-element Tensors, got {tuple(type(b).__name__ for b in betas)}")
+    if not group and not (all(is_float) or all(is_tensor)):
         raise ValueError("betas must be either both floats or both Tensors")
     for i, b in enumerate(betas):
         if isinstance(b, Tensor) and b.numel() != 1:
@@ -1388,7 +1396,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Every group's values first, as plain Python objects, then checked: from the first tensor check on, the step
         # reads the groups only through these views, so no hyper-parameter's own Python code runs there (see
         # _step_group), and a bad value of a later group raises before any tensor is looked at.
-        views = [_step_group(type(self).__name__, gi, group) for gi, group in enumerate(self.param_groups)]
+        read = self.defaults.keys()
+        views = [_step_group(type(self).__name__, gi, group, read) for gi, group in enumerate(self.param_groups)]
         _check_param_classes(type(self).__name__, views)
         checked = [self._check_step_values(gi, view) for gi, view in enumerate(views)]
         lrs = [view["lr"] for view in views]  # (each group's lr as checked: what its launches read)
@@ -1492,11 +1501,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         check_no_overrides(name, "", params, label=where)
         check_no_overrides(name, "", [p.grad for p in params], label=lambda i: f"the grad of {where(i)}")
+        states, keys = [], []  # (one check for all: ~0.1 us a tensor, not a call each)
         for i, p in enumerate(params):
             st = self.state.get(p)
             for k, v in st.items() if st else ():
                 if isinstance(v, Tensor):
-                    check_no_overrides(name, "", [v], label=lambda _, k=k, i=i: f"state {k!r} of {where(i)}")
+                    states.append(v)
+                    keys.append((i, k))
+        if states:
+            check_no_overrides(name, "", states, label=lambda j: f"state {keys[j][1]!r} of {where(keys[j][0])}")
 
     def _step_scalars(self, grad_scale: Any, found_inf: Any, lrs: list | None = None) -> list[tuple[str, Tensor]]:
         """The 1-element tensors a step reads through a pointer while it writes params and states: every tensor

@@ -252,7 +252,7 @@ class FusedAdam(FusedOptimizer):
             )
         if fused and foreach:  # (torch's check and message)
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        betas = _check_betas(betas)
+        betas = _check_betas(betas, group=False)
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
         defaults = dict(

@@ -55,7 +55,7 @@ class FusedLion(FusedOptimizer):
         master_weights: bool = False,
         backend: str | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=_check_betas(betas), weight_decay=weight_decay, maximize=maximize,
+        defaults = dict(lr=lr, betas=_check_betas(betas, group=False), weight_decay=weight_decay, maximize=maximize,
                         master_weights=master_weights, backend=backend)  # fmt: skip
         super().__init__(params, defaults)
 
