@@ -242,7 +242,8 @@ def class_overrides(cls: type, names: Collection[str] = _READ_NAMES) -> list[str
 def python_overrides(tensors: Sequence[torch.Tensor],
                      names: Collection[str] = _READ_NAMES) -> tuple[int, list[str], str]:  # fmt: skip
     """``(i, names, where)`` for the first of ``tensors`` whose class defines (see :func:`class_overrides`), or whose
-    own ``__dict__`` holds, one of ``names`` (a tensor's method set on the object shadows the class's); a DTensor's
+    own ``__dict__`` holds code (:func:`_code`) under, a ``torch.Tensor`` attribute's name (a method set on the
+    object shadows the class's; ``names`` are the class attributes looked for); a DTensor's
     local shard (what the checks and launches read of it) likewise; ``(-1, [], "")`` when none does. ``where`` says
     which it is. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
     kinds = set(map(type, tensors))
