@@ -80,6 +80,30 @@ def _to_float(x: Any, name: str = "a hyper-parameter", gi: int | None = None) ->
     return float(x.item())
 
 
+class _ParamGroup(dict):
+    """A param group as this package's optimizers keep it: a dict whose iteration (``for key in group``, ``list``,
+    ``sorted``) leaves out this package's own keys (``_own_group_keys``: ``master_weights``, ``backend``, ...) where
+    they hold the constructor's value, as ``state_dict()`` leaves them out of its groups (so that torch's checkpoints
+    load into these optimizers). They are still there to read and write (``group["master_weights"]``, ``in``,
+    ``items()``, ``len``, copies and pickles keep them). torch's flat checkpoint form
+    (``StateDictOptions(flatten_optimizer_state_dict=True)``, as torchtitan saves) reads every key a live group
+    iterates from the checkpoint, which holds what ``state_dict()`` gave: the two agree."""
+
+    __slots__ = ("_inherited",)
+
+    def __iter__(self):
+        inherited = getattr(self, "_inherited", None)
+        if not inherited:
+            return dict.__iter__(self)
+        return iter([k for k in dict.__iter__(self) if not (k in inherited and _same(dict.__getitem__(self, k),
+                                                                                      inherited[k]))])  # fmt: skip
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a group's value is the constructor's (plain values: a bool, a str, None)."""
+    return type(a) is type(b) and not isinstance(a, Tensor) and a == b
+
+
 class _StepGroup(dict):
     """A param group as one eager step reads it (see :func:`_step_group`); ``index``: the group's place; ``source``:
     the group's own ``params`` object (a plan compares its identity: a tuple or list subclass is read as a copy)."""
@@ -593,7 +617,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Add a param group (as torch.optim), validating its hyper-parameters first."""
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._refuse_differentiable(merged)
-        param_group = dict(param_group)
+        param_group = self._as_group(dict(param_group))
         self._normalize_group(merged)
         for key in param_group:
             if key != "params" and key in merged:
@@ -801,6 +825,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._own_group_keys:
             group.setdefault(key, self.defaults[key])
 
+    def _as_group(self, group: dict[str, Any]) -> _ParamGroup:
+        """``group`` as a :class:`_ParamGroup` of this optimizer (the same dict when it is one)."""
+        if type(group) is not _ParamGroup:
+            group = _ParamGroup(group)
+        group._inherited = {k: self.defaults[k] for k in self._own_group_keys if k in self.defaults}
+        return group
+
     def _complete_groups(self) -> None:
         """At every step, before any check: a group appended to ``param_groups`` by hand (torch.optim steps one that
         has its own keys) gets this package's keys and torch's historical defaults (as a loaded one does); a key
@@ -848,6 +879,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._plans = {}
         self._master_marks = {}  # (load_state_dict too: loaded masters are compared with their params at the next step)
+        self.param_groups = [self._as_group(group) for group in self.param_groups]
         for group in self.param_groups:
             self._fill_group_defaults(group)
             self._normalize_group(group)
@@ -1211,6 +1243,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"loaded state dict: state {key!r} of {where} {problem}")
                 elif value is None and key in self._absent_if_none:
                     continue  # (as torch.optim reads it: no state yet)
+                elif type(value) is dict and not value:  # (torch's flat form: a key of the live state the checkpoint
+                    continue  # lacks, e.g. the masters in a torch AdamW checkpoint, 8-bit scales of fp32 moments)
                 key = self._loaded_key(key, value, src, where)
                 if key in self._transient_state_keys and not self._keeps(group_of[id(p)], key, p):
                     continue  # (a state this param's group does not keep, e.g. a Kahan buffer for an fp32 param)

@@ -1,0 +1,113 @@
+"""torch's flat optimizer checkpoint form, ``StateDictOptions(flatten_optimizer_state_dict=True)`` (what torchtitan
+saves and loads), with FSDP2 params on a mesh of one gloo rank (in a forked child: one process group each).
+
+torch's unflattening reads every key a live param group iterates from the checkpoint, whose keys are those
+``state_dict()`` gave: this package's own group keys at the constructor's values are left out of both
+(``fused_ops/optim/_base.py: _ParamGroup``). Before, ``set_optimizer_state_dict`` raised ``KeyError:
+'param_groups.0.weight.master_weights'`` for every checkpoint, ours or torch's. Each case saves after two steps,
+loads into a fresh model and optimizer, and two more steps must equal, bit for bit, two more steps of the saved one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_ops
+
+from .safety import isolated
+
+pytestmark = pytest.mark.distributed
+
+def _dequantizing(opt):
+    opt.dequantize_state_dict = True  # (the compact form records the shards' layout as a str: the flat form takes none)
+    return opt
+
+
+VARIANTS = {
+    "adamw": lambda ps: fused_ops.FusedAdamW(ps, lr=1e-2, backend="reference"),
+    "adamw triton": lambda ps: fused_ops.FusedAdamW(ps, lr=1e-2, backend="triton"),
+    "adamw int8": lambda ps: _dequantizing(fused_ops.FusedAdamW(ps, lr=1e-2, state_dtype="int8", backend="reference")),
+    "sgd": lambda ps: fused_ops.FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, backend="reference"),
+    "lion": lambda ps: fused_ops.FusedLion(ps, lr=1e-3, backend="reference"),
+    "torch adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+}
+# saved -> loaded: our own checkpoints, torch's into ours and ours into torch's
+PAIRS = [(v, v) for v in VARIANTS if v != "torch adamw"] + [("torch adamw", "adamw"), ("adamw", "torch adamw")]
+
+
+def _run(tmp_path, saved: str, loaded: str) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randn(3, 5, generator=gen) for _ in range(4)]
+
+        def model():
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
+            return fully_shard(m, mesh=mesh)
+
+        def train(m, opt, xs):
+            for x in xs:
+                opt.zero_grad()
+                m(x).square().sum().backward()
+                opt.step()
+
+        m, opt = model(), None
+        opt = VARIANTS[saved](list(m.parameters()))
+        train(m, opt, batches[:2])
+        sd = get_optimizer_state_dict(m, opt, options=flat)
+        assert any(k.startswith("param_groups.") for k in sd), sorted(sd)[:5]  # (the flat form)
+        dcp.save({"model": m.state_dict(), "optim": sd}, checkpoint_id=str(tmp_path / "ckpt"))
+        train(m, opt, batches[2:])
+        expected = [p.full_tensor().clone() for p in m.parameters()]
+
+        m2 = model()
+        opt2 = VARIANTS[loaded](list(m2.parameters()))
+        target = {"model": m2.state_dict(), "optim": get_optimizer_state_dict(m2, opt2, options=flat)}
+        dcp.load(target, checkpoint_id=str(tmp_path / "ckpt"))
+        m2.load_state_dict(target["model"])
+        set_optimizer_state_dict(m2, opt2, target["optim"], options=flat)
+        train(m2, opt2, batches[2:])
+        got = [p.full_tensor() for p in m2.parameters()]
+        if saved == loaded or {saved, loaded} == {"adamw", "torch adamw"}:
+            tol = 0 if saved == loaded else 1e-6
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("saved,loaded", PAIRS, ids=[f"{a}->{b}" for a, b in PAIRS])
+@isolated
+def test_flat_checkpoints_load_and_continue(tmp_path, saved, loaded):
+    _run(tmp_path, saved, loaded)
+
+
+@isolated
+def test_group_iteration_leaves_out_own_keys_at_the_constructors_values(tmp_path):
+    """What a live group iterates is what ``state_dict()`` keeps: a group's own ``state_dtype`` (not the
+    constructor's) is in both; the inherited ones are in neither, yet read as the constructor's."""
+    ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+    opt = fused_ops.FusedAdamW([{"params": [ps[0]]}, {"params": [ps[1]], "state_dtype": "bfloat16"}], lr=1e-2,
+                               master_weights=True, backend="reference")  # fmt: skip
+    sd = opt.state_dict()
+    for group, saved in zip(opt.param_groups, sd["param_groups"], strict=True):
+        assert set(group) == set(saved), (sorted(group), sorted(saved))
+        assert group["master_weights"] is True and group["backend"] == "reference"
+    assert "state_dtype" not in list(opt.param_groups[0]) and opt.param_groups[0]["state_dtype"] == "fp32"
+    assert "state_dtype" in list(opt.param_groups[1]) and opt.param_groups[1]["state_dtype"] == "bf16"
+    torch_keys = set(torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))]).param_groups[0])
+    assert set(opt.param_groups[0]) == torch_keys
