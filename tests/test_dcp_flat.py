@@ -19,6 +19,7 @@ from .safety import isolated
 
 pytestmark = pytest.mark.distributed
 
+
 def _dequantizing(opt):
     opt.dequantize_state_dict = True  # (the compact form records the shards' layout as a str: the flat form takes none)
     return opt
