@@ -803,7 +803,7 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
         return _dtensor.local_error(g_specs, check)
 
     for scalar_name, scalar in (("found_inf", found_inf), ("inv_scale", inv_scale)):
-        if isinstance(scalar, Tensor):
+        if isinstance(scalar, Tensor) and not torch.compiler.is_compiling():  # (traced: see overrides_refusal)
             err = err or local(lambda n=scalar_name, x=scalar: check_no_overrides("unscale_", n, [x], indexed=False))
     err = err or local(lambda: _check_inv_scale("unscale_", inv_scale))
     if found_inf is not None:
@@ -1084,7 +1084,7 @@ def _param_grads(fn: str, parameters) -> tuple[list[Tensor], list | None, list[T
         raise TypeError(f"{fn}: parameters[{i}] must be a Tensor, got {type(parameters[i]).__name__}")
     # (a param is read for its grad alone, which a method set on the object cannot shadow: its class (the same on
     # every rank) must not define the read in Python)
-    for cls in set(map(type, parameters)) - {Tensor, torch.nn.Parameter}:
+    for cls in () if torch.compiler.is_compiling() else set(map(type, parameters)) - {Tensor, torch.nn.Parameter}:
         found = class_overrides(cls, _GRAD_READS)
         if found:
             i = next(i for i, p in enumerate(parameters) if type(p) is cls)

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import functional
 from ._backend import check_backend
 from ._validate import _interleaved, _reach, has_memory, outside_storage, real_float
-from .kernels._checks import no_user_code
+from .kernels._checks import no_user_code, overrides_refusal
 
 __all__ = ["DynamicLossScaler", "LossScalerWarning"]
 
@@ -236,6 +236,17 @@ def _some_outside_storage(xs) -> bool:
         if isinstance(x, Tensor) and x.layout == torch.strided and has_memory(type(x)) and outside_storage(x):
             return True
     return False
+
+
+def _overrides_refusal(fn: str, args: tuple) -> BaseException | None:
+    """The first refusal of a tensor among the lists of ``args`` (``(name, xs)`` pairs) that runs Python code of its own
+    when read (``kernels/_checks.py: overrides_refusal``), for the op to agree with the other ranks (or raise)."""
+    for name, xs in args:
+        if isinstance(xs, list):
+            err = overrides_refusal(fn, xs, lambda i, name=name: f"{name}[{i}]")
+            if err is not None:
+                return err
+    return None
 
 
 def _listed(xs):
@@ -462,12 +473,15 @@ class DynamicLossScaler:
         DTensor grads: their local shards are unscaled and :attr:`found_inf` is all-reduced (MAX) over their meshes,
         so every rank skips the same steps (see ``fused_ops.unscale_``)."""
         grads, out = _listed(grads), _listed(out)  # (a generator is read once, here)
-        keys = _grad_keys(grads) if isinstance(grads, list) else _Spans()
-        out_keys = _grad_keys(out) if isinstance(out, list) else _Spans()
-        err = None
+        # (a tensor that runs code of its own when read is refused before anything reads it (the spans below): the
+        # refusal is agreed with the other ranks in functional._unscale, as its checks of the DTensor shards)
+        err = _overrides_refusal("DynamicLossScaler.unscale_", (("grads", grads), ("out", out)))
+        keys = _grad_keys(grads) if isinstance(grads, list) and err is None else _Spans()
+        out_keys = _grad_keys(out) if isinstance(out, list) and err is None else _Spans()
         try:
-            self._refuse_own_state("unscale_", (("grads", grads, keys), ("out", out, out_keys)))
-            self._refuse_unscaled("unscale_", grads, keys)
+            if err is None:
+                self._refuse_own_state("unscale_", (("grads", grads, keys), ("out", out, out_keys)))
+                self._refuse_unscaled("unscale_", grads, keys)
         except (ValueError, RuntimeError) as e:
             # (decided from this rank's memory, where a DTensor's shard may differ between ranks (an empty one has
             # none): agreed with the other ranks before anything is written, so that every rank raises)
@@ -685,9 +699,10 @@ class DynamicLossScaler:
         """
         fn = "DynamicLossScaler.grad_scale_and_norm"
         grads = _listed(grads)
-        err = None
+        err = _overrides_refusal(fn, (("grads", grads),))  # (before anything reads them: see unscale_)
         try:
-            self._refuse_unscaled("grad_scale_and_norm", grads)
+            if err is None:
+                self._refuse_unscaled("grad_scale_and_norm", grads)
         except RuntimeError as e:  # (with DTensors: agreed in the norm's reduction, see unscale_)
             if not (isinstance(grads, list) and _has_dtensor(grads)):
                 raise
@@ -695,19 +710,17 @@ class DynamicLossScaler:
         if max_norm is not None:
             max_norm = functional._check_max_norm(fn, max_norm)
         norm_type = functional._check_norm_type(fn, norm_type)
-        local, dtypes, specs, err = functional._norm_locals(
-            "grad_norm", "tensors", functional._as_list("grad_norm", "tensors", grads), err
-        )
+        local, dtypes, specs, err = functional._norm_locals(fn, "grads", functional._as_list(fn, "grads", grads), err)
         if any(g.is_meta for g in local) and not self._scale.is_meta:  # (the norm is read into the scaler's device)
             i = next(i for i, g in enumerate(local) if g.is_meta)
             raise TypeError(f"{fn}: grads[{i}] is a meta tensor (no memory), the scaler's scale is on "
                             f"{self._scale.device}: pass grads with memory")  # fmt: skip
         if specs is None:
-            scaled = functional._grad_norm("grad_norm", local, dtypes, norm_type, self.backend)
+            scaled = functional._grad_norm(fn, local, dtypes, norm_type, self.backend, "grads")
             agreed = None
         else:
-            scaled, agreed = functional._global_grad_norm("grad_norm", local, dtypes, norm_type, self.backend,
-                                                          "tensors", specs, flag=self._found_inf, err=err)  # fmt: skip
+            scaled, agreed = functional._global_grad_norm(fn, local, dtypes, norm_type, self.backend, "grads", specs,
+                                                          flag=self._found_inf, err=err)  # fmt: skip
         scaled = scaled.to(self.device)
         bad = (~torch.isfinite(scaled)).to(torch.float32).reshape(1)
         if agreed is not None:

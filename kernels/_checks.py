@@ -300,21 +300,25 @@ def overrides_refusal(fn: str, xs: Sequence, label: Callable[[int], str]) -> Typ
     """:func:`check_no_overrides` of the tensors among ``xs`` (the other entries are the caller's to refuse; a
     DTensor with its local shard), the error naming ``label(i)`` returned, not raised: for an op that agrees it with
     the other ranks (see :func:`no_user_code`'s ``agreed``); it then reads :func:`stand_in` s, not ``xs``."""
+    if torch.compiler.is_compiling():  # (traced: no memory is read; the compiled graph's custom ops check)
+        return None
     idx = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor)]
     i, found, where = python_overrides([xs[k] for k in idx])
     return None if i < 0 else _overrides_error(fn, label(idx[i]), found, where)
 
 
 def stand_in(x: torch.Tensor) -> torch.Tensor:
-    """A new plain tensor of ``x``'s shape, strides, dtype and device (read through torch's own methods, none of
-    ``x``'s): what an op reads in the place of a tensor it has refused (:func:`overrides_refusal`) on its way to the
-    agreement with the other ranks, where it raises. Nothing is ever written to it."""
+    """A plain tensor of ``x``'s shape, dtype and device (read through torch's own methods, none of ``x``'s), one
+    element expanded (no memory of ``x``'s size): what an op reads in the place of a tensor it has refused
+    (:func:`overrides_refusal`) on its way to the agreement with the other ranks, where it raises. Nothing is ever
+    written to it."""
     base = torch._C.TensorBase
     dtype, device = base.dtype.__get__(x), base.device.__get__(x)
     try:
-        return torch.empty_strided(base.size(x), base.stride(x), dtype=dtype, device=device)
-    except (RuntimeError, TypeError, ValueError):  # (no strides: a sparse or nested tensor)
-        return torch.empty(0, dtype=dtype, device=device)
+        size = base.size(x)
+    except (RuntimeError, TypeError, ValueError):  # (no sizes: a nested tensor)
+        size = (0,)
+    return torch.zeros((), dtype=dtype, device=device).expand(size)
 
 
 def plain_value(x: Any, name: str = "a number argument") -> Any:

@@ -522,7 +522,8 @@ def test_bad_placements_raise_the_same_error_on_every_rank(world2, backend):
     assert e0["cast_plain"].startswith("ValueError: cast_: src[0] is a plain tensor but dst[0] is a DTensor")
     assert e0["cast_shape"].startswith("ValueError: cast_: src[0] has shape (6, 3) but dst[0] has (5, 3)")
     assert e0["cast_stochastic"].startswith("ValueError: cast_: dst[2] is a DTensor with placements (Replicate(),)")
-    assert e0["scaler"].startswith("TypeError: grad_norm: tensors[1] must be a floating-point tensor")
+    assert e0["scaler"].startswith("TypeError: DynamicLossScaler.grad_scale_and_norm: grads[1] must be a "
+                                   "floating-point tensor")  # fmt: skip
     assert all(r["pg_alive"] for r in world2)
 
 
@@ -556,5 +557,6 @@ def test_meshes_on_different_ranks(world4, backend):
         assert len({tuple(res[("submesh", backend)][p]["bits"]) for res in world4}) == 1
     refused = [res[("submesh", backend)]["refused"] for res in world4[:3]]
     assert refused[0] == refused[1] == refused[2], refused
-    for msg, fn in zip(refused[0], ["grad_norm", "clip_grad_norm_", "grad_norm", "unscale_"]):
+    for msg, fn in zip(refused[0], ["grad_norm", "clip_grad_norm_", "DynamicLossScaler.grad_scale_and_norm",
+                                    "unscale_"]):  # fmt: skip
         assert msg.startswith(f"ValueError: {fn}: the tensors' meshes are on different ranks ([0, 1], [1, 2])"), msg

@@ -864,7 +864,8 @@ def test_scaler_methods_refuse_bad_arguments(backend):
         (lambda: scaler.unscale_(grads, out=[torch.empty(5)]), ValueError, "^unscale_: out has 1 tensors"),
         (lambda: scaler.unscale_([scaler.found_inf]), ValueError, "^unscale_: grads\\[0\\] and found_inf share memory"),
         (lambda: scaler.grad_scale_and_norm(grads, max_norm=math.nan), ValueError, "max_norm must be a number"),
-        (lambda: scaler.grad_scale_and_norm([1.0]), TypeError, "^grad_norm: tensors\\[0\\] must be a Tensor"),
+        (lambda: scaler.grad_scale_and_norm([1.0]), TypeError,
+         "^DynamicLossScaler.grad_scale_and_norm: grads\\[0\\] must be a Tensor"),
         (lambda: scaler.update(torch.zeros(2)), TypeError, "^DynamicLossScaler.update: found_inf must be a 1-element"),
         (lambda: scaler.update(torch.zeros(1, dtype=torch.bool)), TypeError, "^DynamicLossScaler.update: found_inf"),
     ]:  # fmt: skip

@@ -561,8 +561,10 @@ def test_ops_that_agree_their_checks_refuse_methods_themselves(backend):
     anything is read or written; a param class with a ``grad`` property is refused by clip_grad_norm_."""
     from fused_ops import DynamicLossScaler, clip_grad_norm_
 
+    calls = []
+
     def with_method(t):
-        t.numel = lambda: torch.Tensor.numel(t)
+        t.numel = lambda: calls.append(1) or torch.Tensor.numel(t)
         return t
 
     grads = [torch.randn(5), torch.randn(3)]
@@ -581,12 +583,20 @@ def test_ops_that_agree_their_checks_refuse_methods_themselves(backend):
     for pattern, call in cases.items():
         with pytest.raises(TypeError, match=pattern + " runs Python code of its own"):
             call()
+    # (the scaler reads its grads' spans before the op's checks: a non-contiguous grad's through numel(), stride(),
+    # ...; probe 69: a method there ran before the refusal, and one that deleted itself got past the scaler's own
+    # refusals, dividing grads twice. Refused first now, nothing read.)
     scaler = DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
-    with pytest.raises(TypeError, match=r"grads\[1\] runs Python code of its own"):
-        scaler.unscale_([grads[0], with_method(torch.randn(3))])
-    with pytest.raises(TypeError, match=r"tensors\[1\] runs Python code of its own"):
-        scaler.grad_scale_and_norm([grads[0], with_method(torch.randn(3))])
+    with pytest.raises(TypeError, match=r"^DynamicLossScaler.unscale_: grads\[1\] runs Python code of its own"):
+        scaler.unscale_([grads[0], with_method(torch.randn(3, 2).t())])
+    with pytest.raises(TypeError, match=r"^DynamicLossScaler.unscale_: out\[0\] runs Python code of its own"):
+        scaler.unscale_(grads, out=[with_method(torch.randn(5, 1).t()), torch.randn(3)])
+    with pytest.raises(
+        TypeError, match=r"^DynamicLossScaler.grad_scale_and_norm: grads\[1\] runs Python code of its own"
+    ):
+        scaler.grad_scale_and_norm([grads[0], with_method(torch.randn(3, 2).t())])
     assert scaler.found_inf.item() == 0 and all(torch.equal(g, b) for g, b in zip(grads, before))
+    assert not calls  # (no method of a refused tensor ran)
 
     class GradProperty(torch.nn.Parameter):
         @property
@@ -707,3 +717,41 @@ def test_a_number_that_fails_to_convert_is_refused_not_kept(where):
         with pytest.raises(TypeError, match="cast_launch: stochastic must be a bool"):
             cast_launch([dst], [p.grad], stochastic=FlakyFlag())
     assert Flaky.calls + FlakyFlag.calls == 1  # (read once, refused: never read again)
+
+
+@pytest.mark.parametrize("op", ["unscale_", "grad_norm", "grad_scale_and_norm"])
+def test_ops_checking_their_own_tensors_compile_without_a_graph_break(op):
+    """The checks that moved into the ops (see test_ops_that_agree_their_checks_refuse_methods_themselves) are not
+    traced: ``torch.compile(fullgraph=True)`` of each op compiles as before (probe 69), and gives the eager result."""
+    import torch._dynamo
+
+    from fused_ops import DynamicLossScaler
+
+    def run(grads):
+        if op == "unscale_":
+            found = torch.zeros(1)
+            functional.unscale_(grads, 0.5, found, backend="reference")
+            return grads, found
+        if op == "grad_norm":
+            return functional.grad_norm(grads, backend="reference")
+        return DynamicLossScaler(init_scale=2.0, device="cpu", backend="reference").grad_scale_and_norm(grads)
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=gen), torch.randn(3, generator=gen)]
+    twins = [g.clone() for g in grads]
+    got = torch.compile(run, backend="eager", fullgraph=True)(grads)
+    torch.testing.assert_close(got, run(twins), rtol=0, atol=0)
+
+
+def test_a_stand_in_has_the_metadata_and_no_memory_of_its_own():
+    """What a refusing rank's checks read until the agreement: the refused tensor's shape, dtype and device, one
+    element expanded (probe 69: a full copy of every tensor in the list, whose allocation failure then raised a
+    shape error on that rank alone, before the agreement)."""
+    from fused_ops.kernels._checks import stand_in
+
+    x = torch.empty(1000, 300, dtype=torch.bfloat16).t()
+    x.numel = lambda: 0
+    s = stand_in(x)
+    assert type(s) is torch.Tensor and s.shape == (300, 1000) and s.dtype == torch.bfloat16 and s.device == x.device
+    assert s.untyped_storage().nbytes() <= 8
