@@ -242,8 +242,9 @@ def class_overrides(cls: type, names: Collection[str] = _READ_NAMES) -> list[str
 def python_overrides(tensors: Sequence[torch.Tensor],
                      names: Collection[str] = _READ_NAMES) -> tuple[int, list[str], str]:  # fmt: skip
     """``(i, names, where)`` for the first of ``tensors`` whose class defines (see :func:`class_overrides`), or whose
-    own ``__dict__`` holds code (:func:`_code`) under, a ``torch.Tensor`` attribute's name (a method set on the
-    object shadows the class's; ``names`` are the class attributes looked for); a DTensor's
+    own ``__dict__`` holds anything under, a ``torch.Tensor`` attribute's name (a method set on the object shadows
+    the class's; so does a plain value, which the code that calls it fails on; ``names`` are the class attributes
+    looked for); a DTensor's
     local shard (what the checks and launches read of it) likewise; ``(-1, [], "")`` when none does. ``where`` says
     which it is. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
     kinds = set(map(type, tensors))
@@ -254,10 +255,15 @@ def python_overrides(tensors: Sequence[torch.Tensor],
         if found:
             return i, found, f"its class {type(t).__qualname__}"
     for i, d in enumerate(map(_DICT, tensors)):
-        if d and not _TENSOR_NAMES.isdisjoint(d):  # (a value that is no code, a tag like ``p.type = "w"``, is kept)
-            found = sorted(k for k in d if k in _TENSOR_NAMES and _code(d[k]))
-            if found:
-                return i, found, "the tensor object itself"
+        if not d:
+            continue
+        if not all(type(k) is str for k in d):  # (a key of another type would run its __hash__/__eq__ below)
+            return i, sorted(f"an attribute keyed by a {type(k).__name__}" for k in d if type(k) is not str), (
+                "the tensor object itself")  # fmt: skip
+        # (any value under a torch.Tensor attribute's name, also a plain one: the checks or torch's code call it, and
+        # a tag such as ``p.copy_ = "w"`` would fail there after other groups stepped; so refused first, named)
+        if not _TENSOR_NAMES.isdisjoint(d):
+            return i, sorted(k for k in d if k in _TENSOR_NAMES), "the tensor object itself"
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is not None and any(issubclass(k, dtensor) for k in kinds):
         for i, t in enumerate(tensors):
@@ -269,13 +275,6 @@ def python_overrides(tensors: Sequence[torch.Tensor],
 
 
 _DICT = operator.attrgetter("__dict__")
-
-
-def _code(value: Any) -> bool:
-    """Whether ``value``, set on a tensor object under a ``torch.Tensor`` attribute's name, runs code when the checks
-    read that attribute: a callable (what a call of the method runs) or a descriptor; a plain value (a bool, a str:
-    a tag) does not (a check that calls it gets Python's TypeError, before anything is written)."""
-    return callable(value) or hasattr(type(value), "__get__")
 
 
 def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES,

@@ -112,3 +112,37 @@ def test_group_iteration_leaves_out_own_keys_at_the_constructors_values(tmp_path
     assert "state_dtype" in list(opt.param_groups[1]) and opt.param_groups[1]["state_dtype"] == "bf16"
     torch_keys = set(torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))]).param_groups[0])
     assert set(opt.param_groups[0]) == torch_keys
+
+
+@isolated
+def test_a_hand_appended_group_and_a_missing_state(tmp_path):
+    """A group appended to ``param_groups`` by hand (a plain dict: every key iterated, so every key saved) saves and
+    loads in the flat form; a flat dict without a param's state (torch's unflattening gives ``{}`` for each live key)
+    is refused naming it, nothing changed, where only the keys a load rebuilds (masters, 8-bit scales) may be absent
+    (probe 70: a hand-appended group raised a KeyError; a missing state loaded silently as a fresh one)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt = fused_ops.FusedAdamW(m[0].parameters(), lr=1e-2, backend="reference")
+        hand = {**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "lr": 1e-3}
+        opt.param_groups.append({"params": list(m[1].parameters()), **hand})  # (by hand, with every key, as torch's)
+        m(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        sd = get_optimizer_state_dict(m, opt, options=flat)
+        set_optimizer_state_dict(m, opt, sd, options=flat)
+        assert opt.param_groups[1]["lr"] == 1e-3 and opt.param_groups[1]["master_weights"] is False
+        before = {k: v.clone() for k, v in opt.state[m[0].weight].items()}
+        missing = {k: v for k, v in sd.items() if not k.startswith("state.0.weight.")}
+        with pytest.raises(ValueError, match=r"state 'step' of param 0.weight .* is missing"):
+            set_optimizer_state_dict(m, opt, missing, options=flat)
+        assert all(torch.equal(v, before[k]) for k, v in opt.state[m[0].weight].items())
+    finally:
+        dist.destroy_process_group()

@@ -195,6 +195,8 @@ class ZeroAdamW(
             state = _state_name(state_dtype)
             if align is None:
                 align = QUANT_BLOCK if state == "int8" else 64
+            if isinstance(align, numbers.Integral) and not isinstance(align, bool):
+                align = int(align)  # (numpy's ints, as flatten and FlatBuffer take them)
             if isinstance(align, bool) or not (isinstance(align, int) and align >= 1):
                 raise ValueError(f"align must be a positive int, got {align!r}")
             if align * self.world_size * 4 > 2**63 - 1:  # (a bucket pads to world_size * align fp32 elements)

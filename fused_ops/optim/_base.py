@@ -427,6 +427,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _own_group_keys = ("master_weights", "backend")
     _absent_if_none: tuple[str, ...] = ()  # state keys that torch.optim reads as "no state yet" when they hold None
     _transient_state_keys: tuple[str, ...] = ()  # state dropped when its group stops using it (e.g. Kahan buffers)
+    _rebuilt_state_keys: tuple[str, ...] = (MASTER_KEY,)  # state a load rebuilds where a dict lacks it
     # torch.optim's defaults for keys that older state dicts lack (its __setstate__)
     _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
 
@@ -1108,9 +1109,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # optimizers never make: left out, so that the dict has torch's layout)
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()
                        if not (isinstance(v, dict) and not v)}  # fmt: skip
-        for g in sd["param_groups"]:
+        # (left out exactly where the live group's iteration leaves them out (_ParamGroup): torch's flat checkpoint
+        # form reads every key a live group iterates from what this dict held)
+        for g, live in zip(sd["param_groups"], self.param_groups):
+            shown = set(live)
             for key in self._own_group_keys:
-                if key in g and g[key] == self.defaults[key]:
+                if key in g and key not in shown:
                     del g[key]
         return sd
 
@@ -1244,7 +1248,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 elif value is None and key in self._absent_if_none:
                     continue  # (as torch.optim reads it: no state yet)
                 elif type(value) is dict and not value:  # (torch's flat form: a key of the live state the checkpoint
-                    continue  # lacks, e.g. the masters in a torch AdamW checkpoint, 8-bit scales of fp32 moments)
+                    # lacks: left out where the load rebuilds it (the masters in a torch AdamW checkpoint, 8-bit scales
+                    # of fp32 moments), else refused, as its nested form refuses a param's missing state)
+                    if key in self._rebuilt_state_keys:
+                        continue
+                    raise ValueError(
+                        f"loaded state dict: state {key!r} of {where} is missing (torch's flattened "
+                        "form found no such key in the checkpoint: an empty dict in its place)"
+                    )
                 key = self._loaded_key(key, value, src, where)
                 if key in self._transient_state_keys and not self._keeps(group_of[id(p)], key, p):
                     continue  # (a state this param's group does not keep, e.g. a Kahan buffer for an fp32 param)

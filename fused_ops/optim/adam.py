@@ -25,6 +25,7 @@ from .._backend import check_backend
 from .._ref_lowbit import dequantize_blockwise, n_scales, quantize_blockwise_unclipped
 from .._validate import finite_fp32 as _finite_fp32
 from ._base import (
+    MASTER_KEY,
     FusedOptimizer,
     _check_betas,
     _is_dtensor,
@@ -269,6 +270,7 @@ class FusedAdam(FusedOptimizer):
     _own_group_keys = ("master_weights", "backend", "state_dtype", "stochastic_rounding", "kahan_summation")
     _unshaped_state_keys = tuple(_SCALE_KEYS)
     _pickled_attrs = ("_seed", "dequantize_state_dict")
+    _rebuilt_state_keys = (MASTER_KEY, *_SCALE_KEYS, _KAHAN_KEY)  # (scales: of moments loaded in fp32, quantised)
     _transient_state_keys = (_KAHAN_KEY,)  # (Kahan turned off, then on: a fresh buffer, not the old residue)
     _seed = 0  # (the constructor's default: for a pickle of a version that did not keep it)
 
