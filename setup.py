@@ -26,7 +26,7 @@ setup(
     # peers: the other libraries' optimizers that the bench compares against (on CUDA; tests/test_bench_peers.py runs
     # their providers on CPU), at the versions the tests count their state layouts for.
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib", *PEERS],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib", *PEERS],
         "bench": ["tqdm", "matplotlib"],
         "peers": PEERS,
     },
