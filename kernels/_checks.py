@@ -242,9 +242,9 @@ def class_overrides(cls: type, names: Collection[str] = _READ_NAMES) -> list[str
 def python_overrides(tensors: Sequence[torch.Tensor],
                      names: Collection[str] = _READ_NAMES) -> tuple[int, list[str], str]:  # fmt: skip
     """``(i, names, where)`` for the first of ``tensors`` whose class defines (see :func:`class_overrides`), or whose
-    own ``__dict__`` holds anything under, a ``torch.Tensor`` attribute's name (a method set on the object shadows
-    the class's; so does a plain value, which the code that calls it fails on; ``names`` are the class attributes
-    looked for); a DTensor's
+    own ``__dict__`` holds anything under a ``torch.Tensor`` attribute's name (a method set on the object shadows
+    the class's; so does a plain value, which the code that calls it fails on) or a key that is not a str
+    (``names``: the class attributes looked for); a DTensor's
     local shard (what the checks and launches read of it) likewise; ``(-1, [], "")`` when none does. ``where`` says
     which it is. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
     kinds = set(map(type, tensors))
