@@ -1047,7 +1047,7 @@ def _check_max_norm(fn: str, max_norm) -> float:
                              f"of shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")  # fmt: skip
         max_norm = max_norm.item()
     elif type(max_norm).__module__ == "numpy" and getattr(max_norm, "shape", None) == ():
-        max_norm = max_norm.item()  # (a numpy 0-d array, as torch's clip takes it)
+        max_norm = plain_value(max_norm.item(), f"{fn}: max_norm")  # (a numpy 0-d array, as torch's clip takes it)
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or math.isnan(max_norm):
         raise ValueError(f"{fn}: max_norm must be a number, got {max_norm!r}")
     return float(max_norm)

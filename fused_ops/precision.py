@@ -698,6 +698,9 @@ class DynamicLossScaler:
         set on all): one collective per mesh, no host sync.
         """
         fn = "DynamicLossScaler.grad_scale_and_norm"
+        if max_norm is not None:  # (the numbers first, read once: nothing of the caller's runs after a check)
+            max_norm = functional._check_max_norm(fn, max_norm)
+        norm_type = functional._check_norm_type(fn, norm_type)
         grads = _listed(grads)
         err = _overrides_refusal(fn, (("grads", grads),))  # (before anything reads them: see unscale_)
         try:
@@ -707,9 +710,6 @@ class DynamicLossScaler:
             if not (isinstance(grads, list) and _has_dtensor(grads)):
                 raise
             err = e
-        if max_norm is not None:
-            max_norm = functional._check_max_norm(fn, max_norm)
-        norm_type = functional._check_norm_type(fn, norm_type)
         local, dtypes, specs, err = functional._norm_locals(fn, "grads", functional._as_list(fn, "grads", grads), err)
         if any(g.is_meta for g in local) and not self._scale.is_meta:  # (the norm is read into the scaler's device)
             i = next(i for i, g in enumerate(local) if g.is_meta)

@@ -255,6 +255,8 @@ def python_overrides(tensors: Sequence[torch.Tensor],
         if found:
             return i, found, f"its class {type(t).__qualname__}"
     for i, d in enumerate(map(_DICT, tensors)):
+        if type(d) is not dict:  # (a dict subclass could hide its keys from the checks, not from attribute lookup)
+            return i, [f"a __dict__ of type {type(d).__name__}"], "the tensor object itself"
         if not d:
             continue
         if not all(type(k) is str for k in d):  # (a key of another type would run its __hash__/__eq__ below)
@@ -274,7 +276,7 @@ def python_overrides(tensors: Sequence[torch.Tensor],
     return -1, [], ""
 
 
-_DICT = operator.attrgetter("__dict__")
+_DICT = torch.Tensor.__dict__["__dict__"].__get__  # (the object's own dict: not a __dict__ its class defines)
 
 
 def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES,

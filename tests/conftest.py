@@ -27,14 +27,16 @@ def _seed(request):
 
 # Two worker processes (pytest-xdist, a test extra) on a machine without CUDA: the interpreted kernels run Python
 # on one core each, so the suite takes about half its serial time on two cores. FUSED_OPS_TEST_WORKERS=N sets the
-# count (0: serial, as on a GPU machine, where the tests share one device); "-n" on the command line wins.
+# count (0: serial, as on a GPU machine, where the tests share one device); "-n" on the command line wins; --pdb,
+# --trace and -s run serially.
 WORKERS = int(os.environ.get("FUSED_OPS_TEST_WORKERS", "0" if torch.cuda.is_available() else "2"))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
+    debugging = any(getattr(config.option, k, False) for k in ("usepdb", "trace")) or config.option.capture == "no"
     if (WORKERS > 0 and config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None) is None
-            and not os.environ.get("PYTEST_XDIST_WORKER")):  # fmt: skip
+            and not os.environ.get("PYTEST_XDIST_WORKER") and not debugging):  # fmt: skip
         config.option.numprocesses = WORKERS
         if getattr(config.option, "dist", "no") == "no":  # (a file's tests on one worker: its module fixtures,
             config.option.dist = "loadfile"  # often a spawn of ranks, run once)

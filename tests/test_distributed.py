@@ -697,7 +697,7 @@ def test_mismatched_model_raises_on_every_rank(world2):
             e = errs[case]
             assert e["type"] == "ValueError", f"rank {rank} {case}: {e}"
             assert pattern in e["msg"], f"rank {rank} {case}: {e['msg']}"
-            assert e["elapsed"] < 30, f"rank {rank} {case} took {e['elapsed']:.1f} s"
+            assert e["elapsed"] < 54, f"rank {rank} {case} took {e['elapsed']:.1f} s"  # (the timeout: 60 s)
         assert errs["grad_scaler"]["type"] == "RuntimeError" and "loss_scale" in errs["grad_scaler"]["msg"]
         assert errs["pg_alive"]
     assert "rank 0" in world2[0]["errors"]["shape"]["msg"] and "(6, 13)" in world2[0]["errors"]["shape"]["msg"]

@@ -193,7 +193,7 @@ def test_every_rank_loads_or_every_rank_raises(results, backend, name, case):
         return
     r0, r1 = results[0][key], results[1][key]
     for kind, msg, dt, after_ok, _ in (r0, r1):
-        assert dt < PG_TIMEOUT_S / 2, f"a rank waited {dt:.1f} s in load_state_dict ({kind}: {msg})"
+        assert dt < PG_TIMEOUT_S * 0.9, f"a rank waited {dt:.1f} s in load_state_dict ({kind}: {msg})"
         assert after_ok, "the process group broke"
     # (SGD, Lion: a param state without its one buffer is a valid empty state, as torch.optim.SGD's)
     if case == "valid" or (name in ("sgd", "lion") and case == "missing"):
@@ -215,7 +215,7 @@ def test_redistributed_state_then_a_bad_param_on_one_rank(results):
     r0, r1 = results[0]["replicate_then_bad"], results[1]["replicate_then_bad"]
     assert r0[0] == r1[0] == ("loaded", True), (r0[0], r1[0])
     assert r1[1] == "ValueError" and r0[1] == "RuntimeError", (r0, r1)
-    assert r0[3] < PG_TIMEOUT_S / 2 and r1[3] < PG_TIMEOUT_S / 2
+    assert r0[3] < PG_TIMEOUT_S * 0.9 and r1[3] < PG_TIMEOUT_S * 0.9
     assert not r0[4] and not r1[4]
 
 
@@ -293,8 +293,8 @@ def test_meshes_of_other_stages_and_overlapping_meshes(tmp_path):
     results = spawn("tests.test_dtensor_load_agreement:run_meshes3", 3, str(tmp_path), timeout=300,
                     pg_timeout_s=PG_TIMEOUT_S)  # fmt: skip
     for rank, r in enumerate(results):
-        assert r["pipeline"][0] == "loaded" and r["pipeline"][1] < PG_TIMEOUT_S / 2, (rank, r["pipeline"])
+        assert r["pipeline"][0] == "loaded" and r["pipeline"][1] < PG_TIMEOUT_S * 0.9, (rank, r["pipeline"])
         kind, dt, n_states = r["overlap"]
         assert kind == ("ValueError" if rank == 2 else "RuntimeError"), (rank, r["overlap"])
-        assert dt < PG_TIMEOUT_S / 2 and n_states == 0, (rank, r["overlap"])
+        assert dt < PG_TIMEOUT_S * 0.9 and n_states == 0, (rank, r["overlap"])
         assert r["huge_step"].startswith("ValueError") and "float32 holds" in r["huge_step"], r["huge_step"]

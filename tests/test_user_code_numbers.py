@@ -755,3 +755,63 @@ def test_a_stand_in_has_the_metadata_and_no_memory_of_its_own():
     s = stand_in(x)
     assert type(s) is torch.Tensor and s.shape == (300, 1000) and s.dtype == torch.bfloat16 and s.device == x.device
     assert s.untyped_storage().nbytes() <= 8
+
+
+@pytest.mark.parametrize("how", ["dict subclass", "__dict__ property"])
+def test_a_hidden_instance_dict_is_refused(how):
+    """The check reads the object's own ``__dict__`` through ``torch.Tensor``'s descriptor and refuses one that is not
+    an exact dict (probe 71: a dict subclass whose ``__iter__`` hides its keys, or a class whose ``__dict__`` property
+    returns ``{}``, let methods set on the object through, and they ran between the checks and the launch:
+    SIGSEGV in ``unscale_``, ``clip_grad_norm_`` and the step)."""
+    from fused_ops.kernels._checks import python_overrides
+
+    class Hidden(dict):
+        def __iter__(self):
+            return iter(())
+
+    class Masked(torch.Tensor):
+        @property
+        def __dict__(self):
+            return {}
+
+    calls = []
+    g = torch.randn(5)
+    if how == "dict subclass":
+        d = Hidden()
+        d["numel"] = lambda: calls.append(1) or 5
+        g.__dict__ = d
+    else:
+        g = g.as_subclass(Masked)
+        g.numel = lambda: calls.append(1) or 5
+    assert python_overrides([g])[0] == 0
+    with pytest.raises(TypeError, match=r"unscale_: grads\[0\] runs Python code of its own"):
+        functional.unscale_([g], 0.5, backend="reference")
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = g
+    with pytest.raises(TypeError, match=r"the grad of param 0 of param group 0 runs Python code of its own"):
+        FusedAdamW([p], lr=1e-2, backend="triton").step()
+    assert not calls
+
+
+def test_the_scaler_reads_its_numbers_before_any_check():
+    """``grad_scale_and_norm`` converts ``max_norm`` and ``norm_type`` (a numpy 0-d array's item included) before its
+    refusal of unscaled grads, not after (probe 71: a ``__float__`` there re-entered ``unscale_``)."""
+    import numpy as np
+
+    from fused_ops import DynamicLossScaler
+
+    order = []
+
+    class Traced(float):
+        def __float__(self):
+            order.append("max_norm")
+            return float.__float__(self)
+
+    scaler = DynamicLossScaler(init_scale=4.0, device="cpu", backend="reference")
+    real = scaler._refuse_unscaled
+    scaler._refuse_unscaled = lambda *a, **k: (order.append("check"), real(*a, **k))[1]
+    box = np.empty((), dtype=object)
+    box[()] = Traced(0.5)
+    grad_scale, norm = scaler.grad_scale_and_norm([torch.ones(4)], max_norm=box)
+    assert order[0] == "max_norm" and "check" in order, order
+    torch.testing.assert_close(norm, torch.tensor(0.5))  # (|ones(4)| / 4)
