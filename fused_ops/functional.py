@@ -331,15 +331,17 @@ def _reduced(fn: str, name: str, xs: list, local: list[Tensor], specs: list) -> 
     return local, specs
 
 
-def _norm_locals(fn: str, name: str, tensors: list, err: BaseException | None = None) -> tuple:
+def _norm_locals(fn: str, name: str, tensors: list, err: BaseException | None = None, checked: bool = False) -> tuple:
     """For a norm: ``_float_locals(..., partial="reduce")`` where the local shards' storage (a check that may fail on
     some ranks only) is checked before any collective. Returns ``(local, dtypes, specs, err)``: with DTensors, the
     error of this rank's check (or ``err``, one the caller found) is returned, for :func:`_global_grad_norm` to agree
     in its reduction; where a ``Partial`` DTensor is reduced first, it is agreed before (one tiny all-reduce) and
     raised on every rank. The tensors are checked here to run no code of their own (``grad_norm`` leaves them to
-    this: a refusal on one rank is agreed with the others, see ``_dtensor.unwrap``)."""
+    this: a refusal on one rank is agreed with the others, see ``_dtensor.unwrap``), unless the caller has
+    (``checked``)."""
     refused: list = []
-    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=True, refused=refused)
+    local, specs = _dtensor.unwrap(fn, tensors, lambda i: f"{name}[{i}]", partial=True,
+                                   refused=None if checked else refused)  # fmt: skip
     err = err or (refused[0] if refused else None)
     local, dtypes = _float_tensors_and_dtypes(fn, name, local)
     if specs is None:
@@ -782,17 +784,20 @@ def unscale_(
     _unscale(grads, inv_scale, found_inf, out, backend)
 
 
-def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None = None, err=None) -> None:
+def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None = None, err=None,
+             checked: bool = False) -> None:  # fmt: skip
     """:func:`unscale_`; ``done`` (a list) receives the index of each tensor written in place (the grad, or its
     ``out``) by a group that ran, also when a later group's launch raised (what :class:`DynamicLossScaler` records as
     unscaled, so that a retry is refused rather than dividing those twice). ``err``: an error the caller found on
-    this rank (raised, or with DTensor grads agreed with the other ranks' checks, as those of the local shards)."""
+    this rank (raised, or with DTensor grads agreed with the other ranks' checks, as those of the local shards).
+    ``checked``: the caller has checked ``grads`` and ``out`` to run no code of their own (not again here)."""
     inv_scale = plain_value(inv_scale, "unscale_: inv_scale")  # (before the first check: see plain_value)
     grads_in = _as_list("unscale_", "grads", grads)
     # (the tensors are checked here to run no code of their own, not on entry (``unscale_``'s no_user_code leaves
     # them to this): a refusal on one rank is agreed as the checks below, see _dtensor.unwrap)
     refused: list = []
-    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep", refused=refused)
+    grads, g_dtypes, g_specs = _float_locals("unscale_", "grads", grads_in, partial="keep",
+                                             refused=None if checked else refused)  # fmt: skip
     err = err or (refused[0] if refused else None)
     if err is not None and g_specs is None:
         raise err
@@ -809,7 +814,8 @@ def _unscale(grads, inv_scale, found_inf, out, backend, done: list[int] | None =
     if found_inf is not None:
         err = err or local(lambda: _scalar_tensor("unscale_", "found_inf", found_inf))
     out_in = _as_list("unscale_", "out", out) if out is not None else []
-    outs, o_dtypes, o_specs = (_float_locals("unscale_", "out", out_in, partial="keep", refused=refused)
+    outs, o_dtypes, o_specs = (_float_locals("unscale_", "out", out_in, partial="keep",
+                                             refused=None if checked else refused)
                                if out is not None else ([], set(), None))  # fmt: skip
     err = err or (refused[0] if refused else None)
     if out is not None and len(outs) != len(grads):

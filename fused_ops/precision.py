@@ -491,7 +491,9 @@ class DynamicLossScaler:
         done: list[int] = []
         try:
             with torch.no_grad():  # (grads of a create_graph backward require grad: unscaled in place, as torch's)
-                functional._unscale(grads, self.inv_scale, self._found_inf, out, self.backend, done, err)
+                functional._unscale(
+                    grads, self.inv_scale, self._found_inf, out, self.backend, done, err, checked=err is None
+                )  # (checked above; on an error, again: its stand-ins)
         except BaseException:
             # (every group's launch is prepared before the first runs, so an error leaves the grads as they were,
             # unless a launch itself failed after an earlier group was written: those grads are recorded, and a
@@ -710,7 +712,9 @@ class DynamicLossScaler:
             if not (isinstance(grads, list) and _has_dtensor(grads)):
                 raise
             err = e
-        local, dtypes, specs, err = functional._norm_locals(fn, "grads", functional._as_list(fn, "grads", grads), err)
+        local, dtypes, specs, err = functional._norm_locals(
+            fn, "grads", functional._as_list(fn, "grads", grads), err, checked=err is None
+        )  # (checked above)
         if any(g.is_meta for g in local) and not self._scale.is_meta:  # (the norm is read into the scaler's device)
             i = next(i for i, g in enumerate(local) if g.is_meta)
             raise TypeError(f"{fn}: grads[{i}] is a meta tensor (no memory), the scaler's scale is on "

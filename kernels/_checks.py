@@ -250,11 +250,13 @@ def python_overrides(tensors: Sequence[torch.Tensor],
     kinds = set(map(type, tensors))
     bad = {cls: found for cls in kinds if cls is not torch.Tensor
            for found in [class_overrides(cls, names)] if found}  # fmt: skip
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(tensors) if bad else ():
         found = bad.get(type(t))
         if found:
             return i, found, f"its class {type(t).__qualname__}"
-    for i, d in enumerate(map(_DICT, tensors)):
+    dicts = list(map(_DICT, tensors))
+    plain = set(map(type, dicts)) <= {dict} and not any(dicts)  # (the common case, in C: no attribute set on any)
+    for i, d in enumerate(() if plain else dicts):
         if type(d) is not dict:  # (a dict subclass could hide its keys from the checks, not from attribute lookup)
             return i, [f"a __dict__ of type {type(d).__name__}"], "the tensor object itself"
         if not d:
@@ -303,9 +305,13 @@ def overrides_refusal(fn: str, xs: Sequence, label: Callable[[int], str]) -> Typ
     the other ranks (see :func:`no_user_code`'s ``agreed``); it then reads :func:`stand_in` s, not ``xs``."""
     if torch.compiler.is_compiling():  # (traced: no memory is read; the compiled graph's custom ops check)
         return None
-    idx = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor)]
-    i, found, where = python_overrides([xs[k] for k in idx])
-    return None if i < 0 else _overrides_error(fn, label(idx[i]), found, where)
+    if all(issubclass(k, torch.Tensor) for k in set(map(type, xs))):
+        idx = None
+        i, found, where = python_overrides(xs)
+    else:
+        idx = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor)]
+        i, found, where = python_overrides([xs[k] for k in idx])
+    return None if i < 0 else _overrides_error(fn, label(i if idx is None else idx[i]), found, where)
 
 
 def stand_in(x: torch.Tensor) -> torch.Tensor:
