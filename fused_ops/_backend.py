@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -16,14 +15,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def triton_available() -> bool:
-    """True when triton imports."""
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - depends on the platform
         return False
     return True
+
+
+# (once, at import: a ``functools.cache`` read from a ``torch.compile``d step made Dynamo warn of "silent
+# incorrectness" at every compile, probe 73; fused_ops imports triton anyway, for its kernels)
+_TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    """True when triton imports."""
+    return _TRITON_AVAILABLE
 
 
 def default_backend() -> str:

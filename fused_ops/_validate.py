@@ -4,6 +4,7 @@ check nothing) rely on, verified before anything is modified, with errors that n
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from itertools import islice
 from operator import add as _add
@@ -39,6 +40,51 @@ def has_memory(cls) -> bool:
     """Whether tensors of class ``cls`` hold their elements at ``data_ptr()``: not a subclass with a dispatch of its
     own (DTensor, wrapper subclasses, fake tensors), whose address a kernel would read as the elements'."""
     return issubclass(cls, Tensor) and getattr(cls, "__torch_dispatch__", _PLAIN_DISPATCH) is _PLAIN_DISPATCH
+
+
+_OWN_DICT = Tensor.__dict__["__dict__"].__get__  # (the object's own dict: not a __dict__ its class defines)
+_SIZE, _STRIDE = torch._C.TensorBase.size, torch._C.TensorBase.stride
+_DTYPE, _DEVICE = torch._C.TensorBase.dtype.__get__, torch._C.TensorBase.device.__get__
+
+
+def _is_dtensor_class(cls: type) -> bool:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and issubclass(cls, dtensor)
+
+
+def wrapped_inner(x: Tensor) -> Tensor | None:
+    """The one plain tensor that holds the elements of wrapper subclass ``x``, or None: ``x``'s class (not a
+    DTensor) has a dispatch of its own and flattens (``__tensor_flatten__``, the protocol of torch's traceable wrapper
+    subclasses) into exactly one inner tensor, kept in the object's own ``__dict__`` under the name it gives, an exact
+    ``torch.Tensor`` (no subclass, no attribute set on it) of ``x``'s dtype, device, sizes and strides. torchao's
+    float8 training weights (``WeightWithDynamicFloat8CastTensor``, FSDP2's float8 all-gather) are such wrappers: their
+    dispatch runs each op on the inner tensor, which an in-place update through the wrapper (torch.optim's) writes.
+
+    Runs the class's ``__tensor_flatten__`` (caller code): call it before any check, never between the checks and a
+    launch; what it returns is read again at every step (never cached: ``x`` may hold another tensor by then)."""
+    cls = type(x)
+    if has_memory(cls) or not isinstance(x, Tensor) or _is_dtensor_class(cls):
+        return None
+    flatten = getattr(cls, "__tensor_flatten__", None)
+    if flatten is None or not callable(flatten):
+        return None
+    try:
+        names = flatten(x)[0]
+        names = list(names) if type(names) in (list, tuple) else None
+    except Exception:  # noqa: BLE001 - (a class whose flatten fails is no wrapper this can step: refused as before)
+        return None
+    if names is None or len(names) != 1 or type(names[0]) is not str:
+        return None
+    d = _OWN_DICT(x)
+    inner = d.get(names[0]) if type(d) is dict else None
+    if type(inner) is not Tensor or _OWN_DICT(inner):
+        return None
+    try:
+        same = (_DTYPE(inner) == _DTYPE(x) and _DEVICE(inner) == _DEVICE(x) and _SIZE(inner) == _SIZE(x)
+                and _STRIDE(inner) == _STRIDE(x) and not inner.is_meta)  # fmt: skip
+    except Exception:  # noqa: BLE001 - (sizes its dispatch computes and fails on)
+        return None
+    return inner if same else None
 
 
 def first_without_storage(tensors: Sequence[Tensor]) -> int | None:

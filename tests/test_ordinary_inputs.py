@@ -170,3 +170,22 @@ def test_the_scaler_checks_its_grads_for_code_of_their_own_once(monkeypatch):
     scaler.update()
     scaler.grad_scale_and_norm(grads)
     assert calls.count(7) == 1, calls
+
+
+def test_a_compiled_step_warns_of_nothing_of_ours():
+    """``torch.compile`` of a step with ``backend="triton"`` (on a GPU, also ``"auto"``): the backend's check read a
+    ``functools.cache``d function from the traced code, and Dynamo warned at every compile that tracing it "may
+    lead to silent incorrectness" (probe 73). Triton's availability is read once, at import, now."""
+    import warnings
+
+    w = torch.nn.Parameter(torch.randn(8))
+    opt = fused_ops.FusedAdamW([w], lr=1e-2, backend="triton")
+    step = torch.compile(opt.step, backend="aot_eager")
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            w.grad = torch.randn(8)
+            step()
+    ours = [str(c.message) for c in caught if "lru_cache" in str(c.message) or "silent incorrectness" in str(c.message)]
+    assert not ours, ours

@@ -40,10 +40,12 @@ from .._validate import (
     FP32_MAX,
     check_memory,
     first_without_storage,
+    has_memory,
     loaded_tensor_problem,
     outside_storage,
     real_float,
     self_overlapping,
+    wrapped_inner,
 )
 from ..kernels._checks import NoUserCode, check_no_overrides, class_overrides, plain_argument, plain_flag
 
@@ -292,9 +294,49 @@ def _is_dtensor(t: Any) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
+# The inner tensors of the wrapper-subclass params a step in progress launches on (see
+# FusedOptimizer._resolve_inners), by the wrapper's id (a DTensor's local shard, or the param itself): read afresh by
+# every step before its checks, removed when it returns.
+_INNERS: dict[int, Tensor] = {}
+_PLAIN_PARAM_TYPES = frozenset({Tensor, torch.nn.Parameter})
+_LOCAL_TENSOR = operator.attrgetter("_local_tensor")
+
+
 def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (its ``_local_tensor``: no DTensor dispatch), or the tensor itself."""
-    return t._local_tensor if _is_dtensor(t) else t
+    """A DTensor's local shard (its ``_local_tensor``: no DTensor dispatch), or the tensor itself; during a step, a
+    wrapper subclass's inner tensor in its place (see :func:`fused_ops._validate.wrapped_inner`)."""
+    x = t._local_tensor if _is_dtensor(t) else t
+    return _INNERS.get(id(x), x) if _INNERS else x
+
+
+def _resolved(p: Tensor) -> bool:
+    """Whether the step in progress launches on the inner tensor of ``p`` (or of its local shard)."""
+    if not _INNERS:
+        return False
+    return id(p._local_tensor if _is_dtensor(p) else p) in _INNERS
+
+
+def _unwrapped(value: Tensor) -> Tensor:
+    """A loaded state tensor that is a wrapper subclass holding its elements in one plain tensor (or a DTensor with
+    such a local shard: see ``_validate.wrapped_inner``) as that plain tensor (a DTensor with it as its shard): what
+    the load copies. Anything else as it is."""
+    x = value._local_tensor if _is_dtensor(value) else value
+    inner = None if has_memory(type(x)) else wrapped_inner(x)
+    if inner is None:
+        return value
+    if x is value:
+        return inner
+    return type(value).from_local(inner, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())  # fmt: skip
+
+
+def _like_param(p: Tensor, local: Tensor) -> Tensor:
+    """``local`` (a tensor made from ``_local(p)``, contiguous) as a state of ``p``: a DTensor with ``p``'s mesh and
+    placements when ``p`` is one (no communication)."""
+    if not _is_dtensor(p):
+        return local
+    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=torch.empty(p.shape, device="meta").stride())  # fmt: skip
 
 
 def _same_ranks(a: Any, b: Any) -> bool:
@@ -660,6 +702,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          "first (torch.optim refuses it too)")  # fmt: skip
                 p, g = _local(p), _local(g)
                 where += " (its local shard)"
+            elif _resolved(p):
+                p = _local(p)
+                where += " (its inner tensor)"
             if g.is_sparse:
                 raise RuntimeError(f"{name} does not support sparse gradients ({where})")
             if torch.is_complex(p):
@@ -673,7 +718,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if first_without_storage([p, g]) is not None:
                 raise TypeError(f"{name}: {where} or its grad is a {type(p).__name__}/{type(g).__name__} on "
                                 f"{p.device}, not a tensor with memory of its own (a DTensor, a plain tensor "
-                                "or a Parameter is needed)")  # fmt: skip
+                                "or a Parameter is needed; the eager step also takes a wrapper subclass of one "
+                                "plain inner tensor, see the README)")  # fmt: skip
             for what, t in (("", p), ("the grad of ", g)):
                 if outside_storage(t):
                     raise ValueError(f"{name}: {what}{where} lies outside its storage (a storage freed or shrunk in "
@@ -957,7 +1003,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._uses_master(group, p):
             if MASTER_KEY not in old:
                 # New state, or a state dict without masters (e.g. torch.optim's): start from the param.
-                new[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                if _resolved(p):  # (from the inner tensor the step launches on: never the wrapper's dispatch)
+                    local = _local(p).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                    new[MASTER_KEY] = _like_param(p, local)
+                else:
+                    new[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
                 fresh = self.__dict__.get("_fresh_masters")
                 if fresh is not None:  # (made from the param by this step: nothing to refresh, see _refresh_masters)
                     fresh.add(new[MASTER_KEY].data_ptr())
@@ -1135,7 +1185,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = value.detach()
         if _is_dtensor(p):
             if _off_mesh(p):  # (a rank outside the param's mesh: an empty shard, whatever this rank was given)
-                local = torch.empty_like(p._local_tensor, dtype=dtype, memory_format=torch.contiguous_format)
+                local = torch.empty(tuple(p._local_tensor.shape), dtype=dtype, device=p._local_tensor.device)
                 return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                           stride=p.stride())  # fmt: skip
             if not _is_dtensor(value):
@@ -1242,6 +1292,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             st = {}
             for key, value in src.items():
                 if isinstance(value, Tensor):  # (copied or read below by torch's ops, which do not check memory)
+                    value = _unwrapped(value)  # (torch.optim's state of a wrapper-subclass param is such a wrapper)
                     problem = loaded_tensor_problem(value)
                     if problem is not None:
                         raise ValueError(f"loaded state dict: state {key!r} of {where} {problem}")
@@ -1348,6 +1399,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with no_autocast(), NoUserCode():
                 self._step_eager(grad_scale, found_inf)
         finally:
+            self._forget_inners()
             for p, g in swapped:
                 p.grad = g
         return loss
@@ -1444,6 +1496,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         read = self.defaults.keys()
         views = [_step_group(type(self).__name__, gi, group, read) for gi, group in enumerate(self.param_groups)]
         _check_param_classes(type(self).__name__, views)
+        self._resolve_inners(views)  # (runs wrapper classes' own code: before the first check)
         checked = [self._check_step_values(gi, view) for gi, view in enumerate(views)]
         lrs = [view["lr"] for view in views]  # (each group's lr as checked: what its launches read)
         work = []
@@ -1533,6 +1586,41 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.finish()
             self._after_run(plan)
         self._mark_masters([plan for plan, _ in prepared])
+
+    def _resolve_inners(self, views: list[_StepGroup]) -> None:
+        """The params with grads (or their DTensor local shards) that are wrapper subclasses holding their elements in
+        one plain inner tensor (``_validate.wrapped_inner``: torchao's float8 training weights): the step launches on
+        that tensor in the wrapper's place (``_local``), read now, afresh at every step, before any check (it runs the
+        class's ``__tensor_flatten__``); kept in ``_INNERS`` until the step returns (``step``'s ``finally``). A
+        wrapper that is not such is left as it is: the checks refuse it as a tensor without memory of its own. Plans
+        that hold a plain params only are skipped (their per-step check compares each param's class)."""
+        added = self.__dict__.setdefault("_inner_ids", [])
+        for gi, view in enumerate(views):
+            plan = self._plans.get(gi)
+            if plan is not None and plan.reusable and not plan.dtensor:
+                continue
+            params = view["params"]
+            kinds = set(map(type, params))
+            if kinds <= _PLAIN_PARAM_TYPES:
+                continue
+            if _DTensor is not None and all(issubclass(k, _DTensor) for k in kinds):  # (FSDP2: in C, as a rule)
+                xs = list(map(_LOCAL_TENSOR, params))
+                if set(map(type, xs)) <= _PLAIN_PARAM_TYPES:
+                    continue
+            else:
+                xs = [p._local_tensor if _is_dtensor(p) else p for p in params]
+            for p, x in zip(params, xs):
+                if type(x) in _PLAIN_PARAM_TYPES or has_memory(type(x)) or p.grad is None:
+                    continue
+                inner = wrapped_inner(x)
+                if inner is not None:
+                    _INNERS[id(x)] = inner
+                    added.append(id(x))
+
+    def _forget_inners(self) -> None:
+        """After a step: its wrappers' inner tensors are read afresh by the next one."""
+        for key in self.__dict__.pop("_inner_ids", ()):
+            _INNERS.pop(key, None)
 
     def _check_overrides(self, gi: int, params: list[Tensor]) -> None:
         """A TypeError naming it for a param with a grad, its grad, or a state tensor of it, that runs Python code of
@@ -1774,10 +1862,8 @@ def _zeros_like(p: Tensor, dtype: torch.dtype) -> Tensor:
     """Contiguous ``dtype`` zeros like ``p``; for a DTensor, laid out like it: its mesh and placements, ``Partial``
     ones included (DTensor's ``zeros_like`` makes those ``Replicate``, which a state holding each rank's summand of a
     ``Partial`` param's state is not)."""
-    if _is_dtensor(p) and _has_partial(p):
-        local = torch.zeros_like(p._local_tensor, dtype=dtype, memory_format=torch.contiguous_format)
-        return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                  stride=torch.empty(p.shape, device="meta").stride())  # fmt: skip
+    if _is_dtensor(p) and _has_partial(p) or _resolved(p):  # (a wrapper's inner tensor: never its dispatch)
+        return _like_param(p, torch.zeros_like(_local(p), dtype=dtype, memory_format=torch.contiguous_format))
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
 
@@ -2038,6 +2124,10 @@ class _GroupPlan:
         # DTensor params (FSDP2, tensor parallel): the launches run on the local shards, and every step also checks
         # the wrappers' grads' placements and reads the shards afresh (no DTensor dispatch on the way).
         self.dtensor = any(_is_dtensor(p) for p in params)
+        if _INNERS and any(map(_resolved, params)):
+            # (wrapper-subclass params launch on their inner tensors, read afresh by the checked step at every step:
+            # ``_resolve_inners``; the DTensor path reads every param through ``_local``)
+            self.dtensor, self.reusable = True, False
         self.wrapper_meta = _MetaGuard(params) if self.dtensor else None
         self.grad_specs = [_spec(p.grad) for p in params] if self.dtensor else None
         watched = {*opt._state_keys(group), "step", MASTER_KEY}

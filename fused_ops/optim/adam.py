@@ -39,6 +39,7 @@ from ._base import (
     _stored,
     _to_float,
     _write_back,
+    _zeros_like,
 )
 
 _SCALE_KEYS = ["exp_avg_scale", "exp_avg_sq_scale"]  # the block scales of 8-bit moments
@@ -332,7 +333,7 @@ class FusedAdam(FusedOptimizer):
 
             return DTensor.from_local(zeros, p.device_mesh, self._state_distribution(group, key, p)[1],
                                       run_check=False, shape=shape, stride=(1,))  # fmt: skip
-        return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        return _zeros_like(p, dtype)
 
     def _plan_structure(self, group: dict[str, Any]) -> tuple:
         return (*super()._plan_structure(group), _group_state(group), group.get("stochastic_rounding"))
