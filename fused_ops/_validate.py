@@ -12,6 +12,7 @@ from operator import attrgetter
 from operator import le as _le
 
 import torch
+import torch.utils._python_dispatch
 from torch import Tensor
 
 
@@ -52,21 +53,38 @@ def _is_dtensor_class(cls: type) -> bool:
     return dtensor is not None and issubclass(cls, dtensor)
 
 
-def wrapped_inner(x: Tensor) -> Tensor | None:
-    """The one plain tensor that holds the elements of wrapper subclass ``x``, or None: ``x``'s class (not a
-    DTensor) has a dispatch of its own and flattens (``__tensor_flatten__``, the protocol of torch's traceable wrapper
-    subclasses) into exactly one inner tensor, kept in the object's own ``__dict__`` under the name it gives, an exact
-    ``torch.Tensor`` (no subclass, no attribute set on it) of ``x``'s dtype, device, sizes and strides. torchao's
-    float8 training weights (``WeightWithDynamicFloat8CastTensor``, FSDP2's float8 all-gather) are such wrappers: their
-    dispatch runs each op on the inner tensor, which an in-place update through the wrapper (torch.optim's) writes.
+class _Custom(Exception):
+    pass
 
-    Runs the class's ``__tensor_flatten__`` (caller code): call it before any check, never between the checks and a
-    launch; what it returns is read again at every step (never cached: ``x`` may hold another tensor by then)."""
+
+class _CustomMetadata(torch.utils._python_dispatch.TorchDispatchMode):
+    """Raises at the first op dispatched to Python: a tensor's sizes or strides computed by its class's dispatch
+    (``dispatch_sizes_strides_policy``) reach a mode before the class."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        raise _Custom(str(func))
+
+
+def inner_name(x: Tensor) -> str | None:
+    """The attribute under which wrapper subclass ``x`` keeps the one tensor that holds its elements, or None:
+    ``x``'s class (not a DTensor) has a dispatch of its own, its sizes and strides are its own (not computed by its
+    dispatch, which checks after this would run), and it flattens (``__tensor_flatten__``, the protocol of torch's
+    traceable wrapper subclasses) into exactly one inner tensor. torchao's float8 training weights
+    (``WeightWithDynamicFloat8CastTensor``, FSDP2's float8 all-gather) are such wrappers: their dispatch runs each
+    op on the inner tensor, which an in-place update through the wrapper (torch.optim's) writes.
+
+    Runs the class's ``__tensor_flatten__`` (caller code): call it, for every wrapper a call will read, before the
+    first check and before any :func:`inner_of` (a later wrapper's flatten may change an earlier one)."""
     cls = type(x)
     if has_memory(cls) or not isinstance(x, Tensor) or _is_dtensor_class(cls):
         return None
     flatten = getattr(cls, "__tensor_flatten__", None)
     if flatten is None or not callable(flatten):
+        return None
+    try:
+        with _CustomMetadata():
+            _SIZE(x), _STRIDE(x), x.is_contiguous(), x.storage_offset(), x.dim()
+    except Exception:  # noqa: BLE001 - (computed by its dispatch: the checks would run it)
         return None
     try:
         names = flatten(x)[0]
@@ -75,16 +93,26 @@ def wrapped_inner(x: Tensor) -> Tensor | None:
         return None
     if names is None or len(names) != 1 or type(names[0]) is not str:
         return None
+    return str.__str__(names[0])
+
+
+def inner_of(x: Tensor, name: str) -> Tensor | None:
+    """The tensor wrapper ``x`` keeps in its own ``__dict__`` under ``name`` (see :func:`inner_name`) when it is an
+    exact ``torch.Tensor`` (no subclass, no attribute set on it) of ``x``'s dtype, device, sizes and strides, else
+    None. Runs no caller code (read afresh at every step: ``x`` may hold another tensor by then)."""
     d = _OWN_DICT(x)
-    inner = d.get(names[0]) if type(d) is dict else None
+    inner = d.get(name) if type(d) is dict else None
     if type(inner) is not Tensor or _OWN_DICT(inner):
         return None
-    try:
-        same = (_DTYPE(inner) == _DTYPE(x) and _DEVICE(inner) == _DEVICE(x) and _SIZE(inner) == _SIZE(x)
-                and _STRIDE(inner) == _STRIDE(x) and not inner.is_meta)  # fmt: skip
-    except Exception:  # noqa: BLE001 - (sizes its dispatch computes and fails on)
-        return None
+    same = (_DTYPE(inner) == _DTYPE(x) and _DEVICE(inner) == _DEVICE(x) and _SIZE(inner) == _SIZE(x)
+            and _STRIDE(inner) == _STRIDE(x) and not inner.is_meta)  # fmt: skip
     return inner if same else None
+
+
+def wrapped_inner(x: Tensor) -> Tensor | None:
+    """:func:`inner_name` then :func:`inner_of`: for one wrapper read alone (a loaded state), never inside a step."""
+    name = inner_name(x)
+    return None if name is None else inner_of(x, name)
 
 
 def first_without_storage(tensors: Sequence[Tensor]) -> int | None:

@@ -350,3 +350,137 @@ def test_inner_tensors_are_checked_as_params_are(backend):
     with pytest.raises(ValueError, match="outside its storage"):
         opt.step()
     assert torch.equal(q.detach(), q_before)
+
+
+def _no_entries_left():
+    from fused_ops.optim import _base
+
+    return not _base._INNERS
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_every_flatten_runs_before_any_inner_tensor_is_read(backend):
+    """Probe 74: a later wrapper's ``__tensor_flatten__`` gave an earlier wrapper another inner tensor after the
+    earlier one's was read: the step wrote the old, detached tensor and the param kept its value. Every flatten runs
+    first now, then the inner tensors are read: the new one is stepped."""
+    a = _param(torch.zeros(4))
+    new = torch.ones(4)
+
+    class Swapper(Wrapped):
+        def __tensor_flatten__(self):
+            a._tensor = new
+            return super().__tensor_flatten__()
+
+    c = torch.nn.Parameter(Swapper(torch.zeros(3)))
+    opt = fused_ops.FusedAdamW([a, c], lr=0.1, backend=backend)
+    old = a._tensor
+    a.grad, c.grad = torch.ones(4), torch.ones(3)
+    opt.step()
+    assert a._tensor is new and not torch.equal(new, torch.ones(4)) and torch.equal(old, torch.zeros(4))
+    assert _no_entries_left()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_wrapper_dropped_by_a_later_flatten_is_not_written(backend):
+    """Probe 74: ``_INNERS`` was keyed by ``id()`` without holding the wrapper: a later flatten that removed a
+    resolved wrapper param from the group (its last reference) let a state tensor made after the checks take its id,
+    and the step wrote the dead wrapper's unchecked inner tensor (SIGSEGV once freed). Entries hold their wrapper
+    now, and are matched by identity: the dropped param is not stepped, the others are, as a fresh step would."""
+    for _ in range(10):
+        kept = torch.nn.Parameter(torch.zeros(5))
+        group = [None, kept, None]
+        group[0] = _param(torch.zeros(5))
+        inner = group[0]._tensor
+
+        class Dropper(Wrapped):
+            target = group
+
+            def __tensor_flatten__(self):
+                if self.target[0] is not None:
+                    self.target[0] = None
+                    del self.target[0]
+                return super().__tensor_flatten__()
+
+        group[2] = torch.nn.Parameter(Dropper(torch.zeros(5)))
+        for p in group:
+            if p is not None:
+                p.grad = torch.ones(5)
+        opt = fused_ops.FusedAdamW([p for p in group if p is not None], lr=0.1, backend=backend)
+        group[:] = opt.param_groups[0]["params"]
+        opt.param_groups[0]["params"] = group
+        opt.step()
+        assert torch.equal(inner, torch.zeros(5))
+        for p in group:
+            value = p._tensor if isinstance(p, Wrapped) else p.detach()
+            torch.testing.assert_close(value, torch.full((5,), -0.1), rtol=0, atol=1e-6)
+        assert _no_entries_left()
+
+
+def test_a_step_inside_a_flatten_leaves_no_entries():
+    """Probe 74: a step re-entered from a wrapper's flatten shared the outer step's list of entries, and the
+    entries the outer step added afterwards outlived it (a later param reusing a dead wrapper's id would have been
+    launched on that wrapper's inner tensor). Nothing is left after either step now."""
+    p = _param(torch.zeros(4))
+    calls = []
+
+    class Reentering(Wrapped):
+        def __tensor_flatten__(self):
+            if not calls:
+                calls.append(1)
+                opt.step()
+            return super().__tensor_flatten__()
+
+    q = torch.nn.Parameter(Reentering(torch.zeros(3)))
+    opt = fused_ops.FusedAdamW([p, q], lr=0.1, backend="reference")
+    p.grad, q.grad = torch.ones(4), torch.ones(3)
+    opt.step()
+    assert calls and _no_entries_left()
+    assert float(opt.state[p]["step"]) == 2 and float(opt.state[q]["step"]) == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_wrapper_whose_grad_comes_later_is_stepped(backend):
+    """Probe 74: a group whose first step had grads on its plain params only kept a reused plan, which skipped the
+    wrappers' reading: the wrapper, given a grad later, was refused at every step. It is stepped, as by a fresh
+    optimizer and by torch.optim."""
+    w, q = _param(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))
+    opt = fused_ops.FusedAdamW([q, w], lr=0.1, backend=backend)
+    for _ in range(2):
+        q.grad = torch.ones(3)
+        opt.step()
+    w.grad = torch.ones(4)
+    opt.step()
+    torch.testing.assert_close(w._tensor, torch.full((4,), -0.1), rtol=0, atol=1e-6)
+
+
+def test_a_wrapper_whose_sizes_its_dispatch_computes_is_refused():
+    """A wrapper whose sizes or strides its dispatch computes (``dispatch_sizes_strides_policy``) would run that
+    dispatch at every read of its metadata, between the checks and the launch: not stepped, refused as before,
+    nothing changed."""
+    calls = []
+
+    class Custom(Wrapped):
+        @staticmethod
+        def __new__(cls, t, tag="w"):
+            return torch.Tensor._make_wrapper_subclass(
+                cls, t.shape, strides=t.stride(), dtype=t.dtype, device=t.device, dispatch_sizes_strides_policy="sizes"
+            )
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            calls.append(func)
+            if func is torch.ops.aten.sym_size.default:
+                return args[0]._tensor.shape
+            if func is torch.ops.aten.sym_numel.default:
+                return args[0]._tensor.numel()
+            return Wrapped.__torch_dispatch__.__func__(cls, func, types, args, kwargs)
+
+    x = Custom(torch.zeros(4))
+    q = torch.nn.Parameter(torch.zeros(3))
+    opt = fused_ops.FusedAdamW([q], lr=0.1, backend="reference")
+    opt.param_groups[0]["params"].append(x)
+    x.grad, q.grad = torch.ones(4), torch.ones(3)
+    calls.clear()
+    with pytest.raises(TypeError, match="param 1 of param group 0"):
+        opt.step()
+    assert torch.equal(q.detach(), torch.zeros(3)) and torch.equal(x._tensor, torch.zeros(4)) and not opt.state

@@ -41,6 +41,8 @@ from .._validate import (
     check_memory,
     first_without_storage,
     has_memory,
+    inner_name,
+    inner_of,
     loaded_tensor_problem,
     outside_storage,
     real_float,
@@ -297,23 +299,29 @@ def _is_dtensor(t: Any) -> bool:
 # The inner tensors of the wrapper-subclass params a step in progress launches on (see
 # FusedOptimizer._resolve_inners), by the wrapper's id (a DTensor's local shard, or the param itself): read afresh by
 # every step before its checks, removed when it returns.
-_INNERS: dict[int, Tensor] = {}
+_INNERS: dict[int, tuple[Tensor, Tensor]] = {}
 _PLAIN_PARAM_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _LOCAL_TENSOR = operator.attrgetter("_local_tensor")
 
 
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (its ``_local_tensor``: no DTensor dispatch), or the tensor itself; during a step, a
-    wrapper subclass's inner tensor in its place (see :func:`fused_ops._validate.wrapped_inner`)."""
+    wrapper subclass's inner tensor in its place (see :func:`fused_ops._validate.inner_name`)."""
     x = t._local_tensor if _is_dtensor(t) else t
-    return _INNERS.get(id(x), x) if _INNERS else x
+    if _INNERS:
+        entry = _INNERS.get(id(x))
+        if entry is not None and entry[0] is x:
+            return entry[1]
+    return x
 
 
 def _resolved(p: Tensor) -> bool:
     """Whether the step in progress launches on the inner tensor of ``p`` (or of its local shard)."""
     if not _INNERS:
         return False
-    return id(p._local_tensor if _is_dtensor(p) else p) in _INNERS
+    x = p._local_tensor if _is_dtensor(p) else p
+    entry = _INNERS.get(id(x))
+    return entry is not None and entry[0] is x
 
 
 def _unwrapped(value: Tensor) -> Tensor:
@@ -1589,33 +1597,42 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _resolve_inners(self, views: list[_StepGroup]) -> None:
         """The params with grads (or their DTensor local shards) that are wrapper subclasses holding their elements in
-        one plain inner tensor (``_validate.wrapped_inner``: torchao's float8 training weights): the step launches on
-        that tensor in the wrapper's place (``_local``), read now, afresh at every step, before any check (it runs the
-        class's ``__tensor_flatten__``); kept in ``_INNERS`` until the step returns (``step``'s ``finally``). A
-        wrapper that is not such is left as it is: the checks refuse it as a tensor without memory of its own. Plans
-        that hold a plain params only are skipped (their per-step check compares each param's class)."""
-        added = self.__dict__.setdefault("_inner_ids", [])
-        for gi, view in enumerate(views):
-            plan = self._plans.get(gi)
-            if plan is not None and plan.reusable and not plan.dtensor:
-                continue
-            params = view["params"]
-            kinds = set(map(type, params))
-            if kinds <= _PLAIN_PARAM_TYPES:
-                continue
-            if _DTensor is not None and all(issubclass(k, _DTensor) for k in kinds):  # (FSDP2: in C, as a rule)
-                xs = list(map(_LOCAL_TENSOR, params))
-                if set(map(type, xs)) <= _PLAIN_PARAM_TYPES:
+        one plain inner tensor (``_validate.inner_name``: torchao's float8 training weights): the step launches on that
+        tensor in the wrapper's place (``_local``), read now, afresh at every step, before any check, in two passes:
+        every wrapper's ``__tensor_flatten__`` (the class's own code) first, then, with no caller code left to run,
+        each wrapper's inner tensor read and matched (a flatten that changed another wrapper is seen; a wrapper that
+        appeared meanwhile is not resolved: refused). Kept in ``_INNERS``, each with its wrapper (alive: its id is
+        not reused), until the step returns (``step``'s ``finally``). A wrapper that is not such is left as it is: the
+        checks refuse it as a tensor without memory of its own."""
+        names: dict[int, tuple[Tensor, str]] = {}
+        for pass_ in range(2):
+            for view in views:
+                params = view["params"]
+                kinds = set(map(type, params))
+                if kinds <= _PLAIN_PARAM_TYPES:  # (in C: the common case costs one pass over the list)
                     continue
-            else:
-                xs = [p._local_tensor if _is_dtensor(p) else p for p in params]
-            for p, x in zip(params, xs):
-                if type(x) in _PLAIN_PARAM_TYPES or has_memory(type(x)) or p.grad is None:
-                    continue
-                inner = wrapped_inner(x)
-                if inner is not None:
-                    _INNERS[id(x)] = inner
-                    added.append(id(x))
+                if _DTensor is not None and all(issubclass(k, _DTensor) for k in kinds):  # (FSDP2: in C, as a rule)
+                    xs = list(map(_LOCAL_TENSOR, params))
+                    if set(map(type, xs)) <= _PLAIN_PARAM_TYPES:
+                        continue
+                else:
+                    xs = [p._local_tensor if _is_dtensor(p) else p for p in params]
+                for p, x in zip(params, xs):
+                    if type(x) in _PLAIN_PARAM_TYPES or has_memory(type(x)) or p.grad is None:
+                        continue
+                    if pass_ == 0:
+                        if id(x) not in names:
+                            name = inner_name(x)  # (caller code)
+                            if name is not None:
+                                names[id(x)] = (x, name)
+                        continue
+                    known = names.get(id(x))
+                    if known is None or known[0] is not x:
+                        continue
+                    inner = inner_of(x, known[1])
+                    if inner is not None:
+                        _INNERS[id(x)] = (x, inner)
+                        self.__dict__.setdefault("_inner_ids", []).append(id(x))
 
     def _forget_inners(self) -> None:
         """After a step: its wrappers' inner tensors are read afresh by the next one."""
