@@ -65,16 +65,18 @@ class _CustomMetadata(torch.utils._python_dispatch.TorchDispatchMode):
         raise _Custom(str(func))
 
 
-def inner_name(x: Tensor) -> str | None:
-    """The attribute under which wrapper subclass ``x`` keeps the one tensor that holds its elements, or None:
-    ``x``'s class (not a DTensor) has a dispatch of its own, its sizes and strides are its own (not computed by its
-    dispatch, which checks after this would run), and it flattens (``__tensor_flatten__``, the protocol of torch's
-    traceable wrapper subclasses) into exactly one inner tensor. torchao's float8 training weights
-    (``WeightWithDynamicFloat8CastTensor``, FSDP2's float8 all-gather) are such wrappers: their dispatch runs each
-    op on the inner tensor, which an in-place update through the wrapper (torch.optim's) writes.
+def inner_name(x: Tensor) -> list[str] | None:
+    """The attributes under which wrapper subclass ``x`` keeps its inner tensors (``__tensor_flatten__``, the protocol
+    of torch's traceable wrapper subclasses), or None where ``x`` is no wrapper the step can launch through: its
+    class (not a DTensor) has no dispatch of its own, or computes its sizes or strides in its dispatch (which every
+    check after this would run), or does not flatten into a list of names. :func:`inner_of` then picks the one
+    tensor that holds the elements. torchao's float8 training weights (``WeightWithDynamicFloat8CastTensor``, FSDP2's
+    float8 all-gather) are such wrappers: their dispatch runs each op on the inner tensor, which an in-place update
+    through the wrapper (torch.optim's) writes.
 
-    Runs the class's ``__tensor_flatten__`` (caller code): call it, for every wrapper a call will read, before the
-    first check and before any :func:`inner_of` (a later wrapper's flatten may change an earlier one)."""
+    Runs the class's ``__tensor_flatten__`` (caller code; what it raises propagates): call it, for every wrapper a
+    call will read, before the first check and before any :func:`inner_of` (a later wrapper's flatten may change an
+    earlier one)."""
     cls = type(x)
     if has_memory(cls) or not isinstance(x, Tensor) or _is_dtensor_class(cls):
         return None
@@ -86,33 +88,40 @@ def inner_name(x: Tensor) -> str | None:
             _SIZE(x), _STRIDE(x), x.is_contiguous(), x.storage_offset(), x.dim()
     except Exception:  # noqa: BLE001 - (computed by its dispatch: the checks would run it)
         return None
-    try:
-        names = flatten(x)[0]
-        names = list(names) if type(names) in (list, tuple) else None
-    except Exception:  # noqa: BLE001 - (a class whose flatten fails is no wrapper this can step: refused as before)
+    names = flatten(x)[0]
+    if type(names) not in (list, tuple) or not names or not all(type(n) is str for n in names):
         return None
-    if names is None or len(names) != 1 or type(names[0]) is not str:
-        return None
-    return str.__str__(names[0])
+    return [str.__str__(n) for n in names]
 
 
-def inner_of(x: Tensor, name: str) -> Tensor | None:
-    """The tensor wrapper ``x`` keeps in its own ``__dict__`` under ``name`` (see :func:`inner_name`) when it is an
-    exact ``torch.Tensor`` (no subclass, no attribute set on it) of ``x``'s dtype, device, sizes and strides, else
-    None. Runs no caller code (read afresh at every step: ``x`` may hold another tensor by then)."""
+def inner_of(x: Tensor, names: list[str]) -> Tensor | None:
+    """The tensor among wrapper ``x``'s inner ones (kept in its own ``__dict__`` under ``names``: see
+    :func:`inner_name`) that holds its elements, or None: exactly one of them is of ``x``'s dtype, device, sizes and
+    strides, and every other one has at most one element (a scale, as torchao's float8 weights keep once
+    ``precompute_float8_dynamic_scale_for_fsdp`` ran), all exact ``torch.Tensor`` s (no subclass, no attribute set on
+    them). Runs no caller code (read afresh at every step: ``x`` may hold another tensor by then)."""
     d = _OWN_DICT(x)
-    inner = d.get(name) if type(d) is dict else None
-    if type(inner) is not Tensor or _OWN_DICT(inner):
+    if type(d) is not dict:
         return None
-    same = (_DTYPE(inner) == _DTYPE(x) and _DEVICE(inner) == _DEVICE(x) and _SIZE(inner) == _SIZE(x)
-            and _STRIDE(inner) == _STRIDE(x) and not inner.is_meta)  # fmt: skip
-    return inner if same else None
+    found = None
+    for name in names:
+        inner = d.get(name)
+        if type(inner) is not Tensor or _OWN_DICT(inner):
+            return None
+        if (_DTYPE(inner) == _DTYPE(x) and _DEVICE(inner) == _DEVICE(x) and _SIZE(inner) == _SIZE(x)
+                and _STRIDE(inner) == _STRIDE(x) and not inner.is_meta):  # fmt: skip
+            if found is not None:
+                return None  # (two could hold the elements: which one the dispatch writes is not said)
+            found = inner
+        elif inner.numel() > 1:
+            return None
+    return found
 
 
 def wrapped_inner(x: Tensor) -> Tensor | None:
     """:func:`inner_name` then :func:`inner_of`: for one wrapper read alone (a loaded state), never inside a step."""
-    name = inner_name(x)
-    return None if name is None else inner_of(x, name)
+    names = inner_name(x)
+    return None if names is None else inner_of(x, names)
 
 
 def first_without_storage(tensors: Sequence[Tensor]) -> int | None:

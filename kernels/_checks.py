@@ -247,6 +247,13 @@ def python_overrides(tensors: Sequence[torch.Tensor],
     (``names``: the class attributes looked for); a DTensor's
     local shard (what the checks and launches read of it) likewise; ``(-1, [], "")`` when none does. ``where`` says
     which it is. About 0.1 us a tensor (its ``__dict__`` read: one attribute lookup in C)."""
+    # (first, by identity alone: a class whose metaclass is not torch's runs the metaclass's code at every class
+    # attribute read and every hash of the class, which the checks below and all later checks do)
+    if not set(map(id, map(type, map(type, tensors)))) <= _TRUSTED_METAS:
+        for i, t in enumerate(tensors):
+            meta = type(type(t))
+            if id(meta) not in _TRUSTED_METAS:
+                return i, [f"a metaclass of its own ({type.__dict__['__qualname__'].__get__(meta)})"], "its class"
     kinds = set(map(type, tensors))
     bad = {cls: found for cls in kinds if cls is not torch.Tensor
            for found in [class_overrides(cls, names)] if found}  # fmt: skip
@@ -279,6 +286,9 @@ def python_overrides(tensors: Sequence[torch.Tensor],
 
 
 _DICT = torch.Tensor.__dict__["__dict__"].__get__  # (the object's own dict: not a __dict__ its class defines)
+# torch's tensor metaclasses (Tensor's, DTensor's, Parameter's), by id: a tensor class with another metaclass is
+# refused first (see python_overrides)
+_TRUSTED_METAS = frozenset(map(id, (type, type(torch.Tensor), type(torch.nn.Parameter))))
 
 
 def check_no_overrides(fn: str, name: str, tensors: Sequence[torch.Tensor], names: Collection[str] = _READ_NAMES,

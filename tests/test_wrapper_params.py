@@ -173,21 +173,84 @@ def test_inner_tensor_read_afresh_at_every_step(backend):
 
 
 def test_wrappers_that_are_not_one_plain_tensor_are_refused():
-    """A wrapper flattening into two tensors, or whose flatten raises, is refused as before (a TypeError naming
-    the param, nothing written)."""
+    """A wrapper with two inner tensors that could hold its elements (of its dtype, sizes and strides), or with
+    another inner tensor of more than one element, is refused as before (a TypeError naming the param, nothing
+    written); what a wrapper's flatten raises propagates (before any check: nothing written)."""
+
+    class WithMask(Wrapped):
+        def __init__(self, t, tag="w"):
+            super().__init__(t, tag)
+            self._mask = torch.ones(t.shape, dtype=torch.bool)
+
+        def __tensor_flatten__(self):
+            return ["_tensor", "_mask"], {"tag": self._tag}
 
     class Failing(Wrapped):
         def __tensor_flatten__(self):
-            raise RuntimeError("no")
+            raise RuntimeError("flatten failed")
 
-    for cls in (TwoInner, Failing):
+    for cls, error, match in ((TwoInner, TypeError, "param 1 of param group 0"), (WithMask, TypeError,
+                              "param 1 of param group 0"), (Failing, RuntimeError, "flatten failed")):  # fmt: skip
         p, q = _param(torch.randn(5), cls), torch.nn.Parameter(torch.randn(3))
         p.grad, q.grad = torch.randn(5), torch.randn(3)
         q_before = q.detach().clone()
         opt = fused_ops.FusedAdamW([q, p], lr=1e-2, backend="reference")
-        with pytest.raises(TypeError, match="param 1 of param group 0"):
+        with pytest.raises(error, match=match):
             opt.step()
         assert torch.equal(q.detach(), q_before) and not opt.state
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_wrapper_with_a_scale_beside_its_tensor(backend):
+    """torchao's float8 weights, once ``precompute_float8_dynamic_scale_for_fsdp`` ran (its FSDP2 recipe: after
+    every step), flatten into their tensor and a 0-d scale: stepped on the tensor, as torch.optim steps them (probe
+    75: they were refused from the second step on)."""
+
+    class Scaled(Wrapped):
+        def __init__(self, t, tag="w"):
+            super().__init__(t, tag)
+            self._scale = torch.ones(())
+
+        def __tensor_flatten__(self):
+            return ["_tensor", "_scale"], {"tag": self._tag}
+
+    init = torch.randn(6)
+    ours, theirs = _param(init, Scaled), _param(init, Scaled)
+    opt = fused_ops.FusedAdamW([ours], lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW([theirs], lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(60)
+    for g in (torch.randn(6, generator=gen), torch.randn(6, generator=gen)):
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours._tensor, theirs._tensor, rtol=0, atol=1e-6)
+    assert torch.equal(ours._scale, torch.ones(()))
+
+
+def test_a_tensor_class_with_a_metaclass_of_its_own_is_refused_first():
+    """Probe 75: a param class whose metaclass defines ``__getattribute__`` ran it when group 1's check read the
+    class (its ``__mro__``), after group 0's grads were checked: there it shrank group 0's checked grad (SIGSEGV on
+    the reference backend). A tensor class with another metaclass than torch's is refused now, read by identity
+    alone, before anything of its class is looked up; nothing changed."""
+    q = torch.nn.Parameter(torch.zeros(4096))
+    ran = []
+
+    class Meta(type(torch.nn.Parameter)):
+        def __getattribute__(cls, name):
+            if ran is not None:
+                ran.append(name)
+            return super().__getattribute__(name)
+
+    class MetaParam(torch.nn.Parameter, metaclass=Meta):
+        pass
+
+    w = MetaParam(torch.zeros(8))
+    for backend in ("reference", "triton"):
+        q.grad, w.grad = torch.arange(4096.0), torch.ones(8)
+        opt = fused_ops.FusedSGD([{"params": [q]}, {"params": [w]}], lr=1.0, backend=backend)
+        with pytest.raises(TypeError, match="param 0 of param group 1 .*metaclass of its own"):
+            opt.step()
+        assert not q.detach().any() and not w.detach().any()
 
 
 def test_flatten_runs_before_the_checks():

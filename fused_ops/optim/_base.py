@@ -1604,7 +1604,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         appeared meanwhile is not resolved: refused). Kept in ``_INNERS``, each with its wrapper (alive: its id is
         not reused), until the step returns (``step``'s ``finally``). A wrapper that is not such is left as it is: the
         checks refuse it as a tensor without memory of its own."""
-        names: dict[int, tuple[Tensor, str]] = {}
+        names: dict[int, tuple[Tensor, list[str]]] = {}
         for pass_ in range(2):
             for view in views:
                 params = view["params"]
