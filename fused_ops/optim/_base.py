@@ -128,14 +128,19 @@ def _step_group(name: str, gi: int, group: dict[str, Any], read: Collection[str]
     cannot turn off: run after a tensor's checks, one could free that tensor's memory before the kernel writes it.
     So they run here, once, first. ``params`` stays the group's own list (a plan compares its identity); another
     sequence is copied into a list. A value the step refuses is kept as it is, for the step's check to name. Only
-    the keys the step reads (:data:`_READ_KEYS` and ``read``: the optimizer's defaults) are made plain; any other
-    (a scheduler's ``initial_lr``, ``param_names``, a user's own key: torch.optim keeps them untouched) is kept as it
-    is, never looked at."""
+    the keys the step reads (:data:`_READ_KEYS` and ``read``: the optimizer's defaults) are in the view, as exact
+    ``str`` keys, their values made plain; any other (a scheduler's ``initial_lr``, ``param_names``, a user's own
+    key: torch.optim keeps them untouched) is left out, never looked at: kept in the view, a key of the caller's
+    whose hash equals a read key's would run its ``__eq__`` at every read of that key, down to the launch (probe
+    77)."""
     view = _StepGroup()
     view.index = gi
     view.source = group.get("params")
     for key, value in group.items():
-        view[key] = _plain(name, key, value, gi) if key in _READ_KEYS or key in read else value
+        if isinstance(key, str):
+            key = str.__str__(key)  # (an exact str: hashed and compared by str's own methods)
+            if key in _READ_KEYS or key in read:
+                view[key] = _plain(name, key, value, gi)
     return view
 
 
@@ -290,6 +295,54 @@ try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # pragma: no cover (torch without distributed)
     _DTensor = None
+
+# What FusedOptimizer._plain_states takes without a look, by the type's id (no hash, no attribute of the class read)
+_TORCH_TENSORS = (Tensor, torch.nn.Parameter) + ((_DTensor,) if _DTensor is not None else ())
+_PLAIN_KEY_TYPES = frozenset(map(id, (*_TORCH_TENSORS, int, str)))
+_STR_TYPE = frozenset({id(str)})
+_PLAIN_VALUE_TYPES = frozenset(map(id, (*_TORCH_TENSORS, int, float, bool, str, type(None))))
+_QUALNAME = type.__dict__["__qualname__"].__get__
+_MRO = type.__dict__["__mro__"].__get__
+_CLASS_DICT = type.__dict__["__dict__"].__get__
+_MODULE = type.__dict__["__module__"].__get__
+_TRUSTED_METAS = frozenset(map(id, (type, type(Tensor), type(torch.nn.Parameter))))
+
+
+def _qualname(cls: type) -> str:
+    """A class's name, read through ``type``'s own descriptor (no metaclass code)."""
+    return _QUALNAME(cls) if isinstance(cls, type) else repr(cls)
+
+
+def _defines(cls: type, names: Collection[str]) -> list[str]:
+    """Which of ``names`` a class between ``cls`` and ``object`` (not a builtin) defines, read through ``type``'s own
+    descriptors (its MRO and each class's own dict: no metaclass code); for a class whose metaclass is not
+    ``type`` or torch's, that metaclass."""
+    if id(type(cls)) not in _TRUSTED_METAS:
+        return [f"a metaclass of its own ({_qualname(type(cls))})"]
+    found = []
+    for c in _MRO(cls):
+        if c is object or c is Tensor or c is torch._C.TensorBase:
+            break
+        if _MODULE(c) == "builtins":  # (int, dict, ...: their slots are C, none of the caller's)
+            continue
+        found += [k for k in _CLASS_DICT(c) if type(k) is str and k in names]
+    return sorted(set(found))
+
+
+def _key_problem(key: Any) -> str | None:
+    """Why ``key`` of ``optimizer.state`` would run caller code when the step looks a param up, or None."""
+    cls = type(key)
+    if id(cls) in _PLAIN_KEY_TYPES:
+        return None
+    found = _defines(cls, ("__eq__", "__hash__"))
+    return f"which defines {', '.join(found)}" if found else None
+
+
+def _value_problem(cls: type) -> str | None:
+    """Why a state value of class ``cls`` (not a tensor) would run caller code when the step reads its type
+    (``isinstance`` reads ``__class__`` through the object's attribute lookup), or None."""
+    found = _defines(cls, ("__getattribute__", "__getattr__", "__class__"))
+    return f"its class defines {', '.join(found)}, which the step's type checks would run" if found else None
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -1505,6 +1558,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         views = [_step_group(type(self).__name__, gi, group, read) for gi, group in enumerate(self.param_groups)]
         _check_param_classes(type(self).__name__, views)
         self._resolve_inners(views)  # (runs wrapper classes' own code: before the first check)
+        self._plain_states(views)
         checked = [self._check_step_values(gi, view) for gi, view in enumerate(views)]
         lrs = [view["lr"] for view in views]  # (each group's lr as checked: what its launches read)
         work = []
@@ -1594,6 +1648,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.finish()
             self._after_run(plan)
         self._mark_masters([plan for plan, _ in prepared])
+        if isinstance(self.state, _OptimizerState):  # (the step's own changes: nothing of the caller's since the read)
+            self.__dict__["_states_read"] = (self.state._version, self.state._version.n)
 
     def _resolve_inners(self, views: list[_StepGroup]) -> None:
         """The params with grads (or their DTensor local shards) that are wrapper subclasses holding their elements in
@@ -1634,6 +1690,58 @@ class FusedOptimizer(torch.optim.Optimizer):
                         _INNERS[id(x)] = (x, inner)
                         self.__dict__.setdefault("_inner_ids", []).append(id(x))
 
+    def _plain_states(self, views: list[_StepGroup]) -> None:
+        """Before the first check: ``optimizer.state`` and the states of the params with grads read by the step with no
+        caller code of their own (probe 77: a key whose hash equals one the step looks up runs its ``__eq__`` at that
+        lookup, a non-tensor value's ``__class__`` runs at an ``isinstance``, a dict subclass's methods at every read,
+        a ``step`` held by an int subclass at its comparisons, all of it after earlier groups were checked). So:
+        ``optimizer.state``'s keys are params (tensors whose class defines no ``__eq__``/``__hash__`` of its own),
+        ints or strs; a param's state that is a dict subclass is replaced by a plain copy, here (torch.optim's
+        ``load_state_dict`` makes such copies too); its keys are strs; its values tensors, numbers, strs, None or
+        objects whose class reads attributes as ``object`` does; a ``step`` a tensor or an exact int or float. A
+        TypeError names what is not, nothing changed. Run when ``optimizer.state`` changed since the last step
+        (its mutation counter: changes made behind it, ``dict.__setitem__(state, ...)``, are not seen)."""
+        state = self.state
+        version = state._version
+        if self.__dict__.get("_states_read") == (version, version.n):
+            return
+        name = type(self).__name__
+        if not set(map(id, map(type, state))) <= _PLAIN_KEY_TYPES:
+            for key in list(dict.__iter__(state)):
+                problem = _key_problem(key)
+                if problem is not None:
+                    raise TypeError(f"{name}: optimizer.state has a key of type {_qualname(type(key))}, "
+                                    f"{problem}: the step's state lookups would run it (keys are params, ints or "
+                                    "strs)")  # fmt: skip
+        for gi, view in enumerate(views):
+            for i, p in enumerate(view["params"]):
+                if p.grad is None:
+                    continue
+                st = state.get(p)
+                if st is None or type(st) is _ParamState or type(st) is dict:
+                    pass
+                elif isinstance(st, dict):  # (a dict subclass: its own methods would run at every read)
+                    state[p] = st = _ParamState(version, dict.items(st))
+                else:
+                    continue  # (the checks refuse it: "must be a dict")
+                if not st:
+                    continue
+                where = f"param {i} of param group {gi}"
+                if not set(map(id, map(type, dict.__iter__(st)))) <= _STR_TYPE:
+                    bad = next(k for k in dict.__iter__(st) if type(k) is not str)
+                    raise TypeError(f"{name}: the state of {where} has a key of type {_qualname(type(bad))}: state "
+                                    "keys must be strs (as torch.optim's are)")  # fmt: skip
+                for key, value in dict.items(st):
+                    cls = type(value)
+                    if id(cls) in _PLAIN_VALUE_TYPES:
+                        continue
+                    problem = None if issubclass(cls, Tensor) else _value_problem(cls)
+                    if key == "step" and problem is None and not issubclass(cls, Tensor):
+                        problem = "a step count must be a tensor or an exact int or float"
+                    if problem is not None:
+                        raise TypeError(f"{name}: state {key!r} of {where} is a {_qualname(cls)}: {problem}")
+        self.__dict__["_states_read"] = (version, version.n)
+
     def _forget_inners(self) -> None:
         """After a step: its wrappers' inner tensors are read afresh by the next one."""
         for key in self.__dict__.pop("_inner_ids", ()):
@@ -1655,7 +1763,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             st = self.state.get(p)
             for k, v in st.items() if st else ():
-                if isinstance(v, Tensor):
+                if issubclass(type(v), Tensor):
                     states.append(v)
                     keys.append((i, k))
         if states:
