@@ -272,23 +272,26 @@ def _two_ranks(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     for name, script in SCRIPTS.items():
         for stage in (2, 1):
             results[f"{name}/stage{stage}"] = run_zero(script, rank, stage)
-    for zero in ("Zm", "Zf", "Zn"):
+    for zero in ("Zm", "Zf", "Zn", "Zo"):
         results[f"conflict/{zero}"] = _conflict(rank, zero)
     results["conflict_backward"] = _conflict_backward(rank)
+    results["conflict_backward/Zo"] = _conflict_backward(rank, "Zo")
     return results
 
 
-def _conflict_backward(rank: int) -> dict[str, Any]:
-    """A step, rank 0 alone calls model.zero_grad(), a backward on every rank: rank 0 dropped its shards (every held
-    grad zeroed, as zero_grad() drops them), rank 1 kept them: the step raises the same error on every rank, the
-    params unchanged, and again until opt.zero_grad() on every rank; then it steps as torch does."""
+def _conflict_backward(rank: int, zero: str = "Zm") -> dict[str, Any]:
+    """A step, rank 0 alone calls model.zero_grad() (or opt.zero_grad(): ``zero``), a backward on every rank: rank 0
+    dropped its shards (every held grad zeroed, as zero_grad() drops them), rank 1 kept them: the step raises the same
+    error on every rank, the params unchanged, and again until opt.zero_grad() on every rank; then it steps as torch
+    does. (With opt.zero_grad() the step took rank 1's kept grads on the half it owns and not on rank 0's, no rank
+    raising: probe 76.)"""
     torch.manual_seed(0)
     model = _Model()
     opt = ZeroAdamW(model.parameters(), stage=2, lr=0.05, backend="reference")
     _loss(model, _data(0, rank)).backward()
     opt.step()
     if rank == 0:
-        model.zero_grad()
+        _zero(model, opt, zero)
     _loss(model, _data(1, rank)).backward()
     before = [p.detach().clone() for p in model.parameters()]
     errors = step_messages(opt)
@@ -342,7 +345,7 @@ def test_model_zero_grad_matches_torch_2ranks(two_ranks, name):
             _assert_close(r[f"{name}/stage{stage}"], want)
 
 
-@pytest.mark.parametrize("zero", ["Zm", "Zf", "Zn"])
+@pytest.mark.parametrize("zero", ["Zm", "Zf", "Zn", "Zo"])
 def test_zero_grad_on_one_rank_raises_everywhere(two_ranks, zero):
     results = [r[f"conflict/{zero}"] for r in two_ranks]
     errors = [r["errors"] for r in results]
@@ -350,7 +353,7 @@ def test_zero_grad_on_one_rank_raises_everywhere(two_ranks, zero):
     assert errors[0][0] == errors[0][1]
     # (rank 0 zeroed every grad it kept, rank 1 none: refused as after a backward, see _conflict_backward; before,
     # the step handled each param on its own and named the first one, "param 0")
-    assert "zeroed after the last step on 1 of 2 ranks (model.zero_grad()" in errors[0][0], errors[0][0]
+    assert "zeroed after the last step on 1 of 2 ranks (" in errors[0][0], errors[0][0]
     assert "1 rank(s) kept reduced grads" in errors[0][0] and "call zero_grad() on every rank" in errors[0][0]
     assert all(r["unchanged"] for r in results)
     want = run_torch("B T Zo B T", 2)[1]
@@ -358,8 +361,9 @@ def test_zero_grad_on_one_rank_raises_everywhere(two_ranks, zero):
         _assert_close([r["after"]], [want])
 
 
-def test_model_zero_grad_on_one_rank_then_backward_raises_everywhere(two_ranks):
-    results = [r["conflict_backward"] for r in two_ranks]
+@pytest.mark.parametrize("key", ["conflict_backward", "conflict_backward/Zo"])
+def test_model_zero_grad_on_one_rank_then_backward_raises_everywhere(two_ranks, key):
+    results = [r[key] for r in two_ranks]
     errors = [r["errors"] for r in results]
     assert errors[0][0] is not None and errors[0] == errors[1] and errors[0][0] == errors[0][1], errors
     assert "on 1 of 2 ranks" in errors[0][0] and "zero_grad() on every rank" in errors[0][0]

@@ -256,8 +256,9 @@ def _out_of_step_message(n_passes: int, n_zeroed: int, world: int) -> str:
 
 
 _CLEARED_ON_SOME = (
-    "ZeroAdamW.step: the grads were zeroed after the last step on {} of {} ranks (model.zero_grad(), p.grad = None, "
-    "or set by hand: this rank's grad shards dropped them, as zero_grad() does) but {} rank(s) kept reduced grads "
+    "ZeroAdamW.step: the grads were zeroed after the last step on {} of {} ranks (opt.zero_grad(), "
+    "model.zero_grad(), p.grad = None, or set by hand: this rank's grad shards dropped them, as zero_grad() does) but "
+    "{} rank(s) kept reduced grads "
     "from before the last step: every rank must make the same zero_grad calls. The ranks' grad shards no longer "
     "belong to one step and no step was taken: call zero_grad() on every rank (a rank that had no grads in the last "
     "step holds the others' kept grads in its shards: after such a step, clear grads with opt.zero_grad())"

@@ -859,6 +859,11 @@ class _ReduceMixin:
         self._drain()
         if self.stage == 1 and self._grads_changed():  # a backward (or grads set) since the last step / zero_grad
             self._zeroed = True
+        # (stage 2: the reduced grads a step kept, dropped here: a clear of everything, as model.zero_grad() before the
+        # next pass is, which the step's agreement compares with the other ranks: one rank clearing while another
+        # keeps them raises on every rank, instead of a step with kept grads on some ranks' shards only; probe 76)
+        dropped_kept = self.stage == 2 and (self._outstanding or any(self._held) or any(self._held_any)
+                                            or self._cleared_all)  # fmt: skip
         sentinels = self._sentinels or [None] * len(self._params)
         for p, s in zip(self._params, sentinels, strict=True):
             if p.grad is not None:
@@ -882,6 +887,7 @@ class _ReduceMixin:
         self._seen = [None] * len(self._params)
         self._given = [None] * len(self._params)
         self._outstanding = self._cleared_all = self._kept_old = False
+        self._cleared_all = dropped_kept
         self._replaced.clear()
         self._out_of_step = False  # (every rank's shards start again from the next pass)
 

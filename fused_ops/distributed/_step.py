@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import _cpu_lowbit, functional
 from .._backend import no_autocast
 from .._ref_lowbit import QUANT_BLOCK, n_scales
+from ..kernels._checks import NoUserCode
 from ._agree import _ERROR_TYPES, _out_of_step_message, _StepInputs
 from ._comm import _all_gather
 from ._layout import _Bucket, _Segment
@@ -100,6 +101,14 @@ class _StepMixin:
                     loss = closure()
             except Exception as e:  # noqa: BLE001 - agreed on (the other ranks would wait in the step), re-raised
                 closure_error = e
+        # (no user code from the first check to the last launch and the params' all-gather, as in FusedAdamW's step:
+        # torch function and dispatch modes, the cyclic garbage collector; see NoUserCode; probe 77)
+        with NoUserCode():
+            return self._step_checked(loss, closure_error, loss_scale, unexpected)
+
+    def _step_checked(self, loss: Any, closure_error: Exception | None, loss_scale: Any,
+                      unexpected: dict[str, Any]) -> Any:  # fmt: skip
+        """``step()`` after its closure: the checks, the agreement, the update and the all-gather."""
         error: Exception | None = None
         inputs: _StepInputs | None = None
         post: _PostBuffers | None = None
