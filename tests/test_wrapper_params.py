@@ -336,15 +336,18 @@ def test_dtensor_params_with_wrapper_shards(tmp_path, backend):
             return [torch.nn.Parameter(DTensor.from_local(Wrapped(t.clone()), mesh, [Shard(0)], run_check=False))
                     for t in init]  # fmt: skip
 
+        def train(xs, ys, opts, seeds, dtype=torch.float32):
+            for seed in seeds:
+                for a, b, g in zip(xs, ys, _grads(seed), strict=False):
+                    a.grad = DTensor.from_local(g.to(dtype, copy=True), mesh, [Shard(0)], run_check=False)
+                    b.grad = DTensor.from_local(g.to(dtype, copy=True), mesh, [Shard(0)], run_check=False)
+                for o in opts:
+                    o.step()
+
         ours, theirs = params(), params()
         opt = fused_ops.FusedAdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend)
         ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
-        for step in range(3):
-            for a, b, g in zip(ours, theirs, _grads(40 + step), strict=False):
-                a.grad = DTensor.from_local(g.clone(), mesh, [Shard(0)], run_check=False)
-                b.grad = DTensor.from_local(g.clone(), mesh, [Shard(0)], run_check=False)
-            opt.step()
-            ref.step()
+        train(ours, theirs, (opt, ref), (40, 41, 42))
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a._local_tensor._tensor, b._local_tensor._tensor, rtol=0, atol=1e-6)
             for v in opt.state[a].values():
@@ -368,12 +371,7 @@ def test_dtensor_params_with_wrapper_shards(tmp_path, backend):
                        for t in bf16]  # fmt: skip
             plain = [torch.nn.Parameter(DTensor.from_local(t.clone(), mesh, [Shard(0)], run_check=False)) for t in bf16]
             opt, twin = make(wrapped), make(plain)
-            for step in range(2):
-                for a, b, g in zip(wrapped, plain, _grads(50 + step), strict=False):
-                    a.grad = DTensor.from_local(g.bfloat16(), mesh, [Shard(0)], run_check=False)
-                    b.grad = DTensor.from_local(g.bfloat16(), mesh, [Shard(0)], run_check=False)
-                opt.step()
-                twin.step()
+            train(wrapped, plain, (opt, twin), (50, 51), torch.bfloat16)
             for a, b in zip(wrapped, plain, strict=True):
                 assert torch.equal(a._local_tensor._tensor, b._local_tensor), type(opt).__name__
                 for k, v in opt.state[a].items():
