@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import reference
 from ._validate import finite_fp32
+from .kernels import _multi_tensor
 from .kernels._checks import no_user_code
 
 # Tables of the Triton launches of the functional ops, keyed by tensor addresses and sizes. Bounded: stale
@@ -44,6 +45,7 @@ class _BoundedCache(dict):
 
 
 _TABLE_CACHE: dict = _BoundedCache(_TABLE_CACHE_LIMIT)
+_multi_tensor.CACHE_TYPES.add(id(_BoundedCache))
 
 
 def _table_cache() -> dict:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _ops, functional
 from ._backend import check_backend
-from ._validate import check_storage, has_memory
+from ._validate import check_storage, has_memory, outside_storage
 from .kernels._checks import check_no_overrides, no_user_code
 
 __all__ = ["Bucket", "FlatBuffer"]
@@ -294,12 +294,22 @@ class FlatBuffer:
                  for _, length, _ in self._bucket_layout]  # fmt: skip
         staged: list[tuple[int, Tensor, tuple]] = []
         try:
+            # (the device copies are released together once every param is staged, not one by one: releasing one
+            # can run caller code (a finalizer of its storage) that would free or shrink a param not yet copied,
+            # probe 78; the device peak is the same, the params' own memory)
+            released = []
             for (start, _, idx), host in zip(self._bucket_layout, hosts, strict=True):
                 for i in idx:
                     view = host.narrow(0, self.offsets[i] - start, self.numels[i]).view(self.shapes[i])
                     view.copy_(params[i].data, non_blocking=pin)
                     staged.append((i, view, _where(params[i])))
-                    params[i].data = view  # the device copy is released here (if nothing else holds it)
+                    released.append(params[i].data)
+                    params[i].data = view
+            del released  # the device copies are released here (if nothing else holds them)
+            if any(outside_storage(h) for h in hosts):  # (a finalizer freed a host copy through its param)
+                staged.clear()  # (nothing to put back from: the params keep what they hold)
+                raise RuntimeError(f"{fn}: a param's host copy was freed while the device copies were released (by "
+                                   "a finalizer of a param's storage): nothing was copied into the buffer")  # fmt: skip
             self._allocate()
             for bucket, host in zip(self.buckets, hosts, strict=True):
                 bucket.data.copy_(host, non_blocking=pin)

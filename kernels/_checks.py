@@ -128,14 +128,40 @@ def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] =
     named in ``flags``). A tensor, or a list or tuple of tensors, that runs code of its own when read (see
     :func:`python_overrides`) is a TypeError from ``fn`` naming the argument (``names``: the positional ones'),
     except in the arguments named in ``unchecked`` (``fn`` checks them itself: see :func:`no_user_code`)."""
+    # Every argument made plain first (the caller's code runs there), then every tensor checked: checked one by one,
+    # a later argument's code (a float subclass's __float__) could set a method on a tensor already checked (probe 78).
     args = tuple(
-        plain_flag(a, fn, nm) if i in flag_positions else plain_argument(a, fn, nm, nm not in unchecked)
+        plain_flag(a, fn, nm) if i in flag_positions else plain_argument(a, fn, nm, False)
         for i, a in enumerate(args)
         for nm in (_name(names, i),)
     )
-    kwargs = {k: plain_flag(v, fn, k) if k in flags else plain_argument(v, fn, k, k not in unchecked)
+    kwargs = {k: plain_flag(v, fn, k) if k in flags else plain_argument(v, fn, k, False)
               for k, v in kwargs.items()}  # fmt: skip
+    for i, a in enumerate(args):
+        nm = _name(names, i)
+        if i not in flag_positions and nm not in unchecked:
+            _check_plain(a, fn, nm)
+    for k, v in kwargs.items():
+        if k not in flags and k not in unchecked:
+            _check_plain(v, fn, k)
     return args, kwargs
+
+
+def _check_plain(x: Any, fn: str, name: str) -> None:
+    """:func:`check_no_overrides` of the tensors in ``x``, an argument :func:`plain_argument` made plain (a tensor,
+    an exact list or tuple, nested, or a value with no tensor in it: walking it runs no caller code)."""
+    cls = type(x)
+    if cls is list or cls is tuple:
+        if x and all(isinstance(v, torch.Tensor) for v in x):
+            check_no_overrides(fn, name, x)
+            return
+        for i, v in enumerate(x):
+            if isinstance(v, torch.Tensor):
+                check_no_overrides(fn, f"{name}[{i}]", [v], indexed=False)
+            elif type(v) is list or type(v) is tuple:
+                _check_plain(v, fn, f"{name}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        check_no_overrides(fn, name, [x], indexed=False)
 
 
 def _name(names: Sequence[str], i: int) -> str:

@@ -56,6 +56,8 @@ from ._checks import (
     plain_value,
 )
 
+_DATA_PTR = torch.Tensor.data_ptr  # (unbound: never a method set on the object)
+
 
 @dataclass(frozen=True)
 class ChunkTable:
@@ -145,6 +147,11 @@ class _LRU(OrderedDict):
                 self.popitem(last=False)
 
 
+# The mappings a launch takes as its ``cache``, by the id of their class (their methods run after the checks): a
+# dict, and this package's own (see ``fused_ops/_ops.py``, which adds its bounded cache).
+CACHE_TYPES: set[int] = {id(dict), id(_LRU)}
+
+
 # Used when the caller does not pass a cache of its own. Optimizers pass their own dict, so that the
 # tables a captured CUDA graph reads stay alive as long as the optimizer does.
 _DEFAULT_CACHE: MutableMapping = _LRU(capacity=32)
@@ -183,6 +190,10 @@ def build_chunk_table(
     if chunk_size <= 0 or chunk_size % 16:
         # Kernels tell the compiler that chunk starts are multiples of 16 elements (vectorised accesses).
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size}")
+    if cache is not None and id(type(cache)) not in CACHE_TYPES:
+        # (its get and __setitem__ would run after the checks and the addresses' reads: probe 78)
+        raise TypeError(f"cache must be a dict or None, got {type(cache).__name__}: a mapping of the caller's runs "
+                        "its own code after the launch's checks")  # fmt: skip
     if check is not None:
         check()
     first = roles[0]
@@ -413,9 +424,12 @@ class PreparedLaunch:
                 if not (x is None or isinstance(x, int | float | torch.Tensor)):
                     raise TypeError(f"{type(self).__name__}: {key} must be a number or a 1-element tensor, got "
                                     f"{type(x).__name__}")  # fmt: skip
-                if isinstance(x, torch.Tensor):
-                    check_no_overrides(type(self).__name__, key, [x], indexed=False)
             out[key] = x
+        # (the tensors checked once every argument is plain: a later argument's conversion, caller code, could set a
+        # method on a tensor checked before it; probe 78)
+        for key, x in out.items():
+            if key not in _FLAG_ARGUMENTS and isinstance(x, torch.Tensor):
+                check_no_overrides(type(self).__name__, key, [x], indexed=False)
         return out
 
     def _check_not_written(self, key: str, x: torch.Tensor) -> None:
@@ -424,20 +438,20 @@ class PreparedLaunch:
         written tensor's address, element count and dtype)."""
         if self._written_spans is None:
             merged: list[list[int]] = []
-            for a, e in sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in self._watched if t.nbytes):
+            for a, e in sorted((_DATA_PTR(t), _DATA_PTR(t) + t.nbytes) for t in self._watched if t.nbytes):
                 if merged and a <= merged[-1][1]:
                     merged[-1][1] = max(merged[-1][1], e)
                 else:
                     merged.append([a, e])
             self._written_spans = ([a for a, _ in merged], [e for _, e in merged])
         starts, ends = self._written_spans
-        a, e = x.data_ptr(), x.data_ptr() + x.nbytes
+        a, e = _DATA_PTR(x), _DATA_PTR(x) + x.nbytes
         k = bisect.bisect_left(starts, e) - 1  # (the last span starting before x ends)
         if k < 0 or ends[k] <= a or e <= a:
             return
         n = self.table.n_tensors
         for j, t in enumerate(self._watched):
-            if t.nbytes and t.data_ptr() < e and a < t.data_ptr() + t.nbytes:
+            if t.nbytes and _DATA_PTR(t) < e and a < _DATA_PTR(t) + t.nbytes:
                 other = f"{self._role_names[self._watched_roles[j]]}[{j % n}]"
                 raise ValueError(
                     f"{type(self).__name__}: {other} and {key} share memory: the launch writes {other} "

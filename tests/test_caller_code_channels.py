@@ -13,11 +13,18 @@ caller's code did not run once it was armed."""
 
 from __future__ import annotations
 
+import collections
+import enum
+import fractions
+
+import numpy as np
 import pytest
 import torch
 
 import fused_ops
 from fused_ops.optim import _base
+
+from .safety import isolated
 
 BACKENDS = ["reference", "triton"]
 
@@ -51,6 +58,7 @@ def _params():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@isolated
 def test_a_group_key_of_the_callers_is_never_compared(armed, backend):
     ran = []
 
@@ -72,6 +80,7 @@ def test_a_group_key_of_the_callers_is_never_compared(armed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@isolated
 def test_a_state_key_with_an_eq_of_its_own_is_refused(armed, backend):
     ran = []
 
@@ -95,6 +104,7 @@ def test_a_state_key_with_an_eq_of_its_own_is_refused(armed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@isolated
 def test_a_dict_subclass_state_is_read_as_a_plain_copy(armed, backend):
     ran = []
 
@@ -128,6 +138,7 @@ def test_a_dict_subclass_state_is_read_as_a_plain_copy(armed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@isolated
 def test_state_values_keys_and_steps_that_would_run_code_are_refused(armed, backend):
     ran = []
 
@@ -155,15 +166,18 @@ def test_state_values_keys_and_steps_that_would_run_code_are_refused(armed, back
         opt.step()
         a.grad, b.grad = torch.ones(4), torch.ones(3)
         opt.state[b][key] = value
+        mine = opt.state[a] = collections.OrderedDict(opt.state[a])  # (replaced by a plain copy only by a step)
         before = [a.detach().clone(), b.detach().clone(), *(v.clone() for v in opt.state[a].values())]
         with pytest.raises(TypeError, match=match):
             opt.step()
         after = [a.detach(), b.detach(), *opt.state[a].values()]
         assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), key
+        assert opt.state[a] is mine, key
     assert not any(ran), ran
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@isolated
 def test_plain_extra_state_values_are_kept(backend):
     """A caller's own plain values in a param's state (a number, a str, None, an object of a plain class) are kept
     and stepped past, as torch.optim keeps them."""
@@ -172,11 +186,119 @@ def test_plain_extra_state_values_are_kept(backend):
         def __init__(self):
             self.text = "mine"
 
+    class Fallback:  # (``__getattr__`` never runs for ``__class__``, which ``object`` has; nor does a metaclass)
+        def __getattr__(self, name):
+            raise AssertionError(name)
+
+    class Kind(enum.Enum):
+        A = 1
+
     a, b = _params()
     opt = fused_ops.FusedAdamW([a, b], lr=0.1, backend=backend)
     opt.step()
     note = Note()
-    opt.state[a].update({"count": 3, "label": "w", "none": None, "note": note})
+    extra = {"count": 3, "label": "w", "none": None, "note": note, "fallback": Fallback(), "kind": Kind.A,
+             "ratio": fractions.Fraction(1, 3), "module": torch.nn.Linear(2, 2), "np": np.float32(2)}  # fmt: skip
+    opt.state[a].update(extra)
+    opt.state[b]["step"] = np.float64(float(opt.state[b]["step"]))  # (a numpy step count, as older dicts hold)
     a.grad, b.grad = torch.ones(4), torch.ones(3)
     opt.step()
-    assert opt.state[a]["note"] is note and opt.state[a]["count"] == 3
+    assert all(opt.state[a][k] is v for k, v in extra.items())
+    assert float(opt.state[b]["step"]) == 2
+
+
+# -- the functional ops, the launchers, prepared launches and FlatBuffer (probe 78) -------------------------------
+
+
+def _adam_lists(n: int = 64):
+    return [torch.zeros(n)], [torch.ones(n)], [torch.zeros(n)], [torch.zeros(n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@isolated
+def test_arguments_are_all_made_plain_before_any_tensor_is_checked(backend):
+    """A later argument's conversion (a float subclass's ``__float__``) set a method on a tensor argument already
+    checked, and the op called it after its checks (the reference backend's ``p.numel()``: a shrunk grad read past
+    its end). Every argument is made plain first now, then every tensor checked: refused, nothing written."""
+    from fused_ops import functional
+
+    p, g, m, v = _adam_lists()
+
+    class LR(float):
+        def __float__(self):
+            p[0].numel = lambda: 64
+            return 0.001
+
+    with pytest.raises(TypeError, match=r"params\[0\] runs Python code of its own"):
+        functional.adam_(p, g, m, v, lr=LR(0.001), step=1, backend=backend)
+    assert not p[0].any() and not m[0].any()
+
+
+@isolated
+def test_a_launchers_arguments_and_cache():
+    """The same for a kernel launcher (``adam_launch``: its chunk table read ``data_ptr()`` through the object), and
+    its ``cache``: a mapping of the caller's ran its ``get``/``__setitem__`` after the checks (a freed param written:
+    abort); only a dict (or this package's caches) is taken."""
+    from fused_ops.kernels.adam import adam_launch
+
+    p, g, m, v = _adam_lists()
+    steps = [torch.zeros(())]
+    kwargs = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=True)
+
+    class LR(float):
+        def __float__(self):
+            p[0].data_ptr = lambda: 0
+            return 0.001
+
+    with pytest.raises(TypeError, match=r"params\[0\] runs Python code of its own"):
+        adam_launch(p, g, m, v, [], steps, lr=LR(0.001), **kwargs)
+    del p[0].data_ptr
+
+    class Cache(dict):
+        def get(self, key, default=None):
+            raise AssertionError("ran")
+
+    with pytest.raises(TypeError, match="cache must be a dict or None, got Cache"):
+        adam_launch(p, g, m, v, [], steps, lr=0.001, cache=Cache(), **kwargs)
+    assert not p[0].any() and not steps[0].any()
+    adam_launch(p, g, m, v, [], steps, lr=0.001, cache={}, **kwargs)
+    assert p[0].ne(0).all() and float(steps[0]) == 1
+
+
+@isolated
+def test_a_prepared_launch_reads_addresses_through_torchs_methods():
+    """``AdamStep`` called with a tensor ``lr`` compared its addresses with the params' through the objects' own
+    ``data_ptr`` (a method set on a param after the step was built ran after the checks); it reads them through
+    ``torch.Tensor.data_ptr`` now."""
+    from fused_ops.kernels.adam import AdamStep
+
+    p, g, m, v = _adam_lists()
+    steps = [torch.zeros(())]
+    step = AdamStep(p, g, m, v, [], steps, amsgrad=False)
+    ran = []
+    p[0].data_ptr = lambda: ran.append(1) or torch.Tensor.data_ptr(p[0])
+    step(lr=torch.tensor([1e-3]), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled=True)
+    assert not ran and p[0].ne(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@isolated
+def test_from_params_staging_releases_the_device_copies_after_every_copy(backend):
+    """``FlatBuffer.from_params(stage_on_host=True)`` released each param's old memory as it went: a finalizer of
+    one param's storage ran before the next param was copied, and could free it (a segfault in the copy). The old
+    memory is released once every param is staged now; a host copy freed there is refused, nothing read from it."""
+    import weakref
+
+    from fused_ops import FlatBuffer
+
+    ps = [torch.nn.Parameter(torch.full((4096,), float(i + 1))) for i in range(2)]
+    order = []
+    weakref.finalize(ps[0].untyped_storage(), lambda: order.append(ps[1].untyped_storage().nbytes()))
+    buf = FlatBuffer.from_params(ps, stage_on_host=True, backend=backend)
+    assert len(order) == 1 and order[0] >= 2 * 4096 * 4  # (ps[1] was staged already: a view of the host copy)
+    assert torch.equal(ps[1].detach(), torch.full((4096,), 2.0)) and buf.data.numel() >= 8192
+
+    qs = [torch.nn.Parameter(torch.full((4096,), float(i + 1))) for i in range(2)]
+    weakref.finalize(qs[0].untyped_storage(), lambda: qs[1].untyped_storage().resize_(0))
+    with pytest.raises(RuntimeError, match="host copy was freed while the device copies were released"):
+        FlatBuffer.from_params(qs, stage_on_host=True, backend=backend)

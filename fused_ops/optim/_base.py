@@ -340,8 +340,15 @@ def _key_problem(key: Any) -> str | None:
 
 def _value_problem(cls: type) -> str | None:
     """Why a state value of class ``cls`` (not a tensor) would run caller code when the step reads its type
-    (``isinstance`` reads ``__class__`` through the object's attribute lookup), or None."""
-    found = _defines(cls, ("__getattribute__", "__getattr__", "__class__"))
+    (``isinstance`` reads ``__class__`` through the object's attribute lookup: a ``__getattribute__`` or a
+    ``__class__`` of the class's own; ``__getattr__`` never runs there, ``object`` has ``__class__``, nor does the
+    class's metaclass), or None. Read through ``type``'s own descriptors."""
+    found = []
+    for c in _MRO(cls):
+        if c is object or _MODULE(c) == "builtins":
+            continue
+        found += [k for k in _CLASS_DICT(c) if type(k) is str and k in ("__getattribute__", "__class__")]
+    found = sorted(set(found))
     return f"its class defines {', '.join(found)}, which the step's type checks would run" if found else None
 
 
@@ -1713,6 +1720,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"{name}: optimizer.state has a key of type {_qualname(type(key))}, "
                                     f"{problem}: the step's state lookups would run it (keys are params, ints or "
                                     "strs)")  # fmt: skip
+        copies = []  # (dict-subclass states, replaced once every state passed: a refusal changes nothing)
         for gi, view in enumerate(views):
             for i, p in enumerate(view["params"]):
                 if p.grad is None:
@@ -1721,7 +1729,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if st is None or type(st) is _ParamState or type(st) is dict:
                     pass
                 elif isinstance(st, dict):  # (a dict subclass: its own methods would run at every read)
-                    state[p] = st = _ParamState(version, dict.items(st))
+                    st = _ParamState(version, dict.items(st))
+                    copies.append((p, st))
                 else:
                     continue  # (the checks refuse it: "must be a dict")
                 if not st:
@@ -1736,10 +1745,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if id(cls) in _PLAIN_VALUE_TYPES:
                         continue
                     problem = None if issubclass(cls, Tensor) else _value_problem(cls)
-                    if key == "step" and problem is None and not issubclass(cls, Tensor):
-                        problem = "a step count must be a tensor or an exact int or float"
+                    if key == "step" and problem is None and not issubclass(cls, Tensor) and _MODULE(cls) != "numpy":
+                        problem = "a step count must be a tensor, an exact int or float, or a numpy number"
                     if problem is not None:
                         raise TypeError(f"{name}: state {key!r} of {where} is a {_qualname(cls)}: {problem}")
+        for p, st in copies:
+            state[p] = st
         self.__dict__["_states_read"] = (version, version.n)
 
     def _forget_inners(self) -> None:
