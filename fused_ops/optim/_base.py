@@ -1707,7 +1707,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``load_state_dict`` makes such copies too); its keys are strs; its values tensors, numbers, strs, None or
         objects whose class reads attributes as ``object`` does; a ``step`` a tensor or an exact int or float. A
         TypeError names what is not, nothing changed. Run when ``optimizer.state`` changed since the last step
-        (its mutation counter: changes made behind it, ``dict.__setitem__(state, ...)``, are not seen)."""
+        (its mutation counter: changes made behind it, ``dict.__setitem__(state, ...)``, are not seen). Runs no caller
+        code itself (types compared by identity, classes read through ``type``'s descriptors, dicts through
+        ``dict``'s methods): after ``_resolve_inners``, whose wrappers' code could change the state."""
         state = self.state
         version = state._version
         if self.__dict__.get("_states_read") == (version, version.n):
@@ -1728,7 +1730,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st = state.get(p)
                 if st is None or type(st) is _ParamState or type(st) is dict:
                     pass
-                elif isinstance(st, dict):  # (a dict subclass: its own methods would run at every read)
+                elif issubclass(type(st), dict):  # (a dict subclass: its own methods would run at every read)
                     st = _ParamState(version, dict.items(st))
                     copies.append((p, st))
                 else:
