@@ -150,17 +150,19 @@ def plain_arguments(args: tuple, kwargs: dict, flag_positions: Collection[int] =
 def _check_plain(x: Any, fn: str, name: str) -> None:
     """:func:`check_no_overrides` of the tensors in ``x``, an argument :func:`plain_argument` made plain (a tensor,
     an exact list or tuple, nested, or a value with no tensor in it: walking it runs no caller code)."""
+    # (tensors told by their type alone: ``isinstance`` would read another object's ``__class__``, caller code, after
+    # the tensors before it were checked; probe 80)
     cls = type(x)
     if cls is list or cls is tuple:
-        if x and all(isinstance(v, torch.Tensor) for v in x):
+        if x and all(issubclass(type(v), torch.Tensor) for v in x):
             check_no_overrides(fn, name, x)
             return
         for i, v in enumerate(x):
-            if isinstance(v, torch.Tensor):
+            if issubclass(type(v), torch.Tensor):
                 check_no_overrides(fn, f"{name}[{i}]", [v], indexed=False)
             elif type(v) is list or type(v) is tuple:
                 _check_plain(v, fn, f"{name}[{i}]")
-    elif isinstance(x, torch.Tensor):
+    elif issubclass(cls, torch.Tensor):
         check_no_overrides(fn, name, [x], indexed=False)
 
 

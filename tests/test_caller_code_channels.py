@@ -200,11 +200,12 @@ def test_plain_extra_state_values_are_kept(backend):
     extra = {"count": 3, "label": "w", "none": None, "note": note, "fallback": Fallback(), "kind": Kind.A,
              "ratio": fractions.Fraction(1, 3), "module": torch.nn.Linear(2, 2), "np": np.float32(2)}  # fmt: skip
     opt.state[a].update(extra)
-    opt.state[b]["step"] = np.float64(float(opt.state[b]["step"]))  # (a numpy step count, as older dicts hold)
     a.grad, b.grad = torch.ones(4), torch.ones(3)
-    opt.step()
+    for n, kind in enumerate((np.float64, np.float32, np.int64)):  # (numpy step counts, as older dicts hold)
+        opt.state[b]["step"] = kind(float(opt.state[b]["step"]))
+        opt.step()
+        assert float(opt.state[b]["step"]) == 2 + n, kind
     assert all(opt.state[a][k] is v for k, v in extra.items())
-    assert float(opt.state[b]["step"]) == 2
 
 
 # -- the functional ops, the launchers, prepared launches and FlatBuffer (probe 78) -------------------------------
@@ -232,6 +233,24 @@ def test_arguments_are_all_made_plain_before_any_tensor_is_checked(backend):
     with pytest.raises(TypeError, match=r"params\[0\] runs Python code of its own"):
         functional.adam_(p, g, m, v, lr=LR(0.001), step=1, backend=backend)
     assert not p[0].any() and not m[0].any()
+
+    from fused_ops.kernels import _checks
+
+    reads = []
+
+    class Sneaky:  # (an object whose __class__ is caller code: isinstance reads it)
+        @property
+        def __class__(self):
+            reads.append(1)
+            p[0].numel = lambda: 64
+            return object
+
+    p, *_ = _adam_lists()
+    with pytest.raises(TypeError, match="a runs Python code of its own"):  # (set in the first pass, refused after)
+        _checks.plain_arguments((p[0], Sneaky()), {}, fn="f", names=("a", "b"))
+    reads.clear()
+    _checks._check_plain([torch.zeros(2), Sneaky()], "f", "b")  # (the second pass: types only, probe 80)
+    assert not reads
 
 
 @isolated

@@ -927,8 +927,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0 that float32 "
                                          f"holds (the count is kept in float32), got {count}")  # fmt: skip
             elif (
-                isinstance(step, bool) or not isinstance(step, int | float) or not (0 <= step <= FP32_MAX)
-            ):  # fmt: skip  (a NaN fails it; an int of any size compares)
+                isinstance(step, bool)
+                or not isinstance(step, numbers.Real)
+                or not (0 <= (step if type(step) in (int, float) else float(step)) <= FP32_MAX)
+            ):  # fmt: skip  (a NaN fails it; an int of any size compares; a numpy number (_plain_states) as a float)
                 raise ValueError(f"{name}: state 'step' of {where} must be a finite number >= 0 that float32 holds "
                                  f"(the count is kept in float32), got {step!r}")  # fmt: skip
 
