@@ -276,6 +276,7 @@ def _two_ranks(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         results[f"conflict/{zero}"] = _conflict(rank, zero)
     results["conflict_backward"] = _conflict_backward(rank)
     results["conflict_backward/Zo"] = _conflict_backward(rank, "Zo")
+    results["discarded_one_rank_batch"] = _discarded_one_rank_batch(rank)
     return results
 
 
@@ -300,6 +301,26 @@ def _conflict_backward(rank: int, zero: str = "Zm") -> dict[str, Any]:
     _loss(model, _data(3, rank)).backward()
     opt.step()
     return {"errors": errors, "unchanged": unchanged, "after": [p.detach().clone() for p in model.parameters()]}
+
+
+def _discarded_one_rank_batch(rank: int) -> dict[str, Any]:
+    """Stage 1: after a step, only rank 1 has a batch (rank 0 none: legal), every rank discards it with
+    opt.zero_grad() (a NaN loss, a closure that failed), then every rank steps: every p.grad is None on every rank,
+    nothing to mix. It was refused ("zero_grad() was called between backward and step on 1 of 2 ranks"), and again
+    after another zero_grad() on every rank, until a backward on every rank (probe 76); it steps now."""
+    torch.manual_seed(0)
+    model = _Model()
+    opt = ZeroAdamW(model.parameters(), stage=1, lr=0.05, backend="reference")
+    _loss(model, _data(0, rank)).backward()
+    opt.step()
+    opt.zero_grad()
+    if rank == 1:
+        _loss(model, _data(1, rank)).backward()
+    opt.zero_grad()
+    errors = step_messages(opt, times=1)
+    _loss(model, _data(2, rank)).backward()
+    errors += step_messages(opt, times=1)
+    return {"errors": errors, "after": [p.detach().clone() for p in model.parameters()]}
 
 
 def _conflict(rank: int, zero: str) -> dict[str, Any]:
@@ -415,3 +436,10 @@ def test_autograd_grad_after_step_leaves_the_sentinel():
             m.zero_grad()
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def test_a_batch_one_rank_had_discarded_everywhere_steps_in_stage_1(two_ranks):
+    results = [r["discarded_one_rank_batch"] for r in two_ranks]
+    assert all(r["errors"] == [None, None] for r in results), [r["errors"] for r in results]
+    for a, b in zip(results[0]["after"], results[1]["after"], strict=True):
+        assert torch.equal(a, b)

@@ -852,7 +852,11 @@ class _ReduceMixin:
         batch discarded): step() refuses ``_zeroed_before_step`` on some ranks only while another rank made no such
         call, whose p.grad spans every backward since the last step. Stage 2: ``_zeroed_before_step`` (a rank that ran
         another synced pass after zero_grad() holds that pass's sums in its shards, one that zeroed after it not)."""
-        return self._zeroed if self.stage == 1 else self._zeroed_before_step()
+        if self.stage == 2:
+            return self._zeroed_before_step()
+        # (a rank whose every p.grad is None holds nothing a zeroing rank's step could be mixed with: a rank that had no
+        # batch while another discarded its own, probe 76; one that kept its grads, old or new, does not count)
+        return self._zeroed or all(p.grad is None for p in self._params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset grads: ``p.grad`` (as torch) and this rank's reduced-grad shards."""
