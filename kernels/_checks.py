@@ -315,7 +315,7 @@ def python_overrides(tensors: Sequence[torch.Tensor],
 
 _DICT = torch.Tensor.__dict__["__dict__"].__get__  # (the object's own dict: not a __dict__ its class defines)
 # torch's tensor metaclasses (Tensor's, DTensor's, Parameter's), by id: a tensor class with another metaclass is
-# refused first (see python_overrides)
+# refused first (see python_overrides; the optimizers' read of optimizer.state's keys uses it too)
 _TRUSTED_METAS = frozenset(map(id, (type, type(torch.Tensor), type(torch.nn.Parameter))))
 
 

@@ -49,7 +49,14 @@ from .._validate import (
     self_overlapping,
     wrapped_inner,
 )
-from ..kernels._checks import NoUserCode, check_no_overrides, class_overrides, plain_argument, plain_flag
+from ..kernels._checks import (
+    _TRUSTED_METAS,
+    NoUserCode,
+    check_no_overrides,
+    class_overrides,
+    plain_argument,
+    plain_flag,
+)
 
 MASTER_KEY = "master_param"
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -305,7 +312,6 @@ _QUALNAME = type.__dict__["__qualname__"].__get__
 _MRO = type.__dict__["__mro__"].__get__
 _CLASS_DICT = type.__dict__["__dict__"].__get__
 _MODULE = type.__dict__["__module__"].__get__
-_TRUSTED_METAS = frozenset(map(id, (type, type(Tensor), type(torch.nn.Parameter))))
 
 
 def _qualname(cls: type) -> str:
@@ -362,6 +368,25 @@ def _is_dtensor(t: Any) -> bool:
 _INNERS: dict[int, tuple[Tensor, Tensor]] = {}
 _PLAIN_PARAM_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _LOCAL_TENSOR = operator.attrgetter("_local_tensor")
+
+
+def _wrapper_shards(views: list) -> Iterable[Tensor]:
+    """The params with grads of ``views`` (or their DTensor local shards) whose class has a dispatch of its own and
+    is neither a Parameter nor a plain tensor: the candidates of ``FusedOptimizer._resolve_inners``."""
+    for view in views:
+        params = view["params"]
+        kinds = set(map(type, params))
+        if kinds <= _PLAIN_PARAM_TYPES:  # (in C: the common case costs one pass over the list)
+            continue
+        if _DTensor is not None and all(issubclass(k, _DTensor) for k in kinds):  # (FSDP2: in C, as a rule)
+            xs = list(map(_LOCAL_TENSOR, params))
+            if set(map(type, xs)) <= _PLAIN_PARAM_TYPES:
+                continue
+        else:
+            xs = [p._local_tensor if _is_dtensor(p) else p for p in params]
+        for p, x in zip(params, xs):
+            if type(x) not in _PLAIN_PARAM_TYPES and not has_memory(type(x)) and p.grad is not None:
+                yield x
 
 
 def _local(t: Tensor) -> Tensor:
@@ -1670,34 +1695,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         not reused), until the step returns (``step``'s ``finally``). A wrapper that is not such is left as it is: the
         checks refuse it as a tensor without memory of its own."""
         names: dict[int, tuple[Tensor, list[str]]] = {}
-        for pass_ in range(2):
-            for view in views:
-                params = view["params"]
-                kinds = set(map(type, params))
-                if kinds <= _PLAIN_PARAM_TYPES:  # (in C: the common case costs one pass over the list)
-                    continue
-                if _DTensor is not None and all(issubclass(k, _DTensor) for k in kinds):  # (FSDP2: in C, as a rule)
-                    xs = list(map(_LOCAL_TENSOR, params))
-                    if set(map(type, xs)) <= _PLAIN_PARAM_TYPES:
-                        continue
-                else:
-                    xs = [p._local_tensor if _is_dtensor(p) else p for p in params]
-                for p, x in zip(params, xs):
-                    if type(x) in _PLAIN_PARAM_TYPES or has_memory(type(x)) or p.grad is None:
-                        continue
-                    if pass_ == 0:
-                        if id(x) not in names:
-                            name = inner_name(x)  # (caller code)
-                            if name is not None:
-                                names[id(x)] = (x, name)
-                        continue
-                    known = names.get(id(x))
-                    if known is None or known[0] is not x:
-                        continue
-                    inner = inner_of(x, known[1])
-                    if inner is not None:
-                        _INNERS[id(x)] = (x, inner)
-                        self.__dict__.setdefault("_inner_ids", []).append(id(x))
+        for x in _wrapper_shards(views):
+            if id(x) not in names:
+                found = inner_name(x)  # (caller code)
+                if found is not None:
+                    names[id(x)] = (x, found)
+        if not names:  # (no wrapper: the common case reads the params once)
+            return
+        for x in _wrapper_shards(views):  # (read again: the flattens above may have changed the groups)
+            known = names.get(id(x))
+            if known is None or known[0] is not x:
+                continue
+            inner = inner_of(x, known[1])
+            if inner is not None:
+                _INNERS[id(x)] = (x, inner)
+                self.__dict__.setdefault("_inner_ids", []).append(id(x))
 
     def _plain_states(self, views: list[_StepGroup]) -> None:
         """Before the first check: ``optimizer.state`` and the states of the params with grads read by the step with no
