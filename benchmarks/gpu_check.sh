@@ -15,10 +15,11 @@
 #    if that fails, it goes on with the checkout on PYTHONPATH (fused_ops finds kernels/ itself); the peers' wheels
 #    in third_party_wheels/ (benchmarks/fetch_peers.sh), when present, go to a folder of their own on PYTHONPATH;
 # 2. prints `python -m fused_ops info` (to $OUT/info.txt);
-# 3. runs the GPU test tier (`pytest -m gpu`), output to $OUT/pytest_gpu.txt (+ .xml); no -x: every failure is
-#    reported, not only the first. tests/test_gpu.py and tests/test_gpu_family.py first (the compiled kernels,
-#    CUDA graphs, the 2^31-element offsets), then the GPU cases of the other files (NCCL, FSDP2 in a child), so a
-#    slow start cannot crowd out the core tests. (The safety tier is not run here: on a CUDA machine its Triton
+# 3. runs the GPU test tier (`pytest -m gpu`) in three pytest processes (a kernel fault is a sticky CUDA error that
+#    would fail every later test of its process), output to $OUT/pytest_gpu.txt, pytest_gpu_family.txt and
+#    pytest_gpu_rest.txt (+ .xml); no -x: every failure is reported, not only the first. tests/test_gpu.py first,
+#    then tests/test_gpu_family.py (the compiled kernels, CUDA graphs, the 2^31-element offsets), then the GPU cases
+#    of the other files (NCCL, FSDP2 in a child), so a slow start cannot crowd out the core tests. (The safety tier is not run here: on a CUDA machine its Triton
 #    cases skip, being interpreter cases, and the rest runs on CPU tensors, as CI runs it.)
 # 4. runs two benchmarks: the optimizer family's targets ($OUT/bench_<device>_<date>_targets.json: 8-bit AdamW
 #    against fp32 FusedAdamW, torch's fused AdamW and the 8-bit peers, on 10,000 small tensors and GPT-2 shapes),
@@ -208,9 +209,26 @@ run_tier() {
 PYTEST_TIMEOUT=$((BUDGET_S - 100 - 60 - SECONDS))
 PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT > 230 ? 230 : PYTEST_TIMEOUT ))
 PYTEST_TIMEOUT=$(( PYTEST_TIMEOUT < 60 ? 60 : PYTEST_TIMEOUT ))
-run_tier gpu gpu "$PYTEST_TIMEOUT" tests/test_gpu.py tests/test_gpu_family.py tests/
-TESTS_RC=$TIER_RC
-printf 'pytest_gpu=%s\n' "$TESTS_RC" >> "$OUT/status.txt"
+# Three pytest processes, not one: a kernel fault (an illegal address) is a sticky CUDA error that fails every later
+# CUDA call of its process, so one fault would read as every later test failing. The core kernels first, then the
+# family's, then the GPU cases of the other files; each gets its share of what is left of the tier's time.
+TESTS_END=$((SECONDS + PYTEST_TIMEOUT))
+tier_limit() {  # tier_limit PERCENT: that share of the tier's time left, at least 30 s
+    local left=$((TESTS_END - SECONDS))
+    local limit=$((left * $1 / 100))
+    echo $(( limit < 30 ? 30 : limit ))
+}
+TESTS_RC=0
+run_tier gpu gpu "$(tier_limit 45)" tests/test_gpu.py
+printf 'pytest_gpu=%s\n' "$TIER_RC" >> "$OUT/status.txt"
+[ "$TIER_RC" -eq 0 ] || TESTS_RC=$TIER_RC
+run_tier gpu_family gpu "$(tier_limit 50)" tests/test_gpu_family.py
+printf 'pytest_gpu_family=%s\n' "$TIER_RC" >> "$OUT/status.txt"
+[ "$TIER_RC" -eq 0 ] || TESTS_RC=$TIER_RC
+run_tier gpu_rest gpu "$(tier_limit 100)" tests/ --ignore=tests/test_gpu.py --ignore=tests/test_gpu_family.py
+printf 'pytest_gpu_rest=%s\n' "$TIER_RC" >> "$OUT/status.txt"
+# (pytest exits 5 when it selects no test: not a failure of this tier)
+[ "$TIER_RC" -eq 0 ] || [ "$TIER_RC" -eq 5 ] || TESTS_RC=$TIER_RC
 # Without a CUDA device every GPU test skips and the tier exits 0: say so, so that a dry run's status.txt does not
 # read as a GPU tier that passed.
 if ! grep -q '^torch: ok.*CUDA [0-9].*, [1-9][0-9]* device(s)' "$OUT/preflight.txt" 2>/dev/null; then

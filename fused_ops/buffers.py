@@ -13,6 +13,7 @@ starts aligned and splits into ``world_size`` equal shards (ZeRO). All padding i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import weakref
@@ -614,6 +615,10 @@ def _unstage(params: list[Tensor], staged: list[tuple[int, Tensor, tuple]], erro
                 params[i].data = fresh
         except Exception:  # (out of memory again: the others are still put back)
             failed.append(i)
+    if failed and staged[0][2][5].type == "cuda":
+        # (those params stay on their pinned host copies, written by non-blocking copies that may still be running)
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(staged[0][2][5])
     if failed and hasattr(error, "add_note"):
         error.add_note(f"FlatBuffer.from_params: params {failed} could not be put back on {staged[0][2][5]}: they "
                        "hold their values in host memory")  # fmt: skip

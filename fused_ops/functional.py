@@ -912,9 +912,11 @@ def _prepare_unscale(fn, grads, outs, inv_scale, found_inf, backend, devices, g_
     for ((device, _, _), idx, g_group, o_group), backend_name in zip(groups, backends, strict=True):
         scale_t = None
         if isinstance(inv_scale, Tensor):
-            # (moved, not read through a raw pointer on another device)
+            # (moved, not read through a raw pointer on another device; to the host with a blocking copy: the
+            # host reads it at once, and a non-blocking copy to the host returns before the value has landed)
             scale_t = inv_scale.detach().reshape(1)
-            scale_t = scale_t if scale_t.device == device else scale_t.to(device, non_blocking=True)
+            if scale_t.device != device:
+                scale_t = scale_t.to(device, non_blocking=device.type != "cpu")
         flag, merge = found_inf, None
         if found_inf is not None and found_inf.device != device:
             flag = torch.zeros(1, dtype=torch.float32, device=device)

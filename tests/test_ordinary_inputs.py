@@ -151,8 +151,9 @@ def test_zero_adamw_takes_a_numpy_int_align(tmp_path):
 def test_the_scaler_checks_its_grads_for_code_of_their_own_once(monkeypatch):
     """``DynamicLossScaler.unscale_`` and ``grad_scale_and_norm`` check their grads before reading them, and the
     functional op they call does not check them again (~1 ms per 10,000 tensors, at every step)."""
-    from fused_ops import DynamicLossScaler
     from fused_ops.kernels import _checks
+
+    from fused_ops import DynamicLossScaler
 
     calls = []
     real = _checks.python_overrides
