@@ -146,3 +146,41 @@ def test_a_hand_appended_group_and_a_missing_state(tmp_path):
         assert all(torch.equal(v, before[k]) for k, v in opt.state[m[0].weight].items())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["adamw", "adamw int8", "sgd", "lion"])
+@isolated
+def test_a_loaded_optimizer_keeps_its_group_keys_and_takes_a_fresh_ones_flat_form(tmp_path, variant):
+    """torch's ``Optimizer.__setstate__`` (run by every load) adds ``differentiable`` to the defaults, and so to the
+    groups the load fills in: a FusedLion, which has no such key, then had groups a fresh FusedLion's flat checkpoint
+    lacks (``KeyError: 'param_groups.weight.differentiable'``), and saved them (probe 83)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+
+        def trained():
+            torch.manual_seed(0)
+            m = torch.nn.Linear(4, 3)
+            opt = VARIANTS[variant](list(m.parameters()))
+            m(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            return m, opt
+
+        m, opt = trained()
+        keys = [sorted(g) for g in opt.param_groups]
+        saved_keys = [sorted(g) for g in opt.state_dict()["param_groups"]]
+        opt.load_state_dict(opt.state_dict())
+        assert [sorted(g) for g in opt.param_groups] == keys
+        assert [sorted(g) for g in opt.state_dict()["param_groups"]] == saved_keys
+        m2, opt2 = trained()
+        set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m2, opt2, options=flat), options=flat)
+        assert [sorted(g) for g in opt.param_groups] == keys
+    finally:
+        dist.destroy_process_group()

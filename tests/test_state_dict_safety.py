@@ -291,3 +291,64 @@ def test_kahan_buffer_of_the_old_dtype_is_put_back_when_the_step_fails():
     _grads(params, 3)
     opt.state[params[0]]["kahan_comp"] = opt.state[params[0]]["kahan_comp"].float()
     expect_error_unchanged(opt.step, TypeError, "kahan_comp.*bfloat16", opt)
+
+
+# -- states of another shape or another optimizer (probe 83) ----------------------------------------------------
+
+_SHAPED = {
+    "adamw exp_avg": (lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, backend=b), "exp_avg", torch.float32),
+    "adamw int8 codes": (
+        lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, state_dtype="int8", backend=b),
+        "exp_avg_codes",
+        torch.float32,
+    ),  # fmt: skip
+    "adamw kahan": (
+        lambda ps, b: fused_ops.FusedAdamW(ps, lr=1e-2, kahan_summation=True, backend=b),
+        "kahan_comp",
+        torch.bfloat16,
+    ),  # fmt: skip
+    "sgd": (lambda ps, b: fused_ops.FusedSGD(ps, lr=1e-2, momentum=0.9, backend=b), "momentum_buffer", torch.float32),
+    "lion": (lambda ps, b: fused_ops.FusedLion(ps, lr=1e-3, backend=b), "exp_avg", torch.float32),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_SHAPED))
+def test_a_state_of_another_shape_with_the_params_element_count_is_refused(case, backend):
+    """A (7, 5) state for a (5, 7) param (a transposed weight's moments) was reshaped on load: its elements paired
+    with the wrong ones of the param, silently (torch.optim loads it and its next step raises a shape error)."""
+    make, key, dtype = _SHAPED[case]
+    p = torch.nn.Parameter(torch.randn(5, 7).to(dtype))
+    opt = make([p], backend)
+    _grads([p], 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["state"][0][key].shape == (5, 7), sorted(sd["state"][0])
+    sd["state"][0][key] = sd["state"][0][key].t().contiguous()
+    err = expect_error_unchanged(lambda: opt.load_state_dict(sd), ValueError, "shape", opt, p)
+    assert key.removesuffix("_codes") in str(err) and "(7, 5)" in str(err) and "(5, 7)" in str(err), str(err)
+    sd["state"][0][key] = sd["state"][0][key].t()  # (the param's shape, in any strides: loads)
+    opt.load_state_dict(sd)
+    assert torch.equal(opt.state_dict()["state"][0][key], sd["state"][0][key])
+
+
+_FOREIGN = [
+    ("adamw", "lion", "holds 'exp_avg_sq'"),  # (the same group keys: only the states tell)
+    ("adamw", "sgd", "no 'momentum'"),
+    ("sgd", "adamw", "no 'betas'"),
+    ("sgd", "lion", "no 'betas'"),
+]
+
+
+@pytest.mark.parametrize("saved,loaded,match", _FOREIGN, ids=[f"{a}->{b}" for a, b, _ in _FOREIGN])
+def test_a_state_dict_of_another_optimizer_is_refused(saved, loaded, match):
+    """An AdamW dict loaded into FusedLion silently (its groups have Lion's keys: its exp_avg was taken as Lion's
+    momentum, its exp_avg_sq and step kept and saved again): now refused naming the foreign state, nothing changed,
+    as the other pairs are for their group keys."""
+    make = {k: _SHAPED[v][0] for k, v in (("adamw", "adamw exp_avg"), ("sgd", "sgd"), ("lion", "lion"))}
+    p, q = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3, 4))
+    src, dst = make[saved]([p], "reference"), make[loaded]([q], "reference")
+    for opt in (src, dst):
+        _grads(opt.param_groups[0]["params"], 1)
+        opt.step()
+    expect_error_unchanged(lambda: dst.load_state_dict(src.state_dict()), ValueError, match, dst, q)

@@ -525,6 +525,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     - ``_state_keys(group)``: the fp32, param-shaped state tensors its update reads and writes, in launch order;
       ``_required_state_keys``: those a non-empty state must hold (the others are created when missing);
       ``_has_step``: whether every param keeps an fp32 ``step`` count (moved by the kernel);
+      ``_foreign_state_keys``: other optimizers' states, refused by ``load_state_dict`` (another optimizer's dict);
     - ``_check_hyperparameters(group)`` (constructor, ``add_param_group``, ``load_state_dict``) and
       ``_check_step_values(gi, group)`` (every step: returns the values the launch needs, as floats);
     - ``_normalize_group(group)``: torch's conversions of loaded or added groups (betas as a tuple, ...);
@@ -563,6 +564,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _absent_if_none: tuple[str, ...] = ()  # state keys that torch.optim reads as "no state yet" when they hold None
     _transient_state_keys: tuple[str, ...] = ()  # state dropped when its group stops using it (e.g. Kahan buffers)
     _rebuilt_state_keys: tuple[str, ...] = (MASTER_KEY,)  # state a load rebuilds where a dict lacks it
+    # states of the family's other optimizers (and torch's): a loaded dict holding one is another optimizer's, which
+    # would load silently where its other states share this one's names (an AdamW dict's exp_avg into FusedLion)
+    _foreign_state_keys: tuple[str, ...] = ()
     # torch.optim's defaults for keys that older state dicts lack (its __setstate__)
     _LEGACY_DEFAULTS: dict[str, Any] = dict(maximize=False, foreach=None, differentiable=False, fused=None)
 
@@ -963,7 +967,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
         """Keys an older or foreign state dict lacks: torch's historical defaults, this package's constructor's."""
         for key, value in self._LEGACY_DEFAULTS.items():
-            group.setdefault(key, value)
+            if key in self.defaults:  # (only the keys this optimizer's groups have: FusedLion has no foreach)
+                group.setdefault(key, value)
         for key in self._own_group_keys:
             group.setdefault(key, self.defaults[key])
 
@@ -1018,7 +1023,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the old marks, which would make the next step trust the loaded masters over the params)
         self._plans = {}
         self._master_marks = {}
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        own_differentiable = not isinstance(defaults, dict) or "differentiable" in defaults
         super().__setstate__(state)
+        if not own_differentiable:  # (torch's __setstate__ adds it to the defaults, and so to every group loaded
+            # after: an optimizer without the key, FusedLion, would then save groups a fresh one cannot load)
+            self.defaults.pop("differentiable", None)
         self._plans = {}
         self._master_marks = {}  # (load_state_dict too: loaded masters are compared with their params at the next step)
         self.param_groups = [self._as_group(group) for group in self.param_groups]
@@ -1386,6 +1396,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict: the state of {where} must be a dict")
             st = {}
             for key, value in src.items():
+                if type(key) is str and key in self._foreign_state_keys:
+                    raise ValueError(
+                        f"loaded state dict: the state of {where} holds {key!r}, a state of another "
+                        f"optimizer, which {type(self).__name__} does not keep: a checkpoint of another "
+                        "optimizer (drop that state from the dict to start from its other states)"
+                    )
                 if isinstance(value, Tensor):  # (copied or read below by torch's ops, which do not check memory)
                     value = _unwrapped(value)  # (torch.optim's state of a wrapper-subclass param is such a wrapper)
                     problem = loaded_tensor_problem(value)
@@ -1420,6 +1436,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                             f"loaded state dict: state {key!r} of {where} has {value.numel()} elements but the "
                             f"param has {p.numel()} (shape {tuple(p.shape)})"
                         )
+                    _check_state_shape(key, value, p, where)
                     st[key] = self._load_state_tensor(value, p)
                 elif key == "step" and self._has_step:
                     if isinstance(value, Tensor):
@@ -1894,6 +1911,18 @@ def _refuse_duplicates(gi: int, params: list, seen: dict[int, tuple[int, int]] |
             raise ValueError(f"param group {gi} holds the same param {where} (e.g. tied weights collected from two "
                              "modules): pass each param once (model.parameters() lists a tied one once); "
                              "torch.optim would step it twice")  # fmt: skip
+
+
+def _check_state_shape(key: Any, value: Tensor, p: Tensor, where: str) -> None:
+    """A loaded param-shaped state has the param's shape (of its element count, checked before): another shape, e.g.
+    a transposed weight's moments, would pair its elements with the wrong ones of the param (torch.optim loads it
+    and its next step raises). A rank off a DTensor param's mesh may be given an empty one."""
+    if tuple(value.shape) != tuple(p.shape) and not (value.numel() == 0 and _off_mesh(p)):
+        raise ValueError(
+            f"loaded state dict: state {key!r} of {where} has shape {tuple(value.shape)} but the param "
+            f"has shape {tuple(p.shape)} (a state pairs with the param's elements in their logical "
+            "order: the same element count in another shape would pair them with the wrong ones)"
+        )
 
 
 def _off_mesh(p: Tensor) -> bool:

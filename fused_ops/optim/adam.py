@@ -28,6 +28,7 @@ from ._base import (
     MASTER_KEY,
     FusedOptimizer,
     _check_betas,
+    _check_state_shape,
     _is_dtensor,
     _local,
     _off_mesh,
@@ -221,6 +222,7 @@ class FusedAdam(FusedOptimizer):
 
     _default_decoupled = False
     _required_state_keys = ("exp_avg", "exp_avg_sq")
+    _foreign_state_keys = ("momentum_buffer",)
     dequantize_state_dict = False  # the default of ``state_dict(dequantize=...)``
     _LEGACY_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
                             fused=None)  # fmt: skip
@@ -686,6 +688,7 @@ class FusedAdam(FusedOptimizer):
         ):  # fmt: skip  (a rank off the param's mesh may be given nothing)
             raise ValueError(f"loaded state dict: state {key!r} of {where} must be a dense {dtype} tensor of "
                              f"{p.numel()} elements, got {value.dtype} with {value.numel()}")  # fmt: skip
+        _check_state_shape(key, value, p, where)
         return self._load_state_tensor(value, p, dtype)
 
     def _convert_loaded_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any], where: str) -> dict:

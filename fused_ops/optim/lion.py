@@ -43,6 +43,7 @@ class FusedLion(FusedOptimizer):
 
     _has_step = False
     _required_state_keys = ("exp_avg",)
+    _foreign_state_keys = ("exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # (an AdamW dict has an exp_avg too)
 
     def __init__(
         self,

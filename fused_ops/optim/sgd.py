@@ -61,6 +61,7 @@ class FusedSGD(FusedOptimizer):
     """
 
     _has_step = False
+    _foreign_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _absent_if_none = ("momentum_buffer",)  # (torch.optim.SGD's dicts before torch 2.2 hold None without momentum)
     _LEGACY_DEFAULTS = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None)
 
