@@ -26,25 +26,50 @@ from .kernels._checks import no_user_code
 # stream on its memory, and the inputs are checked at every call, not only when a table is built.
 # Insertions and evictions hold a lock (threads may run ops at once: an unlocked "over the limit, pop the oldest"
 # popped one key twice, a KeyError after earlier groups had launched); look-ups are single dict reads.
+# Bounded in count and in the memory its tables hold: a table is 8 bytes per tensor and role and 16 per chunk of
+# 64Ki elements (about 1.7 MB for a 7B model's grads), on the tensors' device; 256 tables of fresh addresses (grads
+# reallocated elsewhere at every step) would hold hundreds of MB of GPU memory (probe 82).
 _TABLE_CACHE_LIMIT = 256
+_TABLE_CACHE_BYTES = 64 << 20
+
+
+def _held_bytes(value: object) -> int:
+    """The memory a cached chunk table holds (its table and counters; its host copy too: pinned on a GPU)."""
+    tensors = (getattr(value, "table", None), getattr(value, "counters", None), getattr(value, "host", None))
+    distinct = {id(t): t for t in tensors if isinstance(t, Tensor)}  # (on the CPU the table is its host copy)
+    return sum(t.numel() * t.element_size() for t in distinct.values())
 
 
 class _BoundedCache(dict):
-    """A dict that keeps its ``limit`` newest insertions; insertion and eviction are thread-safe."""
+    """A dict that keeps its ``limit`` newest insertions, and drops the oldest while the tables it holds take more
+    than ``max_bytes`` (the newest is always kept); insertion and eviction are thread-safe."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
         super().__init__()
         self.limit = limit
+        self.max_bytes = max_bytes
+        self._sizes: dict = {}
+        self._held = 0
         self._lock = threading.Lock()
 
     def __setitem__(self, key, value) -> None:
+        size = _held_bytes(value)
         with self._lock:
+            if key in self:  # (again: the newest now)
+                super().pop(key)
+                self._held -= self._sizes.pop(key, 0)
             super().__setitem__(key, value)
-            while len(self) > self.limit:
-                super().pop(next(iter(self)))
+            self._sizes[key] = size
+            self._held += size
+            while len(self) > self.limit or (
+                self.max_bytes is not None and self._held > self.max_bytes and len(self) > 1
+            ):
+                oldest = next(iter(self))
+                super().pop(oldest)
+                self._held -= self._sizes.pop(oldest, 0)
 
 
-_TABLE_CACHE: dict = _BoundedCache(_TABLE_CACHE_LIMIT)
+_TABLE_CACHE: dict = _BoundedCache(_TABLE_CACHE_LIMIT, _TABLE_CACHE_BYTES)
 _multi_tensor.CACHE_TYPES.add(id(_BoundedCache))
 
 

@@ -282,6 +282,11 @@ def _adam_cpu_prepare(
     # at a time, in scratch buffers allocated here for the largest batch: they are still in cache when the fused
     # kernel reads them, and are never all alive at once.
     batch_elems = 1 << 18 if lowp or not fp32_grads else None
+    if batch_elems is not None and any(p.numel() > batch_elems for p in params):
+        # (a tensor larger than a batch in slices of one: the scratch buffers are sized by the largest batch)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps = _sliced(
+            batch_elems, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else (), master_params, steps
+        )
     numels = [p.numel() for p in params]
     batches = list(_batches(numels, batch_elems))
     largest = max(sum(numels[lo:hi]) for lo, hi in batches)
@@ -330,6 +335,29 @@ def _adam_cpu_prepare(
             _store_steps(step_writes)
 
     return commit
+
+
+def _sliced(limit: int, params: Sequence[Tensor], *others: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``params`` and the per-param lists ``others`` (each empty or as long; a step count may stand for several
+    params: 0-d, repeated for each slice), with each param of more than ``limit`` elements, whose tensors are all
+    contiguous, replaced by flat slices of at most ``limit`` elements of each of them (views: writes reach them)."""
+    out: list[list[Tensor]] = [[] for _ in range(1 + len(others))]
+    lists = [params, *others]
+    for i, p in enumerate(params):
+        row = [xs[i] for xs in lists if len(xs)]
+        n = p.numel()
+        if n <= limit or not all(t.is_contiguous() for t in row if t.numel() == n):
+            for xs, o in zip(lists, out, strict=True):
+                if len(xs):
+                    o.append(xs[i])
+            continue
+        for start in range(0, n, limit):
+            size = min(limit, n - start)
+            for xs, o in zip(lists, out, strict=True):
+                if len(xs):
+                    t = xs[i]
+                    o.append(t.view(-1).narrow(0, start, size) if t.numel() == n else t)
+    return out
 
 
 def _batches(numels: Sequence[int], limit: int | None):

@@ -426,3 +426,61 @@ def test_step_bumps_param_versions(backend, dtype):
     o.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+@pytest.mark.parametrize("master_weights", [False, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_reference_bf16_params_larger_than_a_batch_match_torchs_fused_step(master_weights, amsgrad):
+    """The CPU path's fp32 copies of bf16 params and grads are made a batch of 2^18 elements at a time; a param
+    larger than that is taken in slices of one (its scratch buffers were as large as the largest param, 8 bytes per
+    element of it: probe 82). Each step equals torch's fused AdamW on fp32 copies, rounded to bf16, bit for bit:
+    a large contiguous param (sliced), a large transposed one (not contiguous: taken whole) and a small one."""
+    torch.manual_seed(0)
+    shapes = [((1 << 19) + 7,), (1021,)]
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(700, 401).bfloat16().t()))  # (280,700 elements, not contiguous)
+    fp32 = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, master_weights=master_weights,
+                     backend="reference")  # fmt: skip
+    ref = torch.optim.AdamW(fp32, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
+    for _ in range(3):
+        for p, q in zip(params, fp32):
+            g = torch.randn_like(p)  # (the param's strides, as autograd gives: torch's fused kernel pairs elements
+            p.grad, q.grad = g, g.float()  # by memory order, and mispairs a grad of other strides; ours does not)
+            if not master_weights:
+                q.data.copy_(p.detach().float())  # (the step starts from the bf16 param itself)
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(params, fp32)):
+            for key in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ())):
+                # (the transposed param's moments to an ulp: torch's kernel vectorises another layout otherwise)
+                tol = dict(rtol=0, atol=0) if p.is_contiguous() else dict(rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(opt.state[p][key], ref.state[q][key], **tol, msg=f"{key} of param {i}")
+            if p.is_contiguous():
+                assert torch.equal(p.detach(), q.detach().bfloat16())
+            else:
+                torch.testing.assert_close(p.detach(), q.detach().bfloat16(), rtol=1e-2, atol=1e-2)
+
+
+def test_reference_bf16_step_scratch_is_bounded_by_a_batch_not_by_the_largest_param():
+    """Peak of the allocations less frees inside one CPU-path step on a bf16 param of 4Mi elements (torch's profiler):
+    the fp32 copies of the param and grad take at most two batches of 2^18 elements each (4 MiB), where they took
+    8 bytes per element of the param (32 MiB; probe 82)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 1 << 22
+    p = torch.nn.Parameter(torch.randn(n).bfloat16())
+    opt = FusedAdamW([p], lr=1e-3, backend="reference")
+    p.grad = torch.randn(n).bfloat16()
+    opt.step()  # (the states made)
+    p.grad = torch.randn(n).bfloat16()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # fmt: skip
+    assert events, "the profiler recorded no allocation"
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    assert peak <= 2 * 4 * 2 * (1 << 18), peak
