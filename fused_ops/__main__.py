@@ -287,7 +287,20 @@ def _info(args: argparse.Namespace) -> int:
         print("         (TRITON_INTERPRET=1: Triton kernels run on CPU tensors in the interpreter)")
     ops = ", ".join(f"{name}{'' if op.unavailable() is None else ' (not yet)'}" for name, op in bench.OPS.items())
     print(f"ops:     {ops}")
-    peers = ", ".join(f"{name}: {why or 'found'}" for name, why in bench.peer_status(device.type).items())
+    status = bench.peer_status(device.type)
+    # (the family ops' own peers too: optimi, bitsandbytes' Lion; by module, as their builders name them)
+    family = sorted({m for op in bench.OPS.values() for b in op.providers.values()
+                     if (m := getattr(b, "peer_module", None)) is not None and m not in status})  # fmt: skip
+    for module in family:
+        from .bench.cases._optim import installed
+
+        if not installed(module):
+            status[module] = "not installed"
+        elif not bench._registry.peers_run_on(device.type):
+            status[module] = "installed; peers are benchmarked on CUDA only"
+        else:
+            status[module] = None
+    peers = ", ".join(f"{name}: {why or 'found'}" for name, why in status.items())
     print(f"peers:   {peers}")
     return 0
 

@@ -175,3 +175,37 @@ def test_a_row_without_baseline_says_na_not_na_x(tmp_path):
     assert " 16.25 " in table  # B/elem of a count that is not whole (8-bit scales, several layouts)
     text = bench.render_performance((str(tmp_path / "r.json"), doc), str(tmp_path))
     assert "n/ax" not in text and "| n/a |" in text and "2.00x (vs foreach)" in text
+
+
+def test_the_readme_section_says_a_run_was_partial_and_keeps_targets_notes_and_bytes_per_element(tmp_path):
+    """``python -m fused_ops report`` made the README section of a run cut short (a budget, a kill: what
+    gpu_check.sh's timeouts can leave) without a word, and dropped its targets, notes and bytes per element, without
+    which an int8 row's GB/s cannot be set against an fp32 one (probe 86)."""
+    row = {"op": "adamw8bit", "params": "tiny", "dtype": "fp32", "provider": "fused_ops", "median_ms": 1.0,
+           "p20_ms": 0.9, "p80_ms": 1.1, "bytes": 16_250, "gbps": 0.01625, "frac_of_copy": None,
+           "speedup_vs_torch_fused": None, "speedup_baseline": None, "host_ms": None, "launches": None,
+           "n_params": 1000, "n_tensors": 8}  # fmt: skip
+    target = {"target": "8-bit AdamW state bytes per param", "params": "small-10k", "dtype": "fp32", "value": 2.05,
+              "goal": "<= 2.1", "met": True}  # fmt: skip
+    doc = {"device": "GPU", "device_kind": "cuda", "torch": "x", "triton": "y", "date": "2026-01-01T00:00:00",
+           "copy_bandwidth_gbps": 1.0, "results": [row], "skipped": [], "targets": [target],
+           "notes": ["a note of the run"], "stopped": "time budget of 55 s reached"}  # fmt: skip
+    text = bench.render_performance((str(tmp_path / "r.json"), doc), str(tmp_path))
+    assert "partial run" in text and "time budget of 55 s reached" in text
+    assert "| B/elem |" in text and "| 16.25 |" in text
+    assert "8-bit AdamW state bytes per param, small-10k fp32: 2.050 (goal <= 2.1): met" in text
+    assert "Note: a note of the run" in text
+    whole = bench.render_performance((str(tmp_path / "r.json"), {**doc, "stopped": None}), str(tmp_path))
+    assert "partial run" not in whole
+
+
+def test_a_cpu_run_of_the_triton_backend_is_not_called_the_cpu_path(monkeypatch):
+    """With ``FUSED_OPS_BACKEND=triton`` on a CPU (the interpreter), the notes called its timings the CPU path."""
+    import io
+
+    monkeypatch.setenv("FUSED_OPS_BACKEND", "triton")
+    cfg = bench.BenchConfig(ops=["sgd"], params=["tiny"], dtypes=["fp32"], providers=["torch-fused"], quick=True,
+                            rep_ms=1, copy_mb=1, progress=False, device="cpu")  # fmt: skip
+    doc = bench.run(cfg, log=io.StringIO())
+    assert doc["backend"] == "triton"
+    assert any("interpreter" in n for n in doc["notes"]) and not any("the CPU path" in n for n in doc["notes"])

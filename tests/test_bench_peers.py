@@ -198,3 +198,31 @@ def test_the_pypi_kernels_package_is_found_from_a_source_checkout(tmp_path):
         lines = out.stdout.splitlines()
         assert lines[0] == f"the other kernels 7 {site / 'kernels' / '__init__.py'}", out.stdout
         assert lines[1].startswith("fused_ops.kernels.adam "), out.stdout
+
+
+def test_peers_run_after_every_ops_own_cases(monkeypatch):
+    """The family ops' peers (torchao and bitsandbytes AdamW8bit, optimi, bitsandbytes' Lion) are providers of
+    their op, and ran within it, before later ops' own cases: a torchao compile could take the budget of
+    gpu_check.sh's targets run before the fp32 FusedAdamW rows its target compares with (probe 86)."""
+    import io
+
+    from fused_ops import bench
+    from fused_ops.bench import suite
+
+    called = []
+
+    def record(op, provider, shapes, dtype, device):
+        called.append((op, provider))
+        raise _registry.Skip("recorded, not run")
+
+    monkeypatch.setattr(suite, "build_runner", record)
+    providers = ["fused_ops", "torch-fused", "torchao", "bitsandbytes", "optimi"]
+    cfg = bench.BenchConfig(ops=["adamw8bit", "lion", "adam"], params=["tiny"], dtypes=["fp32"],
+                            providers=providers, quick=True, rep_ms=1, copy_mb=1, progress=False)  # fmt: skip
+    bench.run(cfg, log=io.StringIO())
+    peers = {"torchao", "bitsandbytes", "optimi"}
+    own = [i for i, (_, p) in enumerate(called) if p not in peers]
+    theirs = [i for i, (_, p) in enumerate(called) if p in peers]
+    assert own and theirs and max(own) < min(theirs), called
+    assert {op for op, p in called if p in peers} >= {"adamw8bit", "lion"}, called
+    assert len(called) == len(set(called)), called  # (a peer of an op listed once, not as its own and as an Adam peer)

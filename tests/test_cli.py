@@ -29,6 +29,8 @@ def test_info_prints_device_versions_backend(capsys):
     assert "triton:" in out and (bench.triton_version() or "not installed") in out
     expected = fused_ops.resolve_backend(None, bench.pick_device())
     assert f"-> {expected}" in out
+    peers = next(line for line in out.splitlines() if line.startswith("peers:"))
+    assert "torchao:" in peers and "optimi:" in peers  # (the family's peers too: probe 86)
 
 
 def test_module_entry_point_runs():

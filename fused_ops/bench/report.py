@@ -226,14 +226,16 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
         "torch's master-weight rows: masters, their grads and AdamW's states; n/a: not an optimizer step).",
         "",
     ]
+    if doc.get("stopped"):  # (a run cut short: a budget, an interrupt, a kill; its JSON was written as it went)
+        lines += [f"**A partial run**: {doc['stopped']}; the cases it did not reach are listed as skipped below.", ""]
     for name, info in doc.get("param_sets", {}).items():
         note = f" ({info['note']})" if info.get("note") else ""
         lines.append(f"- `{name}`: {info['n_params']:,} parameters in {info['n_tensors']:,} tensors{note}")
     lines += [
         "",
-        "| op | params | dtype | provider | median ms (p20-p80) | GB/s | % of copy | vs torch-fused | host ms "
+        "| op | params | dtype | provider | median ms (p20-p80) | B/elem | GB/s | % of copy | vs torch-fused | host ms "
         "| launches | state B/param |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
         frac = r.get("frac_of_copy")
@@ -241,7 +243,7 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
         prov = f"**{r['provider']}**" if r["provider"] == "fused_ops" else r["provider"]
         lines.append(
             f"| {r['op']} | {r['params']} | {r['dtype']} | {prov} | {_fmt(r['median_ms'], '.3f')} "
-            f"({_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}) | {_fmt(r['gbps'], '.0f')} | "
+            f"({_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')}) | {_per_element(r)} | {_fmt(r['gbps'], '.0f')} | "
             f"{_fmt(None if frac is None else 100 * frac, '.1f')} | {speed} | {_fmt(r.get('host_ms'), '.3f')} | "
             f"{'n/a' if r.get('launches') is None else r['launches']} | "
             f"{_fmt(r.get('state_bytes_per_param'), '.2f')} |"
@@ -250,6 +252,14 @@ def render_performance(found: tuple[str, dict[str, Any]] | None, readme_dir: str
     if os.path.exists(png):
         prel = os.path.relpath(png, readme_dir).replace(os.sep, "/")
         lines += ["", f"![GB/s per op and provider on {doc['device']}]({prel})"]
+    if doc.get("targets"):
+        where = "" if doc.get("device_kind") == "cuda" else " (a CPU run: the speed targets are for the GPU)"
+        lines += ["", f"Targets (issue 11){where}:", ""]
+        lines += [f"- {t['target']}, {t['params']} {t['dtype']}: {t['value']:.3f} (goal {t['goal']}): "
+                  f"{'met' if t['met'] else '**not met**'}" for t in doc["targets"]]  # fmt: skip
+    if doc.get("notes"):
+        for n in doc["notes"]:
+            lines += ["", f"Note: {n}"]
     skipped = doc.get("skipped") or []
     if skipped:
         notes = "; ".join(

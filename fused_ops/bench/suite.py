@@ -244,8 +244,10 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
         if why is not None:
             skipped.append({"op": op_name, "why": why})
             continue
-        own = list(op.providers)
-        extra = [p for p, w in peers.items() if w is None and op.peers]
+        # (an op's own providers that are another library's optimizer, the family's peers, go last too)
+        own = [p for p, b in op.providers.items() if getattr(b, "peer_module", None) is None]
+        extra = [p for p, b in op.providers.items() if getattr(b, "peer_module", None) is not None]
+        extra += [p for p, w in peers.items() if w is None and op.peers and p not in extra]
         if only is not None:
             own = [p for p in own if p in only]
             extra = [p for p in extra if p in only]
@@ -347,7 +349,10 @@ def _run(config: BenchConfig, log: TextIO) -> dict[str, Any]:
     _add_all_ratios(doc)
     doc["stopped"] = stopped
     doc["wall_s"] = round(time.perf_counter() - begin, 2)
-    if kind == "cpu":
+    if kind == "cpu" and doc.get("backend") == "triton":
+        doc["notes"].append("CPU run with backend triton: fused_ops ran its Triton kernels in the interpreter "
+                            "(TRITON_INTERPRET=1), a correctness path, not a performance figure.")  # fmt: skip
+    elif kind == "cpu":
         doc["notes"].append("CPU run: no GPU was used; the CPU path is timed against torch's CPU implementations.")
         if any((r.get("frac_of_copy") or 0) > 1 for r in results):
             doc["notes"].append("Some sets fit in the CPU caches, so their GB/s can exceed the (DRAM) copy bandwidth.")

@@ -79,6 +79,7 @@ def peer_step_builder(op: str, module: str, factory: Factory) -> Builder:
             raise Skip(f"{module} is installed; peers are benchmarked on CUDA only")
         return inner(shapes, dtype, device)
 
+    build.peer_module = module  # (the suite runs peers after every op's own cases: see suite._run)
     return build
 
 
