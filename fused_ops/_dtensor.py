@@ -210,6 +210,12 @@ def global_norm(
     (non-zero where any rank refused; None when ``refused`` is None), for :func:`raise_refused`.
     """
     inf = math.isinf(norm_type)
+    if flag is not None and local:
+        # (a non-finite local norm sets the flag on its own: one of a replicated tensor counts in the norm from the
+        # ranks at coordinate 0 only, so an inf in another rank's replica would reach neither the norm nor the flag,
+        # and that rank alone would step on it, as unscale_ does not let it; probe 85)
+        found = torch.stack([(~torch.isfinite(n.detach())).any().to(flag.device) for _, n in local]).any()
+        flag = torch.maximum((flag.detach().reshape(1) != 0).to(torch.float32), found.to(torch.float32).reshape(1))
     plain: list[Tensor] = []
     by_mesh: dict = {}
     for key, n in local:

@@ -227,7 +227,14 @@ def run_world2(rank: int, world: int, out_dir: str) -> dict:
             scaler.unscale_([t.clone() for t in g])
             s2 = fused_ops.DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
             s2.grad_scale_and_norm(g)
-            res[holder] = [found.item(), scaler.found_inf.item(), s2.found_inf.item()]
+            # an inf in one rank's replica of a Replicate grad: the norm counts replicas from rank 0 only, so the
+            # flag missed it on rank 1 (which alone then stepped on it; unscale_ caught it: probe 85)
+            rep = [distribute_tensor(torch.ones(3), mesh, [Replicate()])]
+            if rank == holder:
+                rep[0].to_local()[1] = math.inf
+            s5 = fused_ops.DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
+            s5.grad_scale_and_norm(rep)
+            res[holder] = [found.item(), scaler.found_inf.item(), s2.found_inf.item(), s5.found_inf.item()]
         finite = [distribute_tensor(torch.randn(6, 2, generator=torch.Generator().manual_seed(6)), mesh, [Shard(0)])]
         found = torch.zeros(1)
         fused_ops.unscale_(finite, 0.5, found, backend=backend)
@@ -475,7 +482,7 @@ def test_found_inf_agrees_on_every_rank(world2, backend):
     for rank, res in enumerate(world2):
         r = res[("found_inf", backend)]
         for holder in (0, 1):
-            assert r[holder] == [1.0, 1.0, 1.0], f"rank {rank}, inf on rank {holder}: {r[holder]}"
+            assert r[holder] == [1.0, 1.0, 1.0, 1.0], f"rank {rank}, inf on rank {holder}: {r[holder]}"
         assert r["finite"] == 0.0
         assert r["prior_flag"] == 1.0, f"rank {rank}: a flag set on rank 1 only was not agreed"
         assert r["scaler_norm_err"] < 1e-6
