@@ -330,6 +330,15 @@ def test_a_state_of_another_shape_with_the_params_element_count_is_refused(case,
     sd["state"][0][key] = sd["state"][0][key].t()  # (the param's shape, in any strides: loads)
     opt.load_state_dict(sd)
     assert torch.equal(opt.state_dict()["state"][0][key], sd["state"][0][key])
+    flat = copy.deepcopy(sd)  # (a flat state loads, as the step takes one: its own dict of a state flattened in place
+    flat["state"][0][key] = flat["state"][0][key].reshape(-1)  # reloads; probe 87)
+    opt.load_state_dict(flat)
+    assert torch.equal(opt.state_dict()["state"][0][key], sd["state"][0][key])
+    if key != "exp_avg_codes":  # (a param made flat with states of its old shape: loads too)
+        q = torch.nn.Parameter(p.detach().reshape(-1).clone())
+        other = make([q], backend)
+        other.load_state_dict(sd)
+        assert torch.equal(other.state[q][key], sd["state"][0][key].reshape(-1))
 
 
 _FOREIGN = [

@@ -1914,14 +1914,21 @@ def _refuse_duplicates(gi: int, params: list, seen: dict[int, tuple[int, int]] |
 
 
 def _check_state_shape(key: Any, value: Tensor, p: Tensor, where: str) -> None:
-    """A loaded param-shaped state has the param's shape (of its element count, checked before): another shape, e.g.
+    """A loaded param-shaped state (of the param's element count, checked before) has the param's shape, or either
+    is flat (1-D), as the step takes them (``_check_state``): pairing in the one order both have. Another shape, e.g.
     a transposed weight's moments, would pair its elements with the wrong ones of the param (torch.optim loads it
     and its next step raises). A rank off a DTensor param's mesh may be given an empty one."""
-    if tuple(value.shape) != tuple(p.shape) and not (value.numel() == 0 and _off_mesh(p)):
+    if (
+        tuple(value.shape) != tuple(p.shape)
+        and value.dim() != 1
+        and p.dim() != 1
+        and not (value.numel() == 0 and _off_mesh(p))
+    ):
         raise ValueError(
             f"loaded state dict: state {key!r} of {where} has shape {tuple(value.shape)} but the param "
             f"has shape {tuple(p.shape)} (a state pairs with the param's elements in their logical "
-            "order: the same element count in another shape would pair them with the wrong ones)"
+            "order: the same element count in another shape would pair them with the wrong ones; a flat state "
+            "loads)"
         )
 
 
