@@ -6,7 +6,8 @@ into global ones:
 
 - a norm: each rank's partial (sum of p-th powers, or max for inf) per (mesh, sharded mesh dims), all-reduced once
   per mesh over the mesh dims where some tensor is sharded. A tensor replicated over a reduced dim contributes only
-  from the ranks at coordinate 0 of that dim (zeros elsewhere), so replicas are not counted twice. A ``Partial``
+  from the ranks at coordinate 0 of that dim (zeros elsewhere, unless not finite: an inf or NaN in any replica
+  makes the norm so on every rank), so replicas are not counted twice. A ``Partial``
   tensor (e.g. the grads of a ``SequenceParallel`` norm's weights) is reduced first, one all-reduce each, as
   torch's DTensor norm does.
 - a linear op (unscale, the clip's multiply) on a ``Partial`` tensor scales each rank's summand, as torch's
@@ -210,12 +211,6 @@ def global_norm(
     (non-zero where any rank refused; None when ``refused`` is None), for :func:`raise_refused`.
     """
     inf = math.isinf(norm_type)
-    if flag is not None and local:
-        # (a non-finite local norm sets the flag on its own: one of a replicated tensor counts in the norm from the
-        # ranks at coordinate 0 only, so an inf in another rank's replica would reach neither the norm nor the flag,
-        # and that rank alone would step on it, as unscale_ does not let it; probe 85)
-        found = torch.stack([(~torch.isfinite(n.detach())).any().to(flag.device) for _, n in local]).any()
-        flag = torch.maximum((flag.detach().reshape(1) != 0).to(torch.float32), found.to(torch.float32).reshape(1))
     plain: list[Tensor] = []
     by_mesh: dict = {}
     for key, n in local:
@@ -245,7 +240,11 @@ def global_norm(
         slot = own is not None and mesh.size() > 1
         if dims and slot:  # (every rank of the mesh learns of a refusal: the same collectives)
             dims = list(range(mesh.ndim))
-        vals = [v if all(coord[d] == 0 for d in dims if d not in dd) else torch.zeros_like(v) for dd, v in entries]
+        # (a replica's local norm counts from coordinate 0 only, except when it is not finite: an inf or NaN in
+        # another rank's replica, where replicas disagree, makes the norm non-finite on every rank, so that a clip
+        # raises or a scaler skips the step everywhere, not only the rank that holds it; probes 85 and 88)
+        vals = [v if all(coord[d] == 0 for d in dims if d not in dd) else torch.where(torch.isfinite(v), 0.0, v)
+                for dd, v in entries]  # fmt: skip
         vec = torch.stack(vals)
         bad = vec.isnan()
         parts = [torch.where(bad, 0.0, vec), bad.sum().to(torch.float64).reshape(1)]

@@ -234,7 +234,20 @@ def run_world2(rank: int, world: int, out_dir: str) -> dict:
                 rep[0].to_local()[1] = math.inf
             s5 = fused_ops.DynamicLossScaler(init_scale=4.0, device="cpu", backend=backend)
             s5.grad_scale_and_norm(rep)
-            res[holder] = [found.item(), scaler.found_inf.item(), s2.found_inf.item(), s5.found_inf.item()]
+            # the same in grad_norm and clip_grad_norm_ over a sharded grad and such a replica: the norm is inf on
+            # every rank and error_if_nonfinite raises on every rank (the norm was finite everywhere; probe 88)
+            both = [distribute_tensor(torch.ones(6, 2), mesh, [Shard(0)]), rep[0]]
+            norm_inf = math.isinf(fused_ops.grad_norm(both, backend=backend).item())
+            params = [torch.nn.Parameter(torch.zeros_like(t)) for t in both]
+            for q, t in zip(params, both):
+                q.grad = t.clone()
+            try:
+                fused_ops.clip_grad_norm_(params, 1.0, error_if_nonfinite=True, backend=backend)
+                clip_raised = False
+            except RuntimeError:
+                clip_raised = True
+            res[holder] = [found.item(), scaler.found_inf.item(), s2.found_inf.item(), s5.found_inf.item(),
+                           norm_inf, clip_raised]  # fmt: skip
         finite = [distribute_tensor(torch.randn(6, 2, generator=torch.Generator().manual_seed(6)), mesh, [Shard(0)])]
         found = torch.zeros(1)
         fused_ops.unscale_(finite, 0.5, found, backend=backend)
@@ -482,7 +495,7 @@ def test_found_inf_agrees_on_every_rank(world2, backend):
     for rank, res in enumerate(world2):
         r = res[("found_inf", backend)]
         for holder in (0, 1):
-            assert r[holder] == [1.0, 1.0, 1.0, 1.0], f"rank {rank}, inf on rank {holder}: {r[holder]}"
+            assert r[holder] == [1.0, 1.0, 1.0, 1.0, True, True], f"rank {rank}, inf on rank {holder}: {r[holder]}"
         assert r["finite"] == 0.0
         assert r["prior_flag"] == 1.0, f"rank {rank}: a flag set on rank 1 only was not agreed"
         assert r["scaler_norm_err"] < 1e-6
