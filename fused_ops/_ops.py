@@ -48,25 +48,32 @@ class _BoundedCache(dict):
         super().__init__()
         self.limit = limit
         self.max_bytes = max_bytes
-        self._sizes: dict = {}
+        self._keys: dict[int, list] = {}  # id of a value -> [keys holding it, its bytes] (one table, several keys)
         self._held = 0
         self._lock = threading.Lock()
+
+    def _drop(self, key) -> None:
+        vid = id(super().pop(key))  # (alive while a key holds it, so its id is its own)
+        entry = self._keys[vid]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self._held -= entry[1]
+            del self._keys[vid]
 
     def __setitem__(self, key, value) -> None:
         size = _held_bytes(value)
         with self._lock:
             if key in self:  # (again: the newest now)
-                super().pop(key)
-                self._held -= self._sizes.pop(key, 0)
+                self._drop(key)
             super().__setitem__(key, value)
-            self._sizes[key] = size
-            self._held += size
+            entry = self._keys.setdefault(id(value), [0, size])
+            if entry[0] == 0:
+                self._held += size
+            entry[0] += 1
             while len(self) > self.limit or (
                 self.max_bytes is not None and self._held > self.max_bytes and len(self) > 1
             ):
-                oldest = next(iter(self))
-                super().pop(oldest)
-                self._held -= self._sizes.pop(oldest, 0)
+                self._drop(next(iter(self)))
 
 
 _TABLE_CACHE: dict = _BoundedCache(_TABLE_CACHE_LIMIT, _TABLE_CACHE_BYTES)

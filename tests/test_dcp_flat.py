@@ -182,5 +182,13 @@ def test_a_loaded_optimizer_keeps_its_group_keys_and_takes_a_fresh_ones_flat_for
         m2, opt2 = trained()
         set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m2, opt2, options=flat), options=flat)
         assert [sorted(g) for g in opt.param_groups] == keys
+        # a dict whose groups carry torch's flags at their defaults where this optimizer has none (a FusedLion
+        # checkpoint saved after a resume by an older version): they are dropped, and the flat form loads after it
+        old = opt.state_dict()
+        old["param_groups"] = [{"foreach": None, "differentiable": False, "fused": None, "capturable": False, **g}
+                               for g in old["param_groups"]]  # fmt: skip
+        opt.load_state_dict(old)
+        assert [sorted(g) for g in opt.param_groups] == keys
+        set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m2, opt2, options=flat), options=flat)
     finally:
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fused_ops
-from tests.safety import expect_error_unchanged
+from tests.safety import expect_error_unchanged, isolated
 from tests.test_distributed import spawn
 
 BACKENDS = ("triton", "reference")
@@ -361,3 +361,33 @@ def test_a_state_dict_of_another_optimizer_is_refused(saved, loaded, match):
         _grads(opt.param_groups[0]["params"], 1)
         opt.step()
     expect_error_unchanged(lambda: dst.load_state_dict(src.state_dict()), ValueError, match, dst, q)
+
+
+@isolated
+def test_zero_refuses_a_state_of_another_shape_as_fused_adamw_does(tmp_path):
+    """ZeroAdamW checked a loaded moment's element count only: a torch AdamW dict with a transposed weight's
+    moments loaded onto the wrong elements (probe 87). Refused on every rank, nothing changed; a flat one loads."""
+    import torch.distributed as dist
+
+    from fused_ops.distributed import ZeroAdamW
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        w = torch.randn(5, 7)
+        ref = torch.nn.Parameter(w.clone())
+        topt = torch.optim.AdamW([ref], lr=1e-2)
+        ref.grad = torch.randn(5, 7)
+        topt.step()
+        sd = copy.deepcopy(topt.state_dict())
+        q = torch.nn.Parameter(w.clone())
+        zo = ZeroAdamW([q], lr=1e-2, backend="reference")
+        q.grad = torch.randn(5, 7)
+        zo.step()
+        bad = copy.deepcopy(sd)
+        bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"].t().contiguous()
+        expect_error_unchanged(lambda: zo.load_state_dict(bad), ValueError, r"shape \(7, 5\)", zo, q)
+        flat = copy.deepcopy(sd)
+        flat["state"][0]["exp_avg"] = flat["state"][0]["exp_avg"].reshape(-1)
+        zo.load_state_dict(flat)
+    finally:
+        dist.destroy_process_group()

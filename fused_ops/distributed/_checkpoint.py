@@ -65,6 +65,19 @@ class _Codes:
         return dequantize_blockwise(self.codes.reshape(-1), self.scales.reshape(-1), signed)
 
 
+def _check_moment_shape(st: dict, i: int, key: str, shape: torch.Size) -> None:
+    """``st[key]`` (of the param's element count, checked) has the param's shape, or either is flat, as FusedAdamW
+    loads them: another shape of two or more dims (a transposed weight's moments) would pair its elements with the
+    wrong ones of the param (probe 87)."""
+    t = st.get(key)
+    if isinstance(t, Tensor) and t.dim() > 1 and len(shape) > 1 and tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"state {key!r} of param {i} has shape {tuple(t.shape)} but the param has shape {tuple(shape)} (a state "
+            "pairs with the param's elements in their logical order: the same element count in another shape would "
+            "pair them with the wrong ones; a flat state loads)"
+        )
+
+
 def _check_moment(st: dict, i: int, key: str, numel: int, expected: str, lo: int = 0) -> None:
     """``st[key]``: a floating-point tensor of ``numel`` elements, or (exp_avg, exp_avg_sq) uint8 codes of ``numel``
     elements with ``st[key + "_scale"]``, fp32 block scales of ceil(numel / 256) elements, for a range starting at
@@ -510,9 +523,11 @@ class _CheckpointMixin:
                 shape = f"the param has {numels[i]} (shape {tuple(self._params[i].shape)})"
                 for key in required(i):
                     _check_moment(st, i, key, numels[i], shape)
+                    _check_moment_shape(st, i, key, self._params[i].shape)
                 for key in (*_MOMENT_KEYS[len(required(i)) :], _MASTER_KEY):
                     if key in st:
                         _check_moment(st, i, key, numels[i], shape)
+                        _check_moment_shape(st, i, key, self._params[i].shape)
                 by_index[i] = st
             steps = [_check_state_step(by_index[i], i) if i in by_index else 0.0 for i in range(n)]
 

@@ -122,6 +122,9 @@ class _StepGroup(dict):
     __slots__ = ("index", "source")
 
 
+# torch.optim's implementation flags, which a loaded group of an optimizer without them may carry at their defaults
+_TORCH_FLAG_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
 # (the keys whose values a step reads as truth values: each made a bool once, before any tensor is checked)
 _FLAG_KEYS = frozenset({"amsgrad", "maximize", "decoupled_weight_decay", "nesterov", "master_weights", "foreach",
                         "fused", "capturable", "differentiable"})  # fmt: skip
@@ -1368,6 +1371,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ng["param_names"] = g["param_names"]
             self._fill_group_defaults(ng)
             self._refuse_differentiable(ng, f"loaded state dict: param group {gi}: ")
+            for key in _TORCH_FLAG_KEYS:  # (torch's flags, at their defaults, in the groups of an optimizer that has
+                # none, e.g. a FusedLion checkpoint saved after a resume by a version that added them: dropped, or a
+                # fresh FusedLion's flat DCP form would not load into this one; probe 87)
+                if key not in self.defaults and key in ng and (ng[key] is None or ng[key] is False):
+                    del ng[key]
             for key in self.defaults:
                 if key not in ng and key not in self._LEGACY_DEFAULTS and key not in self._own_group_keys:
                     raise ValueError(f"loaded state dict: param group {gi} has no {key!r}")
