@@ -219,7 +219,7 @@ tier_limit() {  # tier_limit PERCENT: that share of the tier's time left, at lea
     echo $(( limit < 30 ? 30 : limit ))
 }
 TESTS_RC=0
-run_tier gpu gpu "$(tier_limit 45)" tests/test_gpu.py
+run_tier gpu gpu "$(tier_limit 55)" tests/test_gpu.py
 printf 'pytest_gpu=%s\n' "$TIER_RC" >> "$OUT/status.txt"
 [ "$TIER_RC" -eq 0 ] || TESTS_RC=$TIER_RC
 run_tier gpu_family gpu "$(tier_limit 50)" tests/test_gpu_family.py
