@@ -10,6 +10,8 @@ loads into a fresh model and optimizer, and two more steps must equal, bit for b
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -35,6 +37,24 @@ VARIANTS = {
 }
 # saved -> loaded: our own checkpoints, torch's into ours and ours into torch's
 PAIRS = [(v, v) for v in VARIANTS if v != "torch adamw"] + [("torch adamw", "adamw"), ("adamw", "torch adamw")]
+
+
+@contextlib.contextmanager
+def _one_rank(tmp_path):
+    """A process group of one gloo rank (in the forked child of an isolated test); yields torch's flat form options
+    and its get/set_optimizer_state_dict."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        yield StateDictOptions(flatten_optimizer_state_dict=True), get_optimizer_state_dict, set_optimizer_state_dict
+    finally:
+        dist.destroy_process_group()
 
 
 def _run(tmp_path, saved: str, loaded: str) -> None:
@@ -120,16 +140,7 @@ def test_a_hand_appended_group_and_a_missing_state(tmp_path):
     loads in the flat form; a flat dict without a param's state (torch's unflattening gives ``{}`` for each live key)
     is refused naming it, nothing changed, where only the keys a load rebuilds (masters, 8-bit scales) may be absent
     (probe 70: a hand-appended group raised a KeyError; a missing state loaded silently as a fresh one)."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
-    try:
-        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    with _one_rank(tmp_path) as (flat, get_optimizer_state_dict, set_optimizer_state_dict):
         m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         opt = fused_ops.FusedAdamW(m[0].parameters(), lr=1e-2, backend="reference")
         hand = {**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "lr": 1e-3}
@@ -144,8 +155,6 @@ def test_a_hand_appended_group_and_a_missing_state(tmp_path):
         with pytest.raises(ValueError, match=r"state 'step' of param 0.weight .* is missing"):
             set_optimizer_state_dict(m, opt, missing, options=flat)
         assert all(torch.equal(v, before[k]) for k, v in opt.state[m[0].weight].items())
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("variant", ["adamw", "adamw int8", "sgd", "lion"])
@@ -154,16 +163,7 @@ def test_a_loaded_optimizer_keeps_its_group_keys_and_takes_a_fresh_ones_flat_for
     """torch's ``Optimizer.__setstate__`` (run by every load) adds ``differentiable`` to the defaults, and so to the
     groups the load fills in: a FusedLion, which has no such key, then had groups a fresh FusedLion's flat checkpoint
     lacks (``KeyError: 'param_groups.weight.differentiable'``), and saved them (probe 83)."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
-    try:
-        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    with _one_rank(tmp_path) as (flat, get_optimizer_state_dict, set_optimizer_state_dict):
 
         def trained():
             torch.manual_seed(0)
@@ -190,5 +190,3 @@ def test_a_loaded_optimizer_keeps_its_group_keys_and_takes_a_fresh_ones_flat_for
         opt.load_state_dict(old)
         assert [sorted(g) for g in opt.param_groups] == keys
         set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m2, opt2, options=flat), options=flat)
-    finally:
-        dist.destroy_process_group()
