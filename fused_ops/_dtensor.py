@@ -7,7 +7,10 @@ into global ones:
 - a norm: each rank's partial (sum of p-th powers, or max for inf) per (mesh, sharded mesh dims), all-reduced once
   per mesh over the mesh dims where some tensor is sharded. A tensor replicated over a reduced dim contributes only
   from the ranks at coordinate 0 of that dim (zeros elsewhere, unless not finite: an inf or NaN in any replica
-  makes the norm so on every rank), so replicas are not counted twice. A ``Partial``
+  makes the norm so on every rank of a reduction), so replicas are not counted twice. Where no tensor of a mesh is
+  sharded, nothing is reduced over it: each rank's norm is its own, as torch's norm of a replicated DTensor is
+  (replicas that disagree then give ranks different norms; ``DynamicLossScaler.grad_scale_and_norm`` reduces over
+  every mesh dim for its flag, so its ``found_inf`` is agreed even there). A ``Partial``
   tensor (e.g. the grads of a ``SequenceParallel`` norm's weights) is reduced first, one all-reduce each, as
   torch's DTensor norm does.
 - a linear op (unscale, the clip's multiply) on a ``Partial`` tensor scales each rank's summand, as torch's
@@ -258,8 +261,11 @@ def global_norm(
             dist.all_reduce(vec, op, group=group)
         k = len(entries)
         if alone:
-            part = torch.stack([vec[:k].max() if inf else vec[:k].sum(), vec[k]]).to(span[1])
-            shared.append(part if dist.get_rank() == min(_span(mesh)) else torch.zeros_like(part))
+            total_k = vec[:k].max() if inf else vec[:k].sum()
+            if dist.get_rank() != min(_span(mesh)):  # (the mesh's total from its lowest rank only, but a non-finite
+                # one and a NaN count from every rank: a replica's inf held there alone; probe 89)
+                total_k = torch.where(torch.isfinite(total_k), 0.0, total_k)
+            shared.append(torch.stack([total_k, vec[k]]).to(span[1]))
             continue
         vec = vec.to(device)
         totals.append(vec[:k].max() if inf else vec[:k].sum())

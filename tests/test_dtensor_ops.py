@@ -430,6 +430,13 @@ def _submesh_checks(rank: int, world: int, backend: str) -> dict:
     fused_ops.unscale_(g, 0.5, found, backend=backend)
     out["nan"] = [math.isnan(fused_ops.grad_norm(g, backend=backend).item()), math.isnan(s_norm.item()),
                   scaler.found_inf.item(), found.item()]  # fmt: skip
+    # an inf in rank 1's replica of a grad replicated on the sub-mesh (nothing sharded there: not reduced over it),
+    # next to a grad sharded over all: the norm is inf on every rank (only the sub-mesh's lowest rank's total was
+    # taken, so the inf was dropped everywhere, rank 1 included; probe 89)
+    rep = [distribute_tensor(torch.ones(3), sub, [Replicate()]), distribute_tensor(full[1].clone(), line, [Shard(0)])]
+    if rank == 1:
+        rep[0].to_local()[0] = math.inf
+    out["replica_inf"] = math.isinf(fused_ops.grad_norm(rep, backend=backend).item())
     # meshes of ranks [0, 1] and [1, 2]: no mesh spans both, and not every rank is on one: refused
     sub12 = DeviceMesh("cpu", [1, 2])
     bad = [distribute_tensor(full[0].clone(), sub, [Shard(0)]), distribute_tensor(full[1].clone(), sub12, [Shard(0)])]
@@ -572,6 +579,7 @@ def test_meshes_on_different_ranks(world4, backend):
             assert r[p]["clip_err"] < 1e-6 and r[p]["scaler_norm_err"] < 1e-6, (rank, p, r[p])
             assert r[p]["scaler_flag"] == 1.0, (rank, p, r[p])
         assert r["nan"] == [True, True, 1.0, 1.0], (rank, r["nan"])
+        assert r["replica_inf"], rank
         assert r["refused_unchanged"], rank
     for p in (2.0, math.inf):  # the same bits on every rank
         assert len({tuple(res[("submesh", backend)][p]["bits"]) for res in world4}) == 1

@@ -70,7 +70,7 @@ def _check_moment_shape(st: dict, i: int, key: str, shape: torch.Size) -> None:
     loads them: another shape of two or more dims (a transposed weight's moments) would pair its elements with the
     wrong ones of the param (probe 87)."""
     t = st.get(key)
-    if isinstance(t, Tensor) and t.dim() > 1 and len(shape) > 1 and tuple(t.shape) != tuple(shape):
+    if isinstance(t, Tensor) and t.dim() != 1 and len(shape) != 1 and tuple(t.shape) != tuple(shape):
         raise ValueError(
             f"state {key!r} of param {i} has shape {tuple(t.shape)} but the param has shape {tuple(shape)} (a state "
             "pairs with the param's elements in their logical order: the same element count in another shape would "
