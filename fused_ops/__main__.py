@@ -291,12 +291,13 @@ def _info(args: argparse.Namespace) -> int:
     # (the family ops' own peers too: optimi, bitsandbytes' Lion; by module, as their builders name them)
     family = sorted({m for op in bench.OPS.values() for b in op.providers.values()
                      if (m := getattr(b, "peer_module", None)) is not None and m not in status})  # fmt: skip
-    for module in family:
-        from .bench.cases._optim import installed
+    from .bench._registry import peers_run_on
+    from .bench.cases._optim import installed
 
+    for module in family:
         if not installed(module):
             status[module] = "not installed"
-        elif not bench._registry.peers_run_on(device.type):
+        elif not peers_run_on(device.type):
             status[module] = "installed; peers are benchmarked on CUDA only"
         else:
             status[module] = None
